@@ -1,0 +1,47 @@
+/*
+ * host/cli_main.c - `kdloss SUBCOMMAND ...`: dispatch and top-level help.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "kdloss/kdloss_types.h"
+
+static const struct {
+    const char *name;
+    int (*run)(int, char **);
+    const char *help;
+} subcommands[] = {
+    {"loss", kdl_cli_loss, "distillation loss (+ gradient) of student/teacher logits in .npy files"},
+    {"sinkhorn", kdl_cli_sinkhorn, "batched log-domain Sinkhorn optimal transport"},
+    {"sinkd", kdl_cli_sinkd, "SinKD batch-wise Sinkhorn distillation loss"},
+    {"bench", kdl_cli_bench, "time the fused kernels on this GPU"},
+    {"demo", kdl_cli_demo, "every divergence on an embedded 32k-vocabulary example"},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: kdloss SUBCOMMAND [options]   (kdloss SUBCOMMAND --help)\n\n");
+    for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
+        fprintf(f, "  %-9s %s\n", subcommands[i].name, subcommands[i].help);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("kdloss %d.%d.%d\n", KDL_VERSION_MAJOR, KDL_VERSION_MINOR, KDL_VERSION_PATCH);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
+        if (!strcmp(argv[1], subcommands[i].name)) return subcommands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "kdloss: unknown subcommand '%s' (try kdloss --help)\n", argv[1]);
+    return 2;
+}

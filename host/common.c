@@ -1,0 +1,218 @@
+/*
+ * host/common.c - version, status strings, last-error detail, descriptor and
+ * argument defaults, the argument check shared by the GPU path and the
+ * reference, and the name tables used by the CLI and the bindings.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "kdloss/kdloss_types.h"
+
+int kdl_get_version(void) { return KDL_VERSION; }
+
+/* ------------------------------------------------------------- last error */
+static _Thread_local char kdl_last_error_buf[512];
+
+kdl_status_t kdl_fail(kdl_status_t status, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(kdl_last_error_buf, sizeof kdl_last_error_buf, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+void kdl_clear_error(void) { kdl_last_error_buf[0] = '\0'; }
+
+const char *kdl_get_last_error(void) { return kdl_last_error_buf; }
+
+const char *kdl_status_string(kdl_status_t s)
+{
+    switch (s) {
+    case KDL_STATUS_SUCCESS: return "KDL_STATUS_SUCCESS: success";
+    case KDL_STATUS_BAD_PARAM: return "KDL_STATUS_BAD_PARAM: bad parameter";
+    case KDL_STATUS_NULL_POINTER: return "KDL_STATUS_NULL_POINTER: a required pointer is NULL";
+    case KDL_STATUS_BAD_SIZE: return "KDL_STATUS_BAD_SIZE: a size is out of range";
+    case KDL_STATUS_BAD_STRIDE: return "KDL_STATUS_BAD_STRIDE: row stride smaller than the row";
+    case KDL_STATUS_BAD_TEMPERATURE: return "KDL_STATUS_BAD_TEMPERATURE: temperature must be finite and > 0";
+    case KDL_STATUS_BAD_ALPHA: return "KDL_STATUS_BAD_ALPHA: alpha must be in [0, 1)";
+    case KDL_STATUS_BAD_BETA: return "KDL_STATUS_BAD_BETA: beta must be in (0, 1)";
+    case KDL_STATUS_BAD_MU: return "KDL_STATUS_BAD_MU: mu must be in (0, 1)";
+    case KDL_STATUS_BAD_TOP_K: return "KDL_STATUS_BAD_TOP_K: top_k must be in [1, vocab]";
+    case KDL_STATUS_BAD_SCALE: return "KDL_STATUS_BAD_SCALE: scale must be finite";
+    case KDL_STATUS_BAD_ENUM: return "KDL_STATUS_BAD_ENUM: unknown enum value";
+    case KDL_STATUS_SIZE_OVERFLOW: return "KDL_STATUS_SIZE_OVERFLOW: sizes overflow";
+    case KDL_STATUS_WORKSPACE_TOO_SMALL: return "KDL_STATUS_WORKSPACE_TOO_SMALL: workspace smaller than queried";
+    case KDL_STATUS_BAD_STRUCT_SIZE: return "KDL_STATUS_BAD_STRUCT_SIZE: struct_size not recognised (use the init function)";
+    case KDL_STATUS_BAD_EPSILON: return "KDL_STATUS_BAD_EPSILON: epsilon must be finite and > 0";
+    case KDL_STATUS_BAD_ITERATIONS: return "KDL_STATUS_BAD_ITERATIONS: iteration counts must be >= 1";
+    case KDL_STATUS_BAD_TOLERANCE: return "KDL_STATUS_BAD_TOLERANCE: tolerance must be >= 0";
+    case KDL_STATUS_BAD_GROUP: return "KDL_STATUS_BAD_GROUP: rows must be a positive multiple of the group size";
+    case KDL_STATUS_BAD_SCHEDULE: return "KDL_STATUS_BAD_SCHEDULE: epsilon-scaling factor must be in (0, 1)";
+    case KDL_STATUS_NOT_SUPPORTED: return "KDL_STATUS_NOT_SUPPORTED: not supported on this path";
+    case KDL_STATUS_NOT_IMPLEMENTED: return "KDL_STATUS_NOT_IMPLEMENTED: not implemented";
+    case KDL_STATUS_ARCH_MISMATCH: return "KDL_STATUS_ARCH_MISMATCH: no kernel image for this device";
+    case KDL_STATUS_NO_DEVICE: return "KDL_STATUS_NO_DEVICE: no CUDA device";
+    case KDL_STATUS_CUDA_ERROR: return "KDL_STATUS_CUDA_ERROR: CUDA runtime error";
+    case KDL_STATUS_CUBLAS_ERROR: return "KDL_STATUS_CUBLAS_ERROR: cuBLAS error";
+    case KDL_STATUS_ALLOC_FAILED: return "KDL_STATUS_ALLOC_FAILED: allocation failed";
+    case KDL_STATUS_INTERNAL_ERROR: return "KDL_STATUS_INTERNAL_ERROR: internal error";
+    case KDL_STATUS_NONFINITE_INPUT: return "KDL_STATUS_NONFINITE_INPUT: non-finite input";
+    case KDL_STATUS_COUNT_: break;
+    }
+    return "KDL_STATUS_UNKNOWN: unknown status";
+}
+
+/* ------------------------------------------------------------ name tables */
+static const char *const div_names[KDL_DIV_COUNT_] = {"fkl", "rkl", "fkl_rkl", "akl",
+                                                      "jsd", "tvd", "skl",     "srkl"};
+static const char *const rule_names[KDL_HEAD_COUNT_] = {"reference", "mass", "topk"};
+static const char *const red_names[KDL_REDUCTION_COUNT_] = {"none", "sum", "mean"};
+static const char *const dtype_names[4] = {"f32", "f16", "bf16", "f64"};
+
+static int lookup(const char *const *table, int n, const char *name)
+{
+    if (!name) return -1;
+    for (int i = 0; i < n; i++)
+        if (strcmp(table[i], name) == 0) return i;
+    return -1;
+}
+
+const char *kdl_divergence_name(kdl_divergence_t d)
+{
+    return (unsigned)d < KDL_DIV_COUNT_ ? div_names[d] : "unknown";
+}
+int kdl_divergence_from_name(const char *name) { return lookup(div_names, KDL_DIV_COUNT_, name); }
+const char *kdl_head_rule_name(kdl_head_rule_t r)
+{
+    return (unsigned)r < KDL_HEAD_COUNT_ ? rule_names[r] : "unknown";
+}
+int kdl_head_rule_from_name(const char *name) { return lookup(rule_names, KDL_HEAD_COUNT_, name); }
+const char *kdl_reduction_name(kdl_reduction_t r)
+{
+    return (unsigned)r < KDL_REDUCTION_COUNT_ ? red_names[r] : "unknown";
+}
+int kdl_reduction_from_name(const char *name) { return lookup(red_names, KDL_REDUCTION_COUNT_, name); }
+const char *kdl_dtype_name(kdl_dtype_t t) { return (unsigned)t < 4 ? dtype_names[t] : "unknown"; }
+
+size_t kdl_dtype_size(kdl_dtype_t t)
+{
+    switch (t) {
+    case KDL_DTYPE_F32: return 4;
+    case KDL_DTYPE_F16: return 2;
+    case KDL_DTYPE_BF16: return 2;
+    case KDL_DTYPE_F64: return 8;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- defaults */
+void kdl_loss_desc_init(kdl_loss_desc_t *d)
+{
+    if (!d) return;
+    memset(d, 0, sizeof *d);
+    d->struct_size = sizeof *d;
+    d->divergence = KDL_DIV_FKL;
+    d->temperature = 1.0;
+    d->alpha = 0.1;
+    d->beta = 0.5;
+    d->head_rule = KDL_HEAD_REFERENCE;
+    d->mu = 0.5;
+    d->top_k = 1;
+    d->reduction = KDL_REDUCTION_MEAN;
+    d->scale = 1.0;
+    d->ignore_index = -100;
+}
+
+void kdl_loss_args_init(kdl_loss_args_t *a)
+{
+    if (!a) return;
+    memset(a, 0, sizeof *a);
+    a->struct_size = sizeof *a;
+    a->student_dtype = KDL_DTYPE_F32;
+    a->teacher_dtype = KDL_DTYPE_F32;
+    a->grad_dtype = KDL_DTYPE_F32;
+    a->out_dtype = KDL_DTYPE_F32;
+}
+
+/* -------------------------------------------------------------- validation */
+static int dtype_ok(kdl_dtype_t t) { return (unsigned)t <= KDL_DTYPE_F64; }
+
+/* Bytes spanned by rows x vocab with row stride ld; 0 on overflow. */
+static int span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem)
+{
+    if (rows == 0) return 1;
+    /* (rows - 1) * ld + vocab elements must fit in int64 and in size_t bytes */
+    if (ld > 0 && rows - 1 > (INT64_MAX - vocab) / ld) return 0;
+    int64_t n = (rows - 1) * ld + vocab;
+    if ((uint64_t)n > (uint64_t)SIZE_MAX / elem) return 0;
+    return 1;
+}
+
+kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, int allow_f64)
+{
+    kdl_clear_error();
+    if (!d) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
+    if (!a) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
+    if (d->struct_size != sizeof *d)
+        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "desc->struct_size is %zu, expected %zu",
+                        d->struct_size, sizeof *d);
+    if (a->struct_size != sizeof *a)
+        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu",
+                        a->struct_size, sizeof *a);
+
+    if ((unsigned)d->divergence >= KDL_DIV_COUNT_)
+        return kdl_fail(KDL_STATUS_BAD_ENUM, "divergence %d unknown", (int)d->divergence);
+    if ((unsigned)d->head_rule >= KDL_HEAD_COUNT_)
+        return kdl_fail(KDL_STATUS_BAD_ENUM, "head_rule %d unknown", (int)d->head_rule);
+    if ((unsigned)d->reduction >= KDL_REDUCTION_COUNT_)
+        return kdl_fail(KDL_STATUS_BAD_ENUM, "reduction %d unknown", (int)d->reduction);
+    if (!dtype_ok(a->student_dtype) || !dtype_ok(a->teacher_dtype) || !dtype_ok(a->out_dtype) ||
+        (a->grad && !dtype_ok(a->grad_dtype)))
+        return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
+    if (a->out_dtype != KDL_DTYPE_F32 && a->out_dtype != KDL_DTYPE_F64)
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "out_dtype must be f32 or f64");
+    if (!allow_f64 && (a->student_dtype == KDL_DTYPE_F64 || a->teacher_dtype == KDL_DTYPE_F64 ||
+                       (a->grad && a->grad_dtype == KDL_DTYPE_F64)))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 logits are supported by the reference only");
+    if (a->grad && a->grad_dtype != a->student_dtype && a->grad_dtype != KDL_DTYPE_F32 &&
+        !(allow_f64 && a->grad_dtype == KDL_DTYPE_F64))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
+
+    if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
+    if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
+    if (a->ld_student < a->vocab)
+        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_student = %lld < vocab = %lld",
+                        (long long)a->ld_student, (long long)a->vocab);
+    if (a->ld_teacher < a->vocab)
+        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_teacher = %lld < vocab = %lld",
+                        (long long)a->ld_teacher, (long long)a->vocab);
+    if (a->grad && a->ld_grad < a->vocab)
+        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_grad = %lld < vocab = %lld", (long long)a->ld_grad,
+                        (long long)a->vocab);
+
+    if (!(d->temperature > 0) || !isfinite(d->temperature))
+        return kdl_fail(KDL_STATUS_BAD_TEMPERATURE, "temperature = %g", d->temperature);
+    if (!isfinite(d->scale)) return kdl_fail(KDL_STATUS_BAD_SCALE, "scale = %g", d->scale);
+    if (!(d->alpha >= 0 && d->alpha < 1)) return kdl_fail(KDL_STATUS_BAD_ALPHA, "alpha = %g", d->alpha);
+    if (!(d->beta > 0 && d->beta < 1)) return kdl_fail(KDL_STATUS_BAD_BETA, "beta = %g", d->beta);
+    if (!(d->mu > 0 && d->mu < 1)) return kdl_fail(KDL_STATUS_BAD_MU, "mu = %g", d->mu);
+    if (d->top_k < 1 || d->top_k > a->vocab)
+        return kdl_fail(KDL_STATUS_BAD_TOP_K, "top_k = %lld not in [1, %lld]", (long long)d->top_k,
+                        (long long)a->vocab);
+
+    if (a->rows > 0 && !a->student) return kdl_fail(KDL_STATUS_NULL_POINTER, "student is NULL");
+    if (a->rows > 0 && !a->teacher) return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher is NULL");
+    if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
+        return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
+
+    if (!span_ok(a->rows, a->vocab, a->ld_student, kdl_dtype_size(a->student_dtype)) ||
+        !span_ok(a->rows, a->vocab, a->ld_teacher, kdl_dtype_size(a->teacher_dtype)) ||
+        (a->grad && !span_ok(a->rows, a->vocab, a->ld_grad, kdl_dtype_size(a->grad_dtype))) ||
+        (uint64_t)a->rows > (uint64_t)SIZE_MAX / 8)
+        return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "rows x stride overflows");
+    return KDL_STATUS_SUCCESS;
+}

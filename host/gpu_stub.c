@@ -1,0 +1,37 @@
+/*
+ * host/gpu_stub.c - the GPU API in a build without CUDA (KDL_ENABLE_CUDA=OFF):
+ * every entry point checks its arguments like the real one, then returns
+ * KDL_STATUS_NO_DEVICE.
+ */
+#include "internal.h"
+#include "kdloss/kdloss.h"
+
+int kdl_device_available(void) { return 0; }
+
+kdl_status_t kdl_create(kdl_handle_t *handle)
+{
+    if (!handle) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    *handle = NULL;
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_destroy(kdl_handle_t handle) { return KDL_STATUS_SUCCESS; }
+kdl_status_t kdl_set_stream(kdl_handle_t h, kdl_stream_t s)
+{
+    return kdl_fail(h ? KDL_STATUS_NO_DEVICE : KDL_STATUS_NULL_POINTER, "no device");
+}
+kdl_status_t kdl_get_stream(kdl_handle_t h, kdl_stream_t *s)
+{
+    return kdl_fail(h ? KDL_STATUS_NO_DEVICE : KDL_STATUS_NULL_POINTER, "no device");
+}
+kdl_status_t kdl_loss_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_loss_args_t *a,
+                                     size_t *bytes)
+{
+    if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_loss_forward_backward(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_loss_args_t *a,
+                                       void *ws, size_t wsb)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}

@@ -1,0 +1,129 @@
+/*
+ * host/internal.h - helpers shared inside the library (not installed):
+ * the last-error detail, exact 16-bit float conversions, typed element
+ * access for the reference and the CLI.
+ */
+#ifndef KDLOSS_HOST_INTERNAL_H
+#define KDLOSS_HOST_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kdloss/kdloss_types.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Records a printf-style detail for kdl_get_last_error() and returns status. */
+kdl_status_t kdl_fail(kdl_status_t status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void kdl_clear_error(void);
+
+/* IEEE binary16 -> float, exact (subnormals, inf, NaN included). */
+static inline float kdl_half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do {
+                man <<= 1;
+                e++;
+            } while (!(man & 0x400u));
+            man &= 0x3ffu;
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | (man << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp - 15 + 127) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* bfloat16 -> float, exact. */
+static inline float kdl_bf16_to_float(uint16_t b)
+{
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* float -> bfloat16, round to nearest even; NaN stays NaN. */
+static inline uint16_t kdl_float_to_bf16(float f)
+{
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* float -> binary16, round to nearest even, overflow to inf. */
+static inline uint16_t kdl_float_to_half(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520: inf */
+    if (ax < 0x38800000u) { /* below 2^-14: subnormal or zero */
+        if (ax < 0x33000000u) return sign; /* < 2^-25 rounds to 0 */
+        uint32_t e = ax >> 23;
+        uint32_t man = (ax & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126 - e; /* 14..24 */
+        uint32_t half_man = man >> shift;
+        uint32_t rem = man & ((1u << shift) - 1u);
+        uint32_t halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (half_man & 1u))) half_man++;
+        return (uint16_t)(sign | half_man);
+    }
+    uint32_t r = ax - 0x38000000u; /* rebias exponent 127 -> 15 */
+    uint32_t h = r >> 13;
+    uint32_t rem = r & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* Element i of a typed array, as double (exact for every dtype). */
+static inline double kdl_load_as_double(const void *base, kdl_dtype_t t, int64_t i)
+{
+    switch (t) {
+    case KDL_DTYPE_F32: return (double)((const float *)base)[i];
+    case KDL_DTYPE_F16: return (double)kdl_half_to_float(((const uint16_t *)base)[i]);
+    case KDL_DTYPE_BF16: return (double)kdl_bf16_to_float(((const uint16_t *)base)[i]);
+    case KDL_DTYPE_F64: return ((const double *)base)[i];
+    }
+    return NAN;
+}
+
+/* Stores v into element i of a typed array, rounding to nearest (16-bit
+ * types go through float). */
+static inline void kdl_store_from_double(void *base, kdl_dtype_t t, int64_t i, double v)
+{
+    switch (t) {
+    case KDL_DTYPE_F32: ((float *)base)[i] = (float)v; break;
+    case KDL_DTYPE_F16: ((uint16_t *)base)[i] = kdl_float_to_half((float)v); break;
+    case KDL_DTYPE_BF16: ((uint16_t *)base)[i] = kdl_float_to_bf16((float)v); break;
+    case KDL_DTYPE_F64: ((double *)base)[i] = v; break;
+    }
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KDLOSS_HOST_INTERNAL_H */

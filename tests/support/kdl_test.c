@@ -1,0 +1,89 @@
+/* tests/support/kdl_test.c - see kdl_test.h. */
+#include "kdl_test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "kdloss/kdloss.h"
+
+kdl_tol_t kdl_tol_for(kdl_dtype_t t)
+{
+    kdl_tol_t tol;
+    switch (t) {
+    case KDL_DTYPE_F64: tol.rtol = 1e-12; tol.atol = 1e-13; break;
+    case KDL_DTYPE_F32: tol.rtol = 1e-5; tol.atol = 1e-6; break;
+    default: tol.rtol = 1e-3; tol.atol = 1e-4; break;
+    }
+    return tol;
+}
+
+size_t kdl_compare(const char *what, const double *got, const double *ref, size_t n, kdl_tol_t tol,
+                   char *msg, size_t msg_len)
+{
+    size_t bad = 0;
+    size_t first[4];
+    int off = 0;
+    for (size_t i = 0; i < n; i++) {
+        double g = got[i], r = ref[i];
+        int ok;
+        if (isnan(r) || isnan(g))
+            ok = isnan(r) && isnan(g);
+        else if (isinf(r) || isinf(g))
+            ok = g == r;
+        else
+            ok = fabs(g - r) <= tol.atol + tol.rtol * fabs(r);
+        if (!ok) {
+            if (bad < 4) first[bad] = i;
+            bad++;
+        }
+    }
+    if (msg && msg_len) {
+        msg[0] = '\0';
+        if (bad) {
+            off = snprintf(msg, msg_len, "%s: %zu of %zu mismatch (rtol %g, atol %g); first:", what, bad,
+                           n, tol.rtol, tol.atol);
+            for (size_t k = 0; k < bad && k < 4 && off > 0 && (size_t)off < msg_len; k++)
+                off += snprintf(msg + off, msg_len - (size_t)off, " [%zu] got %.17g ref %.17g;", first[k],
+                                got[first[k]], ref[first[k]]);
+        }
+    }
+    return bad;
+}
+
+uint64_t kdl_rng_next(kdl_rng_t *r)
+{
+    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+double kdl_rng_uniform(kdl_rng_t *r) { return (double)(kdl_rng_next(r) >> 11) * 0x1.0p-53; }
+
+double kdl_rng_normal(kdl_rng_t *r)
+{
+    double u1 = kdl_rng_uniform(r), u2 = kdl_rng_uniform(r);
+    if (u1 < 1e-300) u1 = 1e-300;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+void kdl_fill_logits(kdl_rng_t *r, double *x, int64_t n, double sigma)
+{
+    for (int64_t i = 0; i < n; i++) x[i] = sigma * kdl_rng_normal(r);
+    int64_t outliers = n < 8 ? 1 : 4;
+    for (int64_t k = 0; k < outliers; k++) x[kdl_rng_next(r) % (uint64_t)n] += 4.0 * sigma + 3.0;
+}
+
+void kdl_to_dtype(const double *src, void *dst, kdl_dtype_t t, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) kdl_store_from_double(dst, t, i, src[i]);
+}
+
+void kdl_from_dtype(const void *src, double *dst, kdl_dtype_t t, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = kdl_load_as_double(src, t, i);
+}
+
+int kdl_test_have_gpu(void) { return kdl_device_available(); }

@@ -1,0 +1,61 @@
+/*
+ * tests/support/kdl_test.h - shared test helpers: the one comparator
+ * (atol + rtol*|ref|, NaN/Inf aware, reports the count and the first
+ * mismatching indices), a seeded generator of adversarial logits, and the
+ * visible GPU skip.
+ */
+#ifndef KDL_TEST_H
+#define KDL_TEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kdloss/kdloss_types.h"
+
+/* Tolerances per input dtype (relative, absolute). */
+typedef struct kdl_tol {
+    double rtol, atol;
+} kdl_tol_t;
+kdl_tol_t kdl_tol_for(kdl_dtype_t input_dtype);
+
+/* Compares got[i] to ref[i] for i < n: |got - ref| <= atol + rtol*|ref|,
+ * NaN matches NaN only, +inf matches +inf only.  Returns the number of
+ * mismatches; on mismatch writes a readable report (count, first indices,
+ * values) into msg (may be NULL). */
+size_t kdl_compare(const char *what, const double *got, const double *ref, size_t n, kdl_tol_t tol,
+                   char *msg, size_t msg_len);
+
+/* Criterion assertion over kdl_compare. */
+#define KDL_EXPECT_CLOSE(what, got, ref, n, tol)                                            \
+    do {                                                                                    \
+        char kdl_msg_[1024];                                                                \
+        size_t kdl_bad_ = kdl_compare((what), (got), (ref), (n), (tol), kdl_msg_, sizeof kdl_msg_); \
+        cr_expect(kdl_bad_ == 0, "%s", kdl_msg_);                                           \
+    } while (0)
+
+/* Deterministic generator (splitmix64). */
+typedef struct kdl_rng {
+    uint64_t s;
+} kdl_rng_t;
+uint64_t kdl_rng_next(kdl_rng_t *r);
+double kdl_rng_uniform(kdl_rng_t *r); /* [0,1) */
+double kdl_rng_normal(kdl_rng_t *r);
+
+/* Fills n logits: normal(0, sigma) plus a few large outliers so the
+ * softmax is peaked, as real LM logits are. */
+void kdl_fill_logits(kdl_rng_t *r, double *x, int64_t n, double sigma);
+
+/* Converts doubles to a typed buffer (rounding to the dtype) and back, so a
+ * test can hand the reference exactly what a 16-bit tensor holds. */
+void kdl_to_dtype(const double *src, void *dst, kdl_dtype_t t, int64_t n);
+void kdl_from_dtype(const void *src, double *dst, kdl_dtype_t t, int64_t n);
+
+/* 1 when a CUDA device is present.  Without one, a GPU test calls
+ * KDL_SKIP_WITHOUT_GPU() first: it prints a visible skip and cr_skip_test()s. */
+int kdl_test_have_gpu(void);
+#define KDL_SKIP_WITHOUT_GPU()                                                               \
+    do {                                                                                     \
+        if (!kdl_test_have_gpu()) cr_skip_test("no CUDA device present: GPU test skipped");  \
+    } while (0)
+
+#endif
