@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what kdloss needs to build and test on a fresh Debian/Ubuntu
+# machine (idempotent: skips what is already there).  The CUDA toolkit is
+# not installed here: without nvcc the build is the CPU reference only.
+set -euo pipefail
+
+need_apt=()
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v ninja >/dev/null 2>&1 || need_apt+=(ninja-build)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+pkg-config --exists criterion 2>/dev/null || need_apt+=(libcriterion-dev)
+command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+if ((${#need_apt[@]})); then
+  echo "setup: apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# Python side (binding tests): numpy and pytest; torch only when asked
+# (KDL_WITH_TORCH=1), since its wheel is large.
+if command -v python3 >/dev/null 2>&1; then
+  if ! python3 -c "import numpy, pytest" >/dev/null 2>&1; then
+    echo "setup: pip install numpy pytest"
+    python3 -m pip install -q numpy pytest
+  fi
+  if [ "${KDL_WITH_TORCH:-0}" = 1 ] && ! python3 -c "import torch" >/dev/null 2>&1; then
+    echo "setup: pip install torch"
+    python3 -m pip install -q torch
+  fi
+fi

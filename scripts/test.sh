@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: set up, build, run every CTest entry (Criterion
+# suites, CLI end-to-end, Python binding); then the CPU suite again built
+# with AddressSanitizer + UndefinedBehaviorSanitizer.  GPU tests skip
+# visibly (and are counted) when no device is present.
+# KDL_TEST_FAST=1 skips the sanitizer pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+ctest --test-dir build --output-on-failure -j "$(nproc)"
+if [ "${KDL_TEST_FAST:-0}" != 1 ]; then
+  echo "== again with ASan + UBSan (CPU build) =="
+  BUILD_DIR=build-asan bash scripts/build.sh -DKDL_SANITIZE=ON -DKDL_ENABLE_CUDA=OFF
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build-asan --output-on-failure -j "$(nproc)" -E python_tests
+fi
