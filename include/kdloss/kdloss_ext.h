@@ -1,0 +1,305 @@
+/*
+ * kdloss_ext.h - distillation beyond one GPU's logits: three extensions of
+ * the fused loss, each with a GPU entry point (kdloss.h's handle, device
+ * pointers, asynchronous on the handle's stream) and a float64 CPU reference
+ * (host pointers, no CUDA needed).  Included by no other kdloss header: a
+ * program that wants these calls includes this one.
+ *
+ *   1. Sparse teacher  (kdl_sparse_loss / kdl_ref_sparse_loss)
+ *      The teacher is given per token as its top-k (indices, log-probs), not
+ *      as full logits.  Two modes:
+ *        RENORMALISED  p^ = the top-k renormalised on the support, 0 outside;
+ *                      the student q is the full-vocabulary softmax (NOT
+ *                      renormalised); the loss is the dense divergence
+ *                      D(p^, q) over all V tokens.  FKL, JSD, TVD, SKL, SRKL.
+ *                      (RKL, FKL_RKL, AKL contain KL(q||p^), which is +inf
+ *                      whenever the student puts mass outside the support:
+ *                      KDL_STATUS_NOT_SUPPORTED; use TAIL_BUCKET.)
+ *        TAIL_BUCKET   k + 1 cells: the k support tokens with the teacher's
+ *                      given p_j and the student's q_j, plus one bucket with
+ *                      the rest, 1 - sum p_j against the student's mass
+ *                      outside the support.  Every divergence; the AKL head
+ *                      is chosen among the support tokens by the
+ *                      descriptor's rule (the bucket is always tail).
+ *      The gradient reaches all V student logits (tokens outside the support
+ *      through the softmax normaliser and, in TAIL_BUCKET, the bucket).
+ *
+ *   2. Vocabulary-parallel (kdl_shard_step / kdl_ref_shard_step)
+ *      V split into contiguous slices over shards (ranks).  Each shard calls
+ *      a step function repeatedly; after each step the caller all-reduces a
+ *      fixed-size float64 exchange buffer with the operation the step names
+ *      (MAX or SUM) using its own communicator (NCCL, torch.distributed, MPI).
+ *      The last step writes the loss (identical on every shard) and the
+ *      gradient of the shard's slice.  Agrees with the unsharded loss to
+ *      rounding, with the same AKL head (ties by global index).
+ *
+ *   3. Fused linear + loss (kdl_fused_linear_loss / kdl_ref_fused_linear_loss)
+ *      From student hidden states H [N,d] and the output projection W [V,d]
+ *      (student logits = H W^T, no bias) and given teacher logits [N,V]: the
+ *      loss, dH [N,d] and dW [V,d], chunk by chunk over rows, never holding
+ *      the [N,V] student logits.
+ *
+ * Definitions, buffer layouts and the memory model: docs/extensions.md.
+ * Every call checks its arguments before anything is written or launched; a
+ * bad argument returns its specific status and leaves the outputs untouched.
+ * The descriptor is the dense loss's kdl_loss_desc_t (divergence,
+ * temperature, alpha, beta, head rule, mu, top_k, reduction, scale,
+ * ignore_index), with the dense meaning.
+ */
+#ifndef KDLOSS_EXT_H
+#define KDLOSS_EXT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kdloss/kdloss.h"
+#include "kdloss/kdloss_types.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ======================================================== 1. sparse teacher */
+
+/* Largest support size k per row. */
+#define KDL_SPARSE_MAX_K 1024
+
+/* TAIL_BUCKET: a row whose given teacher mass sum_j exp(lp_j) exceeds
+ * 1 + KDL_SPARSE_MASS_TOL is invalid (not a sub-distribution); between 1 and
+ * 1 + tol the bucket mass is taken as 0 (log-prob rounding). */
+#define KDL_SPARSE_MASS_TOL 1e-3
+
+typedef enum kdl_sparse_mode {
+    KDL_SPARSE_RENORMALISED = 0, /* teacher renormalised on the support, student full-vocab */
+    KDL_SPARSE_TAIL_BUCKET = 1,  /* k support cells + one bucket of the remaining mass      */
+    KDL_SPARSE_MODE_COUNT_ = 2
+} kdl_sparse_mode_t;
+
+/* Names used by the CLI: "renormalised", "tail"; -1 for an unknown name. */
+const char *kdl_sparse_mode_name(kdl_sparse_mode_t m);
+int kdl_sparse_mode_from_name(const char *name);
+
+/* Where the data is (device pointers for kdl_sparse_loss, host pointers for
+ * the reference).  Always start from kdl_sparse_args_init(). */
+typedef struct kdl_sparse_args {
+    size_t struct_size;             /* = sizeof(kdl_sparse_args_t), set by init */
+    kdl_sparse_mode_t mode;         /* default KDL_SPARSE_RENORMALISED          */
+    int64_t rows;                   /* N >= 0                                   */
+    int64_t vocab;                  /* V >= 1                                   */
+    int64_t k;                      /* support size per row, [1, min(V, 1024)]  */
+
+    const void *student;            /* [N, ld_student] logits, required if N > 0 */
+    int64_t ld_student;             /* >= V                                     */
+    kdl_dtype_t student_dtype;
+
+    /* Row i's support: indices[i*ld_indices + j], j < k, distinct, in [0, V),
+     * any order; logprobs[i*ld_logprobs + j] is the teacher's log-probability
+     * of that token AT THE DISTILLATION TEMPERATURE (the temperature divides
+     * the student's logits only; teacher log-probs taken at tau = 1 can be
+     * divided by tau by the caller: in RENORMALISED mode that is exact). */
+    const int64_t *teacher_indices; /* [N, ld_indices], required if N > 0     */
+    int64_t ld_indices;             /* >= k                                     */
+    const void *teacher_logprobs;   /* [N, ld_logprobs], required if N > 0    */
+    int64_t ld_logprobs;            /* >= k                                     */
+    kdl_dtype_t teacher_dtype;      /* of the log-probs                         */
+
+    const int64_t *labels;          /* optional [N]; == ignore_index ignores the row */
+
+    void *grad;                     /* optional [N, ld_grad]: d loss / d student logits */
+    int64_t ld_grad;                /* >= V when grad is given                  */
+    kdl_dtype_t grad_dtype;         /* student's dtype or F32 (F64: reference)  */
+
+    kdl_dtype_t out_dtype;          /* F32 (default) or F64: loss               */
+    void *loss;                     /* required: [1] (SUM, MEAN) or [N] (NONE)  */
+
+    int64_t *info;                  /* optional [1]: invalid rows (any reason)  */
+    int64_t *valid_rows;            /* optional [1]: rows in the reduction      */
+    int64_t *bad_index_rows;        /* optional [1]: rows invalid because an index
+                                     * is out of [0, V) or repeated in the row   */
+} kdl_sparse_args_t;
+
+void kdl_sparse_args_init(kdl_sparse_args_t *args);
+
+/* Argument check shared by both paths (allow_f64: 1 for the reference).
+ * k < 1, k > 1024 or k > V: KDL_STATUS_BAD_TOP_K; ld_indices or ld_logprobs
+ * < k: KDL_STATUS_BAD_STRIDE; a divergence the mode does not define:
+ * KDL_STATUS_NOT_SUPPORTED; AKL with HEAD_TOPK and desc->top_k > k:
+ * KDL_STATUS_BAD_TOP_K (the head lies within the support).  Data (indices,
+ * log-probs, logits) is never inspected here: bad data makes invalid rows. */
+kdl_status_t kdl_sparse_validate(const kdl_loss_desc_t *desc, const kdl_sparse_args_t *args,
+                                 int allow_f64);
+
+/* 1 when the mode defines the divergence (see the table above). */
+int kdl_sparse_supports(kdl_sparse_mode_t mode, kdl_divergence_t div);
+
+/* Host-side check of an index matrix, for callers that want a status rather
+ * than invalid rows: KDL_STATUS_BAD_PARAM (detail names the first bad row,
+ * position and value) when an index is out of [0, V) or repeated in its row.
+ * Host pointers. */
+kdl_status_t kdl_sparse_check_indices(int64_t rows, int64_t vocab, int64_t k, const int64_t *indices,
+                                      int64_t ld_indices);
+
+/* Reference.  Rows are invalid (loss NaN, zero gradient row, counted in
+ * *info, out of the reduction) when: a student logit is NaN or +inf, or all
+ * are -inf; a teacher log-prob is NaN or > 0; an index is out of [0, V) or
+ * repeated (also counted in *bad_index_rows); RENORMALISED: every log-prob
+ * is -inf; TAIL_BUCKET: the given mass exceeds 1 + KDL_SPARSE_MASS_TOL. */
+kdl_status_t kdl_ref_sparse_loss(const kdl_loss_desc_t *desc, const kdl_sparse_args_t *args);
+
+/* GPU.  Workspace: see kdl_sparse_workspace_size (0 bytes today: the kernel
+ * needs only shared memory, ceil(V/32)*4 bytes of it for the support bitmap;
+ * V beyond what the device's shared memory holds is KDL_STATUS_NOT_SUPPORTED). */
+kdl_status_t kdl_sparse_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
+                                       const kdl_sparse_args_t *args, size_t *bytes);
+kdl_status_t kdl_sparse_loss(kdl_handle_t handle, const kdl_loss_desc_t *desc,
+                             const kdl_sparse_args_t *args, void *workspace, size_t workspace_bytes);
+
+/* ================================================== 2. vocabulary-parallel */
+
+/* What the caller does with the exchange buffer after a step. */
+typedef enum kdl_shard_op {
+    KDL_SHARD_OP_DONE = 0, /* the last step ran: loss and gradient are written */
+    KDL_SHARD_OP_MAX = 1,  /* all-reduce exchange[0, count) with MAX           */
+    KDL_SHARD_OP_SUM = 2   /* all-reduce exchange[0, count) with SUM           */
+} kdl_shard_op_t;
+
+/* Radix digit of the AKL head select: 2^8 bins per round. */
+#define KDL_SHARD_DIGIT_BITS 8
+#define KDL_SHARD_BINS 256
+
+/* One shard's view.  Every shard passes the same desc, rows, vocab,
+ * num_shards, labels and dtypes; slices are contiguous, disjoint, cover
+ * [0, vocab), and shard_rank orders them (rank r's slice lies before rank
+ * r+1's).  Always start from kdl_shard_args_init(). */
+typedef struct kdl_shard_args {
+    size_t struct_size;          /* = sizeof(kdl_shard_args_t), set by init   */
+    int64_t rows;                /* N >= 0                                    */
+    int64_t vocab;               /* V: the whole vocabulary                   */
+    int64_t vocab_offset;        /* first global column of this slice         */
+    int64_t vocab_local;         /* columns in the slice, >= 1                */
+    int32_t shard_rank;          /* [0, num_shards)                           */
+    int32_t num_shards;          /* >= 1                                      */
+
+    const void *student;         /* [N, ld_student]: the slice, column 0 = vocab_offset */
+    int64_t ld_student;          /* >= vocab_local                            */
+    kdl_dtype_t student_dtype;
+    const void *teacher;         /* [N, ld_teacher]: the teacher's slice      */
+    int64_t ld_teacher;
+    kdl_dtype_t teacher_dtype;
+    const int64_t *labels;       /* optional [N], the same on every shard     */
+
+    void *grad;                  /* optional [N, ld_grad]: the slice of d loss / d student */
+    int64_t ld_grad;
+    kdl_dtype_t grad_dtype;
+
+    kdl_dtype_t out_dtype;       /* F32 (default) or F64                      */
+    void *loss;                  /* required: [1] or [N] (NONE), written by the last step */
+    int64_t *info;               /* optional [1]: invalid rows                */
+    int64_t *valid_rows;         /* optional [1]                              */
+    int64_t *stat_head_size;     /* optional [N]: AKL head size (AKL only)    */
+    unsigned char *head_mask;    /* optional [N, vocab_local]: 1 where the slice's token is in
+                                  * the AKL head (AKL only; for tests and inspection) */
+
+    void *state;                 /* kdl_shard_sizes()'s state_bytes, kept between steps */
+    double *exchange;            /* kdl_shard_sizes()'s exchange_count doubles, reduced
+                                  * by the caller after every step but the last */
+} kdl_shard_args_t;
+
+void kdl_shard_args_init(kdl_shard_args_t *args);
+
+/* Sizes for this problem: state bytes (opaque, per shard, on the host for the
+ * reference and on the device for the GPU path), the exchange buffer's length
+ * in doubles (the largest step's count) and the number of steps, the last of
+ * which returns KDL_SHARD_OP_DONE.  Any pointer may be NULL.  Depends only on
+ * desc, rows, num_shards and teacher_dtype, so every shard gets the same. */
+kdl_status_t kdl_shard_sizes(const kdl_loss_desc_t *desc, const kdl_shard_args_t *args,
+                             size_t *state_bytes, size_t *exchange_count, int *num_steps);
+
+/* Step `step` (0, 1, ... num_steps-1): absorbs the reduced exchange of the
+ * previous step into the state, then writes the next exchange and returns in
+ * *op the reduction it needs and in *count how many doubles (from exchange[0])
+ * to reduce; at the last step writes loss, gradient and counters and returns
+ * KDL_SHARD_OP_DONE (count 0).  The sequence of (op, count) is the same on
+ * every shard and known from kdl_shard_sizes' inputs alone:
+ *   step 0           MAX  [N,3]   student max, teacher max, bad-data flag
+ *   step 1           SUM  [N,2]   sum-exp of student and teacher
+ *                         (AKL: [N, 2 + 2*256]: + digit-0 histogram)
+ *   AKL steps        SUM  [N,512] histogram of the next key digit
+ *                    (one per remaining 8-bit digit of the teacher dtype)
+ *   AKL tie step     SUM  [N,num_shards] tokens tied at the boundary, per shard
+ *   partial step     SUM  [N,8]   partial loss, G, gaps, KL sums of the slice
+ *   last step        DONE         loss, gradient of the slice
+ * Layouts: docs/extensions.md. */
+kdl_status_t kdl_ref_shard_step(const kdl_loss_desc_t *desc, const kdl_shard_args_t *args, int step,
+                                kdl_shard_op_t *op, int64_t *count);
+
+/* GPU: the same protocol, state and exchange in device memory.  op and count
+ * are known on the host without synchronising; the caller all-reduces on a
+ * stream ordered after the handle's stream (e.g. the same stream with NCCL). */
+kdl_status_t kdl_shard_step(kdl_handle_t handle, const kdl_loss_desc_t *desc,
+                            const kdl_shard_args_t *args, int step, kdl_shard_op_t *op,
+                            int64_t *count);
+
+/* ================================================ 3. fused linear + loss */
+
+/* Always start from kdl_fused_linear_args_init(). */
+typedef struct kdl_fused_linear_args {
+    size_t struct_size;          /* = sizeof(kdl_fused_linear_args_t), set by init */
+    int64_t rows;                /* N >= 0                                   */
+    int64_t hidden;              /* d >= 1                                   */
+    int64_t vocab;               /* V >= 1                                   */
+
+    const void *hidden_states;   /* H [N, ld_hidden], required if N > 0      */
+    int64_t ld_hidden;           /* >= d                                     */
+    kdl_dtype_t hidden_dtype;    /* GPU: F32; reference: any                 */
+    const void *weight;          /* W [V, ld_weight]: student logits = H W^T */
+    int64_t ld_weight;           /* >= d                                     */
+    kdl_dtype_t weight_dtype;    /* GPU: F32; reference: any                 */
+    const void *teacher;         /* teacher logits [N, ld_teacher]           */
+    int64_t ld_teacher;          /* >= V                                     */
+    kdl_dtype_t teacher_dtype;
+    const int64_t *labels;       /* optional [N]                             */
+
+    void *grad_hidden;           /* optional dH [N, ld_grad_hidden]          */
+    int64_t ld_grad_hidden;      /* >= d                                     */
+    void *grad_weight;           /* optional dW [V, ld_grad_weight] (overwritten, not accumulated) */
+    int64_t ld_grad_weight;      /* >= d                                     */
+    kdl_dtype_t grad_dtype;      /* of dH and dW: F32 (GPU), F32 or F64 (reference) */
+
+    int64_t chunk_rows;          /* rows per chunk; 0 = default (max(1, N/8), at most 4096) */
+
+    kdl_dtype_t out_dtype;       /* F32 (default) or F64                      */
+    void *loss;                  /* required: [1] or [N] (NONE)               */
+    int64_t *info;               /* optional [1]: invalid rows                */
+    int64_t *valid_rows;         /* optional [1]                              */
+} kdl_fused_linear_args_t;
+
+void kdl_fused_linear_args_init(kdl_fused_linear_args_t *args);
+
+/* The chunk the call will use for these arguments (chunk_rows or the default). */
+int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *args);
+
+kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
+                                       int allow_f64);
+
+/* Reference: materialises the [N,V] float64 logits (it is a reference), runs
+ * kdl_ref_loss_forward_backward on them, then dH = dL W and dW = dL^T H as
+ * plain matrix products (so a non-finite hidden row poisons dW, as a GEMM
+ * would).  chunk_rows is ignored. */
+kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args);
+
+/* GPU: per chunk of c rows, logits = H_c W^T (cuBLAS, strict FP32), the
+ * loss kernel overwrites them with d loss / d logits, dH_c = dL W and
+ * dW += dL^T H_c (cuBLAS).  Workspace: c*V*4 bytes + small per-row and
+ * per-call buffers; the size depends on chunk_rows.  AKL is
+ * KDL_STATUS_NOT_SUPPORTED on this path (see docs/extensions.md). */
+kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
+                                             const kdl_fused_linear_args_t *args, size_t *bytes);
+kdl_status_t kdl_fused_linear_loss(kdl_handle_t handle, const kdl_loss_desc_t *desc,
+                                   const kdl_fused_linear_args_t *args, void *workspace,
+                                   size_t workspace_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KDLOSS_EXT_H */
