@@ -1,0 +1,408 @@
+"""ctypes binding of libkdloss.so: library lookup, struct mirrors, prototypes.
+
+The structs below mirror include/kdloss/kdloss_types.h field for field; the
+library is checked at load time (struct_size written by kdl_loss_desc_init and
+kdl_loss_args_init against ctypes.sizeof, and the default values read back
+through the ctypes fields) so a layout drift fails loudly instead of corrupting
+memory.
+
+Library lookup order:
+  1. the environment variable KDLOSS_LIBRARY (a path to libkdloss.so);
+  2. a libkdloss.so* next to this package (kdloss/ or kdloss/lib/);
+  3. the system loader (ctypes.util.find_library("kdloss"), then
+     "libkdloss.so.<major>" and "libkdloss.so": LD_LIBRARY_PATH, ldconfig).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import threading
+from ctypes import (
+    POINTER,
+    Structure,
+    c_char_p,
+    c_double,
+    c_int,
+    c_int64,
+    c_size_t,
+    c_void_p,
+)
+
+__all__ = [
+    "LossDesc",
+    "LossArgs",
+    "KdlossError",
+    "KdlossValueError",
+    "InvalidRowsError",
+    "lib",
+    "library_path",
+    "check",
+    "DTYPE",
+    "STATUS",
+]
+
+# ------------------------------------------------------------------ enums
+# Values of kdloss_types.h (never renumbered there).
+DTYPE = {"f32": 0, "f16": 1, "bf16": 2, "f64": 3}
+DIV_COUNT = 8
+HEAD_COUNT = 3
+REDUCTION_COUNT = 3
+REDUCTION_NONE, REDUCTION_SUM, REDUCTION_MEAN = 0, 1, 2
+
+STATUS = {
+    "SUCCESS": 0,
+    "BAD_PARAM": 1000,
+    "NULL_POINTER": 1001,
+    "BAD_SIZE": 1002,
+    "BAD_STRIDE": 1003,
+    "BAD_TEMPERATURE": 1004,
+    "BAD_ALPHA": 1005,
+    "BAD_BETA": 1006,
+    "BAD_MU": 1007,
+    "BAD_TOP_K": 1008,
+    "BAD_SCALE": 1009,
+    "BAD_ENUM": 1010,
+    "SIZE_OVERFLOW": 1011,
+    "WORKSPACE_TOO_SMALL": 1012,
+    "BAD_STRUCT_SIZE": 1013,
+    "BAD_EPSILON": 1014,
+    "BAD_ITERATIONS": 1015,
+    "BAD_TOLERANCE": 1016,
+    "BAD_GROUP": 1017,
+    "BAD_SCHEDULE": 1018,
+    "NOT_SUPPORTED": 2000,
+    "NOT_IMPLEMENTED": 2001,
+    "ARCH_MISMATCH": 2002,
+    "NO_DEVICE": 3000,
+    "CUDA_ERROR": 3001,
+    "CUBLAS_ERROR": 3002,
+    "ALLOC_FAILED": 3003,
+    "INTERNAL_ERROR": 3004,
+    "NONFINITE_INPUT": 4000,
+}
+
+
+# ---------------------------------------------------------------- structs
+class LossDesc(Structure):
+    """kdl_loss_desc_t: what to compute.  Build with new_desc()."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("divergence", c_int),  # kdl_divergence_t
+        ("temperature", c_double),
+        ("alpha", c_double),
+        ("beta", c_double),
+        ("head_rule", c_int),  # kdl_head_rule_t
+        ("mu", c_double),
+        ("top_k", c_int64),
+        ("reduction", c_int),  # kdl_reduction_t
+        ("scale", c_double),
+        ("ignore_index", c_int64),
+    ]
+
+
+class LossArgs(Structure):
+    """kdl_loss_args_t: where the data is.  Build with new_args()."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("rows", c_int64),
+        ("vocab", c_int64),
+        ("student", c_void_p),
+        ("ld_student", c_int64),
+        ("student_dtype", c_int),
+        ("teacher", c_void_p),
+        ("ld_teacher", c_int64),
+        ("teacher_dtype", c_int),
+        ("labels", c_void_p),  # const int64_t *
+        ("grad", c_void_p),
+        ("ld_grad", c_int64),
+        ("grad_dtype", c_int),
+        ("out_dtype", c_int),
+        ("loss", c_void_p),
+        ("stat_fkl", c_void_p),
+        ("stat_rkl", c_void_p),
+        ("stat_g_head", c_void_p),
+        ("stat_g_tail", c_void_p),
+        ("stat_w_head", c_void_p),
+        ("stat_w_tail", c_void_p),
+        ("stat_head_size", c_void_p),  # int64_t *
+        ("info", c_void_p),  # int64_t *
+        ("valid_rows", c_void_p),  # int64_t *
+    ]
+
+
+# Float statistics, in the order of the struct, and their key in the stats dict.
+FLOAT_STATS = ("fkl", "rkl", "g_head", "g_tail", "w_head", "w_tail")
+
+
+# ------------------------------------------------------------- exceptions
+class KdlossError(RuntimeError):
+    """A kdloss call returned a status other than KDL_STATUS_SUCCESS.
+
+    Attributes: status (int), status_name ("KDL_STATUS_BAD_STRIDE"),
+    detail (kdl_get_last_error(): which argument, which value), call.
+    """
+
+    def __init__(self, call, status, status_string, detail):
+        self.call = call
+        self.status = int(status)
+        self.status_string = status_string
+        self.status_name = status_string.split(":", 1)[0]
+        self.detail = detail
+        msg = f"{call}: {status_string}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class KdlossValueError(KdlossError, ValueError):
+    """A bad-parameter status (the 1000s): also a ValueError."""
+
+
+class InvalidRowsError(ValueError):
+    """Rows with a NaN or +inf logit, or all logits -inf (in student or
+    teacher), were found and raise_on_invalid was set.  Attributes:
+    invalid_rows, rows."""
+
+    def __init__(self, invalid_rows, rows):
+        self.invalid_rows = int(invalid_rows)
+        self.rows = int(rows)
+        super().__init__(
+            f"kdloss: {self.invalid_rows} of {self.rows} rows are invalid (a NaN or +inf logit, "
+            "or every logit -inf, in the student or the teacher); they get loss NaN, a zero "
+            "gradient and are left out of the reduction. Pass raise_on_invalid=False to accept that."
+        )
+
+
+# ---------------------------------------------------------------- loading
+_lock = threading.Lock()
+_lib = None
+_lib_path = None
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _candidates():
+    env = os.environ.get("KDLOSS_LIBRARY")
+    if env:
+        # An explicit choice: no fallback when it is wrong.
+        return [env], True
+    out = []
+    for d in (_HERE, os.path.join(_HERE, "lib")):
+        out += sorted(glob.glob(os.path.join(d, "libkdloss.so*")), key=len)
+    found = ctypes.util.find_library("kdloss")
+    if found:
+        out.append(found)
+    out += ["libkdloss.so.0", "libkdloss.so"]
+    return out, False
+
+
+def _prototype(L):
+    P = POINTER
+    st = c_int
+    protos = {
+        "kdl_get_version": (c_int, []),
+        "kdl_status_string": (c_char_p, [c_int]),
+        "kdl_get_last_error": (c_char_p, []),
+        "kdl_loss_desc_init": (None, [c_void_p]),
+        "kdl_loss_args_init": (None, [c_void_p]),
+        "kdl_loss_validate": (st, [P(LossDesc), P(LossArgs), c_int]),
+        "kdl_divergence_name": (c_char_p, [c_int]),
+        "kdl_divergence_from_name": (c_int, [c_char_p]),
+        "kdl_head_rule_name": (c_char_p, [c_int]),
+        "kdl_head_rule_from_name": (c_int, [c_char_p]),
+        "kdl_reduction_name": (c_char_p, [c_int]),
+        "kdl_reduction_from_name": (c_int, [c_char_p]),
+        "kdl_dtype_name": (c_char_p, [c_int]),
+        "kdl_dtype_size": (c_size_t, [c_int]),
+        "kdl_ref_loss_forward_backward": (st, [P(LossDesc), P(LossArgs)]),
+        "kdl_device_available": (c_int, []),
+        "kdl_create": (st, [P(c_void_p)]),
+        "kdl_destroy": (st, [c_void_p]),
+        "kdl_set_stream": (st, [c_void_p, c_void_p]),
+        "kdl_get_stream": (st, [c_void_p, P(c_void_p)]),
+        "kdl_loss_workspace_size": (st, [c_void_p, P(LossDesc), P(LossArgs), P(c_size_t)]),
+        "kdl_loss_forward_backward": (
+            st,
+            [c_void_p, P(LossDesc), P(LossArgs), c_void_p, c_size_t],
+        ),
+    }
+    for name, (restype, argtypes) in protos.items():
+        fn = getattr(L, name)  # AttributeError: a symbol is missing
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+def _check_layout(L):
+    """Compare the ctypes mirrors with what the C init functions write."""
+    for ctype, init in ((LossDesc, L.kdl_loss_desc_init), (LossArgs, L.kdl_loss_args_init)):
+        # A buffer larger than any plausible struct, so a C struct bigger
+        # than the mirror cannot overflow it.
+        buf = (ctypes.c_char * 4096)()
+        init(ctypes.cast(buf, c_void_p))
+        c_size = c_size_t.from_buffer(buf).value
+        if c_size != ctypes.sizeof(ctype):
+            raise ImportError(
+                f"kdloss: {ctype.__name__} has size {ctypes.sizeof(ctype)} in the Python "
+                f"binding but {c_size} in the library {_lib_path}: the binding does not match "
+                "this libkdloss (rebuild the library or update the package)"
+            )
+    d = LossDesc()
+    L.kdl_loss_desc_init(ctypes.byref(d))
+    want = dict(temperature=1.0, alpha=0.1, beta=0.5, mu=0.5, top_k=1, scale=1.0,
+                ignore_index=-100, divergence=0, head_rule=0, reduction=REDUCTION_MEAN)
+    for k, v in want.items():
+        if getattr(d, k) != v:
+            raise ImportError(
+                f"kdloss: field {k} of kdl_loss_desc_t reads {getattr(d, k)!r}, expected "
+                f"its default {v!r}: the struct layout does not match {_lib_path}"
+            )
+    a = LossArgs()
+    L.kdl_loss_args_init(ctypes.byref(a))
+    if (a.rows, a.vocab, a.student, a.grad, a.loss, a.valid_rows) != (0, 0, None, None, None, None):
+        raise ImportError(f"kdloss: kdl_loss_args_t layout does not match {_lib_path}")
+
+
+def lib():
+    """The loaded library (loaded and checked on first use)."""
+    global _lib, _lib_path
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        names, explicit = _candidates()
+        errors = []
+        for name in names:
+            if explicit and not os.path.exists(name):
+                raise OSError(f"kdloss: KDLOSS_LIBRARY={name!r} does not exist")
+            try:
+                L = ctypes.CDLL(name)
+            except OSError as e:
+                errors.append(f"{name}: {e}")
+                continue
+            _lib_path = getattr(L, "_name", name)
+            try:
+                _prototype(L)
+            except AttributeError as e:
+                raise ImportError(f"kdloss: {name} is not a usable libkdloss ({e})") from None
+            _check_layout(L)
+            _lib = L
+            return L
+        raise OSError(
+            "kdloss: libkdloss.so not found; build it (cmake + ninja) and set "
+            "KDLOSS_LIBRARY=/path/to/libkdloss.so, or install it where the loader finds it.\n"
+            "tried:\n  " + "\n  ".join(errors)
+        )
+
+
+def library_path():
+    """Path (or soname) of the loaded library."""
+    lib()
+    return _lib_path
+
+
+def _decode(b):
+    return b.decode("utf-8", "replace") if b else ""
+
+
+def check(status, call):
+    """Raise KdlossError (KdlossValueError for bad parameters) on failure."""
+    if status == 0:
+        return
+    L = lib()
+    text = _decode(L.kdl_status_string(status))
+    detail = _decode(L.kdl_get_last_error())
+    cls = KdlossValueError if 1000 <= status < 2000 else KdlossError
+    raise cls(call, status, text, detail)
+
+
+# ------------------------------------------------------------ name tables
+def _names(fn, count):
+    return [_decode(fn(i)) for i in range(count)]
+
+
+def divergence_names():
+    return _names(lib().kdl_divergence_name, DIV_COUNT)
+
+
+def head_rule_names():
+    return _names(lib().kdl_head_rule_name, HEAD_COUNT)
+
+
+def reduction_names():
+    return _names(lib().kdl_reduction_name, REDUCTION_COUNT)
+
+
+def _parse(kind, value, from_name, names):
+    if not isinstance(value, str):
+        raise TypeError(f"kdloss: {kind} must be a string (one of {', '.join(names())}), "
+                        f"got {type(value).__name__}")
+    code = from_name(value.strip().lower().encode())
+    if code < 0:
+        raise ValueError(f"kdloss: unknown {kind} {value!r}; expected one of {', '.join(names())}")
+    return code
+
+
+def new_desc(divergence="akl", temperature=1.0, alpha=0.1, beta=0.5, head_rule="reference",
+             mu=0.5, top_k=1, reduction="mean", scale=1.0, ignore_index=-100):
+    """A LossDesc from Python values; names are checked here, numbers by the
+    library (kdl_loss_validate) when the loss is computed."""
+    L = lib()
+    d = LossDesc()
+    L.kdl_loss_desc_init(ctypes.byref(d))
+    d.divergence = _parse("divergence", divergence, L.kdl_divergence_from_name, divergence_names)
+    d.head_rule = _parse("head_rule", head_rule, L.kdl_head_rule_from_name, head_rule_names)
+    d.reduction = _parse("reduction", reduction, L.kdl_reduction_from_name, reduction_names)
+    for name, val in (("temperature", temperature), ("alpha", alpha), ("beta", beta),
+                      ("mu", mu), ("scale", scale)):
+        try:
+            setattr(d, name, float(val))
+        except (TypeError, ValueError):
+            raise TypeError(f"kdloss: {name} must be a real number, got {val!r}") from None
+    for name, val in (("top_k", top_k), ("ignore_index", ignore_index)):
+        if isinstance(val, bool) or not isinstance(val, int) and not hasattr(val, "__index__"):
+            raise TypeError(f"kdloss: {name} must be an integer, got {val!r}")
+        setattr(d, name, int(val))
+    return d
+
+
+def new_args():
+    a = LossArgs()
+    lib().kdl_loss_args_init(ctypes.byref(a))
+    return a
+
+
+def version():
+    """(major, minor, patch) of the loaded library."""
+    v = lib().kdl_get_version()
+    return v // 10000, v // 100 % 100, v % 100
+
+
+def device_available():
+    """True when the library was built with CUDA and sees a device."""
+    return bool(lib().kdl_device_available())
+
+
+# ----------------------------------------------------------- GPU handles
+_tls = threading.local()
+
+
+def handle_for_current_device(device_index):
+    """A kdl_handle_t for device_index, created on first use, one per thread
+    and device (a handle binds the current CUDA device at creation; its
+    stream is set before every call).  The caller makes device_index current
+    before calling."""
+    handles = getattr(_tls, "handles", None)
+    if handles is None:
+        handles = _tls.handles = {}
+    h = handles.get(device_index)
+    if h is None:
+        hp = c_void_p()
+        check(lib().kdl_create(ctypes.byref(hp)), "kdl_create")
+        h = handles[device_index] = hp
+    return h

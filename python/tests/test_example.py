@@ -1,0 +1,22 @@
+"""examples/distill_tiny.py runs and every divergence's loss falls (a few
+steps on CPU).  Skipped without torch or outside the source tree."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+EXAMPLE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                        "examples", "distill_tiny.py"))
+
+
+@pytest.mark.skipif(not os.path.exists(EXAMPLE), reason="examples/ not present")
+def test_distill_tiny_loss_falls():
+    r = subprocess.run([sys.executable, EXAMPLE, "--steps", "6", "--batch", "8", "--seq", "8",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "final/first" in ln]
+    assert len(lines) == 8, r.stdout
