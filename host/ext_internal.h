@@ -47,6 +47,145 @@ static inline KDL_HD uint64_t kdl_ext_order_key(uint64_t bits, int width_bytes)
     return ~asc & mask;
 }
 
+/* Inverse of kdl_ext_order_key: the raw bits of the logit (+0 for a zero). */
+static inline KDL_HD uint64_t kdl_ext_order_key_bits(uint64_t key, int width_bytes)
+{
+    int nb = 8 * width_bytes;
+    uint64_t sign = (uint64_t)1 << (nb - 1);
+    uint64_t mask = nb == 64 ? ~(uint64_t)0 : (((uint64_t)1 << nb) - 1);
+    uint64_t asc = ~key & mask;
+    return (asc & sign) ? (asc & ~sign) : (~asc & mask);
+}
+
+/* ------------------------------------------- vocabulary-parallel state */
+/* The opaque state of kdl_shard_args_t.state: a header, then one record per
+ * row.  Shared by the reference and the kernels (same layout on host and
+ * device). */
+typedef struct kdl_shard_header {
+    int64_t valid_rows;   /* known from step 1 on */
+    int64_t invalid_rows;
+    int64_t pad[2];
+} kdl_shard_header_t;
+
+typedef struct kdl_shard_row {
+    double m_s, m_t;       /* global max of z = s/tau and x = t/tau (step 0's MAX)   */
+    double z_s, z_t;       /* global sum-exp relative to the maxima (step 1's SUM)    */
+    double lse_s, lse_t;   /* m + log(z)                                              */
+    double mass_before;    /* AKL: teacher mass (relative to m_t, unnormalised) of the
+                            * tokens before the current key prefix                    */
+    double w_head, w_tail; /* AKL weights (last step)                                 */
+    double loss, G;        /* row loss and sum of qg (last step)                      */
+    uint64_t prefix;       /* AKL: resolved digits of the boundary key                */
+    int64_t count_before;  /* AKL: tokens before the prefix                           */
+    int64_t n_tie;         /* AKL: tokens whose key is the boundary key               */
+    int64_t j_take;        /* AKL: how many of them (lowest indices first) are head  */
+    int64_t tie_before;    /* AKL: tied tokens in lower-ranked shards                 */
+    int64_t head_size;
+    int32_t cls;           /* KDL_EXT_ROW_*                                           */
+    int32_t all_head;      /* AKL: no boundary found: every token is head             */
+} kdl_shard_row_t;
+
+/* Steps of the protocol (see kdloss_ext.h). */
+#define KDL_SHARD_PARTIAL_FIELDS 8
+enum {
+    KDL_SHARD_P_LOSS = 0, KDL_SHARD_P_G = 1, KDL_SHARD_P_FKL = 2, KDL_SHARD_P_RKL = 3,
+    KDL_SHARD_P_GF = 4, KDL_SHARD_P_GR = 5, KDL_SHARD_P_GHEAD = 6, KDL_SHARD_P_GTAIL = 7
+};
+typedef enum kdl_shard_phase {
+    KDL_SHARD_PH_MAX = 0,     /* write local maxima and bad flag             */
+    KDL_SHARD_PH_NORM = 1,    /* absorb maxima, write sum-exp (+ digit 0)    */
+    KDL_SHARD_PH_DIGIT = 2,   /* absorb digit d-1, write digit d histogram   */
+    KDL_SHARD_PH_TIE = 3,     /* absorb the last digit, write tie counts     */
+    KDL_SHARD_PH_PARTIAL = 4, /* absorb (sum-exp or ties), write partials    */
+    KDL_SHARD_PH_FINISH = 5   /* absorb partials, write loss and gradient    */
+} kdl_shard_phase_t;
+
+/* Number of 8-bit digits of the teacher key (AKL), 0 otherwise. */
+static inline int kdl_shard_digits(int akl, kdl_dtype_t teacher_dtype)
+{
+    if (!akl) return 0;
+    return teacher_dtype == KDL_DTYPE_F64 ? 8 : teacher_dtype == KDL_DTYPE_F32 ? 4 : 2;
+}
+static inline int kdl_shard_num_steps(int akl, kdl_dtype_t teacher_dtype)
+{
+    return akl ? kdl_shard_digits(akl, teacher_dtype) + 4 : 4;
+}
+/* Phase of a step, and for PH_DIGIT the digit it writes. */
+static inline kdl_shard_phase_t kdl_shard_phase_of(int akl, kdl_dtype_t teacher_dtype, int step, int *digit)
+{
+    int D = kdl_shard_digits(akl, teacher_dtype);
+    *digit = 0;
+    if (step == 0) return KDL_SHARD_PH_MAX;
+    if (step == 1) return KDL_SHARD_PH_NORM;
+    if (!akl) return step == 2 ? KDL_SHARD_PH_PARTIAL : KDL_SHARD_PH_FINISH;
+    if (step <= D) {
+        *digit = step - 1;
+        return KDL_SHARD_PH_DIGIT;
+    }
+    if (step == D + 1) return KDL_SHARD_PH_TIE;
+    if (step == D + 2) return KDL_SHARD_PH_PARTIAL;
+    return KDL_SHARD_PH_FINISH;
+}
+
+#ifndef __CUDACC__
+/* Argument check of a shard step (both paths). */
+kdl_status_t kdl_shard_validate(const kdl_loss_desc_t *desc, const kdl_shard_args_t *args, int allow_f64);
+#endif
+
+/* Boundary search over one reduced histogram (count[b], raw mass[b] relative
+ * to m_t; normalised by z_t): advances count_before / mass_before over the
+ * bins wholly before the boundary and returns the bin that holds it, or -1
+ * when every remaining token is head.  rule/mu/top_k: the descriptor's. */
+static inline KDL_HD int kdl_shard_find_bin(int rule, double mu, int64_t top_k, const double *count,
+                                            const double *mass, double z_t, int64_t *count_before,
+                                            double *mass_before)
+{
+    for (int b = 0; b < KDL_SHARD_BINS; b++) {
+        int64_t c = (int64_t)count[b];
+        double m = mass[b];
+        int hit;
+        if (rule == 2 /* TOPK */)
+            hit = *count_before + c >= top_k;
+        else if (rule == 0 /* REFERENCE */)
+            hit = (*mass_before + m) / z_t > mu;
+        else
+            hit = (*mass_before + m) / z_t >= mu;
+        if (hit && c > 0) return b;
+        *count_before += c;
+        *mass_before += m;
+    }
+    return -1;
+}
+
+/* How many of n_tie tokens of probability p each (after count_before tokens
+ * of normalised mass c0) the head takes, as the dense reference's
+ * sequential scan does; REFERENCE keeps the top-1 token always. */
+static inline KDL_HD int64_t kdl_shard_tie_take(int rule, double mu, int64_t top_k, int64_t count_before,
+                                                double c0, int64_t n_tie, double p)
+{
+    int64_t j = 0;
+    if (rule == 2) {
+        j = top_k - count_before;
+    } else {
+        double c = c0;
+        if (rule == 0) {
+            while (j < n_tie && c + p <= mu) {
+                c += p;
+                j++;
+            }
+        } else {
+            while (j < n_tie && c < mu) {
+                c += p;
+                j++;
+            }
+        }
+    }
+    if (j > n_tie) j = n_tie;
+    if (j < 0) j = 0;
+    if (count_before + j == 0) j = 1; /* the top-1 token is always head */
+    return j;
+}
+
 #ifdef __cplusplus
 }
 #endif
