@@ -1,0 +1,177 @@
+/*
+ * host/cli_util.h - helpers shared by the `kdloss` subcommands (compiled into
+ * the command only, not the library).
+ *
+ * Conventions every subcommand follows (host/cli.h):
+ *   - errors: exactly one line on stderr, "kdloss CMD: reason", then exit 2
+ *     for bad usage or bad input, 1 for a failure while computing or writing;
+ *   - output: one JSON object on stdout, written only once everything is
+ *     computed (numbers with %.17g; NaN as null, +-inf as "inf" / "-inf");
+ *   - output files: written atomically (temporary file, then rename), so a
+ *     failed run leaves no output file and never a partial one.
+ *
+ * Functions that return an int "exit code" return 0 on success and have
+ * already printed the one-line error otherwise.
+ */
+#ifndef KDLOSS_HOST_CLI_UTIL_H
+#define KDLOSS_HOST_CLI_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "kdloss/kdloss.h"
+#include "npy.h"
+
+/* ------------------------------------------------------------------ errors */
+
+/* Prints "kdloss CMD: MESSAGE\n" on stderr; newlines inside MESSAGE become
+ * spaces so the error is always one line. */
+void kdl_cli_error(const char *cmd, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* Reports a library status: "kdloss CMD: <kdl_status_string> (<last error>)".
+ * Returns the exit code: 2 for bad-parameter statuses (1000..1999), 1 for the
+ * others (not supported, device, runtime, data). */
+int kdl_cli_status_error(const char *cmd, kdl_status_t st);
+
+/* Writing to a closed pipe must give an error, not kill the process:
+ * ignores SIGPIPE.  Call once at the start of a subcommand. */
+void kdl_cli_ignore_sigpipe(void);
+
+/* Flushes stdout; on a write error reports it and returns 1, else 0. */
+int kdl_cli_finish_stdout(const char *cmd);
+
+/* ----------------------------------------------------------------- options */
+
+/* One option of a subcommand.  The parser fills `value`: NULL when absent,
+ * the text after "--name VALUE" or "--name=VALUE" for a valued option, ""
+ * for a present switch. */
+typedef struct kdl_cli_opt {
+    const char *name;   /* with dashes: "--temperature"                   */
+    int takes_value;    /* 1: needs a value; 0: a switch                   */
+    const char *value;  /* out                                             */
+} kdl_cli_opt_t;
+
+/* Parses argv[1 .. argc) (argv[0] is the subcommand) against opts[0 .. n).
+ * "--help" or "-h" anywhere sets *help to 1 and returns 0 at once.
+ * Errors (one line printed, returns 2): an unknown option, a positional
+ * argument, a missing value (end of argv, or a next word starting with
+ * "--"; write --name=--odd for such a value), a value given to a switch, an
+ * option given twice. */
+int kdl_cli_parse_options(const char *cmd, int argc, char **argv, kdl_cli_opt_t *opts, size_t n,
+                          int *help);
+
+/* Parses a finite double in an interval: lo and hi may be -INFINITY /
+ * INFINITY; lo_closed / hi_closed say whether the ends are included.  The
+ * whole text must be a number ("1e-3", "0.5"); "nan", "inf", "", "1x" and
+ * values outside the interval are errors naming flag.  Returns 0 or 2. */
+int kdl_cli_parse_double(const char *cmd, const char *flag, const char *text, double lo, int lo_closed,
+                         double hi, int hi_closed, double *out);
+
+/* Parses a decimal int64 in [lo, hi] (whole text, no overflow).  0 or 2. */
+int kdl_cli_parse_int64(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi,
+                        int64_t *out);
+
+/* Parses a name with from_name (one of the kdl_*_from_name functions, -1
+ * for unknown); the error lists `choices` ("fkl|rkl|...").  0 or 2. */
+int kdl_cli_parse_choice(const char *cmd, const char *flag, const char *text, int (*from_name)(const char *),
+                         const char *choices, int *out);
+
+/* -------------------------------------------------------------- .npy files */
+
+/* kdl_npy_load with the error reported as "kdloss CMD: FLAG PATH: reason".
+ * Returns 0 or 2.  On failure *out holds nothing to free. */
+int kdl_cli_load_npy(const char *cmd, const char *flag, const char *path, kdl_npy_array_t *out);
+
+/* Writes path atomically: creates a temporary "PATH.tmp.XXXXXX" in the same
+ * directory, calls write(f, ctx) (returns 0, or prints its own error and
+ * returns an exit code), flushes, syncs and closes it, then renames it over
+ * path (permissions as a plain fopen would give).  On any failure the
+ * temporary is removed and path is untouched.  Returns 0; 2 when the file
+ * cannot be created or renamed (no such directory, permission); 1 when a
+ * write fails. */
+int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx);
+
+/* kdl_cli_write_atomic of a version-1.0 .npy file (see kdl_npy_write_stream). */
+int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, int ndim, const int64_t *shape,
+                     const void *data);
+
+/* -------------------------------------------------------------------- JSON */
+
+#define KDL_JSON_MAX_DEPTH 16
+
+/* A streaming JSON writer on one line: values separated by ", ", keys as
+ * "key": value.  Pass key NULL for the top-level value and inside arrays.
+ * Numbers: %.17g (round-trips), NaN -> null, +inf -> "inf", -inf -> "-inf".
+ * Nesting deeper than KDL_JSON_MAX_DEPTH is ignored (never happens in kdloss). */
+typedef struct kdl_json {
+    FILE *f;
+    int depth;
+    unsigned char has_items[KDL_JSON_MAX_DEPTH];
+} kdl_json_t;
+
+void kdl_json_init(kdl_json_t *j, FILE *f);
+void kdl_json_object_begin(kdl_json_t *j, const char *key);
+void kdl_json_object_end(kdl_json_t *j);
+void kdl_json_array_begin(kdl_json_t *j, const char *key);
+void kdl_json_array_end(kdl_json_t *j);
+void kdl_json_number(kdl_json_t *j, const char *key, double v);
+void kdl_json_int(kdl_json_t *j, const char *key, int64_t v);
+void kdl_json_bool(kdl_json_t *j, const char *key, int v);
+void kdl_json_string(kdl_json_t *j, const char *key, const char *s); /* escaped; NULL -> null */
+void kdl_json_number_array(kdl_json_t *j, const char *key, const double *v, int64_t n);
+void kdl_json_int_array(kdl_json_t *j, const char *key, const int64_t *v, int64_t n);
+/* Ends the line (after the top-level value). */
+void kdl_json_finish(kdl_json_t *j);
+
+/* --------------------------------------------------------------- backends */
+
+typedef enum kdl_cli_backend {
+    KDL_CLI_BACKEND_AUTO = 0, /* cuda when a device works, else cpu */
+    KDL_CLI_BACKEND_CPU = 1,
+    KDL_CLI_BACKEND_CUDA = 2
+} kdl_cli_backend_t;
+
+/* "auto" | "cpu" | "cuda" -> kdl_cli_backend_t; -1 for other names (a
+ * from_name function for kdl_cli_parse_choice). */
+int kdl_cli_backend_from_name(const char *name);
+
+/* Seconds on a monotonic clock. */
+double kdl_cli_now(void);
+
+/* Name of the current CUDA device ("NVIDIA H100 80GB HBM3") into buf;
+ * returns 0, or -1 without a device (buf then holds "none"). */
+int kdl_cli_gpu_name(char *buf, size_t len);
+
+/* Device allocations of one run, freed together.  Without CUDA every
+ * function returns KDL_STATUS_NO_DEVICE. */
+#define KDL_CLI_GPU_POOL_MAX 32
+typedef struct kdl_cli_gpu_pool {
+    void *ptr[KDL_CLI_GPU_POOL_MAX];
+    int n;
+} kdl_cli_gpu_pool_t;
+
+/* cudaMalloc of bytes (at least 1) recorded in pool; *out = device pointer. */
+kdl_status_t kdl_cli_gpu_alloc(kdl_cli_gpu_pool_t *pool, size_t bytes, void **out);
+/* Allocates bytes on the device and copies src there (src may be NULL:
+ * then *out is NULL and nothing is allocated). */
+kdl_status_t kdl_cli_gpu_upload(kdl_cli_gpu_pool_t *pool, const void *src, size_t bytes, void **out);
+kdl_status_t kdl_cli_gpu_download(void *dst, const void *dev_src, size_t bytes);
+void kdl_cli_gpu_pool_free(kdl_cli_gpu_pool_t *pool);
+
+/* kdl_loss_forward_backward with HOST pointers in args, as the reference
+ * takes them: checks the arguments, uploads the inputs, allocates device
+ * outputs for every non-NULL output pointer and a workspace, runs on the
+ * handle's stream, waits, and copies every output back into the host
+ * pointers.  *kernel_ms (may be NULL) gets the time of the call plus the
+ * wait, without the copies.  Bad arguments are reported before anything is
+ * allocated or written; after a device failure the host outputs may hold
+ * partial results. */
+kdl_status_t kdl_cli_gpu_loss_host(kdl_handle_t h, const kdl_loss_desc_t *desc, const kdl_loss_args_t *host_args,
+                                   double *kernel_ms);
+
+#endif /* KDLOSS_HOST_CLI_UTIL_H */
