@@ -35,3 +35,37 @@ kdl_status_t kdl_loss_forward_backward(kdl_handle_t h, const kdl_loss_desc_t *d,
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
     return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
 }
+
+/* ---- Sinkhorn and SinKD (kdloss_ot.h): check, then no device */
+kdl_status_t kdl_sinkhorn_workspace_size(kdl_handle_t h, const kdl_sinkhorn_desc_t *d,
+                                         const kdl_sinkhorn_args_t *a, size_t *bytes)
+{
+    if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
+    kdl_status_t st = kdl_sinkhorn_validate(d, a, 0);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_sinkhorn(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, const kdl_sinkhorn_args_t *a,
+                          void *ws, size_t wsb)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_status_t st = kdl_sinkhorn_validate(d, a, 0);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_sinkd_workspace_size(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sinkd_args_t *a,
+                                      size_t *bytes)
+{
+    if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
+    kdl_status_t st = kdl_sinkd_validate(d, a, 0);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_sinkd(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sinkd_args_t *a, void *ws,
+                       size_t wsb)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_status_t st = kdl_sinkd_validate(d, a, 0);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
