@@ -17,6 +17,18 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# Fuzzing (scripts/fuzz.sh, run by scripts/test.sh): clang with its libFuzzer
+# runtime, ~45 MB to download, ~260 MB installed, ~15-30 s.  KDL_WITH_FUZZ=0
+# skips it; a failed install only means test.sh skips the fuzzing.
+if [ "${KDL_WITH_FUZZ:-1}" = 1 ] && ! bash "$(dirname "$0")/fuzz.sh" --check; then
+  fuzz_pkgs=(clang)
+  apt-cache show libclang-rt-dev >/dev/null 2>&1 && fuzz_pkgs+=(libclang-rt-dev)
+  echo "setup: apt-get install ${fuzz_pkgs[*]} (libFuzzer)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${fuzz_pkgs[@]}" >/dev/null; } ||
+    echo "setup: clang/libFuzzer not installed; scripts/test.sh will skip fuzzing"
+fi
+
 # Python side (binding tests): numpy and pytest; torch only when asked
 # (KDL_WITH_TORCH=1), since its wheel is large.
 if command -v python3 >/dev/null 2>&1; then

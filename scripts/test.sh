@@ -3,7 +3,8 @@
 # suites, CLI end-to-end, Python binding); then the CPU suite again built
 # with AddressSanitizer + UndefinedBehaviorSanitizer.  GPU tests skip
 # visibly (and are counted) when no device is present.
-# KDL_TEST_FAST=1 skips the sanitizer pass.
+# Then a bounded fuzzing run (scripts/fuzz.sh) when clang with libFuzzer is
+# available.  KDL_TEST_FAST=1 skips the sanitizer pass and the fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,4 +15,14 @@ if [ "${KDL_TEST_FAST:-0}" != 1 ]; then
   BUILD_DIR=build-asan bash scripts/build.sh -DKDL_SANITIZE=ON -DKDL_ENABLE_CUDA=OFF
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ctest --test-dir build-asan --output-on-failure -j "$(nproc)" -E python_tests
+  # Bounded libFuzzer run (FUZZ_SECONDS per target, default 20), when clang
+  # with libFuzzer is there (scripts/setup.sh installs it); KDL_SKIP_FUZZ=1 skips.
+  if [ "${KDL_SKIP_FUZZ:-0}" != 1 ]; then
+    if bash scripts/fuzz.sh --check; then
+      echo "== fuzzing (scripts/fuzz.sh) =="
+      bash scripts/fuzz.sh
+    else
+      echo "== fuzzing skipped: no clang with libFuzzer (apt-get install clang libclang-rt-dev) =="
+    fi
+  fi
 fi

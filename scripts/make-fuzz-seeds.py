@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the libFuzzer targets (tests/fuzz/corpus/<target>/).
+
+Pure Python (no numpy): the .npy seeds are built byte by byte, so invalid
+variants (truncated, bad magic, big-endian, fortran order, overflowing
+shapes) are as easy as valid ones.  Re-running rewrites the same files
+(names are fixed; the content is deterministic).  Inputs found by fuzzing are
+added to the same directories by scripts/fuzz.sh (-merge) and kept in git.
+
+    python3 scripts/make-fuzz-seeds.py [CORPUS_ROOT]   (default tests/fuzz/corpus)
+"""
+import os
+import struct
+import sys
+
+ROOT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fuzz", "corpus")
+
+
+def npy(descr, shape, data=b"", version=(1, 0), fortran=False, header=None, pad=True):
+    """A .npy file: magic, version, header length, dict, data."""
+    if header is None:
+        dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
+        header = "{'descr': '%s', 'fortran_order': %s, 'shape': (%s), }" % (
+            descr, "True" if fortran else "False", dims)
+    h = header.encode("latin-1")
+    lenfmt = "<H" if version[0] == 1 else "<I"
+    pre = 6 + 2 + struct.calcsize(lenfmt)
+    if pad:
+        total = pre + len(h) + 1
+        h += b" " * ((64 - total % 64) % 64) + b"\n"
+    return b"\x93NUMPY" + bytes(version) + struct.pack(lenfmt, len(h)) + h + data
+
+
+def f16(values):
+    return b"".join(struct.pack("<e", v) for v in values)
+
+
+def f32(values):
+    return b"".join(struct.pack("<f", v) for v in values)
+
+
+def f64(values):
+    return b"".join(struct.pack("<d", v) for v in values)
+
+
+def i64(values):
+    return b"".join(struct.pack("<q", v) for v in values)
+
+
+def npy_seeds():
+    inf, nan = float("inf"), float("nan")
+    s = {}
+    s["valid_f32_2x3"] = npy("<f4", (2, 3), f32([1, 2, 3, 4, 5, 6]))
+    s["valid_f16_5"] = npy("<f2", (5,), f16([1, -2, 0.5, inf, nan]))
+    s["valid_f64_scalar"] = npy("<f8", (), f64([3.25]))
+    s["valid_i64_labels"] = npy("<i8", (3,), i64([-100, 0, 7]))
+    s["valid_empty_0x5"] = npy("<f4", (0, 5))
+    s["valid_v2"] = npy("<f4", (1, 2), f32([1, 2]), version=(2, 0))
+    s["valid_v3"] = npy("<f8", (2,), f64([-inf, 0]), version=(3, 0))
+    s["valid_eq_descr"] = npy("=f4", (1,), f32([1]))
+    s["valid_dq_unpadded"] = npy(None, None, f32([7]), pad=False,
+                                 header='{"descr":"<f4","fortran_order":False,"shape":(1,)}\n')
+    s["valid_py2_long"] = npy(None, None, f64([1, 2]),
+                              header="{'descr': '<f8', 'fortran_order': False, 'shape': (2L,), }")
+    s["valid_3d"] = npy("<f2", (1, 2, 2), f16([1, 2, 3, 4]))
+    s["bad_magic"] = b"\x93NUMPX\x01\x00" + s["valid_f32_2x3"][8:]
+    s["bad_version"] = b"\x93NUMPY\x04\x00" + s["valid_f32_2x3"][8:]
+    s["bad_truncated_data"] = s["valid_f32_2x3"][:-3]
+    s["bad_truncated_header"] = s["valid_f32_2x3"][:30]
+    s["bad_trailing"] = s["valid_f32_2x3"] + b"\x00\x00\x00\x00"
+    s["bad_big_endian"] = npy(">f4", (1,), b"\x3f\x80\x00\x00")
+    s["bad_i4"] = npy("<i4", (1,), b"\x01\x00\x00\x00")
+    s["bad_fortran"] = npy("<f4", (1, 1), f32([1]), fortran=True)
+    s["bad_negative_dim"] = npy("<f4", (-1, 2))
+    s["bad_overflow_shape"] = npy("<f8", (2**40, 2**40, 2**40))
+    s["bad_zero_times_huge"] = npy("<f8", (2**62, 2**62, 0))
+    s["bad_header_len"] = b"\x93NUMPY\x02\x00\xff\xff\xff\x7f{'descr'"
+    s["bad_header_syntax"] = npy(None, None, f32([1]), header="{'descr': '<f4', 'shape': (1,}")
+    s["bad_missing_key"] = npy(None, None, f32([1]), header="{'descr': '<f4', 'shape': (1,), }")
+    s["bad_dup_key"] = npy(None, None, f32([1]),
+                           header="{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (1,), }")
+    s["bad_nul_in_header"] = npy(None, None, f32([1]),
+                                 header="{'descr': '<f4\0', 'fortran_order': False, 'shape': (1,), }")
+    s["bad_many_dims"] = npy("<f4", tuple([1] * 40), f32([1]))
+    s["bad_empty"] = b""
+    return s
+
+
+def cli_seeds():
+    def argv(*words):
+        return "\n".join(words).encode()
+    s = {}
+    s["fkl_mean"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy")
+    s["akl_stats_grad"] = argv("--divergence", "akl", "--student", "s.npy", "--teacher", "t.npy",
+                               "--stats", "--grad-out", "g.npy", "--head-rule", "topk", "--top-k", "3")
+    s["jsd_none_labels"] = argv("--divergence=jsd", "--beta=0.25", "--reduction", "none", "--student", "s.npy",
+                                "--teacher", "t.npy", "--labels", "l.npy", "--ignore-index", "-100")
+    s["skl_f16"] = argv("--divergence", "skl", "--alpha", "0", "--student", "h.npy", "--teacher", "h.npy",
+                        "--temperature", "2.5", "--scale", "4")
+    s["srkl_f64_cpu"] = argv("--divergence", "srkl", "--student", "d.npy", "--teacher", "d.npy", "--backend", "cpu",
+                             "--grad-out", "o.npy")
+    s["nan_rows"] = argv("--divergence", "rkl", "--student", "n.npy", "--teacher", "s.npy", "--reduction", "sum")
+    s["tvd_mass"] = argv("--divergence", "tvd", "--student", "s.npy", "--teacher", "t.npy", "--head-rule", "mass",
+                         "--mu", "0.9", "--stats")
+    s["help"] = argv("--help")
+    s["bad_shape"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "x.npy")
+    s["bad_empty_file"] = argv("--divergence", "fkl", "--student", "e.npy", "--teacher", "t.npy")
+    s["bad_not_npy"] = argv("--divergence", "fkl", "--student", "b.npy", "--teacher", "t.npy")
+    s["bad_directory"] = argv("--divergence", "fkl", "--student", "dir", "--teacher", "t.npy")
+    s["bad_grad_out_dir"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy",
+                                 "--grad-out", "dir")
+    s["bad_grad_out_missing_dir"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy",
+                                         "--grad-out", "nodir/g.npy")
+    s["bad_missing"] = argv("--divergence", "fkl", "--student", "none.npy", "--teacher", "t.npy")
+    s["bad_labels_dtype"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy",
+                                 "--labels", "t.npy")
+    s["bad_tau"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy", "--temperature", "nan")
+    s["bad_tau_zero"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy", "--temperature", "0")
+    s["bad_topk_big"] = argv("--divergence", "akl", "--student", "s.npy", "--teacher", "t.npy", "--top-k", "99",
+                             "--head-rule", "topk")
+    s["bad_int_overflow"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy",
+                                 "--ignore-index", "99999999999999999999")
+    s["bad_twice"] = argv("--divergence", "fkl", "--divergence", "rkl")
+    s["bad_unknown"] = argv("--divergence", "kl", "--student", "s.npy", "--teacher", "t.npy")
+    s["bad_positional"] = argv("s.npy")
+    s["bad_no_value"] = argv("--divergence")
+    s["bad_switch_value"] = argv("--stats=1", "--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy")
+    s["bad_cuda"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy", "--backend", "cuda")
+    s["bad_f64_cuda"] = argv("--divergence", "fkl", "--student", "d.npy", "--teacher", "d.npy", "--backend", "cuda")
+    s["empty"] = b""
+    return s
+
+
+# fuzz_ref_loss: header bytes as documented in tests/fuzz/fuzz_ref_loss.c.
+def ref_case(div, red, rule, sd, td, gd, od, n, v, ld_extra, flags, params, top_k, ign, labels, body):
+    hdr = bytes([div, red | (rule << 2), sd, td, gd, od, n, v - 1, ld_extra, flags])
+    return hdr + bytes(params) + bytes([top_k, ign]) + bytes(labels) + body
+
+
+def ref_seeds():
+    # pick_param table indices: 0 -> 1.0, 1 -> 0.5, 3 -> 0.1, 15 -> NaN, 16 -> inf, 5 -> 0
+    ordinary = [0, 0, 3, 1, 1]  # tau 1, scale 1, alpha 0.1, beta 0.5, mu 0.5
+    coded = bytes((137 + 8 * k) % 256 for k in range(64))  # logits -0..+7 (table-coded)
+    specials = bytes([0, 3, 3, 140, 1, 2, 150, 160] * 8)  # -inf, 0, NaN, +inf, ...
+    s = {}
+    for div in range(8):
+        s["div%d_mean" % div] = ref_case(div, 2, 0, 0, 0, 0, 0, 2, 8, 0, 1 | 8 | 16 | 128, ordinary, 1, 0, [],
+                                         coded)
+    s["akl_topk_none_stats"] = ref_case(3, 0, 2, 0, 1, 0, 3, 3, 16, 0x15, 1 | 2 | 4 | 8 | 16 | 128, ordinary, 4, 0,
+                                        [0, 5, 9], coded * 2)
+    s["jsd_bf16_f64"] = ref_case(4, 1, 1, 2, 3, 2, 3, 4, 7, 0x3f, 1 | 4 | 8 | 128, [2, 7, 1, 4, 23], 2, 0, [],
+                                 coded * 2)
+    s["srkl_alpha0"] = ref_case(7, 0, 0, 0, 0, 0, 0, 2, 6, 0, 1 | 128, [0, 0, 5, 1, 1], 1, 0, [],
+                                bytes([150, 140, 137, 137, 137, 137, 0, 10, 5, 137, 137, 137]) * 2)
+    s["specials"] = ref_case(1, 0, 0, 0, 0, 0, 0, 4, 8, 0, 1 | 8 | 16 | 128, ordinary, 1, 0, [], specials)
+    s["raw_f16"] = ref_case(0, 2, 0, 1, 1, 1, 0, 2, 4, 0, 1 | 8, ordinary, 1, 0, [],
+                            f16([1, 2, 3, float("-inf"), 0, 0, 0, 0]) + f16([0.5, 1, 1, 1, 2, 2, 2, 2]))
+    s["bad_tau_nan"] = ref_case(0, 2, 0, 0, 0, 0, 0, 1, 4, 0, 1 | 128, [15, 0, 3, 1, 1], 1, 0, [], coded)
+    s["bad_null_loss"] = ref_case(0, 2, 0, 0, 0, 0, 0, 1, 4, 0, 1 | 32 | 128, ordinary, 1, 0, [], coded)
+    s["bad_dtype"] = ref_case(0, 2, 0, 4, 0, 0, 0, 1, 4, 0, 1 | 128, ordinary, 1, 0, [], coded)
+    s["empty_batch_none"] = ref_case(0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 1 | 32 | 64, ordinary, 1, 0, [], b"")
+    return s
+
+
+def write_all():
+    for target, seeds in (("fuzz_npy", npy_seeds()), ("fuzz_cli_args", cli_seeds()), ("fuzz_ref_loss", ref_seeds())):
+        d = os.path.join(ROOT, target)
+        os.makedirs(d, exist_ok=True)
+        for name, data in sorted(seeds.items()):
+            with open(os.path.join(d, "seed_" + name), "wb") as f:
+                f.write(data)
+        print("%s: %d seeds in %s" % (target, len(seeds), os.path.relpath(d)))
+
+
+if __name__ == "__main__":
+    write_all()
