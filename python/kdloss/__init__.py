@@ -16,6 +16,7 @@ from ._lib import (  # noqa: F401
     divergence_names,
     head_rule_names,
     library_path,
+    ot_available,
     reduction_names,
     version,
 )

@@ -139,6 +139,105 @@ class LossArgs(Structure):
 FLOAT_STATS = ("fkl", "rkl", "g_head", "g_tail", "w_head", "w_tail")
 
 
+# kdloss_ot.h: batched log-domain Sinkhorn and SinKD.
+OT_METRIC_COUNT = 2
+OT_VALUE_COUNT = 2
+
+
+class SinkhornDesc(Structure):
+    """kdl_sinkhorn_desc_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("epsilon", c_double),
+        ("max_iter", c_int64),
+        ("tol", c_double),
+        ("check_every", c_int64),
+        ("eps_scaling", c_int),
+        ("eps_scaling_factor", c_double),
+        ("eps_stage_iter", c_int64),
+        ("value", c_int),  # kdl_ot_value_t
+        ("debias", c_int),
+        ("metric", c_int),  # kdl_ot_metric_t
+    ]
+
+
+class SinkhornArgs(Structure):
+    """kdl_sinkhorn_args_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("batch", c_int64),
+        ("n", c_int64),
+        ("m", c_int64),
+        ("sizes_n", c_void_p),  # const int64_t * (host)
+        ("sizes_m", c_void_p),
+        ("dtype", c_int),
+        ("cost", c_void_p),
+        ("x", c_void_p),
+        ("y", c_void_p),
+        ("dim", c_int64),
+        ("log_a", c_void_p),
+        ("log_b", c_void_p),
+        ("f_init", c_void_p),
+        ("g_init", c_void_p),
+        ("cost_xx", c_void_p),
+        ("cost_yy", c_void_p),
+        ("self_yy", c_void_p),
+        ("self_yy_given", c_int),
+        ("value", c_void_p),
+        ("iterations", c_void_p),  # int64_t *
+        ("marginal_error", c_void_p),
+        ("f", c_void_p),
+        ("g", c_void_p),
+        ("plan", c_void_p),
+        ("grad_x", c_void_p),
+        ("info", c_void_p),  # int64_t *
+    ]
+
+
+class SinkdDesc(Structure):
+    """kdl_sinkd_desc_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("group_size", c_int64),
+        ("temperature", c_double),
+        ("epsilon", c_double),
+        ("max_iter", c_int64),
+        ("tol", c_double),
+        ("check_every", c_int64),
+        ("metric", c_int),  # kdl_ot_metric_t
+        ("scale", c_double),
+    ]
+
+
+class SinkdArgs(Structure):
+    """kdl_sinkd_args_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("rows", c_int64),
+        ("vocab", c_int64),
+        ("student", c_void_p),
+        ("ld_student", c_int64),
+        ("student_dtype", c_int),
+        ("teacher", c_void_p),
+        ("ld_teacher", c_int64),
+        ("teacher_dtype", c_int),
+        ("grad", c_void_p),
+        ("ld_grad", c_int64),
+        ("grad_dtype", c_int),
+        ("out_dtype", c_int),
+        ("loss", c_void_p),
+        ("group_loss", c_void_p),
+        ("plan", c_void_p),
+        ("iterations", c_void_p),  # int64_t *
+        ("marginal_error", c_void_p),
+        ("info", c_void_p),  # int64_t *
+    ]
+
+
 # ------------------------------------------------------------- exceptions
 class KdlossError(RuntimeError):
     """A kdloss call returned a status other than KDL_STATUS_SUCCESS.
@@ -168,11 +267,12 @@ class InvalidRowsError(ValueError):
     teacher), were found and raise_on_invalid was set.  Attributes:
     invalid_rows, rows."""
 
-    def __init__(self, invalid_rows, rows):
+    def __init__(self, invalid_rows, rows, unit="rows"):
         self.invalid_rows = int(invalid_rows)
         self.rows = int(rows)
+        what = "rows are invalid" if unit == "rows" else "groups hold an invalid row"
         super().__init__(
-            f"kdloss: {self.invalid_rows} of {self.rows} rows are invalid (a NaN or +inf logit, "
+            f"kdloss: {self.invalid_rows} of {self.rows} {what} (a NaN or +inf logit, "
             "or every logit -inf, in the student or the teacher); they get loss NaN, a zero "
             "gradient and are left out of the reduction. Pass raise_on_invalid=False to accept that."
         )
@@ -237,30 +337,98 @@ def _prototype(L):
         fn.argtypes = argtypes
 
 
+_OT_PROTOS = {
+    "kdl_ot_metric_name": (c_char_p, [c_int]),
+    "kdl_ot_metric_from_name": (c_int, [c_char_p]),
+    "kdl_ot_value_name": (c_char_p, [c_int]),
+    "kdl_ot_value_from_name": (c_int, [c_char_p]),
+    "kdl_sinkhorn_desc_init": (None, [c_void_p]),
+    "kdl_sinkhorn_args_init": (None, [c_void_p]),
+    "kdl_sinkd_desc_init": (None, [c_void_p]),
+    "kdl_sinkd_args_init": (None, [c_void_p]),
+    "kdl_ref_sinkhorn": (c_int, [POINTER(SinkhornDesc), POINTER(SinkhornArgs)]),
+    "kdl_ref_sinkd": (c_int, [POINTER(SinkdDesc), POINTER(SinkdArgs)]),
+}
+# The GPU entry points: bound when present (needed only for CUDA tensors).
+_OT_GPU_PROTOS = {
+    "kdl_sinkhorn_workspace_size": (
+        c_int, [c_void_p, POINTER(SinkhornDesc), POINTER(SinkhornArgs), POINTER(c_size_t)]),
+    "kdl_sinkhorn": (c_int, [c_void_p, POINTER(SinkhornDesc), POINTER(SinkhornArgs), c_void_p,
+                             c_size_t]),
+    "kdl_sinkd_workspace_size": (
+        c_int, [c_void_p, POINTER(SinkdDesc), POINTER(SinkdArgs), POINTER(c_size_t)]),
+    "kdl_sinkd": (c_int, [c_void_p, POINTER(SinkdDesc), POINTER(SinkdArgs), c_void_p, c_size_t]),
+}
+
+_ot_error = None  # why the Sinkhorn API is unavailable, or None
+_ot_gpu_missing = []  # GPU Sinkhorn entry points the library lacks
+
+
+def _prototype_ot(L):
+    """The Sinkhorn / SinKD API is optional (a library built before it
+    landed lacks it): returns None, or the reason it cannot be used."""
+    missing = [name for name in _OT_PROTOS if not hasattr(L, name)]
+    if missing:
+        return f"the library lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    for name, (restype, argtypes) in _OT_PROTOS.items():
+        fn = getattr(L, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    _ot_gpu_missing[:] = [name for name in _OT_GPU_PROTOS if not hasattr(L, name)]
+    for name, (restype, argtypes) in _OT_GPU_PROTOS.items():
+        if hasattr(L, name):
+            fn = getattr(L, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+    _check_struct_size(L.kdl_sinkhorn_desc_init, SinkhornDesc)
+    _check_struct_size(L.kdl_sinkhorn_args_init, SinkhornArgs)
+    _check_struct_size(L.kdl_sinkd_desc_init, SinkdDesc)
+    _check_struct_size(L.kdl_sinkd_args_init, SinkdArgs)
+    d = SinkhornDesc()
+    L.kdl_sinkhorn_desc_init(ctypes.byref(d))
+    _check_defaults("kdl_sinkhorn_desc_t", d, dict(
+        epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10, eps_scaling=0,
+        eps_scaling_factor=0.8, eps_stage_iter=1, value=0, debias=0, metric=0))
+    k = SinkdDesc()
+    L.kdl_sinkd_desc_init(ctypes.byref(k))
+    _check_defaults("kdl_sinkd_desc_t", k, dict(
+        group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0, check_every=10,
+        metric=1, scale=1.0))
+    return None
+
+
+def _check_struct_size(init, ctype):
+    # A buffer larger than any plausible struct, so a C struct bigger than
+    # the mirror cannot overflow it.
+    buf = (ctypes.c_char * 4096)()
+    init(ctypes.cast(buf, c_void_p))
+    c_size = c_size_t.from_buffer(buf).value
+    if c_size != ctypes.sizeof(ctype):
+        raise ImportError(
+            f"kdloss: {ctype.__name__} has size {ctypes.sizeof(ctype)} in the Python "
+            f"binding but {c_size} in the library {_lib_path}: the binding does not match "
+            "this libkdloss (rebuild the library or update the package)"
+        )
+
+
+def _check_defaults(cname, obj, want):
+    for k, v in want.items():
+        if getattr(obj, k) != v:
+            raise ImportError(
+                f"kdloss: field {k} of {cname} reads {getattr(obj, k)!r}, expected its "
+                f"default {v!r}: the struct layout does not match {_lib_path}"
+            )
+
+
 def _check_layout(L):
     """Compare the ctypes mirrors with what the C init functions write."""
-    for ctype, init in ((LossDesc, L.kdl_loss_desc_init), (LossArgs, L.kdl_loss_args_init)):
-        # A buffer larger than any plausible struct, so a C struct bigger
-        # than the mirror cannot overflow it.
-        buf = (ctypes.c_char * 4096)()
-        init(ctypes.cast(buf, c_void_p))
-        c_size = c_size_t.from_buffer(buf).value
-        if c_size != ctypes.sizeof(ctype):
-            raise ImportError(
-                f"kdloss: {ctype.__name__} has size {ctypes.sizeof(ctype)} in the Python "
-                f"binding but {c_size} in the library {_lib_path}: the binding does not match "
-                "this libkdloss (rebuild the library or update the package)"
-            )
+    _check_struct_size(L.kdl_loss_desc_init, LossDesc)
+    _check_struct_size(L.kdl_loss_args_init, LossArgs)
     d = LossDesc()
     L.kdl_loss_desc_init(ctypes.byref(d))
-    want = dict(temperature=1.0, alpha=0.1, beta=0.5, mu=0.5, top_k=1, scale=1.0,
-                ignore_index=-100, divergence=0, head_rule=0, reduction=REDUCTION_MEAN)
-    for k, v in want.items():
-        if getattr(d, k) != v:
-            raise ImportError(
-                f"kdloss: field {k} of kdl_loss_desc_t reads {getattr(d, k)!r}, expected "
-                f"its default {v!r}: the struct layout does not match {_lib_path}"
-            )
+    _check_defaults("kdl_loss_desc_t", d, dict(
+        temperature=1.0, alpha=0.1, beta=0.5, mu=0.5, top_k=1, scale=1.0, ignore_index=-100,
+        divergence=0, head_rule=0, reduction=REDUCTION_MEAN))
     a = LossArgs()
     L.kdl_loss_args_init(ctypes.byref(a))
     if (a.rows, a.vocab, a.student, a.grad, a.loss, a.valid_rows) != (0, 0, None, None, None, None):
@@ -291,6 +459,8 @@ def lib():
             except AttributeError as e:
                 raise ImportError(f"kdloss: {name} is not a usable libkdloss ({e})") from None
             _check_layout(L)
+            global _ot_error
+            _ot_error = _prototype_ot(L)
             _lib = L
             return L
         raise OSError(
@@ -386,6 +556,98 @@ def version():
 def device_available():
     """True when the library was built with CUDA and sees a device."""
     return bool(lib().kdl_device_available())
+
+
+# ------------------------------------------------------ Sinkhorn helpers
+def ot_available():
+    """True when the loaded library has the Sinkhorn / SinKD API."""
+    lib()
+    return _ot_error is None
+
+
+def require_ot(what):
+    lib()
+    if _ot_error is not None:
+        raise NotImplementedError(
+            f"kdloss: {what} needs the Sinkhorn / SinKD API of kdloss_ot.h, which the loaded "
+            f"library {_lib_path} does not have ({_ot_error}); rebuild libkdloss"
+        )
+
+
+def require_ot_gpu(what):
+    require_ot(what)
+    if _ot_gpu_missing:
+        raise NotImplementedError(
+            f"kdloss: {what} on CUDA tensors needs {', '.join(_ot_gpu_missing)}, which the "
+            f"loaded library {_lib_path} does not have yet; use CPU tensors (the reference)"
+        )
+
+
+def metric_names():
+    return _names(lib().kdl_ot_metric_name, OT_METRIC_COUNT)
+
+
+def value_names():
+    return _names(lib().kdl_ot_value_name, OT_VALUE_COUNT)
+
+
+def _set_numbers(obj, cname, floats=(), ints=(), flags=()):
+    for name, val in floats:
+        try:
+            setattr(obj, name, float(val))
+        except (TypeError, ValueError):
+            raise TypeError(f"kdloss: {name} must be a real number, got {val!r}") from None
+    for name, val in ints:
+        if isinstance(val, bool) or not isinstance(val, int) and not hasattr(val, "__index__"):
+            raise TypeError(f"kdloss: {name} must be an integer, got {val!r}")
+        setattr(obj, name, int(val))
+    for name, val in flags:
+        setattr(obj, name, 1 if val else 0)
+
+
+def new_sinkhorn_desc(epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10, eps_scaling=False,
+                      eps_scaling_factor=0.8, eps_stage_iter=1, value="transport", debias=False,
+                      metric="sqeuclidean"):
+    require_ot("sinkhorn")
+    L = lib()
+    d = SinkhornDesc()
+    L.kdl_sinkhorn_desc_init(ctypes.byref(d))
+    d.value = _parse("value", value, L.kdl_ot_value_from_name, value_names)
+    d.metric = _parse("metric", metric, L.kdl_ot_metric_from_name, metric_names)
+    _set_numbers(d, "kdl_sinkhorn_desc_t",
+                 floats=(("epsilon", epsilon), ("tol", tol),
+                         ("eps_scaling_factor", eps_scaling_factor)),
+                 ints=(("max_iter", max_iter), ("check_every", check_every),
+                       ("eps_stage_iter", eps_stage_iter)),
+                 flags=(("eps_scaling", eps_scaling), ("debias", debias)))
+    return d
+
+
+def new_sinkhorn_args():
+    a = SinkhornArgs()
+    lib().kdl_sinkhorn_args_init(ctypes.byref(a))
+    return a
+
+
+def new_sinkd_desc(group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0,
+                   check_every=10, metric="l1", scale=1.0):
+    require_ot("sinkd_loss")
+    L = lib()
+    d = SinkdDesc()
+    L.kdl_sinkd_desc_init(ctypes.byref(d))
+    d.metric = _parse("metric", metric, L.kdl_ot_metric_from_name, metric_names)
+    _set_numbers(d, "kdl_sinkd_desc_t",
+                 floats=(("temperature", temperature), ("epsilon", epsilon), ("tol", tol),
+                         ("scale", scale)),
+                 ints=(("group_size", group_size), ("max_iter", max_iter),
+                       ("check_every", check_every)))
+    return d
+
+
+def new_sinkd_args():
+    a = SinkdArgs()
+    lib().kdl_sinkd_args_init(ctypes.byref(a))
+    return a
 
 
 # ----------------------------------------------------------- GPU handles

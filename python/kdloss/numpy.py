@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _lib
 
-__all__ = ["distill_loss"]
+__all__ = ["distill_loss", "sinkhorn", "sinkd_loss"]
 
 _DTYPES = {
     np.dtype(np.float32): "f32",
@@ -172,3 +172,179 @@ def distill_loss(
     if grad is not None:
         grad = grad.reshape(student.shape)
     return loss_out, grad, out
+
+
+# ------------------------------------------------------------------ Sinkhorn
+def _f64(a, name, shape=None):
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"kdloss: {name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"kdloss: {name} must be a float array, got dtype {a.dtype}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"kdloss: {name} has shape {a.shape}, expected {tuple(shape)}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, metric="sqeuclidean",
+             value="transport", max_iter=1000, tol=1e-6, check_every=10, eps_scaling=False,
+             eps_scaling_factor=0.8, eps_stage_iter=1, debias=False, cost_xx=None, cost_yy=None,
+             self_yy=None, f_init=None, g_init=None, return_plan=False, return_potentials=False,
+             return_grad_x=False):
+    """Batched log-domain Sinkhorn (float64 CPU reference).
+
+    The problems: cost [n, m] (one) or [B, n, m]; or points x [n, d] / [B, n, d]
+    and y [m, d] / [B, m, d] with metric "sqeuclidean" or "l1".  log_a [B, n],
+    log_b [B, m]: log-weights (default uniform).  value "transport" <P, C> or
+    "dual" <a, f> + <b, g>; debias gives the Sinkhorn divergence (with a given
+    cost it needs cost_xx [B, n, n] and cost_yy [B, m, m], or self_yy [B] =
+    V(b, b) from an earlier call).  tol = 0 runs exactly max_iter iterations.
+
+    Returns a dict of float64 arrays over the problems (scalars for one
+    problem): value, iterations (int64), marginal_error; plan [B, n, m] with
+    return_plan; f [B, n], g [B, m] with return_potentials; grad_x [B, n, d]
+    (d value / d x, the plan held fixed) with return_grad_x; self_yy with
+    debias.  Ragged batches (per-problem sizes) are in the C API only.
+    """
+    desc = _lib.new_sinkhorn_desc(epsilon=epsilon, max_iter=max_iter, tol=tol,
+                                  check_every=check_every, eps_scaling=eps_scaling,
+                                  eps_scaling_factor=eps_scaling_factor,
+                                  eps_stage_iter=eps_stage_iter, value=value, debias=debias,
+                                  metric=metric)
+    if (cost is None) == (x is None and y is None):
+        raise ValueError("kdloss: give either cost, or the points x and y")
+    if cost is not None:
+        if not isinstance(cost, np.ndarray) or cost.ndim not in (2, 3):
+            raise ValueError("kdloss: cost must be a numpy array [n, m] or [B, n, m]")
+        single = cost.ndim == 2
+        C = _f64(cost[None] if single else cost, "cost")
+        B, n, m = C.shape
+        dim = 0
+        X = Y = None
+    else:
+        if x is None or y is None:
+            raise ValueError("kdloss: points need both x and y")
+        if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+            raise TypeError("kdloss: x and y must be numpy arrays")
+        if x.ndim not in (2, 3) or y.ndim != x.ndim:
+            raise ValueError(f"kdloss: x and y must be [n, d] / [m, d] or [B, n, d] / [B, m, d], "
+                             f"got {x.shape} and {y.shape}")
+        single = x.ndim == 2
+        X = _f64(x[None] if single else x, "x")
+        Y = _f64(y[None] if single else y, "y")
+        if X.shape[0] != Y.shape[0] or X.shape[2] != Y.shape[2]:
+            raise ValueError(f"kdloss: x {x.shape} and y {y.shape} differ in batch or dimension")
+        B, n, dim = X.shape
+        m = Y.shape[1]
+        C = None
+    if return_grad_x and X is None:
+        raise ValueError("kdloss: return_grad_x needs points x and y")
+
+    def batched(a, name, shape):
+        if a is None:
+            return None
+        return _f64(a[None] if single else a, name, (B,) + shape)
+
+    la = batched(log_a, "log_a", (n,))
+    lb = batched(log_b, "log_b", (m,))
+    fi = batched(f_init, "f_init", (n,))
+    gi = batched(g_init, "g_init", (m,))
+    cxx = batched(cost_xx, "cost_xx", (n, n))
+    cyy = batched(cost_yy, "cost_yy", (m, m))
+    syy_in = None if self_yy is None else _f64(np.atleast_1d(np.asarray(self_yy, dtype=np.float64)),
+                                               "self_yy", (B,))
+
+    out = {"value": np.zeros(B), "iterations": np.zeros(B, dtype=np.int64),
+           "marginal_error": np.zeros(B)}
+    if return_plan:
+        out["plan"] = np.zeros((B, n, m))
+    if return_potentials:
+        out["f"] = np.zeros((B, n))
+        out["g"] = np.zeros((B, m))
+    if return_grad_x:
+        out["grad_x"] = np.zeros((B, n, dim))
+    if debias:
+        out["self_yy"] = syy_in.copy() if syy_in is not None else np.zeros(B)
+
+    a = _lib.new_sinkhorn_args()
+    a.batch, a.n, a.m, a.dim = B, n, m, dim
+    a.dtype = _lib.DTYPE["f64"]
+    a.cost, a.x, a.y = _ptr(C), _ptr(X), _ptr(Y)
+    a.log_a, a.log_b, a.f_init, a.g_init = _ptr(la), _ptr(lb), _ptr(fi), _ptr(gi)
+    a.cost_xx, a.cost_yy = _ptr(cxx), _ptr(cyy)
+    if debias:
+        a.self_yy = _ptr(out["self_yy"])
+        a.self_yy_given = 1 if syy_in is not None else 0
+    a.value = _ptr(out["value"])
+    a.iterations = _ptr(out["iterations"])
+    a.marginal_error = _ptr(out["marginal_error"])
+    a.plan = _ptr(out.get("plan"))
+    a.f, a.g = _ptr(out.get("f")), _ptr(out.get("g"))
+    a.grad_x = _ptr(out.get("grad_x"))
+    _lib.check(_lib.lib().kdl_ref_sinkhorn(ctypes.byref(desc), ctypes.byref(a)), "kdl_ref_sinkhorn")
+    if single:
+        out = {k: v[0] for k, v in out.items()}
+    return out
+
+
+def sinkd_loss(student, teacher, group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0,
+               check_every=10, metric="l1", scale=1.0, raise_on_invalid=True, compute_grad=True,
+               return_plan=False):
+    """SinKD loss (float64 CPU reference): per group of group_size rows (0:
+    one group of all rows), the Sinkhorn distance <P, C> between the
+    student's and the teacher's softmax(logits / temperature) rows under an
+    L1 (or squared L2) cost over the vocabulary, uniform marginals, averaged
+    over the valid groups and multiplied by scale.  (SinKD's code normalises
+    the plan to mass n: its number is n times this one.)
+
+    student, teacher: [N, V] or [..., V] (rows flattened), as distill_loss.
+    Returns (loss, grad, stats): loss a float64 scalar; grad d loss / d
+    student (the plan held fixed) of the student's shape, float64, or None;
+    stats: group_loss, iterations, marginal_error ([G]), invalid_groups, and
+    plan [G, n, n] with return_plan.
+    """
+    desc = _lib.new_sinkd_desc(group_size=group_size, temperature=temperature, epsilon=epsilon,
+                               max_iter=max_iter, tol=tol, check_every=check_every, metric=metric,
+                               scale=scale)
+    if not isinstance(student, np.ndarray) or not isinstance(teacher, np.ndarray):
+        raise TypeError("kdloss: student and teacher must be numpy arrays "
+                        f"(got {type(student).__name__} and {type(teacher).__name__})")
+    if student.shape != teacher.shape:
+        raise ValueError(f"kdloss: student shape {student.shape} != teacher shape {teacher.shape}")
+    s_dt = _kdl_dtype(student, "student")
+    t_dt = _kdl_dtype(teacher, "teacher")
+    s2, N, V, lds = _rows(student, "student")
+    t2, _, _, ldt = _rows(teacher, "teacher")
+    n = desc.group_size if desc.group_size > 0 else N
+    G = N // n if n > 0 and N % n == 0 else 0  # the library refuses a ragged split
+
+    loss = np.zeros(1)
+    grad = np.zeros((N, V)) if compute_grad else None
+    stats = {"group_loss": np.zeros(G), "iterations": np.zeros(G, dtype=np.int64),
+             "marginal_error": np.zeros(G)}
+    if return_plan:
+        stats["plan"] = np.zeros((G, n, n))
+    info = np.zeros(1, dtype=np.int64)
+
+    a = _lib.new_sinkd_args()
+    a.rows, a.vocab = N, V
+    a.student, a.ld_student, a.student_dtype = _ptr(s2), lds, s_dt
+    a.teacher, a.ld_teacher, a.teacher_dtype = _ptr(t2), ldt, t_dt
+    if grad is not None:
+        a.grad, a.ld_grad, a.grad_dtype = _ptr(grad), V, _lib.DTYPE["f64"]
+    a.out_dtype = _lib.DTYPE["f64"]
+    a.loss = _ptr(loss)
+    a.group_loss = _ptr(stats["group_loss"])
+    a.iterations = _ptr(stats["iterations"])
+    a.marginal_error = _ptr(stats["marginal_error"])
+    a.plan = _ptr(stats.get("plan"))
+    a.info = _ptr(info)
+    _lib.check(_lib.lib().kdl_ref_sinkd(ctypes.byref(desc), ctypes.byref(a)), "kdl_ref_sinkd")
+    n_invalid = int(info[0])
+    if n_invalid and raise_on_invalid:
+        raise _lib.InvalidRowsError(n_invalid, G, unit="groups")
+    stats["invalid_groups"] = n_invalid
+    if grad is not None:
+        grad = grad.reshape(student.shape)
+    return np.float64(loss[0]), grad, stats

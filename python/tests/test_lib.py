@@ -39,13 +39,20 @@ def test_field_offsets_match_c(tmp_path):
     """Every field's offset and the struct sizes, as the C compiler sees
     them, against the ctypes mirrors."""
     lines = []
-    for ctype, cname in ((_lib.LossDesc, "kdl_loss_desc_t"), (_lib.LossArgs, "kdl_loss_args_t")):
+    structs = [(_lib.LossDesc, "kdl_loss_desc_t"), (_lib.LossArgs, "kdl_loss_args_t")]
+    if _lib.ot_available():
+        structs += [(_lib.SinkhornDesc, "kdl_sinkhorn_desc_t"),
+                    (_lib.SinkhornArgs, "kdl_sinkhorn_args_t"),
+                    (_lib.SinkdDesc, "kdl_sinkd_desc_t"), (_lib.SinkdArgs, "kdl_sinkd_args_t")]
+    by_name = {cname: ctype for ctype, cname in structs}
+    for ctype, cname in structs:
         lines.append(f'printf("{cname} sizeof %zu\\n", sizeof({cname}));')
         for f, _ in ctype._fields_:
             lines.append(f'printf("{cname} {f} %zu %zu\\n", offsetof({cname}, {f}), '
                          f'sizeof((({cname} *)0)->{f}));')
     src = tmp_path / "layout.c"
     src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <kdloss/kdloss_types.h>\n"
+                   "#include <kdloss/kdloss_ot.h>\n"
                    "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
     exe = tmp_path / "layout"
     subprocess.run(["cc", "-std=c11", "-I", INCLUDE, str(src), "-o", str(exe)], check=True)
@@ -53,14 +60,14 @@ def test_field_offsets_match_c(tmp_path):
     seen = 0
     for ln in filter(None, out):
         parts = ln.split()
-        ctype = _lib.LossDesc if parts[0] == "kdl_loss_desc_t" else _lib.LossArgs
+        ctype = by_name[parts[0]]
         if parts[1] == "sizeof":
             assert int(parts[2]) == ctypes.sizeof(ctype), ln
         else:
             field = getattr(ctype, parts[1])
             assert (field.offset, field.size) == (int(parts[2]), int(parts[3])), ln
             seen += 1
-    assert seen == len(_lib.LossDesc._fields_) + len(_lib.LossArgs._fields_)
+    assert seen == sum(len(ctype._fields_) for ctype, _ in structs)
 
 
 @pytest.mark.skipif(not os.path.exists(TYPES_H), reason="needs the source tree's headers")

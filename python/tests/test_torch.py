@@ -309,13 +309,6 @@ def test_bad_inputs():
         kt.distill_loss(torch.tensor(1.0), torch.tensor(1.0))
 
 
-def test_sinkhorn_not_bound_yet():
-    with pytest.raises(NotImplementedError, match="kdloss_ot.h"):
-        kt.sinkd_loss(torch.zeros(2, 3), torch.zeros(2, 3))
-    with pytest.raises(NotImplementedError):
-        kt.sinkhorn(torch.zeros(1, 2, 2), epsilon=0.1)
-
-
 # ------------------------------------------------------------------- CUDA
 def _cuda_ready():
     return torch.cuda.is_available() and kdloss.device_available()
