@@ -1,0 +1,1176 @@
+#!/usr/bin/env python3
+"""bench/peers.py - the peers of kdloss, timed the same way on the same GPU,
+merged into the same JSON results file as `kdloss bench`.
+
+Loss peers (forward + backward to the student logits, reduction mean,
+temperature 1, on the shapes / dtypes / divergences / head rules of the
+kdloss rows of --json, or of the options):
+  torch_eager    textbook PyTorch forms written here in the manner of the
+                 reference codes: FKL / RKL / SKL / SRKL / TVD as DistiLLM's
+                 losses.py writes them (softmax / log_softmax in float32, inf
+                 masks, mixtures as log of mixed probabilities), FKL_RKL as
+                 the two summed, AKL as the AKL authors' get_ratio (sort the
+                 teacher, cumulative mass, gaps, detached weights), JSD as
+                 TRL's generalized_jsd_loss (logsumexp mixture, kl_div with
+                 log_target).  Differences kept small on purpose so losses
+                 agree with kdloss: FKL / SKL are true KLs (DistiLLM's code
+                 computes the cross-entropy, which differs by H(p), same
+                 gradient); FKL_RKL weighs both by 1 (DistiLLM's symmetric_kl
+                 uses 1 - lam and lam); sorts are stable (kdloss breaks ties by
+                 index; the AKL code does not say).
+  torch_compile  torch.compile(dynamic=False) of the same functions.
+  liger          Liger-Kernel's kl_div (FKL), JSD (beta=1: RKL; JSD), TVD,
+                 if importable.  Its kernels take log-probabilities (TVD:
+                 probabilities), so the timed step includes the float32
+                 log_softmax / softmax a user runs first.
+Sinkhorn peers (B problems of n x m, f32, eps 0.1, a fixed number of
+iterations, ms per iteration; cost from points x, y [B, n, 64] as squared
+Euclidean distances, built outside the timing):
+  torch_eager    a hand-batched log-domain loop (f then g update, logsumexp)
+  torch_compile  the same with the iteration body compiled
+  pot            POT's ot.batch.solve_batch(method="log_sinkhorn", tol=0)
+                 (it tests convergence every 10 iterations: part of its cost)
+  flash_sinkhorn flash-sinkhorn's SamplesLoss(backend="alternating",
+                 potentials=True, no eps-scaling, allow_tf32=False), on the
+                 points (it never builds C; it loops over the batch itself)
+
+Correctness first: every peer's loss and gradient are compared with a
+float64 reference (chunked over rows, written here from the definitions of
+DESIGN section 1) and, when the kdloss Python package (python/kdloss) or
+libkdloss.so via ctypes runs on this GPU, its loss with kdloss's loss.
+Rows over tolerance get status "mismatch" (still timed).
+
+Timing: CUDA events around each step, a buffer of max(4 x L2, 256 MiB)
+zeroed before each timed run (L2 flushed), warm-up first (it absorbs
+torch.compile's compilation), median and 20th / 80th percentiles.
+peak_extra_bytes: torch.cuda.max_memory_allocated during one step minus what
+was allocated before it minus the gradient it returns (what the step needs
+beyond its inputs and its output).
+
+Usage (bench/run_all.sh runs it):
+  python3 bench/peers.py --json KDLOSS.json --out RESULTS.json [--png RESULTS.png]
+  python3 bench/peers.py --merge-only --json KDLOSS.json --out RESULTS.json
+Options --shapes, --dtypes, --divergences, --head-rules, --repeats, --warmup,
+--quick, --sinkhorn, --sinkhorn-iters as `kdloss bench`; --impls to choose
+peers; --budget-s to stop starting new configurations after that many
+seconds (the rest are recorded as "skipped").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+DIVERGENCES = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
+HEAD_RULES = ["reference", "mass", "topk"]
+DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
+LOSS_IMPLS = ["torch_eager", "torch_compile", "liger"]
+SINKHORN_IMPLS = ["torch_eager", "torch_compile", "pot", "flash_sinkhorn"]
+ALPHA, BETA, TEMPERATURE = 0.1, 0.5, 1.0
+SINKHORN_EPS = 0.1
+SINKHORN_DIM = 64
+LIGER_DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+TOL = {"f32": 1e-4, "bf16": 1e-2, "f16": 1e-2}
+SCHEMA = "kdloss-bench/1"
+
+
+# ------------------------------------------------------------ byte model
+# The same model as bench/bench_lib.c (README.md in this folder).
+def loss_bytes(rows, vocab, dtype):
+    return rows * vocab * 3 * DTYPE_BYTES[dtype]
+
+
+def sinkhorn_iter_bytes(batch, n, m):
+    return 2 * batch * n * m * 4
+
+
+def gb_per_s(nbytes, ms):
+    if ms is None or not math.isfinite(ms) or ms <= 0:
+        return None
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def fraction(gbps, copy_gbps):
+    if gbps is None or not copy_gbps or not math.isfinite(copy_gbps) or copy_gbps <= 0:
+        return None
+    return gbps / copy_gbps
+
+
+def percentile(xs, p):
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    pos = p / 100.0 * (len(s) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# --------------------------------------------------------------- options
+def _list(value, allowed, what):
+    items = value.split(",")
+    if value == "all":
+        return list(allowed)
+    bad = [x for x in items if x not in allowed]
+    if bad or len(set(items)) != len(items) or not value:
+        raise argparse.ArgumentTypeError(f"{what}: bad list '{value}' (choose from {','.join(allowed)})")
+    return items
+
+
+def _shapes(value):
+    out = []
+    for item in value.split(","):
+        m = re.fullmatch(r"(\d+):(\d+)", item)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise argparse.ArgumentTypeError(f"--shapes: bad shape '{item}' (expected N:V)")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _sinkhorn(value):
+    if value == "none":
+        return ()
+    m = re.fullmatch(r"(\d+):(\d+):(\d+)", value)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise argparse.ArgumentTypeError(f"--sinkhorn: bad value '{value}' (expected B:n:m or none)")
+    return tuple(int(g) for g in m.groups())
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Time kdloss's peers; merge into the kdloss bench JSON.")
+    p.add_argument("--json", help="kdloss bench JSON to merge (its meta and shapes are used)")
+    p.add_argument("--out", help="results file to write / merge into (default: --json)")
+    p.add_argument("--png", help="bar chart of GB/s by implementation (default: OUT with .png)")
+    p.add_argument("--merge-only", action="store_true", help="merge --json into --out, time nothing")
+    p.add_argument("--shapes", type=_shapes)
+    p.add_argument("--dtypes", type=lambda v: _list(v, ["bf16", "f16", "f32"], "--dtypes"))
+    p.add_argument("--divergences", type=lambda v: _list(v, DIVERGENCES, "--divergences"))
+    p.add_argument("--head-rules", type=lambda v: _list(v, HEAD_RULES, "--head-rules"))
+    p.add_argument("--impls", type=lambda v: _list(v, sorted(set(LOSS_IMPLS + SINKHORN_IMPLS)), "--impls"))
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--mu", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--sinkhorn", type=_sinkhorn, default=None, help="B:n:m or none (default 64:1024:1024)")
+    p.add_argument("--sinkhorn-iters", type=int, default=100)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--kdloss-lib", default=os.environ.get("KDLOSS_LIBRARY"))
+    p.add_argument("--commit")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="run the code paths on the CPU (tiny shapes; timings meaningless, no JSON meta device)")
+    p.add_argument("--self-test", action="store_true",
+                   help="check the textbook forms and the float64 reference on the CPU, then exit")
+    a = p.parse_args(argv)
+    if a.self_test:
+        return a
+    if a.repeats is not None and a.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if a.warmup is not None and a.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if not a.out and not a.json:
+        p.error("give --out (and usually --json), or --self-test")
+    a.out = a.out or a.json
+    a.png = a.png or (os.path.splitext(a.out)[0] + ".png")
+    return a
+
+
+# ------------------------------------------------------------ JSON merge
+def row_key(r):
+    if r.get("op") == "sinkhorn":
+        return (r.get("impl"), "sinkhorn", r.get("dtype"), r.get("batch"), r.get("n"), r.get("m"))
+    return (r.get("impl"), "loss", r.get("divergence"), r.get("dtype"), r.get("rows"), r.get("vocab"),
+            r.get("head_rule"))
+
+
+def load_doc(path):
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("schema") != SCHEMA:
+        raise SystemExit(f"peers.py: {path}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+    return doc
+
+
+def merge_rows(doc, rows):
+    """New rows replace rows of the same key; the others stay, in order."""
+    index = {row_key(r): i for i, r in enumerate(doc["rows"])}
+    for r in rows:
+        k = row_key(r)
+        if k in index:
+            doc["rows"][index[k]] = r
+        else:
+            index[k] = len(doc["rows"])
+            doc["rows"].append(r)
+
+
+def write_doc(path, doc):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("{\n")
+        keys = [k for k in doc if k != "rows"]
+        for k in keys:
+            f.write(f"  {json.dumps(k)}: {json.dumps(doc[k], allow_nan=False)},\n")
+        f.write('  "rows": [\n')
+        for i, r in enumerate(doc["rows"]):
+            f.write("    " + json.dumps(r, allow_nan=False) + ("," if i + 1 < len(doc["rows"]) else "") + "\n")
+        f.write("  ]\n}\n")
+    os.replace(tmp, path)
+
+
+def clean(x):
+    """JSON has no NaN / inf: those become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ------------------------------------------------------------- targets
+TARGET_SHAPE = (8192, 151936)
+
+
+def summarize_targets(rows):
+    """The issue's targets, bf16, N=8192, V=151936, forward + backward."""
+    def ok(r):
+        return r.get("status") in ("ok", "mismatch") and r.get("ms")
+
+    sel = [r for r in rows if r.get("op") == "loss" and r.get("dtype") == "bf16"
+           and (r.get("rows"), r.get("vocab")) == TARGET_SHAPE and ok(r)]
+    kd = {(r["divergence"], r.get("head_rule")): r for r in sel if r["impl"] == "kdloss"}
+    out = {}
+    fkl = kd.get(("fkl", None))
+    out["fkl_fraction_of_copy_bandwidth"] = {
+        "target": ">= 0.90", "value": fkl.get("fraction_of_copy_bandwidth") if fkl else None}
+    akl = [r for (d, _), r in kd.items() if d == "akl"]
+    ratio = max((r["ms"] / fkl["ms"] for r in akl), default=None) if fkl else None
+    out["akl_time_over_fkl"] = {"target": "<= 1.15", "value": ratio}
+    for impl, want in (("torch_eager", 5.0), ("torch_compile", 1.5), ("liger", 2.0)):
+        speed = []
+        for r in sel:
+            if r["impl"] != impl:
+                continue
+            k = kd.get((r["divergence"], r.get("head_rule")))
+            if k:
+                speed.append(r["ms"] / k["ms"])
+        out[f"speedup_vs_{impl}_min"] = {"target": f">= {want}", "value": min(speed) if speed else None}
+    for name, t in out.items():
+        v = t["value"]
+        if v is None:
+            t["met"] = None
+        elif t["target"].startswith(">="):
+            t["met"] = v >= float(t["target"][3:])
+        else:
+            t["met"] = v <= float(t["target"][3:])
+    return out
+
+
+# ----------------------------------------------------------------- plot
+def plot(doc, png):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print(f"peers.py: matplotlib not importable ({e}); no chart", file=sys.stderr)
+        return False
+    copy = doc.get("meta", {}).get("copy_gb_per_s")
+    rows = [r for r in doc["rows"] if r.get("gb_per_s") and r.get("status") in ("ok", "mismatch")]
+    groups = {}
+    for r in rows:
+        if r["op"] == "loss":
+            g = f"{r['dtype']} N={r['rows']} V={r['vocab']}"
+            x = r["divergence"] + ("/" + r["head_rule"] if r.get("head_rule") else "")
+        else:
+            g = f"sinkhorn f32 B={r['batch']} n={r['n']} m={r['m']} (per iteration)"
+            x = "sinkhorn"
+        groups.setdefault(g, []).append((x, r["impl"], r["gb_per_s"]))
+    if not groups:
+        print("peers.py: no timed rows; no chart", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(len(groups), 1, figsize=(15, 3.6 * len(groups)), squeeze=False)
+    for ax, (g, items) in zip(axes[:, 0], sorted(groups.items())):
+        xs = list(dict.fromkeys(x for x, _, _ in items))
+        impls = list(dict.fromkeys(i for _, i, _ in items))
+        width = 0.8 / max(1, len(impls))
+        for k, impl in enumerate(impls):
+            vals = {x: v for x, i, v in items if i == impl}
+            pos = [j + (k - (len(impls) - 1) / 2) * width for j in range(len(xs))]
+            ax.bar(pos, [vals.get(x, 0.0) for x in xs], width, label=impl)
+        if copy:
+            ax.axhline(copy, color="k", linestyle="--", linewidth=1, label=f"D2D copy {copy:.0f} GB/s")
+        ax.set_xticks(range(len(xs)))
+        ax.set_xticklabels(xs, rotation=20, fontsize=8)
+        top = max([v for _, _, v in items] + ([copy] if copy else []))
+        ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
+        ax.set_ylabel("GB/s (byte model)")
+        ax.set_title(g, fontsize=10)
+        ax.legend(fontsize=7, ncol=min(6, len(impls) + 1), loc="upper right")
+    meta = doc.get("meta", {})
+    fig.suptitle(f"kdloss and peers, {meta.get('device', {}).get('name', '?')}, "
+                 f"commit {meta.get('commit', '?')}, {meta.get('date', '?')}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# =============================================================== torch
+class Env:
+    """torch, the device, the L2 flush buffer, the kdloss binding."""
+
+    def __init__(self, args):
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F = torch, F
+        self.cpu = bool(args.cpu_dry_run)
+        if self.cpu:
+            self.dev = torch.device("cpu")
+            self.props = None
+            self.l2 = 2**20
+            self.flush = torch.empty(4 * self.l2, dtype=torch.uint8)
+        else:
+            if not torch.cuda.is_available():
+                raise SystemExit("peers.py: no CUDA device found")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            self.dev = torch.device("cuda")
+            props = torch.cuda.get_device_properties(self.dev)
+            self.props = props
+            self.l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+            self.flush = torch.empty(max(4 * self.l2, 256 * 2**20), dtype=torch.uint8, device=self.dev)
+        self.dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+        self.args = args
+        self.kdloss = KdlossBinding(args, torch)
+
+    # -------------------------------------------------------- timing
+    def time_steps(self, step, n_sets, repeats, warmup):
+        torch = self.torch
+        for i in range(warmup):
+            step(i % n_sets)
+        if self.cpu:  # dry run: host clock
+            out = []
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                step(i % n_sets)
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        stops = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for i in range(repeats):
+            self.flush.zero_()
+            starts[i].record()
+            step(i % n_sets)
+            stops[i].record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(starts, stops)]
+
+    def peak_extra(self, step, out_bytes):
+        torch = self.torch
+        if self.cpu:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(0)
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base - out_bytes)
+
+    def n_sets(self, footprint):
+        if footprint >= 4 * self.l2:
+            return 1
+        return max(1, min(8, -(-4 * self.l2 // footprint)))
+
+    def logits(self, n, v, dtype, seed):
+        """N(0, 4) logits plus 4 outliers of +11 per row (peaked softmax,
+        never zeros), as kdloss bench's inputs."""
+        torch = self.torch
+        g = torch.Generator(device=self.dev)
+        g.manual_seed(seed)
+        x = torch.randn(n, v, device=self.dev, dtype=torch.float32, generator=g).mul_(2.0)
+        idx = torch.randint(0, v, (n, 4), device=self.dev, generator=g)
+        x.scatter_add_(1, idx, torch.full((n, 4), 11.0, device=self.dev))
+        return x.to(self.dtype[dtype])
+
+
+# ------------------------------------------------ the textbook forms
+def textbook(env):
+    """The eager peers, keyed by divergence; akl takes (mu, rule, k)."""
+    torch, F = env.torch, env.F
+    f32 = torch.float32
+
+    def fkl_rows(s, t):
+        # DistiLLM's forward_kl, as a true KL (adds the teacher's log p)
+        tp = F.softmax(t, dim=-1, dtype=f32)
+        tlp = F.log_softmax(t, dim=-1, dtype=f32)
+        slp = F.log_softmax(s, dim=-1, dtype=f32)
+        inf_mask = torch.isinf(s) | torch.isinf(t)
+        return torch.masked_fill(tp * (tlp - slp), inf_mask, 0).sum(dim=-1)
+
+    def rkl_rows(s, t):
+        # DistiLLM's reverse_kl
+        sp = F.softmax(s, dim=-1, dtype=f32)
+        slp = F.log_softmax(s, dim=-1, dtype=f32)
+        tlp = F.log_softmax(t, dim=-1, dtype=f32)
+        inf_mask = torch.isinf(s) | torch.isinf(t)
+        return torch.masked_fill(sp * (slp - tlp), inf_mask, 0).sum(dim=-1)
+
+    def fkl(s, t):
+        return fkl_rows(s, t).mean()
+
+    def rkl(s, t):
+        return rkl_rows(s, t).mean()
+
+    def fkl_rkl(s, t):
+        return fkl(s, t) + rkl(s, t)
+
+    def akl_weights(s, t, mu, rule, k):
+        # the AKL authors' get_ratio, with kdloss's three head rules
+        with torch.no_grad():
+            tp = F.softmax(t, dim=-1, dtype=f32)
+            sp = F.softmax(s, dim=-1, dtype=f32)
+            stp, idx = tp.sort(dim=-1, descending=True, stable=True)
+            ssp = sp.gather(dim=-1, index=idx)
+            errors = (stp - ssp).abs()
+            if rule == "reference":
+                tail = stp.cumsum(dim=-1) > mu
+                tail[:, 0] = False
+            elif rule == "mass":
+                tail = (stp.cumsum(dim=-1) - stp) >= mu
+            else:
+                tail = (torch.arange(stp.shape[-1], device=stp.device) >= k).expand_as(stp)
+            s1 = errors.masked_fill(tail, 0.0).sum(dim=-1)
+            s2 = errors.masked_fill(~tail, 0.0).sum(dim=-1)
+            tot = s1 + s2
+            half = torch.full_like(tot, 0.5)
+            wh = torch.where(tot > 0, s1 / tot.clamp_min(1e-30), half)
+            wt = torch.where(tot > 0, s2 / tot.clamp_min(1e-30), half)
+        return wh, wt
+
+    def akl(s, t, mu, rule, k):
+        wh, wt = akl_weights(s, t, mu, rule, k)
+        return (wh * fkl_rows(s, t) + wt * rkl_rows(s, t)).mean()
+
+    def jsd(s, t, beta=BETA):
+        # TRL's generalized_jsd_loss: mixture by logsumexp, kl_div with log targets
+        slp = F.log_softmax(s, dim=-1, dtype=f32)
+        tlp = F.log_softmax(t, dim=-1, dtype=f32)
+        mix = torch.logsumexp(torch.stack([tlp + math.log(beta), slp + math.log(1 - beta)]), dim=0)
+        kl_t = F.kl_div(mix, tlp, reduction="none", log_target=True)
+        kl_s = F.kl_div(mix, slp, reduction="none", log_target=True)
+        return (beta * kl_t + (1 - beta) * kl_s).sum() / s.shape[0]
+
+    def tvd(s, t):
+        # DistiLLM's tv_distance
+        sp = F.softmax(s, dim=-1, dtype=f32)
+        tp = F.softmax(t, dim=-1, dtype=f32)
+        return (0.5 * (sp - tp).abs().sum(dim=-1)).mean()
+
+    def skl(s, t, alpha=ALPHA):
+        # DistiLLM's skewed_forward_kl (log of mixed probabilities), true KL
+        sp = F.softmax(s, dim=-1, dtype=f32)
+        tp = F.softmax(t, dim=-1, dtype=f32)
+        tlp = F.log_softmax(t, dim=-1, dtype=f32)
+        mlp = torch.log(alpha * tp + (1 - alpha) * sp)
+        inf_mask = torch.isinf(s) | torch.isinf(t)
+        return torch.masked_fill(tp * (tlp - mlp), inf_mask, 0).sum(dim=-1).mean()
+
+    def srkl(s, t, alpha=ALPHA):
+        # DistiLLM's skewed_reverse_kl, true KL
+        sp = F.softmax(s, dim=-1, dtype=f32)
+        slp = F.log_softmax(s, dim=-1, dtype=f32)
+        tp = F.softmax(t, dim=-1, dtype=f32)
+        mlp = torch.log(alpha * sp + (1 - alpha) * tp)
+        inf_mask = torch.isinf(s) | torch.isinf(t)
+        return torch.masked_fill(sp * (slp - mlp), inf_mask, 0).sum(dim=-1).mean()
+
+    return {"fkl": fkl, "rkl": rkl, "fkl_rkl": fkl_rkl, "akl": akl, "jsd": jsd, "tvd": tvd,
+            "skl": skl, "srkl": srkl}
+
+
+def liger_forms(env):
+    try:
+        from liger_kernel.transformers.functional import liger_jsd, liger_kl_div, liger_tvd
+    except Exception as e:  # noqa: BLE001
+        print(f"peers.py: Liger-Kernel not importable ({type(e).__name__}: {e}); no liger rows",
+              file=sys.stderr)
+        return None
+    F, f32 = env.F, env.torch.float32
+
+    def fkl(s, t):
+        return liger_kl_div(F.log_softmax(s, dim=-1, dtype=f32), F.log_softmax(t, dim=-1, dtype=f32),
+                            reduction="batchmean", log_target=True)
+
+    def rkl(s, t):
+        return liger_jsd(F.log_softmax(s, dim=-1, dtype=f32), F.log_softmax(t, dim=-1, dtype=f32), beta=1.0)
+
+    def jsd(s, t):
+        return liger_jsd(F.log_softmax(s, dim=-1, dtype=f32), F.log_softmax(t, dim=-1, dtype=f32), beta=BETA)
+
+    def tvd(s, t):
+        return liger_tvd(F.softmax(s, dim=-1, dtype=f32), F.softmax(t, dim=-1, dtype=f32),
+                         reduction="batchmean")
+
+    return {"fkl": fkl, "rkl": rkl, "jsd": jsd, "tvd": tvd}
+
+
+# ------------------------------------------------ float64 reference
+def reference(env, s, t, div, mu, rule, k, chunk=256):
+    """Loss (mean over rows) and gradient (float32 [N, V]) from the
+    definitions, in float64, chunk by chunk (log-space mixtures, stable
+    sort for the AKL head: ties by lower index)."""
+    torch, F = env.torch, env.F
+    n = s.shape[0]
+    grad = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+    total = 0.0
+    for i in range(0, n, chunk):
+        sc = s[i:i + chunk].detach().double().requires_grad_()
+        tc = t[i:i + chunk].detach().double()
+        lq, lp = F.log_softmax(sc, -1), F.log_softmax(tc, -1)
+        q, p = lq.exp(), lp.exp()
+
+        def kl(la, lb, pa):
+            return torch.where(pa > 0, pa * (la - lb), torch.zeros_like(pa)).sum(-1)
+
+        if div in ("fkl", "rkl", "fkl_rkl", "akl"):
+            f, r = kl(lp, lq, p), kl(lq, lp, q)
+        if div == "fkl":
+            rows = f
+        elif div == "rkl":
+            rows = r
+        elif div == "fkl_rkl":
+            rows = f + r
+        elif div == "jsd":
+            lm = torch.logaddexp(math.log(BETA) + lp, math.log(1 - BETA) + lq)
+            rows = BETA * kl(lp, lm, p) + (1 - BETA) * kl(lq, lm, q)
+        elif div == "tvd":
+            rows = 0.5 * (p - q).abs().sum(-1)
+        elif div == "skl":
+            lm = torch.logaddexp(math.log(ALPHA) + lp, math.log(1 - ALPHA) + lq)
+            rows = kl(lp, lm, p)
+        elif div == "srkl":
+            lm = torch.logaddexp(math.log(ALPHA) + lq, math.log(1 - ALPHA) + lp)
+            rows = kl(lq, lm, q)
+        else:  # akl
+            with torch.no_grad():
+                sp_, idx = p.sort(dim=-1, descending=True, stable=True)
+                err = (sp_ - q.detach().gather(-1, idx)).abs()
+                cum = sp_.cumsum(-1)
+                if rule == "reference":
+                    tail = cum > mu
+                    tail[:, 0] = False
+                elif rule == "mass":
+                    tail = (cum - sp_) >= mu
+                else:
+                    tail = (torch.arange(sp_.shape[-1], device=sp_.device) >= k).expand_as(sp_)
+                gh = err.masked_fill(tail, 0).sum(-1)
+                gt = err.masked_fill(~tail, 0).sum(-1)
+                tot = gh + gt
+                wh = torch.where(tot > 0, gh / tot.clamp_min(1e-300), torch.full_like(tot, 0.5))
+                wt = torch.where(tot > 0, gt / tot.clamp_min(1e-300), torch.full_like(tot, 0.5))
+            rows = wh * f + wt * r
+        part = rows.sum() / n
+        part.backward()
+        total += float(part.detach())
+        grad[i:i + chunk] = sc.grad.float()
+        del sc, tc, lq, lp, q, p, rows, part
+    return total, grad
+
+
+def rel_errs(env, loss, grad, ref_loss, ref_grad, chunk=1024):
+    """max(|loss - ref| / max(|ref|, 1e-6), ||grad - ref|| / ||ref||)."""
+    num = den = 0.0
+    for i in range(0, ref_grad.shape[0], chunk):
+        r = ref_grad[i:i + chunk].double()
+        g = grad[i:i + chunk].double()
+        num += float(((g - r) ** 2).sum())
+        den += float((r ** 2).sum())
+    eg = math.sqrt(num / den) if den > 0 else math.sqrt(num)
+    el = abs(loss - ref_loss) / max(abs(ref_loss), 1e-6)
+    e = max(eg, el)
+    return e if math.isfinite(e) else float("inf")
+
+
+# --------------------------------------------------- kdloss binding
+class KdlossBinding:
+    """kdloss on torch tensors: the Python package in python/kdloss when it
+    imports, else a minimal ctypes call of libkdloss.so.  call() returns
+    (loss, grad) or raises."""
+
+    def __init__(self, args, torch):
+        self.torch = torch
+        self.kt = None
+        self.lib = None
+        self.why = None
+        if args.kdloss_lib:
+            os.environ.setdefault("KDLOSS_LIBRARY", args.kdloss_lib)
+        sys.path.insert(0, os.path.join(ROOT, "python"))
+        try:
+            import kdloss
+            import kdloss.torch as kt  # noqa: F401
+
+            kdloss.library_path()  # loads libkdloss.so now, not at the first call
+            self.kt = kt
+            return
+        except Exception as e:  # noqa: BLE001
+            self.why = f"python/kdloss: {type(e).__name__}: {e}"
+        path = args.kdloss_lib or os.environ.get("KDLOSS_LIBRARY")
+        try:
+            self.lib = ctypes.CDLL(path or "libkdloss.so")
+            self._setup_ctypes()
+        except Exception as e:  # noqa: BLE001
+            self.lib = None
+            self.why += f"; ctypes: {type(e).__name__}: {e}"
+
+    def available(self):
+        return self.kt is not None or self.lib is not None
+
+    def call(self, s, t, div, rule, mu, k):
+        leaf = s.detach().requires_grad_()
+        if self.kt is not None:
+            loss = self.kt.distill_loss(leaf, t, divergence=div, head_rule=rule or "reference", mu=mu,
+                                        top_k=k, reduction="mean", alpha=ALPHA, beta=BETA,
+                                        temperature=TEMPERATURE)
+            loss.backward()
+            return float(loss.detach()), leaf.grad
+        return self._ctypes_call(s, t, div, rule, mu, k)
+
+    # A hand-written mirror of kdloss_types.h, checked against struct_size.
+    def _setup_ctypes(self):
+        from ctypes import Structure, c_double, c_int, c_int64, c_size_t, c_void_p
+
+        class Desc(Structure):
+            _fields_ = [("struct_size", c_size_t), ("divergence", c_int), ("temperature", c_double),
+                        ("alpha", c_double), ("beta", c_double), ("head_rule", c_int), ("mu", c_double),
+                        ("top_k", c_int64), ("reduction", c_int), ("scale", c_double),
+                        ("ignore_index", c_int64)]
+
+        class Args(Structure):
+            _fields_ = [("struct_size", c_size_t), ("rows", c_int64), ("vocab", c_int64),
+                        ("student", c_void_p), ("ld_student", c_int64), ("student_dtype", c_int),
+                        ("teacher", c_void_p), ("ld_teacher", c_int64), ("teacher_dtype", c_int),
+                        ("labels", c_void_p), ("grad", c_void_p), ("ld_grad", c_int64),
+                        ("grad_dtype", c_int), ("out_dtype", c_int), ("loss", c_void_p),
+                        ("stat_fkl", c_void_p), ("stat_rkl", c_void_p), ("stat_g_head", c_void_p),
+                        ("stat_g_tail", c_void_p), ("stat_w_head", c_void_p), ("stat_w_tail", c_void_p),
+                        ("stat_head_size", c_void_p), ("info", c_void_p), ("valid_rows", c_void_p)]
+
+        L = self.lib
+        for fn in ("kdl_loss_desc_init", "kdl_loss_args_init"):
+            getattr(L, fn).restype = None
+        L.kdl_create.restype = c_int
+        L.kdl_set_stream.restype = c_int
+        L.kdl_loss_workspace_size.restype = c_int
+        L.kdl_loss_forward_backward.restype = c_int
+        L.kdl_status_string.restype = ctypes.c_char_p
+        L.kdl_get_last_error.restype = ctypes.c_char_p
+        L.kdl_set_stream.argtypes = [c_void_p, c_void_p]
+        L.kdl_loss_workspace_size.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p]
+        L.kdl_loss_forward_backward.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_size_t]
+        d, a = Desc(), Args()
+        L.kdl_loss_desc_init(ctypes.byref(d))
+        L.kdl_loss_args_init(ctypes.byref(a))
+        if d.struct_size != ctypes.sizeof(Desc) or a.struct_size != ctypes.sizeof(Args):
+            raise RuntimeError("struct layout differs from kdloss_types.h")
+        self.Desc, self.Args = Desc, Args
+        self.handle = c_void_p()
+        st = L.kdl_create(ctypes.byref(self.handle))
+        if st != 0:
+            raise RuntimeError(L.kdl_status_string(st).decode())
+
+    def _ctypes_call(self, s, t, div, rule, mu, k):
+        torch, L = self.torch, self.lib
+        code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+        d, a = self.Desc(), self.Args()
+        L.kdl_loss_desc_init(ctypes.byref(d))
+        L.kdl_loss_args_init(ctypes.byref(a))
+        d.divergence = DIVERGENCES.index(div)
+        d.head_rule = HEAD_RULES.index(rule or "reference")
+        d.mu, d.top_k, d.reduction = mu, k, 2
+        s, t = s.detach().contiguous(), t.detach().contiguous()
+        grad = torch.empty_like(s)
+        loss = torch.empty(1, dtype=torch.float32, device=s.device)
+        a.rows, a.vocab = s.shape
+        a.student, a.ld_student, a.student_dtype = s.data_ptr(), s.shape[1], code[s.dtype]
+        a.teacher, a.ld_teacher, a.teacher_dtype = t.data_ptr(), t.shape[1], code[t.dtype]
+        a.grad, a.ld_grad, a.grad_dtype = grad.data_ptr(), s.shape[1], code[s.dtype]
+        a.out_dtype, a.loss = 0, loss.data_ptr()
+        L.kdl_set_stream(self.handle, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        ws = ctypes.c_size_t(0)
+        st = L.kdl_loss_workspace_size(self.handle, ctypes.byref(d), ctypes.byref(a), ctypes.byref(ws))
+        buf = torch.empty(max(1, ws.value), dtype=torch.uint8, device=s.device) if st == 0 else None
+        if st == 0:
+            st = L.kdl_loss_forward_backward(self.handle, ctypes.byref(d), ctypes.byref(a),
+                                             ctypes.c_void_p(buf.data_ptr()), ws.value)
+        if st != 0:
+            raise RuntimeError(f"{L.kdl_status_string(st).decode()} ({L.kdl_get_last_error().decode()})")
+        torch.cuda.synchronize()
+        return float(loss), grad
+
+
+# ------------------------------------------------------- loss peers
+def base_row(impl, div, dtype, n, v, rule):
+    return {"impl": impl, "op": "loss", "divergence": div, "dtype": dtype, "rows": n, "vocab": v,
+            "head_rule": rule, "status": "error", "ms": None, "ms_p20": None, "ms_p80": None,
+            "repeats": 0, "bytes": loss_bytes(n, v, dtype), "gb_per_s": None,
+            "fraction_of_copy_bandwidth": None, "peak_extra_bytes": None, "check_rel_err": None,
+            "check_vs_kdloss": None, "note": None}
+
+
+def finish_row(row, times, copy_gbps):
+    row["ms"] = percentile(times, 50)
+    row["ms_p20"] = percentile(times, 20)
+    row["ms_p80"] = percentile(times, 80)
+    row["repeats"] = len(times)
+    row["gb_per_s"] = gb_per_s(row["bytes"], row["ms"])
+    row["fraction_of_copy_bandwidth"] = fraction(row["gb_per_s"], copy_gbps)
+
+
+def run_loss(env, cfg, copy_gbps, deadline, log):
+    torch = env.torch
+    eager = textbook(env)
+    liger = liger_forms(env) if "liger" in cfg.impls else None
+    for name in ("recompile_limit", "cache_size_limit"):  # shapes x dtypes recompiles
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    compiled = {}
+    rows = []
+    for (n, v) in cfg.shapes:
+        for dtype in cfg.dtypes:
+            cases = [(d, r) for d in cfg.divergences for r in (cfg.head_rules if d == "akl" else [None])]
+            todo = [(d, r, impl) for d, r in cases for impl in cfg.impls if impl in LOSS_IMPLS
+                    and not (impl == "liger" and (liger is None or d not in LIGER_DIVERGENCES))]
+            if not todo:
+                continue
+            if deadline and time.monotonic() > deadline:
+                for d, r, impl in todo:
+                    row = base_row(impl, d, dtype, n, v, r)
+                    row["status"], row["note"] = "skipped", "time budget (--budget-s) spent"
+                    rows.append(row)
+                continue
+            try:
+                footprint = loss_bytes(n, v, dtype)
+                n_sets = env.n_sets(footprint)
+                sets = []
+                for i in range(n_sets):
+                    s = env.logits(n, v, dtype, 1000 + 2 * i).requires_grad_()
+                    t = env.logits(n, v, dtype, 1001 + 2 * i)
+                    sets.append((s, t))
+            except torch.cuda.OutOfMemoryError:
+                sets = None
+                torch.cuda.empty_cache()
+            k = min(cfg.top_k, v)
+            for d, r in cases:
+                impls = [impl for dd, rr, impl in todo if (dd, rr) == (d, r)]
+                if not impls:
+                    continue
+                if sets is None:
+                    for impl in impls:
+                        row = base_row(impl, d, dtype, n, v, r)
+                        row["status"], row["note"] = "oom", "inputs do not fit"
+                        rows.append(row)
+                    continue
+                s0, t0 = sets[0]
+                ref_loss = ref_grad = kd_loss = None
+                if not cfg.no_check:
+                    try:
+                        ref_loss, ref_grad = reference(env, s0, t0, d, cfg.mu, r, k)
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                    if env.kdloss.available():
+                        try:
+                            kd_loss, kd_grad = env.kdloss.call(s0, t0, d, r, cfg.mu, k)
+                            if ref_grad is not None:
+                                e = rel_errs(env, kd_loss, kd_grad, ref_loss, ref_grad)
+                                log(f"  kdloss {d}{'/' + r if r else ''} {dtype} {n}x{v}: "
+                                    f"rel. error vs float64 {e:.3g}")
+                            del kd_grad
+                        except Exception as e:  # noqa: BLE001
+                            kd_loss = None
+                            log(f"  kdloss not usable for the check ({type(e).__name__}: {str(e)[:120]})")
+                for impl in impls:
+                    row = base_row(impl, d, dtype, n, v, r)
+                    rows.append(row)
+                    if deadline and time.monotonic() > deadline:
+                        row["status"], row["note"] = "skipped", "time budget (--budget-s) spent"
+                        continue
+                    log(f"peers {impl} {d}{'/' + r if r else ''} {dtype} {n}x{v}")
+                    if impl == "torch_eager":
+                        fn = eager[d]
+                    elif impl == "torch_compile":
+                        key = (d, r)  # one compiled function per head rule: fewer recompiles
+                        if key not in compiled:
+                            compiled[key] = torch.compile(eager[d], dynamic=False)
+                        fn = compiled[key]
+                    else:
+                        fn = liger[d]
+                    call = (lambda s, t, fn=fn: fn(s, t, cfg.mu, r, k)) if d == "akl" else fn
+
+                    def step(i, call=call):
+                        s, t = sets[i]
+                        s.grad = None
+                        call(s, t).backward()
+
+                    try:
+                        s0.grad = None
+                        loss = call(s0, t0)
+                        loss.backward()
+                        lv = float(loss.detach())
+                        if ref_grad is not None:
+                            row["check_rel_err"] = clean(rel_errs(env, lv, s0.grad, ref_loss, ref_grad))
+                        if kd_loss is not None:
+                            row["check_vs_kdloss"] = clean(abs(lv - kd_loss) / max(abs(kd_loss), 1e-6))
+                        s0.grad = None
+                        del loss
+                        grad_bytes = s0.numel() * s0.element_size()
+                        row["peak_extra_bytes"] = env.peak_extra(step, grad_bytes)
+                        times = env.time_steps(step, len(sets), cfg.repeats, cfg.warmup)
+                        finish_row(row, times, copy_gbps)
+                        row["status"] = "ok"
+                        err = row["check_rel_err"]
+                        if err is None and ref_grad is not None:
+                            err = float("inf")
+                        if err is not None and not err <= TOL[dtype]:
+                            row["status"] = "mismatch"
+                            row["note"] = f"relative error {err:.3g} vs float64 (tolerance {TOL[dtype]})"
+                    except torch.cuda.OutOfMemoryError:
+                        row["status"], row["note"] = "oom", "out of device memory"
+                    except Exception as e:  # noqa: BLE001
+                        row["status"], row["note"] = "error", f"{type(e).__name__}: {str(e)[:200]}"
+                    finally:
+                        for s, _ in sets:
+                            s.grad = None
+                        torch.cuda.empty_cache()
+                del ref_grad
+                torch.cuda.empty_cache()
+            del sets
+            torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------- Sinkhorn peers
+def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
+    torch = env.torch
+    B, n, m = cfg.sinkhorn
+    K = cfg.sinkhorn_iters
+    eps = SINKHORN_EPS
+    g = torch.Generator(device=env.dev)
+    g.manual_seed(7)
+    x = torch.randn(B, n, SINKHORN_DIM, device=env.dev, generator=g) / math.sqrt(SINKHORN_DIM)
+    y = torch.randn(B, m, SINKHORN_DIM, device=env.dev, generator=g) / math.sqrt(SINKHORN_DIM)
+    C = ((x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :]
+         - 2 * torch.bmm(x, y.transpose(1, 2))).clamp_min_(0)
+    la = torch.full((B, n), -math.log(n), device=env.dev)
+    lb = torch.full((B, m), -math.log(m), device=env.dev)
+
+    def iteration(C, la, lb, f, g):
+        f = -eps * torch.logsumexp(lb[:, None, :] + (g[:, None, :] - C) / eps, dim=2)
+        g = -eps * torch.logsumexp(la[:, :, None] + (f[:, :, None] - C) / eps, dim=1)
+        return f, g
+
+    def loop(step_fn):
+        f = torch.zeros(B, n, device=env.dev)
+        gg = torch.zeros(B, m, device=env.dev)
+        for _ in range(K):
+            f, gg = step_fn(C, la, lb, f, gg)
+        return f, gg
+
+    def value0(C0, f0, g0):
+        """<P, C> of problem 0 from potentials (P = a b exp((f + g - C)/eps))."""
+        C0 = C0.double()
+        lp = -math.log(n) - math.log(m) + (f0.double()[:, None] + g0.double()[None, :] - C0) / eps
+        return float((lp.exp() * C0).sum())
+
+    ref = None
+    if not cfg.no_check:
+        C0 = C[0:1].double()
+        f = torch.zeros(1, n, device=env.dev, dtype=torch.float64)
+        gg = torch.zeros(1, m, device=env.dev, dtype=torch.float64)
+        la0, lb0 = la[0:1].double(), lb[0:1].double()
+        for _ in range(K):
+            f = -eps * torch.logsumexp(lb0[:, None, :] + (gg[:, None, :] - C0) / eps, dim=2)
+            gg = -eps * torch.logsumexp(la0[:, :, None] + (f[:, :, None] - C0) / eps, dim=1)
+        ref = value0(C[0], f[0], gg[0])
+
+    impls = {}
+    if "torch_eager" in cfg.impls:
+        impls["torch_eager"] = lambda: loop(iteration)
+    if "torch_compile" in cfg.impls:
+        it_c = torch.compile(iteration, dynamic=False)
+        impls["torch_compile"] = lambda: loop(it_c)
+    if "pot" in cfg.impls:
+        try:
+            import ot.batch as otb
+
+            def pot_run():
+                res = otb.solve_batch(M=C, reg=eps, max_iter=K, tol=0.0, method="log_sinkhorn", grad="detach")
+                u, v = res.potentials  # log-scalings: P = exp(u + v - C/eps)
+                return eps * (u - la), eps * (v - lb)
+
+            impls["pot"] = pot_run
+        except Exception as e:  # noqa: BLE001
+            log(f"peers.py: POT's ot.batch not importable ({type(e).__name__}: {e}); no pot row")
+    if "flash_sinkhorn" in cfg.impls:
+        try:
+            from flash_sinkhorn import SamplesLoss
+
+            fs = SamplesLoss(loss="sinkhorn", backend="alternating", use_epsilon_scaling=False, eps=eps,
+                             n_iters=K, potentials=True, debias=False, allow_tf32=False, half_cost=False)
+            impls["flash_sinkhorn"] = lambda: fs(x, y)
+        except Exception as e:  # noqa: BLE001
+            log(f"peers.py: flash-sinkhorn not importable ({type(e).__name__}: {e}); no flash_sinkhorn row")
+
+    rows = []
+    for impl, run in impls.items():
+        row = {"impl": impl, "op": "sinkhorn", "dtype": "f32", "batch": B, "n": n, "m": m, "iterations": K,
+               "status": "error", "ms": None, "ms_p20": None, "ms_p80": None, "repeats": 0,
+               "bytes": sinkhorn_iter_bytes(B, n, m), "gb_per_s": None, "fraction_of_copy_bandwidth": None,
+               "peak_extra_bytes": None, "check_rel_err": None, "check_vs_kdloss": None, "note": None}
+        if impl == "flash_sinkhorn":
+            row["note"] = "cost from points, never materialised: GB/s is against the byte model"
+        rows.append(row)
+        if deadline and time.monotonic() > deadline:
+            row["status"], row["note"] = "skipped", "time budget (--budget-s) spent"
+            continue
+        log(f"peers {impl} sinkhorn f32 {B}x{n}x{m}")
+        try:
+            f, gg = run()
+            if ref is not None:
+                v0 = value0(C[0], f[0], gg[0])
+                row["check_rel_err"] = clean(abs(v0 - ref) / max(abs(ref), 1e-12))
+            row["peak_extra_bytes"] = env.peak_extra(lambda i: run(), 0)
+            times = env.time_steps(lambda i: run(), 1, cfg.repeats, max(1, cfg.warmup))
+            finish_row(row, [t / K for t in times], copy_gbps)
+            row["status"] = "ok"
+            if row["check_rel_err"] is not None and not row["check_rel_err"] <= 1e-2:
+                row["status"] = "mismatch"
+                row["note"] = (f"value relative error {row['check_rel_err']:.3g} vs float64 after {K} "
+                               "iterations (tolerance 1e-2; update orders differ)")
+        except torch.cuda.OutOfMemoryError:
+            row["status"], row["note"] = "oom", "out of device memory"
+        except Exception as e:  # noqa: BLE001
+            row["status"], row["note"] = "error", f"{type(e).__name__}: {str(e)[:200]}"
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------- config
+def config_from(args, doc):
+    """The matrix: options first, else what the kdloss rows cover, else the
+    defaults of `kdloss bench`."""
+    kd = [r for r in (doc or {}).get("rows", []) if r.get("impl") == "kdloss" and r.get("op") == "loss"]
+    params = (doc or {}).get("meta", {}).get("params") or {}
+
+    def seen(key):
+        return list(dict.fromkeys(r[key] for r in kd if r.get(key) is not None))
+
+    cfg = argparse.Namespace()
+    if args.quick:
+        dflt_shapes, dflt_dtypes, dflt_rules, dflt_rep, dflt_warm = [(4096, 32000)], ["bf16"], ["reference"], 5, 2
+    else:
+        dflt_shapes = [(4096, 32000), (8192, 128256), (8192, 151936)]
+        dflt_dtypes, dflt_rules, dflt_rep, dflt_warm = ["bf16", "f32"], HEAD_RULES, 20, 5
+    cfg.shapes = args.shapes or list(dict.fromkeys((r["rows"], r["vocab"]) for r in kd)) or dflt_shapes
+    cfg.dtypes = args.dtypes or seen("dtype") or dflt_dtypes
+    cfg.divergences = args.divergences or seen("divergence") or DIVERGENCES
+    cfg.head_rules = args.head_rules or seen("head_rule") or dflt_rules
+    cfg.repeats = args.repeats or params.get("repeats") or dflt_rep
+    cfg.warmup = args.warmup if args.warmup is not None else params.get("warmup", dflt_warm)
+    cfg.mu = args.mu or params.get("mu") or 0.5
+    cfg.top_k = args.top_k or params.get("top_k") or 64
+    cfg.impls = args.impls or (LOSS_IMPLS + [i for i in SINKHORN_IMPLS if i not in LOSS_IMPLS])
+    if args.sinkhorn is None:  # not given: the default, none with --quick (as kdloss bench)
+        cfg.sinkhorn = None if args.quick else (64, 1024, 1024)
+    else:
+        cfg.sinkhorn = args.sinkhorn or None
+    cfg.sinkhorn_iters = args.sinkhorn_iters
+    cfg.no_check = args.no_check
+    return cfg
+
+
+def new_doc(args):
+    return {"schema": SCHEMA,
+            "meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "commit": args.commit or "unknown", "device": {}, "copy_gb_per_s": None,
+                     "params": None},
+            "rows": []}
+
+
+# ------------------------------------------------------------ self-test
+def self_test():
+    """CPU check of the maths this script relies on: every textbook form
+    against the float64 reference (small odd shapes, f32 and bf16), the
+    reference against kdloss's own float64 reference when python/kdloss and
+    libkdloss.so load, and the Sinkhorn loop in f32 against f64."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    env = types.SimpleNamespace(torch=torch, F=F, dev=torch.device("cpu"))
+    eager = textbook(env)
+    kt = None
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        import kdloss
+        import kdloss.torch as kt  # noqa: F811
+
+        kdloss.library_path()
+    except Exception as e:  # noqa: BLE001
+        kt = None
+        print(f"self-test: kdloss's reference not loaded ({type(e).__name__}: {e}); "
+              "textbook forms checked against this script's reference only", file=sys.stderr)
+    gen = torch.Generator().manual_seed(0)
+    passed = failed = 0
+
+    def expect(ok, what):
+        nonlocal passed, failed
+        passed += bool(ok)
+        failed += not ok
+        if not ok:
+            print(f"FAIL {what}", file=sys.stderr)
+
+    for n, v in ((5, 1271), (3, 64), (1, 7)):
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+            s = torch.randn(n, v, generator=gen) * 2
+            t = torch.randn(n, v, generator=gen) * 2
+            # peaked rows, not saturated ones (a softmax at 1 - 1e-5 leaves f32
+            # gradients to cancellation, in every implementation)
+            bump = 11.0 if v >= 64 else 3.0
+            s[:, 0] += bump
+            t[:, v // 2] += bump
+            s, t = s.to(dtype), t.to(dtype)
+            for d in DIVERGENCES:
+                for r in (HEAD_RULES if d == "akl" else [None]):
+                    k = min(7, v)
+                    ref_loss, ref_grad = reference(env, s, t, d, 0.5, r, k)
+                    leaf = s.clone().requires_grad_()
+                    loss = eager[d](leaf, t, 0.5, r, k) if d == "akl" else eager[d](leaf, t)
+                    loss.backward()
+                    e = rel_errs(env, float(loss.detach()), leaf.grad, ref_loss, ref_grad)
+                    expect(e <= tol, f"torch_eager {d}/{r} {dtype} {n}x{v}: rel. error {e:.3g} > {tol}")
+                    if kt is not None and dtype == torch.float32:
+                        s64 = s.double().requires_grad_()
+                        kl = kt.distill_loss(s64, t.double(), divergence=d, head_rule=r or "reference",
+                                             mu=0.5, top_k=k, reduction="mean", alpha=ALPHA, beta=BETA)
+                        kl.backward()
+                        e = rel_errs(env, float(kl.detach()), s64.grad.float(), ref_loss, ref_grad)
+                        expect(e <= 1e-6, f"reference vs kdloss {d}/{r} {n}x{v}: rel. error {e:.3g}")
+    # Sinkhorn loop: f32 against f64, small problems
+    B, n, m, eps = 2, 5, 7, SINKHORN_EPS
+    x, y = torch.randn(B, n, 3, generator=gen), torch.randn(B, m, 3, generator=gen)
+    C = torch.cdist(x.double(), y.double()) ** 2
+    vals = []
+    for dt in (torch.float32, torch.float64):
+        Cd = C.to(dt)
+        la, lb = torch.full((B, n), -math.log(n), dtype=dt), torch.full((B, m), -math.log(m), dtype=dt)
+        f, g = torch.zeros(B, n, dtype=dt), torch.zeros(B, m, dtype=dt)
+        for _ in range(50):
+            f = -eps * torch.logsumexp(lb[:, None, :] + (g[:, None, :] - Cd) / eps, dim=2)
+            g = -eps * torch.logsumexp(la[:, :, None] + (f[:, :, None] - Cd) / eps, dim=1)
+        P = torch.exp(la[:, :, None] + lb[:, None, :] + (f[:, :, None] + g[:, None, :] - Cd) / eps)
+        vals.append((P * Cd).sum((1, 2)).double())
+        expect(float((P.sum(1) - lb.exp()).abs().max()) < 1e-5, f"sinkhorn {dt}: column marginals")
+    e = float(((vals[0] - vals[1]).abs() / vals[1].abs()).max())
+    expect(e < 1e-4, f"sinkhorn f32 vs f64 value: rel. error {e:.3g}")
+    print(f"peers self-test: {passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.self_test:
+        return self_test()
+    src = load_doc(args.json)
+    dst = load_doc(args.out) if os.path.abspath(args.out) != os.path.abspath(args.json or "") else None
+    doc = dst or src or new_doc(args)
+    if src is not None and dst is not None:
+        doc["meta"] = src["meta"]  # the latest kdloss run's
+        merge_rows(doc, src["rows"])
+    if args.merge_only:
+        doc["summary"] = summarize_targets(doc["rows"])
+        write_doc(args.out, doc)
+        print(f"peers.py: wrote {args.out} ({len(doc['rows'])} rows)", file=sys.stderr)
+        return 0
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    cfg = config_from(args, src)
+    env = Env(args)
+    if env.cpu:
+        cfg.shapes = [(n, v) for n, v in cfg.shapes if n * v <= 2**16] or [(7, 1271)]
+    if env.cpu:
+        pass
+    elif not doc["meta"].get("device"):
+        doc["meta"]["device"] = {"name": env.props.name,
+                                 "compute_capability": f"{env.props.major}.{env.props.minor}",
+                                 "sm_count": env.props.multi_processor_count, "l2_bytes": env.l2,
+                                 "memory_bytes": env.props.total_memory}
+    copy = doc["meta"].get("copy_gb_per_s")
+    if not copy and not env.cpu:  # no kdloss run to take it from: measure it here, the same way
+        nbytes = max(16 * env.l2, 2**30)
+        a = env.torch.empty(nbytes, dtype=env.torch.uint8, device=env.dev).random_(1, 255)
+        b = env.torch.empty_like(a)
+        times = env.time_steps(lambda i: b.copy_(a), 1, max(10, cfg.repeats), 3)
+        copy = 2 * nbytes / (percentile(times, 50) * 1e-3) / 1e9
+        doc["meta"]["copy_gb_per_s"], doc["meta"]["copy_bytes"] = copy, nbytes
+        del a, b
+    doc["meta"]["peers"] = {"torch": env.torch.__version__, "kdloss_check":
+                            "python/kdloss" if env.kdloss.kt else ("ctypes" if env.kdloss.lib else None),
+                            "kdloss_unavailable_because": None if env.kdloss.available() else env.kdloss.why}
+    for mod in ("liger_kernel", "ot", "flash_sinkhorn", "triton"):
+        try:
+            import importlib.metadata as md
+
+            name = {"liger_kernel": "liger-kernel", "ot": "pot", "flash_sinkhorn": "flash-sinkhorn"}.get(mod, mod)
+            doc["meta"]["peers"][mod] = md.version(name)
+        except Exception:  # noqa: BLE001
+            doc["meta"]["peers"][mod] = None
+
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    rows = run_loss(env, cfg, copy, deadline, log)
+    if cfg.sinkhorn:
+        rows += run_sinkhorn(env, cfg, copy, deadline, log)
+    merge_rows(doc, rows)
+    doc["summary"] = summarize_targets(doc["rows"])
+    write_doc(args.out, doc)
+    # table
+    print(f"{'impl':<15} {'op':<9} {'head':<9} {'dtype':<5} {'shape':<18} {'ms':>10} {'GB/s':>9} "
+          f"{'%copy':>7}  status")
+    for r in doc["rows"]:
+        shape = (f"{r['batch']}x{r['n']}x{r['m']}" if r["op"] == "sinkhorn" else f"{r['rows']}x{r['vocab']}")
+        ms = f"{r['ms']:.4f}" if r.get("ms") else "-"
+        gbs = f"{r['gb_per_s']:.1f}" if r.get("gb_per_s") else "-"
+        fr = f"{100 * r['fraction_of_copy_bandwidth']:.1f}" if r.get("fraction_of_copy_bandwidth") else "-"
+        op = "sinkhorn" if r["op"] == "sinkhorn" else r["divergence"]
+        print(f"{r['impl']:<15} {op:<9} {r.get('head_rule') or '-':<9} {r['dtype']:<5} {shape:<18} "
+              f"{ms:>10} {gbs:>9} {fr:>7}  {r['status']}" + (f": {r['note']}" if r.get("note") else ""))
+    print("targets (bf16, N=8192, V=151936, forward+backward):")
+    for name, t in doc["summary"].items():
+        v = t["value"]
+        print(f"  {name:<36} {t['target']:<8} " + (f"{v:.3f}" if v is not None else "n/a")
+              + ("" if t["met"] is None else ("  met" if t["met"] else "  NOT met")))
+    plot(doc, args.png)
+    print(f"peers.py: wrote {args.out}" + (f" and {args.png}" if os.path.exists(args.png) else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+/* tests/test_bench.c - the CPU half of the benchmark (bench/bench_lib.c):
+ * byte model against closed forms, GB/s and fraction arithmetic,
+ * percentiles on known arrays, the JSON writer (exact strings, and they
+ * parse), matrix and option parsing with bad input, file names; and
+ * `kdloss bench` without a GPU: exit code 2 and one line.
+ *
+ * bench_lib.c is compiled into this test directly (the bench/ target is
+ * defined before tests/ and is not linked here). */
+#define _POSIX_C_SOURCE 200809L
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../bench/bench_lib.c"
+#include "kdl_test.h"
+
+/* The no-device path can only be seen where there is no device. */
+#define KDL_SKIP_IF_GPU_PRESENT()                                                        \
+    do {                                                                                 \
+        if (kdl_test_have_gpu()) cr_skip_test("a CUDA device is present: no-device path"); \
+    } while (0)
+
+/* ------------------------------------------------------- a JSON checker */
+/* Minimal RFC 8259 recursive-descent validator: 1 when s is one JSON value
+ * (surrounded by whitespace only). */
+static const char *js_ws(const char *p)
+{
+    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
+    return p;
+}
+static const char *js_value(const char *p, int depth);
+static const char *js_string(const char *p)
+{
+    if (*p != '"') return NULL;
+    for (p++; *p && *p != '"'; p++) {
+        if ((unsigned char)*p < 0x20) return NULL;
+        if (*p == '\\') {
+            p++;
+            if (*p == 'u') {
+                for (int k = 1; k <= 4; k++)
+                    if (!isxdigit((unsigned char)p[k])) return NULL;
+                p += 4;
+            } else if (!strchr("\"\\/bfnrt", *p) || !*p) {
+                return NULL;
+            }
+        }
+    }
+    return *p == '"' ? p + 1 : NULL;
+}
+static const char *js_number(const char *p)
+{
+    const char *s = p;
+    if (*p == '-') p++;
+    if (*p == '0') p++;
+    else if (*p >= '1' && *p <= '9') while (isdigit((unsigned char)*p)) p++;
+    else return NULL;
+    if (*p == '.') {
+        p++;
+        if (!isdigit((unsigned char)*p)) return NULL;
+        while (isdigit((unsigned char)*p)) p++;
+    }
+    if (*p == 'e' || *p == 'E') {
+        p++;
+        if (*p == '+' || *p == '-') p++;
+        if (!isdigit((unsigned char)*p)) return NULL;
+        while (isdigit((unsigned char)*p)) p++;
+    }
+    return p > s ? p : NULL;
+}
+static const char *js_value(const char *p, int depth)
+{
+    if (depth > 32) return NULL;
+    p = js_ws(p);
+    if (*p == '{' || *p == '[') {
+        char close = *p == '{' ? '}' : ']';
+        int obj = *p == '{';
+        p = js_ws(p + 1);
+        if (*p == close) return p + 1;
+        for (;;) {
+            if (obj) {
+                p = js_string(js_ws(p));
+                if (!p) return NULL;
+                p = js_ws(p);
+                if (*p != ':') return NULL;
+                p++;
+            }
+            p = js_value(p, depth + 1);
+            if (!p) return NULL;
+            p = js_ws(p);
+            if (*p == ',') {
+                p++;
+                continue;
+            }
+            return *p == close ? p + 1 : NULL;
+        }
+    }
+    if (*p == '"') return js_string(p);
+    if (!strncmp(p, "true", 4)) return p + 4;
+    if (!strncmp(p, "false", 5)) return p + 5;
+    if (!strncmp(p, "null", 4)) return p + 4;
+    return js_number(p);
+}
+static int json_ok(const char *s)
+{
+    const char *p = js_value(s, 0);
+    return p && *js_ws(p) == '\0';
+}
+
+Test(bench_json_checker, accepts_and_rejects)
+{
+    cr_expect(json_ok("{\"a\": [1, -2.5e-3, true, null, \"x\\n\"]}"));
+    cr_expect(!json_ok("{\"a\": nan}"));
+    cr_expect(!json_ok("{\"a\": 1,}"));
+    cr_expect(!json_ok("[01]"));
+}
+
+/* ------------------------------------------------------------ byte model */
+Test(bench_bytes, loss_closed_forms_per_dtype_and_shape)
+{
+    /* N * V * 3 * size: bf16/f16 2 bytes, f32 4 bytes. */
+    cr_expect_eq(kdlb_loss_bytes(4096, 32000, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(786432000));
+    cr_expect_eq(kdlb_loss_bytes(4096, 32000, KDL_DTYPE_F16, KDL_DTYPE_F16, KDL_DTYPE_F16),
+                 UINT64_C(786432000));
+    cr_expect_eq(kdlb_loss_bytes(4096, 32000, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(1572864000));
+    cr_expect_eq(kdlb_loss_bytes(8192, 128256, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(6304038912));
+    cr_expect_eq(kdlb_loss_bytes(8192, 128256, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(12608077824));
+    cr_expect_eq(kdlb_loss_bytes(8192, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(7467958272));
+    cr_expect_eq(kdlb_loss_bytes(8192, 151936, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(14935916544));
+    /* mixed: bf16 student, f32 teacher, f32 gradient = 2 + 4 + 4 bytes */
+    cr_expect_eq(kdlb_loss_bytes(8192, 151936, KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(12446597120));
+    cr_expect_eq(kdlb_loss_bytes(0, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16), 0u);
+}
+
+Test(bench_bytes, loss_bad_inputs_give_zero)
+{
+    cr_expect_eq(kdlb_loss_bytes(-1, 10, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
+    cr_expect_eq(kdlb_loss_bytes(10, -1, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
+    cr_expect_eq(kdlb_loss_bytes(10, 10, (kdl_dtype_t)99, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
+    cr_expect_eq(kdlb_loss_bytes(INT64_MAX, INT64_MAX, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 0u);
+    cr_expect_eq(kdlb_loss_bytes(INT64_C(1) << 40, INT64_C(1) << 22, KDL_DTYPE_F32, KDL_DTYPE_F32,
+                                 KDL_DTYPE_F32),
+                 0u); /* 2^62 elements * 12 bytes overflows */
+}
+
+Test(bench_bytes, sinkhorn_reads_the_cost_twice_per_iteration)
+{
+    cr_expect_eq(kdlb_sinkhorn_iter_bytes(64, 1024, 1024), UINT64_C(536870912));
+    cr_expect_eq(kdlb_sinkhorn_iter_bytes(1, 3, 5), UINT64_C(120));
+    cr_expect_eq(kdlb_sinkhorn_iter_bytes(-1, 3, 5), 0u);
+}
+
+/* ------------------------------------------------------------- numbers */
+Test(bench_numbers, gb_per_s_and_fraction)
+{
+    cr_expect_float_eq(kdlb_gb_per_s(UINT64_C(3000000000), 1.0), 3000.0, 1e-9);
+    cr_expect_float_eq(kdlb_gb_per_s(UINT64_C(7467958272), 2.5), 2987.1833088, 1e-6);
+    cr_expect_float_eq(kdlb_copy_gb_per_s(UINT64_C(1) << 30, 1.0), 2147.483648, 1e-9);
+    cr_expect_float_eq(kdlb_fraction_of_copy(2700.0, 3000.0), 0.9, 1e-15);
+    cr_expect(isnan(kdlb_gb_per_s(100, 0.0)));
+    cr_expect(isnan(kdlb_gb_per_s(100, -1.0)));
+    cr_expect(isnan(kdlb_gb_per_s(100, NAN)));
+    cr_expect(isnan(kdlb_gb_per_s(100, INFINITY)));
+    cr_expect(isnan(kdlb_fraction_of_copy(1.0, 0.0)));
+    cr_expect(isnan(kdlb_fraction_of_copy(1.0, NAN)));
+    cr_expect(isnan(kdlb_fraction_of_copy(NAN, 3000.0)));
+}
+
+Test(bench_numbers, percentiles_on_known_arrays)
+{
+    const double a[] = {5, 1, 4, 2, 3};
+    cr_expect_float_eq(kdlb_median(a, 5), 3.0, 1e-15);
+    cr_expect_float_eq(kdlb_percentile(a, 5, 20.0), 1.8, 1e-12);
+    cr_expect_float_eq(kdlb_percentile(a, 5, 80.0), 4.2, 1e-12);
+    cr_expect_float_eq(kdlb_percentile(a, 5, 0.0), 1.0, 1e-15);
+    cr_expect_float_eq(kdlb_percentile(a, 5, 100.0), 5.0, 1e-15);
+    cr_expect_eq(a[0], 5.0); /* input untouched */
+    const double b[] = {4, 1, 3, 2};
+    cr_expect_float_eq(kdlb_median(b, 4), 2.5, 1e-15);
+    cr_expect_float_eq(kdlb_percentile(b, 4, 25.0), 1.75, 1e-12);
+    const double c[] = {7.5};
+    cr_expect_eq(kdlb_median(c, 1), 7.5);
+    cr_expect_eq(kdlb_percentile(c, 1, 90.0), 7.5);
+    cr_expect(isnan(kdlb_median(a, 0)));
+    cr_expect(isnan(kdlb_percentile(a, 5, -1.0)));
+    cr_expect(isnan(kdlb_percentile(a, 5, 100.5)));
+    kdlb_summary_t s;
+    kdlb_summarize(a, 5, &s);
+    cr_expect_eq(s.min, 1.0);
+    cr_expect_eq(s.max, 5.0);
+    cr_expect_eq(s.n, 5u);
+}
+
+Test(bench_numbers, row_times_from_samples)
+{
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    r.bytes = UINT64_C(3000000000);
+    const double ms[] = {1.2, 1.0, 0.9, 1.1, 5.0}; /* one outlier: the median ignores it */
+    kdlb_row_set_times(&r, ms, 5, 4000.0);
+    cr_expect_float_eq(r.ms, 1.1, 1e-12);
+    cr_expect_eq(r.repeats, 5);
+    cr_expect_float_eq(r.gb_per_s, 3000.0 / 1.1, 1e-9);
+    cr_expect_float_eq(r.fraction_of_copy_bandwidth, 3000.0 / 1.1 / 4000.0, 1e-12);
+    cr_expect_float_eq(r.ms_p20, 0.98, 1e-12);
+    cr_expect_float_eq(r.ms_p80, 1.96, 1e-12);
+}
+
+/* ------------------------------------------------------------------ JSON */
+Test(bench_json, loss_row_exact_string)
+{
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    r.divergence = "akl";
+    r.dtype = "bf16";
+    r.rows = 8192;
+    r.vocab = 151936;
+    r.head_rule = "reference";
+    r.status = "ok";
+    r.ms = 2.5;
+    r.ms_p20 = 2.4;
+    r.ms_p80 = 2.625;
+    r.repeats = 20;
+    r.bytes = UINT64_C(7467958272);
+    r.gb_per_s = kdlb_gb_per_s(r.bytes, r.ms);
+    r.fraction_of_copy_bandwidth = kdlb_fraction_of_copy(r.gb_per_s, 3000.0);
+    r.peak_extra_bytes = 0;
+    r.check_rel_err = 0.00123;
+    char buf[1024];
+    int n = kdlb_json_row(&r, buf, sizeof buf);
+    const char *want =
+        "{\"impl\": \"kdloss\", \"op\": \"loss\", \"divergence\": \"akl\", \"dtype\": \"bf16\", "
+        "\"rows\": 8192, \"vocab\": 151936, \"head_rule\": \"reference\", \"status\": \"ok\", "
+        "\"ms\": 2.5, \"ms_p20\": 2.4, \"ms_p80\": 2.625, \"repeats\": 20, \"bytes\": 7467958272, "
+        "\"gb_per_s\": 2987.18, \"fraction_of_copy_bandwidth\": 0.995728, \"peak_extra_bytes\": 0, "
+        "\"check_rel_err\": 0.00123, \"note\": null}";
+    cr_expect_str_eq(buf, want);
+    cr_expect_eq(n, (int)strlen(want));
+    cr_expect(json_ok(buf));
+}
+
+Test(bench_json, sinkhorn_row_nulls_and_escapes)
+{
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    r.op = "sinkhorn";
+    r.dtype = "f32";
+    r.batch = 64;
+    r.n = 1024;
+    r.m = 1024;
+    r.iterations = 100;
+    r.status = "not_implemented";
+    r.bytes = kdlb_sinkhorn_iter_bytes(64, 1024, 1024);
+    r.note = "kdl_sinkhorn \"TODO\"\n\x01";
+    char buf[1024];
+    kdlb_json_row(&r, buf, sizeof buf);
+    const char *want =
+        "{\"impl\": \"kdloss\", \"op\": \"sinkhorn\", \"dtype\": \"f32\", \"batch\": 64, \"n\": 1024, "
+        "\"m\": 1024, \"iterations\": 100, \"status\": \"not_implemented\", \"ms\": null, "
+        "\"ms_p20\": null, \"ms_p80\": null, \"repeats\": 0, \"bytes\": 536870912, "
+        "\"gb_per_s\": null, \"fraction_of_copy_bandwidth\": null, \"peak_extra_bytes\": null, "
+        "\"check_rel_err\": null, \"note\": \"kdl_sinkhorn \\\"TODO\\\"\\n\\u0001\"}";
+    cr_expect_str_eq(buf, want);
+    cr_expect(json_ok(buf));
+}
+
+Test(bench_json, truncation_reports_the_needed_length)
+{
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    char big[1024], small[16];
+    int need = kdlb_json_row(&r, big, sizeof big);
+    int got = kdlb_json_row(&r, small, sizeof small);
+    cr_expect_eq(got, need);
+    cr_expect_eq(strlen(small), sizeof small - 1);
+    cr_expect(strncmp(small, big, sizeof small - 1) == 0);
+}
+
+static kdlb_meta_t test_meta(const kdlb_options_t *o)
+{
+    kdlb_meta_t m;
+    memset(&m, 0, sizeof m);
+    m.date = "2026-11-23T12:00:00Z";
+    m.commit = "abc1234";
+    snprintf(m.device_name, sizeof m.device_name, "NVIDIA H100 80GB HBM3");
+    m.cc_major = 9;
+    m.sm_count = 132;
+    m.l2_bytes = 52428800;
+    m.memory_bytes = UINT64_C(85520809984);
+    m.driver_version = 13000;
+    m.runtime_version = 13000;
+    m.copy_gb_per_s = 2990.5;
+    m.copy_bytes = UINT64_C(1) << 30;
+    m.l2_flush_bytes = UINT64_C(256) << 20;
+    m.options = o;
+    return m;
+}
+
+Test(bench_json, whole_document_parses)
+{
+    kdlb_options_t o;
+    kdlb_options_default(&o);
+    kdlb_meta_t m = test_meta(&o);
+    kdlb_row_t rows[2];
+    kdlb_row_init(&rows[0]);
+    rows[0].divergence = "fkl";
+    rows[0].dtype = "f32";
+    rows[0].status = "not_implemented";
+    rows[0].note = "GPU loss kernels not built yet";
+    kdlb_row_init(&rows[1]);
+    rows[1].impl = "kdloss";
+    rows[1].op = "sinkhorn";
+    FILE *f = tmpfile();
+    cr_assert_not_null(f);
+    cr_expect_eq(kdlb_json_write(f, &m, rows, 2), 0);
+    long len = ftell(f);
+    rewind(f);
+    char *s = calloc((size_t)len + 1, 1);
+    cr_assert_eq(fread(s, 1, (size_t)len, f), (size_t)len);
+    fclose(f);
+    cr_expect(json_ok(s), "%s", s);
+    cr_expect(strstr(s, "\"schema\": \"kdloss-bench/1\"") != NULL);
+    cr_expect(strstr(s, "\"copy_gb_per_s\": 2990.5") != NULL);
+    cr_expect(strstr(s, "\"name\": \"NVIDIA H100 80GB HBM3\"") != NULL);
+    cr_expect(strstr(s, "\"driver_version\": 13000") != NULL);
+    cr_expect(strstr(s, "\"commit\": \"abc1234\"") != NULL);
+    free(s);
+}
+
+Test(bench_json, file_written_whole_or_not_at_all)
+{
+    kdlb_options_t o;
+    kdlb_options_default(&o);
+    kdlb_meta_t m = test_meta(&o);
+    kdlb_row_t row;
+    kdlb_row_init(&row);
+    char path[1024], tmp[1100], err[256];
+    snprintf(path, sizeof path, "%s/bench_%d.json", KDL_TEST_TMPDIR, (int)getpid());
+    cr_assert_eq(kdlb_json_write_file(path, &m, &row, 1, err, sizeof err), 0, "%s", err);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    cr_expect(access(path, F_OK) == 0);
+    cr_expect(access(tmp, F_OK) != 0);
+    remove(path);
+    snprintf(path, sizeof path, "%s/no/such/dir/x.json", KDL_TEST_TMPDIR);
+    cr_expect_eq(kdlb_json_write_file(path, &m, &row, 1, err, sizeof err), -1);
+    cr_expect(strstr(err, "cannot write") != NULL, "%s", err);
+    cr_expect(access(path, F_OK) != 0);
+}
+
+/* ------------------------------------------------------------- parsing */
+Test(bench_parse, shapes)
+{
+    kdlb_shape_t s[KDLB_MAX_SHAPES];
+    char err[256];
+    cr_expect_eq(kdlb_parse_shapes("4096:32000,8192:128256", s, KDLB_MAX_SHAPES, err, sizeof err), 2);
+    cr_expect_eq(s[1].rows, 8192);
+    cr_expect_eq(s[1].vocab, 128256);
+    const char *bad[] = {"4096", "4096:", ":5", "0:5", "5:0", "-1:5", "4096:32000,", ",1:2",
+                         "a:b", "1:2:3", "1:2,1:2", "1 :2", "", "1:2x", "99999999999:1"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        cr_expect_eq(kdlb_parse_shapes(bad[i], s, KDLB_MAX_SHAPES, err, sizeof err), -1, "'%s'",
+                     bad[i]);
+        cr_expect(strncmp(err, "--shapes: ", 10) == 0, "'%s' -> %s", bad[i], err);
+    }
+    char many[512] = "";
+    for (int i = 1; i <= KDLB_MAX_SHAPES + 1; i++) {
+        char item[16];
+        snprintf(item, sizeof item, "%s%d:7", i > 1 ? "," : "", i);
+        strcat(many, item);
+    }
+    cr_expect_eq(kdlb_parse_shapes(many, s, KDLB_MAX_SHAPES, err, sizeof err), -1);
+}
+
+Test(bench_parse, enums)
+{
+    kdl_dtype_t t[3];
+    kdl_divergence_t d[KDL_DIV_COUNT_];
+    kdl_head_rule_t h[KDL_HEAD_COUNT_];
+    char err[256];
+    cr_expect_eq(kdlb_parse_dtypes("bf16,f32", t, 3, err, sizeof err), 2);
+    cr_expect_eq(t[0], KDL_DTYPE_BF16);
+    cr_expect_eq(t[1], KDL_DTYPE_F32);
+    cr_expect_eq(kdlb_parse_dtypes("all", t, 3, err, sizeof err), 3);
+    cr_expect_eq(kdlb_parse_dtypes("f64", t, 3, err, sizeof err), -1);
+    cr_expect(strstr(err, "f64") != NULL);
+    cr_expect_eq(kdlb_parse_dtypes("bf16,bf16", t, 3, err, sizeof err), -1);
+    cr_expect(strstr(err, "duplicate") != NULL);
+    cr_expect_eq(kdlb_parse_dtypes("", t, 3, err, sizeof err), -1);
+    cr_expect_eq(kdlb_parse_divergences("all", d, KDL_DIV_COUNT_, err, sizeof err), KDL_DIV_COUNT_);
+    cr_expect_eq(kdlb_parse_divergences("akl,fkl", d, KDL_DIV_COUNT_, err, sizeof err), 2);
+    cr_expect_eq(d[0], KDL_DIV_AKL);
+    cr_expect_eq(kdlb_parse_divergences("kl", d, KDL_DIV_COUNT_, err, sizeof err), -1);
+    cr_expect_eq(kdlb_parse_divergences("fkl,,rkl", d, KDL_DIV_COUNT_, err, sizeof err), -1);
+    cr_expect_eq(kdlb_parse_head_rules("topk,mass", h, KDL_HEAD_COUNT_, err, sizeof err), 2);
+    cr_expect_eq(h[0], KDL_HEAD_TOPK);
+    cr_expect_eq(kdlb_parse_head_rules("all", h, KDL_HEAD_COUNT_, err, sizeof err), 3);
+    cr_expect_eq(kdlb_parse_head_rules("top", h, KDL_HEAD_COUNT_, err, sizeof err), -1);
+    kdlb_sinkhorn_shape_t sk;
+    cr_expect_eq(kdlb_parse_sinkhorn("64:1024:512", &sk, err, sizeof err), 0);
+    cr_expect(sk.batch == 64 && sk.n == 1024 && sk.m == 512);
+    cr_expect_eq(kdlb_parse_sinkhorn("none", &sk, err, sizeof err), 0);
+    cr_expect_eq(sk.batch, 0);
+    cr_expect_eq(kdlb_parse_sinkhorn("64:1024", &sk, err, sizeof err), -1);
+    cr_expect_eq(kdlb_parse_sinkhorn("64:1024:0", &sk, err, sizeof err), -1);
+    cr_expect_eq(kdlb_parse_sinkhorn("1:2:3:4", &sk, err, sizeof err), -1);
+}
+
+static int parse(kdlb_options_t *o, char *err, size_t errlen, int n, ...)
+{
+    char *argv[32];
+    va_list ap;
+    va_start(ap, n);
+    argv[0] = (char *)"bench";
+    for (int i = 0; i < n; i++) argv[i + 1] = va_arg(ap, char *);
+    va_end(ap);
+    return kdlb_parse_options(n + 1, argv, o, err, errlen);
+}
+
+Test(bench_parse, option_defaults_and_matrix)
+{
+    kdlb_options_t o;
+    char err[256];
+    cr_assert_eq(parse(&o, err, sizeof err, 0), 0);
+    cr_expect_eq(o.n_shapes, 3);
+    cr_expect_eq(o.shapes[2].rows, 8192);
+    cr_expect_eq(o.shapes[2].vocab, 151936);
+    cr_expect_eq(o.n_dtypes, 2);
+    cr_expect_eq(o.n_divergences, KDL_DIV_COUNT_);
+    cr_expect_eq(o.n_head_rules, KDL_HEAD_COUNT_);
+    cr_expect_eq(o.repeats, 20);
+    cr_expect_eq(o.warmup, 5);
+    cr_expect_eq(o.check, 1);
+    cr_expect_eq(o.sinkhorn.batch, 64);
+    cr_expect_str_eq(o.commit, "unknown");
+    cr_expect_null(o.json_out);
+    /* 3 shapes x 2 dtypes x (7 divergences + AKL x 3 head rules) */
+    cr_expect_eq(kdlb_case_count(&o), 60);
+    kdlb_case_t c;
+    cr_assert_eq(kdlb_case_at(&o, 0, &c), 0);
+    cr_expect(c.shape.vocab == 32000 && c.dtype == KDL_DTYPE_BF16 && c.divergence == KDL_DIV_FKL);
+    cr_assert_eq(kdlb_case_at(&o, 3, &c), 0); /* fkl, rkl, fkl_rkl, then akl x 3 */
+    cr_expect(c.divergence == KDL_DIV_AKL && c.has_head_rule && c.head_rule == KDL_HEAD_REFERENCE);
+    cr_assert_eq(kdlb_case_at(&o, 5, &c), 0);
+    cr_expect(c.divergence == KDL_DIV_AKL && c.head_rule == KDL_HEAD_TOPK);
+    cr_assert_eq(kdlb_case_at(&o, 6, &c), 0);
+    cr_expect(c.divergence == KDL_DIV_JSD && !c.has_head_rule);
+    cr_assert_eq(kdlb_case_at(&o, 10, &c), 0);
+    cr_expect(c.shape.vocab == 32000 && c.dtype == KDL_DTYPE_F32 && c.divergence == KDL_DIV_FKL);
+    cr_assert_eq(kdlb_case_at(&o, 59, &c), 0);
+    cr_expect(c.shape.vocab == 151936 && c.dtype == KDL_DTYPE_F32 && c.divergence == KDL_DIV_SRKL);
+    cr_expect_eq(kdlb_case_at(&o, 60, &c), -1);
+    cr_expect_eq(kdlb_case_at(&o, -1, &c), -1);
+}
+
+Test(bench_parse, options_quick_and_overrides)
+{
+    kdlb_options_t o;
+    char err[256];
+    cr_assert_eq(parse(&o, err, sizeof err, 1, "--quick"), 0);
+    cr_expect_eq(o.n_shapes, 1);
+    cr_expect_eq(o.shapes[0].vocab, 32000);
+    cr_expect_eq(o.n_dtypes, 1);
+    cr_expect_eq(o.n_head_rules, 1);
+    cr_expect_eq(o.repeats, 5);
+    cr_expect_eq(o.warmup, 2);
+    cr_expect_eq(o.sinkhorn.batch, 0);
+    cr_expect_eq(kdlb_case_count(&o), 8);
+    /* explicit options win whatever their order */
+    cr_assert_eq(parse(&o, err, sizeof err, 4, "--repeats", "9", "--quick", "--dtypes=f32"), 0);
+    cr_expect_eq(o.repeats, 9);
+    cr_expect_eq(o.dtypes[0], KDL_DTYPE_F32);
+    cr_expect_eq(o.warmup, 2);
+    cr_assert_eq(parse(&o, err, sizeof err, 9, "--shapes=1:7", "--divergences", "akl",
+                       "--head-rules", "topk", "--top-k", "3", "--no-check", "--json-out=out.json"),
+                 0);
+    cr_expect_eq(o.shapes[0].rows, 1);
+    cr_expect_eq(o.top_k, 3);
+    cr_expect_eq(o.check, 0);
+    cr_expect_str_eq(o.json_out, "out.json");
+    cr_expect_eq(kdlb_case_count(&o), 2); /* 1 shape x 2 dtypes x akl/topk */
+    cr_assert_eq(parse(&o, err, sizeof err, 4, "--commit", "a1b2c3d", "--sinkhorn", "none"), 0);
+    cr_expect_str_eq(o.commit, "a1b2c3d");
+    cr_expect_eq(o.sinkhorn.batch, 0);
+    cr_expect_eq(parse(&o, err, sizeof err, 1, "--help"), 1);
+    cr_expect_eq(parse(&o, err, sizeof err, 2, "--quick", "-h"), 1);
+}
+
+Test(bench_parse, bad_options)
+{
+    kdlb_options_t o;
+    char err[256];
+    struct {
+        int n;
+        const char *a, *b;
+        const char *msg;
+    } bad[] = {
+        {1, "--frobnicate", NULL, "unknown option '--frobnicate'"},
+        {1, "--repeats", NULL, "--repeats needs a value"},
+        {2, "--repeats", "0", "--repeats: expected an integer"},
+        {2, "--repeats", "ten", "--repeats: expected an integer"},
+        {2, "--warmup", "-1", "--warmup: expected an integer"},
+        {2, "--mu", "1", "--mu: expected a number in (0, 1)"},
+        {2, "--mu", "nan", "--mu: expected a number in (0, 1)"},
+        {2, "--top-k", "0", "--top-k: expected an integer"},
+        {2, "--shapes", "4096", "--shapes: bad shape"},
+        {2, "--dtypes", "f64", "--dtypes: unknown name 'f64'"},
+        {2, "--divergences", "kl", "--divergences: unknown name 'kl'"},
+        {2, "--head-rules", "fast", "--head-rules: unknown name 'fast'"},
+        {2, "--sinkhorn", "1:2", "--sinkhorn: bad value"},
+        {2, "--sinkhorn-iters", "0", "--sinkhorn-iters: expected an integer"},
+        {2, "--commit", "abc;rm", "--commit: only letters"},
+        {1, "--json-out=", NULL, "--json-out: empty path"},
+        {1, "bench", NULL, "unknown option 'bench'"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        int r = bad[i].n == 1 ? parse(&o, err, sizeof err, 1, bad[i].a)
+                              : parse(&o, err, sizeof err, 2, bad[i].a, bad[i].b);
+        cr_expect_eq(r, -1, "%s %s", bad[i].a, bad[i].b ? bad[i].b : "");
+        cr_expect(strncmp(err, bad[i].msg, strlen(bad[i].msg)) == 0, "got '%s', want '%s...'", err,
+                  bad[i].msg);
+        cr_expect(strchr(err, '\n') == NULL);
+    }
+}
+
+/* ----------------------------------------------------------- file names */
+Test(bench_names, slug_and_result_name)
+{
+    char s[64];
+    kdlb_slug("NVIDIA H100 80GB HBM3", s, sizeof s);
+    cr_expect_str_eq(s, "NVIDIA-H100-80GB-HBM3");
+    kdlb_slug("  NVIDIA  H200 (SXM)/x ", s, sizeof s);
+    cr_expect_str_eq(s, "NVIDIA-H200-SXM-x");
+    kdlb_slug(" -- ", s, sizeof s);
+    cr_expect_str_eq(s, "unknown");
+    kdlb_slug("ABCDEFGHIJ", s, 5);
+    cr_expect_str_eq(s, "ABCD");
+    char name[256];
+    kdlb_result_name("2026-11-23", "NVIDIA H100 80GB HBM3", "abc1234", name, sizeof name);
+    cr_expect_str_eq(name, "2026-11-23-NVIDIA-H100-80GB-HBM3-abc1234.json");
+}
+
+Test(bench_table, prints_a_line_per_row)
+{
+    kdlb_row_t rows[2];
+    kdlb_row_init(&rows[0]);
+    rows[0].divergence = "fkl";
+    rows[0].dtype = "bf16";
+    rows[0].rows = 8192;
+    rows[0].vocab = 151936;
+    rows[0].status = "ok";
+    rows[0].ms = 2.5;
+    rows[0].gb_per_s = 2987.18;
+    rows[0].fraction_of_copy_bandwidth = 0.9957;
+    kdlb_row_init(&rows[1]);
+    rows[1].divergence = "akl";
+    rows[1].head_rule = "mass";
+    rows[1].dtype = "f32";
+    rows[1].status = "not_implemented";
+    FILE *f = tmpfile();
+    kdlb_print_table(f, rows, 2, 3000.0);
+    rewind(f);
+    char line[4][256];
+    int n = 0;
+    while (n < 4 && fgets(line[n], sizeof line[n], f)) n++;
+    fclose(f);
+    cr_assert_eq(n, 4);
+    cr_expect(strstr(line[0], "GB/s") != NULL);
+    cr_expect(strstr(line[1], "8192x151936") && strstr(line[1], "2987.2") && strstr(line[1], "99.6"),
+              "%s", line[1]);
+    cr_expect(strstr(line[2], "mass") && strstr(line[2], "not_implemented"), "%s", line[2]);
+    cr_expect(strstr(line[3], "3000.0 GB/s") != NULL, "%s", line[3]);
+}
+
+/* --------------------------------------------- the command without a GPU */
+static int run_cli(const char *args, char *out, size_t outlen, char *errtxt, size_t errlen)
+{
+    char o[512], e[512], cmd[2048];
+    snprintf(o, sizeof o, "%s/bench_cli_%d.out", KDL_TEST_TMPDIR, (int)getpid());
+    snprintf(e, sizeof e, "%s/bench_cli_%d.err", KDL_TEST_TMPDIR, (int)getpid());
+    snprintf(cmd, sizeof cmd, "'%s' bench %s >'%s' 2>'%s' </dev/null", KDL_CLI_PATH, args, o, e);
+    int st = system(cmd);
+    const char *paths[2] = {o, e};
+    char *bufs[2] = {out, errtxt};
+    size_t lens[2] = {outlen, errlen};
+    for (int k = 0; k < 2; k++) {
+        FILE *f = fopen(paths[k], "r");
+        size_t n = f ? fread(bufs[k], 1, lens[k] - 1, f) : 0;
+        bufs[k][n] = '\0';
+        if (f) fclose(f);
+        remove(paths[k]);
+    }
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(bench_cli, no_gpu_exits_2_with_one_line)
+{
+    KDL_SKIP_IF_GPU_PRESENT();
+    char out[4096], err[4096];
+    int rc = run_cli("--quick", out, sizeof out, err, sizeof err);
+    cr_expect_eq(rc, 2);
+    cr_expect_str_eq(err, "kdloss bench: no CUDA device found\n");
+    cr_expect_str_eq(out, "");
+    /* JSON requested: still nothing written */
+    char path[512], args[600];
+    snprintf(path, sizeof path, "%s/bench_nogpu_%d.json", KDL_TEST_TMPDIR, (int)getpid());
+    snprintf(args, sizeof args, "--json-out '%s'", path);
+    rc = run_cli(args, out, sizeof out, err, sizeof err);
+    cr_expect_eq(rc, 2);
+    cr_expect(access(path, F_OK) != 0);
+}
+
+Test(bench_cli, bad_option_exits_2_with_one_line)
+{
+    char out[4096], err[4096];
+    int rc = run_cli("--repeats 0", out, sizeof out, err, sizeof err);
+    cr_expect_eq(rc, 2);
+    cr_expect(strncmp(err, "kdloss bench: --repeats: ", 25) == 0, "%s", err);
+    cr_expect(strchr(err, '\n') == err + strlen(err) - 1, "one line: %s", err);
+    cr_expect_str_eq(out, "");
+    rc = run_cli("--shapes 4096", out, sizeof out, err, sizeof err);
+    cr_expect_eq(rc, 2);
+    cr_expect(strncmp(err, "kdloss bench: --shapes: bad shape '4096'", 40) == 0, "%s", err);
+}
+
+Test(bench_cli, help_goes_to_stdout)
+{
+    char out[8192], err[1024];
+    int rc = run_cli("--help", out, sizeof out, err, sizeof err);
+    cr_expect_eq(rc, 0);
+    cr_expect(strncmp(out, "usage: kdloss bench", 19) == 0, "%s", out);
+    cr_expect(strstr(out, "--json-out") != NULL);
+    cr_expect_str_eq(err, "");
+}
