@@ -12,4 +12,8 @@ int kdl_cli_sinkhorn(int argc, char **argv); /* host/cli_sinkhorn.c */
 int kdl_cli_sinkd(int argc, char **argv);    /* host/cli_sinkhorn.c */
 int kdl_cli_bench(int argc, char **argv);    /* host/cli_bench.c    */
 
+int kdl_cli_sparse_loss(int argc, char **argv);  /* host/cli_ext.c     */
+int kdl_cli_fused_linear(int argc, char **argv); /* host/cli_ext.c     */
+int kdl_cli_shard_check(int argc, char **argv);  /* host/cli_ext.c     */
+
 #endif

@@ -17,6 +17,9 @@ static const struct {
     {"sinkd", kdl_cli_sinkd, "SinKD batch-wise Sinkhorn distillation loss"},
     {"bench", kdl_cli_bench, "time the fused kernels on this GPU"},
     {"demo", kdl_cli_demo, "every divergence on an embedded 32k-vocabulary example"},
+    {"sparse-loss", kdl_cli_sparse_loss, "loss against a sparse top-k teacher (indices + log-probs)"},
+    {"fused-linear", kdl_cli_fused_linear, "loss from hidden states and output weights: dH, dW"},
+    {"shard-check", kdl_cli_shard_check, "vocabulary-parallel protocol over K in-process shards vs unsharded"},
 };
 
 static void usage(FILE *f)

@@ -31,6 +31,15 @@ int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem)
     return (uint64_t)n <= (uint64_t)SIZE_MAX / elem;
 }
 
+static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+size_t kdl_ext_fused_workspace_bytes(int64_t chunk, int64_t vocab)
+{
+    if (chunk <= 0 || vocab <= 0) return 256;
+    if ((uint64_t)chunk > (SIZE_MAX / 8 - 1024) / (uint64_t)vocab) return 0;
+    return align256((size_t)chunk * (size_t)vocab * 4) + align256((size_t)chunk * (sizeof(double) + 1)) + 256;
+}
+
 static const char *const mode_names[KDL_SPARSE_MODE_COUNT_] = {"renormalised", "tail"};
 
 const char *kdl_sparse_mode_name(kdl_sparse_mode_t m)

@@ -29,6 +29,12 @@ kdl_status_t kdl_ext_validate_desc(const kdl_loss_desc_t *desc, int64_t vocab, k
 
 /* 1 when (rows - 1) * ld + cols elements of elem bytes fit int64 and size_t. */
 int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem);
+
+/* Device workspace of the fused linear + loss GPU path for a chunk of
+ * `chunk` rows: the float32 logits / dlogits chunk [chunk, V], the per-row
+ * losses [chunk] (double) and row classes [chunk] (bytes), and 256 bytes of per-call accumulators, each
+ * 256-byte aligned.  0 on size_t overflow. */
+size_t kdl_ext_fused_workspace_bytes(int64_t chunk, int64_t vocab);
 #endif
 
 /* Teacher-order key of a logit of the given byte width (2, 4 or 8) from its
@@ -131,6 +137,21 @@ static inline kdl_shard_phase_t kdl_shard_phase_of(int akl, kdl_dtype_t teacher_
 /* Argument check of a shard step (both paths). */
 kdl_status_t kdl_shard_validate(const kdl_loss_desc_t *desc, const kdl_shard_args_t *args, int allow_f64);
 #endif
+
+/* The (op, count) a step returns: the same on both paths and every shard. */
+static inline void kdl_shard_op_count(int akl, kdl_dtype_t teacher_dtype, int64_t rows, int64_t num_shards, int step,
+                                      kdl_shard_op_t *op, int64_t *count)
+{
+    int digit;
+    switch (kdl_shard_phase_of(akl, teacher_dtype, step, &digit)) {
+    case KDL_SHARD_PH_MAX: *op = KDL_SHARD_OP_MAX; *count = 3 * rows; return;
+    case KDL_SHARD_PH_NORM: *op = KDL_SHARD_OP_SUM; *count = (akl ? 2 + 2 * KDL_SHARD_BINS : 2) * rows; return;
+    case KDL_SHARD_PH_DIGIT: *op = KDL_SHARD_OP_SUM; *count = 2 * KDL_SHARD_BINS * rows; return;
+    case KDL_SHARD_PH_TIE: *op = KDL_SHARD_OP_SUM; *count = num_shards * rows; return;
+    case KDL_SHARD_PH_PARTIAL: *op = KDL_SHARD_OP_SUM; *count = KDL_SHARD_PARTIAL_FIELDS * rows; return;
+    case KDL_SHARD_PH_FINISH: *op = KDL_SHARD_OP_DONE; *count = 0; return;
+    }
+}
 
 /* Boundary search over one reduced histogram (count[b], raw mass[b] relative
  * to m_t; normalised by z_t): advances count_before / mass_before over the

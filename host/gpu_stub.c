@@ -69,3 +69,42 @@ kdl_status_t kdl_sinkd(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sink
     if (st != KDL_STATUS_SUCCESS) return st;
     return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
 }
+
+/* ---- extensions (kdloss_ext.h): argument checks, then NO_DEVICE */
+#include "ext_internal.h"
+
+kdl_status_t kdl_sparse_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_sparse_args_t *a,
+                                       size_t *bytes)
+{
+    if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
+    kdl_status_t st = kdl_sparse_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_sparse_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, void *ws,
+                             size_t wsb)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_status_t st = kdl_sparse_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_shard_step(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_shard_args_t *a, int step,
+                            kdl_shard_op_t *op, int64_t *count)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_status_t st = kdl_shard_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d,
+                                             const kdl_fused_linear_args_t *a, size_t *bytes)
+{
+    if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
+    kdl_status_t st = kdl_fused_linear_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}
+kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
+                                   void *ws, size_t wsb)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_status_t st = kdl_fused_linear_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+}

@@ -1,0 +1,1080 @@
+/*
+ * host/cli_ext.c - the subcommands of the extensions (kdloss_ext.h):
+ *
+ *   kdloss sparse-loss   loss against a top-k sparse teacher (indices + log-probs)
+ *   kdloss fused-linear  loss from hidden states and output weights, dH and dW
+ *   kdloss shard-check   the vocabulary-parallel protocol over K shards run
+ *                        in-process, compared with the unsharded loss
+ *
+ * Conventions of every subcommand (host/cli.h, host/cli_util.h): flags
+ * checked before any file is read, one JSON object on stdout, errors as one
+ * line on stderr with exit 2 (bad usage or input) or 1 (a failure while
+ * computing or writing), output files written atomically and only by a run
+ * that succeeds.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "cli_util.h"
+#include "ext_internal.h"
+#include "internal.h"
+#include "kdloss/kdloss.h"
+#include "kdloss/kdloss_ext.h"
+#include "kdloss/kdloss_ref.h"
+
+#ifdef KDL_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+/* ------------------------------------------------- shared loss options */
+
+enum {
+    L_DIVERGENCE, L_LABELS, L_IGNORE_INDEX, L_TEMPERATURE, L_ALPHA, L_BETA, L_HEAD_RULE, L_MU, L_TOP_K,
+    L_REDUCTION, L_SCALE, L_BACKEND, L_COUNT
+};
+
+#define LOSS_OPTS                                                                                              \
+    {"--divergence", 1, NULL}, {"--labels", 1, NULL}, {"--ignore-index", 1, NULL}, {"--temperature", 1, NULL}, \
+        {"--alpha", 1, NULL}, {"--beta", 1, NULL}, {"--head-rule", 1, NULL}, {"--mu", 1, NULL},                \
+        {"--top-k", 1, NULL}, {"--reduction", 1, NULL}, {"--scale", 1, NULL}, {"--backend", 1, NULL}
+
+static const char loss_usage[] =
+    "loss options (as kdloss loss)\n"
+    "  --divergence NAME    fkl (default) rkl fkl_rkl akl jsd tvd skl srkl\n"
+    "  --labels FILE        optional .npy int64 [N]; rows whose label is the ignore\n"
+    "                       index are ignored.  --ignore-index I (default -100)\n"
+    "  --temperature T      > 0, default 1     --scale X  finite, default 1\n"
+    "  --alpha A            skl/srkl, [0, 1), default 0.1\n"
+    "  --beta B             jsd, (0, 1), default 0.5\n"
+    "  --head-rule RULE     akl: reference (default), mass, topk\n"
+    "  --mu M               akl head mass, (0, 1), default 0.5\n"
+    "  --top-k K            akl topk head size, default 1\n"
+    "  --reduction R        none, sum, mean (default)\n"
+    "  --backend B          auto (default: cuda when a device is present and the\n"
+    "                       inputs are not float64, else cpu), cpu, cuda\n"
+    "\n"
+    "Errors: one line on stderr, exit 2 for bad usage or input, 1 for a failure\n"
+    "while computing or writing; a failed run writes no file.  JSON numbers have\n"
+    "17 significant digits; NaN is null, +-inf the strings \"inf\" / \"-inf\".\n";
+
+static int parse_loss_opts(const char *cmd, const kdl_cli_opt_t *o, kdl_loss_desc_t *d, int *backend)
+{
+    int v = 0, rc = 0;
+    if (o[L_DIVERGENCE].value) {
+        rc = kdl_cli_parse_choice(cmd, "--divergence", o[L_DIVERGENCE].value, kdl_divergence_from_name,
+                                  "fkl|rkl|fkl_rkl|akl|jsd|tvd|skl|srkl", &v);
+        d->divergence = (kdl_divergence_t)v;
+    }
+    if (!rc && o[L_HEAD_RULE].value) {
+        rc = kdl_cli_parse_choice(cmd, "--head-rule", o[L_HEAD_RULE].value, kdl_head_rule_from_name,
+                                  "reference|mass|topk", &v);
+        d->head_rule = (kdl_head_rule_t)v;
+    }
+    if (!rc && o[L_REDUCTION].value) {
+        rc = kdl_cli_parse_choice(cmd, "--reduction", o[L_REDUCTION].value, kdl_reduction_from_name,
+                                  "none|sum|mean", &v);
+        d->reduction = (kdl_reduction_t)v;
+    }
+    *backend = KDL_CLI_BACKEND_AUTO;
+    if (!rc && o[L_BACKEND].value)
+        rc = kdl_cli_parse_choice(cmd, "--backend", o[L_BACKEND].value, kdl_cli_backend_from_name, "auto|cpu|cuda",
+                                  backend);
+    if (!rc && o[L_TEMPERATURE].value)
+        rc = kdl_cli_parse_double(cmd, "--temperature", o[L_TEMPERATURE].value, 0, 0, INFINITY, 0, &d->temperature);
+    if (!rc && o[L_ALPHA].value) rc = kdl_cli_parse_double(cmd, "--alpha", o[L_ALPHA].value, 0, 1, 1, 0, &d->alpha);
+    if (!rc && o[L_BETA].value) rc = kdl_cli_parse_double(cmd, "--beta", o[L_BETA].value, 0, 0, 1, 0, &d->beta);
+    if (!rc && o[L_MU].value) rc = kdl_cli_parse_double(cmd, "--mu", o[L_MU].value, 0, 0, 1, 0, &d->mu);
+    if (!rc && o[L_SCALE].value)
+        rc = kdl_cli_parse_double(cmd, "--scale", o[L_SCALE].value, -INFINITY, 0, INFINITY, 0, &d->scale);
+    if (!rc && o[L_TOP_K].value) rc = kdl_cli_parse_int64(cmd, "--top-k", o[L_TOP_K].value, 1, INT64_MAX, &d->top_k);
+    if (!rc && o[L_IGNORE_INDEX].value)
+        rc = kdl_cli_parse_int64(cmd, "--ignore-index", o[L_IGNORE_INDEX].value, INT64_MIN, INT64_MAX,
+                                 &d->ignore_index);
+    return rc;
+}
+
+/* 2-D float matrix (or 1-D: one row when one_row_ok) from a loaded array. */
+static int check_float_matrix(const char *cmd, const char *flag, const char *path, const kdl_npy_array_t *a,
+                              int one_row_ok, int64_t *rows, int64_t *cols, kdl_dtype_t *dt)
+{
+    if (kdl_npy_to_kdl_dtype(a->dtype, dt) != 0) {
+        kdl_cli_error(cmd, "%s %s: must be float16, float32 or float64, got %s", flag, path,
+                      kdl_npy_dtype_name(a->dtype));
+        return 2;
+    }
+    if (!(a->ndim == 2 || (one_row_ok && a->ndim == 1))) {
+        kdl_cli_error(cmd, "%s %s: must be 2-D%s, got %d-D", flag, path, one_row_ok ? " (or 1-D for one row)" : "",
+                      a->ndim);
+        return 2;
+    }
+    *rows = a->ndim == 1 ? 1 : a->shape[0];
+    *cols = a->shape[a->ndim - 1];
+    if (*cols < 1) {
+        kdl_cli_error(cmd, "%s %s: the last dimension is empty", flag, path);
+        return 2;
+    }
+    if ((uint64_t)a->count > SIZE_MAX / sizeof(double)) {
+        kdl_cli_error(cmd, "%s %s: too large", flag, path);
+        return 2;
+    }
+    return 0;
+}
+
+static int check_labels(const char *cmd, const char *path, const kdl_npy_array_t *l, int64_t rows)
+{
+    if (l->dtype != KDL_NPY_I64 || l->ndim != 1 || l->shape[0] != rows) {
+        kdl_cli_error(cmd, "--labels %s: labels must be int64 [%lld] (one per row)", path, (long long)rows);
+        return 2;
+    }
+    return 0;
+}
+
+/* Which backend runs: returns 1 for cuda, 0 for cpu, or -(exit code). */
+static int pick_backend(const char *cmd, int backend, int any_f64)
+{
+    if (backend == KDL_CLI_BACKEND_CUDA) {
+        if (!kdl_device_available()) {
+            kdl_cli_error(cmd, "no CUDA device (use --backend cpu)");
+            return -2;
+        }
+        if (any_f64) {
+            kdl_cli_error(cmd, "float64 inputs need --backend cpu");
+            return -2;
+        }
+        return 1;
+    }
+    if (backend == KDL_CLI_BACKEND_CPU) return 0;
+    return (!any_f64 && kdl_device_available()) ? 1 : 0;
+}
+
+static void json_loss(kdl_json_t *j, const kdl_loss_desc_t *d, const double *loss, int64_t rows)
+{
+    if (d->reduction == KDL_REDUCTION_NONE)
+        kdl_json_number_array(j, "loss", loss, rows);
+    else
+        kdl_json_number(j, "loss", loss[0]);
+}
+
+#ifdef KDL_HAVE_CUDA
+static kdl_status_t sync_and_check(kdl_handle_t h)
+{
+    kdl_stream_t s = NULL;
+    kdl_get_stream(h, &s);
+    cudaError_t e = cudaStreamSynchronize((cudaStream_t)s);
+    if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaStreamSynchronize: %s", cudaGetErrorString(e));
+    return KDL_STATUS_SUCCESS;
+}
+#endif
+
+/* ====================================================== sparse-loss */
+
+#define SCMD "sparse-loss"
+
+static const char sparse_usage[] =
+    "usage: kdloss sparse-loss --student S.npy --teacher-indices I.npy\n"
+    "                          --teacher-logprobs P.npy --mode renormalised|tail [options]\n"
+    "\n"
+    "Distillation loss against a sparse (top-k) teacher: student logits S [N, V]\n"
+    "(or [V]), teacher indices I int64 [N, k] (or [k]) and log-probabilities P\n"
+    "float [N, k] at the distillation temperature.  Modes (docs/extensions.md):\n"
+    "  renormalised  teacher renormalised on its support, student full-vocabulary;\n"
+    "                fkl jsd tvd skl srkl\n"
+    "  tail          k support cells plus a bucket with the remaining mass; every\n"
+    "                divergence (akl: head within the support)\n"
+    "An index outside [0, V) or repeated within a row is a usage error here (exit 2,\n"
+    "the row and position named); the library itself counts such a row invalid.\n"
+    "\n"
+    "  --grad-out FILE      d loss / d student, the student's shape (float64 with\n"
+    "                       cpu, the student's dtype with cuda)\n"
+    "\n"
+    "JSON keys: mode, divergence, reduction, backend, rows, vocab, k, loss,\n"
+    "valid_rows, invalid_rows.\n\n";
+
+enum { S_STUDENT = L_COUNT, S_INDICES, S_LOGPROBS, S_MODE, S_GRAD_OUT, S_COUNT };
+
+#ifdef KDL_HAVE_CUDA
+static kdl_status_t sparse_cuda(const kdl_loss_desc_t *d, const kdl_sparse_args_t *ha, size_t s_bytes,
+                                size_t i_bytes, size_t p_bytes)
+{
+    kdl_status_t st = kdl_sparse_validate(d, ha, 0);
+    if (st) return st;
+    kdl_handle_t h = NULL;
+    st = kdl_create(&h);
+    if (st) return st;
+    kdl_cli_gpu_pool_t pool = {{0}, 0};
+    kdl_sparse_args_t da = *ha;
+    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)ha->rows : 1;
+    size_t g_bytes = ha->grad ? (size_t)ha->rows * (size_t)ha->vocab * kdl_dtype_size(ha->grad_dtype) : 0;
+    void *ws = NULL;
+    size_t wsb = 0;
+    st = kdl_cli_gpu_upload(&pool, ha->student, s_bytes, (void **)&da.student);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_indices, i_bytes, (void **)&da.teacher_indices);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_logprobs, p_bytes, (void **)&da.teacher_logprobs);
+    if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
+    if (!st && ha->grad) st = kdl_cli_gpu_alloc(&pool, g_bytes, &da.grad);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &da.loss);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.info);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.valid_rows);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.bad_index_rows);
+    if (!st) st = kdl_sparse_workspace_size(h, d, &da, &wsb);
+    if (!st && wsb) st = kdl_cli_gpu_alloc(&pool, wsb, &ws);
+    if (!st) st = kdl_sparse_loss(h, d, &da, ws, wsb);
+    if (!st) st = sync_and_check(h);
+    if (!st && ha->grad) st = kdl_cli_gpu_download(ha->grad, da.grad, g_bytes);
+    if (!st) st = kdl_cli_gpu_download(ha->loss, da.loss, nl * 8);
+    if (!st) st = kdl_cli_gpu_download(ha->info, da.info, 8);
+    if (!st) st = kdl_cli_gpu_download(ha->valid_rows, da.valid_rows, 8);
+    kdl_cli_gpu_pool_free(&pool);
+    kdl_destroy(h);
+    return st;
+}
+#endif
+
+int kdl_cli_sparse_loss(int argc, char **argv)
+{
+    kdl_cli_opt_t o[S_COUNT] = {LOSS_OPTS,
+                                {"--student", 1, NULL},
+                                {"--teacher-indices", 1, NULL},
+                                {"--teacher-logprobs", 1, NULL},
+                                {"--mode", 1, NULL},
+                                {"--grad-out", 1, NULL}};
+    int help = 0, backend = 0, mode = 0;
+    kdl_cli_ignore_sigpipe();
+    int rc = kdl_cli_parse_options(SCMD, argc, argv, o, S_COUNT, &help);
+    if (rc) return rc;
+    if (help) {
+        fputs(sparse_usage, stdout);
+        fputs(loss_usage, stdout);
+        return kdl_cli_finish_stdout(SCMD);
+    }
+    const int required[] = {S_STUDENT, S_INDICES, S_LOGPROBS, S_MODE};
+    for (size_t k = 0; k < 4; k++)
+        if (!o[required[k]].value) {
+            kdl_cli_error(SCMD, "%s is required (see kdloss sparse-loss --help)", o[required[k]].name);
+            return 2;
+        }
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    rc = parse_loss_opts(SCMD, o, &d, &backend);
+    if (!rc) rc = kdl_cli_parse_choice(SCMD, "--mode", o[S_MODE].value, kdl_sparse_mode_from_name, "renormalised|tail", &mode);
+    const char *grad_out = o[S_GRAD_OUT].value;
+    if (!rc && grad_out && !grad_out[0]) {
+        kdl_cli_error(SCMD, "--grad-out needs a file name");
+        rc = 2;
+    }
+    if (!rc && !kdl_sparse_supports((kdl_sparse_mode_t)mode, d.divergence)) {
+        kdl_cli_error(SCMD, "--divergence %s is not defined in --mode %s (use --mode tail)",
+                      kdl_divergence_name(d.divergence), kdl_sparse_mode_name((kdl_sparse_mode_t)mode));
+        rc = 2;
+    }
+    if (rc) return rc;
+
+    kdl_npy_array_t S = {0}, I = {0}, P = {0}, L = {0};
+    int64_t N = 0, V = 0, Ni = 0, k = 0, Np = 0, kp = 0;
+    kdl_dtype_t sdt = KDL_DTYPE_F32, pdt = KDL_DTYPE_F32;
+    double *loss = NULL;
+    void *grad = NULL;
+    rc = kdl_cli_load_npy(SCMD, "--student", o[S_STUDENT].value, &S);
+    if (!rc) rc = check_float_matrix(SCMD, "--student", o[S_STUDENT].value, &S, 1, &N, &V, &sdt);
+    if (!rc) rc = kdl_cli_load_npy(SCMD, "--teacher-indices", o[S_INDICES].value, &I);
+    if (!rc && (I.dtype != KDL_NPY_I64 || (I.ndim != 2 && I.ndim != 1) || I.shape[I.ndim - 1] < 1)) {
+        kdl_cli_error(SCMD, "--teacher-indices %s: must be int64 [N, k] (or [k])", o[S_INDICES].value);
+        rc = 2;
+    }
+    if (!rc) {
+        Ni = I.ndim == 1 ? 1 : I.shape[0];
+        k = I.shape[I.ndim - 1];
+    }
+    if (!rc) rc = kdl_cli_load_npy(SCMD, "--teacher-logprobs", o[S_LOGPROBS].value, &P);
+    if (!rc) rc = check_float_matrix(SCMD, "--teacher-logprobs", o[S_LOGPROBS].value, &P, 1, &Np, &kp, &pdt);
+    if (!rc && (Ni != N || Np != N || kp != k)) {
+        kdl_cli_error(SCMD, "shapes disagree: student has %lld rows, indices [%lld, %lld], log-probs [%lld, %lld]",
+                      (long long)N, (long long)Ni, (long long)k, (long long)Np, (long long)kp);
+        rc = 2;
+    }
+    if (!rc && (k > V || k > KDL_SPARSE_MAX_K)) {
+        kdl_cli_error(SCMD, "k = %lld must be at most min(V = %lld, %d)", (long long)k, (long long)V, KDL_SPARSE_MAX_K);
+        rc = 2;
+    }
+    if (!rc && kdl_sparse_check_indices(N, V, k, (const int64_t *)I.data, k) != KDL_STATUS_SUCCESS) {
+        kdl_cli_error(SCMD, "--teacher-indices %s: %s", o[S_INDICES].value, kdl_get_last_error());
+        rc = 2;
+    }
+    if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(SCMD, "--labels", o[L_LABELS].value, &L);
+    if (!rc && o[L_LABELS].value) rc = check_labels(SCMD, o[L_LABELS].value, &L, N);
+    int use_cuda = 0;
+    if (!rc) {
+        int b = pick_backend(SCMD, backend, sdt == KDL_DTYPE_F64 || pdt == KDL_DTYPE_F64);
+        if (b < 0) rc = -b;
+        use_cuda = b == 1;
+    }
+    size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
+    if (!rc) {
+        loss = (double *)calloc(nl, sizeof(double));
+        grad = grad_out ? calloc((size_t)(N * V > 0 ? N * V : 1), sizeof(double)) : NULL;
+        if (!loss || (grad_out && !grad)) {
+            kdl_cli_error(SCMD, "out of memory");
+            rc = 1;
+        }
+    }
+    int64_t invalid = 0, valid = 0, bad = 0;
+    const char *ran = "cpu";
+    kdl_dtype_t gdt = KDL_DTYPE_F64;
+    if (!rc) {
+        kdl_sparse_args_t a;
+        kdl_sparse_args_init(&a);
+        a.mode = (kdl_sparse_mode_t)mode;
+        a.rows = N;
+        a.vocab = V;
+        a.k = k;
+        a.student = S.data;
+        a.ld_student = V;
+        a.student_dtype = sdt;
+        a.teacher_indices = (const int64_t *)I.data;
+        a.ld_indices = k;
+        a.teacher_logprobs = P.data;
+        a.ld_logprobs = k;
+        a.teacher_dtype = pdt;
+        a.labels = o[L_LABELS].value ? (const int64_t *)L.data : NULL;
+        a.grad = grad;
+        a.ld_grad = V;
+        a.out_dtype = KDL_DTYPE_F64;
+        a.loss = loss;
+        a.info = &invalid;
+        a.valid_rows = &valid;
+        a.bad_index_rows = &bad;
+        kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
+#ifdef KDL_HAVE_CUDA
+        if (use_cuda) {
+            a.grad_dtype = gdt = sdt;
+            st = sparse_cuda(&d, &a, (size_t)S.count * kdl_dtype_size(sdt), (size_t)I.count * 8,
+                             (size_t)P.count * kdl_dtype_size(pdt));
+            ran = "cuda";
+            if (st != KDL_STATUS_SUCCESS && backend == KDL_CLI_BACKEND_CUDA) rc = kdl_cli_status_error(SCMD, st);
+        }
+#endif
+        (void)use_cuda;
+        if (!rc && st != KDL_STATUS_SUCCESS) {
+            a.grad_dtype = gdt = KDL_DTYPE_F64;
+            ran = "cpu";
+            st = kdl_ref_sparse_loss(&d, &a);
+            if (st != KDL_STATUS_SUCCESS) rc = kdl_cli_status_error(SCMD, st);
+        }
+    }
+    if (!rc && grad_out) {
+        int64_t shape[2] = {N, V};
+        kdl_npy_dtype_t nt = gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : gdt == KDL_DTYPE_F16 ? KDL_NPY_F16 : KDL_NPY_F32;
+        rc = kdl_cli_save_npy(SCMD, grad_out, nt, S.ndim, S.ndim == 1 ? shape + 1 : shape, grad);
+    }
+    if (!rc) {
+        kdl_json_t j;
+        kdl_json_init(&j, stdout);
+        kdl_json_object_begin(&j, NULL);
+        kdl_json_string(&j, "mode", kdl_sparse_mode_name((kdl_sparse_mode_t)mode));
+        kdl_json_string(&j, "divergence", kdl_divergence_name(d.divergence));
+        kdl_json_string(&j, "reduction", kdl_reduction_name(d.reduction));
+        kdl_json_string(&j, "backend", ran);
+        kdl_json_int(&j, "rows", N);
+        kdl_json_int(&j, "vocab", V);
+        kdl_json_int(&j, "k", k);
+        json_loss(&j, &d, loss, N);
+        kdl_json_int(&j, "valid_rows", valid);
+        kdl_json_int(&j, "invalid_rows", invalid);
+        kdl_json_object_end(&j);
+        kdl_json_finish(&j);
+        rc = kdl_cli_finish_stdout(SCMD);
+    }
+    free(loss);
+    free(grad);
+    kdl_npy_free(&S);
+    kdl_npy_free(&I);
+    kdl_npy_free(&P);
+    kdl_npy_free(&L);
+    return rc;
+}
+
+/* ===================================================== fused-linear */
+
+#define FCMD "fused-linear"
+
+static const char fused_usage[] =
+    "usage: kdloss fused-linear --hidden H.npy --weight W.npy --teacher T.npy [options]\n"
+    "\n"
+    "Distillation loss of the student logits H W^T (never materialised on the GPU\n"
+    "path: chunks of rows) against the teacher logits T, and its gradients with\n"
+    "respect to H and W.  H float [N, d], W float [V, d], T float [N, V].\n"
+    "\n"
+    "  --chunk-rows C          rows per chunk (GPU); default max(1, N/8), <= 4096\n"
+    "  --grad-hidden-out FILE  dH [N, d] (.npy; float64 with cpu, float32 with cuda)\n"
+    "  --grad-weight-out FILE  dW [V, d]\n"
+    "\n"
+    "JSON keys: divergence, reduction, backend, rows, hidden, vocab, chunk_rows,\n"
+    "loss, valid_rows, invalid_rows, and the GPU memory model: workspace_bytes\n"
+    "(extra device bytes of the chunked call) and logits_bytes (N x V x 4, the\n"
+    "float32 logits a non-fused call would materialise).  AKL runs on cpu only.\n\n";
+
+enum { F_HIDDEN = L_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_COUNT };
+
+/* float32 copy of a float array (the GPU path reads float32 H and W). */
+static float *to_f32(const kdl_npy_array_t *a, kdl_dtype_t dt)
+{
+    float *f = (float *)malloc((size_t)(a->count > 0 ? a->count : 1) * sizeof(float));
+    if (f)
+        for (int64_t i = 0; i < a->count; i++) f[i] = (float)kdl_load_as_double(a->data, dt, i);
+    return f;
+}
+
+#ifdef KDL_HAVE_CUDA
+static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
+{
+    kdl_status_t st = kdl_fused_linear_validate(d, ha, 0);
+    if (st) return st;
+    kdl_handle_t h = NULL;
+    st = kdl_create(&h);
+    if (st) return st;
+    kdl_cli_gpu_pool_t pool = {{0}, 0};
+    kdl_fused_linear_args_t da = *ha;
+    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)ha->rows : 1;
+    size_t hb = (size_t)ha->rows * (size_t)ha->hidden * 4, wb = (size_t)ha->vocab * (size_t)ha->hidden * 4;
+    void *ws = NULL;
+    size_t wsb = 0;
+    st = kdl_cli_gpu_upload(&pool, ha->hidden_states, hb, (void **)&da.hidden_states);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->weight, wb, (void **)&da.weight);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher, t_bytes, (void **)&da.teacher);
+    if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
+    if (!st && ha->grad_hidden) st = kdl_cli_gpu_alloc(&pool, hb, &da.grad_hidden);
+    if (!st && ha->grad_weight) st = kdl_cli_gpu_alloc(&pool, wb, &da.grad_weight);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &da.loss);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.info);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.valid_rows);
+    if (!st) st = kdl_fused_linear_workspace_size(h, d, &da, &wsb);
+    if (!st && wsb) st = kdl_cli_gpu_alloc(&pool, wsb, &ws);
+    if (!st) st = kdl_fused_linear_loss(h, d, &da, ws, wsb);
+    if (!st) st = sync_and_check(h);
+    if (!st && ha->grad_hidden) st = kdl_cli_gpu_download(ha->grad_hidden, da.grad_hidden, hb);
+    if (!st && ha->grad_weight) st = kdl_cli_gpu_download(ha->grad_weight, da.grad_weight, wb);
+    if (!st) st = kdl_cli_gpu_download(ha->loss, da.loss, nl * 8);
+    if (!st) st = kdl_cli_gpu_download(ha->info, da.info, 8);
+    if (!st) st = kdl_cli_gpu_download(ha->valid_rows, da.valid_rows, 8);
+    kdl_cli_gpu_pool_free(&pool);
+    kdl_destroy(h);
+    return st;
+}
+#endif
+
+int kdl_cli_fused_linear(int argc, char **argv)
+{
+    kdl_cli_opt_t o[F_COUNT] = {LOSS_OPTS,
+                                {"--hidden", 1, NULL},
+                                {"--weight", 1, NULL},
+                                {"--teacher", 1, NULL},
+                                {"--chunk-rows", 1, NULL},
+                                {"--grad-hidden-out", 1, NULL},
+                                {"--grad-weight-out", 1, NULL}};
+    int help = 0, backend = 0;
+    kdl_cli_ignore_sigpipe();
+    int rc = kdl_cli_parse_options(FCMD, argc, argv, o, F_COUNT, &help);
+    if (rc) return rc;
+    if (help) {
+        fputs(fused_usage, stdout);
+        fputs(loss_usage, stdout);
+        return kdl_cli_finish_stdout(FCMD);
+    }
+    const int required[] = {F_HIDDEN, F_WEIGHT, F_TEACHER};
+    for (size_t k = 0; k < 3; k++)
+        if (!o[required[k]].value) {
+            kdl_cli_error(FCMD, "%s is required (see kdloss fused-linear --help)", o[required[k]].name);
+            return 2;
+        }
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    rc = parse_loss_opts(FCMD, o, &d, &backend);
+    int64_t chunk = 0;
+    if (!rc && o[F_CHUNK].value) rc = kdl_cli_parse_int64(FCMD, "--chunk-rows", o[F_CHUNK].value, 1, INT64_MAX, &chunk);
+    const char *gh_out = o[F_GH_OUT].value, *gw_out = o[F_GW_OUT].value;
+    if (!rc && ((gh_out && !gh_out[0]) || (gw_out && !gw_out[0]))) {
+        kdl_cli_error(FCMD, "an output flag needs a file name");
+        rc = 2;
+    }
+    if (rc) return rc;
+
+    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0};
+    int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0;
+    kdl_dtype_t hdt = KDL_DTYPE_F32, wdt = KDL_DTYPE_F32, tdt = KDL_DTYPE_F32;
+    double *loss = NULL, *gh = NULL, *gw = NULL;
+    float *h32 = NULL, *w32 = NULL;
+    rc = kdl_cli_load_npy(FCMD, "--hidden", o[F_HIDDEN].value, &H);
+    if (!rc) rc = check_float_matrix(FCMD, "--hidden", o[F_HIDDEN].value, &H, 0, &N, &D, &hdt);
+    if (!rc) rc = kdl_cli_load_npy(FCMD, "--weight", o[F_WEIGHT].value, &W);
+    if (!rc) rc = check_float_matrix(FCMD, "--weight", o[F_WEIGHT].value, &W, 0, &V, &Dw, &wdt);
+    if (!rc) rc = kdl_cli_load_npy(FCMD, "--teacher", o[F_TEACHER].value, &T);
+    if (!rc) rc = check_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, &T, 0, &Nt, &Vt, &tdt);
+    if (!rc && (Dw != D || Nt != N || Vt != V)) {
+        kdl_cli_error(FCMD, "shapes disagree: hidden [%lld, %lld], weight [%lld, %lld], teacher [%lld, %lld]",
+                      (long long)N, (long long)D, (long long)V, (long long)Dw, (long long)Nt, (long long)Vt);
+        rc = 2;
+    }
+    if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(FCMD, "--labels", o[L_LABELS].value, &L);
+    if (!rc && o[L_LABELS].value) rc = check_labels(FCMD, o[L_LABELS].value, &L, N);
+    int use_cuda = 0;
+    if (!rc) {
+        int any_f64 = hdt == KDL_DTYPE_F64 || wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64;
+        if (backend == KDL_CLI_BACKEND_CUDA && d.divergence == KDL_DIV_AKL) {
+            kdl_cli_error(FCMD, "--divergence akl is not on the fused-linear GPU path (use --backend cpu)");
+            rc = 2;
+        } else {
+            int b = pick_backend(FCMD, backend, any_f64 || d.divergence == KDL_DIV_AKL);
+            if (b < 0) rc = -b;
+            use_cuda = b == 1;
+        }
+    }
+    size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
+    if (!rc) {
+        loss = (double *)calloc(nl, sizeof(double));
+        gh = gh_out ? (double *)calloc((size_t)(N * D > 0 ? N * D : 1), sizeof(double)) : NULL;
+        gw = gw_out ? (double *)calloc((size_t)(V * D), sizeof(double)) : NULL;
+        if (!loss || (gh_out && !gh) || (gw_out && !gw)) {
+            kdl_cli_error(FCMD, "out of memory");
+            rc = 1;
+        }
+    }
+    int64_t invalid = 0, valid = 0;
+    const char *ran = "cpu";
+    kdl_dtype_t gdt = KDL_DTYPE_F64;
+    kdl_fused_linear_args_t a;
+    kdl_fused_linear_args_init(&a);
+    if (!rc) {
+        a.rows = N;
+        a.hidden = D;
+        a.vocab = V;
+        a.hidden_states = H.data;
+        a.ld_hidden = D;
+        a.hidden_dtype = hdt;
+        a.weight = W.data;
+        a.ld_weight = D;
+        a.weight_dtype = wdt;
+        a.teacher = T.data;
+        a.ld_teacher = V;
+        a.teacher_dtype = tdt;
+        a.labels = o[L_LABELS].value ? (const int64_t *)L.data : NULL;
+        a.grad_hidden = gh;
+        a.ld_grad_hidden = D;
+        a.grad_weight = gw;
+        a.ld_grad_weight = D;
+        a.chunk_rows = chunk;
+        a.out_dtype = KDL_DTYPE_F64;
+        a.loss = loss;
+        a.info = &invalid;
+        a.valid_rows = &valid;
+        kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
+#ifdef KDL_HAVE_CUDA
+        if (use_cuda) {
+            h32 = to_f32(&H, hdt);
+            w32 = to_f32(&W, wdt);
+            if (!h32 || !w32) {
+                st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "float32 copies");
+            } else {
+                kdl_fused_linear_args_t g = a;
+                g.hidden_states = h32;
+                g.weight = w32;
+                g.hidden_dtype = g.weight_dtype = KDL_DTYPE_F32;
+                g.grad_dtype = KDL_DTYPE_F32;
+                st = fused_cuda(&d, &g, (size_t)T.count * kdl_dtype_size(tdt));
+            }
+            gdt = KDL_DTYPE_F32;
+            ran = "cuda";
+            if (st != KDL_STATUS_SUCCESS && backend == KDL_CLI_BACKEND_CUDA) rc = kdl_cli_status_error(FCMD, st);
+        }
+#endif
+        (void)use_cuda;
+        if (!rc && st != KDL_STATUS_SUCCESS) {
+            a.grad_dtype = gdt = KDL_DTYPE_F64;
+            ran = "cpu";
+            st = kdl_ref_fused_linear_loss(&d, &a);
+            if (st != KDL_STATUS_SUCCESS) rc = kdl_cli_status_error(FCMD, st);
+        }
+    }
+    kdl_npy_dtype_t nt = gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : KDL_NPY_F32;
+    if (!rc && gh_out) {
+        int64_t shape[2] = {N, D};
+        rc = kdl_cli_save_npy(FCMD, gh_out, nt, 2, shape, gh);
+    }
+    if (!rc && gw_out) {
+        int64_t shape[2] = {V, D};
+        rc = kdl_cli_save_npy(FCMD, gw_out, nt, 2, shape, gw);
+    }
+    if (!rc) {
+        kdl_json_t j;
+        kdl_json_init(&j, stdout);
+        kdl_json_object_begin(&j, NULL);
+        kdl_json_string(&j, "divergence", kdl_divergence_name(d.divergence));
+        kdl_json_string(&j, "reduction", kdl_reduction_name(d.reduction));
+        kdl_json_string(&j, "backend", ran);
+        kdl_json_int(&j, "rows", N);
+        kdl_json_int(&j, "hidden", D);
+        kdl_json_int(&j, "vocab", V);
+        kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(&a));
+        json_loss(&j, &d, loss, N);
+        kdl_json_int(&j, "valid_rows", valid);
+        kdl_json_int(&j, "invalid_rows", invalid);
+        kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(kdl_fused_linear_chunk_rows(&a), V));
+        kdl_json_int(&j, "logits_bytes", N * V * 4);
+        kdl_json_object_end(&j);
+        kdl_json_finish(&j);
+        rc = kdl_cli_finish_stdout(FCMD);
+    }
+    free(loss);
+    free(gh);
+    free(gw);
+    free(h32);
+    free(w32);
+    kdl_npy_free(&H);
+    kdl_npy_free(&W);
+    kdl_npy_free(&T);
+    kdl_npy_free(&L);
+    return rc;
+}
+
+/* ====================================================== shard-check */
+
+#define KCMD "shard-check"
+#define MAX_SHARDS 4096
+
+static const char shard_usage[] =
+    "usage: kdloss shard-check --student S.npy --teacher T.npy --shards K [options]\n"
+    "\n"
+    "Runs the vocabulary-parallel protocol (kdl_*shard_step) over K shards in this\n"
+    "process, doing the all-reduces itself, and compares the result with the\n"
+    "unsharded float64 reference.  S, T float [N, V] (or [V]).\n"
+    "\n"
+    "  --shards K           1 <= K <= min(V, 4096)\n"
+    "  --split W1,W2,...    slice widths (K of them, summing to V); default even\n"
+    "                       (the first V mod K shards one column wider)\n"
+    "  --grad-out FILE      the sharded gradient, [N, V] float64 (cpu) / float32\n"
+    "\n"
+    "cpu runs the reference steps; cuda runs the GPU steps for every shard on the\n"
+    "one device, reducing on the host.  JSON keys: divergence, reduction, backend,\n"
+    "rows, vocab, shards, split, steps (the reduce op of each step), loss (sharded),\n"
+    "loss_unsharded, max_abs_diff_loss, max_abs_diff_grad, max_grad, valid_rows,\n"
+    "invalid_rows, and for akl head_size_mismatches (rows whose head size differs\n"
+    "from the unsharded reference's).\n\n";
+
+enum { K_STUDENT = L_COUNT, K_TEACHER, K_SHARDS, K_SPLIT, K_GRAD_OUT, K_COUNT };
+
+static int parse_split(const char *text, int64_t K, int64_t V, int64_t *w)
+{
+    if (!text) {
+        for (int64_t r = 0; r < K; r++) w[r] = V / K + (r < V % K);
+        return 0;
+    }
+    const char *p = text;
+    int64_t sum = 0;
+    for (int64_t r = 0; r < K; r++) {
+        char *end = NULL;
+        long long x = strtoll(p, &end, 10);
+        if (end == p || x < 1 || (r + 1 < K ? *end != ',' : *end != '\0')) {
+            kdl_cli_error(KCMD, "--split %s: need %lld positive widths separated by commas", text, (long long)K);
+            return 2;
+        }
+        w[r] = x;
+        sum += x;
+        p = end + 1;
+    }
+    if (sum != V) {
+        kdl_cli_error(KCMD, "--split %s: widths sum to %lld, the vocabulary is %lld", text, (long long)sum, (long long)V);
+        return 2;
+    }
+    return 0;
+}
+
+/* One in-process run of the protocol: shard r sees columns [off_r, off_r+w_r)
+ * of the row-major [N, V] inputs (views with ld = V).  Host pointers for the
+ * reference; device pointers (S, T, grad on the device) for cuda. */
+typedef struct shard_run {
+    const kdl_loss_desc_t *d;
+    int64_t N, V, K;
+    const int64_t *w;
+    kdl_dtype_t sdt, tdt, gdt;
+    const void *S, *T;
+    const int64_t *labels;
+    void *grad;      /* [N, V] of gdt */
+    double *loss;    /* nl doubles (host) */
+    int64_t *head_size;
+    int64_t invalid, valid;
+    int cuda;
+    int ops[64];
+    int nsteps;
+} shard_run_t;
+
+static kdl_status_t run_shards(shard_run_t *R)
+{
+    const int64_t K = R->K, N = R->N;
+    kdl_shard_args_t a;
+    kdl_shard_args_init(&a);
+    a.rows = N;
+    a.vocab = R->V;
+    a.num_shards = (int32_t)K;
+    a.student_dtype = R->sdt;
+    a.teacher_dtype = R->tdt;
+    a.grad_dtype = R->gdt;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.ld_student = a.ld_teacher = a.ld_grad = R->V;
+    size_t sb = 0, ec = 0;
+    int ns = 0;
+    kdl_status_t st = kdl_shard_sizes(R->d, &a, &sb, &ec, &ns);
+    if (st) return st;
+    if (ns > 64) return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "too many steps");
+    R->nsteps = ns;
+    size_t nl = R->d->reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
+    void **state = (void **)calloc((size_t)K, sizeof(void *));
+    double **ex = (double **)calloc((size_t)K, sizeof(double *));
+    double *acc = (double *)calloc(ec ? ec : 1, sizeof(double));
+    double *tmp = (double *)calloc(ec ? ec : 1, sizeof(double));
+    double *lossbuf = (double *)calloc(nl, sizeof(double));
+    if (!state || !ex || !acc || !tmp || !lossbuf) st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "shard buffers");
+#ifdef KDL_HAVE_CUDA
+    kdl_cli_gpu_pool_t pool = {{0}, 0};
+    kdl_handle_t h = NULL;
+    void *dloss = NULL, *dinfo = NULL, *dvalid = NULL, *dhs = NULL;
+    if (!st && R->cuda) {
+        st = kdl_create(&h);
+        if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &dloss);
+        if (!st) st = kdl_cli_gpu_alloc(&pool, 8, &dinfo);
+        if (!st) st = kdl_cli_gpu_alloc(&pool, 8, &dvalid);
+        if (!st && R->head_size) st = kdl_cli_gpu_alloc(&pool, (size_t)(N > 0 ? N : 1) * 8, &dhs);
+    }
+#endif
+    for (int64_t r = 0; !st && r < K; r++) {
+        if (R->cuda) {
+#ifdef KDL_HAVE_CUDA
+            st = kdl_cli_gpu_alloc(&pool, sb, &state[r]);
+            if (!st) st = kdl_cli_gpu_alloc(&pool, (ec ? ec : 1) * sizeof(double), (void **)&ex[r]);
+#endif
+        } else {
+            state[r] = calloc(1, sb);
+            ex[r] = (double *)calloc(ec ? ec : 1, sizeof(double));
+            if (!state[r] || !ex[r]) st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "shard state");
+        }
+    }
+    for (int step = 0; !st && step < ns; step++) {
+        kdl_shard_op_t op = KDL_SHARD_OP_DONE;
+        int64_t cnt = 0, off = 0;
+        for (int64_t r = 0; !st && r < K; r++) {
+            a.vocab_offset = off;
+            a.vocab_local = R->w[r];
+            a.shard_rank = (int32_t)r;
+            a.student = (const char *)R->S + off * (int64_t)kdl_dtype_size(R->sdt);
+            a.teacher = (const char *)R->T + off * (int64_t)kdl_dtype_size(R->tdt);
+            a.grad = R->grad ? (char *)R->grad + off * (int64_t)kdl_dtype_size(R->gdt) : NULL;
+            a.labels = R->labels;
+            a.state = state[r];
+            a.exchange = ex[r];
+            a.loss = lossbuf;
+            a.info = &R->invalid;
+            a.valid_rows = &R->valid;
+            a.stat_head_size = r == 0 ? R->head_size : NULL;
+#ifdef KDL_HAVE_CUDA
+            if (R->cuda) {
+                a.loss = dloss;
+                a.info = (int64_t *)dinfo;
+                a.valid_rows = (int64_t *)dvalid;
+                a.stat_head_size = r == 0 ? (int64_t *)dhs : NULL;
+                st = kdl_shard_step(h, R->d, &a, step, &op, &cnt);
+            } else
+#endif
+                st = kdl_ref_shard_step(R->d, &a, step, &op, &cnt);
+            off += R->w[r];
+        }
+        if (st) break;
+        R->ops[step] = (int)op;
+        if (op == KDL_SHARD_OP_DONE) break;
+        /* the all-reduce, done here */
+        for (int64_t r = 0; !st && r < K; r++) {
+            const double *src = ex[r];
+#ifdef KDL_HAVE_CUDA
+            if (R->cuda) {
+                st = kdl_cli_gpu_download(tmp, ex[r], (size_t)cnt * sizeof(double));
+                src = tmp;
+            }
+#endif
+            for (int64_t j = 0; j < cnt; j++)
+                acc[j] = r == 0 ? src[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], src[j]) : acc[j] + src[j];
+        }
+        for (int64_t r = 0; !st && r < K; r++) {
+#ifdef KDL_HAVE_CUDA
+            if (R->cuda) {
+                cudaError_t e = cudaMemcpy(ex[r], acc, (size_t)cnt * sizeof(double), cudaMemcpyHostToDevice);
+                if (e != cudaSuccess) st = kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaMemcpy: %s", cudaGetErrorString(e));
+                continue;
+            }
+#endif
+            memcpy(ex[r], acc, (size_t)cnt * sizeof(double));
+        }
+    }
+#ifdef KDL_HAVE_CUDA
+    if (!st && R->cuda) st = sync_and_check(h);
+    if (!st && R->cuda) st = kdl_cli_gpu_download(R->loss, dloss, nl * 8);
+    if (!st && R->cuda) st = kdl_cli_gpu_download(&R->invalid, dinfo, 8);
+    if (!st && R->cuda) st = kdl_cli_gpu_download(&R->valid, dvalid, 8);
+    if (!st && R->cuda && R->head_size) st = kdl_cli_gpu_download(R->head_size, dhs, (size_t)N * 8);
+    kdl_cli_gpu_pool_free(&pool);
+    kdl_destroy(h);
+#endif
+    if (!st && !R->cuda) memcpy(R->loss, lossbuf, nl * sizeof(double));
+    for (int64_t r = 0; !R->cuda && state && ex && r < K; r++) {
+        free(state[r]);
+        free(ex[r]);
+    }
+    free(state);
+    free(ex);
+    free(acc);
+    free(tmp);
+    free(lossbuf);
+    return st;
+}
+
+#ifdef KDL_HAVE_CUDA
+static kdl_status_t shard_cuda(shard_run_t *R, size_t s_bytes, size_t t_bytes, double *grad_host)
+{
+    kdl_cli_gpu_pool_t pool = {{0}, 0};
+    shard_run_t D = *R;
+    size_t gb = (size_t)R->N * (size_t)R->V * 4;
+    kdl_status_t st = kdl_cli_gpu_upload(&pool, R->S, s_bytes, (void **)&D.S);
+    if (!st) st = kdl_cli_gpu_upload(&pool, R->T, t_bytes, (void **)&D.T);
+    if (!st && R->labels) st = kdl_cli_gpu_upload(&pool, R->labels, (size_t)R->N * 8, (void **)&D.labels);
+    if (!st) st = kdl_cli_gpu_alloc(&pool, gb, &D.grad);
+    D.gdt = KDL_DTYPE_F32;
+    D.cuda = 1;
+    if (!st) st = run_shards(&D);
+    float *g32 = (float *)malloc(gb ? gb : 1);
+    if (!st && !g32) st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "gradient copy");
+    if (!st) st = kdl_cli_gpu_download(g32, D.grad, gb);
+    if (!st)
+        for (int64_t j = 0; j < R->N * R->V; j++) grad_host[j] = g32[j];
+    free(g32);
+    kdl_cli_gpu_pool_free(&pool);
+    if (!st) {
+        R->invalid = D.invalid;
+        R->valid = D.valid;
+        R->nsteps = D.nsteps;
+        memcpy(R->ops, D.ops, sizeof R->ops);
+    }
+    return st;
+}
+#endif
+
+int kdl_cli_shard_check(int argc, char **argv)
+{
+    kdl_cli_opt_t o[K_COUNT] = {LOSS_OPTS,
+                                {"--student", 1, NULL},
+                                {"--teacher", 1, NULL},
+                                {"--shards", 1, NULL},
+                                {"--split", 1, NULL},
+                                {"--grad-out", 1, NULL}};
+    int help = 0, backend = 0;
+    kdl_cli_ignore_sigpipe();
+    int rc = kdl_cli_parse_options(KCMD, argc, argv, o, K_COUNT, &help);
+    if (rc) return rc;
+    if (help) {
+        fputs(shard_usage, stdout);
+        fputs(loss_usage, stdout);
+        return kdl_cli_finish_stdout(KCMD);
+    }
+    const int required[] = {K_STUDENT, K_TEACHER, K_SHARDS};
+    for (size_t k = 0; k < 3; k++)
+        if (!o[required[k]].value) {
+            kdl_cli_error(KCMD, "%s is required (see kdloss shard-check --help)", o[required[k]].name);
+            return 2;
+        }
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    rc = parse_loss_opts(KCMD, o, &d, &backend);
+    int64_t K = 0;
+    if (!rc) rc = kdl_cli_parse_int64(KCMD, "--shards", o[K_SHARDS].value, 1, MAX_SHARDS, &K);
+    const char *grad_out = o[K_GRAD_OUT].value;
+    if (!rc && grad_out && !grad_out[0]) {
+        kdl_cli_error(KCMD, "--grad-out needs a file name");
+        rc = 2;
+    }
+    if (rc) return rc;
+
+    kdl_npy_array_t S = {0}, T = {0}, L = {0};
+    int64_t N = 0, V = 0, Nt = 0, Vt = 0;
+    kdl_dtype_t sdt = KDL_DTYPE_F32, tdt = KDL_DTYPE_F32;
+    int64_t *w = NULL, *hs = NULL, *hs_ref = NULL;
+    double *loss = NULL, *loss_ref = NULL, *grad = NULL, *grad_ref = NULL;
+    rc = kdl_cli_load_npy(KCMD, "--student", o[K_STUDENT].value, &S);
+    if (!rc) rc = check_float_matrix(KCMD, "--student", o[K_STUDENT].value, &S, 1, &N, &V, &sdt);
+    if (!rc) rc = kdl_cli_load_npy(KCMD, "--teacher", o[K_TEACHER].value, &T);
+    if (!rc) rc = check_float_matrix(KCMD, "--teacher", o[K_TEACHER].value, &T, 1, &Nt, &Vt, &tdt);
+    if (!rc && (Nt != N || Vt != V || S.ndim != T.ndim)) {
+        kdl_cli_error(KCMD, "student and teacher shapes differ");
+        rc = 2;
+    }
+    if (!rc && K > V) {
+        kdl_cli_error(KCMD, "--shards %lld exceeds the vocabulary %lld", (long long)K, (long long)V);
+        rc = 2;
+    }
+    if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(KCMD, "--labels", o[L_LABELS].value, &L);
+    if (!rc && o[L_LABELS].value) rc = check_labels(KCMD, o[L_LABELS].value, &L, N);
+    size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
+    size_t nv = (size_t)(N * V > 0 ? N * V : 1);
+    if (!rc) {
+        w = (int64_t *)calloc((size_t)K, sizeof(int64_t));
+        hs = (int64_t *)calloc((size_t)(N > 0 ? N : 1), sizeof(int64_t));
+        hs_ref = (int64_t *)calloc((size_t)(N > 0 ? N : 1), sizeof(int64_t));
+        loss = (double *)calloc(nl, sizeof(double));
+        loss_ref = (double *)calloc(nl, sizeof(double));
+        grad = (double *)calloc(nv, sizeof(double));
+        grad_ref = (double *)calloc(nv, sizeof(double));
+        if (!w || !hs || !hs_ref || !loss || !loss_ref || !grad || !grad_ref) {
+            kdl_cli_error(KCMD, "out of memory");
+            rc = 1;
+        }
+    }
+    if (!rc) rc = parse_split(o[K_SPLIT].value, K, V, w);
+    const int64_t *labels = o[L_LABELS].value ? (const int64_t *)L.data : NULL;
+    /* the unsharded reference */
+    int64_t invalid_ref = 0, valid_ref = 0;
+    if (!rc) {
+        kdl_loss_args_t la;
+        kdl_loss_args_init(&la);
+        la.rows = N;
+        la.vocab = V;
+        la.student = S.data;
+        la.ld_student = V;
+        la.student_dtype = sdt;
+        la.teacher = T.data;
+        la.ld_teacher = V;
+        la.teacher_dtype = tdt;
+        la.labels = labels;
+        la.grad = grad_ref;
+        la.ld_grad = V;
+        la.grad_dtype = KDL_DTYPE_F64;
+        la.out_dtype = KDL_DTYPE_F64;
+        la.loss = loss_ref;
+        la.stat_head_size = hs_ref;
+        la.info = &invalid_ref;
+        la.valid_rows = &valid_ref;
+        kdl_status_t st = kdl_ref_loss_forward_backward(&d, &la);
+        if (st) rc = kdl_cli_status_error(KCMD, st);
+    }
+    int use_cuda = 0;
+    if (!rc) {
+        int b = pick_backend(KCMD, backend, sdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64);
+        if (b < 0) rc = -b;
+        use_cuda = b == 1;
+    }
+    shard_run_t R;
+    memset(&R, 0, sizeof R);
+    const char *ran = "cpu";
+    kdl_npy_dtype_t gnt = KDL_NPY_F64;
+    if (!rc) {
+        R.d = &d;
+        R.N = N;
+        R.V = V;
+        R.K = K;
+        R.w = w;
+        R.sdt = sdt;
+        R.tdt = tdt;
+        R.gdt = KDL_DTYPE_F64;
+        R.S = S.data;
+        R.T = T.data;
+        R.labels = labels;
+        R.grad = grad;
+        R.loss = loss;
+        R.head_size = d.divergence == KDL_DIV_AKL ? hs : NULL;
+        kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
+#ifdef KDL_HAVE_CUDA
+        if (use_cuda) {
+            st = shard_cuda(&R, (size_t)S.count * kdl_dtype_size(sdt), (size_t)T.count * kdl_dtype_size(tdt), grad);
+            ran = "cuda";
+            gnt = KDL_NPY_F32;
+            if (st != KDL_STATUS_SUCCESS && backend == KDL_CLI_BACKEND_CUDA) rc = kdl_cli_status_error(KCMD, st);
+        }
+#endif
+        (void)use_cuda;
+        if (!rc && st != KDL_STATUS_SUCCESS) {
+            ran = "cpu";
+            gnt = KDL_NPY_F64;
+            R.cuda = 0;
+            st = run_shards(&R);
+            if (st) rc = kdl_cli_status_error(KCMD, st);
+        }
+    }
+    if (!rc && grad_out) {
+        int64_t shape[2] = {N, V};
+        if (gnt == KDL_NPY_F32) { /* the cuda gradient was float32: write it so */
+            float *g32 = (float *)malloc(nv * sizeof(float));
+            if (!g32) {
+                kdl_cli_error(KCMD, "out of memory");
+                rc = 1;
+            } else {
+                for (size_t j = 0; j < (size_t)(N * V); j++) g32[j] = (float)grad[j];
+                rc = kdl_cli_save_npy(KCMD, grad_out, gnt, S.ndim, S.ndim == 1 ? shape + 1 : shape, g32);
+                free(g32);
+            }
+        } else {
+            rc = kdl_cli_save_npy(KCMD, grad_out, gnt, S.ndim, S.ndim == 1 ? shape + 1 : shape, grad);
+        }
+    }
+    if (!rc) {
+        double dl = 0, dg = 0, gmax = 0;
+        for (size_t i = 0; i < nl; i++) {
+            if (isnan(loss[i]) && isnan(loss_ref[i])) continue;
+            double e = fabs(loss[i] - loss_ref[i]);
+            dl = (e > dl || isnan(e)) ? e : dl;
+        }
+        for (int64_t j = 0; j < N * V; j++) {
+            double e = fabs(grad[j] - grad_ref[j]);
+            dg = (e > dg || isnan(e)) ? e : dg;
+            if (fabs(grad_ref[j]) > gmax) gmax = fabs(grad_ref[j]);
+        }
+        kdl_json_t j;
+        kdl_json_init(&j, stdout);
+        kdl_json_object_begin(&j, NULL);
+        kdl_json_string(&j, "divergence", kdl_divergence_name(d.divergence));
+        kdl_json_string(&j, "reduction", kdl_reduction_name(d.reduction));
+        kdl_json_string(&j, "backend", ran);
+        kdl_json_int(&j, "rows", N);
+        kdl_json_int(&j, "vocab", V);
+        kdl_json_int(&j, "shards", K);
+        kdl_json_int_array(&j, "split", w, K);
+        kdl_json_array_begin(&j, "steps");
+        for (int s = 0; s < R.nsteps; s++)
+            kdl_json_string(&j, NULL, R.ops[s] == KDL_SHARD_OP_MAX ? "max" : R.ops[s] == KDL_SHARD_OP_SUM ? "sum" : "done");
+        kdl_json_array_end(&j);
+        json_loss(&j, &d, loss, N);
+        if (d.reduction == KDL_REDUCTION_NONE)
+            kdl_json_number_array(&j, "loss_unsharded", loss_ref, N);
+        else
+            kdl_json_number(&j, "loss_unsharded", loss_ref[0]);
+        kdl_json_number(&j, "max_abs_diff_loss", dl);
+        kdl_json_number(&j, "max_abs_diff_grad", dg);
+        kdl_json_number(&j, "max_grad", gmax);
+        kdl_json_int(&j, "valid_rows", R.valid);
+        kdl_json_int(&j, "invalid_rows", R.invalid);
+        if (d.divergence == KDL_DIV_AKL) {
+            int64_t mism = 0;
+            for (int64_t i = 0; i < N; i++) mism += hs[i] != hs_ref[i];
+            kdl_json_int(&j, "head_size_mismatches", mism);
+        }
+        kdl_json_object_end(&j);
+        kdl_json_finish(&j);
+        rc = kdl_cli_finish_stdout(KCMD);
+    }
+    free(w);
+    free(hs);
+    free(hs_ref);
+    free(loss);
+    free(loss_ref);
+    free(grad);
+    free(grad_ref);
+    kdl_npy_free(&S);
+    kdl_npy_free(&T);
+    kdl_npy_free(&L);
+    return rc;
+}

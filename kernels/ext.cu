@@ -1,0 +1,1081 @@
+/*
+ * kernels/ext.cu - CUDA kernels of the extensions (kdloss_ext.h).
+ *
+ * Compiled and linked in every CUDA build; NOT yet run on a GPU (the session
+ * that wrote them had no device): the GPU tests (tests/test_gpu_ext.c)
+ * compare them with the float64 references and skip without a device.
+ *
+ * 1. Sparse teacher, one block per row (sparse_row_kernel):
+ *      reads  S row once for the student's log-sum-exp (online max/sum, the
+ *             off-support part separately through a shared-memory bitmap of
+ *             the support, which also catches repeated indices), the k
+ *             teacher indices and log-probs, and S again at the k indices
+ *             (a gather, L2 hits);
+ *      writes the gradient row: a second pass over S (the row was just read:
+ *             mostly L2) for q_v, dz = q_v (g_off - G) outside the support,
+ *             qg_j - q_j G on it;
+ *      AKL (tail mode): bitonic sort of the k support keys in shared memory,
+ *             head scan by one thread (k <= 1024).
+ *    Then one block sums the row losses in a fixed order (deterministic) and
+ *    writes loss and counters; MEAN with a gradient rescales the gradient by
+ *    1/valid in a last pass (the valid count is known only after every row).
+ * 2. Vocabulary-parallel, one kernel pair per step: an absorb kernel (one
+ *    thread per row: reduced exchange -> state; the AKL boundary-bin search
+ *    and the tie resolution of ext_internal.h) then a block-per-row kernel
+ *    that reads the slice and writes the next exchange (sum-exp, a 256-bin
+ *    histogram in shared memory, tie counts, partial sums) or, at the last
+ *    step, the gradient of the slice.  Two launches because a row's new
+ *    exchange overlaps other rows' reduced input.
+ * 3. Fused linear: the in-place loss kernel of one chunk of float32 logits
+ *    (three passes over the row: LSE of student and teacher, loss and G,
+ *    dz written over the logits), a one-block accumulator per chunk, and a
+ *    finish kernel (outputs; MEAN scales dH and dW by 1/valid).
+ *
+ * All row offsets are 64-bit.  Element maths: kdloss/detail/elem.h (_f).
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "ext_internal.h"
+#include "ext_launch.h"
+#include "internal.h"
+
+namespace {
+
+constexpr int kThreads = KDL_EXT_THREADS;
+
+/* ------------------------------------------------------------ loads, stores */
+__device__ __forceinline__ float ld_f(const void *p, int dt, int64_t i)
+{
+    switch (dt) {
+    case KDL_DTYPE_F32: return ((const float *)p)[i];
+    case KDL_DTYPE_F16: return __half2float(((const __half *)p)[i]);
+    case KDL_DTYPE_BF16: return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    default: return NAN;
+    }
+}
+
+__device__ __forceinline__ uint64_t ld_bits(const void *p, int dt, int64_t i)
+{
+    if (dt == KDL_DTYPE_F32) return __float_as_uint(((const float *)p)[i]);
+    return ((const unsigned short *)p)[i];
+}
+
+__device__ __forceinline__ float bits_to_f(uint64_t b, int dt)
+{
+    if (dt == KDL_DTYPE_F32) return __uint_as_float((uint32_t)b);
+    if (dt == KDL_DTYPE_F16) return __half2float(__ushort_as_half((unsigned short)b));
+    return __uint_as_float((uint32_t)b << 16);
+}
+
+
+__device__ __forceinline__ void st_f(void *p, int dt, int64_t i, float v)
+{
+    switch (dt) {
+    case KDL_DTYPE_F32: ((float *)p)[i] = v; break;
+    case KDL_DTYPE_F16: ((__half *)p)[i] = __float2half_rn(v); break;
+    case KDL_DTYPE_BF16: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v); break;
+    default: break;
+    }
+}
+
+__device__ __forceinline__ void st_out(void *p, int dt, int64_t i, double v)
+{
+    if (dt == KDL_DTYPE_F64)
+        ((double *)p)[i] = v;
+    else
+        ((float *)p)[i] = (float)v;
+}
+
+/* --------------------------------------------------------- block reductions */
+struct SumD {
+    __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct MaxF {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct OrI {
+    __device__ int operator()(int a, int b) const { return a | b; }
+};
+
+/* Reduces v over the block; every thread gets the result.  scratch: 32
+ * elements of shared memory; a __syncthreads() pair inside. */
+template <class T, class Op> __device__ T block_reduce(T v, T *scratch, Op op)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    T r = scratch[0];
+    for (int w = 1; w < nw; w++) r = op(r, scratch[w]);
+    return r;
+}
+
+/* Online (max, sum-exp) of one value into a pair. */
+__device__ __forceinline__ void lse_add(float &m, float &s, float x)
+{
+    if (x == -INFINITY) return;
+    if (x > m) {
+        s = s * __expf(m - x) + 1.0f;
+        m = x;
+    } else {
+        s += __expf(x - m);
+    }
+}
+
+/* Block log-sum-exp of the per-thread pairs: returns M and sets *S (relative to M). */
+__device__ float block_lse(float m, float s, float *fscr, double *dscr, double *S)
+{
+    float M = block_reduce(m, fscr, MaxF());
+    double part = (M == -INFINITY || m == -INFINITY) ? 0.0 : (double)s * exp((double)m - (double)M);
+    *S = block_reduce(part, dscr, SumD());
+    return M;
+}
+
+__device__ __forceinline__ kdl_elem_params_f make_params(int div, float coef, float wh, float wt)
+{
+    return kdl_elem_params_make_f(div, coef, wh, wt);
+}
+
+/* Exclusive scan of a 0/1 flag over the block in thread order; *total gets
+ * the block's count.  scratch: 33 ints of shared memory. */
+__device__ int block_excl_scan(int flag, int *scratch, int *total)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    unsigned ball = __ballot_sync(0xffffffffu, flag);
+    int in_warp = __popc(ball & ((1u << lane) - 1u));
+    __syncthreads();
+    if (lane == 0) scratch[warp] = __popc(ball);
+    __syncthreads();
+    int before = 0, all = 0;
+    for (int w = 0; w < nw; w++) {
+        if (w < warp) before += scratch[w];
+        all += scratch[w];
+    }
+    *total = all;
+    return before + in_warp;
+}
+
+/* =========================================================== sparse teacher */
+struct SparseP {
+    int mode, div, sdt, tdt, gdt, rule, has_grad;
+    float coef, inv_tau, factor, mu;
+    int64_t N, V, k, top_k, ld_s, ld_i, ld_p, ld_g, ignore_index;
+    const void *S;
+    const int64_t *idx;
+    const void *lp;
+    const int64_t *labels;
+    void *grad;
+    double *row_loss;   /* [N] */
+    unsigned char *cls; /* [N]: 0 valid, 1 ignored, 2 invalid, 3 invalid (bad index) */
+};
+
+__device__ void zero_row(void *g, int dt, int64_t off, int64_t V)
+{
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) st_f(g, dt, off + v, 0.0f);
+}
+
+__global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float fscr[32];
+    __shared__ double dscr[32];
+    __shared__ int iscr[33];
+    __shared__ unsigned long long boundary_key;
+    __shared__ double sh_wh, sh_wt;
+    const int64_t i = blockIdx.x, V = P.V, k = P.k;
+    const int64_t W = (V + 31) / 32;
+    uint32_t *bm = (uint32_t *)smem;
+    int *sidx = (int *)(bm + W);
+    float *slt = (float *)(sidx + k);
+    float *sqg = slt + k;
+    int64_t kp = 1;
+    while (kp < k) kp <<= 1;
+    unsigned long long *keys = (unsigned long long *)(((uintptr_t)(sqg + k) + 15) & ~(uintptr_t)15);
+    const int64_t offS = i * P.ld_s, offG = i * P.ld_g;
+
+    if (P.labels && P.labels[i] == P.ignore_index) {
+        if (P.has_grad) zero_row(P.grad, P.gdt, offG, V);
+        if (threadIdx.x == 0) {
+            P.row_loss[i] = 0;
+            P.cls[i] = KDL_EXT_ROW_IGNORED;
+        }
+        return;
+    }
+    for (int64_t w = threadIdx.x; w < W; w += blockDim.x) bm[w] = 0;
+    __syncthreads();
+    int bad = 0, badidx = 0;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+        int64_t v = P.idx[i * P.ld_i + j];
+        if (v < 0 || v >= V) {
+            badidx = 1;
+            v = 0;
+        } else {
+            uint32_t bit = 1u << (v & 31);
+            if (atomicOr(&bm[v >> 5], bit) & bit) badidx = 1;
+        }
+        sidx[j] = (int)v;
+        float t = ld_f(P.lp, P.tdt, i * P.ld_p + j);
+        if (isnan(t) || t > 0) bad = 1;
+        slt[j] = t;
+    }
+    __syncthreads();
+    float m = -INFINITY, s = 0, mo = -INFINITY, so = 0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = ld_f(P.S, P.sdt, offS + v);
+        if (isnan(x) || x == INFINITY) {
+            bad = 1;
+            continue;
+        }
+        float z = x * P.inv_tau;
+        lse_add(m, s, z);
+        if (!(bm[v >> 5] & (1u << (v & 31)))) lse_add(mo, so, z);
+    }
+    bad = block_reduce(bad, iscr, OrI());
+    badidx = block_reduce(badidx, iscr, OrI());
+    double Ss, So;
+    float M = block_lse(m, s, fscr, dscr, &Ss);
+    float Mo = block_lse(mo, so, fscr, dscr, &So);
+    /* teacher LSE over the support */
+    float mt = -INFINITY, st = 0;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) lse_add(mt, st, slt[j]);
+    double St;
+    float Mt = block_lse(mt, st, fscr, dscr, &St);
+    float lse_t = Mt == -INFINITY ? -INFINITY : Mt + (float)log(St);
+    if (!bad && !badidx && M != -INFINITY) {
+        if (P.mode == KDL_SPARSE_RENORMALISED && Mt == -INFINITY) bad = 1;
+        if (P.mode == KDL_SPARSE_TAIL_BUCKET && lse_t > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
+    }
+    if (bad || badidx || M == -INFINITY) {
+        if (P.has_grad) zero_row(P.grad, P.gdt, offG, V);
+        if (threadIdx.x == 0) {
+            P.row_loss[i] = NAN;
+            P.cls[i] = badidx ? 3 : KDL_EXT_ROW_INVALID;
+        }
+        return;
+    }
+    const float lse_s = M + (float)log(Ss);
+    const float lq_b = Mo == -INFINITY ? -INFINITY : Mo + (float)log(So) - lse_s;
+    const float lp_b = (k == V || lse_t >= 0) ? -INFINITY : logf(-expm1f(lse_t));
+
+    /* AKL (tail): head among the support cells, in teacher order */
+    float wh = 0.5f, wt = 0.5f;
+    if (P.div == KDL_DIV_AKL) {
+        for (int64_t j = threadIdx.x; j < kp; j += blockDim.x)
+            keys[j] = j < k ? ((unsigned long long)kdl_ext_order_key(__float_as_uint(slt[j]), 4) << 32) |
+                                  (unsigned long long)(uint32_t)sidx[j]
+                            : ~0ull;
+        __syncthreads();
+        for (int64_t size = 2; size <= kp; size <<= 1)
+            for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int64_t t = threadIdx.x; t < kp; t += blockDim.x) {
+                    int64_t u = t ^ stride;
+                    if (u > t) {
+                        bool up = (t & size) == 0;
+                        unsigned long long a = keys[t], b = keys[u];
+                        if ((a > b) == up) {
+                            keys[t] = b;
+                            keys[u] = a;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        if (threadIdx.x == 0) {
+            int64_t h = 0;
+            if (P.rule == KDL_HEAD_TOPK) {
+                h = P.top_k;
+            } else {
+                double c = 0;
+                for (int64_t r = 0; r < k; r++) {
+                    double prev = c;
+                    float t = __uint_as_float((uint32_t)kdl_ext_order_key_bits(keys[r] >> 32, 4));
+                    c += exp((double)t);
+                    if (P.rule == KDL_HEAD_REFERENCE ? c <= P.mu : prev < P.mu)
+                        h = r + 1;
+                    else
+                        break;
+                }
+                if (h < 1) h = 1;
+            }
+            boundary_key = keys[h - 1];
+        }
+        __syncthreads();
+        double gh = 0, gt = 0;
+        for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+            unsigned long long key = ((unsigned long long)kdl_ext_order_key(__float_as_uint(slt[j]), 4) << 32) |
+                                     (unsigned long long)(uint32_t)sidx[j];
+            float q = __expf(ld_f(P.S, P.sdt, offS + sidx[j]) * P.inv_tau - lse_s);
+            double gap = fabs((double)__expf(slt[j]) - (double)q);
+            if (key <= boundary_key)
+                gh += gap;
+            else
+                gt += gap;
+        }
+        gh = block_reduce(gh, dscr, SumD());
+        gt = block_reduce(gt, dscr, SumD());
+        if (threadIdx.x == 0) {
+            gt += fabs((double)__expf(lp_b) - (double)__expf(lq_b));
+            double a, b;
+            kdl_akl_weights_d(gh, gt, &a, &b);
+            sh_wh = a;
+            sh_wt = b;
+        }
+        __syncthreads();
+        wh = (float)sh_wh;
+        wt = (float)sh_wt;
+    }
+    const kdl_elem_params_f pr = make_params(P.div, P.coef, wh, wt);
+    double loss = 0, G = 0;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+        float lq = ld_f(P.S, P.sdt, offS + sidx[j]) * P.inv_tau - lse_s;
+        float lp = P.mode == KDL_SPARSE_RENORMALISED ? slt[j] - lse_t : slt[j];
+        kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
+        loss += e.loss;
+        G += e.qg;
+        sqg[j] = e.qg;
+    }
+    float g_off = 0; /* dl/dq of an off-support token (per unit of its q) */
+    if (threadIdx.x == 0) {
+        if (P.mode == KDL_SPARSE_RENORMALISED) {
+            kdl_elem_f c = kdl_elem_eval_f(&pr, -INFINITY, 0.0f); /* linear in q off the support */
+            float q_off = __expf(lq_b);
+            if (q_off > 0) {
+                loss += (double)c.loss * q_off;
+                G += (double)c.qg * q_off;
+            }
+        } else {
+            kdl_elem_f e = kdl_elem_eval_f(&pr, lp_b, lq_b);
+            loss += e.loss;
+            G += e.qg;
+        }
+    }
+    loss = block_reduce(loss, dscr, SumD());
+    G = block_reduce(G, dscr, SumD());
+    if (P.mode == KDL_SPARSE_RENORMALISED) {
+        g_off = kdl_elem_eval_f(&pr, -INFINITY, 0.0f).qg;
+    } else {
+        float q_b = __expf(lq_b);
+        g_off = q_b > 0 ? kdl_elem_eval_f(&pr, lp_b, lq_b).qg / q_b : 0.0f;
+    }
+    if (threadIdx.x == 0) {
+        P.row_loss[i] = loss;
+        P.cls[i] = KDL_EXT_ROW_VALID;
+    }
+    if (!P.has_grad) return;
+    const float Gf = (float)G;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        if (bm[v >> 5] & (1u << (v & 31))) continue;
+        float q = __expf(ld_f(P.S, P.sdt, offS + v) * P.inv_tau - lse_s);
+        st_f(P.grad, P.gdt, offG + v, q > 0 ? P.factor * q * (g_off - Gf) : 0.0f);
+    }
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+        float q = __expf(ld_f(P.S, P.sdt, offS + sidx[j]) * P.inv_tau - lse_s);
+        st_f(P.grad, P.gdt, offG + sidx[j], P.factor * kdl_elem_dz_f(sqg[j], q, Gf));
+    }
+}
+
+/* Row losses -> outputs; acc[3] = 1/valid for the MEAN rescale. */
+__global__ void __launch_bounds__(kThreads)
+    rows_finish_kernel(int64_t N, const double *row_loss, const unsigned char *cls, int reduction, double scale,
+                       void *loss, int out_dt, int64_t *info, int64_t *valid_rows, int64_t *bad_rows, double *acc)
+{
+    __shared__ double dscr[32];
+    double sum = 0, nv = 0, ni = 0, nb = 0;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+        int c = cls[i];
+        if (c == KDL_EXT_ROW_VALID) {
+            sum += row_loss[i];
+            nv += 1;
+        } else if (c != KDL_EXT_ROW_IGNORED) {
+            ni += 1;
+            nb += c == 3;
+        }
+        if (reduction == KDL_REDUCTION_NONE)
+            st_out(loss, out_dt, i, c == KDL_EXT_ROW_VALID ? scale * row_loss[i] : c == KDL_EXT_ROW_IGNORED ? 0.0 : NAN);
+    }
+    sum = block_reduce(sum, dscr, SumD());
+    nv = block_reduce(nv, dscr, SumD());
+    ni = block_reduce(ni, dscr, SumD());
+    nb = block_reduce(nb, dscr, SumD());
+    if (threadIdx.x == 0) {
+        if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scale * sum);
+        if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scale * sum / nv : 0.0);
+        if (info) *info = (int64_t)ni;
+        if (valid_rows) *valid_rows = (int64_t)nv;
+        if (bad_rows) *bad_rows = (int64_t)nb;
+        acc[3] = nv > 0 ? 1.0 / nv : 0.0;
+    }
+}
+
+/* x[r * ld + c] *= *factor for r < rows, c < cols (a gradient rescale). */
+__global__ void scale_rows_kernel(void *x, int dt, int64_t rows, int64_t cols, int64_t ld, const double *factor)
+{
+    const float f = (float)*factor;
+    for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+        for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x)
+            st_f(x, dt, r * ld + c, ld_f(x, dt, r * ld + c) * f);
+}
+
+kdl_status_t launch_status(const char *what)
+{
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) return KDL_STATUS_SUCCESS;
+    if (e == cudaErrorNoKernelImageForDevice)
+        return kdl_fail(KDL_STATUS_ARCH_MISMATCH, "%s: %s", what, cudaGetErrorString(e));
+    return kdl_fail(KDL_STATUS_CUDA_ERROR, "%s: %s", what, cudaGetErrorString(e));
+}
+
+void scale_launch(void *x, int dt, int64_t rows, int64_t cols, int64_t ld, const double *factor, cudaStream_t s)
+{
+    if (rows <= 0 || cols <= 0) return;
+    dim3 grid((unsigned)((cols + kThreads - 1) / kThreads < 64 ? (cols + kThreads - 1) / kThreads : 64),
+              (unsigned)(rows < 65535 ? rows : 65535));
+    scale_rows_kernel<<<grid, kThreads, 0, s>>>(x, dt, rows, cols, ld, factor);
+}
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+/* ========================================================= vocabulary-parallel */
+struct ShardP {
+    int div, rule, sdt, tdt, gdt, D, width, akl, has_grad, reduction, out_dt;
+    double tau, mu, scale, coef;
+    int64_t N, Vl, R, rank, top_k, ld_s, ld_t, ld_g, ignore_index, F;
+    const void *S, *T;
+    const int64_t *labels;
+    void *grad;
+    kdl_shard_header_t *hdr;
+    kdl_shard_row_t *rows;
+    double *ex;
+    void *loss;
+    int64_t *info, *valid_rows, *head_size;
+    unsigned char *head_mask;
+};
+
+__device__ __forceinline__ uint64_t tkey(const ShardP &P, int64_t i, int64_t v)
+{
+    return kdl_ext_order_key(ld_bits(P.T, P.tdt, i * P.ld_t + v), P.width);
+}
+
+/* ---- absorb kernels: one thread per row */
+__global__ void shard_absorb_max(ShardP P)
+{
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= P.N) return;
+    const double *ex = P.ex + i * 3;
+    kdl_shard_row_t r;
+    memset(&r, 0, sizeof r);
+    r.m_s = ex[0];
+    r.m_t = ex[1];
+    if (P.labels && P.labels[i] == P.ignore_index)
+        r.cls = KDL_EXT_ROW_IGNORED;
+    else if (ex[2] != 0 || r.m_s == -INFINITY || r.m_t == -INFINITY)
+        r.cls = KDL_EXT_ROW_INVALID;
+    else
+        r.cls = KDL_EXT_ROW_VALID;
+    P.rows[i] = r;
+    if (r.cls == KDL_EXT_ROW_VALID) atomicAdd((unsigned long long *)&P.hdr->valid_rows, 1ull);
+    if (r.cls == KDL_EXT_ROW_INVALID) atomicAdd((unsigned long long *)&P.hdr->invalid_rows, 1ull);
+}
+
+__device__ void absorb_digit_row(const ShardP &P, kdl_shard_row_t &r, const double *cnt, int digit)
+{
+    if (r.cls != KDL_EXT_ROW_VALID || r.all_head) return;
+    const double *mass = cnt + KDL_SHARD_BINS;
+    int b = kdl_shard_find_bin(P.rule, P.mu, P.top_k, cnt, mass, r.z_t, &r.count_before, &r.mass_before);
+    if (b < 0) {
+        r.all_head = 1;
+        r.head_size = r.count_before;
+        return;
+    }
+    r.prefix = (r.prefix << 8) | (uint64_t)b;
+    if (digit == P.D - 1) {
+        r.n_tie = (int64_t)cnt[b];
+        double x = bits_to_f(kdl_ext_order_key_bits(r.prefix, P.width), P.tdt);
+        double p = exp(x / P.tau - r.lse_t);
+        r.j_take = kdl_shard_tie_take(P.rule, P.mu, P.top_k, r.count_before, r.mass_before / r.z_t, r.n_tie, p);
+        r.head_size = r.count_before + r.j_take;
+    }
+}
+
+__global__ void shard_absorb_norm(ShardP P, int64_t F)
+{
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= P.N) return;
+    kdl_shard_row_t r = P.rows[i];
+    const double *ex = P.ex + i * F;
+    r.z_s = ex[0];
+    r.z_t = ex[1];
+    r.lse_s = r.m_s + log(r.z_s);
+    r.lse_t = r.m_t + log(r.z_t);
+    if (P.akl) absorb_digit_row(P, r, ex + 2, 0);
+    P.rows[i] = r;
+}
+
+__global__ void shard_absorb_digit(ShardP P, int digit)
+{
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= P.N) return;
+    kdl_shard_row_t r = P.rows[i];
+    absorb_digit_row(P, r, P.ex + i * 2 * KDL_SHARD_BINS, digit);
+    P.rows[i] = r;
+}
+
+__global__ void shard_absorb_tie(ShardP P)
+{
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= P.N) return;
+    const double *ex = P.ex + i * P.R;
+    int64_t before = 0;
+    for (int64_t s = 0; s < P.rank; s++) before += (int64_t)ex[s];
+    P.rows[i].tie_before = before;
+}
+
+__global__ void shard_absorb_partial(ShardP P)
+{
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= P.N) return;
+    kdl_shard_row_t r = P.rows[i];
+    if (r.cls == KDL_EXT_ROW_VALID) {
+        const double *ex = P.ex + i * KDL_SHARD_PARTIAL_FIELDS;
+        r.w_head = r.w_tail = 0.5;
+        if (P.akl) {
+            kdl_akl_weights_d(ex[KDL_SHARD_P_GHEAD], ex[KDL_SHARD_P_GTAIL], &r.w_head, &r.w_tail);
+            r.loss = (r.w_head > 0 ? r.w_head * ex[KDL_SHARD_P_FKL] : 0) + (r.w_tail > 0 ? r.w_tail * ex[KDL_SHARD_P_RKL] : 0);
+            r.G = r.w_head * ex[KDL_SHARD_P_GF] + (r.w_tail > 0 ? r.w_tail * ex[KDL_SHARD_P_GR] : 0);
+        } else {
+            r.loss = ex[KDL_SHARD_P_LOSS];
+            r.G = ex[KDL_SHARD_P_G];
+        }
+    }
+    P.rows[i] = r;
+}
+
+/* ---- write kernels: one block per row */
+__global__ void __launch_bounds__(kThreads) shard_write_max(ShardP P)
+{
+    __shared__ float fscr[32];
+    __shared__ int iscr[33];
+    const int64_t i = blockIdx.x;
+    float ms = -INFINITY, mt = -INFINITY;
+    int bad = 0;
+    if (!(P.labels && P.labels[i] == P.ignore_index))
+        for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
+            float s = ld_f(P.S, P.sdt, i * P.ld_s + v), t = ld_f(P.T, P.tdt, i * P.ld_t + v);
+            if (isnan(s) || isnan(t) || s == INFINITY || t == INFINITY) {
+                bad = 1;
+                continue;
+            }
+            ms = fmaxf(ms, (float)(s / P.tau));
+            mt = fmaxf(mt, (float)(t / P.tau));
+        }
+    ms = block_reduce(ms, fscr, MaxF());
+    mt = block_reduce(mt, fscr, MaxF());
+    bad = block_reduce(bad, iscr, OrI());
+    if (threadIdx.x == 0) {
+        P.ex[i * 3 + 0] = ms;
+        P.ex[i * 3 + 1] = mt;
+        P.ex[i * 3 + 2] = bad;
+    }
+}
+
+/* Histogram of `digit` of the row's keys under the prefix: cnt[256], mass[256]. */
+__device__ void shard_histogram(const ShardP &P, int64_t i, const kdl_shard_row_t &r, int digit, double *out_cnt,
+                                double *out_mass, unsigned int *hc, double *hm)
+{
+    for (int b = threadIdx.x; b < KDL_SHARD_BINS; b += blockDim.x) {
+        hc[b] = 0;
+        hm[b] = 0;
+    }
+    __syncthreads();
+    if (r.cls == KDL_EXT_ROW_VALID && !r.all_head) {
+        const int shift_hi = 8 * (P.width - digit), shift = 8 * (P.width - 1 - digit);
+        for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
+            uint64_t key = tkey(P, i, v);
+            if (digit > 0 && (key >> shift_hi) != r.prefix) continue;
+            int b = (int)((key >> shift) & 0xffu);
+            atomicAdd(&hc[b], 1u);
+            atomicAdd(&hm[b], exp((double)ld_f(P.T, P.tdt, i * P.ld_t + v) / P.tau - r.m_t));
+        }
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < KDL_SHARD_BINS; b += blockDim.x) {
+        out_cnt[b] = hc[b];
+        out_mass[b] = hm[b];
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) shard_write_norm(ShardP P, int64_t F)
+{
+    __shared__ double dscr[32];
+    __shared__ unsigned int hc[KDL_SHARD_BINS];
+    __shared__ double hm[KDL_SHARD_BINS];
+    const int64_t i = blockIdx.x;
+    const kdl_shard_row_t r = P.rows[i];
+    double zs = 0, zt = 0;
+    if (r.cls == KDL_EXT_ROW_VALID)
+        for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
+            zs += exp((double)ld_f(P.S, P.sdt, i * P.ld_s + v) / P.tau - r.m_s);
+            zt += exp((double)ld_f(P.T, P.tdt, i * P.ld_t + v) / P.tau - r.m_t);
+        }
+    zs = block_reduce(zs, dscr, SumD());
+    zt = block_reduce(zt, dscr, SumD());
+    double *ex = P.ex + i * F;
+    if (threadIdx.x == 0) {
+        ex[0] = zs;
+        ex[1] = zt;
+    }
+    if (P.akl) shard_histogram(P, i, r, 0, ex + 2, ex + 2 + KDL_SHARD_BINS, hc, hm);
+}
+
+__global__ void __launch_bounds__(kThreads) shard_write_digit(ShardP P, int digit)
+{
+    __shared__ unsigned int hc[KDL_SHARD_BINS];
+    __shared__ double hm[KDL_SHARD_BINS];
+    const int64_t i = blockIdx.x;
+    double *ex = P.ex + i * 2 * KDL_SHARD_BINS;
+    shard_histogram(P, i, P.rows[i], digit, ex, ex + KDL_SHARD_BINS, hc, hm);
+}
+
+__global__ void __launch_bounds__(kThreads) shard_write_tie(ShardP P)
+{
+    __shared__ double dscr[32];
+    const int64_t i = blockIdx.x;
+    const kdl_shard_row_t r = P.rows[i];
+    double n = 0;
+    if (r.cls == KDL_EXT_ROW_VALID && !r.all_head)
+        for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) n += tkey(P, i, v) == r.prefix;
+    n = block_reduce(n, dscr, SumD());
+    for (int64_t s = threadIdx.x; s < P.R; s += blockDim.x) P.ex[i * P.R + s] = s == P.rank ? n : 0.0;
+}
+
+/* Head membership of token v (tie rank given for tokens at the boundary key). */
+__device__ __forceinline__ int in_head(const kdl_shard_row_t &r, uint64_t key, int64_t tie_rank)
+{
+    if (r.all_head) return 1;
+    if (key != r.prefix) return key < r.prefix;
+    return tie_rank < r.j_take;
+}
+
+/* Walks the slice in index order, block-wide, calling f(v, head). */
+template <class F> __device__ void walk_with_head(const ShardP &P, int64_t i, const kdl_shard_row_t &r, int *iscr, F f)
+{
+    int64_t running = r.tie_before;
+    for (int64_t base = 0; base < P.Vl; base += blockDim.x) {
+        int64_t v = base + threadIdx.x;
+        uint64_t key = v < P.Vl ? tkey(P, i, v) : ~(uint64_t)0;
+        int tied = v < P.Vl && !r.all_head && key == r.prefix;
+        int total = 0;
+        int rank = block_excl_scan(tied, iscr, &total);
+        if (v < P.Vl) f(v, in_head(r, key, running + rank));
+        running += total;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) shard_write_partial(ShardP P)
+{
+    __shared__ double dscr[32];
+    __shared__ int iscr[33];
+    const int64_t i = blockIdx.x;
+    const kdl_shard_row_t r = P.rows[i];
+    double acc[KDL_SHARD_PARTIAL_FIELDS] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (r.cls == KDL_EXT_ROW_VALID) {
+        const float lse_s = (float)r.lse_s, lse_t = (float)r.lse_t, inv_tau = (float)(1.0 / P.tau);
+        if (P.akl) {
+            walk_with_head(P, i, r, iscr, [&](int64_t v, int head) {
+                float lq = ld_f(P.S, P.sdt, i * P.ld_s + v) * inv_tau - lse_s;
+                float lp = ld_f(P.T, P.tdt, i * P.ld_t + v) * inv_tau - lse_t;
+                kdl_elem_f f = kdl_elem_fkl_f(lp, lq), g = kdl_elem_rkl_f(lp, lq);
+                acc[KDL_SHARD_P_FKL] += f.loss;
+                acc[KDL_SHARD_P_RKL] += g.loss;
+                acc[KDL_SHARD_P_GF] += f.qg;
+                acc[KDL_SHARD_P_GR] += g.qg;
+                acc[head ? KDL_SHARD_P_GHEAD : KDL_SHARD_P_GTAIL] += fabsf(__expf(lp) - __expf(lq));
+            });
+        } else {
+            const kdl_elem_params_f pr = make_params(P.div, (float)P.coef, 0.5f, 0.5f);
+            for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
+                float lq = ld_f(P.S, P.sdt, i * P.ld_s + v) * inv_tau - lse_s;
+                float lp = ld_f(P.T, P.tdt, i * P.ld_t + v) * inv_tau - lse_t;
+                kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
+                acc[KDL_SHARD_P_LOSS] += e.loss;
+                acc[KDL_SHARD_P_G] += e.qg;
+            }
+        }
+    }
+    for (int f = 0; f < KDL_SHARD_PARTIAL_FIELDS; f++) {
+        double t = block_reduce(acc[f], dscr, SumD());
+        if (threadIdx.x == 0) P.ex[i * KDL_SHARD_PARTIAL_FIELDS + f] = t;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) shard_write_finish(ShardP P)
+{
+    __shared__ int iscr[33];
+    const int64_t i = blockIdx.x;
+    const kdl_shard_row_t r = P.rows[i];
+    const int64_t nv = P.hdr->valid_rows;
+    double factor = P.scale / P.tau;
+    if (P.reduction == KDL_REDUCTION_MEAN) factor = nv ? factor / (double)nv : 0.0;
+    if (r.cls != KDL_EXT_ROW_VALID) {
+        for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
+            if (P.has_grad) st_f(P.grad, P.gdt, i * P.ld_g + v, 0.0f);
+            if (P.head_mask) P.head_mask[i * P.Vl + v] = 0;
+        }
+        return;
+    }
+    const float lse_s = (float)r.lse_s, lse_t = (float)r.lse_t, inv_tau = (float)(1.0 / P.tau), G = (float)r.G;
+    const kdl_elem_params_f pr = make_params(P.div, (float)P.coef, (float)r.w_head, (float)r.w_tail);
+    if (P.has_grad)
+        for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
+            float lq = ld_f(P.S, P.sdt, i * P.ld_s + v) * inv_tau - lse_s;
+            float lp = ld_f(P.T, P.tdt, i * P.ld_t + v) * inv_tau - lse_t;
+            kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
+            st_f(P.grad, P.gdt, i * P.ld_g + v, (float)factor * kdl_elem_dz_f(e.qg, __expf(lq), G));
+        }
+    if (P.akl && P.head_mask)
+        walk_with_head(P, i, r, iscr, [&](int64_t v, int head) { P.head_mask[i * P.Vl + v] = (unsigned char)head; });
+}
+
+__global__ void __launch_bounds__(kThreads) shard_finish_out(ShardP P)
+{
+    __shared__ double dscr[32];
+    double sum = 0;
+    for (int64_t i = threadIdx.x; i < P.N; i += blockDim.x) {
+        const kdl_shard_row_t &r = P.rows[i];
+        if (r.cls == KDL_EXT_ROW_VALID) sum += r.loss;
+        if (P.reduction == KDL_REDUCTION_NONE)
+            st_out(P.loss, P.out_dt, i,
+                   r.cls == KDL_EXT_ROW_VALID ? P.scale * r.loss : r.cls == KDL_EXT_ROW_IGNORED ? 0.0 : NAN);
+        if (P.head_size) P.head_size[i] = r.cls == KDL_EXT_ROW_VALID ? r.head_size : 0;
+    }
+    sum = block_reduce(sum, dscr, SumD());
+    if (threadIdx.x == 0) {
+        const int64_t nv = P.hdr->valid_rows;
+        if (P.reduction == KDL_REDUCTION_SUM) st_out(P.loss, P.out_dt, 0, P.scale * sum);
+        if (P.reduction == KDL_REDUCTION_MEAN) st_out(P.loss, P.out_dt, 0, nv ? P.scale * sum / (double)nv : 0.0);
+        if (P.info) *P.info = P.hdr->invalid_rows;
+        if (P.valid_rows) *P.valid_rows = nv;
+    }
+}
+
+/* ============================================================ fused linear */
+struct FusedP {
+    int div, tdt, has_labels, reduction, out_dt;
+    float coef, inv_tau, factor;
+    int64_t V, ld_t, row0, ignore_index;
+    float *L; /* [c, V] */
+    const void *T;
+    const int64_t *labels;
+    double *row_loss;
+    unsigned char *cls;
+    void *loss;
+    double scale;
+};
+
+__global__ void __launch_bounds__(kThreads) fused_chunk_kernel(FusedP P)
+{
+    __shared__ float fscr[32];
+    __shared__ double dscr[32];
+    __shared__ int iscr[33];
+    const int64_t c = blockIdx.x, i = P.row0 + c, V = P.V;
+    float *Lr = P.L + c * V;
+    const int64_t offT = i * P.ld_t;
+    int ignored = P.has_labels && P.labels[i] == P.ignore_index;
+    float ms = -INFINITY, ss = 0, mt = -INFINITY, st = 0;
+    int bad = 0;
+    if (!ignored)
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+            float s = Lr[v], t = ld_f(P.T, P.tdt, offT + v);
+            if (isnan(s) || isnan(t) || s == INFINITY || t == INFINITY) {
+                bad = 1;
+                continue;
+            }
+            lse_add(ms, ss, s * P.inv_tau);
+            lse_add(mt, st, t * P.inv_tau);
+        }
+    bad = block_reduce(bad, iscr, OrI());
+    double Ss, St;
+    float Ms = block_lse(ms, ss, fscr, dscr, &Ss);
+    float Mt = block_lse(mt, st, fscr, dscr, &St);
+    if (ignored || bad || Ms == -INFINITY || Mt == -INFINITY) {
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) Lr[v] = 0.0f;
+        if (threadIdx.x == 0) {
+            P.row_loss[c] = ignored ? 0.0 : NAN;
+            P.cls[c] = ignored ? KDL_EXT_ROW_IGNORED : KDL_EXT_ROW_INVALID;
+            if (P.reduction == KDL_REDUCTION_NONE) st_out(P.loss, P.out_dt, i, ignored ? 0.0 : NAN);
+        }
+        return;
+    }
+    const float lse_s = Ms + (float)log(Ss), lse_t = Mt + (float)log(St);
+    const kdl_elem_params_f pr = make_params(P.div, P.coef, 0.5f, 0.5f);
+    double loss = 0, G = 0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        kdl_elem_f e = kdl_elem_eval_f(&pr, ld_f(P.T, P.tdt, offT + v) * P.inv_tau - lse_t, Lr[v] * P.inv_tau - lse_s);
+        loss += e.loss;
+        G += e.qg;
+    }
+    loss = block_reduce(loss, dscr, SumD());
+    G = block_reduce(G, dscr, SumD());
+    const float Gf = (float)G;
+    /* in place: each thread reads and then overwrites its own elements */
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        float lq = Lr[v] * P.inv_tau - lse_s;
+        kdl_elem_f e = kdl_elem_eval_f(&pr, ld_f(P.T, P.tdt, offT + v) * P.inv_tau - lse_t, lq);
+        Lr[v] = P.factor * kdl_elem_dz_f(e.qg, __expf(lq), Gf);
+    }
+    if (threadIdx.x == 0) {
+        P.row_loss[c] = loss;
+        P.cls[c] = KDL_EXT_ROW_VALID;
+        if (P.reduction == KDL_REDUCTION_NONE) st_out(P.loss, P.out_dt, i, P.scale * loss);
+    }
+}
+
+/* acc[0] += chunk loss of valid rows, acc[1] += valid, acc[2] += invalid
+ * (fixed order: deterministic). */
+__global__ void __launch_bounds__(kThreads) fused_chunk_acc(int64_t c, const double *row_loss, const unsigned char *cls,
+                                                            double *acc)
+{
+    __shared__ double dscr[32];
+    double s = 0, nv = 0, ni = 0;
+    for (int64_t r = threadIdx.x; r < c; r += blockDim.x) {
+        if (cls[r] == KDL_EXT_ROW_VALID) {
+            s += row_loss[r];
+            nv += 1;
+        } else if (cls[r] == KDL_EXT_ROW_INVALID) {
+            ni += 1;
+        }
+    }
+    s = block_reduce(s, dscr, SumD());
+    nv = block_reduce(nv, dscr, SumD());
+    ni = block_reduce(ni, dscr, SumD());
+    if (threadIdx.x == 0) {
+        acc[0] += s;
+        acc[1] += nv;
+        acc[2] += ni;
+    }
+}
+
+__global__ void fused_finish_kernel(int reduction, double scale, void *loss, int out_dt, int64_t *info,
+                                    int64_t *valid_rows, double *acc)
+{
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double nv = acc[1];
+    if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scale * acc[0]);
+    if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scale * acc[0] / nv : 0.0);
+    if (info) *info = (int64_t)acc[2];
+    if (valid_rows) *valid_rows = (int64_t)nv;
+    acc[3] = nv > 0 ? 1.0 / nv : 0.0;
+}
+
+} // namespace
+
+/* ================================================================ launchers */
+extern "C" size_t kdl_ext_sparse_smem_bytes(int64_t vocab, int64_t k)
+{
+    int64_t kp = 1;
+    while (kp < k) kp <<= 1;
+    size_t words = (size_t)((vocab + 31) / 32);
+    return words * 4 + (size_t)k * 12 + 16 + (size_t)kp * 8;
+}
+
+extern "C" size_t kdl_ext_sparse_ws_bytes(int64_t rows)
+{
+    size_t n = rows > 0 ? (size_t)rows : 1;
+    return align256(n * sizeof(double)) + align256(n) + 256;
+}
+
+extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, void *ws,
+                                              size_t smem_optin, cudaStream_t stream)
+{
+    const int64_t N = a->rows;
+    size_t n = N > 0 ? (size_t)N : 1;
+    double *row_loss = (double *)ws;
+    unsigned char *cls = (unsigned char *)ws + align256(n * sizeof(double));
+    double *acc = (double *)((unsigned char *)ws + align256(n * sizeof(double)) + align256(n));
+    SparseP P;
+    memset(&P, 0, sizeof P);
+    P.mode = (int)a->mode;
+    P.div = (int)d->divergence;
+    P.sdt = (int)a->student_dtype;
+    P.tdt = (int)a->teacher_dtype;
+    P.gdt = (int)a->grad_dtype;
+    P.rule = (int)d->head_rule;
+    P.has_grad = a->grad != NULL;
+    P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
+    P.inv_tau = (float)(1.0 / d->temperature);
+    P.factor = (float)(d->scale / d->temperature);
+    P.mu = (float)d->mu;
+    P.N = N;
+    P.V = a->vocab;
+    P.k = a->k;
+    P.top_k = d->top_k;
+    P.ld_s = a->ld_student;
+    P.ld_i = a->ld_indices;
+    P.ld_p = a->ld_logprobs;
+    P.ld_g = a->ld_grad;
+    P.ignore_index = d->ignore_index;
+    P.S = a->student;
+    P.idx = a->teacher_indices;
+    P.lp = a->teacher_logprobs;
+    P.labels = a->labels;
+    P.grad = a->grad;
+    P.row_loss = row_loss;
+    P.cls = cls;
+    size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k);
+    if (smem > smem_optin)
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab %lld: support bitmap needs %zu bytes of shared memory, the device has %zu",
+                        (long long)a->vocab, smem, smem_optin);
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(sparse_row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaFuncSetAttribute: %s", cudaGetErrorString(e));
+    }
+    if (N > 0) {
+        sparse_row_kernel<<<(unsigned)N, kThreads, smem, stream>>>(P);
+        kdl_status_t st = launch_status("sparse_row_kernel");
+        if (st) return st;
+    }
+    rows_finish_kernel<<<1, kThreads, 0, stream>>>(N, row_loss, cls, (int)d->reduction, d->scale, a->loss,
+                                                   (int)a->out_dtype, a->info, a->valid_rows, a->bad_index_rows, acc);
+    kdl_status_t st = launch_status("rows_finish_kernel");
+    if (st) return st;
+    if (d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0) {
+        scale_launch(a->grad, (int)a->grad_dtype, N, a->vocab, a->ld_grad, acc + 3, stream);
+        st = launch_status("scale_rows_kernel");
+    }
+    return st;
+}
+
+extern "C" kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *d, const kdl_shard_args_t *a, int phase, int digit,
+                                             cudaStream_t stream)
+{
+    ShardP P;
+    memset(&P, 0, sizeof P);
+    P.div = (int)d->divergence;
+    P.rule = (int)d->head_rule;
+    P.sdt = (int)a->student_dtype;
+    P.tdt = (int)a->teacher_dtype;
+    P.gdt = (int)a->grad_dtype;
+    P.akl = d->divergence == KDL_DIV_AKL;
+    P.D = kdl_shard_digits(P.akl, a->teacher_dtype);
+    P.width = (int)kdl_dtype_size(a->teacher_dtype);
+    P.has_grad = a->grad != NULL;
+    P.reduction = (int)d->reduction;
+    P.out_dt = (int)a->out_dtype;
+    P.tau = d->temperature;
+    P.mu = d->mu;
+    P.scale = d->scale;
+    P.coef = d->divergence == KDL_DIV_JSD ? d->beta : d->alpha;
+    P.N = a->rows;
+    P.Vl = a->vocab_local;
+    P.R = a->num_shards;
+    P.rank = a->shard_rank;
+    P.top_k = d->top_k;
+    P.ld_s = a->ld_student;
+    P.ld_t = a->ld_teacher;
+    P.ld_g = a->ld_grad;
+    P.ignore_index = d->ignore_index;
+    P.S = a->student;
+    P.T = a->teacher;
+    P.labels = a->labels;
+    P.grad = a->grad;
+    P.hdr = (kdl_shard_header_t *)a->state;
+    P.rows = (kdl_shard_row_t *)(P.hdr + 1);
+    P.ex = a->exchange;
+    P.loss = a->loss;
+    P.info = a->info;
+    P.valid_rows = a->valid_rows;
+    P.head_size = P.akl ? a->stat_head_size : NULL;
+    P.head_mask = P.akl ? a->head_mask : NULL;
+    const int64_t N = a->rows;
+    const unsigned rows_blocks = (unsigned)((N + kThreads - 1) / kThreads);
+    const int64_t norm_fields = P.akl ? 2 + 2 * KDL_SHARD_BINS : 2;
+    if (N == 0 && phase != KDL_SHARD_PH_FINISH && phase != KDL_SHARD_PH_NORM) return KDL_STATUS_SUCCESS;
+    switch (phase) {
+    case KDL_SHARD_PH_MAX: shard_write_max<<<(unsigned)N, kThreads, 0, stream>>>(P); break;
+    case KDL_SHARD_PH_NORM: {
+        cudaError_t e = cudaMemsetAsync(a->state, 0, sizeof(kdl_shard_header_t), stream);
+        if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaMemsetAsync: %s", cudaGetErrorString(e));
+        if (N == 0) break;
+        shard_absorb_max<<<rows_blocks, kThreads, 0, stream>>>(P);
+        shard_write_norm<<<(unsigned)N, kThreads, 0, stream>>>(P, norm_fields);
+        break;
+    }
+    case KDL_SHARD_PH_DIGIT:
+        if (digit == 1)
+            shard_absorb_norm<<<rows_blocks, kThreads, 0, stream>>>(P, norm_fields);
+        else
+            shard_absorb_digit<<<rows_blocks, kThreads, 0, stream>>>(P, digit - 1);
+        shard_write_digit<<<(unsigned)N, kThreads, 0, stream>>>(P, digit);
+        break;
+    case KDL_SHARD_PH_TIE:
+        shard_absorb_digit<<<rows_blocks, kThreads, 0, stream>>>(P, P.D - 1);
+        shard_write_tie<<<(unsigned)N, kThreads, 0, stream>>>(P);
+        break;
+    case KDL_SHARD_PH_PARTIAL:
+        if (P.akl)
+            shard_absorb_tie<<<rows_blocks, kThreads, 0, stream>>>(P);
+        else
+            shard_absorb_norm<<<rows_blocks, kThreads, 0, stream>>>(P, norm_fields);
+        shard_write_partial<<<(unsigned)N, kThreads, 0, stream>>>(P);
+        break;
+    case KDL_SHARD_PH_FINISH:
+        if (N > 0) {
+            shard_absorb_partial<<<rows_blocks, kThreads, 0, stream>>>(P);
+            shard_write_finish<<<(unsigned)N, kThreads, 0, stream>>>(P);
+        }
+        shard_finish_out<<<1, kThreads, 0, stream>>>(P);
+        break;
+    default: return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "shard phase %d", phase);
+    }
+    return launch_status("shard step kernels");
+}
+
+extern "C" kdl_status_t kdl_ext_fused_chunk_launch(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
+                                                   float *logits, int64_t row0, int64_t c, double *row_loss,
+                                                   double *acc, cudaStream_t stream)
+{
+    FusedP P;
+    memset(&P, 0, sizeof P);
+    P.div = (int)d->divergence;
+    P.tdt = (int)a->teacher_dtype;
+    P.has_labels = a->labels != NULL;
+    P.reduction = (int)d->reduction;
+    P.out_dt = (int)a->out_dtype;
+    P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
+    P.inv_tau = (float)(1.0 / d->temperature);
+    P.factor = (float)(d->scale / d->temperature);
+    P.V = a->vocab;
+    P.ld_t = a->ld_teacher;
+    P.row0 = row0;
+    P.ignore_index = d->ignore_index;
+    P.L = logits;
+    P.T = a->teacher;
+    P.labels = a->labels;
+    P.row_loss = row_loss;
+    P.cls = (unsigned char *)(row_loss + c); /* c bytes after the c losses (workspace sized for it) */
+    P.loss = a->loss;
+    P.scale = d->scale;
+    fused_chunk_kernel<<<(unsigned)c, kThreads, 0, stream>>>(P);
+    kdl_status_t st = launch_status("fused_chunk_kernel");
+    if (st) return st;
+    fused_chunk_acc<<<1, kThreads, 0, stream>>>(c, row_loss, P.cls, acc);
+    return launch_status("fused_chunk_acc");
+}
+
+extern "C" kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
+                                                    double *acc, cudaStream_t stream)
+{
+    fused_finish_kernel<<<1, 32, 0, stream>>>((int)d->reduction, d->scale, a->loss, (int)a->out_dtype, a->info,
+                                              a->valid_rows, acc);
+    kdl_status_t st = launch_status("fused_finish_kernel");
+    if (st || d->reduction != KDL_REDUCTION_MEAN) return st;
+    if (a->grad_hidden) scale_launch(a->grad_hidden, KDL_DTYPE_F32, a->rows, a->hidden, a->ld_grad_hidden, acc + 3, stream);
+    if (a->grad_weight)
+        scale_launch(a->grad_weight, KDL_DTYPE_F32, a->vocab, a->hidden, a->ld_grad_weight, acc + 3, stream);
+    return launch_status("scale_rows_kernel");
+}

@@ -1,0 +1,399 @@
+/*
+ * tests/test_ext_cli.c - the extension subcommands end to end (sparse-loss,
+ * fused-linear, shard-check): runs the built binary (KDL_CLI_PATH) on .npy
+ * files written here, and checks the JSON numbers and output files against
+ * the float64 references called here, and the error contract: exit 2, one
+ * line on stderr naming the subcommand, nothing on stdout, no output file.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "kdl_test.h"
+#include "kdloss/kdloss_ext.h"
+#include "kdloss/kdloss_ref.h"
+#include "npy.h"
+
+typedef struct cli_result {
+    int code;
+    char out[1 << 16];
+    char err[1 << 12];
+} cli_result_t;
+
+static void tpath(char *buf, size_t len, const char *name)
+{
+    snprintf(buf, len, "%s/extcli_%ld_%s", KDL_TEST_TMPDIR, (long)getpid(), name);
+}
+
+static void slurp(const char *path, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    FILE *f = fopen(path, "rb");
+    if (!f) return;
+    size_t n = fread(buf, 1, cap - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+}
+
+static void run_cli(cli_result_t *r, const char *const *args)
+{
+    char outp[512], errp[512];
+    tpath(outp, sizeof outp, "stdout.txt");
+    tpath(errp, sizeof errp, "stderr.txt");
+    const char *argv[64] = {KDL_CLI_PATH};
+    int n = 1;
+    while (args[n - 1] && n < 63) {
+        argv[n] = args[n - 1];
+        n++;
+    }
+    argv[n] = NULL;
+    fflush(NULL);
+    pid_t pid = fork();
+    cr_assert(pid >= 0, "fork failed");
+    if (pid == 0) {
+        int fo = open(outp, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(126);
+        execv(KDL_CLI_PATH, (char *const *)argv);
+        _exit(127);
+    }
+    int status = 0;
+    cr_assert(waitpid(pid, &status, 0) == pid);
+    r->code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    slurp(outp, r->out, sizeof r->out);
+    slurp(errp, r->err, sizeof r->err);
+    unlink(outp);
+    unlink(errp);
+}
+
+#define CLI(r, ...) run_cli((r), (const char *const[]){__VA_ARGS__, NULL})
+
+/* The number after "key": in a one-line JSON object; NAN if absent. */
+static double json_num(const char *json, const char *key)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
+    const char *p = strstr(json, pat);
+    if (!p) return NAN;
+    return strtod(p + strlen(pat), NULL);
+}
+
+static int exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+static void save(const char *path, kdl_npy_dtype_t t, int ndim, int64_t d0, int64_t d1, const void *data)
+{
+    int64_t shape[2] = {d0, d1};
+    char msg[256];
+    cr_assert_eq(kdl_npy_save(path, t, ndim, shape, data, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+}
+
+static void load_f64(const char *path, double *dst, int64_t n)
+{
+    kdl_npy_array_t a;
+    char msg[256];
+    cr_assert_eq(kdl_npy_load(path, &a, msg, sizeof msg), KDL_NPY_OK, "%s: %s", path, msg);
+    cr_assert_eq(a.count, n, "%s: %lld elements, want %lld", path, (long long)a.count, (long long)n);
+    for (int64_t i = 0; i < n; i++) dst[i] = kdl_npy_get_double(&a, i);
+    kdl_npy_free(&a);
+}
+
+static void expect_usage_error(const cli_result_t *r, const char *cmd)
+{
+    cr_expect_eq(r->code, 2, "exit %d, stderr: %s", r->code, r->err);
+    cr_expect_str_empty(r->out, "stdout must be empty on error: %s", r->out);
+    char pfx[64];
+    snprintf(pfx, sizeof pfx, "kdloss %s: ", cmd);
+    cr_expect(strncmp(r->err, pfx, strlen(pfx)) == 0, "stderr: %s", r->err);
+    const char *nl = strchr(r->err, '\n');
+    cr_expect(nl && nl[1] == '\0', "one line on stderr: %s", r->err);
+}
+
+/* ------------------------------------------------------------ sparse-loss */
+enum { SN = 3, SV = 12, SK = 4 };
+
+static void sparse_inputs(double *S, int64_t *I, double *P)
+{
+    kdl_rng_t g = {41};
+    kdl_fill_logits(&g, S, SN * SV, 1.5);
+    for (int i = 0; i < SN; i++) {
+        double mass = 0;
+        for (int j = 0; j < SK; j++) {
+            I[i * SK + j] = (j * 5 + i * 3) % SV;
+            double p = 0.4 / (j + 1);
+            mass += p;
+            P[i * SK + j] = log(p);
+        }
+        (void)mass;
+    }
+}
+
+static void sparse_ref(kdl_sparse_mode_t mode, kdl_divergence_t div, const double *S, const int64_t *I,
+                       const double *P, double *loss, double *grad)
+{
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = div;
+    d.temperature = 1.5;
+    kdl_sparse_args_t a;
+    kdl_sparse_args_init(&a);
+    a.mode = mode;
+    a.rows = SN;
+    a.vocab = SV;
+    a.k = SK;
+    a.student = S;
+    a.ld_student = SV;
+    a.student_dtype = KDL_DTYPE_F64;
+    a.teacher_indices = I;
+    a.ld_indices = SK;
+    a.teacher_logprobs = P;
+    a.ld_logprobs = SK;
+    a.teacher_dtype = KDL_DTYPE_F64;
+    a.grad = grad;
+    a.ld_grad = SV;
+    a.grad_dtype = KDL_DTYPE_F64;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.loss = loss;
+    cr_assert_eq(kdl_ref_sparse_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+}
+
+Test(sparse_loss, json_and_gradient_match_the_reference)
+{
+    double S[SN * SV], P[SN * SK];
+    int64_t I[SN * SK];
+    sparse_inputs(S, I, P);
+    char sp[512], ip[512], pp[512], gp[512];
+    tpath(sp, sizeof sp, "s.npy");
+    tpath(ip, sizeof ip, "i.npy");
+    tpath(pp, sizeof pp, "p.npy");
+    tpath(gp, sizeof gp, "g.npy");
+    save(sp, KDL_NPY_F64, 2, SN, SV, S);
+    save(ip, KDL_NPY_I64, 2, SN, SK, I);
+    save(pp, KDL_NPY_F64, 2, SN, SK, P);
+    const char *modes[2] = {"renormalised", "tail"};
+    const kdl_divergence_t divs[2] = {KDL_DIV_JSD, KDL_DIV_AKL};
+    const char *divn[2] = {"jsd", "akl"};
+    for (int m = 0; m < 2; m++) {
+        cli_result_t r;
+        CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", modes[m],
+            "--divergence", divn[m], "--temperature", "1.5", "--grad-out", gp, "--backend", "cpu");
+        cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+        double loss, grad[SN * SV], got[SN * SV];
+        sparse_ref((kdl_sparse_mode_t)m, divs[m], S, I, P, &loss, grad);
+        double l = json_num(r.out, "loss");
+        cr_expect(fabs(l - loss) <= 1e-15 * fabs(loss), "%s: loss %.17g want %.17g", modes[m], l, loss);
+        cr_expect(json_num(r.out, "k") == SK && json_num(r.out, "valid_rows") == SN, "%s", r.out);
+        cr_expect(strstr(r.out, "\"backend\": \"cpu\"") != NULL);
+        load_f64(gp, got, SN * SV);
+        kdl_tol_t tol = {0, 0};
+        KDL_EXPECT_CLOSE(modes[m], got, grad, SN * SV, tol);
+        unlink(gp);
+    }
+    unlink(sp);
+    unlink(ip);
+    unlink(pp);
+}
+
+Test(sparse_loss, errors_exit_2_and_write_nothing)
+{
+    double S[SN * SV], P[SN * SK];
+    int64_t I[SN * SK];
+    sparse_inputs(S, I, P);
+    char sp[512], ip[512], pp[512], gp[512], bp[512], dp[512];
+    tpath(sp, sizeof sp, "s2.npy");
+    tpath(ip, sizeof ip, "i2.npy");
+    tpath(pp, sizeof pp, "p2.npy");
+    tpath(gp, sizeof gp, "g2.npy");
+    tpath(bp, sizeof bp, "bad_i.npy");
+    tpath(dp, sizeof dp, "dup_i.npy");
+    save(sp, KDL_NPY_F64, 2, SN, SV, S);
+    save(ip, KDL_NPY_I64, 2, SN, SK, I);
+    save(pp, KDL_NPY_F64, 2, SN, SK, P);
+    int64_t B[SN * SK];
+    memcpy(B, I, sizeof B);
+    B[1 * SK + 2] = SV; /* out of range in row 1 */
+    save(bp, KDL_NPY_I64, 2, SN, SK, B);
+    memcpy(B, I, sizeof B);
+    B[2 * SK + 3] = B[2 * SK + 0]; /* repeated in row 2 */
+    save(dp, KDL_NPY_I64, 2, SN, SK, B);
+    cli_result_t r;
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", bp, "--teacher-logprobs", pp, "--mode", "tail",
+        "--grad-out", gp);
+    expect_usage_error(&r, "sparse-loss");
+    cr_expect(strstr(r.err, "row 1") != NULL, "%s", r.err);
+    cr_expect(!exists(gp));
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", dp, "--teacher-logprobs", pp, "--mode", "tail",
+        "--grad-out", gp);
+    expect_usage_error(&r, "sparse-loss");
+    cr_expect(strstr(r.err, "repeated") != NULL, "%s", r.err);
+    cr_expect(!exists(gp));
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode",
+        "renormalised", "--divergence", "rkl", "--grad-out", gp);
+    expect_usage_error(&r, "sparse-loss");
+    cr_expect(!exists(gp));
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp);
+    expect_usage_error(&r, "sparse-loss"); /* --mode is required */
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", sp, "--mode", "tail");
+    expect_usage_error(&r, "sparse-loss"); /* log-probs of the wrong shape */
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", pp, "--teacher-logprobs", pp, "--mode", "tail");
+    expect_usage_error(&r, "sparse-loss"); /* float indices */
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "bogus");
+    expect_usage_error(&r, "sparse-loss");
+    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "tail",
+        "--temperature", "0");
+    expect_usage_error(&r, "sparse-loss");
+    CLI(&r, "sparse-loss", "--help");
+    cr_expect_eq(r.code, 0);
+    cr_expect(strstr(r.out, "renormalised") != NULL);
+    unlink(sp);
+    unlink(ip);
+    unlink(pp);
+    unlink(bp);
+    unlink(dp);
+}
+
+/* ----------------------------------------------------------- fused-linear */
+enum { FN = 4, FD = 5, FV = 9 };
+
+Test(fused_linear, json_and_gradients_match_the_reference)
+{
+    double H[FN * FD], W[FV * FD], T[FN * FV];
+    kdl_rng_t g = {7};
+    for (int j = 0; j < FN * FD; j++) H[j] = kdl_rng_normal(&g);
+    for (int j = 0; j < FV * FD; j++) W[j] = 0.8 * kdl_rng_normal(&g);
+    for (int j = 0; j < FN * FV; j++) T[j] = 2 * kdl_rng_normal(&g);
+    char hp[512], wp[512], tp[512], ghp[512], gwp[512];
+    tpath(hp, sizeof hp, "h.npy");
+    tpath(wp, sizeof wp, "w.npy");
+    tpath(tp, sizeof tp, "t.npy");
+    tpath(ghp, sizeof ghp, "gh.npy");
+    tpath(gwp, sizeof gwp, "gw.npy");
+    save(hp, KDL_NPY_F64, 2, FN, FD, H);
+    save(wp, KDL_NPY_F64, 2, FV, FD, W);
+    save(tp, KDL_NPY_F64, 2, FN, FV, T);
+    cli_result_t r;
+    CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--divergence", "rkl", "--reduction",
+        "sum", "--grad-hidden-out", ghp, "--grad-weight-out", gwp, "--chunk-rows", "2");
+    cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = KDL_DIV_RKL;
+    d.reduction = KDL_REDUCTION_SUM;
+    double loss, dH[FN * FD], dW[FV * FD], gotH[FN * FD], gotW[FV * FD];
+    kdl_fused_linear_args_t a;
+    kdl_fused_linear_args_init(&a);
+    a.rows = FN;
+    a.hidden = FD;
+    a.vocab = FV;
+    a.hidden_states = H;
+    a.ld_hidden = FD;
+    a.hidden_dtype = KDL_DTYPE_F64;
+    a.weight = W;
+    a.ld_weight = FD;
+    a.weight_dtype = KDL_DTYPE_F64;
+    a.teacher = T;
+    a.ld_teacher = FV;
+    a.teacher_dtype = KDL_DTYPE_F64;
+    a.grad_hidden = dH;
+    a.ld_grad_hidden = FD;
+    a.grad_weight = dW;
+    a.ld_grad_weight = FD;
+    a.grad_dtype = KDL_DTYPE_F64;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.loss = &loss;
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS);
+    double l = json_num(r.out, "loss");
+    cr_expect(fabs(l - loss) <= 1e-15 * fabs(loss), "loss %.17g want %.17g", l, loss);
+    cr_expect(json_num(r.out, "chunk_rows") == 2);
+    cr_expect(json_num(r.out, "logits_bytes") == FN * FV * 4);
+    cr_expect(json_num(r.out, "workspace_bytes") > 0, "%s", r.out);
+    load_f64(ghp, gotH, FN * FD);
+    load_f64(gwp, gotW, FV * FD);
+    kdl_tol_t tol = {0, 0};
+    KDL_EXPECT_CLOSE("dH", gotH, dH, FN * FD, tol);
+    KDL_EXPECT_CLOSE("dW", gotW, dW, FV * FD, tol);
+    unlink(ghp);
+    unlink(gwp);
+    /* errors: shapes that disagree, a bad chunk; no output file */
+    CLI(&r, "fused-linear", "--hidden", hp, "--weight", tp, "--teacher", tp, "--grad-hidden-out", ghp);
+    expect_usage_error(&r, "fused-linear");
+    cr_expect(!exists(ghp));
+    CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--chunk-rows", "0", "--grad-weight-out",
+        gwp);
+    expect_usage_error(&r, "fused-linear");
+    cr_expect(!exists(gwp));
+    CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp);
+    expect_usage_error(&r, "fused-linear");
+    CLI(&r, "fused-linear", "--help");
+    cr_expect_eq(r.code, 0);
+    unlink(hp);
+    unlink(wp);
+    unlink(tp);
+}
+
+/* ------------------------------------------------------------ shard-check */
+Test(shard_check, sharded_equals_unsharded)
+{
+    enum { N = 3, V = 40 };
+    double S[N * V], T[N * V];
+    kdl_rng_t g = {99};
+    kdl_fill_logits(&g, S, N * V, 2.0);
+    kdl_fill_logits(&g, T, N * V, 2.0);
+    T[5] = T[17] = T[33]; /* a tie across shards */
+    char sp[512], tp[512], gp[512];
+    tpath(sp, sizeof sp, "ss.npy");
+    tpath(tp, sizeof tp, "st.npy");
+    tpath(gp, sizeof gp, "sg.npy");
+    save(sp, KDL_NPY_F64, 2, N, V, S);
+    save(tp, KDL_NPY_F64, 2, N, V, T);
+    const char *divs[] = {"fkl", "jsd", "akl", "tvd"};
+    for (int k = 0; k < 4; k++) {
+        cli_result_t r;
+        CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "3", "--divergence", divs[k],
+            "--head-rule", "topk", "--top-k", "6", "--grad-out", gp);
+        cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+        double gmax = json_num(r.out, "max_grad");
+        cr_expect(json_num(r.out, "max_abs_diff_loss") <= 1e-12 * fabs(json_num(r.out, "loss")), "%s", r.out);
+        cr_expect(json_num(r.out, "max_abs_diff_grad") <= 1e-12 * gmax, "%s", r.out);
+        cr_expect(strstr(r.out, "\"split\": [14, 13, 13]") != NULL, "%s", r.out);
+        if (k == 2) cr_expect(json_num(r.out, "head_size_mismatches") == 0, "%s", r.out);
+        double grad[N * V];
+        load_f64(gp, grad, N * V);
+        unlink(gp);
+    }
+    cli_result_t r;
+    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "2", "--split", "1,39", "--divergence", "akl");
+    cr_assert_eq(r.code, 0, "%s", r.err);
+    cr_expect(strstr(r.out, "\"steps\": [\"max\", \"sum\", ") != NULL, "%s", r.out);
+    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "2", "--split", "10,10", "--grad-out", gp);
+    expect_usage_error(&r, "shard-check");
+    cr_expect(!exists(gp));
+    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "0");
+    expect_usage_error(&r, "shard-check");
+    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "41");
+    expect_usage_error(&r, "shard-check");
+    CLI(&r, "shard-check", "--student", sp, "--teacher", tp);
+    expect_usage_error(&r, "shard-check");
+    CLI(&r, "shard-check", "--help");
+    cr_expect_eq(r.code, 0);
+    unlink(sp);
+    unlink(tp);
+}
+
+Test(main, subcommands_are_listed)
+{
+    cli_result_t r;
+    CLI(&r, "--help");
+    cr_expect_eq(r.code, 0);
+    cr_expect(strstr(r.out, "sparse-loss") && strstr(r.out, "fused-linear") && strstr(r.out, "shard-check"), "%s",
+              r.out);
+}
