@@ -13,8 +13,10 @@ ctest --test-dir build --output-on-failure -j "$(nproc)"
 if [ "${KDL_TEST_FAST:-0}" != 1 ]; then
   echo "== again with ASan + UBSan (CPU build) =="
   BUILD_DIR=build-asan bash scripts/build.sh -DKDL_SANITIZE=ON -DKDL_ENABLE_CUDA=OFF
+  # install_consumer checks packaging (the normal pass runs it); its
+  # pkg-config consumer links the sanitized library without the ASan runtime.
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ctest --test-dir build-asan --output-on-failure -j "$(nproc)" -E python_tests
+    ctest --test-dir build-asan --output-on-failure -j "$(nproc)" -E "python_tests|install_consumer"
   # Bounded libFuzzer run (FUZZ_SECONDS per target, default 20), when clang
   # with libFuzzer is there (scripts/setup.sh installs it); KDL_SKIP_FUZZ=1 skips.
   if [ "${KDL_SKIP_FUZZ:-0}" != 1 ]; then

@@ -177,7 +177,7 @@ static void run_once(kdl_handle_t h, gpu_problem_t *p, const kdl_loss_desc_t *d,
 #endif /* KDL_HAVE_CUDA */
 
 /* ============================================================ determinism */
-Test(gpu_hardening, bitwise_deterministic_runs_and_streams, .timeout = 900)
+Test(gpu_hardening, bitwise_deterministic_runs_and_streams)
 {
     KDL_SKIP_WITHOUT_GPU();
 #ifdef KDL_HAVE_CUDA
@@ -242,7 +242,7 @@ Test(gpu_hardening, bitwise_deterministic_runs_and_streams, .timeout = 900)
 }
 
 /* ========================================================== past 2^31 */
-Test(gpu_hardening, rows_past_2_pow_31_elements, .timeout = 1200)
+Test(gpu_hardening, rows_past_2_pow_31_elements)
 {
     KDL_SKIP_WITHOUT_GPU();
 #ifdef KDL_HAVE_CUDA
@@ -353,7 +353,7 @@ Test(gpu_hardening, rows_past_2_pow_31_elements, .timeout = 1200)
 }
 
 /* ======================================================= memory exhausted */
-Test(gpu_hardening, device_memory_exhausted_gives_a_status, .timeout = 600)
+Test(gpu_hardening, device_memory_exhausted_gives_a_status)
 {
     KDL_SKIP_WITHOUT_GPU();
 #ifdef KDL_HAVE_CUDA
