@@ -26,7 +26,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: kdloss SUBCOMMAND [options]   (kdloss SUBCOMMAND --help)\n\n");
     for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
-        fprintf(f, "  %-9s %s\n", subcommands[i].name, subcommands[i].help);
+        fprintf(f, "  %-13s %s\n", subcommands[i].name, subcommands[i].help);
 }
 
 int main(int argc, char **argv)

@@ -41,13 +41,6 @@ static void *dup_dev(const void *src, size_t bytes)
 static void get_dev(void *dst, const void *src, size_t bytes) { CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost)); }
 #endif
 
-/* Skips are printed whatever Criterion's verbosity, so a run without a
- * device says which GPU tests did not run. */
-ReportHook(POST_TEST)(struct criterion_test_stats *stats)
-{
-    if (stats->test_status == CR_STATUS_SKIPPED)
-        fprintf(stderr, "[SKIP] %s::%s (no CUDA device: GPU test not run)\n", stats->test->category, stats->test->name);
-}
 
 static kdl_loss_desc_t desc_of(kdl_divergence_t div, kdl_reduction_t red)
 {
