@@ -123,6 +123,21 @@ static inline void kdl_store_from_double(void *base, kdl_dtype_t t, int64_t i, d
     }
 }
 
+/* scale * x for a loss output: scale = 0 gives 0 even for an infinite x
+ * (the term is switched off); NaN, the mark of an invalid row, stays NaN. */
+static inline double kdl_scaled_loss(double scale, double x)
+{
+    return (scale == 0 && !isnan(x)) ? 0.0 : scale * x;
+}
+
+/* Gradient entry (gscale * dz) / tau, gscale = scale (or scale / valid rows):
+ * multiplied before dividing so that an exact zero stays zero for any tau,
+ * and gscale = 0 gives 0 whatever dz is. */
+static inline double kdl_scaled_grad(double gscale, double dz, double tau)
+{
+    return gscale == 0 ? 0.0 : (gscale * dz) / tau;
+}
+
 #ifdef __cplusplus
 }
 #endif

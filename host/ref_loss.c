@@ -12,8 +12,10 @@
  *   2. lq = s/tau - LSE(s/tau), lp = t/tau - LSE(t/tau);
  *   3. AKL head and gaps (teacher order: p descending, ties by lower index);
  *   4. loss = sum of element terms, G = sum of qg, dz = qg - q G, ds = dz/tau.
- * The gradient is d(reduced, scaled loss)/ds: scale/tau per row for NONE and
- * SUM, scale/(tau * valid_rows) for MEAN.
+ * The gradient is d(reduced, scaled loss)/ds: (scale dz)/tau per row for NONE
+ * and SUM, (scale/valid_rows dz)/tau for MEAN (multiplied before dividing, so
+ * an exact zero stays zero for any tau).  scale = 0 gives loss 0 and a zero
+ * gradient, even where the unscaled loss is +inf; invalid rows stay NaN.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -55,18 +57,23 @@ static int row_state(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, int64_t
     return (s_finite && t_finite) ? ROW_VALID : ROW_INVALID;
 }
 
-/* out[v] = x[v]/tau - LSE(x/tau) for row i of a typed matrix. */
+/* out[v] = x[v]/tau - LSE(x/tau) for row i of a typed matrix, computed as
+ * (x[v] - max)/tau - log sum exp((x - max)/tau): x/tau alone overflows for a
+ * tiny tau, (x - max)/tau only goes to -inf (probability 0), the limit. */
 static void log_softmax_row(const void *base, kdl_dtype_t t, int64_t ld, int64_t i, int64_t V,
                             double tau, double *out)
 {
     double mx = -INFINITY;
     for (int64_t v = 0; v < V; v++) {
-        out[v] = kdl_load_as_double(base, t, i * ld + v) / tau;
+        out[v] = kdl_load_as_double(base, t, i * ld + v);
         if (out[v] > mx) mx = out[v];
     }
     double sum = 0;
-    for (int64_t v = 0; v < V; v++) sum += exp(out[v] - mx);
-    double lse = mx + log(sum);
+    for (int64_t v = 0; v < V; v++) {
+        out[v] = (out[v] - mx) / tau;
+        sum += exp(out[v]);
+    }
+    double lse = log(sum);
     for (int64_t v = 0; v < V; v++) out[v] -= lse;
 }
 
@@ -121,10 +128,10 @@ static int wants_head_stats(const kdl_loss_desc_t *d, const kdl_loss_args_t *a)
            a->stat_w_tail || a->stat_head_size;
 }
 
-/* Loss, statistics and (if grad_factor != 0 and grad given) the gradient
- * row of a valid row i. */
+/* Loss, statistics and (if grad given) the gradient row of a valid row i:
+ * grad = (gscale dz) / tau. */
 static void valid_row(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, const ref_scratch_t *sc,
-                      int64_t i, double grad_factor, row_stats_t *rs)
+                      int64_t i, double gscale, row_stats_t *rs)
 {
     const int64_t V = a->vocab;
     log_softmax_row(a->student, a->student_dtype, a->ld_student, i, V, d->temperature, sc->lq);
@@ -153,7 +160,8 @@ static void valid_row(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, const 
     if (!a->grad) return;
     for (int64_t v = 0; v < V; v++) {
         double dz = kdl_elem_dz_d(sc->qg[v], exp(sc->lq[v]), G);
-        kdl_store_from_double(a->grad, a->grad_dtype, i * a->ld_grad + v, grad_factor * dz);
+        kdl_store_from_double(a->grad, a->grad_dtype, i * a->ld_grad + v,
+                              kdl_scaled_grad(gscale, dz, d->temperature));
     }
 }
 
@@ -210,15 +218,15 @@ kdl_status_t kdl_ref_loss_forward_backward(const kdl_loss_desc_t *d, const kdl_l
         n_valid += state[i] == ROW_VALID;
         n_invalid += state[i] == ROW_INVALID;
     }
-    double grad_factor = d->scale / d->temperature;
-    if (d->reduction == KDL_REDUCTION_MEAN) grad_factor = n_valid ? grad_factor / (double)n_valid : 0.0;
+    double gscale = d->scale;
+    if (d->reduction == KDL_REDUCTION_MEAN) gscale = n_valid ? gscale / (double)n_valid : 0.0;
 
     double total = 0;
     for (int64_t i = 0; i < N; i++) {
         row_stats_t rs;
         memset(&rs, 0, sizeof rs);
         if (state[i] == ROW_VALID) {
-            valid_row(d, a, &sc, i, grad_factor, &rs);
+            valid_row(d, a, &sc, i, gscale, &rs);
             total += rs.loss;
         } else {
             zero_grad_row(a, i);
@@ -226,12 +234,12 @@ kdl_status_t kdl_ref_loss_forward_backward(const kdl_loss_desc_t *d, const kdl_l
                 rs.loss = rs.fkl = rs.rkl = rs.g_head = rs.g_tail = rs.w_head = rs.w_tail = NAN;
         }
         store_stats(a, i, &rs);
-        if (d->reduction == KDL_REDUCTION_NONE) kdl_store_from_double(a->loss, a->out_dtype, i, d->scale * rs.loss);
+        if (d->reduction == KDL_REDUCTION_NONE) kdl_store_from_double(a->loss, a->out_dtype, i, kdl_scaled_loss(d->scale, rs.loss));
     }
     if (d->reduction == KDL_REDUCTION_SUM)
-        kdl_store_from_double(a->loss, a->out_dtype, 0, d->scale * total);
+        kdl_store_from_double(a->loss, a->out_dtype, 0, kdl_scaled_loss(d->scale, total));
     else if (d->reduction == KDL_REDUCTION_MEAN)
-        kdl_store_from_double(a->loss, a->out_dtype, 0, n_valid ? d->scale * total / (double)n_valid : 0.0);
+        kdl_store_from_double(a->loss, a->out_dtype, 0, n_valid ? kdl_scaled_loss(d->scale, total) / (double)n_valid : 0.0);
     if (a->info) *a->info = n_invalid;
     if (a->valid_rows) *a->valid_rows = n_valid;
 

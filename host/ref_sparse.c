@@ -269,14 +269,19 @@ static void store_grad(const kdl_sparse_args_t *a, int64_t i, int64_t v, double 
     kdl_store_from_double(a->grad, a->grad_dtype, i * a->ld_grad + v, g);
 }
 
-/* Loss of valid row i; writes its gradient row (times grad_factor) if asked. */
+/* Loss of valid row i; writes its gradient row ((gscale dz)/tau) if asked. */
 static double valid_row(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, sparse_scratch_t *sc,
-                        struct cell_rank *rk, unsigned char *in_head, int64_t i, double grad_factor)
+                        struct cell_rank *rk, unsigned char *in_head, int64_t i, double gscale)
 {
     const int64_t V = a->vocab, k = a->k;
     const double tau = d->temperature;
-    for (int64_t v = 0; v < V; v++)
-        sc->lq[v] = kdl_load_as_double(a->student, a->student_dtype, i * a->ld_student + v) / tau;
+    /* (s - max s)/tau: s/tau alone overflows for a tiny tau */
+    double smax = -INFINITY;
+    for (int64_t v = 0; v < V; v++) {
+        sc->lq[v] = kdl_load_as_double(a->student, a->student_dtype, i * a->ld_student + v);
+        if (sc->lq[v] > smax) smax = sc->lq[v];
+    }
+    for (int64_t v = 0; v < V; v++) sc->lq[v] = (sc->lq[v] - smax) / tau;
     double lse_s = lse_of(sc->lq, V);
     for (int64_t v = 0; v < V; v++) sc->lq[v] -= lse_s;
     for (int64_t j = 0; j < k; j++)
@@ -298,7 +303,7 @@ static double valid_row(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, sp
         }
         if (a->grad)
             for (int64_t v = 0; v < V; v++)
-                store_grad(a, i, v, grad_factor * kdl_elem_dz_d(sc->qg[v], exp(sc->lq[v]), G));
+                store_grad(a, i, v, kdl_scaled_grad(gscale, kdl_elem_dz_d(sc->qg[v], exp(sc->lq[v]), G), tau));
         return loss;
     }
 
@@ -347,7 +352,7 @@ static double valid_row(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, sp
                 double share = q > 0 ? exp(sc->lq[v] - lq_b) : 0.0; /* q_v / q_b */
                 dz = kdl_elem_dz_d(share > 0 ? share * eb.qg : 0.0, q, G);
             }
-            store_grad(a, i, v, grad_factor * dz);
+            store_grad(a, i, v, kdl_scaled_grad(gscale, dz, tau));
         }
     }
     return loss;
@@ -397,26 +402,26 @@ kdl_status_t kdl_ref_sparse_loss(const kdl_loss_desc_t *d, const kdl_sparse_args
         n_invalid += cls[i].state == KDL_EXT_ROW_INVALID;
         n_bad_index += cls[i].bad_index;
     }
-    double grad_factor = d->scale / d->temperature;
-    if (d->reduction == KDL_REDUCTION_MEAN) grad_factor = n_valid ? grad_factor / (double)n_valid : 0.0;
+    double gscale = d->scale;
+    if (d->reduction == KDL_REDUCTION_MEAN) gscale = n_valid ? gscale / (double)n_valid : 0.0;
 
     double total = 0;
     for (int64_t i = 0; i < N; i++) {
         double l = 0;
         if (cls[i].state == KDL_EXT_ROW_VALID) {
-            l = valid_row(d, a, &sc, rk, in_head, i, grad_factor);
+            l = valid_row(d, a, &sc, rk, in_head, i, gscale);
             total += l;
         } else {
             if (a->grad)
                 for (int64_t v = 0; v < V; v++) store_grad(a, i, v, 0.0);
             if (cls[i].state == KDL_EXT_ROW_INVALID) l = NAN;
         }
-        if (d->reduction == KDL_REDUCTION_NONE) kdl_store_from_double(a->loss, a->out_dtype, i, d->scale * l);
+        if (d->reduction == KDL_REDUCTION_NONE) kdl_store_from_double(a->loss, a->out_dtype, i, kdl_scaled_loss(d->scale, l));
     }
     if (d->reduction == KDL_REDUCTION_SUM)
-        kdl_store_from_double(a->loss, a->out_dtype, 0, d->scale * total);
+        kdl_store_from_double(a->loss, a->out_dtype, 0, kdl_scaled_loss(d->scale, total));
     else if (d->reduction == KDL_REDUCTION_MEAN)
-        kdl_store_from_double(a->loss, a->out_dtype, 0, n_valid ? d->scale * total / (double)n_valid : 0.0);
+        kdl_store_from_double(a->loss, a->out_dtype, 0, n_valid ? kdl_scaled_loss(d->scale, total) / (double)n_valid : 0.0);
     if (a->info) *a->info = n_invalid;
     if (a->valid_rows) *a->valid_rows = n_valid;
     if (a->bad_index_rows) *a->bad_index_rows = n_bad_index;

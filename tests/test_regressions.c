@@ -95,7 +95,7 @@ Test(regressions, f4_srkl_alpha_zero_is_rkl_with_a_finite_gradient)
 }
 
 /* ---------------------------------------------------------------------------
- * F1 (reported, open): tiny temperature.  Every logit finite, tau > 0 and
+ * F1 (fixed): tiny temperature.  Every logit finite, tau > 0 and
  * finite (accepted), but x/tau overflows to +-inf, the log-softmax computes
  * inf - inf, and the loss of a valid row is NaN with KDL_STATUS_SUCCESS.
  * Expected: the tau -> 0 limit, computed as (x - max x)/tau (never
@@ -108,13 +108,11 @@ static const uint8_t f1_bytes[] = {0x3c, 0x02, 0x0a, 0xc4, 0xc4, 0x00, 0x01, 0x0
 
 Test(regressions, f1_tiny_temperature_fuzz_bytes)
 {
-    cr_skip_test("F1 open (docs/hardening.md): tiny tau gives a NaN loss; remove this line once fixed");
     fuzz_ref_loss_bytes(f1_bytes, sizeof f1_bytes);
 }
 
 Test(regressions, f1_tiny_temperature_has_a_limit)
 {
-    cr_skip_test("F1 open (docs/hardening.md): tiny tau gives a NaN loss; remove this line once fixed");
     const double s[3] = {2.0, 1.0, -3.0}, t[3] = {0.5, 4.0, 0.0};
     double loss, grad[3];
     cr_assert_eq(run_row(KDL_DIV_FKL, 1e-310, 0.1, 1.0, s, t, 3, &loss, grad), KDL_STATUS_SUCCESS);
@@ -126,14 +124,13 @@ Test(regressions, f1_tiny_temperature_has_a_limit)
 }
 
 /* ---------------------------------------------------------------------------
- * F2 (reported, open): scale 0 times an infinite loss.  scale = 0 is
+ * F2 (fixed): scale 0 times an infinite loss.  scale = 0 is
  * accepted (finite); a row with loss +inf (legal: README "Infinite losses")
  * then reports 0 * inf = NaN with KDL_STATUS_SUCCESS, in the per-row loss
  * and in SUM/MEAN.  Expected (proposed): scale 0 gives loss 0 and a zero
  * gradient (the term is switched off), as the 0 log 0 = 0 convention. */
 Test(regressions, f2_scale_zero_times_infinite_loss)
 {
-    cr_skip_test("F2 open (docs/hardening.md): scale 0 x inf loss = NaN; remove this line once decided");
     const double s[3] = {0.0, 1.0, -INFINITY}, t[3] = {0.0, 1.0, 2.0}; /* FKL: teacher mass where q = 0 */
     double loss, grad[3];
     cr_assert_eq(run_row(KDL_DIV_FKL, 1.0, 0.1, 0.0, s, t, 3, &loss, grad), KDL_STATUS_SUCCESS);
@@ -142,14 +139,13 @@ Test(regressions, f2_scale_zero_times_infinite_loss)
 }
 
 /* ---------------------------------------------------------------------------
- * F3 (reported, open): scale/tau overflows.  The gradient factor scale/tau
+ * F3 (fixed): scale/tau overflows.  The gradient factor scale/tau
  * is computed first; with scale 1e300 and tau 1e-10 it is +inf, and every
  * gradient entry that is exactly 0 (a token with q = 0) becomes inf * 0 =
  * NaN while the loss is finite.  Expected: 0 stays 0 (multiply dz by scale,
  * then divide by tau, or test dz == 0). */
 Test(regressions, f3_gradient_factor_overflow)
 {
-    cr_skip_test("F3 open (docs/hardening.md): scale/tau = inf gives NaN gradient entries; remove once fixed");
     const double s[3] = {0.0, 1.0, -INFINITY}, t[3] = {0.0, 1.0, -INFINITY};
     double loss, grad[3];
     cr_assert_eq(run_row(KDL_DIV_FKL, 1e-10, 0.1, 1e300, s, t, 3, &loss, grad), KDL_STATUS_SUCCESS);
