@@ -66,12 +66,18 @@ KDL_OT_HD static inline kdl_ot_schedule_t kdl_ot_schedule_make(double diameter, 
     s.first = 0;
     s.stage_iter = stage_iter > 0 ? stage_iter : 1;
     if (!on || !(diameter > eps) || !(diameter < INFINITY) || !(factor > 0 && factor < 1)) return s;
+    /* full = the smallest k with D factor^k <= eps: log(eps/D)/log(factor)
+     * rounded up, then corrected by at most a few steps for rounding */
     double sd = log(eps / diameter) / log(factor); /* > 0 */
-    if (sd > 1e15) sd = 1e15;
-    int64_t full = (int64_t)ceil(sd);
-    if (full < 1) full = 1;
-    while (full > 1 && diameter * pow(factor, (double)(full - 1)) <= eps) full--;
-    while (diameter * pow(factor, (double)full) > eps) full++;
+    int64_t full;
+    if (!(sd < 1e15)) {
+        full = (int64_t)1e15; /* far beyond any cap */
+    } else {
+        full = (int64_t)ceil(sd);
+        if (full < 1) full = 1;
+        for (int t = 0; t < 4 && full > 1 && diameter * pow(factor, (double)(full - 1)) <= eps; t++) full--;
+        for (int t = 0; t < 4 && diameter * pow(factor, (double)full) > eps; t++) full++;
+    }
     int64_t cap = (max_iter - 1) / s.stage_iter;
     if (cap < 0) cap = 0;
     s.stages = full < cap ? full : cap;

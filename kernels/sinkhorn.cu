@@ -1,0 +1,785 @@
+/*
+ * kernels/sinkhorn.cu - batched log-domain Sinkhorn and the SinKD loss on
+ * the GPU.  Interface and vocabulary: kernels/sinkhorn.cuh; host side:
+ * host/gpu_sinkhorn.c; maths: DESIGN section 2 and docs/sinkhorn.md.
+ *
+ * Kernels and what each reads / writes (C = cost, n x m per problem):
+ *
+ *   k_sqnorms      X rows -> |x|^2                        (SQEUCLIDEAN cost)
+ *   k_sq_fixup     C += |x_i|^2 + |y_j|^2, clamped >= 0   (after the cuBLAS
+ *                  GEMM wrote -2 x.y)
+ *   k_l1           C_ij = sum_k |x_ik - y_jk|: 16 x 16 tiles, d staged in
+ *                  shared memory 32 at a time, optionally split along d
+ *   k_l1_reduce    sums the d-split partials in split order
+ *   k_scan         per row: min, max, finite check of C (row tiles)
+ *   k_prep         per problem: diameter, log-weight check, eps schedule,
+ *                  state reset
+ *   k_f_update     f_i = -eps LSE_j(lb_j + (g_j - C_ij)/eps): one warp per
+ *                  row, online log2-domain LSE, C read once; fused with the
+ *                  row-marginal error of the previous iterate when a check
+ *                  is due: sum_j P_ij = a_i exp((f_old_i - f_new_i)/eps)
+ *   k_check        per problem: err = sum_i |.|, converged -> done
+ *   k_g_update     g_j = -eps LSE_i(la_i + (f_i - C_ij)/eps): 32 columns per
+ *                  CTA (coalesced rows), 8 warps split the rows, partial
+ *                  LSEs merged in warp order; C read once
+ *   k_finish       P (optional plan), row sums of P C, final f
+ *   k_combine      per caller problem: value (debias), outputs, info
+ *   k_grad_x       x-gradient through the cost, plan fixed
+ *   k_softmax      SinKD: p = softmax(x / tau) per row, invalid-row flags
+ *   k_sinkd_groups / k_sinkd_plan / k_sinkd_grad   SinKD epilogue
+ *
+ * Every problem iterates in parallel: the f and g kernels run over tiles
+ * of all problems at once; a problem that converged (or has non-finite
+ * input) is marked done and its tiles return at their first instruction
+ * thereafter.  All arithmetic is FP32 except the schedule and the final
+ * value sums (FP64); all reductions are in a fixed order (warp butterflies
+ * of commutative merges, shared-memory trees, loops in index order), so
+ * results are bitwise reproducible; no floating-point atomics.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "sinkhorn.cuh"
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kBlock = 256;
+
+/* ------------------------------------------------------------ LSE helpers */
+/* An online log2-domain log-sum-exp: value = m + log2(s). */
+struct Lse {
+    float m, s;
+};
+
+__device__ __forceinline__ void lse_add(Lse &a, float u)
+{
+    if (u > a.m) {
+        a.s = a.s * exp2f(a.m - u) + 1.0f; /* a.m = -inf gives s = 1 */
+        a.m = u;
+    } else if (u != -INFINITY) {
+        a.s += exp2f(u - a.m);
+    }
+}
+
+/* Commutative bit for bit (IEEE addition is), so butterflies agree on
+ * every lane and the result does not depend on the pairing order. */
+__device__ __forceinline__ Lse lse_merge(Lse a, Lse b)
+{
+    if (a.m == -INFINITY) return b;
+    if (b.m == -INFINITY) return a;
+    float M = fmaxf(a.m, b.m);
+    Lse r;
+    r.m = M;
+    r.s = a.s * exp2f(a.m - M) + b.s * exp2f(b.m - M);
+    return r;
+}
+
+__device__ __forceinline__ Lse warp_lse(Lse a)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        Lse b;
+        b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
+        b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
+        a = lse_merge(a, b);
+    }
+    return a;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Fixed-tree block sum over kBlock threads (every thread must call it). */
+__device__ double block_sum(double v, double *sh)
+{
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = kBlock / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float block_sum_f(float v, float *sh)
+{
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = kBlock / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float block_max_f(float v, float *sh)
+{
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = kBlock / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+/* log2 weight of row i (la given in natural log, or uniform). */
+__device__ __forceinline__ float logw2(const float *lw, int i, float uniform2)
+{
+    return lw ? lw[i] * kLog2e : uniform2;
+}
+
+/* dC(u, v)/du for t = u_k - v_k. */
+__device__ __forceinline__ float dcost(int metric, float t)
+{
+    if (metric == KDL_OT_METRIC_L1) return (float)((t > 0.0f) - (t < 0.0f));
+    return 2.0f * t;
+}
+
+/* ------------------------------------------------------------------ costs */
+__global__ void __launch_bounds__(kBlock) k_sqnorms(const float *__restrict__ X, int64_t rows, int64_t d,
+                                                    float *__restrict__ out)
+{
+    const int64_t r = (int64_t)blockIdx.x * (kBlock / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const float *x = X + r * d;
+    float s = 0.0f;
+    for (int64_t k = lane; k < d; k += 32) s = fmaf(x[k], x[k], s);
+    s = warp_sum(s);
+    if (lane == 0) out[r] = s;
+}
+
+__global__ void __launch_bounds__(kBlock) k_sq_fixup(const kdl_otk_job_t *__restrict__ jobs,
+                                                     const kdl_otk_tile_t *__restrict__ tiles)
+{
+    const kdl_otk_tile_t t = tiles[blockIdx.x];
+    const kdl_otk_job_t J = jobs[t.prob];
+    const int i = t.r0 + (int)(threadIdx.x / KDL_OTK_COST_TILE);
+    const int j = t.c0 + (int)(threadIdx.x % KDL_OTK_COST_TILE);
+    if (i >= J.n || j >= J.m) return;
+    float *c = J.C + (int64_t)i * J.m + j;
+    *c = fmaxf(0.0f, J.nx[i] + J.ny[j] + *c);
+}
+
+/* L1 cost: thread (ti, tj) of the 16 x 16 tile owns entry (r0 + ti, c0 + tj);
+ * the d range of split blockIdx.y is staged 32 coordinates at a time. */
+__global__ void __launch_bounds__(kBlock) k_l1(const kdl_otk_job_t *__restrict__ jobs,
+                                               const kdl_otk_tile_t *__restrict__ tiles, int64_t d, int dsplit,
+                                               float *__restrict__ partial, int64_t total)
+{
+    constexpr int T = KDL_OTK_COST_TILE, K = 32;
+    __shared__ float xs[T][K + 1], ys[T][K + 1];
+    const kdl_otk_tile_t t = tiles[blockIdx.x];
+    const kdl_otk_job_t J = jobs[t.prob];
+    const int ti = threadIdx.x / T, tj = threadIdx.x % T;
+    const int64_t per = (d + dsplit - 1) / dsplit;
+    const int64_t k0 = (int64_t)blockIdx.y * per;
+    const int64_t k1 = k0 + per < d ? k0 + per : d;
+    float acc = 0.0f;
+    for (int64_t kb = k0; kb < k1; kb += K) {
+        /* 2 x 16 x 32 values, 256 threads: 4 loads each, 32 consecutive per row */
+        for (int q = threadIdx.x; q < T * K; q += kBlock) {
+            const int rr = q / K, kk = q % K;
+            const int64_t k = kb + kk;
+            const int xi = t.r0 + rr, yj = t.c0 + rr;
+            xs[rr][kk] = (k < k1 && xi < J.n) ? J.X[(int64_t)xi * d + k] : 0.0f;
+            ys[rr][kk] = (k < k1 && yj < J.m) ? J.Y[(int64_t)yj * d + k] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < K; kk++) acc += fabsf(xs[ti][kk] - ys[tj][kk]);
+        __syncthreads();
+    }
+    const int i = t.r0 + ti, j = t.c0 + tj;
+    if (i >= J.n || j >= J.m) return;
+    if (dsplit == 1)
+        J.C[(int64_t)i * J.m + j] = acc;
+    else
+        partial[(int64_t)blockIdx.y * total + J.coff + (int64_t)i * J.m + j] = acc;
+}
+
+__global__ void __launch_bounds__(kBlock) k_l1_reduce(const float *__restrict__ partial, int dsplit,
+                                                      int64_t total, float *__restrict__ packed)
+{
+    for (int64_t e = (int64_t)blockIdx.x * kBlock + threadIdx.x; e < total; e += (int64_t)gridDim.x * kBlock) {
+        float s = 0.0f;
+        for (int q = 0; q < dsplit; q++) s += partial[(int64_t)q * total + e];
+        packed[e] = s;
+    }
+}
+
+/* ----------------------------------------------------------------- solver */
+/* Row min / max / finiteness of C into rowerr (min, NaN if a value is not
+ * finite) and rowval (max). */
+__global__ void __launch_bounds__(kBlock) k_scan(const kdl_otk_prob_t *__restrict__ probs,
+                                                 const kdl_otk_tile_t *__restrict__ tiles)
+{
+    const kdl_otk_tile_t t = tiles[blockIdx.x];
+    const kdl_otk_prob_t &p = probs[t.prob];
+    const int i = t.r0 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (i >= p.n) return;
+    const float *c = p.C + (int64_t)i * p.m;
+    float mn = INFINITY, mx = -INFINITY;
+    int bad = 0;
+    for (int j = lane; j < p.m; j += 32) {
+        const float v = c[j];
+        bad |= !isfinite(v);
+        mn = fminf(mn, v);
+        mx = fmaxf(mx, v);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    bad = __any_sync(0xffffffffu, bad);
+    if (lane == 0) {
+        p.rowerr[i] = bad ? NAN : mn;
+        p.rowval[i] = mx;
+    }
+}
+
+__global__ void __launch_bounds__(kBlock) k_prep(const kdl_otk_prob_t *__restrict__ probs,
+                                                 kdl_otk_state_t *__restrict__ state, kdl_otk_params_t prm)
+{
+    __shared__ float sh[kBlock];
+    const kdl_otk_prob_t &p = probs[blockIdx.x];
+    float mn = INFINITY, mx = -INFINITY;
+    int bad = 0, any_a = p.la == nullptr, any_b = p.lb == nullptr;
+    for (int i = threadIdx.x; i < p.n; i += kBlock) {
+        const float lo = p.rowerr[i];
+        bad |= isnan(lo);
+        mn = fminf(mn, lo);
+        mx = fmaxf(mx, p.rowval[i]);
+        if (p.la) {
+            const float v = p.la[i];
+            bad |= isnan(v) || v == INFINITY;
+            any_a |= v > -INFINITY;
+        }
+    }
+    if (p.lb)
+        for (int j = threadIdx.x; j < p.m; j += kBlock) {
+            const float v = p.lb[j];
+            bad |= isnan(v) || v == INFINITY;
+            any_b |= v > -INFINITY;
+        }
+    bad = __syncthreads_or(bad);
+    any_a = __syncthreads_or(any_a);
+    any_b = __syncthreads_or(any_b);
+    mx = block_max_f(mx, sh);
+    mn = -block_max_f(-mn, sh);
+    if (threadIdx.x == 0) {
+        kdl_otk_state_t s;
+        s.sched = kdl_ot_schedule_make((double)mx - (double)mn, prm.eps, prm.eps_scaling, prm.factor,
+                                       prm.stage_iter, prm.max_iter);
+        s.iters = 0;
+        s.err = NAN;
+        s.done = (bad || !any_a || !any_b) ? 2 : 0;
+        s.fbuf = 0;
+        state[blockIdx.x] = s;
+    }
+}
+
+__global__ void __launch_bounds__(kBlock) k_f_update(const kdl_otk_prob_t *__restrict__ probs,
+                                                     const kdl_otk_state_t *__restrict__ state,
+                                                     const kdl_otk_tile_t *__restrict__ tiles, int64_t it,
+                                                     int final_pass, kdl_otk_params_t prm)
+{
+    const kdl_otk_tile_t t = tiles[blockIdx.x];
+    if (state[t.prob].done) return;
+    const kdl_otk_prob_t &p = probs[t.prob];
+    const int i = t.r0 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (i >= p.n) return;
+    const kdl_ot_schedule_t sch = state[t.prob].sched;
+    const float eps = (float)kdl_ot_schedule_eps(&sch, it);
+    const float k = kLog2e / eps;
+    const float lb_uni = -log2f((float)p.m);
+    const float *__restrict__ c = p.C + (int64_t)i * p.m;
+    const float *__restrict__ g = p.g;
+    Lse acc = {-INFINITY, 0.0f};
+    for (int j = lane; j < p.m; j += 32) lse_add(acc, logw2(p.lb, j, lb_uni) + (g[j] - c[j]) * k);
+    acc = warp_lse(acc);
+    if (lane != 0) return;
+    const float fnew = -eps * kLn2 * (acc.m + log2f(acc.s));
+    p.f[it & 1][i] = fnew;
+    const int64_t prev = it - 1;
+    if (final_pass || (prev >= 1 && kdl_ot_check_due(&sch, prev, prm.tol, prm.check_every))) {
+        /* row sum of P(f_old, g) = a_i exp((f_old - f_new)/eps) */
+        const float a = exp2f(logw2(p.la, i, -log2f((float)p.n)));
+        const float fo = p.f[prev & 1][i];
+        p.rowerr[i] = fabsf(a * expm1f((fo - fnew) / eps));
+    }
+}
+
+__global__ void __launch_bounds__(kBlock) k_check(const kdl_otk_prob_t *__restrict__ probs,
+                                                  kdl_otk_state_t *__restrict__ state, int64_t it,
+                                                  int final_pass, kdl_otk_params_t prm)
+{
+    __shared__ double sh[kBlock];
+    kdl_otk_state_t *s = state + blockIdx.x;
+    if (s->done) return;
+    const int64_t prev = it - 1;
+    const kdl_ot_schedule_t sch = s->sched;
+    const bool due = prev >= 1 && kdl_ot_check_due(&sch, prev, prm.tol, prm.check_every);
+    if (!due && !final_pass) return;
+    const kdl_otk_prob_t &p = probs[blockIdx.x];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < p.n; i += kBlock) acc += (double)p.rowerr[i];
+    const double err = block_sum(acc, sh);
+    if (threadIdx.x == 0 && (final_pass || err <= prm.tol)) {
+        s->done = 1;
+        s->iters = prev;
+        s->fbuf = (int32_t)(prev & 1);
+        s->err = (float)err;
+    }
+}
+
+__global__ void __launch_bounds__(kBlock) k_g_update(const kdl_otk_prob_t *__restrict__ probs,
+                                                     const kdl_otk_state_t *__restrict__ state,
+                                                     const kdl_otk_tile_t *__restrict__ tiles, int64_t it,
+                                                     int fsel, int init_only)
+{
+    __shared__ Lse part[kBlock / 32][32];
+    const kdl_otk_tile_t t = tiles[blockIdx.x];
+    if (state[t.prob].done) return;
+    const kdl_otk_prob_t &p = probs[t.prob];
+    if (init_only && !p.warm_f) return;
+    const kdl_ot_schedule_t sch = state[t.prob].sched;
+    const float eps = (float)kdl_ot_schedule_eps(&sch, it);
+    const float k = kLog2e / eps;
+    const float la_uni = -log2f((float)p.n);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = t.c0 + lane;
+    const float *__restrict__ f = p.f[fsel];
+    Lse acc = {-INFINITY, 0.0f};
+    if (j < p.m)
+        for (int i = w; i < p.n; i += kBlock / 32)
+            lse_add(acc, logw2(p.la, i, la_uni) + (f[i] - p.C[(int64_t)i * p.m + j]) * k);
+    part[w][lane] = acc;
+    __syncthreads();
+    if (w == 0 && j < p.m) {
+        Lse r = part[0][lane];
+#pragma unroll
+        for (int q = 1; q < kBlock / 32; q++) r = lse_merge(r, part[q][lane]);
+        p.g[j] = -eps * kLn2 * (r.m + log2f(r.s));
+    }
+}
+
+/* Plan, row sums of P C, final f (done == 1); NaN everywhere for done == 2. */
+__global__ void __launch_bounds__(kBlock, 4) k_finish(const kdl_otk_prob_t *__restrict__ probs,
+                                                   const kdl_otk_state_t *__restrict__ state,
+                                                   const kdl_otk_tile_t *__restrict__ tiles, float eps)
+{
+    const kdl_otk_tile_t t = tiles[blockIdx.x];
+    const kdl_otk_prob_t &p = probs[t.prob];
+    const int done = state[t.prob].done, fbuf = state[t.prob].fbuf;
+    const int i = t.r0 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (i >= p.n) return;
+    float *plan = p.plan ? p.plan + (int64_t)i * p.m : nullptr;
+    if (done != 1) {
+        if (plan)
+            for (int j = lane; j < p.m; j += 32) plan[j] = NAN;
+        if (lane == 0) {
+            p.rowval[i] = NAN;
+            if (p.f_out) p.f_out[i] = NAN;
+        }
+        return;
+    }
+    const float k = kLog2e / eps;
+    const float fi = (fbuf ? p.f[1] : p.f[0])[i];
+    const float la2 = logw2(p.la, i, -log2f((float)p.n));
+    const float lb_uni = -log2f((float)p.m);
+    const float *__restrict__ c = p.C + (int64_t)i * p.m;
+    float acc = 0.0f;
+    for (int j = lane; j < p.m; j += 32) {
+        const float P = exp2f(la2 + logw2(p.lb, j, lb_uni) + (fi + p.g[j] - c[j]) * k);
+        if (plan) plan[j] = P;
+        acc = fmaf(P, c[j], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        p.rowval[i] = acc;
+        if (p.f_out) p.f_out[i] = fi;
+    }
+}
+
+/* Value of solver problem q: TRANSPORT sum of row sums, DUAL <a,f> + <b,g>. */
+__device__ double problem_value(const kdl_otk_prob_t &p, const kdl_otk_state_t &s, int dual, double *sh)
+{
+    double acc = 0.0;
+    if (dual) {
+        const float *f = p.f[s.fbuf];
+        const double ua = 1.0 / p.n, ub = 1.0 / p.m;
+        for (int i = threadIdx.x; i < p.n; i += kBlock) {
+            const double w = p.la ? exp((double)p.la[i]) : ua;
+            if (w > 0) acc += w * (double)f[i];
+        }
+        for (int j = threadIdx.x; j < p.m; j += kBlock) {
+            const double w = p.lb ? exp((double)p.lb[j]) : ub;
+            if (w > 0) acc += w * (double)p.g[j];
+        }
+    } else {
+        for (int i = threadIdx.x; i < p.n; i += kBlock) acc += (double)p.rowval[i];
+    }
+    return block_sum(acc, sh);
+}
+
+__global__ void __launch_bounds__(kBlock) k_combine(kdl_otk_combine_t L)
+{
+    __shared__ double sh[kBlock];
+    const int64_t b = blockIdx.x, B = L.batch;
+    const kdl_otk_prob_t &p = L.probs[b];
+    const kdl_otk_state_t s = L.state[b];
+    int bad = s.done == 2;
+    double v = bad ? 0.0 : problem_value(p, s, L.dual, sh);
+    double vyy = 0.0;
+    if (L.debias) {
+        const kdl_otk_state_t sx = L.state[B + b];
+        bad |= sx.done == 2;
+        const double vxx = sx.done == 2 ? 0.0 : problem_value(L.probs[B + b], sx, L.dual, sh);
+        if (L.yy_solved) {
+            const kdl_otk_state_t sy = L.state[2 * B + b];
+            bad |= sy.done == 2;
+            vyy = sy.done == 2 ? (double)NAN : problem_value(L.probs[2 * B + b], sy, L.dual, sh);
+        } else {
+            vyy = (double)L.self_yy_in[b];
+        }
+        v = v - 0.5 * vxx - 0.5 * vyy;
+    }
+    if (L.g_out) {
+        float *go = L.g_out + L.g_off[b];
+        for (int j = threadIdx.x; j < p.m; j += kBlock) go[j] = bad ? NAN : p.g[j];
+    }
+    if (threadIdx.x != 0) return;
+    L.value[b] = bad ? NAN : (float)v;
+    if (L.iterations) L.iterations[b] = bad ? 0 : s.iters;
+    if (L.marginal_error) L.marginal_error[b] = bad ? NAN : s.err;
+    if (L.debias && L.yy_solved && L.self_yy_out) L.self_yy_out[b] = (float)vyy;
+    if (bad && L.info) atomicAdd(L.info, 1ull); /* integer: order-free */
+}
+
+__global__ void __launch_bounds__(128) k_grad_x(const kdl_otk_prob_t *__restrict__ probs,
+                                                const kdl_otk_state_t *__restrict__ state,
+                                                const kdl_otk_tile_t *__restrict__ tiles, int64_t t0, int64_t d,
+                                                int metric, float eps)
+{
+    __shared__ float w[128];
+    const kdl_otk_tile_t t = tiles[t0 + blockIdx.x];
+    const kdl_otk_prob_t &p = probs[t.prob];
+    const kdl_otk_state_t s = state[t.prob];
+    const int64_t kc = (int64_t)blockIdx.y * 128 + threadIdx.x;
+    const int rows = p.n - t.r0 < KDL_OTK_ROWS_PER_TILE ? p.n - t.r0 : KDL_OTK_ROWS_PER_TILE;
+    if (s.done != 1) {
+        if (kc < d)
+            for (int r = 0; r < rows; r++) p.grad[(int64_t)(t.r0 + r) * d + kc] = NAN;
+        return;
+    }
+    const float k = kLog2e / eps;
+    const float *__restrict__ f = p.f[s.fbuf];
+    const float la_uni = -log2f((float)p.n), lb_uni = -log2f((float)p.m);
+    for (int r = 0; r < rows; r++) {
+        const int i = t.r0 + r;
+        const float xi = kc < d ? p.X[(int64_t)i * d + kc] : 0.0f;
+        const float fi = f[i], gi = p.sym ? p.g[i] : 0.0f;
+        const float la2i = logw2(p.la, i, la_uni);
+        const float lb2i = p.sym ? logw2(p.lb, i, lb_uni) : 0.0f;
+        float acc = 0.0f;
+        for (int j0 = 0; j0 < p.m; j0 += 128) {
+            const int j = j0 + threadIdx.x;
+            float wj = 0.0f;
+            if (j < p.m) {
+                wj = exp2f(la2i + logw2(p.lb, j, lb_uni) + (fi + p.g[j] - p.C[(int64_t)i * p.m + j]) * k);
+                if (p.sym) /* P_ji of the self problem (n == m, la == lb) */
+                    wj += exp2f(logw2(p.la, j, la_uni) + lb2i + (f[j] + gi - p.C[(int64_t)j * p.m + i]) * k);
+            }
+            __syncthreads();
+            w[threadIdx.x] = wj;
+            __syncthreads();
+            if (kc < d) {
+                const int cnt = p.m - j0 < 128 ? p.m - j0 : 128;
+                for (int q = 0; q < cnt; q++)
+                    acc = fmaf(w[q], dcost(metric, xi - p.Y[(int64_t)(j0 + q) * d + kc]), acc);
+            }
+        }
+        if (kc < d) {
+            float *gp = p.grad + (int64_t)i * d + kc;
+            if (p.sym)
+                *gp -= 0.5f * acc;
+            else
+                *gp = acc;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ SinKD */
+template <int DT> __device__ __forceinline__ float load_logit(const void *x, int64_t i)
+{
+    if (DT == 0) return ((const float *)x)[i];
+    if (DT == 1) return __half2float(((const __half *)x)[i]);
+    return __bfloat162float(((const __nv_bfloat16 *)x)[i]);
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kBlock) k_softmax(const void *__restrict__ x, int64_t ld, int64_t V, float k2,
+                                                    float *__restrict__ probs, int32_t *__restrict__ bad)
+{
+    __shared__ float sh[kBlock];
+    const int64_t r = blockIdx.x;
+    float mx = -INFINITY;
+    int nonfinite = 0, any = 0;
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) {
+        const float z = load_logit<DT>(x, r * ld + v);
+        nonfinite |= isnan(z) || z == INFINITY;
+        any |= z > -INFINITY;
+        mx = fmaxf(mx, z * k2);
+    }
+    nonfinite = __syncthreads_or(nonfinite);
+    any = __syncthreads_or(any);
+    float *out = probs + r * V;
+    if (nonfinite || !any) {
+        for (int64_t v = threadIdx.x; v < V; v += kBlock) out[v] = 0.0f;
+        if (threadIdx.x == 0) bad[r] = 1;
+        return;
+    }
+    mx = block_max_f(mx, sh);
+    float s = 0.0f;
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) s += exp2f(load_logit<DT>(x, r * ld + v) * k2 - mx);
+    s = block_sum_f(s, sh);
+    const float lse = mx + log2f(s);
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) out[v] = exp2f(load_logit<DT>(x, r * ld + v) * k2 - lse);
+    if (threadIdx.x == 0) bad[r] = 0;
+}
+
+__device__ __forceinline__ void store_out(void *base, int f64, int64_t i, double v)
+{
+    if (f64)
+        ((double *)base)[i] = v;
+    else
+        ((float *)base)[i] = (float)v;
+}
+
+/* One CTA: group losses, validity, loss, coefficient, info. */
+__global__ void __launch_bounds__(kBlock) k_sinkd_groups(kdl_otk_sinkd_epi_t L, int32_t *__restrict__ gvalid)
+{
+    __shared__ double sh[kBlock];
+    double sum = 0.0, cnt = 0.0;
+    for (int64_t g = threadIdx.x; g < L.groups; g += kBlock) {
+        const kdl_otk_state_t s = L.state[g];
+        int ok = s.done == 1;
+        for (int64_t i = 0; i < L.n && ok; i++) ok = !L.bad_s[g * L.n + i] && !L.bad_t[g * L.n + i];
+        double v = 0.0;
+        if (ok) {
+            const float *rv = L.probs[g].rowval;
+            for (int64_t i = 0; i < L.n; i++) v += (double)rv[i];
+            v *= L.scale;
+            sum += v;
+            cnt += 1.0;
+        }
+        gvalid[g] = ok;
+        if (L.group_loss) store_out(L.group_loss, L.out_f64, g, ok ? v : (double)NAN);
+        if (L.iterations) L.iterations[g] = ok ? s.iters : 0;
+        if (L.marginal_error) store_out(L.marginal_error, L.out_f64, g, ok ? (double)s.err : (double)NAN);
+    }
+    sum = block_sum(sum, sh);
+    cnt = block_sum(cnt, sh);
+    if (threadIdx.x == 0) {
+        store_out(L.loss, L.out_f64, 0, cnt > 0 ? sum / cnt : 0.0);
+        *L.coef = cnt > 0 ? (float)(L.scale / cnt) : 0.0f;
+        if (L.info) *L.info = (unsigned long long)(L.groups - (int64_t)cnt);
+    }
+}
+
+__global__ void __launch_bounds__(kBlock) k_sinkd_plan(const float *__restrict__ P, const int32_t *__restrict__ gvalid,
+                                                       int64_t nn, int64_t total, void *out, int f64)
+{
+    for (int64_t e = (int64_t)blockIdx.x * kBlock + threadIdx.x; e < total; e += (int64_t)gridDim.x * kBlock)
+        store_out(out, f64, e, gvalid[e / nn] ? (double)P[e] : (double)NAN);
+}
+
+template <int GT> __device__ __forceinline__ void store_grad(void *g, int64_t i, float v)
+{
+    if (GT == 0)
+        ((float *)g)[i] = v;
+    else if (GT == 1)
+        ((__half *)g)[i] = __float2half_rn(v);
+    else
+        ((__nv_bfloat16 *)g)[i] = __float2bfloat16_rn(v);
+}
+
+/* One CTA per student row r = g n + i:
+ *   h_v = sum_j P_ij dC(ps_rv - pt_(gn+j)v),  dot = sum_v ps_rv h_v,
+ *   grad_rv = coef ps_rv (h_v - dot) / tau   (two passes, h recomputed). */
+template <int GT>
+__global__ void __launch_bounds__(kBlock) k_sinkd_grad(const float *__restrict__ ps, const float *__restrict__ pt,
+                                                       const float *__restrict__ P, const int32_t *__restrict__ gvalid,
+                                                       const float *__restrict__ coefp, int64_t n, int64_t V,
+                                                       int metric, float inv_tau, void *grad, int64_t ld)
+{
+    __shared__ float sh[kBlock];
+    const int64_t r = blockIdx.x, g = r / n, i = r % n;
+    if (!gvalid[g]) {
+        for (int64_t v = threadIdx.x; v < V; v += kBlock) store_grad<GT>(grad, r * ld + v, 0.0f);
+        return;
+    }
+    const float coef = *coefp;
+    const float *q = ps + r * V;
+    const float *T = pt + g * n * V;
+    const float *Pi = P + (g * n + i) * n;
+    float part = 0.0f;
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) {
+        const float qv = q[v];
+        float h = 0.0f;
+        for (int64_t j = 0; j < n; j++) h = fmaf(Pi[j], dcost(metric, qv - T[j * V + v]), h);
+        part = fmaf(qv, h, part);
+    }
+    const float dot = block_sum_f(part, sh);
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) {
+        const float qv = q[v];
+        float h = 0.0f;
+        for (int64_t j = 0; j < n; j++) h = fmaf(Pi[j], dcost(metric, qv - T[j * V + v]), h);
+        store_grad<GT>(grad, r * ld + v, coef * qv * (h - dot) * inv_tau);
+    }
+}
+
+int grid_for(int64_t total)
+{
+    int64_t b = (total + kBlock - 1) / kBlock;
+    if (b > 65536) b = 65536;
+    return (int)(b > 0 ? b : 1);
+}
+
+} // namespace
+
+/* ================================================================ launchers */
+extern "C" cudaError_t kdl_otk_sqnorms(const float *X, int64_t rows, int64_t d, float *out, cudaStream_t stream)
+{
+    if (rows <= 0) return cudaSuccess;
+    const int64_t blocks = (rows + kBlock / 32 - 1) / (kBlock / 32);
+    k_sqnorms<<<(unsigned)blocks, kBlock, 0, stream>>>(X, rows, d, out);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_sq_fixup(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *tiles, int64_t ntiles,
+                                        cudaStream_t stream)
+{
+    if (ntiles <= 0) return cudaSuccess;
+    k_sq_fixup<<<(unsigned)ntiles, kBlock, 0, stream>>>(jobs, tiles);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_l1(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *tiles, int64_t ntiles, int64_t d,
+                                  int dsplit, float *partial, int64_t total, cudaStream_t stream)
+{
+    if (ntiles <= 0) return cudaSuccess;
+    k_l1<<<dim3((unsigned)ntiles, (unsigned)dsplit), kBlock, 0, stream>>>(jobs, tiles, d, dsplit, partial, total);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_l1_reduce(const float *partial, int dsplit, int64_t total, float *packed,
+                                         cudaStream_t stream)
+{
+    if (total <= 0) return cudaSuccess;
+    k_l1_reduce<<<grid_for(total), kBlock, 0, stream>>>(partial, dsplit, total, packed);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
+{
+    if (S->nprob <= 0) return cudaSuccess;
+    cudaStream_t st = S->stream;
+    const unsigned nr = (unsigned)S->nrtiles, nc = (unsigned)S->nctiles, np = (unsigned)S->nprob;
+    const kdl_otk_params_t prm = S->prm;
+    k_scan<<<nr, kBlock, 0, st>>>(S->probs, S->rtiles);
+    k_prep<<<np, kBlock, 0, st>>>(S->probs, S->state, prm);
+    if (S->any_warm_f) k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, 1, 1, 1);
+    /* With eps-scaling the first checked iteration depends on each problem's
+     * diameter: test after every iteration (k_check returns at once when
+     * nothing is due).  Without it, only every check_every iterations. */
+    const int check_each = prm.eps_scaling && prm.tol > 0;
+    for (int64_t it = 1; it <= prm.max_iter; it++) {
+        k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, it, 0, prm);
+        const int64_t prev = it - 1;
+        if (prm.tol > 0 && prev >= 1 && (check_each || prev % prm.check_every == 0))
+            k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, it, 0, prm);
+        k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, it, (int)(it & 1), 0);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+    }
+    /* the final iterate's marginal error (and done for everyone left) */
+    k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, prm.max_iter + 1, 1, prm);
+    k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, prm.max_iter + 1, 1, prm);
+    k_finish<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, (float)prm.eps);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_grad_x(const kdl_otk_prob_t *probs, const kdl_otk_state_t *state,
+                                      const kdl_otk_tile_t *rtiles, int64_t t0, int64_t nt, int64_t d, int metric,
+                                      double eps, cudaStream_t stream)
+{
+    if (nt <= 0) return cudaSuccess;
+    const unsigned gy = (unsigned)((d + 127) / 128);
+    k_grad_x<<<dim3((unsigned)nt, gy), 128, 0, stream>>>(probs, state, rtiles, t0, d, metric, (float)eps);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_sinkhorn_combine(const kdl_otk_combine_t *L)
+{
+    if (L->batch <= 0) return cudaSuccess;
+    k_combine<<<(unsigned)L->batch, kBlock, 0, L->stream>>>(*L);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_softmax_rows(const void *x, int dtype, int64_t ld, int64_t N, int64_t V, double tau,
+                                            float *probs, int32_t *bad, cudaStream_t stream)
+{
+    if (N <= 0) return cudaSuccess;
+    const float k2 = (float)(1.4426950408889634 / tau);
+    switch (dtype) {
+    case 0: k_softmax<0><<<(unsigned)N, kBlock, 0, stream>>>(x, ld, V, k2, probs, bad); break;
+    case 1: k_softmax<1><<<(unsigned)N, kBlock, 0, stream>>>(x, ld, V, k2, probs, bad); break;
+    default: k_softmax<2><<<(unsigned)N, kBlock, 0, stream>>>(x, ld, V, k2, probs, bad); break;
+    }
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_sinkd_epilogue(const kdl_otk_sinkd_epi_t *L)
+{
+    int32_t *gvalid = L->gvalid;
+    k_sinkd_groups<<<1, kBlock, 0, L->stream>>>(*L, gvalid);
+    const int64_t nn = L->n * L->n, total = L->groups * nn;
+    if (L->plan && L->P) k_sinkd_plan<<<grid_for(total), kBlock, 0, L->stream>>>(L->P, gvalid, nn, total, L->plan, L->out_f64);
+    if (L->grad) {
+        const float inv_tau = (float)(1.0 / L->tau);
+        switch (L->grad_dtype) {
+        case 0:
+            k_sinkd_grad<0><<<(unsigned)L->N, kBlock, 0, L->stream>>>(L->ps, L->pt, L->P, gvalid, L->coef, L->n, L->V,
+                                                                     L->metric, inv_tau, L->grad, L->ld_grad);
+            break;
+        case 1:
+            k_sinkd_grad<1><<<(unsigned)L->N, kBlock, 0, L->stream>>>(L->ps, L->pt, L->P, gvalid, L->coef, L->n, L->V,
+                                                                     L->metric, inv_tau, L->grad, L->ld_grad);
+            break;
+        default:
+            k_sinkd_grad<2><<<(unsigned)L->N, kBlock, 0, L->stream>>>(L->ps, L->pt, L->P, gvalid, L->coef, L->n, L->V,
+                                                                     L->metric, inv_tau, L->grad, L->ld_grad);
+            break;
+        }
+    }
+    return cudaGetLastError();
+}

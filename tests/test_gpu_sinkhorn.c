@@ -1,0 +1,666 @@
+/*
+ * tests/test_gpu_sinkhorn.c - kdl_sinkhorn and kdl_sinkd on the GPU against
+ * the float64 references (kdl_ref_sinkhorn, kdl_ref_sinkd) given the same
+ * float32 / 16-bit values: uniform and ragged batches, costs from points
+ * (squared Euclidean by cuBLAS, L1 by the own kernel), log-weights, DUAL and
+ * TRANSPORT, debias with the cached teacher term, the x-gradient, eps-
+ * scaling, warm starts, a problem with non-finite input next to good ones,
+ * small eps, large problems (many tiles), SinKD in every input dtype with
+ * strides and an invalid group, run-to-run bitwise determinism, and a short
+ * workspace (nothing written).
+ *
+ * Every GPU test starts with KDL_SKIP_WITHOUT_GPU(): without a CUDA device
+ * it is reported as skipped, visibly.  The checks that need no device run
+ * everywhere.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kdl_test.h"
+#include "kdloss/kdloss.h"
+#include "kdloss/kdloss_ref.h"
+
+/* ------------------------------------------------------ no device needed */
+Test(gpu_sinkhorn_args, null_handle_and_bad_arguments_before_any_device_use)
+{
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    size_t b = 0;
+    cr_expect_eq(kdl_sinkhorn(NULL, &d, &a, NULL, 0), KDL_STATUS_NULL_POINTER);
+    cr_expect_eq(kdl_sinkhorn_workspace_size(NULL, &d, &a, &b), KDL_STATUS_NULL_POINTER);
+    kdl_sinkd_desc_t sd;
+    kdl_sinkd_desc_init(&sd);
+    kdl_sinkd_args_t sa;
+    kdl_sinkd_args_init(&sa);
+    cr_expect_eq(kdl_sinkd(NULL, &sd, &sa, NULL, 0), KDL_STATUS_NULL_POINTER);
+    cr_expect_eq(kdl_sinkd_workspace_size(NULL, &sd, &sa, &b), KDL_STATUS_NULL_POINTER);
+    /* the shared check rejects f64 for the GPU path */
+    a.batch = 1;
+    a.n = a.m = 2;
+    double C[4] = {0}, v;
+    a.cost = C;
+    a.value = &v;
+    a.dtype = KDL_DTYPE_F64;
+    cr_expect_eq(kdl_sinkhorn_validate(&d, &a, 0), KDL_STATUS_NOT_SUPPORTED);
+}
+
+#ifdef KDL_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#define CUDA_OK(call)                                                                          \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        cr_assert_eq(e_, cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));                \
+    } while (0)
+
+static void *dev_dup(const void *src, size_t bytes)
+{
+    if (!src) return NULL;
+    void *p = NULL;
+    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+    if (bytes) CUDA_OK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
+    return p;
+}
+static void *dev_alloc(size_t bytes, int want)
+{
+    if (!want) return NULL;
+    void *p = NULL;
+    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+    CUDA_OK(cudaMemset(p, 0xff, bytes ? bytes : 1)); /* NaN-ish garbage */
+    return p;
+}
+static void dev_get(void *dst, const void *src, size_t bytes)
+{
+    if (dst && src && bytes) CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+/* Host-side description of one Sinkhorn call (float arrays). */
+typedef struct hcall {
+    int64_t B, n, m, dim;
+    const int64_t *sn, *sm;
+    const float *cost, *x, *y, *la, *lb, *f_init, *g_init, *cxx, *cyy;
+    float *self_yy; /* in/out [B] */
+    int self_yy_given;
+    /* outputs (NULL: not wanted) */
+    float *value, *err, *f, *g, *plan, *grad;
+    int64_t *iters, info;
+} hcall_t;
+
+static void totals(const hcall_t *c, int64_t *R, int64_t *S, int64_t *NM, int64_t *NN, int64_t *MM)
+{
+    *R = *S = *NM = *NN = *MM = 0;
+    for (int64_t b = 0; b < c->B; b++) {
+        int64_t n = c->sn ? c->sn[b] : c->n, m = c->sm ? c->sm[b] : c->m;
+        *R += n, *S += m, *NM += n * m, *NN += n * n, *MM += m * m;
+    }
+}
+
+static kdl_status_t gpu_sinkhorn(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, hcall_t *c, size_t ws_shrink)
+{
+    int64_t R, S, NM, NN, MM;
+    totals(c, &R, &S, &NM, &NN, &MM);
+    const size_t F = sizeof(float);
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    a.batch = c->B;
+    a.n = c->n;
+    a.m = c->m;
+    a.sizes_n = c->sn;
+    a.sizes_m = c->sm;
+    a.dim = c->dim;
+    a.cost = dev_dup(c->cost, (size_t)NM * F);
+    a.x = dev_dup(c->x, (size_t)(R * c->dim) * F);
+    a.y = dev_dup(c->y, (size_t)(S * c->dim) * F);
+    a.log_a = dev_dup(c->la, (size_t)R * F);
+    a.log_b = dev_dup(c->lb, (size_t)S * F);
+    a.f_init = dev_dup(c->f_init, (size_t)R * F);
+    a.g_init = dev_dup(c->g_init, (size_t)S * F);
+    a.cost_xx = dev_dup(c->cxx, (size_t)NN * F);
+    a.cost_yy = dev_dup(c->cyy, (size_t)MM * F);
+    a.self_yy = dev_dup(c->self_yy, (size_t)c->B * F);
+    a.self_yy_given = c->self_yy_given;
+    a.value = dev_alloc((size_t)c->B * F, 1);
+    a.marginal_error = dev_alloc((size_t)c->B * F, c->err != NULL);
+    a.iterations = (int64_t *)dev_alloc((size_t)c->B * 8, c->iters != NULL);
+    a.f = dev_alloc((size_t)R * F, c->f != NULL);
+    a.g = dev_alloc((size_t)S * F, c->g != NULL);
+    a.plan = dev_alloc((size_t)NM * F, c->plan != NULL);
+    a.grad_x = dev_alloc((size_t)(R * c->dim) * F, c->grad != NULL);
+    a.info = (int64_t *)dev_alloc(8, 1);
+    size_t ws_bytes = 0;
+    kdl_status_t st = kdl_sinkhorn_workspace_size(h, d, &a, &ws_bytes);
+    void *ws = NULL;
+    if (st == KDL_STATUS_SUCCESS) {
+        ws = dev_alloc(ws_bytes, 1);
+        st = kdl_sinkhorn(h, d, &a, ws, ws_bytes - ws_shrink);
+        CUDA_OK(cudaDeviceSynchronize());
+    }
+    if (st == KDL_STATUS_SUCCESS) {
+        dev_get(c->value, a.value, (size_t)c->B * F);
+        dev_get(c->err, a.marginal_error, (size_t)c->B * F);
+        dev_get(c->iters, a.iterations, (size_t)c->B * 8);
+        dev_get(c->f, a.f, (size_t)R * F);
+        dev_get(c->g, a.g, (size_t)S * F);
+        dev_get(c->plan, a.plan, (size_t)NM * F);
+        dev_get(c->grad, a.grad_x, (size_t)(R * c->dim) * F);
+        if (c->self_yy && !c->self_yy_given) dev_get(c->self_yy, a.self_yy, (size_t)c->B * F);
+        dev_get(&c->info, a.info, 8);
+    } else if (ws_shrink) {
+        /* nothing written: the value buffer still holds the 0xff bytes */
+        float v0;
+        dev_get(&v0, a.value, F);
+        uint32_t bits;
+        memcpy(&bits, &v0, 4);
+        cr_expect_eq(bits, 0xffffffffu, "value written despite %s", kdl_status_string(st));
+    }
+    const void *all[] = {a.cost,  a.x,   a.y,          a.log_a,      a.log_b,  a.f_init, a.g_init, a.cost_xx, a.cost_yy,
+                         a.self_yy, a.value, a.marginal_error, a.iterations, a.f, a.g, a.plan, a.grad_x, a.info, ws};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
+        if (all[k]) cudaFree((void *)all[k]);
+    return st;
+}
+
+/* The reference on the same float values (as doubles). */
+typedef struct rcall {
+    double *value, *err, *f, *g, *plan, *grad, *self_yy;
+    int64_t *iters;
+} rcall_t;
+
+static double *dup_d(const float *src, int64_t n)
+{
+    if (!src) return NULL;
+    double *p = (double *)malloc((size_t)(n ? n : 1) * sizeof(double));
+    for (int64_t k = 0; k < n; k++) p[k] = src[k];
+    return p;
+}
+
+static void ref_sinkhorn(const kdl_sinkhorn_desc_t *d, const hcall_t *c, rcall_t *r)
+{
+    int64_t R, S, NM, NN, MM;
+    totals(c, &R, &S, &NM, &NN, &MM);
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    a.batch = c->B;
+    a.n = c->n;
+    a.m = c->m;
+    a.sizes_n = c->sn;
+    a.sizes_m = c->sm;
+    a.dim = c->dim;
+    a.dtype = KDL_DTYPE_F64;
+    double *in[] = {dup_d(c->cost, NM), dup_d(c->x, R * c->dim), dup_d(c->y, S * c->dim), dup_d(c->la, R),
+                    dup_d(c->lb, S),    dup_d(c->f_init, R),     dup_d(c->g_init, S),     dup_d(c->cxx, NN),
+                    dup_d(c->cyy, MM),  dup_d(c->self_yy, c->B)};
+    a.cost = in[0], a.x = in[1], a.y = in[2], a.log_a = in[3], a.log_b = in[4], a.f_init = in[5], a.g_init = in[6];
+    a.cost_xx = in[7], a.cost_yy = in[8], a.self_yy = in[9];
+    a.self_yy_given = c->self_yy_given;
+    r->value = calloc((size_t)c->B + 1, 8);
+    r->err = calloc((size_t)c->B + 1, 8);
+    r->iters = calloc((size_t)c->B + 1, 8);
+    r->f = calloc((size_t)R + 1, 8);
+    r->g = calloc((size_t)S + 1, 8);
+    r->plan = calloc((size_t)NM + 1, 8);
+    r->grad = c->grad ? calloc((size_t)(R * c->dim) + 1, 8) : NULL;
+    r->self_yy = in[9];
+    a.value = r->value, a.marginal_error = r->err, a.iterations = r->iters, a.f = r->f, a.g = r->g;
+    a.plan = r->plan, a.grad_x = r->grad;
+    kdl_status_t st = kdl_ref_sinkhorn(d, &a);
+    cr_assert_eq(st, KDL_STATUS_SUCCESS, "reference: %s (%s)", kdl_status_string(st), kdl_get_last_error());
+    for (int k = 0; k < 9; k++) free(in[k]);
+}
+
+static void free_r(rcall_t *r)
+{
+    free(r->value), free(r->err), free(r->iters), free(r->f), free(r->g), free(r->plan), free(r->grad),
+        free(r->self_yy);
+}
+
+static void to_d(const float *s, double *d, int64_t n)
+{
+    for (int64_t k = 0; k < n; k++) d[k] = s[k];
+}
+
+static kdl_tol_t tol_rel_max(const double *ref, int64_t n, double rel)
+{
+    double m = 0;
+    for (int64_t k = 0; k < n; k++)
+        if (isfinite(ref[k])) m = fmax(m, fabs(ref[k]));
+    kdl_tol_t t = {rel, rel * m + 1e-12};
+    return t;
+}
+
+/* Compares every requested output of c with r. */
+static void compare(const char *what, const hcall_t *c, const rcall_t *r, double rel, int exact_iters)
+{
+    int64_t R, S, NM, NN, MM;
+    totals(c, &R, &S, &NM, &NN, &MM);
+    char name[160];
+    double *tmp = malloc(sizeof(double) * (size_t)(NM + R * (c->dim + 1) + S + c->B + 8));
+    to_d(c->value, tmp, c->B);
+    snprintf(name, sizeof name, "%s: value", what);
+    KDL_EXPECT_CLOSE(name, tmp, r->value, (size_t)c->B, tol_rel_max(r->value, c->B, rel));
+    if (c->plan) {
+        to_d(c->plan, tmp, NM);
+        snprintf(name, sizeof name, "%s: plan", what);
+        KDL_EXPECT_CLOSE(name, tmp, r->plan, (size_t)NM, tol_rel_max(r->plan, NM, rel));
+    }
+    if (c->f) {
+        to_d(c->f, tmp, R);
+        snprintf(name, sizeof name, "%s: f", what);
+        KDL_EXPECT_CLOSE(name, tmp, r->f, (size_t)R, tol_rel_max(r->f, R, rel));
+    }
+    if (c->g) {
+        to_d(c->g, tmp, S);
+        snprintf(name, sizeof name, "%s: g", what);
+        KDL_EXPECT_CLOSE(name, tmp, r->g, (size_t)S, tol_rel_max(r->g, S, rel));
+    }
+    if (c->grad) {
+        to_d(c->grad, tmp, R * c->dim);
+        snprintf(name, sizeof name, "%s: grad_x", what);
+        KDL_EXPECT_CLOSE(name, tmp, r->grad, (size_t)(R * c->dim), tol_rel_max(r->grad, R * c->dim, rel));
+    }
+    if (c->iters && exact_iters)
+        for (int64_t b = 0; b < c->B; b++)
+            cr_expect_eq(c->iters[b], r->iters[b], "%s: problem %lld iterations %lld vs %lld", what, (long long)b,
+                         (long long)c->iters[b], (long long)r->iters[b]);
+    cr_expect_eq(c->info, 0, "%s: info %lld", what, (long long)c->info);
+    free(tmp);
+}
+
+static kdl_handle_t handle(void)
+{
+    kdl_handle_t h = NULL;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    return h;
+}
+
+static void fill(kdl_rng_t *r, float *x, int64_t n, double lo, double hi)
+{
+    for (int64_t k = 0; k < n; k++) x[k] = (float)(lo + (hi - lo) * kdl_rng_uniform(r));
+}
+
+static void fill_logw(kdl_rng_t *r, float *lw, int64_t n)
+{
+    double s = 0, *w = malloc(sizeof(double) * (size_t)n);
+    for (int64_t k = 0; k < n; k++) s += (w[k] = 0.5 + kdl_rng_uniform(r));
+    for (int64_t k = 0; k < n; k++) lw[k] = (float)log(w[k] / s);
+    free(w);
+}
+
+/* ------------------------------------------------------------- Sinkhorn */
+Test(gpu_sinkhorn, uniform_cost_batch_fixed_iterations)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {1};
+    const int64_t B = 5, n = 7, m = 9;
+    float C[315], la[35], lb[45], v[5], e[5], f[35], g[45], P[315];
+    int64_t it[5];
+    fill(&rng, C, B * n * m, 0, 1);
+    for (int64_t b = 0; b < B; b++) fill_logw(&rng, la + b * n, n), fill_logw(&rng, lb + b * m, m);
+    for (int value = 0; value < 2; value++) {
+        kdl_sinkhorn_desc_t d;
+        kdl_sinkhorn_desc_init(&d);
+        d.epsilon = 0.05;
+        d.tol = 0;
+        d.max_iter = 200;
+        d.value = (kdl_ot_value_t)value;
+        hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .la = la, .lb = lb, .value = v, .err = e, .f = f, .g = g,
+                     .plan = P, .iters = it};
+        cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+        rcall_t r;
+        ref_sinkhorn(&d, &c, &r);
+        compare(value ? "dual" : "transport", &c, &r, 2e-4, 1);
+        for (int64_t b = 0; b < B; b++) cr_expect(fabs(e[b] - r.err[b]) <= 1e-4, "error %g vs %g", e[b], r.err[b]);
+        free_r(&r);
+    }
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, converges_to_tolerance_and_stops_per_problem)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {2};
+    /* problem 0 easy (large eps relative to its cost), problem 3 hard */
+    const int64_t B = 4, n = 16, m = 16;
+    float C[1024], v[4], e[4];
+    int64_t it[4];
+    for (int64_t b = 0; b < B; b++) fill(&rng, C + b * n * m, n * m, 0, 0.1 + b);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 0.1;
+    d.tol = 1e-4;
+    d.max_iter = 5000;
+    hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    compare("tol", &c, &r, 1e-4, 0);
+    for (int64_t b = 0; b < B; b++) {
+        cr_expect(e[b] <= 1e-4, "problem %lld error %g", (long long)b, e[b]);
+        cr_expect(it[b] % d.check_every == 0 && it[b] < d.max_iter);
+        cr_expect(llabs(it[b] - r.iters[b]) <= d.check_every, "iterations %lld vs %lld", (long long)it[b],
+                  (long long)r.iters[b]);
+    }
+    cr_expect(it[0] < it[3], "the easy problem stopped first (%lld, %lld)", (long long)it[0], (long long)it[3]);
+    free_r(&r);
+    kdl_destroy(h);
+}
+
+static void points_case(kdl_ot_metric_t metric, int ragged, int debias, kdl_ot_value_t value)
+{
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {(uint64_t)(10 + metric * 4 + ragged * 2 + debias)};
+    const int64_t B = 3, dim = 5, sn[3] = {17, 1, 40}, sm[3] = {9, 33, 40};
+    const int64_t n = 20, m = 12;
+    int64_t R = 0, S = 0;
+    for (int b = 0; b < 3; b++) R += ragged ? sn[b] : n, S += ragged ? sm[b] : m;
+    float *x = malloc(sizeof(float) * (size_t)(R * dim)), *y = malloc(sizeof(float) * (size_t)(S * dim));
+    float *la = malloc(sizeof(float) * (size_t)R), *lb = malloc(sizeof(float) * (size_t)S);
+    float *gx = malloc(sizeof(float) * (size_t)(R * dim)), v[3], e[3];
+    fill(&rng, x, R * dim, -1, 1);
+    fill(&rng, y, S * dim, -0.5, 1.5);
+    for (int64_t b = 0, r0 = 0, c0 = 0; b < B; b++) {
+        int64_t nb = ragged ? sn[b] : n, mb = ragged ? sm[b] : m;
+        fill_logw(&rng, la + r0, nb);
+        fill_logw(&rng, lb + c0, mb);
+        r0 += nb, c0 += mb;
+    }
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.metric = metric;
+    d.epsilon = 0.2;
+    d.tol = 0;
+    d.max_iter = 300;
+    d.debias = debias;
+    d.value = value;
+    hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .sn = ragged ? sn : NULL, .sm = ragged ? sm : NULL, .x = x,
+                 .y = y, .la = la, .lb = lb, .value = v, .err = e, .grad = gx};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    char what[96];
+    snprintf(what, sizeof what, "%s %s%s%s", kdl_ot_metric_name(metric), ragged ? "ragged" : "uniform",
+             debias ? " debiased" : "", value == KDL_OT_VALUE_DUAL ? " dual" : "");
+    /* the GPU cost is |x|^2 + |y|^2 - 2 x.y in f32: allow its cancellation */
+    compare(what, &c, &r, metric == KDL_OT_METRIC_SQEUCLIDEAN ? 1e-3 : 2e-4, 0);
+    free_r(&r);
+    free(x), free(y), free(la), free(lb), free(gx);
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, points_sqeuclidean_uniform) { KDL_SKIP_WITHOUT_GPU(); points_case(KDL_OT_METRIC_SQEUCLIDEAN, 0, 0, KDL_OT_VALUE_TRANSPORT); }
+Test(gpu_sinkhorn, points_sqeuclidean_ragged_debiased_dual)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    points_case(KDL_OT_METRIC_SQEUCLIDEAN, 1, 1, KDL_OT_VALUE_DUAL);
+}
+Test(gpu_sinkhorn, points_l1_uniform_debiased) { KDL_SKIP_WITHOUT_GPU(); points_case(KDL_OT_METRIC_L1, 0, 1, KDL_OT_VALUE_TRANSPORT); }
+Test(gpu_sinkhorn, points_l1_ragged) { KDL_SKIP_WITHOUT_GPU(); points_case(KDL_OT_METRIC_L1, 1, 0, KDL_OT_VALUE_DUAL); }
+
+Test(gpu_sinkhorn, eps_scaling_and_warm_starts)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {20};
+    const int64_t B = 3, n = 12, m = 10;
+    float C[360], v[3], e[3], f[36], g[30];
+    int64_t it[3];
+    fill(&rng, C, B * n * m, 0, 4);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 0.02;
+    d.eps_scaling = 1;
+    d.eps_scaling_factor = 0.75;
+    d.eps_stage_iter = 2;
+    d.tol = 0;
+    d.max_iter = 400;
+    hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .f = f, .g = g, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    compare("eps-scaling", &c, &r, 5e-4, 1);
+    free_r(&r);
+    /* warm starts from the converged potentials, plain solver */
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 0.02;
+    d.tol = 1e-4;
+    d.max_iter = 100;
+    float g0[30], f0[36];
+    memcpy(g0, g, sizeof g);
+    memcpy(f0, f, sizeof f);
+    for (int warm = 0; warm < 2; warm++) {
+        hcall_t w = {.B = B, .n = n, .m = m, .cost = C, .g_init = warm ? NULL : g0, .f_init = warm ? f0 : NULL,
+                     .value = v, .err = e, .iters = it};
+        cr_assert_eq(gpu_sinkhorn(h, &d, &w, 0), KDL_STATUS_SUCCESS);
+        rcall_t rw;
+        ref_sinkhorn(&d, &w, &rw);
+        compare(warm ? "warm f" : "warm g", &w, &rw, 5e-4, 0);
+        for (int64_t b = 0; b < B; b++) cr_expect(it[b] <= 2 * d.check_every, "warm start took %lld", (long long)it[b]);
+        free_r(&rw);
+    }
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, non_finite_problem_is_flagged_and_the_others_are_unaffected)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {30};
+    const int64_t B = 3, n = 5, m = 6;
+    float C[90], v[3], e[3], P[90], good[60];
+    int64_t it[3];
+    fill(&rng, C, B * n * m, 0, 1);
+    memcpy(good, C, 30 * sizeof(float));
+    memcpy(good + 30, C + 60, 30 * sizeof(float));
+    C[30 + 7] = NAN;
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.tol = 0;
+    d.max_iter = 50;
+    hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .plan = P, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
+    cr_expect_eq(c.info, 1);
+    cr_expect(isnan(v[1]) && isnan(e[1]) && it[1] == 0);
+    cr_expect(isnan(P[30]));
+    hcall_t gc = {.B = 2, .n = n, .m = m, .cost = good};
+    rcall_t r;
+    ref_sinkhorn(&d, &gc, &r);
+    cr_expect(fabs(v[0] - r.value[0]) <= 1e-5 && fabs(v[2] - r.value[1]) <= 1e-5, "%g %g vs %g %g", v[0], v[2],
+              r.value[0], r.value[1]);
+    free_r(&r);
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, cached_teacher_self_term)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {40};
+    const int64_t B = 2, n = 6, m = 7, dim = 3;
+    float x[36], y[42], v1[2], v2[2], syy[2] = {0, 0};
+    fill(&rng, x, B * n * dim, 0, 1);
+    fill(&rng, y, B * m * dim, 0, 1);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.debias = 1;
+    d.value = KDL_OT_VALUE_DUAL;
+    d.tol = 0;
+    d.max_iter = 100;
+    hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .x = x, .y = y, .self_yy = syy, .value = v1};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
+    hcall_t c2 = c;
+    c2.self_yy_given = 1;
+    c2.value = v2;
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c2, 0), KDL_STATUS_SUCCESS);
+    cr_expect(v1[0] == v2[0] && v1[1] == v2[1], "cached %g %g vs %g %g", v2[0], v2[1], v1[0], v1[1]);
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    compare("debiased from points", &c, &r, 1e-3, 0);
+    free_r(&r);
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, small_eps_large_problems_and_determinism)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {50};
+    /* n, m across many row, column and cost tiles, eps 1e-3 of the cost scale */
+    const int64_t B = 2, n = 1000, m = 777, dim = 4;
+    float *x = malloc(sizeof(float) * (size_t)(B * n * dim)), *y = malloc(sizeof(float) * (size_t)(B * m * dim));
+    fill(&rng, x, B * n * dim, 0, 1);
+    fill(&rng, y, B * m * dim, 0, 1);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.metric = KDL_OT_METRIC_L1;
+    d.epsilon = 4e-3; /* the L1 diameter is ~4 */
+    d.tol = 0;
+    d.max_iter = 60;
+    float v[2], e[2], v2[2], e2[2];
+    float *P = malloc(sizeof(float) * (size_t)(B * n * m)), *P2 = malloc(sizeof(float) * (size_t)(B * n * m));
+    hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .x = x, .y = y, .value = v, .err = e, .plan = P};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
+    hcall_t c2 = c;
+    c2.value = v2, c2.err = e2, c2.plan = P2;
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c2, 0), KDL_STATUS_SUCCESS);
+    cr_expect(!memcmp(v, v2, sizeof v) && !memcmp(e, e2, sizeof e), "values differ between runs");
+    cr_expect(!memcmp(P, P2, sizeof(float) * (size_t)(B * n * m)), "plans differ between runs");
+    for (int b = 0; b < 2; b++) cr_expect(isfinite(v[b]) && isfinite(e[b]), "problem %d: %g %g", b, v[b], e[b]);
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    compare("eps 1e-3 large", &c, &r, 5e-3, 0);
+    free_r(&r);
+    free(x), free(y), free(P), free(P2);
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, short_workspace_writes_nothing)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    float C[12] = {0, 1, 2, 3, 1, 0, 1, 2, 2, 1, 0, 1}, v[1];
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    hcall_t c = {.B = 1, .n = 3, .m = 4, .cost = C, .value = v};
+    cr_expect_eq(gpu_sinkhorn(h, &d, &c, 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    d.epsilon = -1;
+    cr_expect_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_BAD_EPSILON);
+    kdl_destroy(h);
+}
+
+/* ----------------------------------------------------------------- SinKD */
+static void sinkd_case(kdl_dtype_t sdt, kdl_dtype_t tdt, kdl_dtype_t gdt, kdl_ot_metric_t metric, int64_t N,
+                       int64_t V, int64_t ld, int64_t group, int bad_group, double tol)
+{
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {(uint64_t)(N * 7 + V + metric)};
+    const int64_t G = N / group, tot = N * ld;
+    double *S = malloc(sizeof(double) * (size_t)tot), *T = malloc(sizeof(double) * (size_t)tot);
+    kdl_fill_logits(&rng, S, tot, 2.0);
+    kdl_fill_logits(&rng, T, tot, 2.0);
+    if (bad_group && G > 1) S[(1 * group) * ld + 3] = NAN;
+    void *Sd = malloc((size_t)tot * 8), *Td = malloc((size_t)tot * 8);
+    kdl_to_dtype(S, Sd, sdt, tot);
+    kdl_to_dtype(T, Td, tdt, tot);
+    kdl_from_dtype(Sd, S, sdt, tot);
+    kdl_from_dtype(Td, T, tdt, tot);
+    kdl_sinkd_desc_t d;
+    kdl_sinkd_desc_init(&d);
+    d.group_size = group;
+    d.metric = metric;
+    d.tol = tol;
+    d.scale = 1.7;
+    /* reference */
+    kdl_sinkd_args_t a;
+    kdl_sinkd_args_init(&a);
+    a.rows = N;
+    a.vocab = V;
+    a.student = S;
+    a.ld_student = ld;
+    a.student_dtype = KDL_DTYPE_F64;
+    a.teacher = T;
+    a.ld_teacher = ld;
+    a.teacher_dtype = KDL_DTYPE_F64;
+    double rloss, *rgl = calloc((size_t)G, 8), *rP = calloc((size_t)(G * group * group), 8),
+                  *rgrad = calloc((size_t)tot, 8);
+    int64_t rinfo;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.loss = &rloss;
+    a.group_loss = rgl;
+    a.plan = rP;
+    a.grad = rgrad;
+    a.ld_grad = ld;
+    a.grad_dtype = KDL_DTYPE_F64;
+    a.info = &rinfo;
+    cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS);
+    /* GPU */
+    kdl_sinkd_args_t g = a;
+    g.student = dev_dup(Sd, (size_t)tot * kdl_dtype_size(sdt));
+    g.student_dtype = sdt;
+    g.teacher = dev_dup(Td, (size_t)tot * kdl_dtype_size(tdt));
+    g.teacher_dtype = tdt;
+    g.out_dtype = KDL_DTYPE_F64;
+    g.loss = dev_alloc(8, 1);
+    g.group_loss = dev_alloc((size_t)G * 8, 1);
+    g.plan = dev_alloc((size_t)(G * group * group) * 8, 1);
+    g.grad = dev_alloc((size_t)tot * kdl_dtype_size(gdt), 1);
+    g.grad_dtype = gdt;
+    g.info = (int64_t *)dev_alloc(8, 1);
+    size_t wsb = 0;
+    cr_assert_eq(kdl_sinkd_workspace_size(h, &d, &g, &wsb), KDL_STATUS_SUCCESS);
+    void *ws = dev_alloc(wsb, 1);
+    cr_assert_eq(kdl_sinkd(h, &d, &g, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    CUDA_OK(cudaDeviceSynchronize());
+    double loss, *gl = calloc((size_t)G, 8), *P = calloc((size_t)(G * group * group), 8), *grad = calloc((size_t)tot, 8);
+    void *gb = malloc((size_t)tot * 4);
+    int64_t info;
+    dev_get(&loss, g.loss, 8);
+    dev_get(gl, g.group_loss, (size_t)G * 8);
+    dev_get(P, g.plan, (size_t)(G * group * group) * 8);
+    dev_get(gb, g.grad, (size_t)tot * kdl_dtype_size(gdt));
+    dev_get(&info, g.info, 8);
+    kdl_from_dtype(gb, grad, gdt, tot);
+    char what[128];
+    snprintf(what, sizeof what, "sinkd %s/%s->%s %s N=%lld V=%lld ld=%lld n=%lld", kdl_dtype_name(sdt),
+             kdl_dtype_name(tdt), kdl_dtype_name(gdt), kdl_ot_metric_name(metric), (long long)N, (long long)V,
+             (long long)ld, (long long)group);
+    cr_expect_eq(info, rinfo, "%s: info", what);
+    kdl_tol_t tl = {2e-4, 1e-7};
+    KDL_EXPECT_CLOSE(what, &loss, &rloss, 1, tl);
+    KDL_EXPECT_CLOSE(what, gl, rgl, (size_t)G, tl);
+    KDL_EXPECT_CLOSE(what, P, rP, (size_t)(G * group * group), tol_rel_max(rP, G * group * group, 2e-4));
+    /* the gradient over the row (padding excluded), in the output dtype */
+    double *gv = malloc(sizeof(double) * (size_t)(N * V)), *rv = malloc(sizeof(double) * (size_t)(N * V));
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t v = 0; v < V; v++) gv[i * V + v] = grad[i * ld + v], rv[i * V + v] = rgrad[i * ld + v];
+    KDL_EXPECT_CLOSE(what, gv, rv, (size_t)(N * V), tol_rel_max(rv, N * V, gdt == KDL_DTYPE_F32 ? 1e-3 : 1e-2));
+    free(gv), free(rv), free(S), free(T), free(Sd), free(Td), free(rgl), free(rP), free(rgrad), free(gl), free(P),
+        free(grad), free(gb);
+    const void *all[] = {g.student, g.teacher, g.loss, g.group_loss, g.plan, g.grad, g.info, ws};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) cudaFree((void *)all[k]);
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkd, f32_l1_one_group) { KDL_SKIP_WITHOUT_GPU(); sinkd_case(KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_OT_METRIC_L1, 8, 1000, 1000, 8, 0, 0); }
+Test(gpu_sinkd, bf16_sqeuclidean_groups_strided)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    sinkd_case(KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_OT_METRIC_SQEUCLIDEAN, 12, 777, 800, 4, 0, 0);
+}
+Test(gpu_sinkd, f16_teacher_l1_invalid_group)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    sinkd_case(KDL_DTYPE_F32, KDL_DTYPE_F16, KDL_DTYPE_F32, KDL_OT_METRIC_L1, 9, 300, 300, 3, 1, 0);
+}
+Test(gpu_sinkd, large_vocab_split_l1_with_tolerance)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    sinkd_case(KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_OT_METRIC_L1, 16, 32000, 32000, 16, 0, 1e-6);
+}
+#endif /* KDL_HAVE_CUDA */
