@@ -1,0 +1,377 @@
+/*
+ * kernels/loss.cu - the fused distillation loss on the GPU: launch planning
+ * and the two small kernels around the fused row kernel
+ * (kernels/loss_row.cuh).  Per call, on the handle's stream:
+ *
+ *   1. loss_prep_kernel     1 CTA: rows not ignored -> workspace header;
+ *                           zeroes the invalid-row counter.
+ *   2. loss_row_kernel      per row (one CTA or one cluster): loss,
+ *                           statistics, gradient; reads each logit from
+ *                           device memory once on the staged paths.
+ *   3. loss_finalize_kernel SUM/MEAN over the per-row losses in fixed order
+ *                           (double, CUB block reduce: bitwise identical run
+ *                           to run); info, valid_rows; for MEAN with invalid
+ *                           rows, rescales the gradient by counted/valid
+ *                           (a row cannot know other rows' validity).
+ *
+ * Reads:  student, teacher [N, ld] (f32/f16/bf16, any pair), labels [N].
+ * Writes: grad [N, ld_grad] (student dtype or f32), loss ([N] for NONE,
+ *         [1] otherwise), statistics [N], info, valid_rows, and the
+ *         workspace (256-byte header + one float per row).
+ *
+ * Paths (docs/kernels.md): SMEM (row staged in one CTA's shared memory),
+ * CLUSTER (row split over a cluster, slices staged, DSMEM reductions),
+ * STREAM (nothing staged, passes re-read the row from L2; with or without
+ * a cluster).  Chosen from the row's bytes, the handle's
+ * smem_per_block_optin, cluster_launch and cc_major, and the row count.
+ */
+#include "gpu_internal.h"
+#include "launch.h"
+#include "loss_row.cuh"
+
+namespace kdl {
+
+/* Rows counted (label != ignore_index) into hdr[0]; hdr[1] = 0. */
+__global__ void __launch_bounds__(kBlock) loss_prep_kernel(const int64_t *labels, int64_t ignore_index,
+                                                           int64_t rows, unsigned long long *hdr)
+{
+    using BR = cub::BlockReduce<unsigned long long, kBlock>;
+    __shared__ typename BR::TempStorage tmp;
+    unsigned long long cnt = 0;
+    if (labels) {
+        for (int64_t i = threadIdx.x; i < rows; i += kBlock) cnt += __ldg(labels + i) != ignore_index;
+    } else if (threadIdx.x == 0) {
+        cnt = (unsigned long long)rows;
+    }
+    const unsigned long long total = BR(tmp).Sum(cnt);
+    if (threadIdx.x == 0) {
+        hdr[0] = total;
+        hdr[1] = 0;
+    }
+}
+
+struct FinalParams {
+    const float *row_loss;
+    const unsigned long long *hdr;
+    int64_t rows;
+    int reduction;
+    double scale;
+    int out_dt;
+    void *loss;
+    int64_t *info, *valid_rows;
+    void *grad; /* non-NULL: MEAN with a gradient (fix-up possible) */
+    int64_t ldg;
+    int grad_dt;
+    int V;
+};
+
+/* Reduction in fixed order (CTA 0) and, for MEAN when some counted rows
+ * were invalid, the gradient rescale counted/valid (all CTAs). */
+__global__ void __launch_bounds__(kBlock) loss_finalize_kernel(const FinalParams F)
+{
+    using BR = cub::BlockReduce<double, kBlock>;
+    __shared__ typename BR::TempStorage tmp;
+    const unsigned long long counted = F.hdr[0], invalid = F.hdr[1];
+    const unsigned long long valid = counted - invalid;
+    if (blockIdx.x == 0) {
+        if (F.reduction != KDL_REDUCTION_NONE) {
+            double acc = 0.0;
+            for (int64_t i = threadIdx.x; i < F.rows; i += kBlock) acc += (double)F.row_loss[i];
+            const double total = BR(tmp).Sum(acc);
+            if (threadIdx.x == 0) {
+                double l = F.scale * total;
+                if (F.reduction == KDL_REDUCTION_MEAN) l = valid ? l / (double)valid : 0.0;
+                store_out(F.loss, F.out_dt, 0, l);
+            }
+        }
+        if (threadIdx.x == 0) {
+            if (F.info) *F.info = (int64_t)invalid;
+            if (F.valid_rows) *F.valid_rows = (int64_t)valid;
+        }
+    }
+    if (!F.grad || invalid == 0 || valid == 0) return;
+    const float factor = (float)((double)counted / (double)valid);
+    const int64_t per_row = ((int64_t)F.V + kChunk - 1) / kChunk;
+    const int64_t total = F.rows * per_row;
+    for (int64_t id = (int64_t)blockIdx.x * kBlock + threadIdx.x; id < total; id += (int64_t)gridDim.x * kBlock) {
+        const int64_t row = id / per_row;
+        const int j0 = (int)(id - row * per_row) * kChunk;
+        const int m = min(kChunk, F.V - j0);
+        const int64_t off = row * F.ldg + j0;
+        for (int k = 0; k < m; ++k) {
+            if (F.grad_dt == 0) {
+                float *g = static_cast<float *>(F.grad) + off + k;
+                *g *= factor;
+            } else if (F.grad_dt == 1) {
+                __half *g = static_cast<__half *>(F.grad) + off + k;
+                *g = __float2half_rn(__half2float(*g) * factor);
+            } else {
+                __nv_bfloat16 *g = static_cast<__nv_bfloat16 *>(F.grad) + off + k;
+                *g = __float2bfloat16_rn(__bfloat162float(*g) * factor);
+            }
+        }
+    }
+}
+
+static RowKernelFn row_kernel_for(int sdt, int tdt)
+{
+    switch (sdt) {
+    case KDL_DTYPE_F32: return row_kernel_f32(tdt);
+    case KDL_DTYPE_F16: return row_kernel_f16(tdt);
+    default: return row_kernel_bf16(tdt);
+    }
+}
+
+} // namespace kdl
+
+/* ====================================================================== host */
+
+#define KDL_LAUNCH_CHECK(call)                                                                   \
+    do {                                                                                         \
+        kdl_status_t kdl_st_ = kdl_cuda_status((call), #call, __FILE__, __LINE__);               \
+        if (kdl_st_ != KDL_STATUS_SUCCESS) return kdl_st_;                                       \
+    } while (0)
+
+static const size_t kWsHeader = 256;
+
+extern "C" size_t kdl_loss_ws_bytes(int64_t rows)
+{
+    if (rows <= 0) return 0;
+    size_t per_row = ((size_t)rows * sizeof(float) + 255u) & ~(size_t)255u;
+    return kWsHeader + per_row;
+}
+
+static int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static bool aligned16(const void *p, int64_t ld, size_t esz)
+{
+    return ((uintptr_t)p % 16u) == 0 && ((uint64_t)ld * esz) % 16u == 0;
+}
+
+/* Can a cluster of C CTAs of this kernel and smem be resident at all? */
+static bool cluster_fits(kdl::RowKernelFn fn, int C, size_t dyn, cudaStream_t stream)
+{
+    if (C > 8 && cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)C);
+    cfg.blockDim = dim3(kdl::kBlock);
+    cfg.dynamicSmemBytes = dyn;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)C;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return n >= 1;
+}
+
+extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_plan_t *plan_out)
+{
+    using namespace kdl;
+    const kdl_loss_desc_t *d = L->desc;
+    const kdl_loss_args_t *a = L->args;
+    const int64_t N = a->rows, V = a->vocab;
+    const int sdt = (int)a->student_dtype, tdt = (int)a->teacher_dtype;
+    const size_t ssz = kdl_dtype_size(a->student_dtype), tsz = kdl_dtype_size(a->teacher_dtype);
+    const int64_t nch_total = ceil_div64(V, kChunk);
+    const size_t per_chunk = (size_t)kChunk * (ssz + tsz);
+
+    /* ---------------------------------------------------------- plan */
+    const RowKernelFn fn = row_kernel_for(sdt, tdt);
+    cudaFuncAttributes fa;
+    KDL_LAUNCH_CHECK(cudaFuncGetAttributes(&fa, fn));
+    const size_t static_smem = fa.sharedSizeBytes;
+    size_t budget = L->smem_per_block_optin > static_smem ? L->smem_per_block_optin - static_smem : 0;
+    budget &= ~(size_t)15;
+    const int64_t chunks_fit = (int64_t)(budget / per_chunk); /* chunks one CTA can stage */
+    const bool cluster_ok = L->cluster_launch && L->cc_major >= 9;
+    const int64_t rows_nz = N > 0 ? N : 1;
+
+    /* more CTAs per row when there are too few rows to fill the device */
+    auto spread = [&](int64_t cmin, int64_t per_cta) -> int64_t {
+        if (!cluster_ok) return cmin;
+        int64_t want = (int64_t)L->sm_count / rows_nz;
+        want = want < 8 ? want : 8;
+        int64_t by_size = ceil_div64(V, per_cta);
+        want = want < by_size ? want : by_size;
+        return want > cmin ? want : cmin;
+    };
+
+    kdl_loss_path_t path = L->force_path;
+    const int64_t cmin = chunks_fit > 0 ? ceil_div64(nch_total, chunks_fit) : (int64_t)1 << 40;
+    int64_t C = 1;
+    if (path == KDL_LOSS_PATH_SMEM) {
+        if (cmin > 1)
+            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "KDL_LOSS_PATH=smem: a row of %lld needs %zu bytes, %zu fit",
+                            (long long)V, (size_t)nch_total * per_chunk, budget);
+    } else if (path == KDL_LOSS_PATH_CLUSTER) {
+        if (!cluster_ok) return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "KDL_LOSS_PATH=cluster: no cluster launch");
+        C = L->force_cluster > 0 ? L->force_cluster : (cmin > 2 ? cmin : 2);
+        if (C < cmin || C > 16)
+            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "KDL_LOSS_PATH=cluster: cluster of %lld (needs %lld..16)",
+                            (long long)C, (long long)cmin);
+    } else if (path == KDL_LOSS_PATH_STREAM) {
+        C = L->force_cluster > 0 ? L->force_cluster : 1;
+        if ((C > 1 && !cluster_ok) || C > 16)
+            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "KDL_LOSS_PATH=stream: cluster of %lld not possible",
+                            (long long)C);
+    } else if (cmin == 1) {
+        C = spread(1, 8192);
+        path = C > 1 ? KDL_LOSS_PATH_CLUSTER : KDL_LOSS_PATH_SMEM;
+    } else if (cluster_ok && cmin <= 16) {
+        path = KDL_LOSS_PATH_CLUSTER;
+        C = spread(cmin, 8192);
+    } else {
+        path = KDL_LOSS_PATH_STREAM;
+        C = spread(1, 16384);
+    }
+
+    /* One value for the dynamic-smem cap, whatever this call needs, so that
+     * concurrent calls on other threads never lower it under each other. */
+    if (budget > 48 * 1024)
+        KDL_LAUNCH_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)budget));
+    if (C > 1) {
+        const bool st = path != KDL_LOSS_PATH_STREAM;
+        const size_t need = st ? (size_t)ceil_div64(nch_total, C) * per_chunk : 0;
+        if (!cluster_fits(fn, (int)C, need, L->stream)) {
+            if (L->force_path != KDL_LOSS_PATH_AUTO)
+                return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
+                                "a cluster of %lld CTAs with %zu bytes each cannot be resident", (long long)C, need);
+            /* automatic: no cluster; the whole row staged if it fits, else streamed */
+            C = 1;
+            path = cmin == 1 ? KDL_LOSS_PATH_SMEM : KDL_LOSS_PATH_STREAM;
+        }
+    }
+    const bool staged = path != KDL_LOSS_PATH_STREAM;
+    const int64_t chunks_per = ceil_div64(nch_total, C);
+    const size_t dyn = staged ? (size_t)chunks_per * per_chunk : 0;
+
+    /* ---------------------------------------------------- parameters */
+    unsigned char *ws = (unsigned char *)L->workspace;
+    unsigned long long *hdr = (unsigned long long *)ws;
+    float *row_loss = (float *)(ws + kWsHeader);
+
+    LossParams P;
+    memset(&P, 0, sizeof P);
+    P.s = a->student;
+    P.t = a->teacher;
+    P.lds = a->ld_student;
+    P.ldt = a->ld_teacher;
+    P.labels = a->labels;
+    P.ignore_index = d->ignore_index;
+    P.grad = a->grad;
+    P.ldg = a->ld_grad;
+    P.grad_dt = a->grad ? (int)a->grad_dtype : 0;
+    P.vec_g = a->grad ? aligned16(a->grad, a->ld_grad, kdl_dtype_size(a->grad_dtype)) : 0;
+    P.out_dt = (int)a->out_dtype;
+    P.loss = a->loss;
+    P.st_fkl = a->stat_fkl;
+    P.st_rkl = a->stat_rkl;
+    P.st_gh = a->stat_g_head;
+    P.st_gt = a->stat_g_tail;
+    P.st_wh = a->stat_w_head;
+    P.st_wt = a->stat_w_tail;
+    P.st_hs = a->stat_head_size;
+    P.row_loss = row_loss;
+    P.hdr = hdr;
+    P.div = (int)d->divergence;
+    P.rule = (int)d->head_rule;
+    P.reduction = (int)d->reduction;
+    P.inv_tau = (float)(1.0 / d->temperature);
+    P.k2 = (float)(1.4426950408889634 / d->temperature);
+    P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
+    {
+        /* the float element parameters, exactly as kdl_elem_params_make_f builds them */
+        const kdl_elem_params_f ep = kdl_elem_params_make_f(P.div, P.coef, 0.5f, 0.5f);
+        P.log_c = ep.log_c;
+        P.log_1mc = ep.log_1mc;
+    }
+    P.scale = d->scale;
+    P.tau = d->temperature;
+    P.K = (unsigned long long)d->top_k;
+    P.mu_fx = kdl_rs_mu_fx(d->mu);
+    P.V = (int)V;
+    P.chunks_per = (int)chunks_per;
+    P.cluster = (int)C;
+    P.vec_s = aligned16(a->student, a->ld_student, ssz);
+    P.vec_t = aligned16(a->teacher, a->ld_teacher, tsz);
+    P.staged = staged;
+    P.need_head = d->divergence == KDL_DIV_AKL || a->stat_g_head || a->stat_g_tail || a->stat_w_head ||
+                  a->stat_w_tail || a->stat_head_size;
+    P.need_kl = d->divergence == KDL_DIV_AKL || a->stat_fkl || a->stat_rkl;
+    P.key_mask = kdl_rs_key_mask(tdt);
+    P.rounds = kdl_rs_rounds(tdt);
+
+    /* --------------------------------------------------------- launch */
+    int launches = 0;
+    loss_prep_kernel<<<1, kBlock, 0, L->stream>>>(a->labels, d->ignore_index, N, hdr);
+    KDL_LAUNCH_CHECK(cudaGetLastError());
+    launches++;
+
+    const int64_t max_rows = (int64_t)0x7fffffff / C; /* gridDim.x limit */
+    for (int64_t r0 = 0; r0 < N; r0 += max_rows) {
+        const int64_t nr = N - r0 < max_rows ? N - r0 : max_rows;
+        P.row0 = r0;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3((unsigned)(nr * C));
+        cfg.blockDim = dim3(kBlock);
+        cfg.dynamicSmemBytes = dyn;
+        cfg.stream = L->stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = (unsigned)C;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = C > 1 ? 1 : 0;
+        KDL_LAUNCH_CHECK(cudaLaunchKernelEx(&cfg, fn, P));
+        launches++;
+    }
+
+    FinalParams F;
+    memset(&F, 0, sizeof F);
+    F.row_loss = row_loss;
+    F.hdr = hdr;
+    F.rows = N;
+    F.reduction = (int)d->reduction;
+    F.scale = d->scale;
+    F.out_dt = (int)a->out_dtype;
+    F.loss = a->loss;
+    F.info = a->info;
+    F.valid_rows = a->valid_rows;
+    const bool fixup = a->grad && d->reduction == KDL_REDUCTION_MEAN;
+    F.grad = fixup ? a->grad : nullptr;
+    F.ldg = a->ld_grad;
+    F.grad_dt = a->grad ? (int)a->grad_dtype : 0;
+    F.V = (int)V;
+    int64_t fgrid = 1;
+    if (fixup) {
+        fgrid = ceil_div64(N * nch_total, kBlock);
+        int64_t cap = 2 * (int64_t)(L->sm_count > 0 ? L->sm_count : 1);
+        if (fgrid > cap) fgrid = cap;
+        if (fgrid < 1) fgrid = 1;
+    }
+    loss_finalize_kernel<<<(unsigned)fgrid, kBlock, 0, L->stream>>>(F);
+    KDL_LAUNCH_CHECK(cudaGetLastError());
+    launches++;
+
+    if (plan_out) {
+        plan_out->path = path;
+        plan_out->cluster = (int)C;
+        plan_out->threads = kBlock;
+        plan_out->smem_dynamic = dyn;
+        plan_out->smem_static = fa.sharedSizeBytes;
+        plan_out->launches = launches;
+    }
+    return KDL_STATUS_SUCCESS;
+}

@@ -1,0 +1,587 @@
+/*
+ * kernels/loss_row.cuh - the fused row kernel of the distillation loss,
+ * templated on the student and teacher dtypes (instantiated in
+ * kernels/loss_rows_{f32,f16,bf16}.cu, launched by kernels/loss.cu).
+ *
+ * One CTA, or one cluster of C CTAs, per row; CTA (row, rank) owns the
+ * contiguous slice [rank*chunks_per*8, (rank+1)*chunks_per*8) of the row.
+ * Every pass gives thread tid the chunks tid, tid + 512, ... of the slice.
+ *
+ *   pass 1  read the slice (16-byte vectors when aligned), stage it in
+ *           dynamic shared memory (staged paths), online max / sum of 2^x
+ *           of the log2(e)/tau-prescaled student and teacher logits, NaN /
+ *           +inf check; CUB block reduce, then a cluster allreduce through
+ *           distributed shared memory, combined in rank order.
+ *   pass 2  (AKL, or head statistics wanted) radix select of the head
+ *           boundary over teacher-logit keys, 8 bits a round, count and
+ *           fixed-point mass histograms in shared memory (integer atomics),
+ *           summed over the cluster (kernels/radix_select.h).
+ *   pass 3  element terms (kdloss/detail/elem.h, float): loss, G = sum of
+ *           qg, KL(p||q), KL(q||p), head/tail gaps |p - q| (boundary ties
+ *           ordered by index through a CUB block scan).
+ *   pass 4  dz = qg - q G (kdl_elem_dz_f) times scale/tau (/counted rows,
+ *           MEAN), stored in the gradient dtype.
+ * Rank 0 writes the row's loss (per-token, or into the workspace for the
+ * reduction) and statistics; an invalid row bumps an integer counter.  No
+ * float atomics: results are bitwise identical run to run.
+ */
+#ifndef KDLOSS_KERNELS_LOSS_ROW_CUH
+#define KDLOSS_KERNELS_LOSS_ROW_CUH
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cub/warp/warp_scan.cuh>
+
+#include "kdloss/detail/elem.h"
+#include "kdloss/kdloss_types.h"
+#include "loss_common.cuh"
+#include "radix_select.h"
+
+namespace kdl {
+
+constexpr int kBlock = 512;   /* threads per CTA                       */
+constexpr int kMinBlocks = 2; /* launch bound: <= 64 registers/thread  */
+
+/* Everything the row kernel reads, by value. */
+struct LossParams {
+    const void *s, *t;
+    int64_t lds, ldt;
+    const int64_t *labels;
+    int64_t ignore_index;
+    void *grad; /* NULL: no gradient */
+    int64_t ldg;
+    int grad_dt;
+    int vec_g;
+    int out_dt;
+    void *loss;
+    void *st_fkl, *st_rkl, *st_gh, *st_gt, *st_wh, *st_wt;
+    int64_t *st_hs;
+    float *row_loss;          /* workspace: per-row loss (0: not in the reduction) */
+    unsigned long long *hdr;  /* workspace: [0] rows counted, [1] invalid rows     */
+    int div, rule, reduction;
+    float inv_tau, k2, coef; /* 1/tau, log2(e)/tau, JSD beta or SKL/SRKL alpha */
+    float log_c, log_1mc;    /* log(coef) (-inf at 0), log(1 - coef): as kdl_elem_params_make_f */
+    double scale, tau;
+    unsigned long long K, mu_fx;
+    int64_t row0;   /* first row of this launch                               */
+    int V;
+    int chunks_per; /* chunks in each CTA's slice                             */
+    int cluster;    /* CTAs per row                                           */
+    int vec_s, vec_t;
+    int staged;     /* row slice copied to dynamic shared memory in pass 1  */
+    int need_head, need_kl;
+    uint32_t key_mask;
+    int rounds;
+};
+
+struct Stats1 {
+    float ms, ss, mt, st; /* log2-domain (max, sum) of student and teacher */
+    int bad;              /* NaN or +inf seen                             */
+};
+struct Stats1Op {
+    __device__ __forceinline__ Stats1 operator()(const Stats1 &a, const Stats1 &b) const
+    {
+        Stats1 r = a;
+        lse2_merge(r.ms, r.ss, b.ms, b.ss);
+        lse2_merge(r.mt, r.st, b.mt, b.st);
+        r.bad = a.bad | b.bad;
+        return r;
+    }
+};
+
+struct Terms {
+    float loss, G;   /* divergence (not AKL): sum of terms, sum of qg */
+    float fkl, rkl;  /* KL(p||q), KL(q||p)                            */
+    float Gf, Gr;    /* sums of qg of FKL and RKL (AKL's G)           */
+    float gh, gt;    /* head and tail gaps                            */
+};
+struct TermsOp {
+    __device__ __forceinline__ Terms operator()(const Terms &a, const Terms &b) const
+    {
+        Terms r;
+        r.loss = a.loss + b.loss;
+        r.G = a.G + b.G;
+        r.fkl = a.fkl + b.fkl;
+        r.rkl = a.rkl + b.rkl;
+        r.Gf = a.Gf + b.Gf;
+        r.Gr = a.Gr + b.Gr;
+        r.gh = a.gh + b.gh;
+        r.gt = a.gt + b.gt;
+        return r;
+    }
+};
+
+struct Pick {
+    int found, bin;
+    unsigned long long before_cnt, before_mass;
+};
+
+using BlockReduce1 = cub::BlockReduce<Stats1, kBlock>;
+using BlockReduce3 = cub::BlockReduce<Terms, kBlock>;
+using BlockScanI = cub::BlockScan<int, kBlock>;
+using WarpScanU64 = cub::WarpScan<unsigned long long>;
+
+struct SharedState {
+    union {
+        typename BlockReduce1::TempStorage r1;
+        typename BlockReduce3::TempStorage r3;
+        typename BlockScanI::TempStorage scan;
+        typename WarpScanU64::TempStorage wscan[2];
+    } cub;
+    /* this CTA's radix histograms, double-buffered by round (peers read them) */
+    unsigned int hcnt[2][KDL_RS_BINS];
+    unsigned long long hmass[2][KDL_RS_BINS];
+    /* the row's histograms (sum over the cluster) */
+    unsigned int gcnt[KDL_RS_BINS];
+    unsigned long long gmass[KDL_RS_BINS];
+    Stats1 x1, b1; /* exchange slot (peers read) and broadcast, pass 1 */
+    Terms x3, b3;  /* same, pass 3                                     */
+    Pick pick;
+    kdl_rs_result sel;
+    unsigned long long tie_base; /* ties of the boundary key in lower ranks */
+};
+
+/* The CTA's view of its slice: global row (at the slice start) and, on the
+ * staged paths, the copy in dynamic shared memory.  Staged or not is a
+ * run-time flag (uniform branch per chunk): one kernel per dtype pair. */
+template <class ST, class TT> struct RowView {
+    const typename ST::R *gs;
+    const typename TT::R *gt;
+    uint4 *ss, *st; /* staged slices, 16-byte aligned, padded to whole chunks */
+    int n, nch;     /* elements and chunks in the slice */
+    bool vs, vt;    /* global vector loads allowed */
+    bool staged;
+
+    __device__ __forceinline__ int width(int c) const { return min(kChunk, n - c * kChunk); }
+
+    /* Raw chunk c of the slice (elements past n: zero bits, masked by chunk_val). */
+    __device__ __forceinline__ void load_s(int c, Chunk<ST> &ch) const
+    {
+        if (staged) {
+#pragma unroll
+            for (int i = 0; i < Chunk<ST>::kVec; ++i) ch.u[i] = ss[c * Chunk<ST>::kVec + i];
+        } else {
+            chunk_load_global<ST, false>(ch, gs + (int64_t)c * kChunk, width(c), vs);
+        }
+    }
+    __device__ __forceinline__ void load_t(int c, Chunk<TT> &ch) const
+    {
+        if (staged) {
+#pragma unroll
+            for (int i = 0; i < Chunk<TT>::kVec; ++i) ch.u[i] = st[c * Chunk<TT>::kVec + i];
+        } else {
+            chunk_load_global<TT, false>(ch, gt + (int64_t)c * kChunk, width(c), vt);
+        }
+    }
+};
+
+/* Element k of a raw chunk as float, -inf (absent) for k >= m.  Converted
+ * where used: a 16-bit chunk stays 4 registers. */
+template <class T> __device__ __forceinline__ float chunk_val(const Chunk<T> &ch, int k, int m)
+{
+    return k < m ? T::to_float(chunk_raw(ch, k)) : -INFINITY;
+}
+
+__device__ __forceinline__ unsigned long long mass_fx(float p)
+{
+    return __float2ull_rn(p * 4503599627370496.0f); /* p * 2^52, exact scaling */
+}
+
+/* Warp 0: one round's bin choice.  Lane l owns bins 255-8l down to 248-8l;
+ * per-lane running sums, a warp exclusive scan, and the first bin (from the
+ * top) whose inclusion reaches the boundary (kdl_rs_reached: monotone). */
+__device__ __forceinline__ void pick_bin_warp(SharedState &sh, int rule, unsigned long long K,
+                                              unsigned long long mu_fx, unsigned long long above_cnt,
+                                              unsigned long long above_mass)
+{
+    const int lane = threadIdx.x & 31;
+    unsigned long long lc[8], lm[8], cr = 0, mr = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int bin = KDL_RS_BINS - 1 - (lane * 8 + j);
+        cr += sh.gcnt[bin];
+        mr += sh.gmass[bin];
+        lc[j] = cr;
+        lm[j] = mr;
+    }
+    unsigned long long cex, mex;
+    WarpScanU64(sh.cub.wscan[0]).ExclusiveSum(cr, cex);
+    WarpScanU64(sh.cub.wscan[1]).ExclusiveSum(mr, mex);
+    int jf = 8, bin_f = 0;
+    unsigned long long bc = 0, bm = 0;
+#pragma unroll
+    for (int j = 7; j >= 0; --j) {
+        const unsigned long long c = above_cnt + cex + lc[j], m = above_mass + mex + lm[j];
+        if (kdl_rs_reached(rule, c, m, K, mu_fx)) {
+            const int bin = KDL_RS_BINS - 1 - (lane * 8 + j);
+            jf = j;
+            bin_f = bin;
+            bc = c - sh.gcnt[bin];
+            bm = m - sh.gmass[bin];
+        }
+    }
+    const unsigned bal = __ballot_sync(0xffffffffu, jf < 8);
+    if (bal == 0) {
+        if (lane == 0) sh.pick.found = 0;
+    } else if (lane == __ffs(bal) - 1) {
+        sh.pick.found = 1;
+        sh.pick.bin = bin_f;
+        sh.pick.before_cnt = bc;
+        sh.pick.before_mass = bm;
+    }
+}
+
+/* Pass 2: the head boundary of the row (result in sh.sel, sh.tie_base). */
+template <class ST, class TT>
+__device__ __forceinline__ void head_select(const RowView<ST, TT> &row, const LossParams &P,
+                                            SharedState &sh, float lse2_t, int C, int rank)
+{
+    const int tid = threadIdx.x;
+    uint32_t prefix = 0;
+    unsigned long long above_cnt = 0, above_mass = 0;
+    for (int r = 0; r < P.rounds; ++r) {
+        const int b = r & 1;
+        for (int i = tid; i < KDL_RS_BINS; i += kBlock) {
+            sh.hcnt[b][i] = 0u;
+            sh.hmass[b][i] = 0ull;
+        }
+        __syncthreads();
+        for (int c = tid; c < row.nch; c += kBlock) {
+            Chunk<TT> ct;
+            const int m = row.width(c);
+            row.load_t(c, ct);
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+                if (k < m) {
+                    const float v = chunk_val(ct, k, m);
+                    const uint32_t key = kdl_rs_key(v, P.key_mask);
+                    if (kdl_rs_candidate(key, prefix, r)) {
+                        const int d = kdl_rs_digit(key, r);
+                        atomicAdd(&sh.hcnt[b][d], 1u);
+                        atomicAdd(&sh.hmass[b][d], mass_fx(exp2f(fmaf(v, P.k2, -lse2_t))));
+                    }
+                }
+            }
+        }
+        row_barrier(C); /* every CTA's histogram complete and visible */
+        for (int i = tid; i < KDL_RS_BINS; i += kBlock) {
+            unsigned int cs = 0;
+            unsigned long long ms = 0;
+            for (int q = 0; q < C; ++q) {
+                cs += peer_ptr(&sh.hcnt[b][0], q, C)[i];
+                ms += peer_ptr(&sh.hmass[b][0], q, C)[i];
+            }
+            sh.gcnt[i] = cs;
+            sh.gmass[i] = ms;
+        }
+        __syncthreads();
+        if (tid < 32) pick_bin_warp(sh, P.rule, P.K, P.mu_fx, above_cnt, above_mass);
+        __syncthreads();
+        const Pick pk = sh.pick;
+        if (!pk.found) { /* only in round 0: the row's mass never reaches mu */
+            if (tid == 0) {
+                kdl_rs_all_in((unsigned long long)P.V, &sh.sel);
+                sh.tie_base = 0;
+            }
+            break;
+        }
+        prefix |= (uint32_t)pk.bin << (24 - 8 * r);
+        above_cnt = pk.before_cnt;
+        above_mass = pk.before_mass;
+        if (r == P.rounds - 1 && tid == 0) {
+            kdl_rs_resolve(P.rule, prefix, above_cnt, above_mass, sh.gcnt[pk.bin], sh.gmass[pk.bin], P.K,
+                           P.mu_fx, &sh.sel);
+            unsigned long long base = 0;
+            for (int q = 0; q < rank; ++q) base += peer_ptr(&sh.hcnt[b][0], q, C)[pk.bin];
+            sh.tie_base = base;
+        }
+    }
+    __syncthreads();
+}
+
+/* Zeroes this CTA's slice of a gradient row (ignored and invalid rows). */
+__device__ __forceinline__ void zero_grad_slice(void *g, int dt, int n, bool vec)
+{
+    const int nch = (n + kChunk - 1) / kChunk;
+    const int gsz = dt == 0 ? 4 : 2;
+    float z[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) z[k] = 0.f;
+    for (int c = threadIdx.x; c < nch; c += kBlock)
+        store_chunk(static_cast<char *>(g) + (int64_t)c * kChunk * gsz, dt, min(kChunk, n - c * kChunk), vec, z);
+}
+
+/* Row outputs, by one thread of the row.  state 0 valid, 1 ignored, 2 invalid. */
+__device__ inline void write_row(const LossParams &P, int64_t row, int state, float loss, const Terms &t, float wh,
+                          float wt, int64_t hs)
+{
+    double l = loss, fkl = t.fkl, rkl = t.rkl, gh = t.gh, gt = t.gt, w_h = wh, w_t = wt;
+    if (state == 1) {
+        l = fkl = rkl = gh = gt = w_h = w_t = 0.0;
+        hs = 0;
+    } else if (state == 2) {
+        l = fkl = rkl = gh = gt = w_h = w_t = (double)NAN;
+        hs = 0;
+        atomicAdd(P.hdr + 1, 1ull);
+    }
+    if (P.reduction == KDL_REDUCTION_NONE)
+        store_out(P.loss, P.out_dt, row, P.scale * l);
+    else
+        P.row_loss[row] = state == 0 ? loss : 0.f;
+    store_out(P.st_fkl, P.out_dt, row, fkl);
+    store_out(P.st_rkl, P.out_dt, row, rkl);
+    store_out(P.st_gh, P.out_dt, row, gh);
+    store_out(P.st_gt, P.out_dt, row, gt);
+    store_out(P.st_wh, P.out_dt, row, w_h);
+    store_out(P.st_wt, P.out_dt, row, w_t);
+    if (P.st_hs) P.st_hs[row] = hs;
+}
+
+/* Pass 1 over the slice: (staged) copy to shared memory, online log2-domain
+ * max / sum of the student and the teacher, NaN / +inf seen.  Staged (one
+ * CTA per SM may hold a big row): read-once cache hint, and two chunks per
+ * thread in flight when both inputs are 16-bit, so that every dtype pair
+ * keeps 32 to 64 bytes per thread in flight; unstaged: one chunk (more CTAs
+ * per SM, fewer registers). */
+template <class ST, class TT, bool STAGED>
+__device__ __forceinline__ Stats1 pass1(const RowView<ST, TT> &rv, float k2)
+{
+    const int tid = threadIdx.x;
+    Stats1 my = {-INFINITY, 0.f, -INFINITY, 0.f, 0};
+    constexpr int kFlight = (STAGED && ST::kBytes + TT::kBytes <= 4) ? 2 : 1;
+    for (int c0 = tid; c0 < rv.nch; c0 += kFlight * kBlock) {
+        const int c1 = c0 + kBlock;
+        const int m0 = rv.width(c0);
+        const int m1 = (kFlight > 1 && c1 < rv.nch) ? rv.width(c1) : 0;
+        Chunk<ST> s0, s1;
+        Chunk<TT> t0, t1;
+        chunk_load_global<ST, STAGED>(s0, rv.gs + (int64_t)c0 * kChunk, m0, rv.vs);
+        chunk_load_global<TT, STAGED>(t0, rv.gt + (int64_t)c0 * kChunk, m0, rv.vt);
+        if (m1 > 0) {
+            chunk_load_global<ST, STAGED>(s1, rv.gs + (int64_t)c1 * kChunk, m1, rv.vs);
+            chunk_load_global<TT, STAGED>(t1, rv.gt + (int64_t)c1 * kChunk, m1, rv.vt);
+        }
+        if constexpr (STAGED) {
+#pragma unroll
+            for (int i = 0; i < Chunk<ST>::kVec; ++i) rv.ss[c0 * Chunk<ST>::kVec + i] = s0.u[i];
+#pragma unroll
+            for (int i = 0; i < Chunk<TT>::kVec; ++i) rv.st[c0 * Chunk<TT>::kVec + i] = t0.u[i];
+            if (m1 > 0) {
+#pragma unroll
+                for (int i = 0; i < Chunk<ST>::kVec; ++i) rv.ss[c1 * Chunk<ST>::kVec + i] = s1.u[i];
+#pragma unroll
+                for (int i = 0; i < Chunk<TT>::kVec; ++i) rv.st[c1 * Chunk<TT>::kVec + i] = t1.u[i];
+            }
+        }
+        float v[kChunk];
+        chunk_to_float(s0, m0, v);
+        lse2_chunk(my.ms, my.ss, my.bad, v, k2);
+        chunk_to_float(t0, m0, v);
+        lse2_chunk(my.mt, my.st, my.bad, v, k2);
+        if (m1 > 0) {
+            chunk_to_float(s1, m1, v);
+            lse2_chunk(my.ms, my.ss, my.bad, v, k2);
+            chunk_to_float(t1, m1, v);
+            lse2_chunk(my.mt, my.st, my.bad, v, k2);
+        }
+    }
+    return my;
+}
+
+/* The fused row kernel.  Grid: rows x cluster CTAs; CTA (row, rank) owns
+ * elements [rank*chunks_per*8, (rank+1)*chunks_per*8) of the row. */
+template <class ST, class TT>
+__global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const LossParams P)
+{
+    extern __shared__ uint4 kdl_dyn_smem[];
+    __shared__ SharedState sh;
+
+    const int tid = threadIdx.x;
+    const int C = P.cluster;
+    const int rank = cluster_rank(C);
+    const int64_t row = P.row0 + (int64_t)(blockIdx.x / (unsigned)C);
+    const int64_t lo = (int64_t)rank * P.chunks_per * kChunk;
+    const int n = (int)max((int64_t)0, min((int64_t)P.V - lo, (int64_t)P.chunks_per * kChunk));
+
+    RowView<ST, TT> rv;
+    rv.gs = static_cast<const typename ST::R *>(P.s) + row * P.lds + lo;
+    rv.gt = static_cast<const typename TT::R *>(P.t) + row * P.ldt + lo;
+    rv.ss = kdl_dyn_smem;
+    rv.st = kdl_dyn_smem + (int64_t)P.chunks_per * Chunk<ST>::kVec;
+    rv.n = n;
+    rv.nch = (n + kChunk - 1) / kChunk;
+    rv.vs = P.vec_s;
+    rv.vt = P.vec_t;
+    rv.staged = P.staged != 0;
+    const int gsz = P.grad_dt == 0 ? 4 : 2;
+    void *grow = P.grad ? static_cast<char *>(P.grad) + (row * P.ldg + lo) * gsz : nullptr;
+
+    Terms zero_t = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+
+    /* ignored rows: nothing shared yet, so CTAs may leave independently */
+    if (P.labels && __ldg(P.labels + row) == P.ignore_index) {
+        if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
+        if (rank == 0 && tid == 0) write_row(P, row, 1, 0.f, zero_t, 0.f, 0.f, 0);
+        return;
+    }
+
+    /* ---- pass 1: stage, online max / sum of 2^x, validity ---- */
+    const Stats1 my = rv.staged ? pass1<ST, TT, true>(rv, P.k2) : pass1<ST, TT, false>(rv, P.k2);
+    const Stats1 blk1 = BlockReduce1(sh.cub.r1).Reduce(my, Stats1Op());
+    const Stats1 all1 = row_allreduce(blk1, &sh.x1, &sh.b1, Stats1Op(), C);
+    const bool invalid = all1.bad || all1.ms == -INFINITY || all1.mt == -INFINITY;
+
+    if (invalid) {
+        if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
+        if (rank == 0 && tid == 0) write_row(P, row, 2, 0.f, zero_t, 0.f, 0.f, 0);
+    } else {
+        const float lse2_s = all1.ms + log2f(all1.ss);
+        const float lse2_t = all1.mt + log2f(all1.st);
+        const float lse_s = lse2_s * 0.693147180559945309f; /* natural-log LSE of s/tau */
+        const float lse_t = lse2_t * 0.693147180559945309f;
+
+        /* ---- pass 2: head boundary ---- */
+        if (P.need_head) head_select(rv, P, sh, lse2_t, C, rank);
+        /* compact copy: boundary key, mode, ties in the head (< 2^30), ordinal base */
+        uint32_t b_key = 0, b_in = 0, tie_run = 0;
+        int b_mode = KDL_RS_AT_OR_ABOVE;
+        int64_t head_size = 0;
+        if (P.need_head) {
+            b_key = sh.sel.key;
+            b_mode = sh.sel.mode;
+            b_in = (uint32_t)sh.sel.ties_in;
+            head_size = sh.sel.head_size;
+            tie_run = (uint32_t)sh.tie_base;
+        }
+        const bool split = P.need_head && b_mode == KDL_RS_SPLIT;
+
+        /* ---- pass 3: element terms, gaps ---- */
+        /* = kdl_elem_params_make_f(div, coef, 1/2, 1/2); logs from the host */
+        const kdl_elem_params_f pr0 = {P.div, P.coef, P.log_c, P.log_1mc, 0.5f, 0.5f};
+        Terms my3 = zero_t;
+        const int iters = (rv.nch + kBlock - 1) / kBlock;
+        for (int it = 0; it < iters; ++it) {
+            const int c = it * kBlock + tid;
+            Chunk<ST> cs;
+            Chunk<TT> ct;
+            int m = 0; /* 0: a thread past the slice (it still joins the scan) */
+            if (c < rv.nch) {
+                m = rv.width(c);
+                rv.load_s(c, cs);
+                rv.load_t(c, ct);
+            } else {
+#pragma unroll
+                for (int i = 0; i < Chunk<ST>::kVec; ++i) cs.u[i] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                for (int i = 0; i < Chunk<TT>::kVec; ++i) ct.u[i] = make_uint4(0u, 0u, 0u, 0u);
+            }
+            uint32_t ord = 0; /* index rank of the next boundary tie among all ties */
+            if (split) {      /* index order of the chunks: (iteration, thread) */
+                int ties = 0;
+#pragma unroll
+                for (int k = 0; k < kChunk; ++k) ties += (k < m && kdl_rs_key(chunk_val(ct, k, m), P.key_mask) == b_key);
+                int excl, total;
+                BlockScanI(sh.cub.scan).ExclusiveSum(ties, excl, total);
+                __syncthreads();
+                ord = tie_run + (uint32_t)excl;
+                tie_run += (uint32_t)total;
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+                const float tv = chunk_val(ct, k, m);
+                const float lp = fmaf(tv, P.inv_tau, -lse_t);
+                const float lq = fmaf(chunk_val(cs, k, m), P.inv_tau, -lse_s);
+                if (P.need_kl) {
+                    const kdl_elem_f ef = kdl_elem_fkl_f(lp, lq);
+                    const kdl_elem_f er = kdl_elem_rkl_f(lp, lq);
+                    my3.fkl += ef.loss;
+                    my3.rkl += er.loss;
+                    my3.Gf += ef.qg;
+                    my3.Gr += er.qg;
+                }
+                if (P.div != KDL_ELEM_AKL) {
+                    const kdl_elem_f e = kdl_elem_eval_f(&pr0, lp, lq);
+                    my3.loss += e.loss;
+                    my3.G += e.qg;
+                }
+                if (P.need_head && k < m) {
+                    /* = kdl_rs_in_head() with 32-bit ordinals */
+                    const uint32_t key = kdl_rs_key(tv, P.key_mask);
+                    bool in = key > b_key;
+                    if (key == b_key) {
+                        in = b_mode == KDL_RS_AT_OR_ABOVE || (b_mode == KDL_RS_SPLIT && ord < b_in);
+                        ++ord;
+                    }
+                    const float gap = fabsf(expf(lp) - expf(lq));
+                    if (in)
+                        my3.gh += gap;
+                    else
+                        my3.gt += gap;
+                }
+            }
+        }
+        const Terms blk3 = BlockReduce3(sh.cub.r3).Reduce(my3, TermsOp());
+        const Terms all3 = row_allreduce(blk3, &sh.x3, &sh.b3, TermsOp(), C);
+
+        float wh = 0.5f, wt = 0.5f;
+        if (P.need_head) kdl_akl_weights_f(all3.gh, all3.gt, &wh, &wt);
+        float loss, G;
+        if (P.div == KDL_ELEM_AKL) {
+            /* = sum of kdl_elem_eval_f AKL terms: a zero weight drops its KL, even +inf */
+            loss = (wh > 0.f ? wh * all3.fkl : 0.f) + (wt > 0.f ? wt * all3.rkl : 0.f);
+            G = wh * all3.Gf + (wt > 0.f ? wt * all3.Gr : 0.f);
+        } else {
+            loss = all3.loss;
+            G = all3.G;
+        }
+
+        /* outputs now: nothing of them stays live through pass 4 */
+        if (rank == 0 && tid == 0) write_row(P, row, 0, loss, all3, wh, wt, head_size);
+
+        /* ---- pass 4: gradient ---- */
+        if (grow) {
+            double gs = P.scale / P.tau;
+            if (P.reduction == KDL_REDUCTION_MEAN) {
+                const unsigned long long counted = P.hdr[0]; /* >= 1: this row counts */
+                gs /= (double)counted;
+            }
+            const float gscale = (float)gs;
+            const kdl_elem_params_f pr = {P.div, P.coef, P.log_c, P.log_1mc, wh, wt};
+            const int gsz2 = gsz;
+            for (int c = tid; c < rv.nch; c += kBlock) {
+                Chunk<ST> cs;
+                Chunk<TT> ct;
+                const int m = rv.width(c);
+                rv.load_s(c, cs);
+                rv.load_t(c, ct);
+                void *gp = static_cast<char *>(grow) + (int64_t)c * kChunk * gsz2;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float dz[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const float lp = fmaf(chunk_val(ct, 4 * h + k, m), P.inv_tau, -lse_t);
+                        const float lq = fmaf(chunk_val(cs, 4 * h + k, m), P.inv_tau, -lse_s);
+                        const kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
+                        dz[k] = kdl_elem_dz_f(e.qg, expf(lq), G) * gscale;
+                    }
+                    store_quad(gp, P.grad_dt, h, m, P.vec_g, dz);
+                }
+            }
+        }
+    }
+    /* no CTA leaves while a peer may still read its shared memory */
+    if (C > 1) row_barrier(C);
+}
+
+using RowKernelFn = void (*)(LossParams);
+
+/* The row kernel for a student dtype (one translation unit each) and a
+ * teacher dtype (KDL_DTYPE_F32, F16 or BF16). */
+RowKernelFn row_kernel_f32(int teacher_dtype);
+RowKernelFn row_kernel_f16(int teacher_dtype);
+RowKernelFn row_kernel_bf16(int teacher_dtype);
+
+} // namespace kdl
+
+#endif /* KDLOSS_KERNELS_LOSS_ROW_CUH */

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# scripts/gpu-check.sh - one command for the GPU machine: build for sm_90a,
+# run the whole ctest suite, then compute-sanitizer (memcheck, racecheck,
+# initcheck, synccheck) on a small subset of tests/test_gpu_loss.  Logs go
+# to $OUT (if set, else ./gpu-check-out); a summary table is printed last
+# and written to summary.txt.  Meant to finish inside 10 minutes: every step
+# has its own time limit, and the sanitizers run the gpu_small suite only.
+#
+#   scripts/gpu-check.sh            # from the repository root
+#   BUILD_DIR=/tmp/b scripts/gpu-check.sh
+#   KDL_SAN_FILTER='gpu_loss/odd*' scripts/gpu-check.sh   # another subset
+#
+# At most 7 files are written to the output folder (the device tool brings
+# back 8): build.log, ctest.log, memcheck.log, racecheck.log, initcheck.log,
+# synccheck.log, summary.txt.
+set -u
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUTDIR=${OUT:-$PWD/gpu-check-out}
+BUILD=${BUILD_DIR:-$ROOT/build-gpu-check}
+FILTER=${KDL_SAN_FILTER:-gpu_small/*}
+JOBS=$(nproc 2>/dev/null || echo 4)
+mkdir -p "$OUTDIR"
+
+names=()
+codes=()
+secs=()
+notes=()
+
+# run NAME LIMIT_S LOG cmd...   (appends to LOG)
+run() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t0 t1 rc
+    t0=$(date +%s)
+    echo "### $name: $*" >>"$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    t1=$(date +%s)
+    names+=("$name")
+    codes+=("$rc")
+    secs+=("$((t1 - t0))")
+    local note=""
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note="timed out after ${limit}s"; fi
+    case $name in
+    memcheck | racecheck | initcheck | synccheck)
+        local s
+        s=$(grep -h "ERROR SUMMARY" "$log" | tail -n 1)
+        [ -n "$s" ] && note="${note:+$note; }${s#========= }"
+        ;;
+    ctest)
+        local s
+        s=$(grep -h "tests passed" "$log" | tail -n 1)
+        [ -n "$s" ] && note="${note:+$note; }$s"
+        ;;
+    build)
+        local sp
+        sp=$(grep -c "bytes spill stores" "$log" 2>/dev/null)
+        local nz
+        nz=$(grep "bytes spill stores" "$log" | grep -vc " 0 bytes spill stores")
+        note="${note:+$note; }ptxas reports: $sp, with spills: $nz"
+        ;;
+    esac
+    notes+=("$note")
+    return "$rc"
+}
+
+: >"$OUTDIR/build.log"
+GEN=()
+command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
+if run configure 120 "$OUTDIR/build.log" cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" \
+    -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DKDL_PTXAS_VERBOSE=ON; then
+    run build 360 "$OUTDIR/build.log" cmake --build "$BUILD" -j "$JOBS"
+fi
+BUILD_RC=${codes[${#codes[@]} - 1]}
+
+if [ "$BUILD_RC" = 0 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUTDIR/ctest.log" 2>&1 || true
+    run ctest 240 "$OUTDIR/ctest.log" ctest --test-dir "$BUILD" --output-on-failure --timeout 200
+
+    SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    TEST="$BUILD/tests/test_gpu_loss"
+    # Criterion forks one process per test: follow every process.
+    SARGS=(--target-processes all --error-exitcode 99 --print-limit 20)
+    CARGS=(--jobs 1 "--filter=$FILTER" --verbose)
+    : >"$OUTDIR/memcheck.log"
+    run memcheck 100 "$OUTDIR/memcheck.log" "$SAN" --tool memcheck --leak-check no "${SARGS[@]}" "$TEST" "${CARGS[@]}"
+    : >"$OUTDIR/racecheck.log"
+    run racecheck 120 "$OUTDIR/racecheck.log" "$SAN" --tool racecheck --racecheck-report all "${SARGS[@]}" "$TEST" "${CARGS[@]}"
+    : >"$OUTDIR/initcheck.log"
+    run initcheck 80 "$OUTDIR/initcheck.log" "$SAN" --tool initcheck "${SARGS[@]}" "$TEST" "${CARGS[@]}"
+    : >"$OUTDIR/synccheck.log"
+    run synccheck 60 "$OUTDIR/synccheck.log" "$SAN" --tool synccheck "${SARGS[@]}" "$TEST" "${CARGS[@]}"
+fi
+
+{
+    printf '%-10s %-5s %-6s %s\n' step rc secs note
+    for i in "${!names[@]}"; do
+        printf '%-10s %-5s %-6s %s\n' "${names[$i]}" "${codes[$i]}" "${secs[$i]}" "${notes[$i]}"
+    done
+    echo "logs: $OUTDIR"
+} | tee "$OUTDIR/summary.txt"
+
+for c in "${codes[@]}"; do
+    [ "$c" = 0 ] || exit 1
+done
+exit 0
