@@ -472,7 +472,6 @@ int time_case(bench *b, const kdlb_case_t *c, kdlb_row_t *row)
 }
 
 /* ------------------------------------------------------------ Sinkhorn */
-#if KDLB_HAVE_SINKHORN
 /* C = x^2 elementwise: non-negative costs from the normal fill. */
 __global__ void square_inplace(float *x, long long n)
 {
@@ -613,20 +612,6 @@ int time_sinkhorn(bench *b, kdlb_row_t *row)
     row->status = "ok";
     return 0;
 }
-#else
-/* TODO(sinkhorn): kdl_sinkhorn was not in the library's sources when this
- * was configured (bench/CMakeLists.txt looks for its definition), so the
- * timed path above is not compiled and the row says not_implemented.  This
- * fallback goes once kdl_sinkhorn has landed everywhere. */
-int time_sinkhorn(bench *b, kdlb_row_t *row)
-{
-    (void)b;
-    row->bytes = kdlb_sinkhorn_iter_bytes(row->batch, row->n, row->m);
-    row->status = "not_implemented";
-    row->note = "kdl_sinkhorn not in the library at build time (see bench/CMakeLists.txt)";
-    return 0;
-}
-#endif
 
 void fill_row_keys(kdlb_row_t *row, const kdlb_case_t *c)
 {
