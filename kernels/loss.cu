@@ -25,6 +25,9 @@
  * a cluster).  Chosen from the row's bytes, the handle's
  * smem_per_block_optin, cluster_launch and cc_major, and the row count.
  */
+#include <float.h>
+#include <math.h>
+
 #include "gpu_internal.h"
 #include "launch.h"
 #include "loss_row.cuh"
@@ -79,7 +82,7 @@ __global__ void __launch_bounds__(kBlock) loss_finalize_kernel(const FinalParams
             for (int64_t i = threadIdx.x; i < F.rows; i += kBlock) acc += (double)F.row_loss[i];
             const double total = BR(tmp).Sum(acc);
             if (threadIdx.x == 0) {
-                double l = F.scale * total;
+                double l = scaled_loss(F.scale, total);
                 if (F.reduction == KDL_REDUCTION_MEAN) l = valid ? l / (double)valid : 0.0;
                 store_out(F.loss, F.out_dt, 0, l);
             }
@@ -287,8 +290,10 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     P.div = (int)d->divergence;
     P.rule = (int)d->head_rule;
     P.reduction = (int)d->reduction;
-    P.inv_tau = (float)(1.0 / d->temperature);
-    P.k2 = (float)(1.4426950408889634 / d->temperature);
+    /* clamped: a tau below ~3e-39 acts as that tau (float range); the
+     * differences (v - max) they multiply are 0 at the max, so never 0 * inf */
+    P.inv_tau = (float)fmin(1.0 / d->temperature, (double)FLT_MAX);
+    P.k2 = (float)fmin(1.4426950408889634 / d->temperature, (double)FLT_MAX);
     P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
     {
         /* the float element parameters, exactly as kdl_elem_params_make_f builds them */

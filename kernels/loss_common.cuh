@@ -104,6 +104,27 @@ __device__ __forceinline__ void chunk_load_global(Chunk<T> &c, const typename T:
     }
 }
 
+/* Half `part` (elements 4*part .. 4*part+3) of a chunk, for consumers that
+ * work half a chunk at a time: f32 loads only its 16-byte word u[part];
+ * 16-bit chunks are one word, loaded whole for part 0 (part 1 loads nothing). */
+template <class T>
+__device__ __forceinline__ void chunk_load_global_part(Chunk<T> &c, const typename T::R *p, int m, bool vec, int part)
+{
+    if constexpr (Chunk<T>::kVec == 1) {
+        if (part == 0) chunk_load_global<T, false>(c, p, m, vec);
+    } else {
+        if (vec && m == kChunk) {
+            c.u[part] = __ldg(reinterpret_cast<const uint4 *>(p) + part);
+            return;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int e = 4 * part + k;
+            u4_set(c.u[part], k, e < m ? (uint32_t)__ldg(p + e) : 0u);
+        }
+    }
+}
+
 /* ---------------------------------------------------------- gradient store */
 /* Stores the m (<= 8) values of v at element offset 0 of p (a row slice of
  * dtype dt: 0 f32, 1 f16, 2 bf16), 16-byte vector stores when vec and the
@@ -182,10 +203,13 @@ __device__ __forceinline__ void store_quad(void *p, int dt, int h, int m, bool v
 }
 
 /* ---------------------------------------------------------- online LSE, log2 */
-/* (m, s): running max and sum of 2^(x - m) of prescaled logits x = v log2(e)/tau.
+/* (m, s): running max m of the raw logits and s = sum of 2^((v - m) k2),
+ * k2 = log2(e)/tau: the max is subtracted before the scaling, so a tiny tau
+ * gives the limit (probability 0 below the max) instead of inf - inf.
  * m = -inf, s = 0 is the empty state; +inf or NaN poison s (the row is
- * invalid anyway and flagged separately). */
-__device__ __forceinline__ void lse2_merge(float &m, float &s, float m2, float s2)
+ * invalid anyway and flagged separately).  k2 is finite (clamped on the
+ * host), so a zero difference scales to 0. */
+__device__ __forceinline__ void lse2_merge(float &m, float &s, float m2, float s2, float k2)
 {
     float mm = fmaxf(m, m2);
     if (mm == -INFINITY) {
@@ -193,8 +217,8 @@ __device__ __forceinline__ void lse2_merge(float &m, float &s, float m2, float s
         s = 0.f;
         return;
     }
-    float a = m == -INFINITY ? 0.f : s * exp2f(m - mm);
-    float b = m2 == -INFINITY ? 0.f : s2 * exp2f(m2 - mm);
+    float a = m == -INFINITY ? 0.f : s * exp2f((m - mm) * k2);
+    float b = m2 == -INFINITY ? 0.f : s2 * exp2f((m2 - mm) * k2);
     m = mm;
     s = a + b;
 }
@@ -202,21 +226,32 @@ __device__ __forceinline__ void lse2_merge(float &m, float &s, float m2, float s
 /* Folds a chunk of logits v (absent ones -inf) into (m, s); bad |= NaN or +inf. */
 __device__ __forceinline__ void lse2_chunk(float &m, float &s, int &bad, const float v[kChunk], float k2)
 {
-    float x[kChunk];
     float cm = -INFINITY;
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
         bad |= !(v[k] < INFINITY);
-        x[k] = v[k] * k2;
-        cm = fmaxf(cm, x[k]);
+        cm = fmaxf(cm, v[k]);
     }
     if (cm == -INFINITY) return;
     float mm = fmaxf(m, cm);
     float acc = 0.f;
 #pragma unroll
-    for (int k = 0; k < kChunk; ++k) acc += exp2f(x[k] - mm);
-    s = (m == -INFINITY ? 0.f : s * exp2f(m - mm)) + acc;
+    for (int k = 0; k < kChunk; ++k) acc += exp2f((v[k] - mm) * k2);
+    s = (m == -INFINITY ? 0.f : s * exp2f((m - mm) * k2)) + acc;
     m = mm;
+}
+
+/* log q (or log p) of a logit: (v - max)/tau - LSE((x - max)/tau). */
+__device__ __forceinline__ float log_prob(float v, float vmax, float inv_tau, float lse)
+{
+    return fmaf(v - vmax, inv_tau, -lse);
+}
+
+/* Loss output scaling (host/internal.h kdl_scaled_loss): scale 0 switches
+ * the term off, even an infinite one; NaN (an invalid row) stays NaN. */
+__device__ __forceinline__ double scaled_loss(double scale, double x)
+{
+    return (scale == 0.0 && !isnan(x)) ? 0.0 : scale * x;
 }
 
 /* ---------------------------------------------------------------- clusters */

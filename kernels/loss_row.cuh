@@ -8,10 +8,13 @@
  * Every pass gives thread tid the chunks tid, tid + 512, ... of the slice.
  *
  *   pass 1  read the slice (16-byte vectors when aligned), stage it in
- *           dynamic shared memory (staged paths), online max / sum of 2^x
- *           of the log2(e)/tau-prescaled student and teacher logits, NaN /
- *           +inf check; CUB block reduce, then a cluster allreduce through
- *           distributed shared memory, combined in rank order.
+ *           dynamic shared memory (staged paths), online max m of the raw
+ *           logits and sum of 2^((v - m) log2(e)/tau) (exp2 of prescaled
+ *           differences) for student and teacher, NaN / +inf check; CUB
+ *           block reduce, then a cluster allreduce through distributed
+ *           shared memory, combined in rank order.  Later passes use
+ *           log q = (s - m)/tau - LSE, the reference's form (tau -> 0 is the
+ *           arg-max limit, never inf - inf).
  *   pass 2  (AKL, or head statistics wanted) radix select of the head
  *           boundary over teacher-logit keys, 8 bits a round, count and
  *           fixed-point mass histograms in shared memory (integer atomics),
@@ -19,8 +22,9 @@
  *   pass 3  element terms (kdloss/detail/elem.h, float): loss, G = sum of
  *           qg, KL(p||q), KL(q||p), head/tail gaps |p - q| (boundary ties
  *           ordered by index through a CUB block scan).
- *   pass 4  dz = qg - q G (kdl_elem_dz_f) times scale/tau (/counted rows,
- *           MEAN), stored in the gradient dtype.
+ *   pass 4  dz = qg - q G (kdl_elem_dz_f); stored (g dz)/tau, g = scale
+ *           (/counted rows, MEAN), exact zeros kept (as kdl_scaled_grad),
+ *           in the gradient dtype.
  * Rank 0 writes the row's loss (per-token, or into the workspace for the
  * reduction) and statistics; an invalid row bumps an integer counter.  No
  * float atomics: results are bitwise identical run to run.
@@ -40,7 +44,7 @@
 namespace kdl {
 
 constexpr int kBlock = 512;   /* threads per CTA                       */
-constexpr int kMinBlocks = 2; /* launch bound: <= 64 registers/thread  */
+constexpr int kMinBlocks = 1; /* launch bound: <= 128 registers/thread */
 
 /* Everything the row kernel reads, by value. */
 struct LossParams {
@@ -59,7 +63,7 @@ struct LossParams {
     float *row_loss;          /* workspace: per-row loss (0: not in the reduction) */
     unsigned long long *hdr;  /* workspace: [0] rows counted, [1] invalid rows     */
     int div, rule, reduction;
-    float inv_tau, k2, coef; /* 1/tau, log2(e)/tau, JSD beta or SKL/SRKL alpha */
+    float inv_tau, k2, coef; /* 1/tau, log2(e)/tau (both clamped to FLT_MAX), JSD beta or SKL/SRKL alpha */
     float log_c, log_1mc;    /* log(coef) (-inf at 0), log(1 - coef): as kdl_elem_params_make_f */
     double scale, tau;
     unsigned long long K, mu_fx;
@@ -75,15 +79,16 @@ struct LossParams {
 };
 
 struct Stats1 {
-    float ms, ss, mt, st; /* log2-domain (max, sum) of student and teacher */
+    float ms, ss, mt, st; /* (max logit, sum of 2^((v - max) log2(e)/tau)) of student and teacher */
     int bad;              /* NaN or +inf seen                             */
 };
 struct Stats1Op {
+    float k2;
     __device__ __forceinline__ Stats1 operator()(const Stats1 &a, const Stats1 &b) const
     {
         Stats1 r = a;
-        lse2_merge(r.ms, r.ss, b.ms, b.ss);
-        lse2_merge(r.mt, r.st, b.mt, b.st);
+        lse2_merge(r.ms, r.ss, b.ms, b.ss, k2);
+        lse2_merge(r.mt, r.st, b.mt, b.st, k2);
         r.bad = a.bad | b.bad;
         return r;
     }
@@ -173,6 +178,23 @@ template <class ST, class TT> struct RowView {
             chunk_load_global<TT, false>(ch, gt + (int64_t)c * kChunk, width(c), vt);
         }
     }
+    /* Half `part` of chunk c (see chunk_load_global_part): fewer live registers. */
+    __device__ __forceinline__ void load_s_part(int c, int part, Chunk<ST> &ch) const
+    {
+        if (Chunk<ST>::kVec == 1 && part == 1) return;
+        if (staged)
+            ch.u[part] = ss[c * Chunk<ST>::kVec + part];
+        else
+            chunk_load_global_part<ST>(ch, gs + (int64_t)c * kChunk, width(c), vs, part);
+    }
+    __device__ __forceinline__ void load_t_part(int c, int part, Chunk<TT> &ch) const
+    {
+        if (Chunk<TT>::kVec == 1 && part == 1) return;
+        if (staged)
+            ch.u[part] = st[c * Chunk<TT>::kVec + part];
+        else
+            chunk_load_global_part<TT>(ch, gt + (int64_t)c * kChunk, width(c), vt, part);
+    }
 };
 
 /* Element k of a raw chunk as float, -inf (absent) for k >= m.  Converted
@@ -234,7 +256,7 @@ __device__ __forceinline__ void pick_bin_warp(SharedState &sh, int rule, unsigne
 /* Pass 2: the head boundary of the row (result in sh.sel, sh.tie_base). */
 template <class ST, class TT>
 __device__ __forceinline__ void head_select(const RowView<ST, TT> &row, const LossParams &P,
-                                            SharedState &sh, float lse2_t, int C, int rank)
+                                            SharedState &sh, float max_t, float lse2_t, int C, int rank)
 {
     const int tid = threadIdx.x;
     uint32_t prefix = 0;
@@ -258,7 +280,7 @@ __device__ __forceinline__ void head_select(const RowView<ST, TT> &row, const Lo
                     if (kdl_rs_candidate(key, prefix, r)) {
                         const int d = kdl_rs_digit(key, r);
                         atomicAdd(&sh.hcnt[b][d], 1u);
-                        atomicAdd(&sh.hmass[b][d], mass_fx(exp2f(fmaf(v, P.k2, -lse2_t))));
+                        atomicAdd(&sh.hmass[b][d], mass_fx(exp2f(fmaf(v - max_t, P.k2, -lse2_t))));
                     }
                 }
             }
@@ -325,7 +347,7 @@ __device__ inline void write_row(const LossParams &P, int64_t row, int state, fl
         atomicAdd(P.hdr + 1, 1ull);
     }
     if (P.reduction == KDL_REDUCTION_NONE)
-        store_out(P.loss, P.out_dt, row, P.scale * l);
+        store_out(P.loss, P.out_dt, row, scaled_loss(P.scale, l));
     else
         P.row_loss[row] = state == 0 ? loss : 0.f;
     store_out(P.st_fkl, P.out_dt, row, fkl);
@@ -427,21 +449,23 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
 
     /* ---- pass 1: stage, online max / sum of 2^x, validity ---- */
     const Stats1 my = rv.staged ? pass1<ST, TT, true>(rv, P.k2) : pass1<ST, TT, false>(rv, P.k2);
-    const Stats1 blk1 = BlockReduce1(sh.cub.r1).Reduce(my, Stats1Op());
-    const Stats1 all1 = row_allreduce(blk1, &sh.x1, &sh.b1, Stats1Op(), C);
+    const Stats1Op op1 = {P.k2};
+    const Stats1 blk1 = BlockReduce1(sh.cub.r1).Reduce(my, op1);
+    const Stats1 all1 = row_allreduce(blk1, &sh.x1, &sh.b1, op1, C);
     const bool invalid = all1.bad || all1.ms == -INFINITY || all1.mt == -INFINITY;
 
     if (invalid) {
         if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
         if (rank == 0 && tid == 0) write_row(P, row, 2, 0.f, zero_t, 0.f, 0.f, 0);
     } else {
-        const float lse2_s = all1.ms + log2f(all1.ss);
-        const float lse2_t = all1.mt + log2f(all1.st);
-        const float lse_s = lse2_s * 0.693147180559945309f; /* natural-log LSE of s/tau */
+        /* log q = (s - max s)/tau - lse_s, lse_s = LSE((s - max s)/tau); same for p */
+        const float max_s = all1.ms, max_t = all1.mt;
+        const float lse2_t = log2f(all1.st);
+        const float lse_s = log2f(all1.ss) * 0.693147180559945309f;
         const float lse_t = lse2_t * 0.693147180559945309f;
 
         /* ---- pass 2: head boundary ---- */
-        if (P.need_head) head_select(rv, P, sh, lse2_t, C, rank);
+        if (P.need_head) head_select(rv, P, sh, max_t, lse2_t, C, rank);
         /* compact copy: boundary key, mode, ties in the head (< 2^30), ordinal base */
         uint32_t b_key = 0, b_in = 0, tie_run = 0;
         int b_mode = KDL_RS_AT_OR_ABOVE;
@@ -462,61 +486,63 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
         const int iters = (rv.nch + kBlock - 1) / kBlock;
         for (int it = 0; it < iters; ++it) {
             const int c = it * kBlock + tid;
-            Chunk<ST> cs;
-            Chunk<TT> ct;
-            int m = 0; /* 0: a thread past the slice (it still joins the scan) */
-            if (c < rv.nch) {
-                m = rv.width(c);
-                rv.load_s(c, cs);
-                rv.load_t(c, ct);
-            } else {
-#pragma unroll
-                for (int i = 0; i < Chunk<ST>::kVec; ++i) cs.u[i] = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                for (int i = 0; i < Chunk<TT>::kVec; ++i) ct.u[i] = make_uint4(0u, 0u, 0u, 0u);
-            }
+            const bool has = c < rv.nch; /* a thread past the slice still joins the scan */
+            const int m = has ? rv.width(c) : 0;
             uint32_t ord = 0; /* index rank of the next boundary tie among all ties */
             if (split) {      /* index order of the chunks: (iteration, thread) */
                 int ties = 0;
+                if (has) {
+                    Chunk<TT> ct;
+                    rv.load_t(c, ct);
 #pragma unroll
-                for (int k = 0; k < kChunk; ++k) ties += (k < m && kdl_rs_key(chunk_val(ct, k, m), P.key_mask) == b_key);
+                    for (int k = 0; k < kChunk; ++k)
+                        ties += (k < m && kdl_rs_key(chunk_val(ct, k, m), P.key_mask) == b_key);
+                }
                 int excl, total;
                 BlockScanI(sh.cub.scan).ExclusiveSum(ties, excl, total);
                 __syncthreads();
                 ord = tie_run + (uint32_t)excl;
                 tie_run += (uint32_t)total;
             }
+            if (!has) continue;
+            Chunk<ST> cs;
+            Chunk<TT> ct;
 #pragma unroll
-            for (int k = 0; k < kChunk; ++k) {
-                const float tv = chunk_val(ct, k, m);
-                const float lp = fmaf(tv, P.inv_tau, -lse_t);
-                const float lq = fmaf(chunk_val(cs, k, m), P.inv_tau, -lse_s);
-                if (P.need_kl) {
-                    const kdl_elem_f ef = kdl_elem_fkl_f(lp, lq);
-                    const kdl_elem_f er = kdl_elem_rkl_f(lp, lq);
-                    my3.fkl += ef.loss;
-                    my3.rkl += er.loss;
-                    my3.Gf += ef.qg;
-                    my3.Gr += er.qg;
-                }
-                if (P.div != KDL_ELEM_AKL) {
-                    const kdl_elem_f e = kdl_elem_eval_f(&pr0, lp, lq);
-                    my3.loss += e.loss;
-                    my3.G += e.qg;
-                }
-                if (P.need_head && k < m) {
-                    /* = kdl_rs_in_head() with 32-bit ordinals */
-                    const uint32_t key = kdl_rs_key(tv, P.key_mask);
-                    bool in = key > b_key;
-                    if (key == b_key) {
-                        in = b_mode == KDL_RS_AT_OR_ABOVE || (b_mode == KDL_RS_SPLIT && ord < b_in);
-                        ++ord;
+            for (int h = 0; h < 2; ++h) { /* half a chunk at a time: fewer live registers */
+                rv.load_s_part(c, h, cs);
+                rv.load_t_part(c, h, ct);
+#pragma unroll
+                for (int k = 4 * h; k < 4 * h + 4; ++k) {
+                    const float tv = chunk_val(ct, k, m);
+                    const float lp = log_prob(tv, max_t, P.inv_tau, lse_t);
+                    const float lq = log_prob(chunk_val(cs, k, m), max_s, P.inv_tau, lse_s);
+                    if (P.need_kl) {
+                        const kdl_elem_f ef = kdl_elem_fkl_f(lp, lq);
+                        const kdl_elem_f er = kdl_elem_rkl_f(lp, lq);
+                        my3.fkl += ef.loss;
+                        my3.rkl += er.loss;
+                        my3.Gf += ef.qg;
+                        my3.Gr += er.qg;
                     }
-                    const float gap = fabsf(expf(lp) - expf(lq));
-                    if (in)
-                        my3.gh += gap;
-                    else
-                        my3.gt += gap;
+                    if (P.div != KDL_ELEM_AKL) {
+                        const kdl_elem_f e = kdl_elem_eval_f(&pr0, lp, lq);
+                        my3.loss += e.loss;
+                        my3.G += e.qg;
+                    }
+                    if (P.need_head && k < m) {
+                        /* = kdl_rs_in_head() with 32-bit ordinals */
+                        const uint32_t key = kdl_rs_key(tv, P.key_mask);
+                        bool in = key > b_key;
+                        if (key == b_key) {
+                            in = b_mode == KDL_RS_AT_OR_ABOVE || (b_mode == KDL_RS_SPLIT && ord < b_in);
+                            ++ord;
+                        }
+                        const float gap = fabsf(expf(lp) - expf(lq));
+                        if (in)
+                            my3.gh += gap;
+                        else
+                            my3.gt += gap;
+                    }
                 }
             }
         }
@@ -540,7 +566,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
 
         /* ---- pass 4: gradient ---- */
         if (grow) {
-            double gs = P.scale / P.tau;
+            /* gradient = (gscale dz)/tau (host/internal.h kdl_scaled_grad): an
+             * exact zero stays zero whatever scale and tau are */
+            double gs = P.scale;
             if (P.reduction == KDL_REDUCTION_MEAN) {
                 const unsigned long long counted = P.hdr[0]; /* >= 1: this row counts */
                 gs /= (double)counted;
@@ -552,18 +580,19 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
                 Chunk<ST> cs;
                 Chunk<TT> ct;
                 const int m = rv.width(c);
-                rv.load_s(c, cs);
-                rv.load_t(c, ct);
                 void *gp = static_cast<char *>(grow) + (int64_t)c * kChunk * gsz2;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
+                    rv.load_s_part(c, h, cs);
+                    rv.load_t_part(c, h, ct);
                     float dz[4];
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
-                        const float lp = fmaf(chunk_val(ct, 4 * h + k, m), P.inv_tau, -lse_t);
-                        const float lq = fmaf(chunk_val(cs, 4 * h + k, m), P.inv_tau, -lse_s);
+                        const float lp = log_prob(chunk_val(ct, 4 * h + k, m), max_t, P.inv_tau, lse_t);
+                        const float lq = log_prob(chunk_val(cs, 4 * h + k, m), max_s, P.inv_tau, lse_s);
                         const kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
-                        dz[k] = kdl_elem_dz_f(e.qg, expf(lq), G) * gscale;
+                        const float z = kdl_elem_dz_f(e.qg, expf(lq), G);
+                        dz[k] = (gscale == 0.f || z == 0.f) ? 0.f : (gscale * z) * P.inv_tau;
                     }
                     store_quad(gp, P.grad_dt, h, m, P.vec_g, dz);
                 }

@@ -720,6 +720,55 @@ Test(gpu_loss, infinite_terms_are_honest)
     kdl_destroy(h);
 }
 
+/* The reference's limits (README): tau -> 0 is the arg-max indicator, not
+ * inf - inf; scale = 0 switches the term off, even an infinite one. */
+Test(gpu_loss, tiny_temperature_and_zero_scale)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = new_handle();
+    static const enum row_kind kinds[] = {ROW_RANDOM, ROW_IDENTICAL, ROW_NAN, ROW_IGNORED};
+    const kdl_divergence_t divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_AKL};
+    for (size_t k = 0; k < sizeof divs / sizeof divs[0]; k++) {
+        for (int red = 0; red < 3; red++) {
+            gcase_t c = case_default(4, 97, KDL_DTYPE_F32, KDL_DTYPE_F32);
+            c.d.divergence = divs[k];
+            c.d.reduction = (kdl_reduction_t)red;
+            c.d.temperature = 1e-30;
+            c.d.head_rule = KDL_HEAD_TOPK;
+            c.d.top_k = 5;
+            c.labels = 1;
+            c.kinds = kinds;
+            c.stats = 0;
+            check_case(h, &c, "tau 1e-30");
+        }
+    }
+    /* scale 0 with a row whose loss is +inf (student -inf where the teacher has mass) */
+    gcase_t c = case_default(2, 64, KDL_DTYPE_F32, KDL_DTYPE_F32);
+    inputs_t in;
+    make_inputs(&c, &in);
+    ((float *)in.s)[3] = -INFINITY;
+    for (int red = 0; red < 3; red++) {
+        c.d.divergence = KDL_DIV_FKL;
+        c.d.reduction = (kdl_reduction_t)red;
+        c.d.scale = 0.0;
+        c.stats = 0;
+        result_t ref, got;
+        run_ref(&c, &in, &ref);
+        run_gpu(h, &c, &in, &got);
+        compare(&c, &in, &got, &ref, "scale 0");
+        cr_expect(got.loss[0] == 0.0, "scale 0: loss %g", got.loss[0]);
+        for (int64_t j = 0; j < c.N * c.V; j++)
+            if (got.grad[j] != 0.0) {
+                cr_expect(0, "scale 0: gradient[%lld] = %g", (long long)j, got.grad[j]);
+                break;
+            }
+        result_free(&ref);
+        result_free(&got);
+    }
+    free_inputs(&c, &in);
+    kdl_destroy(h);
+}
+
 /* ============================================================ real sizes */
 
 static void real_size(kdl_dtype_t sdt, kdl_dtype_t tdt, int64_t V, kdl_divergence_t div)

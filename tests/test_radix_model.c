@@ -30,7 +30,7 @@ typedef struct model_row {
 static uint64_t mass_fx_host(float p) { return (uint64_t)nearbyint((double)p * KDL_RS_FX_SCALE); }
 
 /* Rounds x[] to the dtype and fills keys and masses (tau = 1: p in float
- * from exp2 of the log2(e)-prescaled logit minus the log2 LSE). */
+ * as the kernel computes it, exp2((v - max) log2(e) - LSE2)). */
 static void make_row(model_row_t *r, const double *x, int64_t n, int dtype)
 {
     r->n = n;
@@ -46,13 +46,14 @@ static void make_row(model_row_t *r, const double *x, int64_t n, int dtype)
         if (dtype == 1) v = kdl_half_to_float(kdl_float_to_half(v));
         if (dtype == 2) v = kdl_bf16_to_float(kdl_float_to_bf16(v));
         r->logit[j] = v;
-        if (v * k2 > mx) mx = v * k2;
+        if (v > mx) mx = v;
     }
+    const float vmax = (float)mx;
     double sum = 0;
-    for (int64_t j = 0; j < n; j++) sum += exp2((double)(r->logit[j] * k2) - mx);
-    const float lse2 = (float)(mx + log2(sum));
+    for (int64_t j = 0; j < n; j++) sum += exp2((double)((r->logit[j] - vmax) * k2));
+    const float lse2 = (float)log2(sum);
     for (int64_t j = 0; j < n; j++) {
-        float p = exp2f(fmaf(r->logit[j], k2, -lse2));
+        float p = exp2f(fmaf(r->logit[j] - vmax, k2, -lse2));
         r->key[j] = kdl_rs_key(r->logit[j], kdl_rs_key_mask(dtype));
         r->mass[j] = mass_fx_host(p);
     }
