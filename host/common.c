@@ -139,17 +139,52 @@ void kdl_loss_args_init(kdl_loss_args_t *a)
 }
 
 /* -------------------------------------------------------------- validation */
-static int dtype_ok(kdl_dtype_t t) { return (unsigned)t <= KDL_DTYPE_F64; }
+static int dtype_ok(kdl_dtype_t t) { return kdl_dtype_allowed(t, 1); }
 
-/* Bytes spanned by rows x vocab with row stride ld; 0 on overflow. */
-static int span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem)
+int kdl_span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem)
 {
     if (rows == 0) return 1;
+    if (elem == 0) return 0;
     /* (rows - 1) * ld + vocab elements must fit in int64 and in size_t bytes */
     if (ld > 0 && rows - 1 > (INT64_MAX - vocab) / ld) return 0;
     int64_t n = (rows - 1) * ld + vocab;
-    if ((uint64_t)n > (uint64_t)SIZE_MAX / elem) return 0;
-    return 1;
+    return (uint64_t)n <= (uint64_t)SIZE_MAX / elem;
+}
+
+kdl_status_t kdl_check_logit_layout(const kdl_logit_layout_t *l, int allow_f64)
+{
+    if (!dtype_ok(l->student_dtype) || !dtype_ok(l->teacher_dtype) || !dtype_ok(l->out_dtype) ||
+        (l->grad && !dtype_ok(l->grad_dtype)))
+        return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
+    if (l->out_dtype != KDL_DTYPE_F32 && l->out_dtype != KDL_DTYPE_F64)
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "out_dtype must be f32 or f64");
+    if (!allow_f64 && (l->student_dtype == KDL_DTYPE_F64 || l->teacher_dtype == KDL_DTYPE_F64 ||
+                       (l->grad && l->grad_dtype == KDL_DTYPE_F64)))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 logits are supported by the reference only");
+    if (l->grad && l->grad_dtype != l->student_dtype && l->grad_dtype != KDL_DTYPE_F32 &&
+        !(allow_f64 && l->grad_dtype == KDL_DTYPE_F64))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
+
+    if (l->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)l->rows);
+    if (l->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)l->vocab);
+    if (l->ld_student < l->vocab)
+        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_student = %lld < vocab = %lld",
+                        (long long)l->ld_student, (long long)l->vocab);
+    if (l->ld_teacher < l->vocab)
+        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_teacher = %lld < vocab = %lld",
+                        (long long)l->ld_teacher, (long long)l->vocab);
+    if (l->grad && l->ld_grad < l->vocab)
+        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_grad = %lld < vocab = %lld", (long long)l->ld_grad,
+                        (long long)l->vocab);
+    return KDL_STATUS_SUCCESS;
+}
+
+int kdl_logit_spans_ok(const kdl_logit_layout_t *l)
+{
+    return kdl_span_ok(l->rows, l->vocab, l->ld_student, kdl_dtype_size(l->student_dtype)) &&
+           kdl_span_ok(l->rows, l->vocab, l->ld_teacher, kdl_dtype_size(l->teacher_dtype)) &&
+           (!l->grad || kdl_span_ok(l->rows, l->vocab, l->ld_grad, kdl_dtype_size(l->grad_dtype))) &&
+           (uint64_t)l->rows <= (uint64_t)SIZE_MAX / 8;
 }
 
 kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, int allow_f64)
@@ -170,29 +205,11 @@ kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *
         return kdl_fail(KDL_STATUS_BAD_ENUM, "head_rule %d unknown", (int)d->head_rule);
     if ((unsigned)d->reduction >= KDL_REDUCTION_COUNT_)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "reduction %d unknown", (int)d->reduction);
-    if (!dtype_ok(a->student_dtype) || !dtype_ok(a->teacher_dtype) || !dtype_ok(a->out_dtype) ||
-        (a->grad && !dtype_ok(a->grad_dtype)))
-        return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
-    if (a->out_dtype != KDL_DTYPE_F32 && a->out_dtype != KDL_DTYPE_F64)
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "out_dtype must be f32 or f64");
-    if (!allow_f64 && (a->student_dtype == KDL_DTYPE_F64 || a->teacher_dtype == KDL_DTYPE_F64 ||
-                       (a->grad && a->grad_dtype == KDL_DTYPE_F64)))
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 logits are supported by the reference only");
-    if (a->grad && a->grad_dtype != a->student_dtype && a->grad_dtype != KDL_DTYPE_F32 &&
-        !(allow_f64 && a->grad_dtype == KDL_DTYPE_F64))
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
-
-    if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
-    if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
-    if (a->ld_student < a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_student = %lld < vocab = %lld",
-                        (long long)a->ld_student, (long long)a->vocab);
-    if (a->ld_teacher < a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_teacher = %lld < vocab = %lld",
-                        (long long)a->ld_teacher, (long long)a->vocab);
-    if (a->grad && a->ld_grad < a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_grad = %lld < vocab = %lld", (long long)a->ld_grad,
-                        (long long)a->vocab);
+    kdl_logit_layout_t layout = {a->rows,       a->vocab,      a->student_dtype, a->teacher_dtype,
+                                 a->out_dtype,  a->ld_student, a->ld_teacher,    a->grad,
+                                 a->grad_dtype, a->ld_grad};
+    kdl_status_t st = kdl_check_logit_layout(&layout, allow_f64);
+    if (st != KDL_STATUS_SUCCESS) return st;
 
     if (!(d->temperature > 0) || !isfinite(d->temperature))
         return kdl_fail(KDL_STATUS_BAD_TEMPERATURE, "temperature = %g", d->temperature);
@@ -209,10 +226,7 @@ kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *
     if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
         return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
 
-    if (!span_ok(a->rows, a->vocab, a->ld_student, kdl_dtype_size(a->student_dtype)) ||
-        !span_ok(a->rows, a->vocab, a->ld_teacher, kdl_dtype_size(a->teacher_dtype)) ||
-        (a->grad && !span_ok(a->rows, a->vocab, a->ld_grad, kdl_dtype_size(a->grad_dtype))) ||
-        (uint64_t)a->rows > (uint64_t)SIZE_MAX / 8)
+    if (!kdl_logit_spans_ok(&layout))
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "rows x stride overflows");
     return KDL_STATUS_SUCCESS;
 }

@@ -24,6 +24,32 @@ kdl_status_t kdl_fail(kdl_status_t status, const char *fmt, ...)
     ;
 void kdl_clear_error(void);
 
+/* Layout of a [rows, vocab] student/teacher logit pair with an optional
+ * gradient, shared by every entry point that reads such logits (the loss,
+ * SinKD): one check of dtypes, sizes, strides and byte spans. */
+typedef struct kdl_logit_layout {
+    int64_t rows, vocab;
+    kdl_dtype_t student_dtype, teacher_dtype, out_dtype;
+    int64_t ld_student, ld_teacher;
+    const void *grad; /* NULL: no gradient, grad_dtype and ld_grad unused */
+    kdl_dtype_t grad_dtype;
+    int64_t ld_grad;
+} kdl_logit_layout_t;
+
+/* Dtypes (BAD_ENUM / NOT_SUPPORTED: out f32 or f64, f64 logits only when
+ * allow_f64, gradient in the student's dtype or f32), sizes (BAD_SIZE),
+ * strides (BAD_STRIDE).  Sets the last-error detail. */
+kdl_status_t kdl_check_logit_layout(const kdl_logit_layout_t *l, int allow_f64);
+/* 1 when every [rows, ld] span fits in int64 elements and size_t bytes. */
+int kdl_logit_spans_ok(const kdl_logit_layout_t *l);
+/* 1 when (rows - 1) * ld + vocab elements of elem bytes fit in size_t. */
+int kdl_span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem);
+/* 1 for a known dtype, F64 only when allow_f64. */
+static inline int kdl_dtype_allowed(kdl_dtype_t t, int allow_f64)
+{
+    return (unsigned)t <= KDL_DTYPE_F64 && (allow_f64 || t != KDL_DTYPE_F64);
+}
+
 /* IEEE binary16 -> float, exact (subnormals, inf, NaN included). */
 static inline float kdl_half_to_float(uint16_t h)
 {

@@ -210,14 +210,6 @@ kdl_status_t kdl_sinkhorn_validate(const kdl_sinkhorn_desc_t *d, const kdl_sinkh
 }
 
 /* ---------------------------------------------------------- SinKD checks */
-static int span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem)
-{
-    if (rows == 0) return 1;
-    if (ld > 0 && rows - 1 > (INT64_MAX - vocab) / ld) return 0;
-    int64_t n = (rows - 1) * ld + vocab;
-    return (uint64_t)n <= (uint64_t)SIZE_MAX / elem;
-}
-
 kdl_status_t kdl_sinkd_validate(const kdl_sinkd_desc_t *d, const kdl_sinkd_args_t *a, int allow_f64)
 {
     kdl_clear_error();
@@ -232,33 +224,15 @@ kdl_status_t kdl_sinkd_validate(const kdl_sinkd_desc_t *d, const kdl_sinkd_args_
 
     if ((unsigned)d->metric >= KDL_OT_METRIC_COUNT_)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "metric %d unknown", (int)d->metric);
-    if ((unsigned)a->student_dtype > KDL_DTYPE_F64 || (unsigned)a->teacher_dtype > KDL_DTYPE_F64 ||
-        (unsigned)a->out_dtype > KDL_DTYPE_F64 || (a->grad && (unsigned)a->grad_dtype > KDL_DTYPE_F64))
-        return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
-    if (a->out_dtype != KDL_DTYPE_F32 && a->out_dtype != KDL_DTYPE_F64)
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "out_dtype must be f32 or f64");
-    if (!allow_f64 && (a->student_dtype == KDL_DTYPE_F64 || a->teacher_dtype == KDL_DTYPE_F64 ||
-                       (a->grad && a->grad_dtype == KDL_DTYPE_F64)))
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 logits are supported by the reference only");
-    if (a->grad && a->grad_dtype != a->student_dtype && a->grad_dtype != KDL_DTYPE_F32 &&
-        !(allow_f64 && a->grad_dtype == KDL_DTYPE_F64))
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
-
-    if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
-    if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
-    if (a->ld_student < a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_student = %lld < vocab = %lld",
-                        (long long)a->ld_student, (long long)a->vocab);
-    if (a->ld_teacher < a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_teacher = %lld < vocab = %lld",
-                        (long long)a->ld_teacher, (long long)a->vocab);
-    if (a->grad && a->ld_grad < a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_grad = %lld < vocab = %lld", (long long)a->ld_grad,
-                        (long long)a->vocab);
+    kdl_logit_layout_t layout = {a->rows,       a->vocab,      a->student_dtype, a->teacher_dtype,
+                                 a->out_dtype,  a->ld_student, a->ld_teacher,    a->grad,
+                                 a->grad_dtype, a->ld_grad};
+    kdl_status_t st = kdl_check_logit_layout(&layout, allow_f64);
+    if (st != KDL_STATUS_SUCCESS) return st;
 
     if (!(d->temperature > 0) || !isfinite(d->temperature))
         return kdl_fail(KDL_STATUS_BAD_TEMPERATURE, "temperature = %g", d->temperature);
-    kdl_status_t st = check_solver(d->epsilon, d->max_iter, d->tol, d->check_every);
+    st = check_solver(d->epsilon, d->max_iter, d->tol, d->check_every);
     if (st != KDL_STATUS_SUCCESS) return st;
     if (!isfinite(d->scale)) return kdl_fail(KDL_STATUS_BAD_SCALE, "scale = %g", d->scale);
     if (d->group_size < 0)
@@ -274,9 +248,7 @@ kdl_status_t kdl_sinkd_validate(const kdl_sinkd_desc_t *d, const kdl_sinkd_args_
     if (!a->loss) return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
 
     int64_t n = kdl_sinkd_group(d, a);
-    if (!span_ok(a->rows, a->vocab, a->ld_student, kdl_dtype_size(a->student_dtype)) ||
-        !span_ok(a->rows, a->vocab, a->ld_teacher, kdl_dtype_size(a->teacher_dtype)) ||
-        (a->grad && !span_ok(a->rows, a->vocab, a->ld_grad, kdl_dtype_size(a->grad_dtype))) ||
+    if (!kdl_logit_spans_ok(&layout) ||
         (n > 0 && (uint64_t)a->rows > (uint64_t)SIZE_MAX / 8 / (uint64_t)n) ||
         (a->rows > 0 && (uint64_t)a->vocab > (uint64_t)SIZE_MAX / 8 / (uint64_t)a->rows))
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "rows x stride overflows");

@@ -53,11 +53,6 @@ int kdl_sparse_supports(kdl_sparse_mode_t mode, kdl_divergence_t div)
     return 0;
 }
 
-static int dtype_ok(kdl_dtype_t t, int allow_f64)
-{
-    return (unsigned)t <= KDL_DTYPE_F64 && (allow_f64 || t != KDL_DTYPE_F64);
-}
-
 kdl_status_t kdl_sparse_validate(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, int allow_f64)
 {
     kdl_clear_error();
@@ -74,8 +69,8 @@ kdl_status_t kdl_sparse_validate(const kdl_loss_desc_t *d, const kdl_sparse_args
     if ((unsigned)a->student_dtype > KDL_DTYPE_F64 || (unsigned)a->teacher_dtype > KDL_DTYPE_F64 ||
         (a->grad && (unsigned)a->grad_dtype > KDL_DTYPE_F64))
         return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
-    if (!dtype_ok(a->student_dtype, allow_f64) || !dtype_ok(a->teacher_dtype, allow_f64) ||
-        (a->grad && !dtype_ok(a->grad_dtype, allow_f64)))
+    if (!kdl_dtype_allowed(a->student_dtype, allow_f64) || !kdl_dtype_allowed(a->teacher_dtype, allow_f64) ||
+        (a->grad && !kdl_dtype_allowed(a->grad_dtype, allow_f64)))
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 data is supported by the reference only");
     if (a->grad && a->grad_dtype != a->student_dtype && a->grad_dtype != KDL_DTYPE_F32 &&
         a->grad_dtype != KDL_DTYPE_F64)
