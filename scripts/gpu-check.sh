@@ -43,7 +43,7 @@ run() {
     local note=""
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note="timed out after ${limit}s"; fi
     case $name in
-    memcheck | racecheck | initcheck | synccheck)
+    memcheck* | racecheck | initcheck | synccheck)
         local s
         s=$(grep -h "ERROR SUMMARY" "$log" | tail -n 1)
         [ -n "$s" ] && note="${note:+$note; }${s#========= }"
@@ -85,6 +85,13 @@ if [ "$BUILD_RC" = 0 ]; then
     CARGS=(--jobs 1 "--filter=$FILTER" --verbose)
     : >"$OUTDIR/memcheck.log"
     run memcheck 100 "$OUTDIR/memcheck.log" "$SAN" --tool memcheck --leak-check no "${SARGS[@]}" "$TEST" "${CARGS[@]}"
+    # memcheck also covers the Sinkhorn and extension kernels (whole suites,
+    # bounded), appended to the same log.
+    for extra in test_gpu_sinkhorn test_gpu_ext; do
+        [ -x "$BUILD/tests/$extra" ] &&
+            run "memcheck:${extra#test_gpu_}" 90 "$OUTDIR/memcheck.log" "$SAN" --tool memcheck --leak-check no \
+                "${SARGS[@]}" "$BUILD/tests/$extra" --jobs 1 --verbose
+    done
     : >"$OUTDIR/racecheck.log"
     run racecheck 120 "$OUTDIR/racecheck.log" "$SAN" --tool racecheck --racecheck-report all "${SARGS[@]}" "$TEST" "${CARGS[@]}"
     : >"$OUTDIR/initcheck.log"
@@ -94,9 +101,9 @@ if [ "$BUILD_RC" = 0 ]; then
 fi
 
 {
-    printf '%-10s %-5s %-6s %s\n' step rc secs note
+    printf '%-18s %-5s %-6s %s\n' step rc secs note
     for i in "${!names[@]}"; do
-        printf '%-10s %-5s %-6s %s\n' "${names[$i]}" "${codes[$i]}" "${secs[$i]}" "${notes[$i]}"
+        printf '%-18s %-5s %-6s %s\n' "${names[$i]}" "${codes[$i]}" "${secs[$i]}" "${notes[$i]}"
     done
     echo "logs: $OUTDIR"
 } | tee "$OUTDIR/summary.txt"
