@@ -10,6 +10,14 @@ cd "$(dirname "$0")/.."
 KDL_WITH_TORCH=${KDL_WITH_TORCH:-1} bash scripts/setup.sh
 bash scripts/build.sh
 ctest --test-dir build --output-on-failure -j "$(nproc)"
+# ctest shows only pass/fail per suite: list the skipped tests (GPU tests on
+# a machine without a device) so that a skip is never silent.
+log=build/Testing/Temporary/LastTest.log
+nskip=$(grep -c '^\[SKIP\]' "$log" || true)
+if [ "$nskip" -gt 0 ]; then
+  echo "== $nskip tests skipped =="
+  grep '^\[SKIP\]' "$log" | sed 's/^/  /'
+fi
 if [ "${KDL_TEST_FAST:-0}" != 1 ]; then
   echo "== again with ASan + UBSan (CPU build) =="
   BUILD_DIR=build-asan bash scripts/build.sh -DKDL_SANITIZE=ON -DKDL_ENABLE_CUDA=OFF
