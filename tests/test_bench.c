@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "../bench/bench_lib.c"
+#include "kdl_cli_run.h"
 #include "kdl_test.h"
 
 /* The no-device path can only be seen where there is no device. */
@@ -25,97 +26,14 @@
     } while (0)
 
 /* ------------------------------------------------------- a JSON checker */
-/* Minimal RFC 8259 recursive-descent validator: 1 when s is one JSON value
- * (surrounded by whitespace only). */
-static const char *js_ws(const char *p)
-{
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
-    return p;
-}
-static const char *js_value(const char *p, int depth);
-static const char *js_string(const char *p)
-{
-    if (*p != '"') return NULL;
-    for (p++; *p && *p != '"'; p++) {
-        if ((unsigned char)*p < 0x20) return NULL;
-        if (*p == '\\') {
-            p++;
-            if (*p == 'u') {
-                for (int k = 1; k <= 4; k++)
-                    if (!isxdigit((unsigned char)p[k])) return NULL;
-                p += 4;
-            } else if (!strchr("\"\\/bfnrt", *p) || !*p) {
-                return NULL;
-            }
-        }
-    }
-    return *p == '"' ? p + 1 : NULL;
-}
-static const char *js_number(const char *p)
-{
-    const char *s = p;
-    if (*p == '-') p++;
-    if (*p == '0') p++;
-    else if (*p >= '1' && *p <= '9') while (isdigit((unsigned char)*p)) p++;
-    else return NULL;
-    if (*p == '.') {
-        p++;
-        if (!isdigit((unsigned char)*p)) return NULL;
-        while (isdigit((unsigned char)*p)) p++;
-    }
-    if (*p == 'e' || *p == 'E') {
-        p++;
-        if (*p == '+' || *p == '-') p++;
-        if (!isdigit((unsigned char)*p)) return NULL;
-        while (isdigit((unsigned char)*p)) p++;
-    }
-    return p > s ? p : NULL;
-}
-static const char *js_value(const char *p, int depth)
-{
-    if (depth > 32) return NULL;
-    p = js_ws(p);
-    if (*p == '{' || *p == '[') {
-        char close = *p == '{' ? '}' : ']';
-        int obj = *p == '{';
-        p = js_ws(p + 1);
-        if (*p == close) return p + 1;
-        for (;;) {
-            if (obj) {
-                p = js_string(js_ws(p));
-                if (!p) return NULL;
-                p = js_ws(p);
-                if (*p != ':') return NULL;
-                p++;
-            }
-            p = js_value(p, depth + 1);
-            if (!p) return NULL;
-            p = js_ws(p);
-            if (*p == ',') {
-                p++;
-                continue;
-            }
-            return *p == close ? p + 1 : NULL;
-        }
-    }
-    if (*p == '"') return js_string(p);
-    if (!strncmp(p, "true", 4)) return p + 4;
-    if (!strncmp(p, "false", 5)) return p + 5;
-    if (!strncmp(p, "null", 4)) return p + 4;
-    return js_number(p);
-}
-static int json_ok(const char *s)
-{
-    const char *p = js_value(s, 0);
-    return p && *js_ws(p) == '\0';
-}
+/* kdl_json_valid (kdl_cli_run.h): 1 when s is one RFC 8259 JSON value. */
 
 Test(bench_json_checker, accepts_and_rejects)
 {
-    cr_expect(json_ok("{\"a\": [1, -2.5e-3, true, null, \"x\\n\"]}"));
-    cr_expect(!json_ok("{\"a\": nan}"));
-    cr_expect(!json_ok("{\"a\": 1,}"));
-    cr_expect(!json_ok("[01]"));
+    cr_expect(kdl_json_valid("{\"a\": [1, -2.5e-3, true, null, \"x\\n\"]}"));
+    cr_expect(!kdl_json_valid("{\"a\": nan}"));
+    cr_expect(!kdl_json_valid("{\"a\": 1,}"));
+    cr_expect(!kdl_json_valid("[01]"));
 }
 
 /* ------------------------------------------------------------ byte model */
@@ -247,7 +165,7 @@ Test(bench_json, loss_row_exact_string)
         "\"check_rel_err\": 0.00123, \"note\": null}";
     cr_expect_str_eq(buf, want);
     cr_expect_eq(n, (int)strlen(want));
-    cr_expect(json_ok(buf));
+    cr_expect(kdl_json_valid(buf));
 }
 
 Test(bench_json, sinkhorn_row_nulls_and_escapes)
@@ -272,7 +190,7 @@ Test(bench_json, sinkhorn_row_nulls_and_escapes)
         "\"gb_per_s\": null, \"fraction_of_copy_bandwidth\": null, \"peak_extra_bytes\": null, "
         "\"check_rel_err\": null, \"note\": \"kdl_sinkhorn \\\"TODO\\\"\\n\\u0001\"}";
     cr_expect_str_eq(buf, want);
-    cr_expect(json_ok(buf));
+    cr_expect(kdl_json_valid(buf));
 }
 
 Test(bench_json, truncation_reports_the_needed_length)
@@ -329,7 +247,7 @@ Test(bench_json, whole_document_parses)
     char *s = calloc((size_t)len + 1, 1);
     cr_assert_eq(fread(s, 1, (size_t)len, f), (size_t)len);
     fclose(f);
-    cr_expect(json_ok(s), "%s", s);
+    cr_expect(kdl_json_valid(s), "%s", s);
     cr_expect(strstr(s, "\"schema\": \"kdloss-bench/1\"") != NULL);
     cr_expect(strstr(s, "\"copy_gb_per_s\": 2990.5") != NULL);
     cr_expect(strstr(s, "\"name\": \"NVIDIA H100 80GB HBM3\"") != NULL);

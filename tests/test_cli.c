@@ -13,215 +13,27 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
-#include <ctype.h>
 #include <dirent.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
+#include "kdl_cli_run.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss.h"
 #include "kdloss/kdloss_ref.h"
 #include "npy.h"
 
-/* ------------------------------------------------------- running the CLI */
-
-typedef struct cli_result {
-    int code;       /* exit status; 128 + signal when killed */
-    char out[1 << 16];
-    char err[1 << 12];
-} cli_result_t;
-
+/* Temporary files of this suite: KDL_TEST_TMPDIR/cli_<pid>_<name>. */
 static void tpath(char *buf, size_t len, const char *name)
 {
-    snprintf(buf, len, "%s/cli_%ld_%s", KDL_TEST_TMPDIR, (long)getpid(), name);
+    kdl_tmp_path(buf, len, "cli", name);
 }
 
-static void slurp(const char *path, char *buf, size_t cap)
-{
-    buf[0] = '\0';
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    size_t n = fread(buf, 1, cap - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-}
-
-/* Runs KDL_CLI_PATH with args (NULL-terminated, without argv[0]). */
-static void run_cli(cli_result_t *r, const char *const *args)
-{
-    char outp[512], errp[512];
-    tpath(outp, sizeof outp, "stdout.txt");
-    tpath(errp, sizeof errp, "stderr.txt");
-    const char *argv[64] = {KDL_CLI_PATH};
-    int n = 1;
-    while (args[n - 1] && n < 63) {
-        argv[n] = args[n - 1];
-        n++;
-    }
-    argv[n] = NULL;
-    fflush(NULL);
-    pid_t pid = fork();
-    cr_assert(pid >= 0, "fork failed");
-    if (pid == 0) {
-        int fo = open(outp, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(126);
-        execv(KDL_CLI_PATH, (char *const *)argv);
-        _exit(127);
-    }
-    int status = 0;
-    cr_assert(waitpid(pid, &status, 0) == pid);
-    r->code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-    slurp(outp, r->out, sizeof r->out);
-    slurp(errp, r->err, sizeof r->err);
-    unlink(outp);
-    unlink(errp);
-}
-
-#define CLI(r, ...) run_cli((r), (const char *const[]){__VA_ARGS__, NULL})
-
-/* --------------------------------------------------- a small JSON checker */
-
-static const char *jv(const char *p);
-
-static const char *jws(const char *p)
-{
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
-    return p;
-}
-
-static const char *jstr(const char *p)
-{
-    if (*p != '"') return NULL;
-    for (p++; *p && *p != '"'; p++) {
-        if ((unsigned char)*p < 0x20) return NULL;
-        if (*p == '\\') {
-            p++;
-            if (*p == 'u') {
-                for (int k = 1; k <= 4; k++)
-                    if (!isxdigit((unsigned char)p[k])) return NULL;
-                p += 4;
-            } else if (!strchr("\"\\/bfnrt", *p) || !*p) {
-                return NULL;
-            }
-        }
-    }
-    return *p == '"' ? p + 1 : NULL;
-}
-
-static const char *jnum(const char *p)
-{
-    if (*p == '-') p++;
-    if (*p == '0') p++;
-    else if (isdigit((unsigned char)*p)) while (isdigit((unsigned char)*p)) p++;
-    else return NULL;
-    if (*p == '.') {
-        p++;
-        if (!isdigit((unsigned char)*p)) return NULL;
-        while (isdigit((unsigned char)*p)) p++;
-    }
-    if (*p == 'e' || *p == 'E') {
-        p++;
-        if (*p == '+' || *p == '-') p++;
-        if (!isdigit((unsigned char)*p)) return NULL;
-        while (isdigit((unsigned char)*p)) p++;
-    }
-    return p;
-}
-
-static const char *jseq(const char *p, char close, int keyed)
-{
-    p = jws(p + 1);
-    if (*p == close) return p + 1;
-    for (;;) {
-        if (keyed) {
-            if (!(p = jstr(p))) return NULL;
-            p = jws(p);
-            if (*p++ != ':') return NULL;
-        }
-        if (!(p = jv(jws(p)))) return NULL;
-        p = jws(p);
-        if (*p == close) return p + 1;
-        if (*p++ != ',') return NULL;
-        p = jws(p);
-    }
-}
-
-static const char *jv(const char *p)
-{
-    p = jws(p);
-    switch (*p) {
-    case '{': return jseq(p, '}', 1);
-    case '[': return jseq(p, ']', 0);
-    case '"': return jstr(p);
-    case 't': return strncmp(p, "true", 4) ? NULL : p + 4;
-    case 'f': return strncmp(p, "false", 5) ? NULL : p + 5;
-    case 'n': return strncmp(p, "null", 4) ? NULL : p + 4;
-    default: return jnum(p);
-    }
-}
-
-/* 1 when s is exactly one JSON object (then whitespace). */
-static int json_valid_object(const char *s)
-{
-    s = jws(s);
-    if (*s != '{') return 0;
-    const char *e = jv(s);
-    return e && *jws(e) == '\0';
-}
-
-/* The text of the value of "key" (keys are unique in kdloss's output). */
-static const char *jget(const char *json, const char *key)
-{
-    char pat[64];
-    snprintf(pat, sizeof pat, "\"%s\": ", key);
-    const char *p = strstr(json, pat);
-    return p ? p + strlen(pat) : NULL;
-}
-
-/* A number value: null -> NaN, "inf" / "-inf" -> infinities. */
-static double jnumber_at(const char *p)
-{
-    cr_assert_not_null(p);
-    if (!strncmp(p, "null", 4)) return NAN;
-    if (!strncmp(p, "\"inf\"", 5)) return INFINITY;
-    if (!strncmp(p, "\"-inf\"", 6)) return -INFINITY;
-    char *end;
-    double v = strtod(p, &end);
-    cr_assert(end != p, "not a number: %.20s", p);
-    return v;
-}
-
-static double jnumber(const char *json, const char *key)
-{
-    const char *p = jget(json, key);
-    cr_assert_not_null(p, "key \"%s\" missing in %s", key, json);
-    return jnumber_at(p);
-}
-
-/* Reads the array value of key into v (at most cap); returns its length. */
-static int jarray(const char *json, const char *key, double *v, int cap)
-{
-    const char *p = jget(json, key);
-    cr_assert_not_null(p, "key \"%s\" missing in %s", key, json);
-    cr_assert_eq(*p, '[', "\"%s\" is not an array: %.30s", key, p);
-    int n = 0;
-    p = jws(p + 1);
-    while (*p != ']') {
-        cr_assert(n < cap);
-        v[n++] = jnumber_at(p);
-        const char *e = jv(p);
-        cr_assert_not_null(e);
-        p = jws(e);
-        if (*p == ',') p = jws(p + 1);
-    }
-    return n;
-}
+/* ------------------------------------------------------------ JSON values */
 
 static int jstring_is(const char *json, const char *key, const char *want)
 {
@@ -325,16 +137,16 @@ static int leftovers(const char *path)
     return n;
 }
 
-static void expect_ok_json(const cli_result_t *r)
+static void expect_ok_json(const kdl_cli_result_t *r)
 {
     cr_expect_eq(r->code, 0, "exit %d, stderr: %s", r->code, r->err);
     cr_expect_str_empty(r->err);
-    cr_expect(json_valid_object(r->out), "not one JSON object: %s", r->out);
+    cr_expect(kdl_json_valid_object(r->out), "not one JSON object: %s", r->out);
 }
 
 /* Exit 2, one stderr line "kdloss loss: ..." (containing hint when not
  * NULL), empty stdout, no gradient file or temporary. */
-static void expect_usage_error(const cli_result_t *r, const files_t *f, const char *hint)
+static void expect_usage_error(const kdl_cli_result_t *r, const files_t *f, const char *hint)
 {
     cr_expect_eq(r->code, 2, "exit %d (stderr: %s)", r->code, r->err);
     cr_expect(!strncmp(r->err, "kdloss loss: ", 13), "stderr: %s", r->err);
@@ -356,15 +168,15 @@ Test(cli, loss_every_divergence_matches_its_closed_form)
     write_pq(&f, 1);
     const char *divs[] = {"fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"};
     for (size_t k = 0; k < sizeof divs / sizeof divs[0]; k++) {
-        cli_result_t r;
-        CLI(&r, "loss", "--divergence", divs[k], "--student", f.s, "--teacher", f.t, "--backend", "cpu");
+        kdl_cli_result_t r;
+        KDL_CLI(&r, "loss", "--divergence", divs[k], "--student", f.s, "--teacher", f.t, "--backend", "cpu");
         expect_ok_json(&r);
-        double want = closed_form(divs[k]), got = jnumber(r.out, "loss");
+        double want = closed_form(divs[k]), got = kdl_json_read_number(r.out, "loss");
         cr_expect(fabs(got - want) <= 1e-14 * fabs(want) + 1e-16, "%s: got %.17g want %.17g", divs[k], got, want);
         cr_expect(jstring_is(r.out, "divergence", divs[k]), "%s", r.out);
         cr_expect(jstring_is(r.out, "backend", "cpu"), "%s", r.out);
-        cr_expect_eq(jnumber(r.out, "valid_rows"), 1);
-        cr_expect_eq(jnumber(r.out, "invalid_rows"), 0);
+        cr_expect_eq(kdl_json_read_number(r.out, "valid_rows"), 1);
+        cr_expect_eq(kdl_json_read_number(r.out, "invalid_rows"), 0);
     }
     files_cleanup(&f);
 }
@@ -374,15 +186,15 @@ Test(cli, loss_default_backend_is_reported)
     files_t f;
     files_init(&f);
     write_pq(&f, 1);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t);
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t);
     expect_ok_json(&r);
     /* auto: cuda when a device works, else (always without one) cpu */
     if (kdl_test_have_gpu())
         cr_expect(jstring_is(r.out, "backend", "cuda") || jstring_is(r.out, "backend", "cpu"), "%s", r.out);
     else
         cr_expect(jstring_is(r.out, "backend", "cpu"), "%s", r.out);
-    cr_expect(fabs(jnumber(r.out, "loss") - closed_form("fkl")) < 1e-6);
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - closed_form("fkl")) < 1e-6);
     files_cleanup(&f);
 }
 
@@ -394,12 +206,12 @@ Test(cli, loss_temperature_and_scale)
     double s[2] = {0.0, 2.0 * log(3.0)}, t[2] = {-4.0, -4.0};
     save(f.s, KDL_NPY_F64, 2, 1, 2, s);
     save(f.t, KDL_NPY_F64, 2, 1, 2, t);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--temperature", "2", "--scale",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--temperature", "2", "--scale",
         "3", "--backend", "cpu");
     expect_ok_json(&r);
     double want = 3.0 * closed_form("fkl");
-    cr_expect(fabs(jnumber(r.out, "loss") - want) < 1e-14, "got %.17g want %.17g", jnumber(r.out, "loss"), want);
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - want) < 1e-14, "got %.17g want %.17g", kdl_json_read_number(r.out, "loss"), want);
     files_cleanup(&f);
 }
 
@@ -408,23 +220,23 @@ Test(cli, loss_reductions_none_sum_mean)
     files_t f;
     files_init(&f);
     write_pq(&f, 3);
-    cli_result_t r;
+    kdl_cli_result_t r;
     double v[8], fkl = closed_form("fkl");
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--backend",
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--backend",
         "cpu");
     expect_ok_json(&r);
-    cr_assert_eq(jarray(r.out, "loss", v, 8), 3);
+    cr_assert_eq(kdl_json_read_array(r.out, "loss", v, 8), 3);
     for (int i = 0; i < 3; i++) cr_expect(fabs(v[i] - fkl) < 1e-14);
     cr_expect(jstring_is(r.out, "reduction", "none"));
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "sum", "--backend",
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "sum", "--backend",
         "cpu");
     expect_ok_json(&r);
-    cr_expect(fabs(jnumber(r.out, "loss") - 3 * fkl) < 1e-14);
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction=mean", "--backend=cpu");
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - 3 * fkl) < 1e-14);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction=mean", "--backend=cpu");
     expect_ok_json(&r);
-    cr_expect(fabs(jnumber(r.out, "loss") - fkl) < 1e-14);
-    cr_expect_eq(jnumber(r.out, "rows"), 3);
-    cr_expect_eq(jnumber(r.out, "vocab"), 2);
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - fkl) < 1e-14);
+    cr_expect_eq(kdl_json_read_number(r.out, "rows"), 3);
+    cr_expect_eq(kdl_json_read_number(r.out, "vocab"), 2);
     files_cleanup(&f);
 }
 
@@ -433,15 +245,15 @@ Test(cli, loss_stats_are_per_row_arrays)
     files_t f;
     files_init(&f);
     write_pq(&f, 2);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "akl", "--student", f.s, "--teacher", f.t, "--stats", "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "akl", "--student", f.s, "--teacher", f.t, "--stats", "--backend", "cpu");
     expect_ok_json(&r);
-    cr_assert_not_null(jget(r.out, "stats"), "%s", r.out);
+    cr_assert_not_null(kdl_json_find(r.out, "stats"), "%s", r.out);
     double v[8];
     const char *keys[] = {"fkl", "rkl", "g_head", "g_tail", "head_size", "w_head", "w_tail"};
     const double want[] = {closed_form("fkl"), closed_form("rkl"), 0.25, 0.25, 1, 0.5, 0.5};
     for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
-        cr_assert_eq(jarray(r.out, keys[k], v, 8), 2, "stats.%s", keys[k]);
+        cr_assert_eq(kdl_json_read_array(r.out, keys[k], v, 8), 2, "stats.%s", keys[k]);
         for (int i = 0; i < 2; i++)
             cr_expect(fabs(v[i] - want[k]) < 1e-14, "stats.%s[%d] = %.17g, want %.17g", keys[k], i, v[i], want[k]);
     }
@@ -453,10 +265,10 @@ Test(cli, loss_without_stats_has_no_stats_key)
     files_t f;
     files_init(&f);
     write_pq(&f, 1);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--backend", "cpu");
     expect_ok_json(&r);
-    cr_expect_null(jget(r.out, "stats"));
+    cr_expect_null(kdl_json_find(r.out, "stats"));
     files_cleanup(&f);
 }
 
@@ -467,19 +279,19 @@ Test(cli, loss_labels_and_ignore_index)
     write_pq(&f, 3);
     int64_t labels[3] = {5, -100, 7};
     save(f.l, KDL_NPY_I64, 1, 3, 0, labels);
-    cli_result_t r;
+    kdl_cli_result_t r;
     double v[8], fkl = closed_form("fkl");
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--reduction",
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--reduction",
         "none", "--backend", "cpu");
     expect_ok_json(&r);
-    cr_assert_eq(jarray(r.out, "loss", v, 8), 3);
+    cr_assert_eq(kdl_json_read_array(r.out, "loss", v, 8), 3);
     cr_expect(fabs(v[0] - fkl) < 1e-14 && v[1] == 0.0 && fabs(v[2] - fkl) < 1e-14, "%s", r.out);
-    cr_expect_eq(jnumber(r.out, "valid_rows"), 2);
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--ignore-index",
+    cr_expect_eq(kdl_json_read_number(r.out, "valid_rows"), 2);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--ignore-index",
         "7", "--reduction", "sum", "--backend", "cpu");
     expect_ok_json(&r);
-    cr_expect(fabs(jnumber(r.out, "loss") - 2 * fkl) < 1e-14, "%s", r.out);
-    cr_expect_eq(jnumber(r.out, "valid_rows"), 2);
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - 2 * fkl) < 1e-14, "%s", r.out);
+    cr_expect_eq(kdl_json_read_number(r.out, "valid_rows"), 2);
     files_cleanup(&f);
 }
 
@@ -492,17 +304,17 @@ Test(cli, loss_nan_is_null_and_inf_is_a_string)
     double s[4] = {NAN, 0.0, 0.0, -INFINITY}, t[4] = {0.0, 0.0, 0.0, 0.0};
     save(f.s, KDL_NPY_F64, 2, 2, 2, s);
     save(f.t, KDL_NPY_F64, 2, 2, 2, t);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--stats",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--stats",
         "--backend", "cpu");
     expect_ok_json(&r);
     double v[4];
-    cr_assert_eq(jarray(r.out, "loss", v, 4), 2);
+    cr_assert_eq(kdl_json_read_array(r.out, "loss", v, 4), 2);
     cr_expect(isnan(v[0]), "%s", r.out);
     cr_expect(isinf(v[1]) && v[1] > 0, "%s", r.out);
     cr_expect(strstr(r.out, "\"loss\": [null, \"inf\"]") != NULL, "%s", r.out);
-    cr_expect_eq(jnumber(r.out, "invalid_rows"), 1);
-    cr_expect_eq(jnumber(r.out, "valid_rows"), 1);
+    cr_expect_eq(kdl_json_read_number(r.out, "invalid_rows"), 1);
+    cr_expect_eq(kdl_json_read_number(r.out, "valid_rows"), 1);
     files_cleanup(&f);
 }
 
@@ -515,13 +327,13 @@ Test(cli, loss_mixed_dtypes_and_one_dimensional_input)
     uint16_t t[2] = {0x3c00, 0x3c00}; /* 1.0, 1.0 */
     save(f.s, KDL_NPY_F32, 1, 2, 0, s);
     save(f.t, KDL_NPY_F16, 1, 2, 0, t);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend",
         "cpu");
     expect_ok_json(&r);
-    cr_expect_eq(jnumber(r.out, "rows"), 1);
+    cr_expect_eq(kdl_json_read_number(r.out, "rows"), 1);
     double q0 = 1.0 / (1.0 + exp(1.0)), want = 0.5 * log(0.5 / q0) + 0.5 * log(0.5 / (1.0 - q0));
-    cr_expect(fabs(jnumber(r.out, "loss") - want) < 1e-14);
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - want) < 1e-14);
     kdl_npy_array_t g;
     cr_assert_eq(kdl_npy_load(f.g, &g, NULL, 0), KDL_NPY_OK);
     cr_expect_eq(g.dtype, KDL_NPY_F64);
@@ -550,8 +362,8 @@ Test(cli, loss_grad_out_equals_the_reference)
     int64_t labels[N] = {1, 2, -3, 4, 5};
     save(f.l, KDL_NPY_I64, 1, N, 0, labels);
 
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "akl", "--head-rule", "mass", "--mu", "0.3", "--temperature", "1.5", "--scale",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "akl", "--head-rule", "mass", "--mu", "0.3", "--temperature", "1.5", "--scale",
         "2.25", "--labels", f.l, "--ignore-index", "-3", "--student", f.s, "--teacher", f.t, "--grad-out", f.g,
         "--backend", "cpu");
     expect_ok_json(&r);
@@ -585,8 +397,8 @@ Test(cli, loss_grad_out_equals_the_reference)
     a.valid_rows = &valid;
     cr_assert_eq(kdl_ref_loss_forward_backward(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
 
-    cr_expect_eq(jnumber(r.out, "loss"), loss, "%%.17g must round-trip the reference loss");
-    cr_expect_eq(jnumber(r.out, "valid_rows"), (double)valid);
+    cr_expect_eq(kdl_json_read_number(r.out, "loss"), loss, "%%.17g must round-trip the reference loss");
+    cr_expect_eq(kdl_json_read_number(r.out, "valid_rows"), (double)valid);
     kdl_npy_array_t g;
     char msg[256];
     cr_assert_eq(kdl_npy_load(f.g, &g, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
@@ -608,12 +420,12 @@ Test(cli, loss_empty_batch_gives_zero)
     files_init(&f);
     save(f.s, KDL_NPY_F32, 2, 0, 4, NULL);
     save(f.t, KDL_NPY_F32, 2, 0, 4, NULL);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "tvd", "--student", f.s, "--teacher", f.t, "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "tvd", "--student", f.s, "--teacher", f.t, "--backend", "cpu");
     expect_ok_json(&r);
-    cr_expect_eq(jnumber(r.out, "loss"), 0.0);
-    cr_expect_eq(jnumber(r.out, "valid_rows"), 0);
-    CLI(&r, "loss", "--divergence", "tvd", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--backend",
+    cr_expect_eq(kdl_json_read_number(r.out, "loss"), 0.0);
+    cr_expect_eq(kdl_json_read_number(r.out, "valid_rows"), 0);
+    KDL_CLI(&r, "loss", "--divergence", "tvd", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--backend",
         "cpu");
     expect_ok_json(&r);
     cr_expect(strstr(r.out, "\"loss\": []") != NULL, "%s", r.out);
@@ -622,8 +434,8 @@ Test(cli, loss_empty_batch_gives_zero)
 
 Test(cli, loss_help_exits_zero)
 {
-    cli_result_t r;
-    CLI(&r, "loss", "--help");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--help");
     cr_expect_eq(r.code, 0);
     cr_expect(strstr(r.out, "usage: kdloss loss") != NULL);
     cr_expect(strstr(r.out, "--grad-out") != NULL && strstr(r.out, "null") != NULL);
@@ -637,10 +449,10 @@ Test(cli, loss_missing_file)
     files_t f;
     files_init(&f);
     write_pq(&f, 1);
-    cli_result_t r;
+    kdl_cli_result_t r;
     char missing[512];
     tpath(missing, sizeof missing, "nope.npy");
-    CLI(&r, "loss", "--divergence", "fkl", "--student", missing, "--teacher", f.t, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", missing, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "--student");
     files_cleanup(&f);
 }
@@ -651,8 +463,8 @@ Test(cli, loss_truncated_file)
     files_init(&f);
     write_pq(&f, 2);
     cr_assert_eq(truncate(f.t, 128 + 20), 0); /* header + 2.5 of 4 doubles */
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "truncated");
     files_cleanup(&f);
 }
@@ -666,8 +478,8 @@ Test(cli, loss_non_npy_file)
     cr_assert_not_null(fp);
     fputs("student,logits\n0,1\n", fp);
     fclose(fp);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "not a .npy file");
     files_cleanup(&f);
 }
@@ -677,10 +489,10 @@ Test(cli, loss_wrong_dtypes)
     files_t f;
     files_init(&f);
     write_pq(&f, 1);
-    cli_result_t r;
+    kdl_cli_result_t r;
     int64_t ints[2] = {0, 1};
     save(f.s, KDL_NPY_I64, 2, 1, 2, ints); /* int64 logits */
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "float16, float32 or float64");
     /* an int32 file: an unsupported .npy dtype */
     unsigned char buf[128];
@@ -694,13 +506,13 @@ Test(cli, loss_wrong_dtypes)
     cr_assert_not_null(fp);
     fwrite(buf, 1, 10 + strlen(dict) + 8, fp);
     fclose(fp);
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "<i4");
     /* float labels */
     write_pq(&f, 1);
     double fl[1] = {1.0};
     save(f.l, KDL_NPY_F64, 1, 1, 0, fl);
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--grad-out", f.g);
     expect_usage_error(&r, &f, "int64");
     files_cleanup(&f);
 }
@@ -712,19 +524,19 @@ Test(cli, loss_shape_mismatches)
     write_pq(&f, 2);
     double t3[6] = {0};
     save(f.t, KDL_NPY_F64, 2, 2, 3, t3);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "differ");
     write_pq(&f, 2);
     int64_t labels[3] = {0, 0, 0};
     save(f.l, KDL_NPY_I64, 1, 3, 0, labels);
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--grad-out", f.g);
     expect_usage_error(&r, &f, "--labels");
     int64_t shape3[3] = {1, 2, 2};
     double d3[4] = {0};
     cr_assert_eq(kdl_npy_save(f.s, KDL_NPY_F64, 3, shape3, d3, NULL, 0), KDL_NPY_OK);
     cr_assert_eq(kdl_npy_save(f.t, KDL_NPY_F64, 3, shape3, d3, NULL, 0), KDL_NPY_OK);
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "3-D");
     files_cleanup(&f);
 }
@@ -734,29 +546,29 @@ Test(cli, loss_unknown_flag_and_bad_names)
     files_t f;
     files_init(&f);
     write_pq(&f, 1);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--temprature", "2");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--temprature", "2");
     expect_usage_error(&r, &f, "--temprature");
-    CLI(&r, "loss", "--divergence", "kl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--divergence", "kl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "--divergence");
-    CLI(&r, "loss", "--divergence", "akl", "--head-rule", "median", "--student", f.s, "--teacher", f.t, "--grad-out",
+    KDL_CLI(&r, "loss", "--divergence", "akl", "--head-rule", "median", "--student", f.s, "--teacher", f.t, "--grad-out",
         f.g);
     expect_usage_error(&r, &f, "--head-rule");
-    CLI(&r, "loss", "--divergence", "fkl", "--reduction", "avg", "--student", f.s, "--teacher", f.t, "--grad-out",
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--reduction", "avg", "--student", f.s, "--teacher", f.t, "--grad-out",
         f.g);
     expect_usage_error(&r, &f, "--reduction");
-    CLI(&r, "loss", "--divergence", "fkl", "--backend", "tpu", "--student", f.s, "--teacher", f.t, "--grad-out",
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--backend", "tpu", "--student", f.s, "--teacher", f.t, "--grad-out",
         f.g);
     expect_usage_error(&r, &f, "--backend");
-    CLI(&r, "loss", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
+    KDL_CLI(&r, "loss", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "--divergence is required");
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "stray");
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "stray");
     expect_usage_error(&r, &f, "stray");
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--temperature");
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--temperature");
     expect_usage_error(&r, &f, "needs a value");
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--stats=yes");
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--stats=yes");
     expect_usage_error(&r, &f, "--stats");
-    CLI(&r, "loss", "--divergence", "fkl", "--divergence", "rkl", "--student", f.s, "--teacher", f.t, "--grad-out",
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--divergence", "rkl", "--student", f.s, "--teacher", f.t, "--grad-out",
         f.g);
     expect_usage_error(&r, &f, "twice");
     files_cleanup(&f);
@@ -775,8 +587,8 @@ Test(cli, loss_bad_numbers)
         {"--scale", "nan"},         {"--scale", "inf"},        {"--ignore-index", "abc"}, {"--ignore-index", "1.0"},
     };
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
-        cli_result_t r;
-        CLI(&r, "loss", "--divergence", "akl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, bad[k][0],
+        kdl_cli_result_t r;
+        KDL_CLI(&r, "loss", "--divergence", "akl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, bad[k][0],
             bad[k][1]);
         expect_usage_error(&r, &f, bad[k][0]);
     }
@@ -789,8 +601,8 @@ Test(cli, loss_library_bad_parameter_exits_two)
     files_t f;
     files_init(&f);
     write_pq(&f, 1);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "akl", "--head-rule", "topk", "--top-k", "3", "--student", f.s, "--teacher", f.t,
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "akl", "--head-rule", "topk", "--top-k", "3", "--student", f.s, "--teacher", f.t,
         "--grad-out", f.g, "--backend", "cpu");
     expect_usage_error(&r, &f, "KDL_STATUS_BAD_TOP_K");
     files_cleanup(&f);
@@ -802,8 +614,8 @@ Test(cli, loss_unwritable_grad_out_leaves_nothing)
     files_init(&f);
     write_pq(&f, 1);
     tpath(f.g, sizeof f.g, "no_such_dir/grad.npy");
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend", "cpu");
     cr_expect_eq(r.code, 2, "%s", r.err);
     cr_expect(!strncmp(r.err, "kdloss loss: cannot write", 25), "%s", r.err);
     cr_expect_str_empty(r.out);
@@ -819,11 +631,11 @@ Test(cli, loss_failed_run_keeps_an_existing_grad_file)
     cr_assert_not_null(fp);
     fputs("old", fp);
     fclose(fp);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--beta", "1");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--beta", "1");
     cr_expect_eq(r.code, 2);
     char buf[16];
-    slurp(f.g, buf, sizeof buf);
+    kdl_slurp(f.g, buf, sizeof buf);
     cr_expect_str_eq(buf, "old");
     files_cleanup(&f);
 }
@@ -837,8 +649,8 @@ Test(cli, loss_cuda_backend_without_device_is_a_usage_error)
     float s[2] = {0, 1};
     save(f.s, KDL_NPY_F32, 2, 1, 2, s);
     save(f.t, KDL_NPY_F32, 2, 1, 2, s);
-    cli_result_t r;
-    CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend", "cuda");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend", "cuda");
     expect_usage_error(&r, &f, "no CUDA device");
     files_cleanup(&f);
 }
@@ -847,8 +659,8 @@ Test(cli, loss_cuda_backend_without_device_is_a_usage_error)
 
 Test(cli, demo_runs_every_divergence_and_names_its_backend)
 {
-    cli_result_t r;
-    CLI(&r, "demo");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "demo");
     cr_expect_eq(r.code, 0, "exit %d: %s", r.code, r.err);
     cr_expect(!strncmp(r.out, "backend: cuda (", 15) || !strncmp(r.out, "backend: cpu (", 14), "%.200s", r.out);
     if (!kdl_test_have_gpu())
@@ -862,14 +674,14 @@ Test(cli, demo_runs_every_divergence_and_names_its_backend)
 
 Test(cli, demo_cpu_backend_and_bad_option)
 {
-    cli_result_t r;
-    CLI(&r, "demo", "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "demo", "--backend", "cpu");
     cr_expect_eq(r.code, 0, "%s", r.err);
     cr_expect(!strncmp(r.out, "backend: cpu (", 14), "%.200s", r.out);
-    CLI(&r, "demo", "--rows", "3");
+    KDL_CLI(&r, "demo", "--rows", "3");
     cr_expect_eq(r.code, 2);
     cr_expect(!strncmp(r.err, "kdloss demo: ", 13), "%s", r.err);
-    CLI(&r, "demo", "--help");
+    KDL_CLI(&r, "demo", "--help");
     cr_expect_eq(r.code, 0);
     cr_expect(strstr(r.out, "usage: kdloss demo") != NULL);
 }

@@ -7,81 +7,23 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
+#include "kdl_cli_run.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
 #include "npy.h"
 
-typedef struct cli_result {
-    int code;
-    char out[1 << 16];
-    char err[1 << 12];
-} cli_result_t;
-
+/* Temporary files of this suite: KDL_TEST_TMPDIR/extcli_<pid>_<name>. */
 static void tpath(char *buf, size_t len, const char *name)
 {
-    snprintf(buf, len, "%s/extcli_%ld_%s", KDL_TEST_TMPDIR, (long)getpid(), name);
-}
-
-static void slurp(const char *path, char *buf, size_t cap)
-{
-    buf[0] = '\0';
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    size_t n = fread(buf, 1, cap - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-}
-
-static void run_cli(cli_result_t *r, const char *const *args)
-{
-    char outp[512], errp[512];
-    tpath(outp, sizeof outp, "stdout.txt");
-    tpath(errp, sizeof errp, "stderr.txt");
-    const char *argv[64] = {KDL_CLI_PATH};
-    int n = 1;
-    while (args[n - 1] && n < 63) {
-        argv[n] = args[n - 1];
-        n++;
-    }
-    argv[n] = NULL;
-    fflush(NULL);
-    pid_t pid = fork();
-    cr_assert(pid >= 0, "fork failed");
-    if (pid == 0) {
-        int fo = open(outp, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(126);
-        execv(KDL_CLI_PATH, (char *const *)argv);
-        _exit(127);
-    }
-    int status = 0;
-    cr_assert(waitpid(pid, &status, 0) == pid);
-    r->code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-    slurp(outp, r->out, sizeof r->out);
-    slurp(errp, r->err, sizeof r->err);
-    unlink(outp);
-    unlink(errp);
-}
-
-#define CLI(r, ...) run_cli((r), (const char *const[]){__VA_ARGS__, NULL})
-
-/* The number after "key": in a one-line JSON object; NAN if absent. */
-static double json_num(const char *json, const char *key)
-{
-    char pat[64];
-    snprintf(pat, sizeof pat, "\"%s\": ", key);
-    const char *p = strstr(json, pat);
-    if (!p) return NAN;
-    return strtod(p + strlen(pat), NULL);
+    kdl_tmp_path(buf, len, "extcli", name);
 }
 
 static int exists(const char *path)
@@ -107,7 +49,7 @@ static void load_f64(const char *path, double *dst, int64_t n)
     kdl_npy_free(&a);
 }
 
-static void expect_usage_error(const cli_result_t *r, const char *cmd)
+static void expect_usage_error(const kdl_cli_result_t *r, const char *cmd)
 {
     cr_expect_eq(r->code, 2, "exit %d, stderr: %s", r->code, r->err);
     cr_expect_str_empty(r->out, "stdout must be empty on error: %s", r->out);
@@ -183,15 +125,15 @@ Test(sparse_loss, json_and_gradient_match_the_reference)
     const kdl_divergence_t divs[2] = {KDL_DIV_JSD, KDL_DIV_AKL};
     const char *divn[2] = {"jsd", "akl"};
     for (int m = 0; m < 2; m++) {
-        cli_result_t r;
-        CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", modes[m],
+        kdl_cli_result_t r;
+        KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", modes[m],
             "--divergence", divn[m], "--temperature", "1.5", "--grad-out", gp, "--backend", "cpu");
         cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
         double loss, grad[SN * SV], got[SN * SV];
         sparse_ref((kdl_sparse_mode_t)m, divs[m], S, I, P, &loss, grad);
-        double l = json_num(r.out, "loss");
+        double l = kdl_json_read_number(r.out, "loss");
         cr_expect(fabs(l - loss) <= 1e-15 * fabs(loss), "%s: loss %.17g want %.17g", modes[m], l, loss);
-        cr_expect(json_num(r.out, "k") == SK && json_num(r.out, "valid_rows") == SN, "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "k") == SK && kdl_json_read_number(r.out, "valid_rows") == SN, "%s", r.out);
         cr_expect(strstr(r.out, "\"backend\": \"cpu\"") != NULL);
         load_f64(gp, got, SN * SV);
         kdl_tol_t tol = {0, 0};
@@ -225,33 +167,33 @@ Test(sparse_loss, errors_exit_2_and_write_nothing)
     memcpy(B, I, sizeof B);
     B[2 * SK + 3] = B[2 * SK + 0]; /* repeated in row 2 */
     save(dp, KDL_NPY_I64, 2, SN, SK, B);
-    cli_result_t r;
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", bp, "--teacher-logprobs", pp, "--mode", "tail",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", bp, "--teacher-logprobs", pp, "--mode", "tail",
         "--grad-out", gp);
     expect_usage_error(&r, "sparse-loss");
     cr_expect(strstr(r.err, "row 1") != NULL, "%s", r.err);
     cr_expect(!exists(gp));
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", dp, "--teacher-logprobs", pp, "--mode", "tail",
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", dp, "--teacher-logprobs", pp, "--mode", "tail",
         "--grad-out", gp);
     expect_usage_error(&r, "sparse-loss");
     cr_expect(strstr(r.err, "repeated") != NULL, "%s", r.err);
     cr_expect(!exists(gp));
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode",
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode",
         "renormalised", "--divergence", "rkl", "--grad-out", gp);
     expect_usage_error(&r, "sparse-loss");
     cr_expect(!exists(gp));
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp);
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp);
     expect_usage_error(&r, "sparse-loss"); /* --mode is required */
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", sp, "--mode", "tail");
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", sp, "--mode", "tail");
     expect_usage_error(&r, "sparse-loss"); /* log-probs of the wrong shape */
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", pp, "--teacher-logprobs", pp, "--mode", "tail");
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", pp, "--teacher-logprobs", pp, "--mode", "tail");
     expect_usage_error(&r, "sparse-loss"); /* float indices */
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "bogus");
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "bogus");
     expect_usage_error(&r, "sparse-loss");
-    CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "tail",
+    KDL_CLI(&r, "sparse-loss", "--student", sp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "tail",
         "--temperature", "0");
     expect_usage_error(&r, "sparse-loss");
-    CLI(&r, "sparse-loss", "--help");
+    KDL_CLI(&r, "sparse-loss", "--help");
     cr_expect_eq(r.code, 0);
     cr_expect(strstr(r.out, "renormalised") != NULL);
     unlink(sp);
@@ -280,8 +222,8 @@ Test(fused_linear, json_and_gradients_match_the_reference)
     save(hp, KDL_NPY_F64, 2, FN, FD, H);
     save(wp, KDL_NPY_F64, 2, FV, FD, W);
     save(tp, KDL_NPY_F64, 2, FN, FV, T);
-    cli_result_t r;
-    CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--divergence", "rkl", "--reduction",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--divergence", "rkl", "--reduction",
         "sum", "--grad-hidden-out", ghp, "--grad-weight-out", gwp, "--chunk-rows", "2");
     cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
     kdl_loss_desc_t d;
@@ -311,11 +253,11 @@ Test(fused_linear, json_and_gradients_match_the_reference)
     a.out_dtype = KDL_DTYPE_F64;
     a.loss = &loss;
     cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS);
-    double l = json_num(r.out, "loss");
+    double l = kdl_json_read_number(r.out, "loss");
     cr_expect(fabs(l - loss) <= 1e-15 * fabs(loss), "loss %.17g want %.17g", l, loss);
-    cr_expect(json_num(r.out, "chunk_rows") == 2);
-    cr_expect(json_num(r.out, "logits_bytes") == FN * FV * 4);
-    cr_expect(json_num(r.out, "workspace_bytes") > 0, "%s", r.out);
+    cr_expect(kdl_json_read_number(r.out, "chunk_rows") == 2);
+    cr_expect(kdl_json_read_number(r.out, "logits_bytes") == FN * FV * 4);
+    cr_expect(kdl_json_read_number(r.out, "workspace_bytes") > 0, "%s", r.out);
     load_f64(ghp, gotH, FN * FD);
     load_f64(gwp, gotW, FV * FD);
     kdl_tol_t tol = {0, 0};
@@ -324,16 +266,16 @@ Test(fused_linear, json_and_gradients_match_the_reference)
     unlink(ghp);
     unlink(gwp);
     /* errors: shapes that disagree, a bad chunk; no output file */
-    CLI(&r, "fused-linear", "--hidden", hp, "--weight", tp, "--teacher", tp, "--grad-hidden-out", ghp);
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", tp, "--teacher", tp, "--grad-hidden-out", ghp);
     expect_usage_error(&r, "fused-linear");
     cr_expect(!exists(ghp));
-    CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--chunk-rows", "0", "--grad-weight-out",
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--chunk-rows", "0", "--grad-weight-out",
         gwp);
     expect_usage_error(&r, "fused-linear");
     cr_expect(!exists(gwp));
-    CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp);
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp);
     expect_usage_error(&r, "fused-linear");
-    CLI(&r, "fused-linear", "--help");
+    KDL_CLI(&r, "fused-linear", "--help");
     cr_expect_eq(r.code, 0);
     unlink(hp);
     unlink(wp);
@@ -357,33 +299,33 @@ Test(shard_check, sharded_equals_unsharded)
     save(tp, KDL_NPY_F64, 2, N, V, T);
     const char *divs[] = {"fkl", "jsd", "akl", "tvd"};
     for (int k = 0; k < 4; k++) {
-        cli_result_t r;
-        CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "3", "--divergence", divs[k],
+        kdl_cli_result_t r;
+        KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "3", "--divergence", divs[k],
             "--head-rule", "topk", "--top-k", "6", "--grad-out", gp);
         cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
-        double gmax = json_num(r.out, "max_grad");
-        cr_expect(json_num(r.out, "max_abs_diff_loss") <= 1e-12 * fabs(json_num(r.out, "loss")), "%s", r.out);
-        cr_expect(json_num(r.out, "max_abs_diff_grad") <= 1e-12 * gmax, "%s", r.out);
+        double gmax = kdl_json_read_number(r.out, "max_grad");
+        cr_expect(kdl_json_read_number(r.out, "max_abs_diff_loss") <= 1e-12 * fabs(kdl_json_read_number(r.out, "loss")), "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "max_abs_diff_grad") <= 1e-12 * gmax, "%s", r.out);
         cr_expect(strstr(r.out, "\"split\": [14, 13, 13]") != NULL, "%s", r.out);
-        if (k == 2) cr_expect(json_num(r.out, "head_size_mismatches") == 0, "%s", r.out);
+        if (k == 2) cr_expect(kdl_json_read_number(r.out, "head_size_mismatches") == 0, "%s", r.out);
         double grad[N * V];
         load_f64(gp, grad, N * V);
         unlink(gp);
     }
-    cli_result_t r;
-    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "2", "--split", "1,39", "--divergence", "akl");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "2", "--split", "1,39", "--divergence", "akl");
     cr_assert_eq(r.code, 0, "%s", r.err);
     cr_expect(strstr(r.out, "\"steps\": [\"max\", \"sum\", ") != NULL, "%s", r.out);
-    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "2", "--split", "10,10", "--grad-out", gp);
+    KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "2", "--split", "10,10", "--grad-out", gp);
     expect_usage_error(&r, "shard-check");
     cr_expect(!exists(gp));
-    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "0");
+    KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "0");
     expect_usage_error(&r, "shard-check");
-    CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "41");
+    KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", tp, "--shards", "41");
     expect_usage_error(&r, "shard-check");
-    CLI(&r, "shard-check", "--student", sp, "--teacher", tp);
+    KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", tp);
     expect_usage_error(&r, "shard-check");
-    CLI(&r, "shard-check", "--help");
+    KDL_CLI(&r, "shard-check", "--help");
     cr_expect_eq(r.code, 0);
     unlink(sp);
     unlink(tp);
@@ -391,8 +333,8 @@ Test(shard_check, sharded_equals_unsharded)
 
 Test(main, subcommands_are_listed)
 {
-    cli_result_t r;
-    CLI(&r, "--help");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "--help");
     cr_expect_eq(r.code, 0);
     cr_expect(strstr(r.out, "sparse-loss") && strstr(r.out, "fused-linear") && strstr(r.out, "shard-check"), "%s",
               r.out);

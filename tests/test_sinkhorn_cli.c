@@ -10,74 +10,25 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
-#include <ctype.h>
 #include <dirent.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
+#include "kdl_cli_run.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss.h"
 #include "kdloss/kdloss_ref.h"
 #include "npy.h"
 
-typedef struct res {
-    int code;
-    char out[1 << 15];
-    char err[1 << 12];
-} res_t;
-
+/* Temporary files of this suite: KDL_TEST_TMPDIR/skcli_<pid>_<name>. */
 static void tpath(char *buf, size_t len, const char *name)
 {
-    snprintf(buf, len, "%s/skcli_%ld_%s", KDL_TEST_TMPDIR, (long)getpid(), name);
+    kdl_tmp_path(buf, len, "skcli", name);
 }
-
-static void slurp(const char *path, char *buf, size_t cap)
-{
-    buf[0] = '\0';
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    size_t n = fread(buf, 1, cap - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-}
-
-static void run(res_t *r, const char *const *args)
-{
-    char outp[512], errp[512];
-    tpath(outp, sizeof outp, "stdout");
-    tpath(errp, sizeof errp, "stderr");
-    const char *argv[48] = {KDL_CLI_PATH};
-    int n = 1;
-    while (args[n - 1] && n < 47) {
-        argv[n] = args[n - 1];
-        n++;
-    }
-    argv[n] = NULL;
-    fflush(NULL);
-    pid_t pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        int fo = open(outp, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(126);
-        execv(KDL_CLI_PATH, (char *const *)argv);
-        _exit(127);
-    }
-    int status = 0;
-    cr_assert(waitpid(pid, &status, 0) == pid);
-    r->code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-    slurp(outp, r->out, sizeof r->out);
-    slurp(errp, r->err, sizeof r->err);
-    unlink(outp);
-    unlink(errp);
-}
-
-#define CLI(r, ...) run((r), (const char *const[]){__VA_ARGS__, NULL})
 
 static void save(const char *name, kdl_npy_dtype_t t, int ndim, const int64_t *shape, const void *data, char *path,
                  size_t len)
@@ -85,96 +36,6 @@ static void save(const char *name, kdl_npy_dtype_t t, int ndim, const int64_t *s
     tpath(path, len, name);
     char msg[256];
     cr_assert_eq(kdl_npy_save(path, t, ndim, shape, data, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
-}
-
-/* ------------------------------------------------------- JSON, minimally */
-static const char *skip_ws(const char *p)
-{
-    while (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') p++;
-    return p;
-}
-
-static const char *value_end(const char *p);
-
-static const char *seq_end(const char *p, char close, int keyed)
-{
-    p = skip_ws(p + 1);
-    if (*p == close) return p + 1;
-    for (;;) {
-        if (keyed) {
-            if (*p != '"') return NULL;
-            p = value_end(p);
-            if (!p) return NULL;
-            p = skip_ws(p);
-            if (*p++ != ':') return NULL;
-        }
-        p = value_end(skip_ws(p));
-        if (!p) return NULL;
-        p = skip_ws(p);
-        if (*p == close) return p + 1;
-        if (*p++ != ',') return NULL;
-        p = skip_ws(p);
-    }
-}
-
-static const char *value_end(const char *p)
-{
-    if (*p == '{') return seq_end(p, '}', 1);
-    if (*p == '[') return seq_end(p, ']', 0);
-    if (*p == '"') {
-        for (p++; *p && *p != '"'; p++)
-            if (*p == '\\' && p[1]) p++;
-        return *p == '"' ? p + 1 : NULL;
-    }
-    if (!strncmp(p, "true", 4) || !strncmp(p, "null", 4)) return p + 4;
-    if (!strncmp(p, "false", 5)) return p + 5;
-    char *e;
-    strtod(p, &e);
-    return e == p ? NULL : e;
-}
-
-static int one_object(const char *s)
-{
-    s = skip_ws(s);
-    if (*s != '{') return 0;
-    const char *e = value_end(s);
-    return e && *skip_ws(e) == '\0';
-}
-
-static const char *jkey(const char *json, const char *key)
-{
-    char pat[64];
-    snprintf(pat, sizeof pat, "\"%s\": ", key);
-    const char *p = strstr(json, pat);
-    cr_assert_not_null(p, "key %s missing in %s", key, json);
-    return p + strlen(pat);
-}
-
-static double jnum_at(const char *p)
-{
-    if (!strncmp(p, "null", 4)) return NAN;
-    char *e;
-    double v = strtod(p, &e);
-    cr_assert(e != p, "not a number: %.30s", p);
-    return v;
-}
-
-/* Reads the array of key into v (at most cap); returns its length. */
-static int64_t jarray(const char *json, const char *key, double *v, int64_t cap)
-{
-    const char *p = jkey(json, key);
-    cr_assert_eq(*p, '[', "%s is not an array", key);
-    p = skip_ws(p + 1);
-    int64_t n = 0;
-    while (*p != ']') {
-        cr_assert(n < cap);
-        v[n++] = jnum_at(p);
-        p = value_end(p);
-        cr_assert_not_null(p);
-        p = skip_ws(p);
-        if (*p == ',') p = skip_ws(p + 1);
-    }
-    return n;
 }
 
 static int file_exists(const char *path)
@@ -198,7 +59,7 @@ static int no_temporaries(const char *path)
     return ok;
 }
 
-static void expect_usage_error(const res_t *r, const char *what, const char *cmd)
+static void expect_usage_error(const kdl_cli_result_t *r, const char *what, const char *cmd)
 {
     char prefix[32];
     snprintf(prefix, sizeof prefix, "kdloss %s: ", cmd);
@@ -212,11 +73,11 @@ static void expect_usage_error(const res_t *r, const char *what, const char *cmd
 /* ------------------------------------------------------------ sinkhorn */
 Test(sinkhorn_cli, help_exits_zero)
 {
-    res_t r;
-    CLI(&r, "sinkhorn", "--help");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkhorn", "--help");
     cr_expect_eq(r.code, 0);
     cr_expect(strstr(r.out, "usage: kdloss sinkhorn") != NULL);
-    CLI(&r, "sinkd", "--help");
+    KDL_CLI(&r, "sinkd", "--help");
     cr_expect_eq(r.code, 0);
     cr_expect(strstr(r.out, "usage: kdloss sinkd") != NULL);
 }
@@ -231,10 +92,10 @@ Test(sinkhorn_cli, one_cost_matches_the_reference_and_writes_the_plan)
     save("cost.npy", KDL_NPY_F64, 2, shape, C, cp, sizeof cp);
     tpath(pp, sizeof pp, "plan.npy");
     unlink(pp);
-    res_t r;
-    CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.05", "--tol", "1e-9", "--plan-out", pp, "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.05", "--tol", "1e-9", "--plan-out", pp, "--backend", "cpu");
     cr_assert_eq(r.code, 0, "%s", r.err);
-    cr_expect(one_object(r.out), "%s", r.out);
+    cr_expect(kdl_json_valid_object(r.out), "%s", r.out);
     cr_expect(strstr(r.out, "\"backend\": \"cpu\"") != NULL);
 
     kdl_sinkhorn_desc_t d;
@@ -256,11 +117,11 @@ Test(sinkhorn_cli, one_cost_matches_the_reference_and_writes_the_plan)
     a.plan = P;
     cr_assert_eq(kdl_ref_sinkhorn(&d, &a), KDL_STATUS_SUCCESS);
     double got[4];
-    cr_assert_eq(jarray(r.out, "value", got, 4), 1);
+    cr_assert_eq(kdl_json_read_array(r.out, "value", got, 4), 1);
     cr_expect(got[0] == v, "value %.17g vs %.17g", got[0], v);
-    cr_assert_eq(jarray(r.out, "iterations", got, 4), 1);
+    cr_assert_eq(kdl_json_read_array(r.out, "iterations", got, 4), 1);
     cr_expect(got[0] == (double)it);
-    cr_assert_eq(jarray(r.out, "marginal_error", got, 4), 1);
+    cr_assert_eq(kdl_json_read_array(r.out, "marginal_error", got, 4), 1);
     cr_expect(got[0] == e);
 
     kdl_npy_array_t pa;
@@ -287,11 +148,11 @@ Test(sinkhorn_cli, batch_with_log_weights_and_dual_value)
     save("bcost.npy", KDL_NPY_F32, 3, sc, C, cp, sizeof cp);
     save("loga.npy", KDL_NPY_F32, 2, sa, la, ap, sizeof ap);
     save("logb.npy", KDL_NPY_F32, 2, sb, lb, bp, sizeof bp);
-    res_t r;
-    CLI(&r, "sinkhorn", "--cost", cp, "--log-a", ap, "--log-b", bp, "--epsilon", "0.1", "--value", "dual",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkhorn", "--cost", cp, "--log-a", ap, "--log-b", bp, "--epsilon", "0.1", "--value", "dual",
         "--max-iter", "500", "--check-every", "7", "--backend", "cpu");
     cr_assert_eq(r.code, 0, "%s", r.err);
-    cr_expect(one_object(r.out));
+    cr_expect(kdl_json_valid_object(r.out));
     double Cd[45], lad[9], lbd[15];
     for (int k = 0; k < 45; k++) Cd[k] = C[k];
     for (int k = 0; k < 9; k++) lad[k] = la[k];
@@ -317,9 +178,9 @@ Test(sinkhorn_cli, batch_with_log_weights_and_dual_value)
     a.iterations = it;
     cr_assert_eq(kdl_ref_sinkhorn(&d, &a), KDL_STATUS_SUCCESS);
     double got[8];
-    cr_assert_eq(jarray(r.out, "value", got, 8), 3);
+    cr_assert_eq(kdl_json_read_array(r.out, "value", got, 8), 3);
     for (int b = 0; b < 3; b++) cr_expect(got[b] == v[b]);
-    cr_assert_eq(jarray(r.out, "iterations", got, 8), 3);
+    cr_assert_eq(kdl_json_read_array(r.out, "iterations", got, 8), 3);
     for (int b = 0; b < 3; b++) cr_expect(got[b] == (double)it[b] && it[b] % 7 == 0);
     cr_expect(strstr(r.out, "\"value_kind\": \"dual\"") != NULL);
     unlink(cp), unlink(ap), unlink(bp);
@@ -337,8 +198,8 @@ Test(sinkhorn_cli, points_l1_debiased_with_eps_scaling)
     save("y.npy", KDL_NPY_F64, 3, sy, y, yp, sizeof yp);
     tpath(pp, sizeof pp, "plan3.npy");
     unlink(pp);
-    res_t r;
-    CLI(&r, "sinkhorn", "--x", xp, "--y", yp, "--metric", "l1", "--epsilon", "0.02", "--debias", "--eps-scaling",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkhorn", "--x", xp, "--y", yp, "--metric", "l1", "--epsilon", "0.02", "--debias", "--eps-scaling",
         "--eps-factor", "0.7", "--plan-out", pp, "--backend", "cpu");
     cr_assert_eq(r.code, 0, "%s", r.err);
     kdl_sinkhorn_desc_t d;
@@ -362,7 +223,7 @@ Test(sinkhorn_cli, points_l1_debiased_with_eps_scaling)
     a.marginal_error = e;
     cr_assert_eq(kdl_ref_sinkhorn(&d, &a), KDL_STATUS_SUCCESS);
     double got[4];
-    cr_assert_eq(jarray(r.out, "value", got, 4), 2);
+    cr_assert_eq(kdl_json_read_array(r.out, "value", got, 4), 2);
     cr_expect(got[0] == v[0] && got[1] == v[1]);
     cr_expect(strstr(r.out, "\"debias\": true") != NULL);
     kdl_npy_array_t pa;
@@ -415,23 +276,23 @@ Test(sinkhorn_cli, bad_usage_and_bad_files)
         {"bad backend", {"sinkhorn", "--cost", cp, "--epsilon", "0.1", "--backend", "tpu", "--plan-out", pp}},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        res_t r;
-        run(&r, cases[c].args);
+        kdl_cli_result_t r;
+        kdl_run_cli(&r, cases[c].args);
         expect_usage_error(&r, cases[c].what, "sinkhorn");
         cr_expect(!file_exists(pp), "%s: the plan file was written", cases[c].what);
         cr_expect(no_temporaries(pp), "%s: a temporary was left", cases[c].what);
     }
     if (!kdl_test_have_gpu()) {
-        res_t r;
-        CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.1", "--backend", "cuda", "--plan-out", pp);
+        kdl_cli_result_t r;
+        KDL_CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.1", "--backend", "cuda", "--plan-out", pp);
         expect_usage_error(&r, "cuda without a device", "sinkhorn");
         cr_expect(!file_exists(pp));
     }
     /* a plan path in a directory that does not exist: exit 2, nothing printed */
     char bad_dir[600];
     snprintf(bad_dir, sizeof bad_dir, "%s/no/such/dir/p.npy", KDL_TEST_TMPDIR);
-    res_t r;
-    CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.1", "--plan-out", bad_dir, "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.1", "--plan-out", bad_dir, "--backend", "cpu");
     expect_usage_error(&r, "plan in a missing directory", "sinkhorn");
     unlink(cp), unlink(np_), unlink(ap), unlink(fp), unlink(ip), unlink(xxp);
 }
@@ -451,11 +312,11 @@ Test(sinkhorn_cli, sinkd_matches_the_reference_and_writes_the_gradient)
     save("t16.npy", KDL_NPY_F16, 2, shape, T16, tp, sizeof tp);
     tpath(gp, sizeof gp, "grad.npy");
     unlink(gp);
-    res_t r;
-    CLI(&r, "sinkd", "--student", sp, "--teacher", tp, "--group-size", "3", "--temperature", "1.5", "--epsilon", "0.2",
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkd", "--student", sp, "--teacher", tp, "--group-size", "3", "--temperature", "1.5", "--epsilon", "0.2",
         "--max-iter", "30", "--metric", "sqeuclidean", "--scale", "2", "--grad-out", gp, "--backend", "cpu");
     cr_assert_eq(r.code, 0, "%s", r.err);
-    cr_expect(one_object(r.out), "%s", r.out);
+    cr_expect(kdl_json_valid_object(r.out), "%s", r.out);
     kdl_sinkd_desc_t d;
     kdl_sinkd_desc_init(&d);
     d.group_size = 3;
@@ -482,11 +343,11 @@ Test(sinkhorn_cli, sinkd_matches_the_reference_and_writes_the_gradient)
     a.ld_grad = V;
     a.grad_dtype = KDL_DTYPE_F64;
     cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS);
-    cr_expect(jnum_at(jkey(r.out, "loss")) == loss);
+    cr_expect(kdl_json_read_number(r.out, "loss") == loss);
     double got[4];
-    cr_assert_eq(jarray(r.out, "group_loss", got, 4), 2);
+    cr_assert_eq(kdl_json_read_array(r.out, "group_loss", got, 4), 2);
     cr_expect(got[0] == gl[0] && got[1] == gl[1]);
-    cr_assert_eq(jarray(r.out, "iterations", got, 4), 2);
+    cr_assert_eq(kdl_json_read_array(r.out, "iterations", got, 4), 2);
     cr_expect(got[0] == 30 && got[1] == 30);
     kdl_npy_array_t ga;
     char msg[256];
@@ -510,15 +371,15 @@ Test(sinkhorn_cli, sinkd_invalid_group_is_null_and_counted)
     char sp[512], tp[512];
     save("sn.npy", KDL_NPY_F32, 2, shape, S, sp, sizeof sp);
     save("tn.npy", KDL_NPY_F32, 2, shape, T, tp, sizeof tp);
-    res_t r;
-    CLI(&r, "sinkd", "--student", sp, "--teacher", tp, "--group-size", "2", "--backend", "cpu");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "sinkd", "--student", sp, "--teacher", tp, "--group-size", "2", "--backend", "cpu");
     cr_assert_eq(r.code, 0, "%s", r.err);
-    cr_expect(one_object(r.out), "%s", r.out);
+    cr_expect(kdl_json_valid_object(r.out), "%s", r.out);
     double got[4];
-    cr_assert_eq(jarray(r.out, "group_loss", got, 4), 2);
+    cr_assert_eq(kdl_json_read_array(r.out, "group_loss", got, 4), 2);
     cr_expect(isnan(got[0]) && isfinite(got[1]));
-    cr_expect(jnum_at(jkey(r.out, "invalid_groups")) == 1);
-    cr_expect(jnum_at(jkey(r.out, "loss")) == got[1]);
+    cr_expect(kdl_json_read_number(r.out, "invalid_groups") == 1);
+    cr_expect(kdl_json_read_number(r.out, "loss") == got[1]);
     unlink(sp), unlink(tp);
 }
 
@@ -547,8 +408,8 @@ Test(sinkhorn_cli, sinkd_bad_usage)
         {"scale inf", {"sinkd", "--student", ap, "--teacher", ap, "--scale", "inf", "--grad-out", gp}},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        res_t r;
-        run(&r, cases[c].args);
+        kdl_cli_result_t r;
+        kdl_run_cli(&r, cases[c].args);
         expect_usage_error(&r, cases[c].what, "sinkd");
         cr_expect(!file_exists(gp), "%s: the gradient file was written", cases[c].what);
         cr_expect(no_temporaries(gp), "%s: a temporary was left", cases[c].what);
