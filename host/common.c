@@ -139,6 +139,20 @@ void kdl_loss_args_init(kdl_loss_args_t *a)
 }
 
 /* -------------------------------------------------------------- validation */
+kdl_status_t kdl_check_struct_pair(const void *desc, size_t desc_size, const void *args, size_t args_size)
+{
+    if (!desc) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
+    if (!args) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
+    size_t ds, as;
+    memcpy(&ds, desc, sizeof ds);
+    memcpy(&as, args, sizeof as);
+    if (ds != desc_size)
+        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "desc->struct_size is %zu, expected %zu", ds, desc_size);
+    if (as != args_size)
+        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu", as, args_size);
+    return KDL_STATUS_SUCCESS;
+}
+
 static int dtype_ok(kdl_dtype_t t) { return kdl_dtype_allowed(t, 1); }
 
 int kdl_span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem)
@@ -190,14 +204,7 @@ int kdl_logit_spans_ok(const kdl_logit_layout_t *l)
 kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, int allow_f64)
 {
     kdl_clear_error();
-    if (!d) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
-    if (!a) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
-    if (d->struct_size != sizeof *d)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "desc->struct_size is %zu, expected %zu",
-                        d->struct_size, sizeof *d);
-    if (a->struct_size != sizeof *a)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu",
-                        a->struct_size, sizeof *a);
+    KDL_CHECK_STRUCT_PAIR(d, a);
 
     if ((unsigned)d->divergence >= KDL_DIV_COUNT_)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "divergence %d unknown", (int)d->divergence);

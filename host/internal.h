@@ -24,6 +24,16 @@ kdl_status_t kdl_fail(kdl_status_t status, const char *fmt, ...)
     ;
 void kdl_clear_error(void);
 
+/* The common head of every validator: desc and args non-NULL and their
+ * struct_size (the first member of every kdloss struct) as this build's.
+ * NULL_POINTER or BAD_STRUCT_SIZE with the detail set, else SUCCESS. */
+kdl_status_t kdl_check_struct_pair(const void *desc, size_t desc_size, const void *args, size_t args_size);
+#define KDL_CHECK_STRUCT_PAIR(d, a)                                                           \
+    do {                                                                                      \
+        kdl_status_t kdl_sp_ = kdl_check_struct_pair((d), sizeof *(d), (a), sizeof *(a));    \
+        if (kdl_sp_ != KDL_STATUS_SUCCESS) return kdl_sp_;                                    \
+    } while (0)
+
 /* Layout of a [rows, vocab] student/teacher logit pair with an optional
  * gradient, shared by every entry point that reads such logits (the loss,
  * SinKD): one check of dtypes, sizes, strides and byte spans. */

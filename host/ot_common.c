@@ -149,14 +149,7 @@ kdl_status_t kdl_sinkhorn_validate(const kdl_sinkhorn_desc_t *d, const kdl_sinkh
                                    int allow_f64)
 {
     kdl_clear_error();
-    if (!d) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
-    if (!a) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
-    if (d->struct_size != sizeof *d)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "desc->struct_size is %zu, expected %zu",
-                        d->struct_size, sizeof *d);
-    if (a->struct_size != sizeof *a)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu",
-                        a->struct_size, sizeof *a);
+    KDL_CHECK_STRUCT_PAIR(d, a);
 
     if ((unsigned)d->value >= KDL_OT_VALUE_COUNT_)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "value %d unknown", (int)d->value);
@@ -213,14 +206,7 @@ kdl_status_t kdl_sinkhorn_validate(const kdl_sinkhorn_desc_t *d, const kdl_sinkh
 kdl_status_t kdl_sinkd_validate(const kdl_sinkd_desc_t *d, const kdl_sinkd_args_t *a, int allow_f64)
 {
     kdl_clear_error();
-    if (!d) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
-    if (!a) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
-    if (d->struct_size != sizeof *d)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "desc->struct_size is %zu, expected %zu",
-                        d->struct_size, sizeof *d);
-    if (a->struct_size != sizeof *a)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu",
-                        a->struct_size, sizeof *a);
+    KDL_CHECK_STRUCT_PAIR(d, a);
 
     if ((unsigned)d->metric >= KDL_OT_METRIC_COUNT_)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "metric %d unknown", (int)d->metric);

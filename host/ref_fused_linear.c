@@ -44,11 +44,7 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
 kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, int allow_f64)
 {
     kdl_clear_error();
-    if (!d) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
-    if (!a) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
-    if (a->struct_size != sizeof *a)
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu", a->struct_size,
-                        sizeof *a);
+    KDL_CHECK_STRUCT_PAIR(d, a);
     if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
     kdl_status_t st = kdl_ext_validate_desc(d, a->vocab, a->out_dtype);
     if (st != KDL_STATUS_SUCCESS) return st;
