@@ -17,8 +17,8 @@ The library is found through --lib, $KDLOSS_LIBRARY, or build*/libkdloss.so.
 With the GPU entry point (kdl_shard_step) the same loop runs with device
 buffers and NCCL; see docs/extensions.md.
 
-Needs numpy; torch only without --simulate.  (In the session that wrote it,
-torch was not installed: the --simulate path was run, the torch path not.)
+Needs numpy; torch only without --simulate.  Both paths run in CI
+(tests/CMakeLists.txt: example_vocab_parallel, when torch imports).
 """
 import argparse
 import ctypes as C
@@ -191,12 +191,16 @@ def worker(rank, W, args):
         if op == OP_DONE:
             break
         dist.all_reduce(ex[:count], op=dist.ReduceOp.MAX if op == OP_MAX else dist.ReduceOp.SUM)
-    parts = [torch.zeros(0)] * W
-    g = torch.from_numpy(sh.grad)
+    # gloo's gather wants equal sizes: pad each slice to the widest, trim after
+    widths = split(S.shape[1], W)[0]
+    wmax = max(widths)
+    g = torch.zeros(S.shape[0], wmax, dtype=torch.float64)
+    g[:, : sh.grad.shape[1]] = torch.from_numpy(sh.grad)
     if rank == 0:
-        parts = [torch.zeros(S.shape[0], w, dtype=torch.float64) for w in split(S.shape[1], W)[0]]
+        parts = [torch.zeros(S.shape[0], wmax, dtype=torch.float64) for _ in range(W)]
         dist.gather(g, gather_list=parts, dst=0)
-        ok = report(lib, desc, S, T, sh.loss[0], torch.cat(parts, dim=1).numpy(), W)
+        grad = torch.cat([p[:, :w] for p, w in zip(parts, widths)], dim=1)
+        ok = report(lib, desc, S, T, sh.loss[0], grad.numpy(), W)
     else:
         dist.gather(g, dst=0)
         ok = True
