@@ -420,6 +420,13 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
 
     const int tid = threadIdx.x;
     const int C = P.cluster;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    /* Built for an architecture without clusters (e.g. PTX below compute_90
+     * JIT-compiled on Hopper): row_barrier / peer_ptr / cluster_rank fall
+     * back to the single-CTA forms, so a cluster launch would silently give
+     * every CTA rank 0 and no DSMEM.  Fail loudly instead. */
+    if (C > 1) __trap();
+#endif
     const int rank = cluster_rank(C);
     const int64_t row = P.row0 + (int64_t)(blockIdx.x / (unsigned)C);
     const int64_t lo = (int64_t)rank * P.chunks_per * kChunk;
