@@ -11,6 +11,7 @@
  * a host buffer that is freed on return: cudaMemcpyAsync from pageable
  * memory has consumed its source when it returns.
  */
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -344,6 +345,10 @@ static kdl_status_t sk_plan(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, const 
     P->points = a->x != NULL;
     P->debias = d->debias != 0;
     P->yy_solved = P->debias && !a->self_yy_given;
+    /* the kernels take eps (and log2(e)/eps) in FP32: a denormal or
+     * out-of-range eps would turn into 0 or inf there and NaN everything */
+    if (!(d->epsilon >= FLT_MIN && d->epsilon <= FLT_MAX))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "epsilon = %g is outside the GPU path's FP32 range", d->epsilon);
     if (P->points && (a->dim > INT32_MAX || (a->grad_x && cdiv(a->dim, 128) > 65535)))
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "dim = %lld is beyond the GPU path's limit", (long long)a->dim);
     const int64_t nprob = B * (1 + P->debias + P->yy_solved);
@@ -585,6 +590,8 @@ static kdl_status_t sd_plan(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl
     P->G = P->N / P->n;
     if (P->V > INT32_MAX || P->N > INT32_MAX)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "rows or vocab beyond the GPU path's 2^31 - 1");
+    if (!(d->epsilon >= FLT_MIN && d->epsilon <= FLT_MAX) || !(d->temperature >= FLT_MIN && d->temperature <= FLT_MAX))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "epsilon or temperature outside the GPU path's FP32 range");
     carve_t c = {base, 0, 0};
     P->ps = (float *)take(&c, (uint64_t)(P->N * P->V), sizeof(float));
     P->pt = (float *)take(&c, (uint64_t)(P->N * P->V), sizeof(float));

@@ -66,8 +66,11 @@ __device__ __forceinline__ void lse_add(Lse &a, float u)
     }
 }
 
-/* Commutative bit for bit (IEEE addition is), so butterflies agree on
- * every lane and the result does not depend on the pairing order. */
+/* Deterministic for a fixed merge order.  Not guaranteed commutative bit for
+ * bit: nvcc contracts a*x + b*y into fma(a, x, b*y) by default, so after a
+ * butterfly the lanes may differ in the last bit; callers read one lane
+ * (lane 0 in k_f_update) or merge in a fixed order (k_g_update), so the
+ * results stay reproducible run to run. */
 __device__ __forceinline__ Lse lse_merge(Lse a, Lse b)
 {
     if (a.m == -INFINITY) return b;
@@ -174,7 +177,10 @@ __global__ void __launch_bounds__(kBlock) k_sq_fixup(const kdl_otk_job_t *__rest
     const int j = t.c0 + (int)(threadIdx.x % KDL_OTK_COST_TILE);
     if (i >= J.n || j >= J.m) return;
     float *c = J.C + (int64_t)i * J.m + j;
-    *c = fmaxf(0.0f, J.nx[i] + J.ny[j] + *c);
+    /* clamp at 0 but keep NaN: fmaxf(0, NaN) is 0, which would hide a NaN /
+     * inf point (inf - inf in the expansion) from k_scan's non-finite flag */
+    const float v = J.nx[i] + J.ny[j] + *c;
+    *c = v < 0.0f ? 0.0f : v;
 }
 
 /* L1 cost: thread (ti, tj) of the 16 x 16 tile owns entry (r0 + ti, c0 + tj);
@@ -320,10 +326,23 @@ __global__ void __launch_bounds__(kBlock) k_f_update(const kdl_otk_prob_t *__res
     p.f[it & 1][i] = fnew;
     const int64_t prev = it - 1;
     if (final_pass || (prev >= 1 && kdl_ot_check_due(&sch, prev, prm.tol, prm.check_every))) {
-        /* row sum of P(f_old, g) = a_i exp((f_old - f_new)/eps) */
-        const float a = exp2f(logw2(p.la, i, -log2f((float)p.n)));
+        /* row sum of P(f_old, g) = a_i exp((f_old - f_new)/eps).  A zero
+         * weight (la = -inf) is a zero row of P: term 0, as the reference
+         * (a_i * expm1 would be 0 * inf = NaN when the zero-weight row's f
+         * moved by more than ~88 eps, common at small eps).  A large x is
+         * taken in the log domain so a tiny a_i times a huge e^x does not
+         * overflow before the product. */
+        const float la2 = logw2(p.la, i, -log2f((float)p.n));
         const float fo = p.f[prev & 1][i];
-        p.rowerr[i] = fabsf(a * expm1f((fo - fnew) / eps));
+        const float x = (fo - fnew) / eps;
+        float e;
+        if (la2 == -INFINITY)
+            e = 0.0f;
+        else if (x < 80.0f)
+            e = fabsf(exp2f(la2) * expm1f(x));
+        else
+            e = exp2f(la2 + x * kLog2e); /* a e^x - a = a e^x to float precision */
+        p.rowerr[i] = e;
     }
 }
 
@@ -465,6 +484,15 @@ __global__ void __launch_bounds__(kBlock) k_combine(kdl_otk_combine_t L)
     if (L.g_out) {
         float *go = L.g_out + L.g_off[b];
         for (int j = threadIdx.x; j < p.m; j += kBlock) go[j] = bad ? NAN : p.g[j];
+    }
+    if (bad && s.done != 2) {
+        /* only a self problem was flagged (a non-finite cost_xx / cost_yy):
+         * k_finish wrote this problem's f and plan as valid; the documented
+         * policy is NaN for all of the problem's outputs */
+        if (p.f_out)
+            for (int i = threadIdx.x; i < p.n; i += kBlock) p.f_out[i] = NAN;
+        if (p.plan)
+            for (int64_t e = threadIdx.x; e < (int64_t)p.n * p.m; e += kBlock) p.plan[e] = NAN;
     }
     if (threadIdx.x != 0) return;
     L.value[b] = bad ? NAN : (float)v;

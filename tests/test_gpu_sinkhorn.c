@@ -477,6 +477,32 @@ Test(gpu_sinkhorn, non_finite_problem_is_flagged_and_the_others_are_unaffected)
     kdl_destroy(h);
 }
 
+/* A NaN point must flag its problem with SQEUCLIDEAN too: the GEMM expansion
+ * gives NaN there, and the clamp at 0 after it must keep the NaN (fmaxf(0,
+ * NaN) is 0, which once hid it; docs/sinkhorn-review.md #2). */
+Test(gpu_sinkhorn, non_finite_point_is_flagged_with_sqeuclidean)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {31};
+    const int64_t B = 2, n = 4, m = 5, dim = 3;
+    float x[24], y[30], v[2], e[2];
+    int64_t it[2];
+    fill(&rng, x, B * n * dim, 0, 1);
+    fill(&rng, y, B * m * dim, 0, 1);
+    x[n * dim + 2] = NAN; /* problem 1 */
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.tol = 0;
+    d.max_iter = 30;
+    hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .x = x, .y = y, .value = v, .err = e, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
+    cr_expect_eq(c.info, 1);
+    cr_expect(isnan(v[1]) && isnan(e[1]) && it[1] == 0);
+    cr_expect(isfinite(v[0]) && it[0] == 30);
+    kdl_destroy(h);
+}
+
 Test(gpu_sinkhorn, cached_teacher_self_term)
 {
     KDL_SKIP_WITHOUT_GPU();
