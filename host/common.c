@@ -51,6 +51,7 @@ const char *kdl_status_string(kdl_status_t s)
     case KDL_STATUS_BAD_ITERATIONS: return "KDL_STATUS_BAD_ITERATIONS: iteration counts must be >= 1";
     case KDL_STATUS_BAD_TOLERANCE: return "KDL_STATUS_BAD_TOLERANCE: tolerance must be >= 0";
     case KDL_STATUS_BAD_GROUP: return "KDL_STATUS_BAD_GROUP: rows must be a positive multiple of the group size";
+    case KDL_STATUS_MISALIGNED: return "KDL_STATUS_MISALIGNED: a pointer is not aligned to its element size";
     case KDL_STATUS_BAD_SCHEDULE: return "KDL_STATUS_BAD_SCHEDULE: epsilon-scaling factor must be in (0, 1)";
     case KDL_STATUS_NOT_SUPPORTED: return "KDL_STATUS_NOT_SUPPORTED: not supported on this path";
     case KDL_STATUS_NOT_IMPLEMENTED: return "KDL_STATUS_NOT_IMPLEMENTED: not implemented";
@@ -232,6 +233,31 @@ kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *
     if (a->rows > 0 && !a->teacher) return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher is NULL");
     if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
         return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
+
+    /* Every array aligned to its element: the kernels' loads and stores
+     * (and the reference's typed accesses) assume it. */
+    const struct {
+        const void *p;
+        size_t elem;
+        const char *name;
+    } arrays[] = {{a->student, kdl_dtype_size(a->student_dtype), "student"},
+                  {a->teacher, kdl_dtype_size(a->teacher_dtype), "teacher"},
+                  {a->grad, kdl_dtype_size(a->grad_dtype), "grad"},
+                  {a->loss, kdl_dtype_size(a->out_dtype), "loss"},
+                  {a->labels, 8, "labels"},
+                  {a->stat_fkl, kdl_dtype_size(a->out_dtype), "stat_fkl"},
+                  {a->stat_rkl, kdl_dtype_size(a->out_dtype), "stat_rkl"},
+                  {a->stat_g_head, kdl_dtype_size(a->out_dtype), "stat_g_head"},
+                  {a->stat_g_tail, kdl_dtype_size(a->out_dtype), "stat_g_tail"},
+                  {a->stat_w_head, kdl_dtype_size(a->out_dtype), "stat_w_head"},
+                  {a->stat_w_tail, kdl_dtype_size(a->out_dtype), "stat_w_tail"},
+                  {a->stat_head_size, 8, "stat_head_size"},
+                  {a->info, 8, "info"},
+                  {a->valid_rows, 8, "valid_rows"}};
+    for (size_t k = 0; k < sizeof arrays / sizeof arrays[0]; k++)
+        if (arrays[k].p && (uintptr_t)arrays[k].p % arrays[k].elem != 0)
+            return kdl_fail(KDL_STATUS_MISALIGNED, "%s is not aligned to its %zu-byte element", arrays[k].name,
+                            arrays[k].elem);
 
     if (!kdl_logit_spans_ok(&layout))
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "rows x stride overflows");

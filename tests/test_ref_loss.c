@@ -711,6 +711,11 @@ static void m_grad_dtype(kdl_loss_desc_t *d, kdl_loss_args_t *a) { a->grad_dtype
 static void m_out_dtype(kdl_loss_desc_t *d, kdl_loss_args_t *a) { a->out_dtype = KDL_DTYPE_F16; }
 static void m_desc_size(kdl_loss_desc_t *d, kdl_loss_args_t *a) { d->struct_size = 8; }
 static void m_args_size(kdl_loss_desc_t *d, kdl_loss_args_t *a) { a->struct_size = 0; }
+static void m_misaligned_student(kdl_loss_desc_t *d, kdl_loss_args_t *a)
+{
+    a->student = (const char *)a->student + 4; /* f64 rows at a 4-byte offset */
+}
+static void m_misaligned_loss(kdl_loss_desc_t *d, kdl_loss_args_t *a) { a->loss = (char *)a->loss + 1; }
 static void m_overflow(kdl_loss_desc_t *d, kdl_loss_args_t *a)
 {
     a->rows = INT64_MAX / 4;
@@ -751,6 +756,8 @@ Test(bad_args, each_returns_its_status_and_writes_nothing)
         {"desc struct_size", KDL_STATUS_BAD_STRUCT_SIZE, m_desc_size},
         {"args struct_size", KDL_STATUS_BAD_STRUCT_SIZE, m_args_size},
         {"size overflow", KDL_STATUS_SIZE_OVERFLOW, m_overflow},
+        {"misaligned student", KDL_STATUS_MISALIGNED, m_misaligned_student},
+        {"misaligned loss", KDL_STATUS_MISALIGNED, m_misaligned_loss},
     };
     enum { N = 2, V = 6 };
     double S[N * V], T[N * V];

@@ -22,6 +22,7 @@ Test(types, every_status_has_its_own_string)
                                 KDL_STATUS_BAD_STRUCT_SIZE,  KDL_STATUS_BAD_EPSILON,
                                 KDL_STATUS_BAD_ITERATIONS,   KDL_STATUS_BAD_TOLERANCE,
                                 KDL_STATUS_BAD_GROUP,        KDL_STATUS_BAD_SCHEDULE,
+                                KDL_STATUS_MISALIGNED,
                                 KDL_STATUS_NOT_SUPPORTED,    KDL_STATUS_NOT_IMPLEMENTED,
                                 KDL_STATUS_ARCH_MISMATCH,    KDL_STATUS_NO_DEVICE,
                                 KDL_STATUS_CUDA_ERROR,       KDL_STATUS_CUBLAS_ERROR,

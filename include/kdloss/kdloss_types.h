@@ -51,6 +51,7 @@ typedef enum kdl_status {
     KDL_STATUS_BAD_TOLERANCE = 1016,      /* tol < 0 or NaN                   */
     KDL_STATUS_BAD_GROUP = 1017,          /* SinKD: N not a multiple of n     */
     KDL_STATUS_BAD_SCHEDULE = 1018,       /* eps-scaling factor not in (0,1)  */
+    KDL_STATUS_MISALIGNED = 1019,         /* pointer not aligned to its element */
 
     KDL_STATUS_NOT_SUPPORTED = 2000,      /* valid, but not on this path      */
     KDL_STATUS_NOT_IMPLEMENTED = 2001,
