@@ -19,9 +19,6 @@
 #define MAXV 40
 #define MAXD 12
 
-static const kdl_divergence_t all_divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
-                                            KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
-#define NDIVS (sizeof all_divs / sizeof all_divs[0])
 
 typedef struct fres {
     double loss[MAXN];
@@ -30,15 +27,6 @@ typedef struct fres {
     int64_t info, valid;
     kdl_status_t status;
 } fres_t;
-
-static kdl_loss_desc_t desc_of(kdl_divergence_t div, kdl_reduction_t red)
-{
-    kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    d.divergence = div;
-    d.reduction = red;
-    return d;
-}
 
 static void random_fill(uint64_t seed, double *x, int64_t n, double sigma)
 {
@@ -102,7 +90,7 @@ static void check_fd(kdl_divergence_t div, kdl_reduction_t red, double tau, uint
     random_fill(seed + 1, W, V * D, 0.7);
     random_fill(seed + 2, T, N * V, 2.0);
     const int64_t labels[N] = {1, -100, 4};
-    kdl_loss_desc_t d = desc_of(div, red);
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
     d.scale = 1.25;
     fres_t base;
@@ -139,10 +127,10 @@ static void check_fd(kdl_divergence_t div, kdl_reduction_t red, double tau, uint
 
 Test(finite_difference, dH_and_dW_every_divergence)
 {
-    for (size_t k = 0; k < NDIVS; k++) {
-        if (all_divs[k] == KDL_DIV_AKL) continue; /* frozen weights: below */
-        check_fd(all_divs[k], KDL_REDUCTION_MEAN, 1.0, 100 + 5 * k);
-        check_fd(all_divs[k], KDL_REDUCTION_SUM, 2.0, 200 + 5 * k);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        if (kdl_all_divs[k] == KDL_DIV_AKL) continue; /* frozen weights: below */
+        check_fd(kdl_all_divs[k], KDL_REDUCTION_MEAN, 1.0, 100 + 5 * k);
+        check_fd(kdl_all_divs[k], KDL_REDUCTION_SUM, 2.0, 200 + 5 * k);
     }
 }
 
@@ -162,7 +150,7 @@ Test(finite_difference, akl_with_frozen_weights)
         for (int k = 0; k < D; k++) L[v] += H[k] * W[v * D + k];
     }
     double wh, wt, dl;
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
     kdl_loss_args_t la;
     kdl_loss_args_init(&la);
     la.rows = 1;
@@ -178,7 +166,7 @@ Test(finite_difference, akl_with_frozen_weights)
     fres_t base;
     run_fused(&d, H, W, T, NULL, N, D, V, &base);
     cr_assert_eq(base.status, KDL_STATUS_SUCCESS);
-    kdl_loss_desc_t df = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = desc_of(KDL_DIV_RKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t df = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = kdl_test_desc(KDL_DIV_RKL, KDL_REDUCTION_SUM);
     double fdH[D], fdW[V * D];
     for (int j = 0; j < D + V * D; j++) {
         double *x = j < D ? &H[j] : &W[j - D];
@@ -201,7 +189,7 @@ Test(dense, equals_dense_on_materialised_logits)
 {
     enum { N = 5, D = 7, V = 33 };
     double H[N * D], W[V * D], T[N * V], L[N * V], dL[N * V];
-    for (size_t k = 0; k < NDIVS; k++) {
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
         random_fill(400 + k, H, N * D, 1.0);
         random_fill(500 + k, W, V * D, 0.9);
         random_fill(600 + k, T, N * V, 2.0);
@@ -211,7 +199,7 @@ Test(dense, equals_dense_on_materialised_logits)
                 for (int j = 0; j < D; j++) s += H[i * D + j] * W[v * D + j];
                 L[i * V + v] = s;
             }
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_NONE);
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_NONE);
         d.temperature = 1.5;
         double dloss[N];
         kdl_loss_args_t la;
@@ -242,7 +230,7 @@ Test(dense, equals_dense_on_materialised_logits)
         run_fused(&d, H, W, T, NULL, N, D, V, &r);
         cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
         kdl_tol_t tol = {1e-12, 1e-14};
-        const char *name = kdl_divergence_name(all_divs[k]);
+        const char *name = kdl_divergence_name(kdl_all_divs[k]);
         KDL_EXPECT_CLOSE(name, r.loss, dloss, N, tol);
         KDL_EXPECT_CLOSE(name, r.dH, wantH, N * D, tol);
         KDL_EXPECT_CLOSE(name, r.dW, wantW, V * D, tol);
@@ -257,7 +245,7 @@ Test(rows, invalid_teacher_row_contributes_nothing)
     random_fill(701, W, V * D, 1.0);
     random_fill(702, T, N * V, 1.0);
     T[1 * V + 3] = NAN;
-    kdl_loss_desc_t d = desc_of(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
     fres_t all, two;
     run_fused(&d, H, W, T, NULL, N, D, V, &all);
     cr_assert_eq(all.status, KDL_STATUS_SUCCESS);
@@ -281,7 +269,7 @@ Test(rows, empty_batch_zeroes_dW)
     enum { D = 3, V = 4 };
     double W[V * D];
     random_fill(800, W, V * D, 1.0);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     fres_t r;
     memset(&r, 0, sizeof r);
     for (int j = 0; j < V * D; j++) r.dW[j] = 9;
@@ -303,7 +291,7 @@ Test(dtypes, f32_inputs_convert_exactly)
     kdl_to_dtype(W, Wf, KDL_DTYPE_F32, V * D);
     kdl_from_dtype(Hf, H2, KDL_DTYPE_F32, N * D);
     kdl_from_dtype(Wf, W2, KDL_DTYPE_F32, V * D);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_RKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_RKL, KDL_REDUCTION_SUM);
     fres_t want, got;
     run_fused(&d, H2, W2, T, NULL, N, D, V, &want);
     memset(&got, 0, sizeof got);
@@ -330,7 +318,7 @@ Test(api, chunk_rows_and_bad_arguments)
 
     enum { N = 2, D = 3, V = 5 };
     double H[N * D] = {0}, W[V * D] = {0}, T[N * V] = {0};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     fres_t r;
     memset(&r, 0, sizeof r);
     r.loss[0] = 42;

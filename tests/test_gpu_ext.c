@@ -42,18 +42,6 @@ static void get_dev(void *dst, const void *src, size_t bytes) { CUDA_OK(cudaMemc
 #endif
 
 
-static kdl_loss_desc_t desc_of(kdl_divergence_t div, kdl_reduction_t red)
-{
-    kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    d.divergence = div;
-    d.reduction = red;
-    return d;
-}
-
-static const kdl_divergence_t all_divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
-                                            KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
-#define NDIVS (sizeof all_divs / sizeof all_divs[0])
 
 /* Float32-appropriate tolerance relative to the largest reference entry. */
 static kdl_tol_t scaled_tol(const double *ref, size_t n, double rel)
@@ -68,7 +56,7 @@ static kdl_tol_t scaled_tol(const double *ref, size_t n, double rel)
 /* ------------------------------------------------------ no device needed */
 Test(args, checked_before_any_device_use)
 {
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     kdl_sparse_args_t s;
     kdl_sparse_args_init(&s);
     cr_expect_eq(kdl_sparse_loss(NULL, &d, &s, NULL, 0), KDL_STATUS_NULL_POINTER);
@@ -118,7 +106,7 @@ static void sparse_case(kdl_sparse_mode_t mode, kdl_divergence_t div, kdl_reduct
     kdl_from_dtype(Sf, S, KDL_DTYPE_F32, (int64_t)nv);
     kdl_from_dtype(Pf, P, KDL_DTYPE_F32, (int64_t)nk);
 
-    kdl_loss_desc_t d = desc_of(div, red);
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = 1.3;
     size_t nl = red == KDL_REDUCTION_NONE ? (size_t)N : 1;
     double *rl = (double *)calloc(nl, sizeof(double)), *rg = (double *)calloc(nv, sizeof(double));
@@ -208,10 +196,10 @@ Test(gpu_sparse, every_divergence_both_modes)
 {
     KDL_SKIP_WITHOUT_GPU();
     for (int m = 0; m < KDL_SPARSE_MODE_COUNT_; m++)
-        for (size_t k = 0; k < NDIVS; k++) {
-            if (!kdl_sparse_supports((kdl_sparse_mode_t)m, all_divs[k])) continue;
-            sparse_case((kdl_sparse_mode_t)m, all_divs[k], KDL_REDUCTION_NONE, 6, 1283, 37, 10 + k, 0);
-            sparse_case((kdl_sparse_mode_t)m, all_divs[k], KDL_REDUCTION_MEAN, 6, 1283, 37, 20 + k, 1);
+        for (size_t k = 0; k < KDL_NDIVS; k++) {
+            if (!kdl_sparse_supports((kdl_sparse_mode_t)m, kdl_all_divs[k])) continue;
+            sparse_case((kdl_sparse_mode_t)m, kdl_all_divs[k], KDL_REDUCTION_NONE, 6, 1283, 37, 10 + k, 0);
+            sparse_case((kdl_sparse_mode_t)m, kdl_all_divs[k], KDL_REDUCTION_MEAN, 6, 1283, 37, 20 + k, 1);
         }
 }
 
@@ -236,7 +224,7 @@ static void shard_case(kdl_divergence_t div, kdl_head_rule_t rule, int64_t N, in
     T[3] = T[V / 2] = T[V - 2]; /* a tie across shards in row 0 */
     kdl_to_dtype(S, Sf, KDL_DTYPE_F32, (int64_t)nv);
     kdl_to_dtype(T, Tf, KDL_DTYPE_F32, (int64_t)nv);
-    kdl_loss_desc_t d = desc_of(div, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(div, KDL_REDUCTION_MEAN);
     d.head_rule = rule;
     d.top_k = 17;
     /* reference: the dense loss on the same float32 data */
@@ -345,7 +333,7 @@ static void shard_case(kdl_divergence_t div, kdl_head_rule_t rule, int64_t N, in
 Test(gpu_shard, three_shards_equal_unsharded)
 {
     KDL_SKIP_WITHOUT_GPU();
-    for (size_t k = 0; k < NDIVS; k++) shard_case(all_divs[k], KDL_HEAD_REFERENCE, 5, 3001, 100 + k);
+    for (size_t k = 0; k < KDL_NDIVS; k++) shard_case(kdl_all_divs[k], KDL_HEAD_REFERENCE, 5, 3001, 100 + k);
     shard_case(KDL_DIV_AKL, KDL_HEAD_MASS, 4, 32000, 200);
     shard_case(KDL_DIV_AKL, KDL_HEAD_TOPK, 4, 32000, 201);
 }
@@ -362,7 +350,7 @@ static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int
     for (size_t j = 0; j < nt; j++) T[j] = (float)(2 * kdl_rng_normal(&g));
     int64_t *labels = (int64_t *)malloc((size_t)N * 8);
     for (int64_t i = 0; i < N; i++) labels[i] = i % 5 == 3 ? -100 : 1;
-    kdl_loss_desc_t d = desc_of(div, red);
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
     size_t nl = red == KDL_REDUCTION_NONE ? (size_t)N : 1;
     double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8);
     kdl_fused_linear_args_t a;
@@ -439,10 +427,10 @@ static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int
 Test(gpu_fused_linear, every_gpu_divergence_against_reference)
 {
     KDL_SKIP_WITHOUT_GPU();
-    for (size_t k = 0; k < NDIVS; k++) {
-        if (all_divs[k] == KDL_DIV_AKL) continue;
-        fused_case(all_divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 300 + k);
-        fused_case(all_divs[k], KDL_REDUCTION_NONE, 13, 32, 517, 0, 400 + k);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        if (kdl_all_divs[k] == KDL_DIV_AKL) continue;
+        fused_case(kdl_all_divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 300 + k);
+        fused_case(kdl_all_divs[k], KDL_REDUCTION_NONE, 13, 32, 517, 0, 400 + k);
     }
 }
 
@@ -451,7 +439,7 @@ Test(gpu_fused_linear, akl_is_not_supported_and_workspace_checked)
     KDL_SKIP_WITHOUT_GPU();
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_MEAN);
     float dummy[64] = {0};
     double loss;
     kdl_fused_linear_args_t a;

@@ -52,9 +52,6 @@ Test(gpu_loss, built_without_cuda)
         cr_assert_eq(e_, cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));                \
     } while (0)
 
-static const kdl_divergence_t all_divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
-                                            KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
-#define NDIVS ((int)(sizeof all_divs / sizeof all_divs[0]))
 
 /* ------------------------------------------------------------ row kinds */
 enum row_kind {
@@ -608,11 +605,11 @@ Test(gpu_loss, every_divergence_dtype_and_rule)
 {
     KDL_SKIP_WITHOUT_GPU();
     kdl_handle_t h = new_handle();
-    for (int k = 0; k < NDIVS; k++) {
+    for (int k = 0; k < (int)KDL_NDIVS; k++) {
         for (int pi = 0; pi < NPAIRS; pi++) {
             for (int rule = 0; rule < 3; rule++) {
                 gcase_t c = case_default(5, 1271, pairs[pi][0], pairs[pi][1]);
-                c.d.divergence = all_divs[k];
+                c.d.divergence = kdl_all_divs[k];
                 c.d.head_rule = (kdl_head_rule_t)rule;
                 c.d.mu = 0.3 + 0.1 * rule;
                 c.d.top_k = 17 + 100 * rule;
@@ -623,7 +620,7 @@ Test(gpu_loss, every_divergence_dtype_and_rule)
                 c.gdt = (pi % 2) ? KDL_DTYPE_F32 : pairs[pi][0];
                 c.odt = (pi % 2) ? KDL_DTYPE_F64 : KDL_DTYPE_F32;
                 char what[96];
-                snprintf(what, sizeof what, "%s %s/%s rule %d", kdl_divergence_name(all_divs[k]),
+                snprintf(what, sizeof what, "%s %s/%s rule %d", kdl_divergence_name(kdl_all_divs[k]),
                          kdl_dtype_name(pairs[pi][0]), kdl_dtype_name(pairs[pi][1]), rule);
                 check_case(h, &c, what);
             }
@@ -642,11 +639,11 @@ Test(gpu_loss, adversarial_rows_every_divergence)
                                           ROW_IDENTICAL, ROW_SHIFTED, ROW_FEWVALUES, ROW_IGNORED,
                                           ROW_NAN,     ROW_POSINF,   ROW_ALLNEGINF, ROW_TIES16};
     const int64_t N = (int64_t)(sizeof kinds / sizeof kinds[0]);
-    for (int k = 0; k < NDIVS; k++) {
+    for (int k = 0; k < (int)KDL_NDIVS; k++) {
         for (int pi = 0; pi < 3; pi++) { /* same-dtype pairs: identical rows stay identical */
             for (int rule = 0; rule < 3; rule++) {
                 gcase_t c = case_default(N, 1271, pairs[pi][0], pairs[pi][1]);
-                c.d.divergence = all_divs[k];
+                c.d.divergence = kdl_all_divs[k];
                 c.d.head_rule = (kdl_head_rule_t)rule;
                 c.d.top_k = 640;
                 c.d.reduction = KDL_REDUCTION_NONE;
@@ -657,7 +654,7 @@ Test(gpu_loss, adversarial_rows_every_divergence)
                 c.ldg = 1271 + 5;
                 c.seed = (uint64_t)(1000 + k * 10 + pi);
                 char what[96];
-                snprintf(what, sizeof what, "adversarial %s %s rule %d", kdl_divergence_name(all_divs[k]),
+                snprintf(what, sizeof what, "adversarial %s %s rule %d", kdl_divergence_name(kdl_all_divs[k]),
                          kdl_dtype_name(pairs[pi][0]), rule);
                 check_case(h, &c, what);
             }

@@ -15,9 +15,6 @@
 #define MAXN 8
 #define MAXV 64
 
-static const kdl_divergence_t all_divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
-                                            KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
-#define NDIVS (sizeof all_divs / sizeof all_divs[0])
 
 /* Results of one reference call on float64 [N,V] rows (ld = V). */
 typedef struct run {
@@ -28,15 +25,6 @@ typedef struct run {
     int64_t info, valid;
     kdl_status_t status;
 } run_t;
-
-static kdl_loss_desc_t desc_of(kdl_divergence_t div, kdl_reduction_t red)
-{
-    kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    d.divergence = div;
-    d.reduction = red;
-    return d;
-}
 
 static void run_ref(const kdl_loss_desc_t *d, const double *S, const double *T, const int64_t *labels,
                     int64_t N, int64_t V, run_t *r)
@@ -88,10 +76,10 @@ Test(closed_form, identical_rows_give_zero_for_every_divergence)
 {
     double s[40];
     random_rows(1, s, 40, 2.0);
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         double l = loss1(&d, s, s, 40);
-        cr_expect(fabs(l) < 1e-14, "%s: %g", kdl_divergence_name(all_divs[k]), l);
+        cr_expect(fabs(l) < 1e-14, "%s: %g", kdl_divergence_name(kdl_all_divs[k]), l);
     }
 }
 
@@ -111,11 +99,11 @@ Test(closed_form, two_tokens_by_hand)
     /* AKL, reference rule, mu = 1/2: tie broken to token 0, head {0}:
      * g_head = g_tail = 1/4, weights 1/2. */
     const double expect[KDL_DIV_COUNT_] = {fkl, rkl, fkl + rkl, 0.5 * fkl + 0.5 * rkl, jsd, 0.25, skl, srkl};
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         double l = loss1(&d, s, t, 2);
-        cr_expect(fabs(l - expect[all_divs[k]]) < 1e-14, "%s: got %.17g want %.17g",
-                  kdl_divergence_name(all_divs[k]), l, expect[all_divs[k]]);
+        cr_expect(fabs(l - expect[kdl_all_divs[k]]) < 1e-14, "%s: got %.17g want %.17g",
+                  kdl_divergence_name(kdl_all_divs[k]), l, expect[kdl_all_divs[k]]);
     }
 }
 
@@ -123,7 +111,7 @@ Test(closed_form, akl_three_tokens_weights_by_hand)
 {
     /* p = (.5, .3, .2), q = (.4, .1, .5); reference rule mu = .55: head {0}. */
     const double t[3] = {log(0.5), log(0.3), log(0.2)}, s[3] = {log(0.4), log(0.1), log(0.5)};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
     d.mu = 0.55;
     run_t r;
     run_ref(&d, s, t, NULL, 1, 3, &r);
@@ -157,7 +145,7 @@ Test(closed_form, akl_tied_teacher_breaks_ties_by_lower_index)
 {
     /* uniform teacher over 4 tokens, q = (.1, .1, .1, .7) */
     const double t[4] = {1, 1, 1, 1}, s[4] = {log(0.1), log(0.1), log(0.1), log(0.7)};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
     d.mu = 0.6;
     run_t r;
     run_ref(&d, s, t, NULL, 1, 4, &r); /* reference: c_2 = .5 <= .6 < c_3: head {0,1} */
@@ -178,7 +166,7 @@ Test(closed_form, akl_tied_teacher_breaks_ties_by_lower_index)
 Test(closed_form, reference_rule_keeps_top1_when_it_exceeds_mu)
 {
     const double t[3] = {5, 0, 0}, s[3] = {0, 0, 0};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
     d.mu = 0.3; /* p_0 ~ .987 > mu: head is {0} all the same */
     run_t r;
     run_ref(&d, s, t, NULL, 1, 3, &r);
@@ -200,7 +188,7 @@ Test(closed_form, constant_logits_are_uniform)
     double lse = log(exp(2.0) + (V - 1));
     double want = 0;
     for (int v = 0; v < V; v++) want += (1.0 / V) * (log(1.0 / V) - (s[v] - lse));
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     cr_expect(fabs(loss1(&d, s, t, V) - want) < 1e-14);
 }
 
@@ -213,12 +201,12 @@ Test(closed_form, temperature_divides_the_logits)
         s2[v] = s[v] / 2.5;
         t2[v] = t[v] / 2.5;
     }
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         double plain = loss1(&d, s2, t2, 20);
         d.temperature = 2.5;
         double tempered = loss1(&d, s, t, 20);
-        cr_expect(fabs(plain - tempered) < 1e-13 * (1 + fabs(plain)), "%s", kdl_divergence_name(all_divs[k]));
+        cr_expect(fabs(plain - tempered) < 1e-13 * (1 + fabs(plain)), "%s", kdl_divergence_name(kdl_all_divs[k]));
     }
 }
 
@@ -230,12 +218,12 @@ Test(properties, bounds_hold_on_random_rows)
         double s[50], t[50];
         random_rows(seed, s, 50, 1.0 + (double)(seed % 5));
         random_rows(seed * 7 + 1, t, 50, 1.0 + (double)(seed % 3));
-        for (size_t k = 0; k < NDIVS; k++) {
-            kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+        for (size_t k = 0; k < KDL_NDIVS; k++) {
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
             double l = loss1(&d, s, t, 50);
-            cr_expect(l >= -1e-15, "%s negative: %g", kdl_divergence_name(all_divs[k]), l);
-            if (all_divs[k] == KDL_DIV_JSD) cr_expect(l <= log(2.0) + 1e-15);
-            if (all_divs[k] == KDL_DIV_TVD) cr_expect(l <= 1.0 + 1e-15);
+            cr_expect(l >= -1e-15, "%s negative: %g", kdl_divergence_name(kdl_all_divs[k]), l);
+            if (kdl_all_divs[k] == KDL_DIV_JSD) cr_expect(l <= log(2.0) + 1e-15);
+            if (kdl_all_divs[k] == KDL_DIV_TVD) cr_expect(l <= 1.0 + 1e-15);
         }
     }
 }
@@ -245,7 +233,7 @@ Test(properties, jeffreys_is_the_sum_and_stats_agree)
     double s[30], t[30];
     random_rows(5, s, 30, 2.0);
     random_rows(6, t, 30, 2.0);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     double f = loss1(&d, s, t, 30);
     d.divergence = KDL_DIV_RKL;
     double r = loss1(&d, s, t, 30);
@@ -265,7 +253,7 @@ Test(properties, akl_weights_are_half_when_p_equals_q)
 {
     double s[12];
     random_rows(7, s, 12, 1.0);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
     run_t r;
     run_ref(&d, s, s, NULL, 1, 12, &r);
     cr_expect_eq(r.w_head[0], 0.5);
@@ -282,10 +270,10 @@ Test(properties, shift_by_100_changes_nothing)
         s2[v] = s[v] + 100.0;
         t2[v] = t[v] - 100.0;
     }
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         double a = loss1(&d, s, t, 25), b = loss1(&d, s2, t2, 25);
-        cr_expect(fabs(a - b) < 1e-11 * (1 + fabs(a)), "%s: %.17g vs %.17g", kdl_divergence_name(all_divs[k]), a, b);
+        cr_expect(fabs(a - b) < 1e-11 * (1 + fabs(a)), "%s: %.17g vs %.17g", kdl_divergence_name(kdl_all_divs[k]), a, b);
     }
 }
 
@@ -294,7 +282,7 @@ Test(properties, jsd_is_symmetric_at_half)
     double s[25], t[25];
     random_rows(11, s, 25, 2.0);
     random_rows(12, t, 25, 2.0);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_JSD, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_SUM);
     cr_expect(fabs(loss1(&d, s, t, 25) - loss1(&d, t, s, 25)) < 1e-14);
 }
 
@@ -303,7 +291,7 @@ Test(properties, beta_and_alpha_limits)
     double s[25], t[25];
     random_rows(13, s, 25, 1.5);
     random_rows(14, t, 25, 1.5);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     double fkl = loss1(&d, s, t, 25);
     d.divergence = KDL_DIV_RKL;
     double rkl = loss1(&d, s, t, 25);
@@ -338,12 +326,12 @@ Test(properties, masked_tokens_equal_a_smaller_vocabulary)
             n++;
         }
     }
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         run_t full, small;
         run_ref(&d, s, t, NULL, 1, V, &full);
         run_ref(&d, s_small, t_small, NULL, 1, n, &small);
-        cr_expect(fabs(full.loss[0] - small.loss[0]) < 1e-13, "%s", kdl_divergence_name(all_divs[k]));
+        cr_expect(fabs(full.loss[0] - small.loss[0]) < 1e-13, "%s", kdl_divergence_name(kdl_all_divs[k]));
         int j = 0;
         for (int v = 0; v < V; v++) {
             if (v % 3 == 1) {
@@ -359,7 +347,7 @@ Test(properties, masked_tokens_equal_a_smaller_vocabulary)
 Test(properties, teacher_zero_where_student_positive_is_infinite_not_nan)
 {
     const double t[3] = {0, 0, -INFINITY}, s[3] = {0, 1, 2};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     double f = loss1(&d, s, t, 3);
     cr_expect(isfinite(f) && f > 0);
     d.divergence = KDL_DIV_RKL;
@@ -378,20 +366,20 @@ Test(properties, teacher_zero_where_student_positive_is_infinite_not_nan)
 Test(properties, extreme_logits_stay_finite)
 {
     double s[6] = {1e4, -1e4, 0, 3e3, -5e3, 1e4}, t[6] = {-1e4, 1e4, 2e3, 0, 1e4, -3e3};
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         run_t r;
         run_ref(&d, s, t, NULL, 1, 6, &r);
-        cr_expect(!isnan(r.loss[0]), "%s", kdl_divergence_name(all_divs[k]));
-        for (int v = 0; v < 6; v++) cr_expect(isfinite(r.grad[v]), "%s grad %d", kdl_divergence_name(all_divs[k]), v);
+        cr_expect(!isnan(r.loss[0]), "%s", kdl_divergence_name(kdl_all_divs[k]));
+        for (int v = 0; v < 6; v++) cr_expect(isfinite(r.grad[v]), "%s grad %d", kdl_divergence_name(kdl_all_divs[k]), v);
     }
 }
 
 Test(properties, one_token_vocabulary_is_zero)
 {
     const double s[1] = {3.0}, t[1] = {-2.0};
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         run_t r;
         run_ref(&d, s, t, NULL, 1, 1, &r);
         cr_expect_eq(r.status, KDL_STATUS_SUCCESS);
@@ -412,7 +400,7 @@ static void check_fd(kdl_divergence_t div, kdl_reduction_t red, double tau, doub
     random_rows(seed, S, N * V, 1.5);
     random_rows(seed + 100, T, N * V, 1.5);
     int64_t labels[N] = {0, -100, 5}; /* row 1 ignored */
-    kdl_loss_desc_t d = desc_of(div, red);
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
     d.scale = scale;
     d.alpha = 0.2;
@@ -463,9 +451,9 @@ Test(finite_difference, every_divergence_temperature_and_reduction)
 {
     const double taus[] = {1.0, 2.0, 0.7};
     const kdl_reduction_t reds[] = {KDL_REDUCTION_MEAN, KDL_REDUCTION_SUM, KDL_REDUCTION_NONE};
-    for (size_t k = 0; k < NDIVS; k++)
+    for (size_t k = 0; k < KDL_NDIVS; k++)
         for (int ti = 0; ti < 3; ti++)
-            for (int ri = 0; ri < 3; ri++) check_fd(all_divs[k], reds[ri], taus[ti], ri == 1 ? 1.7 : 1.0, 40 + k * 9 + ti * 3 + ri);
+            for (int ri = 0; ri < 3; ri++) check_fd(kdl_all_divs[k], reds[ri], taus[ti], ri == 1 ? 1.7 : 1.0, 40 + k * 9 + ti * 3 + ri);
 }
 
 Test(finite_difference, akl_each_head_rule)
@@ -476,12 +464,12 @@ Test(finite_difference, akl_each_head_rule)
         double s[V], t[V];
         random_rows(70 + rule, s, V, 1.5);
         random_rows(80 + rule, t, V, 1.5);
-        kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
         d.head_rule = (kdl_head_rule_t)rule;
         d.top_k = 3;
         run_t base;
         run_ref(&d, s, t, NULL, 1, V, &base);
-        kdl_loss_desc_t df = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = desc_of(KDL_DIV_RKL, KDL_REDUCTION_SUM);
+        kdl_loss_desc_t df = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = kdl_test_desc(KDL_DIV_RKL, KDL_REDUCTION_SUM);
         double fd[V];
         for (int j = 0; j < V; j++) {
             double sv = s[j];
@@ -506,8 +494,8 @@ Test(masks, all_ignored_gives_zero_loss_and_gradient)
     random_rows(91, T, 10, 1.0);
     int64_t labels[2] = {-100, -100};
     for (int red = 0; red < KDL_REDUCTION_COUNT_; red++) {
-        for (size_t k = 0; k < NDIVS; k++) {
-            kdl_loss_desc_t d = desc_of(all_divs[k], (kdl_reduction_t)red);
+        for (size_t k = 0; k < KDL_NDIVS; k++) {
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], (kdl_reduction_t)red);
             run_t r;
             run_ref(&d, S, T, labels, 2, 5, &r);
             cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
@@ -526,7 +514,7 @@ Test(masks, custom_ignore_index_and_mean_over_valid_rows)
     random_rows(92, S, N * V, 1.0);
     random_rows(93, T, N * V, 1.0);
     int64_t labels[N] = {3, 7, 7, 0};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_JSD, KDL_REDUCTION_NONE);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_NONE);
     d.ignore_index = 7;
     run_t none, mean, sum;
     run_ref(&d, S, T, labels, N, V, &none);
@@ -555,7 +543,7 @@ Test(masks, invalid_rows_are_counted_nan_and_excluded)
     T[2 * V + 0] = INFINITY;                                 /* row 2: +inf teacher */
     for (int v = 0; v < V; v++) S[3 * V + v] = -INFINITY;   /* row 3: all -inf student */
     int64_t labels[N] = {0, 0, 0, 0, 0};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
     run_t none, mean;
     run_ref(&d, S, T, labels, N, V, &none);
     cr_expect_eq(none.info, 3);
@@ -579,7 +567,7 @@ Test(masks, empty_batch_is_zero)
 {
     double loss = 123;
     int64_t info = 9, valid = 9;
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     kdl_loss_args_t a;
     kdl_loss_args_init(&a);
     a.rows = 0;
@@ -610,7 +598,7 @@ Test(masks, row_stride_leaves_padding_untouched)
             S[i * LD + v] = Sd[i * V + v];
             T[i * LD + v] = Td[i * V + v];
         }
-    kdl_loss_desc_t d = desc_of(KDL_DIV_SRKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, KDL_REDUCTION_MEAN);
     run_t dense;
     run_ref(&d, Sd, Td, NULL, N, V, &dense);
     double loss;
@@ -649,7 +637,7 @@ Test(dtypes, sixteen_bit_inputs_are_converted_exactly)
             kdl_to_dtype(T, tbuf, types[ti], N * V);
             kdl_from_dtype(sbuf, Sr, types[si], N * V);
             kdl_from_dtype(tbuf, Tr, types[ti], N * V);
-            kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+            kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
             run_t ref;
             run_ref(&d, Sr, Tr, NULL, N, V, &ref);
             double loss;
@@ -767,7 +755,7 @@ Test(bad_args, each_returns_its_status_and_writes_nothing)
         double loss[N] = {-42, -42}, grad[N * V], fkl[N] = {-42, -42};
         int64_t info = -42;
         for (int j = 0; j < N * V; j++) grad[j] = -42;
-        kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
         kdl_loss_args_t a;
         kdl_loss_args_init(&a);
         a.rows = N;

@@ -20,9 +20,6 @@
 #define MAXV 96
 #define MAXR 8
 
-static const kdl_divergence_t all_divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
-                                            KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
-#define NDIVS (sizeof all_divs / sizeof all_divs[0])
 
 typedef struct result {
     double loss[MAXN];
@@ -32,15 +29,6 @@ typedef struct result {
     int64_t info, valid;
     int steps;
 } result_t;
-
-static kdl_loss_desc_t desc_of(kdl_divergence_t div, kdl_reduction_t red)
-{
-    kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    d.divergence = div;
-    d.reduction = red;
-    return d;
-}
 
 static void random_rows(uint64_t seed, double *x, int64_t n, double sigma)
 {
@@ -253,11 +241,11 @@ Test(equality, every_divergence_every_split)
     enum { N = 4, V = 61 };
     double S[N * V], T[N * V];
     const kdl_reduction_t reds[] = {KDL_REDUCTION_MEAN, KDL_REDUCTION_NONE, KDL_REDUCTION_SUM};
-    for (size_t k = 0; k < NDIVS; k++)
+    for (size_t k = 0; k < KDL_NDIVS; k++)
         for (int sp = 0; sp < 4; sp++) {
             random_rows(10 + k * 7 + (uint64_t)sp, S, N * V, 2.0);
             random_rows(500 + k * 7 + (uint64_t)sp, T, N * V, 2.0);
-            kdl_loss_desc_t d = desc_of(all_divs[k], reds[sp % 3]);
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], reds[sp % 3]);
             d.temperature = sp == 2 ? 2.0 : 1.0;
             d.scale = 1.5;
             int64_t w[MAXR];
@@ -266,7 +254,7 @@ Test(equality, every_divergence_every_split)
             run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh);
             run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, &de);
             char what[64];
-            snprintf(what, sizeof what, "%s over %d shards", kdl_divergence_name(all_divs[k]), R);
+            snprintf(what, sizeof what, "%s over %d shards", kdl_divergence_name(kdl_all_divs[k]), R);
             compare(what, &d, &sh, &de, N, V);
         }
 }
@@ -279,7 +267,7 @@ Test(akl_head, each_rule_same_tokens_every_split)
         for (int sp = 0; sp < 4; sp++) {
             random_rows(900 + rule * 11 + (uint64_t)sp, S, N * V, 1.5);
             random_rows(950 + rule * 11 + (uint64_t)sp, T, N * V, 1.5);
-            kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+            kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
             d.head_rule = (kdl_head_rule_t)rule;
             d.mu = 0.45;
             d.top_k = 9;
@@ -327,7 +315,7 @@ Test(akl_head, ties_across_shard_boundaries)
     const double mus[] = {0.5, 0.5, 0.25, 0.25, 0.5};
     for (size_t c = 0; c < sizeof rules / sizeof rules[0]; c++)
         for (int sp = 1; sp < 4; sp++) {
-            kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+            kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
             d.head_rule = rules[c];
             d.top_k = topks[c];
             d.mu = mus[c];
@@ -349,7 +337,7 @@ Test(akl_head, ties_across_shard_boundaries)
             }
         }
     /* spot check by hand: row 0, TOPK 4 = token 20 and the ties 3, 5, 6 */
-    kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
     d.head_rule = KDL_HEAD_TOPK;
     d.top_k = 4;
     int64_t w[MAXR];
@@ -383,7 +371,7 @@ Test(dtypes, f32_bf16_and_f16_teachers)
         kdl_to_dtype(T, tv, dts[k], N * V);
         kdl_to_dtype(S, sv, dts[k], N * V);
         for (int rule = 0; rule < KDL_HEAD_COUNT_; rule++) {
-            kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_MEAN);
+            kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_MEAN);
             d.head_rule = (kdl_head_rule_t)rule;
             d.top_k = 5;
             d.mu = 0.55;
@@ -419,16 +407,16 @@ Test(rows, invalid_in_one_shard_ignored_and_masked)
         T[3 * V + v] = -INFINITY;
     for (int v = 0; v < 30; v++) S[4 * V + v] = -INFINITY; /* shards 0..2 fully masked, still valid */
     const int64_t labels[N] = {5, 5, -100, 5, 5};
-    for (size_t k = 0; k < NDIVS; k++)
+    for (size_t k = 0; k < KDL_NDIVS; k++)
         for (int red = 0; red < KDL_REDUCTION_COUNT_; red++) {
-            kdl_loss_desc_t d = desc_of(all_divs[k], (kdl_reduction_t)red);
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], (kdl_reduction_t)red);
             int64_t w[MAXR];
             int R = splits(2, V, w);
             result_t sh, de;
             run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, labels, N, V, R, w, &sh);
             run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, labels, N, V, &de);
             char what[64];
-            snprintf(what, sizeof what, "%s red %d", kdl_divergence_name(all_divs[k]), red);
+            snprintf(what, sizeof what, "%s red %d", kdl_divergence_name(kdl_all_divs[k]), red);
             compare(what, &d, &sh, &de, N, V);
             cr_expect_eq(sh.info, 2);
             cr_expect_eq(sh.valid, 2);
@@ -437,7 +425,7 @@ Test(rows, invalid_in_one_shard_ignored_and_masked)
 
 Test(rows, empty_batch_and_all_ignored)
 {
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     int64_t w[2] = {3, 4};
     result_t sh;
     double S[7] = {0}, T[7] = {0};
@@ -451,7 +439,7 @@ Test(rows, empty_batch_and_all_ignored)
 
 Test(api, sizes_and_op_sequence)
 {
-    kdl_loss_desc_t d = desc_of(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
     kdl_shard_args_t a;
     kdl_shard_args_init(&a);
     a.rows = 10;
@@ -476,7 +464,7 @@ Test(api, bad_arguments)
     enum { N = 2, V = 10 };
     double S[N * V] = {0}, T[N * V] = {0}, loss[N], ex[N * 8];
     char state[4096];
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     kdl_shard_op_t op;
     int64_t cnt;
 #define EXPECT_STATUS(want, step, mutate)                                                           \

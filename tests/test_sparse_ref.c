@@ -19,9 +19,6 @@
 #define MAXN 6
 #define MAXV 64
 
-static const kdl_divergence_t all_divs[] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
-                                            KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
-#define NDIVS (sizeof all_divs / sizeof all_divs[0])
 
 typedef struct srun {
     double loss[MAXN];
@@ -29,15 +26,6 @@ typedef struct srun {
     int64_t info, valid, bad_index;
     kdl_status_t status;
 } srun_t;
-
-static kdl_loss_desc_t desc_of(kdl_divergence_t div, kdl_reduction_t red)
-{
-    kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    d.divergence = div;
-    d.reduction = red;
-    return d;
-}
 
 static kdl_sparse_args_t sargs(kdl_sparse_mode_t mode, const double *S, const int64_t *idx, const double *lt,
                                const int64_t *labels, int64_t N, int64_t V, int64_t k, srun_t *r)
@@ -149,7 +137,7 @@ static void check_full_support(kdl_sparse_mode_t mode, kdl_divergence_t div, kdl
     random_rows(seed, S, N * V, 2.0);
     random_rows(seed + 100, T, N * V, 2.0);
     full_support(T, N, V, tau, seed + 200, idx, lt);
-    kdl_loss_desc_t d = desc_of(div, red);
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
     d.head_rule = rule;
     d.top_k = 5;
@@ -175,12 +163,12 @@ Test(full_support, renormalised_equals_dense_for_each_defined_divergence)
     const double taus[] = {1.0, 2.0};
     const kdl_reduction_t reds[] = {KDL_REDUCTION_MEAN, KDL_REDUCTION_NONE};
     int n = 0;
-    for (size_t k = 0; k < NDIVS; k++) {
-        if (!kdl_sparse_supports(KDL_SPARSE_RENORMALISED, all_divs[k])) continue;
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        if (!kdl_sparse_supports(KDL_SPARSE_RENORMALISED, kdl_all_divs[k])) continue;
         n++;
         for (int ti = 0; ti < 2; ti++)
             for (int ri = 0; ri < 2; ri++)
-                check_full_support(KDL_SPARSE_RENORMALISED, all_divs[k], KDL_HEAD_REFERENCE, taus[ti], reds[ri],
+                check_full_support(KDL_SPARSE_RENORMALISED, kdl_all_divs[k], KDL_HEAD_REFERENCE, taus[ti], reds[ri],
                                    10 + 7 * k + 3 * ti + ri);
     }
     cr_expect_eq(n, 5, "renormalised defines FKL, JSD, TVD, SKL, SRKL");
@@ -189,9 +177,9 @@ Test(full_support, renormalised_equals_dense_for_each_defined_divergence)
 Test(full_support, tail_bucket_equals_dense_for_every_divergence)
 {
     const double taus[] = {1.0, 0.5};
-    for (size_t k = 0; k < NDIVS; k++)
+    for (size_t k = 0; k < KDL_NDIVS; k++)
         for (int ti = 0; ti < 2; ti++)
-            check_full_support(KDL_SPARSE_TAIL_BUCKET, all_divs[k], KDL_HEAD_REFERENCE, taus[ti], KDL_REDUCTION_SUM,
+            check_full_support(KDL_SPARSE_TAIL_BUCKET, kdl_all_divs[k], KDL_HEAD_REFERENCE, taus[ti], KDL_REDUCTION_SUM,
                                300 + 5 * k + ti);
 }
 
@@ -218,7 +206,7 @@ Test(full_support, tied_teacher_akl_head_by_vocabulary_index)
         lt[j] = lp[idx[j]];
     }
     for (int rule = 0; rule < KDL_HEAD_COUNT_; rule++) {
-        kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
         d.head_rule = (kdl_head_rule_t)rule;
         d.mu = 0.3;
         d.top_k = 3;
@@ -241,7 +229,7 @@ Test(closed_form, fkl_both_modes_by_hand)
     const double S[4] = {0, 0, 0, 0};
     const int64_t idx[2] = {2, 0};
     const double lt[2] = {log(0.5), log(0.25)};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     srun_t r;
     /* renormalised: p^ = (2/3 on token 2, 1/3 on token 0);
      * FKL = 2/3 log(8/3) + 1/3 log(4/3); grad = q - p^ */
@@ -271,7 +259,7 @@ Test(closed_form, tail_rkl_and_tvd_by_hand)
     const int64_t idx[2] = {2, 0};
     const double lt[2] = {log(0.5), log(0.25)};
     srun_t r;
-    kdl_loss_desc_t d = desc_of(KDL_DIV_RKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_RKL, KDL_REDUCTION_SUM);
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, 1, 4, 2, &r);
     double want = 0.25 * log(0.5) + 0 + 0.5 * log(2.0);
     cr_expect(fabs(r.loss[0] - want) < 1e-15, "rkl got %.17g want %.17g", r.loss[0], want);
@@ -297,15 +285,15 @@ Test(closed_form, teacher_at_student_gives_zero)
         idx[j] = perm[j];
         lt[j] = lq[idx[j]];
     }
-    for (size_t k = 0; k < NDIVS; k++) {
-        kdl_loss_desc_t d = desc_of(all_divs[k], KDL_REDUCTION_SUM);
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         srun_t r;
         run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, 1, V, K, &r);
         cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
-        cr_expect(fabs(r.loss[0]) < 1e-14, "%s loss %g", kdl_divergence_name(all_divs[k]), r.loss[0]);
-        if (all_divs[k] == KDL_DIV_TVD) continue; /* |p - q| has a kink at p = q */
+        cr_expect(fabs(r.loss[0]) < 1e-14, "%s loss %g", kdl_divergence_name(kdl_all_divs[k]), r.loss[0]);
+        if (kdl_all_divs[k] == KDL_DIV_TVD) continue; /* |p - q| has a kink at p = q */
         for (int v = 0; v < V; v++)
-            cr_expect(fabs(r.grad[v]) < 1e-14, "%s grad[%d] %g", kdl_divergence_name(all_divs[k]), v, r.grad[v]);
+            cr_expect(fabs(r.grad[v]) < 1e-14, "%s grad[%d] %g", kdl_divergence_name(kdl_all_divs[k]), v, r.grad[v]);
     }
 }
 
@@ -345,7 +333,7 @@ static void check_fd(kdl_sparse_mode_t mode, kdl_divergence_t div, double tau, k
     int64_t idx[K];
     random_rows(seed, s, V, 1.5);
     random_support(seed + 50, V, K, tau, idx, lt);
-    kdl_loss_desc_t d = desc_of(div, red);
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
     d.scale = 0.8;
     srun_t base;
@@ -380,11 +368,11 @@ Test(finite_difference, every_defined_divergence_both_modes)
 {
     const double taus[] = {1.0, 1.7};
     for (int m = 0; m < KDL_SPARSE_MODE_COUNT_; m++)
-        for (size_t k = 0; k < NDIVS; k++) {
-            if (all_divs[k] == KDL_DIV_AKL) continue; /* weights frozen: below */
-            if (!kdl_sparse_supports((kdl_sparse_mode_t)m, all_divs[k])) continue;
+        for (size_t k = 0; k < KDL_NDIVS; k++) {
+            if (kdl_all_divs[k] == KDL_DIV_AKL) continue; /* weights frozen: below */
+            if (!kdl_sparse_supports((kdl_sparse_mode_t)m, kdl_all_divs[k])) continue;
             for (int ti = 0; ti < 2; ti++)
-                check_fd((kdl_sparse_mode_t)m, all_divs[k], taus[ti], KDL_REDUCTION_SUM, 500 + 13 * m + 3 * k + ti);
+                check_fd((kdl_sparse_mode_t)m, kdl_all_divs[k], taus[ti], KDL_REDUCTION_SUM, 500 + 13 * m + 3 * k + ti);
         }
 }
 
@@ -399,7 +387,7 @@ Test(finite_difference, tail_akl_with_frozen_weights_each_rule)
         int64_t idx[K];
         random_rows(600 + rule, s, V, 1.5);
         random_support(650 + rule, V, K, 1.0, idx, lt);
-        kdl_loss_desc_t d = desc_of(KDL_DIV_AKL, KDL_REDUCTION_SUM);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
         d.head_rule = (kdl_head_rule_t)rule;
         d.top_k = 3;
         d.mu = 0.4;
@@ -444,7 +432,7 @@ Test(finite_difference, tail_akl_with_frozen_weights_each_rule)
         srun_t base;
         run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, s, idx, lt, NULL, 1, V, K, &base);
         cr_assert_eq(base.status, KDL_STATUS_SUCCESS);
-        kdl_loss_desc_t df = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = desc_of(KDL_DIV_RKL, KDL_REDUCTION_SUM);
+        kdl_loss_desc_t df = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = kdl_test_desc(KDL_DIV_RKL, KDL_REDUCTION_SUM);
         double fkl = sloss(&df, KDL_SPARSE_TAIL_BUCKET, s, idx, lt, V, K);
         double rkl = sloss(&dr, KDL_SPARSE_TAIL_BUCKET, s, idx, lt, V, K);
         cr_expect(fabs(base.loss[0] - (wh * fkl + wt * rkl)) < 1e-13, "rule %d loss %.17g want %.17g", rule,
@@ -474,7 +462,7 @@ Test(finite_difference, mean_reduction_divides_by_valid_rows)
     const int64_t labels[N] = {1, -100, 2};
     random_rows(700, S, N * V, 1.0);
     for (int i = 0; i < N; i++) random_support(710 + i, V, K, 1.0, idx + i * K, lt + i * K);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
     srun_t mean, sum;
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, labels, N, V, K, &mean);
     d.reduction = KDL_REDUCTION_SUM;
@@ -499,7 +487,7 @@ Test(bad_data, out_of_range_and_repeated_indices_make_invalid_rows)
     idx[2 * K + 1] = idx[2 * K + 0]; /* repeated */
     idx[3 * K + 0] = -1;     /* negative */
     for (int m = 0; m < KDL_SPARSE_MODE_COUNT_; m++) {
-        kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_NONE);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_NONE);
         srun_t r;
         for (int v = 0; v < N * V; v++) r.grad[v] = 7;
         run_sparse(&d, (kdl_sparse_mode_t)m, S, idx, lt, NULL, N, V, K, &r);
@@ -530,7 +518,7 @@ Test(bad_data, positive_or_nan_logprobs_and_excess_mass)
     lt[3 * K + 1] = log(0.6);
     lt[3 * K + 2] = log(1e-9);
     lt[4 * K + 0] = lt[4 * K + 1] = lt[4 * K + 2] = -INFINITY; /* no mass: invalid in RENORMALISED only */
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_NONE);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_NONE);
     srun_t r;
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, N, V, K, &r);
     cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
@@ -552,7 +540,7 @@ Test(bad_data, student_nan_inf_and_all_masked)
     S[0 * V + 3] = NAN;
     S[1 * V + 1] = INFINITY;
     for (int v = 0; v < V; v++) S[2 * V + v] = -INFINITY;
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     srun_t r;
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, N, V, K, &r);
     cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
@@ -570,7 +558,7 @@ Test(bad_data, masked_student_outside_support_is_honest)
     const double S[V] = {0.5, -INFINITY, 1.0, -INFINITY, -INFINITY};
     const int64_t idx[K] = {0, 2};
     const double lt[K] = {log(0.5), log(0.3)};
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     srun_t r;
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, 1, V, K, &r);
     cr_expect(r.loss[0] == INFINITY, "fkl %g", r.loss[0]);
@@ -590,7 +578,7 @@ Test(bad_args, each_returns_its_status_and_writes_nothing)
     int64_t idx[K];
     random_rows(1000, S, V, 1.0);
     random_support(1001, V, K, 1.0, idx, lt);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     srun_t r;
     memset(&r, 0, sizeof r);
     r.loss[0] = 42;
@@ -632,7 +620,7 @@ Test(bad_args, each_returns_its_status_and_writes_nothing)
 
 Test(bad_args, empty_batch_and_names)
 {
-    kdl_loss_desc_t d = desc_of(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     srun_t r;
     memset(&r, 0, sizeof r);
     r.loss[0] = 5;
@@ -657,7 +645,7 @@ Test(dtypes, f32_logprobs_and_student_convert_exactly)
     kdl_to_dtype(lt, ltf, KDL_DTYPE_F32, K);
     kdl_from_dtype(Sf, S2, KDL_DTYPE_F32, V);
     kdl_from_dtype(ltf, lt2, KDL_DTYPE_F32, K);
-    kdl_loss_desc_t d = desc_of(KDL_DIV_JSD, KDL_REDUCTION_SUM);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_SUM);
     srun_t want, got;
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S2, idx, lt2, NULL, 1, V, K, &want);
     memset(&got, 0, sizeof got);

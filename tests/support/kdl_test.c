@@ -52,6 +52,18 @@ size_t kdl_compare(const char *what, const double *got, const double *ref, size_
     return bad;
 }
 
+const kdl_divergence_t kdl_all_divs[KDL_DIV_COUNT_] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
+                                                       KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
+
+kdl_loss_desc_t kdl_test_desc(kdl_divergence_t div, kdl_reduction_t red)
+{
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = div;
+    d.reduction = red;
+    return d;
+}
+
 uint64_t kdl_rng_next(kdl_rng_t *r)
 {
     uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);

@@ -33,6 +33,14 @@ size_t kdl_compare(const char *what, const double *got, const double *ref, size_
         cr_expect(kdl_bad_ == 0, "%s", kdl_msg_);                                           \
     } while (0)
 
+/* Every divergence, in enum order, and their count. */
+extern const kdl_divergence_t kdl_all_divs[KDL_DIV_COUNT_];
+#define KDL_NDIVS ((size_t)KDL_DIV_COUNT_)
+
+/* A descriptor with the defaults of kdl_loss_desc_init and the given
+ * divergence and reduction. */
+kdl_loss_desc_t kdl_test_desc(kdl_divergence_t div, kdl_reduction_t red);
+
 /* Deterministic generator (splitmix64). */
 typedef struct kdl_rng {
     uint64_t s;
