@@ -418,6 +418,7 @@ static const char fused_usage[] =
 
 enum { F_HIDDEN = L_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_COUNT };
 
+#ifdef KDL_HAVE_CUDA
 /* float32 copy of a float array (the GPU path reads float32 H and W). */
 static float *to_f32(const kdl_npy_array_t *a, kdl_dtype_t dt)
 {
@@ -427,7 +428,6 @@ static float *to_f32(const kdl_npy_array_t *a, kdl_dtype_t dt)
     return f;
 }
 
-#ifdef KDL_HAVE_CUDA
 static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
 {
     kdl_status_t st = kdl_fused_linear_validate(d, ha, 0);

@@ -39,9 +39,6 @@ static void *dup_dev(const void *src, size_t bytes)
     return p;
 }
 static void get_dev(void *dst, const void *src, size_t bytes) { CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost)); }
-#endif
-
-
 
 /* Float32-appropriate tolerance relative to the largest reference entry. */
 static kdl_tol_t scaled_tol(const double *ref, size_t n, double rel)
@@ -52,6 +49,7 @@ static kdl_tol_t scaled_tol(const double *ref, size_t n, double rel)
     kdl_tol_t t = {rel, rel * m + 1e-12};
     return t;
 }
+#endif
 
 /* ------------------------------------------------------ no device needed */
 Test(args, checked_before_any_device_use)
