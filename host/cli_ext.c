@@ -96,6 +96,31 @@ static int parse_loss_opts(const char *cmd, const kdl_cli_opt_t *o, kdl_loss_des
     return rc;
 }
 
+/* The front of every subcommand here: options, --help (its usage, then the
+ * shared loss options), the required options, the descriptor and backend
+ * from the shared loss options.  Returns -1 to go on, else the exit code. */
+static int subcommand_front(const char *cmd, const char *usage, int argc, char **argv, kdl_cli_opt_t *o, int n,
+                            const int *required, size_t nreq, kdl_loss_desc_t *d, int *backend)
+{
+    int help = 0;
+    kdl_cli_ignore_sigpipe();
+    int rc = kdl_cli_parse_options(cmd, argc, argv, o, n, &help);
+    if (rc) return rc;
+    if (help) {
+        fputs(usage, stdout);
+        fputs(loss_usage, stdout);
+        return kdl_cli_finish_stdout(cmd);
+    }
+    for (size_t k = 0; k < nreq; k++)
+        if (!o[required[k]].value) {
+            kdl_cli_error(cmd, "%s is required (see kdloss %s --help)", o[required[k]].name, cmd);
+            return 2;
+        }
+    kdl_loss_desc_init(d);
+    rc = parse_loss_opts(cmd, o, d, backend);
+    return rc ? rc : -1;
+}
+
 /* 2-D float matrix (or 1-D: one row when one_row_ok) from a loaded array. */
 static int check_float_matrix(const char *cmd, const char *flag, const char *path, const kdl_npy_array_t *a,
                               int one_row_ok, int64_t *rows, int64_t *cols, kdl_dtype_t *dt)
@@ -241,25 +266,12 @@ int kdl_cli_sparse_loss(int argc, char **argv)
                                 {"--teacher-logprobs", 1, NULL},
                                 {"--mode", 1, NULL},
                                 {"--grad-out", 1, NULL}};
-    int help = 0, backend = 0, mode = 0;
-    kdl_cli_ignore_sigpipe();
-    int rc = kdl_cli_parse_options(SCMD, argc, argv, o, S_COUNT, &help);
-    if (rc) return rc;
-    if (help) {
-        fputs(sparse_usage, stdout);
-        fputs(loss_usage, stdout);
-        return kdl_cli_finish_stdout(SCMD);
-    }
+    int backend = 0, mode = 0;
     const int required[] = {S_STUDENT, S_INDICES, S_LOGPROBS, S_MODE};
-    for (size_t k = 0; k < 4; k++)
-        if (!o[required[k]].value) {
-            kdl_cli_error(SCMD, "%s is required (see kdloss sparse-loss --help)", o[required[k]].name);
-            return 2;
-        }
     kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    rc = parse_loss_opts(SCMD, o, &d, &backend);
-    if (!rc) rc = kdl_cli_parse_choice(SCMD, "--mode", o[S_MODE].value, kdl_sparse_mode_from_name, "renormalised|tail", &mode);
+    int rc = subcommand_front(SCMD, sparse_usage, argc, argv, o, S_COUNT, required, 4, &d, &backend);
+    if (rc >= 0) return rc;
+    rc = kdl_cli_parse_choice(SCMD, "--mode", o[S_MODE].value, kdl_sparse_mode_from_name, "renormalised|tail", &mode);
     const char *grad_out = o[S_GRAD_OUT].value;
     if (!rc && grad_out && !grad_out[0]) {
         kdl_cli_error(SCMD, "--grad-out needs a file name");
@@ -474,24 +486,12 @@ int kdl_cli_fused_linear(int argc, char **argv)
                                 {"--chunk-rows", 1, NULL},
                                 {"--grad-hidden-out", 1, NULL},
                                 {"--grad-weight-out", 1, NULL}};
-    int help = 0, backend = 0;
-    kdl_cli_ignore_sigpipe();
-    int rc = kdl_cli_parse_options(FCMD, argc, argv, o, F_COUNT, &help);
-    if (rc) return rc;
-    if (help) {
-        fputs(fused_usage, stdout);
-        fputs(loss_usage, stdout);
-        return kdl_cli_finish_stdout(FCMD);
-    }
+    int backend = 0;
     const int required[] = {F_HIDDEN, F_WEIGHT, F_TEACHER};
-    for (size_t k = 0; k < 3; k++)
-        if (!o[required[k]].value) {
-            kdl_cli_error(FCMD, "%s is required (see kdloss fused-linear --help)", o[required[k]].name);
-            return 2;
-        }
     kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    rc = parse_loss_opts(FCMD, o, &d, &backend);
+    int rc = subcommand_front(FCMD, fused_usage, argc, argv, o, F_COUNT, required, 3, &d, &backend);
+    if (rc >= 0) return rc;
+    rc = 0;
     int64_t chunk = 0;
     if (!rc && o[F_CHUNK].value) rc = kdl_cli_parse_int64(FCMD, "--chunk-rows", o[F_CHUNK].value, 1, INT64_MAX, &chunk);
     const char *gh_out = o[F_GH_OUT].value, *gw_out = o[F_GW_OUT].value;
@@ -874,26 +874,13 @@ int kdl_cli_shard_check(int argc, char **argv)
                                 {"--shards", 1, NULL},
                                 {"--split", 1, NULL},
                                 {"--grad-out", 1, NULL}};
-    int help = 0, backend = 0;
-    kdl_cli_ignore_sigpipe();
-    int rc = kdl_cli_parse_options(KCMD, argc, argv, o, K_COUNT, &help);
-    if (rc) return rc;
-    if (help) {
-        fputs(shard_usage, stdout);
-        fputs(loss_usage, stdout);
-        return kdl_cli_finish_stdout(KCMD);
-    }
+    int backend = 0;
     const int required[] = {K_STUDENT, K_TEACHER, K_SHARDS};
-    for (size_t k = 0; k < 3; k++)
-        if (!o[required[k]].value) {
-            kdl_cli_error(KCMD, "%s is required (see kdloss shard-check --help)", o[required[k]].name);
-            return 2;
-        }
     kdl_loss_desc_t d;
-    kdl_loss_desc_init(&d);
-    rc = parse_loss_opts(KCMD, o, &d, &backend);
+    int rc = subcommand_front(KCMD, shard_usage, argc, argv, o, K_COUNT, required, 3, &d, &backend);
+    if (rc >= 0) return rc;
     int64_t K = 0;
-    if (!rc) rc = kdl_cli_parse_int64(KCMD, "--shards", o[K_SHARDS].value, 1, MAX_SHARDS, &K);
+    rc = kdl_cli_parse_int64(KCMD, "--shards", o[K_SHARDS].value, 1, MAX_SHARDS, &K);
     const char *grad_out = o[K_GRAD_OUT].value;
     if (!rc && grad_out && !grad_out[0]) {
         kdl_cli_error(KCMD, "--grad-out needs a file name");
