@@ -281,7 +281,7 @@ static kdl_status_t core_run(kdl_handle_t h, core_t *k, const hprob_t *hp, const
             KDL_CUDA_CHECK(kdl_otk_sq_fixup(k->jobs, k->cost_tiles, k->ncost_tiles, s));
         } else {
             KDL_CUDA_CHECK(kdl_otk_l1(k->jobs, k->cost_tiles, k->ncost_tiles, k->dim, k->dsplit, k->partial,
-                                      k->packed_total, s));
+                                      k->packed_total, NULL, s));
             if (k->dsplit > 1) KDL_CUDA_CHECK(kdl_otk_l1_reduce(k->partial, k->dsplit, k->packed_total, k->packed, s));
         }
     }
@@ -567,10 +567,28 @@ typedef struct sd_plan {
     hprob_t *hp;
     gemm_run_t runs[1];
     float *ps, *pt, *NX, *NY, *Pbuf, *coef;
+    float *rsum, *dot; /* gradient: [N] each                              */
+    float *H;          /* gradient, squared L2: P T, [N, Vc]             */
+    float *D;          /* gradient, L1: D_ij, [G n n]                    */
     int32_t *bad, *gvalid;
-    int64_t N, V, n, G;
+    int64_t N, V, n, G, Vc;
     size_t bytes;
 } sd_plan_t;
+
+/* Vocabulary columns per GEMM chunk of the squared-L2 gradient: the P T
+ * buffer holds at most 2^25 floats (128 MiB), at least 256 columns (or V).
+ * KDL_SINKD_CHUNK (columns) overrides it, for tests of the chunk loop. */
+static int64_t sd_chunk(int64_t N, int64_t V)
+{
+    int64_t c = ((int64_t)1 << 25) / (N > 0 ? N : 1);
+    if (c < 256) c = 256;
+    const char *e = getenv("KDL_SINKD_CHUNK");
+    if (e) {
+        long long v = strtoll(e, NULL, 10);
+        if (v >= 1) c = (int64_t)v;
+    }
+    return c < V ? c : V;
+}
 
 static void sd_free(sd_plan_t *P)
 {
@@ -604,6 +622,16 @@ static kdl_status_t sd_plan(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl
     if (need_P) P->Pbuf = (float *)take(&c, (uint64_t)(P->G * P->n * P->n), sizeof(float));
     P->coef = (float *)take(&c, 1, sizeof(float));
     P->gvalid = (int32_t *)take(&c, (uint64_t)P->G, sizeof(int32_t));
+    if (a->grad) {
+        P->rsum = (float *)take(&c, (uint64_t)P->N, sizeof(float));
+        P->dot = (float *)take(&c, (uint64_t)P->N, sizeof(float));
+        if (d->metric == KDL_OT_METRIC_SQEUCLIDEAN) {
+            P->Vc = sd_chunk(P->N, P->V);
+            P->H = (float *)take(&c, (uint64_t)P->N * (uint64_t)P->Vc, sizeof(float));
+        } else {
+            P->D = (float *)take(&c, (uint64_t)(P->G * P->n * P->n), sizeof(float));
+        }
+    }
 
     P->hp = (hprob_t *)calloc((size_t)P->G, sizeof(hprob_t));
     if (!P->hp) return kdl_fail(KDL_STATUS_ALLOC_FAILED, "host tables");
@@ -627,6 +655,65 @@ static kdl_status_t sd_plan(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl
         return kdl_fail(KDL_STATUS_ALLOC_FAILED, "host tables");
     }
     P->bytes = c.off;
+    return KDL_STATUS_SUCCESS;
+}
+
+/* d loss / d S after the epilogue (docs/sinkhorn.md, SinKD on the GPU). */
+static kdl_status_t sd_grad(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sinkd_args_t *a, sd_plan_t *P)
+{
+    cudaStream_t s = h->stream;
+    const core_t *k = &P->core;
+    kdl_otk_sinkd_grad_t L;
+    memset(&L, 0, sizeof L);
+    L.ps = P->ps;
+    L.pt = P->pt;
+    L.P = P->Pbuf;
+    L.gvalid = P->gvalid;
+    L.coef = P->coef;
+    L.rsum = P->rsum;
+    L.dot = P->dot;
+    L.N = P->N;
+    L.V = P->V;
+    L.n = P->n;
+    L.metric = d->metric;
+    L.tau = d->temperature;
+    L.grad = a->grad;
+    L.ld_grad = a->ld_grad;
+    L.grad_dtype = (int)a->grad_dtype;
+    L.stream = s;
+    if (d->metric == KDL_OT_METRIC_L1) {
+        /* D over the cost tiles (the cost's partial buffer is free again) */
+        KDL_CUDA_CHECK(kdl_otk_l1(k->jobs, k->cost_tiles, k->ncost_tiles, P->V, k->dsplit, k->partial,
+                                  k->packed_total, P->D, s));
+        if (k->dsplit > 1) KDL_CUDA_CHECK(kdl_otk_l1_reduce(k->partial, k->dsplit, k->packed_total, P->D, s));
+        L.CD = P->D;
+        KDL_CUDA_CHECK(kdl_otk_sinkd_rowprep(&L));
+        KDL_CUDA_CHECK(kdl_otk_sinkd_grad_l1(&L));
+        return KDL_STATUS_SUCCESS;
+    }
+    L.CD = k->packed;
+    L.nx = P->NX;
+    L.ny = P->NY;
+    KDL_CUDA_CHECK(kdl_otk_sinkd_rowprep(&L));
+    cublasHandle_t cb;
+    kdl_status_t st = kdl_get_cublas(h, &cb);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    st = cublas_status(cublasSetPointerMode(cb, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    if (st != KDL_STATUS_SUCCESS) return st;
+    const float one = 1.0f, zero = 0.0f;
+    const int n = (int)P->n;
+    for (int64_t v0 = 0; v0 < P->V; v0 += P->Vc) {
+        const int64_t vc = P->V - v0 < P->Vc ? P->V - v0 : P->Vc;
+        /* row-major H_g [n, vc] (row stride Vc) = P_g [n, n] T_g[:, v0:v0+vc]
+         * <=> column-major H_g^T = T_g^T P_g^T */
+        st = cublas_status(cublasSgemmStridedBatched(cb, CUBLAS_OP_N, CUBLAS_OP_N, (int)vc, n, n, &one, P->pt + v0,
+                                                     (int)P->V, (long long)P->n * P->V, P->Pbuf, n,
+                                                     (long long)P->n * P->n, &zero, P->H, (int)P->Vc,
+                                                     (long long)P->n * P->Vc, (int)P->G),
+                           "cublasSgemmStridedBatched");
+        if (st != KDL_STATUS_SUCCESS) return st;
+        KDL_CUDA_CHECK(kdl_otk_sinkd_grad_sq(&L, P->H, v0, vc, P->Vc));
+    }
     return KDL_STATUS_SUCCESS;
 }
 
@@ -701,12 +788,8 @@ kdl_status_t kdl_sinkd(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sink
         L.V = P.V;
         L.bad_s = P.bad;
         L.bad_t = P.bad + P.N;
-        L.ps = P.ps;
-        L.pt = P.pt;
         L.P = P.Pbuf;
         L.scale = d->scale;
-        L.tau = d->temperature;
-        L.metric = d->metric;
         L.out_f64 = a->out_dtype == KDL_DTYPE_F64;
         L.loss = a->loss;
         L.group_loss = a->group_loss;
@@ -716,12 +799,10 @@ kdl_status_t kdl_sinkd(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sink
         L.info = (unsigned long long *)a->info;
         L.coef = P.coef;
         L.gvalid = P.gvalid;
-        L.grad = a->grad;
-        L.ld_grad = a->ld_grad;
-        L.grad_dtype = (int)a->grad_dtype;
         L.stream = s;
         SD_CUDA(kdl_otk_sinkd_epilogue(&L));
     }
+    if (a->grad) SD_TRY(sd_grad(h, d, a, &P));
 done:
     sd_free(&P);
     return st;

@@ -183,11 +183,16 @@ __global__ void __launch_bounds__(kBlock) k_sq_fixup(const kdl_otk_job_t *__rest
     *c = v < 0.0f ? 0.0f : v;
 }
 
-/* L1 cost: thread (ti, tj) of the 16 x 16 tile owns entry (r0 + ti, c0 + tj);
- * the d range of split blockIdx.y is staged 32 coordinates at a time. */
+/* L1 pairwise sums over the cost tiles: thread (ti, tj) of the 16 x 16 tile
+ * owns entry (r0 + ti, c0 + tj); the d range of split blockIdx.y is staged
+ * 32 coordinates at a time.  kDot == false: the cost sum_k |x_ik - y_jk|;
+ * kDot == true: SinKD's gradient term D_ij = sum_k x_ik sign(x_ik - y_jk)
+ * (same tiles, same order).  Output: dst + coff (dst NULL: the job's C)
+ * when dsplit == 1, else partial[s * total + coff + i m + j]. */
+template <bool kDot>
 __global__ void __launch_bounds__(kBlock) k_l1(const kdl_otk_job_t *__restrict__ jobs,
                                                const kdl_otk_tile_t *__restrict__ tiles, int64_t d, int dsplit,
-                                               float *__restrict__ partial, int64_t total)
+                                               float *__restrict__ partial, int64_t total, float *__restrict__ dst)
 {
     constexpr int T = KDL_OTK_COST_TILE, K = 32;
     __shared__ float xs[T][K + 1], ys[T][K + 1];
@@ -209,13 +214,19 @@ __global__ void __launch_bounds__(kBlock) k_l1(const kdl_otk_job_t *__restrict__
         }
         __syncthreads();
 #pragma unroll 8
-        for (int kk = 0; kk < K; kk++) acc += fabsf(xs[ti][kk] - ys[tj][kk]);
+        for (int kk = 0; kk < K; kk++) {
+            const float x = xs[ti][kk], u = x - ys[tj][kk];
+            if (kDot)
+                acc = fmaf(x, (float)((u > 0.0f) - (u < 0.0f)), acc);
+            else
+                acc += fabsf(u);
+        }
         __syncthreads();
     }
     const int i = t.r0 + ti, j = t.c0 + tj;
     if (i >= J.n || j >= J.m) return;
     if (dsplit == 1)
-        J.C[(int64_t)i * J.m + j] = acc;
+        (dst ? dst + J.coff : J.C)[(int64_t)i * J.m + j] = acc;
     else
         partial[(int64_t)blockIdx.y * total + J.coff + (int64_t)i * J.m + j] = acc;
 }
@@ -650,38 +661,147 @@ template <int GT> __device__ __forceinline__ void store_grad(void *g, int64_t i,
         ((__nv_bfloat16 *)g)[i] = __float2bfloat16_rn(v);
 }
 
-/* One CTA per student row r = g n + i:
- *   h_v = sum_j P_ij dC(ps_rv - pt_(gn+j)v),  dot = sum_v ps_rv h_v,
- *   grad_rv = coef ps_rv (h_v - dot) / tau   (two passes, h recomputed). */
-template <int GT>
-__global__ void __launch_bounds__(kBlock) k_sinkd_grad(const float *__restrict__ ps, const float *__restrict__ pt,
-                                                       const float *__restrict__ P, const int32_t *__restrict__ gvalid,
-                                                       const float *__restrict__ coefp, int64_t n, int64_t V,
-                                                       int metric, float inv_tau, void *grad, int64_t ld)
+/* SinKD gradient with the plan P fixed (c = coef, q = p_s, t = p_t):
+ *   h_iv  = sum_j P_ij dC(q_iv - t_jv),   dot_i = sum_v q_iv h_iv,
+ *   ds_iv = c q_iv (h_iv - dot_i) / tau.
+ * dot_i comes from n x n quantities, so every element is written in one
+ * pass:
+ *   squared L2: h_iv = 2 (rsum_i q_iv - (P T)_iv) with rsum_i = sum_j P_ij,
+ *     dot_i = 2 rsum_i |q_i|^2 - 2 sum_j P_ij q_i.t_j
+ *           = rsum_i |q_i|^2 - sum_j P_ij |t_j|^2 + sum_j P_ij C_ij
+ *     (q_i.t_j = (|q_i|^2 + |t_j|^2 - C_ij) / 2 is the cost's own
+ *     expansion); P T is a cuBLAS GEMM, chunk by chunk of the vocabulary;
+ *   L1: dot_i = sum_j P_ij D_ij, D_ij = sum_v q_iv sign(q_iv - t_jv) (k_l1
+ *     in its dot mode); h is accumulated by a tiled kernel that stages the
+ *     teacher rows in shared memory and reuses each for 16 student rows.
+ * One warp per row r = g n + i (P, C and D are [G, n, n] row-major, so row
+ * r of any of them starts at r n). */
+__global__ void __launch_bounds__(kBlock) k_sinkd_rowprep(const float *__restrict__ P, const float *__restrict__ CD,
+                                                          const float *__restrict__ nx, const float *__restrict__ ny,
+                                                          const int32_t *__restrict__ gvalid, int64_t N, int64_t n,
+                                                          int metric, float *__restrict__ rsum,
+                                                          float *__restrict__ dot)
 {
-    __shared__ float sh[kBlock];
-    const int64_t r = blockIdx.x, g = r / n, i = r % n;
+    const int64_t r = (int64_t)blockIdx.x * (kBlock / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= N) return;
+    const int64_t g = r / n;
     if (!gvalid[g]) {
-        for (int64_t v = threadIdx.x; v < V; v += kBlock) store_grad<GT>(grad, r * ld + v, 0.0f);
+        if (lane == 0) rsum[r] = dot[r] = 0.0f;
         return;
     }
-    const float coef = *coefp;
-    const float *q = ps + r * V;
-    const float *T = pt + g * n * V;
-    const float *Pi = P + (g * n + i) * n;
-    float part = 0.0f;
-    for (int64_t v = threadIdx.x; v < V; v += kBlock) {
-        const float qv = q[v];
-        float h = 0.0f;
-        for (int64_t j = 0; j < n; j++) h = fmaf(Pi[j], dcost(metric, qv - T[j * V + v]), h);
-        part = fmaf(qv, h, part);
+    const float *Pi = P + r * n, *Ci = CD + r * n;
+    const float *nyg = metric == KDL_OT_METRIC_L1 ? nullptr : ny + g * n;
+    float s = 0.0f, t = 0.0f;
+    for (int64_t j = lane; j < n; j += 32) {
+        const float p = Pi[j];
+        s += p;
+        t = fmaf(p, nyg ? Ci[j] - nyg[j] : Ci[j], t);
     }
-    const float dot = block_sum_f(part, sh);
-    for (int64_t v = threadIdx.x; v < V; v += kBlock) {
-        const float qv = q[v];
-        float h = 0.0f;
-        for (int64_t j = 0; j < n; j++) h = fmaf(Pi[j], dcost(metric, qv - T[j * V + v]), h);
-        store_grad<GT>(grad, r * ld + v, coef * qv * (h - dot) * inv_tau);
+    s = warp_sum(s);
+    t = warp_sum(t);
+    if (lane == 0) {
+        rsum[r] = s;
+        dot[r] = nyg ? fmaf(s, nx[r], t) : t;
+    }
+}
+
+/* Squared L2, one vocabulary chunk [v0, v0 + vc): H holds (P T) of the
+ * chunk, row r at H + r ldh.  Rows by blockIdx.y (grid-stride). */
+template <int GT>
+__global__ void __launch_bounds__(kBlock) k_sinkd_grad_sq(const float *__restrict__ ps, const float *__restrict__ H,
+                                                          const float *__restrict__ rsum,
+                                                          const float *__restrict__ dot,
+                                                          const int32_t *__restrict__ gvalid,
+                                                          const float *__restrict__ coefp, int64_t N, int64_t n,
+                                                          int64_t V, int64_t v0, int64_t vc, int64_t ldh,
+                                                          float inv_tau, void *grad, int64_t ld)
+{
+    const int64_t col = (int64_t)blockIdx.x * kBlock + threadIdx.x;
+    if (col >= vc) return;
+    const float coef = *coefp;
+    for (int64_t r = blockIdx.y; r < N; r += gridDim.y) {
+        const int64_t v = v0 + col;
+        if (!gvalid[r / n]) {
+            store_grad<GT>(grad, r * ld + v, 0.0f);
+            continue;
+        }
+        const float q = ps[r * V + v];
+        const float h = 2.0f * (rsum[r] * q - H[r * ldh + col]);
+        store_grad<GT>(grad, r * ld + v, coef * q * (h - dot[r]) * inv_tau);
+    }
+}
+
+/* L1: a CTA per (16 student rows of one group) x (128 vocabulary columns);
+ * thread (rsub, col) owns rows rsub, rsub + 2, ..., rsub + 14 at column col.
+ * Teacher rows are staged 16 at a time, with the matching 16 x 16 block of
+ * P; h accumulates over j in index order (deterministic). */
+constexpr int kGR = 16, kGV = 128, kGJ = 16, kGK = kGR / (kBlock / kGV);
+static_assert(kGR * kGJ == kBlock && kBlock % kGV == 0 && kGR % (kBlock / kGV) == 0, "SinKD L1 gradient tiling");
+
+template <int GT>
+__global__ void __launch_bounds__(kBlock) k_sinkd_grad_l1(const float *__restrict__ ps, const float *__restrict__ pt,
+                                                          const float *__restrict__ P, const float *__restrict__ dot,
+                                                          const int32_t *__restrict__ gvalid,
+                                                          const float *__restrict__ coefp, int64_t n, int64_t V,
+                                                          int64_t rt_per_group, int64_t vtiles, int64_t total,
+                                                          float inv_tau, void *grad, int64_t ld)
+{
+    __shared__ float ts[kGJ][kGV];
+    __shared__ float pp[kGR][kGJ + 1];
+    const int col = threadIdx.x % kGV, rsub = threadIdx.x / kGV;
+    const float coef = *coefp;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        const int64_t vt = tile % vtiles, rt = tile / vtiles;
+        const int64_t g = rt / rt_per_group, i0 = (rt % rt_per_group) * kGR;
+        const int64_t v = vt * kGV + col;
+        if (!gvalid[g]) { /* the same for the whole CTA */
+#pragma unroll
+            for (int k = 0; k < kGK; k++) {
+                const int64_t i = i0 + rsub + 2 * k;
+                if (i < n && v < V) store_grad<GT>(grad, (g * n + i) * ld + v, 0.0f);
+            }
+            continue;
+        }
+        float q[kGK], h[kGK];
+#pragma unroll
+        for (int k = 0; k < kGK; k++) {
+            const int64_t i = i0 + rsub + 2 * k;
+            q[k] = (i < n && v < V) ? ps[(g * n + i) * V + v] : 0.0f;
+            h[k] = 0.0f;
+        }
+        const float *T = pt + g * n * V;
+        for (int64_t j0 = 0; j0 < n; j0 += kGJ) {
+            for (int e = threadIdx.x; e < kGJ * kGV; e += kBlock) {
+                const int jj = e / kGV, cc = e % kGV;
+                const int64_t j = j0 + jj, vv = vt * kGV + cc;
+                ts[jj][cc] = (j < n && vv < V) ? T[j * V + vv] : 0.0f;
+            }
+            {
+                const int rr = threadIdx.x / kGJ, jj = threadIdx.x % kGJ; /* 256 = 16 x 16 */
+                const int64_t i = i0 + rr, j = j0 + jj;
+                pp[rr][jj] = (i < n && j < n) ? P[(g * n + i) * n + j] : 0.0f;
+            }
+            __syncthreads();
+            const int jn = n - j0 < kGJ ? (int)(n - j0) : kGJ;
+            for (int jj = 0; jj < jn; jj++) {
+                const float t = ts[jj][col];
+#pragma unroll
+                for (int k = 0; k < kGK; k++) {
+                    const float u = q[k] - t;
+                    h[k] = fmaf(pp[rsub + 2 * k][jj], (float)((u > 0.0f) - (u < 0.0f)), h[k]);
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int k = 0; k < kGK; k++) {
+            const int64_t i = i0 + rsub + 2 * k;
+            if (i < n && v < V) {
+                const int64_t r = g * n + i;
+                store_grad<GT>(grad, r * ld + v, coef * q[k] * (h[k] - dot[r]) * inv_tau);
+            }
+        }
     }
 }
 
@@ -712,10 +832,14 @@ extern "C" cudaError_t kdl_otk_sq_fixup(const kdl_otk_job_t *jobs, const kdl_otk
 }
 
 extern "C" cudaError_t kdl_otk_l1(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *tiles, int64_t ntiles, int64_t d,
-                                  int dsplit, float *partial, int64_t total, cudaStream_t stream)
+                                  int dsplit, float *partial, int64_t total, float *dot_out, cudaStream_t stream)
 {
     if (ntiles <= 0) return cudaSuccess;
-    k_l1<<<dim3((unsigned)ntiles, (unsigned)dsplit), kBlock, 0, stream>>>(jobs, tiles, d, dsplit, partial, total);
+    const dim3 grid((unsigned)ntiles, (unsigned)dsplit);
+    if (dot_out)
+        k_l1<true><<<grid, kBlock, 0, stream>>>(jobs, tiles, d, dsplit, partial, total, dot_out);
+    else
+        k_l1<false><<<grid, kBlock, 0, stream>>>(jobs, tiles, d, dsplit, partial, total, nullptr);
     return cudaGetLastError();
 }
 
@@ -792,22 +916,50 @@ extern "C" cudaError_t kdl_otk_sinkd_epilogue(const kdl_otk_sinkd_epi_t *L)
     k_sinkd_groups<<<1, kBlock, 0, L->stream>>>(*L, gvalid);
     const int64_t nn = L->n * L->n, total = L->groups * nn;
     if (L->plan && L->P) k_sinkd_plan<<<grid_for(total), kBlock, 0, L->stream>>>(L->P, gvalid, nn, total, L->plan, L->out_f64);
-    if (L->grad) {
-        const float inv_tau = (float)(1.0 / L->tau);
-        switch (L->grad_dtype) {
-        case 0:
-            k_sinkd_grad<0><<<(unsigned)L->N, kBlock, 0, L->stream>>>(L->ps, L->pt, L->P, gvalid, L->coef, L->n, L->V,
-                                                                     L->metric, inv_tau, L->grad, L->ld_grad);
-            break;
-        case 1:
-            k_sinkd_grad<1><<<(unsigned)L->N, kBlock, 0, L->stream>>>(L->ps, L->pt, L->P, gvalid, L->coef, L->n, L->V,
-                                                                     L->metric, inv_tau, L->grad, L->ld_grad);
-            break;
-        default:
-            k_sinkd_grad<2><<<(unsigned)L->N, kBlock, 0, L->stream>>>(L->ps, L->pt, L->P, gvalid, L->coef, L->n, L->V,
-                                                                     L->metric, inv_tau, L->grad, L->ld_grad);
-            break;
-        }
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_sinkd_rowprep(const kdl_otk_sinkd_grad_t *L)
+{
+    if (L->N <= 0) return cudaSuccess;
+    const int64_t blocks = (L->N + kBlock / 32 - 1) / (kBlock / 32);
+    k_sinkd_rowprep<<<(unsigned)blocks, kBlock, 0, L->stream>>>(L->P, L->CD, L->nx, L->ny, L->gvalid, L->N, L->n,
+                                                                L->metric, L->rsum, L->dot);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_sinkd_grad_sq(const kdl_otk_sinkd_grad_t *L, const float *H, int64_t v0, int64_t vc,
+                                             int64_t ldh)
+{
+    if (L->N <= 0 || vc <= 0) return cudaSuccess;
+    const dim3 grid((unsigned)((vc + kBlock - 1) / kBlock), (unsigned)(L->N < 65535 ? L->N : 65535));
+    const float inv_tau = (float)(1.0 / L->tau);
+#define KDL_SQ_ARGS                                                                                  \
+    L->ps, H, L->rsum, L->dot, L->gvalid, L->coef, L->N, L->n, L->V, v0, vc, ldh, inv_tau, L->grad, \
+        L->ld_grad
+    switch (L->grad_dtype) {
+    case 0: k_sinkd_grad_sq<0><<<grid, kBlock, 0, L->stream>>>(KDL_SQ_ARGS); break;
+    case 1: k_sinkd_grad_sq<1><<<grid, kBlock, 0, L->stream>>>(KDL_SQ_ARGS); break;
+    default: k_sinkd_grad_sq<2><<<grid, kBlock, 0, L->stream>>>(KDL_SQ_ARGS); break;
     }
+#undef KDL_SQ_ARGS
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kdl_otk_sinkd_grad_l1(const kdl_otk_sinkd_grad_t *L)
+{
+    if (L->N <= 0) return cudaSuccess;
+    const int64_t rt = (L->n + kGR - 1) / kGR, vt = (L->V + kGV - 1) / kGV;
+    const int64_t total = (L->N / L->n) * rt * vt;
+    const unsigned blocks = (unsigned)(total < (int64_t)INT32_MAX ? total : (int64_t)INT32_MAX);
+    const float inv_tau = (float)(1.0 / L->tau);
+#define KDL_L1_ARGS                                                                                      \
+    L->ps, L->pt, L->P, L->dot, L->gvalid, L->coef, L->n, L->V, rt, vt, total, inv_tau, L->grad, L->ld_grad
+    switch (L->grad_dtype) {
+    case 0: k_sinkd_grad_l1<0><<<blocks, kBlock, 0, L->stream>>>(KDL_L1_ARGS); break;
+    case 1: k_sinkd_grad_l1<1><<<blocks, kBlock, 0, L->stream>>>(KDL_L1_ARGS); break;
+    default: k_sinkd_grad_l1<2><<<blocks, kBlock, 0, L->stream>>>(KDL_L1_ARGS); break;
+    }
+#undef KDL_L1_ARGS
     return cudaGetLastError();
 }

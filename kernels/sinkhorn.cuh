@@ -98,9 +98,11 @@ cudaError_t kdl_otk_sq_fixup(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *ti
 
 /* L1 cost over the cost tiles, the d axis split in dsplit parts: with
  * dsplit == 1 writes C directly, otherwise partial[s * total + coff + i m + j]
- * then kdl_otk_l1_reduce sums the parts in order into packed[0, total). */
+ * then kdl_otk_l1_reduce sums the parts in order into packed[0, total).
+ * dot_out != NULL: instead of the cost, D_ij = sum_k x_ik sign(x_ik - y_jk)
+ * into dot_out + coff (or the partials), for SinKD's L1 gradient. */
 cudaError_t kdl_otk_l1(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *tiles, int64_t ntiles, int64_t d,
-                       int dsplit, float *partial, int64_t total, cudaStream_t stream);
+                       int dsplit, float *partial, int64_t total, float *dot_out, cudaStream_t stream);
 cudaError_t kdl_otk_l1_reduce(const float *partial, int dsplit, int64_t total, float *packed,
                               cudaStream_t stream);
 
@@ -155,28 +157,49 @@ cudaError_t kdl_otk_softmax_rows(const void *x, int dtype, int64_t ld, int64_t N
                                  float *probs, int32_t *bad, cudaStream_t stream);
 
 /* SinKD epilogue: group losses, loss, info, iterations, errors, plan (out
- * dtype f32 / f64), then the gradient (grad dtype f32 / f16 / bf16). */
+ * dtype f32 / f64), validity per group and the gradient coefficient. */
 typedef struct kdl_otk_sinkd_epi {
     const kdl_otk_prob_t *probs;
     const kdl_otk_state_t *state;
     int64_t groups, n, N, V;
     const int32_t *bad_s, *bad_t; /* [N] row flags                         */
-    const float *ps, *pt;         /* [N, V]                                 */
     const float *P;               /* [G*n*n] plans (float), or NULL         */
-    double scale, tau;
-    int metric;
+    double scale;
     int out_f64;
     void *loss, *group_loss, *plan, *marginal_error;
     int64_t *iterations;
     unsigned long long *info;
-    float *coef;                  /* device scratch [1]                     */
+    float *coef;                  /* device scratch [1]: scale / valid groups */
     int32_t *gvalid;              /* device scratch [G]                     */
-    void *grad;                   /* [N, ld_grad] or NULL                   */
-    int64_t ld_grad;
-    int grad_dtype;
     cudaStream_t stream;
 } kdl_otk_sinkd_epi_t;
 cudaError_t kdl_otk_sinkd_epilogue(const kdl_otk_sinkd_epi_t *L);
+
+/* SinKD gradient d loss / d S (plan fixed), after the epilogue (gvalid,
+ * coef).  kdl_otk_sinkd_rowprep first (rsum, dot per row), then either
+ * kdl_otk_sinkd_grad_sq per vocabulary chunk [v0, v0 + vc) with H = P T of
+ * the chunk (row r at H + r ldh, a cuBLAS GEMM by the caller), or
+ * kdl_otk_sinkd_grad_l1 once.  Grad dtype 0 f32, 1 f16, 2 bf16. */
+typedef struct kdl_otk_sinkd_grad {
+    const float *ps, *pt;         /* [N, V] softmaxes                       */
+    const float *P;               /* [G*n*n] plans                          */
+    const float *CD;              /* squared L2: the packed cost; L1: D     */
+    const float *nx, *ny;         /* squared L2: row norms [N]; L1: NULL    */
+    const int32_t *gvalid;
+    const float *coef;
+    float *rsum, *dot;            /* device scratch [N] each                */
+    int64_t N, V, n;
+    int metric;
+    double tau;
+    void *grad;
+    int64_t ld_grad;
+    int grad_dtype;
+    cudaStream_t stream;
+} kdl_otk_sinkd_grad_t;
+cudaError_t kdl_otk_sinkd_rowprep(const kdl_otk_sinkd_grad_t *L);
+cudaError_t kdl_otk_sinkd_grad_sq(const kdl_otk_sinkd_grad_t *L, const float *H, int64_t v0, int64_t vc,
+                                  int64_t ldh);
+cudaError_t kdl_otk_sinkd_grad_l1(const kdl_otk_sinkd_grad_t *L);
 
 #ifdef __cplusplus
 }

@@ -13,6 +13,7 @@
  * it is reported as skipped, visibly.  The checks that need no device run
  * everywhere.
  */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -688,5 +689,21 @@ Test(gpu_sinkd, large_vocab_split_l1_with_tolerance)
 {
     KDL_SKIP_WITHOUT_GPU();
     sinkd_case(KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_OT_METRIC_L1, 16, 32000, 32000, 16, 0, 1e-6);
+}
+/* The squared-L2 gradient's GEMM runs in vocabulary chunks (KDL_SINKD_CHUNK
+ * columns: here 256, so 1500 = 5 full chunks and a tail of 220); groups of
+ * 20 rows cross the L1 kernel's 16-row tiles and stage a partial block of
+ * teacher rows. */
+Test(gpu_sinkd, f32_sqeuclidean_chunked_gemm_gradient)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    setenv("KDL_SINKD_CHUNK", "256", 1);
+    sinkd_case(KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_OT_METRIC_SQEUCLIDEAN, 40, 1500, 1504, 20, 0, 0);
+    unsetenv("KDL_SINKD_CHUNK");
+}
+Test(gpu_sinkd, f16_grad_l1_groups_of_20_invalid_group)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    sinkd_case(KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_DTYPE_F16, KDL_OT_METRIC_L1, 60, 1000, 1000, 20, 1, 0);
 }
 #endif /* KDL_HAVE_CUDA */
