@@ -197,7 +197,11 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     size_t budget = L->smem_per_block_optin > static_smem ? L->smem_per_block_optin - static_smem : 0;
     budget &= ~(size_t)15;
     const int64_t chunks_fit = (int64_t)(budget / per_chunk); /* chunks one CTA can stage */
-    const bool cluster_ok = L->cluster_launch && L->cc_major >= 9;
+    /* Clusters need the device and the kernel's code to be sm_90 or newer:
+     * a kernel JIT-compiled from older PTX has the single-CTA fallbacks of
+     * row_barrier / peer_ptr (and traps on a cluster launch). */
+    const int code_arch = fa.ptxVersion > 0 ? fa.ptxVersion : fa.binaryVersion;
+    const bool cluster_ok = L->cluster_launch && L->cc_major >= 9 && code_arch >= 90;
     const int64_t rows_nz = N > 0 ? N : 1;
 
     /* more CTAs per row when there are too few rows to fill the device */
