@@ -21,7 +21,9 @@ static kdl_status_t sparse_check(kdl_handle_t h, const kdl_loss_desc_t *d, const
     kdl_status_t st = kdl_sparse_validate(d, a, 0);
     if (st) return st;
     if (a->vocab > INT32_MAX) return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: vocab > 2^31 - 1");
-    size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k);
+    if (a->rows > INT32_MAX) return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: rows > 2^31 - 1 (one block per row)");
+    /* dynamic + static shared memory of the row kernel */
+    size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k, d->divergence == KDL_DIV_AKL) + KDL_EXT_SPARSE_STATIC_SMEM;
     if (smem > h->smem_per_block_optin)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: vocab %lld needs %zu bytes of shared memory (device: %zu)",
                         (long long)a->vocab, smem, h->smem_per_block_optin);
@@ -118,9 +120,12 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
         return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace %zu bytes, need %zu", ws_bytes, need);
     if (!ws) return kdl_fail(KDL_STATUS_NULL_POINTER, "workspace is NULL");
     const int64_t N = a->rows, V = a->vocab, D = a->hidden, C = kdl_fused_linear_chunk_rows(a);
+    /* the layout of kdl_ext_fused_workspace_bytes: logits [C, V], row losses
+     * [C] and classes [C], accumulators; with N = 0 (C = 0) only the 256
+     * bytes of accumulators, at offset 0 */
     float *L = (float *)ws;
-    double *row_loss = (double *)((char *)ws + align256((size_t)(C > 0 ? C : 1) * (size_t)V * 4));
-    double *acc = (double *)((char *)row_loss + align256((size_t)(C > 0 ? C : 1) * (sizeof(double) + 1)));
+    double *row_loss = (double *)((char *)ws + align256((size_t)C * (size_t)V * 4));
+    double *acc = (double *)((char *)row_loss + align256((size_t)C * (sizeof(double) + 1)));
     KDL_CUDA_CHECK(cudaMemsetAsync(acc, 0, 4 * sizeof(double), h->stream));
     if (N == 0 && a->grad_weight)
         KDL_CUDA_CHECK(cudaMemset2DAsync(a->grad_weight, (size_t)a->ld_grad_weight * 4, 0, (size_t)D * 4, (size_t)V,

@@ -36,6 +36,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -115,25 +116,51 @@ template <class T, class Op> __device__ T block_reduce(T v, T *scratch, Op op)
     return r;
 }
 
-/* Online (max, sum-exp) of one value into a pair. */
-__device__ __forceinline__ void lse_add(float &m, float &s, float x)
+/* Online log-sum-exp of raw logits x scaled by k = 1/tau (clamped to
+ * FLT_MAX on the host): (m, s) = (running max of x, sum of exp((x - m) k)).
+ * The max is subtracted before the scaling, as in the reference, so a tiny
+ * tau gives the limit (probability 0 below the max) instead of inf - inf;
+ * (x - m) k is 0 at the max for any finite k.  -inf is skipped. */
+__device__ __forceinline__ void lse_add(float &m, float &s, float x, float k)
 {
     if (x == -INFINITY) return;
     if (x > m) {
-        s = s * __expf(m - x) + 1.0f;
+        s = (m == -INFINITY ? 0.0f : s * __expf((m - x) * k)) + 1.0f;
         m = x;
     } else {
-        s += __expf(x - m);
+        s += __expf((x - m) * k);
     }
 }
 
-/* Block log-sum-exp of the per-thread pairs: returns M and sets *S (relative to M). */
-__device__ float block_lse(float m, float s, float *fscr, double *dscr, double *S)
+/* Block log-sum-exp of the per-thread pairs of lse_add: returns the block's
+ * max M and sets *S = sum exp((x - M) k) (so LSE(x k) = M k + log S). */
+__device__ float block_lse(float m, float s, float k, float *fscr, double *dscr, double *S)
 {
     float M = block_reduce(m, fscr, MaxF());
-    double part = (M == -INFINITY || m == -INFINITY) ? 0.0 : (double)s * exp((double)m - (double)M);
+    double part = (M == -INFINITY || m == -INFINITY) ? 0.0 : (double)s * exp(((double)m - (double)M) * (double)k);
     *S = block_reduce(part, dscr, SumD());
     return M;
+}
+
+/* log q of a logit x: (x - M) k - log S, the reference's form. */
+__device__ __forceinline__ float log_prob(float x, float M, float k, float logS)
+{
+    return fmaf(x - M, k, -logS);
+}
+
+/* Loss output scaling as host/internal.h kdl_scaled_loss: scale 0 switches
+ * the term off, even an infinite one; NaN (an invalid row) stays NaN. */
+__device__ __forceinline__ double scaled_loss(double scale, double x)
+{
+    return (scale == 0.0 && !isnan(x)) ? 0.0 : scale * x;
+}
+
+/* Gradient entry (g dz)/tau as host/internal.h kdl_scaled_grad, with
+ * inv_tau = 1/tau: g = 0 gives 0 whatever dz is (0 * inf is not NaN), and an
+ * exact zero stays zero for any tau (0 * inf again). */
+__device__ __forceinline__ float scaled_grad(float g, float dz, float inv_tau)
+{
+    return (g == 0.0f || dz == 0.0f) ? 0.0f : (g * dz) * inv_tau;
 }
 
 __device__ __forceinline__ kdl_elem_params_f make_params(int div, float coef, float wh, float wt)
@@ -161,9 +188,14 @@ __device__ int block_excl_scan(int flag, int *scratch, int *total)
 }
 
 /* =========================================================== sparse teacher */
+/* Row class byte of the sparse kernel: KDL_EXT_ROW_* plus this one (an
+ * invalid row whose reason is a bad index, also counted in bad_index_rows). */
+constexpr unsigned char kRowBadIndex = 3;
+
 struct SparseP {
-    int mode, div, sdt, tdt, gdt, rule, has_grad;
-    float coef, inv_tau, factor, mu;
+    int mode, div, sdt, tdt, gdt, rule, has_grad, akl;
+    float coef, inv_tau, gscale; /* inv_tau clamped to FLT_MAX; gscale = (float)scale */
+    double mu;                   /* double, as the reference compares it */
     int64_t N, V, k, top_k, ld_s, ld_i, ld_p, ld_g, ignore_index;
     const void *S;
     const int64_t *idx;
@@ -171,13 +203,20 @@ struct SparseP {
     const int64_t *labels;
     void *grad;
     double *row_loss;   /* [N] */
-    unsigned char *cls; /* [N]: 0 valid, 1 ignored, 2 invalid, 3 invalid (bad index) */
+    unsigned char *cls; /* [N]: KDL_EXT_ROW_VALID, _IGNORED, _INVALID or kRowBadIndex */
 };
+
+/* Static shared memory of sparse_row_kernel, for the opt-in check. */
+constexpr size_t kSparseStaticSmem = 32 * sizeof(float) + 32 * sizeof(double) + 33 * sizeof(int) +
+                                     sizeof(unsigned long long) + 2 * sizeof(double);
+static_assert(kSparseStaticSmem <= KDL_EXT_SPARSE_STATIC_SMEM, "KDL_EXT_SPARSE_STATIC_SMEM too small");
 
 __device__ void zero_row(void *g, int dt, int64_t off, int64_t V)
 {
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) st_f(g, dt, off + v, 0.0f);
 }
+
+__device__ __forceinline__ bool in_support(const uint32_t *bm, int64_t v) { return (bm[v >> 5] >> (v & 31)) & 1u; }
 
 __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
 {
@@ -189,12 +228,14 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     __shared__ double sh_wh, sh_wt;
     const int64_t i = blockIdx.x, V = P.V, k = P.k;
     const int64_t W = (V + 31) / 32;
+    const float kt = P.inv_tau;
     uint32_t *bm = (uint32_t *)smem;
     int *sidx = (int *)(bm + W);
     float *slt = (float *)(sidx + k);
     float *sqg = slt + k;
     int64_t kp = 1;
     while (kp < k) kp <<= 1;
+    /* AKL only (the launcher sizes this region only then) */
     unsigned long long *keys = (unsigned long long *)(((uintptr_t)(sqg + k) + 15) & ~(uintptr_t)15);
     const int64_t offS = i * P.ld_s, offG = i * P.ld_g;
 
@@ -224,6 +265,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
         slt[j] = t;
     }
     __syncthreads();
+    /* student: LSE over all V and over the tokens outside the support */
     float m = -INFINITY, s = 0, mo = -INFINITY, so = 0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         float x = ld_f(P.S, P.sdt, offS + v);
@@ -231,21 +273,20 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
             bad = 1;
             continue;
         }
-        float z = x * P.inv_tau;
-        lse_add(m, s, z);
-        if (!(bm[v >> 5] & (1u << (v & 31)))) lse_add(mo, so, z);
+        lse_add(m, s, x, kt);
+        if (!in_support(bm, v)) lse_add(mo, so, x, kt);
     }
     bad = block_reduce(bad, iscr, OrI());
     badidx = block_reduce(badidx, iscr, OrI());
     double Ss, So;
-    float M = block_lse(m, s, fscr, dscr, &Ss);
-    float Mo = block_lse(mo, so, fscr, dscr, &So);
-    /* teacher LSE over the support */
+    const float M = block_lse(m, s, kt, fscr, dscr, &Ss);
+    const float Mo = block_lse(mo, so, kt, fscr, dscr, &So);
+    /* teacher LSE over the support (log-probs: no temperature) */
     float mt = -INFINITY, st = 0;
-    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) lse_add(mt, st, slt[j]);
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) lse_add(mt, st, slt[j], 1.0f);
     double St;
-    float Mt = block_lse(mt, st, fscr, dscr, &St);
-    float lse_t = Mt == -INFINITY ? -INFINITY : Mt + (float)log(St);
+    const float Mt = block_lse(mt, st, 1.0f, fscr, dscr, &St);
+    const float lse_t = Mt == -INFINITY ? -INFINITY : Mt + (float)log(St);
     if (!bad && !badidx && M != -INFINITY) {
         if (P.mode == KDL_SPARSE_RENORMALISED && Mt == -INFINITY) bad = 1;
         if (P.mode == KDL_SPARSE_TAIL_BUCKET && lse_t > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
@@ -254,17 +295,19 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
         if (P.has_grad) zero_row(P.grad, P.gdt, offG, V);
         if (threadIdx.x == 0) {
             P.row_loss[i] = NAN;
-            P.cls[i] = badidx ? 3 : KDL_EXT_ROW_INVALID;
+            P.cls[i] = badidx ? kRowBadIndex : (unsigned char)KDL_EXT_ROW_INVALID;
         }
         return;
     }
-    const float lse_s = M + (float)log(Ss);
-    const float lq_b = Mo == -INFINITY ? -INFINITY : Mo + (float)log(So) - lse_s;
+    /* log q_v = (x_v - M) k - log Ss; log q_b = LSE_off - LSE (directly) */
+    const float logS = (float)log(Ss), logSo = Mo == -INFINITY ? 0.0f : (float)log(So);
+    const float lq_b =
+        Mo == -INFINITY ? -INFINITY : (float)(((double)Mo - (double)M) * (double)kt + log(So) - log(Ss));
     const float lp_b = (k == V || lse_t >= 0) ? -INFINITY : logf(-expm1f(lse_t));
 
     /* AKL (tail): head among the support cells, in teacher order */
     float wh = 0.5f, wt = 0.5f;
-    if (P.div == KDL_DIV_AKL) {
+    if (P.akl) {
         for (int64_t j = threadIdx.x; j < kp; j += blockDim.x)
             keys[j] = j < k ? ((unsigned long long)kdl_ext_order_key(__float_as_uint(slt[j]), 4) << 32) |
                                   (unsigned long long)(uint32_t)sidx[j]
@@ -309,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
         for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
             unsigned long long key = ((unsigned long long)kdl_ext_order_key(__float_as_uint(slt[j]), 4) << 32) |
                                      (unsigned long long)(uint32_t)sidx[j];
-            float q = __expf(ld_f(P.S, P.sdt, offS + sidx[j]) * P.inv_tau - lse_s);
+            float q = __expf(log_prob(ld_f(P.S, P.sdt, offS + sidx[j]), M, kt, logS));
             double gap = fabs((double)__expf(slt[j]) - (double)q);
             if (key <= boundary_key)
                 gh += gap;
@@ -332,36 +375,31 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     const kdl_elem_params_f pr = make_params(P.div, P.coef, wh, wt);
     double loss = 0, G = 0;
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-        float lq = ld_f(P.S, P.sdt, offS + sidx[j]) * P.inv_tau - lse_s;
+        float lq = log_prob(ld_f(P.S, P.sdt, offS + sidx[j]), M, kt, logS);
         float lp = P.mode == KDL_SPARSE_RENORMALISED ? slt[j] - lse_t : slt[j];
         kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
         loss += e.loss;
         G += e.qg;
         sqg[j] = e.qg;
     }
-    float g_off = 0; /* dl/dq of an off-support token (per unit of its q) */
+    /* RENORMALISED: an off-support token's element is linear in its q (the
+     * constant c_off per unit q); TAIL_BUCKET: the bucket cell's element. */
+    const kdl_elem_f c_off = kdl_elem_eval_f(&pr, -INFINITY, 0.0f);
+    const kdl_elem_f e_b = kdl_elem_eval_f(&pr, lp_b, lq_b);
     if (threadIdx.x == 0) {
         if (P.mode == KDL_SPARSE_RENORMALISED) {
-            kdl_elem_f c = kdl_elem_eval_f(&pr, -INFINITY, 0.0f); /* linear in q off the support */
             float q_off = __expf(lq_b);
             if (q_off > 0) {
-                loss += (double)c.loss * q_off;
-                G += (double)c.qg * q_off;
+                loss += (double)c_off.loss * q_off;
+                G += (double)c_off.qg * q_off;
             }
         } else {
-            kdl_elem_f e = kdl_elem_eval_f(&pr, lp_b, lq_b);
-            loss += e.loss;
-            G += e.qg;
+            loss += e_b.loss;
+            G += e_b.qg;
         }
     }
     loss = block_reduce(loss, dscr, SumD());
     G = block_reduce(G, dscr, SumD());
-    if (P.mode == KDL_SPARSE_RENORMALISED) {
-        g_off = kdl_elem_eval_f(&pr, -INFINITY, 0.0f).qg;
-    } else {
-        float q_b = __expf(lq_b);
-        g_off = q_b > 0 ? kdl_elem_eval_f(&pr, lp_b, lq_b).qg / q_b : 0.0f;
-    }
     if (threadIdx.x == 0) {
         P.row_loss[i] = loss;
         P.cls[i] = KDL_EXT_ROW_VALID;
@@ -369,13 +407,23 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     if (!P.has_grad) return;
     const float Gf = (float)G;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        if (bm[v >> 5] & (1u << (v & 31))) continue;
-        float q = __expf(ld_f(P.S, P.sdt, offS + v) * P.inv_tau - lse_s);
-        st_f(P.grad, P.gdt, offG + v, q > 0 ? P.factor * q * (g_off - Gf) : 0.0f);
+        if (in_support(bm, v)) continue;
+        const float x = ld_f(P.S, P.sdt, offS + v);
+        const float q = __expf(log_prob(x, M, kt, logS));
+        float qg;
+        if (P.mode == KDL_SPARSE_RENORMALISED) {
+            qg = q > 0 ? c_off.qg * q : 0.0f;
+        } else {
+            /* (q_v / q_b) qg_b with the share in log space: q_b can underflow
+             * while the share and qg_b (-p_b for FKL) are not small */
+            const float share = x == -INFINITY ? 0.0f : __expf(log_prob(x, Mo, kt, logSo));
+            qg = share > 0 ? share * e_b.qg : 0.0f;
+        }
+        st_f(P.grad, P.gdt, offG + v, scaled_grad(P.gscale, kdl_elem_dz_f(qg, q, Gf), kt));
     }
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-        float q = __expf(ld_f(P.S, P.sdt, offS + sidx[j]) * P.inv_tau - lse_s);
-        st_f(P.grad, P.gdt, offG + sidx[j], P.factor * kdl_elem_dz_f(sqg[j], q, Gf));
+        float q = __expf(log_prob(ld_f(P.S, P.sdt, offS + sidx[j]), M, kt, logS));
+        st_f(P.grad, P.gdt, offG + sidx[j], scaled_grad(P.gscale, kdl_elem_dz_f(sqg[j], q, Gf), kt));
     }
 }
 
@@ -393,18 +441,19 @@ __global__ void __launch_bounds__(kThreads)
             nv += 1;
         } else if (c != KDL_EXT_ROW_IGNORED) {
             ni += 1;
-            nb += c == 3;
+            nb += c == kRowBadIndex;
         }
         if (reduction == KDL_REDUCTION_NONE)
-            st_out(loss, out_dt, i, c == KDL_EXT_ROW_VALID ? scale * row_loss[i] : c == KDL_EXT_ROW_IGNORED ? 0.0 : NAN);
+            st_out(loss, out_dt, i,
+                   c == KDL_EXT_ROW_VALID ? scaled_loss(scale, row_loss[i]) : c == KDL_EXT_ROW_IGNORED ? 0.0 : NAN);
     }
     sum = block_reduce(sum, dscr, SumD());
     nv = block_reduce(nv, dscr, SumD());
     ni = block_reduce(ni, dscr, SumD());
     nb = block_reduce(nb, dscr, SumD());
     if (threadIdx.x == 0) {
-        if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scale * sum);
-        if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scale * sum / nv : 0.0);
+        if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scaled_loss(scale, sum));
+        if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scaled_loss(scale, sum) / nv : 0.0);
         if (info) *info = (int64_t)ni;
         if (valid_rows) *valid_rows = (int64_t)nv;
         if (bad_rows) *bad_rows = (int64_t)nb;
@@ -443,7 +492,7 @@ size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 /* ========================================================= vocabulary-parallel */
 struct ShardP {
     int div, rule, sdt, tdt, gdt, D, width, akl, has_grad, reduction, out_dt;
-    double tau, mu, scale, coef;
+    double tau, inv_tau, mu, scale, coef; /* inv_tau = 1/tau clamped to DBL_MAX */
     int64_t N, Vl, R, rank, top_k, ld_s, ld_t, ld_g, ignore_index, F;
     const void *S, *T;
     const int64_t *labels;
@@ -460,6 +509,45 @@ __device__ __forceinline__ uint64_t tkey(const ShardP &P, int64_t i, int64_t v)
 {
     return kdl_ext_order_key(ld_bits(P.T, P.tdt, i * P.ld_t + v), P.width);
 }
+
+/* z = x/tau of a raw logit, in double as the reference (a float z loses its
+ * low digits once |z| is large: a small tau or large logits). */
+__device__ __forceinline__ double shard_z(const ShardP &P, const void *p, int dt, int64_t off)
+{
+    return (double)ld_f(p, dt, off) * P.inv_tau;
+}
+
+/* log q (or log p) = z - LSE, formed in double and rounded once to float
+ * for the element maths. */
+__device__ __forceinline__ float shard_logp(const ShardP &P, const void *p, int dt, int64_t off, double lse)
+{
+    return (float)(shard_z(P, p, dt, off) - lse);
+}
+
+/* Teacher mass of the AKL histograms as an unsigned 128-bit fixed-point
+ * number with 80 fraction bits, hi = the bits from 2^-16 up, lo = the 64
+ * below: integer sums are exact, so a bin's mass does not depend on the
+ * order of the shared-memory atomics (a double atomicAdd's would).  Masses
+ * are <= 1 (relative to the global max), so hi cannot overflow; bits below
+ * 2^-80 are dropped (at most 2^-80 per token). */
+__device__ __forceinline__ void mass_fx_add(unsigned long long *hi, unsigned long long *lo, double m)
+{
+    const double a = m * 65536.0; /* exact */
+    const double ah = floor(a);
+    const unsigned long long h = (unsigned long long)ah;
+    const unsigned long long l = (unsigned long long)((a - ah) * 18446744073709551616.0); /* < 2^64 */
+    const unsigned long long old = atomicAdd(lo, l);
+    atomicAdd(hi, h + (old + l < old ? 1ull : 0ull)); /* the carry out of lo */
+}
+
+__device__ __forceinline__ double mass_fx_value(unsigned long long hi, unsigned long long lo)
+{
+    return (double)hi * (1.0 / 65536.0) + (double)lo * (1.0 / 1208925819614629174706176.0); /* 2^-16, 2^-80 */
+}
+
+struct MaxD {
+    __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
 
 /* ---- absorb kernels: one thread per row */
 __global__ void shard_absorb_max(ShardP P)
@@ -496,7 +584,7 @@ __device__ void absorb_digit_row(const ShardP &P, kdl_shard_row_t &r, const doub
     if (digit == P.D - 1) {
         r.n_tie = (int64_t)cnt[b];
         double x = bits_to_f(kdl_ext_order_key_bits(r.prefix, P.width), P.tdt);
-        double p = exp(x / P.tau - r.lse_t);
+        double p = exp(x * P.inv_tau - r.lse_t);
         r.j_take = kdl_shard_tie_take(P.rule, P.mu, P.top_k, r.count_before, r.mass_before / r.z_t, r.n_tie, p);
         r.head_size = r.count_before + r.j_take;
     }
@@ -558,10 +646,12 @@ __global__ void shard_absorb_partial(ShardP P)
 /* ---- write kernels: one block per row */
 __global__ void __launch_bounds__(kThreads) shard_write_max(ShardP P)
 {
-    __shared__ float fscr[32];
+    __shared__ double dscr[32];
     __shared__ int iscr[33];
     const int64_t i = blockIdx.x;
-    float ms = -INFINITY, mt = -INFINITY;
+    /* the maxima of z and x in double, exactly as shard_z forms them later,
+     * so that exp(z - m) <= 1 and a tiny tau does not overflow a float */
+    double ms = -INFINITY, mt = -INFINITY;
     int bad = 0;
     if (!(P.labels && P.labels[i] == P.ignore_index))
         for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
@@ -570,11 +660,11 @@ __global__ void __launch_bounds__(kThreads) shard_write_max(ShardP P)
                 bad = 1;
                 continue;
             }
-            ms = fmaxf(ms, (float)(s / P.tau));
-            mt = fmaxf(mt, (float)(t / P.tau));
+            ms = fmax(ms, (double)s * P.inv_tau);
+            mt = fmax(mt, (double)t * P.inv_tau);
         }
-    ms = block_reduce(ms, fscr, MaxF());
-    mt = block_reduce(mt, fscr, MaxF());
+    ms = block_reduce(ms, dscr, MaxD());
+    mt = block_reduce(mt, dscr, MaxD());
     bad = block_reduce(bad, iscr, OrI());
     if (threadIdx.x == 0) {
         P.ex[i * 3 + 0] = ms;
@@ -585,11 +675,12 @@ __global__ void __launch_bounds__(kThreads) shard_write_max(ShardP P)
 
 /* Histogram of `digit` of the row's keys under the prefix: cnt[256], mass[256]. */
 __device__ void shard_histogram(const ShardP &P, int64_t i, const kdl_shard_row_t &r, int digit, double *out_cnt,
-                                double *out_mass, unsigned int *hc, double *hm)
+                                double *out_mass, unsigned int *hc, unsigned long long *hhi, unsigned long long *hlo)
 {
     for (int b = threadIdx.x; b < KDL_SHARD_BINS; b += blockDim.x) {
         hc[b] = 0;
-        hm[b] = 0;
+        hhi[b] = 0;
+        hlo[b] = 0;
     }
     __syncthreads();
     if (r.cls == KDL_EXT_ROW_VALID && !r.all_head) {
@@ -599,13 +690,13 @@ __device__ void shard_histogram(const ShardP &P, int64_t i, const kdl_shard_row_
             if (digit > 0 && (key >> shift_hi) != r.prefix) continue;
             int b = (int)((key >> shift) & 0xffu);
             atomicAdd(&hc[b], 1u);
-            atomicAdd(&hm[b], exp((double)ld_f(P.T, P.tdt, i * P.ld_t + v) / P.tau - r.m_t));
+            mass_fx_add(&hhi[b], &hlo[b], exp(shard_z(P, P.T, P.tdt, i * P.ld_t + v) - r.m_t));
         }
     }
     __syncthreads();
     for (int b = threadIdx.x; b < KDL_SHARD_BINS; b += blockDim.x) {
         out_cnt[b] = hc[b];
-        out_mass[b] = hm[b];
+        out_mass[b] = mass_fx_value(hhi[b], hlo[b]);
     }
 }
 
@@ -613,14 +704,14 @@ __global__ void __launch_bounds__(kThreads) shard_write_norm(ShardP P, int64_t F
 {
     __shared__ double dscr[32];
     __shared__ unsigned int hc[KDL_SHARD_BINS];
-    __shared__ double hm[KDL_SHARD_BINS];
+    __shared__ unsigned long long hhi[KDL_SHARD_BINS], hlo[KDL_SHARD_BINS];
     const int64_t i = blockIdx.x;
     const kdl_shard_row_t r = P.rows[i];
     double zs = 0, zt = 0;
     if (r.cls == KDL_EXT_ROW_VALID)
         for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
-            zs += exp((double)ld_f(P.S, P.sdt, i * P.ld_s + v) / P.tau - r.m_s);
-            zt += exp((double)ld_f(P.T, P.tdt, i * P.ld_t + v) / P.tau - r.m_t);
+            zs += exp(shard_z(P, P.S, P.sdt, i * P.ld_s + v) - r.m_s);
+            zt += exp(shard_z(P, P.T, P.tdt, i * P.ld_t + v) - r.m_t);
         }
     zs = block_reduce(zs, dscr, SumD());
     zt = block_reduce(zt, dscr, SumD());
@@ -629,16 +720,16 @@ __global__ void __launch_bounds__(kThreads) shard_write_norm(ShardP P, int64_t F
         ex[0] = zs;
         ex[1] = zt;
     }
-    if (P.akl) shard_histogram(P, i, r, 0, ex + 2, ex + 2 + KDL_SHARD_BINS, hc, hm);
+    if (P.akl) shard_histogram(P, i, r, 0, ex + 2, ex + 2 + KDL_SHARD_BINS, hc, hhi, hlo);
 }
 
 __global__ void __launch_bounds__(kThreads) shard_write_digit(ShardP P, int digit)
 {
     __shared__ unsigned int hc[KDL_SHARD_BINS];
-    __shared__ double hm[KDL_SHARD_BINS];
+    __shared__ unsigned long long hhi[KDL_SHARD_BINS], hlo[KDL_SHARD_BINS];
     const int64_t i = blockIdx.x;
     double *ex = P.ex + i * 2 * KDL_SHARD_BINS;
-    shard_histogram(P, i, P.rows[i], digit, ex, ex + KDL_SHARD_BINS, hc, hm);
+    shard_histogram(P, i, P.rows[i], digit, ex, ex + KDL_SHARD_BINS, hc, hhi, hlo);
 }
 
 __global__ void __launch_bounds__(kThreads) shard_write_tie(ShardP P)
@@ -684,29 +775,34 @@ __global__ void __launch_bounds__(kThreads) shard_write_partial(ShardP P)
     const kdl_shard_row_t r = P.rows[i];
     double acc[KDL_SHARD_PARTIAL_FIELDS] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (r.cls == KDL_EXT_ROW_VALID) {
-        const float lse_s = (float)r.lse_s, lse_t = (float)r.lse_t, inv_tau = (float)(1.0 / P.tau);
         if (P.akl) {
             walk_with_head(P, i, r, iscr, [&](int64_t v, int head) {
-                float lq = ld_f(P.S, P.sdt, i * P.ld_s + v) * inv_tau - lse_s;
-                float lp = ld_f(P.T, P.tdt, i * P.ld_t + v) * inv_tau - lse_t;
+                float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.lse_s);
+                float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.lse_t);
                 kdl_elem_f f = kdl_elem_fkl_f(lp, lq), g = kdl_elem_rkl_f(lp, lq);
                 acc[KDL_SHARD_P_FKL] += f.loss;
                 acc[KDL_SHARD_P_RKL] += g.loss;
                 acc[KDL_SHARD_P_GF] += f.qg;
                 acc[KDL_SHARD_P_GR] += g.qg;
-                acc[head ? KDL_SHARD_P_GHEAD : KDL_SHARD_P_GTAIL] += fabsf(__expf(lp) - __expf(lq));
+                const float gap = fabsf(__expf(lp) - __expf(lq));
+                /* constant indices keep acc[] in registers (no local memory) */
+                if (head)
+                    acc[KDL_SHARD_P_GHEAD] += gap;
+                else
+                    acc[KDL_SHARD_P_GTAIL] += gap;
             });
         } else {
             const kdl_elem_params_f pr = make_params(P.div, (float)P.coef, 0.5f, 0.5f);
             for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
-                float lq = ld_f(P.S, P.sdt, i * P.ld_s + v) * inv_tau - lse_s;
-                float lp = ld_f(P.T, P.tdt, i * P.ld_t + v) * inv_tau - lse_t;
+                float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.lse_s);
+                float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.lse_t);
                 kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
                 acc[KDL_SHARD_P_LOSS] += e.loss;
                 acc[KDL_SHARD_P_G] += e.qg;
             }
         }
     }
+#pragma unroll
     for (int f = 0; f < KDL_SHARD_PARTIAL_FIELDS; f++) {
         double t = block_reduce(acc[f], dscr, SumD());
         if (threadIdx.x == 0) P.ex[i * KDL_SHARD_PARTIAL_FIELDS + f] = t;
@@ -719,8 +815,10 @@ __global__ void __launch_bounds__(kThreads) shard_write_finish(ShardP P)
     const int64_t i = blockIdx.x;
     const kdl_shard_row_t r = P.rows[i];
     const int64_t nv = P.hdr->valid_rows;
-    double factor = P.scale / P.tau;
-    if (P.reduction == KDL_REDUCTION_MEAN) factor = nv ? factor / (double)nv : 0.0;
+    /* gradient (g dz)/tau, g = scale (MEAN: / valid rows), as the dense
+     * reference's kdl_scaled_grad: g = 0 or dz = 0 gives 0, never 0 * inf */
+    double gscale = P.scale;
+    if (P.reduction == KDL_REDUCTION_MEAN) gscale = nv ? gscale / (double)nv : 0.0;
     if (r.cls != KDL_EXT_ROW_VALID) {
         for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
             if (P.has_grad) st_f(P.grad, P.gdt, i * P.ld_g + v, 0.0f);
@@ -728,14 +826,16 @@ __global__ void __launch_bounds__(kThreads) shard_write_finish(ShardP P)
         }
         return;
     }
-    const float lse_s = (float)r.lse_s, lse_t = (float)r.lse_t, inv_tau = (float)(1.0 / P.tau), G = (float)r.G;
+    const float G = (float)r.G;
     const kdl_elem_params_f pr = make_params(P.div, (float)P.coef, (float)r.w_head, (float)r.w_tail);
     if (P.has_grad)
         for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
-            float lq = ld_f(P.S, P.sdt, i * P.ld_s + v) * inv_tau - lse_s;
-            float lp = ld_f(P.T, P.tdt, i * P.ld_t + v) * inv_tau - lse_t;
+            float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.lse_s);
+            float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.lse_t);
             kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
-            st_f(P.grad, P.gdt, i * P.ld_g + v, (float)factor * kdl_elem_dz_f(e.qg, __expf(lq), G));
+            const float dz = kdl_elem_dz_f(e.qg, __expf(lq), G);
+            st_f(P.grad, P.gdt, i * P.ld_g + v,
+                 (gscale == 0.0 || dz == 0.0f) ? 0.0f : (float)((gscale * (double)dz) * P.inv_tau));
         }
     if (P.akl && P.head_mask)
         walk_with_head(P, i, r, iscr, [&](int64_t v, int head) { P.head_mask[i * P.Vl + v] = (unsigned char)head; });
@@ -750,14 +850,15 @@ __global__ void __launch_bounds__(kThreads) shard_finish_out(ShardP P)
         if (r.cls == KDL_EXT_ROW_VALID) sum += r.loss;
         if (P.reduction == KDL_REDUCTION_NONE)
             st_out(P.loss, P.out_dt, i,
-                   r.cls == KDL_EXT_ROW_VALID ? P.scale * r.loss : r.cls == KDL_EXT_ROW_IGNORED ? 0.0 : NAN);
+                   r.cls == KDL_EXT_ROW_VALID ? scaled_loss(P.scale, r.loss) : r.cls == KDL_EXT_ROW_IGNORED ? 0.0 : NAN);
         if (P.head_size) P.head_size[i] = r.cls == KDL_EXT_ROW_VALID ? r.head_size : 0;
     }
     sum = block_reduce(sum, dscr, SumD());
     if (threadIdx.x == 0) {
         const int64_t nv = P.hdr->valid_rows;
-        if (P.reduction == KDL_REDUCTION_SUM) st_out(P.loss, P.out_dt, 0, P.scale * sum);
-        if (P.reduction == KDL_REDUCTION_MEAN) st_out(P.loss, P.out_dt, 0, nv ? P.scale * sum / (double)nv : 0.0);
+        if (P.reduction == KDL_REDUCTION_SUM) st_out(P.loss, P.out_dt, 0, scaled_loss(P.scale, sum));
+        if (P.reduction == KDL_REDUCTION_MEAN)
+            st_out(P.loss, P.out_dt, 0, nv ? scaled_loss(P.scale, sum) / (double)nv : 0.0);
         if (P.info) *P.info = P.hdr->invalid_rows;
         if (P.valid_rows) *P.valid_rows = nv;
     }
@@ -766,7 +867,7 @@ __global__ void __launch_bounds__(kThreads) shard_finish_out(ShardP P)
 /* ============================================================ fused linear */
 struct FusedP {
     int div, tdt, has_labels, reduction, out_dt;
-    float coef, inv_tau, factor;
+    float coef, inv_tau, gscale; /* inv_tau clamped to FLT_MAX; gscale = (float)scale */
     int64_t V, ld_t, row0, ignore_index;
     float *L; /* [c, V] */
     const void *T;
@@ -795,13 +896,13 @@ __global__ void __launch_bounds__(kThreads) fused_chunk_kernel(FusedP P)
                 bad = 1;
                 continue;
             }
-            lse_add(ms, ss, s * P.inv_tau);
-            lse_add(mt, st, t * P.inv_tau);
+            lse_add(ms, ss, s, P.inv_tau);
+            lse_add(mt, st, t, P.inv_tau);
         }
     bad = block_reduce(bad, iscr, OrI());
     double Ss, St;
-    float Ms = block_lse(ms, ss, fscr, dscr, &Ss);
-    float Mt = block_lse(mt, st, fscr, dscr, &St);
+    const float Ms = block_lse(ms, ss, P.inv_tau, fscr, dscr, &Ss);
+    const float Mt = block_lse(mt, st, P.inv_tau, fscr, dscr, &St);
     if (ignored || bad || Ms == -INFINITY || Mt == -INFINITY) {
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) Lr[v] = 0.0f;
         if (threadIdx.x == 0) {
@@ -811,11 +912,13 @@ __global__ void __launch_bounds__(kThreads) fused_chunk_kernel(FusedP P)
         }
         return;
     }
-    const float lse_s = Ms + (float)log(Ss), lse_t = Mt + (float)log(St);
+    /* log q = (s - Ms)/tau - log Ss, log p likewise (the reference's form) */
+    const float lSs = (float)log(Ss), lSt = (float)log(St);
     const kdl_elem_params_f pr = make_params(P.div, P.coef, 0.5f, 0.5f);
     double loss = 0, G = 0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        kdl_elem_f e = kdl_elem_eval_f(&pr, ld_f(P.T, P.tdt, offT + v) * P.inv_tau - lse_t, Lr[v] * P.inv_tau - lse_s);
+        kdl_elem_f e = kdl_elem_eval_f(&pr, log_prob(ld_f(P.T, P.tdt, offT + v), Mt, P.inv_tau, lSt),
+                                       log_prob(Lr[v], Ms, P.inv_tau, lSs));
         loss += e.loss;
         G += e.qg;
     }
@@ -824,14 +927,14 @@ __global__ void __launch_bounds__(kThreads) fused_chunk_kernel(FusedP P)
     const float Gf = (float)G;
     /* in place: each thread reads and then overwrites its own elements */
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        float lq = Lr[v] * P.inv_tau - lse_s;
-        kdl_elem_f e = kdl_elem_eval_f(&pr, ld_f(P.T, P.tdt, offT + v) * P.inv_tau - lse_t, lq);
-        Lr[v] = P.factor * kdl_elem_dz_f(e.qg, __expf(lq), Gf);
+        float lq = log_prob(Lr[v], Ms, P.inv_tau, lSs);
+        kdl_elem_f e = kdl_elem_eval_f(&pr, log_prob(ld_f(P.T, P.tdt, offT + v), Mt, P.inv_tau, lSt), lq);
+        Lr[v] = scaled_grad(P.gscale, kdl_elem_dz_f(e.qg, __expf(lq), Gf), P.inv_tau);
     }
     if (threadIdx.x == 0) {
         P.row_loss[c] = loss;
         P.cls[c] = KDL_EXT_ROW_VALID;
-        if (P.reduction == KDL_REDUCTION_NONE) st_out(P.loss, P.out_dt, i, P.scale * loss);
+        if (P.reduction == KDL_REDUCTION_NONE) st_out(P.loss, P.out_dt, i, scaled_loss(P.scale, loss));
     }
 }
 
@@ -865,8 +968,8 @@ __global__ void fused_finish_kernel(int reduction, double scale, void *loss, int
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double nv = acc[1];
-    if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scale * acc[0]);
-    if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scale * acc[0] / nv : 0.0);
+    if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scaled_loss(scale, acc[0]));
+    if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scaled_loss(scale, acc[0]) / nv : 0.0);
     if (info) *info = (int64_t)acc[2];
     if (valid_rows) *valid_rows = (int64_t)nv;
     acc[3] = nv > 0 ? 1.0 / nv : 0.0;
@@ -875,12 +978,13 @@ __global__ void fused_finish_kernel(int reduction, double scale, void *loss, int
 } // namespace
 
 /* ================================================================ launchers */
-extern "C" size_t kdl_ext_sparse_smem_bytes(int64_t vocab, int64_t k)
+extern "C" size_t kdl_ext_sparse_smem_bytes(int64_t vocab, int64_t k, int akl)
 {
     int64_t kp = 1;
     while (kp < k) kp <<= 1;
     size_t words = (size_t)((vocab + 31) / 32);
-    return words * 4 + (size_t)k * 12 + 16 + (size_t)kp * 8;
+    /* bitmap, k indices, log-probs and qg; AKL: 16 bytes of alignment and the kp sort keys */
+    return words * 4 + (size_t)k * 12 + (akl ? 16 + (size_t)kp * 8 : 0);
 }
 
 extern "C" size_t kdl_ext_sparse_ws_bytes(int64_t rows)
@@ -906,10 +1010,11 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
     P.gdt = (int)a->grad_dtype;
     P.rule = (int)d->head_rule;
     P.has_grad = a->grad != NULL;
+    P.akl = d->divergence == KDL_DIV_AKL;
     P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
-    P.inv_tau = (float)(1.0 / d->temperature);
-    P.factor = (float)(d->scale / d->temperature);
-    P.mu = (float)d->mu;
+    P.inv_tau = (float)fmin(1.0 / d->temperature, (double)FLT_MAX);
+    P.gscale = (float)d->scale;
+    P.mu = d->mu;
     P.N = N;
     P.V = a->vocab;
     P.k = a->k;
@@ -926,11 +1031,13 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
     P.grad = a->grad;
     P.row_loss = row_loss;
     P.cls = cls;
-    size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k);
-    if (smem > smem_optin)
+    size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k, P.akl);
+    if (smem + KDL_EXT_SPARSE_STATIC_SMEM > smem_optin)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab %lld: support bitmap needs %zu bytes of shared memory, the device has %zu",
-                        (long long)a->vocab, smem, smem_optin);
-    if (smem > 48 * 1024) {
+                        (long long)a->vocab, smem + KDL_EXT_SPARSE_STATIC_SMEM, smem_optin);
+    if (N > INT32_MAX) return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: rows > 2^31 - 1");
+    /* static + dynamic shared memory above the default 48 KiB needs the opt-in */
+    if (smem + KDL_EXT_SPARSE_STATIC_SMEM > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(sparse_row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaFuncSetAttribute: %s", cudaGetErrorString(e));
     }
@@ -967,6 +1074,7 @@ extern "C" kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *d, const kdl
     P.reduction = (int)d->reduction;
     P.out_dt = (int)a->out_dtype;
     P.tau = d->temperature;
+    P.inv_tau = fmin(1.0 / d->temperature, DBL_MAX);
     P.mu = d->mu;
     P.scale = d->scale;
     P.coef = d->divergence == KDL_DIV_JSD ? d->beta : d->alpha;
@@ -1047,8 +1155,8 @@ extern "C" kdl_status_t kdl_ext_fused_chunk_launch(const kdl_loss_desc_t *d, con
     P.reduction = (int)d->reduction;
     P.out_dt = (int)a->out_dtype;
     P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
-    P.inv_tau = (float)(1.0 / d->temperature);
-    P.factor = (float)(d->scale / d->temperature);
+    P.inv_tau = (float)fmin(1.0 / d->temperature, (double)FLT_MAX);
+    P.gscale = (float)d->scale;
     P.V = a->vocab;
     P.ld_t = a->ld_teacher;
     P.row0 = row0;

@@ -23,9 +23,14 @@ extern "C" {
 /* Threads per row block of every extension kernel. */
 #define KDL_EXT_THREADS 256
 
-/* Sparse teacher: dynamic shared memory of the row kernel for (V, k). */
-size_t kdl_ext_sparse_smem_bytes(int64_t vocab, int64_t k);
-/* Workspace: per-row losses [N] (double) + 256 bytes of counters. */
+/* Sparse teacher: dynamic shared memory of the row kernel for (V, k) (akl:
+ * 1 for AKL, which adds the sort keys).  The kernel also has static shared
+ * memory, at most KDL_EXT_SPARSE_STATIC_SMEM bytes (checked at compile time):
+ * the opt-in limit must hold the sum. */
+#define KDL_EXT_SPARSE_STATIC_SMEM 1024
+size_t kdl_ext_sparse_smem_bytes(int64_t vocab, int64_t k, int akl);
+/* Workspace: per-row losses [N] (double) and row classes [N] (bytes), each
+ * 256-byte aligned, + 256 bytes of accumulators. */
 size_t kdl_ext_sparse_ws_bytes(int64_t rows);
 kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *desc, const kdl_sparse_args_t *args, void *workspace,
                                    size_t smem_optin, cudaStream_t stream);
