@@ -154,6 +154,15 @@ kdl_status_t kdl_check_struct_pair(const void *desc, size_t desc_size, const voi
     return KDL_STATUS_SUCCESS;
 }
 
+kdl_status_t kdl_check_alignment(const kdl_array_ref_t *arrays, size_t count)
+{
+    for (size_t k = 0; k < count; k++)
+        if (arrays[k].p && arrays[k].elem > 1 && (uintptr_t)arrays[k].p % arrays[k].elem != 0)
+            return kdl_fail(KDL_STATUS_MISALIGNED, "%s is not aligned to its %zu-byte element", arrays[k].name,
+                            arrays[k].elem);
+    return KDL_STATUS_SUCCESS;
+}
+
 static int dtype_ok(kdl_dtype_t t) { return kdl_dtype_allowed(t, 1); }
 
 int kdl_span_ok(int64_t rows, int64_t vocab, int64_t ld, size_t elem)
@@ -236,28 +245,23 @@ kdl_status_t kdl_loss_validate(const kdl_loss_desc_t *d, const kdl_loss_args_t *
 
     /* Every array aligned to its element: the kernels' loads and stores
      * (and the reference's typed accesses) assume it. */
-    const struct {
-        const void *p;
-        size_t elem;
-        const char *name;
-    } arrays[] = {{a->student, kdl_dtype_size(a->student_dtype), "student"},
-                  {a->teacher, kdl_dtype_size(a->teacher_dtype), "teacher"},
-                  {a->grad, kdl_dtype_size(a->grad_dtype), "grad"},
-                  {a->loss, kdl_dtype_size(a->out_dtype), "loss"},
-                  {a->labels, 8, "labels"},
-                  {a->stat_fkl, kdl_dtype_size(a->out_dtype), "stat_fkl"},
-                  {a->stat_rkl, kdl_dtype_size(a->out_dtype), "stat_rkl"},
-                  {a->stat_g_head, kdl_dtype_size(a->out_dtype), "stat_g_head"},
-                  {a->stat_g_tail, kdl_dtype_size(a->out_dtype), "stat_g_tail"},
-                  {a->stat_w_head, kdl_dtype_size(a->out_dtype), "stat_w_head"},
-                  {a->stat_w_tail, kdl_dtype_size(a->out_dtype), "stat_w_tail"},
-                  {a->stat_head_size, 8, "stat_head_size"},
-                  {a->info, 8, "info"},
-                  {a->valid_rows, 8, "valid_rows"}};
-    for (size_t k = 0; k < sizeof arrays / sizeof arrays[0]; k++)
-        if (arrays[k].p && (uintptr_t)arrays[k].p % arrays[k].elem != 0)
-            return kdl_fail(KDL_STATUS_MISALIGNED, "%s is not aligned to its %zu-byte element", arrays[k].name,
-                            arrays[k].elem);
+    const size_t oe = kdl_dtype_size(a->out_dtype);
+    const kdl_array_ref_t arrays[] = {{a->student, kdl_dtype_size(a->student_dtype), "student"},
+                                      {a->teacher, kdl_dtype_size(a->teacher_dtype), "teacher"},
+                                      {a->grad, kdl_dtype_size(a->grad_dtype), "grad"},
+                                      {a->loss, oe, "loss"},
+                                      {a->labels, 8, "labels"},
+                                      {a->stat_fkl, oe, "stat_fkl"},
+                                      {a->stat_rkl, oe, "stat_rkl"},
+                                      {a->stat_g_head, oe, "stat_g_head"},
+                                      {a->stat_g_tail, oe, "stat_g_tail"},
+                                      {a->stat_w_head, oe, "stat_w_head"},
+                                      {a->stat_w_tail, oe, "stat_w_tail"},
+                                      {a->stat_head_size, 8, "stat_head_size"},
+                                      {a->info, 8, "info"},
+                                      {a->valid_rows, 8, "valid_rows"}};
+    st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
+    if (st != KDL_STATUS_SUCCESS) return st;
 
     if (!kdl_logit_spans_ok(&layout))
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "rows x stride overflows");

@@ -34,6 +34,20 @@ kdl_status_t kdl_check_struct_pair(const void *desc, size_t desc_size, const voi
         if (kdl_sp_ != KDL_STATUS_SUCCESS) return kdl_sp_;                                    \
     } while (0)
 
+/* One array an entry point was given: base pointer, element size in bytes
+ * (the alignment the kernels and the reference's typed accesses assume),
+ * name for the detail. */
+typedef struct kdl_array_ref {
+    const void *p;
+    size_t elem;
+    const char *name;
+} kdl_array_ref_t;
+
+/* The alignment check of every validator: KDL_STATUS_MISALIGNED (detail
+ * names the first array) when a non-NULL base is not a multiple of its
+ * element size; NULL bases and elements of 0 or 1 byte pass. */
+kdl_status_t kdl_check_alignment(const kdl_array_ref_t *arrays, size_t count);
+
 /* Layout of a [rows, vocab] student/teacher logit pair with an optional
  * gradient, shared by every entry point that reads such logits (the loss,
  * SinKD): one check of dtypes, sizes, strides and byte spans. */
