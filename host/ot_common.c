@@ -175,6 +175,19 @@ kdl_status_t kdl_sinkhorn_validate(const kdl_sinkhorn_desc_t *d, const kdl_sinkh
     if (a->batch < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "batch = %lld < 0", (long long)a->batch);
     if (!a->sizes_n != !a->sizes_m)
         return kdl_fail(KDL_STATUS_NULL_POINTER, "sizes_n and sizes_m must be given together");
+    /* Every array aligned to its element, before anything reads the size
+     * arrays or writes info (also for an empty batch). */
+    const size_t e = kdl_dtype_size(a->dtype);
+    const kdl_array_ref_t arrays[] = {
+        {a->sizes_n, 8, "sizes_n"}, {a->sizes_m, 8, "sizes_m"},   {a->cost, e, "cost"},
+        {a->x, e, "x"},             {a->y, e, "y"},               {a->log_a, e, "log_a"},
+        {a->log_b, e, "log_b"},     {a->f_init, e, "f_init"},     {a->g_init, e, "g_init"},
+        {a->cost_xx, e, "cost_xx"}, {a->cost_yy, e, "cost_yy"},   {a->self_yy, e, "self_yy"},
+        {a->value, e, "value"},     {a->iterations, 8, "iterations"}, {a->marginal_error, e, "marginal_error"},
+        {a->f, e, "f"},             {a->g, e, "g"},               {a->plan, e, "plan"},
+        {a->grad_x, e, "grad_x"},   {a->info, 8, "info"}};
+    st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (a->batch == 0) return KDL_STATUS_SUCCESS; /* nothing is read or written */
     if (!a->sizes_n && (a->n < 1 || a->m < 1))
         return kdl_fail(KDL_STATUS_BAD_SIZE, "n = %lld, m = %lld (must be >= 1)", (long long)a->n,
@@ -232,6 +245,19 @@ kdl_status_t kdl_sinkd_validate(const kdl_sinkd_desc_t *d, const kdl_sinkd_args_
     if (a->rows > 0 && !a->student) return kdl_fail(KDL_STATUS_NULL_POINTER, "student is NULL");
     if (a->rows > 0 && !a->teacher) return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher is NULL");
     if (!a->loss) return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
+
+    const size_t oe = kdl_dtype_size(a->out_dtype);
+    const kdl_array_ref_t arrays[] = {{a->student, kdl_dtype_size(a->student_dtype), "student"},
+                                      {a->teacher, kdl_dtype_size(a->teacher_dtype), "teacher"},
+                                      {a->grad, kdl_dtype_size(a->grad_dtype), "grad"},
+                                      {a->loss, oe, "loss"},
+                                      {a->group_loss, oe, "group_loss"},
+                                      {a->plan, oe, "plan"},
+                                      {a->iterations, 8, "iterations"},
+                                      {a->marginal_error, oe, "marginal_error"},
+                                      {a->info, 8, "info"}};
+    st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
+    if (st != KDL_STATUS_SUCCESS) return st;
 
     int64_t n = kdl_sinkd_group(d, a);
     if (!kdl_logit_spans_ok(&layout) ||

@@ -88,6 +88,17 @@ kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *d, const kdl_fused
     if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
         return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
     size_t gsz = kdl_dtype_size(a->grad_dtype);
+    const kdl_array_ref_t arrays[] = {{a->hidden_states, kdl_dtype_size(a->hidden_dtype), "hidden_states"},
+                                      {a->weight, kdl_dtype_size(a->weight_dtype), "weight"},
+                                      {a->teacher, kdl_dtype_size(a->teacher_dtype), "teacher"},
+                                      {a->labels, 8, "labels"},
+                                      {a->grad_hidden, gsz, "grad_hidden"},
+                                      {a->grad_weight, gsz, "grad_weight"},
+                                      {a->loss, kdl_dtype_size(a->out_dtype), "loss"},
+                                      {a->info, 8, "info"},
+                                      {a->valid_rows, 8, "valid_rows"}};
+    st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (!kdl_ext_span_ok(a->rows, a->hidden, a->ld_hidden, kdl_dtype_size(a->hidden_dtype)) ||
         !kdl_ext_span_ok(a->vocab, a->hidden, a->ld_weight, kdl_dtype_size(a->weight_dtype)) ||
         !kdl_ext_span_ok(a->rows, a->vocab, a->ld_teacher, kdl_dtype_size(a->teacher_dtype)) ||

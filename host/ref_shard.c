@@ -83,6 +83,18 @@ kdl_status_t kdl_shard_validate(const kdl_loss_desc_t *d, const kdl_shard_args_t
     if (a->rows > 0 && !a->exchange) return kdl_fail(KDL_STATUS_NULL_POINTER, "exchange is NULL");
     if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
         return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
+    const kdl_array_ref_t arrays[] = {{a->student, kdl_dtype_size(a->student_dtype), "student"},
+                                      {a->teacher, kdl_dtype_size(a->teacher_dtype), "teacher"},
+                                      {a->labels, 8, "labels"},
+                                      {a->grad, kdl_dtype_size(a->grad_dtype), "grad"},
+                                      {a->loss, kdl_dtype_size(a->out_dtype), "loss"},
+                                      {a->info, 8, "info"},
+                                      {a->valid_rows, 8, "valid_rows"},
+                                      {a->stat_head_size, 8, "stat_head_size"},
+                                      {a->state, _Alignof(kdl_shard_row_t), "state"},
+                                      {a->exchange, sizeof(double), "exchange"}};
+    st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (!kdl_ext_span_ok(a->rows, a->vocab_local, a->ld_student, kdl_dtype_size(a->student_dtype)) ||
         !kdl_ext_span_ok(a->rows, a->vocab_local, a->ld_teacher, kdl_dtype_size(a->teacher_dtype)) ||
         (a->grad && !kdl_ext_span_ok(a->rows, a->vocab_local, a->ld_grad, kdl_dtype_size(a->grad_dtype))) ||

@@ -101,6 +101,17 @@ kdl_status_t kdl_sparse_validate(const kdl_loss_desc_t *d, const kdl_sparse_args
         return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher_logprobs is NULL");
     if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
         return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
+    const kdl_array_ref_t arrays[] = {{a->student, kdl_dtype_size(a->student_dtype), "student"},
+                                      {a->teacher_indices, 8, "teacher_indices"},
+                                      {a->teacher_logprobs, kdl_dtype_size(a->teacher_dtype), "teacher_logprobs"},
+                                      {a->labels, 8, "labels"},
+                                      {a->grad, kdl_dtype_size(a->grad_dtype), "grad"},
+                                      {a->loss, kdl_dtype_size(a->out_dtype), "loss"},
+                                      {a->info, 8, "info"},
+                                      {a->valid_rows, 8, "valid_rows"},
+                                      {a->bad_index_rows, 8, "bad_index_rows"}};
+    st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (!kdl_ext_span_ok(a->rows, a->vocab, a->ld_student, kdl_dtype_size(a->student_dtype)) ||
         !kdl_ext_span_ok(a->rows, a->k, a->ld_indices, sizeof(int64_t)) ||
         !kdl_ext_span_ok(a->rows, a->k, a->ld_logprobs, kdl_dtype_size(a->teacher_dtype)) ||
@@ -119,12 +130,15 @@ kdl_status_t kdl_sparse_check_indices(int64_t rows, int64_t vocab, int64_t k, co
         return kdl_fail(KDL_STATUS_BAD_TOP_K, "k = %lld not in [1, min(vocab, %d)]", (long long)k, KDL_SPARSE_MAX_K);
     if (ld < k) return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_indices = %lld < k = %lld", (long long)ld, (long long)k);
     if (rows > 0 && !idx) return kdl_fail(KDL_STATUS_NULL_POINTER, "indices is NULL");
+    const kdl_array_ref_t arrays[] = {{idx, sizeof(int64_t), "indices"}};
+    kdl_status_t st = kdl_check_alignment(arrays, 1);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if ((uint64_t)vocab > SIZE_MAX / sizeof(int64_t))
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "vocab %lld", (long long)vocab);
     int64_t *seen = (int64_t *)malloc((size_t)vocab * sizeof(int64_t));
     if (!seen) return kdl_fail(KDL_STATUS_ALLOC_FAILED, "index check scratch");
     for (int64_t v = 0; v < vocab; v++) seen[v] = -1;
-    kdl_status_t st = KDL_STATUS_SUCCESS;
+    st = KDL_STATUS_SUCCESS;
     for (int64_t i = 0; i < rows && st == KDL_STATUS_SUCCESS; i++)
         for (int64_t j = 0; j < k; j++) {
             int64_t v = idx[i * ld + j];
