@@ -27,13 +27,15 @@ kdl_status_t kdl_loss_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d, c
                                      size_t *bytes)
 {
     if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
-    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+    kdl_status_t st = kdl_loss_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
 }
 kdl_status_t kdl_loss_forward_backward(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_loss_args_t *a,
                                        void *ws, size_t wsb)
 {
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
-    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+    kdl_status_t st = kdl_loss_validate(d, a, 0);
+    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
 }
 
 /* ---- Sinkhorn and SinKD (kdloss_ot.h): check, then no device */
@@ -92,7 +94,11 @@ kdl_status_t kdl_shard_step(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_
 {
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
     kdl_status_t st = kdl_shard_validate(d, a, 0);
-    return st ? st : kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
+    if (st) return st;
+    if (!op || !count) return kdl_fail(KDL_STATUS_NULL_POINTER, "op or count is NULL");
+    int nsteps = kdl_shard_num_steps(d->divergence == KDL_DIV_AKL, a->teacher_dtype);
+    if (step < 0 || step >= nsteps) return kdl_fail(KDL_STATUS_BAD_PARAM, "step %d not in [0, %d)", step, nsteps);
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "kdloss was built without CUDA");
 }
 kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d,
                                              const kdl_fused_linear_args_t *a, size_t *bytes)
