@@ -51,6 +51,7 @@ kdl_status_t kdl_sparse_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl
     if (ws_bytes < need)
         return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace %zu bytes, need %zu", ws_bytes, need);
     if (!ws) return kdl_fail(KDL_STATUS_NULL_POINTER, "workspace is NULL");
+    if ((uintptr_t)ws % 16u) return kdl_fail(KDL_STATUS_BAD_PARAM, "workspace must be 16-byte aligned");
     return kdl_ext_sparse_launch(d, a, ws, h->smem_per_block_optin, h->stream);
 }
 
@@ -119,6 +120,7 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     if (ws_bytes < need)
         return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace %zu bytes, need %zu", ws_bytes, need);
     if (!ws) return kdl_fail(KDL_STATUS_NULL_POINTER, "workspace is NULL");
+    if ((uintptr_t)ws % 16u) return kdl_fail(KDL_STATUS_BAD_PARAM, "workspace must be 16-byte aligned");
     const int64_t N = a->rows, V = a->vocab, D = a->hidden, C = kdl_fused_linear_chunk_rows(a);
     /* the layout of kdl_ext_fused_workspace_bytes: logits [C, V], row losses
      * [C] and classes [C], accumulators; with N = 0 (C = 0) only the 256
