@@ -79,6 +79,7 @@ typedef struct core {
     kdl_otk_tile_t *rtiles, *ctiles, *cost_tiles;
     kdl_otk_job_t *jobs;
     float *packed, *partial, *F0, *F1, *G, *RE, *RV;
+    int64_t *itp;         /* the device-side loop's iteration counter */
     /* host staging of the tables */
     char *tb_host;
     char *tb_dev;
@@ -135,6 +136,7 @@ static int core_layout(core_t *k, carve_t *c, const hprob_t *hp, int64_t nprob, 
     k->tb_bytes = tb_off;
     char *tb = (char *)take(c, tb_off, 1);
     k->state = (kdl_otk_state_t *)take(c, (uint64_t)nprob, sizeof(kdl_otk_state_t));
+    k->itp = (int64_t *)take(c, 1, sizeof(int64_t));
     k->F0 = (float *)take(c, (uint64_t)k->rows_total, sizeof(float));
     k->F1 = (float *)take(c, (uint64_t)k->rows_total, sizeof(float));
     k->G = (float *)take(c, (uint64_t)k->cols_total, sizeof(float));
@@ -296,6 +298,11 @@ static kdl_status_t core_run(kdl_handle_t h, core_t *k, const hprob_t *hp, const
     S.nctiles = k->nct;
     S.any_warm_f = any_warm_f;
     S.prm = *prm;
+    S.iter_dev = k->itp;
+    /* KDL_SINKHORN_GRAPH=0: enqueue every iteration from the host (the
+     * fallback path), for comparisons and tests */
+    const char *ge = getenv("KDL_SINKHORN_GRAPH");
+    S.use_graph = !(ge && strcmp(ge, "0") == 0);
     S.stream = s;
     KDL_CUDA_CHECK(kdl_otk_run_solver(&S));
     return KDL_STATUS_SUCCESS;

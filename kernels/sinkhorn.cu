@@ -41,6 +41,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "sinkhorn.cuh"
 
@@ -316,10 +317,12 @@ __global__ void __launch_bounds__(kBlock) k_prep(const kdl_otk_prob_t *__restric
 __global__ void __launch_bounds__(kBlock) k_f_update(const kdl_otk_prob_t *__restrict__ probs,
                                                      const kdl_otk_state_t *__restrict__ state,
                                                      const kdl_otk_tile_t *__restrict__ tiles, int64_t it,
-                                                     int final_pass, kdl_otk_params_t prm)
+                                                     const int64_t *__restrict__ itp, int final_pass,
+                                                     kdl_otk_params_t prm)
 {
     const kdl_otk_tile_t t = tiles[blockIdx.x];
     if (state[t.prob].done) return;
+    if (itp) it = *itp; /* inside the graph loop: the iteration is on the device */
     const kdl_otk_prob_t &p = probs[t.prob];
     const int i = t.r0 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (i >= p.n) return;
@@ -359,11 +362,13 @@ __global__ void __launch_bounds__(kBlock) k_f_update(const kdl_otk_prob_t *__res
 
 __global__ void __launch_bounds__(kBlock) k_check(const kdl_otk_prob_t *__restrict__ probs,
                                                   kdl_otk_state_t *__restrict__ state, int64_t it,
-                                                  int final_pass, kdl_otk_params_t prm)
+                                                  const int64_t *__restrict__ itp, int final_pass,
+                                                  kdl_otk_params_t prm)
 {
     __shared__ double sh[kBlock];
     kdl_otk_state_t *s = state + blockIdx.x;
     if (s->done) return;
+    if (itp) it = *itp;
     const int64_t prev = it - 1;
     const kdl_ot_schedule_t sch = s->sched;
     const bool due = prev >= 1 && kdl_ot_check_due(&sch, prev, prm.tol, prm.check_every);
@@ -383,11 +388,15 @@ __global__ void __launch_bounds__(kBlock) k_check(const kdl_otk_prob_t *__restri
 __global__ void __launch_bounds__(kBlock) k_g_update(const kdl_otk_prob_t *__restrict__ probs,
                                                      const kdl_otk_state_t *__restrict__ state,
                                                      const kdl_otk_tile_t *__restrict__ tiles, int64_t it,
-                                                     int fsel, int init_only)
+                                                     const int64_t *__restrict__ itp, int fsel, int init_only)
 {
     __shared__ Lse part[kBlock / 32][32];
     const kdl_otk_tile_t t = tiles[blockIdx.x];
     if (state[t.prob].done) return;
+    if (itp) {
+        it = *itp;
+        fsel = (int)(it & 1);
+    }
     const kdl_otk_prob_t &p = probs[t.prob];
     if (init_only && !p.warm_f) return;
     const kdl_ot_schedule_t sch = state[t.prob].sched;
@@ -410,6 +419,29 @@ __global__ void __launch_bounds__(kBlock) k_g_update(const kdl_otk_prob_t *__res
         p.g[j] = -eps * kLn2 * (r.m + log2f(r.s));
     }
 }
+
+#if CUDART_VERSION >= 12040
+#define KDL_OTK_GRAPH_LOOP 1
+/* The device-side loop (a CUDA graph "while" node whose body is one
+ * iteration: f update, check, g update, k_loop_ctrl).  *itp is the
+ * iteration the body runs next; the loop goes on while a problem is still
+ * iterating and the next iteration is <= max_iter. */
+__global__ void k_loop_init(int64_t *__restrict__ itp) { *itp = 1; }
+
+__global__ void __launch_bounds__(kBlock) k_loop_ctrl(const kdl_otk_state_t *__restrict__ state, int64_t nprob,
+                                                      int64_t *__restrict__ itp, int64_t max_iter,
+                                                      cudaGraphConditionalHandle cond)
+{
+    int active = 0;
+    for (int64_t p = threadIdx.x; p < nprob; p += kBlock) active |= state[p].done == 0;
+    active = __syncthreads_or(active);
+    if (threadIdx.x == 0) {
+        const int64_t next = *itp + 1;
+        *itp = next;
+        cudaGraphSetConditional(cond, (active && next <= max_iter) ? 1u : 0u);
+    }
+}
+#endif
 
 /* Plan, row sums of P C, final f (done == 1); NaN everywhere for done == 2. */
 __global__ void __launch_bounds__(kBlock, 4) k_finish(const kdl_otk_prob_t *__restrict__ probs,
@@ -851,6 +883,98 @@ extern "C" cudaError_t kdl_otk_l1_reduce(const float *partial, int dsplit, int64
     return cudaGetLastError();
 }
 
+#ifdef KDL_OTK_GRAPH_LOOP
+/* One kernel node of the loop body, after `dep` (NULL: the first). */
+static cudaError_t body_kernel(cudaGraph_t body, cudaGraphNode_t *node, cudaGraphNode_t dep, const void *fn,
+                               unsigned grid, void **args)
+{
+    cudaKernelNodeParams kp;
+    memset(&kp, 0, sizeof kp);
+    kp.func = (void *)fn;
+    kp.gridDim = dim3(grid);
+    kp.blockDim = dim3(kBlock);
+    kp.kernelParams = args;
+    return cudaGraphAddKernelNode(node, body, dep ? &dep : nullptr, dep ? 1 : 0, &kp);
+}
+
+/* The iterations 1..max_iter as a graph with a "while" node, launched on
+ * the stream; the loop stops on the device (k_loop_ctrl).  The graph is
+ * built and instantiated per call and released at once (an in-flight
+ * executable graph is freed when it completes).  cudaErrorNotSupported:
+ * not possible here (the stream is being captured, or the driver has no
+ * conditional nodes): the caller enqueues the iterations instead. */
+static cudaError_t graph_loop(const kdl_otk_solve_t *S)
+{
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(S->stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone)
+        return cudaErrorNotSupported;
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t e = cudaGraphCreate(&graph, 0);
+    if (e != cudaSuccess) return cudaErrorNotSupported;
+    do {
+        cudaGraphConditionalHandle cond;
+        e = cudaGraphConditionalHandleCreate(&cond, graph, 1u, cudaGraphCondAssignDefault);
+        if (e != cudaSuccess) break;
+        /* the struct's union has members with constructors: zeroed storage */
+        alignas(cudaGraphNodeParams) unsigned char cp_mem[sizeof(cudaGraphNodeParams)];
+        memset(cp_mem, 0, sizeof cp_mem);
+        cudaGraphNodeParams &cp = *reinterpret_cast<cudaGraphNodeParams *>(cp_mem);
+        cp.type = cudaGraphNodeTypeConditional;
+        cp.conditional.handle = cond;
+        cp.conditional.type = cudaGraphCondTypeWhile;
+        cp.conditional.size = 1;
+        cudaGraphNode_t loop;
+#if CUDART_VERSION >= 13000
+        e = cudaGraphAddNode(&loop, graph, nullptr, nullptr, 0, &cp);
+#else
+        e = cudaGraphAddNode(&loop, graph, nullptr, 0, &cp);
+#endif
+        if (e != cudaSuccess) break;
+        cudaGraph_t body = cp.conditional.phGraph_out[0];
+        const kdl_otk_prob_t *probs = S->probs;
+        kdl_otk_state_t *state = S->state;
+        const kdl_otk_tile_t *rt = S->rtiles, *ct = S->ctiles;
+        const int64_t *itp_c = S->iter_dev;
+        int64_t *itp = S->iter_dev;
+        int64_t it0 = 0, nprob = S->nprob, max_iter = S->prm.max_iter;
+        int zero = 0, fsel = 0;
+        kdl_otk_params_t prm = S->prm;
+        void *a_f[] = {&probs, &state, &rt, &it0, &itp_c, &zero, &prm};
+        void *a_c[] = {&probs, &state, &it0, &itp_c, &zero, &prm};
+        void *a_g[] = {&probs, &state, &ct, &it0, &itp_c, &fsel, &zero};
+        void *a_l[] = {&state, &nprob, &itp, &max_iter, &cond};
+        cudaGraphNode_t nf, nc, ng, nl;
+        if ((e = body_kernel(body, &nf, nullptr, (const void *)k_f_update, (unsigned)S->nrtiles, a_f)) != cudaSuccess ||
+            (e = body_kernel(body, &nc, nf, (const void *)k_check, (unsigned)S->nprob, a_c)) != cudaSuccess ||
+            (e = body_kernel(body, &ng, nc, (const void *)k_g_update, (unsigned)S->nctiles, a_g)) != cudaSuccess ||
+            (e = body_kernel(body, &nl, ng, (const void *)k_loop_ctrl, 1u, a_l)) != cudaSuccess)
+            break;
+        e = cudaGraphInstantiate(&exec, graph, 0);
+        if (e != cudaSuccess) {
+            exec = nullptr;
+            break;
+        }
+        k_loop_init<<<1, 1, 0, S->stream>>>(itp);
+        e = cudaGetLastError();
+        if (e == cudaSuccess) e = cudaGraphLaunch(exec, S->stream);
+        if (e != cudaSuccess) {
+            /* the launch itself failed: a real error, reported as such */
+            cudaGraphExecDestroy(exec);
+            cudaGraphDestroy(graph);
+            return e;
+        }
+    } while (0);
+    if (exec) cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); /* building failed: not sticky, fall back */
+        return cudaErrorNotSupported;
+    }
+    return cudaSuccess;
+}
+#endif
+
 extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
 {
     if (S->nprob <= 0) return cudaSuccess;
@@ -859,23 +983,35 @@ extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
     const kdl_otk_params_t prm = S->prm;
     k_scan<<<nr, kBlock, 0, st>>>(S->probs, S->rtiles);
     k_prep<<<np, kBlock, 0, st>>>(S->probs, S->state, prm);
-    if (S->any_warm_f) k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, 1, 1, 1);
+    if (S->any_warm_f) k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, 1, nullptr, 1, 1);
     /* With eps-scaling the first checked iteration depends on each problem's
      * diameter: test after every iteration (k_check returns at once when
      * nothing is due).  Without it, only every check_every iterations. */
     const int check_each = prm.eps_scaling && prm.tol > 0;
-    for (int64_t it = 1; it <= prm.max_iter; it++) {
-        k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, it, 0, prm);
+    bool looped = false;
+#ifdef KDL_OTK_GRAPH_LOOP
+    /* With a tolerance, the loop runs on the device so that it ends when
+     * the last problem converges: no max_iter launches queued behind it. */
+    if (prm.tol > 0 && prm.max_iter >= 1 && S->iter_dev && S->use_graph) {
+        cudaError_t e = graph_loop(S);
+        if (e == cudaSuccess)
+            looped = true;
+        else if (e != cudaErrorNotSupported)
+            return e;
+    }
+#endif
+    for (int64_t it = 1; !looped && it <= prm.max_iter; it++) {
+        k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, it, nullptr, 0, prm);
         const int64_t prev = it - 1;
         if (prm.tol > 0 && prev >= 1 && (check_each || prev % prm.check_every == 0))
-            k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, it, 0, prm);
-        k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, it, (int)(it & 1), 0);
+            k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, it, nullptr, 0, prm);
+        k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, it, nullptr, (int)(it & 1), 0);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) return e;
     }
     /* the final iterate's marginal error (and done for everyone left) */
-    k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, prm.max_iter + 1, 1, prm);
-    k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, prm.max_iter + 1, 1, prm);
+    k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, prm.max_iter + 1, nullptr, 1, prm);
+    k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, prm.max_iter + 1, nullptr, 1, prm);
     k_finish<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, (float)prm.eps);
     return cudaGetLastError();
 }

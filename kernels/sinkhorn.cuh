@@ -118,6 +118,8 @@ typedef struct kdl_otk_solve {
     int64_t nprob, nrtiles, nctiles;
     int any_warm_f;
     kdl_otk_params_t prm;
+    int64_t *iter_dev;             /* device scratch [1]: the loop's counter */
+    int use_graph;                 /* 1: with tol > 0, loop on the device    */
     cudaStream_t stream;
 } kdl_otk_solve_t;
 cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S);

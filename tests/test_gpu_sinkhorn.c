@@ -567,6 +567,45 @@ Test(gpu_sinkhorn, small_eps_large_problems_and_determinism)
     kdl_destroy(h);
 }
 
+/* With tol > 0 the iterations run as a device-side loop (a CUDA graph
+ * "while" node that stops when the last problem converges);
+ * KDL_SINKHORN_GRAPH=0 enqueues them from the host.  Both must give the same
+ * bits, with and without eps-scaling, and stop well before max_iter. */
+static void graph_vs_host_case(int eps_scaling)
+{
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {71 + (uint64_t)eps_scaling};
+    const int64_t B = 5, n = 40, m = 33;
+    float C[5 * 40 * 33];
+    for (int64_t b = 0; b < B; b++) fill(&rng, C + b * n * m, n * m, 0, 0.2 + 0.5 * (double)b);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 0.05;
+    d.tol = 1e-5;
+    d.max_iter = 20000; /* the host loop enqueues all of them: 60k launches */
+    d.eps_scaling = eps_scaling;
+    float v[5], e[5], f[200], g[165], v2[5], e2[5], f2[200], g2[165];
+    int64_t it[5], it2[5];
+    hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .f = f, .g = g, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    setenv("KDL_SINKHORN_GRAPH", "0", 1);
+    hcall_t c2 = {.B = B, .n = n, .m = m, .cost = C, .value = v2, .err = e2, .f = f2, .g = g2, .iters = it2};
+    kdl_status_t st = gpu_sinkhorn(h, &d, &c2, 0);
+    unsetenv("KDL_SINKHORN_GRAPH");
+    cr_assert_eq(st, KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect(!memcmp(it, it2, sizeof it), "iterations differ between the device loop and the host loop");
+    cr_expect(!memcmp(v, v2, sizeof v) && !memcmp(e, e2, sizeof e), "values or errors differ");
+    cr_expect(!memcmp(f, f2, sizeof f) && !memcmp(g, g2, sizeof g), "potentials differ");
+    for (int64_t b = 0; b < B; b++) cr_expect(it[b] < d.max_iter / 10, "problem %lld: %lld iterations", (long long)b, (long long)it[b]);
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    compare(eps_scaling ? "graph loop, eps-scaling" : "graph loop", &c, &r, 1e-3, 0);
+    free_r(&r);
+    kdl_destroy(h);
+}
+Test(gpu_sinkhorn, device_loop_matches_host_loop) { KDL_SKIP_WITHOUT_GPU(); graph_vs_host_case(0); }
+Test(gpu_sinkhorn, device_loop_matches_host_loop_eps_scaling) { KDL_SKIP_WITHOUT_GPU(); graph_vs_host_case(1); }
+
 Test(gpu_sinkhorn, short_workspace_writes_nothing)
 {
     KDL_SKIP_WITHOUT_GPU();
