@@ -12,6 +12,7 @@
  * computing or writing), output files written atomically and only by a run
  * that succeeds.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -499,6 +500,10 @@ int kdl_cli_fused_linear(int argc, char **argv)
         kdl_cli_error(FCMD, "an output flag needs a file name");
         rc = 2;
     }
+    if (!rc && gh_out && gw_out && !strcmp(gh_out, gw_out)) {
+        kdl_cli_error(FCMD, "--grad-hidden-out and --grad-weight-out name the same file");
+        rc = 2;
+    }
     if (rc) return rc;
 
     kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0};
@@ -598,13 +603,13 @@ int kdl_cli_fused_linear(int argc, char **argv)
         }
     }
     kdl_npy_dtype_t nt = gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : KDL_NPY_F32;
-    if (!rc && gh_out) {
-        int64_t shape[2] = {N, D};
-        rc = kdl_cli_save_npy(FCMD, gh_out, nt, 2, shape, gh);
-    }
-    if (!rc && gw_out) {
-        int64_t shape[2] = {V, D};
-        rc = kdl_cli_save_npy(FCMD, gw_out, nt, 2, shape, gw);
+    if (!rc && (gh_out || gw_out)) { /* both files or neither */
+        const int64_t gh_shape[2] = {N, D}, gw_shape[2] = {V, D};
+        kdl_cli_npy_out_t outs[2];
+        int n_outs = 0;
+        if (gh_out) outs[n_outs++] = (kdl_cli_npy_out_t){gh_out, nt, 2, gh_shape, gh};
+        if (gw_out) outs[n_outs++] = (kdl_cli_npy_out_t){gw_out, nt, 2, gw_shape, gw};
+        rc = kdl_cli_save_npy_all(FCMD, outs, n_outs);
     }
     if (!rc) {
         kdl_json_t j;
@@ -674,9 +679,14 @@ static int parse_split(const char *text, int64_t K, int64_t V, int64_t *w)
     int64_t sum = 0;
     for (int64_t r = 0; r < K; r++) {
         char *end = NULL;
-        long long x = strtoll(p, &end, 10);
-        if (end == p || x < 1 || (r + 1 < K ? *end != ',' : *end != '\0')) {
+        errno = 0;
+        long long x = (*p >= '0' && *p <= '9') ? strtoll(p, &end, 10) : 0; /* digits only: no sign, no space */
+        if (!end || end == p || x < 1 || (r + 1 < K ? *end != ',' : *end != '\0')) {
             kdl_cli_error(KCMD, "--split %s: need %lld positive widths separated by commas", text, (long long)K);
+            return 2;
+        }
+        if (errno == ERANGE || x > V - sum) { /* also keeps the sum from overflowing */
+            kdl_cli_error(KCMD, "--split %s: widths sum to more than the vocabulary %lld", text, (long long)V);
             return 2;
         }
         w[r] = x;

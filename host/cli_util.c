@@ -201,8 +201,13 @@ static int atomic_fail(const char *cmd, const char *path, const char *tmp, const
     return rc;
 }
 
-int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx)
+/* The first half of an atomic write: creates "PATH.tmp.XXXXXX", writes it
+ * with write(f, ctx), flushes, syncs and closes it.  Returns 0 with *tmp_out
+ * the temporary's name (malloc'd), or an exit code with nothing left. */
+static int atomic_prepare(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx,
+                          char **tmp_out)
 {
+    *tmp_out = NULL;
     size_t n = strlen(path);
     char *tmp = (char *)malloc(n + 12);
     if (!tmp) {
@@ -235,9 +240,19 @@ int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f
         rc = atomic_fail(cmd, path, tmp, "write", err, 1);
     } else if (fclose(f) != 0) {
         rc = atomic_fail(cmd, path, tmp, "close", errno, 1);
-    } else if (rename(tmp, path) != 0) {
-        rc = atomic_fail(cmd, path, tmp, "rename", errno, 2);
     }
+    if (rc)
+        free(tmp);
+    else
+        *tmp_out = tmp;
+    return rc;
+}
+
+int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx)
+{
+    char *tmp = NULL;
+    int rc = atomic_prepare(cmd, path, write, ctx, &tmp);
+    if (!rc && rename(tmp, path) != 0) rc = atomic_fail(cmd, path, tmp, "rename", errno, 2);
     free(tmp);
     return rc;
 }
@@ -264,6 +279,43 @@ int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, i
 {
     npy_write_ctx_t c = {cmd, path, dtype, ndim, shape, data};
     return kdl_cli_write_atomic(cmd, path, write_npy_cb, &c);
+}
+
+int kdl_cli_save_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n)
+{
+    char *tmp[KDL_CLI_MAX_OUTPUTS] = {NULL};
+    int rc = 0, k = 0, renamed = 0;
+    if (n < 0 || n > KDL_CLI_MAX_OUTPUTS) {
+        kdl_cli_error(cmd, "internal error: %d output files", n);
+        return 1;
+    }
+    /* Every file is written before any is renamed into place, and no target
+     * may be a directory (the one way a rename into the temporary's own
+     * folder fails), so a failure leaves every path as it was. */
+    for (k = 0; !rc && k < n; k++) {
+        struct stat sb;
+        if (stat(outs[k].path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+            kdl_cli_error(cmd, "cannot write %s: %s", outs[k].path, strerror(EISDIR));
+            rc = 2;
+        }
+    }
+    for (k = 0; !rc && k < n; k++) {
+        npy_write_ctx_t c = {cmd, outs[k].path, outs[k].dtype, outs[k].ndim, outs[k].shape, outs[k].data};
+        rc = atomic_prepare(cmd, outs[k].path, write_npy_cb, &c, &tmp[k]);
+    }
+    for (k = 0; !rc && k < n; k++) {
+        if (rename(tmp[k], outs[k].path) != 0)
+            rc = atomic_fail(cmd, outs[k].path, tmp[k], "rename", errno, 2);
+        else
+            renamed++;
+    }
+    if (rc) { /* a rename failed after others (a race): remove what this run put in place */
+        for (k = 0; k < renamed; k++) unlink(outs[k].path);
+        for (k = renamed; k < n; k++)
+            if (tmp[k]) unlink(tmp[k]);
+    }
+    for (k = 0; k < n; k++) free(tmp[k]);
+    return rc;
 }
 
 /* -------------------------------------------------------------------- JSON */

@@ -100,6 +100,22 @@ int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f
 int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, int ndim, const int64_t *shape,
                      const void *data);
 
+/* Several output files of one run, all or none: every temporary is written
+ * and synced before the first rename, and a target that is a directory is
+ * an error before anything is written; if a rename still fails (a race),
+ * the files this run already renamed into place are removed.  So a failed
+ * run leaves no output file (while writing the first output of two, as
+ * with one).  The paths must differ.  Returns as kdl_cli_write_atomic. */
+#define KDL_CLI_MAX_OUTPUTS 4
+typedef struct kdl_cli_npy_out {
+    const char *path;
+    kdl_npy_dtype_t dtype;
+    int ndim;
+    const int64_t *shape;
+    const void *data;
+} kdl_cli_npy_out_t;
+int kdl_cli_save_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n);
+
 /* -------------------------------------------------------------------- JSON */
 
 #define KDL_JSON_MAX_DEPTH 16

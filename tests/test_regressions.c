@@ -153,3 +153,141 @@ Test(regressions, f3_gradient_factor_overflow)
     cr_expect(grad[2] == 0.0, "q = 0 token: grad %g", grad[2]);
     for (int v = 0; v < 3; v++) cr_expect(!isnan(grad[v]), "grad[%d] NaN", v);
 }
+
+/* ===========================================================================
+ * Findings in the command (fuzz_cli_args).  The command's sources are not in
+ * the library this suite links, so these replay the fuzzer's argument
+ * vector through the built `kdloss` (KDL_CLI_PATH) on fixtures like the
+ * fuzz target's, and check the same contract: exit 2, one line on stderr
+ * starting "kdloss <sub>: ", nothing on stdout, no output file.  Under the
+ * sanitizer build (scripts/test.sh) the command is built with ASan + UBSan
+ * and aborts on a report, which shows here as a wrong exit status. */
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kdl_cli_run.h"
+#include "npy.h"
+
+static void reg_path(char *buf, size_t len, const char *name) { kdl_tmp_path(buf, len, "regr", name); }
+
+static int reg_exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+static void reg_save_f32(const char *path, int64_t d0, int64_t d1, const float *data)
+{
+    const int64_t shape[2] = {d0, d1};
+    char msg[256];
+    cr_assert_eq(kdl_npy_save(path, KDL_NPY_F32, 2, shape, data, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+}
+
+static void reg_expect_usage_error(const kdl_cli_result_t *r, const char *cmd)
+{
+    char pfx[64];
+    snprintf(pfx, sizeof pfx, "kdloss %s: ", cmd);
+    cr_expect_eq(r->code, 2, "exit %d, stderr: %s", r->code, r->err);
+    cr_expect_str_empty(r->out, "stdout must be empty on error: %s", r->out);
+    cr_expect(strncmp(r->err, pfx, strlen(pfx)) == 0, "stderr: %s", r->err);
+    const char *nl = strchr(r->err, '\n');
+    cr_expect(nl && nl[1] == '\0', "one line on stderr: %s", r->err);
+}
+
+/* The fuzz target's fused-linear fixtures: hidden [2,3], weight [5,3],
+ * teacher [2,5]. */
+static void fused_fixtures(char *hp, char *wp, char *tp, size_t len)
+{
+    const float hs[6] = {1, -0.5f, 0.25f, 0, 2, -1};
+    const float wt[15] = {0.1f, 0.2f, 0.3f, -0.1f, 0, 0.5f, 1, 1, 1, -1, 0.5f, 0, 0.3f, -0.2f, 0.1f};
+    const float t[10] = {0.5f, 2, 1, 4, 3, 0, 0, 1, -2, 1};
+    reg_path(hp, len, "hs.npy");
+    reg_path(wp, len, "wt.npy");
+    reg_path(tp, len, "t.npy");
+    reg_save_f32(hp, 2, 3, hs);
+    reg_save_f32(wp, 5, 3, wt);
+    reg_save_f32(tp, 2, 5, t);
+}
+
+/* ---------------------------------------------------------------------------
+ * F5 (fixed): fused-linear wrote its two outputs one after the other, each
+ * atomically; when the second could not be written (here: it names a
+ * directory) the run failed with exit 2 but left the first, dH, behind.
+ * Fuzz input: corpus seed_fused_bad_second_output.  Now both are written
+ * as one (kdl_cli_save_npy_all): all temporaries first, no directory
+ * targets, then the renames. */
+Test(regressions, f5_fused_linear_failed_second_output_leaves_no_first)
+{
+    char hp[512], wp[512], tp[512], gh[512];
+    fused_fixtures(hp, wp, tp, sizeof hp);
+    reg_path(gh, sizeof gh, "gh.npy");
+    unlink(gh);
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--backend", "cpu",
+            "--grad-hidden-out", gh, "--grad-weight-out", KDL_TEST_TMPDIR);
+    reg_expect_usage_error(&r, "fused-linear");
+    cr_expect(!reg_exists(gh), "the failed run left %s", gh);
+
+    /* the other order, and an existing first output stays as it was */
+    FILE *f = fopen(gh, "w");
+    cr_assert(f);
+    fputs("old", f);
+    fclose(f);
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--backend", "cpu",
+            "--grad-weight-out", gh, "--grad-hidden-out", KDL_TEST_TMPDIR);
+    reg_expect_usage_error(&r, "fused-linear");
+    char buf[16];
+    kdl_slurp(gh, buf, sizeof buf);
+    cr_expect_str_eq(buf, "old", "an existing output file was changed by a failed run");
+    unlink(gh);
+}
+
+Test(regressions, f5_fused_linear_both_outputs_or_same_file)
+{
+    char hp[512], wp[512], tp[512], gh[512], gw[512];
+    fused_fixtures(hp, wp, tp, sizeof hp);
+    reg_path(gh, sizeof gh, "gh2.npy");
+    reg_path(gw, sizeof gw, "gw2.npy");
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--backend", "cpu",
+            "--grad-hidden-out", gh, "--grad-weight-out", gw);
+    cr_assert_eq(r.code, 0, "stderr: %s", r.err);
+    cr_expect(reg_exists(gh) && reg_exists(gw));
+    kdl_npy_array_t a;
+    char msg[256];
+    cr_assert_eq(kdl_npy_load(gw, &a, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+    cr_expect(a.ndim == 2 && a.shape[0] == 5 && a.shape[1] == 3, "dW shape");
+    kdl_npy_free(&a);
+    unlink(gh);
+    unlink(gw);
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--backend", "cpu",
+            "--grad-hidden-out", gh, "--grad-weight-out", gh);
+    reg_expect_usage_error(&r, "fused-linear");
+    cr_expect(!reg_exists(gh));
+}
+
+/* ---------------------------------------------------------------------------
+ * F6 (fixed): shard-check --split added its widths in int64 without a
+ * bound: "--split 9223372036854775807,9223372036854775807" overflowed the
+ * sum (undefined behaviour; UBSan aborts; otherwise "widths sum to -2").
+ * Fuzz input: corpus seed_shard_bad_split_huge.  Now each width must fit in
+ * what is left of the vocabulary, and a width is digits only. */
+Test(regressions, f6_shard_check_split_sum_overflow)
+{
+    const float s[10] = {1, 2, 3, 4, 5, -1, 0, 0.5f, 2, 1};
+    char sp[512];
+    reg_path(sp, sizeof sp, "s.npy");
+    reg_save_f32(sp, 2, 5, s);
+    const char *bad[] = {"9223372036854775807,9223372036854775807", "4,9223372036854775807",
+                         "99999999999999999999,1", "+2,3", " 2,3", "2,-3", "2,3,", "5"};
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        kdl_cli_result_t r;
+        KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", sp, "--shards", "2", "--split", bad[k], "--backend",
+                "cpu");
+        reg_expect_usage_error(&r, "shard-check");
+        cr_expect(strstr(r.err, "--split") && !strstr(r.err, "sum to -"), "--split %s: %s", bad[k], r.err);
+    }
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "shard-check", "--student", sp, "--teacher", sp, "--shards", "2", "--split", "2,3", "--backend", "cpu");
+    cr_expect_eq(r.code, 0, "--split 2,3: %s", r.err);
+}
