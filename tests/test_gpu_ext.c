@@ -4,7 +4,11 @@
  * defines, bad indices, a 151936 vocabulary that needs opt-in shared
  * memory), vocabulary-parallel steps over 3 shards on one device with the
  * reduces done on the host (loss, gradient, AKL head), and fused linear +
- * loss (loss, dH, dW; chunks that do not divide N).
+ * loss (loss, dH, dW; chunks that do not divide N).  The desk-review
+ * regressions at the end (docs/ext-review.md): scale 0 against infinite
+ * terms, a tiny temperature with large logits, the TAIL_BUCKET gradient when
+ * the student's bucket mass underflows, k = 1, the shared-memory limit,
+ * bitwise-reproducible AKL histograms, an empty fused batch.
  *
  * Every GPU test starts with KDL_SKIP_WITHOUT_GPU(): on a machine without a
  * CUDA device they are reported as skipped, visibly.  The argument checks
@@ -456,4 +460,559 @@ Test(gpu_fused_linear, akl_is_not_supported_and_workspace_checked)
     cr_expect_eq(kdl_fused_linear_loss(h, &d, &a, dummy, 16), KDL_STATUS_WORKSPACE_TOO_SMALL);
     kdl_destroy(h);
 }
+/* ================================================ desk-review regressions
+ * (docs/ext-review.md).  Each helper runs one call on the device and on the
+ * float64 reference with the same float32-rounded data. */
+
+/* Sparse: S [N, V], I, P [N, k] (doubles, rounded to f32 here); compares
+ * loss, gradient and counters with kdl_ref_sparse_loss. */
+static void sparse_compare(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, int64_t N, int64_t V, int64_t k,
+                           double *S, const int64_t *I, double *P, double rel, const char *what)
+{
+    size_t nv = (size_t)(N * V), nk = (size_t)(N * k);
+    float *Sf = (float *)malloc(nv * 4), *Pf = (float *)malloc(nk * 4);
+    kdl_to_dtype(S, Sf, KDL_DTYPE_F32, (int64_t)nv);
+    kdl_to_dtype(P, Pf, KDL_DTYPE_F32, (int64_t)nk);
+    kdl_from_dtype(Sf, S, KDL_DTYPE_F32, (int64_t)nv);
+    kdl_from_dtype(Pf, P, KDL_DTYPE_F32, (int64_t)nk);
+    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8);
+    int64_t rinfo = 0, rvalid = 0;
+    kdl_sparse_args_t a;
+    kdl_sparse_args_init(&a);
+    a.mode = mode;
+    a.rows = N;
+    a.vocab = V;
+    a.k = k;
+    a.student = S;
+    a.ld_student = V;
+    a.student_dtype = KDL_DTYPE_F64;
+    a.teacher_indices = I;
+    a.ld_indices = k;
+    a.teacher_logprobs = P;
+    a.ld_logprobs = k;
+    a.teacher_dtype = KDL_DTYPE_F64;
+    a.grad = rg;
+    a.ld_grad = V;
+    a.grad_dtype = KDL_DTYPE_F64;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.loss = rl;
+    a.info = &rinfo;
+    a.valid_rows = &rvalid;
+    cr_assert_eq(kdl_ref_sparse_loss(d, &a), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    kdl_sparse_args_t da = a;
+    da.student = dup_dev(Sf, nv * 4);
+    da.student_dtype = KDL_DTYPE_F32;
+    da.teacher_indices = (const int64_t *)dup_dev(I, nk * 8);
+    da.teacher_logprobs = dup_dev(Pf, nk * 4);
+    da.teacher_dtype = KDL_DTYPE_F32;
+    da.grad = dup_dev(NULL, nv * 4);
+    da.grad_dtype = KDL_DTYPE_F32;
+    da.loss = dup_dev(NULL, nl * 8);
+    da.info = (int64_t *)dup_dev(NULL, 8);
+    da.valid_rows = (int64_t *)dup_dev(NULL, 8);
+    size_t wsb = 0;
+    cr_assert_eq(kdl_sparse_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    void *ws = dup_dev(NULL, wsb);
+    cr_assert_eq(kdl_sparse_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    CUDA_OK(cudaDeviceSynchronize());
+    double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
+    float *g32 = (float *)malloc(nv * 4);
+    int64_t ginfo, gvalid;
+    get_dev(gl, da.loss, nl * 8);
+    get_dev(g32, da.grad, nv * 4);
+    get_dev(&ginfo, da.info, 8);
+    get_dev(&gvalid, da.valid_rows, 8);
+    for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
+    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
+    cr_expect(ginfo == rinfo && gvalid == rvalid, "%s: counters %lld/%lld, reference %lld/%lld", what,
+              (long long)ginfo, (long long)gvalid, (long long)rinfo, (long long)rvalid);
+    cudaFree((void *)da.student);
+    cudaFree((void *)da.teacher_indices);
+    cudaFree((void *)da.teacher_logprobs);
+    cudaFree(da.grad);
+    cudaFree(da.loss);
+    cudaFree(da.info);
+    cudaFree(da.valid_rows);
+    cudaFree(ws);
+    kdl_destroy(h);
+    free(Sf);
+    free(Pf);
+    free(rl);
+    free(rg);
+    free(gl);
+    free(gg);
+    free(g32);
+}
+
+/* Support {(7 i + j) mod V}; log-probs of a random teacher holding `mass`
+ * of the probability on the support.  S: student logits normal(0, sigma)
+ * shifted by `on` on the support and by `off` elsewhere. */
+static void sparse_data(int64_t N, int64_t V, int64_t k, double sigma, double on, double off, double mass,
+                        uint64_t seed, double *S, int64_t *I, double *P)
+{
+    kdl_rng_t g = {seed};
+    for (int64_t i = 0; i < N; i++) {
+        for (int64_t v = 0; v < V; v++) S[i * V + v] = off + sigma * kdl_rng_normal(&g);
+        double mx = -INFINITY, z = 0;
+        for (int64_t j = 0; j < k; j++) {
+            I[i * k + j] = (7 * i + j) % V;
+            S[i * V + I[i * k + j]] = on + sigma * kdl_rng_normal(&g);
+            P[i * k + j] = kdl_rng_normal(&g);
+            mx = fmax(mx, P[i * k + j]);
+        }
+        for (int64_t j = 0; j < k; j++) z += exp(P[i * k + j] - mx);
+        for (int64_t j = 0; j < k; j++) P[i * k + j] += -mx - log(z) + log(mass);
+    }
+}
+
+Test(gpu_sparse, tail_gradient_when_the_student_bucket_underflows)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    /* off-support logits 150 below the support: log q_b ~ -147, q_b = 0 in
+     * float, but the off-support gradient share * qg_b is O(p_b / (V - k)) */
+    enum { N = 3, V = 40, K = 8 };
+    double S[N * V], P[N * K];
+    int64_t I[N * K];
+    const kdl_divergence_t divs[] = {KDL_DIV_FKL, KDL_DIV_JSD, KDL_DIV_SKL, KDL_DIV_TVD, KDL_DIV_AKL};
+    for (size_t t = 0; t < sizeof divs / sizeof divs[0]; t++) {
+        sparse_data(N, V, K, 1.0, 0.0, -150.0, 0.9, 500 + t, S, I, P);
+        kdl_loss_desc_t d = kdl_test_desc(divs[t], KDL_REDUCTION_SUM);
+        char what[80];
+        snprintf(what, sizeof what, "sparse tail, bucket underflow, %s", kdl_divergence_name(divs[t]));
+        sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, K, S, I, P, 2e-4, what);
+    }
+}
+
+Test(gpu_sparse, scale_zero_switches_infinite_terms_off)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 4, V = 64, K = 5 };
+    double S[N * V], P[N * K];
+    int64_t I[N * K];
+    /* RENORMALISED SRKL with alpha = 0: +inf loss (student mass off the support) */
+    for (int red = 0; red < 3; red++) {
+        sparse_data(N, V, K, 1.0, 0.0, 0.0, 1.0, 600 + red, S, I, P);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, (kdl_reduction_t)red);
+        d.alpha = 0.0;
+        d.scale = 0.0;
+        sparse_compare(&d, KDL_SPARSE_RENORMALISED, N, V, K, S, I, P, 2e-4, "sparse renorm srkl alpha 0 scale 0");
+    }
+    /* TAIL_BUCKET FKL, every off-support token masked while p_b = 0.1: +inf */
+    sparse_data(N, V, K, 1.0, 0.0, -INFINITY, 0.9, 610, S, I, P);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    d.scale = 0.0;
+    sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, K, S, I, P, 2e-4, "sparse tail fkl masked bucket scale 0");
+}
+
+Test(gpu_sparse, tiny_temperature_large_logits)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    /* logits near 10 at tau = 2e-38: x / tau overflows float, (x - max) / tau
+     * does not (gaps < 6.8); scale 1e-30 keeps the gradient in range */
+    enum { N = 3, V = 50, K = 6 };
+    double S[N * V], P[N * K];
+    int64_t I[N * K];
+    for (int m = 0; m < 2; m++) {
+        sparse_data(N, V, K, 0.3, 10.0, 10.0, 0.9, 700 + m, S, I, P);
+        kdl_loss_desc_t d = kdl_test_desc(m ? KDL_DIV_JSD : KDL_DIV_FKL, KDL_REDUCTION_SUM);
+        d.temperature = 2e-38;
+        d.scale = 1e-30;
+        sparse_compare(&d, m ? KDL_SPARSE_TAIL_BUCKET : KDL_SPARSE_RENORMALISED, N, V, K, S, I, P, 2e-4,
+                       "sparse tau 2e-38");
+    }
+}
+
+Test(gpu_sparse, k_one_every_head_rule)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 3, V = 300, K = 1 };
+    double S[N * V], P[N * K];
+    int64_t I[N * K];
+    for (int rule = 0; rule < 3; rule++) {
+        sparse_data(N, V, K, 2.0, 1.0, 0.0, 0.7, 800 + rule, S, I, P);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+        d.head_rule = (kdl_head_rule_t)rule;
+        d.top_k = 1;
+        sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, K, S, I, P, 2e-4, "sparse tail akl k 1");
+    }
+    sparse_data(N, V, K, 2.0, 1.0, 0.0, 1.0, 810, S, I, P);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    sparse_compare(&d, KDL_SPARSE_RENORMALISED, N, V, K, S, I, P, 2e-4, "sparse renorm fkl k 1");
+}
+
+Test(gpu_sparse, vocabulary_at_the_shared_memory_limit_runs_or_is_refused_up_front)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    int dev = 0;
+    CUDA_OK(cudaGetDevice(&dev));
+    int optin = 0;
+    CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    /* non-AKL, k = 1: dynamic shared memory = 4 ceil(V/32) + 12 bytes; try
+     * the V whose dynamic part alone fits with 64 bytes to spare (the static
+     * part does not), and one that fits with the static part */
+    const int64_t vs[2] = {(int64_t)(optin - 12 - 64) / 4 * 32, (int64_t)(optin - 12 - 2048) / 4 * 32};
+    for (int t = 0; t < 2; t++) {
+        const int64_t V = vs[t];
+        float *S = (float *)calloc((size_t)V, 4);
+        int64_t idx = 0;
+        float lp = 0.0f;
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+        kdl_sparse_args_t a;
+        kdl_sparse_args_init(&a);
+        a.rows = 1;
+        a.vocab = V;
+        a.k = 1;
+        a.student = dup_dev(S, (size_t)V * 4);
+        a.ld_student = V;
+        a.teacher_indices = (const int64_t *)dup_dev(&idx, 8);
+        a.ld_indices = 1;
+        a.teacher_logprobs = dup_dev(&lp, 4);
+        a.ld_logprobs = 1;
+        a.loss = dup_dev(NULL, 4);
+        size_t wsb = 0;
+        kdl_status_t st = kdl_sparse_workspace_size(h, &d, &a, &wsb);
+        if (t == 0)
+            cr_expect_eq(st, KDL_STATUS_NOT_SUPPORTED, "V %lld: the static shared memory does not fit", (long long)V);
+        if (st == KDL_STATUS_SUCCESS) {
+            void *ws = dup_dev(NULL, wsb);
+            cr_expect_eq(kdl_sparse_loss(h, &d, &a, ws, wsb), KDL_STATUS_SUCCESS, "V %lld: %s", (long long)V,
+                         kdl_get_last_error());
+            CUDA_OK(cudaDeviceSynchronize());
+            float loss = -1;
+            get_dev(&loss, a.loss, 4);
+            /* uniform student, one-token teacher: FKL = log V */
+            cr_expect(fabs(loss - log((double)V)) < 1e-4 * log((double)V), "V %lld: loss %g", (long long)V, loss);
+            cudaFree(ws);
+        }
+        cudaFree((void *)a.student);
+        cudaFree((void *)a.teacher_indices);
+        cudaFree((void *)a.teacher_logprobs);
+        cudaFree(a.loss);
+        free(S);
+    }
+    kdl_destroy(h);
+}
+
+/* Vocabulary-parallel over R shards (widths w) against the dense
+ * reference on the same f32 data (Sf, Tf [N, V]): loss and gradient. */
+static void shard_compare(const kdl_loss_desc_t *d, int64_t N, int64_t V, const float *Sf, const float *Tf,
+                          double rel, const char *what)
+{
+    enum { R = 3 };
+    size_t nv = (size_t)(N * V);
+    const int none = d->reduction == KDL_REDUCTION_NONE;
+    size_t nl = none ? (size_t)N : 1;
+    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8);
+    kdl_loss_args_t la;
+    kdl_loss_args_init(&la);
+    la.rows = N;
+    la.vocab = V;
+    la.student = Sf;
+    la.teacher = Tf;
+    la.ld_student = la.ld_teacher = la.ld_grad = V;
+    la.student_dtype = la.teacher_dtype = KDL_DTYPE_F32;
+    la.grad = rg;
+    la.grad_dtype = la.out_dtype = KDL_DTYPE_F64;
+    la.loss = rl;
+    cr_assert_eq(kdl_ref_loss_forward_backward(d, &la), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    float *dS = (float *)dup_dev(Sf, nv * 4), *dT = (float *)dup_dev(Tf, nv * 4), *dG = (float *)dup_dev(NULL, nv * 4);
+    double *dl = (double *)dup_dev(NULL, nl * 8);
+    const int64_t w[R] = {V / 3, V / 2, V - V / 3 - V / 2};
+    kdl_shard_args_t a[R];
+    double *ex[R];
+    size_t sb = 0, ec = 0;
+    int ns = 0;
+    int64_t off = 0;
+    for (int r = 0; r < R; r++) {
+        kdl_shard_args_init(&a[r]);
+        a[r].rows = N;
+        a[r].vocab = V;
+        a[r].vocab_offset = off;
+        a[r].vocab_local = w[r];
+        a[r].shard_rank = r;
+        a[r].num_shards = R;
+        a[r].student = dS + off;
+        a[r].teacher = dT + off;
+        a[r].ld_student = a[r].ld_teacher = a[r].ld_grad = V;
+        a[r].grad = dG + off;
+        a[r].out_dtype = KDL_DTYPE_F64;
+        a[r].loss = dl;
+        cr_assert_eq(kdl_shard_sizes(d, &a[r], &sb, &ec, &ns), KDL_STATUS_SUCCESS);
+        a[r].state = dup_dev(NULL, sb);
+        ex[r] = (double *)dup_dev(NULL, ec * 8);
+        a[r].exchange = ex[r];
+        off += w[r];
+    }
+    double *acc = (double *)malloc(ec * 8), *tmp = (double *)malloc(ec * 8);
+    for (int step = 0; step < ns; step++) {
+        kdl_shard_op_t op = KDL_SHARD_OP_DONE;
+        int64_t cnt = 0;
+        for (int r = 0; r < R; r++)
+            cr_assert_eq(kdl_shard_step(h, d, &a[r], step, &op, &cnt), KDL_STATUS_SUCCESS, "%s: %s", what,
+                         kdl_get_last_error());
+        if (op == KDL_SHARD_OP_DONE) break;
+        for (int r = 0; r < R; r++) {
+            get_dev(tmp, ex[r], (size_t)cnt * 8);
+            for (int64_t j = 0; j < cnt; j++)
+                acc[j] = r == 0 ? tmp[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], tmp[j]) : acc[j] + tmp[j];
+        }
+        for (int r = 0; r < R; r++) CUDA_OK(cudaMemcpy(ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+    double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
+    float *g32 = (float *)malloc(nv * 4);
+    get_dev(gl, dl, nl * 8);
+    get_dev(g32, dG, nv * 4);
+    for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
+    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
+    for (int r = 0; r < R; r++) {
+        cudaFree(a[r].state);
+        cudaFree(ex[r]);
+    }
+    cudaFree(dS);
+    cudaFree(dT);
+    cudaFree(dG);
+    cudaFree(dl);
+    kdl_destroy(h);
+    free(rl);
+    free(rg);
+    free(acc);
+    free(tmp);
+    free(gl);
+    free(gg);
+    free(g32);
+}
+
+static void normal_f32(float *x, size_t n, double mean, double sigma, uint64_t seed)
+{
+    kdl_rng_t g = {seed};
+    for (size_t j = 0; j < n; j++) x[j] = (float)(mean + sigma * kdl_rng_normal(&g));
+}
+
+Test(gpu_shard, scale_zero_tiny_temperature_and_large_logits)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 4, V = 601 };
+    float *S = (float *)malloc(N * V * 4), *T = (float *)malloc(N * V * 4);
+    /* SRKL alpha = 0 against a teacher with masked tokens: +inf terms; scale 0 */
+    normal_f32(S, N * V, 0.0, 2.0, 900);
+    normal_f32(T, N * V, 0.0, 2.0, 901);
+    for (int64_t i = 0; i < N; i++) T[i * V + 5 + 100 * i] = -INFINITY;
+    for (int red = 0; red < 3; red++) {
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, (kdl_reduction_t)red);
+        d.alpha = 0.0;
+        d.scale = 0.0;
+        shard_compare(&d, N, V, S, T, 2e-4, "shard srkl alpha 0 scale 0");
+    }
+    /* logits near 10 at tau = 2e-38 (x / tau overflows float) */
+    normal_f32(S, N * V, 10.0, 0.3, 902);
+    normal_f32(T, N * V, 10.0, 0.3, 903);
+    for (size_t t = 0; t < 3; t++) {
+        const kdl_divergence_t div = t == 0 ? KDL_DIV_FKL : t == 1 ? KDL_DIV_JSD : KDL_DIV_AKL;
+        kdl_loss_desc_t d = kdl_test_desc(div, KDL_REDUCTION_SUM);
+        d.temperature = 2e-38;
+        d.scale = 1e-30;
+        shard_compare(&d, N, V, S, T, 2e-4, "shard tau 2e-38");
+    }
+    /* large z = x / tau (~ 2000): a float z - LSE keeps only ~1e-4 of log q */
+    normal_f32(S, N * V, 0.0, 30.0, 904);
+    normal_f32(T, N * V, 0.0, 30.0, 905);
+    for (size_t t = 0; t < 2; t++) {
+        kdl_loss_desc_t d = kdl_test_desc(t ? KDL_DIV_RKL : KDL_DIV_FKL, KDL_REDUCTION_NONE);
+        d.temperature = 0.05;
+        shard_compare(&d, N, V, S, T, 5e-5, "shard tau 0.05, logits sigma 30");
+    }
+    free(S);
+    free(T);
+}
+
+Test(gpu_shard, akl_histograms_are_bitwise_reproducible)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    /* one shard; a teacher whose tokens fall into few bins (many atomics on
+     * one bin): the exchange after step 1 must be the same bits every run */
+    enum { N = 4, V = 150001, RUNS = 3 };
+    float *S = (float *)malloc((size_t)N * V * 4), *T = (float *)malloc((size_t)N * V * 4);
+    normal_f32(S, (size_t)N * V, 0.0, 1.0, 950);
+    normal_f32(T, (size_t)N * V, 0.0, 0.05, 951);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_MEAN);
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    kdl_shard_args_t a;
+    kdl_shard_args_init(&a);
+    a.rows = N;
+    a.vocab = V;
+    a.vocab_local = V;
+    a.student = dup_dev(S, (size_t)N * V * 4);
+    a.teacher = dup_dev(T, (size_t)N * V * 4);
+    a.ld_student = a.ld_teacher = V;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.loss = dup_dev(NULL, 8);
+    size_t sb = 0, ec = 0;
+    int ns = 0;
+    cr_assert_eq(kdl_shard_sizes(&d, &a, &sb, &ec, &ns), KDL_STATUS_SUCCESS);
+    a.state = dup_dev(NULL, sb);
+    a.exchange = (double *)dup_dev(NULL, ec * 8);
+    double *first = (double *)malloc(ec * 8), *now = (double *)malloc(ec * 8);
+    int64_t cnt1 = 0;
+    for (int run = 0; run < RUNS; run++) {
+        kdl_shard_op_t op;
+        int64_t cnt;
+        cr_assert_eq(kdl_shard_step(h, &d, &a, 0, &op, &cnt), KDL_STATUS_SUCCESS); /* one shard: MAX is a no-op */
+        cr_assert_eq(kdl_shard_step(h, &d, &a, 1, &op, &cnt1), KDL_STATUS_SUCCESS);
+        CUDA_OK(cudaDeviceSynchronize());
+        get_dev(run ? now : first, a.exchange, (size_t)cnt1 * 8);
+        if (run) cr_expect(memcmp(first, now, (size_t)cnt1 * 8) == 0, "run %d: step-1 exchange differs in its bits", run);
+    }
+    cudaFree((void *)a.student);
+    cudaFree((void *)a.teacher);
+    cudaFree(a.loss);
+    cudaFree(a.state);
+    cudaFree(a.exchange);
+    kdl_destroy(h);
+    free(S);
+    free(T);
+    free(first);
+    free(now);
+}
+
+Test(gpu_fused_linear, empty_batch_stays_inside_the_queried_workspace)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { D = 8, V = 1000, GUARD = 1 << 16 };
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    float W[V * D];
+    for (int j = 0; j < V * D; j++) W[j] = 0.01f * (float)(j % 7);
+    kdl_fused_linear_args_t a;
+    kdl_fused_linear_args_init(&a);
+    a.rows = 0;
+    a.hidden = D;
+    a.vocab = V;
+    a.weight = dup_dev(W, sizeof W);
+    a.ld_hidden = a.ld_weight = a.ld_grad_weight = D;
+    a.ld_teacher = V;
+    a.grad_weight = dup_dev(W, sizeof W); /* must come back all zeros */
+    a.loss = dup_dev(NULL, 4);
+    size_t wsb = 0;
+    cr_assert_eq(kdl_fused_linear_workspace_size(h, &d, &a, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    /* the workspace followed by guard bytes that must stay untouched */
+    unsigned char *buf = (unsigned char *)dup_dev(NULL, wsb + GUARD);
+    CUDA_OK(cudaMemset(buf, 0xA5, wsb + GUARD));
+    cr_assert_eq(kdl_fused_linear_loss(h, &d, &a, buf, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    CUDA_OK(cudaDeviceSynchronize());
+    unsigned char *guard = (unsigned char *)malloc(GUARD);
+    get_dev(guard, buf + wsb, GUARD);
+    size_t touched = 0;
+    for (size_t j = 0; j < GUARD; j++) touched += guard[j] != 0xA5;
+    cr_expect_eq(touched, 0, "%zu guard bytes after the %zu-byte workspace were written", touched, wsb);
+    float loss = -1, gw[V * D];
+    get_dev(&loss, a.loss, 4);
+    get_dev(gw, a.grad_weight, sizeof gw);
+    cr_expect_eq(loss, 0.0f);
+    size_t nz = 0;
+    for (int j = 0; j < V * D; j++) nz += gw[j] != 0.0f;
+    cr_expect_eq(nz, 0, "dW of an empty batch: %zu non-zero entries", nz);
+    cudaFree((void *)a.weight);
+    cudaFree(a.grad_weight);
+    cudaFree(a.loss);
+    cudaFree(buf);
+    free(guard);
+    kdl_destroy(h);
+}
+
+Test(gpu_fused_linear, scale_zero_with_infinite_terms)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    /* SRKL alpha = 0 with a masked teacher column: +inf loss and inf/NaN dz
+     * in every valid row; scale 0 must give loss 0 and zero dH, dW */
+    enum { N = 9, D = 16, V = 200 };
+    size_t nh = N * D, nw = V * D, nt = N * V;
+    float *H = (float *)malloc(nh * 4), *W = (float *)malloc(nw * 4), *T = (float *)malloc(nt * 4);
+    normal_f32(H, nh, 0.0, 1.0, 960);
+    normal_f32(W, nw, 0.0, 0.2, 961);
+    normal_f32(T, nt, 0.0, 2.0, 962);
+    for (int64_t i = 0; i < N; i++) T[i * V + 17] = -INFINITY;
+    for (int red = 0; red < 3; red++) {
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, (kdl_reduction_t)red);
+        d.alpha = 0.0;
+        d.scale = 0.0;
+        size_t nl = red == KDL_REDUCTION_NONE ? N : 1;
+        double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8);
+        kdl_fused_linear_args_t a;
+        kdl_fused_linear_args_init(&a);
+        a.rows = N;
+        a.hidden = D;
+        a.vocab = V;
+        a.hidden_states = H;
+        a.weight = W;
+        a.teacher = T;
+        a.ld_hidden = a.ld_weight = a.ld_grad_hidden = a.ld_grad_weight = D;
+        a.ld_teacher = V;
+        a.grad_hidden = rh;
+        a.grad_weight = rw;
+        a.grad_dtype = KDL_DTYPE_F64;
+        a.out_dtype = KDL_DTYPE_F64;
+        a.loss = rl;
+        a.chunk_rows = 4;
+        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+        kdl_handle_t h;
+        cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+        kdl_fused_linear_args_t da = a;
+        da.hidden_states = dup_dev(H, nh * 4);
+        da.weight = dup_dev(W, nw * 4);
+        da.teacher = dup_dev(T, nt * 4);
+        da.grad_hidden = dup_dev(NULL, nh * 4);
+        da.grad_weight = dup_dev(NULL, nw * 4);
+        da.grad_dtype = KDL_DTYPE_F32;
+        da.loss = dup_dev(NULL, nl * 8);
+        size_t wsb = 0;
+        cr_assert_eq(kdl_fused_linear_workspace_size(h, &d, &da, &wsb), KDL_STATUS_SUCCESS);
+        void *ws = dup_dev(NULL, wsb);
+        cr_assert_eq(kdl_fused_linear_loss(h, &d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+        CUDA_OK(cudaDeviceSynchronize());
+        double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8);
+        float *f = (float *)malloc(nw * 4);
+        get_dev(gl, da.loss, nl * 8);
+        get_dev(f, da.grad_hidden, nh * 4);
+        for (size_t j = 0; j < nh; j++) gh[j] = f[j];
+        get_dev(f, da.grad_weight, nw * 4);
+        for (size_t j = 0; j < nw; j++) gw[j] = f[j];
+        kdl_tol_t exact = {0, 0};
+        KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: loss", gl, rl, nl, exact);
+        KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: dH", gh, rh, nh, exact);
+        KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: dW", gw, rw, nw, exact);
+        cudaFree((void *)da.hidden_states);
+        cudaFree((void *)da.weight);
+        cudaFree((void *)da.teacher);
+        cudaFree(da.grad_hidden);
+        cudaFree(da.grad_weight);
+        cudaFree(da.loss);
+        cudaFree(ws);
+        kdl_destroy(h);
+        free(rl);
+        free(rh);
+        free(rw);
+        free(gl);
+        free(gh);
+        free(gw);
+        free(f);
+    }
+    free(H);
+    free(W);
+    free(T);
+}
+
 #endif /* KDL_HAVE_CUDA */
