@@ -278,7 +278,7 @@ static int pick_backend(demo_ctx_t *c, int backend, char *name, size_t name_len,
     return 0;
 }
 
-static int demo_parse(int argc, char **argv, int *backend, int *help)
+int kdl_cli_demo_parse(int argc, char **argv, int *backend, int *help)
 {
     kdl_cli_opt_t o[] = {{"--backend", 1, NULL}};
     *backend = KDL_CLI_BACKEND_AUTO;
@@ -292,7 +292,7 @@ int kdl_cli_demo(int argc, char **argv)
 {
     int backend = 0, help = 0;
     kdl_cli_ignore_sigpipe();
-    int rc = demo_parse(argc, argv, &backend, &help);
+    int rc = kdl_cli_demo_parse(argc, argv, &backend, &help);
     if (rc) return rc;
     if (help) {
         fputs(usage_text, stdout);

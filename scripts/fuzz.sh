@@ -5,12 +5,14 @@
 # oracle violation or hang (> 10 s on one input); the input that failed is
 # saved under BUILD_DIR/fuzz-artifacts/ and the command to replay it printed.
 #
-#   bash scripts/fuzz.sh               every target, FUZZ_SECONDS each
+#   bash scripts/fuzz.sh               every target, for a bounded time each
 #   bash scripts/fuzz.sh fuzz_npy      one target
 #   bash scripts/fuzz.sh --check       exit 0 when clang with libFuzzer works
 #
 # Environment:
-#   FUZZ_SECONDS   seconds per target (default 20)
+#   FUZZ_SECONDS   seconds per target (default: fuzz_cli_args 22,
+#                  fuzz_ref_loss 16, fuzz_npy 10, others 20; the whole step
+#                  stays near 70 s, build and replay included)
 #   FUZZ_RUNS      stop each target after this many executions instead
 #                  (the long runs of docs/hardening.md: FUZZ_RUNS=1000000)
 #   FUZZ_MERGE=1   afterwards, add the inputs that found new coverage to
@@ -18,13 +20,22 @@
 #   FUZZ_CC        the compiler (default clang)
 #   BUILD_DIR      build directory (default build-fuzz)
 # New inputs go to a scratch corpus under BUILD_DIR; the committed corpus
-# only changes with FUZZ_MERGE=1.
+# only changes with FUZZ_MERGE=1.  A target's dictionary
+# tests/fuzz/<target>.dict, when there is one, is passed with -dict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CC_FUZZ=${FUZZ_CC:-clang}
 BUILD_DIR=${BUILD_DIR:-build-fuzz}
-SECONDS_PER=${FUZZ_SECONDS:-20}
+SECONDS_PER=${FUZZ_SECONDS:-}
+default_seconds() {
+  case $1 in
+    fuzz_cli_args) echo 22 ;; # eight subcommands, the slowest per execution
+    fuzz_ref_loss) echo 16 ;;
+    fuzz_npy) echo 10 ;;      # its coverage stops growing within seconds
+    *) echo 20 ;;
+  esac
+}
 
 have_libfuzzer() {
   command -v "$CC_FUZZ" >/dev/null 2>&1 || return 1
@@ -69,15 +80,17 @@ for t in "${targets[@]}"; do
   work="$ROOT/$BUILD_DIR/fuzz-corpus/$t"
   log="$ROOT/$BUILD_DIR/fuzz-$t.log"
   mkdir -p "$work" "$seeds"
+  dict=(); [ -f "$ROOT/tests/fuzz/$t.dict" ] && dict=(-dict="$ROOT/tests/fuzz/$t.dict")
   if [ -n "${FUZZ_RUNS:-}" ]; then
     limit=(-runs="$FUZZ_RUNS"); guard=$((24 * 3600)); what="$FUZZ_RUNS runs"
   else
-    limit=(-max_total_time="$SECONDS_PER"); guard=$((SECONDS_PER + 300)); what="$SECONDS_PER s"
+    secs_t=${SECONDS_PER:-$(default_seconds "$t")}
+    limit=(-max_total_time="$secs_t"); guard=$((secs_t + 300)); what="$secs_t s"
   fi
   echo "== fuzz: $t ($what) =="
   start=$(date +%s)
   set +e
-  timeout "$guard" "$bin" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+  timeout "$guard" "$bin" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
     -artifact_prefix="$ART/$t-" "$work" "$seeds" >"$log" 2>&1
   rc=$?
   set -e

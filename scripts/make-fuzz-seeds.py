@@ -4,7 +4,8 @@
 Pure Python (no numpy): the .npy seeds are built byte by byte, so invalid
 variants (truncated, bad magic, big-endian, fortran order, overflowing
 shapes) are as easy as valid ones.  Re-running rewrites the same files
-(names are fixed; the content is deterministic).  Inputs found by fuzzing are
+(names are fixed; the content is deterministic); also the libFuzzer
+dictionary tests/fuzz/fuzz_cli_args.dict.  Inputs found by fuzzing are
 added to the same directories by scripts/fuzz.sh (-merge) and kept in git.
 
     python3 scripts/make-fuzz-seeds.py [CORPUS_ROOT]   (default tests/fuzz/corpus)
@@ -129,7 +130,117 @@ def cli_seeds():
     s["bad_cuda"] = argv("--divergence", "fkl", "--student", "s.npy", "--teacher", "t.npy", "--backend", "cuda")
     s["bad_f64_cuda"] = argv("--divergence", "fkl", "--student", "d.npy", "--teacher", "d.npy", "--backend", "cuda")
     s["empty"] = b""
+    s.update(subcommand_seeds())
     return s
+
+
+def subcommand_seeds():
+    """Argument vectors of the other subcommands: the first word names it.
+    Fixture files: the header comment of tests/fuzz/fuzz_cli_args.c."""
+    def argv(*words):
+        return "\n".join(words).encode()
+    s = {}
+    # loss, named explicitly
+    s["loss_named"] = argv("loss", "--divergence", "jsd", "--student", "d.npy", "--teacher", "d.npy", "--backend",
+                           "cpu")
+    # sinkhorn: costs, points, batches, weights, debiasing, annealing, plan
+    s["sinkhorn_cost"] = argv("sinkhorn", "--cost", "c.npy", "--epsilon", "0.1")
+    s["sinkhorn_cost_plan_dual"] = argv("sinkhorn", "--cost", "c.npy", "--epsilon", "0.5", "--value", "dual",
+                                        "--plan-out", "p.npy", "--log-a", "la.npy", "--log-b", "lb.npy",
+                                        "--tol", "0", "--max-iter", "7")
+    s["sinkhorn_batched_debias"] = argv("sinkhorn", "--cost", "cb.npy", "--cost-xx", "cxx.npy", "--cost-yy",
+                                        "cyy.npy", "--debias", "--epsilon", "0.2", "--backend", "cpu")
+    s["sinkhorn_points_l1_scaling"] = argv("sinkhorn", "--x", "px.npy", "--y", "py.npy", "--metric", "l1",
+                                           "--epsilon=0.01", "--eps-scaling", "--eps-factor", "0.5",
+                                           "--check-every", "3")
+    s["sinkhorn_points_batched_debias"] = argv("sinkhorn", "--x", "pbx.npy", "--y", "pby.npy", "--debias",
+                                               "--epsilon", "1", "--plan-out", "pl.npy")
+    s["sinkhorn_bad_shape_log_a"] = argv("sinkhorn", "--cost", "c.npy", "--epsilon", "1", "--log-a", "lb.npy")
+    s["sinkhorn_bad_nan_cost"] = argv("sinkhorn", "--cost", "n.npy", "--epsilon", "1")
+    s["sinkhorn_bad_plan_dir"] = argv("sinkhorn", "--cost", "c.npy", "--epsilon", "1", "--plan-out", "dir")
+    s["sinkhorn_bad_both"] = argv("sinkhorn", "--cost", "c.npy", "--x", "px.npy", "--epsilon", "1")
+    s["sinkhorn_bad_cuda"] = argv("sinkhorn", "--cost", "c.npy", "--epsilon", "1", "--backend", "cuda")
+    s["sinkhorn_help"] = argv("sinkhorn", "--help")
+    s["sinkhorn_empty_batch"] = argv("sinkhorn", "--cost", "zc.npy", "--epsilon", "1", "--plan-out", "p.npy")
+    s["sinkhorn_scalar"] = argv("sinkhorn", "--cost", "sc.npy", "--epsilon", "1")
+    # sinkd
+    s["sinkd_one_group"] = argv("sinkd", "--student", "s.npy", "--teacher", "t.npy")
+    s["sinkd_groups_grad"] = argv("sinkd", "--student", "d.npy", "--teacher", "s.npy", "--group-size", "1",
+                                  "--metric", "sqeuclidean", "--temperature", "0.5", "--epsilon", "0.05",
+                                  "--max-iter", "5", "--tol", "1e-9", "--scale", "-2", "--grad-out", "sg.npy")
+    s["sinkd_nan_rows"] = argv("sinkd", "--student", "n.npy", "--teacher", "t.npy", "--group-size", "2")
+    s["sinkd_bad_group"] = argv("sinkd", "--student", "s.npy", "--teacher", "t.npy", "--group-size", "3")
+    s["sinkd_bad_shape"] = argv("sinkd", "--student", "s.npy", "--teacher", "x.npy")
+    s["sinkd_no_rows"] = argv("sinkd", "--student", "z.npy", "--teacher", "z.npy", "--grad-out", "o.npy")
+    # sparse-loss
+    s["sparse_renorm"] = argv("sparse-loss", "--student", "s.npy", "--teacher-indices", "i.npy",
+                              "--teacher-logprobs", "g.npy", "--mode", "renormalised")
+    s["sparse_tail_akl_grad"] = argv("sparse-loss", "--student", "d.npy", "--teacher-indices", "i.npy",
+                                     "--teacher-logprobs", "g.npy", "--mode", "tail", "--divergence", "akl",
+                                     "--head-rule", "topk", "--top-k", "2", "--reduction", "none",
+                                     "--labels", "l.npy", "--grad-out", "sp.npy")
+    s["sparse_bad_indices"] = argv("sparse-loss", "--student", "s.npy", "--teacher-indices", "j.npy",
+                                   "--teacher-logprobs", "g.npy", "--mode", "tail")
+    s["sparse_bad_mode_div"] = argv("sparse-loss", "--student", "s.npy", "--teacher-indices", "i.npy",
+                                    "--teacher-logprobs", "g.npy", "--mode", "renormalised", "--divergence", "rkl")
+    # shard-check
+    s["shard_even"] = argv("shard-check", "--student", "s.npy", "--teacher", "t.npy", "--shards", "2")
+    s["shard_split_akl_grad"] = argv("shard-check", "--student", "s.npy", "--teacher", "d.npy", "--shards", "3",
+                                     "--split", "1,3,1", "--divergence", "akl", "--head-rule", "mass",
+                                     "--reduction", "sum", "--grad-out", "sh.npy")
+    s["shard_vector_labels"] = argv("shard-check", "--student", "h.npy", "--teacher", "h.npy", "--shards", "5",
+                                    "--divergence", "skl", "--reduction", "none")
+    s["shard_no_rows"] = argv("shard-check", "--student", "z.npy", "--teacher", "z.npy", "--shards", "1",
+                              "--grad-out", "o.npy")
+    s["shard_bad_split"] = argv("shard-check", "--student", "s.npy", "--teacher", "t.npy", "--shards", "2",
+                                "--split", "2,2")
+    s["shard_bad_split_huge"] = argv("shard-check", "--student", "s.npy", "--teacher", "t.npy", "--shards", "2",
+                                     "--split", "9223372036854775807,9223372036854775807")
+    # fused-linear
+    s["fused_basic"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy", "--teacher", "t.npy")
+    s["fused_grads"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy", "--teacher", "d.npy",
+                            "--divergence", "tvd", "--chunk-rows", "1", "--reduction", "none",
+                            "--grad-hidden-out", "gh.npy", "--grad-weight-out", "gw.npy")
+    s["fused_bad_second_output"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy", "--teacher",
+                                        "t.npy", "--grad-hidden-out", "gh.npy", "--grad-weight-out", "dir")
+    s["sparse_no_rows"] = argv("sparse-loss", "--student", "z.npy", "--teacher-indices", "i.npy",
+                               "--teacher-logprobs", "g.npy", "--mode", "tail")
+    s["fused_bad_shapes"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "s.npy", "--teacher", "t.npy")
+    # bench and demo (options only: no device here)
+    s["bench_options"] = argv("bench", "--quick", "--shapes", "8:32,16:64", "--dtypes", "bf16,f32",
+                              "--divergences", "fkl,akl", "--head-rules", "mass,topk", "--repeats", "2",
+                              "--warmup=0", "--mu", "0.25", "--top-k", "4", "--sinkhorn", "2:8:8",
+                              "--sinkhorn-iters", "3", "--no-check", "--commit", "abc-1.2", "--json-out", "r.json")
+    s["bench_bad_shape"] = argv("bench", "--shapes", "8:0")
+    s["bench_help"] = argv("bench", "--help")
+    s["demo_cpu"] = argv("demo", "--backend", "cpu")
+    s["demo_bad"] = argv("demo", "--backend", "gpu")
+    s["demo_help"] = argv("demo", "-h")
+    return s
+
+
+def cli_dict():
+    """libFuzzer dictionary of fuzz_cli_args: subcommands, flags, fixture
+    names and values, each as a whole word."""
+    words = ["loss", "sinkhorn", "sinkd", "sparse-loss", "shard-check", "fused-linear", "bench", "demo",
+             "--help", "--divergence", "--student", "--teacher", "--labels", "--ignore-index", "--temperature",
+             "--alpha", "--beta", "--head-rule", "--mu", "--top-k", "--reduction", "--scale", "--backend",
+             "--stats", "--grad-out", "--cost", "--x", "--y", "--metric", "--log-a", "--log-b", "--cost-xx",
+             "--cost-yy", "--epsilon", "--max-iter", "--tol", "--check-every", "--eps-scaling", "--eps-factor",
+             "--value", "--debias", "--plan-out", "--group-size", "--teacher-indices", "--teacher-logprobs",
+             "--mode", "--shards", "--split", "--hidden", "--weight", "--chunk-rows", "--grad-hidden-out",
+             "--grad-weight-out", "--quick", "--no-check", "--shapes", "--dtypes", "--divergences",
+             "--head-rules", "--repeats", "--warmup", "--sinkhorn", "--sinkhorn-iters", "--json-out", "--commit",
+             "s.npy", "t.npy", "h.npy", "d.npy", "n.npy", "l.npy", "x.npy", "c.npy", "cb.npy", "cxx.npy",
+             "cyy.npy", "px.npy", "py.npy", "pbx.npy", "pby.npy", "la.npy", "lb.npy", "i.npy", "j.npy", "g.npy",
+             "hs.npy", "wt.npy", "z.npy", "zc.npy", "sc.npy", "e.npy", "b.npy", "dir", "o.npy",
+             "fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl", "reference", "mass", "topk", "none",
+             "sum", "mean", "auto", "cpu", "cuda", "l1", "sqeuclidean", "transport", "dual", "renormalised",
+             "tail", "bf16", "f16", "f32", "0", "1", "2", "3", "5", "-1", "0.5", "1e-300", "1e308", "-0",
+             "9223372036854775807", "-9223372036854775808", "nan", "inf"]
+    lines = ['"\\x0a%s"' % w for w in words]
+    return "# libFuzzer dictionary of fuzz_cli_args (scripts/make-fuzz-seeds.py writes it)\n" + \
+        "\n".join(lines) + "\n"
 
 
 # fuzz_ref_loss: header bytes as documented in tests/fuzz/fuzz_ref_loss.c.
@@ -171,6 +282,10 @@ def write_all():
             with open(os.path.join(d, "seed_" + name), "wb") as f:
                 f.write(data)
         print("%s: %d seeds in %s" % (target, len(seeds), os.path.relpath(d)))
+    dict_path = os.path.join(ROOT, "..", "fuzz_cli_args.dict")
+    with open(dict_path, "w") as f:
+        f.write(cli_dict())
+    print("fuzz_cli_args dictionary: %s" % os.path.relpath(dict_path))
 
 
 if __name__ == "__main__":
