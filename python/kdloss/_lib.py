@@ -73,6 +73,7 @@ STATUS = {
     "BAD_TOLERANCE": 1016,
     "BAD_GROUP": 1017,
     "BAD_SCHEDULE": 1018,
+    "MISALIGNED": 1019,
     "NOT_SUPPORTED": 2000,
     "NOT_IMPLEMENTED": 2001,
     "ARCH_MISMATCH": 2002,
@@ -238,6 +239,104 @@ class SinkdArgs(Structure):
     ]
 
 
+# kdloss_ext.h: sparse teacher, vocabulary-parallel shard steps, fused linear + loss.
+SPARSE_MODE_COUNT = 2
+SPARSE_MAX_K = 1024
+SHARD_OP_DONE, SHARD_OP_MAX, SHARD_OP_SUM = 0, 1, 2
+
+
+class SparseArgs(Structure):
+    """kdl_sparse_args_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("mode", c_int),  # kdl_sparse_mode_t
+        ("rows", c_int64),
+        ("vocab", c_int64),
+        ("k", c_int64),
+        ("student", c_void_p),
+        ("ld_student", c_int64),
+        ("student_dtype", c_int),
+        ("teacher_indices", c_void_p),  # const int64_t *
+        ("ld_indices", c_int64),
+        ("teacher_logprobs", c_void_p),
+        ("ld_logprobs", c_int64),
+        ("teacher_dtype", c_int),
+        ("labels", c_void_p),  # const int64_t *
+        ("grad", c_void_p),
+        ("ld_grad", c_int64),
+        ("grad_dtype", c_int),
+        ("out_dtype", c_int),
+        ("loss", c_void_p),
+        ("info", c_void_p),  # int64_t *
+        ("valid_rows", c_void_p),  # int64_t *
+        ("bad_index_rows", c_void_p),  # int64_t *
+    ]
+
+
+class ShardArgs(Structure):
+    """kdl_shard_args_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("rows", c_int64),
+        ("vocab", c_int64),
+        ("vocab_offset", c_int64),
+        ("vocab_local", c_int64),
+        ("shard_rank", ctypes.c_int32),
+        ("num_shards", ctypes.c_int32),
+        ("student", c_void_p),
+        ("ld_student", c_int64),
+        ("student_dtype", c_int),
+        ("teacher", c_void_p),
+        ("ld_teacher", c_int64),
+        ("teacher_dtype", c_int),
+        ("labels", c_void_p),  # const int64_t *
+        ("grad", c_void_p),
+        ("ld_grad", c_int64),
+        ("grad_dtype", c_int),
+        ("out_dtype", c_int),
+        ("loss", c_void_p),
+        ("info", c_void_p),  # int64_t *
+        ("valid_rows", c_void_p),  # int64_t *
+        ("stat_head_size", c_void_p),  # int64_t *
+        ("head_mask", c_void_p),  # unsigned char *
+        ("state", c_void_p),
+        ("exchange", c_void_p),  # double *
+    ]
+
+
+class FusedLinearArgs(Structure):
+    """kdl_fused_linear_args_t."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("rows", c_int64),
+        ("hidden", c_int64),
+        ("vocab", c_int64),
+        ("hidden_states", c_void_p),
+        ("ld_hidden", c_int64),
+        ("hidden_dtype", c_int),
+        ("weight", c_void_p),
+        ("ld_weight", c_int64),
+        ("weight_dtype", c_int),
+        ("teacher", c_void_p),
+        ("ld_teacher", c_int64),
+        ("teacher_dtype", c_int),
+        ("labels", c_void_p),  # const int64_t *
+        ("grad_hidden", c_void_p),
+        ("ld_grad_hidden", c_int64),
+        ("grad_weight", c_void_p),
+        ("ld_grad_weight", c_int64),
+        ("grad_dtype", c_int),
+        ("chunk_rows", c_int64),
+        ("out_dtype", c_int),
+        ("loss", c_void_p),
+        ("info", c_void_p),  # int64_t *
+        ("valid_rows", c_void_p),  # int64_t *
+    ]
+
+
 # ------------------------------------------------------------- exceptions
 class KdlossError(RuntimeError):
     """A kdloss call returned a status other than KDL_STATUS_SUCCESS.
@@ -264,17 +363,20 @@ class KdlossValueError(KdlossError, ValueError):
 
 class InvalidRowsError(ValueError):
     """Rows with a NaN or +inf logit, or all logits -inf (in student or
-    teacher), were found and raise_on_invalid was set.  Attributes:
-    invalid_rows, rows."""
+    teacher), were found and raise_on_invalid was set (the sparse teacher
+    adds its own reasons: see `reason`).  Attributes: invalid_rows, rows."""
 
-    def __init__(self, invalid_rows, rows, unit="rows"):
+    _REASON = ("a NaN or +inf logit, or every logit -inf, in the student or the teacher")
+
+    def __init__(self, invalid_rows, rows, unit="rows", reason=None):
         self.invalid_rows = int(invalid_rows)
         self.rows = int(rows)
+        self.reason = reason or self._REASON
         what = "rows are invalid" if unit == "rows" else "groups hold an invalid row"
         super().__init__(
-            f"kdloss: {self.invalid_rows} of {self.rows} {what} (a NaN or +inf logit, "
-            "or every logit -inf, in the student or the teacher); they get loss NaN, a zero "
-            "gradient and are left out of the reduction. Pass raise_on_invalid=False to accept that."
+            f"kdloss: {self.invalid_rows} of {self.rows} {what} ({self.reason}); they get loss "
+            "NaN, a zero gradient and are left out of the reduction. Pass raise_on_invalid=False "
+            "to accept that."
         )
 
 
@@ -397,6 +499,86 @@ def _prototype_ot(L):
     return None
 
 
+_EXT_PROTOS = {
+    "kdl_sparse_mode_name": (c_char_p, [c_int]),
+    "kdl_sparse_mode_from_name": (c_int, [c_char_p]),
+    "kdl_sparse_args_init": (None, [c_void_p]),
+    "kdl_sparse_validate": (c_int, [POINTER(LossDesc), POINTER(SparseArgs), c_int]),
+    "kdl_sparse_supports": (c_int, [c_int, c_int]),
+    "kdl_sparse_check_indices": (c_int, [c_int64, c_int64, c_int64, c_void_p, c_int64]),
+    "kdl_ref_sparse_loss": (c_int, [POINTER(LossDesc), POINTER(SparseArgs)]),
+    "kdl_shard_args_init": (None, [c_void_p]),
+    "kdl_shard_sizes": (c_int, [POINTER(LossDesc), POINTER(ShardArgs), POINTER(c_size_t),
+                                POINTER(c_size_t), POINTER(c_int)]),
+    "kdl_ref_shard_step": (c_int, [POINTER(LossDesc), POINTER(ShardArgs), c_int, POINTER(c_int),
+                                   POINTER(c_int64)]),
+    "kdl_fused_linear_args_init": (None, [c_void_p]),
+    "kdl_fused_linear_chunk_rows": (c_int64, [POINTER(FusedLinearArgs)]),
+    "kdl_fused_linear_validate": (c_int, [POINTER(LossDesc), POINTER(FusedLinearArgs), c_int]),
+    "kdl_ref_fused_linear_loss": (c_int, [POINTER(LossDesc), POINTER(FusedLinearArgs)]),
+}
+# The GPU entry points of kdloss_ext.h: bound when present (CUDA tensors only).
+_EXT_GPU_PROTOS = {
+    "kdl_sparse_workspace_size": (
+        c_int, [c_void_p, POINTER(LossDesc), POINTER(SparseArgs), POINTER(c_size_t)]),
+    "kdl_sparse_loss": (c_int, [c_void_p, POINTER(LossDesc), POINTER(SparseArgs), c_void_p,
+                                c_size_t]),
+    "kdl_shard_step": (c_int, [c_void_p, POINTER(LossDesc), POINTER(ShardArgs), c_int,
+                               POINTER(c_int), POINTER(c_int64)]),
+    "kdl_fused_linear_workspace_size": (
+        c_int, [c_void_p, POINTER(LossDesc), POINTER(FusedLinearArgs), POINTER(c_size_t)]),
+    "kdl_fused_linear_loss": (c_int, [c_void_p, POINTER(LossDesc), POINTER(FusedLinearArgs),
+                                      c_void_p, c_size_t]),
+}
+
+_ext_error = None  # why the kdloss_ext.h API is unavailable, or None
+_ext_gpu_missing = []  # its GPU entry points the library lacks
+
+
+def _prototype_ext(L):
+    """The extension API (kdloss_ext.h) is optional like the Sinkhorn one:
+    returns None, or the reason it cannot be used.  The struct mirrors are
+    checked against the library as the dense ones are."""
+    missing = [name for name in _EXT_PROTOS if not hasattr(L, name)]
+    if missing:
+        return f"the library lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    for name, (restype, argtypes) in _EXT_PROTOS.items():
+        fn = getattr(L, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    _ext_gpu_missing[:] = [name for name in _EXT_GPU_PROTOS if not hasattr(L, name)]
+    for name, (restype, argtypes) in _EXT_GPU_PROTOS.items():
+        if hasattr(L, name):
+            fn = getattr(L, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+    _check_struct_size(L.kdl_sparse_args_init, SparseArgs)
+    _check_struct_size(L.kdl_shard_args_init, ShardArgs)
+    _check_struct_size(L.kdl_fused_linear_args_init, FusedLinearArgs)
+    zeros = dict(rows=0, vocab=0, student_dtype=DTYPE["f32"], grad_dtype=DTYPE["f32"],
+                 out_dtype=DTYPE["f32"], student=None, grad=None, loss=None, info=None,
+                 valid_rows=None)
+    a = SparseArgs()
+    L.kdl_sparse_args_init(ctypes.byref(a))
+    _check_defaults("kdl_sparse_args_t", a, dict(
+        zeros, mode=0, k=0, teacher_dtype=DTYPE["f32"], teacher_indices=None,
+        teacher_logprobs=None, labels=None, bad_index_rows=None))
+    b = ShardArgs()
+    L.kdl_shard_args_init(ctypes.byref(b))
+    _check_defaults("kdl_shard_args_t", b, dict(
+        zeros, vocab_offset=0, vocab_local=0, shard_rank=0, num_shards=1,
+        teacher_dtype=DTYPE["f32"], teacher=None, labels=None, stat_head_size=None,
+        head_mask=None, state=None, exchange=None))
+    c = FusedLinearArgs()
+    L.kdl_fused_linear_args_init(ctypes.byref(c))
+    _check_defaults("kdl_fused_linear_args_t", c, dict(
+        rows=0, hidden=0, vocab=0, hidden_dtype=DTYPE["f32"], weight_dtype=DTYPE["f32"],
+        teacher_dtype=DTYPE["f32"], grad_dtype=DTYPE["f32"], out_dtype=DTYPE["f32"],
+        chunk_rows=0, hidden_states=None, weight=None, teacher=None, grad_hidden=None,
+        grad_weight=None, loss=None, info=None, valid_rows=None))
+    return None
+
+
 def _check_struct_size(init, ctype):
     # A buffer larger than any plausible struct, so a C struct bigger than
     # the mirror cannot overflow it.
@@ -459,8 +641,9 @@ def lib():
             except AttributeError as e:
                 raise ImportError(f"kdloss: {name} is not a usable libkdloss ({e})") from None
             _check_layout(L)
-            global _ot_error
+            global _ot_error, _ext_error
             _ot_error = _prototype_ot(L)
+            _ext_error = _prototype_ext(L)
             _lib = L
             return L
         raise OSError(
@@ -648,6 +831,78 @@ def new_sinkd_args():
     a = SinkdArgs()
     lib().kdl_sinkd_args_init(ctypes.byref(a))
     return a
+
+
+# ----------------------------------------------- extension (kdloss_ext.h)
+def ext_available():
+    """True when the loaded library has the kdloss_ext.h API (sparse
+    teacher, vocabulary-parallel steps, fused linear + loss)."""
+    lib()
+    return _ext_error is None
+
+
+def require_ext(what):
+    lib()
+    if _ext_error is not None:
+        raise NotImplementedError(
+            f"kdloss: {what} needs the extension API of kdloss_ext.h, which the loaded library "
+            f"{_lib_path} does not have ({_ext_error}); rebuild libkdloss"
+        )
+
+
+def require_ext_gpu(what):
+    require_ext(what)
+    if _ext_gpu_missing:
+        raise NotImplementedError(
+            f"kdloss: {what} on CUDA tensors needs {', '.join(_ext_gpu_missing)}, which the "
+            f"loaded library {_lib_path} does not have; use CPU tensors (the reference)"
+        )
+
+
+def sparse_mode_names():
+    return _names(lib().kdl_sparse_mode_name, SPARSE_MODE_COUNT)
+
+
+# Spellings accepted besides the library's own names ("renormalised", "tail").
+_SPARSE_MODE_ALIASES = {"renormalized": "renormalised", "tail_bucket": "tail"}
+
+
+def parse_sparse_mode(mode):
+    require_ext("the sparse teacher")
+    if isinstance(mode, str):
+        key = mode.strip().lower()
+        mode = _SPARSE_MODE_ALIASES.get(key, key)
+    return _parse("mode", mode, lib().kdl_sparse_mode_from_name,
+                  lambda: sparse_mode_names() + sorted(_SPARSE_MODE_ALIASES))
+
+
+def new_sparse_args():
+    require_ext("the sparse teacher")
+    a = SparseArgs()
+    lib().kdl_sparse_args_init(ctypes.byref(a))
+    return a
+
+
+def new_shard_args():
+    require_ext("the vocabulary-parallel loss")
+    a = ShardArgs()
+    lib().kdl_shard_args_init(ctypes.byref(a))
+    return a
+
+
+def new_fused_linear_args():
+    require_ext("the fused linear + loss")
+    a = FusedLinearArgs()
+    lib().kdl_fused_linear_args_init(ctypes.byref(a))
+    return a
+
+
+def shard_sizes(desc, args):
+    """(state bytes, exchange length in doubles, number of steps)."""
+    sb, ec, ns = c_size_t(0), c_size_t(0), c_int(0)
+    check(lib().kdl_shard_sizes(ctypes.byref(desc), ctypes.byref(args), ctypes.byref(sb),
+                                ctypes.byref(ec), ctypes.byref(ns)), "kdl_shard_sizes")
+    return sb.value, ec.value, ns.value
 
 
 # ----------------------------------------------------------- GPU handles
