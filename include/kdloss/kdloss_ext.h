@@ -146,9 +146,12 @@ kdl_status_t kdl_sparse_check_indices(int64_t rows, int64_t vocab, int64_t k, co
  * is -inf; TAIL_BUCKET: the given mass exceeds 1 + KDL_SPARSE_MASS_TOL. */
 kdl_status_t kdl_ref_sparse_loss(const kdl_loss_desc_t *desc, const kdl_sparse_args_t *args);
 
-/* GPU.  Workspace: see kdl_sparse_workspace_size (0 bytes today: the kernel
- * needs only shared memory, ceil(V/32)*4 bytes of it for the support bitmap;
- * V beyond what the device's shared memory holds is KDL_STATUS_NOT_SUPPORTED). */
+/* GPU.  Workspace: kdl_sparse_workspace_size (N doubles of row losses, N
+ * bytes of row classes, 256 bytes of counters, each 256-byte aligned).  The
+ * kernel also needs shared memory: ceil(V/32)*4 bytes for the support bitmap,
+ * 12 bytes per support entry (AKL: 8 more per entry, rounded up to a power
+ * of two, for the sort keys); V beyond what the device's opt-in shared memory
+ * holds is KDL_STATUS_NOT_SUPPORTED. */
 kdl_status_t kdl_sparse_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
                                        const kdl_sparse_args_t *args, size_t *bytes);
 kdl_status_t kdl_sparse_loss(kdl_handle_t handle, const kdl_loss_desc_t *desc,
