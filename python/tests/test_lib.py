@@ -26,6 +26,22 @@ def test_struct_sizes_match_library():
         assert ctypes.c_size_t.from_buffer(buf).value == ctypes.sizeof(ctype)
 
 
+def test_ext_struct_sizes_and_defaults():
+    if not _lib.ext_available():
+        pytest.skip("the loaded libkdloss has no kdloss_ext.h API")
+    L = _lib.lib()
+    for ctype, init in ((_lib.SparseArgs, L.kdl_sparse_args_init),
+                        (_lib.ShardArgs, L.kdl_shard_args_init),
+                        (_lib.FusedLinearArgs, L.kdl_fused_linear_args_init)):
+        buf = (ctypes.c_char * 4096)()
+        init(ctypes.cast(buf, ctypes.c_void_p))
+        assert ctypes.c_size_t.from_buffer(buf).value == ctypes.sizeof(ctype)
+    assert _lib.new_shard_args().num_shards == 1
+    assert _lib.sparse_mode_names() == ["renormalised", "tail"]
+    assert [_lib.parse_sparse_mode(m) for m in ("renormalised", "Renormalized", "tail",
+                                                "tail_bucket")] == [0, 0, 1, 1]
+
+
 def test_desc_defaults_read_through_mirror():
     d = _lib.new_desc(divergence="fkl")
     assert (d.temperature, d.alpha, d.beta, d.mu, d.top_k, d.scale, d.ignore_index) == (
@@ -44,6 +60,9 @@ def test_field_offsets_match_c(tmp_path):
         structs += [(_lib.SinkhornDesc, "kdl_sinkhorn_desc_t"),
                     (_lib.SinkhornArgs, "kdl_sinkhorn_args_t"),
                     (_lib.SinkdDesc, "kdl_sinkd_desc_t"), (_lib.SinkdArgs, "kdl_sinkd_args_t")]
+    if _lib.ext_available():
+        structs += [(_lib.SparseArgs, "kdl_sparse_args_t"), (_lib.ShardArgs, "kdl_shard_args_t"),
+                    (_lib.FusedLinearArgs, "kdl_fused_linear_args_t")]
     by_name = {cname: ctype for ctype, cname in structs}
     for ctype, cname in structs:
         lines.append(f'printf("{cname} sizeof %zu\\n", sizeof({cname}));')
@@ -52,7 +71,7 @@ def test_field_offsets_match_c(tmp_path):
                          f'sizeof((({cname} *)0)->{f}));')
     src = tmp_path / "layout.c"
     src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <kdloss/kdloss_types.h>\n"
-                   "#include <kdloss/kdloss_ot.h>\n"
+                   "#include <kdloss/kdloss_ot.h>\n#include <kdloss/kdloss_ext.h>\n"
                    "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
     exe = tmp_path / "layout"
     subprocess.run(["cc", "-std=c11", "-I", INCLUDE, str(src), "-o", str(exe)], check=True)

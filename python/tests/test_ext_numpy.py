@@ -1,0 +1,424 @@
+"""The extensions of kdloss_ext.h through kdloss.numpy (float64 references):
+the sparse teacher against a NumPy closed form written here and against the
+dense reference (k = V), the fused linear + loss against the dense reference
+on logits materialised here, the vocabulary-parallel shard steps (ranks
+simulated in one process) against the unsharded reference; bad arguments
+raise the mapped exception and leave every output untouched.  Needs numpy
+only; skipped when the loaded library has no kdloss_ext.h API."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import kdloss
+import kdloss.numpy as kn
+from kdloss import _lib
+
+
+@pytest.fixture(autouse=True)
+def _need_ext():
+    if not _lib.ext_available():
+        pytest.skip("the loaded libkdloss has no kdloss_ext.h API")
+
+
+SMOOTH_RENORM = ["fkl", "jsd", "skl", "srkl"]
+DIVS = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
+OPTS = dict(alpha=0.2, beta=0.3)
+
+
+# ------------------------------------------------------------ the closed form
+def log_softmax(x):
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kl(p, q):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0).sum())
+
+
+def divergence(p, q, div, alpha=0.2, beta=0.3, weights=None):
+    if div == "fkl":
+        return kl(p, q)
+    if div == "rkl":
+        return kl(q, p)
+    if div == "fkl_rkl":
+        return kl(p, q) + kl(q, p)
+    if div == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if div == "tvd":
+        return 0.5 * np.abs(p - q).sum()
+    if div == "skl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if div == "srkl":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    if div == "akl":
+        wh, wt = weights
+        return wh * kl(p, q) + wt * kl(q, p)
+    raise AssertionError(div)
+
+
+def sparse_cells(s, idx, lp, mode, tau):
+    """(p, q) of one row: over all V tokens (renormalised) or the k support
+    cells plus the bucket (tail)."""
+    q = np.exp(log_softmax(s / tau))
+    if mode == "renormalised":
+        p = np.zeros_like(q)
+        p[idx] = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
+        return p, q
+    pj = np.exp(lp)
+    qj = q[idx]
+    out = np.ones(q.size, dtype=bool)
+    out[idx] = False
+    return np.append(pj, max(1.0 - pj.sum(), 0.0)), np.append(qj, q[out].sum())
+
+
+def tail_akl_weights(p, q, lp, idx, rule, mu, top_k):
+    """AKL head among the support cells (teacher order: log-prob descending,
+    ties by lower index), the bucket always tail."""
+    k = idx.size
+    order = sorted(range(k), key=lambda j: (-lp[j], idx[j]))
+    head = np.zeros(k + 1, dtype=bool)
+    c = 0.0
+    for n, j in enumerate(order):
+        if rule == "topk":
+            take = n < top_k
+        elif rule == "reference":
+            take = n == 0 or c + p[j] <= mu
+        else:
+            take = c < mu
+        if not take:
+            break
+        head[j] = True
+        c += p[j]
+    gap = np.abs(p - q)
+    gh, gt = gap[head].sum(), gap[~head].sum()
+    return (0.5, 0.5) if gh + gt == 0 else (gh / (gh + gt), gt / (gh + gt))
+
+
+def sparse_textbook(S, I, LP, mode, div, tau=1.0, reduction="mean", labels=None, ignore_index=-100,
+                    scale=1.0, weights=None, rule="reference", mu=0.5, top_k=1):
+    rows, keep = [], []
+    for i in range(S.shape[0]):
+        if labels is not None and labels[i] == ignore_index:
+            rows.append(0.0)
+            keep.append(False)
+            continue
+        p, q = sparse_cells(S[i], I[i], LP[i], mode, tau)
+        w = None
+        if div == "akl":
+            w = weights[i] if weights is not None else tail_akl_weights(p, q, LP[i], I[i], rule,
+                                                                        mu, top_k)
+        rows.append(divergence(p, q, div, weights=w))
+        keep.append(True)
+    rows = np.array(rows) * scale
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / sum(keep) if sum(keep) else 0.0
+
+
+def fd(f, S, h=1e-6):
+    g = np.zeros_like(S)
+    for ix in np.ndindex(S.shape):
+        sp, sm = S.copy(), S.copy()
+        sp[ix] += h
+        sm[ix] -= h
+        g[ix] = (np.sum(f(sp)) - np.sum(f(sm))) / (2 * h)
+    return g
+
+
+def sparse_data(seed=0, n=4, v=11, k=4, tau=1.0):
+    rng = np.random.default_rng(seed)
+    S = rng.normal(size=(n, v)) * 1.5
+    T = rng.normal(size=(n, v)) * 1.5
+    T[:, 2] += 3.0
+    lpt = log_softmax(T / tau)
+    I = np.argsort(-lpt, axis=1)[:, :k]
+    for i in range(n):  # any order within the row
+        rng.shuffle(I[i])
+    LP = np.take_along_axis(lpt, I, axis=1)
+    return S, T, np.ascontiguousarray(I), np.ascontiguousarray(LP)
+
+
+# ------------------------------------------------------------ sparse teacher
+@pytest.mark.parametrize("mode,div", [("renormalised", d) for d in SMOOTH_RENORM + ["tvd"]]
+                         + [("tail", d) for d in DIVS])
+def test_sparse_full_support_is_the_dense_loss(mode, div):
+    S, T, _, _ = sparse_data(seed=1, v=9, k=9)
+    tau = 1.7
+    lpt = log_softmax(T / tau)
+    I = np.tile(np.arange(9), (S.shape[0], 1))
+    labels = np.array([0, -100, 2, 3])
+    a, ga, st = kn.sparse_distill_loss(S, I, lpt, mode=mode, divergence=div, temperature=tau,
+                                       labels=labels, **OPTS)
+    b, gb, _ = kn.distill_loss(S, T, divergence=div, temperature=tau, labels=labels, **OPTS)
+    assert a == pytest.approx(b, rel=1e-12, abs=1e-14)
+    np.testing.assert_allclose(ga, gb, rtol=0, atol=1e-12 * np.abs(gb).max())
+    assert st == {"valid_rows": 3, "invalid_rows": 0, "bad_index_rows": 0}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode,div", [("renormalised", d) for d in SMOOTH_RENORM + ["tvd"]]
+                         + [("tail", d) for d in DIVS])
+def test_sparse_closed_form(mode, div, reduction):
+    S, _, I, LP = sparse_data(seed=2)
+    tau, scale = 1.3, 2.0
+    labels = np.array([5, 1, -100, 0])
+    kw = dict(tau=tau, reduction=reduction, labels=labels, scale=scale)
+    a, ga, _ = kn.sparse_distill_loss(S, I, LP, mode=mode, divergence=div, temperature=tau,
+                                      labels=labels, reduction=reduction, scale=scale, **OPTS)
+    want = sparse_textbook(S, I, LP, mode, div, **kw)
+    np.testing.assert_allclose(a, want, rtol=1e-12, atol=1e-14)
+    weights = None
+    if div == "akl":  # the weights are constants of the gradient
+        weights = [tail_akl_weights(*sparse_cells(S[i], I[i], LP[i], mode, tau), LP[i], I[i],
+                                    "reference", 0.5, 1) for i in range(S.shape[0])]
+    g = fd(lambda x: sparse_textbook(x, I, LP, mode, div, weights=weights, **kw), S)
+    np.testing.assert_allclose(ga, g, rtol=0, atol=1e-7 * max(1.0, np.abs(g).max()))
+    assert not ga[2].any()
+
+
+@pytest.mark.parametrize("rule,mu,top_k", [("reference", 0.6, 1), ("mass", 0.5, 1), ("topk", 0.5, 3)])
+def test_sparse_tail_akl_head_rules(rule, mu, top_k):
+    S, _, I, LP = sparse_data(seed=3, k=5)
+    a, _, _ = kn.sparse_distill_loss(S, I, LP, mode="tail_bucket", divergence="akl",
+                                     head_rule=rule, mu=mu, top_k=top_k, reduction="none")
+    want = sparse_textbook(S, I, LP, "tail", "akl", reduction="none", rule=rule, mu=mu, top_k=top_k)
+    np.testing.assert_allclose(a, want, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_leading_dims_strided_and_dtypes():
+    S, _, I, LP = sparse_data(seed=4, n=6)
+    a, ga, _ = kn.sparse_distill_loss(S.reshape(2, 3, -1), I.reshape(2, 3, -1),
+                                      LP.reshape(2, 3, -1), reduction="none")
+    b, gb, _ = kn.sparse_distill_loss(S, I, LP, reduction="none")
+    assert a.shape == (2, 3) and ga.shape == (2, 3, 11)
+    np.testing.assert_array_equal(a.reshape(-1), b)
+    np.testing.assert_array_equal(ga.reshape(6, -1), gb)
+    # rows of a wider buffer (ld > V, ld_indices > k): same numbers
+    wide = np.full((6, 20), np.nan)
+    wide[:, :11] = S
+    iw = np.full((6, 7), -1, dtype=np.int64)
+    iw[:, :4] = I
+    lw = np.full((6, 7), np.nan)
+    lw[:, :4] = LP
+    c, gc, _ = kn.sparse_distill_loss(wide[:, :11], iw[:, :4], lw[:, :4], reduction="none")
+    np.testing.assert_array_equal(c, b)
+    np.testing.assert_array_equal(gc, gb)
+    # float32 student, float16 log-probs: read exactly
+    d, _, _ = kn.sparse_distill_loss(S.astype(np.float32), I, LP.astype(np.float16))
+    e, _, _ = kn.sparse_distill_loss(S.astype(np.float32).astype(np.float64), I,
+                                     LP.astype(np.float16).astype(np.float64))
+    assert d == e
+
+
+def test_sparse_invalid_rows_and_index_check():
+    S, _, I, LP = sparse_data(seed=5)
+    I = I.copy()
+    I[1, 2] = I[1, 0]  # repeated index
+    with pytest.raises(kdloss.InvalidRowsError, match="1 of 4 rows"):
+        kn.sparse_distill_loss(S, I, LP)
+    loss, grad, st = kn.sparse_distill_loss(S, I, LP, reduction="none", raise_on_invalid=False)
+    assert np.isnan(loss[1]) and np.isfinite(loss[[0, 2, 3]]).all() and not grad[1].any()
+    assert st == {"valid_rows": 3, "invalid_rows": 1, "bad_index_rows": 1}
+    with pytest.raises(kdloss.KdlossValueError, match="KDL_STATUS_BAD_PARAM") as e:
+        kn.sparse_distill_loss(S, I, LP, check_indices=True)
+    assert "row" in e.value.detail
+    I[1, 2] = 11  # out of [0, V)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM"):
+        kn.sparse_distill_loss(S, I, LP, check_indices=True)
+    # a teacher log-prob > 0, and in tail mode a mass above 1
+    _, _, I, LP = sparse_data(seed=5)
+    LP2 = LP.copy()
+    LP2[3, 0] = 0.5
+    _, _, st = kn.sparse_distill_loss(S, I, LP2, mode="tail", raise_on_invalid=False)
+    assert st["invalid_rows"] == 1 and st["bad_index_rows"] == 0
+
+
+def test_sparse_bad_arguments():
+    S, _, I, LP = sparse_data(seed=6)
+    with pytest.raises(kdloss.KdlossError, match="NOT_SUPPORTED") as e:
+        kn.sparse_distill_loss(S, I, LP, mode="renormalised", divergence="rkl")
+    assert not isinstance(e.value, ValueError)
+    with pytest.raises(ValueError, match="unknown mode 'topk'"):
+        kn.sparse_distill_loss(S, I, LP, mode="topk")
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):  # k > V
+        kn.sparse_distill_loss(S[:, :3], I, LP)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):  # AKL head larger than k
+        kn.sparse_distill_loss(S, I, LP, mode="tail", divergence="akl", head_rule="topk", top_k=5)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TEMPERATURE"):
+        kn.sparse_distill_loss(S, I, LP, temperature=0.0)
+    with pytest.raises(TypeError, match="int64"):
+        kn.sparse_distill_loss(S, I.astype(np.int32), LP)
+    with pytest.raises(ValueError, match="shape"):
+        kn.sparse_distill_loss(S, I, LP[:, :3])
+    with pytest.raises(ValueError, match="leading"):
+        kn.sparse_distill_loss(S, I[:3], LP[:3])
+    with pytest.raises(ValueError, match="contiguous in its last"):
+        kn.sparse_distill_loss(S, np.asfortranarray(I), LP)
+
+
+# ----------------------------------------------------------- fused linear
+def fused_data(seed=0, n=5, d=4, v=9):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.normal(size=(v, d)), rng.normal(size=(n, v)) * 2
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("div", DIVS)
+def test_fused_linear_is_the_dense_loss_of_h_wt(div, reduction):
+    H, W, T = fused_data(seed=7)
+    labels = np.array([1, -100, 0, 3, 2])
+    kw = dict(divergence=div, temperature=1.4, labels=labels, reduction=reduction, scale=3.0, **OPTS)
+    loss, gh, gw, st = kn.fused_linear_distill_loss(H, W, T, **kw)
+    b, dl, _ = kn.distill_loss(H @ W.T, T, **kw)
+    np.testing.assert_allclose(loss, b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gh, dl @ W, rtol=0, atol=1e-12 * max(1, np.abs(gh).max()))
+    np.testing.assert_allclose(gw, dl.T @ H, rtol=0, atol=1e-12 * max(1, np.abs(gw).max()))
+    assert st == {"valid_rows": 4, "invalid_rows": 0}
+
+
+def test_fused_linear_shapes_and_errors():
+    H, W, T = fused_data(seed=8, n=6)
+    a, gh, gw, _ = kn.fused_linear_distill_loss(H.reshape(2, 3, 4), W, T.reshape(2, 3, 9),
+                                                reduction="none")
+    assert a.shape == (2, 3) and gh.shape == (2, 3, 4) and gw.shape == (9, 4)
+    loss, gh, gw, _ = kn.fused_linear_distill_loss(H, W, T, compute_grad=False)
+    assert gh is None and gw is None and np.isfinite(loss)
+    with pytest.raises(ValueError, match="hidden size"):
+        kn.fused_linear_distill_loss(H, W[:, :3], T)
+    with pytest.raises(ValueError, match="teacher has shape"):
+        kn.fused_linear_distill_loss(H, W, T[:, :5])
+    with pytest.raises(ValueError, match="weight must be"):
+        kn.fused_linear_distill_loss(H, W[None], T)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_SIZE"):
+        kn.fused_linear_distill_loss(H, W, T, chunk_rows=-1)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_BETA"):
+        kn.fused_linear_distill_loss(H, W, T, divergence="jsd", beta=1.0)
+    T2 = T.copy()
+    T2[2, 1] = np.nan
+    with pytest.raises(kdloss.InvalidRowsError, match="1 of 6 rows"):
+        kn.fused_linear_distill_loss(H, W, T2)
+
+
+# -------------------------------------------------------- vocabulary-parallel
+def run_shards(S, T, widths, raise_on_invalid=True, **kw):
+    """Every shard in this process, in lockstep; the all-reduces by numpy."""
+    V = S.shape[1]
+    offs = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)
+    shards = [kn.VocabShard(np.ascontiguousarray(S[:, o:o + w]), np.ascontiguousarray(T[:, o:o + w]),
+                            int(o), V, r, len(widths), **kw)
+              for r, (o, w) in enumerate(zip(offs, widths))]
+    ops = []
+    for s in range(shards[0].num_steps):
+        res = [sh.step(s) for sh in shards]
+        assert all(x == res[0] for x in res)
+        op, count = res[0]
+        ops.append(op)
+        if op is None:
+            break
+        stack = np.stack([sh.exchange[:count] for sh in shards])
+        red = stack.max(0) if op == "max" else stack.sum(0)
+        for sh in shards:
+            sh.exchange[:count] = red
+    out = [sh.result(raise_on_invalid) for sh in shards]
+    return out, ops
+
+
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("widths", [[13], [7, 6], [1, 5, 4, 3]])
+def test_shards_match_the_unsharded_loss(div, widths):
+    rng = np.random.default_rng(9)
+    S, T = rng.normal(size=(5, 13)) * 2, rng.normal(size=(5, 13)) * 2
+    T[:, 6] = T[:, 7] = T[:, 0]  # ties across slice boundaries
+    labels = np.array([0, 1, -100, 3, 4])
+    kw = dict(divergence=div, temperature=1.5, labels=labels, reduction="none", **OPTS)
+    out, ops = run_shards(S, T, widths, **kw)
+    b, gb, sb = kn.distill_loss(S, T, **kw)
+    for loss, _, st in out:
+        np.testing.assert_allclose(loss, b, rtol=1e-12, atol=1e-14)
+        assert st["valid_rows"] == 4 and st["invalid_rows"] == 0
+    grad = np.concatenate([g for _, g, _ in out], axis=1)
+    np.testing.assert_allclose(grad, gb, rtol=0, atol=1e-12 * np.abs(gb).max())
+    assert ops[0] == "max" and ops[-1] is None and set(ops[1:-1]) == {"sum"}
+    if div == "akl":
+        np.testing.assert_array_equal(out[0][2]["head_size"], sb["head_size"])
+
+
+def test_vocab_parallel_function_with_a_callable():
+    rng = np.random.default_rng(10)
+    S, T = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
+    loss, grad, st = kn.vocab_parallel_distill_loss(S, T, 0, 8, 0, 1, lambda buf, op: None,
+                                                    divergence="akl", head_mask=True)
+    b, gb, sb = kn.distill_loss(S, T, divergence="akl")
+    assert loss == pytest.approx(b, rel=1e-12)
+    np.testing.assert_allclose(grad, gb, atol=1e-14)
+    assert (st["head_mask"].sum(1) == sb["head_size"]).all()
+
+
+def test_shard_bad_arguments():
+    S = np.zeros((2, 4))
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM"):
+        kn.VocabShard(S, S, 0, 8, 2, 2).step(0)  # rank outside [0, num_shards)
+    sh = kn.VocabShard(S, S, 6, 8, 1, 2)  # the slice runs past the vocabulary
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_SIZE"):
+        sh.step(0)
+    with pytest.raises(RuntimeError, match="before the last step"):
+        sh.result()
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):
+        kn.VocabShard(S, S, 0, 4, 0, 1, divergence="akl", head_rule="topk", top_k=9).step(0)
+    with pytest.raises(ValueError, match="shape"):
+        kn.VocabShard(S, S[:, :3], 0, 8, 0, 2)
+
+
+# ------------------------------------------------- nothing written on failure
+def _sentinels(*shapes):
+    return [np.full(s, 7.25) for s in shapes]
+
+
+def test_sparse_failure_writes_nothing():
+    S, _, I, LP = sparse_data(seed=11)
+    desc = _lib.new_desc(divergence="fkl", temperature=-1.0)
+    loss, grad = _sentinels((1,), S.shape)
+    counters = np.full(3, 99, dtype=np.int64)
+    a = kn._sparse_args(desc, 0, (S, 4, 11, 11, _lib.DTYPE["f64"]), (I, 4, 4),
+                        (LP, 4, _lib.DTYPE["f64"]), None, grad, _lib.DTYPE["f64"], loss, counters)
+    st = _lib.lib().kdl_ref_sparse_loss(ctypes.byref(desc), ctypes.byref(a))
+    assert st == _lib.STATUS["BAD_TEMPERATURE"]
+    assert (loss == 7.25).all() and (grad == 7.25).all() and (counters == 99).all()
+
+
+def test_fused_failure_writes_nothing():
+    H, W, T = fused_data(seed=12)
+    desc = _lib.new_desc(divergence="fkl")
+    loss, gh, gw = _sentinels((1,), H.shape, W.shape)
+    a = _lib.new_fused_linear_args()
+    a.rows, a.hidden, a.vocab = 5, 4, 9
+    a.hidden_states, a.ld_hidden, a.hidden_dtype = H.ctypes.data, 3, _lib.DTYPE["f64"]  # ld < d
+    a.weight, a.ld_weight, a.weight_dtype = W.ctypes.data, 4, _lib.DTYPE["f64"]
+    a.teacher, a.ld_teacher, a.teacher_dtype = T.ctypes.data, 9, _lib.DTYPE["f64"]
+    a.grad_hidden, a.ld_grad_hidden = gh.ctypes.data, 4
+    a.grad_weight, a.ld_grad_weight = gw.ctypes.data, 4
+    a.grad_dtype = a.out_dtype = _lib.DTYPE["f64"]
+    a.loss = loss.ctypes.data
+    st = _lib.lib().kdl_ref_fused_linear_loss(ctypes.byref(desc), ctypes.byref(a))
+    assert st == _lib.STATUS["BAD_STRIDE"]
+    assert (loss == 7.25).all() and (gh == 7.25).all() and (gw == 7.25).all()
+
+
+def test_shard_failure_writes_nothing():
+    rng = np.random.default_rng(13)
+    S, T = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    sh = kn.VocabShard(S, T, 0, 5, 0, 1, divergence="fkl")
+    sh.loss[:] = 7.25
+    sh.grad[:] = 7.25
+    ex = sh.exchange.copy()
+    sh.desc.temperature = 0.0  # refused by every step
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TEMPERATURE"):
+        sh.step(0)
+    assert (sh.loss == 7.25).all() and (sh.grad == 7.25).all()
+    np.testing.assert_array_equal(sh.exchange, ex)
