@@ -6,8 +6,15 @@
  * logits [N, V] and the gradient [N, V] in the student dtype (several sets
  * when one set is small next to L2), fills the inputs with random logits by
  * fill_logits(), and per divergence calls kdl_loss_forward_backward with
- * reduction mean on the handle's stream.  The only kernel in this file is
- * that fill; everything timed is the library's.
+ * reduction mean on the handle's stream.  The other ops (sparse top-k
+ * teacher, fused linear + loss, ragged Sinkhorn, SinKD) allocate their own
+ * inputs once per row set (time_sparse, time_fused, time_ragged,
+ * time_sinkd) and are timed by time_calls().  The only kernels in this file
+ * fill inputs; everything timed is the library's.
+ *
+ * The code for the sparse, fused_linear, sinkhorn_ragged and sinkd ops was
+ * compiled (sm_90a) but has not run on a device: no GPU was lent to the
+ * session that wrote it.
  *
  * Build: part of the kdl_bench_lib target (bench/CMakeLists.txt), linked into
  * the `kdloss` command.  Without CUDA, bench_gpu_stub.c replaces this file.
@@ -25,6 +32,8 @@
 #include "bench_gpu.h"
 #include "bench_lib.h"
 #include "kdloss/kdloss.h"
+#include "kdloss/kdloss_ext.h"
+#include "kdloss/kdloss_ot.h"
 #include "kdloss/kdloss_ref.h"
 
 namespace {
@@ -613,6 +622,648 @@ int time_sinkhorn(bench *b, kdlb_row_t *row)
     return 0;
 }
 
+/* ============================================= the other ops (not run yet) */
+/* Device buffers of one op, freed together. */
+struct dev_bufs {
+    void *p[16];
+    int n;
+    dev_bufs() : n(0) {}
+    ~dev_bufs()
+    {
+        for (int i = 0; i < n; i++) cudaFree(p[i]);
+    }
+    /* 0 ok, 1 out of memory, -1 another CUDA failure (b->err set) */
+    int alloc(bench *b, void **out, size_t bytes)
+    {
+        int r = try_malloc(b, out, bytes);
+        if (r == 0 && *out) p[n++] = *out;
+        return r;
+    }
+};
+
+/* int64 top-k indices, distinct per row: (start_i + j * stride) mod V with
+ * stride coprime to V (so j -> j * stride is one-to-one for j < V), and
+ * teacher log-probs -log(k) - 2u (u uniform in [0, 1); any values <= 0 are
+ * a valid RENORMALISED support). */
+__global__ void fill_topk(long long *idx, void *lp, int dtype, long long rows, long long k,
+                          long long vocab, long long stride, unsigned long long seed)
+{
+    long long n = rows * k;
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+        long long i = e / k, j = e % k;
+        unsigned long long hr = mix64(seed ^ ((unsigned long long)i * 0x9e3779b97f4a7c15ull));
+        long long start = (long long)(hr % (unsigned long long)vocab);
+        idx[e] = (long long)(((unsigned long long)start + (unsigned long long)j * (unsigned long long)stride) %
+                             (unsigned long long)vocab);
+        unsigned long long h = mix64(hr + (unsigned long long)j + 1ull);
+        float u = (float)(h >> 40) * 0x1p-24f;
+        float x = -logf((float)k) - 2.0f * u;
+        switch (dtype) {
+        case KDL_DTYPE_F32: ((float *)lp)[e] = x; break;
+        case KDL_DTYPE_F16: ((__half *)lp)[e] = __float2half_rn(x); break;
+        default: ((__nv_bfloat16 *)lp)[e] = __float2bfloat16_rn(x); break;
+        }
+    }
+}
+
+long long gcd_ll(long long a, long long b)
+{
+    while (b) {
+        long long t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+int launch_fill_sigma(bench *b, void *dst, kdl_dtype_t t, size_t n, unsigned long long seed, float sigma)
+{
+    int blocks = (int)((n + 255) / 256);
+    int cap = (b->meta->sm_count > 0 ? b->meta->sm_count : 32) * 32;
+    if (blocks > cap) blocks = cap;
+    if (blocks < 1) blocks = 1;
+    fill_logits<<<blocks, 256, 0, b->stream>>>(dst, (int)t, (long long)n, seed, sigma);
+    CU(cudaGetLastError());
+    return 0;
+}
+
+/* Warm-up calls, then timed calls, each after an L2 flush and between a
+ * pair of events, all enqueued before one synchronisation; enqueue(k)
+ * returns the library's status.  Samples (ms / per_unit) go to b->samples.
+ * Returns 0 (*reps set), 1 when a library call failed (*st set), -1 on a
+ * CUDA failure (b->err set). */
+template <class F>
+int time_calls(bench *b, F enqueue, double per_unit, int *reps, kdl_status_t *st)
+{
+    const kdlb_options_t *o = b->o;
+    *st = KDL_STATUS_SUCCESS;
+    *reps = 0;
+    for (int w = 0; w < o->warmup; w++) {
+        if (flush_l2(b)) return -1;
+        if ((*st = enqueue(w)) != KDL_STATUS_SUCCESS) {
+            cudaStreamSynchronize(b->stream);
+            return 1;
+        }
+    }
+    int n = o->repeats < b->n_events ? o->repeats : b->n_events;
+    for (int k = 0; k < n; k++) {
+        if (flush_l2(b)) return -1;
+        CU(cudaEventRecord(b->ev_start[k], b->stream));
+        *st = enqueue(k);
+        CU(cudaEventRecord(b->ev_stop[k], b->stream));
+        if (*st != KDL_STATUS_SUCCESS) {
+            cudaStreamSynchronize(b->stream);
+            return 1;
+        }
+    }
+    cudaError_t e = cudaStreamSynchronize(b->stream);
+    if (e != cudaSuccess) return fail(b, "kernel failed: %s", cudaGetErrorString(e));
+    for (int k = 0; k < n; k++) {
+        float ms = 0.0f;
+        CU(cudaEventElapsedTime(&ms, b->ev_start[k], b->ev_stop[k]));
+        b->samples[k] = ms / per_unit;
+    }
+    *reps = n;
+    return 0;
+}
+
+/* A failed library call of the other ops: NOT_IMPLEMENTED and NOT_SUPPORTED
+ * (a configuration this path does not take) are rows with status
+ * "not_implemented", the rest "error".  Returns 0 to go on, -1 to stop. */
+int ext_status(bench *b, kdlb_row_t *row, kdl_status_t st)
+{
+    if (st == KDL_STATUS_NOT_SUPPORTED) {
+        row->status = "not_implemented";
+        row->note = note("not supported on the GPU path: %s", kdl_get_last_error());
+        return 0;
+    }
+    return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
+}
+
+/* max(|loss - ref| / max(|ref|, 1e-6), ||g - rg|| / ||rg||) over n entries
+ * (g in dtype t; g NULL: the loss alone). */
+double loss_grad_err(double loss, double ref, const void *g, kdl_dtype_t t, const double *rg, size_t n)
+{
+    double el = fabs(loss - ref) / fmax(fabs(ref), 1e-6), eg = 0.0;
+    if (g) {
+        double num = 0.0, den = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double d = host_value(g, t, i) - rg[i];
+            num += d * d;
+            den += rg[i] * rg[i];
+        }
+        eg = den > 0.0 ? sqrt(num / den) : sqrt(num);
+    }
+    return isnan(el) || isnan(eg) ? INFINITY : fmax(el, eg);
+}
+
+/* Copies n bytes from the device (after the stream); 0 ok, -1 CUDA failure,
+ * 1 no host memory. */
+int to_host(bench *b, void **h, const void *d, size_t n)
+{
+    *h = malloc(n ? n : 1);
+    if (!*h) return 1;
+    cudaError_t e = cudaStreamSynchronize(b->stream);
+    if (e == cudaSuccess) e = cudaMemcpy(*h, d, n, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) {
+        free(*h);
+        *h = NULL;
+        return fail(b, "reference check: %s", cudaGetErrorString(e));
+    }
+    return 0;
+}
+
+/* Times, reports and checks one row of the other ops after its calls:
+ * peak_extra_bytes = workspace + any drop of free device memory since
+ * free0; status mismatch above tol. */
+int finish_ext_row(bench *b, kdlb_row_t *row, int reps, size_t ws_bytes, size_t free0, double tol)
+{
+    size_t free1 = 0, total = 0;
+    CU(cudaMemGetInfo(&free1, &total));
+    size_t hidden = free0 > free1 ? free0 - free1 : 0;
+    row->peak_extra_bytes = (int64_t)(ws_bytes + hidden);
+    kdlb_row_set_times(row, b->samples, (size_t)reps, b->meta->copy_gb_per_s);
+    if (!isnan(row->check_rel_err) && !(row->check_rel_err <= tol)) {
+        row->status = "mismatch";
+        row->note = note("relative error %.3g vs the float64 reference (tolerance %g)", row->check_rel_err, tol);
+        return 0;
+    }
+    row->status = "ok";
+    return 0;
+}
+
+double dtype_tol(kdl_dtype_t t) { return t == KDL_DTYPE_F32 ? 1e-4 : 1e-2; }
+
+#define OOM_ROW(what, bytes)                                                                   \
+    do {                                                                                       \
+        row->status = "oom";                                                                   \
+        row->note = note("%s of %llu bytes does not fit", what, (unsigned long long)(bytes)); \
+        return 0;                                                                              \
+    } while (0)
+
+/* ----------------------------------------------------- sparse top-k */
+/* RENORMALISED FKL, reduction mean: S [N, V], top-k indices [N, k] int64 and
+ * log-probs [N, k], dS [N, V]; student, log-probs and gradient in the row's
+ * dtype.  Checked on the first 4 rows against kdl_ref_sparse_loss. */
+int time_sparse(bench *b, kdlb_row_t *row)
+{
+    const kdlb_options_t *o = b->o;
+    const int64_t N = row->rows, V = row->vocab, K = row->k;
+    const kdl_dtype_t dt = o->sparse_dtype;
+    const size_t es = kdl_dtype_size(dt);
+    row->bytes = kdlb_sparse_bytes(N, V, K, dt, dt, dt);
+    dev_bufs m;
+    void *S, *G, *I, *LP, *ws = NULL;
+    int r = m.alloc(b, &S, (size_t)N * V * es);
+    if (!r) r = m.alloc(b, &G, (size_t)N * V * es);
+    if (!r) r = m.alloc(b, &I, (size_t)N * K * sizeof(int64_t));
+    if (!r) r = m.alloc(b, &LP, (size_t)N * K * es);
+    if (r < 0) return -1;
+    if (r > 0) OOM_ROW("inputs", row->bytes);
+    if (launch_fill(b, S, dt, (size_t)N * V, 0x5a5a0001ull ^ (unsigned long long)K)) return -1;
+    long long stride = 7919;
+    while (gcd_ll(stride, V) != 1) stride += 2;
+    stride %= V;
+    if (stride == 0) stride = 1;
+    int blocks = (int)(((size_t)N * K + 255) / 256);
+    if (blocks > b->meta->sm_count * 32) blocks = b->meta->sm_count * 32;
+    fill_topk<<<blocks > 0 ? blocks : 1, 256, 0, b->stream>>>((long long *)I, LP, (int)dt, N, K, V, stride,
+                                                                0x70b0c0deull);
+    CU(cudaGetLastError());
+    CU(cudaMemsetAsync(G, 0xff, (size_t)N * V * es, b->stream));
+
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = KDL_DIV_FKL;
+    d.reduction = KDL_REDUCTION_MEAN;
+    kdl_sparse_args_t a;
+    kdl_sparse_args_init(&a);
+    a.mode = KDL_SPARSE_RENORMALISED;
+    a.rows = N;
+    a.vocab = V;
+    a.k = K;
+    a.student = S;
+    a.ld_student = V;
+    a.student_dtype = dt;
+    a.teacher_indices = (const int64_t *)I;
+    a.ld_indices = K;
+    a.teacher_logprobs = LP;
+    a.ld_logprobs = K;
+    a.teacher_dtype = dt;
+    a.grad = G;
+    a.ld_grad = V;
+    a.grad_dtype = dt;
+    a.out_dtype = KDL_DTYPE_F32;
+    a.loss = b->loss;
+    size_t ws_bytes = 0;
+    kdl_status_t st = kdl_sparse_workspace_size(b->h, &d, &a, &ws_bytes);
+    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+    if ((r = m.alloc(b, &ws, ws_bytes)) < 0) return -1;
+    if (r > 0) OOM_ROW("workspace", ws_bytes);
+    size_t free0 = 0, total = 0;
+    CU(cudaMemGetInfo(&free0, &total));
+
+    if (o->check) {
+        kdl_sparse_args_t c = a;
+        c.rows = N < 4 ? N : 4;
+        size_t nc = (size_t)c.rows * V;
+        st = kdl_sparse_loss(b->h, &d, &c, ws, ws_bytes);
+        if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+        void *hs = NULL, *hg = NULL, *hi = NULL, *hl = NULL;
+        float gl = 0.0f;
+        int e = to_host(b, &hs, S, nc * es);
+        if (!e) e = to_host(b, &hg, G, nc * es);
+        if (!e) e = to_host(b, &hi, I, (size_t)c.rows * K * sizeof(int64_t));
+        if (!e) e = to_host(b, &hl, LP, (size_t)c.rows * K * es);
+        if (!e) CU(cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost));
+        double *rg = e ? NULL : (double *)malloc(nc * sizeof(double));
+        if (e < 0) {
+            free(hs), free(hg), free(hi), free(hl);
+            return -1;
+        }
+        if (rg) {
+            double rl = 0.0;
+            kdl_sparse_args_t h = c;
+            h.student = hs;
+            h.teacher_indices = (const int64_t *)hi;
+            h.teacher_logprobs = hl;
+            h.grad = rg;
+            h.grad_dtype = KDL_DTYPE_F64;
+            h.out_dtype = KDL_DTYPE_F64;
+            h.loss = &rl;
+            kdl_status_t rs = kdl_ref_sparse_loss(&d, &h);
+            if (rs == KDL_STATUS_SUCCESS)
+                row->check_rel_err = loss_grad_err(gl, rl, hg, dt, rg, nc);
+            else
+                row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
+        } else {
+            row->note = note("check skipped: host allocation");
+        }
+        free(hs), free(hg), free(hi), free(hl), free(rg);
+    }
+    int reps = 0;
+    r = time_calls(
+        b, [&](int) { return kdl_sparse_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, &reps, &st);
+    if (r < 0) return -1;
+    if (r > 0) return ext_status(b, row, st);
+    return finish_ext_row(b, row, reps, ws_bytes, free0, dtype_tol(dt));
+}
+
+/* ------------------------------------------------ fused linear + loss */
+/* JSD (beta 0.5), reduction mean: H [N, d], W [V, d] and teacher logits
+ * [N, V] in the row's dtype, dH and dW float32, default chunk.  Checked on
+ * the first 4 rows (loss and dH; dW would need the whole V x d product on
+ * the CPU) against kdl_ref_fused_linear_loss. */
+int time_fused(bench *b, kdlb_row_t *row)
+{
+    const kdlb_options_t *o = b->o;
+    const int64_t N = row->rows, D = row->hidden, V = row->vocab;
+    const kdl_dtype_t dt = o->fused_dtype;
+    const size_t es = kdl_dtype_size(dt);
+    row->bytes = kdlb_fused_linear_bytes(N, D, V, dt, dt, KDL_DTYPE_F32);
+    row->logits_bytes = kdlb_logits_f32_bytes(N, V);
+    dev_bufs m;
+    void *H, *W, *T, *dH, *dW, *ws = NULL;
+    int r = m.alloc(b, &H, (size_t)N * D * es);
+    if (!r) r = m.alloc(b, &W, (size_t)V * D * es);
+    if (!r) r = m.alloc(b, &T, (size_t)N * V * es);
+    if (!r) r = m.alloc(b, &dH, (size_t)N * D * sizeof(float));
+    if (!r) r = m.alloc(b, &dW, (size_t)V * D * sizeof(float));
+    if (r < 0) return -1;
+    if (r > 0) OOM_ROW("inputs and gradients", row->bytes);
+    /* logits H W^T of standard deviation about 2, as the other ops' logits */
+    if (launch_fill_sigma(b, H, dt, (size_t)N * D, 0xf0f0a1ull, 1.0f)) return -1;
+    if (launch_fill_sigma(b, W, dt, (size_t)V * D, 0xf0f0a2ull, 2.0f / sqrtf((float)D))) return -1;
+    if (launch_fill_sigma(b, T, dt, (size_t)N * V, 0xf0f0a3ull, 2.0f)) return -1;
+
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = KDL_DIV_JSD;
+    d.beta = 0.5;
+    d.reduction = KDL_REDUCTION_MEAN;
+    kdl_fused_linear_args_t a;
+    kdl_fused_linear_args_init(&a);
+    a.rows = N;
+    a.hidden = D;
+    a.vocab = V;
+    a.hidden_states = H;
+    a.ld_hidden = D;
+    a.hidden_dtype = dt;
+    a.weight = W;
+    a.ld_weight = D;
+    a.weight_dtype = dt;
+    a.teacher = T;
+    a.ld_teacher = V;
+    a.teacher_dtype = dt;
+    a.grad_hidden = dH;
+    a.ld_grad_hidden = D;
+    a.grad_weight = dW;
+    a.ld_grad_weight = D;
+    a.grad_dtype = KDL_DTYPE_F32;
+    a.out_dtype = KDL_DTYPE_F32;
+    a.loss = b->loss;
+    row->chunk_rows = kdl_fused_linear_chunk_rows(&a);
+    size_t ws_bytes = 0;
+    kdl_status_t st = kdl_fused_linear_workspace_size(b->h, &d, &a, &ws_bytes);
+    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+    if ((r = m.alloc(b, &ws, ws_bytes)) < 0) return -1;
+    if (r > 0) OOM_ROW("workspace", ws_bytes);
+    size_t free0 = 0, total = 0;
+    CU(cudaMemGetInfo(&free0, &total));
+
+    if (o->check) {
+        kdl_fused_linear_args_t c = a;
+        c.rows = N < 4 ? N : 4;
+        c.grad_weight = NULL;
+        c.chunk_rows = 0;
+        size_t wc = 0;
+        st = kdl_fused_linear_workspace_size(b->h, &d, &c, &wc);
+        if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
+            st = kdl_fused_linear_loss(b->h, &d, &c, ws, ws_bytes);
+            if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+            void *hh = NULL, *hw = NULL, *ht = NULL, *hd = NULL;
+            float gl = 0.0f;
+            int e = to_host(b, &hh, H, (size_t)c.rows * D * es);
+            if (!e) e = to_host(b, &hw, W, (size_t)V * D * es);
+            if (!e) e = to_host(b, &ht, T, (size_t)c.rows * V * es);
+            if (!e) e = to_host(b, &hd, dH, (size_t)c.rows * D * sizeof(float));
+            if (!e) CU(cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost));
+            double *rd = e ? NULL : (double *)malloc((size_t)c.rows * D * sizeof(double));
+            if (e < 0) {
+                free(hh), free(hw), free(ht), free(hd);
+                return -1;
+            }
+            if (rd) {
+                double rl = 0.0;
+                kdl_fused_linear_args_t h = c;
+                h.hidden_states = hh;
+                h.weight = hw;
+                h.teacher = ht;
+                h.grad_hidden = rd;
+                h.grad_dtype = KDL_DTYPE_F64;
+                h.out_dtype = KDL_DTYPE_F64;
+                h.loss = &rl;
+                kdl_status_t rs = kdl_ref_fused_linear_loss(&d, &h);
+                if (rs == KDL_STATUS_SUCCESS)
+                    row->check_rel_err = loss_grad_err(gl, rl, hd, KDL_DTYPE_F32, rd, (size_t)c.rows * D);
+                else
+                    row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
+            } else {
+                row->note = note("check skipped: host allocation");
+            }
+            free(hh), free(hw), free(ht), free(hd), free(rd);
+        } else if (st != KDL_STATUS_SUCCESS) {
+            return ext_status(b, row, st);
+        }
+    }
+    int reps = 0;
+    r = time_calls(
+        b, [&](int) { return kdl_fused_linear_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, &reps, &st);
+    if (r < 0) return -1;
+    if (r > 0) return ext_status(b, row, st);
+    /* strict FP32 GEMMs on both sides: the float32 tolerance */
+    return finish_ext_row(b, row, reps, ws_bytes, free0, 1e-4);
+}
+
+/* ------------------------------------------------- ragged Sinkhorn */
+/* One kdl_sinkhorn call over the problems sizes_n[b] x sizes_m[b] (host
+ * arrays), given f32 costs packed back to back, eps 0.1, exactly
+ * sinkhorn_iters iterations, value TRANSPORT.  ms per iteration.  Checked
+ * on the first min(3, B) problems (min(K, 20) iterations) against
+ * kdl_ref_sinkhorn. */
+int time_ragged(bench *b, kdlb_row_t *row)
+{
+    const kdlb_options_t *o = b->o;
+    const int B = (int)row->batch;
+    const int64_t K = o->sinkhorn_iters;
+    size_t nc = 0;
+    for (int i = 0; i < B; i++) nc += (size_t)row->sizes_n[i] * (size_t)row->sizes_m[i];
+    row->bytes = kdlb_ragged_iter_bytes(row->sizes_n, row->sizes_m, B);
+    dev_bufs m;
+    void *C, *val, *ws = NULL;
+    int r = m.alloc(b, &C, nc * sizeof(float));
+    if (!r) r = m.alloc(b, &val, (size_t)B * sizeof(float));
+    if (r < 0) return -1;
+    if (r > 0) OOM_ROW("cost", nc * sizeof(float));
+    if (launch_fill(b, C, KDL_DTYPE_F32, nc, 0x0c05700c05701ull)) return -1;
+    square_inplace<<<b->meta->sm_count * 32, 256, 0, b->stream>>>((float *)C, (long long)nc);
+    CU(cudaGetLastError());
+
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 0.1;
+    d.max_iter = K;
+    d.tol = 0.0;
+    d.value = KDL_OT_VALUE_TRANSPORT;
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    a.batch = B;
+    a.n = row->sizes_n[0];
+    a.m = row->sizes_m[0];
+    a.sizes_n = row->sizes_n;
+    a.sizes_m = row->sizes_m;
+    a.dtype = KDL_DTYPE_F32;
+    a.cost = C;
+    a.value = val;
+    size_t ws_bytes = 0;
+    kdl_status_t st = kdl_sinkhorn_workspace_size(b->h, &d, &a, &ws_bytes);
+    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+    if ((r = m.alloc(b, &ws, ws_bytes)) < 0) return -1;
+    if (r > 0) OOM_ROW("workspace", ws_bytes);
+    size_t free0 = 0, total = 0;
+    CU(cudaMemGetInfo(&free0, &total));
+
+    if (o->check) {
+        kdl_sinkhorn_desc_t dc = d;
+        dc.max_iter = K < 20 ? K : 20;
+        kdl_sinkhorn_args_t ac = a;
+        ac.batch = B < 3 ? B : 3;
+        size_t wc = 0, n1 = 0;
+        for (int i = 0; i < ac.batch; i++) n1 += (size_t)row->sizes_n[i] * (size_t)row->sizes_m[i];
+        st = kdl_sinkhorn_workspace_size(b->h, &dc, &ac, &wc);
+        if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
+            st = kdl_sinkhorn(b->h, &dc, &ac, ws, ws_bytes);
+            if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+            void *hc = NULL, *hv = NULL;
+            int e = to_host(b, &hc, C, n1 * sizeof(float));
+            if (!e) e = to_host(b, &hv, val, (size_t)ac.batch * sizeof(float));
+            double *hd = e ? NULL : (double *)malloc(n1 * sizeof(double));
+            double rv[3] = {0, 0, 0};
+            if (e < 0) {
+                free(hc), free(hv);
+                return -1;
+            }
+            if (hd) {
+                for (size_t i = 0; i < n1; i++) hd[i] = ((const float *)hc)[i];
+                kdl_sinkhorn_args_t ar = ac;
+                ar.dtype = KDL_DTYPE_F64;
+                ar.cost = hd;
+                ar.value = rv;
+                kdl_status_t rs = kdl_ref_sinkhorn(&dc, &ar);
+                if (rs == KDL_STATUS_SUCCESS) {
+                    double worst = 0.0;
+                    for (int i = 0; i < (int)ac.batch; i++) {
+                        double ei = fabs((double)((const float *)hv)[i] - rv[i]) / fmax(fabs(rv[i]), 1e-12);
+                        worst = isnan(ei) ? INFINITY : fmax(worst, ei);
+                    }
+                    row->check_rel_err = worst;
+                } else {
+                    row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
+                }
+            } else {
+                row->note = note("check skipped: host allocation");
+            }
+            free(hc), free(hv), free(hd);
+        } else if (st != KDL_STATUS_SUCCESS) {
+            return ext_status(b, row, st);
+        }
+    }
+    int reps = 0;
+    r = time_calls(
+        b, [&](int) { return kdl_sinkhorn(b->h, &d, &a, ws, ws_bytes); }, (double)K, &reps, &st);
+    if (r < 0) return -1;
+    if (r > 0) return ext_status(b, row, st);
+    return finish_ext_row(b, row, reps, ws_bytes, free0, 1e-3);
+}
+
+/* ------------------------------------------------------------ SinKD */
+/* SinKD loss + grad: S, T, dS [N, V] in the row's dtype, groups of
+ * group_size rows, the row's metric, tau 2, eps 0.1, exactly sinkd_iters
+ * iterations.  Checked on the first group against kdl_ref_sinkd. */
+int time_sinkd(bench *b, kdlb_row_t *row, kdl_ot_metric_t metric, void *S, void *T, void *G)
+{
+    const kdlb_options_t *o = b->o;
+    const int64_t N = row->rows, V = row->vocab, n = row->group_size;
+    const kdl_dtype_t dt = o->sinkd_dtype;
+    const size_t es = kdl_dtype_size(dt);
+    row->bytes = kdlb_loss_bytes(N, V, dt, dt, dt);
+    dev_bufs m;
+    void *ws = NULL;
+    kdl_sinkd_desc_t d;
+    kdl_sinkd_desc_init(&d);
+    d.group_size = n;
+    d.metric = metric;
+    d.max_iter = o->sinkd_iters;
+    d.tol = 0.0;
+    kdl_sinkd_args_t a;
+    kdl_sinkd_args_init(&a);
+    a.rows = N;
+    a.vocab = V;
+    a.student = S;
+    a.ld_student = V;
+    a.student_dtype = dt;
+    a.teacher = T;
+    a.ld_teacher = V;
+    a.teacher_dtype = dt;
+    a.grad = G;
+    a.ld_grad = V;
+    a.grad_dtype = dt;
+    a.out_dtype = KDL_DTYPE_F32;
+    a.loss = b->loss;
+    size_t ws_bytes = 0;
+    kdl_status_t st = kdl_sinkd_workspace_size(b->h, &d, &a, &ws_bytes);
+    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+    int r = m.alloc(b, &ws, ws_bytes);
+    if (r < 0) return -1;
+    if (r > 0) OOM_ROW("workspace", ws_bytes);
+    size_t free0 = 0, total = 0;
+    CU(cudaMemGetInfo(&free0, &total));
+
+    if (o->check) {
+        kdl_sinkd_args_t c = a;
+        c.rows = n;
+        size_t nc = (size_t)n * V, wc = 0;
+        st = kdl_sinkd_workspace_size(b->h, &d, &c, &wc);
+        if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
+            st = kdl_sinkd(b->h, &d, &c, ws, ws_bytes);
+            if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+            void *hs = NULL, *ht = NULL, *hg = NULL;
+            float gl = 0.0f;
+            int e = to_host(b, &hs, S, nc * es);
+            if (!e) e = to_host(b, &ht, T, nc * es);
+            if (!e) e = to_host(b, &hg, G, nc * es);
+            if (!e) CU(cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost));
+            double *rg = e ? NULL : (double *)malloc(nc * sizeof(double));
+            if (e < 0) {
+                free(hs), free(ht), free(hg);
+                return -1;
+            }
+            if (rg) {
+                double rl = 0.0;
+                kdl_sinkd_args_t h = c;
+                h.student = hs;
+                h.teacher = ht;
+                h.grad = rg;
+                h.grad_dtype = KDL_DTYPE_F64;
+                h.out_dtype = KDL_DTYPE_F64;
+                h.loss = &rl;
+                kdl_status_t rs = kdl_ref_sinkd(&d, &h);
+                if (rs == KDL_STATUS_SUCCESS)
+                    row->check_rel_err = loss_grad_err(gl, rl, hg, dt, rg, nc);
+                else
+                    row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
+            } else {
+                row->note = note("check skipped: host allocation");
+            }
+            free(hs), free(ht), free(hg), free(rg);
+        } else if (st != KDL_STATUS_SUCCESS) {
+            return ext_status(b, row, st);
+        }
+    }
+    int reps = 0;
+    r = time_calls(
+        b, [&](int) { return kdl_sinkd(b->h, &d, &a, ws, ws_bytes); }, 1.0, &reps, &st);
+    if (r < 0) return -1;
+    if (r > 0) return ext_status(b, row, st);
+    return finish_ext_row(b, row, reps, ws_bytes, free0, dtype_tol(dt));
+}
+
+/* The two SinKD rows share one set of inputs. */
+int time_sinkd_rows(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, void *ctx,
+                    int *done, int total)
+{
+    const kdlb_options_t *o = b->o;
+    const int64_t N = o->sinkd.rows, V = o->sinkd.vocab;
+    const kdl_dtype_t dt = o->sinkd_dtype;
+    const size_t bytes = (size_t)N * V * kdl_dtype_size(dt);
+    static const kdl_ot_metric_t metrics[2] = {KDL_OT_METRIC_L1, KDL_OT_METRIC_SQEUCLIDEAN};
+    dev_bufs m;
+    void *S = NULL, *T = NULL, *G = NULL;
+    int r = m.alloc(b, &S, bytes);
+    if (!r) r = m.alloc(b, &T, bytes);
+    if (!r) r = m.alloc(b, &G, bytes);
+    if (r < 0) return -1;
+    if (!r) {
+        if (launch_fill(b, S, dt, (size_t)N * V, 0x51d0001ull)) return -1;
+        if (launch_fill(b, T, dt, (size_t)N * V, 0x51d0002ull)) return -1;
+        CU(cudaMemsetAsync(G, 0xff, bytes, b->stream));
+    }
+    for (int k = 0; k < 2; k++) {
+        kdlb_row_t *row = &rows[*n_rows];
+        kdlb_row_init(row);
+        row->impl = "kdloss";
+        row->op = "sinkd";
+        row->metric = kdl_ot_metric_name(metrics[k]);
+        row->dtype = kdl_dtype_name(dt);
+        row->rows = N;
+        row->vocab = V;
+        row->group_size = o->sinkd.group;
+        row->iterations = o->sinkd_iters;
+        if (progress) progress(ctx, *done, total, row);
+        (*n_rows)++;
+        if (r > 0) {
+            row->bytes = kdlb_loss_bytes(N, V, dt, dt, dt);
+            row->status = "oom";
+            row->note = note("inputs of %llu bytes do not fit", (unsigned long long)row->bytes);
+        } else if (time_sinkd(b, row, metrics[k], S, T, G)) {
+            return -1;
+        }
+        (*done)++;
+    }
+    return 0;
+}
+
 void fill_row_keys(kdlb_row_t *row, const kdlb_case_t *c)
 {
     kdlb_row_init(row);
@@ -651,9 +1302,9 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
 
     if (measure_copy(b)) return -1;
 
-    int total = kdlb_case_count(o) + (o->sinkhorn.batch > 0 ? 1 : 0);
+    int total = kdlb_row_capacity(o);
     int done = 0;
-    for (int i = 0; i < kdlb_case_count(o); i++) {
+    for (int i = 0; i < kdlb_loss_case_count(o); i++) {
         kdlb_case_t c;
         kdlb_case_at(o, i, &c);
         kdlb_row_t *row = &rows[*n_rows];
@@ -664,7 +1315,7 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
         done++;
     }
     free_inputs(b);
-    if (o->sinkhorn.batch > 0) {
+    if (kdlb_op_row_count(o, KDLB_OP_SINKHORN) > 0) {
         kdlb_row_t *row = &rows[*n_rows];
         kdlb_row_init(row);
         row->impl = "kdloss";
@@ -679,6 +1330,66 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
         if (time_sinkhorn(b, row)) return -1;
         done++;
     }
+    if (kdlb_op_row_count(o, KDLB_OP_SPARSE) > 0) {
+        for (int s = 0; s < o->n_sparse_shapes; s++)
+            for (int k = 0; k < o->n_sparse_k; k++) {
+                if (o->sparse_k[k] > o->sparse_shapes[s].vocab) continue;
+                kdlb_row_t *row = &rows[*n_rows];
+                kdlb_row_init(row);
+                row->impl = "kdloss";
+                row->op = "sparse";
+                row->divergence = "fkl";
+                row->mode = kdl_sparse_mode_name(KDL_SPARSE_RENORMALISED);
+                row->dtype = kdl_dtype_name(o->sparse_dtype);
+                row->rows = o->sparse_shapes[s].rows;
+                row->vocab = o->sparse_shapes[s].vocab;
+                row->k = o->sparse_k[k];
+                if (progress) progress(ctx, done, total, row);
+                (*n_rows)++;
+                if (time_sparse(b, row)) return -1;
+                done++;
+            }
+    }
+    if (kdlb_op_row_count(o, KDLB_OP_FUSED_LINEAR) > 0) {
+        for (int s = 0; s < o->n_fused_shapes; s++) {
+            kdlb_row_t *row = &rows[*n_rows];
+            kdlb_row_init(row);
+            row->impl = "kdloss";
+            row->op = "fused_linear";
+            row->divergence = "jsd";
+            row->dtype = kdl_dtype_name(o->fused_dtype);
+            row->rows = o->fused_shapes[s].rows;
+            row->hidden = o->fused_shapes[s].hidden;
+            row->vocab = o->fused_shapes[s].vocab;
+            row->logits_bytes = kdlb_logits_f32_bytes(row->rows, row->vocab);
+            if (progress) progress(ctx, done, total, row);
+            (*n_rows)++;
+            if (time_fused(b, row)) return -1;
+            done++;
+        }
+    }
+    if (kdlb_op_row_count(o, KDLB_OP_SINKHORN_RAGGED) > 0) {
+        kdlb_row_t *row = &rows[*n_rows];
+        kdlb_row_init(row);
+        row->impl = "kdloss";
+        row->op = "sinkhorn_ragged";
+        row->dtype = "f32";
+        row->batch = o->n_ragged;
+        for (int i = 0; i < o->n_ragged; i++) {
+            row->n += o->ragged_n[i];
+            row->m += o->ragged_m[i];
+        }
+        row->sizes_n = o->ragged_n;
+        row->sizes_m = o->ragged_m;
+        row->iterations = o->sinkhorn_iters;
+        if (progress) progress(ctx, done, total, row);
+        (*n_rows)++;
+        if (time_ragged(b, row)) return -1;
+        done++;
+    }
+    if (kdlb_op_row_count(o, KDLB_OP_SINKD) > 0 &&
+        time_sinkd_rows(b, rows, n_rows, progress, ctx, &done, total))
+        return -1;
     if (progress) progress(ctx, done, total, NULL);
     return 0;
 }

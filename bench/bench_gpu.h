@@ -37,15 +37,20 @@ int kdlb_gpu_probe(kdlb_meta_t *meta, char *err, size_t errlen);
  * shape and head rule are set). */
 typedef void (*kdlb_progress_fn)(void *ctx, int done, int total, const kdlb_row_t *next);
 
-/* Runs everything o asks for: the copy bandwidth (meta->copy_gb_per_s,
- * copy_bytes, l2_flush_bytes), every loss configuration in kdlb_case_at
- * order, then the Sinkhorn row when o->sinkhorn.batch > 0.  rows must have
- * room for kdlb_case_count(o) + 1 rows; *n_rows gets the number filled.
- * A configuration whose entry point returns KDL_STATUS_NOT_IMPLEMENTED gets
+/* Runs everything o asks for (o->ops): the copy bandwidth
+ * (meta->copy_gb_per_s, copy_bytes, l2_flush_bytes), every loss
+ * configuration in kdlb_case_at order, the uniform Sinkhorn row when
+ * o->sinkhorn.batch > 0, then the sparse rows (shape, then k), the fused
+ * linear rows, the ragged Sinkhorn row and the two SinKD rows (L1, squared
+ * L2).  rows must have room for kdlb_row_capacity(o) rows; *n_rows gets the
+ * number filled.  A configuration whose entry point returns
+ * KDL_STATUS_NOT_IMPLEMENTED (or, for the other ops, NOT_SUPPORTED) gets
  * status "not_implemented"; one that does not fit in device memory "oom";
  * one that disagrees with the reference "mismatch" (still timed).
  * Returns 0 when the run went through, -1 when a CUDA failure stopped it
- * (err set; the rows filled so far stay valid). */
+ * (err set; the rows filled so far stay valid).
+ * The timing code of the sparse, fused_linear, sinkhorn_ragged and sinkd
+ * ops compiles (sm_90a) but has not run on a device yet. */
 int kdlb_gpu_run(const kdlb_options_t *o, kdlb_meta_t *meta, kdlb_row_t *rows, size_t *n_rows,
                  kdlb_progress_fn progress, void *ctx, char *err, size_t errlen);
 

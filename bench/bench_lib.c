@@ -239,6 +239,206 @@ bad:
     return -1;
 }
 
+/* --------------------------------------------------------------- the ops */
+static const char *const op_names[KDLB_N_OPS] = {"loss",         "sinkhorn",        "sparse",
+                                                 "fused_linear", "sinkhorn_ragged", "sinkd"};
+
+const char *kdlb_op_name(kdlb_op_t op)
+{
+    for (int i = 0; i < KDLB_N_OPS; i++)
+        if ((unsigned)op == 1u << i) return op_names[i];
+    return NULL;
+}
+
+struct ops_ctx {
+    unsigned bits;
+};
+
+static int op_item(const char *item, void *vctx, char *err, size_t errlen)
+{
+    struct ops_ctx *c = (struct ops_ctx *)vctx;
+    if (!strcmp(item, "all")) {
+        c->bits |= KDLB_OP_ALL;
+        return 0;
+    }
+    for (int i = 0; i < KDLB_N_OPS; i++)
+        if (!strcmp(item, op_names[i])) {
+            if (c->bits & (1u << i)) {
+                seterr(err, errlen, "--ops: duplicate '%s'", item);
+                return -1;
+            }
+            c->bits |= 1u << i;
+            return 0;
+        }
+    seterr(err, errlen,
+           "--ops: unknown name '%s' (loss, sinkhorn, sparse, fused_linear, sinkhorn_ragged, sinkd, "
+           "all)",
+           item);
+    return -1;
+}
+
+unsigned kdlb_parse_ops(const char *s, char *err, size_t errlen)
+{
+    struct ops_ctx c = {0};
+    if (for_each_item("--ops", s, op_item, &c, err, errlen)) return 0;
+    return c.bits;
+}
+
+struct k_ctx {
+    int64_t *out;
+    int max, n;
+};
+
+static int k_item(const char *item, void *vctx, char *err, size_t errlen)
+{
+    struct k_ctx *c = (struct k_ctx *)vctx;
+    int64_t k;
+    if (parse_i64(item, 1, 1024, &k)) {
+        seterr(err, errlen, "--sparse-k: bad k '%s' (an integer in [1, 1024])", item);
+        return -1;
+    }
+    for (int i = 0; i < c->n; i++)
+        if (c->out[i] == k) {
+            seterr(err, errlen, "--sparse-k: duplicate '%s'", item);
+            return -1;
+        }
+    if (c->n >= c->max) {
+        seterr(err, errlen, "--sparse-k: more than %d values", c->max);
+        return -1;
+    }
+    c->out[c->n++] = k;
+    return 0;
+}
+
+int kdlb_parse_k_list(const char *s, int64_t *out, int max, char *err, size_t errlen)
+{
+    struct k_ctx c = {out, max, 0};
+    if (for_each_item("--sparse-k", s, k_item, &c, err, errlen)) return -1;
+    return c.n;
+}
+
+/* Splits "a:b[:c]" into want integers in [lo, hi]; -1 on any other form. */
+static int split_ints(const char *item, int want, int64_t lo, int64_t hi, int64_t *v)
+{
+    char buf[64];
+    if (strlen(item) >= sizeof buf) return -1;
+    strcpy(buf, item);
+    char *p = buf;
+    for (int k = 0; k < want; k++) {
+        char *colon = strchr(p, ':');
+        if ((k < want - 1) != (colon != NULL)) return -1;
+        if (colon) *colon = '\0';
+        if (parse_i64(p, lo, hi, &v[k])) return -1;
+        p = colon ? colon + 1 : p;
+    }
+    return 0;
+}
+
+struct fused_ctx {
+    kdlb_fused_shape_t *out;
+    int max, n;
+};
+
+static int fused_item(const char *item, void *vctx, char *err, size_t errlen)
+{
+    struct fused_ctx *c = (struct fused_ctx *)vctx;
+    int64_t v[3];
+    /* H, W, logits-sized buffers: each side below 2^31, products checked by
+     * the byte model (which returns 0 on overflow) */
+    if (split_ints(item, 3, 1, INT64_C(1) << 31, v) || v[0] > (INT64_C(1) << 58) / v[2] ||
+        v[1] > (INT64_C(1) << 58) / v[2]) {
+        seterr(err, errlen, "--fused-shapes: bad shape '%s' (expected N:d:V, integers >= 1)", item);
+        return -1;
+    }
+    for (int i = 0; i < c->n; i++)
+        if (c->out[i].rows == v[0] && c->out[i].hidden == v[1] && c->out[i].vocab == v[2]) {
+            seterr(err, errlen, "--fused-shapes: duplicate shape '%s'", item);
+            return -1;
+        }
+    if (c->n >= c->max) {
+        seterr(err, errlen, "--fused-shapes: more than %d shapes", c->max);
+        return -1;
+    }
+    c->out[c->n].rows = v[0];
+    c->out[c->n].hidden = v[1];
+    c->out[c->n].vocab = v[2];
+    c->n++;
+    return 0;
+}
+
+int kdlb_parse_fused_shapes(const char *s, kdlb_fused_shape_t *out, int max, char *err,
+                            size_t errlen)
+{
+    struct fused_ctx c = {out, max, 0};
+    if (for_each_item("--fused-shapes", s, fused_item, &c, err, errlen)) return -1;
+    return c.n;
+}
+
+struct ragged_ctx {
+    int64_t *n, *m;
+    int max, count;
+};
+
+static int ragged_item(const char *item, void *vctx, char *err, size_t errlen)
+{
+    struct ragged_ctx *c = (struct ragged_ctx *)vctx;
+    int64_t v[2];
+    if (split_ints(item, 2, 1, 65536, v)) {
+        if (split_ints(item, 1, 1, 65536, v)) {
+            seterr(err, errlen, "--ragged-sizes: bad problem '%s' (n:m or n, sides in [1, 65536])",
+                   item);
+            return -1;
+        }
+        v[1] = v[0];
+    }
+    if (c->count >= c->max) {
+        seterr(err, errlen, "--ragged-sizes: more than %d problems", c->max);
+        return -1;
+    }
+    c->n[c->count] = v[0];
+    c->m[c->count] = v[1];
+    c->count++;
+    return 0;
+}
+
+int kdlb_parse_ragged(const char *s, int64_t *n, int64_t *m, int max, char *err, size_t errlen)
+{
+    struct ragged_ctx c = {n, m, max, 0};
+    if (for_each_item("--ragged-sizes", s, ragged_item, &c, err, errlen)) return -1;
+    return c.count;
+}
+
+int kdlb_parse_sinkd(const char *s, kdlb_sinkd_shape_t *out, char *err, size_t errlen)
+{
+    int64_t v[3];
+    if (s && !strcmp(s, "none")) {
+        out->rows = out->vocab = out->group = 0;
+        return 0;
+    }
+    if (!s || split_ints(s, 3, 1, INT64_C(1) << 31, v) || v[0] % v[2] != 0 ||
+        v[0] > (INT64_C(1) << 58) / v[1]) {
+        seterr(err, errlen, "--sinkd: bad value '%s' (expected N:V:G with G dividing N, or none)",
+               s ? s : "");
+        return -1;
+    }
+    out->rows = v[0];
+    out->vocab = v[1];
+    out->group = v[2];
+    return 0;
+}
+
+/* Problem sides of the ragged Sinkhorn row: a fixed, deterministic mix from
+ * 64 to 2048 (n and m differ; square, tall and wide problems), and the
+ * quick list from 64 to 512. */
+const int64_t kdlb_ragged_default_n[KDLB_RAGGED_DEFAULT_COUNT] = {
+    64,  2048, 128, 1024, 256, 512,  96,  1536, 192, 768,  384, 640,
+    80,  1792, 160, 896,  320, 448,  112, 1280, 224, 960,  576, 1152};
+const int64_t kdlb_ragged_default_m[KDLB_RAGGED_DEFAULT_COUNT] = {
+    64,  2048, 256, 512,  1024, 128,  96,  768,  384, 1536, 192, 640,
+    2048, 64,  896, 160,  448,  320,  1280, 112, 960, 224,  1152, 576};
+const int64_t kdlb_ragged_quick_n[KDLB_RAGGED_QUICK_COUNT] = {64, 512, 96, 384, 128, 256, 192, 320};
+const int64_t kdlb_ragged_quick_m[KDLB_RAGGED_QUICK_COUNT] = {64, 128, 384, 96, 256, 512, 320, 192};
+
 /* -------------------------------------------------------------- options */
 void kdlb_options_default(kdlb_options_t *o)
 {
@@ -263,6 +463,28 @@ void kdlb_options_default(kdlb_options_t *o)
     o->sinkhorn.m = 1024;
     o->sinkhorn_iters = 100;
     o->quick = 0;
+    o->ops = KDLB_OP_ALL;
+    o->sparse_shapes[0].rows = 8192;
+    o->sparse_shapes[0].vocab = 151936;
+    o->n_sparse_shapes = 1;
+    o->sparse_k[0] = 8;
+    o->sparse_k[1] = 64;
+    o->sparse_k[2] = 1024;
+    o->n_sparse_k = 3;
+    o->sparse_dtype = KDL_DTYPE_BF16;
+    o->fused_shapes[0].rows = 4096;
+    o->fused_shapes[0].hidden = 4096;
+    o->fused_shapes[0].vocab = 151936;
+    o->n_fused_shapes = 1;
+    o->fused_dtype = KDL_DTYPE_F32;
+    memcpy(o->ragged_n, kdlb_ragged_default_n, sizeof kdlb_ragged_default_n);
+    memcpy(o->ragged_m, kdlb_ragged_default_m, sizeof kdlb_ragged_default_m);
+    o->n_ragged = KDLB_RAGGED_DEFAULT_COUNT;
+    o->sinkd.rows = 512;
+    o->sinkd.vocab = 32000;
+    o->sinkd.group = 64;
+    o->sinkd_iters = 20;
+    o->sinkd_dtype = KDL_DTYPE_BF16;
     o->json_out = NULL;
     o->commit = "unknown";
 }
@@ -273,7 +495,11 @@ enum {
     GIVEN_HEAD_RULES = 1 << 2,
     GIVEN_REPEATS = 1 << 3,
     GIVEN_WARMUP = 1 << 4,
-    GIVEN_SINKHORN = 1 << 5
+    GIVEN_SINKHORN = 1 << 5,
+    GIVEN_SPARSE_SHAPES = 1 << 6,
+    GIVEN_FUSED_SHAPES = 1 << 7,
+    GIVEN_RAGGED = 1 << 8,
+    GIVEN_SINKD = 1 << 9
 };
 
 void kdlb_usage(FILE *f)
@@ -285,6 +511,8 @@ void kdlb_usage(FILE *f)
             "repeats; GB/s from the byte model read S + read T + write dS, and the\n"
             "fraction of the device-to-device copy bandwidth measured in the same run.\n"
             "\n"
+            "  --ops LIST              loss,sinkhorn,sparse,fused_linear,sinkhorn_ragged,sinkd\n"
+            "                          or all (default all)\n"
             "  --shapes N:V,...        default 4096:32000,8192:128256,8192:151936\n"
             "  --dtypes LIST           bf16,f16,f32 or all; default bf16,f32\n"
             "  --divergences LIST      fkl,rkl,fkl_rkl,akl,jsd,tvd,skl,srkl or all; default all\n"
@@ -294,13 +522,23 @@ void kdlb_usage(FILE *f)
             "  --repeats N             timed runs per configuration, default 20\n"
             "  --warmup N              untimed runs first, default 5\n"
             "  --sinkhorn B:n:m|none   batched Sinkhorn row, default 64:1024:1024\n"
-            "  --sinkhorn-iters K      iterations per timed Sinkhorn run, default 100\n"
+            "  --sinkhorn-iters K      iterations per timed Sinkhorn run (uniform and\n"
+            "                          ragged), default 100\n"
+            "  --sparse-shapes N:V,... top-k teacher rows, default 8192:151936\n"
+            "  --sparse-k K,...        support sizes (<= 1024), default 8,64,1024\n"
+            "  --fused-shapes N:d:V,.. fused linear + loss, default 4096:4096:151936\n"
+            "  --ragged-sizes n:m,...  problems of the ragged Sinkhorn call, default 24\n"
+            "                          fixed problems with sides 64 to 2048\n"
+            "  --sinkd N:V:G|none      SinKD rows (L1, squared L2), default 512:32000:64\n"
             "  --no-check              skip the comparison with the float64 CPU reference\n"
             "  --json-out FILE|DIR/    write the JSON results (DIR/: file named\n"
             "                          <date>-<device>-<commit>.json inside DIR)\n"
             "  --commit HASH           commit recorded in the JSON, default unknown\n"
             "  --quick                 4096:32000, bf16, head rule reference, 5 repeats,\n"
-            "                          2 warm-ups, no Sinkhorn (explicit options win)\n"
+            "                          2 warm-ups, no uniform Sinkhorn; one small shape of\n"
+            "                          each other op: sparse 4096:32000, fused linear\n"
+            "                          1024:1024:32000, 8 ragged problems (64 to 512),\n"
+            "                          SinKD 256:8192:64 (explicit options win)\n"
             "  --help                  this text\n"
             "\n"
             "Progress on stderr, the table on stdout.  Exit codes: 0 done (rows whose\n"
@@ -411,6 +649,43 @@ int kdlb_parse_options(int argc, char **argv, kdlb_options_t *o, char *err, size
             if (opt_value(argc, argv, &i, "--sinkhorn", &v, err, errlen)) return -1;
             if (kdlb_parse_sinkhorn(v, &o->sinkhorn, err, errlen)) return -1;
             given |= GIVEN_SINKHORN;
+        } else if (is_opt(a, "--ops")) {
+            if (opt_value(argc, argv, &i, "--ops", &v, err, errlen)) return -1;
+            if (!(o->ops = kdlb_parse_ops(v, err, errlen))) return -1;
+        } else if (is_opt(a, "--sparse-shapes")) {
+            if (opt_value(argc, argv, &i, "--sparse-shapes", &v, err, errlen)) return -1;
+            if ((n = kdlb_parse_shapes(v, o->sparse_shapes, KDLB_MAX_SHAPES, err, errlen)) < 0) {
+                if (!strncmp(err, "--shapes", 8)) { /* name the option given */
+                    char tmp[256];
+                    snprintf(tmp, sizeof tmp, "--sparse-shapes%s", err + 8);
+                    seterr(err, errlen, "%s", tmp);
+                }
+                return -1;
+            }
+            o->n_sparse_shapes = n;
+            given |= GIVEN_SPARSE_SHAPES;
+        } else if (is_opt(a, "--sparse-k")) {
+            if (opt_value(argc, argv, &i, "--sparse-k", &v, err, errlen)) return -1;
+            if ((n = kdlb_parse_k_list(v, o->sparse_k, KDLB_MAX_SPARSE_K, err, errlen)) < 0)
+                return -1;
+            o->n_sparse_k = n;
+        } else if (is_opt(a, "--fused-shapes")) {
+            if (opt_value(argc, argv, &i, "--fused-shapes", &v, err, errlen)) return -1;
+            if ((n = kdlb_parse_fused_shapes(v, o->fused_shapes, KDLB_MAX_SHAPES, err, errlen)) < 0)
+                return -1;
+            o->n_fused_shapes = n;
+            given |= GIVEN_FUSED_SHAPES;
+        } else if (is_opt(a, "--ragged-sizes")) {
+            if (opt_value(argc, argv, &i, "--ragged-sizes", &v, err, errlen)) return -1;
+            if ((n = kdlb_parse_ragged(v, o->ragged_n, o->ragged_m, KDLB_MAX_RAGGED, err, errlen)) <
+                0)
+                return -1;
+            o->n_ragged = n;
+            given |= GIVEN_RAGGED;
+        } else if (is_opt(a, "--sinkd")) {
+            if (opt_value(argc, argv, &i, "--sinkd", &v, err, errlen)) return -1;
+            if (kdlb_parse_sinkd(v, &o->sinkd, err, errlen)) return -1;
+            given |= GIVEN_SINKD;
         } else if (is_opt(a, "--json-out")) {
             if (opt_value(argc, argv, &i, "--json-out", &v, err, errlen)) return -1;
             if (!*v) {
@@ -452,6 +727,27 @@ int kdlb_parse_options(int argc, char **argv, kdlb_options_t *o, char *err, size
         if (!(given & GIVEN_REPEATS)) o->repeats = 5;
         if (!(given & GIVEN_WARMUP)) o->warmup = 2;
         if (!(given & GIVEN_SINKHORN)) o->sinkhorn.batch = o->sinkhorn.n = o->sinkhorn.m = 0;
+        if (!(given & GIVEN_SPARSE_SHAPES)) {
+            o->sparse_shapes[0].rows = 4096;
+            o->sparse_shapes[0].vocab = 32000;
+            o->n_sparse_shapes = 1;
+        }
+        if (!(given & GIVEN_FUSED_SHAPES)) {
+            o->fused_shapes[0].rows = 1024;
+            o->fused_shapes[0].hidden = 1024;
+            o->fused_shapes[0].vocab = 32000;
+            o->n_fused_shapes = 1;
+        }
+        if (!(given & GIVEN_RAGGED)) {
+            memcpy(o->ragged_n, kdlb_ragged_quick_n, sizeof kdlb_ragged_quick_n);
+            memcpy(o->ragged_m, kdlb_ragged_quick_m, sizeof kdlb_ragged_quick_m);
+            o->n_ragged = KDLB_RAGGED_QUICK_COUNT;
+        }
+        if (!(given & GIVEN_SINKD)) {
+            o->sinkd.rows = 256;
+            o->sinkd.vocab = 8192;
+            o->sinkd.group = 64;
+        }
     }
     return 0;
 }
@@ -493,6 +789,37 @@ int kdlb_case_at(const kdlb_options_t *o, int index, kdlb_case_t *c)
     return -1; /* not reached */
 }
 
+int kdlb_loss_case_count(const kdlb_options_t *o)
+{
+    return (o->ops & KDLB_OP_LOSS) ? kdlb_case_count(o) : 0;
+}
+
+int kdlb_op_row_count(const kdlb_options_t *o, kdlb_op_t op)
+{
+    if (!(o->ops & (unsigned)op)) return 0;
+    int n = 0;
+    switch (op) {
+    case KDLB_OP_LOSS: return kdlb_case_count(o);
+    case KDLB_OP_SINKHORN: return o->sinkhorn.batch > 0 ? 1 : 0;
+    case KDLB_OP_SPARSE:
+        for (int s = 0; s < o->n_sparse_shapes; s++)
+            for (int k = 0; k < o->n_sparse_k; k++)
+                n += o->sparse_k[k] <= o->sparse_shapes[s].vocab;
+        return n;
+    case KDLB_OP_FUSED_LINEAR: return o->n_fused_shapes;
+    case KDLB_OP_SINKHORN_RAGGED: return o->n_ragged > 0 ? 1 : 0;
+    case KDLB_OP_SINKD: return o->sinkd.rows > 0 ? 2 : 0;
+    default: return 0;
+    }
+}
+
+int kdlb_row_capacity(const kdlb_options_t *o)
+{
+    int n = 0;
+    for (int i = 0; i < KDLB_N_OPS; i++) n += kdlb_op_row_count(o, (kdlb_op_t)(1u << i));
+    return n;
+}
+
 /* ------------------------------------------------------------ byte model */
 uint64_t kdlb_loss_bytes(int64_t rows, int64_t vocab, kdl_dtype_t student, kdl_dtype_t teacher,
                          kdl_dtype_t grad)
@@ -513,6 +840,57 @@ uint64_t kdlb_sinkhorn_iter_bytes(int64_t batch, int64_t n, int64_t m)
     if (__builtin_mul_overflow(a, (uint64_t)m, &b)) return 0;
     if (__builtin_mul_overflow(b, (uint64_t)(2 * sizeof(float)), &c)) return 0;
     return c;
+}
+
+static int mul3(uint64_t a, uint64_t b, uint64_t c, uint64_t *out)
+{
+    uint64_t t;
+    return __builtin_mul_overflow(a, b, &t) || __builtin_mul_overflow(t, c, out);
+}
+
+uint64_t kdlb_sparse_bytes(int64_t rows, int64_t vocab, int64_t k, kdl_dtype_t student,
+                           kdl_dtype_t logprobs, kdl_dtype_t grad)
+{
+    size_t ss = kdl_dtype_size(student), sl = kdl_dtype_size(logprobs), sg = kdl_dtype_size(grad);
+    uint64_t dense, top, sum;
+    if (rows < 0 || vocab < 0 || k < 0 || !ss || !sl || !sg) return 0;
+    if (mul3((uint64_t)rows, (uint64_t)vocab, (uint64_t)(ss + sg), &dense)) return 0;
+    if (mul3((uint64_t)rows, (uint64_t)k, (uint64_t)(sizeof(int64_t) + sl), &top)) return 0;
+    if (__builtin_add_overflow(dense, top, &sum)) return 0;
+    return sum;
+}
+
+uint64_t kdlb_fused_linear_bytes(int64_t rows, int64_t hidden, int64_t vocab, kdl_dtype_t hw,
+                                 kdl_dtype_t teacher, kdl_dtype_t grad)
+{
+    size_t sh = kdl_dtype_size(hw), st = kdl_dtype_size(teacher), sg = kdl_dtype_size(grad);
+    uint64_t rv, mats, t, sum;
+    if (rows < 0 || hidden < 0 || vocab < 0 || !sh || !st || !sg) return 0;
+    if (__builtin_add_overflow((uint64_t)rows, (uint64_t)vocab, &rv)) return 0;
+    if (mul3(rv, (uint64_t)hidden, (uint64_t)(sh + sg), &mats)) return 0;
+    if (mul3((uint64_t)rows, (uint64_t)vocab, (uint64_t)st, &t)) return 0;
+    if (__builtin_add_overflow(mats, t, &sum)) return 0;
+    return sum;
+}
+
+uint64_t kdlb_logits_f32_bytes(int64_t rows, int64_t vocab)
+{
+    uint64_t b;
+    if (rows < 0 || vocab < 0 || mul3((uint64_t)rows, (uint64_t)vocab, sizeof(float), &b)) return 0;
+    return b;
+}
+
+uint64_t kdlb_ragged_iter_bytes(const int64_t *n, const int64_t *m, int count)
+{
+    uint64_t sum = 0;
+    if (count < 0 || (count > 0 && (!n || !m))) return 0;
+    for (int b = 0; b < count; b++) {
+        uint64_t one;
+        if (n[b] < 0 || m[b] < 0) return 0;
+        if (mul3((uint64_t)n[b], (uint64_t)m[b], 2 * sizeof(float), &one)) return 0;
+        if (__builtin_add_overflow(sum, one, &sum)) return 0;
+    }
+    return sum;
 }
 
 /* --------------------------------------------------------------- numbers */
@@ -678,25 +1056,70 @@ int kdlb_json_string(const char *s, char *buf, size_t len)
     return (int)j.pos;
 }
 
+static void jint(jbuf_t *j, const char *k, int64_t v)
+{
+    jkey(j, k, 0);
+    jprintf(j, "%lld", (long long)v);
+}
+
+static void jarray(jbuf_t *j, const char *k, const int64_t *v, int64_t n)
+{
+    jkey(j, k, 0);
+    if (!v) {
+        jputs(j, "null");
+        return;
+    }
+    jputs(j, "[");
+    for (int64_t i = 0; i < n; i++) jprintf(j, "%s%lld", i ? ", " : "", (long long)v[i]);
+    jputs(j, "]");
+}
+
+static int op_is(const kdlb_row_t *r, const char *name) { return r->op && !strcmp(r->op, name); }
+
 int kdlb_json_row(const kdlb_row_t *r, char *buf, size_t len)
 {
     jbuf_t j = {buf, len, 0};
     if (buf && len) buf[0] = '\0';
-    int sink = r->op && !strcmp(r->op, "sinkhorn");
     jputs(&j, "{");
     jkey(&j, "impl", 1), jstr(&j, r->impl);
     jkey(&j, "op", 0), jstr(&j, r->op);
-    if (sink) {
+    if (op_is(r, "sinkhorn") || op_is(r, "sinkhorn_ragged")) {
         jkey(&j, "dtype", 0), jstr(&j, r->dtype);
-        jkey(&j, "batch", 0), jprintf(&j, "%lld", (long long)r->batch);
-        jkey(&j, "n", 0), jprintf(&j, "%lld", (long long)r->n);
-        jkey(&j, "m", 0), jprintf(&j, "%lld", (long long)r->m);
-        jkey(&j, "iterations", 0), jprintf(&j, "%lld", (long long)r->iterations);
+        jint(&j, "batch", r->batch);
+        jint(&j, "n", r->n);
+        jint(&j, "m", r->m);
+        jint(&j, "iterations", r->iterations);
+        if (op_is(r, "sinkhorn_ragged")) {
+            jarray(&j, "sizes_n", r->sizes_n, r->batch);
+            jarray(&j, "sizes_m", r->sizes_m, r->batch);
+        }
+    } else if (op_is(r, "sparse")) {
+        jkey(&j, "divergence", 0), jstr(&j, r->divergence);
+        jkey(&j, "mode", 0), jstr(&j, r->mode);
+        jkey(&j, "dtype", 0), jstr(&j, r->dtype);
+        jint(&j, "rows", r->rows);
+        jint(&j, "vocab", r->vocab);
+        jint(&j, "k", r->k);
+    } else if (op_is(r, "fused_linear")) {
+        jkey(&j, "divergence", 0), jstr(&j, r->divergence);
+        jkey(&j, "dtype", 0), jstr(&j, r->dtype);
+        jint(&j, "rows", r->rows);
+        jint(&j, "hidden", r->hidden);
+        jint(&j, "vocab", r->vocab);
+        jint(&j, "chunk_rows", r->chunk_rows);
+        jkey(&j, "logits_bytes", 0), jprintf(&j, "%llu", (unsigned long long)r->logits_bytes);
+    } else if (op_is(r, "sinkd")) {
+        jkey(&j, "metric", 0), jstr(&j, r->metric);
+        jkey(&j, "dtype", 0), jstr(&j, r->dtype);
+        jint(&j, "rows", r->rows);
+        jint(&j, "vocab", r->vocab);
+        jint(&j, "group_size", r->group_size);
+        jint(&j, "iterations", r->iterations);
     } else {
         jkey(&j, "divergence", 0), jstr(&j, r->divergence);
         jkey(&j, "dtype", 0), jstr(&j, r->dtype);
-        jkey(&j, "rows", 0), jprintf(&j, "%lld", (long long)r->rows);
-        jkey(&j, "vocab", 0), jprintf(&j, "%lld", (long long)r->vocab);
+        jint(&j, "rows", r->rows);
+        jint(&j, "vocab", r->vocab);
         jkey(&j, "head_rule", 0), jstr(&j, r->head_rule);
     }
     jkey(&j, "status", 0), jstr(&j, r->status);
@@ -742,15 +1165,31 @@ static int write_meta(FILE *f, const kdlb_meta_t *m)
     fprintf(f, "    \"copy_bytes\": %llu,\n", (unsigned long long)m->copy_bytes);
     fprintf(f, "    \"l2_flush_bytes\": %llu,\n", (unsigned long long)m->l2_flush_bytes);
     fprintf(f, "    \"byte_model\": {\"loss\": \"rows*vocab*(size(student)+size(teacher)+size(grad))\", "
-               "\"sinkhorn\": \"2*batch*n*m*4 per iteration (cost read twice)\"},\n");
+               "\"sinkhorn\": \"2*batch*n*m*4 per iteration (cost read twice)\", "
+               "\"sparse\": \"rows*vocab*(size(student)+size(grad))+rows*k*(8+size(logprobs))\", "
+               "\"fused_linear\": \"(rows+vocab)*hidden*(size(hw)+size(grad))+rows*vocab*size(teacher)\", "
+               "\"sinkhorn_ragged\": \"sum_b 2*n_b*m_b*4 per iteration\", "
+               "\"sinkd\": \"rows*vocab*(size(student)+size(teacher)+size(grad))\"},\n");
     if (o) {
         fprintf(f, "    \"params\": {\"temperature\": 1, \"alpha\": 0.1, \"beta\": 0.5, ");
         fprintf(f, "\"mu\": %.6g, \"top_k\": %lld, \"reduction\": \"mean\", \"scale\": 1, ", o->mu,
                 (long long)o->top_k);
         fprintf(f, "\"grad_dtype\": \"student\", \"repeats\": %d, \"warmup\": %d, ", o->repeats,
                 o->warmup);
-        fprintf(f, "\"check\": %s, \"sinkhorn_iters\": %d, \"sinkhorn_epsilon\": 0.1}\n",
+        fprintf(f, "\"check\": %s, \"sinkhorn_iters\": %d, \"sinkhorn_epsilon\": 0.1, ",
                 o->check ? "true" : "false", o->sinkhorn_iters);
+        fprintf(f, "\"ops\": [");
+        for (int i = 0, first = 1; i < KDLB_N_OPS; i++)
+            if (o->ops & (1u << i)) {
+                fprintf(f, "%s\"%s\"", first ? "" : ", ", op_names[i]);
+                first = 0;
+            }
+        fprintf(f, "], \"sparse\": {\"mode\": \"renormalised\", \"divergence\": \"fkl\", "
+                   "\"dtype\": \"%s\"}, ", kdl_dtype_name(o->sparse_dtype));
+        fprintf(f, "\"fused_linear\": {\"divergence\": \"jsd\", \"beta\": 0.5, \"dtype\": \"%s\"}, ",
+                kdl_dtype_name(o->fused_dtype));
+        fprintf(f, "\"sinkd\": {\"temperature\": 2, \"epsilon\": 0.1, \"iterations\": %d, "
+                   "\"dtype\": \"%s\"}}\n", o->sinkd_iters, kdl_dtype_name(o->sinkd_dtype));
     } else {
         fprintf(f, "    \"params\": null\n");
     }
@@ -830,19 +1269,71 @@ int kdlb_result_name(const char *date_ymd, const char *device, const char *commi
 }
 
 /* ----------------------------------------------------------------- table */
+int kdlb_row_label(const kdlb_row_t *r, char *buf, size_t len)
+{
+    const char *dt = r->dtype ? r->dtype : "-";
+    if (op_is(r, "sinkhorn"))
+        return snprintf(buf, len, "sinkhorn %s %lldx%lldx%lld", dt, (long long)r->batch,
+                        (long long)r->n, (long long)r->m);
+    if (op_is(r, "sinkhorn_ragged")) {
+        int64_t lo = 0, hi = 0;
+        for (int64_t b = 0; r->sizes_n && r->sizes_m && b < r->batch; b++) {
+            int64_t a = r->sizes_n[b] < r->sizes_m[b] ? r->sizes_n[b] : r->sizes_m[b];
+            int64_t z = r->sizes_n[b] > r->sizes_m[b] ? r->sizes_n[b] : r->sizes_m[b];
+            if (b == 0 || a < lo) lo = a;
+            if (b == 0 || z > hi) hi = z;
+        }
+        return snprintf(buf, len, "sinkhorn_ragged %s %lld problems (%lld..%lld)", dt,
+                        (long long)r->batch, (long long)lo, (long long)hi);
+    }
+    if (op_is(r, "sparse"))
+        return snprintf(buf, len, "sparse %s k=%lld %s %lldx%lld", r->divergence ? r->divergence : "-",
+                        (long long)r->k, dt, (long long)r->rows, (long long)r->vocab);
+    if (op_is(r, "fused_linear"))
+        return snprintf(buf, len, "fused_linear %s %s %lldx%lldx%lld",
+                        r->divergence ? r->divergence : "-", dt, (long long)r->rows,
+                        (long long)r->hidden, (long long)r->vocab);
+    if (op_is(r, "sinkd"))
+        return snprintf(buf, len, "sinkd %s %s %lldx%lld/%lld", r->metric ? r->metric : "-", dt,
+                        (long long)r->rows, (long long)r->vocab, (long long)r->group_size);
+    return snprintf(buf, len, "%s%s%s %s %lldx%lld", r->divergence ? r->divergence : "-",
+                    r->head_rule ? "/" : "", r->head_rule ? r->head_rule : "", dt, (long long)r->rows,
+                    (long long)r->vocab);
+}
+
 void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double copy_gb_per_s)
 {
-    fprintf(f, "%-12s %-9s %-9s %-5s %-18s %10s %9s %7s  %s\n", "impl", "op", "head", "dtype",
+    fprintf(f, "%-12s %-15s %-9s %-5s %-18s %10s %9s %7s  %s\n", "impl", "op", "head/k", "dtype",
             "shape", "ms", "GB/s", "%copy", "status");
     for (size_t i = 0; i < n_rows; i++) {
         const kdlb_row_t *r = &rows[i];
-        char shape[48], ms[16], gb[16], frac[16];
-        int sink = r->op && !strcmp(r->op, "sinkhorn");
-        if (sink)
-            snprintf(shape, sizeof shape, "%lldx%lldx%lld", (long long)r->batch, (long long)r->n,
-                     (long long)r->m);
-        else
+        char shape[48], ms[16], gb[16], frac[16], sub[24];
+        const char *op = r->divergence ? r->divergence : "-";
+        snprintf(sub, sizeof sub, "%s", r->head_rule ? r->head_rule : "-");
+        if (op_is(r, "sinkhorn") || op_is(r, "sinkhorn_ragged")) {
+            op = r->op;
+            if (op_is(r, "sinkhorn"))
+                snprintf(shape, sizeof shape, "%lldx%lldx%lld", (long long)r->batch,
+                         (long long)r->n, (long long)r->m);
+            else
+                snprintf(shape, sizeof shape, "%lld problems", (long long)r->batch);
+        } else if (op_is(r, "fused_linear")) {
+            op = "fused_linear";
+            snprintf(sub, sizeof sub, "%s", r->divergence ? r->divergence : "-");
+            snprintf(shape, sizeof shape, "%lldx%lldx%lld", (long long)r->rows, (long long)r->hidden,
+                     (long long)r->vocab);
+        } else if (op_is(r, "sinkd")) {
+            op = "sinkd";
+            snprintf(sub, sizeof sub, "%s", r->metric ? r->metric : "-");
+            snprintf(shape, sizeof shape, "%lldx%lld/%lld", (long long)r->rows, (long long)r->vocab,
+                     (long long)r->group_size);
+        } else {
+            if (op_is(r, "sparse")) {
+                op = "sparse";
+                snprintf(sub, sizeof sub, "k=%lld", (long long)r->k);
+            }
             snprintf(shape, sizeof shape, "%lldx%lld", (long long)r->rows, (long long)r->vocab);
+        }
         if (isfinite(r->ms)) snprintf(ms, sizeof ms, "%.4f", r->ms);
         else snprintf(ms, sizeof ms, "-");
         if (isfinite(r->gb_per_s)) snprintf(gb, sizeof gb, "%.1f", r->gb_per_s);
@@ -850,10 +1341,9 @@ void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double cop
         if (isfinite(r->fraction_of_copy_bandwidth))
             snprintf(frac, sizeof frac, "%.1f", 100.0 * r->fraction_of_copy_bandwidth);
         else snprintf(frac, sizeof frac, "-");
-        fprintf(f, "%-12s %-9s %-9s %-5s %-18s %10s %9s %7s  %s%s%s\n", r->impl ? r->impl : "-",
-                sink ? "sinkhorn" : (r->divergence ? r->divergence : "-"),
-                r->head_rule ? r->head_rule : "-", r->dtype ? r->dtype : "-", shape, ms, gb, frac,
-                r->status ? r->status : "-", r->note ? ": " : "", r->note ? r->note : "");
+        fprintf(f, "%-12s %-15s %-9s %-5s %-18s %10s %9s %7s  %s%s%s\n", r->impl ? r->impl : "-", op,
+                sub, r->dtype ? r->dtype : "-", shape, ms, gb, frac, r->status ? r->status : "-",
+                r->note ? ": " : "", r->note ? r->note : "");
     }
     if (isfinite(copy_gb_per_s))
         fprintf(f, "device-to-device copy: %.1f GB/s (read + write); Sinkhorn ms are per iteration\n",

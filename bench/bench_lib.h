@@ -15,6 +15,20 @@
  *       the f32 cost C is read twice (once for the f update, a row-wise
  *       LSE, once for the g update, a column-wise LSE); potentials and
  *       marginals, O(B (n + m)), are not counted.
+ *   sparse (top-k teacher), loss + grad:
+ *       rows * vocab * (size(student) + size(grad))
+ *       + rows * k * (8 + size(logprobs))      read S, read the top-k
+ *                                             (int64 indices + log-probs),
+ *                                             write dS
+ *   fused_linear, loss + dH + dW:
+ *       (rows + vocab) * hidden * (size(hw) + size(grad))
+ *       + rows * vocab * size(teacher)         read H, W, T; write dH, dW
+ *       (the GEMMs, 6 N V d flops, dominate: GB/s is far below the copy
+ *       bandwidth by nature; the row's point is ms and peak_extra_bytes,
+ *       compared with the materialised float32 logits rows * vocab * 4)
+ *   sinkhorn_ragged, per iteration: sum over problems of 2 * n_b * m_b * 4
+ *   sinkd, loss + grad: as the loss, rows * vocab * (size(s) + size(t)
+ *       + size(grad)) (the n x n costs and plans per group are not counted)
  * GB/s are decimal (1e9 bytes per second).  The copy bandwidth counts the
  * bytes read plus the bytes written of a device-to-device copy.
  */
@@ -43,6 +57,33 @@ typedef struct kdlb_sinkhorn_shape {
     int64_t batch, n, m; /* B problems of n x m; batch 0: no Sinkhorn row */
 } kdlb_sinkhorn_shape_t;
 
+/* The operations of the benchmark (--ops).  Each is a bit of
+ * kdlb_options_t.ops; the rows are timed in this order. */
+typedef enum kdlb_op {
+    KDLB_OP_LOSS = 1 << 0,            /* dense loss + grad (kdl_loss_forward_backward)   */
+    KDLB_OP_SINKHORN = 1 << 1,        /* uniform-batch Sinkhorn (kdl_sinkhorn)           */
+    KDLB_OP_SPARSE = 1 << 2,          /* top-k teacher loss + grad (kdl_sparse_loss)     */
+    KDLB_OP_FUSED_LINEAR = 1 << 3,    /* H W^T + loss, dH, dW (kdl_fused_linear_loss)    */
+    KDLB_OP_SINKHORN_RAGGED = 1 << 4, /* one ragged-batch Sinkhorn call (sizes_n/m)      */
+    KDLB_OP_SINKD = 1 << 5,           /* SinKD loss + grad (kdl_sinkd)                   */
+    KDLB_OP_ALL = (1 << 6) - 1
+} kdlb_op_t;
+#define KDLB_N_OPS 6
+/* "loss", "sinkhorn", "sparse", "fused_linear", "sinkhorn_ragged", "sinkd";
+ * NULL for anything else. */
+const char *kdlb_op_name(kdlb_op_t op);
+
+#define KDLB_MAX_SPARSE_K 8
+#define KDLB_MAX_RAGGED 64
+
+typedef struct kdlb_fused_shape {
+    int64_t rows, hidden, vocab; /* H [rows, hidden], W [vocab, hidden] */
+} kdlb_fused_shape_t;
+
+typedef struct kdlb_sinkd_shape {
+    int64_t rows, vocab, group; /* N rows in groups of `group`; 0 rows: no SinKD row */
+} kdlb_sinkd_shape_t;
+
 typedef struct kdlb_options {
     kdlb_shape_t shapes[KDLB_MAX_SHAPES];
     int n_shapes;
@@ -60,16 +101,39 @@ typedef struct kdlb_options {
     kdlb_sinkhorn_shape_t sinkhorn;
     int sinkhorn_iters;       /* iterations timed per Sinkhorn run       */
     int quick;                /* --quick given                           */
+    unsigned ops;             /* kdlb_op_t bits; default KDLB_OP_ALL     */
+    /* op "sparse": RENORMALISED FKL, student / log-probs / grad in sparse_dtype */
+    kdlb_shape_t sparse_shapes[KDLB_MAX_SHAPES];
+    int n_sparse_shapes;
+    int64_t sparse_k[KDLB_MAX_SPARSE_K];
+    int n_sparse_k;
+    kdl_dtype_t sparse_dtype; /* bf16                                     */
+    /* op "fused_linear": JSD (beta 0.5), H, W, T, dH, dW in fused_dtype */
+    kdlb_fused_shape_t fused_shapes[KDLB_MAX_SHAPES];
+    int n_fused_shapes;
+    kdl_dtype_t fused_dtype;  /* f32: the dtype the GPU entry point takes */
+    /* op "sinkhorn_ragged": one call over these problems (sinkhorn_iters iterations) */
+    int64_t ragged_n[KDLB_MAX_RAGGED], ragged_m[KDLB_MAX_RAGGED];
+    int n_ragged;
+    /* op "sinkd": L1 and squared-L2 rows, sinkd_iters iterations */
+    kdlb_sinkd_shape_t sinkd;
+    int sinkd_iters;          /* 20                                       */
+    kdl_dtype_t sinkd_dtype;  /* bf16                                     */
     const char *json_out;     /* NULL: no JSON file                      */
     const char *commit;       /* recorded in the JSON, "unknown" default */
 } kdlb_options_t;
 
-/* Defaults: shapes 4096:32000,8192:128256,8192:151936; dtypes bf16,f32; all
- * divergences; all head rules; repeats 20; warmup 5; mu 0.5; top_k 64;
- * check on; Sinkhorn 64:1024:1024 for 100 iterations; no JSON; commit
- * "unknown".  --quick: shapes 4096:32000, dtype bf16, head rule reference,
- * repeats 5, warmup 2, no Sinkhorn, unless those options are given too
- * (explicit options win whatever their order). */
+/* Defaults: every op; shapes 4096:32000,8192:128256,8192:151936; dtypes
+ * bf16,f32; all divergences; all head rules; repeats 20; warmup 5; mu 0.5;
+ * top_k 64; check on; Sinkhorn 64:1024:1024 for 100 iterations; sparse
+ * 8192:151936 with k 8,64,1024 (bf16); fused linear 4096:4096:151936 (f32);
+ * ragged Sinkhorn over KDLB_RAGGED_DEFAULT (24 problems, sides 64 to 2048);
+ * SinKD 512:32000:64, 20 iterations (bf16); no JSON; commit "unknown".
+ * --quick: shapes 4096:32000, dtype bf16, head rule reference, repeats 5,
+ * warmup 2, no uniform Sinkhorn, sparse 4096:32000, fused linear
+ * 1024:1024:32000, ragged KDLB_RAGGED_QUICK (8 problems, 64 to 512), SinKD
+ * 256:8192:64, unless those options are given too (explicit options win
+ * whatever their order). */
 void kdlb_options_default(kdlb_options_t *o);
 
 /* Parses argv[1..argc-1] (argv[0] is the subcommand's name).  Accepts
@@ -91,6 +155,26 @@ int kdlb_parse_head_rules(const char *s, kdl_head_rule_t *out, int max, char *er
                           size_t errlen);
 /* "B:n:m" or "none" (batch 0).  0 on success, -1 with err set. */
 int kdlb_parse_sinkhorn(const char *s, kdlb_sinkhorn_shape_t *out, char *err, size_t errlen);
+/* --ops: names of kdlb_op_name or "all"; the bits, or 0 with err set. */
+unsigned kdlb_parse_ops(const char *s, char *err, size_t errlen);
+/* --sparse-k: k in [1, 1024] each (KDL_SPARSE_MAX_K); count or -1. */
+int kdlb_parse_k_list(const char *s, int64_t *out, int max, char *err, size_t errlen);
+/* --fused-shapes: N:d:V items; count or -1. */
+int kdlb_parse_fused_shapes(const char *s, kdlb_fused_shape_t *out, int max, char *err,
+                            size_t errlen);
+/* --ragged-sizes: n:m items (or n alone: n:n), each side in [1, 65536];
+ * count or -1. */
+int kdlb_parse_ragged(const char *s, int64_t *n, int64_t *m, int max, char *err, size_t errlen);
+/* --sinkd: "N:V:G" with G dividing N, or "none" (rows 0).  0 or -1. */
+int kdlb_parse_sinkd(const char *s, kdlb_sinkd_shape_t *out, char *err, size_t errlen);
+
+/* The fixed ragged lists: problem b is KDLB_RAGGED_*_N[b] x _M[b]. */
+#define KDLB_RAGGED_DEFAULT_COUNT 24
+#define KDLB_RAGGED_QUICK_COUNT 8
+extern const int64_t kdlb_ragged_default_n[KDLB_RAGGED_DEFAULT_COUNT];
+extern const int64_t kdlb_ragged_default_m[KDLB_RAGGED_DEFAULT_COUNT];
+extern const int64_t kdlb_ragged_quick_n[KDLB_RAGGED_QUICK_COUNT];
+extern const int64_t kdlb_ragged_quick_m[KDLB_RAGGED_QUICK_COUNT];
 
 /* One loss configuration of the matrix. */
 typedef struct kdlb_case {
@@ -107,6 +191,14 @@ typedef struct kdlb_case {
  * then divergence in the given order, AKL expanded over the head rules. */
 int kdlb_case_count(const kdlb_options_t *o);
 int kdlb_case_at(const kdlb_options_t *o, int index, kdlb_case_t *c); /* 0 ok, -1 out of range */
+/* Loss cases: kdlb_case_count when the op "loss" is chosen, else 0. */
+int kdlb_loss_case_count(const kdlb_options_t *o);
+/* Rows of each op the options ask for: loss cases; 1 uniform Sinkhorn;
+ * sparse shapes x k values with k <= min(V, 1024); fused shapes; 1 ragged
+ * call; 2 SinKD rows (L1, squared L2). */
+int kdlb_op_row_count(const kdlb_options_t *o, kdlb_op_t op);
+/* Sum over the ops: the rows kdlb_gpu_run fills at most. */
+int kdlb_row_capacity(const kdlb_options_t *o);
 
 /* ------------------------------------------------------------ byte model */
 /* rows * vocab * (size(s) + size(t) + size(g)); 0 for a negative size, an
@@ -115,6 +207,17 @@ uint64_t kdlb_loss_bytes(int64_t rows, int64_t vocab, kdl_dtype_t student, kdl_d
                          kdl_dtype_t grad);
 /* 2 * B * n * m * sizeof(float); 0 on a negative size or an overflow. */
 uint64_t kdlb_sinkhorn_iter_bytes(int64_t batch, int64_t n, int64_t m);
+/* rows * vocab * (size(s) + size(g)) + rows * k * (8 + size(lp)); 0 on a
+ * negative size, an unknown dtype or an overflow. */
+uint64_t kdlb_sparse_bytes(int64_t rows, int64_t vocab, int64_t k, kdl_dtype_t student,
+                           kdl_dtype_t logprobs, kdl_dtype_t grad);
+/* (rows + vocab) * hidden * (size(hw) + size(g)) + rows * vocab * size(t). */
+uint64_t kdlb_fused_linear_bytes(int64_t rows, int64_t hidden, int64_t vocab, kdl_dtype_t hw,
+                                 kdl_dtype_t teacher, kdl_dtype_t grad);
+/* rows * vocab * 4: the float32 logits a non-fused call materialises. */
+uint64_t kdlb_logits_f32_bytes(int64_t rows, int64_t vocab);
+/* sum_b 2 * n[b] * m[b] * 4; 0 on a negative size or an overflow. */
+uint64_t kdlb_ragged_iter_bytes(const int64_t *n, const int64_t *m, int count);
 
 /* --------------------------------------------------------------- numbers */
 /* bytes / (ms * 1e-3) / 1e9; NaN when ms is not finite and > 0. */
@@ -140,14 +243,26 @@ void kdlb_summarize(const double *x, size_t n, kdlb_summary_t *s);
 /* ------------------------------------------------------------------ rows */
 typedef struct kdlb_row {
     const char *impl;          /* "kdloss", "torch_eager", ...                 */
-    const char *op;            /* "loss" or "sinkhorn"                         */
+    const char *op;            /* kdlb_op_name: "loss", "sinkhorn", "sparse", ... */
     const char *dtype;         /* "bf16", "f32", ...                           */
-    /* op "loss" */
+    /* op "loss" (sparse, fused_linear: divergence, rows, vocab too) */
     const char *divergence;    /* "fkl", ...                                   */
     const char *head_rule;     /* AKL: "reference" | "mass" | "topk"; else NULL */
     int64_t rows, vocab;
-    /* op "sinkhorn" */
+    /* op "sinkhorn" (sinkhorn_ragged: batch, n = sum n_b, m = sum m_b, iterations;
+     * sinkd: iterations) */
     int64_t batch, n, m, iterations;
+    /* op "sparse" */
+    const char *mode;          /* "renormalised"                               */
+    int64_t k;
+    /* op "fused_linear" */
+    int64_t hidden, chunk_rows;
+    uint64_t logits_bytes;     /* rows * vocab * 4: what materialising costs   */
+    /* op "sinkhorn_ragged": problem b is sizes_n[b] x sizes_m[b] (batch of them) */
+    const int64_t *sizes_n, *sizes_m;
+    /* op "sinkd" */
+    const char *metric;        /* "l1" | "sqeuclidean"                         */
+    int64_t group_size;
     /* results */
     const char *status;        /* "ok", "not_implemented", "mismatch", "oom", "error" */
     double ms;                 /* median; Sinkhorn: per iteration              */
@@ -170,12 +285,19 @@ void kdlb_row_set_times(kdlb_row_t *r, const double *ms, size_t n, double copy_g
 /* ------------------------------------------------------------------ JSON */
 /* Writes the JSON object of one row into buf (NUL-terminated).  Returns the
  * length it needs (as snprintf), so a result >= len means truncated.
- * Keys, in this order: loss rows: impl, op, divergence, dtype, rows, vocab,
- * head_rule, status, ms, ms_p20, ms_p80, repeats, bytes, gb_per_s,
- * fraction_of_copy_bandwidth, peak_extra_bytes, check_rel_err, note;
- * Sinkhorn rows: impl, op, dtype, batch, n, m, iterations, then status on as
- * for loss rows.  Numbers: integers in decimal, reals with %.6g, NaN and
- * infinities as null; absent strings as null. */
+ * Keys, in this order: impl, op, then the op's keys:
+ *   loss             divergence, dtype, rows, vocab, head_rule
+ *   sinkhorn         dtype, batch, n, m, iterations
+ *   sparse           divergence, mode, dtype, rows, vocab, k
+ *   fused_linear     divergence, dtype, rows, hidden, vocab, chunk_rows,
+ *                    logits_bytes
+ *   sinkhorn_ragged  dtype, batch, n, m, iterations, sizes_n, sizes_m
+ *                    (arrays of batch integers; n, m their sums)
+ *   sinkd            metric, dtype, rows, vocab, group_size, iterations
+ * then status, ms, ms_p20, ms_p80, repeats, bytes, gb_per_s,
+ * fraction_of_copy_bandwidth, peak_extra_bytes, check_rel_err, note.
+ * Numbers: integers in decimal, reals with %.6g, NaN and infinities as
+ * null; absent strings (and absent size arrays) as null. */
 int kdlb_json_row(const kdlb_row_t *r, char *buf, size_t len);
 
 /* Writes s as a JSON string literal (quotes included) into buf. */
@@ -213,6 +335,12 @@ int kdlb_result_name(const char *date_ymd, const char *device, const char *commi
                      size_t len);
 
 /* ----------------------------------------------------------------- table */
+/* What a row is, in one short string (progress line, table): e.g.
+ * "fkl/- bf16 8192x151936", "sparse fkl k=64 bf16 8192x151936",
+ * "fused_linear jsd f32 4096x4096x151936", "sinkhorn_ragged f32 24 problems
+ * (64..2048)", "sinkd l1 bf16 512x32000/64".  Returns snprintf's length. */
+int kdlb_row_label(const kdlb_row_t *r, char *buf, size_t len);
+
 /* One line per row: impl, divergence/op, head rule, dtype, shape, ms, GB/s,
  * % of copy bandwidth, status. */
 void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double copy_gb_per_s);

@@ -1,6 +1,8 @@
 /*
  * host/cli_bench.c - `kdloss bench`: times kdloss forward+backward over a
- * matrix of shapes, dtypes, divergences and AKL head rules on this GPU.
+ * matrix of shapes, dtypes, divergences and AKL head rules on this GPU, and
+ * the other ops (--ops: Sinkhorn uniform and ragged, sparse top-k teacher,
+ * fused linear + loss, SinKD).
  *
  * Options and the method: bench/bench_lib.h (kdlb_usage), bench/bench_gpu.h
  * and bench/README.md.  A progress line on stderr while it runs, the table
@@ -40,13 +42,9 @@ static void progress(void *vctx, int done, int total, const kdlb_row_t *next)
         fflush(stderr);
         return;
     }
-    if (next->op && !strcmp(next->op, "sinkhorn"))
-        snprintf(line, sizeof line, "kdloss bench [%d/%d] sinkhorn f32 %lldx%lldx%lld", done + 1,
-                 total, (long long)next->batch, (long long)next->n, (long long)next->m);
-    else
-        snprintf(line, sizeof line, "kdloss bench [%d/%d] %s%s%s %s %lldx%lld", done + 1, total,
-                 next->divergence, next->head_rule ? "/" : "", next->head_rule ? next->head_rule : "",
-                 next->dtype, (long long)next->rows, (long long)next->vocab);
+    char what[120];
+    kdlb_row_label(next, what, sizeof what);
+    snprintf(line, sizeof line, "kdloss bench [%d/%d] %s", done + 1, total, what);
     if (p->tty) {
         int n = (int)strlen(line);
         fprintf(stderr, "\r%-*s", p->width > n ? p->width : n, line);
@@ -127,7 +125,7 @@ int kdl_cli_bench(int argc, char **argv)
         return 2;
     }
 
-    size_t cap = (size_t)kdlb_case_count(&o) + 1, n_rows = 0;
+    size_t cap = (size_t)kdlb_row_capacity(&o) + 1, n_rows = 0;
     kdlb_row_t *rows = (kdlb_row_t *)calloc(cap, sizeof *rows);
     if (!rows) {
         kdl_cli_error(CMD, "out of memory");

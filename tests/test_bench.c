@@ -79,6 +79,70 @@ Test(bench_bytes, sinkhorn_reads_the_cost_twice_per_iteration)
     cr_expect_eq(kdlb_sinkhorn_iter_bytes(-1, 3, 5), 0u);
 }
 
+Test(bench_bytes, sparse_reads_s_and_the_topk_writes_ds)
+{
+    /* N V (2 + 2) + N k (8 + 2) in bf16 */
+    cr_expect_eq(kdlb_sparse_bytes(8192, 151936, 8, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(4979294208));
+    cr_expect_eq(kdlb_sparse_bytes(8192, 151936, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(4983881728));
+    cr_expect_eq(kdlb_sparse_bytes(8192, 151936, 1024, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(5062524928));
+    cr_expect_eq(kdlb_sparse_bytes(4096, 32000, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(526909440));
+    /* f32 log-probs: 8 + 4 bytes per support entry */
+    cr_expect_eq(kdlb_sparse_bytes(2, 10, 3, KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(2 * 10 * 6 + 2 * 3 * 12));
+    cr_expect_eq(kdlb_sparse_bytes(-1, 10, 3, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16), 0u);
+    cr_expect_eq(kdlb_sparse_bytes(1, 10, 3, (kdl_dtype_t)9, KDL_DTYPE_BF16, KDL_DTYPE_BF16), 0u);
+    cr_expect_eq(kdlb_sparse_bytes(INT64_C(1) << 40, INT64_C(1) << 22, 1, KDL_DTYPE_F32,
+                                   KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 0u);
+}
+
+Test(bench_bytes, fused_linear_and_materialised_logits)
+{
+    /* (N + V) d (4 + 4) + N V 4 at f32 */
+    cr_expect_eq(kdlb_fused_linear_bytes(4096, 4096, 151936, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(7602176000));
+    cr_expect_eq(kdlb_fused_linear_bytes(1024, 1024, 32000, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(401604608));
+    cr_expect_eq(kdlb_fused_linear_bytes(1, 2, 3, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_F32),
+                 UINT64_C((1 + 3) * 2 * 6 + 1 * 3 * 2));
+    cr_expect_eq(kdlb_logits_f32_bytes(4096, 151936), UINT64_C(2489319424));
+    cr_expect_eq(kdlb_logits_f32_bytes(8192, 151936), UINT64_C(4978638848));
+    cr_expect_eq(kdlb_logits_f32_bytes(-1, 3), 0u);
+    cr_expect_eq(kdlb_fused_linear_bytes(1, -2, 3, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
+}
+
+Test(bench_bytes, ragged_sums_the_uniform_model_over_problems)
+{
+    cr_expect_eq(kdlb_ragged_iter_bytes(kdlb_ragged_default_n, kdlb_ragged_default_m,
+                                        KDLB_RAGGED_DEFAULT_COUNT),
+                 UINT64_C(87236608));
+    cr_expect_eq(kdlb_ragged_iter_bytes(kdlb_ragged_quick_n, kdlb_ragged_quick_m,
+                                        KDLB_RAGGED_QUICK_COUNT),
+                 UINT64_C(3440640));
+    const int64_t n[] = {1024, 3}, m[] = {1024, 5};
+    /* one problem: the uniform model with B = 1 */
+    cr_expect_eq(kdlb_ragged_iter_bytes(n, m, 1), kdlb_sinkhorn_iter_bytes(1, 1024, 1024));
+    cr_expect_eq(kdlb_ragged_iter_bytes(n, m, 2), UINT64_C(8388608 + 120));
+    const int64_t bad[] = {4, -1};
+    cr_expect_eq(kdlb_ragged_iter_bytes(bad, m, 2), 0u);
+    cr_expect_eq(kdlb_ragged_iter_bytes(NULL, m, 1), 0u);
+    cr_expect_eq(kdlb_ragged_iter_bytes(NULL, NULL, 0), 0u);
+    /* the default list spans 64 to 2048 on both sides */
+    int64_t lo = INT64_MAX, hi = 0;
+    for (int b = 0; b < KDLB_RAGGED_DEFAULT_COUNT; b++) {
+        int64_t v[2] = {kdlb_ragged_default_n[b], kdlb_ragged_default_m[b]};
+        for (int k = 0; k < 2; k++) {
+            lo = v[k] < lo ? v[k] : lo;
+            hi = v[k] > hi ? v[k] : hi;
+        }
+    }
+    cr_expect(lo == 64 && hi == 2048);
+}
+
 /* ------------------------------------------------------------- numbers */
 Test(bench_numbers, gb_per_s_and_fraction)
 {
@@ -203,6 +267,165 @@ Test(bench_json, truncation_reports_the_needed_length)
     cr_expect_eq(got, need);
     cr_expect_eq(strlen(small), sizeof small - 1);
     cr_expect(strncmp(small, big, sizeof small - 1) == 0);
+}
+
+/* buf starts with the literal want */
+static int starts_with(const char *buf, const char *want) { return !strncmp(buf, want, strlen(want)); }
+
+Test(bench_json, other_ops_rows_exact_strings)
+{
+    char buf[2048];
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    r.op = "sparse";
+    r.divergence = "fkl";
+    r.mode = "renormalised";
+    r.dtype = "bf16";
+    r.rows = 8192;
+    r.vocab = 151936;
+    r.k = 64;
+    r.status = "ok";
+    r.ms = 2.0;
+    r.ms_p20 = 1.9;
+    r.ms_p80 = 2.1;
+    r.repeats = 20;
+    r.bytes = kdlb_sparse_bytes(8192, 151936, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16);
+    r.gb_per_s = kdlb_gb_per_s(r.bytes, r.ms);
+    r.fraction_of_copy_bandwidth = kdlb_fraction_of_copy(r.gb_per_s, 3000.0);
+    r.peak_extra_bytes = 1024;
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect_str_eq(buf,
+                     "{\"impl\": \"kdloss\", \"op\": \"sparse\", \"divergence\": \"fkl\", "
+                     "\"mode\": \"renormalised\", \"dtype\": \"bf16\", \"rows\": 8192, "
+                     "\"vocab\": 151936, \"k\": 64, \"status\": \"ok\", \"ms\": 2, \"ms_p20\": 1.9, "
+                     "\"ms_p80\": 2.1, \"repeats\": 20, \"bytes\": 4983881728, "
+                     "\"gb_per_s\": 2491.94, \"fraction_of_copy_bandwidth\": 0.830647, "
+                     "\"peak_extra_bytes\": 1024, \"check_rel_err\": null, \"note\": null}");
+    cr_expect(kdl_json_valid(buf));
+
+    kdlb_row_init(&r);
+    r.op = "fused_linear";
+    r.divergence = "jsd";
+    r.dtype = "f32";
+    r.rows = 4096;
+    r.hidden = 4096;
+    r.vocab = 151936;
+    r.chunk_rows = 512;
+    r.logits_bytes = kdlb_logits_f32_bytes(4096, 151936);
+    r.peak_extra_bytes = 311164928;
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect(starts_with(buf,
+                      "{\"impl\": \"kdloss\", \"op\": \"fused_linear\", \"divergence\": \"jsd\", "
+                      "\"dtype\": \"f32\", \"rows\": 4096, \"hidden\": 4096, \"vocab\": 151936, "
+                      "\"chunk_rows\": 512, \"logits_bytes\": 2489319424, \"status\": \"error\", "),
+              "%s", buf);
+    cr_expect(strstr(buf, "\"peak_extra_bytes\": 311164928") != NULL);
+    cr_expect(kdl_json_valid(buf));
+
+    kdlb_row_init(&r);
+    r.impl = "torch_eager";
+    r.op = "sinkhorn_ragged";
+    r.dtype = "f32";
+    const int64_t n[] = {64, 2048, 96}, m[] = {128, 64, 96};
+    r.batch = 3;
+    r.n = 64 + 2048 + 96;
+    r.m = 128 + 64 + 96;
+    r.iterations = 100;
+    r.sizes_n = n;
+    r.sizes_m = m;
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect(starts_with(buf,
+                      "{\"impl\": \"torch_eager\", \"op\": \"sinkhorn_ragged\", \"dtype\": \"f32\", "
+                      "\"batch\": 3, \"n\": 2208, \"m\": 288, \"iterations\": 100, "
+                      "\"sizes_n\": [64, 2048, 96], \"sizes_m\": [128, 64, 96], \"status\": "),
+              "%s", buf);
+    cr_expect(kdl_json_valid(buf));
+    r.sizes_n = r.sizes_m = NULL; /* absent arrays are null */
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect(strstr(buf, "\"sizes_n\": null, \"sizes_m\": null") != NULL, "%s", buf);
+    cr_expect(kdl_json_valid(buf));
+
+    kdlb_row_init(&r);
+    r.op = "sinkd";
+    r.metric = "l1";
+    r.dtype = "bf16";
+    r.rows = 512;
+    r.vocab = 32000;
+    r.group_size = 64;
+    r.iterations = 20;
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect(starts_with(buf,
+                      "{\"impl\": \"kdloss\", \"op\": \"sinkd\", \"metric\": \"l1\", \"dtype\": \"bf16\", "
+                      "\"rows\": 512, \"vocab\": 32000, \"group_size\": 64, \"iterations\": 20, "
+                      "\"status\": \"error\""),
+              "%s", buf);
+    cr_expect(kdl_json_valid(buf));
+}
+
+Test(bench_json, ragged_row_of_64_problems_fits_the_document_line)
+{
+    kdlb_options_t o;
+    kdlb_options_default(&o);
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    int64_t n[KDLB_MAX_RAGGED], m[KDLB_MAX_RAGGED];
+    for (int i = 0; i < KDLB_MAX_RAGGED; i++) n[i] = m[i] = 65536;
+    r.op = "sinkhorn_ragged";
+    r.batch = KDLB_MAX_RAGGED;
+    r.sizes_n = n;
+    r.sizes_m = m;
+    r.note = "a note of some length, as the harness writes them: 200 characters at most .........";
+    char buf[2048];
+    int need = kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect(need < (int)sizeof buf, "%d", need); /* kdlb_json_write's line buffer */
+    cr_expect(kdl_json_valid(buf));
+}
+
+Test(bench_json, row_labels)
+{
+    char s[160];
+    kdlb_row_t r;
+    kdlb_row_init(&r);
+    r.divergence = "akl";
+    r.head_rule = "mass";
+    r.dtype = "bf16";
+    r.rows = 8192;
+    r.vocab = 151936;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "akl/mass bf16 8192x151936");
+    r.op = "sparse";
+    r.divergence = "fkl";
+    r.head_rule = NULL;
+    r.k = 64;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "sparse fkl k=64 bf16 8192x151936");
+    r.op = "fused_linear";
+    r.divergence = "jsd";
+    r.dtype = "f32";
+    r.rows = 4096;
+    r.hidden = 4096;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "fused_linear jsd f32 4096x4096x151936");
+    r.op = "sinkhorn_ragged";
+    r.batch = KDLB_RAGGED_DEFAULT_COUNT;
+    r.sizes_n = kdlb_ragged_default_n;
+    r.sizes_m = kdlb_ragged_default_m;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "sinkhorn_ragged f32 24 problems (64..2048)");
+    r.op = "sinkd";
+    r.metric = "sqeuclidean";
+    r.dtype = "bf16";
+    r.rows = 512;
+    r.vocab = 32000;
+    r.group_size = 64;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "sinkd sqeuclidean bf16 512x32000/64");
+    r.op = "sinkhorn";
+    r.dtype = "f32";
+    r.batch = 64;
+    r.n = r.m = 1024;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "sinkhorn f32 64x1024x1024");
 }
 
 static kdlb_meta_t test_meta(const kdlb_options_t *o)
@@ -451,6 +674,126 @@ Test(bench_parse, bad_options)
                   bad[i].msg);
         cr_expect(strchr(err, '\n') == NULL);
     }
+}
+
+Test(bench_parse, ops_and_the_other_ops_options)
+{
+    kdlb_options_t o;
+    char err[256];
+    cr_assert_eq(parse(&o, err, sizeof err, 0), 0);
+    cr_expect_eq(o.ops, (unsigned)KDLB_OP_ALL);
+    cr_expect(o.n_sparse_shapes == 1 && o.sparse_shapes[0].rows == 8192 &&
+              o.sparse_shapes[0].vocab == 151936);
+    cr_expect(o.n_sparse_k == 3 && o.sparse_k[0] == 8 && o.sparse_k[1] == 64 && o.sparse_k[2] == 1024);
+    cr_expect_eq(o.sparse_dtype, KDL_DTYPE_BF16);
+    cr_expect(o.n_fused_shapes == 1 && o.fused_shapes[0].rows == 4096 &&
+              o.fused_shapes[0].hidden == 4096 && o.fused_shapes[0].vocab == 151936);
+    cr_expect_eq(o.fused_dtype, KDL_DTYPE_F32);
+    cr_expect_eq(o.n_ragged, KDLB_RAGGED_DEFAULT_COUNT);
+    cr_expect(o.sinkd.rows == 512 && o.sinkd.vocab == 32000 && o.sinkd.group == 64);
+    cr_expect_eq(o.sinkd_iters, 20);
+    /* rows: 60 loss + 1 Sinkhorn + 3 sparse + 1 fused + 1 ragged + 2 SinKD */
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SPARSE), 3);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SINKD), 2);
+    cr_expect_eq(kdlb_row_capacity(&o), 68);
+
+    /* --quick: one small shape of each op, no uniform Sinkhorn */
+    cr_assert_eq(parse(&o, err, sizeof err, 1, "--quick"), 0);
+    cr_expect(o.sparse_shapes[0].rows == 4096 && o.sparse_shapes[0].vocab == 32000);
+    cr_expect(o.fused_shapes[0].rows == 1024 && o.fused_shapes[0].hidden == 1024 &&
+              o.fused_shapes[0].vocab == 32000);
+    cr_expect_eq(o.n_ragged, KDLB_RAGGED_QUICK_COUNT);
+    cr_expect(o.sinkd.rows == 256 && o.sinkd.vocab == 8192 && o.sinkd.group == 64);
+    cr_expect_eq(kdlb_row_capacity(&o), 8 + 0 + 3 + 1 + 1 + 2);
+
+    /* --ops selects; explicit shapes win over --quick in any order */
+    cr_assert_eq(parse(&o, err, sizeof err, 6, "--ops", "sparse,sinkd", "--sparse-shapes=16:100",
+                       "--quick", "--sparse-k", "1,100"),
+                 0);
+    cr_expect_eq(o.ops, (unsigned)(KDLB_OP_SPARSE | KDLB_OP_SINKD));
+    cr_expect(o.sparse_shapes[0].rows == 16 && o.sparse_shapes[0].vocab == 100);
+    cr_expect_eq(kdlb_loss_case_count(&o), 0);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_LOSS), 0);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SPARSE), 2);
+    cr_expect_eq(kdlb_row_capacity(&o), 4);
+    /* k larger than V: no row for that pair */
+    cr_assert_eq(parse(&o, err, sizeof err, 4, "--sparse-shapes", "4:7,4:2000", "--sparse-k", "8,1024"),
+                 0);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SPARSE), 2); /* 4:2000 with 8 and 1024 */
+    cr_assert_eq(parse(&o, err, sizeof err, 6, "--ops=all", "--fused-shapes", "2:3:5,7:11:13",
+                       "--ragged-sizes", "64:128,100", "--sinkd=none"),
+                 0);
+    cr_expect_eq(o.n_fused_shapes, 2);
+    cr_expect(o.fused_shapes[1].rows == 7 && o.fused_shapes[1].hidden == 11 &&
+              o.fused_shapes[1].vocab == 13);
+    cr_expect(o.n_ragged == 2 && o.ragged_n[0] == 64 && o.ragged_m[0] == 128 && o.ragged_n[1] == 100 &&
+              o.ragged_m[1] == 100);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SINKD), 0);
+    cr_assert_eq(parse(&o, err, sizeof err, 2, "--sinkd", "128:4096:32"), 0);
+    cr_expect(o.sinkd.rows == 128 && o.sinkd.vocab == 4096 && o.sinkd.group == 32);
+    cr_expect_str_eq(kdlb_op_name(KDLB_OP_SINKHORN_RAGGED), "sinkhorn_ragged");
+    cr_expect_null(kdlb_op_name((kdlb_op_t)3));
+}
+
+Test(bench_parse, bad_other_ops_options)
+{
+    kdlb_options_t o;
+    char err[256];
+    struct {
+        const char *a, *b, *msg;
+    } bad[] = {
+        {"--ops", "loss,loss", "--ops: duplicate 'loss'"},
+        {"--ops", "dense", "--ops: unknown name 'dense'"},
+        {"--ops", "", "--ops: empty list"},
+        {"--ops", "sparse,", "--ops: empty item"},
+        {"--sparse-k", "0", "--sparse-k: bad k '0'"},
+        {"--sparse-k", "1025", "--sparse-k: bad k '1025'"},
+        {"--sparse-k", "8,8", "--sparse-k: duplicate '8'"},
+        {"--sparse-k", "1,2,3,4,5,6,7,8,9", "--sparse-k: more than 8"},
+        {"--sparse-shapes", "8192", "--sparse-shapes: bad shape"},
+        {"--fused-shapes", "1:2", "--fused-shapes: bad shape '1:2'"},
+        {"--fused-shapes", "1:2:0", "--fused-shapes: bad shape"},
+        {"--fused-shapes", "1:2:3,1:2:3", "--fused-shapes: duplicate shape"},
+        {"--ragged-sizes", "64:0", "--ragged-sizes: bad problem '64:0'"},
+        {"--ragged-sizes", "65537", "--ragged-sizes: bad problem"},
+        {"--ragged-sizes", "1:2:3", "--ragged-sizes: bad problem"},
+        {"--sinkd", "512:32000:60", "--sinkd: bad value"},
+        {"--sinkd", "512:32000", "--sinkd: bad value"},
+        {"--sinkd", "0:5:1", "--sinkd: bad value"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        cr_expect_eq(parse(&o, err, sizeof err, 2, bad[i].a, bad[i].b), -1, "%s %s", bad[i].a, bad[i].b);
+        cr_expect(strncmp(err, bad[i].msg, strlen(bad[i].msg)) == 0, "got '%s', want '%s...'", err,
+                  bad[i].msg);
+        cr_expect(strchr(err, '\n') == NULL);
+    }
+    char many[1024] = "";
+    for (int i = 0; i <= KDLB_MAX_RAGGED; i++) strcat(many, i ? ",64" : "64");
+    cr_expect_eq(parse(&o, err, sizeof err, 2, "--ragged-sizes", many), -1);
+    cr_expect(strstr(err, "more than 64 problems") != NULL, "%s", err);
+}
+
+Test(bench_json, meta_lists_the_ops_and_byte_models)
+{
+    kdlb_options_t o;
+    char err[256];
+    cr_assert_eq(parse(&o, err, sizeof err, 2, "--ops", "sparse,fused_linear"), 0);
+    kdlb_meta_t m = test_meta(&o);
+    FILE *f = tmpfile();
+    cr_assert_not_null(f);
+    cr_expect_eq(kdlb_json_write(f, &m, NULL, 0), 0);
+    long len = ftell(f);
+    rewind(f);
+    char *s = calloc((size_t)len + 1, 1);
+    cr_assert_eq(fread(s, 1, (size_t)len, f), (size_t)len);
+    fclose(f);
+    cr_expect(kdl_json_valid(s), "%s", s);
+    cr_expect(strstr(s, "\"ops\": [\"sparse\", \"fused_linear\"]") != NULL, "%s", s);
+    cr_expect(strstr(s, "\"sparse\": \"rows*vocab*(size(student)+size(grad))+rows*k*(8+size(logprobs))\"") !=
+              NULL);
+    cr_expect(strstr(s, "\"sinkhorn_ragged\": \"sum_b 2*n_b*m_b*4 per iteration\"") != NULL);
+    free(s);
 }
 
 /* ----------------------------------------------------------- file names */
