@@ -21,7 +21,8 @@ kdl_status_t kdl_set_stream(kdl_handle_t h, kdl_stream_t s)
 }
 kdl_status_t kdl_get_stream(kdl_handle_t h, kdl_stream_t *s)
 {
-    return kdl_fail(h ? KDL_STATUS_NO_DEVICE : KDL_STATUS_NULL_POINTER, "no device");
+    if (!h || !s) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or stream is NULL");
+    return kdl_fail(KDL_STATUS_NO_DEVICE, "no device");
 }
 kdl_status_t kdl_loss_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_loss_args_t *a,
                                      size_t *bytes)

@@ -553,6 +553,7 @@ Test(bad_args, gpu_loss_entry_points_check_first)
     cr_expect_eq(kdl_loss_workspace_size(g.h, &d, &a, NULL), KDL_STATUS_NULL_POINTER);
     cr_expect_eq(kdl_loss_forward_backward(g.h, NULL, &a, g.ws, g.ws_bytes), KDL_STATUS_NULL_POINTER);
     cr_expect_eq(kdl_loss_forward_backward(g.h, &d, NULL, g.ws, g.ws_bytes), KDL_STATUS_NULL_POINTER);
+    cr_expect_eq(kdl_get_stream(g.h, NULL), KDL_STATUS_NULL_POINTER);
     cr_log_info("loss GPU entry points: %d cases + f64 + 3 NULL", n);
     loss_bufs_free(&b);
     gpu_ctx_close(&g);
