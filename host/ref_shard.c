@@ -439,8 +439,10 @@ static void finish(const ctx_t *c, unsigned char *mask)
     const kdl_loss_desc_t *d = c->d;
     const double tau = d->temperature;
     const int64_t nv = c->hdr->valid_rows;
-    double factor = d->scale / tau;
-    if (d->reduction == KDL_REDUCTION_MEAN) factor = nv ? factor / (double)nv : 0.0;
+    /* as the dense reference: scale 0 switches a term off even where it is
+     * infinite, and the gradient is (gscale dz) / tau (kdl_scaled_*) */
+    double gscale = d->scale;
+    if (d->reduction == KDL_REDUCTION_MEAN) gscale = nv ? gscale / (double)nv : 0.0;
     double total = 0;
     for (int64_t i = 0; i < a->rows; i++) {
         const double *ex = a->exchange + i * KDL_SHARD_PARTIAL_FIELDS;
@@ -466,7 +468,7 @@ static void finish(const ctx_t *c, unsigned char *mask)
                     double lp = T_at(a, i, v) / tau - r->lse_t;
                     kdl_elem_d e = kdl_elem_eval_d(&pr, lp, lq);
                     kdl_store_from_double(a->grad, a->grad_dtype, i * a->ld_grad + v,
-                                          factor * kdl_elem_dz_d(e.qg, exp(lq), r->G));
+                                          kdl_scaled_grad(gscale, kdl_elem_dz_d(e.qg, exp(lq), r->G), tau));
                 }
             }
             if (c->akl && a->head_mask) head_of_row(c, i, a->head_mask + i * a->vocab_local);
@@ -477,13 +479,14 @@ static void finish(const ctx_t *c, unsigned char *mask)
             if (c->akl && a->head_mask) memset(a->head_mask + i * a->vocab_local, 0, (size_t)a->vocab_local);
             if (r->cls == KDL_EXT_ROW_INVALID) l = NAN;
         }
-        if (d->reduction == KDL_REDUCTION_NONE) kdl_store_from_double(a->loss, a->out_dtype, i, d->scale * l);
+        if (d->reduction == KDL_REDUCTION_NONE)
+            kdl_store_from_double(a->loss, a->out_dtype, i, kdl_scaled_loss(d->scale, l));
         if (c->akl && a->stat_head_size) a->stat_head_size[i] = r->cls == KDL_EXT_ROW_VALID ? r->head_size : 0;
     }
     if (d->reduction == KDL_REDUCTION_SUM)
-        kdl_store_from_double(a->loss, a->out_dtype, 0, d->scale * total);
+        kdl_store_from_double(a->loss, a->out_dtype, 0, kdl_scaled_loss(d->scale, total));
     else if (d->reduction == KDL_REDUCTION_MEAN)
-        kdl_store_from_double(a->loss, a->out_dtype, 0, nv ? d->scale * total / (double)nv : 0.0);
+        kdl_store_from_double(a->loss, a->out_dtype, 0, nv ? kdl_scaled_loss(d->scale, total) / (double)nv : 0.0);
     if (a->info) *a->info = c->hdr->invalid_rows;
     if (a->valid_rows) *a->valid_rows = nv;
 }

@@ -423,6 +423,36 @@ Test(rows, invalid_in_one_shard_ignored_and_masked)
         }
 }
 
+/* scale = 0 switches the term off even where it is infinite (a masked
+ * student token under teacher mass: FKL, SKL, AKL are +inf), as the dense
+ * reference: loss 0 and a zero gradient, not 0 * inf = NaN. */
+Test(rows, scale_zero_with_infinite_terms)
+{
+    enum { N = 3, V = 40 };
+    double S[N * V], T[N * V];
+    random_rows(1400, S, N * V, 1.0);
+    random_rows(1401, T, N * V, 1.0);
+    for (int v = 0; v < 25; v++) S[1 * V + v] = -INFINITY;
+    for (size_t k = 0; k < KDL_NDIVS; k++)
+        for (int red = 0; red < KDL_REDUCTION_COUNT_; red++) {
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], (kdl_reduction_t)red);
+            d.scale = 0.0;
+            int64_t w[MAXR];
+            int R = splits(3, V, w);
+            result_t sh, de;
+            run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh);
+            run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, &de);
+            char what[64];
+            snprintf(what, sizeof what, "%s red %d scale 0", kdl_divergence_name(kdl_all_divs[k]), red);
+            compare(what, &d, &sh, &de, N, V);
+            for (int64_t j = 0; j < N * V; j++)
+                if (sh.grad[j] != 0.0) {
+                    cr_expect(0, "%s: grad[%lld] = %g, not 0", what, (long long)j, sh.grad[j]);
+                    break;
+                }
+        }
+}
+
 Test(rows, empty_batch_and_all_ignored)
 {
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
