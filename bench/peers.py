@@ -23,6 +23,12 @@ kdloss rows of --json, or of the options):
                  if importable.  Its kernels take log-probabilities (TVD:
                  probabilities), so the timed step includes the float32
                  log_softmax / softmax a user runs first.
+Other ops (bench/README.md): sparse top-k teacher (torch_eager, torch_compile
+of the textbook gather-after-log_softmax renormalised KL), fused linear +
+JSD (torch_eager materialising H W^T; liger = liger_fused_linear_jsd), ragged
+Sinkhorn (torch_eager and pot: Python loops over the problems), SinKD
+(torch_eager).  kdloss's side through ExtBinding (ctypes).  Written without a
+GPU: only --self-test and --cpu-dry-run ran.
 Sinkhorn peers (B problems of n x m, f32, eps 0.1, a fixed number of
 iterations, ms per iteration; cost from points x, y [B, n, 64] as squared
 Euclidean distances, built outside the timing):
@@ -76,6 +82,13 @@ HEAD_RULES = ["reference", "mass", "topk"]
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 LOSS_IMPLS = ["torch_eager", "torch_compile", "liger"]
 SINKHORN_IMPLS = ["torch_eager", "torch_compile", "pot", "flash_sinkhorn"]
+OPS = ["loss", "sinkhorn", "sparse", "fused_linear", "sinkhorn_ragged", "sinkd"]
+# The fixed problem lists of the ragged Sinkhorn row (bench/bench_lib.c's).
+RAGGED_DEFAULT = ([64, 2048, 128, 1024, 256, 512, 96, 1536, 192, 768, 384, 640,
+                   80, 1792, 160, 896, 320, 448, 112, 1280, 224, 960, 576, 1152],
+                  [64, 2048, 256, 512, 1024, 128, 96, 768, 384, 1536, 192, 640,
+                   2048, 64, 896, 160, 448, 320, 1280, 112, 960, 224, 1152, 576])
+RAGGED_QUICK = ([64, 512, 96, 384, 128, 256, 192, 320], [64, 128, 384, 96, 256, 512, 320, 192])
 ALPHA, BETA, TEMPERATURE = 0.1, 0.5, 1.0
 SINKHORN_EPS = 0.1
 SINKHORN_DIM = 64
@@ -92,6 +105,16 @@ def loss_bytes(rows, vocab, dtype):
 
 def sinkhorn_iter_bytes(batch, n, m):
     return 2 * batch * n * m * 4
+
+
+def sparse_bytes(rows, vocab, k, dtype):
+    """read S, read the top-k (int64 indices + log-probs), write dS."""
+    return rows * vocab * 2 * DTYPE_BYTES[dtype] + rows * k * (8 + DTYPE_BYTES[dtype])
+
+
+def fused_linear_bytes(rows, hidden, vocab, dtype):
+    """read H, W, T, write dH, dW (float32)."""
+    return (rows + vocab) * hidden * (DTYPE_BYTES[dtype] + 4) + rows * vocab * DTYPE_BYTES[dtype]
 
 
 def gb_per_s(nbytes, ms):
@@ -147,6 +170,46 @@ def _sinkhorn(value):
     return tuple(int(g) for g in m.groups())
 
 
+def _ints(value, what, lo=1, hi=None):
+    try:
+        out = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: bad list '{value}'") from None
+    if any(x < lo or (hi and x > hi) for x in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{what}: bad list '{value}'")
+    return out
+
+
+def _fused_shapes(value):
+    out = []
+    for item in value.split(","):
+        m = re.fullmatch(r"(\d+):(\d+):(\d+)", item)
+        if not m or min(int(g) for g in m.groups()) < 1:
+            raise argparse.ArgumentTypeError(f"--fused-shapes: bad shape '{item}' (expected N:d:V)")
+        out.append(tuple(int(g) for g in m.groups()))
+    return out
+
+
+def _ragged(value):
+    ns, ms = [], []
+    for item in value.split(","):
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", item)
+        if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < 1):
+            raise argparse.ArgumentTypeError(f"--ragged-sizes: bad problem '{item}' (n:m or n)")
+        ns.append(int(m.group(1)))
+        ms.append(int(m.group(2) or m.group(1)))
+    return ns, ms
+
+
+def _sinkd(value):
+    if value == "none":
+        return ()
+    m = re.fullmatch(r"(\d+):(\d+):(\d+)", value)
+    if not m or min(int(g) for g in m.groups()) < 1 or int(m.group(1)) % int(m.group(3)):
+        raise argparse.ArgumentTypeError(f"--sinkd: bad value '{value}' (N:V:G, G dividing N, or none)")
+    return tuple(int(g) for g in m.groups())
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Time kdloss's peers; merge into the kdloss bench JSON.")
     p.add_argument("--json", help="kdloss bench JSON to merge (its meta and shapes are used)")
@@ -164,6 +227,12 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int)
     p.add_argument("--sinkhorn", type=_sinkhorn, default=None, help="B:n:m or none (default 64:1024:1024)")
     p.add_argument("--sinkhorn-iters", type=int, default=100)
+    p.add_argument("--ops", type=lambda v: _list(v, OPS, "--ops"))
+    p.add_argument("--sparse-shapes", type=_shapes)
+    p.add_argument("--sparse-k", type=lambda v: _ints(v, "--sparse-k", 1, 1024))
+    p.add_argument("--fused-shapes", type=_fused_shapes)
+    p.add_argument("--ragged-sizes", type=_ragged)
+    p.add_argument("--sinkd", type=_sinkd)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--budget-s", type=float, default=None)
@@ -189,8 +258,20 @@ def parse_args(argv):
 
 # ------------------------------------------------------------ JSON merge
 def row_key(r):
-    if r.get("op") == "sinkhorn":
+    op = r.get("op")
+    if op == "sinkhorn":
         return (r.get("impl"), "sinkhorn", r.get("dtype"), r.get("batch"), r.get("n"), r.get("m"))
+    if op == "sparse":
+        return (r.get("impl"), op, r.get("divergence"), r.get("mode"), r.get("dtype"), r.get("rows"),
+                r.get("vocab"), r.get("k"))
+    if op == "fused_linear":
+        return (r.get("impl"), op, r.get("divergence"), r.get("dtype"), r.get("rows"), r.get("hidden"),
+                r.get("vocab"))
+    if op == "sinkhorn_ragged":
+        return (r.get("impl"), op, r.get("dtype"), tuple(r.get("sizes_n") or ()), tuple(r.get("sizes_m") or ()))
+    if op == "sinkd":
+        return (r.get("impl"), op, r.get("metric"), r.get("dtype"), r.get("rows"), r.get("vocab"),
+                r.get("group_size"))
     return (r.get("impl"), "loss", r.get("divergence"), r.get("dtype"), r.get("rows"), r.get("vocab"),
             r.get("head_rule"))
 
@@ -266,6 +347,20 @@ def summarize_targets(rows):
             if k:
                 speed.append(r["ms"] / k["ms"])
         out[f"speedup_vs_{impl}_min"] = {"target": f">= {want}", "value": min(speed) if speed else None}
+    # the other ops (bench/README.md): sparse top-k at bf16 8192 x 151936,
+    # every k; fused linear's peak extra memory over the float32 logits it
+    # avoids, at V = 151936
+    sp = [r for r in rows if r.get("op") == "sparse" and r.get("impl") == "kdloss" and ok(r)
+          and r.get("dtype") == "bf16" and (r.get("rows"), r.get("vocab")) == TARGET_SHAPE]
+    out["sparse_fraction_of_copy_bandwidth_min"] = {
+        "target": ">= 0.85",
+        "value": min((r["fraction_of_copy_bandwidth"] for r in sp if r.get("fraction_of_copy_bandwidth")),
+                     default=None)}
+    fl = [r for r in rows if r.get("op") == "fused_linear" and r.get("impl") == "kdloss" and ok(r)
+          and r.get("vocab") == TARGET_SHAPE[1] and r.get("peak_extra_bytes") is not None and r.get("logits_bytes")]
+    out["fused_linear_peak_over_logits_max"] = {
+        "target": "<= 0.125",
+        "value": max((r["peak_extra_bytes"] / r["logits_bytes"] for r in fl), default=None)}
     for name, t in out.items():
         v = t["value"]
         if v is None:
@@ -294,6 +389,18 @@ def plot(doc, png):
         if r["op"] == "loss":
             g = f"{r['dtype']} N={r['rows']} V={r['vocab']}"
             x = r["divergence"] + ("/" + r["head_rule"] if r.get("head_rule") else "")
+        elif r["op"] == "sparse":
+            g = f"sparse top-k {r['dtype']} N={r['rows']} V={r['vocab']}"
+            x = f"k={r['k']}"
+        elif r["op"] == "fused_linear":
+            g = "fused linear + JSD (GEMM-bound: GB/s of the byte model)"
+            x = f"{r['dtype']} {r['rows']}x{r['hidden']}x{r['vocab']}"
+        elif r["op"] == "sinkhorn_ragged":
+            g = "sinkhorn ragged f32 (per iteration)"
+            x = f"{r['batch']} problems"
+        elif r["op"] == "sinkd":
+            g = f"SinKD {r['dtype']} N={r['rows']} V={r['vocab']} groups of {r['group_size']}"
+            x = r["metric"]
         else:
             g = f"sinkhorn f32 B={r['batch']} n={r['n']} m={r['m']} (per iteration)"
             x = "sinkhorn"
@@ -969,6 +1076,724 @@ def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
     return rows
 
 
+# ================================================ the other ops (extensions)
+# Sparse top-k teacher, fused linear + loss, ragged Sinkhorn, SinKD: the
+# kdloss side runs through ExtBinding (ctypes mirrors of kdloss_ext.h and
+# kdloss_ot.h, checked against the library's struct_size), on the GPU for
+# the comparison and in the float64 CPU references for the self-test.
+# Written without a GPU: the timing paths below ran only in --cpu-dry-run.
+from ctypes import Structure, c_double, c_int, c_int64, c_size_t, c_void_p  # noqa: E402
+
+DT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "f64": 3}
+
+
+class _LossDesc(Structure):
+    _fields_ = [("struct_size", c_size_t), ("divergence", c_int), ("temperature", c_double),
+                ("alpha", c_double), ("beta", c_double), ("head_rule", c_int), ("mu", c_double),
+                ("top_k", c_int64), ("reduction", c_int), ("scale", c_double), ("ignore_index", c_int64)]
+
+
+class _SparseArgs(Structure):
+    _fields_ = [("struct_size", c_size_t), ("mode", c_int), ("rows", c_int64), ("vocab", c_int64),
+                ("k", c_int64), ("student", c_void_p), ("ld_student", c_int64), ("student_dtype", c_int),
+                ("teacher_indices", c_void_p), ("ld_indices", c_int64), ("teacher_logprobs", c_void_p),
+                ("ld_logprobs", c_int64), ("teacher_dtype", c_int), ("labels", c_void_p),
+                ("grad", c_void_p), ("ld_grad", c_int64), ("grad_dtype", c_int), ("out_dtype", c_int),
+                ("loss", c_void_p), ("info", c_void_p), ("valid_rows", c_void_p),
+                ("bad_index_rows", c_void_p)]
+
+
+class _FusedArgs(Structure):
+    _fields_ = [("struct_size", c_size_t), ("rows", c_int64), ("hidden", c_int64), ("vocab", c_int64),
+                ("hidden_states", c_void_p), ("ld_hidden", c_int64), ("hidden_dtype", c_int),
+                ("weight", c_void_p), ("ld_weight", c_int64), ("weight_dtype", c_int),
+                ("teacher", c_void_p), ("ld_teacher", c_int64), ("teacher_dtype", c_int),
+                ("labels", c_void_p), ("grad_hidden", c_void_p), ("ld_grad_hidden", c_int64),
+                ("grad_weight", c_void_p), ("ld_grad_weight", c_int64), ("grad_dtype", c_int),
+                ("chunk_rows", c_int64), ("out_dtype", c_int), ("loss", c_void_p), ("info", c_void_p),
+                ("valid_rows", c_void_p)]
+
+
+class _SinkhornDesc(Structure):
+    _fields_ = [("struct_size", c_size_t), ("epsilon", c_double), ("max_iter", c_int64), ("tol", c_double),
+                ("check_every", c_int64), ("eps_scaling", c_int), ("eps_scaling_factor", c_double),
+                ("eps_stage_iter", c_int64), ("value", c_int), ("debias", c_int), ("metric", c_int)]
+
+
+class _SinkhornArgs(Structure):
+    _fields_ = [("struct_size", c_size_t), ("batch", c_int64), ("n", c_int64), ("m", c_int64),
+                ("sizes_n", c_void_p), ("sizes_m", c_void_p), ("dtype", c_int), ("cost", c_void_p),
+                ("x", c_void_p), ("y", c_void_p), ("dim", c_int64), ("log_a", c_void_p), ("log_b", c_void_p),
+                ("f_init", c_void_p), ("g_init", c_void_p), ("cost_xx", c_void_p), ("cost_yy", c_void_p),
+                ("self_yy", c_void_p), ("self_yy_given", c_int), ("value", c_void_p),
+                ("iterations", c_void_p), ("marginal_error", c_void_p), ("f", c_void_p), ("g", c_void_p),
+                ("plan", c_void_p), ("grad_x", c_void_p), ("info", c_void_p)]
+
+
+class _SinkdDesc(Structure):
+    _fields_ = [("struct_size", c_size_t), ("group_size", c_int64), ("temperature", c_double),
+                ("epsilon", c_double), ("max_iter", c_int64), ("tol", c_double), ("check_every", c_int64),
+                ("metric", c_int), ("scale", c_double)]
+
+
+class _SinkdArgs(Structure):
+    _fields_ = [("struct_size", c_size_t), ("rows", c_int64), ("vocab", c_int64), ("student", c_void_p),
+                ("ld_student", c_int64), ("student_dtype", c_int), ("teacher", c_void_p),
+                ("ld_teacher", c_int64), ("teacher_dtype", c_int), ("grad", c_void_p), ("ld_grad", c_int64),
+                ("grad_dtype", c_int), ("out_dtype", c_int), ("loss", c_void_p), ("group_loss", c_void_p),
+                ("plan", c_void_p), ("iterations", c_void_p), ("marginal_error", c_void_p),
+                ("info", c_void_p)]
+
+
+class ExtBinding:
+    """kdloss's sparse, fused-linear, Sinkhorn and SinKD entry points on torch
+    tensors through ctypes: gpu=True runs the CUDA path on the current stream
+    (device tensors), gpu=False the float64 reference (host float64 tensors).
+    Each call returns plain results or raises RuntimeError."""
+
+    KINDS = {"sparse": (_LossDesc, "kdl_loss_desc_init", _SparseArgs, "kdl_sparse_args_init"),
+             "fused_linear": (_LossDesc, "kdl_loss_desc_init", _FusedArgs, "kdl_fused_linear_args_init"),
+             "sinkhorn": (_SinkhornDesc, "kdl_sinkhorn_desc_init", _SinkhornArgs, "kdl_sinkhorn_args_init"),
+             "sinkd": (_SinkdDesc, "kdl_sinkd_desc_init", _SinkdArgs, "kdl_sinkd_args_init")}
+
+    def __init__(self, path, torch):
+        self.torch = torch
+        self.L = ctypes.CDLL(path or "libkdloss.so")
+        self.handle = None
+        L = self.L
+        L.kdl_status_string.restype = ctypes.c_char_p
+        L.kdl_get_last_error.restype = ctypes.c_char_p
+        for kind, (D, dinit, A, ainit) in self.KINDS.items():
+            for fn, cls in ((dinit, D), (ainit, A)):
+                f = getattr(L, fn)
+                f.restype, f.argtypes = None, [c_void_p]
+                obj = cls()
+                f(ctypes.byref(obj))
+                if obj.struct_size != ctypes.sizeof(cls):
+                    raise RuntimeError(f"{cls.__name__}: struct layout differs from the library's "
+                                       f"({obj.struct_size} != {ctypes.sizeof(cls)})")
+            ref = getattr(L, f"kdl_ref_{kind}" if kind != "sparse" and kind != "fused_linear"
+                          else f"kdl_ref_{kind}_loss")
+            ref.restype, ref.argtypes = c_int, [c_void_p, c_void_p]
+            fn = getattr(L, f"kdl_{kind}" if kind in ("sinkhorn", "sinkd") else f"kdl_{kind}_loss")
+            fn.restype, fn.argtypes = c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_size_t]
+            ws = getattr(L, f"kdl_{kind}_workspace_size")
+            ws.restype, ws.argtypes = c_int, [c_void_p, c_void_p, c_void_p, c_void_p]
+
+    def new(self, kind):
+        D, dinit, A, ainit = self.KINDS[kind]
+        d, a = D(), A()
+        getattr(self.L, dinit)(ctypes.byref(d))
+        getattr(self.L, ainit)(ctypes.byref(a))
+        return d, a
+
+    def _check(self, st, what):
+        if st != 0:
+            raise RuntimeError(f"{what}: {self.L.kdl_status_string(st).decode()} "
+                               f"({self.L.kdl_get_last_error().decode()})")
+
+    def _run(self, kind, d, a, gpu):
+        L, torch = self.L, self.torch
+        if not gpu:
+            name = f"kdl_ref_{kind}" if kind in ("sinkhorn", "sinkd") else f"kdl_ref_{kind}_loss"
+            self._check(getattr(L, name)(ctypes.byref(d), ctypes.byref(a)), name)
+            return
+        if self.handle is None:
+            self.handle = c_void_p()
+            L.kdl_set_stream.argtypes = [c_void_p, c_void_p]
+            self._check(L.kdl_create(ctypes.byref(self.handle)), "kdl_create")
+        L.kdl_set_stream(self.handle, c_void_p(torch.cuda.current_stream().cuda_stream))
+        nbytes = c_size_t(0)
+        self._check(getattr(L, f"kdl_{kind}_workspace_size")(self.handle, ctypes.byref(d), ctypes.byref(a),
+                                                              ctypes.byref(nbytes)), f"{kind} workspace")
+        buf = torch.empty(max(1, nbytes.value), dtype=torch.uint8, device="cuda")
+        name = f"kdl_{kind}" if kind in ("sinkhorn", "sinkd") else f"kdl_{kind}_loss"
+        self._check(getattr(L, name)(self.handle, ctypes.byref(d), ctypes.byref(a), c_void_p(buf.data_ptr()),
+                                     nbytes.value), name)
+        torch.cuda.synchronize()
+
+    @staticmethod
+    def _code(t):
+        import torch
+        return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[t.dtype]
+
+    def sparse(self, s, idx, lp, gpu=True):
+        """RENORMALISED FKL, mean: (loss, grad in s's dtype or f64)."""
+        torch = self.torch
+        d, a = self.new("sparse")
+        d.divergence, d.reduction = DIVERGENCES.index("fkl"), 2
+        s, idx, lp = s.detach().contiguous(), idx.contiguous(), lp.detach().contiguous()
+        grad = torch.empty_like(s)
+        loss = torch.zeros(1, dtype=torch.float32 if gpu else torch.float64, device=s.device)
+        a.mode, (a.rows, a.vocab), a.k = 0, s.shape, idx.shape[1]
+        a.student, a.ld_student, a.student_dtype = s.data_ptr(), s.shape[1], self._code(s)
+        a.teacher_indices, a.ld_indices = idx.data_ptr(), idx.shape[1]
+        a.teacher_logprobs, a.ld_logprobs, a.teacher_dtype = lp.data_ptr(), lp.shape[1], self._code(lp)
+        a.grad, a.ld_grad, a.grad_dtype = grad.data_ptr(), s.shape[1], self._code(grad)
+        a.out_dtype, a.loss = self._code(loss), loss.data_ptr()
+        self._run("sparse", d, a, gpu)
+        return float(loss), grad
+
+    def fused_linear(self, H, W, T, gpu=True):
+        """JSD (beta 0.5), mean: (loss, dH, dW) in float32 (GPU) or f64."""
+        torch = self.torch
+        d, a = self.new("fused_linear")
+        d.divergence, d.reduction, d.beta = DIVERGENCES.index("jsd"), 2, BETA
+        H, W, T = H.detach().contiguous(), W.detach().contiguous(), T.detach().contiguous()
+        gdt = torch.float32 if gpu else torch.float64
+        dH = torch.empty(H.shape, dtype=gdt, device=H.device)
+        dW = torch.empty(W.shape, dtype=gdt, device=H.device)
+        loss = torch.zeros(1, dtype=gdt, device=H.device)
+        (a.rows, a.hidden), a.vocab = H.shape, W.shape[0]
+        a.hidden_states, a.ld_hidden, a.hidden_dtype = H.data_ptr(), H.shape[1], self._code(H)
+        a.weight, a.ld_weight, a.weight_dtype = W.data_ptr(), W.shape[1], self._code(W)
+        a.teacher, a.ld_teacher, a.teacher_dtype = T.data_ptr(), T.shape[1], self._code(T)
+        a.grad_hidden, a.ld_grad_hidden = dH.data_ptr(), H.shape[1]
+        a.grad_weight, a.ld_grad_weight, a.grad_dtype = dW.data_ptr(), W.shape[1], self._code(dH)
+        a.out_dtype, a.loss = self._code(loss), loss.data_ptr()
+        self._run("fused_linear", d, a, gpu)
+        return float(loss), dH, dW
+
+    def sinkhorn_ragged(self, cost, sizes_n, sizes_m, iters, gpu=True):
+        """Values <P, C> per problem (eps 0.1, exactly iters iterations)."""
+        torch = self.torch
+        d, a = self.new("sinkhorn")
+        d.epsilon, d.max_iter, d.tol, d.value = SINKHORN_EPS, iters, 0.0, 0
+        cost = cost.detach().contiguous()
+        sn = (ctypes.c_int64 * len(sizes_n))(*sizes_n)
+        sm = (ctypes.c_int64 * len(sizes_m))(*sizes_m)
+        val = torch.zeros(len(sizes_n), dtype=cost.dtype, device=cost.device)
+        a.batch, a.n, a.m = len(sizes_n), sizes_n[0], sizes_m[0]
+        a.sizes_n, a.sizes_m = ctypes.cast(sn, c_void_p), ctypes.cast(sm, c_void_p)
+        a.dtype, a.cost, a.value = self._code(cost), cost.data_ptr(), val.data_ptr()
+        self._run("sinkhorn", d, a, gpu)
+        return [float(v) for v in val.cpu()]
+
+    def sinkd(self, s, t, group, metric, iters, gpu=True):
+        """SinKD loss (tau 2, eps 0.1) and gradient in s's dtype (or f64)."""
+        torch = self.torch
+        d, a = self.new("sinkd")
+        d.group_size, d.metric, d.max_iter, d.tol = group, {"sqeuclidean": 0, "l1": 1}[metric], iters, 0.0
+        s, t = s.detach().contiguous(), t.detach().contiguous()
+        grad = torch.empty_like(s)
+        loss = torch.zeros(1, dtype=torch.float32 if gpu else torch.float64, device=s.device)
+        a.rows, a.vocab = s.shape
+        a.student, a.ld_student, a.student_dtype = s.data_ptr(), s.shape[1], self._code(s)
+        a.teacher, a.ld_teacher, a.teacher_dtype = t.data_ptr(), t.shape[1], self._code(t)
+        a.grad, a.ld_grad, a.grad_dtype = grad.data_ptr(), s.shape[1], self._code(grad)
+        a.out_dtype, a.loss = self._code(loss), loss.data_ptr()
+        self._run("sinkd", d, a, gpu)
+        return float(loss), grad
+
+
+def ext_binding(path, torch, log=None):
+    try:
+        return ExtBinding(path or os.environ.get("KDLOSS_LIBRARY"), torch)
+    except Exception as e:  # noqa: BLE001
+        if log:
+            log(f"peers.py: kdloss's extension entry points not loadable ({type(e).__name__}: {e}); "
+                "the other ops' peers are checked against float64 only")
+        return None
+
+
+# ---------------------------------------------------- the textbook forms
+def ext_forms(F, torch):
+    """Textbook torch forms of the other ops (eager; torch.compile of the
+    same functions for sparse)."""
+    f32 = torch.float32
+
+    def sparse_fkl(s, idx, lp):
+        # the usual top-k distillation code: full-vocabulary log_softmax of the
+        # student, gather at the teacher's top-k, teacher renormalised on them
+        lq = F.log_softmax(s, dim=-1, dtype=f32).gather(1, idx)
+        lpf = lp.to(f32)
+        lph = lpf - torch.logsumexp(lpf, dim=-1, keepdim=True)
+        return (lph.exp() * (lph - lq)).sum(dim=-1).mean()
+
+    def sinkd(s, t, group, metric, iters, tau=2.0, eps=SINKHORN_EPS):
+        # SinKD: softmaxes at tau, cost between the group's student and teacher
+        # rows, log-domain Sinkhorn (f then g update) with the plan detached,
+        # loss <P, C> averaged over groups
+        n = group
+        ps = F.softmax(s.to(f32 if s.dtype != torch.float64 else s.dtype) / tau, dim=-1)
+        pt = F.softmax(t.to(ps.dtype) / tau, dim=-1)
+        G, V = s.shape[0] // n, s.shape[1]
+        ps, pt = ps.reshape(G, n, V), pt.reshape(G, n, V)
+        if metric == "l1":
+            C = torch.cdist(ps, pt, p=1)
+        else:
+            C = torch.cdist(ps, pt, p=2, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        with torch.no_grad():
+            Cd = C.detach()
+            la = -math.log(n)
+            f = torch.zeros(G, n, dtype=C.dtype, device=C.device)
+            g = torch.zeros(G, n, dtype=C.dtype, device=C.device)
+            for _ in range(iters):
+                f = -eps * torch.logsumexp(la + (g[:, None, :] - Cd) / eps, dim=2)
+                g = -eps * torch.logsumexp(la + (f[:, :, None] - Cd) / eps, dim=1)
+            P = torch.exp(2 * la + (f[:, :, None] + g[:, None, :] - Cd) / eps)
+        return (P * C).sum(dim=(1, 2)).mean()
+
+    def sinkhorn_one(C, iters, eps=SINKHORN_EPS):
+        """The hand-batched iteration on one problem [1, n, m]; <P, C>."""
+        n, m = C.shape[1], C.shape[2]
+        la = torch.full((1, n), -math.log(n), dtype=C.dtype, device=C.device)
+        lb = torch.full((1, m), -math.log(m), dtype=C.dtype, device=C.device)
+        f = torch.zeros(1, n, dtype=C.dtype, device=C.device)
+        g = torch.zeros(1, m, dtype=C.dtype, device=C.device)
+        for _ in range(iters):
+            f = -eps * torch.logsumexp(lb[:, None, :] + (g[:, None, :] - C) / eps, dim=2)
+            g = -eps * torch.logsumexp(la[:, :, None] + (f[:, :, None] - C) / eps, dim=1)
+        return f, g
+
+    def transport_value(C, f, g, eps=SINKHORN_EPS):
+        C = C.double()
+        n, m = C.shape[-2], C.shape[-1]
+        lp = -math.log(n) - math.log(m) + (f.double()[..., :, None] + g.double()[..., None, :] - C) / eps
+        return float((lp.exp() * C).sum())
+
+    return {"sparse_fkl": sparse_fkl, "sinkd": sinkd, "sinkhorn_one": sinkhorn_one,
+            "transport_value": transport_value}
+
+
+def jsd_mean(F, torch, s, t, beta=BETA):
+    """TRL's generalized JSD (as textbook()'s jsd), any float dtype."""
+    dt = torch.float32 if s.dtype != torch.float64 else torch.float64
+    slp = F.log_softmax(s, dim=-1, dtype=dt)
+    tlp = F.log_softmax(t, dim=-1, dtype=dt)
+    mix = torch.logsumexp(torch.stack([tlp + math.log(beta), slp + math.log(1 - beta)]), dim=0)
+    kl_t = F.kl_div(mix, tlp, reduction="none", log_target=True)
+    kl_s = F.kl_div(mix, slp, reduction="none", log_target=True)
+    return (beta * kl_t + (1 - beta) * kl_s).sum() / s.shape[0]
+
+
+# ------------------------------------------------------------ rows
+def ext_row(impl, op, dtype, **keys):
+    row = {"impl": impl, "op": op}
+    row.update(keys)
+    row["dtype"] = dtype
+    row.update({"status": "error", "ms": None, "ms_p20": None, "ms_p80": None, "repeats": 0, "bytes": None,
+                "gb_per_s": None, "fraction_of_copy_bandwidth": None, "peak_extra_bytes": None,
+                "check_rel_err": None, "check_vs_kdloss": None, "note": None})
+    return row
+
+
+def _time_ext(env, cfg, row, step, out_bytes, copy_gbps, per_unit=1.0):
+    row["peak_extra_bytes"] = env.peak_extra(step, out_bytes)
+    times = env.time_steps(step, 1, cfg.repeats, max(1, cfg.warmup))
+    finish_row(row, [t / per_unit for t in times], copy_gbps)
+    row["status"] = "ok"
+
+
+def _judge(row, tol):
+    """Mismatch when the loss disagrees with kdloss's (when it ran) or with
+    the float64 evaluation (tolerance as the dense rows)."""
+    for key, what in (("check_vs_kdloss", "kdloss"), ("check_rel_err", "float64")):
+        e = row.get(key)
+        if e is not None and not e <= tol:
+            row["status"] = "mismatch"
+            row["note"] = (row["note"] + "; " if row["note"] else "") + \
+                f"loss relative difference {e:.3g} vs {what} (tolerance {tol})"
+            return
+
+
+def _rel(a, b):
+    return clean(abs(a - b) / max(abs(b), 1e-6))
+
+
+def _guard(row, fn, torch, log):
+    try:
+        fn()
+    except torch.cuda.OutOfMemoryError:
+        row["status"], row["note"] = "oom", "out of device memory"
+    except Exception as e:  # noqa: BLE001
+        row["status"], row["note"] = "error", f"{type(e).__name__}: {str(e)[:200]}"
+        log(f"  {row['impl']} {row['op']}: {row['note']}")
+    finally:
+        if not env_is_cpu(torch):
+            torch.cuda.empty_cache()
+
+
+def env_is_cpu(torch):
+    return not torch.cuda.is_available()
+
+
+def _skip(rows, deadline):
+    if deadline and time.monotonic() > deadline:
+        for r in rows:
+            r["status"], r["note"] = "skipped", "time budget (--budget-s) spent"
+        return True
+    return False
+
+
+# --------------------------------------------------------- sparse peers
+def topk_inputs(env, n, v, k, dtype, seed):
+    """Student logits as the dense rows; the teacher's top-k of its own
+    logits (indices int64, log-probs in dtype)."""
+    torch = env.torch
+    s = env.logits(n, v, dtype, seed)
+    t = env.logits(n, v, "f32", seed + 1)
+    lp_full = env.F.log_softmax(t, dim=-1)
+    lp, idx = lp_full.topk(k, dim=-1)
+    del t, lp_full
+    return s, idx.contiguous(), lp.to(env.dtype[dtype]).contiguous(), torch
+
+
+def run_sparse(env, cfg, copy_gbps, deadline, log):
+    torch, F = env.torch, env.F
+    forms = ext_forms(F, torch)
+    rows = []
+    impls = [i for i in ("torch_eager", "torch_compile") if i in cfg.impls]
+    dtype = "bf16"
+    compiled = torch.compile(forms["sparse_fkl"], dynamic=False) if "torch_compile" in impls else None
+    for (n, v) in cfg.sparse_shapes:
+        for k in cfg.sparse_k:
+            if k > min(v, 1024):
+                continue
+            todo = [ext_row(i, "sparse", dtype, divergence="fkl", mode="renormalised", rows=n, vocab=v, k=k)
+                    for i in impls]
+            for r in todo:
+                r["bytes"] = sparse_bytes(n, v, k, dtype)
+            rows += todo
+            if not todo or _skip(todo, deadline):
+                continue
+            try:
+                s, idx, lp, _ = topk_inputs(env, n, v, k, dtype, 3000 + k)
+            except torch.cuda.OutOfMemoryError:
+                for r in todo:
+                    r["status"], r["note"] = "oom", "inputs do not fit"
+                continue
+            s.requires_grad_()
+            ref = kd = None
+            if not cfg.no_check:
+                ref = 0.0
+                for i in range(0, n, 512):  # float64, chunked
+                    ref += float(forms["sparse_fkl"](s[i:i + 512].detach().double(), idx[i:i + 512],
+                                                     lp[i:i + 512].double())) * min(512, n - i)
+                ref /= n
+                if env.ext is not None and not env.cpu:
+                    try:
+                        kd, _ = env.ext.sparse(s, idx, lp)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  kdloss sparse not usable for the check ({str(e)[:120]})")
+            for row in todo:
+                fn = forms["sparse_fkl"] if row["impl"] == "torch_eager" else compiled
+                log(f"peers {row['impl']} sparse k={k} {dtype} {n}x{v}")
+
+                def step(i, fn=fn):
+                    s.grad = None
+                    fn(s, idx, lp).backward()
+
+                def go(row=row, fn=fn, step=step):
+                    s.grad = None
+                    lv = float(fn(s, idx, lp).detach())
+                    if ref is not None:
+                        row["check_rel_err"] = _rel(lv, ref)
+                    if kd is not None:
+                        row["check_vs_kdloss"] = _rel(lv, kd)
+                    _time_ext(env, cfg, row, step, s.numel() * s.element_size(), copy_gbps)
+                    _judge(row, TOL[dtype])
+
+                _guard(row, go, torch, log)
+                s.grad = None
+            del s, idx, lp
+    return rows
+
+
+# --------------------------------------------------- fused linear peers
+def run_fused(env, cfg, copy_gbps, deadline, log):
+    torch, F = env.torch, env.F
+    rows = []
+    dtype = "f32"
+    impls = [i for i in ("torch_eager", "liger") if i in cfg.impls]
+    liger = None
+    if "liger" in impls:
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_jsd as liger
+        except Exception as e:  # noqa: BLE001
+            log(f"peers.py: Liger-Kernel's fused linear JSD not importable ({type(e).__name__}: {e}); "
+                "no liger fused_linear rows")
+            impls.remove("liger")
+    for (n, d, v) in cfg.fused_shapes:
+        todo = [ext_row(i, "fused_linear", dtype, divergence="jsd", rows=n, hidden=d, vocab=v,
+                        chunk_rows=None, logits_bytes=n * v * 4) for i in impls]
+        for r in todo:
+            r["bytes"] = fused_linear_bytes(n, d, v, dtype)
+        rows += todo
+        if not todo or _skip(todo, deadline):
+            continue
+        g = torch.Generator(device=env.dev)
+        g.manual_seed(4000 + n)
+        dt = env.dtype[dtype]
+        try:
+            H = torch.randn(n, d, device=env.dev, generator=g, dtype=dt).requires_grad_()
+            W = (torch.randn(v, d, device=env.dev, generator=g, dtype=dt) * (2.0 / math.sqrt(d))).requires_grad_()
+            Ht = torch.randn(n, d, device=env.dev, generator=g, dtype=dt)
+            Wt = torch.randn(v, d, device=env.dev, generator=g, dtype=dt) * (2.0 / math.sqrt(d))
+            T = Ht @ Wt.t()  # teacher logits, given to kdloss and the materialising peer
+        except torch.cuda.OutOfMemoryError:
+            for r in todo:
+                r["status"], r["note"] = "oom", "inputs do not fit"
+            continue
+        kd = None
+        if not cfg.no_check and env.ext is not None and not env.cpu:
+            try:
+                kd, _, _ = env.ext.fused_linear(H, W, T)
+            except Exception as e:  # noqa: BLE001
+                log(f"  kdloss fused_linear not usable for the check ({str(e)[:120]})")
+        out_bytes = (n + v) * d * H.element_size()
+        for row in todo:
+            log(f"peers {row['impl']} fused_linear jsd {dtype} {n}x{d}x{v}")
+            if row["impl"] == "torch_eager":
+                row["note"] = "materialises the logits H W^T (and autograd keeps what JSD needs)"
+
+                def loss_fn():
+                    return jsd_mean(F, torch, H @ W.t(), T)
+            else:
+                row["note"] = ("Liger's API takes the teacher's hidden states and weights: its step "
+                               "includes the teacher GEMM")
+
+                def loss_fn():
+                    return liger(H, W, Ht, Wt, None, jsd_beta=BETA, ignore_index=-100, temperature=1.0)
+
+            def step(i, loss_fn=loss_fn):
+                H.grad = W.grad = None
+                loss_fn().backward()
+
+            def go(row=row, loss_fn=loss_fn, step=step):
+                H.grad = W.grad = None
+                lv = float(loss_fn().detach())
+                if kd is not None:
+                    row["check_vs_kdloss"] = _rel(lv, kd)
+                _time_ext(env, cfg, row, step, out_bytes, copy_gbps)
+                _judge(row, TOL[dtype] if row["impl"] == "torch_eager" else 1e-3)
+
+            _guard(row, go, torch, log)
+            H.grad = W.grad = None
+        del H, W, Ht, Wt, T
+    return rows
+
+
+# ------------------------------------------------ ragged Sinkhorn peers
+def ragged_costs(env, sizes_n, sizes_m, seed=11):
+    torch = env.torch
+    g = torch.Generator(device=env.dev)
+    g.manual_seed(seed)
+    costs = []
+    for n, m in zip(sizes_n, sizes_m):
+        x = torch.randn(1, n, SINKHORN_DIM, device=env.dev, generator=g) / math.sqrt(SINKHORN_DIM)
+        y = torch.randn(1, m, SINKHORN_DIM, device=env.dev, generator=g) / math.sqrt(SINKHORN_DIM)
+        costs.append(((x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :]
+                      - 2 * torch.bmm(x, y.transpose(1, 2))).clamp_min_(0))
+    return costs
+
+
+def run_ragged(env, cfg, copy_gbps, deadline, log):
+    torch = env.torch
+    forms = ext_forms(env.F, torch)
+    sn, sm = list(cfg.ragged[0]), list(cfg.ragged[1])
+    K = cfg.sinkhorn_iters
+    keys = dict(batch=len(sn), n=sum(sn), m=sum(sm), iterations=K, sizes_n=sn, sizes_m=sm)
+    impls = [i for i in ("torch_eager", "pot") if i in cfg.impls]
+    todo = [ext_row(i, "sinkhorn_ragged", "f32", **keys) for i in impls]
+    for r in todo:
+        r["bytes"] = sum(sinkhorn_iter_bytes(1, n, m) for n, m in zip(sn, sm))
+    if not todo or _skip(todo, deadline):
+        return todo
+    costs = ragged_costs(env, sn, sm)
+    ref = kd = None
+    if not cfg.no_check:
+        ref = []
+        for C in costs[:3]:  # float64, the first problems
+            f, g = forms["sinkhorn_one"](C.double(), K)
+            ref.append(forms["transport_value"](C[0], f[0], g[0]))
+        if env.ext is not None and not env.cpu:
+            try:
+                kd = env.ext.sinkhorn_ragged(torch.cat([C.reshape(-1) for C in costs]), sn, sm, K)
+            except Exception as e:  # noqa: BLE001
+                log(f"  kdloss ragged Sinkhorn not usable for the check ({str(e)[:120]})")
+    runs = {}
+    if "torch_eager" in impls:
+        runs["torch_eager"] = lambda: [forms["sinkhorn_one"](C, K) for C in costs]
+    if "pot" in impls:
+        try:
+            import ot.batch as otb
+
+            def pot_run():
+                out = []
+                for C in costs:
+                    res = otb.solve_batch(M=C, reg=SINKHORN_EPS, max_iter=K, tol=0.0, method="log_sinkhorn",
+                                          grad="detach")
+                    u, w = res.potentials
+                    n, m = C.shape[1], C.shape[2]
+                    out.append((SINKHORN_EPS * (u + math.log(n)), SINKHORN_EPS * (w + math.log(m))))
+                return out
+
+            runs["pot"] = pot_run
+        except Exception as e:  # noqa: BLE001
+            log(f"peers.py: POT's ot.batch not importable ({type(e).__name__}: {e}); no pot ragged row")
+    todo = [row for row in todo if row["impl"] in runs]  # a peer that does not import: no row
+    for row in todo:
+        run = runs[row["impl"]]
+        row["note"] = ("a Python loop over the problems (POT's ot.batch.solve_batch takes one [B, n, m] "
+                       "array, no list of ragged problems)" if row["impl"] == "pot"
+                       else "a Python loop over the problems, the hand-batched iteration on each")
+        log(f"peers {row['impl']} sinkhorn_ragged f32 {len(sn)} problems")
+
+        def go(row=row, run=run):
+            out = run()
+            vals = [forms["transport_value"](C[0], f[0], g[0]) for C, (f, g) in zip(costs, out)]
+            if ref is not None:
+                row["check_rel_err"] = clean(max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(vals, ref)))
+            if kd is not None:
+                row["check_vs_kdloss"] = clean(max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(vals, kd)))
+            _time_ext(env, cfg, row, lambda i: run(), 0, copy_gbps, per_unit=K)
+            _judge(row, 1e-2)
+
+        _guard(row, go, torch, log)
+    return todo
+
+
+# ----------------------------------------------------------- SinKD peer
+def run_sinkd(env, cfg, copy_gbps, deadline, log):
+    torch = env.torch
+    forms = ext_forms(env.F, torch)
+    if not cfg.sinkd or "torch_eager" not in cfg.impls:
+        return []
+    n, v, grp = cfg.sinkd
+    dtype, iters = "bf16", 20
+    rows = []
+    s = env.logits(n, v, dtype, 5000).requires_grad_()
+    t = env.logits(n, v, dtype, 5001)
+    for metric in ("l1", "sqeuclidean"):
+        row = ext_row("torch_eager", "sinkd", dtype, metric=metric, rows=n, vocab=v, group_size=grp,
+                      iterations=iters)
+        row["bytes"] = loss_bytes(n, v, dtype)
+        rows.append(row)
+        if _skip([row], deadline):
+            continue
+        log(f"peers torch_eager sinkd {metric} {dtype} {n}x{v}/{grp}")
+        ref = kd = None
+        if not cfg.no_check:
+            ref = float(forms["sinkd"](s[:grp].detach().double(), t[:grp].double(), grp, metric, iters))
+            if env.ext is not None and not env.cpu:
+                try:
+                    kd, _ = env.ext.sinkd(s, t, grp, metric, iters)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  kdloss sinkd not usable for the check ({str(e)[:120]})")
+
+        def fn(x, y, metric=metric):
+            return forms["sinkd"](x, y, grp, metric, iters)
+
+        def step(i, fn=fn):
+            s.grad = None
+            fn(s, t).backward()
+
+        def go(row=row, fn=fn, step=step):
+            s.grad = None
+            if ref is not None:  # the first group, against float64
+                row["check_rel_err"] = _rel(float(fn(s[:grp], t[:grp]).detach()), ref)
+            lv = float(fn(s, t).detach())
+            if kd is not None:
+                row["check_vs_kdloss"] = _rel(lv, kd)
+            _time_ext(env, cfg, row, step, s.numel() * s.element_size(), copy_gbps)
+            _judge(row, TOL[dtype])
+
+        _guard(row, go, torch, log)
+        s.grad = None
+    return rows
+
+
+# ------------------------------------------------------------ self-test
+def self_test_ext(torch, F, expect, gen):
+    """The other ops' torch forms against kdloss's float64 references
+    (through ExtBinding, which checks the ctypes layouts) on small shapes,
+    and against this script's own float64 evaluation."""
+    forms = ext_forms(F, torch)
+    ext = ext_binding(os.environ.get("KDLOSS_LIBRARY"), torch)
+    if ext is None:
+        print("self-test: libkdloss.so not loaded (set KDLOSS_LIBRARY): the other ops' forms are "
+              "checked in float32 against float64 only", file=sys.stderr)
+    # sparse: textbook f32 and bf16 against f64, and against kdl_ref_sparse_loss
+    for n, v, k in ((5, 301, 7), (3, 64, 64), (2, 1100, 1024)):
+        s = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+        t = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+        lp, idx = F.log_softmax(t, -1).topk(k, dim=-1)
+        s64 = s.clone().requires_grad_()
+        ref = forms["sparse_fkl"](s64, idx, lp)
+        ref.backward()
+        for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+            leaf = s.to(dt).requires_grad_()
+            loss = forms["sparse_fkl"](leaf, idx, lp.to(dt))
+            loss.backward()
+            e = max(abs(float(loss.detach()) - float(ref.detach())) / abs(float(ref.detach())),
+                    float((leaf.grad.double() - s64.grad).norm() / s64.grad.norm()))
+            # bf16 inputs differ from the f64 ones by their rounding: compare
+            # with f64 evaluated on the rounded values
+            if dt == torch.bfloat16:
+                r2 = s.to(dt).double().requires_grad_()
+                l2 = forms["sparse_fkl"](r2, idx, lp.to(dt).double())
+                l2.backward()
+                e = max(abs(float(loss.detach()) - float(l2.detach())) / abs(float(l2.detach())),
+                        float((leaf.grad.double() - r2.grad).norm() / r2.grad.norm()))
+            expect(e <= tol, f"sparse torch {dt} {n}x{v} k={k}: rel. error {e:.3g} > {tol}")
+        if ext is not None:
+            kl, kg = ext.sparse(s, idx, lp, gpu=False)
+            e = max(abs(kl - float(ref.detach())) / abs(float(ref.detach())), float((kg - s64.grad).norm() / s64.grad.norm()))
+            expect(e <= 1e-6, f"sparse kdl_ref vs torch f64 {n}x{v} k={k}: rel. error {e:.3g}")
+    # fused linear: materialised JSD (f64) against kdl_ref_fused_linear_loss
+    for n, d, v in ((4, 6, 50), (3, 16, 301)):
+        H = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+        W = (torch.randn(v, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).requires_grad_()
+        T = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+        loss = jsd_mean(F, torch, H @ W.t(), T)
+        loss.backward()
+        H32, W32 = H.detach().float().requires_grad_(), W.detach().float().requires_grad_()
+        l32 = jsd_mean(F, torch, H32 @ W32.t(), T.float())
+        l32.backward()
+        e = max(abs(float(l32.detach()) - float(loss.detach())) / abs(float(loss.detach())),
+                float((H32.grad.double() - H.grad).norm() / H.grad.norm()),
+                float((W32.grad.double() - W.grad).norm() / W.grad.norm()))
+        expect(e <= 1e-4, f"fused_linear torch f32 {n}x{d}x{v}: rel. error {e:.3g}")
+        if ext is not None:
+            kl, dH, dW = ext.fused_linear(H, W, T, gpu=False)
+            e = max(abs(kl - float(loss.detach())) / abs(float(loss.detach())), float((dH - H.grad).norm() / H.grad.norm()),
+                    float((dW - W.grad).norm() / W.grad.norm()))
+            expect(e <= 1e-10, f"fused_linear kdl_ref vs torch f64 {n}x{d}x{v}: rel. error {e:.3g}")
+    # ragged Sinkhorn: the per-problem loop against kdl_ref_sinkhorn
+    sn, sm = [5, 9, 3], [7, 4, 3]
+    costs = [torch.rand(1, a, b, generator=gen, dtype=torch.float64) for a, b in zip(sn, sm)]
+    vals = []
+    for C in costs:
+        f, g = forms["sinkhorn_one"](C, 30)
+        vals.append(forms["transport_value"](C[0], f[0], g[0]))
+        f32, g32 = forms["sinkhorn_one"](C.float(), 30)
+        v32 = forms["transport_value"](C[0], f32[0], g32[0])
+        expect(abs(v32 - vals[-1]) / abs(vals[-1]) < 1e-4, "sinkhorn_ragged loop f32 vs f64")
+    if ext is not None:
+        kv = ext.sinkhorn_ragged(torch.cat([C.reshape(-1) for C in costs]), sn, sm, 30, gpu=False)
+        e = max(abs(a - b) / abs(b) for a, b in zip(kv, vals))
+        expect(e <= 1e-10, f"sinkhorn_ragged kdl_ref vs torch loop: rel. error {e:.3g}")
+    # SinKD: the eager form against kdl_ref_sinkd, both metrics
+    n, v, grp = 8, 37, 4
+    s = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    t = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    for metric in ("l1", "sqeuclidean"):
+        s64 = s.clone().requires_grad_()
+        ref = forms["sinkd"](s64, t, grp, metric, 20)
+        ref.backward()
+        leaf = s.float().requires_grad_()
+        l32 = forms["sinkd"](leaf, t.float(), grp, metric, 20)
+        l32.backward()
+        e = max(abs(float(l32.detach()) - float(ref.detach())) / abs(float(ref.detach())),
+                float((leaf.grad.double() - s64.grad).norm() / s64.grad.norm()))
+        expect(e <= 1e-4, f"sinkd torch f32 {metric}: rel. error {e:.3g}")
+        if ext is not None:
+            kl, kg = ext.sinkd(s, t, grp, metric, 20, gpu=False)
+            e = max(abs(kl - float(ref.detach())) / abs(float(ref.detach())), float((kg - s64.grad).norm() / s64.grad.norm()))
+            expect(e <= 1e-8, f"sinkd kdl_ref vs torch f64 {metric}: rel. error {e:.3g}")
+
+
 # ------------------------------------------------------------- config
 def config_from(args, doc):
     """The matrix: options first, else what the kdloss rows cover, else the
@@ -1000,6 +1825,15 @@ def config_from(args, doc):
         cfg.sinkhorn = args.sinkhorn or None
     cfg.sinkhorn_iters = args.sinkhorn_iters
     cfg.no_check = args.no_check
+    cfg.ops = args.ops or OPS
+    if args.sinkhorn is None and "sinkhorn" not in cfg.ops:
+        cfg.sinkhorn = None
+    q = args.quick
+    cfg.sparse_shapes = args.sparse_shapes or ([(4096, 32000)] if q else [(8192, 151936)])
+    cfg.sparse_k = args.sparse_k or [8, 64, 1024]
+    cfg.fused_shapes = args.fused_shapes or ([(1024, 1024, 32000)] if q else [(4096, 4096, 151936)])
+    cfg.ragged = args.ragged_sizes or (RAGGED_QUICK if q else RAGGED_DEFAULT)
+    cfg.sinkd = args.sinkd if args.sinkd is not None else ((256, 8192, 64) if q else (512, 32000, 64))
     return cfg
 
 
@@ -1088,6 +1922,7 @@ def self_test():
         expect(float((P.sum(1) - lb.exp()).abs().max()) < 1e-5, f"sinkhorn {dt}: column marginals")
     e = float(((vals[0] - vals[1]).abs() / vals[1].abs()).max())
     expect(e < 1e-4, f"sinkhorn f32 vs f64 value: rel. error {e:.3g}")
+    self_test_ext(torch, F, expect, gen)
     print(f"peers self-test: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
@@ -1144,24 +1979,51 @@ def main(argv=None):
             doc["meta"]["peers"][mod] = None
 
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
-    rows = run_loss(env, cfg, copy, deadline, log)
+    env.ext = None
+    if set(cfg.ops) - {"loss", "sinkhorn"}:
+        env.ext = ext_binding(args.kdloss_lib, env.torch, log)
+    if env.cpu:  # tiny shapes for the dry run
+        cfg.sparse_shapes = [(6, 1100)]
+        cfg.fused_shapes = [(4, 8, 300)]
+        cfg.ragged = ([5, 9, 3], [7, 4, 3])
+        cfg.sinkd = (8, 37, 4) if cfg.sinkd else ()
+    rows = run_loss(env, cfg, copy, deadline, log) if "loss" in cfg.ops else []
     if cfg.sinkhorn:
         rows += run_sinkhorn(env, cfg, copy, deadline, log)
+    if "sparse" in cfg.ops:
+        rows += run_sparse(env, cfg, copy, deadline, log)
+    if "fused_linear" in cfg.ops:
+        rows += run_fused(env, cfg, copy, deadline, log)
+    if "sinkhorn_ragged" in cfg.ops and cfg.ragged[0]:
+        rows += run_ragged(env, cfg, copy, deadline, log)
+    if "sinkd" in cfg.ops:
+        rows += run_sinkd(env, cfg, copy, deadline, log)
     merge_rows(doc, rows)
     doc["summary"] = summarize_targets(doc["rows"])
     write_doc(args.out, doc)
     # table
-    print(f"{'impl':<15} {'op':<9} {'head':<9} {'dtype':<5} {'shape':<18} {'ms':>10} {'GB/s':>9} "
+    print(f"{'impl':<15} {'op':<15} {'head/k':<9} {'dtype':<5} {'shape':<18} {'ms':>10} {'GB/s':>9} "
           f"{'%copy':>7}  status")
     for r in doc["rows"]:
-        shape = (f"{r['batch']}x{r['n']}x{r['m']}" if r["op"] == "sinkhorn" else f"{r['rows']}x{r['vocab']}")
+        op, sub = r.get("divergence") or r["op"], r.get("head_rule") or "-"
+        if r["op"] == "sinkhorn":
+            shape, op = f"{r['batch']}x{r['n']}x{r['m']}", "sinkhorn"
+        elif r["op"] == "sinkhorn_ragged":
+            shape, op = f"{r['batch']} problems", "sinkhorn_ragged"
+        elif r["op"] == "fused_linear":
+            shape, op, sub = f"{r['rows']}x{r['hidden']}x{r['vocab']}", "fused_linear", r.get("divergence")
+        elif r["op"] == "sinkd":
+            shape, op, sub = f"{r['rows']}x{r['vocab']}/{r['group_size']}", "sinkd", r.get("metric")
+        else:
+            shape = f"{r['rows']}x{r['vocab']}"
+            if r["op"] == "sparse":
+                op, sub = "sparse", f"k={r['k']}"
         ms = f"{r['ms']:.4f}" if r.get("ms") else "-"
         gbs = f"{r['gb_per_s']:.1f}" if r.get("gb_per_s") else "-"
         fr = f"{100 * r['fraction_of_copy_bandwidth']:.1f}" if r.get("fraction_of_copy_bandwidth") else "-"
-        op = "sinkhorn" if r["op"] == "sinkhorn" else r["divergence"]
-        print(f"{r['impl']:<15} {op:<9} {r.get('head_rule') or '-':<9} {r['dtype']:<5} {shape:<18} "
+        print(f"{r['impl']:<15} {op:<15} {sub:<9} {r['dtype']:<5} {shape:<18} "
               f"{ms:>10} {gbs:>9} {fr:>7}  {r['status']}" + (f": {r['note']}" if r.get("note") else ""))
-    print("targets (bf16, N=8192, V=151936, forward+backward):")
+    print("targets (bf16, N=8192, V=151936, forward+backward; fused linear at V=151936):")
     for name, t in doc["summary"].items():
         v = t["value"]
         print(f"  {name:<36} {t['target']:<8} " + (f"{v:.3f}" if v is not None else "n/a")
