@@ -14,9 +14,11 @@
 #   bench/run_all.sh --shapes 8192:151936 --dtypes bf16
 #   PEERS_ARGS="--impls torch_eager,liger --budget-s 300" bench/run_all.sh --quick
 #
-# Options are those of `kdloss bench` (--shapes --dtypes --divergences
+# Options are those of `kdloss bench` (--ops --shapes --dtypes --divergences
 # --head-rules --repeats --warmup --mu --top-k --sinkhorn --sinkhorn-iters
-# --no-check --quick); they are given to peers.py too.  Environment:
+# --sparse-shapes --sparse-k --fused-shapes --ragged-sizes --sinkd --no-check
+# --quick); they are given to peers.py too.  Without --ops all six ops run:
+# loss, sinkhorn, sparse, fused_linear, sinkhorn_ragged, sinkd.  Environment:
 # KDL_BENCH_ARCH (CMAKE_CUDA_ARCHITECTURES, default 90a-real),
 # KDL_BENCH_BUILD_DIR (default build-bench-sm90a), PYTHON (default python3),
 # PEERS_ARGS (extra peers.py options).  Wheels in .whl/ (made by
