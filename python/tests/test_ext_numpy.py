@@ -7,6 +7,9 @@ raise the mapped exception and leave every output untouched.  Needs numpy
 only; skipped when the loaded library has no kdloss_ext.h API."""
 
 import ctypes
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -422,3 +425,20 @@ def test_shard_failure_writes_nothing():
         sh.step(0)
     assert (sh.loss == 7.25).all() and (sh.grad == 7.25).all()
     np.testing.assert_array_equal(sh.exchange, ex)
+
+
+# ------------------------------------------------- the example's --simulate
+EXAMPLE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                        "examples", "vocab_parallel_torch.py"))
+
+
+@pytest.mark.skipif(not os.path.exists(EXAMPLE), reason="examples/ not present")
+@pytest.mark.parametrize("world,div", [(3, "akl"), (4, "jsd")])
+def test_vocab_parallel_example_simulated(world, div):
+    """examples/vocab_parallel_torch.py --simulate: the ranks in one process
+    through kdloss.numpy.VocabShard, no torch."""
+    r = subprocess.run([sys.executable, EXAMPLE, "--simulate", "--world", str(world),
+                        "--divergence", div, "--lib", _lib.library_path()],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("OK"), r.stdout

@@ -1,0 +1,538 @@
+"""The extensions of kdloss_ext.h through kdloss.torch: the sparse teacher
+against textbook PyTorch autograd of its two modes (written here), the fused
+linear + loss against kdloss.torch.distill_loss of hidden @ weight.T with
+autograd, the vocabulary-parallel loss over torch.distributed (one rank in
+this process, several in spawned processes) against the unsharded loss;
+torch.autograd.gradcheck in float64; bad arguments.  Skipped without torch;
+the CUDA tests are marked `cuda` and skipped, with the reason, without a
+device and a CUDA build."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+try:  # absent, or present but unusable: skip
+    import torch
+    import torch.nn.functional as F
+except ImportError as e:
+    pytest.skip(f"torch is not importable: {e}", allow_module_level=True)
+
+import kdloss  # noqa: E402
+import kdloss.torch as kt  # noqa: E402
+from kdloss import _lib  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DIVS = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
+RENORM = ["fkl", "jsd", "tvd", "skl", "srkl"]
+SMOOTH = ["fkl", "rkl", "fkl_rkl", "jsd", "skl", "srkl"]
+OPTS = dict(alpha=0.2, beta=0.3)
+
+
+@pytest.fixture(autouse=True)
+def _need_ext():
+    if not _lib.ext_available():
+        pytest.skip("the loaded libkdloss has no kdloss_ext.h API")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------ the textbook
+def xkl(a, b):
+    """KL(a||b) over the last dim, 0 log 0 = 0 (and a zero gradient there)."""
+    return (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)
+
+
+def div_pq(p, q, div, alpha=0.2, beta=0.3, head=None):
+    if div == "fkl":
+        return xkl(p, q)
+    if div == "rkl":
+        return xkl(q, p)
+    if div == "fkl_rkl":
+        return xkl(p, q) + xkl(q, p)
+    if div == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * xkl(p, m) + (1 - beta) * xkl(q, m)
+    if div == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if div == "skl":
+        return xkl(p, alpha * p + (1 - alpha) * q)
+    if div == "srkl":
+        return xkl(q, alpha * q + (1 - alpha) * p)
+    if div == "akl":
+        with torch.no_grad():  # the weights are constants for the gradient
+            gap = (p - q).abs()
+            gh = (gap * head).sum(-1)
+            gt = (gap * ~head).sum(-1)
+            tot = gh + gt
+            wh = torch.where(tot > 0, gh / tot, torch.full_like(tot, 0.5))
+            wt = torch.where(tot > 0, gt / tot, torch.full_like(tot, 0.5))
+        return wh * xkl(p, q) + wt * xkl(q, p)
+    raise AssertionError(div)
+
+
+def tail_head(lp, idx, rule, mu, top_k):
+    """AKL head among the k support cells (log-prob descending, ties by
+    lower index), the bucket (cell k) always tail."""
+    n, k = lp.shape
+    head = torch.zeros(n, k + 1, dtype=torch.bool)
+    p = lp.exp()
+    for i in range(n):
+        order = sorted(range(k), key=lambda j: (-float(lp[i, j]), int(idx[i, j])))
+        c = 0.0
+        for r, j in enumerate(order):
+            take = (r < top_k) if rule == "topk" else (
+                r == 0 or c + float(p[i, j]) <= mu) if rule == "reference" else c < mu
+            if not take:
+                break
+            head[i, j] = True
+            c += float(p[i, j])
+    return head
+
+
+def sparse_textbook(s, idx, lp, mode, div, temperature=1.0, labels=None, ignore_index=-100,
+                    reduction="mean", scale=1.0, alpha=0.2, beta=0.3, head_rule="reference",
+                    mu=0.5, top_k=1):
+    lq = F.log_softmax(s / temperature, dim=-1)
+    q = lq.exp()
+    head = None
+    if mode == "renormalised":
+        p = torch.zeros_like(q).scatter(-1, idx, F.softmax(lp, dim=-1))
+        qc = q
+    else:
+        pj = lp.exp()
+        qj = q.gather(-1, idx)
+        out = torch.ones_like(q, dtype=torch.bool).scatter(-1, idx, False)
+        qb = (q * out).sum(-1, keepdim=True)
+        p = torch.cat([pj, (1 - pj.sum(-1, keepdim=True)).clamp_min(0)], -1)
+        qc = torch.cat([qj, qb], -1)
+        if div == "akl":
+            head = tail_head(lp, idx, head_rule, mu, top_k)
+    loss = div_pq(p, qc, div, alpha, beta, head)
+    count = loss.shape[0]
+    if labels is not None:
+        keep = labels != ignore_index
+        loss = torch.where(keep, loss, torch.zeros_like(loss))
+        count = int(keep.sum())
+    loss = loss * scale
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / count if count else loss.sum() * 0
+
+
+def sparse_data(n=5, v=12, k=4, seed=0, temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g, dtype=torch.float64) * 1.5
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 1.5
+    t[:, 3] += 3.0
+    lpt = F.log_softmax(t / temperature, dim=-1)
+    idx = torch.argsort(lpt, dim=-1, descending=True)[:, :k]
+    idx = idx[:, torch.randperm(k, generator=g)].contiguous()  # any order
+    return s, t, idx, lpt.gather(-1, idx)
+
+
+# ------------------------------------------------------------ sparse teacher
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode,div", [("renormalised", d) for d in RENORM]
+                         + [("tail_bucket", d) for d in DIVS])
+def test_sparse_against_textbook_autograd(mode, div, reduction):
+    s, _, idx, lp = sparse_data(seed=1)
+    labels = torch.tensor([2, -100, 0, 1, 7])
+    kw = dict(temperature=1.3, labels=labels, reduction=reduction, scale=2.0, **OPTS)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    a = kt.sparse_distill_loss(s1, idx, lp, mode=mode, divergence=div, **kw)
+    b = sparse_textbook(s2, idx, lp, "tail" if mode == "tail_bucket" else mode, div, **kw)
+    up = torch.rand(b.shape, dtype=torch.float64) + 0.5
+    (a * up).sum().backward()
+    (b * up).sum().backward()
+    torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-13)
+    assert not s1.grad[1].any()
+
+
+@pytest.mark.parametrize("rule,mu,top_k", [("reference", 0.6, 1), ("mass", 0.5, 1), ("topk", 0.5, 3)])
+def test_sparse_tail_akl_head_rules(rule, mu, top_k):
+    s, _, idx, lp = sparse_data(seed=2, k=5)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    kw = dict(head_rule=rule, mu=mu, top_k=top_k, reduction="sum")
+    a = kt.sparse_distill_loss(s1, idx, lp, mode="tail", divergence="akl", **kw)
+    b = sparse_textbook(s2, idx, lp, "tail", "akl", **kw)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode,div", [("renormalised", d) for d in ["fkl", "jsd", "skl", "srkl"]]
+                         + [("tail", d) for d in SMOOTH])
+def test_sparse_gradcheck(mode, div, reduction):
+    s, _, idx, lp = sparse_data(n=3, v=7, k=3, seed=3)
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: kt.sparse_distill_loss(x, idx, lp, mode=mode, divergence=div, temperature=1.5,
+                                         reduction=reduction, **OPTS),
+        (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_sparse_full_support_is_the_dense_loss():
+    s, t, _, _ = sparse_data(seed=4, v=10)
+    idx = torch.arange(10).repeat(5, 1)
+    for mode, div in (("renormalised", "jsd"), ("tail", "akl"), ("tail", "rkl")):
+        s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        a = kt.sparse_distill_loss(s1, idx, F.log_softmax(t / 2.0, -1), mode=mode, divergence=div,
+                                   temperature=2.0)
+        b = kt.distill_loss(s2, t, divergence=div, temperature=2.0)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_sparse_dtypes_layouts_stats():
+    s, _, idx, lp = sparse_data(n=6, seed=5)
+    # [B, T, V] logits, float32 student, bfloat16 log-probs (read exactly)
+    s32 = s.float().reshape(2, 3, -1).requires_grad_()
+    lpb = lp.to(torch.bfloat16).reshape(2, 3, -1)
+    loss, st = kt.sparse_distill_loss(s32, idx.reshape(2, 3, -1), lpb, reduction="none",
+                                      return_stats=True)
+    assert loss.shape == (2, 3) and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert s32.grad.dtype == torch.float32 and s32.grad.shape == (2, 3, 12)
+    ref = sparse_textbook(s.float().double(), idx, lpb.reshape(6, -1).double(), "renormalised",
+                          "fkl", reduction="none")
+    torch.testing.assert_close(loss.reshape(-1).double(), ref, rtol=1e-6, atol=1e-7)
+    assert int(st["valid_rows"]) == 6 and int(st["invalid_rows"]) == 0
+    assert int(st["bad_index_rows"]) == 0
+    # strided rows: a padded vocabulary and a padded support
+    wide = torch.full((6, 20), float("nan"), dtype=torch.float64)
+    wide[:, :12] = s
+    iw = torch.full((6, 9), -1, dtype=torch.int64)
+    iw[:, :4] = idx
+    lw = torch.full((6, 9), float("nan"), dtype=torch.float64)
+    lw[:, :4] = lp
+    leaf = wide.clone().requires_grad_()
+    a = kt.sparse_distill_loss(leaf[:, :12], iw[:, :4], lw[:, :4])
+    a.backward()
+    s1 = s.clone().requires_grad_()
+    b = kt.sparse_distill_loss(s1, idx, lp)
+    b.backward()
+    assert a.item() == b.item()
+    assert torch.equal(leaf.grad[:, :12], s1.grad) and not leaf.grad[:, 12:].any()
+
+
+def test_sparse_teacher_gets_no_gradient_and_no_grad():
+    s, _, idx, lp = sparse_data(seed=6)
+    lp.requires_grad_()
+    s.requires_grad_()
+    kt.sparse_distill_loss(s, idx, lp).backward()
+    assert lp.grad is None and s.grad is not None
+    with torch.no_grad():
+        assert not kt.sparse_distill_loss(s, idx, lp).requires_grad
+
+
+def test_sparse_invalid_rows():
+    s, _, idx, lp = sparse_data(seed=7)
+    idx = idx.clone()
+    idx[2, 1] = 40  # out of [0, V)
+    with pytest.raises(kdloss.InvalidRowsError, match="1 of 5 rows"):
+        kt.sparse_distill_loss(s, idx, lp)
+    s.requires_grad_()
+    loss, st = kt.sparse_distill_loss(s, idx, lp, reduction="none", raise_on_invalid=False,
+                                      return_stats=True)
+    assert torch.isnan(loss[2]) and int(st["bad_index_rows"]) == 1
+    loss[[0, 1, 3, 4]].sum().backward()
+    assert not s.grad[2].any()
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM"):
+        kt.sparse_distill_loss(s, idx, lp, check_indices=True)
+
+
+def test_sparse_bad_inputs_write_nothing():
+    s, _, idx, lp = sparse_data(seed=8)
+    s.requires_grad_()
+    with pytest.raises(kdloss.KdlossError, match="NOT_SUPPORTED") as e:
+        kt.sparse_distill_loss(s, idx, lp, mode="renormalised", divergence="akl")
+    assert not isinstance(e.value, ValueError)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):
+        kt.sparse_distill_loss(s[:, :3], idx, lp)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TEMPERATURE"):
+        kt.sparse_distill_loss(s, idx, lp, temperature=float("nan"))
+    with pytest.raises(ValueError, match="unknown mode"):
+        kt.sparse_distill_loss(s, idx, lp, mode="bucket")
+    with pytest.raises(TypeError, match="torch.int64"):
+        kt.sparse_distill_loss(s, idx.int(), lp)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        kt.sparse_distill_loss(s, idx.numpy(), lp)
+    with pytest.raises(ValueError, match="shape"):
+        kt.sparse_distill_loss(s, idx, lp[:, :2])
+    with pytest.raises(ValueError, match="leading"):
+        kt.sparse_distill_loss(s, idx[:4], lp[:4])
+    with pytest.raises(TypeError, match="labels"):
+        kt.sparse_distill_loss(s, idx, lp, labels=torch.zeros(5, dtype=torch.int32))
+    assert s.grad is None
+
+
+# ----------------------------------------------------------- fused linear
+def fused_data(n=6, d=5, v=11, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.7
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    return h.to(dtype), w.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("div", DIVS)
+def test_fused_linear_against_dense_autograd(div, reduction):
+    h, w, t = fused_data(seed=1)
+    labels = torch.tensor([3, -100, 0, 1, 2, 9])
+    kw = dict(divergence=div, temperature=1.4, labels=labels, reduction=reduction, scale=2.0,
+              **OPTS)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    a = kt.fused_linear_distill_loss(h1, w1, t, chunk_rows=4, **kw)
+    b = kt.distill_loss(h2 @ w2.T, t, **kw)
+    up = torch.rand(b.shape, dtype=torch.float64) + 0.5
+    (a * up).sum().backward()
+    (b * up).sum().backward()
+    torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("div", ["fkl", "jsd", "srkl"])
+def test_fused_linear_gradcheck(div, reduction):
+    h, w, t = fused_data(n=3, d=3, v=5, seed=2)
+    h.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, y: kt.fused_linear_distill_loss(x, y, t, divergence=div, reduction=reduction,
+                                                  temperature=1.3, chunk_rows=2, **OPTS),
+        (h, w), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_linear_shapes_tied_weight_and_partial_grads():
+    h, w, t = fused_data(n=6, seed=3)
+    # [B, T, d] hidden, a weight that is a column slice of a wider matrix (ld > d)
+    big = torch.randn(11, 8, dtype=torch.float64)
+    big[:, :5] = w
+    wl = big.clone().requires_grad_()
+    hl = h.reshape(2, 3, 5).clone().requires_grad_()
+    a = kt.fused_linear_distill_loss(hl, wl[:, :5], t.reshape(2, 3, 11), reduction="none")
+    assert a.shape == (2, 3)
+    a.sum().backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    kt.distill_loss(h2 @ w2.T, t, divergence="fkl", reduction="none").sum().backward()
+    torch.testing.assert_close(hl.grad.reshape(6, 5), h2.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(wl.grad[:, :5], w2.grad, rtol=1e-10, atol=1e-13)
+    assert not wl.grad[:, 5:].any()
+    # only the weight needs a gradient; then neither (no_grad)
+    w3 = w.clone().requires_grad_()
+    kt.fused_linear_distill_loss(h, w3, t).backward()
+    torch.testing.assert_close(w3.grad, w2.grad / 6, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        assert not kt.fused_linear_distill_loss(h, w3, t).requires_grad
+
+
+def test_fused_linear_float32_cpu_and_stats():
+    h, w, t = fused_data(seed=4, dtype=torch.float32)
+    h.requires_grad_()
+    w.requires_grad_()
+    loss, st = kt.fused_linear_distill_loss(h, w, t.to(torch.bfloat16), return_stats=True)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert int(st["valid_rows"]) == 6 and int(st["invalid_rows"]) == 0
+    ref = kt.distill_loss(h.detach().double() @ w.detach().double().T,
+                          t.to(torch.bfloat16).double(), divergence="fkl")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_fused_linear_bad_inputs_write_nothing():
+    h, w, t = fused_data(seed=5)
+    h.requires_grad_()
+    w.requires_grad_()
+    with pytest.raises(ValueError, match="hidden size"):
+        kt.fused_linear_distill_loss(h, w[:, :4], t)
+    with pytest.raises(ValueError, match="teacher_logits has shape"):
+        kt.fused_linear_distill_loss(h, w, t[:, :4])
+    with pytest.raises(ValueError, match="weight must be"):
+        kt.fused_linear_distill_loss(h, w[None], t)
+    with pytest.raises(TypeError, match="chunk_rows"):
+        kt.fused_linear_distill_loss(h, w, t, chunk_rows=1.5)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_SIZE"):
+        kt.fused_linear_distill_loss(h, w, t, chunk_rows=-2)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_ALPHA"):
+        kt.fused_linear_distill_loss(h, w, t, divergence="skl", alpha=1.0)
+    t2 = t.clone()
+    t2[1, 1] = float("inf")
+    with pytest.raises(kdloss.InvalidRowsError, match="1 of 6 rows"):
+        kt.fused_linear_distill_loss(h, w, t2)
+    assert h.grad is None and w.grad is None
+
+
+# -------------------------------------------------------- vocabulary-parallel
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """torch.distributed with one rank in this process (gloo)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        yield
+        return
+    store = tmp_path_factory.mktemp("dist") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_vocab_parallel_one_rank_is_the_dense_loss(one_rank, div):
+    s, t = torch.randn(5, 17, dtype=torch.float64), torch.randn(5, 17, dtype=torch.float64)
+    labels = torch.tensor([0, -100, 2, 3, 4])
+    kw = dict(divergence=div, temperature=1.2, labels=labels, reduction="none", **OPTS)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    a, st = kt.vocab_parallel_distill_loss(s1, t, return_stats=True, **kw)
+    b, sb = kt.distill_loss(s2, t, return_stats=True, **kw)
+    up = torch.rand(5, dtype=torch.float64) + 0.5
+    (a * up).sum().backward()
+    (b * up).sum().backward()
+    torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-13)
+    assert int(st["valid_rows"]) == 4 and int(st["invalid_rows"]) == 0
+    if div == "akl":
+        assert torch.equal(st["head_size"], sb["head_size"])
+
+
+@pytest.mark.parametrize("div", SMOOTH)
+def test_vocab_parallel_gradcheck(one_rank, div):
+    s, t = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: kt.vocab_parallel_distill_loss(x, t, vocab_offset=0, vocab=6, divergence=div,
+                                                 temperature=1.5, **OPTS),
+        (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_vocab_parallel_bad_arguments(one_rank, monkeypatch):
+    s, t = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    s.requires_grad_()
+    with pytest.raises(ValueError, match="both vocab_offset and vocab"):
+        kt.vocab_parallel_distill_loss(s, t, vocab_offset=0)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_SIZE"):  # slice past the vocabulary
+        kt.vocab_parallel_distill_loss(s, t, vocab_offset=3, vocab=6)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TEMPERATURE"):
+        kt.vocab_parallel_distill_loss(s, t, temperature=0)
+    with pytest.raises(ValueError, match="shape"):
+        kt.vocab_parallel_distill_loss(s, t[:, :5])
+    with pytest.raises(TypeError, match="vocab must be an integer"):
+        kt.vocab_parallel_distill_loss(s, t, vocab_offset=0, vocab=6.0)
+    assert s.grad is None
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        kt.vocab_parallel_distill_loss(s, t)
+
+
+def test_vocab_parallel_ranks_over_gloo():
+    """Three processes, uneven slices (one of width 1), every divergence,
+    labels, reductions, float32, a sub-group: tests/vocab_parallel_ranks.py."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "vocab_parallel_ranks.py"), "--world",
+                        "3", "--port", str(_free_port())], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("0 mismatches") == 3, r.stdout
+
+
+EXAMPLE = os.path.normpath(os.path.join(HERE, "..", "..", "examples", "vocab_parallel_torch.py"))
+
+
+@pytest.mark.skipif(not os.path.exists(EXAMPLE), reason="examples/ not present")
+def test_vocab_parallel_example_over_gloo():
+    r = subprocess.run([sys.executable, EXAMPLE, "--world", "2", "--divergence", "jsd",
+                        "--temperature", "2.0", "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout and "MISMATCH" not in r.stdout
+
+
+# ------------------------------------------------------------------- CUDA
+def _cuda_ready():
+    return torch.cuda.is_available() and kdloss.device_available()
+
+
+cuda = pytest.mark.skipif(not _cuda_ready(), reason="needs torch.cuda and a CUDA build of kdloss")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,div", [("renormalised", "fkl"), ("renormalised", "jsd"),
+                                      ("tail", "akl"), ("tail", "rkl"), ("tail", "tvd")])
+def test_cuda_sparse_matches_cpu_reference(mode, div, dtype):
+    s, _, idx, lp = sparse_data(n=16, v=1000, k=32, seed=20)
+    labels = torch.arange(16)
+    labels[5] = -100
+    s = s.to(dtype)
+    sc = s.cuda().requires_grad_()
+    loss = kt.sparse_distill_loss(sc, idx.cuda(), lp.float().cuda(), mode=mode, divergence=div,
+                                  labels=labels.cuda(), temperature=1.5)
+    (loss * 2.0).backward()
+    s0 = s.clone().requires_grad_()
+    ref = kt.sparse_distill_loss(s0, idx, lp.float(), mode=mode, divergence=div, labels=labels,
+                                 temperature=1.5)
+    (ref * 2.0).backward()
+    assert loss.device.type == "cuda" and sc.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(sc.grad.cpu().float(), s0.grad.float(), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_fused_linear_matches_cpu_reference(reduction):
+    h, w, t = fused_data(n=64, d=32, v=500, seed=21, dtype=torch.float32)
+    hc, wc = h.cuda().requires_grad_(), w.cuda().requires_grad_()
+    loss = kt.fused_linear_distill_loss(hc, wc, t.cuda(), divergence="jsd", reduction=reduction,
+                                        chunk_rows=16)
+    loss.sum().backward()
+    h0, w0 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = kt.fused_linear_distill_loss(h0, w0, t, divergence="jsd", reduction=reduction)
+    ref.sum().backward()
+    torch.testing.assert_close(loss.cpu().double(), ref.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(hc.grad.cpu(), h0.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wc.grad.cpu(), w0.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(TypeError, match="float32 hidden and weight"):
+        kt.fused_linear_distill_loss(hc.double(), wc, t.cuda())
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_vocab_parallel_one_rank_side_stream(one_rank):
+    s, t = torch.randn(8, 300), torch.randn(8, 300)
+    st = torch.cuda.Stream()
+    with torch.cuda.stream(st):
+        sc = s.cuda().requires_grad_()
+        loss = kt.vocab_parallel_distill_loss(sc, t.cuda(), vocab_offset=0, vocab=300,
+                                              divergence="akl", reduction="none",
+                                              raise_on_invalid=False)
+        loss.sum().backward()
+    st.synchronize()
+    s0 = s.double().requires_grad_()
+    ref = kt.distill_loss(s0, t.double(), divergence="akl", reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sc.grad.cpu().double(), s0.grad, rtol=1e-4, atol=1e-6)
