@@ -2,102 +2,59 @@
 """Vocabulary-parallel distillation loss with torch.distributed (gloo, CPU).
 
 Each of W processes holds a contiguous slice of the vocabulary of the student
-and teacher logits [N, V] and runs kdloss's step protocol
-(kdl_ref_shard_step, the float64 CPU reference, through ctypes): after every
-step it all-reduces the exchange buffer with the operation the step names
-(MAX or SUM).  At the end every rank holds the same loss and the gradient of
-its slice; rank 0 gathers the gradient and compares both with the unsharded
-reference (kdl_ref_loss_forward_backward).
+and teacher logits [N, V] and calls kdloss.torch.vocab_parallel_distill_loss:
+it runs kdloss's step protocol (kdl_ref_shard_step, the float64 CPU
+reference, for CPU tensors) and after every step all-reduces the exchange
+buffer over the process group with the operation the step names (MAX or
+SUM).  Every rank gets the same loss and, from loss.backward(), the gradient
+of its slice; rank 0 gathers the gradient and compares both with the
+unsharded reference (kdloss.numpy.distill_loss).
 
     python3 examples/vocab_parallel_torch.py --world 4 --divergence akl
     python3 examples/vocab_parallel_torch.py --simulate --world 3   # no torch:
-        the same ranks in one process, the all-reduces done with numpy
+        the same ranks in one process (kdloss.numpy.VocabShard), the
+        all-reduces done with numpy
 
-The library is found through --lib, $KDLOSS_LIBRARY, or build*/libkdloss.so.
-With the GPU entry point (kdl_shard_step) the same loop runs with device
-buffers and NCCL; see docs/extensions.md.
+The library is found through --lib, $KDLOSS_LIBRARY, or build*/libkdloss.so;
+the kdloss package through PYTHONPATH or ../python.  With CUDA tensors and an
+NCCL process group the same call runs the GPU steps (kdl_shard_step); see
+docs/extensions.md and python/README.md.
 
 Needs numpy; torch only without --simulate.  Both paths run in CI
-(tests/CMakeLists.txt: example_vocab_parallel, when torch imports).
+(tests/CMakeLists.txt: example_vocab_parallel, when torch imports; the
+Python tests run --simulate).
 """
 import argparse
-import ctypes as C
 import glob
 import os
 import sys
 
 import numpy as np
 
-F64 = 3  # KDL_DTYPE_F64
-OP_DONE, OP_MAX, OP_SUM = 0, 1, 2
+HERE = os.path.dirname(os.path.abspath(__file__))
 DIVS = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
 RULES = ["reference", "mass", "topk"]
 
 
-class LossDesc(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("divergence", C.c_int), ("temperature", C.c_double),
-                ("alpha", C.c_double), ("beta", C.c_double), ("head_rule", C.c_int), ("mu", C.c_double),
-                ("top_k", C.c_int64), ("reduction", C.c_int), ("scale", C.c_double),
-                ("ignore_index", C.c_int64)]
+def use_library(path):
+    """Points the kdloss package at the library (before its first use) and
+    makes the package importable from the source tree."""
+    if path:
+        os.environ["KDLOSS_LIBRARY"] = os.path.abspath(path)
+    elif not os.environ.get("KDLOSS_LIBRARY"):
+        found = sorted(glob.glob(os.path.join(HERE, "..", "build*", "libkdloss.so")))
+        if not found:
+            sys.exit("vocab_parallel_torch.py: libkdloss.so not found (--lib PATH or KDLOSS_LIBRARY)")
+        os.environ["KDLOSS_LIBRARY"] = os.path.abspath(found[0])
+    try:
+        import kdloss  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 
-class LossArgs(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("rows", C.c_int64), ("vocab", C.c_int64),
-                ("student", C.c_void_p), ("ld_student", C.c_int64), ("student_dtype", C.c_int),
-                ("teacher", C.c_void_p), ("ld_teacher", C.c_int64), ("teacher_dtype", C.c_int),
-                ("labels", C.c_void_p), ("grad", C.c_void_p), ("ld_grad", C.c_int64), ("grad_dtype", C.c_int),
-                ("out_dtype", C.c_int), ("loss", C.c_void_p),
-                ("stat_fkl", C.c_void_p), ("stat_rkl", C.c_void_p), ("stat_g_head", C.c_void_p),
-                ("stat_g_tail", C.c_void_p), ("stat_w_head", C.c_void_p), ("stat_w_tail", C.c_void_p),
-                ("stat_head_size", C.c_void_p), ("info", C.c_void_p), ("valid_rows", C.c_void_p)]
-
-
-class ShardArgs(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("rows", C.c_int64), ("vocab", C.c_int64),
-                ("vocab_offset", C.c_int64), ("vocab_local", C.c_int64), ("shard_rank", C.c_int32),
-                ("num_shards", C.c_int32), ("student", C.c_void_p), ("ld_student", C.c_int64),
-                ("student_dtype", C.c_int), ("teacher", C.c_void_p), ("ld_teacher", C.c_int64),
-                ("teacher_dtype", C.c_int), ("labels", C.c_void_p), ("grad", C.c_void_p),
-                ("ld_grad", C.c_int64), ("grad_dtype", C.c_int), ("out_dtype", C.c_int), ("loss", C.c_void_p),
-                ("info", C.c_void_p), ("valid_rows", C.c_void_p), ("stat_head_size", C.c_void_p),
-                ("head_mask", C.c_void_p), ("state", C.c_void_p), ("exchange", C.c_void_p)]
-
-
-def load_library(path):
-    cands = [path] if path else []
-    if os.environ.get("KDLOSS_LIBRARY"):
-        cands.append(os.environ["KDLOSS_LIBRARY"])
-    here = os.path.dirname(os.path.abspath(__file__))
-    cands += sorted(glob.glob(os.path.join(here, "..", "build*", "libkdloss.so")))
-    for c in cands:
-        if c and os.path.exists(c):
-            lib = C.CDLL(c)
-            lib.kdl_status_string.restype = C.c_char_p
-            lib.kdl_get_last_error.restype = C.c_char_p
-            return lib
-    sys.exit("vocab_parallel_torch.py: libkdloss.so not found (--lib PATH or KDLOSS_LIBRARY)")
-
-
-def check(lib, st, what):
-    if st != 0:
-        raise RuntimeError("%s: %s (%s)" % (what, lib.kdl_status_string(st).decode(),
-                                            lib.kdl_get_last_error().decode()))
-
-
-def ptr(a):
-    return a.ctypes.data_as(C.c_void_p) if a is not None else None
-
-
-def make_desc(lib, args):
-    d = LossDesc()
-    lib.kdl_loss_desc_init(C.byref(d))
-    assert d.struct_size == C.sizeof(d), "kdl_loss_desc_t layout differs from this script"
-    d.divergence = DIVS.index(args.divergence)
-    d.head_rule = RULES.index(args.head_rule)
-    d.top_k = args.top_k
-    d.temperature = args.temperature
-    d.reduction = 2  # mean
-    return d
+def loss_options(args):
+    return dict(divergence=args.divergence, head_rule=args.head_rule, top_k=args.top_k,
+                temperature=args.temperature, reduction="mean")
 
 
 def inputs(args):
@@ -114,58 +71,10 @@ def split(V, W):
     return w, off
 
 
-class Shard:
-    """One rank's buffers and arguments for the step protocol."""
+def report(S, T, loss, grad, W, args):
+    import kdloss.numpy as kn
 
-    def __init__(self, lib, desc, S, T, rank, W):
-        N, V = S.shape
-        w, off = split(V, W)
-        self.lib, self.desc = lib, desc
-        self.S = np.ascontiguousarray(S[:, off[rank]:off[rank] + w[rank]])
-        self.T = np.ascontiguousarray(T[:, off[rank]:off[rank] + w[rank]])
-        self.grad = np.zeros_like(self.S)
-        self.loss = np.zeros(1)
-        a = ShardArgs()
-        lib.kdl_shard_args_init(C.byref(a))
-        assert a.struct_size == C.sizeof(a), "kdl_shard_args_t layout differs from this script"
-        a.rows, a.vocab, a.vocab_offset, a.vocab_local = N, V, off[rank], w[rank]
-        a.shard_rank, a.num_shards = rank, W
-        a.student, a.ld_student, a.student_dtype = ptr(self.S), w[rank], F64
-        a.teacher, a.ld_teacher, a.teacher_dtype = ptr(self.T), w[rank], F64
-        a.grad, a.ld_grad, a.grad_dtype = ptr(self.grad), w[rank], F64
-        a.out_dtype, a.loss = F64, ptr(self.loss)
-        sb, ec, ns = C.c_size_t(), C.c_size_t(), C.c_int()
-        check(lib, lib.kdl_shard_sizes(C.byref(desc), C.byref(a), C.byref(sb), C.byref(ec), C.byref(ns)),
-              "kdl_shard_sizes")
-        self.state = np.zeros(sb.value, dtype=np.uint8)
-        self.exchange = np.zeros(max(ec.value, 1))
-        a.state, a.exchange = ptr(self.state), ptr(self.exchange)
-        self.args, self.steps = a, ns.value
-
-    def step(self, s):
-        op, count = C.c_int(), C.c_int64()
-        check(self.lib, self.lib.kdl_ref_shard_step(C.byref(self.desc), C.byref(self.args), s, C.byref(op),
-                                                    C.byref(count)), "kdl_ref_shard_step")
-        return op.value, count.value
-
-
-def unsharded(lib, desc, S, T):
-    N, V = S.shape
-    grad, loss = np.zeros_like(S), np.zeros(1)
-    a = LossArgs()
-    lib.kdl_loss_args_init(C.byref(a))
-    assert a.struct_size == C.sizeof(a), "kdl_loss_args_t layout differs from this script"
-    a.rows, a.vocab = N, V
-    a.student, a.ld_student, a.student_dtype = ptr(S), V, F64
-    a.teacher, a.ld_teacher, a.teacher_dtype = ptr(T), V, F64
-    a.grad, a.ld_grad, a.grad_dtype = ptr(grad), V, F64
-    a.out_dtype, a.loss = F64, ptr(loss)
-    check(lib, lib.kdl_ref_loss_forward_backward(C.byref(desc), C.byref(a)), "kdl_ref_loss_forward_backward")
-    return loss[0], grad
-
-
-def report(lib, desc, S, T, loss, grad, W):
-    ref_loss, ref_grad = unsharded(lib, desc, S, T)
+    ref_loss, ref_grad, _ = kn.distill_loss(S, T, **loss_options(args))
     dl = abs(loss - ref_loss)
     dg = float(np.max(np.abs(grad - ref_grad)))
     print("world %d: loss %.17g, unsharded %.17g, |diff| %.3g, max |grad diff| %.3g (max |grad| %.3g)"
@@ -178,29 +87,30 @@ def report(lib, desc, S, T, loss, grad, W):
 def worker(rank, W, args):
     import torch
     import torch.distributed as dist
+
+    import kdloss.torch as kt
+
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(args.port))
     dist.init_process_group("gloo", rank=rank, world_size=W)
-    lib = load_library(args.lib)
-    desc = make_desc(lib, args)
     S, T = inputs(args)
-    sh = Shard(lib, desc, S, T, rank, W)
-    ex = torch.from_numpy(sh.exchange)  # shares memory with the buffer the library writes
-    for s in range(sh.steps):
-        op, count = sh.step(s)
-        if op == OP_DONE:
-            break
-        dist.all_reduce(ex[:count], op=dist.ReduceOp.MAX if op == OP_MAX else dist.ReduceOp.SUM)
+    widths, offs = split(S.shape[1], W)
+    lo, hi = offs[rank], offs[rank] + widths[rank]
+    s_local = torch.from_numpy(np.ascontiguousarray(S[:, lo:hi])).requires_grad_()
+    t_local = torch.from_numpy(np.ascontiguousarray(T[:, lo:hi]))
+    # vocab_offset and vocab could be left out: the ranks then exchange their widths
+    loss = kt.vocab_parallel_distill_loss(s_local, t_local, vocab_offset=lo, vocab=S.shape[1],
+                                          **loss_options(args))
+    loss.backward()  # d loss / d this rank's slice, computed in the forward steps
     # gloo's gather wants equal sizes: pad each slice to the widest, trim after
-    widths = split(S.shape[1], W)[0]
     wmax = max(widths)
     g = torch.zeros(S.shape[0], wmax, dtype=torch.float64)
-    g[:, : sh.grad.shape[1]] = torch.from_numpy(sh.grad)
+    g[:, : widths[rank]] = s_local.grad
     if rank == 0:
         parts = [torch.zeros(S.shape[0], wmax, dtype=torch.float64) for _ in range(W)]
         dist.gather(g, gather_list=parts, dst=0)
         grad = torch.cat([p[:, :w] for p, w in zip(parts, widths)], dim=1)
-        ok = report(lib, desc, S, T, sh.loss[0], grad.numpy(), W)
+        ok = report(S, T, loss.item(), grad.numpy(), W, args)
     else:
         dist.gather(g, dst=0)
         ok = True
@@ -211,22 +121,26 @@ def worker(rank, W, args):
 
 def simulate(args):
     """The same ranks in one process; the all-reduces done here with numpy."""
-    lib = load_library(args.lib)
-    desc = make_desc(lib, args)
+    import kdloss.numpy as kn
+
     S, T = inputs(args)
-    shards = [Shard(lib, desc, S, T, r, args.world) for r in range(args.world)]
-    for s in range(shards[0].steps):
+    widths, offs = split(S.shape[1], args.world)
+    shards = [kn.VocabShard(np.ascontiguousarray(S[:, o:o + w]), np.ascontiguousarray(T[:, o:o + w]),
+                            o, S.shape[1], r, args.world, **loss_options(args))
+              for r, (o, w) in enumerate(zip(offs, widths))]
+    for s in range(shards[0].num_steps):
         res = [sh.step(s) for sh in shards]
         op, count = res[0]
         assert all(x == res[0] for x in res), "ranks disagree on the step"
-        if op == OP_DONE:
+        if op is None:
             break
         stack = np.stack([sh.exchange[:count] for sh in shards])
-        red = stack.max(axis=0) if op == OP_MAX else stack.sum(axis=0)
+        red = stack.max(axis=0) if op == "max" else stack.sum(axis=0)
         for sh in shards:
             sh.exchange[:count] = red
-    grad = np.concatenate([sh.grad for sh in shards], axis=1)
-    return report(lib, desc, S, T, shards[0].loss[0], grad, args.world)
+    results = [sh.result() for sh in shards]
+    grad = np.concatenate([g for _, g, _ in results], axis=1)
+    return report(S, T, results[0][0], grad, args.world, args)
 
 
 def main():
@@ -243,6 +157,7 @@ def main():
     p.add_argument("--lib", default=None, help="path of libkdloss.so")
     p.add_argument("--simulate", action="store_true", help="no torch: ranks in one process")
     args = p.parse_args()
+    use_library(args.lib)  # before any kdloss import; inherited by the spawned ranks
     if args.simulate:
         sys.exit(0 if simulate(args) else 1)
     import torch.multiprocessing as mp
