@@ -14,10 +14,12 @@ from ._lib import (  # noqa: F401
     KdlossValueError,
     device_available,
     divergence_names,
+    ext_available,
     head_rule_names,
     library_path,
     ot_available,
     reduction_names,
+    sparse_mode_names,
     version,
 )
 

@@ -21,6 +21,7 @@ of a torch.distributed process group).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import torch
@@ -1017,7 +1018,7 @@ class _VocabParallelFunction(torch.autograd.Function):
 
         L = _lib.lib()
         op, count = ctypes.c_int(0), ctypes.c_int64(0)
-        ctx_dev = torch.cuda.device(dev) if cuda else _NullContext()
+        ctx_dev = torch.cuda.device(dev) if cuda else contextlib.nullcontext()
         with ctx_dev:
             if cuda:
                 h = _lib.handle_for_current_device(dev.index)
@@ -1057,14 +1058,6 @@ class _VocabParallelFunction(torch.autograd.Function):
             return (None,) + nones
         (grad,) = ctx.saved_tensors
         return (_scaled_grad(grad, grad_out, ctx.none, ctx.student_dtype, ctx.student_shape),) + nones
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def vocab_parallel_distill_loss(
