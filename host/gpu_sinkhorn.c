@@ -224,6 +224,15 @@ static kdl_status_t cublas_status(cublasStatus_t s, const char *what)
     return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "%s: cuBLAS status %d", what, (int)s);
 }
 
+/* The handle's cuBLAS, on its stream, with alpha / beta read from the host
+ * (the GEMMs of this file pass them by host pointer). */
+static kdl_status_t gemm_cublas(kdl_handle_t h, cublasHandle_t *cb)
+{
+    kdl_status_t st = kdl_get_cublas(h, cb);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    return cublas_status(cublasSetPointerMode(*cb, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+}
+
 /* C_p = -2 X_p Y_p^T for problems [p0, p0 + count), all of size n x m with
  * row strides; uniform: one strided-batched call. */
 static kdl_status_t gemm_batch(cublasHandle_t cb, const core_t *k, const hprob_t *hp, int64_t p0, int64_t count,
@@ -270,9 +279,7 @@ static kdl_status_t core_run(kdl_handle_t h, core_t *k, const hprob_t *hp, const
     if (k->build) {
         if (k->metric == KDL_OT_METRIC_SQEUCLIDEAN) {
             cublasHandle_t cb;
-            kdl_status_t st = kdl_get_cublas(h, &cb);
-            if (st != KDL_STATUS_SUCCESS) return st;
-            st = cublas_status(cublasSetPointerMode(cb, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+            kdl_status_t st = gemm_cublas(h, &cb);
             if (st != KDL_STATUS_SUCCESS) return st;
             int64_t coff = 0;
             for (int r = 0; r < nruns; r++) {
@@ -703,9 +710,7 @@ static kdl_status_t sd_grad(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl
     L.ny = P->NY;
     KDL_CUDA_CHECK(kdl_otk_sinkd_rowprep(&L));
     cublasHandle_t cb;
-    kdl_status_t st = kdl_get_cublas(h, &cb);
-    if (st != KDL_STATUS_SUCCESS) return st;
-    st = cublas_status(cublasSetPointerMode(cb, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    kdl_status_t st = gemm_cublas(h, &cb);
     if (st != KDL_STATUS_SUCCESS) return st;
     const float one = 1.0f, zero = 0.0f;
     const int n = (int)P->n;
