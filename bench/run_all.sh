@@ -21,9 +21,10 @@
 # loss, sinkhorn, sparse, fused_linear, sinkhorn_ragged, sinkd.  Environment:
 # KDL_BENCH_ARCH (CMAKE_CUDA_ARCHITECTURES, default 90a-real),
 # KDL_BENCH_BUILD_DIR (default build-bench-sm90a), PYTHON (default python3),
-# PEERS_ARGS (extra peers.py options).  Wheels in .whl/ (made by
-# scripts/fetch-bench-wheels.sh, carried to the machine) are installed into
-# /tmp/kdl-bench-site first: the device machine has no network.
+# PEERS_ARGS (extra peers.py options), KDL_COMMIT (the commit to record).
+# Wheels in .whl/ (made by scripts/fetch-bench-wheels.sh, carried to the
+# machine) are installed into /tmp/kdl-bench-site first: the device machine
+# has no network.
 #
 # Exit codes: 0 done; 2 bad options or no CUDA device (from kdloss bench);
 # otherwise the code of the step that failed.  If peers.py fails, the kdloss
@@ -47,8 +48,10 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES="$arch" -DKDL_BUILD_TESTS=OFF >/dev/null
 cmake --build "$build" -j "$(nproc)" --target kdloss_cli kdloss
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ "$commit" != unknown ] && ! git diff --quiet HEAD -- 2>/dev/null; then
+# KDL_COMMIT names the commit where git cannot (the device machine gets the
+# working tree without .git): KDL_COMMIT=$(git rev-parse --short HEAD) here.
+commit=${KDL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ -z "${KDL_COMMIT:-}" ] && [ "$commit" != unknown ] && ! git diff --quiet HEAD -- 2>/dev/null; then
   commit="$commit-dirty"
 fi
 
