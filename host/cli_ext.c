@@ -427,7 +427,8 @@ static const char fused_usage[] =
     "JSON keys: divergence, reduction, backend, rows, hidden, vocab, chunk_rows,\n"
     "loss, valid_rows, invalid_rows, and the GPU memory model: workspace_bytes\n"
     "(extra device bytes of the chunked call) and logits_bytes (N x V x 4, the\n"
-    "float32 logits a non-fused call would materialise).  AKL runs on cpu only.\n\n";
+    "float32 logits a non-fused call would materialise).  The cuda backend takes\n"
+    "H and W as float32 copies.\n\n";
 
 enum { F_HIDDEN = L_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_COUNT };
 
@@ -527,14 +528,9 @@ int kdl_cli_fused_linear(int argc, char **argv)
     int use_cuda = 0;
     if (!rc) {
         int any_f64 = hdt == KDL_DTYPE_F64 || wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64;
-        if (backend == KDL_CLI_BACKEND_CUDA && d.divergence == KDL_DIV_AKL) {
-            kdl_cli_error(FCMD, "--divergence akl is not on the fused-linear GPU path (use --backend cpu)");
-            rc = 2;
-        } else {
-            int b = pick_backend(FCMD, backend, any_f64 || d.divergence == KDL_DIV_AKL);
-            if (b < 0) rc = -b;
-            use_cuda = b == 1;
-        }
+        int b = pick_backend(FCMD, backend, any_f64);
+        if (b < 0) rc = -b;
+        use_cuda = b == 1;
     }
     size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
     if (!rc) {
@@ -625,7 +621,9 @@ int kdl_cli_fused_linear(int argc, char **argv)
         json_loss(&j, &d, loss, N);
         kdl_json_int(&j, "valid_rows", valid);
         kdl_json_int(&j, "invalid_rows", invalid);
-        kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(kdl_fused_linear_chunk_rows(&a), V));
+        kdl_fused_linear_args_t wa = a; /* the GPU path's call: float32 H and W */
+        wa.hidden_dtype = wa.weight_dtype = KDL_DTYPE_F32;
+        kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(&wa));
         kdl_json_int(&j, "logits_bytes", N * V * 4);
         kdl_json_object_end(&j);
         kdl_json_finish(&j);

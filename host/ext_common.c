@@ -33,11 +33,40 @@ int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem)
 
 static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
-size_t kdl_ext_fused_workspace_bytes(int64_t chunk, int64_t vocab)
+size_t kdl_ext_dense_ws_bytes(int64_t rows)
 {
-    if (chunk <= 0 || vocab <= 0) return 256;
-    if ((uint64_t)chunk > (SIZE_MAX / 8 - 1024) / (uint64_t)vocab) return 0;
-    return align256((size_t)chunk * (size_t)vocab * 4) + align256((size_t)chunk * (sizeof(double) + 1)) + 256;
+    if (rows <= 0) return 0;
+    return 256 + align256((size_t)rows * sizeof(float));
+}
+
+kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias)
+{
+    kdl_ext_fused_layout_t L;
+    memset(&L, 0, sizeof L);
+    if (chunk <= 0 || vocab <= 0) {
+        L.total = 256;
+        return L;
+    }
+    /* c * V * 8 + V * 8 + c * 4 + 2048 must fit size_t */
+    if ((uint64_t)chunk > (SIZE_MAX / 16 - 4096) / (uint64_t)vocab || (uint64_t)vocab > SIZE_MAX / 64) return L;
+    size_t cv = (size_t)chunk * (size_t)vocab, off = 0;
+    L.logits = off;
+    off += align256(cv * 4);
+    L.dl16 = off;
+    if (sixteen) off += align256(cv * 2);
+    L.dense = off;
+    off += kdl_ext_dense_ws_bytes(chunk);
+    L.bias = off;
+    if (grad_bias) off += align256((size_t)vocab * sizeof(double));
+    L.acc = off;
+    L.total = off + 256;
+    return L;
+}
+
+size_t kdl_ext_fused_workspace_bytes(const kdl_fused_linear_args_t *a)
+{
+    int sixteen = a->hidden_dtype == KDL_DTYPE_F16 || a->hidden_dtype == KDL_DTYPE_BF16;
+    return kdl_ext_fused_layout(kdl_fused_linear_chunk_rows(a), a->vocab, sixteen, a->grad_bias != NULL).total;
 }
 
 static const char *const mode_names[KDL_SPARSE_MODE_COUNT_] = {"renormalised", "tail"};

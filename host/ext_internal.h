@@ -30,11 +30,34 @@ kdl_status_t kdl_ext_validate_desc(const kdl_loss_desc_t *desc, int64_t vocab, k
 /* 1 when (rows - 1) * ld + cols elements of elem bytes fit int64 and size_t. */
 int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem);
 
-/* Device workspace of the fused linear + loss GPU path for a chunk of
- * `chunk` rows: the float32 logits / dlogits chunk [chunk, V], the per-row
- * losses [chunk] (double) and row classes [chunk] (bytes), and 256 bytes of per-call accumulators, each
- * 256-byte aligned.  0 on size_t overflow. */
-size_t kdl_ext_fused_workspace_bytes(int64_t chunk, int64_t vocab);
+/* Copies a caller's fused-linear args into *out as a whole current struct:
+ * a version-1 caller (struct_size KDL_FUSED_LINEAR_ARGS_V1_SIZE) gets the
+ * later fields at their kdl_fused_linear_args_init() defaults.  NULL args:
+ * KDL_STATUS_NULL_POINTER; another struct_size: KDL_STATUS_BAD_STRUCT_SIZE.
+ * Every fused-linear entry point reads its args only through this. */
+kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_fused_linear_args_t *out);
+
+/* Device workspace of the fused linear + loss GPU path for a chunk of c
+ * rows, each piece 256-byte aligned, in this order:
+ *   logits  float32 chunk [c, V]: the logits, then (F32 inputs, or with
+ *           grad_output) d loss / d logits written over them in place;
+ *   dl16    16-bit inputs only: dL of the chunk in the inputs' dtype [c, V];
+ *   dense   the dense loss kernel's workspace for c rows (kdl_loss_ws_bytes:
+ *           256-byte header + one float per row);
+ *   bias    grad_bias only: float64 column sums of dL [V];
+ *   acc     256 bytes of per-call accumulators (double[4]: loss sum, valid,
+ *           invalid, 1/valid; then the chunk's loss (double), invalid and
+ *           valid counts (int64) as the dense call writes them).
+ * c = 0 (N = 0): only acc, at offset 0.  total = 0 on size_t overflow. */
+typedef struct kdl_ext_fused_layout {
+    size_t logits, dl16, dense, bias, acc, total;
+} kdl_ext_fused_layout_t;
+kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias);
+/* The dense part above: the formula of kernels/loss.cu kdl_loss_ws_bytes
+ * (the GPU wrapper checks that they agree). */
+size_t kdl_ext_dense_ws_bytes(int64_t rows);
+/* The layout's total for (normalised) args: chunk, dtypes and grad_bias. */
+size_t kdl_ext_fused_workspace_bytes(const kdl_fused_linear_args_t *args);
 #endif
 
 /* Teacher-order key of a logit of the given byte width (2, 4 or 8) from its

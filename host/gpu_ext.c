@@ -1,7 +1,8 @@
 /*
  * host/gpu_ext.c - host wrappers of the extension kernels (kdloss_ext.h):
  * argument and workspace checks, then launches on the handle's stream
- * (kernels/ext.cu) and, for the fused linear path, the cuBLAS GEMMs.  No
+ * (kernels/ext.cu) and, for the fused linear path, the cuBLAS GEMMs around
+ * the dense loss kernel (kernels/loss.cu, through kdl_loss_launch).  No
  * allocation, no host synchronisation.
  *
  * Compiled and linked in CUDA builds; not yet run on a GPU (see
@@ -9,10 +10,12 @@
  */
 #include <limits.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "ext_internal.h"
 #include "ext_launch.h"
 #include "gpu_internal.h"
+#include "launch.h"
 
 /* ------------------------------------------------------------ sparse */
 static kdl_status_t sparse_check(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, size_t *need)
@@ -76,8 +79,11 @@ kdl_status_t kdl_shard_step(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_
 }
 
 /* ------------------------------------------------------------ fused linear */
+static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
+
+/* a: loaded (kdl_fused_linear_args_load) */
 static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
-                                size_t *need)
+                                kdl_ext_fused_layout_t *lay)
 {
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
     kdl_status_t st = kdl_fused_linear_validate(d, a, 0);
@@ -87,82 +93,212 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
         a->ld_weight > INT_MAX || a->ld_grad_hidden > INT_MAX || a->ld_grad_weight > INT_MAX ||
         a->rows > INT32_MAX)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "fused linear GPU path: a dimension exceeds cuBLAS's int");
-    *need = kdl_ext_fused_workspace_bytes(c, a->vocab);
-    if (!*need) return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "workspace of chunk %lld x vocab %lld", (long long)c,
-                                (long long)a->vocab);
+    if (a->vocab > KDL_LOSS_MAX_VOCAB)
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab = %lld exceeds the GPU limit %lld", (long long)a->vocab,
+                        (long long)KDL_LOSS_MAX_VOCAB);
+    *lay = kdl_ext_fused_layout(c, a->vocab, is16(a->hidden_dtype), a->grad_bias != NULL);
+    if (!lay->total)
+        return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "workspace of chunk %lld x vocab %lld", (long long)c,
+                        (long long)a->vocab);
+    if (c > 0 && kdl_ext_dense_ws_bytes(c) != kdl_loss_ws_bytes(c))
+        return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "dense workspace formula out of date");
     return KDL_STATUS_SUCCESS;
 }
 
-kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
+kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *args,
                                              size_t *bytes)
 {
     if (!bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "bytes is NULL");
-    size_t need = 0;
-    kdl_status_t st = fused_check(h, d, a, &need);
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_fused_linear_args_t a;
+    kdl_status_t st = kdl_fused_linear_args_load(args, &a);
     if (st) return st;
-    *bytes = need;
+    kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0};
+    st = fused_check(h, d, &a, &lay);
+    if (st) return st;
+    *bytes = lay.total;
     return KDL_STATUS_SUCCESS;
 }
-
-static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
 static kdl_status_t blas(cublasStatus_t s, const char *what)
 {
     return s == CUBLAS_STATUS_SUCCESS ? KDL_STATUS_SUCCESS : kdl_fail(KDL_STATUS_CUBLAS_ERROR, "%s: status %d", what, (int)s);
 }
 
-kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
+static cudaDataType_t cuda_type(kdl_dtype_t t)
+{
+    return t == KDL_DTYPE_BF16 ? CUDA_R_16BF : t == KDL_DTYPE_F16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
+/* C (m x n, column-major, ld ldc, type tc) = alpha op(A) op(B) + beta C with
+ * float32 scalars: cublasSgemm for all-F32 (strict FP32 under the handle's
+ * CUBLAS_DEFAULT_MATH: no TF32), cublasGemmEx with CUBLAS_COMPUTE_32F
+ * (16-bit products, float32 accumulation) otherwise. */
+static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                         const void *A, kdl_dtype_t tA, int lda, const void *B, kdl_dtype_t tB, int ldb, float beta,
+                         void *C, kdl_dtype_t tC, int ldc, const char *what)
+{
+    const float one = 1.0f;
+    if (tA == KDL_DTYPE_F32 && tB == KDL_DTYPE_F32 && tC == KDL_DTYPE_F32)
+        return blas(cublasSgemm(cb, ta, tb, m, n, k, &one, (const float *)A, lda, (const float *)B, ldb, &beta,
+                                (float *)C, ldc),
+                    what);
+    return blas(cublasGemmEx(cb, ta, tb, m, n, k, &one, A, cuda_type(tA), lda, B, cuda_type(tB), ldb, &beta, C,
+                             cuda_type(tC), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                what);
+}
+
+/*
+ * Per chunk of c rows (rows r0 .. r0 + c - 1):
+ *   1. L = H_c W^T (+ b): the bias broadcast into L first, then the GEMM
+ *      with beta = 1.
+ *   2. The dense loss kernel (kdl_loss_launch, as kdl_loss_forward_backward
+ *      runs it) on the float32 chunk L against T_c, reduction SUM for SUM
+ *      and MEAN (MEAN's 1/valid is applied at the end: the valid count of
+ *      the whole call is known only after the last chunk), NONE for NONE
+ *      (per-row losses straight into loss + r0).  Its gradient dL goes
+ *        - F32 inputs, or any input with grad_output: over L, in place (safe:
+ *          the dense kernel reads every element of a row in passes 1-3,
+ *          which end in a row-wide reduction every thread of the row's CTA
+ *          or cluster joins, before pass 4; in pass 4 each thread reads
+ *          the student element it then overwrites, and no element is read
+ *          after it was written; staged paths read pass 4's student from
+ *          shared memory anyway);
+ *        - 16-bit inputs without grad_output: into the separate 16-bit
+ *          buffer, rounded once from float32 (what autograd does in bf16);
+ *      with grad_output, rows are then scaled by grad_output[r0 + r] (in
+ *      place, or rounded once into the 16-bit buffer).
+ *   3. The chunk's loss and counts into the accumulators.
+ *   4. dH_c = dL W, dW (+)= dL^T H_c, db (+)= colsum(dL).
+ * Then the finish kernels (loss, counters, db, MEAN scale).
+ */
+kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *args,
                                    void *ws, size_t ws_bytes)
 {
-    size_t need = 0;
-    kdl_status_t st = fused_check(h, d, a, &need);
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_fused_linear_args_t x;
+    kdl_status_t st = kdl_fused_linear_args_load(args, &x);
     if (st) return st;
-    if (ws_bytes < need)
-        return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace %zu bytes, need %zu", ws_bytes, need);
+    const kdl_fused_linear_args_t *a = &x;
+    kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0};
+    st = fused_check(h, d, a, &lay);
+    if (st) return st;
+    if (ws_bytes < lay.total)
+        return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace %zu bytes, need %zu", ws_bytes, lay.total);
     if (!ws) return kdl_fail(KDL_STATUS_NULL_POINTER, "workspace is NULL");
     if ((uintptr_t)ws % 16u) return kdl_fail(KDL_STATUS_BAD_PARAM, "workspace must be 16-byte aligned");
     const int64_t N = a->rows, V = a->vocab, D = a->hidden, C = kdl_fused_linear_chunk_rows(a);
-    /* the layout of kdl_ext_fused_workspace_bytes: logits [C, V], row losses
-     * [C] and classes [C], accumulators; with N = 0 (C = 0) only the 256
-     * bytes of accumulators, at offset 0 */
-    float *L = (float *)ws;
-    double *row_loss = (double *)((char *)ws + align256((size_t)C * (size_t)V * 4));
-    double *acc = (double *)((char *)row_loss + align256((size_t)C * (sizeof(double) + 1)));
+    const kdl_dtype_t hdt = a->hidden_dtype, gdt = a->grad_dtype;
+    const int sixteen = is16(hdt);
+    float *L = (float *)((char *)ws + lay.logits);
+    void *dl16 = (char *)ws + lay.dl16;
+    void *dense_ws = (char *)ws + lay.dense;
+    double *acc_b = (double *)((char *)ws + lay.bias);
+    double *acc = (double *)((char *)ws + lay.acc);
     KDL_CUDA_CHECK(cudaMemsetAsync(acc, 0, 4 * sizeof(double), h->stream));
-    if (N == 0 && a->grad_weight)
-        KDL_CUDA_CHECK(cudaMemset2DAsync(a->grad_weight, (size_t)a->ld_grad_weight * 4, 0, (size_t)D * 4, (size_t)V,
-                                         h->stream));
-    cublasHandle_t cb = NULL;
-    if (N > 0) {
-        st = kdl_get_cublas(h, &cb);
-        if (st) return st;
+    if (N == 0) {
+        const size_t gsz = kdl_dtype_size(gdt);
+        if (a->grad_weight)
+            KDL_CUDA_CHECK(cudaMemset2DAsync(a->grad_weight, (size_t)a->ld_grad_weight * gsz, 0, (size_t)D * gsz,
+                                             (size_t)V, h->stream));
+        if (a->grad_bias) KDL_CUDA_CHECK(cudaMemsetAsync(a->grad_bias, 0, (size_t)V * gsz, h->stream));
+        return kdl_ext_fused_finish_launch(d, a, acc, acc_b, h->stream);
     }
-    const float one = 1.0f, zero = 0.0f;
-    const float *H = (const float *)a->hidden_states, *W = (const float *)a->weight;
+    cublasHandle_t cb = NULL;
+    st = kdl_get_cublas(h, &cb);
+    if (st) return st;
+    st = blas(cublasSetPointerMode(cb, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    if (st) return st;
+
+    const int want_dl = a->grad_hidden || a->grad_weight || a->grad_bias;
+    /* where dL lives for the backward GEMMs, and its dtype */
+    void *dL = sixteen ? dl16 : (void *)L;
+    const kdl_dtype_t dldt = sixteen ? hdt : KDL_DTYPE_F32;
+    /* the dense kernel's gradient: straight into dL, or float32 in place
+     * first when rows are scaled by grad_output */
+    const int direct = !a->grad_output;
+    kdl_loss_desc_t dd = *d;
+    if (dd.reduction == KDL_REDUCTION_MEAN) dd.reduction = KDL_REDUCTION_SUM;
+    const size_t tsz = kdl_dtype_size(a->teacher_dtype), osz = kdl_dtype_size(a->out_dtype);
+
     for (int64_t r0 = 0; r0 < N; r0 += C) {
-        int c = (int)(N - r0 < C ? N - r0 : C);
-        const float *Hc = H + r0 * a->ld_hidden;
-        /* L^T (V x c, column-major, ld V) = W (as d x V, ld ld_w)^T . H_c (as d x c) */
-        st = blas(cublasSgemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)D, &one, W, (int)a->ld_weight, Hc,
-                              (int)a->ld_hidden, &zero, L, (int)V),
-                  "cublasSgemm logits");
+        const int c = (int)(N - r0 < C ? N - r0 : C);
+        const void *Hc = (const char *)a->hidden_states + (size_t)r0 * (size_t)a->ld_hidden * kdl_dtype_size(hdt);
+        /* 1. L^T (V x c, column-major, ld V) = W (as d x V, ld ld_w)^T . H_c (as d x c) (+ b) */
+        float beta = 0.0f;
+        if (a->bias) {
+            st = kdl_ext_fused_bias_fill(L, c, V, a->bias, (int)a->weight_dtype, h->stream);
+            if (st) return st;
+            beta = 1.0f;
+        }
+        st = gemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)D, a->weight, hdt, (int)a->ld_weight, Hc, hdt,
+                  (int)a->ld_hidden, beta, L, KDL_DTYPE_F32, (int)V, "logits GEMM");
         if (st) return st;
-        st = kdl_ext_fused_chunk_launch(d, a, L, r0, c, row_loss, acc, h->stream);
+
+        /* 2. loss and dL of the chunk: the dense loss kernel */
+        kdl_loss_args_t la;
+        kdl_loss_args_init(&la);
+        la.rows = c;
+        la.vocab = V;
+        la.student = L;
+        la.ld_student = V;
+        la.student_dtype = KDL_DTYPE_F32;
+        la.teacher = (const char *)a->teacher + (size_t)r0 * (size_t)a->ld_teacher * tsz;
+        la.ld_teacher = a->ld_teacher;
+        la.teacher_dtype = a->teacher_dtype;
+        la.labels = a->labels ? a->labels + r0 : NULL;
+        if (want_dl) {
+            la.grad = direct ? dL : (void *)L;
+            la.grad_dtype = direct ? dldt : KDL_DTYPE_F32;
+            la.ld_grad = V;
+        }
+        if (d->reduction == KDL_REDUCTION_NONE) {
+            la.out_dtype = a->out_dtype;
+            la.loss = (char *)a->loss + (size_t)r0 * osz;
+        } else {
+            la.out_dtype = KDL_DTYPE_F64;
+            la.loss = acc + 4;
+        }
+        la.info = (int64_t *)(acc + 5);
+        la.valid_rows = (int64_t *)(acc + 6);
+        kdl_loss_launch_t LL;
+        memset(&LL, 0, sizeof LL);
+        LL.desc = &dd;
+        LL.args = &la;
+        LL.workspace = dense_ws;
+        LL.stream = h->stream;
+        LL.cc_major = h->cc_major;
+        LL.sm_count = h->sm_count;
+        LL.cluster_launch = h->cluster_launch;
+        LL.smem_per_block_optin = h->smem_per_block_optin;
+        st = kdl_loss_launch(&LL, NULL);
         if (st) return st;
+        st = kdl_ext_fused_chunk_acc(d, acc, h->stream);
+        if (st) return st;
+        if (!want_dl) continue;
+        if (!direct) {
+            st = kdl_ext_fused_rowscale(L, c, V, a->grad_output, (int)a->grad_output_dtype, r0, dL, (int)dldt, h->stream);
+            if (st) return st;
+        }
+
+        /* 4. backward GEMMs and the bias column sums */
         if (a->grad_hidden) {
-            float *dHc = (float *)a->grad_hidden + r0 * a->ld_grad_hidden;
-            st = blas(cublasSgemm(cb, CUBLAS_OP_N, CUBLAS_OP_N, (int)D, c, (int)V, &one, W, (int)a->ld_weight, L,
-                                  (int)V, &zero, dHc, (int)a->ld_grad_hidden),
-                      "cublasSgemm dH");
+            /* dH_c^T (d x c, ld ld_gh) = W^T (d x V) . dL^T (V x c) */
+            void *dHc = (char *)a->grad_hidden + (size_t)r0 * (size_t)a->ld_grad_hidden * kdl_dtype_size(gdt);
+            st = gemm(cb, CUBLAS_OP_N, CUBLAS_OP_N, (int)D, c, (int)V, a->weight, hdt, (int)a->ld_weight, dL, dldt,
+                      (int)V, 0.0f, dHc, gdt, (int)a->ld_grad_hidden, "dH GEMM");
             if (st) return st;
         }
         if (a->grad_weight) {
-            const float *beta = r0 == 0 ? &zero : &one;
-            st = blas(cublasSgemm(cb, CUBLAS_OP_N, CUBLAS_OP_T, (int)D, (int)V, c, &one, Hc, (int)a->ld_hidden, L,
-                                  (int)V, beta, (float *)a->grad_weight, (int)a->ld_grad_weight),
-                      "cublasSgemm dW");
+            /* dW^T (d x V, ld ld_gw) (+)= H_c^T (d x c) . dL (c x V) */
+            st = gemm(cb, CUBLAS_OP_N, CUBLAS_OP_T, (int)D, (int)V, c, Hc, hdt, (int)a->ld_hidden, dL, dldt, (int)V,
+                      r0 == 0 ? 0.0f : 1.0f, a->grad_weight, gdt, (int)a->ld_grad_weight, "dW GEMM");
+            if (st) return st;
+        }
+        if (a->grad_bias) {
+            st = kdl_ext_fused_colsum(dL, (int)dldt, c, V, acc_b, r0 == 0, h->stream);
             if (st) return st;
         }
     }
-    return kdl_ext_fused_finish_launch(d, a, acc, h->stream);
+    return kdl_ext_fused_finish_launch(d, a, acc, acc_b, h->stream);
 }

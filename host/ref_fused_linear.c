@@ -3,13 +3,20 @@
  * (kdloss_ext.h part 3), plus the argument check and chunk choice the GPU
  * path shares.
  *
- * Straightforward on purpose (it is the oracle): L = H W^T materialised in
- * float64 [N,V], the dense reference kdl_ref_loss_forward_backward on (L,
- * teacher) gives the loss and dL = d loss / d L, then dH = dL W and
- * dW = dL^T H as plain triple loops (no skipping of zero rows, so a
- * non-finite hidden row poisons dW exactly as a GEMM would).
+ * Straightforward on purpose (it is the oracle): L = H W^T (+ b)
+ * materialised in float64 [N,V], the dense reference
+ * kdl_ref_loss_forward_backward on (L, teacher) gives the loss and
+ * dL = d loss / d L, row i scaled by grad_output[i] when given, then
+ * dH = dL W, dW = dL^T H and db = column sums of dL as plain loops (no
+ * skipping of zero rows, so a non-finite hidden row poisons dW exactly as a
+ * GEMM would).
+ *
+ * Versions of kdl_fused_linear_args_t: every entry point reads the caller's
+ * struct through kdl_fused_linear_args_load, which accepts the version-1
+ * size and fills the later fields with their defaults.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +34,28 @@ void kdl_fused_linear_args_init(kdl_fused_linear_args_t *a)
     a->teacher_dtype = KDL_DTYPE_F32;
     a->grad_dtype = KDL_DTYPE_F32;
     a->out_dtype = KDL_DTYPE_F32;
+    a->grad_output_dtype = KDL_DTYPE_F32;
+}
+
+_Static_assert(KDL_FUSED_LINEAR_ARGS_V1_SIZE == offsetof(kdl_fused_linear_args_t, valid_rows) + sizeof(int64_t *),
+               "version 1 of kdl_fused_linear_args_t ended at valid_rows");
+
+kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_fused_linear_args_t *out)
+{
+    if (!in) return kdl_fail(KDL_STATUS_NULL_POINTER, "args is NULL");
+    size_t sz;
+    memcpy(&sz, in, sizeof sz);
+    kdl_fused_linear_args_init(out);
+    if (sz == sizeof *out) {
+        memcpy(out, in, sizeof *out);
+    } else if (sz == KDL_FUSED_LINEAR_ARGS_V1_SIZE) {
+        memcpy(out, in, KDL_FUSED_LINEAR_ARGS_V1_SIZE); /* the rest keeps init's defaults */
+        out->struct_size = sizeof *out;
+    } else {
+        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu (or %zu, version 1)", sz,
+                        sizeof *out, (size_t)KDL_FUSED_LINEAR_ARGS_V1_SIZE);
+    }
+    return KDL_STATUS_SUCCESS;
 }
 
 int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
@@ -41,29 +70,34 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
     return c < a->rows ? c : a->rows;
 }
 
-kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, int allow_f64)
+static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
+
+/* The check of kdl_fused_linear_validate on already loaded args. */
+static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, int allow_f64)
 {
-    kdl_clear_error();
     KDL_CHECK_STRUCT_PAIR(d, a);
     if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
     kdl_status_t st = kdl_ext_validate_desc(d, a->vocab, a->out_dtype);
     if (st != KDL_STATUS_SUCCESS) return st;
     if ((unsigned)a->hidden_dtype > KDL_DTYPE_F64 || (unsigned)a->weight_dtype > KDL_DTYPE_F64 ||
-        (unsigned)a->teacher_dtype > KDL_DTYPE_F64 || (unsigned)a->grad_dtype > KDL_DTYPE_F64)
+        (unsigned)a->teacher_dtype > KDL_DTYPE_F64 || (unsigned)a->grad_dtype > KDL_DTYPE_F64 ||
+        (unsigned)a->grad_output_dtype > KDL_DTYPE_F64)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
-    if (allow_f64) {
-        if ((a->grad_hidden || a->grad_weight) && a->grad_dtype != KDL_DTYPE_F32 && a->grad_dtype != KDL_DTYPE_F64)
-            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be f32 or f64");
-    } else {
-        if (a->hidden_dtype != KDL_DTYPE_F32 || a->weight_dtype != KDL_DTYPE_F32)
-            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "the GPU path takes f32 hidden states and weights");
-        if (a->teacher_dtype == KDL_DTYPE_F64)
+    const int grads = a->grad_hidden || a->grad_weight || a->grad_bias;
+    /* gradients: F32, the inputs' common 16-bit dtype, or (reference) F64 */
+    const int g16 = is16(a->grad_dtype) && a->hidden_dtype == a->grad_dtype && a->weight_dtype == a->grad_dtype;
+    if (grads && a->grad_dtype != KDL_DTYPE_F32 && !g16 && !(allow_f64 && a->grad_dtype == KDL_DTYPE_F64))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
+                        allow_f64 ? "grad_dtype must be f32, f64, or the 16-bit dtype of both hidden_states and weight"
+                                  : "grad_dtype must be f32, or the 16-bit dtype of both hidden_states and weight");
+    if (!allow_f64) {
+        if (a->hidden_dtype == KDL_DTYPE_F64 || a->weight_dtype == KDL_DTYPE_F64 || a->teacher_dtype == KDL_DTYPE_F64)
             return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 data is supported by the reference only");
-        if ((a->grad_hidden || a->grad_weight) && a->grad_dtype != KDL_DTYPE_F32)
-            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "the GPU path writes f32 gradients");
-        if (d->divergence == KDL_DIV_AKL)
-            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "AKL is not on the fused-linear GPU path");
+        if (a->hidden_dtype != a->weight_dtype)
+            return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "the GPU path takes hidden_states and weight of one dtype (f32, bf16 or f16)");
     }
+    if (a->grad_output && d->reduction != KDL_REDUCTION_NONE)
+        return kdl_fail(KDL_STATUS_BAD_PARAM, "grad_output is for reduction NONE only (per-row losses)");
     if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
     if (a->hidden < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "hidden = %lld < 1", (long long)a->hidden);
     if (a->chunk_rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "chunk_rows = %lld < 0", (long long)a->chunk_rows);
@@ -96,7 +130,10 @@ kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *d, const kdl_fused
                                       {a->grad_weight, gsz, "grad_weight"},
                                       {a->loss, kdl_dtype_size(a->out_dtype), "loss"},
                                       {a->info, 8, "info"},
-                                      {a->valid_rows, 8, "valid_rows"}};
+                                      {a->valid_rows, 8, "valid_rows"},
+                                      {a->grad_output, kdl_dtype_size(a->grad_output_dtype), "grad_output"},
+                                      {a->bias, kdl_dtype_size(a->weight_dtype), "bias"},
+                                      {a->grad_bias, gsz, "grad_bias"}};
     st = kdl_check_alignment(arrays, sizeof arrays / sizeof arrays[0]);
     if (st != KDL_STATUS_SUCCESS) return st;
     if (!kdl_ext_span_ok(a->rows, a->hidden, a->ld_hidden, kdl_dtype_size(a->hidden_dtype)) ||
@@ -109,10 +146,23 @@ kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *d, const kdl_fused
     return KDL_STATUS_SUCCESS;
 }
 
-kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a)
+kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, int allow_f64)
 {
-    kdl_status_t st = kdl_fused_linear_validate(d, a, 1);
+    kdl_clear_error();
+    if (!d) return kdl_fail(KDL_STATUS_NULL_POINTER, "desc is NULL");
+    kdl_fused_linear_args_t x;
+    kdl_status_t st = kdl_fused_linear_args_load(a, &x);
     if (st != KDL_STATUS_SUCCESS) return st;
+    return validate_loaded(d, &x, allow_f64);
+}
+
+kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *args)
+{
+    kdl_status_t st = kdl_fused_linear_validate(d, args, 1);
+    if (st != KDL_STATUS_SUCCESS) return st;
+    kdl_fused_linear_args_t x;
+    (void)kdl_fused_linear_args_load(args, &x); /* succeeded in validate */
+    const kdl_fused_linear_args_t *a = &x;
     const int64_t N = a->rows, V = a->vocab, D = a->hidden;
     size_t nl = (size_t)(N > 0 ? N : 1) * (size_t)V;
     double *L = (double *)malloc(nl * sizeof(double));
@@ -129,6 +179,7 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused
         for (int64_t v = 0; v < V; v++) {
             double s = 0;
             for (int64_t k = 0; k < D; k++) s += h[k] * kdl_load_as_double(a->weight, a->weight_dtype, v * a->ld_weight + k);
+            if (a->bias) s += kdl_load_as_double(a->bias, a->weight_dtype, v);
             L[i * V + v] = s;
         }
     }
@@ -151,6 +202,11 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused
     la.info = a->info;
     la.valid_rows = a->valid_rows;
     st = kdl_ref_loss_forward_backward(d, &la);
+    if (st == KDL_STATUS_SUCCESS && a->grad_output)
+        for (int64_t i = 0; i < N; i++) {
+            const double g = kdl_load_as_double(a->grad_output, a->grad_output_dtype, i);
+            for (int64_t v = 0; v < V; v++) dL[i * V + v] *= g;
+        }
     if (st == KDL_STATUS_SUCCESS && a->grad_hidden)
         for (int64_t i = 0; i < N; i++)
             for (int64_t k = 0; k < D; k++) {
@@ -167,6 +223,12 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused
                     s += dL[i * V + v] * kdl_load_as_double(a->hidden_states, a->hidden_dtype, i * a->ld_hidden + k);
                 kdl_store_from_double(a->grad_weight, a->grad_dtype, v * a->ld_grad_weight + k, s);
             }
+    if (st == KDL_STATUS_SUCCESS && a->grad_bias)
+        for (int64_t v = 0; v < V; v++) {
+            double s = 0;
+            for (int64_t i = 0; i < N; i++) s += dL[i * V + v];
+            kdl_store_from_double(a->grad_bias, a->grad_dtype, v, s);
+        }
     free(L);
     free(dL);
     free(h);

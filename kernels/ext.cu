@@ -865,114 +865,92 @@ __global__ void __launch_bounds__(kThreads) shard_finish_out(ShardP P)
 }
 
 /* ============================================================ fused linear */
-struct FusedP {
-    int div, tdt, has_labels, reduction, out_dt;
-    float coef, inv_tau, gscale; /* inv_tau clamped to FLT_MAX; gscale = (float)scale */
-    int64_t V, ld_t, row0, ignore_index;
-    float *L; /* [c, V] */
-    const void *T;
-    const int64_t *labels;
-    double *row_loss;
-    unsigned char *cls;
-    void *loss;
-    double scale;
-};
+/* The loss and dL of a chunk come from the dense loss kernel (kernels/loss.cu,
+ * launched by host/gpu_ext.c through kdl_loss_launch); these are the small
+ * kernels around it. */
 
-__global__ void __launch_bounds__(kThreads) fused_chunk_kernel(FusedP P)
+/* A value of dtype dt (F32, F16, BF16, F64) as double. */
+__device__ __forceinline__ double ld_any(const void *p, int dt, int64_t i)
 {
-    __shared__ float fscr[32];
-    __shared__ double dscr[32];
-    __shared__ int iscr[33];
-    const int64_t c = blockIdx.x, i = P.row0 + c, V = P.V;
-    float *Lr = P.L + c * V;
-    const int64_t offT = i * P.ld_t;
-    int ignored = P.has_labels && P.labels[i] == P.ignore_index;
-    float ms = -INFINITY, ss = 0, mt = -INFINITY, st = 0;
-    int bad = 0;
-    if (!ignored)
-        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-            float s = Lr[v], t = ld_f(P.T, P.tdt, offT + v);
-            if (isnan(s) || isnan(t) || s == INFINITY || t == INFINITY) {
-                bad = 1;
-                continue;
-            }
-            lse_add(ms, ss, s, P.inv_tau);
-            lse_add(mt, st, t, P.inv_tau);
-        }
-    bad = block_reduce(bad, iscr, OrI());
-    double Ss, St;
-    const float Ms = block_lse(ms, ss, P.inv_tau, fscr, dscr, &Ss);
-    const float Mt = block_lse(mt, st, P.inv_tau, fscr, dscr, &St);
-    if (ignored || bad || Ms == -INFINITY || Mt == -INFINITY) {
-        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) Lr[v] = 0.0f;
-        if (threadIdx.x == 0) {
-            P.row_loss[c] = ignored ? 0.0 : NAN;
-            P.cls[c] = ignored ? KDL_EXT_ROW_IGNORED : KDL_EXT_ROW_INVALID;
-            if (P.reduction == KDL_REDUCTION_NONE) st_out(P.loss, P.out_dt, i, ignored ? 0.0 : NAN);
-        }
-        return;
-    }
-    /* log q = (s - Ms)/tau - log Ss, log p likewise (the reference's form) */
-    const float lSs = (float)log(Ss), lSt = (float)log(St);
-    const kdl_elem_params_f pr = make_params(P.div, P.coef, 0.5f, 0.5f);
-    double loss = 0, G = 0;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        kdl_elem_f e = kdl_elem_eval_f(&pr, log_prob(ld_f(P.T, P.tdt, offT + v), Mt, P.inv_tau, lSt),
-                                       log_prob(Lr[v], Ms, P.inv_tau, lSs));
-        loss += e.loss;
-        G += e.qg;
-    }
-    loss = block_reduce(loss, dscr, SumD());
-    G = block_reduce(G, dscr, SumD());
-    const float Gf = (float)G;
-    /* in place: each thread reads and then overwrites its own elements */
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        float lq = log_prob(Lr[v], Ms, P.inv_tau, lSs);
-        kdl_elem_f e = kdl_elem_eval_f(&pr, log_prob(ld_f(P.T, P.tdt, offT + v), Mt, P.inv_tau, lSt), lq);
-        Lr[v] = scaled_grad(P.gscale, kdl_elem_dz_f(e.qg, __expf(lq), Gf), P.inv_tau);
-    }
-    if (threadIdx.x == 0) {
-        P.row_loss[c] = loss;
-        P.cls[c] = KDL_EXT_ROW_VALID;
-        if (P.reduction == KDL_REDUCTION_NONE) st_out(P.loss, P.out_dt, i, scaled_loss(P.scale, loss));
+    if (dt == KDL_DTYPE_F64) return ((const double *)p)[i];
+    return (double)ld_f(p, dt, i);
+}
+
+/* L[r*V + v] = b[v] (b in dtype bdt): the bias, which the logits GEMM then
+ * accumulates onto with beta = 1. */
+__global__ void fused_bias_fill_kernel(float *L, int64_t c, int64_t V, const void *b, int bdt)
+{
+    for (int64_t r = blockIdx.y; r < c; r += gridDim.y)
+        for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < V; v += (int64_t)gridDim.x * blockDim.x)
+            L[r * V + v] = ld_f(b, bdt, v);
+}
+
+/* out[r*V + v] = L[r*V + v] * g[row0 + r], stored in odt: in place (out ==
+ * L, F32) or rounded once into the 16-bit dL buffer.  Each element is read
+ * then written by the same thread, so in place is safe. */
+__global__ void fused_rowscale_kernel(float *L, int64_t c, int64_t V, const void *g, int gdt, int64_t row0, void *out,
+                                      int odt)
+{
+    for (int64_t r = blockIdx.y; r < c; r += gridDim.y) {
+        const float f = (float)ld_any(g, gdt, row0 + r);
+        for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < V; v += (int64_t)gridDim.x * blockDim.x)
+            st_f(out, odt, r * V + v, L[r * V + v] * f);
     }
 }
 
-/* acc[0] += chunk loss of valid rows, acc[1] += valid, acc[2] += invalid
- * (fixed order: deterministic). */
-__global__ void __launch_bounds__(kThreads) fused_chunk_acc(int64_t c, const double *row_loss, const unsigned char *cls,
-                                                            double *acc)
+/* acc_b[v] (+)= sum over the c rows of dL[r*V + v] (dtype dt), in float64,
+ * rows in order: deterministic.  One thread per column (coalesced rows). */
+__global__ void fused_colsum_kernel(const void *dL, int dt, int64_t c, int64_t V, double *acc_b, int first)
 {
-    __shared__ double dscr[32];
-    double s = 0, nv = 0, ni = 0;
-    for (int64_t r = threadIdx.x; r < c; r += blockDim.x) {
-        if (cls[r] == KDL_EXT_ROW_VALID) {
-            s += row_loss[r];
-            nv += 1;
-        } else if (cls[r] == KDL_EXT_ROW_INVALID) {
-            ni += 1;
-        }
-    }
-    s = block_reduce(s, dscr, SumD());
-    nv = block_reduce(nv, dscr, SumD());
-    ni = block_reduce(ni, dscr, SumD());
-    if (threadIdx.x == 0) {
-        acc[0] += s;
-        acc[1] += nv;
-        acc[2] += ni;
+    for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < V; v += (int64_t)gridDim.x * blockDim.x) {
+        double s = 0;
+        for (int64_t r = 0; r < c; r++) s += (double)ld_f(dL, dt, r * V + v);
+        acc_b[v] = first ? s : acc_b[v] + s;
     }
 }
 
-__global__ void fused_finish_kernel(int reduction, double scale, void *loss, int out_dt, int64_t *info,
-                                    int64_t *valid_rows, double *acc)
+/* After a chunk's dense call: acc[0] += the chunk's loss (SUM: the dense
+ * call wrote its scaled sum, as double, into acc[4]), acc[1] += valid,
+ * acc[2] += invalid (int64 at acc + 6 and acc + 5). */
+__global__ void fused_chunk_acc(int reduction, double *acc)
+{
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    if (reduction != KDL_REDUCTION_NONE) acc[0] += acc[4];
+    acc[1] += (double)*(const int64_t *)(acc + 6);
+    acc[2] += (double)*(const int64_t *)(acc + 5);
+}
+
+__global__ void fused_finish_kernel(int reduction, void *loss, int out_dt, int64_t *info, int64_t *valid_rows,
+                                    double *acc)
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double nv = acc[1];
-    if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, scaled_loss(scale, acc[0]));
-    if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? scaled_loss(scale, acc[0]) / nv : 0.0);
+    /* acc[0] is a sum of chunk losses already scaled (scaled_loss) */
+    if (reduction == KDL_REDUCTION_SUM) st_out(loss, out_dt, 0, acc[0]);
+    if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? acc[0] / nv : 0.0);
     if (info) *info = (int64_t)acc[2];
     if (valid_rows) *valid_rows = (int64_t)nv;
     acc[3] = nv > 0 ? 1.0 / nv : 0.0;
+}
+
+/* db[v] = acc_b[v] (MEAN: * acc[3] = 1/valid), in the gradient dtype. */
+__global__ void fused_bias_out_kernel(const double *acc_b, int64_t V, int mean, const double *acc, void *db, int gdt)
+{
+    const double f = mean ? acc[3] : 1.0;
+    for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < V; v += (int64_t)gridDim.x * blockDim.x)
+        st_f(db, gdt, v, (float)(mean ? acc_b[v] * f : acc_b[v]));
+}
+
+dim3 grid_2d(int64_t rows, int64_t cols)
+{
+    int64_t gx = (cols + kThreads - 1) / kThreads;
+    return dim3((unsigned)(gx < 64 ? (gx > 0 ? gx : 1) : 64), (unsigned)(rows < 65535 ? (rows > 0 ? rows : 1) : 65535));
+}
+
+unsigned grid_1d(int64_t n)
+{
+    int64_t g = (n + kThreads - 1) / kThreads;
+    return (unsigned)(g < 1024 ? (g > 0 ? g : 1) : 1024);
 }
 
 } // namespace
@@ -1143,47 +1121,50 @@ extern "C" kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *d, const kdl
     return launch_status("shard step kernels");
 }
 
-extern "C" kdl_status_t kdl_ext_fused_chunk_launch(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
-                                                   float *logits, int64_t row0, int64_t c, double *row_loss,
-                                                   double *acc, cudaStream_t stream)
+extern "C" kdl_status_t kdl_ext_fused_bias_fill(float *L, int64_t c, int64_t V, const void *bias, int bias_dtype,
+                                                 cudaStream_t stream)
 {
-    FusedP P;
-    memset(&P, 0, sizeof P);
-    P.div = (int)d->divergence;
-    P.tdt = (int)a->teacher_dtype;
-    P.has_labels = a->labels != NULL;
-    P.reduction = (int)d->reduction;
-    P.out_dt = (int)a->out_dtype;
-    P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
-    P.inv_tau = (float)fmin(1.0 / d->temperature, (double)FLT_MAX);
-    P.gscale = (float)d->scale;
-    P.V = a->vocab;
-    P.ld_t = a->ld_teacher;
-    P.row0 = row0;
-    P.ignore_index = d->ignore_index;
-    P.L = logits;
-    P.T = a->teacher;
-    P.labels = a->labels;
-    P.row_loss = row_loss;
-    P.cls = (unsigned char *)(row_loss + c); /* c bytes after the c losses (workspace sized for it) */
-    P.loss = a->loss;
-    P.scale = d->scale;
-    fused_chunk_kernel<<<(unsigned)c, kThreads, 0, stream>>>(P);
-    kdl_status_t st = launch_status("fused_chunk_kernel");
-    if (st) return st;
-    fused_chunk_acc<<<1, kThreads, 0, stream>>>(c, row_loss, P.cls, acc);
+    fused_bias_fill_kernel<<<grid_2d(c, V), kThreads, 0, stream>>>(L, c, V, bias, bias_dtype);
+    return launch_status("fused_bias_fill_kernel");
+}
+
+extern "C" kdl_status_t kdl_ext_fused_rowscale(float *L, int64_t c, int64_t V, const void *g, int g_dtype, int64_t row0,
+                                               void *out, int out_dtype, cudaStream_t stream)
+{
+    fused_rowscale_kernel<<<grid_2d(c, V), kThreads, 0, stream>>>(L, c, V, g, g_dtype, row0, out, out_dtype);
+    return launch_status("fused_rowscale_kernel");
+}
+
+extern "C" kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64_t V, double *acc_bias,
+                                             int first, cudaStream_t stream)
+{
+    fused_colsum_kernel<<<grid_1d(V), kThreads, 0, stream>>>(dL, dL_dtype, c, V, acc_bias, first);
+    return launch_status("fused_colsum_kernel");
+}
+
+extern "C" kdl_status_t kdl_ext_fused_chunk_acc(const kdl_loss_desc_t *d, double *acc, cudaStream_t stream)
+{
+    fused_chunk_acc<<<1, 32, 0, stream>>>((int)d->reduction, acc);
     return launch_status("fused_chunk_acc");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
-                                                    double *acc, cudaStream_t stream)
+                                                    double *acc, const double *acc_bias, cudaStream_t stream)
 {
-    fused_finish_kernel<<<1, 32, 0, stream>>>((int)d->reduction, d->scale, a->loss, (int)a->out_dtype, a->info,
-                                              a->valid_rows, acc);
+    fused_finish_kernel<<<1, 32, 0, stream>>>((int)d->reduction, a->loss, (int)a->out_dtype, a->info, a->valid_rows,
+                                              acc);
     kdl_status_t st = launch_status("fused_finish_kernel");
-    if (st || d->reduction != KDL_REDUCTION_MEAN) return st;
-    if (a->grad_hidden) scale_launch(a->grad_hidden, KDL_DTYPE_F32, a->rows, a->hidden, a->ld_grad_hidden, acc + 3, stream);
-    if (a->grad_weight)
-        scale_launch(a->grad_weight, KDL_DTYPE_F32, a->vocab, a->hidden, a->ld_grad_weight, acc + 3, stream);
+    if (st) return st;
+    const int mean = d->reduction == KDL_REDUCTION_MEAN;
+    if (a->grad_bias && a->rows > 0) {
+        fused_bias_out_kernel<<<grid_1d(a->vocab), kThreads, 0, stream>>>(acc_bias, a->vocab, mean, acc, a->grad_bias,
+                                                                          (int)a->grad_dtype);
+        st = launch_status("fused_bias_out_kernel");
+        if (st) return st;
+    }
+    if (!mean) return KDL_STATUS_SUCCESS;
+    const int gdt = (int)a->grad_dtype;
+    if (a->grad_hidden) scale_launch(a->grad_hidden, gdt, a->rows, a->hidden, a->ld_grad_hidden, acc + 3, stream);
+    if (a->grad_weight) scale_launch(a->grad_weight, gdt, a->vocab, a->hidden, a->ld_grad_weight, acc + 3, stream);
     return launch_status("scale_rows_kernel");
 }

@@ -39,16 +39,26 @@ kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *desc, const kdl_sparse
 kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *desc, const kdl_shard_args_t *args, int phase, int digit,
                                   cudaStream_t stream);
 
-/* Fused linear: the loss kernel of one chunk, in place on the float32 logits
- * chunk L [c, V] (row stride V), rows [row0, row0 + c) of the call; writes
- * per-row losses into row_loss [c] and adds the chunk's sum, valid and
- * invalid counts into acc (double[4]: loss sum, valid, invalid, 1/valid). */
-kdl_status_t kdl_ext_fused_chunk_launch(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
-                                        float *logits, int64_t row0, int64_t c, double *row_loss, double *acc,
-                                        cudaStream_t stream);
-/* After every chunk: loss output, counters, and (MEAN) dH, dW scaled by 1/valid. */
+/* Fused linear (host/gpu_ext.c runs the GEMMs and, per chunk, the dense loss
+ * kernel through kdl_loss_launch; these are the kernels around them).
+ * L is the float32 chunk [c, V] (row stride V) of the workspace. */
+/* L[r, :] = bias (dtype bias_dtype), before the logits GEMM with beta = 1. */
+kdl_status_t kdl_ext_fused_bias_fill(float *L, int64_t c, int64_t V, const void *bias, int bias_dtype,
+                                     cudaStream_t stream);
+/* out[r, :] = L[r, :] * g[row0 + r], in out_dtype (out == L: in place, F32). */
+kdl_status_t kdl_ext_fused_rowscale(float *L, int64_t c, int64_t V, const void *g, int g_dtype, int64_t row0, void *out,
+                                    int out_dtype, cudaStream_t stream);
+/* acc_bias[v] = (first ? 0 : acc_bias[v]) + sum_r dL[r, v] (float64). */
+kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64_t V, double *acc_bias, int first,
+                                  cudaStream_t stream);
+/* acc (double[32], host/ext_internal.h's layout): adds the chunk's loss
+ * (acc[4]) and counts (int64 at acc + 5: invalid, acc + 6: valid) into
+ * acc[0..2]. */
+kdl_status_t kdl_ext_fused_chunk_acc(const kdl_loss_desc_t *desc, double *acc, cudaStream_t stream);
+/* After every chunk: loss output, counters, db from acc_bias, and (MEAN)
+ * dH, dW, db scaled by 1/valid. */
 kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
-                                         double *acc, cudaStream_t stream);
+                                         double *acc, const double *acc_bias, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -3,7 +3,10 @@
  * (kdloss_ext.h part 3) against independent answers: central finite
  * differences of the loss with respect to every entry of H and W, and the
  * dense reference on logits the test materialises itself (its own matrix
- * products for the logits and for dH, dW).
+ * products for the logits and for dH, dW).  Version 2 of the args: the
+ * upstream per-row gradient (reduction NONE) and the bias against finite
+ * differences of sum_i g_i loss_i, 16-bit inputs and gradients, version-1
+ * callers, and the statuses of the new arguments.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -353,6 +356,248 @@ Test(api, chunk_rows_and_bad_arguments)
     cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 hidden on the GPU path");
     a.hidden_dtype = a.weight_dtype = a.teacher_dtype = a.grad_dtype = KDL_DTYPE_F32;
     cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    d.divergence = KDL_DIV_AKL;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_NOT_SUPPORTED);
+    d.divergence = KDL_DIV_AKL; /* the GPU path runs the dense kernel, AKL included */
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+}
+
+/* ------------------------------------------------------------ version 2 */
+
+/* sum_i g_i loss_i (NONE; invalid rows, NaN, excluded by the caller's data)
+ * with logits H W^T + b. */
+static double weighted_loss(const kdl_loss_desc_t *d, const double *H, const double *W, const double *b,
+                            const double *T, const int64_t *labels, const double *g, int64_t N, int64_t D, int64_t V)
+{
+    fres_t r;
+    memset(&r, 0, sizeof r);
+    kdl_fused_linear_args_t a = fargs(H, W, T, labels, N, D, V, &r);
+    a.bias = b;
+    a.grad_hidden = a.grad_weight = NULL;
+    cr_assert_eq(kdl_ref_fused_linear_loss(d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    double s = 0;
+    for (int64_t i = 0; i < N; i++) s += g[i] * r.loss[i];
+    return s;
+}
+
+/* grad_output g (NONE) and bias b: dH, dW, db of the reference equal the
+ * central differences of sum_i g_i loss_i with respect to H, W and b. */
+static void check_fd_v2(kdl_divergence_t div, uint64_t seed)
+{
+    enum { N = 4, D = 4, V = 11 };
+    double H[N * D], W[V * D], b[V], T[N * V], g[N], db[V];
+    random_fill(seed, H, N * D, 1.0);
+    random_fill(seed + 1, W, V * D, 0.7);
+    random_fill(seed + 2, b, V, 0.5);
+    random_fill(seed + 3, T, N * V, 2.0);
+    random_fill(seed + 4, g, N, 1.5); /* any sign, as autograd may pass */
+    const int64_t labels[N] = {1, 2, -100, 0};
+    kdl_loss_desc_t d = kdl_test_desc(div, KDL_REDUCTION_NONE);
+    d.temperature = 1.5;
+    d.scale = 0.8;
+    fres_t base;
+    memset(&base, 0, sizeof base);
+    kdl_fused_linear_args_t a = fargs(H, W, T, labels, N, D, V, &base);
+    a.bias = b;
+    a.grad_bias = db;
+    a.grad_output = g;
+    a.grad_output_dtype = KDL_DTYPE_F64;
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    const double h = 1e-5;
+    double fdH[N * D], fdW[V * D], fdb[V];
+#define FD_OF(x, n, out)                                                                            \
+    for (int j = 0; j < (n); j++) {                                                                 \
+        double x0 = (x)[j];                                                                         \
+        (x)[j] = x0 + h;                                                                            \
+        double up = weighted_loss(&d, H, W, b, T, labels, g, N, D, V);                              \
+        (x)[j] = x0 - h;                                                                            \
+        double dn = weighted_loss(&d, H, W, b, T, labels, g, N, D, V);                              \
+        (x)[j] = x0;                                                                                \
+        (out)[j] = (up - dn) / (2 * h);                                                             \
+    }
+    FD_OF(H, N * D, fdH)
+    FD_OF(W, V * D, fdW)
+    FD_OF(b, V, fdb)
+#undef FD_OF
+    char what[64];
+    snprintf(what, sizeof what, "grad_output + bias, %s", kdl_divergence_name(div));
+    kdl_tol_t tol = {1e-6, 1e-8};
+    KDL_EXPECT_CLOSE(what, base.dH, fdH, N * D, tol);
+    KDL_EXPECT_CLOSE(what, base.dW, fdW, V * D, tol);
+    KDL_EXPECT_CLOSE(what, db, fdb, V, tol);
+}
+
+Test(finite_difference, grad_output_and_bias_every_divergence)
+{
+    for (size_t k = 0; k < KDL_NDIVS; k++) {
+        if (kdl_all_divs[k] == KDL_DIV_AKL) continue; /* weights frozen: not a plain derivative */
+        check_fd_v2(kdl_all_divs[k], 700 + 7 * k);
+    }
+}
+
+/* SUM with a bias: db = column sums of dL, against finite differences. */
+Test(finite_difference, bias_with_sum)
+{
+    enum { N = 3, D = 3, V = 9 };
+    double H[N * D], W[V * D], b[V], T[N * V], db[V], fdb[V];
+    random_fill(810, H, N * D, 1.0);
+    random_fill(811, W, V * D, 0.7);
+    random_fill(812, b, V, 1.0);
+    random_fill(813, T, N * V, 2.0);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_SUM);
+    fres_t r;
+    memset(&r, 0, sizeof r);
+    kdl_fused_linear_args_t a = fargs(H, W, T, NULL, N, D, V, &r);
+    a.bias = b;
+    a.grad_bias = db;
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    const double h = 1e-5;
+    for (int j = 0; j < V; j++) {
+        fres_t u, w;
+        double x0 = b[j];
+        b[j] = x0 + h;
+        memset(&u, 0, sizeof u);
+        kdl_fused_linear_args_t au = fargs(H, W, T, NULL, N, D, V, &u);
+        au.bias = b;
+        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &au), KDL_STATUS_SUCCESS);
+        b[j] = x0 - h;
+        memset(&w, 0, sizeof w);
+        kdl_fused_linear_args_t aw = fargs(H, W, T, NULL, N, D, V, &w);
+        aw.bias = b;
+        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &aw), KDL_STATUS_SUCCESS);
+        b[j] = x0;
+        fdb[j] = (u.loss[0] - w.loss[0]) / (2 * h);
+    }
+    kdl_tol_t tol = {1e-6, 1e-8};
+    KDL_EXPECT_CLOSE("bias, SUM", db, fdb, V, tol);
+    /* and the bias is the logits' shift: dH, dW equal those of H W^T + b formed by the dense reference */
+    double sum = 0;
+    for (int v = 0; v < V; v++) sum += db[v];
+    cr_expect(fabs(sum) < 1e-12, "softmax-shift invariance: sum of db = %g", sum); /* every divergence's dz sums to 0 */
+}
+
+/* 16-bit H, W with 16-bit gradients: the reference converts the bf16 / f16
+ * values exactly and rounds only the outputs: equal to the float64 run on
+ * the converted values, then rounded. */
+Test(dtypes, sixteen_bit_inputs_and_gradients)
+{
+    enum { N = 3, D = 6, V = 10 };
+    const kdl_dtype_t dts[2] = {KDL_DTYPE_BF16, KDL_DTYPE_F16};
+    for (int t = 0; t < 2; t++) {
+        double H[N * D], W[V * D], T[N * V], H2[N * D], W2[V * D];
+        uint16_t Hh[N * D], Wh[V * D], gH[N * D], gW[V * D];
+        random_fill(920 + t, H, N * D, 1.0);
+        random_fill(930 + t, W, V * D, 1.0);
+        random_fill(940 + t, T, N * V, 1.0);
+        kdl_to_dtype(H, Hh, dts[t], N * D);
+        kdl_to_dtype(W, Wh, dts[t], V * D);
+        kdl_from_dtype(Hh, H2, dts[t], N * D);
+        kdl_from_dtype(Wh, W2, dts[t], V * D);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SKL, KDL_REDUCTION_MEAN);
+        fres_t want, got;
+        run_fused(&d, H2, W2, T, NULL, N, D, V, &want);
+        memset(&got, 0, sizeof got);
+        kdl_fused_linear_args_t a = fargs(Hh, Wh, T, NULL, N, D, V, &got);
+        a.hidden_dtype = a.weight_dtype = a.grad_dtype = dts[t];
+        a.grad_hidden = gH;
+        a.grad_weight = gW;
+        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+        cr_expect(got.loss[0] == want.loss[0]);
+        uint16_t w16[V * D];
+        kdl_to_dtype(want.dH, w16, dts[t], N * D);
+        for (int j = 0; j < N * D; j++) cr_expect(gH[j] == w16[j], "dH[%d] %s", j, kdl_dtype_name(dts[t]));
+        kdl_to_dtype(want.dW, w16, dts[t], V * D);
+        for (int j = 0; j < V * D; j++) cr_expect(gW[j] == w16[j], "dW[%d] %s", j, kdl_dtype_name(dts[t]));
+        /* 16-bit gradients need 16-bit inputs of that dtype */
+        a.weight_dtype = KDL_DTYPE_F32;
+        a.weight = W;
+        cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_NOT_SUPPORTED);
+    }
+}
+
+/* A caller built against version 1 (struct_size at valid_rows) still works,
+ * and the fields it does not know do not matter. */
+Test(api, version_1_callers)
+{
+    enum { N = 3, D = 4, V = 7 };
+    double H[N * D], W[V * D], T[N * V];
+    random_fill(950, H, N * D, 1.0);
+    random_fill(951, W, V * D, 1.0);
+    random_fill(952, T, N * V, 1.0);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_TVD, KDL_REDUCTION_NONE);
+    fres_t want, got;
+    run_fused(&d, H, W, T, NULL, N, D, V, &want);
+    cr_assert_eq(want.status, KDL_STATUS_SUCCESS);
+    /* a version-1 struct followed by garbage where version 2 has its fields */
+    union {
+        kdl_fused_linear_args_t a;
+        unsigned char bytes[sizeof(kdl_fused_linear_args_t)];
+    } u;
+    memset(&got, 0, sizeof got);
+    u.a = fargs(H, W, T, NULL, N, D, V, &got);
+    memset(u.bytes + KDL_FUSED_LINEAR_ARGS_V1_SIZE, 0x5A, sizeof u.bytes - KDL_FUSED_LINEAR_ARGS_V1_SIZE);
+    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V1_SIZE;
+    cr_assert_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &u.a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    for (int i = 0; i < N; i++) cr_expect(got.loss[i] == want.loss[i]);
+    for (int j = 0; j < V * D; j++) cr_expect(got.dW[j] == want.dW[j]);
+    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V1_SIZE + 8;
+    cr_expect_eq(kdl_ref_fused_linear_loss(&d, &u.a), KDL_STATUS_BAD_STRUCT_SIZE);
+    cr_expect_eq(kdl_fused_linear_validate(&d, NULL, 1), KDL_STATUS_NULL_POINTER);
+    kdl_fused_linear_args_t init;
+    kdl_fused_linear_args_init(&init);
+    cr_expect_eq(init.struct_size, sizeof init);
+    cr_expect(init.grad_output == NULL && init.bias == NULL && init.grad_bias == NULL);
+    cr_expect_eq(init.grad_output_dtype, KDL_DTYPE_F32);
+}
+
+/* The new arguments' statuses; nothing is written on failure. */
+Test(api, version_2_bad_arguments)
+{
+    enum { N = 2, D = 3, V = 5 };
+    double H[N * D] = {0}, W[V * D] = {0}, T[N * V] = {0}, g[N + 1] = {1, 1, 1}, b[V + 1] = {0}, db[V + 1];
+    kdl_loss_desc_t none = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_NONE);
+    fres_t r;
+    memset(&r, 0, sizeof r);
+    r.loss[0] = 42;
+    db[0] = 42;
+#define EXPECT_V2(want, red, mutate)                                                                \
+    do {                                                                                            \
+        kdl_loss_desc_t dd = none;                                                                  \
+        dd.reduction = red;                                                                         \
+        kdl_fused_linear_args_t a = fargs(H, W, T, NULL, N, D, V, &r);                              \
+        a.grad_output = g;                                                                          \
+        a.grad_output_dtype = KDL_DTYPE_F64;                                                        \
+        a.grad_bias = db;                                                                           \
+        mutate;                                                                                     \
+        kdl_status_t st = kdl_ref_fused_linear_loss(&dd, &a);                                       \
+        cr_expect_eq(st, want, "%s: %s (%s)", #mutate, kdl_status_string(st), kdl_get_last_error()); \
+        cr_expect(kdl_get_last_error()[0] != '\0', "%s: no detail", #mutate);                       \
+        cr_expect(r.loss[0] == 42 && db[0] == 42, "%s wrote an output", #mutate);                   \
+    } while (0)
+    EXPECT_V2(KDL_STATUS_BAD_PARAM, KDL_REDUCTION_SUM, (void)0);
+    EXPECT_V2(KDL_STATUS_BAD_PARAM, KDL_REDUCTION_MEAN, (void)0);
+    EXPECT_V2(KDL_STATUS_BAD_ENUM, KDL_REDUCTION_NONE, a.grad_output_dtype = (kdl_dtype_t)7);
+    EXPECT_V2(KDL_STATUS_MISALIGNED, KDL_REDUCTION_NONE, a.grad_output = (const char *)g + 4);
+    EXPECT_V2(KDL_STATUS_MISALIGNED, KDL_REDUCTION_NONE, a.bias = (const char *)b + 4);
+    EXPECT_V2(KDL_STATUS_MISALIGNED, KDL_REDUCTION_NONE, a.grad_bias = (char *)db + 4);
+    EXPECT_V2(KDL_STATUS_NOT_SUPPORTED, KDL_REDUCTION_NONE, a.grad_dtype = KDL_DTYPE_F16);
+#undef EXPECT_V2
+    /* without grad_output SUM is fine, and grad_bias alone too */
+    kdl_loss_desc_t sum = none;
+    sum.reduction = KDL_REDUCTION_SUM;
+    kdl_fused_linear_args_t a = fargs(H, W, T, NULL, N, D, V, &r);
+    a.grad_bias = db;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    /* GPU contract: hidden and weight of one dtype; 16-bit gradients only with 16-bit inputs */
+    a.hidden_dtype = a.weight_dtype = a.teacher_dtype = a.grad_dtype = KDL_DTYPE_F32;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    a.hidden_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_NOT_SUPPORTED, "bf16 H with f32 W");
+    a.weight_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    a.grad_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    a.grad_dtype = KDL_DTYPE_F16;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_NOT_SUPPORTED, "f16 grads of bf16 inputs");
+    a.grad_dtype = KDL_DTYPE_F64;
+    cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 grads on the GPU");
 }

@@ -35,9 +35,10 @@
  *
  *   3. Fused linear + loss (kdl_fused_linear_loss / kdl_ref_fused_linear_loss)
  *      From student hidden states H [N,d] and the output projection W [V,d]
- *      (student logits = H W^T, no bias) and given teacher logits [N,V]: the
- *      loss, dH [N,d] and dW [V,d], chunk by chunk over rows, never holding
- *      the [N,V] student logits.
+ *      (student logits = H W^T, plus an optional bias b [V]) and given
+ *      teacher logits [N,V]: the loss, dH [N,d], dW [V,d] and optionally
+ *      db [V], chunk by chunk over rows, never holding the [N,V] student
+ *      logits.  H and W in float32, or both in bf16 or both in f16.
  *
  * Definitions, buffer layouts and the memory model: docs/extensions.md.
  * Every call checks its arguments before anything is written or launched; a
@@ -135,7 +136,13 @@ int kdl_sparse_supports(kdl_sparse_mode_t mode, kdl_divergence_t div);
 /* Host-side check of an index matrix, for callers that want a status rather
  * than invalid rows: KDL_STATUS_BAD_PARAM (detail names the first bad row,
  * position and value) when an index is out of [0, V) or repeated in its row.
- * Host pointers. */
+ * Host pointers only.  For indices in device memory there is deliberately
+ * no separate check: kdl_sparse_loss checks every row's indices itself (a
+ * shared-memory bitmap per row, no extra pass) and reports them through
+ * bad_index_rows (and info); a caller that wants a status reads
+ * *bad_index_rows after the call (one synchronisation) and fails when it is
+ * non-zero.  Copying the indices to the host for this function costs a
+ * transfer of N*k*8 bytes and reads them a second time. */
 kdl_status_t kdl_sparse_check_indices(int64_t rows, int64_t vocab, int64_t k, const int64_t *indices,
                                       int64_t ld_indices);
 
@@ -245,7 +252,12 @@ kdl_status_t kdl_shard_step(kdl_handle_t handle, const kdl_loss_desc_t *desc,
 
 /* ================================================ 3. fused linear + loss */
 
-/* Always start from kdl_fused_linear_args_init(). */
+/* Always start from kdl_fused_linear_args_init().
+ *
+ * Versions: struct_size tells which fields the caller knows.  Version 1 ended
+ * at valid_rows (KDL_FUSED_LINEAR_ARGS_V1_SIZE bytes); a caller built against
+ * it still works, with the version-2 fields taken as their init defaults (no
+ * upstream gradient, no bias).  New fields are only ever appended. */
 typedef struct kdl_fused_linear_args {
     size_t struct_size;          /* = sizeof(kdl_fused_linear_args_t), set by init */
     int64_t rows;                /* N >= 0                                   */
@@ -254,10 +266,10 @@ typedef struct kdl_fused_linear_args {
 
     const void *hidden_states;   /* H [N, ld_hidden], required if N > 0      */
     int64_t ld_hidden;           /* >= d                                     */
-    kdl_dtype_t hidden_dtype;    /* GPU: F32; reference: any                 */
-    const void *weight;          /* W [V, ld_weight]: student logits = H W^T */
+    kdl_dtype_t hidden_dtype;    /* GPU: F32, BF16 or F16 (= weight_dtype); reference: any */
+    const void *weight;          /* W [V, ld_weight]: student logits = H W^T (+ bias) */
     int64_t ld_weight;           /* >= d                                     */
-    kdl_dtype_t weight_dtype;    /* GPU: F32; reference: any                 */
+    kdl_dtype_t weight_dtype;    /* GPU: = hidden_dtype; reference: any      */
     const void *teacher;         /* teacher logits [N, ld_teacher]           */
     int64_t ld_teacher;          /* >= V                                     */
     kdl_dtype_t teacher_dtype;
@@ -267,7 +279,8 @@ typedef struct kdl_fused_linear_args {
     int64_t ld_grad_hidden;      /* >= d                                     */
     void *grad_weight;           /* optional dW [V, ld_grad_weight] (overwritten, not accumulated) */
     int64_t ld_grad_weight;      /* >= d                                     */
-    kdl_dtype_t grad_dtype;      /* of dH and dW: F32 (GPU), F32 or F64 (reference) */
+    kdl_dtype_t grad_dtype;      /* of dH, dW, db: F32, or the inputs' dtype when H and W are
+                                  * both BF16 or both F16; reference also F64 */
 
     int64_t chunk_rows;          /* rows per chunk; 0 = default (max(1, N/8), at most 4096) */
 
@@ -275,27 +288,73 @@ typedef struct kdl_fused_linear_args {
     void *loss;                  /* required: [1] or [N] (NONE)               */
     int64_t *info;               /* optional [1]: invalid rows                */
     int64_t *valid_rows;         /* optional [1]                              */
+
+    /* ---- version 2 ---- */
+    const void *grad_output;     /* optional [N], reduction NONE only: the upstream gradient of
+                                  * each row's loss (what autograd passes to the backward of an
+                                  * unreduced loss); row i of d loss / d logits is multiplied by
+                                  * grad_output[i] before dH, dW, db are formed.  Not allowed
+                                  * with SUM or MEAN (KDL_STATUS_BAD_PARAM). */
+    kdl_dtype_t grad_output_dtype; /* F32 (default), F16, BF16 or F64         */
+    const void *bias;            /* optional b [V] in weight_dtype: logits = H W^T + b */
+    void *grad_bias;             /* optional db [V] in grad_dtype (overwritten): column sums of
+                                  * d loss / d logits over the rows; allowed without bias (the
+                                  * gradient with respect to a zero bias) */
 } kdl_fused_linear_args_t;
+
+/* struct_size of a version-1 caller (the struct up to and including valid_rows). */
+#define KDL_FUSED_LINEAR_ARGS_V1_SIZE (offsetof(kdl_fused_linear_args_t, grad_output))
 
 void kdl_fused_linear_args_init(kdl_fused_linear_args_t *args);
 
 /* The chunk the call will use for these arguments (chunk_rows or the default). */
 int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *args);
 
+/* Argument check shared by both paths (allow_f64: 1 for the reference).
+ * Beyond the sizes, strides, pointers and alignment: grad_output with SUM
+ * or MEAN is KDL_STATUS_BAD_PARAM; a dtype outside the enum is
+ * KDL_STATUS_BAD_ENUM; a grad_dtype that is neither F32, the inputs' common
+ * 16-bit dtype nor (reference) F64, H and W of different dtypes on the GPU,
+ * and F64 data on the GPU are KDL_STATUS_NOT_SUPPORTED. */
 kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
                                        int allow_f64);
 
 /* Reference: materialises the [N,V] float64 logits (it is a reference), runs
- * kdl_ref_loss_forward_backward on them, then dH = dL W and dW = dL^T H as
- * plain matrix products (so a non-finite hidden row poisons dW, as a GEMM
- * would).  chunk_rows is ignored. */
+ * kdl_ref_loss_forward_backward on them, multiplies row i of dL by
+ * grad_output[i] when given, then dH = dL W, dW = dL^T H and db = column sums
+ * of dL as plain sums (so a non-finite hidden row poisons dW, as a GEMM
+ * would).  Every element is converted to float64 exactly; nothing is rounded
+ * to 16 bits in between.  chunk_rows is ignored. */
 kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args);
 
-/* GPU: per chunk of c rows, logits = H_c W^T (cuBLAS, strict FP32), the
- * loss kernel overwrites them with d loss / d logits, dH_c = dL W and
- * dW += dL^T H_c (cuBLAS).  Workspace: c*V*4 bytes + small per-row and
- * per-call buffers; the size depends on chunk_rows.  AKL is
- * KDL_STATUS_NOT_SUPPORTED on this path (see docs/extensions.md). */
+/* GPU: per chunk of c rows,
+ *   logits = H_c W^T (+ b)   cuBLAS: F32 inputs cublasSgemm in strict FP32
+ *                            (no TF32); 16-bit inputs cublasGemmEx with
+ *                            CUBLAS_COMPUTE_32F, a float32 logits chunk;
+ *   loss and dL              the dense loss kernel (kdl_loss_forward_backward's,
+ *                            every divergence, AKL included) on the float32
+ *                            chunk: F32 inputs write dL over the logits in
+ *                            place; 16-bit inputs write dL rounded to the
+ *                            inputs' dtype into a separate c*V*2-byte buffer
+ *                            (as autograd in bf16/f16 rounds it); with
+ *                            grad_output, dL is written in float32 in place,
+ *                            then scaled by grad_output[i] and (16-bit)
+ *                            rounded once into the separate buffer;
+ *   dH_c = dL W              cuBLAS (16-bit: A, B 16-bit, C in grad_dtype,
+ *                            compute FP32);
+ *   dW  += dL^T H_c          cuBLAS with beta = 1 after the first chunk: with
+ *                            a float32 dW the sum over chunks is float32; with
+ *                            a 16-bit dW every chunk's sum is rounded to 16
+ *                            bits (one rounding per chunk: use F32 gradients,
+ *                            or chunk_rows = N, where that matters);
+ *   db  += column sums of dL a small kernel, float64 accumulator [V] in the
+ *                            workspace, converted to grad_dtype once.
+ * Then the loss and counters; MEAN scales dH, dW, db by 1/valid at the end
+ * (a 16-bit dH/dW is rounded a second time there).
+ * Workspace (kdl_fused_linear_workspace_size): c*V*4 bytes (+ c*V*2 for
+ * 16-bit inputs) + the dense loss workspace of c rows + V*8 bytes with
+ * grad_bias + 256; it depends on chunk_rows, the dtypes and grad_bias.
+ * Compiled for sm_90a; not yet run on a device (docs/extensions.md). */
 kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
                                              const kdl_fused_linear_args_t *args, size_t *bytes);
 kdl_status_t kdl_fused_linear_loss(kdl_handle_t handle, const kdl_loss_desc_t *desc,
