@@ -163,7 +163,10 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
  *          or cluster joins, before pass 4; in pass 4 each thread reads
  *          the student element it then overwrites, and no element is read
  *          after it was written; staged paths read pass 4's student from
- *          shared memory anyway);
+ *          shared memory anyway).  This holds because the dense kernel is
+ *          never given MEAN here: MEAN with a gradient adds a second
+ *          ("redo") launch that re-reads the student rows after the first
+ *          wrote their gradient, which in place would read dL as logits;
  *        - 16-bit inputs without grad_output: into the separate 16-bit
  *          buffer, rounded once from float32 (what autograd does in bf16);
  *      with grad_output, rows are then scaled by grad_output[r0 + r] (in

@@ -16,6 +16,7 @@
  */
 #include <criterion/criterion.h>
 #include <criterion/hooks.h>
+#include <criterion/logging.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -341,29 +342,93 @@ Test(gpu_shard, three_shards_equal_unsharded)
 }
 
 /* ------------------------------------------------------------ fused linear */
-static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t D, int64_t V, int64_t chunk,
-                       uint64_t seed)
+typedef struct fl_opts {
+    kdl_divergence_t div;
+    kdl_reduction_t red;
+    int64_t N, D, V, chunk;
+    uint64_t seed;
+    kdl_dtype_t dt;  /* of H, W and the bias: F32, BF16 or F16 */
+    kdl_dtype_t gdt; /* of dH, dW, db: F32 or dt */
+    int grad_output; /* NONE only: random per-row upstream gradient (float32) */
+    int bias;        /* bias b and grad_bias */
+} fl_opts_t;
+
+/* Unit roundoff of a 16-bit dtype (bf16: 8 significant bits, f16: 11), 0 for F32. */
+static double unit16(kdl_dtype_t t) { return t == KDL_DTYPE_BF16 ? 0x1p-8 : t == KDL_DTYPE_F16 ? 0x1p-11 : 0.0; }
+
+/* Elementwise |got - ref| <= atol + rtol |ref| + bound[j] (tol: the float32
+ * part); returns the violations. */
+static size_t fl_compare(const char *what, const double *got, const double *ref, const double *bound, size_t n,
+                         kdl_tol_t tol)
 {
-    size_t nh = (size_t)(N * D), nw = (size_t)(V * D), nt = (size_t)(N * V);
-    float *H = (float *)malloc(nh * 4), *W = (float *)malloc(nw * 4), *T = (float *)malloc(nt * 4);
-    kdl_rng_t g = {seed};
-    for (size_t j = 0; j < nh; j++) H[j] = (float)kdl_rng_normal(&g);
-    for (size_t j = 0; j < nw; j++) W[j] = (float)(0.2 * kdl_rng_normal(&g));
-    for (size_t j = 0; j < nt; j++) T[j] = (float)(2 * kdl_rng_normal(&g));
+    size_t bad = 0;
+    for (size_t j = 0; j < n; j++) {
+        double e = fabs(got[j] - ref[j]), t = tol.atol + tol.rtol * fabs(ref[j]) + bound[j];
+        if (!(e <= t) && !(isnan(got[j]) && isnan(ref[j]))) {
+            if (!bad) cr_log_error("%s[%zu]: got %.9g, reference %.9g, |diff| %.3g > %.3g", what, j, got[j], ref[j], e, t);
+            bad++;
+        }
+    }
+    cr_expect_eq(bad, 0, "%s: %zu of %zu entries outside the bound", what, bad, n);
+    return bad;
+}
+
+/*
+ * One GPU call against the float64 reference on the same (16-bit rounded)
+ * H, W, b.  Tolerances:
+ *   loss      5e-4 of the largest |loss|: the logits are float32 in both
+ *             GEMM forms (16-bit products are exact in FP32, the sums FP32),
+ *             the loss kernel works in float32 (as the dense GPU tests).
+ *   dH, dW, db the float32 part as above, plus for 16-bit inputs the
+ *             rounding of dL to 16 bits: |dL~ - dL| <= u |dL| (u = 2^-8 bf16,
+ *             2^-11 f16; f16 subnormals: + 2^-25 absolute), so
+ *             |dH~_ik - dH_ik| <= u sum_v |dL_iv| |W_vk| (+ 2^-25 sum_v |W_vk|),
+ *             and the same with |H_ik| over rows for dW and with 1 for db.
+ *             A 16-bit gradient adds one rounding of the result (<= u times
+ *             the same sum), the MEAN rescale one more, and for dW one per
+ *             chunk (each chunk's partial sum is rounded, and is bounded by
+ *             the same sum).  The bound uses twice the count of roundings.
+ * |dL| comes from the dense float64 reference on logits materialised here.
+ */
+static void fl_run(const fl_opts_t *o)
+{
+    const int64_t N = o->N, D = o->D, V = o->V;
+    const size_t nh = (size_t)(N * D), nw = (size_t)(V * D), nt = (size_t)(N * V);
+    const size_t esz = o->dt == KDL_DTYPE_F32 ? 4 : 2, gsz = o->gdt == KDL_DTYPE_F32 ? 4 : 2;
+    double *H = (double *)malloc(nh * 8), *W = (double *)malloc(nw * 8), *b = (double *)malloc((size_t)V * 8);
+    float *T = (float *)malloc(nt * 4), *g = (float *)malloc((size_t)N * 4);
+    kdl_rng_t r = {o->seed};
+    for (size_t j = 0; j < nh; j++) H[j] = kdl_rng_normal(&r);
+    for (size_t j = 0; j < nw; j++) W[j] = 0.2 * kdl_rng_normal(&r);
+    for (int64_t v = 0; v < V; v++) b[v] = 0.5 * kdl_rng_normal(&r);
+    for (size_t j = 0; j < nt; j++) T[j] = (float)(2 * kdl_rng_normal(&r));
+    for (int64_t i = 0; i < N; i++) g[i] = (float)(1.5 * kdl_rng_normal(&r));
     int64_t *labels = (int64_t *)malloc((size_t)N * 8);
     for (int64_t i = 0; i < N; i++) labels[i] = i % 5 == 3 ? -100 : 1;
-    kdl_loss_desc_t d = kdl_test_desc(div, red);
-    size_t nl = red == KDL_REDUCTION_NONE ? (size_t)N : 1;
-    double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8);
+    /* the inputs in their dtype, and exactly back */
+    void *Hx = malloc(nh * esz), *Wx = malloc(nw * esz), *bx = malloc((size_t)V * esz);
+    kdl_to_dtype(H, Hx, o->dt, (int64_t)nh);
+    kdl_to_dtype(W, Wx, o->dt, (int64_t)nw);
+    kdl_to_dtype(b, bx, o->dt, V);
+    kdl_from_dtype(Hx, H, o->dt, (int64_t)nh);
+    kdl_from_dtype(Wx, W, o->dt, (int64_t)nw);
+    kdl_from_dtype(bx, b, o->dt, V);
+
+    kdl_loss_desc_t d = kdl_test_desc(o->div, o->red);
+    const size_t nl = o->red == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8),
+           *rb = (double *)calloc((size_t)V, 8);
     kdl_fused_linear_args_t a;
     kdl_fused_linear_args_init(&a);
     a.rows = N;
     a.hidden = D;
     a.vocab = V;
-    a.hidden_states = H;
+    a.hidden_states = Hx;
     a.ld_hidden = D;
-    a.weight = W;
+    a.hidden_dtype = o->dt;
+    a.weight = Wx;
     a.ld_weight = D;
+    a.weight_dtype = o->dt;
     a.teacher = T;
     a.ld_teacher = V;
     a.labels = labels;
@@ -374,36 +439,114 @@ static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int
     a.grad_dtype = KDL_DTYPE_F64;
     a.out_dtype = KDL_DTYPE_F64;
     a.loss = rl;
-    a.chunk_rows = chunk;
+    a.chunk_rows = o->chunk;
+    if (o->grad_output) a.grad_output = g; /* F32, the default grad_output_dtype */
+    if (o->bias) {
+        a.bias = bx;
+        a.grad_bias = rb;
+    }
     cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+
+    /* |dL| of the reference, for the 16-bit bounds */
+    double *L = (double *)malloc(nt * 8), *dL = (double *)calloc(nt, 8), *junk = (double *)calloc(nl, 8);
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t v = 0; v < V; v++) {
+            double s = o->bias ? b[v] : 0.0;
+            for (int64_t k = 0; k < D; k++) s += H[i * D + k] * W[v * D + k];
+            L[i * V + v] = s;
+        }
+    kdl_loss_args_t la;
+    kdl_loss_args_init(&la);
+    la.rows = N;
+    la.vocab = V;
+    la.student = L;
+    la.ld_student = V;
+    la.student_dtype = KDL_DTYPE_F64;
+    la.teacher = T;
+    la.ld_teacher = V;
+    la.labels = labels;
+    la.grad = dL;
+    la.ld_grad = V;
+    la.grad_dtype = KDL_DTYPE_F64;
+    la.out_dtype = KDL_DTYPE_F64;
+    la.loss = junk;
+    cr_assert_eq(kdl_ref_loss_forward_backward(&d, &la), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    if (o->grad_output)
+        for (int64_t i = 0; i < N; i++)
+            for (int64_t v = 0; v < V; v++) dL[i * V + v] *= g[i];
+    const int64_t C = kdl_fused_linear_chunk_rows(&a);
+    const int64_t nchunks = (N + C - 1) / C;
+    const double u = unit16(o->dt), sub = o->dt == KDL_DTYPE_F16 ? 0x1p-25 : 0.0;
+    const int g16 = o->gdt != KDL_DTYPE_F32;
+    const double k_h = 2.0 * (1 + (g16 ? 2 : 0)), k_w = 2.0 * (1 + (g16 ? nchunks + 1 : 0));
+    double *bh = (double *)calloc(nh, 8), *bw = (double *)calloc(nw, 8), *bb = (double *)calloc((size_t)V, 8);
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t k = 0; k < D; k++) {
+            double s = 0, sw = 0;
+            for (int64_t v = 0; v < V; v++) {
+                s += fabs(dL[i * V + v] * W[v * D + k]);
+                sw += fabs(W[v * D + k]);
+            }
+            bh[i * D + k] = k_h * (u * s + sub * sw);
+        }
+    for (int64_t v = 0; v < V; v++)
+        for (int64_t k = 0; k < D; k++) {
+            double s = 0, sh = 0;
+            for (int64_t i = 0; i < N; i++) {
+                s += fabs(dL[i * V + v] * H[i * D + k]);
+                sh += fabs(H[i * D + k]);
+            }
+            bw[v * D + k] = k_w * (u * s + sub * sh);
+        }
+    for (int64_t v = 0; v < V; v++) {
+        double s = 0;
+        for (int64_t i = 0; i < N; i++) s += fabs(dL[i * V + v]);
+        bb[v] = k_h * (u * s + sub * (double)N);
+    }
+
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
     kdl_fused_linear_args_t da = a;
-    da.hidden_states = dup_dev(H, nh * 4);
-    da.weight = dup_dev(W, nw * 4);
+    da.hidden_states = dup_dev(Hx, nh * esz);
+    da.weight = dup_dev(Wx, nw * esz);
     da.teacher = dup_dev(T, nt * 4);
     da.labels = (const int64_t *)dup_dev(labels, (size_t)N * 8);
-    da.grad_hidden = dup_dev(NULL, nh * 4);
-    da.grad_weight = dup_dev(NULL, nw * 4);
-    da.grad_dtype = KDL_DTYPE_F32;
+    da.grad_hidden = dup_dev(NULL, nh * gsz);
+    da.grad_weight = dup_dev(NULL, nw * gsz);
+    da.grad_dtype = o->gdt;
     da.loss = dup_dev(NULL, nl * 8);
+    da.grad_output = o->grad_output ? dup_dev(g, (size_t)N * 4) : NULL;
+    da.bias = o->bias ? dup_dev(bx, (size_t)V * esz) : NULL;
+    da.grad_bias = o->bias ? dup_dev(NULL, (size_t)V * gsz) : NULL;
     size_t wsb = 0;
     cr_assert_eq(kdl_fused_linear_workspace_size(h, &d, &da, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     void *ws = dup_dev(NULL, wsb);
     cr_assert_eq(kdl_fused_linear_loss(h, &d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     CUDA_OK(cudaDeviceSynchronize());
-    double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8);
-    float *f = (float *)malloc((nh > nw ? nh : nw) * 4);
+    double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8),
+           *gb = (double *)malloc((size_t)V * 8);
+    void *raw = malloc((nh > nw ? nh : nw) * 4 + (size_t)V * 4);
     get_dev(gl, da.loss, nl * 8);
-    get_dev(f, da.grad_hidden, nh * 4);
-    for (size_t j = 0; j < nh; j++) gh[j] = f[j];
-    get_dev(f, da.grad_weight, nw * 4);
-    for (size_t j = 0; j < nw; j++) gw[j] = f[j];
-    char what[64];
-    snprintf(what, sizeof what, "fused %s red %d chunk %lld", kdl_divergence_name(div), (int)red, (long long)chunk);
+    get_dev(raw, da.grad_hidden, nh * gsz);
+    kdl_from_dtype(raw, gh, o->gdt, (int64_t)nh);
+    get_dev(raw, da.grad_weight, nw * gsz);
+    kdl_from_dtype(raw, gw, o->gdt, (int64_t)nw);
+    char what[128];
+    snprintf(what, sizeof what, "fused %s red %d chunk %lld %s/%s%s%s", kdl_divergence_name(o->div), (int)o->red,
+             (long long)o->chunk, kdl_dtype_name(o->dt), kdl_dtype_name(o->gdt), o->grad_output ? " grad_output" : "",
+             o->bias ? " bias" : "");
     KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, 5e-4));
-    KDL_EXPECT_CLOSE(what, gh, rh, nh, scaled_tol(rh, nh, 5e-4));
-    KDL_EXPECT_CLOSE(what, gw, rw, nw, scaled_tol(rw, nw, 5e-4));
+    char w2[160];
+    snprintf(w2, sizeof w2, "%s dH", what);
+    fl_compare(w2, gh, rh, bh, nh, scaled_tol(rh, nh, 5e-4));
+    snprintf(w2, sizeof w2, "%s dW", what);
+    fl_compare(w2, gw, rw, bw, nw, scaled_tol(rw, nw, 5e-4));
+    if (o->bias) {
+        get_dev(raw, da.grad_bias, (size_t)V * gsz);
+        kdl_from_dtype(raw, gb, o->gdt, V);
+        snprintf(w2, sizeof w2, "%s db", what);
+        fl_compare(w2, gb, rb, bb, (size_t)V, scaled_tol(rb, (size_t)V, 5e-4));
+    }
     cudaFree((void *)da.hidden_states);
     cudaFree((void *)da.weight);
     cudaFree((void *)da.teacher);
@@ -411,32 +554,109 @@ static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int
     cudaFree(da.grad_hidden);
     cudaFree(da.grad_weight);
     cudaFree(da.loss);
+    cudaFree((void *)da.grad_output);
+    cudaFree((void *)da.bias);
+    cudaFree(da.grad_bias);
     cudaFree(ws);
     kdl_destroy(h);
     free(H);
     free(W);
+    free(b);
     free(T);
+    free(g);
     free(labels);
+    free(Hx);
+    free(Wx);
+    free(bx);
     free(rl);
     free(rh);
     free(rw);
+    free(rb);
+    free(L);
+    free(dL);
+    free(junk);
+    free(bh);
+    free(bw);
+    free(bb);
     free(gl);
     free(gh);
     free(gw);
-    free(f);
+    free(gb);
+    free(raw);
 }
 
-Test(gpu_fused_linear, every_gpu_divergence_against_reference)
+static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t D, int64_t V, int64_t chunk,
+                       uint64_t seed)
+{
+    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0};
+    fl_run(&o);
+}
+
+Test(gpu_fused_linear, every_divergence_against_reference)
 {
     KDL_SKIP_WITHOUT_GPU();
-    for (size_t k = 0; k < KDL_NDIVS; k++) {
-        if (kdl_all_divs[k] == KDL_DIV_AKL) continue;
+    for (size_t k = 0; k < KDL_NDIVS; k++) { /* AKL included: the dense kernel's head select */
         fused_case(kdl_all_divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 300 + k);
         fused_case(kdl_all_divs[k], KDL_REDUCTION_NONE, 13, 32, 517, 0, 400 + k);
+        fused_case(kdl_all_divs[k], KDL_REDUCTION_SUM, 20, 16, 3000, 7, 500 + k);
     }
 }
 
-Test(gpu_fused_linear, akl_is_not_supported_and_workspace_checked)
+Test(gpu_fused_linear, sixteen_bit_inputs_f32_and_16_bit_gradients)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    const kdl_dtype_t dts[2] = {KDL_DTYPE_BF16, KDL_DTYPE_F16};
+    const kdl_divergence_t divs[3] = {KDL_DIV_FKL, KDL_DIV_JSD, KDL_DIV_AKL};
+    for (int t = 0; t < 2; t++)
+        for (int k = 0; k < 3; k++)
+            for (int g16 = 0; g16 < 2; g16++) {
+                fl_opts_t o = {divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 600 + 10 * t + k, dts[t],
+                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0};
+                fl_run(&o);
+                o.red = KDL_REDUCTION_SUM;
+                o.chunk = 0;
+                o.N = 16;
+                o.V = 2048;
+                fl_run(&o);
+            }
+}
+
+Test(gpu_fused_linear, grad_output_and_bias)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    const kdl_dtype_t dts[3] = {KDL_DTYPE_F32, KDL_DTYPE_BF16, KDL_DTYPE_F16};
+    const kdl_divergence_t divs[3] = {KDL_DIV_RKL, KDL_DIV_TVD, KDL_DIV_AKL};
+    for (int t = 0; t < 3; t++)
+        for (int k = 0; k < 3; k++) {
+            /* grad_output (NONE) with and without the bias */
+            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1};
+            fl_run(&o);
+            o.bias = 0;
+            fl_run(&o);
+            /* the bias with MEAN (db scaled by 1/valid) and 16-bit gradients */
+            o.red = KDL_REDUCTION_MEAN;
+            o.grad_output = 0;
+            o.bias = 1;
+            o.gdt = dts[t];
+            fl_run(&o);
+        }
+}
+
+/* A vocabulary too large to stage in a 16-CTA cluster (float32 student and
+ * teacher: 8 bytes a column, > 16 x 227 KB): the dense kernel takes its
+ * STREAM path, re-reading the row from global memory in passes 3 and 4
+ * while its gradient overwrites the logits in place. */
+Test(gpu_fused_linear, stream_path_in_place)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1};
+    fl_run(&o);
+    o.div = KDL_DIV_AKL;
+    o.dt = o.gdt = KDL_DTYPE_BF16;
+    fl_run(&o);
+}
+
+Test(gpu_fused_linear, workspace_checked)
 {
     KDL_SKIP_WITHOUT_GPU();
     kdl_handle_t h;
@@ -453,11 +673,17 @@ Test(gpu_fused_linear, akl_is_not_supported_and_workspace_checked)
     a.ld_hidden = a.ld_weight = 4;
     a.ld_teacher = 8;
     a.loss = &loss;
-    size_t b;
-    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &b), KDL_STATUS_NOT_SUPPORTED);
-    d.divergence = KDL_DIV_FKL;
-    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &b), KDL_STATUS_SUCCESS);
+    size_t b, b16, bb;
+    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &b), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     cr_expect_eq(kdl_fused_linear_loss(h, &d, &a, dummy, 16), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    /* 16-bit inputs add the 16-bit dL chunk, grad_bias the float64 column sums */
+    a.hidden_dtype = a.weight_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &b16), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect_eq(b16, b + 256, "bf16: %zu, f32: %zu (one 256-byte block for the 2 x 8 x 2-byte chunk)", b16, b);
+    a.grad_bias = dummy;
+    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &bb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect_eq(bb, b16 + 256);
+    cr_expect_eq(kdl_fused_linear_loss(h, &d, &a, dummy, b16), KDL_STATUS_WORKSPACE_TOO_SMALL);
     kdl_destroy(h);
 }
 /* ================================================ desk-review regressions
