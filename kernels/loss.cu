@@ -8,11 +8,15 @@
  *   2. loss_row_kernel      per row (one CTA or one cluster): loss,
  *                           statistics, gradient; reads each logit from
  *                           device memory once on the staged paths.
- *   3. loss_finalize_kernel SUM/MEAN over the per-row losses in fixed order
+ *   3. loss_row_kernel      (MEAN with a gradient only) the redo launch:
+ *                           a no-op when no row was invalid; otherwise it
+ *                           recomputes the valid rows and rewrites their
+ *                           gradient with scale/valid (the first launch
+ *                           used scale/counted: a row cannot know other
+ *                           rows' validity), rounded once.
+ *   4. loss_finalize_kernel SUM/MEAN over the per-row losses in fixed order
  *                           (double, CUB block reduce: bitwise identical run
- *                           to run); info, valid_rows; for MEAN with invalid
- *                           rows, rescales the gradient by counted/valid
- *                           (a row cannot know other rows' validity).
+ *                           to run); info, valid_rows.
  *
  * Reads:  student, teacher [N, ld] (f32/f16/bf16, any pair), labels [N].
  * Writes: grad [N, ld_grad] (student dtype or f32), loss ([N] for NONE,
@@ -62,57 +66,28 @@ struct FinalParams {
     int out_dt;
     void *loss;
     int64_t *info, *valid_rows;
-    void *grad; /* non-NULL: MEAN with a gradient (fix-up possible) */
-    int64_t ldg;
-    int grad_dt;
-    int V;
 };
 
-/* Reduction in fixed order (CTA 0) and, for MEAN when some counted rows
- * were invalid, the gradient rescale counted/valid (all CTAs). */
+/* Reduction in fixed order (one CTA), info and valid_rows. */
 __global__ void __launch_bounds__(kBlock) loss_finalize_kernel(const FinalParams F)
 {
     using BR = cub::BlockReduce<double, kBlock>;
     __shared__ typename BR::TempStorage tmp;
     const unsigned long long counted = F.hdr[0], invalid = F.hdr[1];
     const unsigned long long valid = counted - invalid;
-    if (blockIdx.x == 0) {
-        if (F.reduction != KDL_REDUCTION_NONE) {
-            double acc = 0.0;
-            for (int64_t i = threadIdx.x; i < F.rows; i += kBlock) acc += (double)F.row_loss[i];
-            const double total = BR(tmp).Sum(acc);
-            if (threadIdx.x == 0) {
-                double l = scaled_loss(F.scale, total);
-                if (F.reduction == KDL_REDUCTION_MEAN) l = valid ? l / (double)valid : 0.0;
-                store_out(F.loss, F.out_dt, 0, l);
-            }
-        }
+    if (F.reduction != KDL_REDUCTION_NONE) {
+        double acc = 0.0;
+        for (int64_t i = threadIdx.x; i < F.rows; i += kBlock) acc += (double)F.row_loss[i];
+        const double total = BR(tmp).Sum(acc);
         if (threadIdx.x == 0) {
-            if (F.info) *F.info = (int64_t)invalid;
-            if (F.valid_rows) *F.valid_rows = (int64_t)valid;
+            double l = scaled_loss(F.scale, total);
+            if (F.reduction == KDL_REDUCTION_MEAN) l = valid ? l / (double)valid : 0.0;
+            store_out(F.loss, F.out_dt, 0, l);
         }
     }
-    if (!F.grad || invalid == 0 || valid == 0) return;
-    const float factor = (float)((double)counted / (double)valid);
-    const int64_t per_row = ((int64_t)F.V + kChunk - 1) / kChunk;
-    const int64_t total = F.rows * per_row;
-    for (int64_t id = (int64_t)blockIdx.x * kBlock + threadIdx.x; id < total; id += (int64_t)gridDim.x * kBlock) {
-        const int64_t row = id / per_row;
-        const int j0 = (int)(id - row * per_row) * kChunk;
-        const int m = min(kChunk, F.V - j0);
-        const int64_t off = row * F.ldg + j0;
-        for (int k = 0; k < m; ++k) {
-            if (F.grad_dt == 0) {
-                float *g = static_cast<float *>(F.grad) + off + k;
-                *g *= factor;
-            } else if (F.grad_dt == 1) {
-                __half *g = static_cast<__half *>(F.grad) + off + k;
-                *g = __float2half_rn(__half2float(*g) * factor);
-            } else {
-                __nv_bfloat16 *g = static_cast<__nv_bfloat16 *>(F.grad) + off + k;
-                *g = __float2bfloat16_rn(__bfloat162float(*g) * factor);
-            }
-        }
+    if (threadIdx.x == 0) {
+        if (F.info) *F.info = (int64_t)invalid;
+        if (F.valid_rows) *F.valid_rows = (int64_t)valid;
     }
 }
 
@@ -149,6 +124,28 @@ static int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static bool aligned16(const void *p, int64_t ld, size_t esz)
 {
     return ((uintptr_t)p % 16u) == 0 && ((uint64_t)ld * esz) % 16u == 0;
+}
+
+/* Row-kernel launch: nr*C CTAs in clusters of C from row r0 (rows up to end). */
+static cudaError_t launch_rows(kdl::RowKernelFn fn, kdl::LossParams &P, int64_t r0, int64_t end, int64_t nr,
+                               int64_t C, size_t dyn, cudaStream_t stream)
+{
+    P.row0 = r0;
+    P.row_end = end;
+    P.row_step = nr;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(nr * C));
+    cfg.blockDim = dim3(kdl::kBlock);
+    cfg.dynamicSmemBytes = dyn;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)C;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = C > 1 ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, fn, P);
 }
 
 /* Can a cluster of C CTAs of this kernel and smem be resident at all? */
@@ -330,20 +327,20 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     const int64_t max_rows = (int64_t)0x7fffffff / C; /* gridDim.x limit */
     for (int64_t r0 = 0; r0 < N; r0 += max_rows) {
         const int64_t nr = N - r0 < max_rows ? N - r0 : max_rows;
-        P.row0 = r0;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3((unsigned)(nr * C));
-        cfg.blockDim = dim3(kBlock);
-        cfg.dynamicSmemBytes = dyn;
-        cfg.stream = L->stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = (unsigned)C;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = C > 1 ? 1 : 0;
-        KDL_LAUNCH_CHECK(cudaLaunchKernelEx(&cfg, fn, P));
+        KDL_LAUNCH_CHECK(launch_rows(fn, P, r0, r0 + nr, nr, C, dyn, L->stream));
+        launches++;
+    }
+
+    /* MEAN with a gradient: the redo launch (same plan, so the same bits up
+     * to the gradient scale), a few clusters per SM looping over the rows.
+     * Its CTAs leave at once unless some counted row was invalid, which
+     * only the device knows by now (no host synchronisation). */
+    if (a->grad && d->reduction == KDL_REDUCTION_MEAN) {
+        int64_t ncl = 2 * (int64_t)(L->sm_count > 0 ? L->sm_count : 1) / C;
+        if (ncl < 1) ncl = 1;
+        if (ncl > N) ncl = N;
+        P.redo = 1;
+        KDL_LAUNCH_CHECK(launch_rows(fn, P, 0, N, ncl, C, dyn, L->stream));
         launches++;
     }
 
@@ -358,19 +355,7 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     F.loss = a->loss;
     F.info = a->info;
     F.valid_rows = a->valid_rows;
-    const bool fixup = a->grad && d->reduction == KDL_REDUCTION_MEAN;
-    F.grad = fixup ? a->grad : nullptr;
-    F.ldg = a->ld_grad;
-    F.grad_dt = a->grad ? (int)a->grad_dtype : 0;
-    F.V = (int)V;
-    int64_t fgrid = 1;
-    if (fixup) {
-        fgrid = ceil_div64(N * nch_total, kBlock);
-        int64_t cap = 2 * (int64_t)(L->sm_count > 0 ? L->sm_count : 1);
-        if (fgrid > cap) fgrid = cap;
-        if (fgrid < 1) fgrid = 1;
-    }
-    loss_finalize_kernel<<<(unsigned)fgrid, kBlock, 0, L->stream>>>(F);
+    loss_finalize_kernel<<<1, kBlock, 0, L->stream>>>(F);
     KDL_LAUNCH_CHECK(cudaGetLastError());
     launches++;
 

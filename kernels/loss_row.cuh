@@ -24,7 +24,9 @@
  *           ordered by index through a CUB block scan).
  *   pass 4  dz = qg - q G (kdl_elem_dz_f); stored (g dz)/tau, g = scale
  *           (/counted rows, MEAN), exact zeros kept (as kdl_scaled_grad),
- *           in the gradient dtype.
+ *           in the gradient dtype.  MEAN with invalid rows: a second
+ *           launch (redo) rewrites the valid rows' gradient with
+ *           g = scale/valid rows, so it is rounded once.
  * Rank 0 writes the row's loss (per-token, or into the workspace for the
  * reduction) and statistics; an invalid row bumps an integer counter.  No
  * float atomics: results are bitwise identical run to run.
@@ -68,6 +70,9 @@ struct LossParams {
     double scale, tau;
     unsigned long long K, mu_fx;
     int64_t row0;   /* first row of this launch                               */
+    int64_t row_end; /* one past its last row                                */
+    int64_t row_step; /* clusters in the grid: cluster k has rows row0 + k, + row_step, ... */
+    int redo;       /* gradient pass of MEAN with invalid rows (see the kernel) */
     int V;
     int chunks_per; /* chunks in each CTA's slice                             */
     int cluster;    /* CTAs per row                                           */
@@ -410,8 +415,17 @@ __device__ __forceinline__ Stats1 pass1(const RowView<ST, TT> &rv, float k2)
     return my;
 }
 
-/* The fused row kernel.  Grid: rows x cluster CTAs; CTA (row, rank) owns
- * elements [rank*chunks_per*8, (rank+1)*chunks_per*8) of the row. */
+/* The fused row kernel.  Grid: clusters of C CTAs (C = 1: single CTAs);
+ * cluster k handles rows row0 + k, row0 + k + (clusters in the grid), ...
+ * below row_end (the main launch has one cluster per row, so one row each).
+ * CTA (row, rank) owns elements [rank*chunks_per*8, (rank+1)*chunks_per*8).
+ *
+ * redo: MEAN with a gradient launches the kernel a second time, over all
+ * rows with a small grid.  When the first launch found no invalid row
+ * (hdr[1] == 0) every CTA leaves at once.  Otherwise it recomputes the
+ * valid rows exactly as the first launch did (same plan, same bits) and
+ * rewrites their gradient with g = scale/valid (valid = hdr[0] - hdr[1]),
+ * rounded once to the gradient dtype; it writes nothing else. */
 template <class ST, class TT>
 __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const LossParams P)
 {
@@ -427,187 +441,199 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
      * every CTA rank 0 and no DSMEM.  Fail loudly instead. */
     if (C > 1) __trap();
 #endif
+    /* the same value in every CTA (written by the previous launch) */
+    if (P.redo && P.hdr[1] == 0) return;
     const int rank = cluster_rank(C);
-    const int64_t row = P.row0 + (int64_t)(blockIdx.x / (unsigned)C);
-    const int64_t lo = (int64_t)rank * P.chunks_per * kChunk;
-    const int n = (int)max((int64_t)0, min((int64_t)P.V - lo, (int64_t)P.chunks_per * kChunk));
+    for (int64_t row = P.row0 + (int64_t)(blockIdx.x / (unsigned)C); row < P.row_end;
+         row += P.row_step) {
+        const int64_t lo = (int64_t)rank * P.chunks_per * kChunk;
+        const int n = (int)max((int64_t)0, min((int64_t)P.V - lo, (int64_t)P.chunks_per * kChunk));
 
-    RowView<ST, TT> rv;
-    rv.gs = static_cast<const typename ST::R *>(P.s) + row * P.lds + lo;
-    rv.gt = static_cast<const typename TT::R *>(P.t) + row * P.ldt + lo;
-    rv.ss = kdl_dyn_smem;
-    rv.st = kdl_dyn_smem + (int64_t)P.chunks_per * Chunk<ST>::kVec;
-    rv.n = n;
-    rv.nch = (n + kChunk - 1) / kChunk;
-    rv.vs = P.vec_s;
-    rv.vt = P.vec_t;
-    rv.staged = P.staged != 0;
-    const int gsz = P.grad_dt == 0 ? 4 : 2;
-    void *grow = P.grad ? static_cast<char *>(P.grad) + (row * P.ldg + lo) * gsz : nullptr;
+        RowView<ST, TT> rv;
+        rv.gs = static_cast<const typename ST::R *>(P.s) + row * P.lds + lo;
+        rv.gt = static_cast<const typename TT::R *>(P.t) + row * P.ldt + lo;
+        rv.ss = kdl_dyn_smem;
+        rv.st = kdl_dyn_smem + (int64_t)P.chunks_per * Chunk<ST>::kVec;
+        rv.n = n;
+        rv.nch = (n + kChunk - 1) / kChunk;
+        rv.vs = P.vec_s;
+        rv.vt = P.vec_t;
+        rv.staged = P.staged != 0;
+        const int gsz = P.grad_dt == 0 ? 4 : 2;
+        void *grow = P.grad ? static_cast<char *>(P.grad) + (row * P.ldg + lo) * gsz : nullptr;
 
-    Terms zero_t = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        Terms zero_t = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 
-    /* ignored rows: nothing shared yet, so CTAs may leave independently */
-    if (P.labels && __ldg(P.labels + row) == P.ignore_index) {
-        if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
-        if (rank == 0 && tid == 0) write_row(P, row, 1, 0.f, zero_t, 0.f, 0.f, 0);
-        return;
-    }
-
-    /* ---- pass 1: stage, online max / sum of 2^x, validity ---- */
-    const Stats1 my = rv.staged ? pass1<ST, TT, true>(rv, P.k2) : pass1<ST, TT, false>(rv, P.k2);
-    const Stats1Op op1 = {P.k2};
-    const Stats1 blk1 = BlockReduce1(sh.cub.r1).Reduce(my, op1);
-    const Stats1 all1 = row_allreduce(blk1, &sh.x1, &sh.b1, op1, C);
-    const bool invalid = all1.bad || all1.ms == -INFINITY || all1.mt == -INFINITY;
-
-    if (invalid) {
-        if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
-        if (rank == 0 && tid == 0) write_row(P, row, 2, 0.f, zero_t, 0.f, 0.f, 0);
-    } else {
-        /* log q = (s - max s)/tau - lse_s, lse_s = LSE((s - max s)/tau); same for p */
-        const float max_s = all1.ms, max_t = all1.mt;
-        const float lse2_t = log2f(all1.st);
-        const float lse_s = log2f(all1.ss) * 0.693147180559945309f;
-        const float lse_t = lse2_t * 0.693147180559945309f;
-
-        /* ---- pass 2: head boundary ---- */
-        if (P.need_head) head_select(rv, P, sh, max_t, lse2_t, C, rank);
-        /* compact copy: boundary key, mode, ties in the head (< 2^30), ordinal base */
-        uint32_t b_key = 0, b_in = 0, tie_run = 0;
-        int b_mode = KDL_RS_AT_OR_ABOVE;
-        int64_t head_size = 0;
-        if (P.need_head) {
-            b_key = sh.sel.key;
-            b_mode = sh.sel.mode;
-            b_in = (uint32_t)sh.sel.ties_in;
-            head_size = sh.sel.head_size;
-            tie_run = (uint32_t)sh.tie_base;
+        /* ignored rows: nothing shared, so CTAs may go on independently (their
+         * peers skip the row too); the redo launch leaves them as written */
+        if (P.labels && __ldg(P.labels + row) == P.ignore_index) {
+            if (P.redo) continue;
+            if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
+            if (rank == 0 && tid == 0) write_row(P, row, 1, 0.f, zero_t, 0.f, 0.f, 0);
+            continue;
         }
-        const bool split = P.need_head && b_mode == KDL_RS_SPLIT;
 
-        /* ---- pass 3: element terms, gaps ---- */
-        /* = kdl_elem_params_make_f(div, coef, 1/2, 1/2); logs from the host */
-        const kdl_elem_params_f pr0 = {P.div, P.coef, P.log_c, P.log_1mc, 0.5f, 0.5f};
-        Terms my3 = zero_t;
-        const int iters = (rv.nch + kBlock - 1) / kBlock;
-        for (int it = 0; it < iters; ++it) {
-            const int c = it * kBlock + tid;
-            const bool has = c < rv.nch; /* a thread past the slice still joins the scan */
-            const int m = has ? rv.width(c) : 0;
-            uint32_t ord = 0; /* index rank of the next boundary tie among all ties */
-            if (split) {      /* index order of the chunks: (iteration, thread) */
-                int ties = 0;
-                if (has) {
-                    Chunk<TT> ct;
-                    rv.load_t(c, ct);
-#pragma unroll
-                    for (int k = 0; k < kChunk; ++k)
-                        ties += (k < m && kdl_rs_key(chunk_val(ct, k, m), P.key_mask) == b_key);
-                }
-                int excl, total;
-                BlockScanI(sh.cub.scan).ExclusiveSum(ties, excl, total);
-                __syncthreads();
-                ord = tie_run + (uint32_t)excl;
-                tie_run += (uint32_t)total;
-            }
-            if (!has) continue;
-            Chunk<ST> cs;
-            Chunk<TT> ct;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) { /* half a chunk at a time: fewer live registers */
-                rv.load_s_part(c, h, cs);
-                rv.load_t_part(c, h, ct);
-#pragma unroll
-                for (int k = 4 * h; k < 4 * h + 4; ++k) {
-                    const float tv = chunk_val(ct, k, m);
-                    const float lp = log_prob(tv, max_t, P.inv_tau, lse_t);
-                    const float lq = log_prob(chunk_val(cs, k, m), max_s, P.inv_tau, lse_s);
-                    if (P.need_kl) {
-                        const kdl_elem_f ef = kdl_elem_fkl_f(lp, lq);
-                        const kdl_elem_f er = kdl_elem_rkl_f(lp, lq);
-                        my3.fkl += ef.loss;
-                        my3.rkl += er.loss;
-                        my3.Gf += ef.qg;
-                        my3.Gr += er.qg;
-                    }
-                    if (P.div != KDL_ELEM_AKL) {
-                        const kdl_elem_f e = kdl_elem_eval_f(&pr0, lp, lq);
-                        my3.loss += e.loss;
-                        my3.G += e.qg;
-                    }
-                    if (P.need_head && k < m) {
-                        /* = kdl_rs_in_head() with 32-bit ordinals */
-                        const uint32_t key = kdl_rs_key(tv, P.key_mask);
-                        bool in = key > b_key;
-                        if (key == b_key) {
-                            in = b_mode == KDL_RS_AT_OR_ABOVE || (b_mode == KDL_RS_SPLIT && ord < b_in);
-                            ++ord;
-                        }
-                        const float gap = fabsf(expf(lp) - expf(lq));
-                        if (in)
-                            my3.gh += gap;
-                        else
-                            my3.gt += gap;
-                    }
-                }
-            }
-        }
-        const Terms blk3 = BlockReduce3(sh.cub.r3).Reduce(my3, TermsOp());
-        const Terms all3 = row_allreduce(blk3, &sh.x3, &sh.b3, TermsOp(), C);
+        /* ---- pass 1: stage, online max / sum of 2^x, validity ---- */
+        const Stats1 my = rv.staged ? pass1<ST, TT, true>(rv, P.k2) : pass1<ST, TT, false>(rv, P.k2);
+        const Stats1Op op1 = {P.k2};
+        const Stats1 blk1 = BlockReduce1(sh.cub.r1).Reduce(my, op1);
+        const Stats1 all1 = row_allreduce(blk1, &sh.x1, &sh.b1, op1, C);
+        const bool invalid = all1.bad || all1.ms == -INFINITY || all1.mt == -INFINITY;
 
-        float wh = 0.5f, wt = 0.5f;
-        if (P.need_head) kdl_akl_weights_f(all3.gh, all3.gt, &wh, &wt);
-        float loss, G;
-        if (P.div == KDL_ELEM_AKL) {
-            /* = sum of kdl_elem_eval_f AKL terms: a zero weight drops its KL, even +inf */
-            loss = (wh > 0.f ? wh * all3.fkl : 0.f) + (wt > 0.f ? wt * all3.rkl : 0.f);
-            G = wh * all3.Gf + (wt > 0.f ? wt * all3.Gr : 0.f);
+        if (invalid) {
+            if (!P.redo) {
+                if (grow) zero_grad_slice(grow, P.grad_dt, n, P.vec_g);
+                if (rank == 0 && tid == 0) write_row(P, row, 2, 0.f, zero_t, 0.f, 0.f, 0);
+            }
         } else {
-            loss = all3.loss;
-            G = all3.G;
-        }
+            /* log q = (s - max s)/tau - lse_s, lse_s = LSE((s - max s)/tau); same for p */
+            const float max_s = all1.ms, max_t = all1.mt;
+            const float lse2_t = log2f(all1.st);
+            const float lse_s = log2f(all1.ss) * 0.693147180559945309f;
+            const float lse_t = lse2_t * 0.693147180559945309f;
 
-        /* outputs now: nothing of them stays live through pass 4 */
-        if (rank == 0 && tid == 0) write_row(P, row, 0, loss, all3, wh, wt, head_size);
-
-        /* ---- pass 4: gradient ---- */
-        if (grow) {
-            /* gradient = (gscale dz)/tau (host/internal.h kdl_scaled_grad): an
-             * exact zero stays zero whatever scale and tau are */
-            double gs = P.scale;
-            if (P.reduction == KDL_REDUCTION_MEAN) {
-                const unsigned long long counted = P.hdr[0]; /* >= 1: this row counts */
-                gs /= (double)counted;
+            /* ---- pass 2: head boundary ---- */
+            if (P.need_head) head_select(rv, P, sh, max_t, lse2_t, C, rank);
+            /* compact copy: boundary key, mode, ties in the head (< 2^30), ordinal base */
+            uint32_t b_key = 0, b_in = 0, tie_run = 0;
+            int b_mode = KDL_RS_AT_OR_ABOVE;
+            int64_t head_size = 0;
+            if (P.need_head) {
+                b_key = sh.sel.key;
+                b_mode = sh.sel.mode;
+                b_in = (uint32_t)sh.sel.ties_in;
+                head_size = sh.sel.head_size;
+                tie_run = (uint32_t)sh.tie_base;
             }
-            const float gscale = (float)gs;
-            const kdl_elem_params_f pr = {P.div, P.coef, P.log_c, P.log_1mc, wh, wt};
-            const int gsz2 = gsz;
-            for (int c = tid; c < rv.nch; c += kBlock) {
+            const bool split = P.need_head && b_mode == KDL_RS_SPLIT;
+
+            /* ---- pass 3: element terms, gaps ---- */
+            /* = kdl_elem_params_make_f(div, coef, 1/2, 1/2); logs from the host */
+            const kdl_elem_params_f pr0 = {P.div, P.coef, P.log_c, P.log_1mc, 0.5f, 0.5f};
+            Terms my3 = zero_t;
+            const int iters = (rv.nch + kBlock - 1) / kBlock;
+            for (int it = 0; it < iters; ++it) {
+                const int c = it * kBlock + tid;
+                const bool has = c < rv.nch; /* a thread past the slice still joins the scan */
+                const int m = has ? rv.width(c) : 0;
+                uint32_t ord = 0; /* index rank of the next boundary tie among all ties */
+                if (split) {      /* index order of the chunks: (iteration, thread) */
+                    int ties = 0;
+                    if (has) {
+                        Chunk<TT> ct;
+                        rv.load_t(c, ct);
+#pragma unroll
+                        for (int k = 0; k < kChunk; ++k)
+                            ties += (k < m && kdl_rs_key(chunk_val(ct, k, m), P.key_mask) == b_key);
+                    }
+                    int excl, total;
+                    BlockScanI(sh.cub.scan).ExclusiveSum(ties, excl, total);
+                    __syncthreads();
+                    ord = tie_run + (uint32_t)excl;
+                    tie_run += (uint32_t)total;
+                }
+                if (!has) continue;
                 Chunk<ST> cs;
                 Chunk<TT> ct;
-                const int m = rv.width(c);
-                void *gp = static_cast<char *>(grow) + (int64_t)c * kChunk * gsz2;
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
+                for (int h = 0; h < 2; ++h) { /* half a chunk at a time: fewer live registers */
                     rv.load_s_part(c, h, cs);
                     rv.load_t_part(c, h, ct);
-                    float dz[4];
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const float lp = log_prob(chunk_val(ct, 4 * h + k, m), max_t, P.inv_tau, lse_t);
-                        const float lq = log_prob(chunk_val(cs, 4 * h + k, m), max_s, P.inv_tau, lse_s);
-                        const kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
-                        const float z = kdl_elem_dz_f(e.qg, expf(lq), G);
-                        dz[k] = (gscale == 0.f || z == 0.f) ? 0.f : (gscale * z) * P.inv_tau;
+                    for (int k = 4 * h; k < 4 * h + 4; ++k) {
+                        const float tv = chunk_val(ct, k, m);
+                        const float lp = log_prob(tv, max_t, P.inv_tau, lse_t);
+                        const float lq = log_prob(chunk_val(cs, k, m), max_s, P.inv_tau, lse_s);
+                        if (P.need_kl) {
+                            const kdl_elem_f ef = kdl_elem_fkl_f(lp, lq);
+                            const kdl_elem_f er = kdl_elem_rkl_f(lp, lq);
+                            my3.fkl += ef.loss;
+                            my3.rkl += er.loss;
+                            my3.Gf += ef.qg;
+                            my3.Gr += er.qg;
+                        }
+                        if (P.div != KDL_ELEM_AKL) {
+                            const kdl_elem_f e = kdl_elem_eval_f(&pr0, lp, lq);
+                            my3.loss += e.loss;
+                            my3.G += e.qg;
+                        }
+                        if (P.need_head && k < m) {
+                            /* = kdl_rs_in_head() with 32-bit ordinals */
+                            const uint32_t key = kdl_rs_key(tv, P.key_mask);
+                            bool in = key > b_key;
+                            if (key == b_key) {
+                                in = b_mode == KDL_RS_AT_OR_ABOVE || (b_mode == KDL_RS_SPLIT && ord < b_in);
+                                ++ord;
+                            }
+                            const float gap = fabsf(expf(lp) - expf(lq));
+                            if (in)
+                                my3.gh += gap;
+                            else
+                                my3.gt += gap;
+                        }
                     }
-                    store_quad(gp, P.grad_dt, h, m, P.vec_g, dz);
+                }
+            }
+            const Terms blk3 = BlockReduce3(sh.cub.r3).Reduce(my3, TermsOp());
+            const Terms all3 = row_allreduce(blk3, &sh.x3, &sh.b3, TermsOp(), C);
+
+            float wh = 0.5f, wt = 0.5f;
+            if (P.need_head) kdl_akl_weights_f(all3.gh, all3.gt, &wh, &wt);
+            float loss, G;
+            if (P.div == KDL_ELEM_AKL) {
+                /* = sum of kdl_elem_eval_f AKL terms: a zero weight drops its KL, even +inf */
+                loss = (wh > 0.f ? wh * all3.fkl : 0.f) + (wt > 0.f ? wt * all3.rkl : 0.f);
+                G = wh * all3.Gf + (wt > 0.f ? wt * all3.Gr : 0.f);
+            } else {
+                loss = all3.loss;
+                G = all3.G;
+            }
+
+            /* outputs now: nothing of them stays live through pass 4 */
+            if (!P.redo && rank == 0 && tid == 0) write_row(P, row, 0, loss, all3, wh, wt, head_size);
+
+            /* ---- pass 4: gradient ---- */
+            if (grow) {
+                /* gradient = (gscale dz)/tau (host/internal.h kdl_scaled_grad): an
+                 * exact zero stays zero whatever scale and tau are */
+                double gs = P.scale;
+                if (P.reduction == KDL_REDUCTION_MEAN) {
+                    /* the first launch divides by the rows counted (>= 1: this
+                     * row counts): it cannot know whether other rows are valid;
+                     * the redo launch by the valid rows (>= 1: this row is) */
+                    const unsigned long long rows = P.redo ? P.hdr[0] - P.hdr[1] : P.hdr[0];
+                    gs /= (double)rows;
+                }
+                const float gscale = (float)gs;
+                const kdl_elem_params_f pr = {P.div, P.coef, P.log_c, P.log_1mc, wh, wt};
+                const int gsz2 = gsz;
+                for (int c = tid; c < rv.nch; c += kBlock) {
+                    Chunk<ST> cs;
+                    Chunk<TT> ct;
+                    const int m = rv.width(c);
+                    void *gp = static_cast<char *>(grow) + (int64_t)c * kChunk * gsz2;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        rv.load_s_part(c, h, cs);
+                        rv.load_t_part(c, h, ct);
+                        float dz[4];
+#pragma unroll
+                        for (int k = 0; k < 4; ++k) {
+                            const float lp = log_prob(chunk_val(ct, 4 * h + k, m), max_t, P.inv_tau, lse_t);
+                            const float lq = log_prob(chunk_val(cs, 4 * h + k, m), max_s, P.inv_tau, lse_s);
+                            const kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
+                            const float z = kdl_elem_dz_f(e.qg, expf(lq), G);
+                            dz[k] = (gscale == 0.f || z == 0.f) ? 0.f : (gscale * z) * P.inv_tau;
+                        }
+                        store_quad(gp, P.grad_dt, h, m, P.vec_g, dz);
+                    }
                 }
             }
         }
+        /* no CTA goes on (or leaves) while a peer may still read its shared
+         * memory; C = 1: the next row's pass 1 reuses the shared state */
+        row_barrier(C);
     }
-    /* no CTA leaves while a peer may still read its shared memory */
-    if (C > 1) row_barrier(C);
 }
 
 using RowKernelFn = void (*)(LossParams);

@@ -8,7 +8,8 @@
  * teachers, identical rows, V = 1 and 1271, ld > V with NaN-poisoned
  * padding, misaligned bases, ignored and invalid rows); real vocabularies
  * (32000, 128256, 151936) through every launch path (KDL_LOSS_PATH);
- * reductions, scale, temperature, out dtype f64; MEAN with invalid rows;
+ * reductions, scale, temperature, out dtype f64; MEAN with invalid rows
+ * (16-bit gradients within 1/2 ulp of the reference, review F2);
  * determinism (two runs bitwise equal); workspace too small; empty batch.
  *
  * Tolerances: loss and statistics use kdl_tol_for() of the inputs (f32:
@@ -416,16 +417,16 @@ static void log_softmax(const void *base, kdl_dtype_t t, int64_t ld, int64_t i, 
     for (int64_t j = 0; j < V; j++) out[j] -= mx + log(s);
 }
 
-static void compare_grad(const gcase_t *c, const inputs_t *in, const result_t *got, const result_t *ref)
+/* atol_j of every gradient element (see the top of the file): the float32
+ * error of the element terms, at least floor_abs; [N, V], malloc'd. */
+static double *grad_atol(const gcase_t *c, const inputs_t *in, int64_t valid, double floor_abs)
 {
     const int64_t N = c->N, V = c->V;
-    double rtol = c->gdt == KDL_DTYPE_F32 ? 1e-5 : c->gdt == KDL_DTYPE_F16 ? 2e-3 : 8e-3;
-    double floor_abs = c->gdt == KDL_DTYPE_F16 ? 6e-8 : 1e-30;
     double gfac = fabs(c->d.scale / c->d.temperature);
-    if (c->d.reduction == KDL_REDUCTION_MEAN && ref->valid > 0) gfac /= (double)ref->valid;
+    if (c->d.reduction == KDL_REDUCTION_MEAN && valid > 0) gfac /= (double)valid;
     double *lq = malloc((size_t)V * sizeof(double)), *lp = malloc((size_t)V * sizeof(double));
-    double *g = malloc((size_t)(N * V) * sizeof(double)), *w = malloc((size_t)(N * V) * sizeof(double));
-    cr_assert(lq && lp && g && w);
+    double *w = malloc((size_t)(N * V > 0 ? N * V : 1) * sizeof(double));
+    cr_assert(lq && lp && w);
     for (int64_t i = 0; i < N; i++) {
         log_softmax(in->s, c->sdt, c->lds, i, V, c->d.temperature, lq);
         log_softmax(in->t, c->tdt, c->ldt, i, V, c->d.temperature, lp);
@@ -436,16 +437,25 @@ static void compare_grad(const gcase_t *c, const inputs_t *in, const result_t *g
             w[i * V + j] = a;
         }
     }
-    double *gn = malloc((size_t)(N * V) * sizeof(double));
-    cr_assert(gn);
+    free(lq);
+    free(lp);
+    return w;
+}
+
+static void compare_grad(const gcase_t *c, const inputs_t *in, const result_t *got, const result_t *ref)
+{
+    const int64_t N = c->N, V = c->V;
+    double rtol = c->gdt == KDL_DTYPE_F32 ? 1e-5 : c->gdt == KDL_DTYPE_F16 ? 2e-3 : 8e-3;
+    double floor_abs = c->gdt == KDL_DTYPE_F16 ? 6e-8 : 1e-30;
+    double *w = grad_atol(c, in, ref->valid, floor_abs);
+    double *g = malloc((size_t)(N * V) * sizeof(double)), *gn = malloc((size_t)(N * V) * sizeof(double));
+    cr_assert(g && gn);
     for (int64_t k = 0; k < N * V; k++) {
         g[k] = ref->grad[k] / w[k];
         gn[k] = got->grad[k] / w[k];
     }
     kdl_tol_t tol = {rtol, 1.0};
     KDL_EXPECT_CLOSE("grad (scaled by atol_j)", gn, g, (size_t)(N * V), tol);
-    free(lq);
-    free(lp);
     free(g);
     free(w);
     free(gn);
@@ -838,6 +848,122 @@ Test(gpu_loss, mean_with_invalid_rows_rescales_the_gradient)
         c.kinds = kinds;
         check_case(h, &c, "mean with invalid rows");
     }
+    kdl_destroy(h);
+}
+
+/* Unit in the last place of a 16-bit dtype at magnitude x (normal or
+ * subnormal), in double. */
+static double ulp16(kdl_dtype_t t, double x)
+{
+    const int mant = t == KDL_DTYPE_F16 ? 10 : 7, emin = t == KDL_DTYPE_F16 ? -14 : -126;
+    int e = emin + 1;
+    if (x != 0.0) frexp(fabs(x), &e); /* |x| = f 2^e, f in [1/2, 1) */
+    e -= 1;
+    return ldexp(1.0, (e < emin ? emin : e) - mant);
+}
+
+static int row_is_invalid(enum row_kind k) { return k == ROW_NAN || k == ROW_POSINF || k == ROW_ALLNEGINF; }
+
+/* Review F2: MEAN with invalid rows and a 16-bit gradient.  The gradient is
+ * rounded once: every element is within 1/2 ulp (of the 16-bit dtype) of
+ * the float64 reference, plus the float32 error of the element terms
+ * (atol_j + 1e-5 |ref|).  Rounding (scale/counted) dz and then rescaling by
+ * counted/valid, as before the fix, misses this by up to 1/2 ulp.  And the
+ * valid rows' gradient is bitwise the one of the same call with the invalid
+ * rows ignored instead (then counted = valid: the same scale, the same plan). */
+static void mean_invalid_exact(kdl_handle_t h, const char *path, int cluster, kdl_dtype_t sdt, kdl_dtype_t tdt,
+                               kdl_divergence_t div, const enum row_kind *kinds, int64_t N, uint64_t seed)
+{
+    set_path(path, cluster);
+    gcase_t c = case_default(N, 1271, sdt, tdt);
+    c.d.divergence = div;
+    c.d.head_rule = KDL_HEAD_TOPK;
+    c.d.top_k = 100;
+    c.d.reduction = KDL_REDUCTION_MEAN;
+    c.d.scale = 0.7;
+    c.d.temperature = 1.5;
+    c.labels = 1;
+    c.kinds = kinds;
+    c.seed = seed;
+    char what[128];
+    snprintf(what, sizeof what, "MEAN invalid rows %s %s/%s grad %s path %s/%d", kdl_divergence_name(div),
+             kdl_dtype_name(sdt), kdl_dtype_name(tdt), kdl_dtype_name(c.gdt), path ? path : "auto", cluster);
+    inputs_t in;
+    make_inputs(&c, &in);
+    result_t ref, got;
+    run_ref(&c, &in, &ref);
+    run_gpu(h, &c, &in, &got);
+    if (got.st == KDL_STATUS_NOT_SUPPORTED) {
+        cr_log_info("%s: not supported here (%s)", what, kdl_get_last_error());
+    } else {
+        compare(&c, &in, &got, &ref, what);
+        cr_expect(ref.info > 0 && ref.valid > 0, "%s: the case needs invalid and valid rows", what);
+        const int64_t NV = c.N * c.V;
+        double *w = grad_atol(&c, &in, ref.valid, 1e-30);
+        int64_t bad = 0, worst_at = -1;
+        double worst = 0.0; /* |got - ref| in half ulps of the 16-bit dtype */
+        for (int64_t k = 0; k < NV; k++) {
+            const double r = ref.grad[k], slack = w[k] + 1e-5 * fabs(r);
+            const double half = 0.5 * ulp16(c.gdt, fabs(r) + slack), err = fabs(got.grad[k] - r);
+            if (!(err <= half + slack)) bad++;
+            if (err / half > worst || err != err) {
+                worst = err / half;
+                worst_at = k;
+            }
+        }
+        cr_expect_eq(bad, 0, "%s: %lld of %lld gradient elements beyond 1/2 ulp + float32 error; worst %.3g half ulps "
+                              "at %lld (got %.9g, reference %.9g)",
+                     what, (long long)bad, (long long)NV, worst, (long long)worst_at,
+                     worst_at >= 0 ? got.grad[worst_at] : 0.0, worst_at >= 0 ? ref.grad[worst_at] : 0.0);
+        cr_log_info("%s: worst gradient error %.3f half ulps (%s)", what, worst, kdl_dtype_name(c.gdt));
+        free(w);
+
+        /* the same call with the invalid rows ignored */
+        for (int64_t i = 0; i < N; i++)
+            if (row_is_invalid(kinds[i])) in.labels[i] = c.d.ignore_index;
+        result_t alt;
+        run_gpu(h, &c, &in, &alt);
+        cr_assert_eq(alt.st, KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+        cr_expect_eq(alt.info, 0);
+        cr_expect_eq(alt.valid, got.valid);
+        int64_t differ = 0;
+        for (int64_t i = 0; i < N; i++)
+            if (!row_is_invalid(kinds[i]) && kinds[i] != ROW_IGNORED)
+                differ += memcmp(got.grad + i * c.V, alt.grad + i * c.V, (size_t)c.V * sizeof(double)) != 0;
+        cr_expect_eq(differ, 0, "%s: the gradient of %lld valid rows differs from the call with the invalid rows "
+                                "ignored", what, (long long)differ);
+        cr_expect(fabs(got.loss[0] - alt.loss[0]) <= 1e-6 * fabs(alt.loss[0]), "%s: loss %.9g, with them ignored %.9g",
+                  what, got.loss[0], alt.loss[0]);
+        result_free(&alt);
+    }
+    result_free(&ref);
+    result_free(&got);
+    free_inputs(&c, &in);
+}
+
+Test(gpu_loss, mean_with_invalid_rows_rounds_the_16bit_gradient_once)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = new_handle();
+    static const enum row_kind one[] = {ROW_RANDOM, ROW_RANDOM, ROW_NAN, ROW_RANDOM, ROW_IGNORED, ROW_RANDOM};
+    static const enum row_kind several[] = {ROW_POSINF,  ROW_RANDOM, ROW_NAN,    ROW_RANDOM,
+                                            ROW_IGNORED, ROW_RANDOM, ROW_ALLNEGINF, ROW_RANDOM};
+    static const kdl_dtype_t dts[][2] = {{KDL_DTYPE_BF16, KDL_DTYPE_BF16},
+                                         {KDL_DTYPE_F16, KDL_DTYPE_F16},
+                                         {KDL_DTYPE_BF16, KDL_DTYPE_F32},
+                                         {KDL_DTYPE_F16, KDL_DTYPE_BF16}};
+    const char *paths[] = {NULL, "smem", "cluster", "cluster", "stream", "stream"};
+    const int clusters[] = {0, 0, 2, 3, 0, 3};
+    for (int pi = 0; pi < 6; pi++) {
+        for (int di = 0; di < 4; di++) {
+            const kdl_divergence_t div = di % 2 ? KDL_DIV_AKL : KDL_DIV_FKL;
+            mean_invalid_exact(h, paths[pi], clusters[pi], dts[di][0], dts[di][1], div, one, 6,
+                               (uint64_t)(7 + 10 * pi + di));
+            mean_invalid_exact(h, paths[pi], clusters[pi], dts[di][0], dts[di][1], div, several, 8,
+                               (uint64_t)(107 + 10 * pi + di));
+        }
+    }
+    set_path(NULL, 0);
     kdl_destroy(h);
 }
 
