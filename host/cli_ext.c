@@ -423,6 +423,10 @@ static const char fused_usage[] =
     "  --chunk-rows C          rows per chunk (GPU); default max(1, N/8), <= 4096\n"
     "  --grad-hidden-out FILE  dH [N, d] (.npy; float64 with cpu, float32 with cuda)\n"
     "  --grad-weight-out FILE  dW [V, d]\n"
+    "  --bias B.npy            float [V]: student logits H W^T + b\n"
+    "  --grad-bias-out FILE    db [V] (column sums of d loss / d logits)\n"
+    "  --grad-output G.npy     float [N], --reduction none only: the upstream\n"
+    "                          gradient of each row's loss (scales dL's rows)\n"
     "\n"
     "JSON keys: divergence, reduction, backend, rows, hidden, vocab, chunk_rows,\n"
     "loss, valid_rows, invalid_rows, and the GPU memory model: workspace_bytes\n"
@@ -430,7 +434,16 @@ static const char fused_usage[] =
     "float32 logits a non-fused call would materialise).  The cuda backend takes\n"
     "H and W as float32 copies.\n\n";
 
-enum { F_HIDDEN = L_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_COUNT };
+enum { F_HIDDEN = L_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT, F_COUNT };
+
+/* float64 copy of a float array (exact). */
+static double *to_f64(const kdl_npy_array_t *a, kdl_dtype_t dt)
+{
+    double *f = (double *)malloc((size_t)(a->count > 0 ? a->count : 1) * sizeof(double));
+    if (f)
+        for (int64_t i = 0; i < a->count; i++) f[i] = kdl_load_as_double(a->data, dt, i);
+    return f;
+}
 
 #ifdef KDL_HAVE_CUDA
 /* float32 copy of a float array (the GPU path reads float32 H and W). */
@@ -461,6 +474,11 @@ static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_
     if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
     if (!st && ha->grad_hidden) st = kdl_cli_gpu_alloc(&pool, hb, &da.grad_hidden);
     if (!st && ha->grad_weight) st = kdl_cli_gpu_alloc(&pool, wb, &da.grad_weight);
+    if (!st && ha->bias) st = kdl_cli_gpu_upload(&pool, ha->bias, (size_t)ha->vocab * 4, (void **)&da.bias);
+    if (!st && ha->grad_bias) st = kdl_cli_gpu_alloc(&pool, (size_t)ha->vocab * 4, &da.grad_bias);
+    if (!st && ha->grad_output)
+        st = kdl_cli_gpu_upload(&pool, ha->grad_output, (size_t)ha->rows * kdl_dtype_size(ha->grad_output_dtype),
+                                (void **)&da.grad_output);
     if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &da.loss);
     if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.info);
     if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.valid_rows);
@@ -470,6 +488,7 @@ static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_
     if (!st) st = sync_and_check(h);
     if (!st && ha->grad_hidden) st = kdl_cli_gpu_download(ha->grad_hidden, da.grad_hidden, hb);
     if (!st && ha->grad_weight) st = kdl_cli_gpu_download(ha->grad_weight, da.grad_weight, wb);
+    if (!st && ha->grad_bias) st = kdl_cli_gpu_download(ha->grad_bias, da.grad_bias, (size_t)ha->vocab * 4);
     if (!st) st = kdl_cli_gpu_download(ha->loss, da.loss, nl * 8);
     if (!st) st = kdl_cli_gpu_download(ha->info, da.info, 8);
     if (!st) st = kdl_cli_gpu_download(ha->valid_rows, da.valid_rows, 8);
@@ -487,7 +506,10 @@ int kdl_cli_fused_linear(int argc, char **argv)
                                 {"--teacher", 1, NULL},
                                 {"--chunk-rows", 1, NULL},
                                 {"--grad-hidden-out", 1, NULL},
-                                {"--grad-weight-out", 1, NULL}};
+                                {"--grad-weight-out", 1, NULL},
+                                {"--bias", 1, NULL},
+                                {"--grad-bias-out", 1, NULL},
+                                {"--grad-output", 1, NULL}};
     int backend = 0;
     const int required[] = {F_HIDDEN, F_WEIGHT, F_TEACHER};
     kdl_loss_desc_t d;
@@ -496,22 +518,25 @@ int kdl_cli_fused_linear(int argc, char **argv)
     rc = 0;
     int64_t chunk = 0;
     if (!rc && o[F_CHUNK].value) rc = kdl_cli_parse_int64(FCMD, "--chunk-rows", o[F_CHUNK].value, 1, INT64_MAX, &chunk);
-    const char *gh_out = o[F_GH_OUT].value, *gw_out = o[F_GW_OUT].value;
-    if (!rc && ((gh_out && !gh_out[0]) || (gw_out && !gw_out[0]))) {
+    const char *gh_out = o[F_GH_OUT].value, *gw_out = o[F_GW_OUT].value, *gb_out = o[F_GB_OUT].value;
+    if (!rc && ((gh_out && !gh_out[0]) || (gw_out && !gw_out[0]) || (gb_out && !gb_out[0]))) {
         kdl_cli_error(FCMD, "an output flag needs a file name");
         rc = 2;
     }
-    if (!rc && gh_out && gw_out && !strcmp(gh_out, gw_out)) {
-        kdl_cli_error(FCMD, "--grad-hidden-out and --grad-weight-out name the same file");
+    if (!rc && ((gh_out && gw_out && !strcmp(gh_out, gw_out)) || (gh_out && gb_out && !strcmp(gh_out, gb_out)) ||
+                (gw_out && gb_out && !strcmp(gw_out, gb_out)))) {
+        kdl_cli_error(FCMD, "two of --grad-hidden-out, --grad-weight-out, --grad-bias-out name the same file");
         rc = 2;
     }
     if (rc) return rc;
 
-    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0};
+    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0}, B = {0}, G = {0};
     int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0;
     kdl_dtype_t hdt = KDL_DTYPE_F32, wdt = KDL_DTYPE_F32, tdt = KDL_DTYPE_F32;
-    double *loss = NULL, *gh = NULL, *gw = NULL;
-    float *h32 = NULL, *w32 = NULL;
+    double *loss = NULL, *gh = NULL, *gw = NULL, *gb = NULL;
+    float *h32 = NULL, *w32 = NULL, *b32 = NULL;
+    double *w64 = NULL, *b64 = NULL;
+    kdl_dtype_t bdt = KDL_DTYPE_F32, godt = KDL_DTYPE_F32;
     rc = kdl_cli_load_npy(FCMD, "--hidden", o[F_HIDDEN].value, &H);
     if (!rc) rc = check_float_matrix(FCMD, "--hidden", o[F_HIDDEN].value, &H, 0, &N, &D, &hdt);
     if (!rc) rc = kdl_cli_load_npy(FCMD, "--weight", o[F_WEIGHT].value, &W);
@@ -525,9 +550,33 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(FCMD, "--labels", o[L_LABELS].value, &L);
     if (!rc && o[L_LABELS].value) rc = check_labels(FCMD, o[L_LABELS].value, &L, N);
+    if (!rc && o[F_BIAS].value) {
+        int64_t one = 0, Vb = 0;
+        rc = kdl_cli_load_npy(FCMD, "--bias", o[F_BIAS].value, &B);
+        if (!rc) rc = check_float_matrix(FCMD, "--bias", o[F_BIAS].value, &B, 1, &one, &Vb, &bdt);
+        if (!rc && (B.ndim != 1 || Vb != V)) {
+            kdl_cli_error(FCMD, "--bias %s: must be 1-D [%lld] (one per vocabulary entry)", o[F_BIAS].value,
+                          (long long)V);
+            rc = 2;
+        }
+    }
+    if (!rc && o[F_GOUT].value) {
+        int64_t one = 0, Ng = 0;
+        rc = kdl_cli_load_npy(FCMD, "--grad-output", o[F_GOUT].value, &G);
+        if (!rc) rc = check_float_matrix(FCMD, "--grad-output", o[F_GOUT].value, &G, 1, &one, &Ng, &godt);
+        if (!rc && (G.ndim != 1 || Ng != N)) {
+            kdl_cli_error(FCMD, "--grad-output %s: must be 1-D [%lld] (one per row)", o[F_GOUT].value, (long long)N);
+            rc = 2;
+        }
+        if (!rc && d.reduction != KDL_REDUCTION_NONE) {
+            kdl_cli_error(FCMD, "--grad-output needs --reduction none (per-row losses)");
+            rc = 2;
+        }
+    }
     int use_cuda = 0;
     if (!rc) {
-        int any_f64 = hdt == KDL_DTYPE_F64 || wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64;
+        int any_f64 = hdt == KDL_DTYPE_F64 || wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64 ||
+                      (o[F_BIAS].value && bdt == KDL_DTYPE_F64);
         int b = pick_backend(FCMD, backend, any_f64);
         if (b < 0) rc = -b;
         use_cuda = b == 1;
@@ -537,7 +586,8 @@ int kdl_cli_fused_linear(int argc, char **argv)
         loss = (double *)calloc(nl, sizeof(double));
         gh = gh_out ? (double *)calloc((size_t)(N * D > 0 ? N * D : 1), sizeof(double)) : NULL;
         gw = gw_out ? (double *)calloc((size_t)(V * D), sizeof(double)) : NULL;
-        if (!loss || (gh_out && !gh) || (gw_out && !gw)) {
+        gb = gb_out ? (double *)calloc((size_t)V, sizeof(double)) : NULL;
+        if (!loss || (gh_out && !gh) || (gw_out && !gw) || (gb_out && !gb)) {
             kdl_cli_error(FCMD, "out of memory");
             rc = 1;
         }
@@ -570,17 +620,25 @@ int kdl_cli_fused_linear(int argc, char **argv)
         a.loss = loss;
         a.info = &invalid;
         a.valid_rows = &valid;
+        a.grad_bias = gb;
+        if (o[F_GOUT].value) {
+            a.grad_output = G.data;
+            a.grad_output_dtype = godt;
+        }
+        if (o[F_BIAS].value) a.bias = B.data;
         kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
 #ifdef KDL_HAVE_CUDA
         if (use_cuda) {
             h32 = to_f32(&H, hdt);
             w32 = to_f32(&W, wdt);
-            if (!h32 || !w32) {
+            b32 = o[F_BIAS].value ? to_f32(&B, bdt) : NULL;
+            if (!h32 || !w32 || (o[F_BIAS].value && !b32)) {
                 st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "float32 copies");
             } else {
                 kdl_fused_linear_args_t g = a;
                 g.hidden_states = h32;
                 g.weight = w32;
+                g.bias = b32;
                 g.hidden_dtype = g.weight_dtype = KDL_DTYPE_F32;
                 g.grad_dtype = KDL_DTYPE_F32;
                 st = fused_cuda(&d, &g, (size_t)T.count * kdl_dtype_size(tdt));
@@ -591,6 +649,18 @@ int kdl_cli_fused_linear(int argc, char **argv)
         }
 #endif
         (void)use_cuda;
+        if (!rc && st != KDL_STATUS_SUCCESS && a.bias && bdt != wdt) {
+            /* the bias is read in weight_dtype: exact float64 copies of both when they differ */
+            w64 = to_f64(&W, wdt);
+            b64 = to_f64(&B, bdt);
+            if (!w64 || !b64) {
+                kdl_cli_error(FCMD, "out of memory");
+                rc = 1;
+            }
+            a.weight = w64;
+            a.bias = b64;
+            a.weight_dtype = KDL_DTYPE_F64;
+        }
         if (!rc && st != KDL_STATUS_SUCCESS) {
             a.grad_dtype = gdt = KDL_DTYPE_F64;
             ran = "cpu";
@@ -599,12 +669,13 @@ int kdl_cli_fused_linear(int argc, char **argv)
         }
     }
     kdl_npy_dtype_t nt = gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : KDL_NPY_F32;
-    if (!rc && (gh_out || gw_out)) { /* both files or neither */
-        const int64_t gh_shape[2] = {N, D}, gw_shape[2] = {V, D};
-        kdl_cli_npy_out_t outs[2];
+    if (!rc && (gh_out || gw_out || gb_out)) { /* every file or none */
+        const int64_t gh_shape[2] = {N, D}, gw_shape[2] = {V, D}, gb_shape[1] = {V};
+        kdl_cli_npy_out_t outs[3];
         int n_outs = 0;
         if (gh_out) outs[n_outs++] = (kdl_cli_npy_out_t){gh_out, nt, 2, gh_shape, gh};
         if (gw_out) outs[n_outs++] = (kdl_cli_npy_out_t){gw_out, nt, 2, gw_shape, gw};
+        if (gb_out) outs[n_outs++] = (kdl_cli_npy_out_t){gb_out, nt, 1, gb_shape, gb};
         rc = kdl_cli_save_npy_all(FCMD, outs, n_outs);
     }
     if (!rc) {
@@ -632,9 +703,15 @@ int kdl_cli_fused_linear(int argc, char **argv)
     free(loss);
     free(gh);
     free(gw);
+    free(gb);
     free(h32);
     free(w32);
+    free(b32);
+    free(w64);
+    free(b64);
     kdl_npy_free(&H);
+    kdl_npy_free(&B);
+    kdl_npy_free(&G);
     kdl_npy_free(&W);
     kdl_npy_free(&T);
     kdl_npy_free(&L);
@@ -730,6 +807,7 @@ static kdl_status_t run_shards(shard_run_t *R)
     a.grad_dtype = R->gdt;
     a.out_dtype = KDL_DTYPE_F64;
     a.ld_student = a.ld_teacher = a.ld_grad = R->V;
+    a.vocab_local = R->w[0]; /* rank 0's slice: kdl_shard_sizes checks rank and slice too */
     size_t sb = 0, ec = 0;
     int ns = 0;
     kdl_status_t st = kdl_shard_sizes(R->d, &a, &sb, &ec, &ns);

@@ -282,6 +282,93 @@ Test(fused_linear, json_and_gradients_match_the_reference)
     unlink(tp);
 }
 
+/* --bias (float32, with float64 weights: the reference's float64 copies),
+ * --grad-output with --reduction none, --grad-bias-out: against the
+ * reference called directly. */
+Test(fused_linear, bias_and_grad_output)
+{
+    double H[FN * FD], W[FV * FD], T[FN * FV], G[FN], b64[FV];
+    float b[FV];
+    kdl_rng_t g = {17};
+    for (int j = 0; j < FN * FD; j++) H[j] = kdl_rng_normal(&g);
+    for (int j = 0; j < FV * FD; j++) W[j] = 0.8 * kdl_rng_normal(&g);
+    for (int j = 0; j < FN * FV; j++) T[j] = 2 * kdl_rng_normal(&g);
+    for (int j = 0; j < FN; j++) G[j] = kdl_rng_normal(&g);
+    for (int j = 0; j < FV; j++) b64[j] = b[j] = (float)kdl_rng_normal(&g);
+    char hp[512], wp[512], tp[512], bp[512], gp[512], ghp[512], gbp[512];
+    tpath(hp, sizeof hp, "bh.npy");
+    tpath(wp, sizeof wp, "bw.npy");
+    tpath(tp, sizeof tp, "bt.npy");
+    tpath(bp, sizeof bp, "bb.npy");
+    tpath(gp, sizeof gp, "bg.npy");
+    tpath(ghp, sizeof ghp, "bgh.npy");
+    tpath(gbp, sizeof gbp, "bgb.npy");
+    save(hp, KDL_NPY_F64, 2, FN, FD, H);
+    save(wp, KDL_NPY_F64, 2, FV, FD, W);
+    save(tp, KDL_NPY_F64, 2, FN, FV, T);
+    save(bp, KDL_NPY_F32, 1, FV, 0, b);
+    save(gp, KDL_NPY_F64, 1, FN, 0, G);
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--divergence", "jsd", "--reduction",
+        "none", "--bias", bp, "--grad-output", gp, "--grad-hidden-out", ghp, "--grad-bias-out", gbp);
+    cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = KDL_DIV_JSD;
+    d.reduction = KDL_REDUCTION_NONE;
+    double loss[FN], dH[FN * FD], db[FV], got[FN * FD];
+    kdl_fused_linear_args_t a;
+    kdl_fused_linear_args_init(&a);
+    a.rows = FN;
+    a.hidden = FD;
+    a.vocab = FV;
+    a.hidden_states = H;
+    a.ld_hidden = FD;
+    a.hidden_dtype = KDL_DTYPE_F64;
+    a.weight = W;
+    a.ld_weight = FD;
+    a.weight_dtype = KDL_DTYPE_F64;
+    a.teacher = T;
+    a.ld_teacher = FV;
+    a.teacher_dtype = KDL_DTYPE_F64;
+    a.bias = b64;
+    a.grad_output = G;
+    a.grad_output_dtype = KDL_DTYPE_F64;
+    a.grad_hidden = dH;
+    a.ld_grad_hidden = FD;
+    a.grad_bias = db;
+    a.grad_dtype = KDL_DTYPE_F64;
+    a.out_dtype = KDL_DTYPE_F64;
+    a.loss = loss;
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    double jl[FN];
+    cr_assert_eq(kdl_json_read_array(r.out, "loss", jl, FN), FN, "%s", r.out);
+    kdl_tol_t tol = {0, 0};
+    KDL_EXPECT_CLOSE("loss", jl, loss, FN, tol);
+    load_f64(ghp, got, FN * FD);
+    KDL_EXPECT_CLOSE("dH", got, dH, FN * FD, tol);
+    load_f64(gbp, got, FV);
+    KDL_EXPECT_CLOSE("db", got, db, FV, tol);
+    unlink(ghp);
+    unlink(gbp);
+    /* errors: grad_output with a reduction, a bias of the wrong length; no output file */
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--grad-output", gp, "--grad-bias-out",
+        gbp);
+    expect_usage_error(&r, "fused-linear");
+    cr_expect(!exists(gbp));
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--bias", gp, "--grad-bias-out", gbp);
+    expect_usage_error(&r, "fused-linear");
+    cr_expect(!exists(gbp));
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher", tp, "--grad-hidden-out", ghp,
+        "--grad-bias-out", ghp);
+    expect_usage_error(&r, "fused-linear");
+    unlink(hp);
+    unlink(wp);
+    unlink(tp);
+    unlink(bp);
+    unlink(gp);
+}
+
 /* ------------------------------------------------------------ shard-check */
 Test(shard_check, sharded_equals_unsharded)
 {
