@@ -1,7 +1,7 @@
 /*
  * host/ext_common.c - pieces shared by the extension references and GPU
- * wrappers (kdloss_ext.h): the descriptor check, the span check, the names of
- * the sparse modes.
+ * wrappers (kdloss_ext.h): the descriptor check, the span check, the fused
+ * linear workspace layout, the names of the sparse modes.
  */
 #include <stdint.h>
 

@@ -26,10 +26,12 @@
  *    histogram in shared memory, tie counts, partial sums) or, at the last
  *    step, the gradient of the slice.  Two launches because a row's new
  *    exchange overlaps other rows' reduced input.
- * 3. Fused linear: the in-place loss kernel of one chunk of float32 logits
- *    (three passes over the row: LSE of student and teacher, loss and G,
- *    dz written over the logits), a one-block accumulator per chunk, and a
- *    finish kernel (outputs; MEAN scales dH and dW by 1/valid).
+ * 3. Fused linear: the loss and dL of each chunk come from the dense loss
+ *    kernel (kernels/loss.cu, launched by host/gpu_ext.c); here only the
+ *    small kernels around it: the bias broadcast before the logits GEMM,
+ *    the grad_output row scaling (and rounding to 16 bits), the bias column
+ *    sums, a one-thread accumulator per chunk, and a finish kernel (outputs;
+ *    MEAN scales dH, dW, db by 1/valid).
  *
  * All row offsets are 64-bit.  Element maths: kdloss/detail/elem.h (_f).
  */
