@@ -1172,7 +1172,13 @@ enum { FN = 3, FD = 4, FV = 5 };
     X(w16, "weight f16 on the GPU", NOT_SUPPORTED, GPU, a->weight_dtype = KDL_DTYPE_F16) \
     X(t64, "teacher f64 on the GPU", NOT_SUPPORTED, GPU, a->teacher_dtype = KDL_DTYPE_F64) \
     X(g64, "grad f64 on the GPU", NOT_SUPPORTED, GPU, a->grad_dtype = KDL_DTYPE_F64) \
-    X(akl, "AKL on the GPU", NOT_SUPPORTED, GPU, d->divergence = KDL_DIV_AKL) \
+    X(hw_mixed, "hidden bf16, weight f32 on the GPU", NOT_SUPPORTED, GPU, a->hidden_dtype = KDL_DTYPE_BF16) \
+    X(gout_sum, "grad_output with SUM", BAD_PARAM, BOTH, \
+      a->grad_output = a->hidden_states; d->reduction = KDL_REDUCTION_SUM) \
+    X(gout_mean, "grad_output with MEAN", BAD_PARAM, BOTH, \
+      a->grad_output = a->hidden_states; d->reduction = KDL_REDUCTION_MEAN) \
+    X(gout_dt, "grad_output dtype 5", BAD_ENUM, BOTH, \
+      a->grad_output = a->hidden_states; a->grad_output_dtype = (kdl_dtype_t)5) \
     X(size, "args struct_size", BAD_STRUCT_SIZE, BOTH, a->struct_size = 2) \
     X(dsize, "desc struct_size", BAD_STRUCT_SIZE, BOTH, d->struct_size = 2) \
     X(ovf, "ld_weight INT64_MAX", SIZE_OVERFLOW, BOTH, a->ld_weight = INT64_MAX) \
@@ -1188,7 +1194,10 @@ enum { FN = 3, FD = 4, FV = 5 };
     X(mis_gw, "grad_weight misaligned", MISALIGNED, BOTH, a->grad_weight = MIS(a->grad_weight, 3)) \
     X(mis_loss, "loss misaligned", MISALIGNED, BOTH, a->loss = MIS(a->loss, 1)) \
     X(mis_info, "info misaligned", MISALIGNED, BOTH, a->info = MIS(a->info, 4)) \
-    X(mis_valid, "valid_rows misaligned", MISALIGNED, BOTH, a->valid_rows = MIS(a->valid_rows, 4))
+    X(mis_valid, "valid_rows misaligned", MISALIGNED, BOTH, a->valid_rows = MIS(a->valid_rows, 4)) \
+    X(mis_gout, "grad_output misaligned", MISALIGNED, BOTH, a->grad_output = MIS(a->hidden_states, 1)) \
+    X(mis_bias, "bias misaligned", MISALIGNED, BOTH, a->bias = MIS(a->weight, 1)) \
+    X(mis_gb, "grad_bias misaligned", MISALIGNED, BOTH, a->grad_bias = MIS(a->grad_weight, 2))
 FL_CASES(CASE_FN)
 static const bad_case_t fl_cases[] = {FL_CASES(CASE_ROW)};
 #undef CASE_DESC_T
