@@ -4,7 +4,10 @@
  * defines, bad indices, a 151936 vocabulary that needs opt-in shared
  * memory), vocabulary-parallel steps over 3 shards on one device with the
  * reduces done on the host (loss, gradient, AKL head), and fused linear +
- * loss (loss, dH, dW; chunks that do not divide N).  The desk-review
+ * loss (loss, dH, dW, db; chunks that do not divide N; every divergence,
+ * AKL included; bf16/f16 inputs with f32 or 16-bit gradients under bounds
+ * derived from the 16-bit rounding of dL; grad_output; bias; the dense
+ * kernel's STREAM path in place).  The desk-review
  * regressions at the end (docs/ext-review.md): scale 0 against infinite
  * terms, a tiny temperature with large logits, the TAIL_BUCKET gradient when
  * the student's bucket mass underflows, k = 1, the shared-memory limit,
