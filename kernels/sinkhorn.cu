@@ -22,7 +22,8 @@
  *   k_g_update     g_j = -eps LSE_i(la_i + (f_i - C_ij)/eps): 32 columns per
  *                  CTA (coalesced rows), 8 warps split the rows, partial
  *                  LSEs merged in warp order; C read once
- *   k_finish       P (optional plan), row sums of P C, final f
+ *   k_finish       P (optional plan, each entry capped at b_j as the
+ *                  reference's), row sums of P C, final f
  *   k_combine      per caller problem: value (debias), outputs, info
  *   k_grad_x       x-gradient through the cost, plan fixed
  *   k_softmax      SinKD: p = softmax(x / tau) per row, invalid-row flags
@@ -443,6 +444,21 @@ __global__ void __launch_bounds__(kBlock) k_loop_ctrl(const kdl_otk_state_t *__r
 }
 #endif
 
+/* log2 P_ij = la2_i + lb2_j + (f_i + g_j - C_ij) log2(e)/eps, capped at
+ * lb2_j as the reference's plan_ij (host/ref_sinkhorn.c): g ends every
+ * iteration as the g update of f, so a column of P sums to b_j and no entry
+ * exceeds b_j.  Without the cap, potentials from a larger eps (max_iter
+ * stopping inside the eps-scaling stages) put f_i + g_j - C_ij up to about
+ * (eps_stage/eps) log n times eps above 0 at the final eps: exp2f overflowed
+ * to inf, the plan had inf (and inf * 0 = NaN in P C) and TRANSPORT was
+ * inf or NaN where the reference is finite (docs/sinkhorn-review.md #6).
+ * NaN stays NaN (the comparison is false); -inf stays -inf. */
+__device__ __forceinline__ float plan_log2(float la2, float lb2, float fg_c, float k)
+{
+    const float e = la2 + lb2 + fg_c * k;
+    return e > lb2 ? lb2 : e;
+}
+
 /* Plan, row sums of P C, final f (done == 1); NaN everywhere for done == 2. */
 __global__ void __launch_bounds__(kBlock, 4) k_finish(const kdl_otk_prob_t *__restrict__ probs,
                                                    const kdl_otk_state_t *__restrict__ state,
@@ -470,7 +486,7 @@ __global__ void __launch_bounds__(kBlock, 4) k_finish(const kdl_otk_prob_t *__re
     const float *__restrict__ c = p.C + (int64_t)i * p.m;
     float acc = 0.0f;
     for (int j = lane; j < p.m; j += 32) {
-        const float P = exp2f(la2 + logw2(p.lb, j, lb_uni) + (fi + p.g[j] - c[j]) * k);
+        const float P = exp2f(plan_log2(la2, logw2(p.lb, j, lb_uni), fi + p.g[j] - c[j], k));
         if (plan) plan[j] = P;
         acc = fmaf(P, c[j], acc);
     }
@@ -575,9 +591,9 @@ __global__ void __launch_bounds__(128) k_grad_x(const kdl_otk_prob_t *__restrict
             const int j = j0 + threadIdx.x;
             float wj = 0.0f;
             if (j < p.m) {
-                wj = exp2f(la2i + logw2(p.lb, j, lb_uni) + (fi + p.g[j] - p.C[(int64_t)i * p.m + j]) * k);
-                if (p.sym) /* P_ji of the self problem (n == m, la == lb) */
-                    wj += exp2f(logw2(p.la, j, la_uni) + lb2i + (f[j] + gi - p.C[(int64_t)j * p.m + i]) * k);
+                wj = exp2f(plan_log2(la2i, logw2(p.lb, j, lb_uni), fi + p.g[j] - p.C[(int64_t)i * p.m + j], k));
+                if (p.sym) /* P_ji of the self problem (n == m, la == lb), capped at b_i */
+                    wj += exp2f(plan_log2(logw2(p.la, j, la_uni), lb2i, f[j] + gi - p.C[(int64_t)j * p.m + i], k));
             }
             __syncthreads();
             w[threadIdx.x] = wj;

@@ -5,7 +5,7 @@
  * (squared Euclidean by cuBLAS, L1 by the own kernel), log-weights, DUAL and
  * TRANSPORT, debias with the cached teacher term, the x-gradient, eps-
  * scaling, warm starts, a problem with non-finite input next to good ones,
- * small eps, large problems (many tiles), SinKD in every input dtype with
+ * small eps (also stopped unconverged by max_iter: a finite plan), large problems (many tiles), SinKD in every input dtype with
  * strides and an invalid group, run-to-run bitwise determinism, and a short
  * workspace (nothing written).
  *
@@ -565,6 +565,86 @@ Test(gpu_sinkhorn, small_eps_large_problems_and_determinism)
     free_r(&r);
     free(x), free(y), free(P), free(P2);
     kdl_destroy(h);
+}
+
+/* docs/sinkhorn-review.md #6: max_iter stops an unconverged problem at eps
+ * 1e-3 of the cost scale.  With eps-scaling the potentials come from a
+ * stage eps hundreds of times the final one, so f_i + g_j - C_ij reaches
+ * about (eps_stage/eps) log n times eps at the final eps: FP32 exp overflowed
+ * and the plan and TRANSPORT were inf or NaN.  The plan is capped at b_j as
+ * in the reference: value, plan, potentials (and the x-gradient, L1 points)
+ * finite and equal to the reference's.  Without eps-scaling the marginal
+ * error is compared too (with it, the GPU measures the final iterate at the
+ * schedule's eps; docs/sinkhorn.md). */
+static void unconverged_small_eps_case(int eps_scaling, kdl_ot_value_t value, int points)
+{
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {90 + (uint64_t)(4 * eps_scaling + 2 * points + (int)value)};
+    const int64_t B = 3, n = 24, m = 20, dim = 3;
+    float C[3 * 24 * 20], x[3 * 24 * 3], y[3 * 20 * 3], gx[3 * 24 * 3], la[72], lb[60];
+    float v[3], e[3], f[72], g[60], P[3 * 24 * 20];
+    int64_t it[3];
+    fill(&rng, C, B * n * m, 0, 1);
+    fill(&rng, x, B * n * dim, 0, 1.0 / 3); /* L1 diameter about 1 */
+    fill(&rng, y, B * m * dim, 0, 1.0 / 3);
+    for (int64_t b = 0; b < B; b++) fill_logw(&rng, la + b * n, n), fill_logw(&rng, lb + b * m, m);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 1e-3;
+    d.max_iter = 5;
+    d.tol = eps_scaling ? 1e-6 : 0; /* with tol: the device loop (where built), no check due */
+    d.eps_scaling = eps_scaling;
+    d.value = value;
+    d.metric = KDL_OT_METRIC_L1;
+    hcall_t c = {.B = B, .n = n, .m = m, .la = la, .lb = lb, .value = v, .err = eps_scaling ? NULL : e, .f = f,
+                 .g = g, .plan = P, .iters = it};
+    if (points) {
+        c.dim = dim, c.x = x, c.y = y, c.grad = gx;
+    } else {
+        c.cost = C;
+    }
+    char what[96];
+    snprintf(what, sizeof what, "eps 1e-3, max_iter 5%s, %s%s", eps_scaling ? ", eps-scaling" : "",
+             value == KDL_OT_VALUE_DUAL ? "dual" : "transport", points ? ", L1 points" : "");
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    int64_t over = 0, nonfinite = 0;
+    for (int64_t b = 0; b < B; b++) {
+        nonfinite += !isfinite(v[b]);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = 0; j < m; j++) {
+                const float pij = P[(b * n + i) * m + j];
+                nonfinite += !isfinite(pij);
+                over += pij > expf(lb[b * m + j]) * (1.0f + 1e-6f); /* the cap: P_ij <= b_j */
+            }
+        cr_expect_eq(it[b], d.max_iter, "%s: problem %lld ran %lld iterations", what, (long long)b, (long long)it[b]);
+    }
+    cr_expect_eq(nonfinite, 0, "%s: %lld values or plan entries not finite", what, (long long)nonfinite);
+    cr_expect_eq(over, 0, "%s: %lld plan entries above b_j", what, (long long)over);
+    compare(what, &c, &r, 2e-3, 1);
+    if (!eps_scaling) {
+        double gerr[3];
+        to_d(e, gerr, B);
+        char name[128];
+        snprintf(name, sizeof name, "%s: marginal error", what);
+        KDL_EXPECT_CLOSE(name, gerr, r.err, (size_t)B, tol_rel_max(r.err, B, 2e-3));
+    }
+    free_r(&r);
+    kdl_destroy(h);
+}
+
+Test(gpu_sinkhorn, unconverged_small_eps_plan_stays_finite)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    for (int es = 0; es < 2; es++)
+        for (int value = 0; value < 2; value++) unconverged_small_eps_case(es, (kdl_ot_value_t)value, 0);
+}
+
+Test(gpu_sinkhorn, unconverged_small_eps_x_gradient_stays_finite)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    for (int es = 0; es < 2; es++) unconverged_small_eps_case(es, KDL_OT_VALUE_TRANSPORT, 1);
 }
 
 /* With tol > 0 the iterations run as a device-side loop (a CUDA graph
