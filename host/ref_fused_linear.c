@@ -58,19 +58,23 @@ kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_f
     return KDL_STATUS_SUCCESS;
 }
 
+static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
+
+/* Default chunk: the workspace stays at most 1/8 of the logits a non-fused
+ * call materialises in the inputs' dtype.  F32: c·V·4 <= N·V·4/8, c = N/8.
+ * 16-bit H and W: the chunk costs c·V·(4 + 2) bytes (float32 logits and the
+ * 16-bit dL) against N·V·2 materialised, so c = N/24. */
 int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
 {
     if (!a || a->rows <= 0) return 0;
     int64_t c = a->chunk_rows;
     if (c <= 0) {
-        c = a->rows / 8;
+        c = a->rows / (is16(a->hidden_dtype) && is16(a->weight_dtype) ? 24 : 8);
         if (c < 1) c = 1;
         if (c > 4096) c = 4096;
     }
     return c < a->rows ? c : a->rows;
 }
-
-static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
 
 /* The check of kdl_fused_linear_validate on already loaded args. */
 static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, int allow_f64)

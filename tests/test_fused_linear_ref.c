@@ -315,6 +315,14 @@ Test(api, chunk_rows_and_bad_arguments)
     cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1);
     c.rows = 1 << 20;
     cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 4096);
+    /* 16-bit H and W: c·V·6 bytes <= N·V·2 / 8, so N/24 */
+    c.hidden_dtype = c.weight_dtype = KDL_DTYPE_BF16;
+    c.rows = 8192;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 341);
+    cr_expect_leq(kdl_fused_linear_chunk_rows(&c) * 6, 8192 * 2 / 8);
+    c.weight_dtype = KDL_DTYPE_F32; /* mixed (reference only): the F32 rule */
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1024);
+    c.hidden_dtype = KDL_DTYPE_F32;
     c.chunk_rows = 64;
     c.rows = 10;
     cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 10);

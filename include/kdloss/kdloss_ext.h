@@ -282,7 +282,9 @@ typedef struct kdl_fused_linear_args {
     kdl_dtype_t grad_dtype;      /* of dH, dW, db: F32, or the inputs' dtype when H and W are
                                   * both BF16 or both F16; reference also F64 */
 
-    int64_t chunk_rows;          /* rows per chunk; 0 = default (max(1, N/8), at most 4096) */
+    int64_t chunk_rows;          /* rows per chunk; 0 = default: max(1, N/8) for F32 H and W,
+                                  * max(1, N/24) for 16-bit ones (the workspace stays <= 1/8
+                                  * of the logits materialised in that dtype), at most 4096 */
 
     kdl_dtype_t out_dtype;       /* F32 (default) or F64                      */
     void *loss;                  /* required: [1] or [N] (NONE)               */
