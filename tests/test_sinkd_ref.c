@@ -52,22 +52,29 @@ typedef struct run {
     int64_t it[8], info;
 } run_t;
 
-static kdl_status_t run_sinkd(const kdl_sinkd_desc_t *d, const double *S, const double *T, int64_t N,
-                              int64_t V, double *grad, run_t *out)
+/* Arguments over [N, V] student and teacher logits (dtypes sdt, tdt) and a
+ * gradient (gdt), rows ld apart. */
+static kdl_sinkd_args_t sinkd_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
+                                   kdl_dtype_t tdt, void *grad, kdl_dtype_t gdt)
 {
     kdl_sinkd_args_t a;
     kdl_sinkd_args_init(&a);
     a.rows = N;
     a.vocab = V;
+    a.ld_student = a.ld_teacher = a.ld_grad = ld;
     a.student = S;
-    a.ld_student = V;
-    a.student_dtype = KDL_DTYPE_F64;
+    a.student_dtype = sdt;
     a.teacher = T;
-    a.ld_teacher = V;
-    a.teacher_dtype = KDL_DTYPE_F64;
+    a.teacher_dtype = tdt;
     a.grad = grad;
-    a.ld_grad = V;
-    a.grad_dtype = KDL_DTYPE_F64;
+    a.grad_dtype = gdt;
+    return a;
+}
+
+static kdl_status_t run_sinkd(const kdl_sinkd_desc_t *d, const double *S, const double *T, int64_t N,
+                              int64_t V, double *grad, run_t *out)
+{
+    kdl_sinkd_args_t a = sinkd_args(N, V, V, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, grad, KDL_DTYPE_F64);
     a.out_dtype = KDL_DTYPE_F64;
     a.loss = &out->loss;
     a.group_loss = out->gl;
@@ -78,10 +85,40 @@ static kdl_status_t run_sinkd(const kdl_sinkd_desc_t *d, const double *S, const 
     return kdl_ref_sinkd(d, &a);
 }
 
+/* kdl_ref_sinkhorn over the G n x n costs C (f64): values v, and the plans
+ * and iteration counts when P and it are not NULL. */
+static void sinkhorn_groups(const kdl_sinkhorn_desc_t *sd, int64_t G, int64_t n, const double *C, double *v,
+                            double *P, int64_t *it)
+{
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    a.batch = G;
+    a.n = a.m = n;
+    a.dtype = KDL_DTYPE_F64;
+    a.cost = C;
+    a.value = v;
+    a.plan = P;
+    a.iterations = it;
+    cr_assert_eq(kdl_ref_sinkhorn(sd, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+}
+
 static void logits(uint64_t seed, double *x, int64_t n)
 {
     kdl_rng_t r = {seed};
     kdl_fill_logits(&r, x, n, 1.5);
+}
+
+/* Student and teacher logits (seeds ss, st) and the default descriptor with
+ * the given group size. */
+static kdl_sinkd_desc_t logits_and_desc(uint64_t ss, uint64_t st, double *S, double *T, int64_t n,
+                                        int64_t group_size)
+{
+    logits(ss, S, n);
+    logits(st, T, n);
+    kdl_sinkd_desc_t d;
+    kdl_sinkd_desc_init(&d);
+    d.group_size = group_size;
+    return d;
 }
 
 Test(sinkd_ref, defaults)
@@ -107,11 +144,7 @@ static void check_against_sinkhorn(kdl_ot_metric_t metric)
 {
     const int64_t N = 6, V = 11, n = 3, G = 2;
     double S[66], T[66], C[18];
-    logits(1 + metric, S, N * V);
-    logits(100 + metric, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
-    d.group_size = n;
+    kdl_sinkd_desc_t d = logits_and_desc(1 + metric, 100 + metric, S, T, N * V, n);
     d.metric = metric;
     d.scale = 0.7;
     run_t r;
@@ -122,18 +155,9 @@ static void check_against_sinkhorn(kdl_ot_metric_t metric)
     sd.epsilon = d.epsilon;
     sd.max_iter = d.max_iter;
     sd.tol = 0;
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = G;
-    a.n = a.m = n;
-    a.dtype = KDL_DTYPE_F64;
-    a.cost = C;
     double v[2], P[18];
     int64_t it[2];
-    a.value = v;
-    a.plan = P;
-    a.iterations = it;
-    cr_assert_eq(kdl_ref_sinkhorn(&sd, &a), KDL_STATUS_SUCCESS);
+    sinkhorn_groups(&sd, G, n, C, v, P, it);
     kdl_tol_t tol = {1e-12, 1e-14};
     double want_gl[2] = {0.7 * v[0], 0.7 * v[1]}, want_loss = 0.35 * (v[0] + v[1]);
     KDL_EXPECT_CLOSE("group loss", r.gl, want_gl, 2, tol);
@@ -155,10 +179,7 @@ Test(sinkd_ref, sinkd_codes_mass_n_value_is_n_times_ours)
      * column sums (mass n); value sum(P * C).  Ours has mass 1. */
     const int64_t N = 5, V = 9, n = 5;
     double S[45], T[45], C[25], K[25];
-    logits(7, S, N * V);
-    logits(8, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
+    kdl_sinkd_desc_t d = logits_and_desc(7, 8, S, T, N * V, 0);
     run_t r;
     cr_assert_eq(run_sinkd(&d, S, T, N, V, NULL, &r), KDL_STATUS_SUCCESS);
     group_costs(S, T, N, V, n, d.temperature, d.metric, C);
@@ -192,30 +213,32 @@ static double frozen_loss(const double *S, const double *T, int64_t N, int64_t V
     return d->scale * sum / (double)(N / n);
 }
 
+/* A loss as a function of the student logits, for finite differences. */
+typedef struct loss_fd {
+    const double *T;
+    int64_t N, V, n;
+    const kdl_sinkd_desc_t *d;
+    const double *plan;
+} loss_fd_t;
+
+static double frozen_of_student(void *ctx, const double *S)
+{
+    const loss_fd_t *c = (const loss_fd_t *)ctx;
+    return frozen_loss(S, c->T, c->N, c->V, c->n, c->d, c->plan);
+}
+
 static void check_frozen_fd(kdl_ot_metric_t metric)
 {
     const int64_t N = 6, V = 7, n = 3;
     double S[42], T[42], grad[42], fd[42];
-    logits(21 + metric, S, N * V);
-    logits(22 + metric, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
-    d.group_size = n;
+    kdl_sinkd_desc_t d = logits_and_desc(21 + metric, 22 + metric, S, T, N * V, n);
     d.metric = metric;
     d.scale = 1.5;
     d.temperature = 1.3;
     run_t r;
     cr_assert_eq(run_sinkd(&d, S, T, N, V, grad, &r), KDL_STATUS_SUCCESS);
-    const double h = 1e-6;
-    for (int64_t k = 0; k < N * V; k++) {
-        double s0 = S[k];
-        S[k] = s0 + h;
-        double lp = frozen_loss(S, T, N, V, n, &d, r.plan);
-        S[k] = s0 - h;
-        double lm = frozen_loss(S, T, N, V, n, &d, r.plan);
-        S[k] = s0;
-        fd[k] = (lp - lm) / (2 * h);
-    }
+    loss_fd_t ctx = {T, N, V, n, &d, r.plan};
+    kdl_central_diff(frozen_of_student, &ctx, S, N * V, 1e-6, fd);
     kdl_tol_t tol = {1e-6, 1e-9};
     KDL_EXPECT_CLOSE(metric == KDL_OT_METRIC_L1 ? "sinkd grad l1 (plan frozen)" : "sinkd grad sq (plan frozen)",
                      grad, fd, (size_t)(N * V), tol);
@@ -240,17 +263,16 @@ static double dual_loss(const double *S, const double *T, int64_t N, int64_t V, 
     sd.tol = 1e-14;
     sd.check_every = 1;
     sd.value = KDL_OT_VALUE_DUAL;
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = N / n;
-    a.n = a.m = n;
-    a.dtype = KDL_DTYPE_F64;
-    a.cost = C;
-    a.value = v;
-    cr_assert_eq(kdl_ref_sinkhorn(&sd, &a), KDL_STATUS_SUCCESS);
+    sinkhorn_groups(&sd, N / n, n, C, v, NULL, NULL);
     double s = 0;
     for (int64_t g = 0; g < N / n; g++) s += v[g];
     return d->scale * s / (double)(N / n);
+}
+
+static double dual_of_student(void *ctx, const double *S)
+{
+    const loss_fd_t *c = (const loss_fd_t *)ctx;
+    return dual_loss(S, c->T, c->N, c->V, c->n, c->d);
 }
 
 Test(sinkd_ref, converged_gradient_is_the_envelope_gradient_of_the_dual_value)
@@ -259,11 +281,7 @@ Test(sinkd_ref, converged_gradient_is_the_envelope_gradient_of_the_dual_value)
      * the entropic OT value W_eps(C(s)) (dW/dC = P). */
     const int64_t N = 4, V = 6, n = 2;
     double S[24], T[24], grad[24], fd[24];
-    logits(31, S, N * V);
-    logits(32, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
-    d.group_size = n;
+    kdl_sinkd_desc_t d = logits_and_desc(31, 32, S, T, N * V, n);
     d.metric = KDL_OT_METRIC_SQEUCLIDEAN;
     d.epsilon = 0.05;
     d.max_iter = 1000000;
@@ -272,16 +290,8 @@ Test(sinkd_ref, converged_gradient_is_the_envelope_gradient_of_the_dual_value)
     run_t r;
     cr_assert_eq(run_sinkd(&d, S, T, N, V, grad, &r), KDL_STATUS_SUCCESS);
     cr_expect(r.err[0] <= 1e-14 && r.err[1] <= 1e-14, "converged: %g %g", r.err[0], r.err[1]);
-    const double h = 1e-5;
-    for (int64_t k = 0; k < N * V; k++) {
-        double s0 = S[k];
-        S[k] = s0 + h;
-        double lp = dual_loss(S, T, N, V, n, &d);
-        S[k] = s0 - h;
-        double lm = dual_loss(S, T, N, V, n, &d);
-        S[k] = s0;
-        fd[k] = (lp - lm) / (2 * h);
-    }
+    loss_fd_t ctx = {T, N, V, n, &d, NULL};
+    kdl_central_diff(dual_of_student, &ctx, S, N * V, 1e-5, fd);
     kdl_tol_t tol = {1e-5, 1e-9};
     KDL_EXPECT_CLOSE("sinkd grad vs d W_eps / ds", grad, fd, (size_t)(N * V), tol);
 }
@@ -290,11 +300,7 @@ Test(sinkd_ref, groups_are_independent_and_averaged)
 {
     const int64_t N = 6, V = 5, n = 2, G = 3;
     double S[30], T[30], grad[30], g1[10];
-    logits(41, S, N * V);
-    logits(42, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
-    d.group_size = n;
+    kdl_sinkd_desc_t d = logits_and_desc(41, 42, S, T, N * V, n);
     run_t r, r1;
     cr_assert_eq(run_sinkd(&d, S, T, N, V, grad, &r), KDL_STATUS_SUCCESS);
     double mean = 0;
@@ -320,11 +326,7 @@ Test(sinkd_ref, invalid_group_is_left_out_and_counted)
 {
     const int64_t N = 6, V = 5, n = 2;
     double S[30], T[30], grad[30], ref_grad[30];
-    logits(51, S, N * V);
-    logits(52, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
-    d.group_size = n;
+    kdl_sinkd_desc_t d = logits_and_desc(51, 52, S, T, N * V, n);
     run_t r, good;
     /* reference: groups 0 and 2 only */
     double S2[20], T2[20], g2[20];
@@ -408,19 +410,7 @@ Test(sinkd_ref, sixteen_bit_inputs_and_strides)
     float loss = NAN;
     float grad[32];
     for (int k = 0; k < 32; k++) grad[k] = (float)SENTINEL;
-    kdl_sinkd_args_t a;
-    kdl_sinkd_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.student = S16;
-    a.ld_student = ld;
-    a.student_dtype = KDL_DTYPE_F16;
-    a.teacher = T16;
-    a.ld_teacher = ld;
-    a.teacher_dtype = KDL_DTYPE_BF16;
-    a.grad = grad;
-    a.ld_grad = ld;
-    a.grad_dtype = KDL_DTYPE_F32;
+    kdl_sinkd_args_t a = sinkd_args(N, V, ld, S16, KDL_DTYPE_F16, T16, KDL_DTYPE_BF16, grad, KDL_DTYPE_F32);
     a.loss = &loss;
     cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     cr_expect(loss == (float)want.loss);
@@ -438,10 +428,7 @@ Test(sinkd_ref, tolerance_stops_early)
 {
     const int64_t N = 4, V = 5;
     double S[20], T[20];
-    logits(81, S, N * V);
-    logits(82, T, N * V);
-    kdl_sinkd_desc_t d;
-    kdl_sinkd_desc_init(&d);
+    kdl_sinkd_desc_t d = logits_and_desc(81, 82, S, T, N * V, 0);
     d.max_iter = 100000;
     d.tol = 1e-9;
     d.check_every = 3;
@@ -484,40 +471,24 @@ static void bad_setup(bad_t *c)
     c->loss = c->gl[0] = c->gl[1] = SENTINEL;
     kdl_sinkd_desc_init(&c->d);
     c->d.group_size = 2;
-    kdl_sinkd_args_init(&c->a);
-    c->a.rows = 4;
-    c->a.vocab = 3;
-    c->a.student = c->S;
-    c->a.ld_student = 3;
-    c->a.student_dtype = KDL_DTYPE_F64;
-    c->a.teacher = c->T;
-    c->a.ld_teacher = 3;
-    c->a.teacher_dtype = KDL_DTYPE_F64;
-    c->a.grad = c->grad;
-    c->a.ld_grad = 3;
-    c->a.grad_dtype = KDL_DTYPE_F64;
+    c->a = sinkd_args(4, 3, 3, c->S, KDL_DTYPE_F64, c->T, KDL_DTYPE_F64, c->grad, KDL_DTYPE_F64);
     c->a.out_dtype = KDL_DTYPE_F64;
     c->a.loss = &c->loss;
     c->a.group_loss = c->gl;
     c->a.plan = c->plan;
 }
 
-#define BAD(what, expected, mutate)                                                               \
-    do {                                                                                          \
-        bad_t c_;                                                                                 \
-        bad_setup(&c_);                                                                           \
-        {                                                                                         \
-            bad_t *c = &c_;                                                                       \
-            mutate;                                                                               \
-        }                                                                                         \
-        kdl_status_t st_ = kdl_ref_sinkd(&c_.d, &c_.a);                                           \
-        cr_expect_eq(st_, (expected), "%s: got %s (%s)", what, kdl_status_string(st_),            \
-                     kdl_get_last_error());                                                       \
-        int ok_ = c_.loss == SENTINEL && c_.gl[0] == SENTINEL && c_.gl[1] == SENTINEL;            \
-        for (int k_ = 0; k_ < 12; k_++) ok_ &= c_.grad[k_] == SENTINEL;                           \
-        for (int k_ = 0; k_ < 8; k_++) ok_ &= c_.plan[k_] == SENTINEL;                            \
-        cr_expect(ok_, "%s: an output was written", what);                                        \
-    } while (0)
+static int bad_untouched(const bad_t *c)
+{
+    int ok = c->loss == SENTINEL && c->gl[0] == SENTINEL && c->gl[1] == SENTINEL;
+    for (int k = 0; k < 12; k++) ok &= c->grad[k] == SENTINEL;
+    for (int k = 0; k < 8; k++) ok &= c->plan[k] == SENTINEL;
+    return ok;
+}
+
+static kdl_status_t bad_call(bad_t *c) { return kdl_ref_sinkd(&c->d, &c->a); }
+
+#define BAD(what, expected, mutate) KDL_EXPECT_BAD(bad_t, bad_setup, bad_call, bad_untouched, what, expected, mutate)
 
 Test(sinkd_ref, the_good_case_succeeds)
 {

@@ -52,6 +52,19 @@ size_t kdl_compare(const char *what, const double *got, const double *ref, size_
     return bad;
 }
 
+void kdl_central_diff(kdl_fd_value_t value, void *ctx, double *x, int64_t n, double h, double *fd)
+{
+    for (int64_t k = 0; k < n; k++) {
+        double x0 = x[k];
+        x[k] = x0 + h;
+        double up = value(ctx, x);
+        x[k] = x0 - h;
+        double dn = value(ctx, x);
+        x[k] = x0;
+        fd[k] = (up - dn) / (2 * h);
+    }
+}
+
 const kdl_divergence_t kdl_all_divs[KDL_DIV_COUNT_] = {KDL_DIV_FKL, KDL_DIV_RKL, KDL_DIV_FKL_RKL, KDL_DIV_AKL,
                                                        KDL_DIV_JSD, KDL_DIV_TVD, KDL_DIV_SKL,     KDL_DIV_SRKL};
 
@@ -86,6 +99,27 @@ void kdl_fill_logits(kdl_rng_t *r, double *x, int64_t n, double sigma)
     for (int64_t i = 0; i < n; i++) x[i] = sigma * kdl_rng_normal(r);
     int64_t outliers = n < 8 ? 1 : 4;
     for (int64_t k = 0; k < outliers; k++) x[kdl_rng_next(r) % (uint64_t)n] += 4.0 * sigma + 3.0;
+}
+
+void kdl_random_rows(uint64_t seed, double *x, int64_t n, double sigma)
+{
+    kdl_rng_t g = {seed};
+    kdl_fill_logits(&g, x, n, sigma);
+}
+
+void kdl_fill_uniform(kdl_rng_t *r, double *x, int64_t n, double lo, double hi)
+{
+    for (int64_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * kdl_rng_uniform(r);
+}
+
+void kdl_fill_logw(kdl_rng_t *r, double *lw, int64_t n)
+{
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        lw[i] = 0.5 + kdl_rng_uniform(r);
+        s += lw[i];
+    }
+    for (int64_t i = 0; i < n; i++) lw[i] = log(lw[i] / s);
 }
 
 void kdl_to_dtype(const double *src, void *dst, kdl_dtype_t t, int64_t n)

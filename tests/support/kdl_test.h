@@ -1,8 +1,9 @@
 /*
  * tests/support/kdl_test.h - shared test helpers: the one comparator
  * (atol + rtol*|ref|, NaN/Inf aware, reports the count and the first
- * mismatching indices), a seeded generator of adversarial logits, and the
- * visible GPU skip.
+ * mismatching indices), a seeded generator of adversarial logits, uniform
+ * values and log-weights, central finite differences, the bad-argument case
+ * (status, nothing written), and the visible GPU skip.
  */
 #ifndef KDL_TEST_H
 #define KDL_TEST_H
@@ -33,6 +34,28 @@ size_t kdl_compare(const char *what, const double *got, const double *ref, size_
         cr_expect(kdl_bad_ == 0, "%s", kdl_msg_);                                           \
     } while (0)
 
+/* One bad-argument case: a fresh T set up by setup(&c_), changed by the
+ * statement(s) `mutate` (which see `T *c`); then call(&c_) must give the
+ * status `expected`, and untouched(&c_) (nothing written) must hold. */
+#define KDL_EXPECT_BAD(T, setup, call, untouched, what, expected, mutate)                                 \
+    do {                                                                                                 \
+        T c_;                                                                                            \
+        setup(&c_);                                                                                      \
+        {                                                                                                \
+            T *c = &c_;                                                                                  \
+            mutate;                                                                                      \
+        }                                                                                                \
+        kdl_status_t st_ = call(&c_);                                                                    \
+        cr_expect_eq(st_, (expected), "%s: got %s (%s), expected %s", (what), kdl_status_string(st_),    \
+                     kdl_get_last_error(), kdl_status_string(expected));                                \
+        cr_expect(untouched(&c_), "%s: an output was written", (what));                                  \
+    } while (0)
+
+/* Central differences: fd[k] = (value(ctx, x + h e_k) - value(ctx, x - h e_k)) / 2h
+ * for k < n, x[k] restored after each. */
+typedef double (*kdl_fd_value_t)(void *ctx, const double *x);
+void kdl_central_diff(kdl_fd_value_t value, void *ctx, double *x, int64_t n, double h, double *fd);
+
 /* Every divergence, in enum order, and their count. */
 extern const kdl_divergence_t kdl_all_divs[KDL_DIV_COUNT_];
 #define KDL_NDIVS ((size_t)KDL_DIV_COUNT_)
@@ -52,6 +75,17 @@ double kdl_rng_normal(kdl_rng_t *r);
 /* Fills n logits: normal(0, sigma) plus a few large outliers so the
  * softmax is peaked, as real LM logits are. */
 void kdl_fill_logits(kdl_rng_t *r, double *x, int64_t n, double sigma);
+
+/* kdl_fill_logits from a fresh generator seeded with seed: the same rows
+ * for the same seed, in any test. */
+void kdl_random_rows(uint64_t seed, double *x, int64_t n, double sigma);
+
+/* n values uniform in [lo, hi). */
+void kdl_fill_uniform(kdl_rng_t *r, double *x, int64_t n, double lo, double hi);
+
+/* n random normalised log-weights: log(w_i / sum w), w_i uniform in
+ * [0.5, 1.5). */
+void kdl_fill_logw(kdl_rng_t *r, double *lw, int64_t n);
 
 /* Converts doubles to a typed buffer (rounding to the dtype) and back, so a
  * test can hand the reference exactly what a 16-bit tensor holds. */
