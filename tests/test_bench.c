@@ -37,39 +37,61 @@ Test(bench_json_checker, accepts_and_rejects)
 }
 
 /* ------------------------------------------------------------ byte model */
+/* Expected byte counts of kdlb_loss_bytes / kdlb_sparse_bytes. */
+typedef struct bytes_case {
+    int64_t rows, vocab, k; /* k: sparse only */
+    kdl_dtype_t a, b, c;    /* the three dtypes the model takes */
+    uint64_t want;
+} bytes_case_t;
+
+#define BF16 KDL_DTYPE_BF16
+#define F16 KDL_DTYPE_F16
+#define F32 KDL_DTYPE_F32
+
+static void expect_bytes(uint64_t (*model)(const bytes_case_t *), const bytes_case_t *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        cr_expect_eq(model(&cases[i]), cases[i].want, "case %zu: %lld x %lld (k %lld)", i, (long long)cases[i].rows,
+                     (long long)cases[i].vocab, (long long)cases[i].k);
+}
+
+static uint64_t loss_model(const bytes_case_t *c) { return kdlb_loss_bytes(c->rows, c->vocab, c->a, c->b, c->c); }
+
+static uint64_t sparse_model(const bytes_case_t *c)
+{
+    return kdlb_sparse_bytes(c->rows, c->vocab, c->k, c->a, c->b, c->c);
+}
+
+#define N_CASES(t) (sizeof(t) / sizeof((t)[0]))
+
 Test(bench_bytes, loss_closed_forms_per_dtype_and_shape)
 {
-    /* N * V * 3 * size: bf16/f16 2 bytes, f32 4 bytes. */
-    cr_expect_eq(kdlb_loss_bytes(4096, 32000, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(786432000));
-    cr_expect_eq(kdlb_loss_bytes(4096, 32000, KDL_DTYPE_F16, KDL_DTYPE_F16, KDL_DTYPE_F16),
-                 UINT64_C(786432000));
-    cr_expect_eq(kdlb_loss_bytes(4096, 32000, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 UINT64_C(1572864000));
-    cr_expect_eq(kdlb_loss_bytes(8192, 128256, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(6304038912));
-    cr_expect_eq(kdlb_loss_bytes(8192, 128256, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 UINT64_C(12608077824));
-    cr_expect_eq(kdlb_loss_bytes(8192, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(7467958272));
-    cr_expect_eq(kdlb_loss_bytes(8192, 151936, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 UINT64_C(14935916544));
-    /* mixed: bf16 student, f32 teacher, f32 gradient = 2 + 4 + 4 bytes */
-    cr_expect_eq(kdlb_loss_bytes(8192, 151936, KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 UINT64_C(12446597120));
-    cr_expect_eq(kdlb_loss_bytes(0, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16), 0u);
+    /* N * V * 3 * size: bf16/f16 2 bytes, f32 4 bytes; the mixed row: bf16
+     * student, f32 teacher, f32 gradient = 2 + 4 + 4 bytes. */
+    const bytes_case_t cases[] = {
+        {4096, 32000, 0, BF16, BF16, BF16, UINT64_C(786432000)},
+        {4096, 32000, 0, F16, F16, F16, UINT64_C(786432000)},
+        {4096, 32000, 0, F32, F32, F32, UINT64_C(1572864000)},
+        {8192, 128256, 0, BF16, BF16, BF16, UINT64_C(6304038912)},
+        {8192, 128256, 0, F32, F32, F32, UINT64_C(12608077824)},
+        {8192, 151936, 0, BF16, BF16, BF16, UINT64_C(7467958272)},
+        {8192, 151936, 0, F32, F32, F32, UINT64_C(14935916544)},
+        {8192, 151936, 0, BF16, F32, F32, UINT64_C(12446597120)},
+        {0, 151936, 0, BF16, BF16, BF16, 0},
+    };
+    expect_bytes(loss_model, cases, N_CASES(cases));
 }
 
 Test(bench_bytes, loss_bad_inputs_give_zero)
 {
-    cr_expect_eq(kdlb_loss_bytes(-1, 10, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
-    cr_expect_eq(kdlb_loss_bytes(10, -1, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
-    cr_expect_eq(kdlb_loss_bytes(10, 10, (kdl_dtype_t)99, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
-    cr_expect_eq(kdlb_loss_bytes(INT64_MAX, INT64_MAX, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 0u);
-    cr_expect_eq(kdlb_loss_bytes(INT64_C(1) << 40, INT64_C(1) << 22, KDL_DTYPE_F32, KDL_DTYPE_F32,
-                                 KDL_DTYPE_F32),
-                 0u); /* 2^62 elements * 12 bytes overflows */
+    const bytes_case_t cases[] = {
+        {-1, 10, 0, F32, F32, F32, 0},
+        {10, -1, 0, F32, F32, F32, 0},
+        {10, 10, 0, (kdl_dtype_t)99, F32, F32, 0},
+        {INT64_MAX, INT64_MAX, 0, F32, F32, F32, 0},
+        {INT64_C(1) << 40, INT64_C(1) << 22, 0, F32, F32, F32, 0}, /* 2^62 elements * 12 bytes overflows */
+    };
+    expect_bytes(loss_model, cases, N_CASES(cases));
 }
 
 Test(bench_bytes, sinkhorn_reads_the_cost_twice_per_iteration)
@@ -81,23 +103,19 @@ Test(bench_bytes, sinkhorn_reads_the_cost_twice_per_iteration)
 
 Test(bench_bytes, sparse_reads_s_and_the_topk_writes_ds)
 {
-    /* N V (2 + 2) + N k (8 + 2) in bf16 */
-    cr_expect_eq(kdlb_sparse_bytes(8192, 151936, 8, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(4979294208));
-    cr_expect_eq(kdlb_sparse_bytes(8192, 151936, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(4983881728));
-    cr_expect_eq(kdlb_sparse_bytes(8192, 151936, 1024, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(5062524928));
-    cr_expect_eq(kdlb_sparse_bytes(4096, 32000, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
-                 UINT64_C(526909440));
-    /* f32 log-probs: 8 + 4 bytes per support entry */
-    cr_expect_eq(kdlb_sparse_bytes(2, 10, 3, KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 UINT64_C(2 * 10 * 6 + 2 * 3 * 12));
-    cr_expect_eq(kdlb_sparse_bytes(-1, 10, 3, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16), 0u);
-    cr_expect_eq(kdlb_sparse_bytes(1, 10, 3, (kdl_dtype_t)9, KDL_DTYPE_BF16, KDL_DTYPE_BF16), 0u);
-    cr_expect_eq(kdlb_sparse_bytes(INT64_C(1) << 40, INT64_C(1) << 22, 1, KDL_DTYPE_F32,
-                                   KDL_DTYPE_F32, KDL_DTYPE_F32),
-                 0u);
+    /* N V (2 + 2) + N k (8 + 2) in bf16; f32 log-probs: 8 + 4 bytes per
+     * support entry */
+    const bytes_case_t cases[] = {
+        {8192, 151936, 8, BF16, BF16, BF16, UINT64_C(4979294208)},
+        {8192, 151936, 64, BF16, BF16, BF16, UINT64_C(4983881728)},
+        {8192, 151936, 1024, BF16, BF16, BF16, UINT64_C(5062524928)},
+        {4096, 32000, 64, BF16, BF16, BF16, UINT64_C(526909440)},
+        {2, 10, 3, BF16, F32, F32, UINT64_C(2 * 10 * 6 + 2 * 3 * 12)},
+        {-1, 10, 3, BF16, BF16, BF16, 0},
+        {1, 10, 3, (kdl_dtype_t)9, BF16, BF16, 0},
+        {INT64_C(1) << 40, INT64_C(1) << 22, 1, F32, F32, F32, 0},
+    };
+    expect_bytes(sparse_model, cases, N_CASES(cases));
 }
 
 Test(bench_bytes, fused_linear_and_materialised_logits)
@@ -200,23 +218,39 @@ Test(bench_numbers, row_times_from_samples)
 }
 
 /* ------------------------------------------------------------------ JSON */
-Test(bench_json, loss_row_exact_string)
+/* A fresh row of op (the default "loss" when NULL) with its divergence,
+ * dtype and [rows, vocab] shape. */
+static kdlb_row_t new_row(const char *op, const char *divergence, const char *dtype, int64_t rows, int64_t vocab)
 {
     kdlb_row_t r;
     kdlb_row_init(&r);
-    r.divergence = "akl";
-    r.dtype = "bf16";
-    r.rows = 8192;
-    r.vocab = 151936;
+    if (op) r.op = op;
+    r.divergence = divergence;
+    r.dtype = dtype;
+    r.rows = rows;
+    r.vocab = vocab;
+    return r;
+}
+
+/* A row that ran: status ok, the times of 20 repeats, and its bandwidth
+ * against a 3000 GB/s copy. */
+static void set_ok_times(kdlb_row_t *r, double ms, double p20, double p80, uint64_t bytes)
+{
+    r->status = "ok";
+    r->ms = ms;
+    r->ms_p20 = p20;
+    r->ms_p80 = p80;
+    r->repeats = 20;
+    r->bytes = bytes;
+    r->gb_per_s = kdlb_gb_per_s(r->bytes, r->ms);
+    r->fraction_of_copy_bandwidth = kdlb_fraction_of_copy(r->gb_per_s, 3000.0);
+}
+
+Test(bench_json, loss_row_exact_string)
+{
+    kdlb_row_t r = new_row(NULL, "akl", "bf16", 8192, 151936);
     r.head_rule = "reference";
-    r.status = "ok";
-    r.ms = 2.5;
-    r.ms_p20 = 2.4;
-    r.ms_p80 = 2.625;
-    r.repeats = 20;
-    r.bytes = UINT64_C(7467958272);
-    r.gb_per_s = kdlb_gb_per_s(r.bytes, r.ms);
-    r.fraction_of_copy_bandwidth = kdlb_fraction_of_copy(r.gb_per_s, 3000.0);
+    set_ok_times(&r, 2.5, 2.4, 2.625, UINT64_C(7467958272));
     r.peak_extra_bytes = 0;
     r.check_rel_err = 0.00123;
     char buf[1024];
@@ -275,23 +309,11 @@ static int starts_with(const char *buf, const char *want) { return !strncmp(buf,
 Test(bench_json, other_ops_rows_exact_strings)
 {
     char buf[2048];
-    kdlb_row_t r;
-    kdlb_row_init(&r);
-    r.op = "sparse";
-    r.divergence = "fkl";
+    kdlb_row_t r = new_row("sparse", "fkl", "bf16", 8192, 151936);
     r.mode = "renormalised";
-    r.dtype = "bf16";
-    r.rows = 8192;
-    r.vocab = 151936;
     r.k = 64;
-    r.status = "ok";
-    r.ms = 2.0;
-    r.ms_p20 = 1.9;
-    r.ms_p80 = 2.1;
-    r.repeats = 20;
-    r.bytes = kdlb_sparse_bytes(8192, 151936, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16);
-    r.gb_per_s = kdlb_gb_per_s(r.bytes, r.ms);
-    r.fraction_of_copy_bandwidth = kdlb_fraction_of_copy(r.gb_per_s, 3000.0);
+    set_ok_times(&r, 2.0, 1.9, 2.1,
+                 kdlb_sparse_bytes(8192, 151936, 64, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16));
     r.peak_extra_bytes = 1024;
     kdlb_json_row(&r, buf, sizeof buf);
     cr_expect_str_eq(buf,
@@ -303,13 +325,8 @@ Test(bench_json, other_ops_rows_exact_strings)
                      "\"peak_extra_bytes\": 1024, \"check_rel_err\": null, \"note\": null}");
     cr_expect(kdl_json_valid(buf));
 
-    kdlb_row_init(&r);
-    r.op = "fused_linear";
-    r.divergence = "jsd";
-    r.dtype = "f32";
-    r.rows = 4096;
+    r = new_row("fused_linear", "jsd", "f32", 4096, 151936);
     r.hidden = 4096;
-    r.vocab = 151936;
     r.chunk_rows = 512;
     r.logits_bytes = kdlb_logits_f32_bytes(4096, 151936);
     r.peak_extra_bytes = 311164928;
@@ -345,12 +362,8 @@ Test(bench_json, other_ops_rows_exact_strings)
     cr_expect(strstr(buf, "\"sizes_n\": null, \"sizes_m\": null") != NULL, "%s", buf);
     cr_expect(kdl_json_valid(buf));
 
-    kdlb_row_init(&r);
-    r.op = "sinkd";
+    r = new_row("sinkd", NULL, "bf16", 512, 32000);
     r.metric = "l1";
-    r.dtype = "bf16";
-    r.rows = 512;
-    r.vocab = 32000;
     r.group_size = 64;
     r.iterations = 20;
     kdlb_json_row(&r, buf, sizeof buf);
@@ -384,13 +397,8 @@ Test(bench_json, ragged_row_of_64_problems_fits_the_document_line)
 Test(bench_json, row_labels)
 {
     char s[160];
-    kdlb_row_t r;
-    kdlb_row_init(&r);
-    r.divergence = "akl";
+    kdlb_row_t r = new_row(NULL, "akl", "bf16", 8192, 151936);
     r.head_rule = "mass";
-    r.dtype = "bf16";
-    r.rows = 8192;
-    r.vocab = 151936;
     kdlb_row_label(&r, s, sizeof s);
     cr_expect_str_eq(s, "akl/mass bf16 8192x151936");
     r.op = "sparse";
@@ -448,29 +456,32 @@ static kdlb_meta_t test_meta(const kdlb_options_t *o)
     return m;
 }
 
-Test(bench_json, whole_document_parses)
+/* The document kdlb_json_write gives for m and rows, read back (the caller
+ * frees it); it is valid JSON. */
+static char *write_document(const kdlb_meta_t *m, const kdlb_row_t *rows, int n)
 {
-    kdlb_options_t o;
-    kdlb_options_default(&o);
-    kdlb_meta_t m = test_meta(&o);
-    kdlb_row_t rows[2];
-    kdlb_row_init(&rows[0]);
-    rows[0].divergence = "fkl";
-    rows[0].dtype = "f32";
-    rows[0].status = "not_implemented";
-    rows[0].note = "GPU loss kernels not built yet";
-    kdlb_row_init(&rows[1]);
-    rows[1].impl = "kdloss";
-    rows[1].op = "sinkhorn";
     FILE *f = tmpfile();
     cr_assert_not_null(f);
-    cr_expect_eq(kdlb_json_write(f, &m, rows, 2), 0);
+    cr_expect_eq(kdlb_json_write(f, m, rows, n), 0);
     long len = ftell(f);
     rewind(f);
     char *s = calloc((size_t)len + 1, 1);
     cr_assert_eq(fread(s, 1, (size_t)len, f), (size_t)len);
     fclose(f);
     cr_expect(kdl_json_valid(s), "%s", s);
+    return s;
+}
+
+Test(bench_json, whole_document_parses)
+{
+    kdlb_options_t o;
+    kdlb_options_default(&o);
+    kdlb_meta_t m = test_meta(&o);
+    kdlb_row_t rows[2] = {new_row(NULL, "fkl", "f32", 0, 0), new_row("sinkhorn", NULL, NULL, 0, 0)};
+    rows[0].status = "not_implemented";
+    rows[0].note = "GPU loss kernels not built yet";
+    rows[1].impl = "kdloss";
+    char *s = write_document(&m, rows, 2);
     cr_expect(strstr(s, "\"schema\": \"kdloss-bench/1\"") != NULL);
     cr_expect(strstr(s, "\"copy_gb_per_s\": 2990.5") != NULL);
     cr_expect(strstr(s, "\"name\": \"NVIDIA H100 80GB HBM3\"") != NULL);
@@ -638,10 +649,20 @@ Test(bench_parse, options_quick_and_overrides)
     cr_expect_eq(parse(&o, err, sizeof err, 2, "--quick", "-h"), 1);
 }
 
+/* `bench a` (n 1) or `bench a b` (n 2) is refused with one line starting
+ * with msg. */
+static void expect_refused(kdlb_options_t *o, int n, const char *a, const char *b, const char *msg)
+{
+    char err[256] = "";
+    int r = n == 1 ? parse(o, err, sizeof err, 1, a) : parse(o, err, sizeof err, 2, a, b);
+    cr_expect_eq(r, -1, "%s %s", a, n == 2 ? b : "");
+    cr_expect(strncmp(err, msg, strlen(msg)) == 0, "got '%s', want '%s...'", err, msg);
+    cr_expect(strchr(err, '\n') == NULL);
+}
+
 Test(bench_parse, bad_options)
 {
     kdlb_options_t o;
-    char err[256];
     struct {
         int n;
         const char *a, *b;
@@ -665,15 +686,7 @@ Test(bench_parse, bad_options)
         {1, "--json-out=", NULL, "--json-out: empty path"},
         {1, "bench", NULL, "unknown option 'bench'"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        err[0] = '\0';
-        int r = bad[i].n == 1 ? parse(&o, err, sizeof err, 1, bad[i].a)
-                              : parse(&o, err, sizeof err, 2, bad[i].a, bad[i].b);
-        cr_expect_eq(r, -1, "%s %s", bad[i].a, bad[i].b ? bad[i].b : "");
-        cr_expect(strncmp(err, bad[i].msg, strlen(bad[i].msg)) == 0, "got '%s', want '%s...'", err,
-                  bad[i].msg);
-        cr_expect(strchr(err, '\n') == NULL);
-    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) expect_refused(&o, bad[i].n, bad[i].a, bad[i].b, bad[i].msg);
 }
 
 Test(bench_parse, ops_and_the_other_ops_options)
@@ -761,13 +774,7 @@ Test(bench_parse, bad_other_ops_options)
         {"--sinkd", "512:32000", "--sinkd: bad value"},
         {"--sinkd", "0:5:1", "--sinkd: bad value"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        err[0] = '\0';
-        cr_expect_eq(parse(&o, err, sizeof err, 2, bad[i].a, bad[i].b), -1, "%s %s", bad[i].a, bad[i].b);
-        cr_expect(strncmp(err, bad[i].msg, strlen(bad[i].msg)) == 0, "got '%s', want '%s...'", err,
-                  bad[i].msg);
-        cr_expect(strchr(err, '\n') == NULL);
-    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) expect_refused(&o, 2, bad[i].a, bad[i].b, bad[i].msg);
     char many[1024] = "";
     for (int i = 0; i <= KDLB_MAX_RAGGED; i++) strcat(many, i ? ",64" : "64");
     cr_expect_eq(parse(&o, err, sizeof err, 2, "--ragged-sizes", many), -1);
@@ -780,15 +787,7 @@ Test(bench_json, meta_lists_the_ops_and_byte_models)
     char err[256];
     cr_assert_eq(parse(&o, err, sizeof err, 2, "--ops", "sparse,fused_linear"), 0);
     kdlb_meta_t m = test_meta(&o);
-    FILE *f = tmpfile();
-    cr_assert_not_null(f);
-    cr_expect_eq(kdlb_json_write(f, &m, NULL, 0), 0);
-    long len = ftell(f);
-    rewind(f);
-    char *s = calloc((size_t)len + 1, 1);
-    cr_assert_eq(fread(s, 1, (size_t)len, f), (size_t)len);
-    fclose(f);
-    cr_expect(kdl_json_valid(s), "%s", s);
+    char *s = write_document(&m, NULL, 0);
     cr_expect(strstr(s, "\"ops\": [\"sparse\", \"fused_linear\"]") != NULL, "%s", s);
     cr_expect(strstr(s, "\"sparse\": \"rows*vocab*(size(student)+size(grad))+rows*k*(8+size(logprobs))\"") !=
               NULL);
@@ -815,20 +814,12 @@ Test(bench_names, slug_and_result_name)
 
 Test(bench_table, prints_a_line_per_row)
 {
-    kdlb_row_t rows[2];
-    kdlb_row_init(&rows[0]);
-    rows[0].divergence = "fkl";
-    rows[0].dtype = "bf16";
-    rows[0].rows = 8192;
-    rows[0].vocab = 151936;
+    kdlb_row_t rows[2] = {new_row(NULL, "fkl", "bf16", 8192, 151936), new_row(NULL, "akl", "f32", 0, 0)};
     rows[0].status = "ok";
     rows[0].ms = 2.5;
     rows[0].gb_per_s = 2987.18;
     rows[0].fraction_of_copy_bandwidth = 0.9957;
-    kdlb_row_init(&rows[1]);
-    rows[1].divergence = "akl";
     rows[1].head_rule = "mass";
-    rows[1].dtype = "f32";
     rows[1].status = "not_implemented";
     FILE *f = tmpfile();
     kdlb_print_table(f, rows, 2, 3000.0);
