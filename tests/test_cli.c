@@ -84,6 +84,13 @@ static void write_pq(const files_t *f, int rows)
     save(f->t, KDL_NPY_F64, 2, rows, 2, t);
 }
 
+/* The suite's files, with write_pq's rows as student and teacher. */
+static void files_setup(files_t *f, int rows)
+{
+    files_init(f);
+    write_pq(f, rows);
+}
+
 static double kl2(double a0, double a1, double b0, double b1)
 {
     return a0 * log(a0 / b0) + a1 * log(a1 / b1);
@@ -159,13 +166,21 @@ static void expect_usage_error(const kdl_cli_result_t *r, const files_t *f, cons
     cr_expect_eq(leftovers(f->g), 0, "a temporary was left next to the gradient file");
 }
 
+/* `kdloss loss --student S --teacher T --grad-out G ...` (the files of f,
+ * then the listed arguments) is a usage error mentioning hint. */
+#define LOSS_REFUSED(f, hint, ...)                                                                           \
+    do {                                                                                                     \
+        kdl_cli_result_t r_;                                                                                 \
+        KDL_CLI(&r_, "loss", "--student", (f)->s, "--teacher", (f)->t, "--grad-out", (f)->g, __VA_ARGS__);   \
+        expect_usage_error(&r_, (f), (hint));                                                                \
+    } while (0)
+
 /* ------------------------------------------------------- loss: the values */
 
 Test(cli, loss_every_divergence_matches_its_closed_form)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     const char *divs[] = {"fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"};
     for (size_t k = 0; k < sizeof divs / sizeof divs[0]; k++) {
         kdl_cli_result_t r;
@@ -184,8 +199,7 @@ Test(cli, loss_every_divergence_matches_its_closed_form)
 Test(cli, loss_default_backend_is_reported)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     kdl_cli_result_t r;
     KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t);
     expect_ok_json(&r);
@@ -218,8 +232,7 @@ Test(cli, loss_temperature_and_scale)
 Test(cli, loss_reductions_none_sum_mean)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 3);
+    files_setup(&f, 3);
     kdl_cli_result_t r;
     double v[8], fkl = closed_form("fkl");
     KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--reduction", "none", "--backend",
@@ -243,8 +256,7 @@ Test(cli, loss_reductions_none_sum_mean)
 Test(cli, loss_stats_are_per_row_arrays)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 2);
+    files_setup(&f, 2);
     kdl_cli_result_t r;
     KDL_CLI(&r, "loss", "--divergence", "akl", "--student", f.s, "--teacher", f.t, "--stats", "--backend", "cpu");
     expect_ok_json(&r);
@@ -263,8 +275,7 @@ Test(cli, loss_stats_are_per_row_arrays)
 Test(cli, loss_without_stats_has_no_stats_key)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     kdl_cli_result_t r;
     KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--backend", "cpu");
     expect_ok_json(&r);
@@ -275,8 +286,7 @@ Test(cli, loss_without_stats_has_no_stats_key)
 Test(cli, loss_labels_and_ignore_index)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 3);
+    files_setup(&f, 3);
     int64_t labels[3] = {5, -100, 7};
     save(f.l, KDL_NPY_I64, 1, 3, 0, labels);
     kdl_cli_result_t r;
@@ -447,8 +457,7 @@ Test(cli, loss_help_exits_zero)
 Test(cli, loss_missing_file)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     kdl_cli_result_t r;
     char missing[512];
     tpath(missing, sizeof missing, "nope.npy");
@@ -460,40 +469,31 @@ Test(cli, loss_missing_file)
 Test(cli, loss_truncated_file)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 2);
+    files_setup(&f, 2);
     cr_assert_eq(truncate(f.t, 128 + 20), 0); /* header + 2.5 of 4 doubles */
-    kdl_cli_result_t r;
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "truncated");
+    LOSS_REFUSED(&f, "truncated", "--divergence", "fkl");
     files_cleanup(&f);
 }
 
 Test(cli, loss_non_npy_file)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     FILE *fp = fopen(f.s, "w");
     cr_assert_not_null(fp);
     fputs("student,logits\n0,1\n", fp);
     fclose(fp);
-    kdl_cli_result_t r;
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "not a .npy file");
+    LOSS_REFUSED(&f, "not a .npy file", "--divergence", "fkl");
     files_cleanup(&f);
 }
 
 Test(cli, loss_wrong_dtypes)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
-    kdl_cli_result_t r;
+    files_setup(&f, 1);
     int64_t ints[2] = {0, 1};
     save(f.s, KDL_NPY_I64, 2, 1, 2, ints); /* int64 logits */
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "float16, float32 or float64");
+    LOSS_REFUSED(&f, "float16, float32 or float64", "--divergence", "fkl");
     /* an int32 file: an unsupported .npy dtype */
     unsigned char buf[128];
     const char *dict = "{'descr': '<i4', 'fortran_order': False, 'shape': (1, 2), }\n";
@@ -506,79 +506,57 @@ Test(cli, loss_wrong_dtypes)
     cr_assert_not_null(fp);
     fwrite(buf, 1, 10 + strlen(dict) + 8, fp);
     fclose(fp);
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "<i4");
+    LOSS_REFUSED(&f, "<i4", "--divergence", "fkl");
     /* float labels */
     write_pq(&f, 1);
     double fl[1] = {1.0};
     save(f.l, KDL_NPY_F64, 1, 1, 0, fl);
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "int64");
+    LOSS_REFUSED(&f, "int64", "--divergence", "fkl", "--labels", f.l);
     files_cleanup(&f);
 }
 
 Test(cli, loss_shape_mismatches)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 2);
+    files_setup(&f, 2);
     double t3[6] = {0};
     save(f.t, KDL_NPY_F64, 2, 2, 3, t3);
-    kdl_cli_result_t r;
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "differ");
+    LOSS_REFUSED(&f, "differ", "--divergence", "fkl");
     write_pq(&f, 2);
     int64_t labels[3] = {0, 0, 0};
     save(f.l, KDL_NPY_I64, 1, 3, 0, labels);
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--labels", f.l, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "--labels");
+    LOSS_REFUSED(&f, "--labels", "--divergence", "fkl", "--labels", f.l);
     int64_t shape3[3] = {1, 2, 2};
     double d3[4] = {0};
     cr_assert_eq(kdl_npy_save(f.s, KDL_NPY_F64, 3, shape3, d3, NULL, 0), KDL_NPY_OK);
     cr_assert_eq(kdl_npy_save(f.t, KDL_NPY_F64, 3, shape3, d3, NULL, 0), KDL_NPY_OK);
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "3-D");
+    LOSS_REFUSED(&f, "3-D", "--divergence", "fkl");
     files_cleanup(&f);
 }
 
 Test(cli, loss_unknown_flag_and_bad_names)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     kdl_cli_result_t r;
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--temprature", "2");
-    expect_usage_error(&r, &f, "--temprature");
-    KDL_CLI(&r, "loss", "--divergence", "kl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
-    expect_usage_error(&r, &f, "--divergence");
-    KDL_CLI(&r, "loss", "--divergence", "akl", "--head-rule", "median", "--student", f.s, "--teacher", f.t, "--grad-out",
-        f.g);
-    expect_usage_error(&r, &f, "--head-rule");
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--reduction", "avg", "--student", f.s, "--teacher", f.t, "--grad-out",
-        f.g);
-    expect_usage_error(&r, &f, "--reduction");
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--backend", "tpu", "--student", f.s, "--teacher", f.t, "--grad-out",
-        f.g);
-    expect_usage_error(&r, &f, "--backend");
+    LOSS_REFUSED(&f, "--temprature", "--divergence", "fkl", "--temprature", "2");
+    LOSS_REFUSED(&f, "--divergence", "--divergence", "kl");
+    LOSS_REFUSED(&f, "--head-rule", "--divergence", "akl", "--head-rule", "median");
+    LOSS_REFUSED(&f, "--reduction", "--divergence", "fkl", "--reduction", "avg");
+    LOSS_REFUSED(&f, "--backend", "--divergence", "fkl", "--backend", "tpu");
     KDL_CLI(&r, "loss", "--student", f.s, "--teacher", f.t, "--grad-out", f.g);
     expect_usage_error(&r, &f, "--divergence is required");
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "stray");
-    expect_usage_error(&r, &f, "stray");
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--temperature");
-    expect_usage_error(&r, &f, "needs a value");
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--stats=yes");
-    expect_usage_error(&r, &f, "--stats");
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--divergence", "rkl", "--student", f.s, "--teacher", f.t, "--grad-out",
-        f.g);
-    expect_usage_error(&r, &f, "twice");
+    LOSS_REFUSED(&f, "stray", "--divergence", "fkl", "stray");
+    LOSS_REFUSED(&f, "needs a value", "--divergence", "fkl", "--temperature");
+    LOSS_REFUSED(&f, "--stats", "--divergence", "fkl", "--stats=yes");
+    LOSS_REFUSED(&f, "twice", "--divergence", "fkl", "--divergence", "rkl");
     files_cleanup(&f);
 }
 
 Test(cli, loss_bad_numbers)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     const char *bad[][2] = {
         {"--temperature", "0"},     {"--temperature", "-1"},   {"--temperature", "nan"}, {"--temperature", "inf"},
         {"--temperature", "2x"},    {"--temperature", ""},     {"--temperature", "1e999"}, {"--beta", "1"},
@@ -586,12 +564,8 @@ Test(cli, loss_bad_numbers)
         {"--mu", "1.5"},            {"--mu", "0"},             {"--alpha", "-0.1"},      {"--alpha", "1"},
         {"--scale", "nan"},         {"--scale", "inf"},        {"--ignore-index", "abc"}, {"--ignore-index", "1.0"},
     };
-    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
-        kdl_cli_result_t r;
-        KDL_CLI(&r, "loss", "--divergence", "akl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, bad[k][0],
-            bad[k][1]);
-        expect_usage_error(&r, &f, bad[k][0]);
-    }
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++)
+        LOSS_REFUSED(&f, bad[k][0], "--divergence", "akl", bad[k][0], bad[k][1]);
     files_cleanup(&f);
 }
 
@@ -599,20 +573,16 @@ Test(cli, loss_library_bad_parameter_exits_two)
 {
     /* --top-k beyond the vocabulary: caught by the library's check */
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
-    kdl_cli_result_t r;
-    KDL_CLI(&r, "loss", "--divergence", "akl", "--head-rule", "topk", "--top-k", "3", "--student", f.s, "--teacher", f.t,
-        "--grad-out", f.g, "--backend", "cpu");
-    expect_usage_error(&r, &f, "KDL_STATUS_BAD_TOP_K");
+    files_setup(&f, 1);
+    LOSS_REFUSED(&f, "KDL_STATUS_BAD_TOP_K", "--divergence", "akl", "--head-rule", "topk", "--top-k", "3", "--backend",
+                 "cpu");
     files_cleanup(&f);
 }
 
 Test(cli, loss_unwritable_grad_out_leaves_nothing)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     tpath(f.g, sizeof f.g, "no_such_dir/grad.npy");
     kdl_cli_result_t r;
     KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend", "cpu");
@@ -625,8 +595,7 @@ Test(cli, loss_unwritable_grad_out_leaves_nothing)
 Test(cli, loss_failed_run_keeps_an_existing_grad_file)
 {
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     FILE *fp = fopen(f.g, "w");
     cr_assert_not_null(fp);
     fputs("old", fp);
@@ -644,14 +613,11 @@ Test(cli, loss_cuda_backend_without_device_is_a_usage_error)
 {
     if (kdl_test_have_gpu()) cr_skip_test("a CUDA device is present: this checks the no-device message");
     files_t f;
-    files_init(&f);
-    write_pq(&f, 1);
+    files_setup(&f, 1);
     float s[2] = {0, 1};
     save(f.s, KDL_NPY_F32, 2, 1, 2, s);
     save(f.t, KDL_NPY_F32, 2, 1, 2, s);
-    kdl_cli_result_t r;
-    KDL_CLI(&r, "loss", "--divergence", "fkl", "--student", f.s, "--teacher", f.t, "--grad-out", f.g, "--backend", "cuda");
-    expect_usage_error(&r, &f, "no CUDA device");
+    LOSS_REFUSED(&f, "no CUDA device", "--divergence", "fkl", "--backend", "cuda");
     files_cleanup(&f);
 }
 
