@@ -26,21 +26,30 @@ typedef struct run {
     kdl_status_t status;
 } run_t;
 
-static void run_ref(const kdl_loss_desc_t *d, const double *S, const double *T, const int64_t *labels,
-                    int64_t N, int64_t V, run_t *r)
+/* Arguments over float64 [N, V] student and teacher rows ld apart, with the
+ * gradient (same stride) and the loss; a caller may change the dtypes. */
+static kdl_loss_args_t f64_args(int64_t N, int64_t V, int64_t ld, const void *S, const void *T, void *grad,
+                                double *loss)
 {
-    memset(r, 0, sizeof *r);
     kdl_loss_args_t a;
     kdl_loss_args_init(&a);
     a.rows = N;
     a.vocab = V;
     a.student = S;
     a.teacher = T;
-    a.ld_student = a.ld_teacher = a.ld_grad = V;
+    a.ld_student = a.ld_teacher = a.ld_grad = ld;
     a.student_dtype = a.teacher_dtype = a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
+    a.grad = grad;
+    a.loss = loss;
+    return a;
+}
+
+static void run_ref(const kdl_loss_desc_t *d, const double *S, const double *T, const int64_t *labels,
+                    int64_t N, int64_t V, run_t *r)
+{
+    memset(r, 0, sizeof *r);
+    kdl_loss_args_t a = f64_args(N, V, V, S, T, r->grad, r->loss);
     a.labels = labels;
-    a.grad = r->grad;
-    a.loss = r->loss;
     a.stat_fkl = r->fkl;
     a.stat_rkl = r->rkl;
     a.stat_g_head = r->g_head;
@@ -64,10 +73,20 @@ static double loss1(const kdl_loss_desc_t *d0, const double *s, const double *t,
     return r.loss[0];
 }
 
-static void random_rows(uint64_t seed, double *x, int64_t n, double sigma)
+/* Student and teacher rows from their seeds (kdl_random_rows). */
+static void random_pair(uint64_t seed_s, uint64_t seed_t, double *s, double *t, int64_t n, double sigma)
 {
-    kdl_rng_t g = {seed};
-    kdl_fill_logits(&g, x, n, sigma);
+    kdl_random_rows(seed_s, s, n, sigma);
+    kdl_random_rows(seed_t, t, n, sigma);
+}
+
+/* FKL and RKL of one row (reduction SUM). */
+static void fkl_and_rkl(const double *s, const double *t, int64_t V, double *fkl, double *rkl)
+{
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    *fkl = loss1(&d, s, t, V);
+    d.divergence = KDL_DIV_RKL;
+    *rkl = loss1(&d, s, t, V);
 }
 
 /* ------------------------------------------------------------ closed forms */
@@ -75,7 +94,7 @@ static void random_rows(uint64_t seed, double *x, int64_t n, double sigma)
 Test(closed_form, identical_rows_give_zero_for_every_divergence)
 {
     double s[40];
-    random_rows(1, s, 40, 2.0);
+    kdl_random_rows(1, s, 40, 2.0);
     for (size_t k = 0; k < KDL_NDIVS; k++) {
         kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
         double l = loss1(&d, s, s, 40);
@@ -195,8 +214,7 @@ Test(closed_form, constant_logits_are_uniform)
 Test(closed_form, temperature_divides_the_logits)
 {
     double s[20], t[20], s2[20], t2[20];
-    random_rows(3, s, 20, 2.0);
-    random_rows(4, t, 20, 2.0);
+    random_pair(3, 4, s, t, 20, 2.0);
     for (int v = 0; v < 20; v++) {
         s2[v] = s[v] / 2.5;
         t2[v] = t[v] / 2.5;
@@ -216,8 +234,8 @@ Test(properties, bounds_hold_on_random_rows)
 {
     for (uint64_t seed = 10; seed < 40; seed++) {
         double s[50], t[50];
-        random_rows(seed, s, 50, 1.0 + (double)(seed % 5));
-        random_rows(seed * 7 + 1, t, 50, 1.0 + (double)(seed % 3));
+        kdl_random_rows(seed, s, 50, 1.0 + (double)(seed % 5));
+        kdl_random_rows(seed * 7 + 1, t, 50, 1.0 + (double)(seed % 3));
         for (size_t k = 0; k < KDL_NDIVS; k++) {
             kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_SUM);
             double l = loss1(&d, s, t, 50);
@@ -231,13 +249,10 @@ Test(properties, bounds_hold_on_random_rows)
 Test(properties, jeffreys_is_the_sum_and_stats_agree)
 {
     double s[30], t[30];
-    random_rows(5, s, 30, 2.0);
-    random_rows(6, t, 30, 2.0);
-    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
-    double f = loss1(&d, s, t, 30);
-    d.divergence = KDL_DIV_RKL;
-    double r = loss1(&d, s, t, 30);
-    d.divergence = KDL_DIV_FKL_RKL;
+    random_pair(5, 6, s, t, 30, 2.0);
+    double f, r;
+    fkl_and_rkl(s, t, 30, &f, &r);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL_RKL, KDL_REDUCTION_SUM);
     run_t rr;
     run_ref(&d, s, t, NULL, 1, 30, &rr);
     cr_expect(fabs(rr.loss[0] - (f + r)) < 1e-13);
@@ -252,7 +267,7 @@ Test(properties, jeffreys_is_the_sum_and_stats_agree)
 Test(properties, akl_weights_are_half_when_p_equals_q)
 {
     double s[12];
-    random_rows(7, s, 12, 1.0);
+    kdl_random_rows(7, s, 12, 1.0);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
     run_t r;
     run_ref(&d, s, s, NULL, 1, 12, &r);
@@ -264,8 +279,7 @@ Test(properties, akl_weights_are_half_when_p_equals_q)
 Test(properties, shift_by_100_changes_nothing)
 {
     double s[25], t[25], s2[25], t2[25];
-    random_rows(8, s, 25, 3.0);
-    random_rows(9, t, 25, 3.0);
+    random_pair(8, 9, s, t, 25, 3.0);
     for (int v = 0; v < 25; v++) {
         s2[v] = s[v] + 100.0;
         t2[v] = t[v] - 100.0;
@@ -280,8 +294,7 @@ Test(properties, shift_by_100_changes_nothing)
 Test(properties, jsd_is_symmetric_at_half)
 {
     double s[25], t[25];
-    random_rows(11, s, 25, 2.0);
-    random_rows(12, t, 25, 2.0);
+    random_pair(11, 12, s, t, 25, 2.0);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_SUM);
     cr_expect(fabs(loss1(&d, s, t, 25) - loss1(&d, t, s, 25)) < 1e-14);
 }
@@ -289,12 +302,10 @@ Test(properties, jsd_is_symmetric_at_half)
 Test(properties, beta_and_alpha_limits)
 {
     double s[25], t[25];
-    random_rows(13, s, 25, 1.5);
-    random_rows(14, t, 25, 1.5);
+    random_pair(13, 14, s, t, 25, 1.5);
+    double fkl, rkl;
+    fkl_and_rkl(s, t, 25, &fkl, &rkl);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
-    double fkl = loss1(&d, s, t, 25);
-    d.divergence = KDL_DIV_RKL;
-    double rkl = loss1(&d, s, t, 25);
     /* JSD_beta / beta -> KL(p||q) as beta -> 0, JSD_beta / (1-beta) -> KL(q||p) as beta -> 1 */
     d.divergence = KDL_DIV_JSD;
     d.beta = 1e-9; /* first-order error ~ beta * chi2, rounding ~ 1e-16 / beta */
@@ -314,8 +325,7 @@ Test(properties, masked_tokens_equal_a_smaller_vocabulary)
     /* -inf at the same places in both rows == dropping those tokens */
     enum { V = 20 };
     double s[V], t[V], s_small[V], t_small[V];
-    random_rows(15, s, V, 2.0);
-    random_rows(16, t, V, 2.0);
+    random_pair(15, 16, s, t, V, 2.0);
     int n = 0;
     for (int v = 0; v < V; v++) {
         if (v % 3 == 1) {
@@ -397,8 +407,7 @@ static void check_fd(kdl_divergence_t div, kdl_reduction_t red, double tau, doub
 {
     enum { N = 3, V = 9 };
     double S[N * V], T[N * V];
-    random_rows(seed, S, N * V, 1.5);
-    random_rows(seed + 100, T, N * V, 1.5);
+    random_pair(seed, seed + 100, S, T, N * V, 1.5);
     int64_t labels[N] = {0, -100, 5}; /* row 1 ignored */
     kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
@@ -462,8 +471,7 @@ Test(finite_difference, akl_each_head_rule)
     for (int rule = 0; rule < KDL_HEAD_COUNT_; rule++) {
         enum { V = 9 };
         double s[V], t[V];
-        random_rows(70 + rule, s, V, 1.5);
-        random_rows(80 + rule, t, V, 1.5);
+        random_pair(70 + rule, 80 + rule, s, t, V, 1.5);
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
         d.head_rule = (kdl_head_rule_t)rule;
         d.top_k = 3;
@@ -490,8 +498,7 @@ Test(finite_difference, akl_each_head_rule)
 Test(masks, all_ignored_gives_zero_loss_and_gradient)
 {
     double S[2 * 5], T[2 * 5];
-    random_rows(90, S, 10, 1.0);
-    random_rows(91, T, 10, 1.0);
+    random_pair(90, 91, S, T, 10, 1.0);
     int64_t labels[2] = {-100, -100};
     for (int red = 0; red < KDL_REDUCTION_COUNT_; red++) {
         for (size_t k = 0; k < KDL_NDIVS; k++) {
@@ -511,8 +518,7 @@ Test(masks, custom_ignore_index_and_mean_over_valid_rows)
 {
     enum { N = 4, V = 7 };
     double S[N * V], T[N * V];
-    random_rows(92, S, N * V, 1.0);
-    random_rows(93, T, N * V, 1.0);
+    random_pair(92, 93, S, T, N * V, 1.0);
     int64_t labels[N] = {3, 7, 7, 0};
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_NONE);
     d.ignore_index = 7;
@@ -537,8 +543,7 @@ Test(masks, invalid_rows_are_counted_nan_and_excluded)
 {
     enum { N = 5, V = 4 };
     double S[N * V], T[N * V];
-    random_rows(94, S, N * V, 1.0);
-    random_rows(95, T, N * V, 1.0);
+    random_pair(94, 95, S, T, N * V, 1.0);
     S[1 * V + 2] = NAN;                                      /* row 1: NaN student */
     T[2 * V + 0] = INFINITY;                                 /* row 2: +inf teacher */
     for (int v = 0; v < V; v++) S[3 * V + v] = -INFINITY;   /* row 3: all -inf student */
@@ -587,8 +592,7 @@ Test(masks, row_stride_leaves_padding_untouched)
 {
     enum { N = 3, V = 5, LD = 8 };
     double S[N * LD], T[N * LD], Sd[N * V], Td[N * V], G[N * LD];
-    random_rows(96, Sd, N * V, 1.0);
-    random_rows(97, Td, N * V, 1.0);
+    random_pair(96, 97, Sd, Td, N * V, 1.0);
     for (int i = 0; i < N * LD; i++) {
         S[i] = T[i] = NAN; /* padding is NaN: any read of it shows */
         G[i] = -7.0;
@@ -602,16 +606,7 @@ Test(masks, row_stride_leaves_padding_untouched)
     run_t dense;
     run_ref(&d, Sd, Td, NULL, N, V, &dense);
     double loss;
-    kdl_loss_args_t a;
-    kdl_loss_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.student = S;
-    a.teacher = T;
-    a.grad = G;
-    a.ld_student = a.ld_teacher = a.ld_grad = LD;
-    a.student_dtype = a.teacher_dtype = a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
-    a.loss = &loss;
+    kdl_loss_args_t a = f64_args(N, V, LD, S, T, G, &loss);
     cr_assert_eq(kdl_ref_loss_forward_backward(&d, &a), KDL_STATUS_SUCCESS);
     cr_expect_eq(loss, dense.loss[0]);
     for (int i = 0; i < N; i++)
@@ -627,8 +622,7 @@ Test(dtypes, sixteen_bit_inputs_are_converted_exactly)
 {
     enum { N = 2, V = 33 };
     double S[N * V], T[N * V], Sr[N * V], Tr[N * V];
-    random_rows(98, S, N * V, 2.0);
-    random_rows(99, T, N * V, 2.0);
+    random_pair(98, 99, S, T, N * V, 2.0);
     const kdl_dtype_t types[] = {KDL_DTYPE_F32, KDL_DTYPE_F16, KDL_DTYPE_BF16};
     for (int si = 0; si < 3; si++)
         for (int ti = 0; ti < 3; ti++) {
@@ -642,19 +636,10 @@ Test(dtypes, sixteen_bit_inputs_are_converted_exactly)
             run_ref(&d, Sr, Tr, NULL, N, V, &ref);
             double loss;
             float grad[N * V];
-            kdl_loss_args_t a;
-            kdl_loss_args_init(&a);
-            a.rows = N;
-            a.vocab = V;
-            a.student = sbuf;
-            a.teacher = tbuf;
+            kdl_loss_args_t a = f64_args(N, V, V, sbuf, tbuf, grad, &loss);
             a.student_dtype = types[si];
             a.teacher_dtype = types[ti];
-            a.ld_student = a.ld_teacher = a.ld_grad = V;
-            a.grad = grad;
             a.grad_dtype = KDL_DTYPE_F32;
-            a.out_dtype = KDL_DTYPE_F64;
-            a.loss = &loss;
             cr_assert_eq(kdl_ref_loss_forward_backward(&d, &a), KDL_STATUS_SUCCESS);
             cr_expect_eq(loss, ref.loss[0], "%s/%s", kdl_dtype_name(types[si]), kdl_dtype_name(types[ti]));
             for (int j = 0; j < N * V; j++) cr_expect_eq(grad[j], (float)ref.grad[j]);
@@ -749,23 +734,13 @@ Test(bad_args, each_returns_its_status_and_writes_nothing)
     };
     enum { N = 2, V = 6 };
     double S[N * V], T[N * V];
-    random_rows(100, S, N * V, 1.0);
-    random_rows(101, T, N * V, 1.0);
+    random_pair(100, 101, S, T, N * V, 1.0);
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         double loss[N] = {-42, -42}, grad[N * V], fkl[N] = {-42, -42};
         int64_t info = -42;
         for (int j = 0; j < N * V; j++) grad[j] = -42;
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
-        kdl_loss_args_t a;
-        kdl_loss_args_init(&a);
-        a.rows = N;
-        a.vocab = V;
-        a.student = S;
-        a.teacher = T;
-        a.ld_student = a.ld_teacher = a.ld_grad = V;
-        a.student_dtype = a.teacher_dtype = a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
-        a.grad = grad;
-        a.loss = loss;
+        kdl_loss_args_t a = f64_args(N, V, V, S, T, grad, loss);
         a.stat_fkl = fkl;
         a.info = &info;
         cases[c].mutate(&d, &a);
