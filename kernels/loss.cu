@@ -126,25 +126,35 @@ static bool aligned16(const void *p, int64_t ld, size_t esz)
     return ((uintptr_t)p % 16u) == 0 && ((uint64_t)ld * esz) % 16u == 0;
 }
 
-/* Row-kernel launch: nr*C CTAs in clusters of C from row r0 (rows up to end). */
+/* Launch configuration of the row kernel: `clusters` clusters of C CTAs
+ * (the cluster attribute when C > 1).  attr must outlive cfg. */
+static cudaLaunchConfig_t row_config(int64_t clusters, int64_t C, size_t dyn, cudaStream_t stream,
+                                     cudaLaunchAttribute *attr)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(clusters * C));
+    cfg.blockDim = dim3(kdl::kBlock);
+    cfg.dynamicSmemBytes = dyn;
+    cfg.stream = stream;
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = (unsigned)C;
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = C > 1 ? 1 : 0;
+    return cfg;
+}
+
+/* Row-kernel launch: nr clusters of C CTAs; cluster k takes rows r0 + k,
+ * r0 + k + nr, ... below end. */
 static cudaError_t launch_rows(kdl::RowKernelFn fn, kdl::LossParams &P, int64_t r0, int64_t end, int64_t nr,
                                int64_t C, size_t dyn, cudaStream_t stream)
 {
     P.row0 = r0;
     P.row_end = end;
     P.row_step = nr;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(nr * C));
-    cfg.blockDim = dim3(kdl::kBlock);
-    cfg.dynamicSmemBytes = dyn;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)C;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = C > 1 ? 1 : 0;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = row_config(nr, C, dyn, stream, &attr);
     return cudaLaunchKernelEx(&cfg, fn, P);
 }
 
@@ -155,18 +165,8 @@ static bool cluster_fits(kdl::RowKernelFn fn, int C, size_t dyn, cudaStream_t st
         (void)cudaGetLastError();
         return false;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)C);
-    cfg.blockDim = dim3(kdl::kBlock);
-    cfg.dynamicSmemBytes = dyn;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)C;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr; /* C > 1 here: a cluster launch */
+    const cudaLaunchConfig_t cfg = row_config(1, C, dyn, stream, &attr);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();
