@@ -103,45 +103,31 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
-/* Fixed-tree block sum over kBlock threads (every thread must call it). */
-__device__ double block_sum(double v, double *sh)
+/* Fixed-tree block reduction over kBlock threads (every thread must call
+ * it): the same pairing order every run. */
+template <class T, class Op> __device__ __forceinline__ T block_reduce(T v, T *sh, Op op)
 {
     sh[threadIdx.x] = v;
     __syncthreads();
     for (int s = kBlock / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        if ((int)threadIdx.x < s) sh[threadIdx.x] = op(sh[threadIdx.x], sh[threadIdx.x + s]);
         __syncthreads();
     }
-    double r = sh[0];
+    T r = sh[0];
     __syncthreads();
     return r;
 }
 
-__device__ float block_sum_f(float v, float *sh)
-{
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = kBlock / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    float r = sh[0];
-    __syncthreads();
-    return r;
-}
+struct AddOp {
+    template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
-__device__ float block_max_f(float v, float *sh)
-{
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = kBlock / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
-        __syncthreads();
-    }
-    float r = sh[0];
-    __syncthreads();
-    return r;
-}
+__device__ double block_sum(double v, double *sh) { return block_reduce(v, sh, AddOp()); }
+__device__ float block_sum_f(float v, float *sh) { return block_reduce(v, sh, AddOp()); }
+__device__ float block_max_f(float v, float *sh) { return block_reduce(v, sh, MaxOp()); }
 
 /* log2 weight of row i (la given in natural log, or uniform). */
 __device__ __forceinline__ float logw2(const float *lw, int i, float uniform2)
