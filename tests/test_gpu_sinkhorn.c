@@ -272,6 +272,26 @@ static void compare(const char *what, const hcall_t *c, const rcall_t *r, double
     free(tmp);
 }
 
+/* The reference on the inputs of c, compared with every requested output. */
+static void check_ref(const kdl_sinkhorn_desc_t *d, const hcall_t *c, const char *what, double rel, int exact_iters)
+{
+    rcall_t r;
+    ref_sinkhorn(d, c, &r);
+    compare(what, c, &r, rel, exact_iters);
+    free_r(&r);
+}
+
+/* Defaults, eps, and exactly max_iter iterations (tol 0). */
+static kdl_sinkhorn_desc_t desc_fixed(double eps, int64_t max_iter)
+{
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = eps;
+    d.tol = 0;
+    d.max_iter = max_iter;
+    return d;
+}
+
 static kdl_handle_t handle(void)
 {
     kdl_handle_t h = NULL;
@@ -282,6 +302,13 @@ static kdl_handle_t handle(void)
 static void fill(kdl_rng_t *r, float *x, int64_t n, double lo, double hi)
 {
     for (int64_t k = 0; k < n; k++) x[k] = (float)(lo + (hi - lo) * kdl_rng_uniform(r));
+}
+
+/* nx x-values and ny y-values (point coordinates), uniform in [lo, hi). */
+static void fill_points(kdl_rng_t *r, float *x, int64_t nx, float *y, int64_t ny, double lo, double hi)
+{
+    fill(r, x, nx, lo, hi);
+    fill(r, y, ny, lo, hi);
 }
 
 static void fill_logw(kdl_rng_t *r, float *lw, int64_t n)
@@ -304,11 +331,7 @@ Test(gpu_sinkhorn, uniform_cost_batch_fixed_iterations)
     fill(&rng, C, B * n * m, 0, 1);
     for (int64_t b = 0; b < B; b++) fill_logw(&rng, la + b * n, n), fill_logw(&rng, lb + b * m, m);
     for (int value = 0; value < 2; value++) {
-        kdl_sinkhorn_desc_t d;
-        kdl_sinkhorn_desc_init(&d);
-        d.epsilon = 0.05;
-        d.tol = 0;
-        d.max_iter = 200;
+        kdl_sinkhorn_desc_t d = desc_fixed(0.05, 200);
         d.value = (kdl_ot_value_t)value;
         hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .la = la, .lb = lb, .value = v, .err = e, .f = f, .g = g,
                      .plan = P, .iters = it};
@@ -372,25 +395,18 @@ static void points_case(kdl_ot_metric_t metric, int ragged, int debias, kdl_ot_v
         fill_logw(&rng, lb + c0, mb);
         r0 += nb, c0 += mb;
     }
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
+    kdl_sinkhorn_desc_t d = desc_fixed(0.2, 300);
     d.metric = metric;
-    d.epsilon = 0.2;
-    d.tol = 0;
-    d.max_iter = 300;
     d.debias = debias;
     d.value = value;
     hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .sn = ragged ? sn : NULL, .sm = ragged ? sm : NULL, .x = x,
                  .y = y, .la = la, .lb = lb, .value = v, .err = e, .grad = gx};
     cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    rcall_t r;
-    ref_sinkhorn(&d, &c, &r);
     char what[96];
     snprintf(what, sizeof what, "%s %s%s%s", kdl_ot_metric_name(metric), ragged ? "ragged" : "uniform",
              debias ? " debiased" : "", value == KDL_OT_VALUE_DUAL ? " dual" : "");
     /* the GPU cost is |x|^2 + |y|^2 - 2 x.y in f32: allow its cancellation */
-    compare(what, &c, &r, metric == KDL_OT_METRIC_SQEUCLIDEAN ? 1e-3 : 2e-4, 0);
-    free_r(&r);
+    check_ref(&d, &c, what, metric == KDL_OT_METRIC_SQEUCLIDEAN ? 1e-3 : 2e-4, 0);
     free(x), free(y), free(la), free(lb), free(gx);
     kdl_destroy(h);
 }
@@ -413,20 +429,13 @@ Test(gpu_sinkhorn, eps_scaling_and_warm_starts)
     float C[360], v[3], e[3], f[36], g[30];
     int64_t it[3];
     fill(&rng, C, B * n * m, 0, 4);
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
-    d.epsilon = 0.02;
+    kdl_sinkhorn_desc_t d = desc_fixed(0.02, 400);
     d.eps_scaling = 1;
     d.eps_scaling_factor = 0.75;
     d.eps_stage_iter = 2;
-    d.tol = 0;
-    d.max_iter = 400;
     hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .f = f, .g = g, .iters = it};
     cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
-    rcall_t r;
-    ref_sinkhorn(&d, &c, &r);
-    compare("eps-scaling", &c, &r, 5e-4, 1);
-    free_r(&r);
+    check_ref(&d, &c, "eps-scaling", 5e-4, 1);
     /* warm starts from the converged potentials, plain solver */
     kdl_sinkhorn_desc_init(&d);
     d.epsilon = 0.02;
@@ -439,11 +448,8 @@ Test(gpu_sinkhorn, eps_scaling_and_warm_starts)
         hcall_t w = {.B = B, .n = n, .m = m, .cost = C, .g_init = warm ? NULL : g0, .f_init = warm ? f0 : NULL,
                      .value = v, .err = e, .iters = it};
         cr_assert_eq(gpu_sinkhorn(h, &d, &w, 0), KDL_STATUS_SUCCESS);
-        rcall_t rw;
-        ref_sinkhorn(&d, &w, &rw);
-        compare(warm ? "warm f" : "warm g", &w, &rw, 5e-4, 0);
+        check_ref(&d, &w, warm ? "warm f" : "warm g", 5e-4, 0);
         for (int64_t b = 0; b < B; b++) cr_expect(it[b] <= 2 * d.check_every, "warm start took %lld", (long long)it[b]);
-        free_r(&rw);
     }
     kdl_destroy(h);
 }
@@ -460,10 +466,7 @@ Test(gpu_sinkhorn, non_finite_problem_is_flagged_and_the_others_are_unaffected)
     memcpy(good, C, 30 * sizeof(float));
     memcpy(good + 30, C + 60, 30 * sizeof(float));
     C[30 + 7] = NAN;
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
-    d.tol = 0;
-    d.max_iter = 50;
+    kdl_sinkhorn_desc_t d = desc_fixed(0.1, 50);
     hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .plan = P, .iters = it};
     cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
     cr_expect_eq(c.info, 1);
@@ -489,13 +492,9 @@ Test(gpu_sinkhorn, non_finite_point_is_flagged_with_sqeuclidean)
     const int64_t B = 2, n = 4, m = 5, dim = 3;
     float x[24], y[30], v[2], e[2];
     int64_t it[2];
-    fill(&rng, x, B * n * dim, 0, 1);
-    fill(&rng, y, B * m * dim, 0, 1);
+    fill_points(&rng, x, B * n * dim, y, B * m * dim, 0, 1);
     x[n * dim + 2] = NAN; /* problem 1 */
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
-    d.tol = 0;
-    d.max_iter = 30;
+    kdl_sinkhorn_desc_t d = desc_fixed(0.1, 30);
     hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .x = x, .y = y, .value = v, .err = e, .iters = it};
     cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
     cr_expect_eq(c.info, 1);
@@ -511,14 +510,10 @@ Test(gpu_sinkhorn, cached_teacher_self_term)
     kdl_rng_t rng = {40};
     const int64_t B = 2, n = 6, m = 7, dim = 3;
     float x[36], y[42], v1[2], v2[2], syy[2] = {0, 0};
-    fill(&rng, x, B * n * dim, 0, 1);
-    fill(&rng, y, B * m * dim, 0, 1);
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
+    fill_points(&rng, x, B * n * dim, y, B * m * dim, 0, 1);
+    kdl_sinkhorn_desc_t d = desc_fixed(0.1, 100);
     d.debias = 1;
     d.value = KDL_OT_VALUE_DUAL;
-    d.tol = 0;
-    d.max_iter = 100;
     hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .x = x, .y = y, .self_yy = syy, .value = v1};
     cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS);
     hcall_t c2 = c;
@@ -526,10 +521,7 @@ Test(gpu_sinkhorn, cached_teacher_self_term)
     c2.value = v2;
     cr_assert_eq(gpu_sinkhorn(h, &d, &c2, 0), KDL_STATUS_SUCCESS);
     cr_expect(v1[0] == v2[0] && v1[1] == v2[1], "cached %g %g vs %g %g", v2[0], v2[1], v1[0], v1[1]);
-    rcall_t r;
-    ref_sinkhorn(&d, &c, &r);
-    compare("debiased from points", &c, &r, 1e-3, 0);
-    free_r(&r);
+    check_ref(&d, &c, "debiased from points", 1e-3, 0);
     kdl_destroy(h);
 }
 
@@ -541,14 +533,9 @@ Test(gpu_sinkhorn, small_eps_large_problems_and_determinism)
     /* n, m across many row, column and cost tiles, eps 1e-3 of the cost scale */
     const int64_t B = 2, n = 1000, m = 777, dim = 4;
     float *x = malloc(sizeof(float) * (size_t)(B * n * dim)), *y = malloc(sizeof(float) * (size_t)(B * m * dim));
-    fill(&rng, x, B * n * dim, 0, 1);
-    fill(&rng, y, B * m * dim, 0, 1);
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
+    fill_points(&rng, x, B * n * dim, y, B * m * dim, 0, 1);
+    kdl_sinkhorn_desc_t d = desc_fixed(4e-3, 60); /* the L1 diameter is ~4 */
     d.metric = KDL_OT_METRIC_L1;
-    d.epsilon = 4e-3; /* the L1 diameter is ~4 */
-    d.tol = 0;
-    d.max_iter = 60;
     float v[2], e[2], v2[2], e2[2];
     float *P = malloc(sizeof(float) * (size_t)(B * n * m)), *P2 = malloc(sizeof(float) * (size_t)(B * n * m));
     hcall_t c = {.B = B, .n = n, .m = m, .dim = dim, .x = x, .y = y, .value = v, .err = e, .plan = P};
@@ -559,10 +546,7 @@ Test(gpu_sinkhorn, small_eps_large_problems_and_determinism)
     cr_expect(!memcmp(v, v2, sizeof v) && !memcmp(e, e2, sizeof e), "values differ between runs");
     cr_expect(!memcmp(P, P2, sizeof(float) * (size_t)(B * n * m)), "plans differ between runs");
     for (int b = 0; b < 2; b++) cr_expect(isfinite(v[b]) && isfinite(e[b]), "problem %d: %g %g", b, v[b], e[b]);
-    rcall_t r;
-    ref_sinkhorn(&d, &c, &r);
-    compare("eps 1e-3 large", &c, &r, 5e-3, 0);
-    free_r(&r);
+    check_ref(&d, &c, "eps 1e-3 large", 5e-3, 0);
     free(x), free(y), free(P), free(P2);
     kdl_destroy(h);
 }
@@ -585,13 +569,9 @@ static void unconverged_small_eps_case(int eps_scaling, kdl_ot_value_t value, in
     float v[3], e[3], f[72], g[60], P[3 * 24 * 20];
     int64_t it[3];
     fill(&rng, C, B * n * m, 0, 1);
-    fill(&rng, x, B * n * dim, 0, 1.0 / 3); /* L1 diameter about 1 */
-    fill(&rng, y, B * m * dim, 0, 1.0 / 3);
+    fill_points(&rng, x, B * n * dim, y, B * m * dim, 0, 1.0 / 3); /* L1 diameter about 1 */
     for (int64_t b = 0; b < B; b++) fill_logw(&rng, la + b * n, n), fill_logw(&rng, lb + b * m, m);
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
-    d.epsilon = 1e-3;
-    d.max_iter = 5;
+    kdl_sinkhorn_desc_t d = desc_fixed(1e-3, 5);
     d.tol = eps_scaling ? 1e-6 : 0; /* with tol: the device loop (where built), no check due */
     d.eps_scaling = eps_scaling;
     d.value = value;
@@ -677,10 +657,7 @@ static void graph_vs_host_case(int eps_scaling)
     cr_expect(!memcmp(v, v2, sizeof v) && !memcmp(e, e2, sizeof e), "values or errors differ");
     cr_expect(!memcmp(f, f2, sizeof f) && !memcmp(g, g2, sizeof g), "potentials differ");
     for (int64_t b = 0; b < B; b++) cr_expect(it[b] < d.max_iter / 10, "problem %lld: %lld iterations", (long long)b, (long long)it[b]);
-    rcall_t r;
-    ref_sinkhorn(&d, &c, &r);
-    compare(eps_scaling ? "graph loop, eps-scaling" : "graph loop", &c, &r, 1e-3, 0);
-    free_r(&r);
+    check_ref(&d, &c, eps_scaling ? "graph loop, eps-scaling" : "graph loop", 1e-3, 0);
     kdl_destroy(h);
 }
 Test(gpu_sinkhorn, device_loop_matches_host_loop) { KDL_SKIP_WITHOUT_GPU(); graph_vs_host_case(0); }
