@@ -7,10 +7,14 @@
  * when one set is small next to L2), fills the inputs with random logits by
  * fill_logits(), and per divergence calls kdl_loss_forward_backward with
  * reduction mean on the handle's stream.  The other ops (sparse top-k
- * teacher, fused linear + loss, ragged Sinkhorn, SinKD) allocate their own
- * inputs once per row set (time_sparse, time_fused, time_ragged,
- * time_sinkd) and are timed by time_calls().  The only kernels in this file
- * fill inputs; everything timed is the library's.
+ * teacher, fused linear + loss, uniform and ragged Sinkhorn (sinkhorn_op),
+ * SinKD) allocate their own inputs once per row set (time_sparse,
+ * time_fused, time_sinkhorn / time_ragged, time_sinkd).  Every op shares
+ * the same steps: the workspace (op_workspace), a reference check on a few
+ * rows or problems (host_bufs, finish_check), then time_row (time_calls:
+ * L2 flush, warm-up, CUDA events; finish_row: peak memory, tolerance).
+ * The only kernels in this file fill inputs; everything timed is the
+ * library's.
  *
  * The code for the sparse, fused_linear, sinkhorn_ragged and sinkd ops was
  * compiled (sm_90a) but has not run on a device: no GPU was lent to the
@@ -131,15 +135,22 @@ int fail(bench *b, const char *fmt, ...)
             return fail(b, "%s: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
     } while (0)
 
-int launch_fill(bench *b, void *dst, kdl_dtype_t t, size_t n, unsigned long long seed)
+/* n random logits of standard deviation sigma (fill_logits) at dst. */
+int launch_fill_sigma(bench *b, void *dst, kdl_dtype_t t, size_t n, unsigned long long seed, float sigma)
 {
     int blocks = (int)((n + 255) / 256);
     int cap = (b->meta->sm_count > 0 ? b->meta->sm_count : 32) * 32;
     if (blocks > cap) blocks = cap;
     if (blocks < 1) blocks = 1;
-    fill_logits<<<blocks, 256, 0, b->stream>>>(dst, (int)t, (long long)n, seed, 2.0f);
+    fill_logits<<<blocks, 256, 0, b->stream>>>(dst, (int)t, (long long)n, seed, sigma);
     CU(cudaGetLastError());
     return 0;
+}
+
+/* The logits of every op: standard deviation 2. */
+int launch_fill(bench *b, void *dst, kdl_dtype_t t, size_t n, unsigned long long seed)
+{
+    return launch_fill_sigma(b, dst, t, n, seed, 2.0f);
 }
 
 /* Writes the flush buffer: afterwards no line of any input is in L2. */
@@ -310,6 +321,247 @@ int status_to_row(kdlb_row_t *row, kdl_status_t st)
     return st != KDL_STATUS_CUDA_ERROR;
 }
 
+/* A failed library call of the loss and the uniform Sinkhorn rows: the
+ * row's status (status_to_row); returns 0 to go on, -1 to stop. */
+int row_status(bench *b, kdlb_row_t *row, kdl_status_t st)
+{
+    return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
+}
+
+/* A failed library call of the other ops: NOT_IMPLEMENTED and NOT_SUPPORTED
+ * (a configuration this path does not take) are rows with status
+ * "not_implemented", the rest "error".  Returns 0 to go on, -1 to stop. */
+int ext_status(bench *b, kdlb_row_t *row, kdl_status_t st)
+{
+    if (st == KDL_STATUS_NOT_SUPPORTED) {
+        row->status = "not_implemented";
+        row->note = note("not supported on the GPU path: %s", kdl_get_last_error());
+        return 0;
+    }
+    return row_status(b, row, st);
+}
+
+typedef int (*status_fn)(bench *, kdlb_row_t *, kdl_status_t);
+
+/* ======================================== shared by the timed operations */
+/* Device buffers of one op, freed together. */
+struct dev_bufs {
+    void *p[16];
+    int n;
+    dev_bufs() : n(0) {}
+    ~dev_bufs()
+    {
+        for (int i = 0; i < n; i++) cudaFree(p[i]);
+    }
+    /* 0 ok, 1 out of memory, -1 another CUDA failure (b->err set) */
+    int alloc(bench *b, void **out, size_t bytes)
+    {
+        int r = try_malloc(b, out, bytes);
+        if (r == 0 && *out) p[n++] = *out;
+        return r;
+    }
+};
+
+/* Host buffers of a reference check (copies of device buffers and the
+ * reference's results), freed together.  After the first failure every
+ * further request returns NULL: err 1 no host memory, -1 a CUDA failure
+ * (b->err set). */
+struct host_bufs {
+    void *p[8];
+    int n, err;
+    host_bufs() : n(0), err(0) {}
+    ~host_bufs()
+    {
+        for (int i = 0; i < n; i++) free(p[i]);
+    }
+    void *keep(void *q)
+    {
+        if (!q) err = 1;
+        else p[n++] = q;
+        return q;
+    }
+    /* zeroed doubles */
+    double *doubles(size_t count)
+    {
+        return err ? NULL : (double *)keep(calloc(count ? count : 1, sizeof(double)));
+    }
+    /* a copy of the bytes at d, after the stream's work */
+    void *copy(bench *b, const void *d, size_t bytes)
+    {
+        if (err) return NULL;
+        void *h = keep(malloc(bytes ? bytes : 1));
+        if (!h) return NULL;
+        cudaError_t e = cudaStreamSynchronize(b->stream);
+        if (e == cudaSuccess) e = cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost);
+        if (e != cudaSuccess) {
+            err = fail(b, "reference check: %s", cudaGetErrorString(e));
+            return NULL;
+        }
+        return h;
+    }
+};
+
+/* max(|loss - ref| / max(|ref|, 1e-6), ||g - rg|| / ||rg||) over n entries
+ * (g in dtype t; g NULL: the loss alone). */
+double loss_grad_err(double loss, double ref, const void *g, kdl_dtype_t t, const double *rg, size_t n)
+{
+    double el = fabs(loss - ref) / fmax(fabs(ref), 1e-6), eg = 0.0;
+    if (g) {
+        double num = 0.0, den = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double d = host_value(g, t, i) - rg[i];
+            num += d * d;
+            den += rg[i] * rg[i];
+        }
+        eg = den > 0.0 ? sqrt(num / den) : sqrt(num);
+    }
+    return isnan(el) || isnan(eg) ? INFINITY : fmax(el, eg);
+}
+
+/* The outcome of a reference check: its relative error when the reference
+ * ran (rs SUCCESS), else why there is none. */
+void set_check(kdlb_row_t *row, kdl_status_t rs, double rel_err)
+{
+    if (rs == KDL_STATUS_SUCCESS)
+        row->check_rel_err = rel_err;
+    else
+        row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
+}
+
+/* The checked loss of a call (after the stream's work); 0 or -1. */
+int device_loss(bench *b, float *gl)
+{
+    CU(cudaMemcpy(gl, b->loss, sizeof *gl, cudaMemcpyDeviceToHost));
+    return 0;
+}
+
+/* The end of a loss check, once the host copies are requested from hb:
+ * the device's loss, then run_ref() (the float64 reference, writing *rl
+ * and the gradient rg) and check_rel_err = loss_grad_err of the loss and of
+ * the device gradient g (dtype t, n entries).  No host memory: a note.
+ * Returns 0, or -1 on a CUDA failure (b->err set). */
+template <class R>
+int finish_check(bench *b, kdlb_row_t *row, host_bufs &hb, R run_ref, const double *rl, const void *g,
+                 kdl_dtype_t t, const double *rg, size_t n)
+{
+    float gl = 0.0f;
+    if (hb.err < 0 || (!hb.err && device_loss(b, &gl))) return -1;
+    if (hb.err) {
+        row->note = note("check skipped: host allocation");
+        return 0;
+    }
+    kdl_status_t rs = run_ref();
+    set_check(row, rs, loss_grad_err(gl, *rl, g, t, rg, n));
+    return 0;
+}
+
+/* Warm-up calls (at least min_warmup), then timed calls, each after an L2
+ * flush and between a pair of events, all enqueued before one
+ * synchronisation; enqueue(k) returns the library's status.  Samples
+ * (ms / per_unit) go to b->samples.  Returns 0 (*reps set), 1 when a
+ * library call failed (*st set), -1 on a CUDA failure (b->err set; a failed
+ * kernel also marks the row "error"). */
+template <class F>
+int time_calls(bench *b, kdlb_row_t *row, F enqueue, double per_unit, int min_warmup, int *reps, kdl_status_t *st)
+{
+    const kdlb_options_t *o = b->o;
+    *st = KDL_STATUS_SUCCESS;
+    *reps = 0;
+    const int warm = o->warmup > min_warmup ? o->warmup : min_warmup;
+    for (int w = 0; w < warm; w++) {
+        if (flush_l2(b)) return -1;
+        if ((*st = enqueue(w)) != KDL_STATUS_SUCCESS) {
+            cudaStreamSynchronize(b->stream);
+            return 1;
+        }
+    }
+    int n = o->repeats < b->n_events ? o->repeats : b->n_events;
+    for (int k = 0; k < n; k++) {
+        if (flush_l2(b)) return -1;
+        CU(cudaEventRecord(b->ev_start[k], b->stream));
+        *st = enqueue(k);
+        CU(cudaEventRecord(b->ev_stop[k], b->stream));
+        if (*st != KDL_STATUS_SUCCESS) {
+            cudaStreamSynchronize(b->stream);
+            return 1;
+        }
+    }
+    cudaError_t e = cudaStreamSynchronize(b->stream);
+    if (e != cudaSuccess) {
+        row->status = "error";
+        row->note = note("kernel failed: %s", cudaGetErrorString(e));
+        return fail(b, "%s: kernel failed: %s", row->op, cudaGetErrorString(e));
+    }
+    for (int k = 0; k < n; k++) {
+        float ms = 0.0f;
+        CU(cudaEventElapsedTime(&ms, b->ev_start[k], b->ev_stop[k]));
+        b->samples[k] = ms / per_unit;
+    }
+    *reps = n;
+    return 0;
+}
+
+/* Times, reports and checks one row after its calls: peak_extra_bytes =
+ * workspace + any drop of free device memory since free0; status mismatch
+ * above tol. */
+int finish_row(bench *b, kdlb_row_t *row, int reps, size_t ws_bytes, size_t free0, double tol)
+{
+    size_t free1 = 0, total = 0;
+    CU(cudaMemGetInfo(&free1, &total));
+    size_t hidden = free0 > free1 ? free0 - free1 : 0; /* allocations the calls kept */
+    row->peak_extra_bytes = (int64_t)(ws_bytes + hidden);
+    kdlb_row_set_times(row, b->samples, (size_t)reps, b->meta->copy_gb_per_s);
+    if (!isnan(row->check_rel_err) && !(row->check_rel_err <= tol)) { /* NaN: not checked */
+        row->status = "mismatch";
+        row->note = note("relative error %.3g vs the float64 reference (tolerance %g)", row->check_rel_err, tol);
+        return 0;
+    }
+    row->status = "ok";
+    return 0;
+}
+
+/* time_calls, then finish_row (a failed call: the row's status by
+ * on_fail).  Returns 0 to go on, -1 to stop. */
+template <class F>
+int time_row(bench *b, kdlb_row_t *row, F enqueue, double per_unit, int min_warmup, status_fn on_fail,
+             size_t ws_bytes, size_t free0, double tol)
+{
+    int reps = 0;
+    kdl_status_t st;
+    int r = time_calls(b, row, enqueue, per_unit, min_warmup, &reps, &st);
+    if (r < 0) return -1;
+    if (r > 0) return on_fail(b, row, st);
+    return finish_row(b, row, reps, ws_bytes, free0, tol);
+}
+
+double dtype_tol(kdl_dtype_t t) { return t == KDL_DTYPE_F32 ? 1e-4 : 1e-2; }
+
+/* A row that does not fit: status "oom". */
+int oom_row(kdlb_row_t *row, const char *what, unsigned long long bytes)
+{
+    row->status = "oom";
+    row->note = note("%s of %llu bytes does not fit", what, bytes);
+    return 0;
+}
+
+/* The workspace of an op after its size query st: allocated in m, then the
+ * free device memory (*free0).  Returns 0 to go on, 1 when the row is done
+ * (failed query: status by on_fail; no memory: "oom"), -1 to stop. */
+int op_workspace(bench *b, kdlb_row_t *row, dev_bufs &m, kdl_status_t st, size_t ws_bytes, void **ws,
+                 size_t *free0, status_fn on_fail)
+{
+    if (st != KDL_STATUS_SUCCESS) return on_fail(b, row, st) < 0 ? -1 : 1;
+    int r = m.alloc(b, ws, ws_bytes);
+    if (r < 0) return -1;
+    if (r > 0) return oom_row(row, "workspace", ws_bytes) + 1;
+    size_t total = 0;
+    CU(cudaMemGetInfo(free0, &total));
+    return 0;
+}
+
+/* op_workspace's result as the op's return value: 0 (row done) or -1 */
+#define OP_DONE(r) ((r) < 0 ? -1 : 0)
+
 /* --------------------------------------------------- reference check */
 /* Runs the first rows of case c on the device and in the float64 reference;
  * sets row->check_rel_err = max(|loss - ref| / max(|ref|, 1e-6),
@@ -332,57 +584,18 @@ kdl_status_t check_case(bench *b, const kdlb_case_t *c, const kdl_loss_desc_t *d
     }
     st = kdl_loss_forward_backward(b->h, d, &a, ws, ws_bytes);
     if (st != KDL_STATUS_SUCCESS) return st;
-    unsigned char *hs = (unsigned char *)malloc(n * es), *ht = (unsigned char *)malloc(n * es);
-    unsigned char *hg = (unsigned char *)malloc(n * es);
-    double *rg = (double *)malloc(n * sizeof(double));
-    float gl = 0.0f;
-    double rl = 0.0;
-    cudaError_t e = cudaSuccess;
-    if (!hs || !ht || !hg || !rg) {
-        free(hs), free(ht), free(hg), free(rg);
-        row->note = note("check skipped: host allocation");
-        return KDL_STATUS_SUCCESS;
-    }
-    if (e == cudaSuccess) e = cudaStreamSynchronize(b->stream);
-    if (e == cudaSuccess) e = cudaMemcpy(hs, b->S[0], n * es, cudaMemcpyDeviceToHost);
-    if (e == cudaSuccess) e = cudaMemcpy(ht, b->T[0], n * es, cudaMemcpyDeviceToHost);
-    if (e == cudaSuccess) e = cudaMemcpy(hg, b->G[0], n * es, cudaMemcpyDeviceToHost);
-    if (e == cudaSuccess) e = cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost);
-    if (e != cudaSuccess) {
-        free(hs), free(ht), free(hg), free(rg);
-        fail(b, "reference check: %s", cudaGetErrorString(e));
+    host_bufs hb;
+    kdl_loss_args_t h = a;
+    h.student = hb.copy(b, b->S[0], n * es);
+    h.teacher = hb.copy(b, b->T[0], n * es);
+    const void *hg = hb.copy(b, b->G[0], n * es);
+    double *rg = hb.doubles(n), rl = 0.0;
+    h.grad = rg;
+    h.grad_dtype = KDL_DTYPE_F64;
+    h.out_dtype = KDL_DTYPE_F64;
+    h.loss = &rl;
+    if (finish_check(b, row, hb, [&] { return kdl_ref_loss_forward_backward(d, &h); }, &rl, hg, c->dtype, rg, n))
         return KDL_STATUS_CUDA_ERROR;
-    }
-    kdl_loss_args_t r;
-    kdl_loss_args_init(&r);
-    r.rows = rows;
-    r.vocab = V;
-    r.student = hs;
-    r.ld_student = V;
-    r.student_dtype = c->dtype;
-    r.teacher = ht;
-    r.ld_teacher = V;
-    r.teacher_dtype = c->dtype;
-    r.grad = rg;
-    r.ld_grad = V;
-    r.grad_dtype = KDL_DTYPE_F64;
-    r.out_dtype = KDL_DTYPE_F64;
-    r.loss = &rl;
-    kdl_status_t rst = kdl_ref_loss_forward_backward(d, &r);
-    if (rst != KDL_STATUS_SUCCESS) {
-        row->note = note("check skipped: reference returned %s", kdl_status_string(rst));
-    } else {
-        double num = 0.0, den = 0.0;
-        for (size_t i = 0; i < n; i++) {
-            double g = host_value(hg, c->dtype, i), diff = g - rg[i];
-            num += diff * diff;
-            den += rg[i] * rg[i];
-        }
-        double eg = den > 0.0 ? sqrt(num / den) : sqrt(num);
-        double el = fabs((double)gl - rl) / fmax(fabs(rl), 1e-6);
-        row->check_rel_err = isnan(eg) || isnan(el) ? INFINITY : fmax(eg, el);
-    }
-    free(hs), free(ht), free(hg), free(rg);
     return KDL_STATUS_SUCCESS;
 }
 
@@ -403,81 +616,25 @@ int time_case(bench *b, const kdlb_case_t *c, kdlb_row_t *row)
     make_desc(o, c, &d);
     kdl_loss_args_t a;
     make_args(b, c, 0, c->shape.rows, &a);
-    size_t ws_bytes = 0;
-    kdl_status_t st = kdl_loss_workspace_size(b->h, &d, &a, &ws_bytes);
-    if (st != KDL_STATUS_SUCCESS) return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
+    dev_bufs m;
     void *ws = NULL;
-    int r = try_malloc(b, &ws, ws_bytes);
-    if (r < 0) return -1;
-    if (r > 0) {
-        row->status = "oom";
-        row->note = note("workspace of %zu bytes does not fit", ws_bytes);
-        return 0;
-    }
-    size_t free0 = 0, free1 = 0, total = 0;
-    CU(cudaMemGetInfo(&free0, &total));
+    size_t ws_bytes = 0, free0 = 0;
+    kdl_status_t st = kdl_loss_workspace_size(b->h, &d, &a, &ws_bytes);
+    int r = op_workspace(b, row, m, st, ws_bytes, &ws, &free0, row_status);
+    if (r) return OP_DONE(r);
 
     if (o->check) {
         st = check_case(b, c, &d, ws, ws_bytes, row);
-        if (st == KDL_STATUS_CUDA_ERROR && b->err[0]) {
-            cudaFree(ws);
-            return -1;
-        }
-        if (st != KDL_STATUS_SUCCESS) {
-            cudaFree(ws);
-            return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
-        }
+        if (st == KDL_STATUS_CUDA_ERROR && b->err[0]) return -1;
+        if (st != KDL_STATUS_SUCCESS) return row_status(b, row, st);
     }
-    for (int w = 0; w < o->warmup; w++) {
-        make_args(b, c, w % b->n_sets, c->shape.rows, &a);
-        if (flush_l2(b)) return -1;
-        st = kdl_loss_forward_backward(b->h, &d, &a, ws, ws_bytes);
-        if (st != KDL_STATUS_SUCCESS) {
-            cudaFree(ws);
-            return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
-        }
-    }
-    int reps = o->repeats < b->n_events ? o->repeats : b->n_events;
-    for (int k = 0; k < reps; k++) {
-        make_args(b, c, k % b->n_sets, c->shape.rows, &a);
-        if (flush_l2(b)) return -1;
-        CU(cudaEventRecord(b->ev_start[k], b->stream));
-        st = kdl_loss_forward_backward(b->h, &d, &a, ws, ws_bytes);
-        CU(cudaEventRecord(b->ev_stop[k], b->stream));
-        if (st != KDL_STATUS_SUCCESS) {
-            cudaStreamSynchronize(b->stream);
-            cudaFree(ws);
-            return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
-        }
-    }
-    cudaError_t e = cudaStreamSynchronize(b->stream);
-    if (e != cudaSuccess) {
-        row->status = "error";
-        row->note = note("kernel failed: %s", cudaGetErrorString(e));
-        return fail(b, "%s %s: %s", kdl_divergence_name(c->divergence), kdl_dtype_name(c->dtype),
-                    cudaGetErrorString(e));
-    }
-    for (int k = 0; k < reps; k++) {
-        float ms = 0.0f;
-        CU(cudaEventElapsedTime(&ms, b->ev_start[k], b->ev_stop[k]));
-        b->samples[k] = ms;
-    }
-    CU(cudaMemGetInfo(&free1, &total));
-    CU(cudaFree(ws));
-    size_t hidden = free0 > free1 ? free0 - free1 : 0; /* allocations the call kept */
-    row->peak_extra_bytes = (int64_t)(ws_bytes + hidden);
-    kdlb_row_set_times(row, b->samples, (size_t)reps, b->meta->copy_gb_per_s);
-    double tol = c->dtype == KDL_DTYPE_F32 ? 1e-4 : 1e-2;
-    if (!isnan(row->check_rel_err)) { /* NaN: not checked */
-        if (!(row->check_rel_err <= tol)) {
-            row->status = "mismatch";
-            row->note = note("relative error %.3g vs the float64 reference (tolerance %g)",
-                             row->check_rel_err, tol);
-            return 0;
-        }
-    }
-    row->status = "ok";
-    return 0;
+    return time_row(
+        b, row,
+        [&](int k) {
+            make_args(b, c, k % b->n_sets, c->shape.rows, &a);
+            return kdl_loss_forward_backward(b->h, &d, &a, ws, ws_bytes);
+        },
+        1.0, 0, row_status, ws_bytes, free0, dtype_tol(c->dtype));
 }
 
 /* ------------------------------------------------------------ Sinkhorn */
@@ -489,30 +646,33 @@ __global__ void square_inplace(float *x, long long n)
         x[i] = x[i] * x[i];
 }
 
-/* B problems of n x m, cost given (f32, random, non-negative), eps 0.1,
- * exactly o->sinkhorn_iters iterations (tol 0: no stopping test), value
- * TRANSPORT.  ms per iteration = median run / iterations; bytes per
- * iteration = kdlb_sinkhorn_iter_bytes (the cost read twice).  Checked first
- * against kdl_ref_sinkhorn on problem 0 with min(iters, 20) iterations. */
-int time_sinkhorn(bench *b, kdlb_row_t *row)
+/* One kdl_sinkhorn call over B problems, n x m each (sizes_n NULL) or
+ * sizes_n[b] x sizes_m[b] (host arrays), given f32 costs (random,
+ * non-negative, seed) packed back to back, eps 0.1, exactly sinkhorn_iters
+ * iterations (tol 0: no stopping test), value TRANSPORT.  ms per iteration
+ * = median run / iterations.  Checked first on the first check_batch
+ * problems with min(iters, 20) iterations against kdl_ref_sinkhorn (the
+ * largest relative error of their values).  row->bytes is the caller's. */
+int sinkhorn_op(bench *b, kdlb_row_t *row, int64_t B, int64_t n, int64_t m, const int64_t *sizes_n,
+                const int64_t *sizes_m, unsigned long long seed, int64_t check_batch, int min_warmup,
+                status_fn on_fail)
 {
     const kdlb_options_t *o = b->o;
-    int64_t B = row->batch, n = row->n, m = row->m, K = o->sinkhorn_iters;
-    size_t nc = (size_t)B * (size_t)n * (size_t)m;
-    row->bytes = kdlb_sinkhorn_iter_bytes(B, n, m);
-    float *C = NULL, *val = NULL;
-    void *ws = NULL;
-    int r = try_malloc(b, (void **)&C, nc * sizeof(float));
-    if (!r) r = try_malloc(b, (void **)&val, (size_t)B * sizeof(float));
-    if (r < 0) return -1;
-    if (r > 0) {
-        cudaFree(C);
-        row->status = "oom";
-        row->note = note("cost of %zu bytes does not fit", nc * sizeof(float));
-        return 0;
+    const int64_t K = o->sinkhorn_iters;
+    size_t nc = 0, n1 = 0; /* cost entries: all problems, the checked ones */
+    for (int64_t i = 0; i < B; i++) {
+        size_t e = sizes_n ? (size_t)sizes_n[i] * (size_t)sizes_m[i] : (size_t)n * (size_t)m;
+        nc += e;
+        if (i < check_batch) n1 += e;
     }
-    if (launch_fill(b, C, KDL_DTYPE_F32, nc, 0x0c05700c05700ull)) return -1;
-    square_inplace<<<b->meta->sm_count * 32, 256, 0, b->stream>>>(C, (long long)nc);
+    dev_bufs mb;
+    void *C, *val, *ws = NULL;
+    int r = mb.alloc(b, &C, nc * sizeof(float));
+    if (!r) r = mb.alloc(b, &val, (size_t)B * sizeof(float));
+    if (r < 0) return -1;
+    if (r > 0) return oom_row(row, "cost", nc * sizeof(float));
+    if (launch_fill(b, C, KDL_DTYPE_F32, nc, seed)) return -1;
+    square_inplace<<<b->meta->sm_count * 32, 256, 0, b->stream>>>((float *)C, (long long)nc);
     CU(cudaGetLastError());
 
     kdl_sinkhorn_desc_t d;
@@ -526,121 +686,67 @@ int time_sinkhorn(bench *b, kdlb_row_t *row)
     a.batch = B;
     a.n = n;
     a.m = m;
+    a.sizes_n = sizes_n;
+    a.sizes_m = sizes_m;
     a.dtype = KDL_DTYPE_F32;
     a.cost = C;
     a.value = val;
-    size_t ws_bytes = 0;
+    size_t ws_bytes = 0, free0 = 0;
     kdl_status_t st = kdl_sinkhorn_workspace_size(b->h, &d, &a, &ws_bytes);
-    if (st == KDL_STATUS_SUCCESS) {
-        r = try_malloc(b, &ws, ws_bytes);
-        if (r < 0) return -1;
-        if (r > 0) {
-            cudaFree(C), cudaFree(val);
-            row->status = "oom";
-            row->note = note("workspace of %zu bytes does not fit", ws_bytes);
-            return 0;
-        }
-    }
-    /* check: problem 0, min(K, 20) iterations, against the float64 reference */
-    if (st == KDL_STATUS_SUCCESS && o->check) {
+    if ((r = op_workspace(b, row, mb, st, ws_bytes, &ws, &free0, on_fail))) return OP_DONE(r);
+
+    if (o->check) {
         kdl_sinkhorn_desc_t dc = d;
         dc.max_iter = K < 20 ? K : 20;
         kdl_sinkhorn_args_t ac = a;
-        ac.batch = 1;
+        ac.batch = check_batch;
         size_t wc = 0;
         st = kdl_sinkhorn_workspace_size(b->h, &dc, &ac, &wc);
-        if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) st = kdl_sinkhorn(b->h, &dc, &ac, ws, ws_bytes);
         if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
-            size_t n1 = (size_t)n * (size_t)m;
-            float *hc = (float *)malloc(n1 * sizeof(float));
-            float gv = 0.0f;
-            double rv = 0.0;
-            if (hc) {
-                CU(cudaStreamSynchronize(b->stream));
-                CU(cudaMemcpy(hc, C, n1 * sizeof(float), cudaMemcpyDeviceToHost));
-                CU(cudaMemcpy(&gv, val, sizeof gv, cudaMemcpyDeviceToHost));
+            st = kdl_sinkhorn(b->h, &dc, &ac, ws, ws_bytes);
+            if (st != KDL_STATUS_SUCCESS) return on_fail(b, row, st);
+            host_bufs hb;
+            const float *hc = (const float *)hb.copy(b, C, n1 * sizeof(float));
+            const float *hv = (const float *)hb.copy(b, val, (size_t)check_batch * sizeof(float));
+            double *hd = hb.doubles(n1), *rv = hb.doubles((size_t)check_batch);
+            if (hb.err < 0) return -1;
+            if (!hb.err) {
                 /* the reference in f64 (every array of one dtype): a double
                  * copy of the same f32 costs */
-                double *hd = (double *)malloc(n1 * sizeof(double));
-                if (hd) {
-                    for (size_t i = 0; i < n1; i++) hd[i] = hc[i];
-                    kdl_sinkhorn_args_t ar;
-                    kdl_sinkhorn_args_init(&ar);
-                    ar.batch = 1;
-                    ar.n = n;
-                    ar.m = m;
-                    ar.dtype = KDL_DTYPE_F64;
-                    ar.cost = hd;
-                    ar.value = &rv;
-                    kdl_status_t rs = kdl_ref_sinkhorn(&dc, &ar);
-                    if (rs == KDL_STATUS_SUCCESS)
-                        row->check_rel_err = fabs((double)gv - rv) / fmax(fabs(rv), 1e-12);
-                    else
-                        row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
-                    free(hd);
+                for (size_t i = 0; i < n1; i++) hd[i] = hc[i];
+                kdl_sinkhorn_args_t ar = ac;
+                ar.dtype = KDL_DTYPE_F64;
+                ar.cost = hd;
+                ar.value = rv;
+                kdl_status_t rs = kdl_ref_sinkhorn(&dc, &ar);
+                double worst = 0.0;
+                for (int64_t i = 0; i < check_batch; i++) {
+                    double ei = fabs((double)hv[i] - rv[i]) / fmax(fabs(rv[i]), 1e-12);
+                    worst = isnan(ei) ? INFINITY : fmax(worst, ei);
                 }
-                free(hc);
+                set_check(row, rs, worst);
+            } else {
+                row->note = note("check skipped: host allocation");
             }
+        } else if (st != KDL_STATUS_SUCCESS) {
+            return on_fail(b, row, st);
         }
     }
-    for (int w = 0; st == KDL_STATUS_SUCCESS && w < (o->warmup > 0 ? o->warmup : 1); w++) {
-        if (flush_l2(b)) return -1;
-        st = kdl_sinkhorn(b->h, &d, &a, ws, ws_bytes);
-    }
-    int reps = o->repeats < b->n_events ? o->repeats : b->n_events;
-    for (int k = 0; st == KDL_STATUS_SUCCESS && k < reps; k++) {
-        if (flush_l2(b)) return -1;
-        CU(cudaEventRecord(b->ev_start[k], b->stream));
-        st = kdl_sinkhorn(b->h, &d, &a, ws, ws_bytes);
-        CU(cudaEventRecord(b->ev_stop[k], b->stream));
-    }
-    cudaError_t e = cudaStreamSynchronize(b->stream);
-    if (e != cudaSuccess) {
-        row->status = "error";
-        row->note = note("kernel failed: %s", cudaGetErrorString(e));
-        return fail(b, "sinkhorn: %s", cudaGetErrorString(e));
-    }
-    if (st != KDL_STATUS_SUCCESS) {
-        cudaFree(C), cudaFree(val), cudaFree(ws);
-        return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
-    }
-    for (int k = 0; k < reps; k++) {
-        float ms = 0.0f;
-        CU(cudaEventElapsedTime(&ms, b->ev_start[k], b->ev_stop[k]));
-        b->samples[k] = ms / (double)K;
-    }
-    cudaFree(C), cudaFree(val), cudaFree(ws);
-    row->peak_extra_bytes = (int64_t)ws_bytes;
-    kdlb_row_set_times(row, b->samples, (size_t)reps, b->meta->copy_gb_per_s);
-    if (!isnan(row->check_rel_err) && !(row->check_rel_err <= 1e-3)) {
-        row->status = "mismatch";
-        row->note = note("value relative error %.3g vs the float64 reference (tolerance 1e-3)",
-                         row->check_rel_err);
-        return 0;
-    }
-    row->status = "ok";
-    return 0;
+    return time_row(
+        b, row, [&](int) { return kdl_sinkhorn(b->h, &d, &a, ws, ws_bytes); }, (double)K, min_warmup, on_fail,
+        ws_bytes, free0, 1e-3);
+}
+
+/* The uniform op: B problems of n x m; ms and bytes per iteration
+ * (kdlb_sinkhorn_iter_bytes: the cost read twice); checked on problem 0;
+ * at least one warm-up. */
+int time_sinkhorn(bench *b, kdlb_row_t *row)
+{
+    row->bytes = kdlb_sinkhorn_iter_bytes(row->batch, row->n, row->m);
+    return sinkhorn_op(b, row, row->batch, row->n, row->m, NULL, NULL, 0x0c05700c05700ull, 1, 1, row_status);
 }
 
 /* ============================================= the other ops (not run yet) */
-/* Device buffers of one op, freed together. */
-struct dev_bufs {
-    void *p[16];
-    int n;
-    dev_bufs() : n(0) {}
-    ~dev_bufs()
-    {
-        for (int i = 0; i < n; i++) cudaFree(p[i]);
-    }
-    /* 0 ok, 1 out of memory, -1 another CUDA failure (b->err set) */
-    int alloc(bench *b, void **out, size_t bytes)
-    {
-        int r = try_malloc(b, out, bytes);
-        if (r == 0 && *out) p[n++] = *out;
-        return r;
-    }
-};
-
 /* int64 top-k indices, distinct per row: (start_i + j * stride) mod V with
  * stride coprime to V (so j -> j * stride is one-to-one for j < V), and
  * teacher log-probs -log(k) - 2u (u uniform in [0, 1); any values <= 0 are
@@ -677,131 +783,6 @@ long long gcd_ll(long long a, long long b)
     return a;
 }
 
-int launch_fill_sigma(bench *b, void *dst, kdl_dtype_t t, size_t n, unsigned long long seed, float sigma)
-{
-    int blocks = (int)((n + 255) / 256);
-    int cap = (b->meta->sm_count > 0 ? b->meta->sm_count : 32) * 32;
-    if (blocks > cap) blocks = cap;
-    if (blocks < 1) blocks = 1;
-    fill_logits<<<blocks, 256, 0, b->stream>>>(dst, (int)t, (long long)n, seed, sigma);
-    CU(cudaGetLastError());
-    return 0;
-}
-
-/* Warm-up calls, then timed calls, each after an L2 flush and between a
- * pair of events, all enqueued before one synchronisation; enqueue(k)
- * returns the library's status.  Samples (ms / per_unit) go to b->samples.
- * Returns 0 (*reps set), 1 when a library call failed (*st set), -1 on a
- * CUDA failure (b->err set). */
-template <class F>
-int time_calls(bench *b, F enqueue, double per_unit, int *reps, kdl_status_t *st)
-{
-    const kdlb_options_t *o = b->o;
-    *st = KDL_STATUS_SUCCESS;
-    *reps = 0;
-    for (int w = 0; w < o->warmup; w++) {
-        if (flush_l2(b)) return -1;
-        if ((*st = enqueue(w)) != KDL_STATUS_SUCCESS) {
-            cudaStreamSynchronize(b->stream);
-            return 1;
-        }
-    }
-    int n = o->repeats < b->n_events ? o->repeats : b->n_events;
-    for (int k = 0; k < n; k++) {
-        if (flush_l2(b)) return -1;
-        CU(cudaEventRecord(b->ev_start[k], b->stream));
-        *st = enqueue(k);
-        CU(cudaEventRecord(b->ev_stop[k], b->stream));
-        if (*st != KDL_STATUS_SUCCESS) {
-            cudaStreamSynchronize(b->stream);
-            return 1;
-        }
-    }
-    cudaError_t e = cudaStreamSynchronize(b->stream);
-    if (e != cudaSuccess) return fail(b, "kernel failed: %s", cudaGetErrorString(e));
-    for (int k = 0; k < n; k++) {
-        float ms = 0.0f;
-        CU(cudaEventElapsedTime(&ms, b->ev_start[k], b->ev_stop[k]));
-        b->samples[k] = ms / per_unit;
-    }
-    *reps = n;
-    return 0;
-}
-
-/* A failed library call of the other ops: NOT_IMPLEMENTED and NOT_SUPPORTED
- * (a configuration this path does not take) are rows with status
- * "not_implemented", the rest "error".  Returns 0 to go on, -1 to stop. */
-int ext_status(bench *b, kdlb_row_t *row, kdl_status_t st)
-{
-    if (st == KDL_STATUS_NOT_SUPPORTED) {
-        row->status = "not_implemented";
-        row->note = note("not supported on the GPU path: %s", kdl_get_last_error());
-        return 0;
-    }
-    return status_to_row(row, st) ? 0 : fail(b, "%s", row->note);
-}
-
-/* max(|loss - ref| / max(|ref|, 1e-6), ||g - rg|| / ||rg||) over n entries
- * (g in dtype t; g NULL: the loss alone). */
-double loss_grad_err(double loss, double ref, const void *g, kdl_dtype_t t, const double *rg, size_t n)
-{
-    double el = fabs(loss - ref) / fmax(fabs(ref), 1e-6), eg = 0.0;
-    if (g) {
-        double num = 0.0, den = 0.0;
-        for (size_t i = 0; i < n; i++) {
-            double d = host_value(g, t, i) - rg[i];
-            num += d * d;
-            den += rg[i] * rg[i];
-        }
-        eg = den > 0.0 ? sqrt(num / den) : sqrt(num);
-    }
-    return isnan(el) || isnan(eg) ? INFINITY : fmax(el, eg);
-}
-
-/* Copies n bytes from the device (after the stream); 0 ok, -1 CUDA failure,
- * 1 no host memory. */
-int to_host(bench *b, void **h, const void *d, size_t n)
-{
-    *h = malloc(n ? n : 1);
-    if (!*h) return 1;
-    cudaError_t e = cudaStreamSynchronize(b->stream);
-    if (e == cudaSuccess) e = cudaMemcpy(*h, d, n, cudaMemcpyDeviceToHost);
-    if (e != cudaSuccess) {
-        free(*h);
-        *h = NULL;
-        return fail(b, "reference check: %s", cudaGetErrorString(e));
-    }
-    return 0;
-}
-
-/* Times, reports and checks one row of the other ops after its calls:
- * peak_extra_bytes = workspace + any drop of free device memory since
- * free0; status mismatch above tol. */
-int finish_ext_row(bench *b, kdlb_row_t *row, int reps, size_t ws_bytes, size_t free0, double tol)
-{
-    size_t free1 = 0, total = 0;
-    CU(cudaMemGetInfo(&free1, &total));
-    size_t hidden = free0 > free1 ? free0 - free1 : 0;
-    row->peak_extra_bytes = (int64_t)(ws_bytes + hidden);
-    kdlb_row_set_times(row, b->samples, (size_t)reps, b->meta->copy_gb_per_s);
-    if (!isnan(row->check_rel_err) && !(row->check_rel_err <= tol)) {
-        row->status = "mismatch";
-        row->note = note("relative error %.3g vs the float64 reference (tolerance %g)", row->check_rel_err, tol);
-        return 0;
-    }
-    row->status = "ok";
-    return 0;
-}
-
-double dtype_tol(kdl_dtype_t t) { return t == KDL_DTYPE_F32 ? 1e-4 : 1e-2; }
-
-#define OOM_ROW(what, bytes)                                                                   \
-    do {                                                                                       \
-        row->status = "oom";                                                                   \
-        row->note = note("%s of %llu bytes does not fit", what, (unsigned long long)(bytes)); \
-        return 0;                                                                              \
-    } while (0)
-
 /* ----------------------------------------------------- sparse top-k */
 /* RENORMALISED FKL, reduction mean: S [N, V], top-k indices [N, k] int64 and
  * log-probs [N, k], dS [N, V]; student, log-probs and gradient in the row's
@@ -820,7 +801,7 @@ int time_sparse(bench *b, kdlb_row_t *row)
     if (!r) r = m.alloc(b, &I, (size_t)N * K * sizeof(int64_t));
     if (!r) r = m.alloc(b, &LP, (size_t)N * K * es);
     if (r < 0) return -1;
-    if (r > 0) OOM_ROW("inputs", row->bytes);
+    if (r > 0) return oom_row(row, "inputs", row->bytes);
     if (launch_fill(b, S, dt, (size_t)N * V, 0x5a5a0001ull ^ (unsigned long long)K)) return -1;
     long long stride = 7919;
     while (gcd_ll(stride, V) != 1) stride += 2;
@@ -856,13 +837,9 @@ int time_sparse(bench *b, kdlb_row_t *row)
     a.grad_dtype = dt;
     a.out_dtype = KDL_DTYPE_F32;
     a.loss = b->loss;
-    size_t ws_bytes = 0;
+    size_t ws_bytes = 0, free0 = 0;
     kdl_status_t st = kdl_sparse_workspace_size(b->h, &d, &a, &ws_bytes);
-    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-    if ((r = m.alloc(b, &ws, ws_bytes)) < 0) return -1;
-    if (r > 0) OOM_ROW("workspace", ws_bytes);
-    size_t free0 = 0, total = 0;
-    CU(cudaMemGetInfo(&free0, &total));
+    if ((r = op_workspace(b, row, m, st, ws_bytes, &ws, &free0, ext_status))) return OP_DONE(r);
 
     if (o->check) {
         kdl_sparse_args_t c = a;
@@ -870,44 +847,22 @@ int time_sparse(bench *b, kdlb_row_t *row)
         size_t nc = (size_t)c.rows * V;
         st = kdl_sparse_loss(b->h, &d, &c, ws, ws_bytes);
         if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-        void *hs = NULL, *hg = NULL, *hi = NULL, *hl = NULL;
-        float gl = 0.0f;
-        int e = to_host(b, &hs, S, nc * es);
-        if (!e) e = to_host(b, &hg, G, nc * es);
-        if (!e) e = to_host(b, &hi, I, (size_t)c.rows * K * sizeof(int64_t));
-        if (!e) e = to_host(b, &hl, LP, (size_t)c.rows * K * es);
-        if (!e) CU(cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost));
-        double *rg = e ? NULL : (double *)malloc(nc * sizeof(double));
-        if (e < 0) {
-            free(hs), free(hg), free(hi), free(hl);
-            return -1;
-        }
-        if (rg) {
-            double rl = 0.0;
-            kdl_sparse_args_t h = c;
-            h.student = hs;
-            h.teacher_indices = (const int64_t *)hi;
-            h.teacher_logprobs = hl;
-            h.grad = rg;
-            h.grad_dtype = KDL_DTYPE_F64;
-            h.out_dtype = KDL_DTYPE_F64;
-            h.loss = &rl;
-            kdl_status_t rs = kdl_ref_sparse_loss(&d, &h);
-            if (rs == KDL_STATUS_SUCCESS)
-                row->check_rel_err = loss_grad_err(gl, rl, hg, dt, rg, nc);
-            else
-                row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
-        } else {
-            row->note = note("check skipped: host allocation");
-        }
-        free(hs), free(hg), free(hi), free(hl), free(rg);
+        host_bufs hb;
+        kdl_sparse_args_t h = c;
+        h.student = hb.copy(b, S, nc * es);
+        const void *hg = hb.copy(b, G, nc * es);
+        h.teacher_indices = (const int64_t *)hb.copy(b, I, (size_t)c.rows * K * sizeof(int64_t));
+        h.teacher_logprobs = hb.copy(b, LP, (size_t)c.rows * K * es);
+        double *rg = hb.doubles(nc), rl = 0.0;
+        h.grad = rg;
+        h.grad_dtype = KDL_DTYPE_F64;
+        h.out_dtype = KDL_DTYPE_F64;
+        h.loss = &rl;
+        if (finish_check(b, row, hb, [&] { return kdl_ref_sparse_loss(&d, &h); }, &rl, hg, dt, rg, nc)) return -1;
     }
-    int reps = 0;
-    r = time_calls(
-        b, [&](int) { return kdl_sparse_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, &reps, &st);
-    if (r < 0) return -1;
-    if (r > 0) return ext_status(b, row, st);
-    return finish_ext_row(b, row, reps, ws_bytes, free0, dtype_tol(dt));
+    return time_row(
+        b, row, [&](int) { return kdl_sparse_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, 0, ext_status, ws_bytes,
+        free0, dtype_tol(dt));
 }
 
 /* ------------------------------------------------ fused linear + loss */
@@ -931,7 +886,7 @@ int time_fused(bench *b, kdlb_row_t *row)
     if (!r) r = m.alloc(b, &dH, (size_t)N * D * sizeof(float));
     if (!r) r = m.alloc(b, &dW, (size_t)V * D * sizeof(float));
     if (r < 0) return -1;
-    if (r > 0) OOM_ROW("inputs and gradients", row->bytes);
+    if (r > 0) return oom_row(row, "inputs and gradients", row->bytes);
     /* logits H W^T of standard deviation about 2, as the other ops' logits */
     if (launch_fill_sigma(b, H, dt, (size_t)N * D, 0xf0f0a1ull, 1.0f)) return -1;
     if (launch_fill_sigma(b, W, dt, (size_t)V * D, 0xf0f0a2ull, 2.0f / sqrtf((float)D))) return -1;
@@ -964,13 +919,9 @@ int time_fused(bench *b, kdlb_row_t *row)
     a.out_dtype = KDL_DTYPE_F32;
     a.loss = b->loss;
     row->chunk_rows = kdl_fused_linear_chunk_rows(&a);
-    size_t ws_bytes = 0;
+    size_t ws_bytes = 0, free0 = 0;
     kdl_status_t st = kdl_fused_linear_workspace_size(b->h, &d, &a, &ws_bytes);
-    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-    if ((r = m.alloc(b, &ws, ws_bytes)) < 0) return -1;
-    if (r > 0) OOM_ROW("workspace", ws_bytes);
-    size_t free0 = 0, total = 0;
-    CU(cudaMemGetInfo(&free0, &total));
+    if ((r = op_workspace(b, row, m, st, ws_bytes, &ws, &free0, ext_status))) return OP_DONE(r);
 
     if (o->check) {
         kdl_fused_linear_args_t c = a;
@@ -982,149 +933,40 @@ int time_fused(bench *b, kdlb_row_t *row)
         if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
             st = kdl_fused_linear_loss(b->h, &d, &c, ws, ws_bytes);
             if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-            void *hh = NULL, *hw = NULL, *ht = NULL, *hd = NULL;
-            float gl = 0.0f;
-            int e = to_host(b, &hh, H, (size_t)c.rows * D * es);
-            if (!e) e = to_host(b, &hw, W, (size_t)V * D * es);
-            if (!e) e = to_host(b, &ht, T, (size_t)c.rows * V * es);
-            if (!e) e = to_host(b, &hd, dH, (size_t)c.rows * D * sizeof(float));
-            if (!e) CU(cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost));
-            double *rd = e ? NULL : (double *)malloc((size_t)c.rows * D * sizeof(double));
-            if (e < 0) {
-                free(hh), free(hw), free(ht), free(hd);
+            host_bufs hb;
+            kdl_fused_linear_args_t h = c;
+            h.hidden_states = hb.copy(b, H, (size_t)c.rows * D * es);
+            h.weight = hb.copy(b, W, (size_t)V * D * es);
+            h.teacher = hb.copy(b, T, (size_t)c.rows * V * es);
+            const void *hd = hb.copy(b, dH, (size_t)c.rows * D * sizeof(float));
+            double *rd = hb.doubles((size_t)c.rows * D), rl = 0.0;
+            h.grad_hidden = rd;
+            h.grad_dtype = KDL_DTYPE_F64;
+            h.out_dtype = KDL_DTYPE_F64;
+            h.loss = &rl;
+            if (finish_check(b, row, hb, [&] { return kdl_ref_fused_linear_loss(&d, &h); }, &rl, hd, KDL_DTYPE_F32,
+                             rd, (size_t)c.rows * D))
                 return -1;
-            }
-            if (rd) {
-                double rl = 0.0;
-                kdl_fused_linear_args_t h = c;
-                h.hidden_states = hh;
-                h.weight = hw;
-                h.teacher = ht;
-                h.grad_hidden = rd;
-                h.grad_dtype = KDL_DTYPE_F64;
-                h.out_dtype = KDL_DTYPE_F64;
-                h.loss = &rl;
-                kdl_status_t rs = kdl_ref_fused_linear_loss(&d, &h);
-                if (rs == KDL_STATUS_SUCCESS)
-                    row->check_rel_err = loss_grad_err(gl, rl, hd, KDL_DTYPE_F32, rd, (size_t)c.rows * D);
-                else
-                    row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
-            } else {
-                row->note = note("check skipped: host allocation");
-            }
-            free(hh), free(hw), free(ht), free(hd), free(rd);
         } else if (st != KDL_STATUS_SUCCESS) {
             return ext_status(b, row, st);
         }
     }
-    int reps = 0;
-    r = time_calls(
-        b, [&](int) { return kdl_fused_linear_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, &reps, &st);
-    if (r < 0) return -1;
-    if (r > 0) return ext_status(b, row, st);
     /* strict FP32 GEMMs on both sides: the float32 tolerance */
-    return finish_ext_row(b, row, reps, ws_bytes, free0, 1e-4);
+    return time_row(
+        b, row, [&](int) { return kdl_fused_linear_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, 0, ext_status,
+        ws_bytes, free0, 1e-4);
 }
 
 /* ------------------------------------------------- ragged Sinkhorn */
-/* One kdl_sinkhorn call over the problems sizes_n[b] x sizes_m[b] (host
- * arrays), given f32 costs packed back to back, eps 0.1, exactly
- * sinkhorn_iters iterations, value TRANSPORT.  ms per iteration.  Checked
- * on the first min(3, B) problems (min(K, 20) iterations) against
- * kdl_ref_sinkhorn. */
+/* sinkhorn_op over the problems sizes_n[b] x sizes_m[b]; bytes per
+ * iteration kdlb_ragged_iter_bytes; checked on the first min(3, B)
+ * problems. */
 int time_ragged(bench *b, kdlb_row_t *row)
 {
-    const kdlb_options_t *o = b->o;
-    const int B = (int)row->batch;
-    const int64_t K = o->sinkhorn_iters;
-    size_t nc = 0;
-    for (int i = 0; i < B; i++) nc += (size_t)row->sizes_n[i] * (size_t)row->sizes_m[i];
-    row->bytes = kdlb_ragged_iter_bytes(row->sizes_n, row->sizes_m, B);
-    dev_bufs m;
-    void *C, *val, *ws = NULL;
-    int r = m.alloc(b, &C, nc * sizeof(float));
-    if (!r) r = m.alloc(b, &val, (size_t)B * sizeof(float));
-    if (r < 0) return -1;
-    if (r > 0) OOM_ROW("cost", nc * sizeof(float));
-    if (launch_fill(b, C, KDL_DTYPE_F32, nc, 0x0c05700c05701ull)) return -1;
-    square_inplace<<<b->meta->sm_count * 32, 256, 0, b->stream>>>((float *)C, (long long)nc);
-    CU(cudaGetLastError());
-
-    kdl_sinkhorn_desc_t d;
-    kdl_sinkhorn_desc_init(&d);
-    d.epsilon = 0.1;
-    d.max_iter = K;
-    d.tol = 0.0;
-    d.value = KDL_OT_VALUE_TRANSPORT;
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = B;
-    a.n = row->sizes_n[0];
-    a.m = row->sizes_m[0];
-    a.sizes_n = row->sizes_n;
-    a.sizes_m = row->sizes_m;
-    a.dtype = KDL_DTYPE_F32;
-    a.cost = C;
-    a.value = val;
-    size_t ws_bytes = 0;
-    kdl_status_t st = kdl_sinkhorn_workspace_size(b->h, &d, &a, &ws_bytes);
-    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-    if ((r = m.alloc(b, &ws, ws_bytes)) < 0) return -1;
-    if (r > 0) OOM_ROW("workspace", ws_bytes);
-    size_t free0 = 0, total = 0;
-    CU(cudaMemGetInfo(&free0, &total));
-
-    if (o->check) {
-        kdl_sinkhorn_desc_t dc = d;
-        dc.max_iter = K < 20 ? K : 20;
-        kdl_sinkhorn_args_t ac = a;
-        ac.batch = B < 3 ? B : 3;
-        size_t wc = 0, n1 = 0;
-        for (int i = 0; i < ac.batch; i++) n1 += (size_t)row->sizes_n[i] * (size_t)row->sizes_m[i];
-        st = kdl_sinkhorn_workspace_size(b->h, &dc, &ac, &wc);
-        if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
-            st = kdl_sinkhorn(b->h, &dc, &ac, ws, ws_bytes);
-            if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-            void *hc = NULL, *hv = NULL;
-            int e = to_host(b, &hc, C, n1 * sizeof(float));
-            if (!e) e = to_host(b, &hv, val, (size_t)ac.batch * sizeof(float));
-            double *hd = e ? NULL : (double *)malloc(n1 * sizeof(double));
-            double rv[3] = {0, 0, 0};
-            if (e < 0) {
-                free(hc), free(hv);
-                return -1;
-            }
-            if (hd) {
-                for (size_t i = 0; i < n1; i++) hd[i] = ((const float *)hc)[i];
-                kdl_sinkhorn_args_t ar = ac;
-                ar.dtype = KDL_DTYPE_F64;
-                ar.cost = hd;
-                ar.value = rv;
-                kdl_status_t rs = kdl_ref_sinkhorn(&dc, &ar);
-                if (rs == KDL_STATUS_SUCCESS) {
-                    double worst = 0.0;
-                    for (int i = 0; i < (int)ac.batch; i++) {
-                        double ei = fabs((double)((const float *)hv)[i] - rv[i]) / fmax(fabs(rv[i]), 1e-12);
-                        worst = isnan(ei) ? INFINITY : fmax(worst, ei);
-                    }
-                    row->check_rel_err = worst;
-                } else {
-                    row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
-                }
-            } else {
-                row->note = note("check skipped: host allocation");
-            }
-            free(hc), free(hv), free(hd);
-        } else if (st != KDL_STATUS_SUCCESS) {
-            return ext_status(b, row, st);
-        }
-    }
-    int reps = 0;
-    r = time_calls(
-        b, [&](int) { return kdl_sinkhorn(b->h, &d, &a, ws, ws_bytes); }, (double)K, &reps, &st);
-    if (r < 0) return -1;
-    if (r > 0) return ext_status(b, row, st);
-    return finish_ext_row(b, row, reps, ws_bytes, free0, 1e-3);
+    const int64_t B = row->batch;
+    row->bytes = kdlb_ragged_iter_bytes(row->sizes_n, row->sizes_m, (int)B);
+    return sinkhorn_op(b, row, B, row->sizes_n[0], row->sizes_m[0], row->sizes_n, row->sizes_m,
+                       0x0c05700c05701ull, B < 3 ? B : 3, 0, ext_status);
 }
 
 /* ------------------------------------------------------------ SinKD */
@@ -1161,14 +1003,10 @@ int time_sinkd(bench *b, kdlb_row_t *row, kdl_ot_metric_t metric, void *S, void 
     a.grad_dtype = dt;
     a.out_dtype = KDL_DTYPE_F32;
     a.loss = b->loss;
-    size_t ws_bytes = 0;
+    size_t ws_bytes = 0, free0 = 0;
     kdl_status_t st = kdl_sinkd_workspace_size(b->h, &d, &a, &ws_bytes);
-    if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-    int r = m.alloc(b, &ws, ws_bytes);
-    if (r < 0) return -1;
-    if (r > 0) OOM_ROW("workspace", ws_bytes);
-    size_t free0 = 0, total = 0;
-    CU(cudaMemGetInfo(&free0, &total));
+    int r = op_workspace(b, row, m, st, ws_bytes, &ws, &free0, ext_status);
+    if (r) return OP_DONE(r);
 
     if (o->check) {
         kdl_sinkd_args_t c = a;
@@ -1178,45 +1016,24 @@ int time_sinkd(bench *b, kdlb_row_t *row, kdl_ot_metric_t metric, void *S, void 
         if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
             st = kdl_sinkd(b->h, &d, &c, ws, ws_bytes);
             if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
-            void *hs = NULL, *ht = NULL, *hg = NULL;
-            float gl = 0.0f;
-            int e = to_host(b, &hs, S, nc * es);
-            if (!e) e = to_host(b, &ht, T, nc * es);
-            if (!e) e = to_host(b, &hg, G, nc * es);
-            if (!e) CU(cudaMemcpy(&gl, b->loss, sizeof gl, cudaMemcpyDeviceToHost));
-            double *rg = e ? NULL : (double *)malloc(nc * sizeof(double));
-            if (e < 0) {
-                free(hs), free(ht), free(hg);
-                return -1;
-            }
-            if (rg) {
-                double rl = 0.0;
-                kdl_sinkd_args_t h = c;
-                h.student = hs;
-                h.teacher = ht;
-                h.grad = rg;
-                h.grad_dtype = KDL_DTYPE_F64;
-                h.out_dtype = KDL_DTYPE_F64;
-                h.loss = &rl;
-                kdl_status_t rs = kdl_ref_sinkd(&d, &h);
-                if (rs == KDL_STATUS_SUCCESS)
-                    row->check_rel_err = loss_grad_err(gl, rl, hg, dt, rg, nc);
-                else
-                    row->note = note("check skipped: reference returned %s", kdl_status_string(rs));
-            } else {
-                row->note = note("check skipped: host allocation");
-            }
-            free(hs), free(ht), free(hg), free(rg);
+            host_bufs hb;
+            kdl_sinkd_args_t h = c;
+            h.student = hb.copy(b, S, nc * es);
+            h.teacher = hb.copy(b, T, nc * es);
+            const void *hg = hb.copy(b, G, nc * es);
+            double *rg = hb.doubles(nc), rl = 0.0;
+            h.grad = rg;
+            h.grad_dtype = KDL_DTYPE_F64;
+            h.out_dtype = KDL_DTYPE_F64;
+            h.loss = &rl;
+            if (finish_check(b, row, hb, [&] { return kdl_ref_sinkd(&d, &h); }, &rl, hg, dt, rg, nc)) return -1;
         } else if (st != KDL_STATUS_SUCCESS) {
             return ext_status(b, row, st);
         }
     }
-    int reps = 0;
-    r = time_calls(
-        b, [&](int) { return kdl_sinkd(b->h, &d, &a, ws, ws_bytes); }, 1.0, &reps, &st);
-    if (r < 0) return -1;
-    if (r > 0) return ext_status(b, row, st);
-    return finish_ext_row(b, row, reps, ws_bytes, free0, dtype_tol(dt));
+    return time_row(
+        b, row, [&](int) { return kdl_sinkd(b->h, &d, &a, ws, ws_bytes); }, 1.0, 0, ext_status, ws_bytes, free0,
+        dtype_tol(dt));
 }
 
 /* The two SinKD rows share one set of inputs. */
