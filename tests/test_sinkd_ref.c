@@ -52,29 +52,10 @@ typedef struct run {
     int64_t it[8], info;
 } run_t;
 
-/* Arguments over [N, V] student and teacher logits (dtypes sdt, tdt) and a
- * gradient (gdt), rows ld apart. */
-static kdl_sinkd_args_t sinkd_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
-                                   kdl_dtype_t tdt, void *grad, kdl_dtype_t gdt)
-{
-    kdl_sinkd_args_t a;
-    kdl_sinkd_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.ld_student = a.ld_teacher = a.ld_grad = ld;
-    a.student = S;
-    a.student_dtype = sdt;
-    a.teacher = T;
-    a.teacher_dtype = tdt;
-    a.grad = grad;
-    a.grad_dtype = gdt;
-    return a;
-}
-
 static kdl_status_t run_sinkd(const kdl_sinkd_desc_t *d, const double *S, const double *T, int64_t N,
                               int64_t V, double *grad, run_t *out)
 {
-    kdl_sinkd_args_t a = sinkd_args(N, V, V, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, grad, KDL_DTYPE_F64);
+    kdl_sinkd_args_t a = kdl_test_sinkd_args(N, V, V, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, grad, KDL_DTYPE_F64);
     a.out_dtype = KDL_DTYPE_F64;
     a.loss = &out->loss;
     a.group_loss = out->gl;
@@ -90,11 +71,7 @@ static kdl_status_t run_sinkd(const kdl_sinkd_desc_t *d, const double *S, const 
 static void sinkhorn_groups(const kdl_sinkhorn_desc_t *sd, int64_t G, int64_t n, const double *C, double *v,
                             double *P, int64_t *it)
 {
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = G;
-    a.n = a.m = n;
-    a.dtype = KDL_DTYPE_F64;
+    kdl_sinkhorn_args_t a = kdl_test_ot_args(G, n, n);
     a.cost = C;
     a.value = v;
     a.plan = P;
@@ -410,7 +387,7 @@ Test(sinkd_ref, sixteen_bit_inputs_and_strides)
     float loss = NAN;
     float grad[32];
     for (int k = 0; k < 32; k++) grad[k] = (float)SENTINEL;
-    kdl_sinkd_args_t a = sinkd_args(N, V, ld, S16, KDL_DTYPE_F16, T16, KDL_DTYPE_BF16, grad, KDL_DTYPE_F32);
+    kdl_sinkd_args_t a = kdl_test_sinkd_args(N, V, ld, S16, KDL_DTYPE_F16, T16, KDL_DTYPE_BF16, grad, KDL_DTYPE_F32);
     a.loss = &loss;
     cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     cr_expect(loss == (float)want.loss);
@@ -471,7 +448,7 @@ static void bad_setup(bad_t *c)
     c->loss = c->gl[0] = c->gl[1] = SENTINEL;
     kdl_sinkd_desc_init(&c->d);
     c->d.group_size = 2;
-    c->a = sinkd_args(4, 3, 3, c->S, KDL_DTYPE_F64, c->T, KDL_DTYPE_F64, c->grad, KDL_DTYPE_F64);
+    c->a = kdl_test_sinkd_args(4, 3, 3, c->S, KDL_DTYPE_F64, c->T, KDL_DTYPE_F64, c->grad, KDL_DTYPE_F64);
     c->a.out_dtype = KDL_DTYPE_F64;
     c->a.loss = &c->loss;
     c->a.group_loss = c->gl;

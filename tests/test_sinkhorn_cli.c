@@ -38,6 +38,19 @@ static void save(const char *name, kdl_npy_dtype_t t, int ndim, const int64_t *s
     cr_assert_eq(kdl_npy_save(path, t, ndim, shape, data, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
 }
 
+/* A path for an output file, with no file there. */
+static void out_path(const char *name, char *path, size_t len)
+{
+    tpath(path, len, name);
+    unlink(path);
+}
+
+static void load_npy(const char *path, kdl_npy_array_t *arr)
+{
+    char msg[256];
+    cr_assert_eq(kdl_npy_load(path, arr, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+}
+
 static int file_exists(const char *path)
 {
     struct stat st;
@@ -70,6 +83,25 @@ static void expect_usage_error(const kdl_cli_result_t *r, const char *what, cons
     cr_expect_eq(r->out[0], '\0', "%s: stdout '%s'", what, r->out);
 }
 
+/* A command line that must be refused. */
+typedef struct cli_case {
+    const char *what;
+    const char *args[16];
+} cli_case_t;
+
+/* Each case is a usage error of cmd that writes no output file at out (and
+ * leaves no temporary). */
+static void expect_refusals(const cli_case_t *cases, size_t n, const char *cmd, const char *out)
+{
+    for (size_t c = 0; c < n; c++) {
+        kdl_cli_result_t r;
+        kdl_run_cli(&r, cases[c].args);
+        expect_usage_error(&r, cases[c].what, cmd);
+        cr_expect(!file_exists(out), "%s: the output file was written", cases[c].what);
+        cr_expect(no_temporaries(out), "%s: a temporary was left", cases[c].what);
+    }
+}
+
 /* ------------------------------------------------------------ sinkhorn */
 Test(sinkhorn_cli, help_exits_zero)
 {
@@ -90,8 +122,7 @@ Test(sinkhorn_cli, one_cost_matches_the_reference_and_writes_the_plan)
     for (int k = 0; k < 24; k++) C[k] = kdl_rng_uniform(&rng);
     char cp[512], pp[512];
     save("cost.npy", KDL_NPY_F64, 2, shape, C, cp, sizeof cp);
-    tpath(pp, sizeof pp, "plan.npy");
-    unlink(pp);
+    out_path("plan.npy", pp, sizeof pp);
     kdl_cli_result_t r;
     KDL_CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.05", "--tol", "1e-9", "--plan-out", pp, "--backend", "cpu");
     cr_assert_eq(r.code, 0, "%s", r.err);
@@ -102,12 +133,7 @@ Test(sinkhorn_cli, one_cost_matches_the_reference_and_writes_the_plan)
     kdl_sinkhorn_desc_init(&d);
     d.epsilon = 0.05;
     d.tol = 1e-9;
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = 1;
-    a.n = n;
-    a.m = m;
-    a.dtype = KDL_DTYPE_F64;
+    kdl_sinkhorn_args_t a = kdl_test_ot_args(1, n, m);
     a.cost = C;
     double v, e, P[24];
     int64_t it;
@@ -125,8 +151,7 @@ Test(sinkhorn_cli, one_cost_matches_the_reference_and_writes_the_plan)
     cr_expect(got[0] == e);
 
     kdl_npy_array_t pa;
-    char msg[256];
-    cr_assert_eq(kdl_npy_load(pp, &pa, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+    load_npy(pp, &pa);
     cr_expect(pa.dtype == KDL_NPY_F64 && pa.ndim == 2 && pa.shape[0] == n && pa.shape[1] == m);
     cr_expect(!memcmp(pa.data, P, sizeof P), "plan file differs from the reference plan");
     kdl_npy_free(&pa);
@@ -163,12 +188,7 @@ Test(sinkhorn_cli, batch_with_log_weights_and_dual_value)
     d.value = KDL_OT_VALUE_DUAL;
     d.max_iter = 500;
     d.check_every = 7;
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = B;
-    a.n = n;
-    a.m = m;
-    a.dtype = KDL_DTYPE_F64;
+    kdl_sinkhorn_args_t a = kdl_test_ot_args(B, n, m);
     a.cost = Cd;
     a.log_a = lad;
     a.log_b = lbd;
@@ -196,8 +216,7 @@ Test(sinkhorn_cli, points_l1_debiased_with_eps_scaling)
     char xp[512], yp[512], pp[512];
     save("x.npy", KDL_NPY_F64, 3, sx, x, xp, sizeof xp);
     save("y.npy", KDL_NPY_F64, 3, sy, y, yp, sizeof yp);
-    tpath(pp, sizeof pp, "plan3.npy");
-    unlink(pp);
+    out_path("plan3.npy", pp, sizeof pp);
     kdl_cli_result_t r;
     KDL_CLI(&r, "sinkhorn", "--x", xp, "--y", yp, "--metric", "l1", "--epsilon", "0.02", "--debias", "--eps-scaling",
         "--eps-factor", "0.7", "--plan-out", pp, "--backend", "cpu");
@@ -209,12 +228,7 @@ Test(sinkhorn_cli, points_l1_debiased_with_eps_scaling)
     d.debias = 1;
     d.eps_scaling = 1;
     d.eps_scaling_factor = 0.7;
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = 2;
-    a.n = 4;
-    a.m = 5;
-    a.dtype = KDL_DTYPE_F64;
+    kdl_sinkhorn_args_t a = kdl_test_ot_args(2, 4, 5);
     a.x = x;
     a.y = y;
     a.dim = 3;
@@ -227,8 +241,7 @@ Test(sinkhorn_cli, points_l1_debiased_with_eps_scaling)
     cr_expect(got[0] == v[0] && got[1] == v[1]);
     cr_expect(strstr(r.out, "\"debias\": true") != NULL);
     kdl_npy_array_t pa;
-    char msg[256];
-    cr_assert_eq(kdl_npy_load(pp, &pa, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+    load_npy(pp, &pa);
     cr_expect(pa.ndim == 3 && pa.shape[0] == 2 && pa.shape[1] == 4 && pa.shape[2] == 5);
     kdl_npy_free(&pa);
     unlink(pp), unlink(xp), unlink(yp);
@@ -250,10 +263,7 @@ Test(sinkhorn_cli, bad_usage_and_bad_files)
     tpath(missing, sizeof missing, "missing.npy");
     unlink(pp);
     unlink(missing);
-    struct {
-        const char *what;
-        const char *args[16];
-    } cases[] = {
+    const cli_case_t cases[] = {
         {"no epsilon", {"sinkhorn", "--cost", cp, "--plan-out", pp}},
         {"no input", {"sinkhorn", "--epsilon", "0.1", "--plan-out", pp}},
         {"cost and points", {"sinkhorn", "--cost", cp, "--x", cp, "--y", cp, "--epsilon", "0.1", "--plan-out", pp}},
@@ -275,13 +285,7 @@ Test(sinkhorn_cli, bad_usage_and_bad_files)
         {"unknown flag", {"sinkhorn", "--cost", cp, "--epsilon", "0.1", "--blur", "1", "--plan-out", pp}},
         {"bad backend", {"sinkhorn", "--cost", cp, "--epsilon", "0.1", "--backend", "tpu", "--plan-out", pp}},
     };
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        kdl_cli_result_t r;
-        kdl_run_cli(&r, cases[c].args);
-        expect_usage_error(&r, cases[c].what, "sinkhorn");
-        cr_expect(!file_exists(pp), "%s: the plan file was written", cases[c].what);
-        cr_expect(no_temporaries(pp), "%s: a temporary was left", cases[c].what);
-    }
+    expect_refusals(cases, sizeof cases / sizeof cases[0], "sinkhorn", pp);
     if (!kdl_test_have_gpu()) {
         kdl_cli_result_t r;
         KDL_CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.1", "--backend", "cuda", "--plan-out", pp);
@@ -310,8 +314,7 @@ Test(sinkhorn_cli, sinkd_matches_the_reference_and_writes_the_gradient)
     char sp[512], tp[512], gp[512];
     save("s.npy", KDL_NPY_F64, 2, shape, S, sp, sizeof sp);
     save("t16.npy", KDL_NPY_F16, 2, shape, T16, tp, sizeof tp);
-    tpath(gp, sizeof gp, "grad.npy");
-    unlink(gp);
+    out_path("grad.npy", gp, sizeof gp);
     kdl_cli_result_t r;
     KDL_CLI(&r, "sinkd", "--student", sp, "--teacher", tp, "--group-size", "3", "--temperature", "1.5", "--epsilon", "0.2",
         "--max-iter", "30", "--metric", "sqeuclidean", "--scale", "2", "--grad-out", gp, "--backend", "cpu");
@@ -325,23 +328,11 @@ Test(sinkhorn_cli, sinkd_matches_the_reference_and_writes_the_gradient)
     d.max_iter = 30;
     d.metric = KDL_OT_METRIC_SQEUCLIDEAN;
     d.scale = 2;
-    kdl_sinkd_args_t a;
-    kdl_sinkd_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.student = S;
-    a.ld_student = V;
-    a.student_dtype = KDL_DTYPE_F64;
-    a.teacher = T16;
-    a.ld_teacher = V;
-    a.teacher_dtype = KDL_DTYPE_F16;
     double loss, gl[2], grad[54];
+    kdl_sinkd_args_t a = kdl_test_sinkd_args(N, V, V, S, KDL_DTYPE_F64, T16, KDL_DTYPE_F16, grad, KDL_DTYPE_F64);
     a.out_dtype = KDL_DTYPE_F64;
     a.loss = &loss;
     a.group_loss = gl;
-    a.grad = grad;
-    a.ld_grad = V;
-    a.grad_dtype = KDL_DTYPE_F64;
     cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS);
     cr_expect(kdl_json_read_number(r.out, "loss") == loss);
     double got[4];
@@ -350,8 +341,7 @@ Test(sinkhorn_cli, sinkd_matches_the_reference_and_writes_the_gradient)
     cr_assert_eq(kdl_json_read_array(r.out, "iterations", got, 4), 2);
     cr_expect(got[0] == 30 && got[1] == 30);
     kdl_npy_array_t ga;
-    char msg[256];
-    cr_assert_eq(kdl_npy_load(gp, &ga, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+    load_npy(gp, &ga);
     cr_expect(ga.dtype == KDL_NPY_F64 && ga.ndim == 2 && ga.shape[0] == N && ga.shape[1] == V);
     cr_expect(!memcmp(ga.data, grad, sizeof grad));
     kdl_npy_free(&ga);
@@ -391,12 +381,8 @@ Test(sinkhorn_cli, sinkd_bad_usage)
     save("a.npy", KDL_NPY_F64, 2, s1, A, ap, sizeof ap);
     save("b.npy", KDL_NPY_F64, 2, s2, A, bp, sizeof bp);
     save("c.npy", KDL_NPY_F64, 1, s3, A, cp, sizeof cp);
-    tpath(gp, sizeof gp, "g_never.npy");
-    unlink(gp);
-    struct {
-        const char *what;
-        const char *args[14];
-    } cases[] = {
+    out_path("g_never.npy", gp, sizeof gp);
+    const cli_case_t cases[] = {
         {"no teacher", {"sinkd", "--student", ap, "--grad-out", gp}},
         {"shape mismatch", {"sinkd", "--student", ap, "--teacher", bp, "--grad-out", gp}},
         {"1-D logits", {"sinkd", "--student", cp, "--teacher", cp, "--grad-out", gp}},
@@ -407,12 +393,6 @@ Test(sinkhorn_cli, sinkd_bad_usage)
         {"metric", {"sinkd", "--student", ap, "--teacher", ap, "--metric", "cosine", "--grad-out", gp}},
         {"scale inf", {"sinkd", "--student", ap, "--teacher", ap, "--scale", "inf", "--grad-out", gp}},
     };
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        kdl_cli_result_t r;
-        kdl_run_cli(&r, cases[c].args);
-        expect_usage_error(&r, cases[c].what, "sinkd");
-        cr_expect(!file_exists(gp), "%s: the gradient file was written", cases[c].what);
-        cr_expect(no_temporaries(gp), "%s: a temporary was left", cases[c].what);
-    }
+    expect_refusals(cases, sizeof cases / sizeof cases[0], "sinkd", gp);
     unlink(ap), unlink(bp), unlink(cp);
 }

@@ -14,19 +14,8 @@
 
 #define SENTINEL (-12345.0)
 
-/* The arguments of a batch of n x m problems (f64), no array given. */
-static kdl_sinkhorn_args_t batch_problem(int64_t batch, int64_t n, int64_t m)
-{
-    kdl_sinkhorn_args_t a;
-    kdl_sinkhorn_args_init(&a);
-    a.batch = batch;
-    a.n = n;
-    a.m = m;
-    a.dtype = KDL_DTYPE_F64;
-    return a;
-}
-
-static kdl_sinkhorn_args_t one_problem(int64_t n, int64_t m) { return batch_problem(1, n, m); }
+/* The arguments of one n x m problem (f64), no array given. */
+static kdl_sinkhorn_args_t one_problem(int64_t n, int64_t m) { return kdl_test_ot_args(1, n, m); }
 
 /* One problem between the points x [n, dim] and y [m, dim]. */
 static kdl_sinkhorn_args_t points_problem(int64_t n, int64_t m, int64_t dim, const double *x, const double *y)
@@ -571,7 +560,7 @@ Test(sinkhorn_ref, cached_teacher_self_term_gives_the_same_divergence)
     d.debias = 1;
     d.value = KDL_OT_VALUE_DUAL;
     d.tol = 1e-10;
-    kdl_sinkhorn_args_t a = batch_problem(B, n, m);
+    kdl_sinkhorn_args_t a = kdl_test_ot_args(B, n, m);
     a.cost = C;
     a.cost_xx = Cxx;
     a.cost_yy = Cyy;

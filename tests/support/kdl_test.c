@@ -77,6 +77,34 @@ kdl_loss_desc_t kdl_test_desc(kdl_divergence_t div, kdl_reduction_t red)
     return d;
 }
 
+kdl_sinkhorn_args_t kdl_test_ot_args(int64_t batch, int64_t n, int64_t m)
+{
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    a.batch = batch;
+    a.n = n;
+    a.m = m;
+    a.dtype = KDL_DTYPE_F64;
+    return a;
+}
+
+kdl_sinkd_args_t kdl_test_sinkd_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
+                                     kdl_dtype_t tdt, void *grad, kdl_dtype_t gdt)
+{
+    kdl_sinkd_args_t a;
+    kdl_sinkd_args_init(&a);
+    a.rows = N;
+    a.vocab = V;
+    a.ld_student = a.ld_teacher = a.ld_grad = ld;
+    a.student = S;
+    a.student_dtype = sdt;
+    a.teacher = T;
+    a.teacher_dtype = tdt;
+    a.grad = grad;
+    a.grad_dtype = gdt;
+    return a;
+}
+
 uint64_t kdl_rng_next(kdl_rng_t *r)
 {
     uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);

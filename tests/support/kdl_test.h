@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kdloss/kdloss_ot.h"
 #include "kdloss/kdloss_types.h"
 
 /* Tolerances per input dtype (relative, absolute). */
@@ -63,6 +64,15 @@ extern const kdl_divergence_t kdl_all_divs[KDL_DIV_COUNT_];
 /* A descriptor with the defaults of kdl_loss_desc_init and the given
  * divergence and reduction. */
 kdl_loss_desc_t kdl_test_desc(kdl_divergence_t div, kdl_reduction_t red);
+
+/* Sinkhorn arguments for a batch of n x m problems in float64, no array
+ * given yet. */
+kdl_sinkhorn_args_t kdl_test_ot_args(int64_t batch, int64_t n, int64_t m);
+
+/* SinKD arguments over [N, V] student and teacher logits (dtypes sdt, tdt)
+ * and a gradient (gdt), all rows ld apart; no other output given yet. */
+kdl_sinkd_args_t kdl_test_sinkd_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
+                                     kdl_dtype_t tdt, void *grad, kdl_dtype_t gdt);
 
 /* Deterministic generator (splitmix64). */
 typedef struct kdl_rng {
