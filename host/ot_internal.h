@@ -54,6 +54,18 @@ typedef struct kdl_ot_schedule {
     int64_t stages, first, stage_iter;
 } kdl_ot_schedule_t;
 
+/* D factor^n, the eps of annealing stage n.  factor^n alone underflows to 0
+ * for a large n (a diameter of 7e67 annealed down to eps = 1e-300 at factor
+ * 0.5 needs n near 1220, and 0.5^1220 < 2^-1074) although the product is an
+ * ordinary double (docs/hardening.md F10); in that case the product is
+ * formed in log space. */
+KDL_OT_HD static inline double kdl_ot_stage_eps(double diameter, double factor, int64_t n)
+{
+    double p = pow(factor, (double)n);
+    if (p > 0 && p * diameter > 0) return diameter * p;
+    return exp(log(diameter) + (double)n * log(factor));
+}
+
 KDL_OT_HD static inline kdl_ot_schedule_t kdl_ot_schedule_make(double diameter, double eps, int on,
                                                                double factor, int64_t stage_iter,
                                                                int64_t max_iter)
@@ -68,15 +80,18 @@ KDL_OT_HD static inline kdl_ot_schedule_t kdl_ot_schedule_make(double diameter, 
     if (!on || !(diameter > eps) || !(diameter < INFINITY) || !(factor > 0 && factor < 1)) return s;
     /* full = the smallest k with D factor^k <= eps: log(eps/D)/log(factor)
      * rounded up, then corrected by at most a few steps for rounding */
-    double sd = log(eps / diameter) / log(factor); /* > 0 */
+    /* (log eps - log D), not log(eps / D): the quotient underflows to 0
+     * (eps = 1e-300, D = 7e67) and the schedule became 10^15 stages long,
+     * every kept stage at eps 0 (docs/hardening.md F10) */
+    double sd = (log(eps) - log(diameter)) / log(factor); /* > 0 */
     int64_t full;
     if (!(sd < 1e15)) {
         full = (int64_t)1e15; /* far beyond any cap */
     } else {
         full = (int64_t)ceil(sd);
         if (full < 1) full = 1;
-        for (int t = 0; t < 4 && full > 1 && diameter * pow(factor, (double)(full - 1)) <= eps; t++) full--;
-        for (int t = 0; t < 4 && diameter * pow(factor, (double)full) > eps; t++) full++;
+        for (int t = 0; t < 4 && full > 1 && kdl_ot_stage_eps(diameter, factor, full - 1) <= eps; t++) full--;
+        for (int t = 0; t < 4 && kdl_ot_stage_eps(diameter, factor, full) > eps; t++) full++;
     }
     int64_t cap = (max_iter - 1) / s.stage_iter;
     if (cap < 0) cap = 0;
@@ -89,7 +104,10 @@ KDL_OT_HD static inline kdl_ot_schedule_t kdl_ot_schedule_make(double diameter, 
 KDL_OT_HD static inline double kdl_ot_schedule_eps(const kdl_ot_schedule_t *s, int64_t it)
 {
     int64_t k = (it - 1) / s->stage_iter;
-    if (k < s->stages) return s->diameter * pow(s->factor, (double)(s->first + k));
+    if (k < s->stages) {
+        double e = kdl_ot_stage_eps(s->diameter, s->factor, s->first + k);
+        return e > s->eps ? e : s->eps; /* a stage is never below the final eps (nor 0) */
+    }
     return s->eps;
 }
 

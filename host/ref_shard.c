@@ -4,11 +4,12 @@
  * query that the GPU path shares.
  *
  * Shard r holds columns [off_r, off_r + V_r) of the student and teacher
- * logits.  Per row, with z = s/tau, x = t/tau (DESIGN section 1):
+ * logits.  Per row (DESIGN section 1):
  *
- *   step 0  (MAX)  local max of z, of x, and a bad-data flag (NaN or +inf);
+ *   step 0  (MAX)  local max of s, of t, and a bad-data flag (NaN or +inf);
  *   step 1  (SUM)  classify (ignored / invalid / valid, now the same on every
- *                  shard), sum-exp of z and x relative to the global maxima;
+ *                  shard), z_s = sum exp((s - m_s)/tau) and z_t likewise,
+ *                  with the global maxima m_s, m_t;
  *                  AKL: plus the digit-0 histogram of the teacher keys;
  *   AKL digits (SUM) the histogram (count, mass) of the next 8-bit digit of
  *                  the teacher key among the tokens whose higher digits equal
@@ -21,9 +22,15 @@
  *                  the reduce: the weights multiply linearly);
  *   finish         loss (every shard the same) and dz = qg - q G on the slice.
  *
- * lq = z - (m_s + log z_s), lp = x - (m_t + log z_t): the dense formula, the
- * sums merely grouped by shard, so the result equals the unsharded reference
- * to rounding.  The AKL key orders by the raw teacher logit (kdl_ext_order_key),
+ * lq = (s - m_s)/tau - log z_s, lp = (t - m_t)/tau - log z_t: the dense
+ * reference's formula (the max subtracted before dividing by tau), the sums
+ * merely grouped by shard, so the result equals the unsharded reference to
+ * rounding for every tau.  (It used s/tau - max(s/tau): for a tiny tau s/tau
+ * overflows to inf, and inf - inf made valid rows NaN where the dense
+ * reference has the arg-max limit; docs/hardening.md F9.)  So in the
+ * reference's state m_s, m_t are the maxima of the raw logits and lse_s,
+ * lse_t the logarithms log z_s, log z_t of the shifted sums; the exchange
+ * of step 0 carries max s and max t.  The AKL key orders by the raw teacher logit (kdl_ext_order_key),
  * the dense reference by the rounded probability: the two differ only for
  * distinct logits whose probabilities round to the same double.
  */
@@ -47,6 +54,47 @@ void kdl_shard_args_init(kdl_shard_args_t *a)
     a->out_dtype = KDL_DTYPE_F32;
 }
 
+/*
+ * The shard's place in the partition of [0, vocab), as far as one shard can
+ * tell: num_shards in [1, vocab] (BAD_SIZE), shard_rank in [0, num_shards)
+ * (BAD_PARAM), the slice non-empty and inside [0, vocab) (BAD_SIZE), and the
+ * rank consistent with the slice (BAD_PARAM): slices are contiguous, ordered
+ * by rank and non-empty, so rank r has at least r columns before its slice
+ * and at least num_shards - 1 - r after it, rank 0 starts at column 0 and the
+ * last rank ends at vocab.  A rank that does not match its slice would make
+ * the AKL tie step count the tied tokens of the wrong shards (ties go to the
+ * lowest global index) and leave columns without a shard.
+ */
+static kdl_status_t check_partition(const kdl_shard_args_t *a)
+{
+    if (a->num_shards < 1 || a->num_shards > a->vocab)
+        return kdl_fail(KDL_STATUS_BAD_SIZE, "num_shards = %d not in [1, vocab = %lld]", (int)a->num_shards,
+                        (long long)a->vocab);
+    if (a->shard_rank < 0 || a->shard_rank >= a->num_shards)
+        return kdl_fail(KDL_STATUS_BAD_PARAM, "shard_rank = %d not in [0, %d)", (int)a->shard_rank,
+                        (int)a->num_shards);
+    if (a->vocab_local < 1 || a->vocab_offset < 0 || a->vocab_local > a->vocab - a->vocab_offset)
+        return kdl_fail(KDL_STATUS_BAD_SIZE, "slice [%lld, %lld + %lld) not inside [0, %lld)",
+                        (long long)a->vocab_offset, (long long)a->vocab_offset, (long long)a->vocab_local,
+                        (long long)a->vocab);
+    const int64_t after = a->vocab - a->vocab_offset - a->vocab_local;
+    const int64_t r = a->shard_rank, last = (int64_t)a->num_shards - 1;
+    if (r == 0 && a->vocab_offset != 0)
+        return kdl_fail(KDL_STATUS_BAD_PARAM, "shard_rank 0 must hold column 0 (vocab_offset = %lld)",
+                        (long long)a->vocab_offset);
+    if (r == last && after != 0)
+        return kdl_fail(KDL_STATUS_BAD_PARAM, "the last shard (rank %lld) must end at vocab = %lld (slice ends at %lld)",
+                        (long long)r, (long long)a->vocab, (long long)(a->vocab_offset + a->vocab_local));
+    if (a->vocab_offset < r || after < last - r)
+        return kdl_fail(KDL_STATUS_BAD_PARAM,
+                        "shard_rank %lld of %d cannot hold slice [%lld, %lld): ranks 0..%lld need a column each "
+                        "before it and ranks %lld..%lld one each after it",
+                        (long long)r, (int)a->num_shards, (long long)a->vocab_offset,
+                        (long long)(a->vocab_offset + a->vocab_local), (long long)(r - 1), (long long)(r + 1),
+                        (long long)last);
+    return KDL_STATUS_SUCCESS;
+}
+
 kdl_status_t kdl_shard_validate(const kdl_loss_desc_t *d, const kdl_shard_args_t *a, int allow_f64)
 {
     kdl_clear_error();
@@ -64,15 +112,8 @@ kdl_status_t kdl_shard_validate(const kdl_loss_desc_t *d, const kdl_shard_args_t
         a->grad_dtype != KDL_DTYPE_F64)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
     if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
-    if (a->num_shards < 1 || a->num_shards > a->vocab)
-        return kdl_fail(KDL_STATUS_BAD_SIZE, "num_shards = %d not in [1, vocab]", (int)a->num_shards);
-    if (a->shard_rank < 0 || a->shard_rank >= a->num_shards)
-        return kdl_fail(KDL_STATUS_BAD_PARAM, "shard_rank = %d not in [0, %d)", (int)a->shard_rank,
-                        (int)a->num_shards);
-    if (a->vocab_local < 1 || a->vocab_offset < 0 || a->vocab_local > a->vocab - a->vocab_offset)
-        return kdl_fail(KDL_STATUS_BAD_SIZE, "slice [%lld, %lld + %lld) not inside [0, %lld)",
-                        (long long)a->vocab_offset, (long long)a->vocab_offset, (long long)a->vocab_local,
-                        (long long)a->vocab);
+    st = check_partition(a);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (a->ld_student < a->vocab_local || a->ld_teacher < a->vocab_local ||
         (a->grad && a->ld_grad < a->vocab_local))
         return kdl_fail(KDL_STATUS_BAD_STRIDE, "a row stride is smaller than vocab_local = %lld",
@@ -131,6 +172,11 @@ kdl_status_t kdl_shard_sizes(const kdl_loss_desc_t *d, const kdl_shard_args_t *a
     if ((uint64_t)a->rows > (uint64_t)(SIZE_MAX - sizeof(kdl_shard_header_t)) / sizeof(kdl_shard_row_t) ||
         (uint64_t)a->rows > (uint64_t)SIZE_MAX / sizeof(double) / (uint64_t)f)
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "rows = %lld", (long long)a->rows);
+    /* the shard's rank and slice, as every step checks them (so a caller
+     * learns of a bad partition before allocating the state) */
+    if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
+    kdl_status_t st = check_partition(a);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (state_bytes) *state_bytes = sizeof(kdl_shard_header_t) + (size_t)a->rows * sizeof(kdl_shard_row_t);
     if (exchange_count) *exchange_count = (size_t)a->rows * (size_t)f;
     if (num_steps) *num_steps = kdl_shard_num_steps(d->divergence == KDL_DIV_AKL, a->teacher_dtype);
@@ -206,7 +252,6 @@ typedef struct ctx {
 static void write_max(const ctx_t *c)
 {
     const kdl_shard_args_t *a = c->a;
-    const double tau = c->d->temperature;
     for (int64_t i = 0; i < a->rows; i++) {
         double *ex = a->exchange + i * 3;
         double ms = -INFINITY, mt = -INFINITY, bad = 0;
@@ -217,8 +262,8 @@ static void write_max(const ctx_t *c)
                     bad = 1;
                     continue;
                 }
-                if (s / tau > ms) ms = s / tau;
-                if (t / tau > mt) mt = t / tau;
+                if (s > ms) ms = s;
+                if (t > mt) mt = t;
             }
         }
         ex[0] = ms;
@@ -277,7 +322,7 @@ static void histogram(const ctx_t *c, int64_t i, int digit, double *cnt, double 
         if (!under_prefix(c, key, r, digit)) continue;
         int b = digit_of(c, key, digit);
         cnt[b] += 1;
-        mass[b] += exp(T_at(a, i, v) / c->d->temperature - r->m_t);
+        mass[b] += exp((T_at(a, i, v) - r->m_t) / c->d->temperature);
     }
 }
 
@@ -292,8 +337,8 @@ static void write_norm(const ctx_t *c)
         double zs = 0, zt = 0;
         if (r->cls == KDL_EXT_ROW_VALID)
             for (int64_t v = 0; v < a->vocab_local; v++) {
-                zs += exp(S_at(a, i, v) / tau - r->m_s);
-                zt += exp(T_at(a, i, v) / tau - r->m_t);
+                zs += exp((S_at(a, i, v) - r->m_s) / tau);
+                zt += exp((T_at(a, i, v) - r->m_t) / tau);
             }
         ex[0] = zs;
         ex[1] = zt;
@@ -308,8 +353,8 @@ static void absorb_norm(const ctx_t *c, int64_t F)
         kdl_shard_row_t *r = &c->rows[i];
         r->z_s = ex[0];
         r->z_t = ex[1];
-        r->lse_s = r->m_s + log(r->z_s);
-        r->lse_t = r->m_t + log(r->z_t);
+        r->lse_s = log(r->z_s); /* of the shifted sums: lq = (s - m_s)/tau - lse_s */
+        r->lse_t = log(r->z_t);
     }
 }
 
@@ -332,7 +377,7 @@ static void absorb_digit(const ctx_t *c, int digit, int64_t F, int64_t off)
         if (digit == c->D - 1) { /* the key is complete: resolve the tie */
             r->n_tie = (int64_t)cnt[b];
             double x = value_of_bits(kdl_ext_order_key_bits(r->prefix, c->width), c->a->teacher_dtype);
-            double p = exp(x / d->temperature - r->lse_t);
+            double p = exp((x - r->m_t) / d->temperature - r->lse_t);
             r->j_take = kdl_shard_tie_take((int)d->head_rule, d->mu, d->top_k, r->count_before,
                                            r->mass_before / r->z_t, r->n_tie, p);
             r->head_size = r->count_before + r->j_take;
@@ -414,8 +459,8 @@ static void write_partial(const ctx_t *c, unsigned char *mask)
         if (r->cls != KDL_EXT_ROW_VALID) continue;
         if (c->akl) head_of_row(c, i, mask);
         for (int64_t v = 0; v < a->vocab_local; v++) {
-            double lq = S_at(a, i, v) / tau - r->lse_s;
-            double lp = T_at(a, i, v) / tau - r->lse_t;
+            double lq = (S_at(a, i, v) - r->m_s) / tau - r->lse_s;
+            double lp = (T_at(a, i, v) - r->m_t) / tau - r->lse_t;
             if (c->akl) {
                 kdl_elem_d f = kdl_elem_fkl_d(lp, lq), g = kdl_elem_rkl_d(lp, lq);
                 ex[KDL_SHARD_P_FKL] += f.loss;
@@ -464,8 +509,8 @@ static void finish(const ctx_t *c, unsigned char *mask)
             if (a->grad) {
                 kdl_elem_params_d pr = params_of(d, r->w_head, r->w_tail);
                 for (int64_t v = 0; v < a->vocab_local; v++) {
-                    double lq = S_at(a, i, v) / tau - r->lse_s;
-                    double lp = T_at(a, i, v) / tau - r->lse_t;
+                    double lq = (S_at(a, i, v) - r->m_s) / tau - r->lse_s;
+                    double lp = (T_at(a, i, v) - r->m_t) / tau - r->lse_t;
                     kdl_elem_d e = kdl_elem_eval_d(&pr, lp, lq);
                     kdl_store_from_double(a->grad, a->grad_dtype, i * a->ld_grad + v,
                                           kdl_scaled_grad(gscale, kdl_elem_dz_d(e.qg, exp(lq), r->G), tau));

@@ -36,19 +36,26 @@ static int row_ok(const void *x, kdl_dtype_t t, int64_t ld, int64_t i, int64_t V
     return any;
 }
 
-/* p[v] = softmax(x_i / tau)[v] in double. */
+/* p[v] = softmax(x_i / tau)[v] in double, as (x - max x)/tau: x/tau alone
+ * overflows to inf for a tiny tau (a finite logit of a valid row, tau =
+ * 1e-300), and inf - inf made the whole row NaN with SUCCESS (docs/hardening.md
+ * F8); shifted first, the differences only go to -inf (probability 0, the
+ * arg-max indicator in the limit), as in the dense reference. */
 static void softmax_row(const void *x, kdl_dtype_t t, int64_t ld, int64_t i, int64_t V, double tau,
                         double *p)
 {
     double mx = -INFINITY;
     for (int64_t v = 0; v < V; v++) {
-        p[v] = kdl_load_as_double(x, t, i * ld + v) / tau;
+        p[v] = kdl_load_as_double(x, t, i * ld + v);
         if (p[v] > mx) mx = p[v];
     }
     double s = 0;
-    for (int64_t v = 0; v < V; v++) s += exp(p[v] - mx);
-    double lse = mx + log(s);
-    for (int64_t v = 0; v < V; v++) p[v] = exp(p[v] - lse);
+    for (int64_t v = 0; v < V; v++) {
+        p[v] = (p[v] - mx) / tau;
+        s += exp(p[v]);
+    }
+    double ls = log(s);
+    for (int64_t v = 0; v < V; v++) p[v] = exp(p[v] - ls);
 }
 
 static double dist(kdl_ot_metric_t metric, const double *u, const double *w, int64_t V)

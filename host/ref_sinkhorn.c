@@ -35,43 +35,90 @@ static double lb_of(const kdl_ref_ot_problem_t *p, int64_t j)
     return p->lb ? p->lb[j] : -log((double)p->m);
 }
 
+/*
+ * -eps LSE_k(lw_k + r_k/eps) of one row or column (r_k = g_j - C_ij with
+ * lw = lb for an f update, f_i - C_ij with lw = la for a g update), the
+ * argument of row k given by arg(p, pot, fixed, k, &lw, &r).  Two forms of the
+ * same number:
+ *   eps < 1:  in cost units, t_k = r_k + eps lw_k, T = max t_k,
+ *             -(T + eps log sum exp((t_k - T)/eps)).  r_k/eps alone would
+ *             overflow to -inf for every k when eps is tiny against the cost
+ *             (eps = 1e-300, C = 1), and the max-shifted sum of the log form
+ *             is then exp(-inf - -inf) = NaN (docs/hardening.md F7); here the
+ *             sum is >= 1 and the result finite for any eps in (0, 1) (the
+ *             limit eps -> 0 is the c-transform min_k (-r_k)).
+ *   eps >= 1: in log units, u_k = lw_k + r_k/eps, -eps (U + log sum exp(u_k - U)):
+ *             eps lw_k would overflow for a huge eps (1e308 times log(1/3)).
+ */
+typedef void (*ot_arg_fn)(const kdl_ref_ot_problem_t *p, const double *pot, int64_t fixed, int64_t k,
+                          double *lw, double *r);
+
+static void f_arg(const kdl_ref_ot_problem_t *p, const double *g, int64_t i, int64_t j, double *lw, double *r)
+{
+    *lw = lb_of(p, j);
+    *r = g[j] - p->C[i * p->m + j];
+}
+
+static void g_arg(const kdl_ref_ot_problem_t *p, const double *f, int64_t j, int64_t i, double *lw, double *r)
+{
+    *lw = la_of(p, i);
+    *r = f[i] - p->C[i * p->m + j];
+}
+
+static double neg_soft_min(const kdl_ref_ot_problem_t *p, ot_arg_fn arg, const double *pot, int64_t fixed,
+                           int64_t count, double eps)
+{
+    double lw, r, mx = -INFINITY, s = 0;
+    if (eps < 1) {
+        for (int64_t k = 0; k < count; k++) {
+            arg(p, pot, fixed, k, &lw, &r);
+            double t = r + eps * lw;
+            if (t > mx) mx = t;
+        }
+        for (int64_t k = 0; k < count; k++) {
+            arg(p, pot, fixed, k, &lw, &r);
+            s += exp((r + eps * lw - mx) / eps);
+        }
+        return -(mx + eps * log(s));
+    }
+    for (int64_t k = 0; k < count; k++) {
+        arg(p, pot, fixed, k, &lw, &r);
+        double u = lw + r / eps;
+        if (u > mx) mx = u;
+    }
+    for (int64_t k = 0; k < count; k++) {
+        arg(p, pot, fixed, k, &lw, &r);
+        s += exp(lw + r / eps - mx);
+    }
+    return -eps * (mx + log(s));
+}
+
 /* f_i = -eps LSE_j(lb_j + (g_j - C_ij)/eps) for every i. */
 static void f_update(const kdl_ref_ot_problem_t *p, double eps, const double *g, double *f)
 {
-    const int64_t n = p->n, m = p->m;
-    for (int64_t i = 0; i < n; i++) {
-        const double *c = p->C + i * m;
-        double mx = -INFINITY;
-        for (int64_t j = 0; j < m; j++) {
-            double u = lb_of(p, j) + (g[j] - c[j]) / eps;
-            if (u > mx) mx = u;
-        }
-        double s = 0;
-        for (int64_t j = 0; j < m; j++) s += exp(lb_of(p, j) + (g[j] - c[j]) / eps - mx);
-        f[i] = -eps * (mx + log(s));
-    }
+    for (int64_t i = 0; i < p->n; i++) f[i] = neg_soft_min(p, f_arg, g, i, p->m, eps);
 }
 
 /* g_j = -eps LSE_i(la_i + (f_i - C_ij)/eps) for every j. */
 static void g_update(const kdl_ref_ot_problem_t *p, double eps, const double *f, double *g)
 {
-    const int64_t n = p->n, m = p->m;
-    for (int64_t j = 0; j < m; j++) {
-        double mx = -INFINITY;
-        for (int64_t i = 0; i < n; i++) {
-            double u = la_of(p, i) + (f[i] - p->C[i * m + j]) / eps;
-            if (u > mx) mx = u;
-        }
-        double s = 0;
-        for (int64_t i = 0; i < n; i++) s += exp(la_of(p, i) + (f[i] - p->C[i * m + j]) / eps - mx);
-        g[j] = -eps * (mx + log(s));
-    }
+    for (int64_t j = 0; j < p->m; j++) g[j] = neg_soft_min(p, g_arg, f, j, p->n, eps);
 }
 
+/*
+ * P_ij = exp(la_i + lb_j + (f_i + g_j - C_ij)/eps), the exponent capped at
+ * lb_j: g is always the g update of f (an iteration ends with it), so each
+ * column of P sums to b_j and no entry exceeds b_j.  Without the cap, the
+ * rounding of f_i + g_j - C_ij (about 1e-16 |C|) divided by a tiny eps made
+ * entries overflow to inf, and <P, C>, the marginal error and the SinKD loss
+ * inf or NaN (docs/hardening.md F7).  NaN stays NaN.
+ */
 static double plan_ij(const kdl_ref_ot_problem_t *p, double eps, const double *f, const double *g,
                       int64_t i, int64_t j)
 {
-    return exp(la_of(p, i) + lb_of(p, j) + (f[i] + g[j] - p->C[i * p->m + j]) / eps);
+    double e = la_of(p, i) + lb_of(p, j) + (f[i] + g[j] - p->C[i * p->m + j]) / eps;
+    if (e > lb_of(p, j)) e = lb_of(p, j);
+    return exp(e);
 }
 
 /* sum_i |sum_j P_ij - a_i| */

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ext_internal.h"
+#include "internal.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
@@ -473,6 +475,8 @@ Test(api, sizes_and_op_sequence)
     kdl_shard_args_t a;
     kdl_shard_args_init(&a);
     a.rows = 10;
+    a.vocab = 2000;
+    a.vocab_local = 10; /* rank 0's slice [0, 10) */
     a.num_shards = 4;
     a.teacher_dtype = KDL_DTYPE_BF16;
     size_t sb, ec;
@@ -535,4 +539,214 @@ Test(api, bad_arguments)
     EXPECT_STATUS(KDL_STATUS_BAD_TOP_K, 0, dd.top_k = V + 1);
     EXPECT_STATUS(KDL_STATUS_BAD_STRUCT_SIZE, 0, a.struct_size = 1);
 #undef EXPECT_STATUS
+}
+
+/* The shard's rank and slice: kdl_shard_sizes checks them as the steps do
+ * (it did not look at them at all), and every validator (reference steps,
+ * kdl_shard_validate for the reference and for the GPU path) refuses a rank
+ * that cannot hold its slice in an ordered partition of [0, vocab).  Each
+ * case names its status; nothing is written. */
+typedef void (*slice_mut_t)(kdl_shard_args_t *);
+static void sm_none(kdl_shard_args_t *a) { (void)a; }
+static void sm_rank_neg(kdl_shard_args_t *a) { a->shard_rank = -1; }
+static void sm_rank_big(kdl_shard_args_t *a) { a->shard_rank = a->num_shards; }
+static void sm_rank_huge(kdl_shard_args_t *a) { a->shard_rank = INT32_MAX; }
+static void sm_vocab0(kdl_shard_args_t *a) { a->vocab = 0; }
+static void sm_shards_big(kdl_shard_args_t *a) { a->num_shards = (int32_t)a->vocab + 1; }
+static void sm_local0(kdl_shard_args_t *a) { a->vocab_local = 0; }
+static void sm_local_neg(kdl_shard_args_t *a) { a->vocab_local = -3; }
+static void sm_offset_neg(kdl_shard_args_t *a) { a->vocab_offset = -1; }
+static void sm_past_end(kdl_shard_args_t *a) { a->vocab_offset = a->vocab - a->vocab_local + 1; }
+static void sm_local_huge(kdl_shard_args_t *a) { a->vocab_local = INT64_MAX; }
+static void sm_rank0_offset(kdl_shard_args_t *a) { a->shard_rank = 0; }          /* slice starts at 4 */
+static void sm_last_short(kdl_shard_args_t *a) { a->shard_rank = 2; a->num_shards = 3; a->vocab_local = 5; }
+static void sm_last_gap(kdl_shard_args_t *a) { a->vocab_local = 5; }            /* rank 1 of 2 ends at 9 of 10 */
+static void sm_before(kdl_shard_args_t *a) { a->shard_rank = 5; a->num_shards = 8; } /* 5 ranks before column 4 */
+static void sm_after(kdl_shard_args_t *a) { a->num_shards = 3; a->vocab_local = 6; } /* rank 1 of 3: no column left */
+static const struct {
+    const char *name;
+    kdl_status_t want;
+    slice_mut_t mutate;
+} slice_cases[] = {
+    {"valid: rank 1 of 2, [4, 10)", KDL_STATUS_SUCCESS, sm_none},
+    {"shard_rank -1", KDL_STATUS_BAD_PARAM, sm_rank_neg},
+    {"shard_rank = num_shards", KDL_STATUS_BAD_PARAM, sm_rank_big},
+    {"shard_rank INT32_MAX", KDL_STATUS_BAD_PARAM, sm_rank_huge},
+    {"vocab 0", KDL_STATUS_BAD_SIZE, sm_vocab0},
+    {"num_shards > vocab", KDL_STATUS_BAD_SIZE, sm_shards_big},
+    {"vocab_local 0", KDL_STATUS_BAD_SIZE, sm_local0},
+    {"vocab_local -3", KDL_STATUS_BAD_SIZE, sm_local_neg},
+    {"vocab_offset -1", KDL_STATUS_BAD_SIZE, sm_offset_neg},
+    {"slice past vocab", KDL_STATUS_BAD_SIZE, sm_past_end},
+    {"vocab_local INT64_MAX", KDL_STATUS_BAD_SIZE, sm_local_huge},
+    {"rank 0 not at column 0", KDL_STATUS_BAD_PARAM, sm_rank0_offset},
+    {"last rank short of vocab", KDL_STATUS_BAD_PARAM, sm_last_short},
+    {"last of 2 ends before vocab", KDL_STATUS_BAD_PARAM, sm_last_gap},
+    {"rank 5 with 4 columns before its slice", KDL_STATUS_BAD_PARAM, sm_before},
+    {"rank 1 of 3 with no column after its slice", KDL_STATUS_BAD_PARAM, sm_after},
+};
+
+Test(api, rank_and_slice_checked_everywhere)
+{
+    enum { N = 2, V = 10 };
+    double S[N * V] = {0}, T[N * V] = {0}, loss[N], ex[N * 8];
+    double state[512];
+    const double SENT = -4242.0;
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_NONE);
+    for (size_t c = 0; c < sizeof slice_cases / sizeof slice_cases[0]; c++) {
+        kdl_shard_args_t a;
+        kdl_shard_args_init(&a);
+        a.rows = N;
+        a.vocab = V;
+        a.vocab_offset = 4;
+        a.vocab_local = 6;
+        a.shard_rank = 1;
+        a.num_shards = 2;
+        a.student = S;
+        a.teacher = T;
+        a.ld_student = a.ld_teacher = V;
+        a.student_dtype = a.teacher_dtype = a.out_dtype = KDL_DTYPE_F64;
+        a.loss = loss;
+        a.state = state;
+        a.exchange = ex;
+        slice_cases[c].mutate(&a);
+        const kdl_status_t want = slice_cases[c].want;
+        const char *name = slice_cases[c].name;
+
+        size_t sb = 777, ec = 777;
+        int ns = 777;
+        kdl_status_t st = kdl_shard_sizes(&d, &a, &sb, &ec, &ns);
+        cr_expect_eq(st, want, "sizes, %s: %s (%s)", name, kdl_status_string(st), kdl_get_last_error());
+        if (want != KDL_STATUS_SUCCESS) {
+            cr_expect(sb == 777 && ec == 777 && ns == 777, "sizes, %s: an output written", name);
+            cr_expect(kdl_get_last_error()[0] != '\0', "sizes, %s: no detail", name);
+        } else {
+            cr_expect(sb <= sizeof state && ec <= N * 8 && ns == 4, "sizes of the valid problem");
+        }
+        for (int allow_f64 = 0; allow_f64 < 2; allow_f64++) {
+            kdl_shard_args_t g = a; /* the GPU path takes f32 data */
+            if (!allow_f64) g.student_dtype = g.teacher_dtype = g.out_dtype = KDL_DTYPE_F32;
+            st = kdl_shard_validate(&d, &g, allow_f64);
+            cr_expect_eq(st, want, "validate (%s), %s: %s (%s)", allow_f64 ? "reference" : "GPU", name,
+                         kdl_status_string(st), kdl_get_last_error());
+        }
+        for (size_t k = 0; k < sizeof state / sizeof state[0]; k++) state[k] = SENT;
+        for (int k = 0; k < N * 8; k++) ex[k] = SENT;
+        loss[0] = loss[1] = SENT;
+        kdl_shard_op_t op = (kdl_shard_op_t)77;
+        int64_t cnt = 777;
+        st = kdl_ref_shard_step(&d, &a, 0, &op, &cnt);
+        cr_expect_eq(st, want, "step 0, %s: %s (%s)", name, kdl_status_string(st), kdl_get_last_error());
+        if (want != KDL_STATUS_SUCCESS) {
+            int untouched = op == (kdl_shard_op_t)77 && cnt == 777 && loss[0] == SENT && loss[1] == SENT;
+            for (size_t k = 0; k < sizeof state / sizeof state[0]; k++) untouched &= state[k] == SENT;
+            for (int k = 0; k < N * 8; k++) untouched &= ex[k] == SENT;
+            cr_expect(untouched, "step 0, %s: something written", name);
+        }
+    }
+}
+
+/* Rows that are not ours: a single shard that does not hold the whole
+ * vocabulary is refused (it would compute the loss over part of it). */
+Test(api, one_shard_must_hold_the_whole_vocabulary)
+{
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    kdl_shard_args_t a;
+    kdl_shard_args_init(&a);
+    a.rows = 1;
+    a.vocab = 8;
+    a.vocab_local = 5;
+    size_t sb;
+    cr_expect_eq(kdl_shard_sizes(&d, &a, &sb, NULL, NULL), KDL_STATUS_BAD_PARAM);
+    a.vocab_local = 8;
+    cr_expect_eq(kdl_shard_sizes(&d, &a, &sb, NULL, NULL), KDL_STATUS_SUCCESS);
+}
+
+/* tau = 1e-30 (docs/hardening.md F9): the shard reference formed s/tau and
+ * then subtracted max(s/tau); with f64 logits of 1e280 s/tau is inf and
+ * inf - inf made valid rows NaN, where the dense reference computes
+ * (s - max s)/tau and gets the tau -> 0 limit (the arg-max indicator, ties
+ * shared).  Now the shards shift by the raw maxima first, as the dense
+ * reference does: the same loss, gradient and counters for every divergence,
+ * reduction and split, and, with f32 and bf16 logits of ordinary size, the
+ * same as well.  (Before the fix every f64 case here failed.) */
+Test(tiny_tau, agrees_with_the_dense_reference)
+{
+    enum { N = 4, V = 9 };
+    /* rows: distinct maxima, a tie at the top of the student, a tie at the
+     * top of the teacher, masked tokens; magnitudes near 1e280 */
+    const double S64[N * V] = {2e280, 1e280, 0,      -5e279, 3e279,     -1e280, 7,      1.5e280, -INFINITY,
+                               1e280, 1e280, 0.5e280, 2,     -3,        4e279,  1e279,  0,       -1e280,
+                               -2e280, 3e280, 1e279, 3e280,  -INFINITY, 5,      2.5e280, 1e280,  0,
+                               4,     3,      2,      1,     0,         -1,     -2,     -3,      -4};
+    const double T64[N * V] = {1e280, 2e280, 0,      2e280, -1e280,    5,      3e279,  0,       1e279,
+                               3e280, 1e280, 2e280,  0,     -3e280,    1e279,  7,      2e280,   1e280,
+                               1e280, 1e280, 1e280,  -INFINITY, 0,      2e279,  1e280,  -5,      1e279,
+                               -4,    -3,     -2,     -1,    0,         1,      2,      3,       4};
+    float S32[N * V], T32[N * V];
+    uint16_t S16[N * V], T16[N * V];
+    for (int k = 0; k < N * V; k++) { /* ordinary sizes: x / 1e272 */
+        double s = isfinite(S64[k]) ? S64[k] / 1e272 : S64[k], t = isfinite(T64[k]) ? T64[k] / 1e272 : T64[k];
+        S32[k] = (float)s;
+        T32[k] = (float)t;
+        S16[k] = kdl_float_to_bf16((float)s);
+        T16[k] = kdl_float_to_bf16((float)t);
+    }
+    const int64_t labels[N] = {0, 1, -100, 3};
+    struct {
+        const void *S, *T;
+        kdl_dtype_t dt;
+        const char *name;
+    } data[] = {{S64, T64, KDL_DTYPE_F64, "f64 1e280"}, {S32, T32, KDL_DTYPE_F32, "f32"},
+                {S16, T16, KDL_DTYPE_BF16, "bf16"}};
+    int64_t w[MAXR];
+    for (size_t di = 0; di < sizeof data / sizeof data[0]; di++)
+        for (int div = 0; div < KDL_DIV_COUNT_; div++)
+            for (int red = 0; red < KDL_REDUCTION_COUNT_; red++)
+                for (int sp = 0; sp < 3; sp++) {
+                    kdl_loss_desc_t d = kdl_test_desc((kdl_divergence_t)div, (kdl_reduction_t)red);
+                    d.temperature = 1e-30;
+                    /* AKL: a head of one token.  At this tau every probability
+                     * but the largest is 0, the dense reference orders those
+                     * zeros by index and the protocol by logit (the documented
+                     * difference), so a larger head may differ legitimately */
+                    d.head_rule = KDL_HEAD_TOPK;
+                    d.top_k = 1;
+                    int R = sp == 0 ? 1 : sp == 1 ? 2 : 3;
+                    if (R == 1) w[0] = V;
+                    if (R == 2) w[0] = 4, w[1] = 5;
+                    if (R == 3) w[0] = 1, w[1] = 5, w[2] = 3;
+                    result_t sh, de;
+                    run_sharded(&d, data[di].S, data[di].dt, data[di].T, data[di].dt, labels, N, V, R, w, &sh);
+                    run_dense(&d, data[di].S, data[di].dt, data[di].T, data[di].dt, labels, N, V, &de);
+                    char what[96];
+                    snprintf(what, sizeof what, "%s %s %s, %d shards", data[di].name,
+                             kdl_divergence_name(d.divergence), kdl_reduction_name(d.reduction), R);
+                    const size_t nl = d.reduction == KDL_REDUCTION_NONE ? N : 1;
+                    for (size_t i = 0; i < nl; i++) {
+                        int same = (isnan(sh.loss[i]) && isnan(de.loss[i])) || sh.loss[i] == de.loss[i] ||
+                                   fabs(sh.loss[i] - de.loss[i]) <= 1e-12 * fabs(de.loss[i]);
+                        cr_expect(same, "%s: loss[%zu] %.17g, dense %.17g", what, i, sh.loss[i], de.loss[i]);
+                        if (d.reduction != KDL_REDUCTION_NONE)
+                            cr_expect(!isnan(sh.loss[i]), "%s: reduced loss NaN", what);
+                    }
+                    /* the gradient to 1e-12 of its largest entry, as in compare():
+                     * an entry that is 0 in exact arithmetic is rounding noise
+                     * of size 1e-16 / tau = 1e14 here, in both */
+                    double gmax = 0;
+                    for (int64_t j = 0; j < N * V; j++)
+                        if (isfinite(de.grad[j])) gmax = fmax(gmax, fabs(de.grad[j]));
+                    for (int64_t j = 0; j < N * V; j++) {
+                        double x = sh.grad[j], y = de.grad[j];
+                        int same = (isnan(x) && isnan(y)) || x == y || fabs(x - y) <= 1e-12 * (fabs(y) + gmax);
+                        cr_expect(same, "%s: grad[%lld] %.17g, dense %.17g", what, (long long)j, x, y);
+                    }
+                    cr_expect(sh.info == de.info && sh.valid == de.valid, "%s: counters %lld/%lld, dense %lld/%lld",
+                              what, (long long)sh.info, (long long)sh.valid, (long long)de.info, (long long)de.valid);
+                    if (d.divergence == KDL_DIV_AKL)
+                        for (int64_t i = 0; i < N; i++)
+                            if (labels[i] != -100)
+                                cr_expect_eq(sh.head_size[i], de.head_size[i], "%s: row %lld head size", what,
+                                             (long long)i);
+                }
 }
