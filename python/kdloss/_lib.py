@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import threading
@@ -105,6 +106,16 @@ class LossDesc(Structure):
     ]
 
 
+def _rows_fields(name, ld=None, dtype=None):
+    """The fields of an input or output read as rows: its pointer, its row
+    stride in elements (ld_<name>) and its kdl_dtype_t (<name>_dtype)."""
+    return [(name, c_void_p), (ld or "ld_" + name, c_int64), (dtype or name + "_dtype", c_int)]
+
+
+# Float statistics, in the order of the struct, and their key in the stats dict.
+FLOAT_STATS = ("fkl", "rkl", "g_head", "g_tail", "w_head", "w_tail")
+
+
 class LossArgs(Structure):
     """kdl_loss_args_t: where the data is.  Build with new_args()."""
 
@@ -112,32 +123,17 @@ class LossArgs(Structure):
         ("struct_size", c_size_t),
         ("rows", c_int64),
         ("vocab", c_int64),
-        ("student", c_void_p),
-        ("ld_student", c_int64),
-        ("student_dtype", c_int),
-        ("teacher", c_void_p),
-        ("ld_teacher", c_int64),
-        ("teacher_dtype", c_int),
+        *_rows_fields("student"),
+        *_rows_fields("teacher"),
         ("labels", c_void_p),  # const int64_t *
-        ("grad", c_void_p),
-        ("ld_grad", c_int64),
-        ("grad_dtype", c_int),
+        *_rows_fields("grad"),
         ("out_dtype", c_int),
         ("loss", c_void_p),
-        ("stat_fkl", c_void_p),
-        ("stat_rkl", c_void_p),
-        ("stat_g_head", c_void_p),
-        ("stat_g_tail", c_void_p),
-        ("stat_w_head", c_void_p),
-        ("stat_w_tail", c_void_p),
+        *[("stat_" + k, c_void_p) for k in FLOAT_STATS],
         ("stat_head_size", c_void_p),  # int64_t *
         ("info", c_void_p),  # int64_t *
         ("valid_rows", c_void_p),  # int64_t *
     ]
-
-
-# Float statistics, in the order of the struct, and their key in the stats dict.
-FLOAT_STATS = ("fkl", "rkl", "g_head", "g_tail", "w_head", "w_tail")
 
 
 # kdloss_ot.h: batched log-domain Sinkhorn and SinKD.
@@ -220,15 +216,9 @@ class SinkdArgs(Structure):
         ("struct_size", c_size_t),
         ("rows", c_int64),
         ("vocab", c_int64),
-        ("student", c_void_p),
-        ("ld_student", c_int64),
-        ("student_dtype", c_int),
-        ("teacher", c_void_p),
-        ("ld_teacher", c_int64),
-        ("teacher_dtype", c_int),
-        ("grad", c_void_p),
-        ("ld_grad", c_int64),
-        ("grad_dtype", c_int),
+        *_rows_fields("student"),
+        *_rows_fields("teacher"),
+        *_rows_fields("grad"),
         ("out_dtype", c_int),
         ("loss", c_void_p),
         ("group_loss", c_void_p),
@@ -254,18 +244,12 @@ class SparseArgs(Structure):
         ("rows", c_int64),
         ("vocab", c_int64),
         ("k", c_int64),
-        ("student", c_void_p),
-        ("ld_student", c_int64),
-        ("student_dtype", c_int),
+        *_rows_fields("student"),
         ("teacher_indices", c_void_p),  # const int64_t *
         ("ld_indices", c_int64),
-        ("teacher_logprobs", c_void_p),
-        ("ld_logprobs", c_int64),
-        ("teacher_dtype", c_int),
+        *_rows_fields("teacher_logprobs", "ld_logprobs", "teacher_dtype"),
         ("labels", c_void_p),  # const int64_t *
-        ("grad", c_void_p),
-        ("ld_grad", c_int64),
-        ("grad_dtype", c_int),
+        *_rows_fields("grad"),
         ("out_dtype", c_int),
         ("loss", c_void_p),
         ("info", c_void_p),  # int64_t *
@@ -285,16 +269,10 @@ class ShardArgs(Structure):
         ("vocab_local", c_int64),
         ("shard_rank", ctypes.c_int32),
         ("num_shards", ctypes.c_int32),
-        ("student", c_void_p),
-        ("ld_student", c_int64),
-        ("student_dtype", c_int),
-        ("teacher", c_void_p),
-        ("ld_teacher", c_int64),
-        ("teacher_dtype", c_int),
+        *_rows_fields("student"),
+        *_rows_fields("teacher"),
         ("labels", c_void_p),  # const int64_t *
-        ("grad", c_void_p),
-        ("ld_grad", c_int64),
-        ("grad_dtype", c_int),
+        *_rows_fields("grad"),
         ("out_dtype", c_int),
         ("loss", c_void_p),
         ("info", c_void_p),  # int64_t *
@@ -314,15 +292,9 @@ class FusedLinearArgs(Structure):
         ("rows", c_int64),
         ("hidden", c_int64),
         ("vocab", c_int64),
-        ("hidden_states", c_void_p),
-        ("ld_hidden", c_int64),
-        ("hidden_dtype", c_int),
-        ("weight", c_void_p),
-        ("ld_weight", c_int64),
-        ("weight_dtype", c_int),
-        ("teacher", c_void_p),
-        ("ld_teacher", c_int64),
-        ("teacher_dtype", c_int),
+        *_rows_fields("hidden_states", "ld_hidden", "hidden_dtype"),
+        *_rows_fields("weight"),
+        *_rows_fields("teacher"),
         ("labels", c_void_p),  # const int64_t *
         ("grad_hidden", c_void_p),
         ("ld_grad_hidden", c_int64),
@@ -334,6 +306,11 @@ class FusedLinearArgs(Structure):
         ("loss", c_void_p),
         ("info", c_void_p),  # int64_t *
         ("valid_rows", c_void_p),  # int64_t *
+        # version 2
+        ("grad_output", c_void_p),  # [N], reduction none only
+        ("grad_output_dtype", c_int),
+        ("bias", c_void_p),  # [V] in weight_dtype
+        ("grad_bias", c_void_p),  # [V] in grad_dtype
     ]
 
 
@@ -403,40 +380,53 @@ def _candidates():
     return out, False
 
 
-def _prototype(L):
-    P = POINTER
-    st = c_int
-    protos = {
-        "kdl_get_version": (c_int, []),
-        "kdl_status_string": (c_char_p, [c_int]),
-        "kdl_get_last_error": (c_char_p, []),
-        "kdl_loss_desc_init": (None, [c_void_p]),
-        "kdl_loss_args_init": (None, [c_void_p]),
-        "kdl_loss_validate": (st, [P(LossDesc), P(LossArgs), c_int]),
-        "kdl_divergence_name": (c_char_p, [c_int]),
-        "kdl_divergence_from_name": (c_int, [c_char_p]),
-        "kdl_head_rule_name": (c_char_p, [c_int]),
-        "kdl_head_rule_from_name": (c_int, [c_char_p]),
-        "kdl_reduction_name": (c_char_p, [c_int]),
-        "kdl_reduction_from_name": (c_int, [c_char_p]),
-        "kdl_dtype_name": (c_char_p, [c_int]),
-        "kdl_dtype_size": (c_size_t, [c_int]),
-        "kdl_ref_loss_forward_backward": (st, [P(LossDesc), P(LossArgs)]),
-        "kdl_device_available": (c_int, []),
-        "kdl_create": (st, [P(c_void_p)]),
-        "kdl_destroy": (st, [c_void_p]),
-        "kdl_set_stream": (st, [c_void_p, c_void_p]),
-        "kdl_get_stream": (st, [c_void_p, P(c_void_p)]),
-        "kdl_loss_workspace_size": (st, [c_void_p, P(LossDesc), P(LossArgs), P(c_size_t)]),
-        "kdl_loss_forward_backward": (
-            st,
-            [c_void_p, P(LossDesc), P(LossArgs), c_void_p, c_size_t],
-        ),
-    }
+def _bind(L, protos):
+    """Sets restype and argtypes of every entry of protos (name -> (restype,
+    argtypes)); AttributeError when the library lacks one."""
     for name, (restype, argtypes) in protos.items():
-        fn = getattr(L, name)  # AttributeError: a symbol is missing
+        fn = getattr(L, name)
         fn.restype = restype
         fn.argtypes = argtypes
+
+
+_PROTOS = {
+    "kdl_get_version": (c_int, []),
+    "kdl_status_string": (c_char_p, [c_int]),
+    "kdl_get_last_error": (c_char_p, []),
+    "kdl_loss_desc_init": (None, [c_void_p]),
+    "kdl_loss_args_init": (None, [c_void_p]),
+    "kdl_loss_validate": (c_int, [POINTER(LossDesc), POINTER(LossArgs), c_int]),
+    "kdl_divergence_name": (c_char_p, [c_int]),
+    "kdl_divergence_from_name": (c_int, [c_char_p]),
+    "kdl_head_rule_name": (c_char_p, [c_int]),
+    "kdl_head_rule_from_name": (c_int, [c_char_p]),
+    "kdl_reduction_name": (c_char_p, [c_int]),
+    "kdl_reduction_from_name": (c_int, [c_char_p]),
+    "kdl_dtype_name": (c_char_p, [c_int]),
+    "kdl_dtype_size": (c_size_t, [c_int]),
+    "kdl_ref_loss_forward_backward": (c_int, [POINTER(LossDesc), POINTER(LossArgs)]),
+    "kdl_device_available": (c_int, []),
+    "kdl_create": (c_int, [POINTER(c_void_p)]),
+    "kdl_destroy": (c_int, [c_void_p]),
+    "kdl_set_stream": (c_int, [c_void_p, c_void_p]),
+    "kdl_get_stream": (c_int, [c_void_p, POINTER(c_void_p)]),
+    "kdl_loss_workspace_size": (
+        c_int, [c_void_p, POINTER(LossDesc), POINTER(LossArgs), POINTER(c_size_t)]),
+    "kdl_loss_forward_backward": (
+        c_int, [c_void_p, POINTER(LossDesc), POINTER(LossArgs), c_void_p, c_size_t]),
+}
+
+
+def _gpu_protos(**structs):
+    """The workspace-size and run prototypes of GPU entry points that take
+    (handle, desc, args[, workspace, bytes]): name -> (desc, args) types."""
+    out = {}
+    for name, (D, A) in structs.items():
+        size_name = name[:-len("_loss")] if name.endswith("_loss") else name
+        out[size_name + "_workspace_size"] = (
+            c_int, [c_void_p, POINTER(D), POINTER(A), POINTER(c_size_t)])
+        out[name] = (c_int, [c_void_p, POINTER(D), POINTER(A), c_void_p, c_size_t])
+    return out
 
 
 _OT_PROTOS = {
@@ -452,52 +442,8 @@ _OT_PROTOS = {
     "kdl_ref_sinkd": (c_int, [POINTER(SinkdDesc), POINTER(SinkdArgs)]),
 }
 # The GPU entry points: bound when present (needed only for CUDA tensors).
-_OT_GPU_PROTOS = {
-    "kdl_sinkhorn_workspace_size": (
-        c_int, [c_void_p, POINTER(SinkhornDesc), POINTER(SinkhornArgs), POINTER(c_size_t)]),
-    "kdl_sinkhorn": (c_int, [c_void_p, POINTER(SinkhornDesc), POINTER(SinkhornArgs), c_void_p,
-                             c_size_t]),
-    "kdl_sinkd_workspace_size": (
-        c_int, [c_void_p, POINTER(SinkdDesc), POINTER(SinkdArgs), POINTER(c_size_t)]),
-    "kdl_sinkd": (c_int, [c_void_p, POINTER(SinkdDesc), POINTER(SinkdArgs), c_void_p, c_size_t]),
-}
-
-_ot_error = None  # why the Sinkhorn API is unavailable, or None
-_ot_gpu_missing = []  # GPU Sinkhorn entry points the library lacks
-
-
-def _prototype_ot(L):
-    """The Sinkhorn / SinKD API is optional (a library built before it
-    landed lacks it): returns None, or the reason it cannot be used."""
-    missing = [name for name in _OT_PROTOS if not hasattr(L, name)]
-    if missing:
-        return f"the library lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-    for name, (restype, argtypes) in _OT_PROTOS.items():
-        fn = getattr(L, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
-    _ot_gpu_missing[:] = [name for name in _OT_GPU_PROTOS if not hasattr(L, name)]
-    for name, (restype, argtypes) in _OT_GPU_PROTOS.items():
-        if hasattr(L, name):
-            fn = getattr(L, name)
-            fn.restype = restype
-            fn.argtypes = argtypes
-    _check_struct_size(L.kdl_sinkhorn_desc_init, SinkhornDesc)
-    _check_struct_size(L.kdl_sinkhorn_args_init, SinkhornArgs)
-    _check_struct_size(L.kdl_sinkd_desc_init, SinkdDesc)
-    _check_struct_size(L.kdl_sinkd_args_init, SinkdArgs)
-    d = SinkhornDesc()
-    L.kdl_sinkhorn_desc_init(ctypes.byref(d))
-    _check_defaults("kdl_sinkhorn_desc_t", d, dict(
-        epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10, eps_scaling=0,
-        eps_scaling_factor=0.8, eps_stage_iter=1, value=0, debias=0, metric=0))
-    k = SinkdDesc()
-    L.kdl_sinkd_desc_init(ctypes.byref(k))
-    _check_defaults("kdl_sinkd_desc_t", k, dict(
-        group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0, check_every=10,
-        metric=1, scale=1.0))
-    return None
-
+_OT_GPU_PROTOS = _gpu_protos(kdl_sinkhorn=(SinkhornDesc, SinkhornArgs),
+                             kdl_sinkd=(SinkdDesc, SinkdArgs))
 
 _EXT_PROTOS = {
     "kdl_sparse_mode_name": (c_char_p, [c_int]),
@@ -518,64 +464,82 @@ _EXT_PROTOS = {
     "kdl_ref_fused_linear_loss": (c_int, [POINTER(LossDesc), POINTER(FusedLinearArgs)]),
 }
 # The GPU entry points of kdloss_ext.h: bound when present (CUDA tensors only).
-_EXT_GPU_PROTOS = {
-    "kdl_sparse_workspace_size": (
-        c_int, [c_void_p, POINTER(LossDesc), POINTER(SparseArgs), POINTER(c_size_t)]),
-    "kdl_sparse_loss": (c_int, [c_void_p, POINTER(LossDesc), POINTER(SparseArgs), c_void_p,
-                                c_size_t]),
-    "kdl_shard_step": (c_int, [c_void_p, POINTER(LossDesc), POINTER(ShardArgs), c_int,
-                               POINTER(c_int), POINTER(c_int64)]),
-    "kdl_fused_linear_workspace_size": (
-        c_int, [c_void_p, POINTER(LossDesc), POINTER(FusedLinearArgs), POINTER(c_size_t)]),
-    "kdl_fused_linear_loss": (c_int, [c_void_p, POINTER(LossDesc), POINTER(FusedLinearArgs),
-                                      c_void_p, c_size_t]),
-}
+_EXT_GPU_PROTOS = dict(
+    _gpu_protos(kdl_sparse_loss=(LossDesc, SparseArgs),
+                kdl_fused_linear_loss=(LossDesc, FusedLinearArgs)),
+    kdl_shard_step=(c_int, [c_void_p, POINTER(LossDesc), POINTER(ShardArgs), c_int,
+                            POINTER(c_int), POINTER(c_int64)]))
 
-_ext_error = None  # why the kdloss_ext.h API is unavailable, or None
-_ext_gpu_missing = []  # its GPU entry points the library lacks
+# Per optional API: why it is unavailable (None: usable) and which of its GPU
+# entry points the library lacks.
+_api_error = {"ot": None, "ext": None}
+_gpu_missing = {"ot": [], "ext": []}
+_API_HEADER = {"ot": "the Sinkhorn / SinKD API of kdloss_ot.h",
+               "ext": "the extension API of kdloss_ext.h"}
+
+
+def _bind_optional(L, api, protos, gpu_protos):
+    """An optional API (a library built before it landed lacks it): binds it
+    and its GPU entry points that are present; returns None, or the reason
+    it cannot be used."""
+    missing = [name for name in protos if not hasattr(L, name)]
+    if missing:
+        return f"the library lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    _bind(L, protos)
+    _gpu_missing[api][:] = [name for name in gpu_protos if not hasattr(L, name)]
+    _bind(L, {k: v for k, v in gpu_protos.items() if hasattr(L, k)})
+    return None
+
+
+def _check_struct(L, init_name, ctype, cname, defaults):
+    """A mirror against the library: its size, and the defaults the init
+    function writes read back through the mirrored fields."""
+    init = getattr(L, init_name)
+    _check_struct_size(init, ctype)
+    obj = ctype()
+    init(ctypes.byref(obj))
+    _check_defaults(cname, obj, defaults)
+
+
+def _prototype_ot(L):
+    err = _bind_optional(L, "ot", _OT_PROTOS, _OT_GPU_PROTOS)
+    if err:
+        return err
+    _check_struct(L, "kdl_sinkhorn_desc_init", SinkhornDesc, "kdl_sinkhorn_desc_t", dict(
+        epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10, eps_scaling=0,
+        eps_scaling_factor=0.8, eps_stage_iter=1, value=0, debias=0, metric=0))
+    _check_struct(L, "kdl_sinkhorn_args_init", SinkhornArgs, "kdl_sinkhorn_args_t", dict(
+        batch=0, n=0, m=0, cost=None, value=None, info=None))
+    _check_struct(L, "kdl_sinkd_desc_init", SinkdDesc, "kdl_sinkd_desc_t", dict(
+        group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0, check_every=10,
+        metric=1, scale=1.0))
+    _check_struct(L, "kdl_sinkd_args_init", SinkdArgs, "kdl_sinkd_args_t", dict(
+        rows=0, vocab=0, student=None, grad=None, loss=None, info=None))
+    return None
 
 
 def _prototype_ext(L):
-    """The extension API (kdloss_ext.h) is optional like the Sinkhorn one:
-    returns None, or the reason it cannot be used.  The struct mirrors are
-    checked against the library as the dense ones are."""
-    missing = [name for name in _EXT_PROTOS if not hasattr(L, name)]
-    if missing:
-        return f"the library lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-    for name, (restype, argtypes) in _EXT_PROTOS.items():
-        fn = getattr(L, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
-    _ext_gpu_missing[:] = [name for name in _EXT_GPU_PROTOS if not hasattr(L, name)]
-    for name, (restype, argtypes) in _EXT_GPU_PROTOS.items():
-        if hasattr(L, name):
-            fn = getattr(L, name)
-            fn.restype = restype
-            fn.argtypes = argtypes
-    _check_struct_size(L.kdl_sparse_args_init, SparseArgs)
-    _check_struct_size(L.kdl_shard_args_init, ShardArgs)
-    _check_struct_size(L.kdl_fused_linear_args_init, FusedLinearArgs)
+    """The extension API (kdloss_ext.h) is optional like the Sinkhorn one;
+    its struct mirrors are checked against the library as the dense ones."""
+    err = _bind_optional(L, "ext", _EXT_PROTOS, _EXT_GPU_PROTOS)
+    if err:
+        return err
     zeros = dict(rows=0, vocab=0, student_dtype=DTYPE["f32"], grad_dtype=DTYPE["f32"],
                  out_dtype=DTYPE["f32"], student=None, grad=None, loss=None, info=None,
                  valid_rows=None)
-    a = SparseArgs()
-    L.kdl_sparse_args_init(ctypes.byref(a))
-    _check_defaults("kdl_sparse_args_t", a, dict(
+    _check_struct(L, "kdl_sparse_args_init", SparseArgs, "kdl_sparse_args_t", dict(
         zeros, mode=0, k=0, teacher_dtype=DTYPE["f32"], teacher_indices=None,
         teacher_logprobs=None, labels=None, bad_index_rows=None))
-    b = ShardArgs()
-    L.kdl_shard_args_init(ctypes.byref(b))
-    _check_defaults("kdl_shard_args_t", b, dict(
+    _check_struct(L, "kdl_shard_args_init", ShardArgs, "kdl_shard_args_t", dict(
         zeros, vocab_offset=0, vocab_local=0, shard_rank=0, num_shards=1,
         teacher_dtype=DTYPE["f32"], teacher=None, labels=None, stat_head_size=None,
         head_mask=None, state=None, exchange=None))
-    c = FusedLinearArgs()
-    L.kdl_fused_linear_args_init(ctypes.byref(c))
-    _check_defaults("kdl_fused_linear_args_t", c, dict(
+    _check_struct(L, "kdl_fused_linear_args_init", FusedLinearArgs, "kdl_fused_linear_args_t", dict(
         rows=0, hidden=0, vocab=0, hidden_dtype=DTYPE["f32"], weight_dtype=DTYPE["f32"],
         teacher_dtype=DTYPE["f32"], grad_dtype=DTYPE["f32"], out_dtype=DTYPE["f32"],
         chunk_rows=0, hidden_states=None, weight=None, teacher=None, grad_hidden=None,
-        grad_weight=None, loss=None, info=None, valid_rows=None))
+        grad_weight=None, loss=None, info=None, valid_rows=None, grad_output=None,
+        grad_output_dtype=DTYPE["f32"], bias=None, grad_bias=None))
     return None
 
 
@@ -604,17 +568,11 @@ def _check_defaults(cname, obj, want):
 
 def _check_layout(L):
     """Compare the ctypes mirrors with what the C init functions write."""
-    _check_struct_size(L.kdl_loss_desc_init, LossDesc)
-    _check_struct_size(L.kdl_loss_args_init, LossArgs)
-    d = LossDesc()
-    L.kdl_loss_desc_init(ctypes.byref(d))
-    _check_defaults("kdl_loss_desc_t", d, dict(
+    _check_struct(L, "kdl_loss_desc_init", LossDesc, "kdl_loss_desc_t", dict(
         temperature=1.0, alpha=0.1, beta=0.5, mu=0.5, top_k=1, scale=1.0, ignore_index=-100,
         divergence=0, head_rule=0, reduction=REDUCTION_MEAN))
-    a = LossArgs()
-    L.kdl_loss_args_init(ctypes.byref(a))
-    if (a.rows, a.vocab, a.student, a.grad, a.loss, a.valid_rows) != (0, 0, None, None, None, None):
-        raise ImportError(f"kdloss: kdl_loss_args_t layout does not match {_lib_path}")
+    _check_struct(L, "kdl_loss_args_init", LossArgs, "kdl_loss_args_t", dict(
+        rows=0, vocab=0, student=None, grad=None, loss=None, valid_rows=None))
 
 
 def lib():
@@ -637,13 +595,12 @@ def lib():
                 continue
             _lib_path = getattr(L, "_name", name)
             try:
-                _prototype(L)
+                _bind(L, _PROTOS)
             except AttributeError as e:
                 raise ImportError(f"kdloss: {name} is not a usable libkdloss ({e})") from None
             _check_layout(L)
-            global _ot_error, _ext_error
-            _ot_error = _prototype_ot(L)
-            _ext_error = _prototype_ext(L)
+            _api_error["ot"] = _prototype_ot(L)
+            _api_error["ext"] = _prototype_ext(L)
             _lib = L
             return L
         raise OSError(
@@ -701,33 +658,51 @@ def _parse(kind, value, from_name, names):
     return code
 
 
+def _set_numbers(obj, floats=(), ints=(), flags=()):
+    """Sets float, integer and flag fields from Python values: TypeError for
+    a value that is not a real number / an integer (the library checks the
+    ranges)."""
+    for name, val in floats:
+        try:
+            setattr(obj, name, float(val))
+        except (TypeError, ValueError):
+            raise TypeError(f"kdloss: {name} must be a real number, got {val!r}") from None
+    for name, val in ints:
+        setattr(obj, name, as_int(name, val))
+    for name, val in flags:
+        setattr(obj, name, 1 if val else 0)
+
+
+def as_int(name, val):
+    """val as a Python int; TypeError for a bool or a non-integer."""
+    if isinstance(val, bool) or not isinstance(val, int) and not hasattr(val, "__index__"):
+        raise TypeError(f"kdloss: {name} must be an integer, got {val!r}")
+    return int(val)
+
+
+def _new(ctype, init_name):
+    obj = ctype()
+    getattr(lib(), init_name)(ctypes.byref(obj))
+    return obj
+
+
 def new_desc(divergence="akl", temperature=1.0, alpha=0.1, beta=0.5, head_rule="reference",
              mu=0.5, top_k=1, reduction="mean", scale=1.0, ignore_index=-100):
     """A LossDesc from Python values; names are checked here, numbers by the
     library (kdl_loss_validate) when the loss is computed."""
     L = lib()
-    d = LossDesc()
-    L.kdl_loss_desc_init(ctypes.byref(d))
+    d = _new(LossDesc, "kdl_loss_desc_init")
     d.divergence = _parse("divergence", divergence, L.kdl_divergence_from_name, divergence_names)
     d.head_rule = _parse("head_rule", head_rule, L.kdl_head_rule_from_name, head_rule_names)
     d.reduction = _parse("reduction", reduction, L.kdl_reduction_from_name, reduction_names)
-    for name, val in (("temperature", temperature), ("alpha", alpha), ("beta", beta),
-                      ("mu", mu), ("scale", scale)):
-        try:
-            setattr(d, name, float(val))
-        except (TypeError, ValueError):
-            raise TypeError(f"kdloss: {name} must be a real number, got {val!r}") from None
-    for name, val in (("top_k", top_k), ("ignore_index", ignore_index)):
-        if isinstance(val, bool) or not isinstance(val, int) and not hasattr(val, "__index__"):
-            raise TypeError(f"kdloss: {name} must be an integer, got {val!r}")
-        setattr(d, name, int(val))
+    _set_numbers(d, floats=(("temperature", temperature), ("alpha", alpha), ("beta", beta),
+                            ("mu", mu), ("scale", scale)),
+                 ints=(("top_k", top_k), ("ignore_index", ignore_index)))
     return d
 
 
 def new_args():
-    a = LossArgs()
-    lib().kdl_loss_args_init(ctypes.byref(a))
-    return a
+    return _new(LossArgs, "kdl_loss_args_init")
 
 
 def version():
@@ -742,28 +717,28 @@ def device_available():
 
 
 # ------------------------------------------------------ Sinkhorn helpers
+def _require(api, what, gpu=False):
+    lib()
+    if _api_error[api] is not None:
+        raise NotImplementedError(
+            f"kdloss: {what} needs {_API_HEADER[api]}, which the loaded library {_lib_path} "
+            f"does not have ({_api_error[api]}); rebuild libkdloss"
+        )
+    if gpu and _gpu_missing[api]:
+        raise NotImplementedError(
+            f"kdloss: {what} on CUDA tensors needs {', '.join(_gpu_missing[api])}, which the "
+            f"loaded library {_lib_path} does not have; use CPU tensors (the reference)"
+        )
+
+
 def ot_available():
     """True when the loaded library has the Sinkhorn / SinKD API."""
     lib()
-    return _ot_error is None
+    return _api_error["ot"] is None
 
 
-def require_ot(what):
-    lib()
-    if _ot_error is not None:
-        raise NotImplementedError(
-            f"kdloss: {what} needs the Sinkhorn / SinKD API of kdloss_ot.h, which the loaded "
-            f"library {_lib_path} does not have ({_ot_error}); rebuild libkdloss"
-        )
-
-
-def require_ot_gpu(what):
-    require_ot(what)
-    if _ot_gpu_missing:
-        raise NotImplementedError(
-            f"kdloss: {what} on CUDA tensors needs {', '.join(_ot_gpu_missing)}, which the "
-            f"loaded library {_lib_path} does not have yet; use CPU tensors (the reference)"
-        )
+require_ot = functools.partial(_require, "ot")
+require_ot_gpu = functools.partial(_require, "ot", gpu=True)
 
 
 def metric_names():
@@ -774,30 +749,15 @@ def value_names():
     return _names(lib().kdl_ot_value_name, OT_VALUE_COUNT)
 
 
-def _set_numbers(obj, cname, floats=(), ints=(), flags=()):
-    for name, val in floats:
-        try:
-            setattr(obj, name, float(val))
-        except (TypeError, ValueError):
-            raise TypeError(f"kdloss: {name} must be a real number, got {val!r}") from None
-    for name, val in ints:
-        if isinstance(val, bool) or not isinstance(val, int) and not hasattr(val, "__index__"):
-            raise TypeError(f"kdloss: {name} must be an integer, got {val!r}")
-        setattr(obj, name, int(val))
-    for name, val in flags:
-        setattr(obj, name, 1 if val else 0)
-
-
 def new_sinkhorn_desc(epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10, eps_scaling=False,
                       eps_scaling_factor=0.8, eps_stage_iter=1, value="transport", debias=False,
                       metric="sqeuclidean"):
     require_ot("sinkhorn")
     L = lib()
-    d = SinkhornDesc()
-    L.kdl_sinkhorn_desc_init(ctypes.byref(d))
+    d = _new(SinkhornDesc, "kdl_sinkhorn_desc_init")
     d.value = _parse("value", value, L.kdl_ot_value_from_name, value_names)
     d.metric = _parse("metric", metric, L.kdl_ot_metric_from_name, metric_names)
-    _set_numbers(d, "kdl_sinkhorn_desc_t",
+    _set_numbers(d,
                  floats=(("epsilon", epsilon), ("tol", tol),
                          ("eps_scaling_factor", eps_scaling_factor)),
                  ints=(("max_iter", max_iter), ("check_every", check_every),
@@ -807,19 +767,16 @@ def new_sinkhorn_desc(epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10, eps_
 
 
 def new_sinkhorn_args():
-    a = SinkhornArgs()
-    lib().kdl_sinkhorn_args_init(ctypes.byref(a))
-    return a
+    return _new(SinkhornArgs, "kdl_sinkhorn_args_init")
 
 
 def new_sinkd_desc(group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0,
                    check_every=10, metric="l1", scale=1.0):
     require_ot("sinkd_loss")
     L = lib()
-    d = SinkdDesc()
-    L.kdl_sinkd_desc_init(ctypes.byref(d))
+    d = _new(SinkdDesc, "kdl_sinkd_desc_init")
     d.metric = _parse("metric", metric, L.kdl_ot_metric_from_name, metric_names)
-    _set_numbers(d, "kdl_sinkd_desc_t",
+    _set_numbers(d,
                  floats=(("temperature", temperature), ("epsilon", epsilon), ("tol", tol),
                          ("scale", scale)),
                  ints=(("group_size", group_size), ("max_iter", max_iter),
@@ -828,9 +785,7 @@ def new_sinkd_desc(group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=
 
 
 def new_sinkd_args():
-    a = SinkdArgs()
-    lib().kdl_sinkd_args_init(ctypes.byref(a))
-    return a
+    return _new(SinkdArgs, "kdl_sinkd_args_init")
 
 
 # ----------------------------------------------- extension (kdloss_ext.h)
@@ -838,25 +793,11 @@ def ext_available():
     """True when the loaded library has the kdloss_ext.h API (sparse
     teacher, vocabulary-parallel steps, fused linear + loss)."""
     lib()
-    return _ext_error is None
+    return _api_error["ext"] is None
 
 
-def require_ext(what):
-    lib()
-    if _ext_error is not None:
-        raise NotImplementedError(
-            f"kdloss: {what} needs the extension API of kdloss_ext.h, which the loaded library "
-            f"{_lib_path} does not have ({_ext_error}); rebuild libkdloss"
-        )
-
-
-def require_ext_gpu(what):
-    require_ext(what)
-    if _ext_gpu_missing:
-        raise NotImplementedError(
-            f"kdloss: {what} on CUDA tensors needs {', '.join(_ext_gpu_missing)}, which the "
-            f"loaded library {_lib_path} does not have; use CPU tensors (the reference)"
-        )
+require_ext = functools.partial(_require, "ext")
+require_ext_gpu = functools.partial(_require, "ext", gpu=True)
 
 
 def sparse_mode_names():
@@ -878,23 +819,17 @@ def parse_sparse_mode(mode):
 
 def new_sparse_args():
     require_ext("the sparse teacher")
-    a = SparseArgs()
-    lib().kdl_sparse_args_init(ctypes.byref(a))
-    return a
+    return _new(SparseArgs, "kdl_sparse_args_init")
 
 
 def new_shard_args():
     require_ext("the vocabulary-parallel loss")
-    a = ShardArgs()
-    lib().kdl_shard_args_init(ctypes.byref(a))
-    return a
+    return _new(ShardArgs, "kdl_shard_args_init")
 
 
 def new_fused_linear_args():
     require_ext("the fused linear + loss")
-    a = FusedLinearArgs()
-    lib().kdl_fused_linear_args_init(ctypes.byref(a))
-    return a
+    return _new(FusedLinearArgs, "kdl_fused_linear_args_init")
 
 
 def shard_sizes(desc, args):
@@ -903,6 +838,67 @@ def shard_sizes(desc, args):
     check(lib().kdl_shard_sizes(ctypes.byref(desc), ctypes.byref(args), ctypes.byref(sb),
                                 ctypes.byref(ec), ctypes.byref(ns)), "kdl_shard_sizes")
     return sb.value, ec.value, ns.value
+
+
+# ------------------------------------------------------ the entry points
+# Per op: (the float64 reference, the GPU workspace query, the GPU call);
+# each takes (desc, args) and the GPU ones a handle first.
+ENTRY_POINTS = {
+    "loss": ("kdl_ref_loss_forward_backward", "kdl_loss_workspace_size",
+             "kdl_loss_forward_backward"),
+    "sinkhorn": ("kdl_ref_sinkhorn", "kdl_sinkhorn_workspace_size", "kdl_sinkhorn"),
+    "sinkd": ("kdl_ref_sinkd", "kdl_sinkd_workspace_size", "kdl_sinkd"),
+    "sparse": ("kdl_ref_sparse_loss", "kdl_sparse_workspace_size", "kdl_sparse_loss"),
+    "fused_linear": ("kdl_ref_fused_linear_loss", "kdl_fused_linear_workspace_size",
+                     "kdl_fused_linear_loss"),
+}
+
+
+# The optional API (see _require) each op's GPU entry point belongs to.
+_OP_API = {"sinkhorn": "ot", "sinkd": "ot", "sparse": "ext", "fused_linear": "ext",
+           "shard": "ext"}
+
+
+def require_gpu(op, what):
+    """NotImplementedError unless the library has op's GPU entry points."""
+    if op in _OP_API:
+        _require(_OP_API[op], what, gpu=True)
+
+
+def call_ref(op, desc, args):
+    """The float64 CPU reference of op on host buffers."""
+    name = ENTRY_POINTS[op][0]
+    check(getattr(lib(), name)(ctypes.byref(desc), ctypes.byref(args)), name)
+
+
+def call_gpu(op, handle, stream, desc, args, alloc):
+    """The GPU entry point of op on `stream`: asks for the workspace size,
+    gets the workspace from alloc(nbytes) (an object with data_ptr(); kept
+    alive until the call has been enqueued) and runs."""
+    _, size_name, name = ENTRY_POINTS[op]
+    L = lib()
+    check(L.kdl_set_stream(handle, c_void_p(stream)), "kdl_set_stream")
+    nbytes = c_size_t(0)
+    check(getattr(L, size_name)(handle, ctypes.byref(desc), ctypes.byref(args),
+                                ctypes.byref(nbytes)), size_name)
+    ws = alloc(nbytes.value) if nbytes.value else None
+    check(getattr(L, name)(handle, ctypes.byref(desc), ctypes.byref(args),
+                           c_void_p(ws.data_ptr()) if ws is not None else None, nbytes.value),
+          name)
+
+
+def shard_step(handle, desc, args, step):
+    """One step of the vocabulary-parallel protocol (the reference when
+    handle is None): (op code, count of exchange doubles)."""
+    L = lib()
+    op, count = c_int(0), c_int64(0)
+    if handle is None:
+        check(L.kdl_ref_shard_step(ctypes.byref(desc), ctypes.byref(args), int(step),
+                                   ctypes.byref(op), ctypes.byref(count)), "kdl_ref_shard_step")
+    else:
+        check(L.kdl_shard_step(handle, ctypes.byref(desc), ctypes.byref(args), int(step),
+                               ctypes.byref(op), ctypes.byref(count)), "kdl_shard_step")
+    return op.value, int(count.value)
 
 
 # ----------------------------------------------------------- GPU handles

@@ -17,6 +17,7 @@ import pytest
 import kdloss
 import kdloss.numpy as kn
 from kdloss import _lib
+from textbook import divergence, np_kl, np_log_softmax, reduce
 
 
 @pytest.fixture(autouse=True)
@@ -31,36 +32,7 @@ OPTS = dict(alpha=0.2, beta=0.3)
 
 
 # ------------------------------------------------------------ the closed form
-def log_softmax(x):
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def kl(p, q):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0).sum())
-
-
-def divergence(p, q, div, alpha=0.2, beta=0.3, weights=None):
-    if div == "fkl":
-        return kl(p, q)
-    if div == "rkl":
-        return kl(q, p)
-    if div == "fkl_rkl":
-        return kl(p, q) + kl(q, p)
-    if div == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if div == "tvd":
-        return 0.5 * np.abs(p - q).sum()
-    if div == "skl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    if div == "srkl":
-        return kl(q, alpha * q + (1 - alpha) * p)
-    if div == "akl":
-        wh, wt = weights
-        return wh * kl(p, q) + wt * kl(q, p)
-    raise AssertionError(div)
+log_softmax = np_log_softmax
 
 
 def sparse_cells(s, idx, lp, mode, tau):
@@ -114,14 +86,9 @@ def sparse_textbook(S, I, LP, mode, div, tau=1.0, reduction="mean", labels=None,
         if div == "akl":
             w = weights[i] if weights is not None else tail_akl_weights(p, q, LP[i], I[i], rule,
                                                                         mu, top_k)
-        rows.append(divergence(p, q, div, weights=w))
+        rows.append(divergence(p, q, div, OPTS["alpha"], OPTS["beta"], np_kl, w))
         keep.append(True)
-    rows = np.array(rows) * scale
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / sum(keep) if sum(keep) else 0.0
+    return reduce(np.array(rows), sum(keep), reduction, scale)
 
 
 def fd(f, S, h=1e-6):
@@ -388,8 +355,14 @@ def test_sparse_failure_writes_nothing():
     desc = _lib.new_desc(divergence="fkl", temperature=-1.0)
     loss, grad = _sentinels((1,), S.shape)
     counters = np.full(3, 99, dtype=np.int64)
-    a = kn._sparse_args(desc, 0, (S, 4, 11, 11, _lib.DTYPE["f64"]), (I, 4, 4),
-                        (LP, 4, _lib.DTYPE["f64"]), None, grad, _lib.DTYPE["f64"], loss, counters)
+    a = _lib.new_sparse_args()
+    a.mode, a.rows, a.vocab, a.k = 0, 4, 11, 4
+    a.student, a.ld_student, a.student_dtype = S.ctypes.data, 11, _lib.DTYPE["f64"]
+    a.teacher_indices, a.ld_indices = I.ctypes.data, 4
+    a.teacher_logprobs, a.ld_logprobs, a.teacher_dtype = LP.ctypes.data, 4, _lib.DTYPE["f64"]
+    a.grad, a.ld_grad, a.grad_dtype = grad.ctypes.data, 11, _lib.DTYPE["f64"]
+    a.out_dtype, a.loss = _lib.DTYPE["f64"], loss.ctypes.data
+    a.info, a.valid_rows, a.bad_index_rows = (counters.ctypes.data + 8 * i for i in range(3))
     st = _lib.lib().kdl_ref_sparse_loss(ctypes.byref(desc), ctypes.byref(a))
     assert st == _lib.STATUS["BAD_TEMPERATURE"]
     assert (loss == 7.25).all() and (grad == 7.25).all() and (counters == 99).all()

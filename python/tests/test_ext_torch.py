@@ -23,6 +23,7 @@ except ImportError as e:
 import kdloss  # noqa: E402
 import kdloss.torch as kt  # noqa: E402
 from kdloss import _lib  # noqa: E402
+from textbook import divergence, torch_akl_weights, torch_kl, torch_reduce  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIVS = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
@@ -44,37 +45,9 @@ def _free_port():
 
 
 # ------------------------------------------------------------ the textbook
-def xkl(a, b):
-    """KL(a||b) over the last dim, 0 log 0 = 0 (and a zero gradient there)."""
-    return (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)
-
-
 def div_pq(p, q, div, alpha=0.2, beta=0.3, head=None):
-    if div == "fkl":
-        return xkl(p, q)
-    if div == "rkl":
-        return xkl(q, p)
-    if div == "fkl_rkl":
-        return xkl(p, q) + xkl(q, p)
-    if div == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * xkl(p, m) + (1 - beta) * xkl(q, m)
-    if div == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if div == "skl":
-        return xkl(p, alpha * p + (1 - alpha) * q)
-    if div == "srkl":
-        return xkl(q, alpha * q + (1 - alpha) * p)
-    if div == "akl":
-        with torch.no_grad():  # the weights are constants for the gradient
-            gap = (p - q).abs()
-            gh = (gap * head).sum(-1)
-            gt = (gap * ~head).sum(-1)
-            tot = gh + gt
-            wh = torch.where(tot > 0, gh / tot, torch.full_like(tot, 0.5))
-            wt = torch.where(tot > 0, gt / tot, torch.full_like(tot, 0.5))
-        return wh * xkl(p, q) + wt * xkl(q, p)
-    raise AssertionError(div)
+    weights = torch_akl_weights(p, q, head) if div == "akl" else None
+    return divergence(p, q, div, alpha, beta, torch_kl, weights)
 
 
 def tail_head(lp, idx, rule, mu, top_k):
@@ -114,18 +87,8 @@ def sparse_textbook(s, idx, lp, mode, div, temperature=1.0, labels=None, ignore_
         qc = torch.cat([qj, qb], -1)
         if div == "akl":
             head = tail_head(lp, idx, head_rule, mu, top_k)
-    loss = div_pq(p, qc, div, alpha, beta, head)
-    count = loss.shape[0]
-    if labels is not None:
-        keep = labels != ignore_index
-        loss = torch.where(keep, loss, torch.zeros_like(loss))
-        count = int(keep.sum())
-    loss = loss * scale
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / count if count else loss.sum() * 0
+    return torch_reduce(div_pq(p, qc, div, alpha, beta, head), labels, ignore_index, reduction,
+                        scale)
 
 
 def sparse_data(n=5, v=12, k=4, seed=0, temperature=1.0):

@@ -13,19 +13,12 @@ import kdloss.numpy as kn
 DIVS = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
 
 
+from textbook import divergence, np_kl, np_log_softmax, reduce  # noqa: E402
+
+log_softmax = np_log_softmax
+
+
 # ------------------------------------------------------------ the textbook
-def log_softmax(x):
-    m = x.max(axis=-1, keepdims=True)
-    z = x - m
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def kl(p, q):
-    """KL(p||q) of probability vectors, 0 log 0 = 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0).sum())
-
-
 def akl_head(p, rule, mu, k):
     order = np.argsort(-p, kind="stable")  # descending, ties by lower index
     c = np.cumsum(p[order])
@@ -44,25 +37,9 @@ def akl_head(p, rule, mu, k):
 def row_loss(s, t, div, T=1.0, alpha=0.1, beta=0.5, rule="reference", mu=0.5, k=1, weights=None):
     q = np.exp(log_softmax(s / T))
     p = np.exp(log_softmax(t / T))
-    if div == "fkl":
-        return kl(p, q)
-    if div == "rkl":
-        return kl(q, p)
-    if div == "fkl_rkl":
-        return kl(p, q) + kl(q, p)
-    if div == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if div == "tvd":
-        return 0.5 * np.abs(p - q).sum()
-    if div == "skl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    if div == "srkl":
-        return kl(q, alpha * q + (1 - alpha) * p)
-    if div == "akl":
-        wh, wt = weights if weights is not None else akl_weights(s, t, T, rule, mu, k)
-        return wh * kl(p, q) + wt * kl(q, p)
-    raise AssertionError(div)
+    if div == "akl" and weights is None:
+        weights = akl_weights(s, t, T, rule, mu, k)
+    return float(divergence(p, q, div, alpha, beta, np_kl, weights))
 
 
 def akl_weights(s, t, T=1.0, rule="reference", mu=0.5, k=1):
@@ -85,13 +62,7 @@ def textbook(S, T_, div, reduction="mean", labels=None, ignore_index=-100, scale
         w = None if weights is None else weights[i]
         rows.append(0.0 if ignored else row_loss(S[i], T_[i], div, weights=w, **kw))
         keep.append(not ignored)
-    rows = np.array(rows) * scale
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    n = sum(keep)
-    return rows.sum() / n if n else 0.0
+    return reduce(np.array(rows), sum(keep), reduction, scale)
 
 
 def fd_grad(S, T_, div, h=1e-6, **kw):

@@ -15,6 +15,7 @@ except ImportError as e:
 
 import kdloss  # noqa: E402
 import kdloss.torch as kt  # noqa: E402
+from textbook import divergence, torch_akl_weights, torch_kl, torch_reduce  # noqa: E402
 
 DIVS = ["fkl", "rkl", "fkl_rkl", "akl", "jsd", "tvd", "skl", "srkl"]
 SMOOTH = ["fkl", "rkl", "fkl_rkl", "jsd", "skl", "srkl"]
@@ -29,27 +30,9 @@ def textbook(s, t, div, temperature=1.0, alpha=0.1, beta=0.5, head_rule="referen
     t = t.reshape(-1, t.shape[-1])
     q = F.softmax(s / temperature, dim=-1)
     p = F.softmax(t / temperature, dim=-1)
-
-    def kl(a, b):
-        return (a * (a.log() - b.log())).sum(-1)
-
-    if div == "fkl":
-        loss = kl(p, q)
-    elif div == "rkl":
-        loss = kl(q, p)
-    elif div == "fkl_rkl":
-        loss = kl(p, q) + kl(q, p)
-    elif div == "jsd":
-        m = beta * p + (1 - beta) * q
-        loss = beta * kl(p, m) + (1 - beta) * kl(q, m)
-    elif div == "tvd":
-        loss = 0.5 * (p - q).abs().sum(-1)
-    elif div == "skl":
-        loss = kl(p, alpha * p + (1 - alpha) * q)
-    elif div == "srkl":
-        loss = kl(q, alpha * q + (1 - alpha) * p)
-    elif div == "akl":
-        with torch.no_grad():  # the weights are constants for the gradient
+    weights = None
+    if div == "akl":
+        with torch.no_grad():
             ps, order = torch.sort(p, dim=-1, descending=True, stable=True)
             c = ps.cumsum(-1)
             if head_rule == "reference":
@@ -60,27 +43,9 @@ def textbook(s, t, div, temperature=1.0, alpha=0.1, beta=0.5, head_rule="referen
             else:
                 head_sorted = torch.arange(p.shape[-1]).expand_as(p) < top_k
             head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
-            gap = (p - q).abs()
-            gh = (gap * head).sum(-1)
-            gt = (gap * ~head).sum(-1)
-            tot = gh + gt
-            wh = torch.where(tot > 0, gh / tot, torch.full_like(tot, 0.5))
-            wt = torch.where(tot > 0, gt / tot, torch.full_like(tot, 0.5))
-        loss = wh * kl(p, q) + wt * kl(q, p)
-    else:
-        raise AssertionError(div)
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
-        loss = torch.where(keep, loss, torch.zeros_like(loss))
-        count = int(keep.sum())
-    else:
-        count = loss.shape[0]
-    loss = loss * scale
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / count if count else loss.sum() * 0
+        weights = torch_akl_weights(p, q, head)
+    loss = divergence(p, q, div, alpha, beta, torch_kl, weights)
+    return torch_reduce(loss, labels, ignore_index, reduction, scale)
 
 
 def make(n=6, v=29, seed=0, dtype=torch.float64, shape=None):

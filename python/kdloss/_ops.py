@@ -1,0 +1,454 @@
+"""What kdloss.numpy and kdloss.torch share: the argument checks, the
+normalisation of inputs into rows, and for every op the buffers, the ctypes
+argument struct and the library call, written once over a small array
+backend (numpy.py and torch.py each give one; see Backend).
+
+The front ends keep what is theirs: the public signatures, the shapes of
+their results, and (torch) autograd, devices and streams.
+"""
+
+from __future__ import annotations
+
+from . import _lib
+
+FLOAT_DTYPES = "float32, float64, float16 or bfloat16"
+
+
+class Backend:
+    """The array operations the shared code needs, given by each front end
+    (numpy.py: _Numpy, torch.py: _Torch).  `dev` is the backend's device
+    object (None for NumPy); dtypes are the backend's own (np.float64,
+    torch.float32, ...).
+
+    Attributes: kind / kinds (what an input must be, for messages), int64
+    (the index dtype's name), F64, F32, I64, U8 (dtypes).  Methods without a
+    default here:
+
+      is_array(x), is_int64(x)
+      shape(x)              the shape as a tuple of ints
+      dtype_code(x)         the kdl_dtype_t of x's dtype, None when the
+                            library has none
+      last_contiguous(x)    unit stride in the last dimension
+      stride_text(x), contiguous_hint(name)   for the message when not
+      rows(x)               [..., C] -> ([N, C] view or copy, N, C, ld in
+                            elements) of a checked input (plain rows when
+                            they overlap or run backwards)
+      flat(x, n)            x as a contiguous 1-D array of n elements
+      to_host(x)            x on the host
+      addr(x)               the address of x's first element; None for None
+                            or an empty x
+      zeros(shape, dtype, dev), dtype_of(x), code_of(dtype) (a kdl_dtype_t)
+    """
+
+    kind = kinds = int64 = ""
+    F64 = F32 = I64 = U8 = None
+
+    def check_layout(self, x, name):
+        """Checks beyond dtype and shape (torch: dense, real)."""
+
+    def empty(self, shape, dtype, dev):
+        """An array the library overwrites whole (zeros where that is cheap)."""
+        return self.zeros(shape, dtype, dev)
+
+    def device(self, x):
+        return None
+
+    def is_gpu(self, dev):
+        return False
+
+    def call(self, op, dev, desc, args, what):
+        """Runs op (a key of _lib.ENTRY_POINTS) on dev: the reference on the
+        host, the GPU entry point on a device."""
+        _lib.call_ref(op, desc, args)
+
+    def results(self, dev, x):
+        """(loss dtype, gradient dtype) of the library's outputs for a
+        student of x's dtype on dev: float64 on the host, float32 and the
+        student's dtype on a device."""
+        if self.is_gpu(dev):
+            return self.F32, self.dtype_of(x)
+        return self.F64, self.F64
+
+
+# ---------------------------------------------------------------- checks
+def check_array(be, x, name):
+    if not be.is_array(x):
+        raise TypeError(f"kdloss: {name} must be a {be.kind}, got {type(x).__name__}")
+
+
+def check_matrix(be, x, name, what="vocabulary", last="V", index=False):
+    """An input read as rows [..., C]: its type, dtype (a float dtype of the
+    library, or int64 with index=True), at least one dimension, a non-empty
+    last dimension, unit stride in it."""
+    check_array(be, x, name)
+    if index:
+        if not be.is_int64(x):
+            raise TypeError(f"kdloss: {name} must have dtype {be.int64}, got {x.dtype}")
+    elif be.dtype_code(x) is None:
+        raise TypeError(f"kdloss: {name} has dtype {x.dtype}; expected {FLOAT_DTYPES}")
+    be.check_layout(x, name)
+    shape = be.shape(x)
+    if not shape:
+        raise ValueError(f"kdloss: {name} must have shape [N, {last}] or [..., {last}], got a scalar")
+    if shape[-1] < 1:
+        raise ValueError(f"kdloss: {name} has an empty {what} dimension (shape {shape})")
+    if shape[-1] > 1 and _numel(shape) and not be.last_contiguous(x):
+        raise ValueError(f"kdloss: {name} must be contiguous in its last ({what}) dimension, got "
+                         f"{be.stride_text(x)} (shape {shape}); {be.contiguous_hint(name)}")
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def rows_of(be, x):
+    """N of a checked [..., C] input."""
+    return _numel(be.shape(x)[:-1])
+
+
+def check_pair(be, s, t, sname, tname):
+    """Student and teacher logits of one shape on one device; returns the
+    device."""
+    if not (be.is_array(s) and be.is_array(t)):
+        raise TypeError(f"kdloss: {sname} and {tname} must be {be.kinds} "
+                        f"(got {type(s).__name__} and {type(t).__name__})")
+    check_matrix(be, s, sname)
+    check_matrix(be, t, tname)
+    if be.shape(s) != be.shape(t):
+        raise ValueError(f"kdloss: {sname} shape {be.shape(s)} != {tname} shape {be.shape(t)}")
+    return same_device(be, [(sname, s), (tname, t)])
+
+
+def same_device(be, pairs):
+    """The device of the first (name, array); ValueError when another is
+    elsewhere or the device is neither the host nor a CUDA device."""
+    first, x0 = pairs[0]
+    dev = be.device(x0)
+    for name, x in pairs[1:]:
+        if x is not None and be.device(x) != dev:
+            raise ValueError(f"kdloss: {first} is on {dev}, {name} on {be.device(x)}")
+    if dev is not None and dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"kdloss: tensors on {dev} are not supported (cpu or cuda only)")
+    return dev
+
+
+def labels(be, lab, shape, dev=None):
+    """Labels of the rows of an input of `shape` ([..., C]): [...] or [N]
+    int64 on the input's device; returns them as a contiguous [N], or None."""
+    if lab is None:
+        return None
+    if not be.is_array(lab):
+        raise TypeError(f"kdloss: labels must be a {be.kind} of int64, got {type(lab).__name__}")
+    if not be.is_int64(lab):
+        raise TypeError(f"kdloss: labels must have dtype {be.int64}, got {lab.dtype}")
+    lead = tuple(shape[:-1])
+    n = _numel(lead)
+    if be.shape(lab) != lead and be.shape(lab) != (n,):
+        raise ValueError(f"kdloss: labels shape {be.shape(lab)} does not match the rows of the "
+                         f"logits (expected {lead} or ({n},))")
+    if be.device(lab) != dev:
+        raise ValueError(f"kdloss: labels are on {be.device(lab)}, the logits on {dev}")
+    return be.flat(lab, n)
+
+
+def sparse_inputs(be, s, idx, lp, sname):
+    """The student and the teacher's support (indices, log-probs); returns
+    the device."""
+    check_matrix(be, s, sname)
+    check_matrix(be, idx, "teacher_indices", "support", "k", index=True)
+    check_matrix(be, lp, "teacher_logprobs", "support", "k")
+    if be.shape(idx) != be.shape(lp):
+        raise ValueError(f"kdloss: teacher_indices shape {be.shape(idx)} != "
+                         f"teacher_logprobs shape {be.shape(lp)}")
+    if be.shape(idx)[:-1] != be.shape(s)[:-1]:
+        raise ValueError(f"kdloss: the teacher's support {be.shape(idx)} and the student "
+                         f"{be.shape(s)} differ in their leading (row) shape")
+    return same_device(be, [(sname, s), ("teacher_indices", idx), ("teacher_logprobs", lp)])
+
+
+def fused_inputs(be, h, w, t, tname):
+    """hidden [..., d], weight [V, d], teacher [..., V]; returns the device."""
+    check_matrix(be, h, "hidden", "hidden", "d")
+    check_matrix(be, w, "weight", "hidden", "d")
+    check_matrix(be, t, tname)
+    hs, ws, ts = be.shape(h), be.shape(w), be.shape(t)
+    if len(ws) != 2:
+        raise ValueError(f"kdloss: weight must be [V, d], got shape {ws}")
+    if hs[-1] != ws[1]:
+        raise ValueError(f"kdloss: hidden {hs} and weight {ws} differ in the hidden size d")
+    if ts != hs[:-1] + (ws[0],):
+        raise ValueError(f"kdloss: {tname} has shape {ts}, expected {hs[:-1] + (ws[0],)} "
+                         "(hidden's rows, weight's V)")
+    return same_device(be, [("hidden", h), ("weight", w), (tname, t)])
+
+
+def check_indices(be, idx, vocab):
+    """kdl_sparse_check_indices on the host: KdlossValueError (BAD_PARAM)
+    for an index out of [0, vocab) or repeated in its row."""
+    i2, N, k, ld = be.rows(be.to_host(idx))
+    _lib.check(_lib.lib().kdl_sparse_check_indices(N, vocab, k, be.addr(i2), ld),
+               "kdl_sparse_check_indices")
+
+
+def sinkhorn_problem(be, cost, x, y, want_grad_x):
+    """(single, (B, n, m, dim)) of the problems given by cost [(B,) n, m],
+    or by the points x [(B,) n, d] and y [(B,) m, d] (dim 0 for a cost);
+    single when the batch dimension is absent."""
+    if (cost is None) == (x is None and y is None):
+        raise ValueError("kdloss: give either cost, or the points x and y")
+    if cost is not None:
+        cs = be.shape(cost)
+        if len(cs) not in (2, 3):
+            raise ValueError(f"kdloss: cost must be [n, m] or [B, n, m], got {cs}")
+        single = len(cs) == 2
+        B, n, m = (1,) + cs if single else cs
+        dim = 0
+    else:
+        if x is None or y is None:
+            raise ValueError("kdloss: points need both x and y")
+        xs, ys = be.shape(x), be.shape(y)
+        if len(xs) not in (2, 3) or len(ys) != len(xs):
+            raise ValueError("kdloss: x and y must be [n, d] / [m, d] or [B, n, d] / [B, m, d], "
+                             f"got {xs} and {ys}")
+        single = len(xs) == 2
+        if single:
+            xs, ys = (1,) + xs, (1,) + ys
+        if xs[0] != ys[0] or xs[2] != ys[2]:
+            raise ValueError(f"kdloss: x {be.shape(x)} and y {be.shape(y)} differ in batch or "
+                             "dimension")
+        B, n, dim = xs
+        m = ys[1]
+    if want_grad_x and x is None:
+        raise ValueError("kdloss: return_grad_x needs points x and y")
+    return single, (B, n, m, dim)
+
+
+def sparse_reason(bad_index_rows):
+    return ("a NaN or +inf student logit or every one -inf; a teacher log-prob NaN or > 0; "
+            f"an index out of [0, V) or repeated in its row ({int(bad_index_rows)} rows); "
+            "renormalised: every log-prob -inf; tail: given teacher mass > 1 + 1e-3")
+
+
+FUSED_REASON = ("a NaN or +inf logit, or every logit -inf, in the student's hidden @ weight.T "
+                "or the teacher")
+
+
+# --------------------------------------------------------- struct filling
+def put(be, args, x, ptr, ld=None, ld_value=None, dtype=None, code=None):
+    """Points args.<ptr> at x (None: NULL), sets args.<ld> to ld_value and
+    args.<dtype> to code."""
+    setattr(args, ptr, be.addr(x))
+    if ld is not None:
+        setattr(args, ld, ld_value)
+    if dtype is not None:
+        setattr(args, dtype, code)
+
+
+def put_rows(be, args, x, ptr, ld=None, dtype=None):
+    """Points args at the rows of the input x: args.<ptr>, its row stride
+    (field ld, default ld_<ptr>) and kdl_dtype_t (field dtype, default
+    <ptr>_dtype; "" for none).  Returns (rows, N, C); the caller keeps the
+    rows alive until the call."""
+    x2, N, C, ldx = be.rows(x)
+    dtype = ptr + "_dtype" if dtype is None else dtype
+    put(be, args, x2, ptr, ld or "ld_" + ptr, ldx, dtype or None,
+        be.dtype_code(x) if dtype else None)
+    return x2, N, C
+
+
+def put_counters(be, dev, args, fields):
+    """A new int64 array of len(fields) zeros on dev, args' counter fields
+    pointed at its elements in order."""
+    counters = be.zeros(len(fields), be.I64, dev)
+    base = be.addr(counters)
+    for i, f in enumerate(fields):
+        setattr(args, f, base + 8 * i)
+    return counters
+
+
+def put_student(be, dev, args, s, want_grad, per_row, grad_zeros=False):
+    """The student's side of args: its rows, rows (N), a new gradient [N, C]
+    (when wanted) and loss ([N] when per_row, else [1]) in be.results'
+    dtypes, out_dtype.  Returns (rows, N, C, loss, grad, loss dtype)."""
+    s2, N, C = put_rows(be, args, s, "student")
+    out_dt, grad_dt = be.results(dev, s)
+    loss = be.zeros(N if per_row else 1, out_dt, dev)
+    grad = None
+    if want_grad:
+        grad = (be.zeros if grad_zeros else be.empty)((N, C), grad_dt, dev)
+        put(be, args, grad, "grad", "ld_grad", C, "grad_dtype", be.code_of(grad_dt))
+    args.rows = N
+    args.out_dtype = be.code_of(out_dt)
+    put(be, args, loss, "loss")
+    return s2, N, C, loss, grad, out_dt
+
+
+def _none(desc):
+    return desc.reduction == _lib.REDUCTION_NONE
+
+
+# ------------------------------------------------------------------ ops
+def dense(be, dev, desc, s, t, lab, want_grad, want_stats, what="distill_loss"):
+    """kdl_(ref_)loss_forward_backward.  Returns (loss [N] or [1], grad [N, V]
+    or None, stats dict (float statistics and head_size, [N]) or None,
+    counters int64 [2]: invalid, valid)."""
+    a = _lib.new_args()
+    kept = put_student(be, dev, a, s, want_grad, _none(desc))
+    _, N, a.vocab, loss, grad, out_dt = kept
+    kept += put_rows(be, a, t, "teacher")
+    put(be, a, lab, "labels")
+    stats = None
+    if want_stats:
+        stats = {k: be.zeros(N, out_dt, dev) for k in _lib.FLOAT_STATS}
+        stats["head_size"] = be.zeros(N, be.I64, dev)
+        for k, v in stats.items():
+            put(be, a, v, "stat_" + k)
+    counters = put_counters(be, dev, a, ("info", "valid_rows"))
+    be.call("loss", dev, desc, a, what)
+    return loss, grad, stats, counters
+
+
+def sinkd(be, dev, desc, s, t, want_grad, want_plan):
+    """kdl_(ref_)sinkd.  Returns (loss [1], grad [N, V] or None, stats:
+    group_loss, iterations, marginal_error [G], plan [G, n, n] with
+    want_plan; info int64 [1]; G)."""
+    a = _lib.new_sinkd_args()
+    kept = put_student(be, dev, a, s, want_grad, False, grad_zeros=True)
+    _, N, a.vocab, loss, grad, out_dt = kept
+    kept += put_rows(be, a, t, "teacher")
+    n = desc.group_size if desc.group_size > 0 else N
+    G = N // n if n > 0 and N % n == 0 else 0  # the library refuses a ragged split
+    stats = {"group_loss": be.zeros(G, out_dt, dev), "iterations": be.zeros(G, be.I64, dev),
+             "marginal_error": be.zeros(G, out_dt, dev)}
+    if want_plan:
+        stats["plan"] = be.zeros((G, n, n), out_dt, dev)
+    for k, v in stats.items():
+        put(be, a, v, k)
+    info = put_counters(be, dev, a, ("info",))
+    be.call("sinkd", dev, desc, a, "sinkd_loss")
+    return loss, grad, stats, info, G
+
+
+def sinkhorn(be, dev, desc, sizes, inputs, want, work):
+    """kdl_(ref_)sinkhorn on one uniform batch.  sizes (B, n, m, dim);
+    inputs: cost, x, y, log_a, log_b, f_init, g_init, cost_xx, cost_yy,
+    self_yy (contiguous arrays of dtype work, or None); want: the optional
+    outputs among plan, potentials, grad_x.  Returns the dict of outputs
+    (value, iterations, marginal_error; plan, f, g, grad_x, self_yy as
+    asked; info on a device)."""
+    B, n, m, dim = sizes
+    shapes = {"value": (B,), "iterations": (B,), "marginal_error": (B,)}
+    if "plan" in want:
+        shapes["plan"] = (B, n, m)
+    if "potentials" in want:
+        shapes.update(f=(B, n), g=(B, m))
+    if "grad_x" in want:
+        shapes["grad_x"] = (B, n, dim)
+    if desc.debias:
+        shapes["self_yy"] = (B,)
+    out = {k: be.zeros(shp, be.I64 if k == "iterations" else work, dev)
+           for k, shp in shapes.items()}
+    syy = inputs.get("self_yy")
+    if desc.debias and syy is not None:
+        out["self_yy"][:] = syy
+    a = _lib.new_sinkhorn_args()
+    a.batch, a.n, a.m, a.dim = B, n, m, dim
+    a.dtype = be.code_of(work)
+    for k in ("cost", "x", "y", "log_a", "log_b", "f_init", "g_init", "cost_xx", "cost_yy"):
+        put(be, a, inputs.get(k), k)
+    a.self_yy_given = 1 if desc.debias and syy is not None else 0
+    for k, v in out.items():
+        put(be, a, v, k)
+    if be.is_gpu(dev):  # the reference takes no info
+        out["info"] = put_counters(be, dev, a, ("info",))
+    be.call("sinkhorn", dev, desc, a, "sinkhorn")
+    return out
+
+
+def sparse(be, dev, desc, mode, s, idx, lp, lab, want_grad):
+    """kdl_(ref_)sparse_loss.  Returns (loss [N] or [1], grad [N, V] or None,
+    counters int64 [3]: invalid, valid, bad index rows)."""
+    a = _lib.new_sparse_args()
+    kept = put_student(be, dev, a, s, want_grad, _none(desc))
+    _, _, a.vocab, loss, grad, _ = kept
+    kept += put_rows(be, a, idx, "teacher_indices", "ld_indices", "")
+    kept += put_rows(be, a, lp, "teacher_logprobs", "ld_logprobs", "teacher_dtype")
+    a.mode, a.k = mode, be.shape(idx)[-1]
+    put(be, a, lab, "labels")
+    counters = put_counters(be, dev, a, ("info", "valid_rows", "bad_index_rows"))
+    be.call("sparse", dev, desc, a, "sparse_distill_loss")
+    return loss, grad, counters
+
+
+def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_dt):
+    """kdl_(ref_)fused_linear_loss.  Returns (loss [N] or [1], dH [N, d] or
+    None, dW [V, d] or None, counters int64 [2]: invalid, valid, the chunk
+    the call used)."""
+    a = _lib.new_fused_linear_args()
+    h2, N, D = put_rows(be, a, h, "hidden_states", "ld_hidden", "hidden_dtype")
+    w2, V, _ = put_rows(be, a, w, "weight")
+    t2, _, _ = put_rows(be, a, t, "teacher")
+    a.rows, a.hidden, a.vocab = N, D, V
+    loss = be.zeros(N if _none(desc) else 1, be.results(dev, h)[0], dev)
+    gh = be.empty((N, D), grad_dt, dev) if want_h else None
+    gw = be.empty((V, D), grad_dt, dev) if want_w else None
+    put(be, a, lab, "labels")
+    put(be, a, gh, "grad_hidden", "ld_grad_hidden", D)
+    put(be, a, gw, "grad_weight", "ld_grad_weight", D, "grad_dtype", be.code_of(grad_dt))
+    a.chunk_rows = _lib.as_int("chunk_rows", chunk_rows)
+    a.out_dtype = be.code_of(be.dtype_of(loss))
+    put(be, a, loss, "loss")
+    counters = put_counters(be, dev, a, ("info", "valid_rows"))
+    be.call("fused_linear", dev, desc, a, "fused_linear_distill_loss")
+    chunk = _lib.lib().kdl_fused_linear_chunk_rows(a)
+    return loss, gh, gw, counters, chunk
+
+
+class Shard:
+    """The buffers and ShardArgs of one shard of the vocabulary-parallel
+    loss; step(s, handle) runs step s (the reference when handle is None)."""
+
+    def __init__(self, be, dev, desc, s, t, lab, geometry, want_grad, want_head_size,
+                 want_head_mask=False):
+        a = _lib.new_shard_args()
+        kept = put_student(be, dev, a, s, want_grad, _none(desc))
+        _, N, W, self.loss, self.grad, _ = kept
+        kept += put_rows(be, a, t, "teacher")
+        offset, vocab, rank, world = geometry
+        _lib._set_numbers(a, ints=(("vocab_offset", offset), ("vocab", vocab),
+                                   ("shard_rank", rank), ("num_shards", world)))
+        a.vocab_local = W
+        put(be, a, lab, "labels")
+        akl = desc.divergence == _lib.lib().kdl_divergence_from_name(b"akl")
+        self.head_size = be.zeros(N, be.I64, dev) if akl and want_head_size else None
+        self.head_mask = be.zeros((N, W), be.U8, dev) if akl and want_head_mask else None
+        put(be, a, self.head_size, "stat_head_size")
+        put(be, a, self.head_mask, "head_mask")
+        self.counters = put_counters(be, dev, a, ("info", "valid_rows"))
+        state_bytes, ex_count, self.num_steps = _lib.shard_sizes(desc, a)
+        # the opaque per-shard state (float64 storage: its records hold
+        # doubles and int64s) and the exchange buffer the all-reduces work on
+        self.state = be.zeros((state_bytes + 7) // 8, be.F64, dev)
+        self.exchange = be.zeros(max(ex_count, 1), be.F64, dev)
+        put(be, a, self.state, "state")
+        put(be, a, self.exchange, "exchange")
+        self.desc, self.args, self.rows = desc, a, N
+        self._inputs = (kept, lab)  # the args point into them until the last step
+
+    def step(self, s, handle=None):
+        """Runs step s: (op, count) with op "max" or "sum" (all-reduce
+        exchange[:count] with it before the next step), or None after the
+        last step (loss and gradient written)."""
+        op, count = _lib.shard_step(handle, self.desc, self.args, s)
+        return _SHARD_OPS[op], count
+
+
+_SHARD_OPS = {_lib.SHARD_OP_DONE: None, _lib.SHARD_OP_MAX: "max", _lib.SHARD_OP_SUM: "sum"}
+
+
+def raise_invalid(n_invalid, rows, **kw):
+    if n_invalid:
+        raise _lib.InvalidRowsError(n_invalid, rows, **kw)
