@@ -126,6 +126,18 @@ static bool aligned16(const void *p, int64_t ld, size_t esz)
     return ((uintptr_t)p % 16u) == 0 && ((uint64_t)ld * esz) % 16u == 0;
 }
 
+/* Bytes spanned by rows x vocab elements of size esz at row stride ld. */
+static size_t span_bytes(int64_t rows, int64_t ld, int64_t vocab, size_t esz)
+{
+    return rows > 0 ? ((size_t)(rows - 1) * (size_t)ld + (size_t)vocab) * esz : 0;
+}
+
+static bool ranges_overlap(const void *p, size_t pn, const void *q, size_t qn)
+{
+    const uintptr_t a = (uintptr_t)p, b = (uintptr_t)q;
+    return pn > 0 && qn > 0 && a < b + qn && b < a + pn;
+}
+
 /* Launch configuration of the row kernel: `clusters` clusters of C CTAs
  * (the cluster attribute when C > 1).  attr must outlive cfg. */
 static cudaLaunchConfig_t row_config(int64_t clusters, int64_t C, size_t dyn, cudaStream_t stream,
@@ -185,6 +197,19 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     const size_t ssz = kdl_dtype_size(a->student_dtype), tsz = kdl_dtype_size(a->teacher_dtype);
     const int64_t nch_total = ceil_div64(V, kChunk);
     const size_t per_chunk = (size_t)kChunk * (ssz + tsz);
+
+    /* MEAN with a gradient may launch the row kernel twice (the redo launch
+     * below), and the second launch reads the logits again after the first
+     * wrote gradients: a gradient over the student or teacher logits (in
+     * place) would be read as logits.  NONE and SUM read every logit before
+     * writing the gradient, so they are left to the caller. */
+    if (a->grad && d->reduction == KDL_REDUCTION_MEAN) {
+        const size_t gb = span_bytes(N, a->ld_grad, V, kdl_dtype_size(a->grad_dtype));
+        if (ranges_overlap(a->grad, gb, a->student, span_bytes(N, a->ld_student, V, ssz)) ||
+            ranges_overlap(a->grad, gb, a->teacher, span_bytes(N, a->ld_teacher, V, tsz)))
+            return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
+                            "reduction MEAN: grad overlaps the student or teacher logits (in place is not supported)");
+    }
 
     /* ---------------------------------------------------------- plan */
     const RowKernelFn fn = row_kernel_for(sdt, tdt);

@@ -1082,6 +1082,38 @@ Test(gpu_loss, workspace_too_small_writes_nothing)
     kdl_destroy(h);
 }
 
+/* MEAN with a gradient may launch the row kernel twice (the redo launch of
+ * review F2), re-reading the logits after gradients were written: a
+ * gradient over the student or teacher logits is refused before any launch. */
+Test(gpu_loss, mean_refuses_a_gradient_over_the_logits)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = new_handle();
+    gcase_t c = case_default(4, 300, KDL_DTYPE_F32, KDL_DTYPE_F32);
+    c.d.reduction = KDL_REDUCTION_MEAN;
+    inputs_t in;
+    make_inputs(&c, &in);
+    dev_t_ D;
+    kdl_loss_args_t a;
+    dev_alloc(&c, &in, &D, h, &a);
+    kdl_loss_args_t bad = a;
+    bad.grad = (void *)a.student;
+    cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED);
+    bad.grad = (char *)a.teacher + 4 * 150; /* overlapping, not equal */
+    cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED);
+    CUDA_OK(cudaDeviceSynchronize());
+    uint32_t loss_bits = 0;
+    CUDA_OK(cudaMemcpy(&loss_bits, D.loss, sizeof loss_bits, cudaMemcpyDeviceToHost));
+    cr_expect_eq(loss_bits, 0xFFFFFFFFu, "loss written on a refused call");
+    /* the separate gradient buffer still works */
+    cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &a, D.ws, D.ws_bytes), KDL_STATUS_SUCCESS, "%s",
+                 kdl_get_last_error());
+    CUDA_OK(cudaDeviceSynchronize());
+    dev_free(&c, &D);
+    free_inputs(&c, &in);
+    kdl_destroy(h);
+}
+
 /* Asynchronous on the handle's stream: a stream set on the handle is used. */
 Test(gpu_loss, runs_on_the_handle_stream)
 {
