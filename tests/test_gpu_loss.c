@@ -1049,17 +1049,33 @@ Test(gpu_loss, two_runs_are_bitwise_equal)
 
 /* ================================================================ errors */
 
+/* A small f32 case (4 x 300) on the device for the error tests. */
+static gcase_t small_case(kdl_handle_t h, kdl_reduction_t red, inputs_t *in, dev_t_ *D, kdl_loss_args_t *a)
+{
+    gcase_t c = case_default(4, 300, KDL_DTYPE_F32, KDL_DTYPE_F32);
+    c.d.reduction = red;
+    make_inputs(&c, in);
+    dev_alloc(&c, in, D, h, a);
+    return c;
+}
+
+/* The loss output still holds dev_alloc's 0xFF bytes. */
+static void expect_loss_untouched(const dev_t_ *D, const char *what)
+{
+    CUDA_OK(cudaDeviceSynchronize());
+    uint32_t loss_bits = 0;
+    CUDA_OK(cudaMemcpy(&loss_bits, D->loss, sizeof loss_bits, cudaMemcpyDeviceToHost));
+    cr_expect_eq(loss_bits, 0xFFFFFFFFu, "loss written on a %s call", what);
+}
+
 Test(gpu_loss, workspace_too_small_writes_nothing)
 {
     KDL_SKIP_WITHOUT_GPU();
     kdl_handle_t h = new_handle();
-    gcase_t c = case_default(4, 300, KDL_DTYPE_F32, KDL_DTYPE_F32);
-    c.d.reduction = KDL_REDUCTION_SUM;
     inputs_t in;
-    make_inputs(&c, &in);
     dev_t_ D;
     kdl_loss_args_t a;
-    dev_alloc(&c, &in, &D, h, &a);
+    gcase_t c = small_case(h, KDL_REDUCTION_SUM, &in, &D, &a);
     cr_assert(D.ws_bytes > 0);
     cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &a, D.ws, D.ws_bytes - 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
     cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &a, NULL, D.ws_bytes), KDL_STATUS_NULL_POINTER);
@@ -1070,10 +1086,7 @@ Test(gpu_loss, workspace_too_small_writes_nothing)
     bad = a;
     bad.ld_teacher = c.V - 1;
     cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_BAD_STRIDE);
-    CUDA_OK(cudaDeviceSynchronize());
-    uint32_t loss_bits = 0;
-    CUDA_OK(cudaMemcpy(&loss_bits, D.loss, sizeof loss_bits, cudaMemcpyDeviceToHost));
-    cr_expect_eq(loss_bits, 0xFFFFFFFFu, "loss written on a failed call");
+    expect_loss_untouched(&D, "failed");
     int64_t info = 0;
     CUDA_OK(cudaMemcpy(&info, D.info, sizeof info, cudaMemcpyDeviceToHost));
     cr_expect_eq(info, -1, "info written on a failed call");
@@ -1089,22 +1102,16 @@ Test(gpu_loss, mean_refuses_a_gradient_over_the_logits)
 {
     KDL_SKIP_WITHOUT_GPU();
     kdl_handle_t h = new_handle();
-    gcase_t c = case_default(4, 300, KDL_DTYPE_F32, KDL_DTYPE_F32);
-    c.d.reduction = KDL_REDUCTION_MEAN;
     inputs_t in;
-    make_inputs(&c, &in);
     dev_t_ D;
     kdl_loss_args_t a;
-    dev_alloc(&c, &in, &D, h, &a);
+    gcase_t c = small_case(h, KDL_REDUCTION_MEAN, &in, &D, &a);
     kdl_loss_args_t bad = a;
     bad.grad = (void *)a.student;
     cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED);
     bad.grad = (char *)a.teacher + 4 * 150; /* overlapping, not equal */
     cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED);
-    CUDA_OK(cudaDeviceSynchronize());
-    uint32_t loss_bits = 0;
-    CUDA_OK(cudaMemcpy(&loss_bits, D.loss, sizeof loss_bits, cudaMemcpyDeviceToHost));
-    cr_expect_eq(loss_bits, 0xFFFFFFFFu, "loss written on a refused call");
+    expect_loss_untouched(&D, "refused");
     /* the separate gradient buffer still works */
     cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &a, D.ws, D.ws_bytes), KDL_STATUS_SUCCESS, "%s",
                  kdl_get_last_error());
