@@ -23,7 +23,9 @@
  *                  CTA (coalesced rows), 8 warps split the rows, partial
  *                  LSEs merged in warp order; C read once
  *   k_finish       P (optional plan, each entry capped at b_j as the
- *                  reference's), row sums of P C, final f
+ *                  reference's), row sums of P C and |sum_j P_ij - a_i|,
+ *                  final f
+ *   k_final_err    per problem stopped by max_iter: err from those terms
  *   k_combine      per caller problem: value (debias), outputs, info
  *   k_grad_x       x-gradient through the cost, plan fixed
  *   k_softmax      SinKD: p = softmax(x / tau) per row, invalid-row flags
@@ -470,17 +472,41 @@ __global__ void __launch_bounds__(kBlock, 4) k_finish(const kdl_otk_prob_t *__re
     const float la2 = logw2(p.la, i, -log2f((float)p.n));
     const float lb_uni = -log2f((float)p.m);
     const float *__restrict__ c = p.C + (int64_t)i * p.m;
-    float acc = 0.0f;
+    float acc = 0.0f, rsum = 0.0f;
     for (int j = lane; j < p.m; j += 32) {
         const float P = exp2f(plan_log2(la2, logw2(p.lb, j, lb_uni), fi + p.g[j] - c[j], k));
         if (plan) plan[j] = P;
         acc = fmaf(P, c[j], acc);
+        rsum += P;
     }
     acc = warp_sum(acc);
+    rsum = warp_sum(rsum);
     if (lane == 0) {
         p.rowval[i] = acc;
+        p.rowerr[i] = fabsf(rsum - exp2f(la2)); /* for k_final_err */
         if (p.f_out) p.f_out[i] = fi;
     }
+}
+
+/* The marginal error of a problem that max_iter stopped (iterations ==
+ * max_iter; a stopping check measures iterations < max_iter):
+ * sum_i |sum_j P_ij - a_i| over the capped plan at the final eps, the row
+ * terms from k_finish, as the reference's row_error.  The fused row error
+ * of the final pass measured the uncapped row sums at the schedule's eps of
+ * iteration max_iter + 1, which differs when max_iter stops inside the
+ * eps-scaling stages (docs/sinkhorn-review.md #6).  A problem that
+ * converged keeps the error its stopping check measured. */
+__global__ void __launch_bounds__(kBlock) k_final_err(const kdl_otk_prob_t *__restrict__ probs,
+                                                      kdl_otk_state_t *__restrict__ state, int64_t max_iter)
+{
+    __shared__ double sh[kBlock];
+    kdl_otk_state_t *s = state + blockIdx.x;
+    if (s->done != 1 || s->iters != max_iter) return;
+    const kdl_otk_prob_t &p = probs[blockIdx.x];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < p.n; i += kBlock) acc += (double)p.rowerr[i];
+    const double err = block_sum(acc, sh);
+    if (threadIdx.x == 0) s->err = (float)err;
 }
 
 /* Value of solver problem q: TRANSPORT sum of row sums, DUAL <a,f> + <b,g>. */
@@ -1015,6 +1041,7 @@ extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
     k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, prm.max_iter + 1, nullptr, 1, prm);
     k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, prm.max_iter + 1, nullptr, 1, prm);
     k_finish<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, (float)prm.eps);
+    k_final_err<<<np, kBlock, 0, st>>>(S->probs, S->state, prm.max_iter);
     return cudaGetLastError();
 }
 
