@@ -376,6 +376,10 @@ struct host_bufs {
     }
     void *keep(void *q)
     {
+        if (q && n == (int)(sizeof p / sizeof p[0])) { /* more than the callers ask for */
+            free(q);
+            q = NULL;
+        }
         if (!q) err = 1;
         else p[n++] = q;
         return q;
