@@ -116,6 +116,11 @@ static void g_update(const kdl_ref_ot_problem_t *p, double eps, const double *f,
 static double plan_ij(const kdl_ref_ot_problem_t *p, double eps, const double *f, const double *g,
                       int64_t i, int64_t j)
 {
+    /* a zero weight makes its row or column of P zero (kdloss_ot.h); the
+     * potentials of such a row and column are not bounded by anything, and
+     * at a tiny eps (f_i + g_j - C_ij)/eps was +inf there: -inf + inf = NaN
+     * (docs/hardening.md F11) */
+    if (la_of(p, i) == -INFINITY || lb_of(p, j) == -INFINITY) return 0.0;
     double e = la_of(p, i) + lb_of(p, j) + (f[i] + g[j] - p->C[i * p->m + j]) / eps;
     if (e > lb_of(p, j)) e = lb_of(p, j);
     return exp(e);

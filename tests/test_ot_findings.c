@@ -195,3 +195,36 @@ Test(ot_findings, f8_sinkd_tiny_tau_is_the_argmax_limit)
         }
     }
 }
+
+/* F11: a zero weight on both sides (log-weight -inf; the self problem of a
+ * debiased divergence has them on both sides) and a tiny eps: the potentials
+ * of a zero-weight row and column are unbounded (here f_1 = g_1 = 64),
+ * (f_1 + g_1 - C_11)/eps = +inf and P_11 = exp(-inf + inf) = NaN, so the
+ * marginal error and the value were NaN with SUCCESS.  A zero weight's row
+ * and column of P are 0 by definition. */
+Test(ot_findings, f11_zero_weights_on_both_sides_tiny_eps)
+{
+    const double C[4] = {0, 64, 64, 0}, lw[2] = {0, -INFINITY};
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_desc_init(&d);
+    kdl_sinkhorn_args_init(&a);
+    d.epsilon = 4.9e-324;
+    d.max_iter = 10;
+    d.tol = 0;
+    double v = NAN, err = NAN, P[4], f[2] = {-6.4375, 0};
+    a.batch = 1;
+    a.n = a.m = 2;
+    a.dtype = KDL_DTYPE_F64;
+    a.cost = C;
+    a.log_a = lw;
+    a.log_b = lw;
+    a.f_init = f;
+    a.value = &v;
+    a.marginal_error = &err;
+    a.plan = P;
+    cr_assert_eq(kdl_ref_sinkhorn(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect(P[1] == 0 && P[2] == 0 && P[3] == 0, "zero-weight row and column: %g %g %g", P[1], P[2], P[3]);
+    cr_expect(fabs(P[0] - 1) < 1e-12, "P_00 = %g", P[0]);
+    cr_expect(v == 0 && err < 1e-12, "value %g, marginal error %g", v, err);
+}
