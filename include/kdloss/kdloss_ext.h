@@ -180,7 +180,12 @@ typedef enum kdl_shard_op {
 /* One shard's view.  Every shard passes the same desc, rows, vocab,
  * num_shards, labels and dtypes; slices are contiguous, disjoint, cover
  * [0, vocab), and shard_rank orders them (rank r's slice lies before rank
- * r+1's).  Always start from kdl_shard_args_init(). */
+ * r+1's).  Each shard checks what it can see: num_shards in [1, vocab]
+ * and a non-empty slice inside [0, vocab) (else KDL_STATUS_BAD_SIZE);
+ * shard_rank in [0, num_shards), rank 0's slice starting at column 0, the
+ * last rank's ending at vocab, at least r columns before rank r's slice and
+ * num_shards - 1 - r after it (else KDL_STATUS_BAD_PARAM).  Always start
+ * from kdl_shard_args_init(). */
 typedef struct kdl_shard_args {
     size_t struct_size;          /* = sizeof(kdl_shard_args_t), set by init   */
     int64_t rows;                /* N >= 0                                    */
@@ -220,8 +225,10 @@ void kdl_shard_args_init(kdl_shard_args_t *args);
 /* Sizes for this problem: state bytes (opaque, per shard, on the host for the
  * reference and on the device for the GPU path), the exchange buffer's length
  * in doubles (the largest step's count) and the number of steps, the last of
- * which returns KDL_SHARD_OP_DONE.  Any pointer may be NULL.  Depends only on
- * desc, rows, num_shards and teacher_dtype, so every shard gets the same. */
+ * which returns KDL_SHARD_OP_DONE.  Any pointer may be NULL.  The sizes
+ * depend only on desc, rows, num_shards and teacher_dtype, so every shard
+ * gets the same; vocab, num_shards <= vocab, shard_rank and the slice are
+ * checked as every step checks them (see kdl_shard_args_t). */
 kdl_status_t kdl_shard_sizes(const kdl_loss_desc_t *desc, const kdl_shard_args_t *args,
                              size_t *state_bytes, size_t *exchange_count, int *num_steps);
 
