@@ -386,24 +386,10 @@ Test(cli, loss_grad_out_equals_the_reference)
     d.temperature = 1.5;
     d.scale = 2.25;
     d.ignore_index = -3;
-    kdl_loss_args_t a;
-    kdl_loss_args_init(&a);
     double grad[N * V], loss = 0;
     int64_t valid = 0;
-    a.rows = N;
-    a.vocab = V;
-    a.student = s32;
-    a.ld_student = V;
-    a.student_dtype = KDL_DTYPE_F32;
-    a.teacher = t16;
-    a.ld_teacher = V;
-    a.teacher_dtype = KDL_DTYPE_F16;
+    kdl_loss_args_t a = kdl_test_loss_args(N, V, V, s32, KDL_DTYPE_F32, t16, KDL_DTYPE_F16, grad, KDL_DTYPE_F64, &loss);
     a.labels = labels;
-    a.grad = grad;
-    a.ld_grad = V;
-    a.grad_dtype = KDL_DTYPE_F64;
-    a.out_dtype = KDL_DTYPE_F64;
-    a.loss = &loss;
     a.valid_rows = &valid;
     cr_assert_eq(kdl_ref_loss_forward_backward(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
 

@@ -31,17 +31,7 @@ typedef struct run {
 static kdl_loss_args_t f64_args(int64_t N, int64_t V, int64_t ld, const void *S, const void *T, void *grad,
                                 double *loss)
 {
-    kdl_loss_args_t a;
-    kdl_loss_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.student = S;
-    a.teacher = T;
-    a.ld_student = a.ld_teacher = a.ld_grad = ld;
-    a.student_dtype = a.teacher_dtype = a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
-    a.grad = grad;
-    a.loss = loss;
-    return a;
+    return kdl_test_loss_args(N, V, ld, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, grad, KDL_DTYPE_F64, loss);
 }
 
 static void run_ref(const kdl_loss_desc_t *d, const double *S, const double *T, const int64_t *labels,

@@ -43,16 +43,7 @@ static kdl_status_t run_row(kdl_divergence_t div, double tau, double alpha, doub
     d.alpha = alpha;
     d.scale = scale;
     d.reduction = KDL_REDUCTION_NONE;
-    kdl_loss_args_t a;
-    kdl_loss_args_init(&a);
-    a.rows = 1;
-    a.vocab = V;
-    a.student = s;
-    a.teacher = t;
-    a.ld_student = a.ld_teacher = a.ld_grad = V;
-    a.student_dtype = a.teacher_dtype = a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
-    a.loss = loss;
-    a.grad = grad;
+    kdl_loss_args_t a = kdl_test_loss_args(1, V, V, s, KDL_DTYPE_F64, t, KDL_DTYPE_F64, grad, KDL_DTYPE_F64, loss);
     return kdl_ref_loss_forward_backward(&d, &a);
 }
 

@@ -69,6 +69,12 @@ kdl_loss_desc_t kdl_test_desc(kdl_divergence_t div, kdl_reduction_t red);
  * given yet. */
 kdl_sinkhorn_args_t kdl_test_ot_args(int64_t batch, int64_t n, int64_t m);
 
+/* Loss arguments over [N, V] student and teacher logits (dtypes sdt, tdt)
+ * and a gradient (gdt, also the loss's out_dtype), all rows ld apart; the
+ * loss array given, no other output. */
+kdl_loss_args_t kdl_test_loss_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
+                                   kdl_dtype_t tdt, void *grad, kdl_dtype_t gdt, void *loss);
+
 /* SinKD arguments over [N, V] student and teacher logits (dtypes sdt, tdt)
  * and a gradient (gdt), all rows ld apart; no other output given yet. */
 kdl_sinkd_args_t kdl_test_sinkd_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
