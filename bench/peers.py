@@ -27,7 +27,7 @@ Other ops (bench/README.md): sparse top-k teacher (torch_eager, torch_compile
 of the textbook gather-after-log_softmax renormalised KL), fused linear +
 JSD (torch_eager materialising H W^T; liger = liger_fused_linear_jsd), ragged
 Sinkhorn (torch_eager and pot: Python loops over the problems), SinKD
-(torch_eager).  kdloss's side through ExtBinding (ctypes).  Written without a
+(torch_eager).  kdloss's side through the Python package.  Written without a
 GPU: only --self-test and --cpu-dry-run ran.
 Sinkhorn peers (B problems of n x m, f32, eps 0.1, a fixed number of
 iterations, ms per iteration; cost from points x, y [B, n, 64] as squared
@@ -65,7 +65,6 @@ seconds (the rest are recorded as "skipped").
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import math
@@ -151,23 +150,27 @@ def _list(value, allowed, what):
     return items
 
 
-def _shapes(value):
+def _sizes(value, what, arity, expected, single=False):
+    """A comma list of colon-separated positive sizes (N:V, N:d:V, ...);
+    single: exactly one item, or "none" for ()."""
+    if single and value == "none":
+        return ()
     out = []
     for item in value.split(","):
-        m = re.fullmatch(r"(\d+):(\d+)", item)
-        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-            raise argparse.ArgumentTypeError(f"--shapes: bad shape '{item}' (expected N:V)")
-        out.append((int(m.group(1)), int(m.group(2))))
-    return out
+        m = re.fullmatch(":".join([r"(\d+)"] * arity), item)
+        if not m or min(int(g) for g in m.groups()) < 1 or (single and "," in value):
+            noun = "value" if single else "shape"  # the words of `kdloss bench`
+            raise argparse.ArgumentTypeError(f"{what}: bad {noun} '{item}' (expected {expected})")
+        out.append(tuple(int(g) for g in m.groups()))
+    return out[0] if single else out
+
+
+def _shapes(value, what="--shapes"):
+    return _sizes(value, what, 2, "N:V")
 
 
 def _sinkhorn(value):
-    if value == "none":
-        return ()
-    m = re.fullmatch(r"(\d+):(\d+):(\d+)", value)
-    if not m or min(int(g) for g in m.groups()) < 1:
-        raise argparse.ArgumentTypeError(f"--sinkhorn: bad value '{value}' (expected B:n:m or none)")
-    return tuple(int(g) for g in m.groups())
+    return _sizes(value, "--sinkhorn", 3, "B:n:m or none", single=True)
 
 
 def _ints(value, what, lo=1, hi=None):
@@ -181,13 +184,7 @@ def _ints(value, what, lo=1, hi=None):
 
 
 def _fused_shapes(value):
-    out = []
-    for item in value.split(","):
-        m = re.fullmatch(r"(\d+):(\d+):(\d+)", item)
-        if not m or min(int(g) for g in m.groups()) < 1:
-            raise argparse.ArgumentTypeError(f"--fused-shapes: bad shape '{item}' (expected N:d:V)")
-        out.append(tuple(int(g) for g in m.groups()))
-    return out
+    return _sizes(value, "--fused-shapes", 3, "N:d:V")
 
 
 def _ragged(value):
@@ -202,12 +199,10 @@ def _ragged(value):
 
 
 def _sinkd(value):
-    if value == "none":
-        return ()
-    m = re.fullmatch(r"(\d+):(\d+):(\d+)", value)
-    if not m or min(int(g) for g in m.groups()) < 1 or int(m.group(1)) % int(m.group(3)):
+    out = _sizes(value, "--sinkd", 3, "N:V:G, G dividing N, or none", single=True)
+    if out and out[0] % out[2]:
         raise argparse.ArgumentTypeError(f"--sinkd: bad value '{value}' (N:V:G, G dividing N, or none)")
-    return tuple(int(g) for g in m.groups())
+    return out
 
 
 def parse_args(argv):
@@ -228,7 +223,7 @@ def parse_args(argv):
     p.add_argument("--sinkhorn", type=_sinkhorn, default=None, help="B:n:m or none (default 64:1024:1024)")
     p.add_argument("--sinkhorn-iters", type=int, default=100)
     p.add_argument("--ops", type=lambda v: _list(v, OPS, "--ops"))
-    p.add_argument("--sparse-shapes", type=_shapes)
+    p.add_argument("--sparse-shapes", type=lambda v: _shapes(v, "--sparse-shapes"))
     p.add_argument("--sparse-k", type=lambda v: _ints(v, "--sparse-k", 1, 1024))
     p.add_argument("--fused-shapes", type=_fused_shapes)
     p.add_argument("--ragged-sizes", type=_ragged)
@@ -462,7 +457,7 @@ class Env:
             self.flush = torch.empty(max(4 * self.l2, 256 * 2**20), dtype=torch.uint8, device=self.dev)
         self.dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
         self.args = args
-        self.kdloss = KdlossBinding(args, torch)
+        self.kdloss = KdlossBinding(args.kdloss_lib)
 
     # -------------------------------------------------------- timing
     def time_steps(self, step, n_sets, repeats, warmup):
@@ -516,26 +511,39 @@ class Env:
 
 
 # ------------------------------------------------ the textbook forms
+def akl_tail(torch, p_sorted, mu, rule, k):
+    """The AKL tail mask over the teacher's probabilities sorted descending
+    (ties by lower index), by kdloss's head rules: "reference" (the head is
+    the prefix of cumulative mass <= mu, at least the top token), "mass"
+    (the shortest prefix reaching mu), "topk" (the top k)."""
+    if rule == "reference":
+        tail = p_sorted.cumsum(dim=-1) > mu
+        tail[:, 0] = False
+        return tail
+    if rule == "mass":
+        return (p_sorted.cumsum(dim=-1) - p_sorted) >= mu
+    return (torch.arange(p_sorted.shape[-1], device=p_sorted.device) >= k).expand_as(p_sorted)
+
+
 def textbook(env):
     """The eager peers, keyed by divergence; akl takes (mu, rule, k)."""
     torch, F = env.torch, env.F
     f32 = torch.float32
 
+    def kl_rows(a, b):
+        # DistiLLM's forward_kl / reverse_kl: KL(softmax a || softmax b) per
+        # row, inf positions masked; as a true KL (forward_kl omits a's log p)
+        ap = F.softmax(a, dim=-1, dtype=f32)
+        alp = F.log_softmax(a, dim=-1, dtype=f32)
+        blp = F.log_softmax(b, dim=-1, dtype=f32)
+        inf_mask = torch.isinf(a) | torch.isinf(b)
+        return torch.masked_fill(ap * (alp - blp), inf_mask, 0).sum(dim=-1)
+
     def fkl_rows(s, t):
-        # DistiLLM's forward_kl, as a true KL (adds the teacher's log p)
-        tp = F.softmax(t, dim=-1, dtype=f32)
-        tlp = F.log_softmax(t, dim=-1, dtype=f32)
-        slp = F.log_softmax(s, dim=-1, dtype=f32)
-        inf_mask = torch.isinf(s) | torch.isinf(t)
-        return torch.masked_fill(tp * (tlp - slp), inf_mask, 0).sum(dim=-1)
+        return kl_rows(t, s)
 
     def rkl_rows(s, t):
-        # DistiLLM's reverse_kl
-        sp = F.softmax(s, dim=-1, dtype=f32)
-        slp = F.log_softmax(s, dim=-1, dtype=f32)
-        tlp = F.log_softmax(t, dim=-1, dtype=f32)
-        inf_mask = torch.isinf(s) | torch.isinf(t)
-        return torch.masked_fill(sp * (slp - tlp), inf_mask, 0).sum(dim=-1)
+        return kl_rows(s, t)
 
     def fkl(s, t):
         return fkl_rows(s, t).mean()
@@ -554,13 +562,7 @@ def textbook(env):
             stp, idx = tp.sort(dim=-1, descending=True, stable=True)
             ssp = sp.gather(dim=-1, index=idx)
             errors = (stp - ssp).abs()
-            if rule == "reference":
-                tail = stp.cumsum(dim=-1) > mu
-                tail[:, 0] = False
-            elif rule == "mass":
-                tail = (stp.cumsum(dim=-1) - stp) >= mu
-            else:
-                tail = (torch.arange(stp.shape[-1], device=stp.device) >= k).expand_as(stp)
+            tail = akl_tail(torch, stp, mu, rule, k)
             s1 = errors.masked_fill(tail, 0.0).sum(dim=-1)
             s2 = errors.masked_fill(~tail, 0.0).sum(dim=-1)
             tot = s1 + s2
@@ -588,23 +590,21 @@ def textbook(env):
         tp = F.softmax(t, dim=-1, dtype=f32)
         return (0.5 * (sp - tp).abs().sum(dim=-1)).mean()
 
+    def skew_kl(a, b, alpha):
+        # DistiLLM's skewed_forward_kl / skewed_reverse_kl: KL(pa || alpha pa
+        # + (1 - alpha) pb), the log of the mixed probabilities; true KL
+        ap = F.softmax(a, dim=-1, dtype=f32)
+        alp = F.log_softmax(a, dim=-1, dtype=f32)
+        bp = F.softmax(b, dim=-1, dtype=f32)
+        mlp = torch.log(alpha * ap + (1 - alpha) * bp)
+        inf_mask = torch.isinf(a) | torch.isinf(b)
+        return torch.masked_fill(ap * (alp - mlp), inf_mask, 0).sum(dim=-1).mean()
+
     def skl(s, t, alpha=ALPHA):
-        # DistiLLM's skewed_forward_kl (log of mixed probabilities), true KL
-        sp = F.softmax(s, dim=-1, dtype=f32)
-        tp = F.softmax(t, dim=-1, dtype=f32)
-        tlp = F.log_softmax(t, dim=-1, dtype=f32)
-        mlp = torch.log(alpha * tp + (1 - alpha) * sp)
-        inf_mask = torch.isinf(s) | torch.isinf(t)
-        return torch.masked_fill(tp * (tlp - mlp), inf_mask, 0).sum(dim=-1).mean()
+        return skew_kl(t, s, alpha)
 
     def srkl(s, t, alpha=ALPHA):
-        # DistiLLM's skewed_reverse_kl, true KL
-        sp = F.softmax(s, dim=-1, dtype=f32)
-        slp = F.log_softmax(s, dim=-1, dtype=f32)
-        tp = F.softmax(t, dim=-1, dtype=f32)
-        mlp = torch.log(alpha * sp + (1 - alpha) * tp)
-        inf_mask = torch.isinf(s) | torch.isinf(t)
-        return torch.masked_fill(sp * (slp - mlp), inf_mask, 0).sum(dim=-1).mean()
+        return skew_kl(s, t, alpha)
 
     return {"fkl": fkl, "rkl": rkl, "fkl_rkl": fkl_rkl, "akl": akl, "jsd": jsd, "tvd": tvd,
             "skl": skl, "srkl": srkl}
@@ -677,14 +677,7 @@ def reference(env, s, t, div, mu, rule, k, chunk=256):
             with torch.no_grad():
                 sp_, idx = p.sort(dim=-1, descending=True, stable=True)
                 err = (sp_ - q.detach().gather(-1, idx)).abs()
-                cum = sp_.cumsum(-1)
-                if rule == "reference":
-                    tail = cum > mu
-                    tail[:, 0] = False
-                elif rule == "mass":
-                    tail = (cum - sp_) >= mu
-                else:
-                    tail = (torch.arange(sp_.shape[-1], device=sp_.device) >= k).expand_as(sp_)
+                tail = akl_tail(torch, sp_, mu, rule, k)
                 gh = err.masked_fill(tail, 0).sum(-1)
                 gt = err.masked_fill(~tail, 0).sum(-1)
                 tot = gh + gt
@@ -714,120 +707,83 @@ def rel_errs(env, loss, grad, ref_loss, ref_grad, chunk=1024):
 
 
 # --------------------------------------------------- kdloss binding
+def load_kdloss(lib_path=None):
+    """kdloss.torch from the package in python/ next to this folder, with
+    the library of --kdloss-lib (else KDLOSS_LIBRARY, else the package's
+    lookup): (module, None), or (None, why it is not usable)."""
+    if lib_path:
+        os.environ.setdefault("KDLOSS_LIBRARY", lib_path)
+    pkg = os.path.join(ROOT, "python")
+    if pkg not in sys.path:
+        sys.path.insert(0, pkg)
+    try:
+        import kdloss
+        import kdloss.torch as kt
+
+        kdloss.library_path()  # loads libkdloss.so now, not at the first call
+        return kt, None
+    except Exception as e:  # noqa: BLE001
+        return None, f"python/kdloss: {type(e).__name__}: {e}"
+
+
 class KdlossBinding:
-    """kdloss on torch tensors: the Python package in python/kdloss when it
-    imports, else a minimal ctypes call of libkdloss.so.  call() returns
-    (loss, grad) or raises."""
+    """kdloss's side of the comparisons, through the Python package
+    (python/kdloss, which checks its ctypes mirrors against the library).
+    The tensors' device picks the path: CUDA tensors run the GPU entry
+    points on the current stream, CPU tensors the float64 references (the
+    self-test).  Each call returns (loss as a float, gradients) or raises."""
 
-    def __init__(self, args, torch):
-        self.torch = torch
-        self.kt = None
-        self.lib = None
-        self.why = None
-        if args.kdloss_lib:
-            os.environ.setdefault("KDLOSS_LIBRARY", args.kdloss_lib)
-        sys.path.insert(0, os.path.join(ROOT, "python"))
-        try:
-            import kdloss
-            import kdloss.torch as kt  # noqa: F401
-
-            kdloss.library_path()  # loads libkdloss.so now, not at the first call
-            self.kt = kt
-            return
-        except Exception as e:  # noqa: BLE001
-            self.why = f"python/kdloss: {type(e).__name__}: {e}"
-        path = args.kdloss_lib or os.environ.get("KDLOSS_LIBRARY")
-        try:
-            self.lib = ctypes.CDLL(path or "libkdloss.so")
-            self._setup_ctypes()
-        except Exception as e:  # noqa: BLE001
-            self.lib = None
-            self.why += f"; ctypes: {type(e).__name__}: {e}"
+    def __init__(self, lib_path=None):
+        self.kt, self.why = load_kdloss(lib_path)
 
     def available(self):
-        return self.kt is not None or self.lib is not None
+        return self.kt is not None
+
+    def ext_available(self):
+        """The package has the extension ops and the library their API."""
+        if self.kt is None:
+            return False
+        import kdloss
+
+        return kdloss.ext_available() and kdloss._lib.ot_available()
+
+    @staticmethod
+    def _backward(loss, *leaves):
+        loss.backward()
+        return (float(loss.detach()),) + tuple(x.grad for x in leaves)
 
     def call(self, s, t, div, rule, mu, k):
+        """The dense loss, mean: (loss, d loss / d s)."""
         leaf = s.detach().requires_grad_()
-        if self.kt is not None:
-            loss = self.kt.distill_loss(leaf, t, divergence=div, head_rule=rule or "reference", mu=mu,
-                                        top_k=k, reduction="mean", alpha=ALPHA, beta=BETA,
-                                        temperature=TEMPERATURE)
-            loss.backward()
-            return float(loss.detach()), leaf.grad
-        return self._ctypes_call(s, t, div, rule, mu, k)
+        return self._backward(
+            self.kt.distill_loss(leaf, t, divergence=div, head_rule=rule or "reference", mu=mu,
+                                 top_k=k, reduction="mean", alpha=ALPHA, beta=BETA,
+                                 temperature=TEMPERATURE), leaf)
 
-    # A hand-written mirror of kdloss_types.h, checked against struct_size.
-    def _setup_ctypes(self):
-        from ctypes import Structure, c_double, c_int, c_int64, c_size_t, c_void_p
+    def sparse(self, s, idx, lp):
+        """RENORMALISED FKL, mean: (loss, grad in s's dtype)."""
+        leaf = s.detach().requires_grad_()
+        return self._backward(self.kt.sparse_distill_loss(leaf, idx, lp, mode="renormalised",
+                                                          divergence="fkl"), leaf)
 
-        class Desc(Structure):
-            _fields_ = [("struct_size", c_size_t), ("divergence", c_int), ("temperature", c_double),
-                        ("alpha", c_double), ("beta", c_double), ("head_rule", c_int), ("mu", c_double),
-                        ("top_k", c_int64), ("reduction", c_int), ("scale", c_double),
-                        ("ignore_index", c_int64)]
+    def fused_linear(self, H, W, T):
+        """JSD (beta 0.5), mean: (loss, dH, dW)."""
+        h, w = H.detach().requires_grad_(), W.detach().requires_grad_()
+        return self._backward(self.kt.fused_linear_distill_loss(h, w, T, divergence="jsd",
+                                                                beta=BETA), h, w)
 
-        class Args(Structure):
-            _fields_ = [("struct_size", c_size_t), ("rows", c_int64), ("vocab", c_int64),
-                        ("student", c_void_p), ("ld_student", c_int64), ("student_dtype", c_int),
-                        ("teacher", c_void_p), ("ld_teacher", c_int64), ("teacher_dtype", c_int),
-                        ("labels", c_void_p), ("grad", c_void_p), ("ld_grad", c_int64),
-                        ("grad_dtype", c_int), ("out_dtype", c_int), ("loss", c_void_p),
-                        ("stat_fkl", c_void_p), ("stat_rkl", c_void_p), ("stat_g_head", c_void_p),
-                        ("stat_g_tail", c_void_p), ("stat_w_head", c_void_p), ("stat_w_tail", c_void_p),
-                        ("stat_head_size", c_void_p), ("info", c_void_p), ("valid_rows", c_void_p)]
+    def sinkhorn_ragged(self, costs, iters):
+        """Values <P, C> per problem [n_b, m_b] (eps 0.1, exactly iters
+        iterations)."""
+        r = self.kt.sinkhorn_ragged(costs, epsilon=SINKHORN_EPS, max_iter=iters, tol=0.0)
+        return [float(v) for v in r["value"].cpu()]
 
-        L = self.lib
-        for fn in ("kdl_loss_desc_init", "kdl_loss_args_init"):
-            getattr(L, fn).restype = None
-        L.kdl_create.restype = c_int
-        L.kdl_set_stream.restype = c_int
-        L.kdl_loss_workspace_size.restype = c_int
-        L.kdl_loss_forward_backward.restype = c_int
-        L.kdl_status_string.restype = ctypes.c_char_p
-        L.kdl_get_last_error.restype = ctypes.c_char_p
-        L.kdl_set_stream.argtypes = [c_void_p, c_void_p]
-        L.kdl_loss_workspace_size.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p]
-        L.kdl_loss_forward_backward.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_size_t]
-        d, a = Desc(), Args()
-        L.kdl_loss_desc_init(ctypes.byref(d))
-        L.kdl_loss_args_init(ctypes.byref(a))
-        if d.struct_size != ctypes.sizeof(Desc) or a.struct_size != ctypes.sizeof(Args):
-            raise RuntimeError("struct layout differs from kdloss_types.h")
-        self.Desc, self.Args = Desc, Args
-        self.handle = c_void_p()
-        st = L.kdl_create(ctypes.byref(self.handle))
-        if st != 0:
-            raise RuntimeError(L.kdl_status_string(st).decode())
-
-    def _ctypes_call(self, s, t, div, rule, mu, k):
-        torch, L = self.torch, self.lib
-        code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-        d, a = self.Desc(), self.Args()
-        L.kdl_loss_desc_init(ctypes.byref(d))
-        L.kdl_loss_args_init(ctypes.byref(a))
-        d.divergence = DIVERGENCES.index(div)
-        d.head_rule = HEAD_RULES.index(rule or "reference")
-        d.mu, d.top_k, d.reduction = mu, k, 2
-        s, t = s.detach().contiguous(), t.detach().contiguous()
-        grad = torch.empty_like(s)
-        loss = torch.empty(1, dtype=torch.float32, device=s.device)
-        a.rows, a.vocab = s.shape
-        a.student, a.ld_student, a.student_dtype = s.data_ptr(), s.shape[1], code[s.dtype]
-        a.teacher, a.ld_teacher, a.teacher_dtype = t.data_ptr(), t.shape[1], code[t.dtype]
-        a.grad, a.ld_grad, a.grad_dtype = grad.data_ptr(), s.shape[1], code[s.dtype]
-        a.out_dtype, a.loss = 0, loss.data_ptr()
-        L.kdl_set_stream(self.handle, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
-        ws = ctypes.c_size_t(0)
-        st = L.kdl_loss_workspace_size(self.handle, ctypes.byref(d), ctypes.byref(a), ctypes.byref(ws))
-        buf = torch.empty(max(1, ws.value), dtype=torch.uint8, device=s.device) if st == 0 else None
-        if st == 0:
-            st = L.kdl_loss_forward_backward(self.handle, ctypes.byref(d), ctypes.byref(a),
-                                             ctypes.c_void_p(buf.data_ptr()), ws.value)
-        if st != 0:
-            raise RuntimeError(f"{L.kdl_status_string(st).decode()} ({L.kdl_get_last_error().decode()})")
-        torch.cuda.synchronize()
-        return float(loss), grad
+    def sinkd(self, s, t, group, metric, iters):
+        """SinKD loss (tau 2, eps 0.1, exactly iters iterations) and gradient."""
+        leaf = s.detach().requires_grad_()
+        return self._backward(self.kt.sinkd_loss(leaf, t, group_size=group, metric=metric,
+                                                 max_iter=iters, tol=0.0, temperature=2.0,
+                                                 epsilon=SINKHORN_EPS), leaf)
 
 
 # ------------------------------------------------------- loss peers
@@ -1078,222 +1034,18 @@ def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
 
 # ================================================ the other ops (extensions)
 # Sparse top-k teacher, fused linear + loss, ragged Sinkhorn, SinKD: the
-# kdloss side runs through ExtBinding (ctypes mirrors of kdloss_ext.h and
-# kdloss_ot.h, checked against the library's struct_size), on the GPU for
-# the comparison and in the float64 CPU references for the self-test.
+# kdloss side runs through KdlossBinding (the Python package), on the GPU
+# for the comparison and in the float64 CPU references for the self-test.
 # Written without a GPU: the timing paths below ran only in --cpu-dry-run.
-from ctypes import Structure, c_double, c_int, c_int64, c_size_t, c_void_p  # noqa: E402
-
-DT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "f64": 3}
-
-
-class _LossDesc(Structure):
-    _fields_ = [("struct_size", c_size_t), ("divergence", c_int), ("temperature", c_double),
-                ("alpha", c_double), ("beta", c_double), ("head_rule", c_int), ("mu", c_double),
-                ("top_k", c_int64), ("reduction", c_int), ("scale", c_double), ("ignore_index", c_int64)]
-
-
-class _SparseArgs(Structure):
-    _fields_ = [("struct_size", c_size_t), ("mode", c_int), ("rows", c_int64), ("vocab", c_int64),
-                ("k", c_int64), ("student", c_void_p), ("ld_student", c_int64), ("student_dtype", c_int),
-                ("teacher_indices", c_void_p), ("ld_indices", c_int64), ("teacher_logprobs", c_void_p),
-                ("ld_logprobs", c_int64), ("teacher_dtype", c_int), ("labels", c_void_p),
-                ("grad", c_void_p), ("ld_grad", c_int64), ("grad_dtype", c_int), ("out_dtype", c_int),
-                ("loss", c_void_p), ("info", c_void_p), ("valid_rows", c_void_p),
-                ("bad_index_rows", c_void_p)]
-
-
-class _FusedArgs(Structure):
-    _fields_ = [("struct_size", c_size_t), ("rows", c_int64), ("hidden", c_int64), ("vocab", c_int64),
-                ("hidden_states", c_void_p), ("ld_hidden", c_int64), ("hidden_dtype", c_int),
-                ("weight", c_void_p), ("ld_weight", c_int64), ("weight_dtype", c_int),
-                ("teacher", c_void_p), ("ld_teacher", c_int64), ("teacher_dtype", c_int),
-                ("labels", c_void_p), ("grad_hidden", c_void_p), ("ld_grad_hidden", c_int64),
-                ("grad_weight", c_void_p), ("ld_grad_weight", c_int64), ("grad_dtype", c_int),
-                ("chunk_rows", c_int64), ("out_dtype", c_int), ("loss", c_void_p), ("info", c_void_p),
-                ("valid_rows", c_void_p)]
-
-
-class _SinkhornDesc(Structure):
-    _fields_ = [("struct_size", c_size_t), ("epsilon", c_double), ("max_iter", c_int64), ("tol", c_double),
-                ("check_every", c_int64), ("eps_scaling", c_int), ("eps_scaling_factor", c_double),
-                ("eps_stage_iter", c_int64), ("value", c_int), ("debias", c_int), ("metric", c_int)]
-
-
-class _SinkhornArgs(Structure):
-    _fields_ = [("struct_size", c_size_t), ("batch", c_int64), ("n", c_int64), ("m", c_int64),
-                ("sizes_n", c_void_p), ("sizes_m", c_void_p), ("dtype", c_int), ("cost", c_void_p),
-                ("x", c_void_p), ("y", c_void_p), ("dim", c_int64), ("log_a", c_void_p), ("log_b", c_void_p),
-                ("f_init", c_void_p), ("g_init", c_void_p), ("cost_xx", c_void_p), ("cost_yy", c_void_p),
-                ("self_yy", c_void_p), ("self_yy_given", c_int), ("value", c_void_p),
-                ("iterations", c_void_p), ("marginal_error", c_void_p), ("f", c_void_p), ("g", c_void_p),
-                ("plan", c_void_p), ("grad_x", c_void_p), ("info", c_void_p)]
-
-
-class _SinkdDesc(Structure):
-    _fields_ = [("struct_size", c_size_t), ("group_size", c_int64), ("temperature", c_double),
-                ("epsilon", c_double), ("max_iter", c_int64), ("tol", c_double), ("check_every", c_int64),
-                ("metric", c_int), ("scale", c_double)]
-
-
-class _SinkdArgs(Structure):
-    _fields_ = [("struct_size", c_size_t), ("rows", c_int64), ("vocab", c_int64), ("student", c_void_p),
-                ("ld_student", c_int64), ("student_dtype", c_int), ("teacher", c_void_p),
-                ("ld_teacher", c_int64), ("teacher_dtype", c_int), ("grad", c_void_p), ("ld_grad", c_int64),
-                ("grad_dtype", c_int), ("out_dtype", c_int), ("loss", c_void_p), ("group_loss", c_void_p),
-                ("plan", c_void_p), ("iterations", c_void_p), ("marginal_error", c_void_p),
-                ("info", c_void_p)]
-
-
-class ExtBinding:
-    """kdloss's sparse, fused-linear, Sinkhorn and SinKD entry points on torch
-    tensors through ctypes: gpu=True runs the CUDA path on the current stream
-    (device tensors), gpu=False the float64 reference (host float64 tensors).
-    Each call returns plain results or raises RuntimeError."""
-
-    KINDS = {"sparse": (_LossDesc, "kdl_loss_desc_init", _SparseArgs, "kdl_sparse_args_init"),
-             "fused_linear": (_LossDesc, "kdl_loss_desc_init", _FusedArgs, "kdl_fused_linear_args_init"),
-             "sinkhorn": (_SinkhornDesc, "kdl_sinkhorn_desc_init", _SinkhornArgs, "kdl_sinkhorn_args_init"),
-             "sinkd": (_SinkdDesc, "kdl_sinkd_desc_init", _SinkdArgs, "kdl_sinkd_args_init")}
-
-    def __init__(self, path, torch):
-        self.torch = torch
-        self.L = ctypes.CDLL(path or "libkdloss.so")
-        self.handle = None
-        L = self.L
-        L.kdl_status_string.restype = ctypes.c_char_p
-        L.kdl_get_last_error.restype = ctypes.c_char_p
-        for kind, (D, dinit, A, ainit) in self.KINDS.items():
-            for fn, cls in ((dinit, D), (ainit, A)):
-                f = getattr(L, fn)
-                f.restype, f.argtypes = None, [c_void_p]
-                obj = cls()
-                f(ctypes.byref(obj))
-                if obj.struct_size != ctypes.sizeof(cls):
-                    raise RuntimeError(f"{cls.__name__}: struct layout differs from the library's "
-                                       f"({obj.struct_size} != {ctypes.sizeof(cls)})")
-            ref = getattr(L, f"kdl_ref_{kind}" if kind != "sparse" and kind != "fused_linear"
-                          else f"kdl_ref_{kind}_loss")
-            ref.restype, ref.argtypes = c_int, [c_void_p, c_void_p]
-            fn = getattr(L, f"kdl_{kind}" if kind in ("sinkhorn", "sinkd") else f"kdl_{kind}_loss")
-            fn.restype, fn.argtypes = c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_size_t]
-            ws = getattr(L, f"kdl_{kind}_workspace_size")
-            ws.restype, ws.argtypes = c_int, [c_void_p, c_void_p, c_void_p, c_void_p]
-
-    def new(self, kind):
-        D, dinit, A, ainit = self.KINDS[kind]
-        d, a = D(), A()
-        getattr(self.L, dinit)(ctypes.byref(d))
-        getattr(self.L, ainit)(ctypes.byref(a))
-        return d, a
-
-    def _check(self, st, what):
-        if st != 0:
-            raise RuntimeError(f"{what}: {self.L.kdl_status_string(st).decode()} "
-                               f"({self.L.kdl_get_last_error().decode()})")
-
-    def _run(self, kind, d, a, gpu):
-        L, torch = self.L, self.torch
-        if not gpu:
-            name = f"kdl_ref_{kind}" if kind in ("sinkhorn", "sinkd") else f"kdl_ref_{kind}_loss"
-            self._check(getattr(L, name)(ctypes.byref(d), ctypes.byref(a)), name)
-            return
-        if self.handle is None:
-            self.handle = c_void_p()
-            L.kdl_set_stream.argtypes = [c_void_p, c_void_p]
-            self._check(L.kdl_create(ctypes.byref(self.handle)), "kdl_create")
-        L.kdl_set_stream(self.handle, c_void_p(torch.cuda.current_stream().cuda_stream))
-        nbytes = c_size_t(0)
-        self._check(getattr(L, f"kdl_{kind}_workspace_size")(self.handle, ctypes.byref(d), ctypes.byref(a),
-                                                              ctypes.byref(nbytes)), f"{kind} workspace")
-        buf = torch.empty(max(1, nbytes.value), dtype=torch.uint8, device="cuda")
-        name = f"kdl_{kind}" if kind in ("sinkhorn", "sinkd") else f"kdl_{kind}_loss"
-        self._check(getattr(L, name)(self.handle, ctypes.byref(d), ctypes.byref(a), c_void_p(buf.data_ptr()),
-                                     nbytes.value), name)
-        torch.cuda.synchronize()
-
-    @staticmethod
-    def _code(t):
-        import torch
-        return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[t.dtype]
-
-    def sparse(self, s, idx, lp, gpu=True):
-        """RENORMALISED FKL, mean: (loss, grad in s's dtype or f64)."""
-        torch = self.torch
-        d, a = self.new("sparse")
-        d.divergence, d.reduction = DIVERGENCES.index("fkl"), 2
-        s, idx, lp = s.detach().contiguous(), idx.contiguous(), lp.detach().contiguous()
-        grad = torch.empty_like(s)
-        loss = torch.zeros(1, dtype=torch.float32 if gpu else torch.float64, device=s.device)
-        a.mode, (a.rows, a.vocab), a.k = 0, s.shape, idx.shape[1]
-        a.student, a.ld_student, a.student_dtype = s.data_ptr(), s.shape[1], self._code(s)
-        a.teacher_indices, a.ld_indices = idx.data_ptr(), idx.shape[1]
-        a.teacher_logprobs, a.ld_logprobs, a.teacher_dtype = lp.data_ptr(), lp.shape[1], self._code(lp)
-        a.grad, a.ld_grad, a.grad_dtype = grad.data_ptr(), s.shape[1], self._code(grad)
-        a.out_dtype, a.loss = self._code(loss), loss.data_ptr()
-        self._run("sparse", d, a, gpu)
-        return float(loss), grad
-
-    def fused_linear(self, H, W, T, gpu=True):
-        """JSD (beta 0.5), mean: (loss, dH, dW) in float32 (GPU) or f64."""
-        torch = self.torch
-        d, a = self.new("fused_linear")
-        d.divergence, d.reduction, d.beta = DIVERGENCES.index("jsd"), 2, BETA
-        H, W, T = H.detach().contiguous(), W.detach().contiguous(), T.detach().contiguous()
-        gdt = torch.float32 if gpu else torch.float64
-        dH = torch.empty(H.shape, dtype=gdt, device=H.device)
-        dW = torch.empty(W.shape, dtype=gdt, device=H.device)
-        loss = torch.zeros(1, dtype=gdt, device=H.device)
-        (a.rows, a.hidden), a.vocab = H.shape, W.shape[0]
-        a.hidden_states, a.ld_hidden, a.hidden_dtype = H.data_ptr(), H.shape[1], self._code(H)
-        a.weight, a.ld_weight, a.weight_dtype = W.data_ptr(), W.shape[1], self._code(W)
-        a.teacher, a.ld_teacher, a.teacher_dtype = T.data_ptr(), T.shape[1], self._code(T)
-        a.grad_hidden, a.ld_grad_hidden = dH.data_ptr(), H.shape[1]
-        a.grad_weight, a.ld_grad_weight, a.grad_dtype = dW.data_ptr(), W.shape[1], self._code(dH)
-        a.out_dtype, a.loss = self._code(loss), loss.data_ptr()
-        self._run("fused_linear", d, a, gpu)
-        return float(loss), dH, dW
-
-    def sinkhorn_ragged(self, cost, sizes_n, sizes_m, iters, gpu=True):
-        """Values <P, C> per problem (eps 0.1, exactly iters iterations)."""
-        torch = self.torch
-        d, a = self.new("sinkhorn")
-        d.epsilon, d.max_iter, d.tol, d.value = SINKHORN_EPS, iters, 0.0, 0
-        cost = cost.detach().contiguous()
-        sn = (ctypes.c_int64 * len(sizes_n))(*sizes_n)
-        sm = (ctypes.c_int64 * len(sizes_m))(*sizes_m)
-        val = torch.zeros(len(sizes_n), dtype=cost.dtype, device=cost.device)
-        a.batch, a.n, a.m = len(sizes_n), sizes_n[0], sizes_m[0]
-        a.sizes_n, a.sizes_m = ctypes.cast(sn, c_void_p), ctypes.cast(sm, c_void_p)
-        a.dtype, a.cost, a.value = self._code(cost), cost.data_ptr(), val.data_ptr()
-        self._run("sinkhorn", d, a, gpu)
-        return [float(v) for v in val.cpu()]
-
-    def sinkd(self, s, t, group, metric, iters, gpu=True):
-        """SinKD loss (tau 2, eps 0.1) and gradient in s's dtype (or f64)."""
-        torch = self.torch
-        d, a = self.new("sinkd")
-        d.group_size, d.metric, d.max_iter, d.tol = group, {"sqeuclidean": 0, "l1": 1}[metric], iters, 0.0
-        s, t = s.detach().contiguous(), t.detach().contiguous()
-        grad = torch.empty_like(s)
-        loss = torch.zeros(1, dtype=torch.float32 if gpu else torch.float64, device=s.device)
-        a.rows, a.vocab = s.shape
-        a.student, a.ld_student, a.student_dtype = s.data_ptr(), s.shape[1], self._code(s)
-        a.teacher, a.ld_teacher, a.teacher_dtype = t.data_ptr(), t.shape[1], self._code(t)
-        a.grad, a.ld_grad, a.grad_dtype = grad.data_ptr(), s.shape[1], self._code(grad)
-        a.out_dtype, a.loss = self._code(loss), loss.data_ptr()
-        self._run("sinkd", d, a, gpu)
-        return float(loss), grad
-
-
-def ext_binding(path, torch, log=None):
-    try:
-        return ExtBinding(path or os.environ.get("KDLOSS_LIBRARY"), torch)
-    except Exception as e:  # noqa: BLE001
-        if log:
-            log(f"peers.py: kdloss's extension entry points not loadable ({type(e).__name__}: {e}); "
-                "the other ops' peers are checked against float64 only")
-        return None
+def ext_binding(env, log=None):
+    """env.kdloss when it has the extension ops, else None (logged)."""
+    if env.kdloss.ext_available():
+        return env.kdloss
+    if log:
+        why = env.kdloss.why or "the library lacks the kdloss_ext.h / kdloss_ot.h API"
+        log(f"peers.py: kdloss's extension ops not usable ({why}); the other ops' peers are "
+            "checked against float64 only")
+    return None
 
 
 # ---------------------------------------------------- the textbook forms
@@ -1383,6 +1135,17 @@ def _time_ext(env, cfg, row, step, out_bytes, copy_gbps, per_unit=1.0):
     times = env.time_steps(step, 1, cfg.repeats, max(1, cfg.warmup))
     finish_row(row, [t / per_unit for t in times], copy_gbps)
     row["status"] = "ok"
+
+
+def _check_and_time(env, cfg, row, lv, ref, kd, step, out_bytes, copy_gbps, tol):
+    """The peer's loss lv against the float64 evaluation ref and kdloss's
+    loss kd (each when it ran), then the timing and the verdict."""
+    if ref is not None:
+        row["check_rel_err"] = _rel(lv, ref)
+    if kd is not None:
+        row["check_vs_kdloss"] = _rel(lv, kd)
+    _time_ext(env, cfg, row, step, out_bytes, copy_gbps)
+    _judge(row, tol)
 
 
 def _judge(row, tol):
@@ -1486,13 +1249,8 @@ def run_sparse(env, cfg, copy_gbps, deadline, log):
 
                 def go(row=row, fn=fn, step=step):
                     s.grad = None
-                    lv = float(fn(s, idx, lp).detach())
-                    if ref is not None:
-                        row["check_rel_err"] = _rel(lv, ref)
-                    if kd is not None:
-                        row["check_vs_kdloss"] = _rel(lv, kd)
-                    _time_ext(env, cfg, row, step, s.numel() * s.element_size(), copy_gbps)
-                    _judge(row, TOL[dtype])
+                    _check_and_time(env, cfg, row, float(fn(s, idx, lp).detach()), ref, kd, step,
+                                    s.numel() * s.element_size(), copy_gbps, TOL[dtype])
 
                 _guard(row, go, torch, log)
                 s.grad = None
@@ -1562,11 +1320,8 @@ def run_fused(env, cfg, copy_gbps, deadline, log):
 
             def go(row=row, loss_fn=loss_fn, step=step):
                 H.grad = W.grad = None
-                lv = float(loss_fn().detach())
-                if kd is not None:
-                    row["check_vs_kdloss"] = _rel(lv, kd)
-                _time_ext(env, cfg, row, step, out_bytes, copy_gbps)
-                _judge(row, TOL[dtype] if row["impl"] == "torch_eager" else 1e-3)
+                _check_and_time(env, cfg, row, float(loss_fn().detach()), None, kd, step, out_bytes,
+                                copy_gbps, TOL[dtype] if row["impl"] == "torch_eager" else 1e-3)
 
             _guard(row, go, torch, log)
             H.grad = W.grad = None
@@ -1609,7 +1364,7 @@ def run_ragged(env, cfg, copy_gbps, deadline, log):
             ref.append(forms["transport_value"](C[0], f[0], g[0]))
         if env.ext is not None and not env.cpu:
             try:
-                kd = env.ext.sinkhorn_ragged(torch.cat([C.reshape(-1) for C in costs]), sn, sm, K)
+                kd = env.ext.sinkhorn_ragged([C[0] for C in costs], K)
             except Exception as e:  # noqa: BLE001
                 log(f"  kdloss ragged Sinkhorn not usable for the check ({str(e)[:120]})")
     runs = {}
@@ -1693,11 +1448,8 @@ def run_sinkd(env, cfg, copy_gbps, deadline, log):
             s.grad = None
             if ref is not None:  # the first group, against float64
                 row["check_rel_err"] = _rel(float(fn(s[:grp], t[:grp]).detach()), ref)
-            lv = float(fn(s, t).detach())
-            if kd is not None:
-                row["check_vs_kdloss"] = _rel(lv, kd)
-            _time_ext(env, cfg, row, step, s.numel() * s.element_size(), copy_gbps)
-            _judge(row, TOL[dtype])
+            _check_and_time(env, cfg, row, float(fn(s, t).detach()), None, kd, step,
+                            s.numel() * s.element_size(), copy_gbps, TOL[dtype])
 
         _guard(row, go, torch, log)
         s.grad = None
@@ -1705,15 +1457,15 @@ def run_sinkd(env, cfg, copy_gbps, deadline, log):
 
 
 # ------------------------------------------------------------ self-test
-def self_test_ext(torch, F, expect, gen):
+def self_test_ext(torch, F, expect, gen, kd):
     """The other ops' torch forms against kdloss's float64 references
-    (through ExtBinding, which checks the ctypes layouts) on small shapes,
+    (through the Python package, which checks its ctypes layouts) on small shapes,
     and against this script's own float64 evaluation."""
     forms = ext_forms(F, torch)
-    ext = ext_binding(os.environ.get("KDLOSS_LIBRARY"), torch)
+    ext = kd if kd.ext_available() else None
     if ext is None:
-        print("self-test: libkdloss.so not loaded (set KDLOSS_LIBRARY): the other ops' forms are "
-              "checked in float32 against float64 only", file=sys.stderr)
+        print("self-test: kdloss's extension ops not loaded (set KDLOSS_LIBRARY): the other ops' "
+              "forms are checked in float32 against float64 only", file=sys.stderr)
     # sparse: textbook f32 and bf16 against f64, and against kdl_ref_sparse_loss
     for n, v, k in ((5, 301, 7), (3, 64, 64), (2, 1100, 1024)):
         s = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
@@ -1738,7 +1490,7 @@ def self_test_ext(torch, F, expect, gen):
                         float((leaf.grad.double() - r2.grad).norm() / r2.grad.norm()))
             expect(e <= tol, f"sparse torch {dt} {n}x{v} k={k}: rel. error {e:.3g} > {tol}")
         if ext is not None:
-            kl, kg = ext.sparse(s, idx, lp, gpu=False)
+            kl, kg = ext.sparse(s, idx, lp)
             e = max(abs(kl - float(ref.detach())) / abs(float(ref.detach())), float((kg - s64.grad).norm() / s64.grad.norm()))
             expect(e <= 1e-6, f"sparse kdl_ref vs torch f64 {n}x{v} k={k}: rel. error {e:.3g}")
     # fused linear: materialised JSD (f64) against kdl_ref_fused_linear_loss
@@ -1756,7 +1508,7 @@ def self_test_ext(torch, F, expect, gen):
                 float((W32.grad.double() - W.grad).norm() / W.grad.norm()))
         expect(e <= 1e-4, f"fused_linear torch f32 {n}x{d}x{v}: rel. error {e:.3g}")
         if ext is not None:
-            kl, dH, dW = ext.fused_linear(H, W, T, gpu=False)
+            kl, dH, dW = ext.fused_linear(H, W, T)
             e = max(abs(kl - float(loss.detach())) / abs(float(loss.detach())), float((dH - H.grad).norm() / H.grad.norm()),
                     float((dW - W.grad).norm() / W.grad.norm()))
             expect(e <= 1e-10, f"fused_linear kdl_ref vs torch f64 {n}x{d}x{v}: rel. error {e:.3g}")
@@ -1771,7 +1523,7 @@ def self_test_ext(torch, F, expect, gen):
         v32 = forms["transport_value"](C[0], f32[0], g32[0])
         expect(abs(v32 - vals[-1]) / abs(vals[-1]) < 1e-4, "sinkhorn_ragged loop f32 vs f64")
     if ext is not None:
-        kv = ext.sinkhorn_ragged(torch.cat([C.reshape(-1) for C in costs]), sn, sm, 30, gpu=False)
+        kv = ext.sinkhorn_ragged([C[0] for C in costs], 30)
         e = max(abs(a - b) / abs(b) for a, b in zip(kv, vals))
         expect(e <= 1e-10, f"sinkhorn_ragged kdl_ref vs torch loop: rel. error {e:.3g}")
     # SinKD: the eager form against kdl_ref_sinkd, both metrics
@@ -1789,7 +1541,7 @@ def self_test_ext(torch, F, expect, gen):
                 float((leaf.grad.double() - s64.grad).norm() / s64.grad.norm()))
         expect(e <= 1e-4, f"sinkd torch f32 {metric}: rel. error {e:.3g}")
         if ext is not None:
-            kl, kg = ext.sinkd(s, t, grp, metric, 20, gpu=False)
+            kl, kg = ext.sinkd(s, t, grp, metric, 20)
             e = max(abs(kl - float(ref.detach())) / abs(float(ref.detach())), float((kg - s64.grad).norm() / s64.grad.norm()))
             expect(e <= 1e-8, f"sinkd kdl_ref vs torch f64 {metric}: rel. error {e:.3g}")
 
@@ -1858,17 +1610,10 @@ def self_test():
 
     env = types.SimpleNamespace(torch=torch, F=F, dev=torch.device("cpu"))
     eager = textbook(env)
-    kt = None
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    try:
-        import kdloss
-        import kdloss.torch as kt  # noqa: F811
-
-        kdloss.library_path()
-    except Exception as e:  # noqa: BLE001
-        kt = None
-        print(f"self-test: kdloss's reference not loaded ({type(e).__name__}: {e}); "
-              "textbook forms checked against this script's reference only", file=sys.stderr)
+    kd = KdlossBinding()
+    if not kd.available():
+        print(f"self-test: kdloss's reference not loaded ({kd.why}); textbook forms checked "
+              "against this script's reference only", file=sys.stderr)
     gen = torch.Generator().manual_seed(0)
     passed = failed = 0
 
@@ -1878,6 +1623,10 @@ def self_test():
         failed += not ok
         if not ok:
             print(f"FAIL {what}", file=sys.stderr)
+
+    # a library named explicitly must load: the comparisons are the point
+    expect(kd.available() or not os.environ.get("KDLOSS_LIBRARY"),
+           f"KDLOSS_LIBRARY is set but kdloss does not load: {kd.why}")
 
     for n, v in ((5, 1271), (3, 64), (1, 7)):
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
@@ -1898,12 +1647,9 @@ def self_test():
                     loss.backward()
                     e = rel_errs(env, float(loss.detach()), leaf.grad, ref_loss, ref_grad)
                     expect(e <= tol, f"torch_eager {d}/{r} {dtype} {n}x{v}: rel. error {e:.3g} > {tol}")
-                    if kt is not None and dtype == torch.float32:
-                        s64 = s.double().requires_grad_()
-                        kl = kt.distill_loss(s64, t.double(), divergence=d, head_rule=r or "reference",
-                                             mu=0.5, top_k=k, reduction="mean", alpha=ALPHA, beta=BETA)
-                        kl.backward()
-                        e = rel_errs(env, float(kl.detach()), s64.grad.float(), ref_loss, ref_grad)
+                    if kd.available() and dtype == torch.float32:
+                        kl, kg = kd.call(s.double(), t.double(), d, r, 0.5, k)
+                        e = rel_errs(env, kl, kg.float(), ref_loss, ref_grad)
                         expect(e <= 1e-6, f"reference vs kdloss {d}/{r} {n}x{v}: rel. error {e:.3g}")
     # Sinkhorn loop: f32 against f64, small problems
     B, n, m, eps = 2, 5, 7, SINKHORN_EPS
@@ -1922,7 +1668,7 @@ def self_test():
         expect(float((P.sum(1) - lb.exp()).abs().max()) < 1e-5, f"sinkhorn {dt}: column marginals")
     e = float(((vals[0] - vals[1]).abs() / vals[1].abs()).max())
     expect(e < 1e-4, f"sinkhorn f32 vs f64 value: rel. error {e:.3g}")
-    self_test_ext(torch, F, expect, gen)
+    self_test_ext(torch, F, expect, gen, kd)
     print(f"peers self-test: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
@@ -1967,7 +1713,7 @@ def main(argv=None):
         doc["meta"]["copy_gb_per_s"], doc["meta"]["copy_bytes"] = copy, nbytes
         del a, b
     doc["meta"]["peers"] = {"torch": env.torch.__version__, "kdloss_check":
-                            "python/kdloss" if env.kdloss.kt else ("ctypes" if env.kdloss.lib else None),
+                            "python/kdloss" if env.kdloss.available() else None,
                             "kdloss_unavailable_because": None if env.kdloss.available() else env.kdloss.why}
     for mod in ("liger_kernel", "ot", "flash_sinkhorn", "triton"):
         try:
@@ -1981,7 +1727,7 @@ def main(argv=None):
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     env.ext = None
     if set(cfg.ops) - {"loss", "sinkhorn"}:
-        env.ext = ext_binding(args.kdloss_lib, env.torch, log)
+        env.ext = ext_binding(env, log)
     if env.cpu:  # tiny shapes for the dry run
         cfg.sparse_shapes = [(6, 1100)]
         cfg.fused_shapes = [(4, 8, 300)]

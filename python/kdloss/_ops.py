@@ -9,6 +9,8 @@ their results, and (torch) autograd, devices and streams.
 
 from __future__ import annotations
 
+import ctypes
+
 from . import _lib
 
 FLOAT_DTYPES = "float32, float64, float16 or bfloat16"
@@ -37,6 +39,7 @@ class Backend:
       to_host(x)            x on the host
       addr(x)               the address of x's first element; None for None
                             or an empty x
+      pack(arrays, dtype)   the arrays flattened, concatenated, in dtype
       zeros(shape, dtype, dev), dtype_of(x), code_of(dtype) (a kdl_dtype_t)
     """
 
@@ -332,21 +335,28 @@ def sinkd(be, dev, desc, s, t, want_grad, want_plan):
     return loss, grad, stats, info, G
 
 
-def sinkhorn(be, dev, desc, sizes, inputs, want, work):
-    """kdl_(ref_)sinkhorn on one uniform batch.  sizes (B, n, m, dim);
-    inputs: cost, x, y, log_a, log_b, f_init, g_init, cost_xx, cost_yy,
-    self_yy (contiguous arrays of dtype work, or None); want: the optional
-    outputs among plan, potentials, grad_x.  Returns the dict of outputs
-    (value, iterations, marginal_error; plan, f, g, grad_x, self_yy as
-    asked; info on a device)."""
+def sinkhorn(be, dev, desc, sizes, inputs, want, work, ragged=None):
+    """kdl_(ref_)sinkhorn.  sizes (B, n, m, dim); inputs: cost, x, y, log_a,
+    log_b, f_init, g_init, cost_xx, cost_yy, self_yy (contiguous arrays of
+    dtype work, packed as kdloss_ot.h says, or None); want: the optional
+    outputs among plan, potentials, grad_x; ragged: (sizes_n, sizes_m) of a
+    ragged batch (host lists of B ints), None for a uniform one.  Returns
+    the dict of outputs (value, iterations, marginal_error; plan, f, g,
+    grad_x, self_yy as asked; info on a device), packed: [B, ...] for a
+    uniform batch, flat over the problems for a ragged one."""
     B, n, m, dim = sizes
+    if ragged is None:
+        rows, cols, cells = (B, n), (B, m), (B, n, m)
+    else:
+        rows, cols = (sum(ragged[0]),), (sum(ragged[1]),)
+        cells = (sum(a * b for a, b in zip(*ragged)),)
     shapes = {"value": (B,), "iterations": (B,), "marginal_error": (B,)}
     if "plan" in want:
-        shapes["plan"] = (B, n, m)
+        shapes["plan"] = cells
     if "potentials" in want:
-        shapes.update(f=(B, n), g=(B, m))
+        shapes.update(f=rows, g=cols)
     if "grad_x" in want:
-        shapes["grad_x"] = (B, n, dim)
+        shapes["grad_x"] = rows + (dim,)
     if desc.debias:
         shapes["self_yy"] = (B,)
     out = {k: be.zeros(shp, be.I64 if k == "iterations" else work, dev)
@@ -356,6 +366,9 @@ def sinkhorn(be, dev, desc, sizes, inputs, want, work):
         out["self_yy"][:] = syy
     a = _lib.new_sinkhorn_args()
     a.batch, a.n, a.m, a.dim = B, n, m, dim
+    if ragged is not None:
+        host = [(ctypes.c_int64 * B)(*(int(v) for v in sz)) for sz in ragged]
+        a.sizes_n, a.sizes_m = (ctypes.cast(h, ctypes.c_void_p) for h in host)
     a.dtype = be.code_of(work)
     for k in ("cost", "x", "y", "log_a", "log_b", "f_init", "g_init", "cost_xx", "cost_yy"):
         put(be, a, inputs.get(k), k)
@@ -366,6 +379,41 @@ def sinkhorn(be, dev, desc, sizes, inputs, want, work):
         out["info"] = put_counters(be, dev, a, ("info",))
     be.call("sinkhorn", dev, desc, a, "sinkhorn")
     return out
+
+
+def sinkhorn_ragged(be, desc, costs, want, work_for):
+    """A ragged batch given as a list of costs [n_b, m_b] (one dtype, one
+    device; work_for(dev) the dtype the solver works in there): packs them,
+    runs sinkhorn() and splits the outputs per problem.  Returns (dev, the
+    dtype of the costs, the outputs: value, iterations, marginal_error [B];
+    plan, f, g as lists when wanted; info on a device)."""
+    if not isinstance(costs, (list, tuple)) or not costs:
+        raise TypeError(f"kdloss: costs must be a non-empty list of {be.kinds} [n_b, m_b]")
+    for i, c in enumerate(costs):
+        check_array(be, c, f"costs[{i}]")
+        if be.dtype_code(c) is None:
+            raise TypeError(f"kdloss: costs[{i}] has dtype {c.dtype}; expected {FLOAT_DTYPES}")
+        if len(be.shape(c)) != 2 or 0 in be.shape(c):
+            raise ValueError(f"kdloss: costs[{i}] must be a non-empty [n, m], got {be.shape(c)}")
+        if c.dtype != costs[0].dtype:
+            raise TypeError(f"kdloss: costs[{i}] has dtype {c.dtype}, costs[0] {costs[0].dtype}")
+    dev = same_device(be, [(f"costs[{i}]", c) for i, c in enumerate(costs)])
+    work = work_for(dev)
+    sn = [be.shape(c)[0] for c in costs]
+    sm = [be.shape(c)[1] for c in costs]
+    packed = be.pack(costs, work)
+    out = sinkhorn(be, dev, desc, (len(costs), sn[0], sm[0], 0), {"cost": packed}, want, work,
+                   ragged=(sn, sm))
+    for key, sizes in (("plan", list(zip(sn, sm))), ("f", [(k,) for k in sn]),
+                       ("g", [(k,) for k in sm])):
+        if key in out:
+            parts, o = [], 0
+            for shp in sizes:
+                size = _numel(shp)
+                parts.append(out[key][o:o + size].reshape(shp))
+                o += size
+            out[key] = parts
+    return dev, costs[0].dtype, out
 
 
 def sparse(be, dev, desc, mode, s, idx, lp, lab, want_grad):

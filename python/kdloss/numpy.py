@@ -17,6 +17,7 @@ from . import _lib, _ops
 __all__ = [
     "distill_loss",
     "sinkhorn",
+    "sinkhorn_ragged",
     "sinkd_loss",
     "sparse_distill_loss",
     "fused_linear_distill_loss",
@@ -76,6 +77,9 @@ class _Numpy(_ops.Backend):
 
     def flat(self, x, n):
         return np.ascontiguousarray(x.reshape(n))
+
+    def pack(self, arrays, dtype):
+        return np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays])
 
     def to_host(self, x):
         return x
@@ -236,6 +240,25 @@ def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, met
     if single:
         out = {k: v[0] for k, v in out.items()}
     return out
+
+
+def sinkhorn_ragged(costs, epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10,
+                    value="transport", eps_scaling=False, eps_scaling_factor=0.8, eps_stage_iter=1,
+                    return_plan=False, return_potentials=False):
+    """A ragged batch of Sinkhorn problems in one call (float64 CPU
+    reference): costs is a list of [n_b, m_b] arrays (one dtype), each
+    problem with uniform weights.  Options as sinkhorn.
+
+    Returns a dict of float64 arrays: value, iterations (int64),
+    marginal_error ([B]); plan (a list of [n_b, m_b]) with return_plan; f, g
+    (lists of [n_b], [m_b]) with return_potentials.
+    """
+    desc = _lib.new_sinkhorn_desc(epsilon=epsilon, max_iter=max_iter, tol=tol,
+                                  check_every=check_every, eps_scaling=eps_scaling,
+                                  eps_scaling_factor=eps_scaling_factor,
+                                  eps_stage_iter=eps_stage_iter, value=value)
+    want = {k for k, on in (("plan", return_plan), ("potentials", return_potentials)) if on}
+    return _ops.sinkhorn_ragged(_NP, desc, costs, want, lambda dev: np.float64)[2]
 
 
 def sinkd_loss(student, teacher, group_size=0, temperature=2.0, epsilon=0.1, max_iter=20, tol=0.0,

@@ -33,6 +33,7 @@ __all__ = [
     "DistillLoss",
     "sinkd_loss",
     "sinkhorn",
+    "sinkhorn_ragged",
     "sparse_distill_loss",
     "fused_linear_distill_loss",
     "vocab_parallel_distill_loss",
@@ -103,6 +104,9 @@ class _Torch(_ops.Backend):
 
     def flat(self, x, n):
         return x.detach().reshape(n).contiguous()
+
+    def pack(self, arrays, dtype):
+        return torch.cat([a.detach().reshape(-1).to(dtype) for a in arrays])
 
     def to_host(self, x):
         return x.detach().cpu()
@@ -453,6 +457,42 @@ def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, met
         value_t = value_t[0]
     out["value"] = value_t
     return out
+
+
+def sinkhorn_ragged(costs, epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10,
+                    value="transport", eps_scaling=False, eps_scaling_factor=0.8, eps_stage_iter=1,
+                    return_plan=False, return_potentials=False):
+    """A ragged batch of Sinkhorn problems in one call: costs is a list of
+    [n_b, m_b] tensors (one dtype, one device), each problem with uniform
+    weights; on CUDA the GPU solver (float32 tensors) on the current stream,
+    on CPU the float64 reference.  Values only: no autograd (use sinkhorn
+    per uniform batch for gradients).  Options as sinkhorn.
+
+    Returns a dict: value, iterations, marginal_error ([B], the costs'
+    dtype); plan (a list of [n_b, m_b]) with return_plan; f, g (lists) with
+    return_potentials; invalid_problems (CUDA).
+    """
+    desc = _lib.new_sinkhorn_desc(epsilon=epsilon, max_iter=max_iter, tol=tol,
+                                  check_every=check_every, eps_scaling=eps_scaling,
+                                  eps_scaling_factor=eps_scaling_factor,
+                                  eps_stage_iter=eps_stage_iter, value=value)
+    want = {k for k, on in (("plan", return_plan), ("potentials", return_potentials)) if on}
+
+    def work_for(dev):
+        if dev.type != "cuda":
+            return torch.float64
+        _lib.require_ot_gpu("sinkhorn_ragged")
+        if any(c.dtype != torch.float32 for c in costs):
+            raise TypeError("kdloss: the GPU Sinkhorn takes float32 tensors only")
+        return torch.float32
+
+    with torch.no_grad():
+        _, dtype, out = _ops.sinkhorn_ragged(_T, desc, costs, want, work_for)
+    if "info" in out:
+        out["invalid_problems"] = out.pop("info").reshape(())
+    return {k: (v if k in ("iterations", "invalid_problems") else
+                [p.to(dtype) for p in v] if isinstance(v, list) else v.to(dtype))
+            for k, v in out.items()}
 
 
 # ------------------------------------------------------ extensions (kdloss_ext.h)

@@ -334,11 +334,10 @@ def test_shard_bad_arguments():
     S = np.zeros((2, 4))
     with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM"):
         kn.VocabShard(S, S, 0, 8, 2, 2).step(0)  # rank outside [0, num_shards)
-    sh = kn.VocabShard(S, S, 6, 8, 1, 2)  # the slice runs past the vocabulary
     with pytest.raises(kdloss.KdlossValueError, match="BAD_SIZE"):
-        sh.step(0)
+        kn.VocabShard(S, S, 6, 8, 1, 2).step(0)  # the slice runs past the vocabulary
     with pytest.raises(RuntimeError, match="before the last step"):
-        sh.result()
+        kn.VocabShard(S, S, 0, 8, 0, 2).result()
     with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):
         kn.VocabShard(S, S, 0, 4, 0, 1, divergence="akl", head_rule="topk", top_k=9).step(0)
     with pytest.raises(ValueError, match="shape"):

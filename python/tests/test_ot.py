@@ -164,6 +164,29 @@ def test_sinkhorn_bad_inputs():
         kn.sinkhorn(bad)
 
 
+def test_ragged_batch_matches_textbook_per_problem():
+    """kdloss.numpy.sinkhorn_ragged packs problems of different sizes into
+    one call: each problem's value, plan and potentials against the
+    textbook on that problem alone."""
+    rng = np.random.default_rng(21)
+    costs = [rng.random((n, m)) for n, m in ((5, 7), (9, 4), (3, 3), (1, 6))]
+    r = kn.sinkhorn_ragged(costs, epsilon=0.2, max_iter=40, tol=0.0, return_plan=True,
+                           return_potentials=True)
+    assert r["value"].shape == (4,) and (r["iterations"] == 40).all()
+    for b, C in enumerate(costs):
+        P, f, g = tb_sinkhorn(C, 0.2, 40)
+        np.testing.assert_allclose(r["plan"][b], P, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(r["f"][b], f, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(r["g"][b], g, rtol=1e-10, atol=1e-12)
+        assert r["value"][b] == pytest.approx(float((P * C).sum()), rel=1e-10)
+    with pytest.raises(TypeError, match="non-empty list"):
+        kn.sinkhorn_ragged([])
+    with pytest.raises(ValueError, match=r"costs\[1\] must be a non-empty \[n, m\]"):
+        kn.sinkhorn_ragged([costs[0], np.zeros(3)])
+    with pytest.raises(TypeError, match=r"costs\[1\] has dtype float32"):
+        kn.sinkhorn_ragged([costs[0], costs[1].astype(np.float32)])
+
+
 # --------------------------------------------------------------------- SinKD
 @pytest.mark.parametrize("metric", ["l1", "sqeuclidean"])
 def test_sinkd_against_textbook(metric):
@@ -247,6 +270,14 @@ def test_torch_sinkhorn_and_sinkd():
     assert loss.item() == pytest.approx(l_np, rel=1e-12)
     np.testing.assert_allclose(S.grad.numpy(), 2.0 * g_np, rtol=1e-12)
     assert st["group_loss"].shape == (2,)
+    costs = [torch.rand(n, m, dtype=torch.float64) for n, m in ((4, 6), (7, 2))]
+    rr = kt.sinkhorn_ragged(costs, epsilon=0.3, max_iter=25, tol=0.0, return_plan=True)
+    rn = kn.sinkhorn_ragged([c.numpy() for c in costs], epsilon=0.3, max_iter=25, tol=0.0)
+    np.testing.assert_allclose(rr["value"].numpy(), rn["value"], rtol=1e-12)
+    assert [tuple(p.shape) for p in rr["plan"]] == [(4, 6), (7, 2)]
+    r32 = kt.sinkhorn_ragged([c.float() for c in costs], epsilon=0.3, max_iter=25, tol=0.0)
+    assert r32["value"].dtype == torch.float32
+    np.testing.assert_allclose(r32["value"].numpy(), rn["value"], rtol=1e-5)
     with pytest.raises(ValueError, match="one device|either cost"):
         kt.sinkhorn()
     with pytest.raises(TypeError, match="torch.Tensor"):
