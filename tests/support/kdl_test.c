@@ -88,20 +88,27 @@ kdl_sinkhorn_args_t kdl_test_ot_args(int64_t batch, int64_t n, int64_t m)
     return a;
 }
 
+/* The row fields the loss and SinKD argument structs share (same names). */
+#define FILL_ROWS(a, N, V, ld, S, sdt, T, tdt, grad, gdt)                                                   \
+    do {                                                                                                     \
+        (a).rows = (N);                                                                                      \
+        (a).vocab = (V);                                                                                     \
+        (a).ld_student = (a).ld_teacher = (a).ld_grad = (ld);                                                \
+        (a).student = (S);                                                                                   \
+        (a).student_dtype = (sdt);                                                                           \
+        (a).teacher = (T);                                                                                   \
+        (a).teacher_dtype = (tdt);                                                                           \
+        (a).grad = (grad);                                                                                   \
+        (a).grad_dtype = (gdt);                                                                              \
+    } while (0)
+
 kdl_loss_args_t kdl_test_loss_args(int64_t N, int64_t V, int64_t ld, const void *S, kdl_dtype_t sdt, const void *T,
                                    kdl_dtype_t tdt, void *grad, kdl_dtype_t gdt, void *loss)
 {
     kdl_loss_args_t a;
     kdl_loss_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.ld_student = a.ld_teacher = a.ld_grad = ld;
-    a.student = S;
-    a.student_dtype = sdt;
-    a.teacher = T;
-    a.teacher_dtype = tdt;
-    a.grad = grad;
-    a.grad_dtype = a.out_dtype = gdt;
+    FILL_ROWS(a, N, V, ld, S, sdt, T, tdt, grad, gdt);
+    a.out_dtype = gdt;
     a.loss = loss;
     return a;
 }
@@ -111,15 +118,7 @@ kdl_sinkd_args_t kdl_test_sinkd_args(int64_t N, int64_t V, int64_t ld, const voi
 {
     kdl_sinkd_args_t a;
     kdl_sinkd_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.ld_student = a.ld_teacher = a.ld_grad = ld;
-    a.student = S;
-    a.student_dtype = sdt;
-    a.teacher = T;
-    a.teacher_dtype = tdt;
-    a.grad = grad;
-    a.grad_dtype = gdt;
+    FILL_ROWS(a, N, V, ld, S, sdt, T, tdt, grad, gdt);
     return a;
 }
 
