@@ -151,6 +151,14 @@ typedef struct family {
 
 #define FAMILY_CASES(table) .cases = (table), .ncases = sizeof(table) / sizeof((table)[0])
 #define FAMILY_BUFS(T) .bufs_bytes = sizeof(T), .out_off = offsetof(T, out), .out_bytes = sizeof(((T *)0)->out)
+/* The family of prefix p: its table p##_cases, buffers p##_bufs_t and
+ * functions p##_data, _bind, _ref, _validate, _run; ws_size NULL or
+ * p##_ws_size. */
+#define DEFINE_FAMILY(var, label, p, ref_s, gpu_s, ws)                                                       \
+    static const family_t var = {.name = (label), FAMILY_CASES(p##_cases), FAMILY_BUFS(p##_bufs_t),          \
+                                 .ref_settings = (ref_s), .gpu_settings = (gpu_s), .data = p##_data,         \
+                                 .bind = p##_bind, .ref = p##_ref, .validate = p##_validate, .ws_size = (ws), \
+                                 .run = p##_run}
 /* The adapters of an entry point with the usual signatures. */
 #define FAMILY_CALLS(p, REF, VALIDATE, WS_SIZE, RUN)                                                         \
     static kdl_status_t p##_ref(const void *d, const void *a, void *b, const call_t *call)                   \
@@ -657,10 +665,7 @@ static void loss_bind(void *bv, int setting, int gpu, void *dv, void *av)
 
 FAMILY_CALLS(loss, kdl_ref_loss_forward_backward, kdl_loss_validate, kdl_loss_workspace_size, kdl_loss_forward_backward)
 
-static const family_t loss_family = {.name = "loss", FAMILY_CASES(loss_cases), FAMILY_BUFS(loss_bufs_t),
-                                     .ref_settings = loss_ref_settings, .gpu_settings = loss_gpu_settings,
-                                     .data = loss_data, .bind = loss_bind, .ref = loss_ref, .validate = loss_validate,
-                                     .ws_size = loss_ws_size, .run = loss_run};
+DEFINE_FAMILY(loss_family, "loss", loss, loss_ref_settings, loss_gpu_settings, loss_ws_size);
 
 Test(bad_args, ref_loss_table) { run_ref_table(&loss_family); }
 
@@ -821,7 +826,7 @@ enum { SN = 2, SV = 9, SK = 3 };
     X(mis_valid, "valid_rows misaligned", MISALIGNED, BOTH, a->valid_rows = MIS(a->valid_rows, 1)) \
     X(mis_bad, "bad_index_rows misaligned", MISALIGNED, BOTH, a->bad_index_rows = MIS(a->bad_index_rows, 4))
 SPARSE_CASES(CASE_FN)
-static const bad_case_t sparse_cases[] = {SPARSE_CASES(CASE_ROW)};
+static const bad_case_t sp_cases[] = {SPARSE_CASES(CASE_ROW)};
 #undef CASE_DESC_T
 #undef CASE_ARGS_T
 #undef CASE_PREFIX
@@ -869,10 +874,7 @@ static void sp_bind(void *bv, int tail, int gpu, void *dv, void *av)
 
 FAMILY_CALLS(sp, kdl_ref_sparse_loss, kdl_sparse_validate, kdl_sparse_workspace_size, kdl_sparse_loss)
 
-static const family_t sparse_family = {.name = "sparse", FAMILY_CASES(sparse_cases), FAMILY_BUFS(sp_bufs_t),
-                                       .ref_settings = sp_settings, .gpu_settings = sp_settings, .data = sp_data,
-                                       .bind = sp_bind, .ref = sp_ref, .validate = sp_validate,
-                                       .ws_size = sp_ws_size, .run = sp_run};
+DEFINE_FAMILY(sparse_family, "sparse", sp, sp_settings, sp_settings, sp_ws_size);
 
 Test(bad_args, ref_sparse_table)
 {
@@ -1006,10 +1008,7 @@ static void ot_bind(void *bv, int setting, int gpu, void *dv, void *av)
 
 FAMILY_CALLS(ot, kdl_ref_sinkhorn, kdl_sinkhorn_validate, kdl_sinkhorn_workspace_size, kdl_sinkhorn)
 
-static const family_t ot_family = {.name = "sinkhorn", FAMILY_CASES(ot_cases), FAMILY_BUFS(ot_bufs_t),
-                                   .ref_settings = ref_f64, .gpu_settings = gpu_f32, .data = ot_data,
-                                   .bind = ot_bind, .ref = ot_ref, .validate = ot_validate,
-                                   .ws_size = ot_ws_size, .run = ot_run};
+DEFINE_FAMILY(ot_family, "sinkhorn", ot, ref_f64, gpu_f32, ot_ws_size);
 
 Test(bad_args, ref_sinkhorn_table)
 {
@@ -1122,10 +1121,7 @@ static void kd_bind(void *bv, int setting, int gpu, void *dv, void *av)
 
 FAMILY_CALLS(kd, kdl_ref_sinkd, kdl_sinkd_validate, kdl_sinkd_workspace_size, kdl_sinkd)
 
-static const family_t kd_family = {.name = "sinkd", FAMILY_CASES(kd_cases), FAMILY_BUFS(kd_bufs_t),
-                                   .ref_settings = ref_f64, .gpu_settings = gpu_f32, .data = kd_data,
-                                   .bind = kd_bind, .ref = kd_ref, .validate = kd_validate,
-                                   .ws_size = kd_ws_size, .run = kd_run};
+DEFINE_FAMILY(kd_family, "sinkd", kd, ref_f64, gpu_f32, kd_ws_size);
 
 Test(bad_args, ref_sinkd_table) { run_ref_table(&kd_family); }
 
@@ -1245,10 +1241,7 @@ static void fl_bind(void *bv, int setting, int gpu, void *dv, void *av)
 FAMILY_CALLS(fl, kdl_ref_fused_linear_loss, kdl_fused_linear_validate, kdl_fused_linear_workspace_size,
              kdl_fused_linear_loss)
 
-static const family_t fl_family = {.name = "fused linear", FAMILY_CASES(fl_cases), FAMILY_BUFS(fl_bufs_t),
-                                   .ref_settings = ref_f64, .gpu_settings = gpu_f32, .data = fl_data,
-                                   .bind = fl_bind, .ref = fl_ref, .validate = fl_validate,
-                                   .ws_size = fl_ws_size, .run = fl_run};
+DEFINE_FAMILY(fl_family, "fused linear", fl, ref_f64, gpu_f32, fl_ws_size);
 
 Test(bad_args, ref_fused_linear_table) { run_ref_table(&fl_family); }
 
@@ -1405,10 +1398,7 @@ static kdl_status_t sh_run(kdl_handle_t h, const void *d, const void *a, void *b
                           call->null_count ? NULL : &b->out.count);
 }
 
-static const family_t sh_family = {.name = "shard", FAMILY_CASES(sh_cases), FAMILY_BUFS(sh_bufs_t),
-                                   .ref_settings = ref_f64, .gpu_settings = gpu_f32, .data = sh_data,
-                                   .bind = sh_bind, .ref = sh_ref, .validate = sh_validate, .ws_size = NULL,
-                                   .run = sh_run};
+DEFINE_FAMILY(sh_family, "shard", sh, ref_f64, gpu_f32, NULL);
 
 /* The reference's valid problem: 12 steps, state and exchange fit the buffers. */
 static void sh_check_sizes(sh_bufs_t *b, any_desc_t *d, any_args_t *a)
