@@ -172,8 +172,9 @@ def sparse_inputs(be, s, idx, lp, sname):
     return same_device(be, [(sname, s), ("teacher_indices", idx), ("teacher_logprobs", lp)])
 
 
-def fused_inputs(be, h, w, t, tname):
-    """hidden [..., d], weight [V, d], teacher [..., V]; returns the device."""
+def fused_inputs(be, h, w, t, tname, bias=None):
+    """hidden [..., d], weight [V, d], teacher [..., V], the optional bias
+    [V] in weight's dtype; returns the device."""
     check_matrix(be, h, "hidden", "hidden", "d")
     check_matrix(be, w, "weight", "hidden", "d")
     check_matrix(be, t, tname)
@@ -185,7 +186,15 @@ def fused_inputs(be, h, w, t, tname):
     if ts != hs[:-1] + (ws[0],):
         raise ValueError(f"kdloss: {tname} has shape {ts}, expected {hs[:-1] + (ws[0],)} "
                          "(hidden's rows, weight's V)")
-    return same_device(be, [("hidden", h), ("weight", w), (tname, t)])
+    if bias is not None:
+        check_array(be, bias, "bias")
+        if bias.dtype != w.dtype:
+            raise TypeError(f"kdloss: bias has dtype {bias.dtype}; it is read in weight's dtype "
+                            f"{w.dtype}")
+        if be.shape(bias) != ws[:1]:
+            raise ValueError(f"kdloss: bias must have shape ({ws[0]},) (weight's V), got "
+                             f"{be.shape(bias)}")
+    return same_device(be, [("hidden", h), ("weight", w), (tname, t), ("bias", bias)])
 
 
 def check_indices(be, idx, vocab):
@@ -431,10 +440,13 @@ def sparse(be, dev, desc, mode, s, idx, lp, lab, want_grad):
     return loss, grad, counters
 
 
-def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_dt):
-    """kdl_(ref_)fused_linear_loss.  Returns (loss [N] or [1], dH [N, d] or
-    None, dW [V, d] or None, counters int64 [2]: invalid, valid, the chunk
-    the call used)."""
+def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_dt, bias=None,
+                 want_b=False, grad_output=None):
+    """kdl_(ref_)fused_linear_loss: logits = h W^T (+ bias).  grad_output:
+    the upstream gradient of each row's loss (reduction none; [N] in a
+    float dtype of the library), or None.  Returns (loss [N] or [1], dH
+    [N, d], dW [V, d], db [V] (each None when not wanted), counters int64
+    [2]: invalid, valid, the chunk the call used)."""
     a = _lib.new_fused_linear_args()
     h2, N, D = put_rows(be, a, h, "hidden_states", "ld_hidden", "hidden_dtype")
     w2, V, _ = put_rows(be, a, w, "weight")
@@ -443,16 +455,23 @@ def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_d
     loss = be.zeros(N if _none(desc) else 1, be.results(dev, h)[0], dev)
     gh = be.empty((N, D), grad_dt, dev) if want_h else None
     gw = be.empty((V, D), grad_dt, dev) if want_w else None
+    gb = be.empty(V, grad_dt, dev) if want_b else None
+    b1 = None if bias is None else be.flat(bias, V)
     put(be, a, lab, "labels")
     put(be, a, gh, "grad_hidden", "ld_grad_hidden", D)
     put(be, a, gw, "grad_weight", "ld_grad_weight", D, "grad_dtype", be.code_of(grad_dt))
+    put(be, a, b1, "bias")
+    put(be, a, gb, "grad_bias")
+    if grad_output is not None:
+        put(be, a, grad_output, "grad_output", None, None, "grad_output_dtype",
+            be.dtype_code(grad_output))
     a.chunk_rows = _lib.as_int("chunk_rows", chunk_rows)
     a.out_dtype = be.code_of(be.dtype_of(loss))
     put(be, a, loss, "loss")
     counters = put_counters(be, dev, a, ("info", "valid_rows"))
     be.call("fused_linear", dev, desc, a, "fused_linear_distill_loss")
     chunk = _lib.lib().kdl_fused_linear_chunk_rows(a)
-    return loss, gh, gw, counters, chunk
+    return loss, gh, gw, gb, counters, chunk
 
 
 class Shard:

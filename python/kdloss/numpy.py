@@ -367,33 +367,50 @@ def fused_linear_distill_loss(
     chunk_rows=0,
     raise_on_invalid=True,
     compute_grad=True,
+    bias=None,
+    grad_output=None,
 ):
-    """Distillation loss of the student logits hidden @ weight.T (no bias)
-    against the teacher's logits, with the gradients to hidden and weight, by
-    the float64 CPU reference (kdl_ref_fused_linear_loss; it materialises the
-    float64 logits in C, as a reference does).
+    """Distillation loss of the student logits hidden @ weight.T (+ bias)
+    against the teacher's logits, with the gradients to hidden, weight (and
+    bias), by the float64 CPU reference (kdl_ref_fused_linear_loss; it
+    materialises the float64 logits in C, as a reference does).
 
     hidden: [N, d] or [..., d]; weight: [V, d]; teacher: [..., V] logits of
-    the same leading shape as hidden.  Any of float32, float64, float16,
-    bfloat16.  chunk_rows is the GPU path's chunk (ignored here).  Other
-    options as distill_loss.
+    the same leading shape as hidden; bias: optional [V] of weight's dtype.
+    Any of float32, float64, float16, bfloat16.  chunk_rows is the GPU
+    path's chunk (ignored here).  grad_output (reduction "none" only): the
+    upstream gradient of each row's loss ([...] or [N]); the gradients are
+    then those of sum_i grad_output[i] loss_i.  Other options as
+    distill_loss.
 
     Returns (loss, grad_hidden, grad_weight, stats): grad_hidden of hidden's
     shape and grad_weight [V, d], float64 (None when compute_grad is False;
-    for reduction none the gradients of the sum of the per-token losses);
-    stats valid_rows, invalid_rows.
+    for reduction none without grad_output the gradients of the sum of the
+    per-token losses); stats valid_rows, invalid_rows, and grad_bias [V]
+    (float64) when a bias is given and compute_grad is True.
     """
     desc = _desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
                  ignore_index)
-    _ops.fused_inputs(_NP, hidden, weight, teacher, "teacher")
+    _ops.fused_inputs(_NP, hidden, weight, teacher, "teacher", bias)
     lab = _ops.labels(_NP, labels, teacher.shape)
-    loss, gh, gw, counters, _ = _ops.fused_linear(_NP, None, desc, hidden, weight, teacher, lab,
-                                                  chunk_rows, compute_grad, compute_grad,
-                                                  np.float64)
+    N = _ops.rows_of(_NP, teacher)
+    go = None
+    if grad_output is not None:
+        go = _f64(grad_output, "grad_output")
+        if go.shape not in (hidden.shape[:-1], (N,)):
+            raise ValueError(f"kdloss: grad_output has shape {go.shape}, expected "
+                             f"{hidden.shape[:-1]} or ({N},)")
+        go = go.reshape(N)
+    loss, gh, gw, gb, counters, _ = _ops.fused_linear(
+        _NP, None, desc, hidden, weight, teacher, lab, chunk_rows, compute_grad, compute_grad,
+        np.float64, bias=bias, want_b=compute_grad and bias is not None, grad_output=go)
     if raise_on_invalid:
-        _ops.raise_invalid(int(counters[0]), _ops.rows_of(_NP, teacher), reason=_ops.FUSED_REASON)
+        _ops.raise_invalid(int(counters[0]), N, reason=_ops.FUSED_REASON)
+    stats = _counts(counters)
+    if gb is not None:
+        stats["grad_bias"] = gb
     return (_loss(loss, hidden.shape[:-1], desc),
-            None if gh is None else gh.reshape(hidden.shape), gw, _counts(counters))
+            None if gh is None else gh.reshape(hidden.shape), gw, stats)
 
 
 class VocabShard:

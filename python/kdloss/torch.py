@@ -573,38 +573,6 @@ def sparse_distill_loss(
     return loss, stats
 
 
-def _fused_none_backward(desc, chunk, grad_out, needs, hidden, weight, teacher, labels):
-    """Reduction none: per chunk of rows, logits = H_c W^T, the dense loss's
-    gradient dL_c (the same loss kernel / reference), weighted by the
-    upstream rows; dH_c = dL_c W, dW += dL_c^T H_c.  Only a [chunk, V] block
-    of logits exists at a time."""
-    want_h, want_w = needs[0], needs[1]
-    dev = hidden.device
-    h2, N, D, _ = _T.rows(hidden)
-    t2, _, V, _ = _T.rows(teacher)
-    work = torch.float32 if dev.type == "cuda" else torch.float64
-    w = weight.detach().to(work)
-    go = grad_out.reshape(N).to(work)
-    dh = torch.zeros((N, D), dtype=work, device=dev) if want_h else None
-    dw = torch.zeros((V, D), dtype=work, device=dev) if want_w else None
-    c = max(int(chunk), 1)
-    for r0 in range(0, N, c):
-        hc = h2[r0:r0 + c].to(work)
-        logits = hc @ w.T
-        lab = None if labels is None else labels[r0:r0 + c]
-        _, g, _, _ = _ops.dense(_T, dev, desc, logits, t2[r0:r0 + c], lab, True, False)
-        g = g.to(work) * go[r0:r0 + c, None]
-        if dh is not None:
-            dh[r0:r0 + c] = g @ w
-        if dw is not None:
-            dw += g.T @ hc
-    if dh is not None:
-        dh = dh.to(hidden.dtype).view(hidden.shape)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
-    return dh, dw, None
-
-
 def fused_linear_distill_loss(
     hidden,
     weight,
@@ -623,63 +591,76 @@ def fused_linear_distill_loss(
     chunk_rows=0,
     raise_on_invalid=True,
     return_stats=False,
+    bias=None,
 ):
-    """Distillation loss of the student logits hidden @ weight.T (an output
-    projection without bias) against the teacher's logits, with gradients to
-    hidden and weight through autograd, never holding the [N, V] student
-    logits: on CUDA kdl_fused_linear_loss goes chunk by chunk over the rows
-    (cuBLAS, strict FP32; workspace chunk x V floats), on CPU the float64
-    reference kdl_ref_fused_linear_loss.
+    """Distillation loss of the student logits hidden @ weight.T (+ bias; an
+    output projection) against the teacher's logits, with gradients to
+    hidden, weight and bias through autograd, never holding the [N, V]
+    student logits: on CUDA kdl_fused_linear_loss goes chunk by chunk over
+    the rows (cuBLAS with FP32 accumulation: strict FP32 for float32 inputs,
+    cublasGemmEx for 16-bit ones), on CPU the float64 reference
+    kdl_ref_fused_linear_loss.
 
     hidden: [N, d] or [..., d]; weight: [V, d] (its rows may be strided, e.g.
-        tied embeddings); teacher_logits: [..., V] with hidden's leading shape.
-        CUDA: hidden and weight float32, the teacher float32, float16 or
-        bfloat16, AKL not available (KdlossError NOT_SUPPORTED).  CPU: any of
-        float32, float64, float16, bfloat16.
-    chunk_rows: rows per chunk on CUDA (0: max(1, N/8), at most 4096).
+        tied embeddings); teacher_logits: [..., V] with hidden's leading shape;
+        bias: optional [V], weight's dtype.  CUDA: hidden and weight both
+        float32, both bfloat16 or both float16, the teacher float32, float16
+        or bfloat16; every divergence (AKL included).  CPU: any of float32,
+        float64, float16, bfloat16.
+    chunk_rows: rows per chunk on CUDA (0: max(1, N/8) for float32 inputs,
+        max(1, N/24) for 16-bit ones, at most 4096).
     Other options as distill_loss; the teacher gets no gradient.
 
-    Gradients: with reduction "mean" or "sum" dH and dW are computed in the
-    forward call and scaled by the upstream gradient in backward.  With
-    reduction "none" the upstream gradient weights each row, which the fused
-    call cannot fold into dW: forward computes the losses only and backward
-    recomputes the logits chunk by chunk (torch matmul, then the dense loss
-    kernel or reference on each [chunk, V] block).
+    Gradients: with reduction "mean" or "sum" dH, dW and db are computed in
+    the forward call and scaled by the upstream gradient in backward.  With
+    reduction "none" the upstream gradient weights each row, which must be
+    known before dW is formed: forward computes the losses only, and
+    backward calls the library again with the upstream gradient as
+    grad_output (a second pass over the logits, chunk by chunk as the
+    first).  The gradients are formed in float32 on CUDA (float64 on CPU)
+    and cast to the inputs' dtypes.
 
     Returns the loss (float32; float64 on CPU for float64 hidden), or (loss,
     stats) with return_stats: valid_rows, invalid_rows (0-d int64 tensors).
     """
-    dev = _ops.fused_inputs(_T, hidden, weight, teacher_logits, "teacher_logits")
-    if dev.type == "cuda":
-        if hidden.dtype != torch.float32 or weight.dtype != torch.float32:
+    dev = _ops.fused_inputs(_T, hidden, weight, teacher_logits, "teacher_logits", bias)
+    cuda = dev.type == "cuda"
+    if cuda:
+        same16 = hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+        if not same16 and (hidden.dtype != torch.float32 or weight.dtype != torch.float32):
             raise TypeError("kdloss: the GPU fused linear + loss takes float32 hidden and weight, "
-                            f"got {hidden.dtype} and {weight.dtype}")
+                            f"or both bfloat16 or both float16; got {hidden.dtype} and "
+                            f"{weight.dtype}")
         _no_f64_on_cuda(dev, teacher_logits)
     chunk_rows = _lib.as_int("chunk_rows", chunk_rows)
     desc = _loss_desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
                       ignore_index)
     lab = _ops.labels(_T, labels, teacher_logits.shape, dev)
     none = desc.reduction == _lib.REDUCTION_NONE
-    grad_dtype = torch.float32 if dev.type == "cuda" else torch.float64
+    work = torch.float32 if cuda else torch.float64  # of the gradients (and grad_output)
+    N = _ops.rows_of(_T, teacher_logits)
     side = {}
 
-    def run(needs, h, w, t):
-        # reduction none: the upstream gradient weights the rows, which the
-        # fused call cannot apply to dW; backward recomputes chunk by chunk
-        loss, gh, gw, counters, chunk = _ops.fused_linear(
-            _T, dev, desc, h, w, t, lab, chunk_rows, needs[0] and not none,
-            needs[1] and not none, grad_dtype)
-        _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, t),
-                       reason="a NaN or +inf logit, or every logit -inf, in hidden @ weight.T or "
-                       "the teacher")
+    def call(needs, h, w, t, b, grad_output=None):
+        return _ops.fused_linear(_T, dev, desc, h, w, t, lab, chunk_rows, needs[0], needs[1],
+                                 work, bias=b, want_b=b is not None and needs[3],
+                                 grad_output=grad_output)
+
+    def backward_none(grad_out, needs, h, w, t, b):
+        go = grad_out.detach().reshape(N).to(work).contiguous()
+        _, gh, gw, gb, _, _ = call(needs, h, w, t, b, go)
+        return (None if gh is None else gh.to(h.dtype).view(h.shape),
+                None if gw is None else gw.to(w.dtype), None,
+                None if gb is None else gb.to(b.dtype))
+
+    def run(needs, h, w, t, b):
+        loss, gh, gw, gb, counters, _ = call((False,) * 4 if none else needs, h, w, t, b)
+        _raise_invalid(raise_on_invalid, counters, N, reason=_ops.FUSED_REASON)
         side["counters"] = counters
-        grads = (gh, gw, None)
-        if none:
-            grads = _Later(lambda go, nd, *saved: _fused_none_backward(desc, chunk, go, nd, *saved),
-                           h, w, t, lab)
+        grads = _Later(backward_none, h, w, t, b) if none else (gh, gw, None, gb)
         return _loss_out(loss, h.dtype, h.shape[:-1], none), grads
 
-    loss = _FusedGradFunction.apply(run, none, hidden, weight, teacher_logits)
+    loss = _FusedGradFunction.apply(run, none, hidden, weight, teacher_logits, bias)
     if not return_stats:
         return loss
     return loss, _counts(side["counters"])

@@ -252,6 +252,39 @@ def test_fused_linear_is_the_dense_loss_of_h_wt(div, reduction):
     assert st == {"valid_rows": 4, "invalid_rows": 0}
 
 
+@pytest.mark.parametrize("div", ["fkl", "akl", "jsd", "tvd"])
+def test_fused_linear_bias_and_upstream_rows(div):
+    """logits = H W^T + b, reduction none with the upstream gradient g per
+    row: the losses and the gradients of sum_i g_i loss_i against the dense
+    reference on the logits materialised here (dL weighted by g, then
+    dL W, dL^T H and the column sums of dL)."""
+    H, W, T = fused_data(seed=8)
+    b = np.random.default_rng(3).normal(size=9)
+    g = np.array([0.5, -1.25, 2.0, 0.0, 1.5])
+    labels = np.array([1, 4, -100, 3, 2])
+    kw = dict(divergence=div, temperature=1.3, labels=labels, reduction="none", **OPTS)
+    loss, gh, gw, st = kn.fused_linear_distill_loss(H, W, T, bias=b, grad_output=g, **kw)
+    ref, dl, _ = kn.distill_loss(H @ W.T + b, T, **kw)
+    dl = dl * g[:, None]
+    np.testing.assert_allclose(loss, ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gh, dl @ W, rtol=0, atol=1e-12 * max(1, np.abs(gh).max()))
+    np.testing.assert_allclose(gw, dl.T @ H, rtol=0, atol=1e-12 * max(1, np.abs(gw).max()))
+    np.testing.assert_allclose(st["grad_bias"], dl.sum(0), rtol=0, atol=1e-12)
+    # the mean with a bias: the fused call's own gradients
+    loss, gh, gw, st = kn.fused_linear_distill_loss(H, W, T, bias=b, divergence=div)
+    ref, dl, _ = kn.distill_loss(H @ W.T + b, T, divergence=div)
+    assert loss == pytest.approx(ref, rel=1e-12)
+    np.testing.assert_allclose(st["grad_bias"], dl.sum(0), rtol=0, atol=1e-12)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM"):  # grad_output with a mean
+        kn.fused_linear_distill_loss(H, W, T, grad_output=g)
+    with pytest.raises(ValueError, match="grad_output has shape"):
+        kn.fused_linear_distill_loss(H, W, T, reduction="none", grad_output=g[:4])
+    with pytest.raises(TypeError, match="weight's dtype"):
+        kn.fused_linear_distill_loss(H, W, T, bias=b.astype(np.float32))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kn.fused_linear_distill_loss(H, W, T, bias=b[:8])
+
+
 def test_fused_linear_shapes_and_errors():
     H, W, T = fused_data(seed=8, n=6)
     a, gh, gw, _ = kn.fused_linear_distill_loss(H.reshape(2, 3, 4), W, T.reshape(2, 3, 9),

@@ -283,6 +283,45 @@ def test_fused_linear_gradcheck(div, reduction):
         (h, w), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("div", ["fkl", "akl", "jsd"])
+def test_fused_linear_bias_against_dense_autograd(div, reduction):
+    """logits = h W^T + b: loss and the gradients to h, W and b against
+    autograd through the dense loss of the materialised logits, with a
+    non-uniform upstream gradient (reduction none: the second library call
+    with grad_output)."""
+    h, w, t = fused_data(seed=6)
+    b = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    kw = dict(divergence=div, temperature=1.2, labels=torch.tensor([3, 1, -100, 0, 2, 9]),
+              reduction=reduction, **OPTS)
+    x1 = [v.clone().requires_grad_() for v in (h, w, b)]
+    x2 = [v.clone().requires_grad_() for v in (h, w, b)]
+    a = kt.fused_linear_distill_loss(x1[0], x1[1], t, bias=x1[2], chunk_rows=4, **kw)
+    r = kt.distill_loss(x2[0] @ x2[1].T + x2[2], t, **kw)
+    up = torch.rand(r.shape, dtype=torch.float64) + 0.5
+    (a * up).sum().backward()
+    (r * up).sum().backward()
+    torch.testing.assert_close(a, r.detach(), rtol=1e-12, atol=1e-14)
+    for g1, g2 in zip(x1, x2):
+        torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-13)
+    # only the bias needs a gradient
+    b3 = b.clone().requires_grad_()
+    (kt.fused_linear_distill_loss(h, w, t, bias=b3, **kw) * up).sum().backward()
+    torch.testing.assert_close(b3.grad, x2[2].grad, rtol=1e-10, atol=1e-13)
+    with pytest.raises(TypeError, match="weight's dtype"):
+        kt.fused_linear_distill_loss(h, w, t, bias=b.float())
+
+
+def test_fused_linear_bias_gradcheck():
+    h, w, t = fused_data(n=3, d=3, v=5, seed=8)
+    b = torch.randn(5, dtype=torch.float64)
+    args = [v.clone().requires_grad_() for v in (h, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, y, z: kt.fused_linear_distill_loss(x, y, t, bias=z, divergence="jsd",
+                                                     reduction="none", temperature=1.3, **OPTS),
+        args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_fused_linear_shapes_tied_weight_and_partial_grads():
     h, w, t = fused_data(n=6, seed=3)
     # [B, T, d] hidden, a weight that is a column slice of a wider matrix (ld > d)
@@ -480,6 +519,38 @@ def test_cuda_fused_linear_matches_cpu_reference(reduction):
     torch.testing.assert_close(wc.grad.cpu(), w0.grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(TypeError, match="float32 hidden and weight"):
         kt.fused_linear_distill_loss(hc.double(), wc, t.cuda())
+    with pytest.raises(TypeError, match="both bfloat16 or both float16"):
+        kt.fused_linear_distill_loss(hc.bfloat16(), wc.half(), t.cuda())
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction,div", [("mean", "fkl"), ("none", "akl"), ("sum", "jsd")])
+def test_cuda_fused_linear_16bit_bias_matches_cpu_reference(dtype, reduction, div):
+    """16-bit hidden, weight and bias on the GPU path (GemmEx, FP32
+    accumulation; float32 gradients cast to the inputs' dtype) against the
+    float64 reference on the same 16-bit values, with an upstream gradient
+    per row for reduction none (the grad_output call) and AKL, which the GPU
+    fused path runs through the dense loss kernel."""
+    h, w, t = fused_data(n=48, d=32, v=500, seed=22, dtype=torch.float64)
+    h, w = h.to(dtype), w.to(dtype)
+    b = (torch.randn(500, generator=torch.Generator().manual_seed(23)) * 0.5).to(dtype)
+    labels = torch.arange(48) % 500
+    labels[7] = -100
+    kw = dict(divergence=div, reduction=reduction, labels=labels, temperature=1.5, **OPTS)
+    xc = [v.cuda().requires_grad_() for v in (h, w, b)]
+    loss = kt.fused_linear_distill_loss(xc[0], xc[1], t.float().cuda(), bias=xc[2], chunk_rows=16,
+                                        **{**kw, "labels": labels.cuda()})
+    up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(24)) + 0.5
+    (loss * up.cuda()).sum().backward()
+    x0 = [v.clone().requires_grad_() for v in (h, w, b)]
+    ref = kt.fused_linear_distill_loss(x0[0], x0[1], t.float(), bias=x0[2], **kw)
+    (ref * up.to(ref.dtype)).sum().backward()
+    assert xc[0].grad.dtype == dtype and xc[1].grad.dtype == dtype and xc[2].grad.dtype == dtype
+    torch.testing.assert_close(loss.cpu().double(), ref.detach().double(), rtol=2e-3, atol=1e-4)
+    for gc, g0 in zip(xc, x0):
+        torch.testing.assert_close(gc.grad.cpu().float(), g0.grad.float(), rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.cuda
