@@ -525,6 +525,18 @@ def akl_tail(torch, p_sorted, mu, rule, k):
     return (torch.arange(p_sorted.shape[-1], device=p_sorted.device) >= k).expand_as(p_sorted)
 
 
+def jsd_mean(F, torch, s, t, beta=BETA):
+    """TRL's generalized_jsd_loss: the mixture by logsumexp, kl_div with log
+    targets, mean over rows; in float32 (float64 for float64 logits)."""
+    dt = torch.float32 if s.dtype != torch.float64 else torch.float64
+    slp = F.log_softmax(s, dim=-1, dtype=dt)
+    tlp = F.log_softmax(t, dim=-1, dtype=dt)
+    mix = torch.logsumexp(torch.stack([tlp + math.log(beta), slp + math.log(1 - beta)]), dim=0)
+    kl_t = F.kl_div(mix, tlp, reduction="none", log_target=True)
+    kl_s = F.kl_div(mix, slp, reduction="none", log_target=True)
+    return (beta * kl_t + (1 - beta) * kl_s).sum() / s.shape[0]
+
+
 def textbook(env):
     """The eager peers, keyed by divergence; akl takes (mu, rule, k)."""
     torch, F = env.torch, env.F
@@ -576,13 +588,7 @@ def textbook(env):
         return (wh * fkl_rows(s, t) + wt * rkl_rows(s, t)).mean()
 
     def jsd(s, t, beta=BETA):
-        # TRL's generalized_jsd_loss: mixture by logsumexp, kl_div with log targets
-        slp = F.log_softmax(s, dim=-1, dtype=f32)
-        tlp = F.log_softmax(t, dim=-1, dtype=f32)
-        mix = torch.logsumexp(torch.stack([tlp + math.log(beta), slp + math.log(1 - beta)]), dim=0)
-        kl_t = F.kl_div(mix, tlp, reduction="none", log_target=True)
-        kl_s = F.kl_div(mix, slp, reduction="none", log_target=True)
-        return (beta * kl_t + (1 - beta) * kl_s).sum() / s.shape[0]
+        return jsd_mean(F, torch, s, t, beta)
 
     def tvd(s, t):
         # DistiLLM's tv_distance
@@ -1106,17 +1112,6 @@ def ext_forms(F, torch):
 
     return {"sparse_fkl": sparse_fkl, "sinkd": sinkd, "sinkhorn_one": sinkhorn_one,
             "transport_value": transport_value}
-
-
-def jsd_mean(F, torch, s, t, beta=BETA):
-    """TRL's generalized JSD (as textbook()'s jsd), any float dtype."""
-    dt = torch.float32 if s.dtype != torch.float64 else torch.float64
-    slp = F.log_softmax(s, dim=-1, dtype=dt)
-    tlp = F.log_softmax(t, dim=-1, dtype=dt)
-    mix = torch.logsumexp(torch.stack([tlp + math.log(beta), slp + math.log(1 - beta)]), dim=0)
-    kl_t = F.kl_div(mix, tlp, reduction="none", log_target=True)
-    kl_s = F.kl_div(mix, slp, reduction="none", log_target=True)
-    return (beta * kl_t + (1 - beta) * kl_s).sum() / s.shape[0]
 
 
 # ------------------------------------------------------------ rows
