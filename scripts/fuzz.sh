@@ -10,9 +10,10 @@
 #   bash scripts/fuzz.sh --check       exit 0 when clang with libFuzzer works
 #
 # Environment:
-#   FUZZ_SECONDS   seconds per target (default: fuzz_cli_args 22,
-#                  fuzz_ref_loss 16, fuzz_npy 10, others 20; the whole step
-#                  stays near 70 s, build and replay included)
+#   FUZZ_SECONDS   seconds per target (default: fuzz_cli_args 20,
+#                  fuzz_ref_ext 14, fuzz_ref_loss 12, fuzz_ref_ot 10,
+#                  fuzz_npy 6, others 20: 62 s of fuzzing; the whole step
+#                  stays under 100 s, build and replay included)
 #   FUZZ_RUNS      stop each target after this many executions instead
 #                  (the long runs of docs/hardening.md: FUZZ_RUNS=1000000)
 #   FUZZ_MERGE=1   afterwards, add the inputs that found new coverage to
@@ -30,9 +31,11 @@ BUILD_DIR=${BUILD_DIR:-build-fuzz}
 SECONDS_PER=${FUZZ_SECONDS:-}
 default_seconds() {
   case $1 in
-    fuzz_cli_args) echo 22 ;; # eight subcommands, the slowest per execution
-    fuzz_ref_loss) echo 16 ;;
-    fuzz_npy) echo 10 ;;      # its coverage stops growing within seconds
+    fuzz_cli_args) echo 20 ;; # eight subcommands, the slowest per execution
+    fuzz_ref_loss) echo 12 ;;
+    fuzz_ref_ot) echo 10 ;;   # Sinkhorn and SinKD references
+    fuzz_ref_ext) echo 14 ;;  # sparse, shard protocol, fused linear references
+    fuzz_npy) echo 6 ;;       # its coverage stops growing within seconds
     *) echo 20 ;;
   esac
 }

@@ -5,7 +5,10 @@ Pure Python (no numpy): the .npy seeds are built byte by byte, so invalid
 variants (truncated, bad magic, big-endian, fortran order, overflowing
 shapes) are as easy as valid ones.  Re-running rewrites the same files
 (names are fixed; the content is deterministic); also the libFuzzer
-dictionary tests/fuzz/fuzz_cli_args.dict.  Inputs found by fuzzing are
+dictionary tests/fuzz/fuzz_cli_args.dict.  The seeds of fuzz_ref_ot and
+fuzz_ref_ext reach each call's computation (every divergence, mode and
+value kind, ragged batches, debias, dense-form sparse rows, 1 to 4 shards),
+each deliberate bad argument, and the extreme eps / tau of findings F7-F10.  Inputs found by fuzzing are
 added to the same directories by scripts/fuzz.sh (-merge) and kept in git.
 
     python3 scripts/make-fuzz-seeds.py [CORPUS_ROOT]   (default tests/fuzz/corpus)
@@ -274,8 +277,184 @@ def ref_seeds():
     return s
 
 
+# fuzz_ref_ot and fuzz_ref_ext: layouts in the header comments of
+# tests/fuzz/fuzz_ref_ot.c and tests/fuzz/fuzz_ref_ext.c.  Parameter bytes
+# index fz_param's table (tests/fuzz/fuzz_util.h); data bytes are fz_coded.
+P = {"1": 0, "0.5": 1, "2": 2, "0.1": 3, "0.9": 4, "0": 5, "-1": 7, "1e-300": 8, "1e300": 9, "4.9e-324": 10,
+     "DBL_MAX": 11, "nan": 15, "inf": 16, "1e-7": 18, "100": 19, "1e-30": 21, "1e30": 22, "0.25": 23,
+     "1e-3": 24, "1e-12": 25, "1e-6": 26, "1e-200": 27}
+NAN_B, PINF_B, NINF_B = 2, 1, 0  # fz_coded table: NaN, +inf, -inf
+
+
+def coded(x):
+    """The fz_coded byte of an ordinary value on the 1/16 grid (-7.5 .. 7.4)."""
+    b = int(round(x * 16)) + 137
+    assert 24 <= b <= 255, x
+    return b
+
+
+def ramp(count, lo=-2.0, step=0.4375):
+    return bytes(coded(lo + ((k * 7) % 11) * step) for k in range(count))
+
+
+def sinkhorn_case(f1, f2, f3, f4, batch, n, m, dim, eps, tol, factor, max_iter, check, stage, mutation, ragged=(),
+                  data=b"", dtype_byte=None):
+    hdr = bytes([0, f1, f2, f3, f4]) + (bytes([dtype_byte]) if dtype_byte is not None else b"")
+    hdr += bytes([batch, n, m, dim]) + bytes(ragged)
+    return hdr + bytes([eps, tol, factor, max_iter - 1, check - 1, stage - 1, mutation]) + data
+
+
+def ot_seeds():
+    s = {}
+    F64, F32 = 0 << 5, 1 << 5
+    out_all = 1 | 2 | 4 | 8 | 16 | 64
+    # n, m bytes: 1 + byte % 5
+    s["sinkhorn_cost_f64"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 2, 0, P["0.1"], P["1e-6"], P["0.9"], 20, 1, 1, 255,
+                                           data=ramp(6, 0.0, 0.25))
+    s["sinkhorn_points_dual_debias_f32"] = sinkhorn_case(2 | 64, out_all | 32 | 128, F32 | (1 << 1), 0, 2, 2, 1, 1,
+                                                         P["0.5"], P["1e-3"], P["0.9"], 24, 2, 1, 255,
+                                                         data=ramp(8 * 2 + 6 * 2))
+    s["sinkhorn_points_l1"] = sinkhorn_case(2, out_all | 32, F64 | (1 << 3), 0, 1, 3, 3, 2, P["0.25"], P["1e-6"],
+                                            P["0.9"], 24, 3, 1, 255, data=ramp(4 * 3 + 4 * 3))
+    s["sinkhorn_ragged_logw_warm_scaling"] = sinkhorn_case(1 | 4 | 8 | 32, out_all, F64 | 1, 1 | 2, 3, 0, 0, 0,
+                                                           P["1e-3"], P["1e-6"], P["0.5"], 24, 2, 2, 255,
+                                                           ragged=[1, 2, 3, 0, 0, 4], data=ramp(60))
+    s["sinkhorn_debias_cost_cached"] = sinkhorn_case(64 | 128, out_all | 128, F64, 0, 2, 1, 1, 0, P["0.1"], P["0"],
+                                                     P["0.9"], 8, 1, 1, 255, data=ramp(40, 0.0, 0.125))
+    s["sinkhorn_f_init"] = sinkhorn_case(16, out_all, F64 | (1 << 1), 0, 1, 2, 2, 0, P["2"], P["1e-12"], P["0.9"], 24,
+                                         1, 1, 255, data=ramp(9 + 3))
+    s["sinkhorn_empty_batch"] = sinkhorn_case(0, out_all, F64, 0, 0, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1, 1,
+                                              255)
+    for mut in range(10):
+        s["sinkhorn_bad_mutation%d" % mut] = sinkhorn_case(2 * (mut in (4, 6)) | 64 * (mut in (4, 7, 9)), out_all,
+                                                           F64, 0, 1, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1, 1,
+                                                           mut, data=ramp(30))
+    s["sinkhorn_bad_eps0"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 1, 0, P["0"], P["1e-6"], P["0.9"], 5, 1, 1, 255,
+                                           data=ramp(6))
+    s["sinkhorn_bad_eps_nan"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 1, 0, P["nan"], P["1e-6"], P["0.9"], 5, 1, 1,
+                                              255, data=ramp(6))
+    s["sinkhorn_bad_tol_nan"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 1, 0, P["0.1"], P["nan"], P["0.9"], 5, 1, 1,
+                                              255, data=ramp(6))
+    s["sinkhorn_bad_factor1"] = sinkhorn_case(0, out_all, F64 | 1, 0, 1, 1, 1, 0, P["0.1"], P["1e-6"], P["1"], 5, 1,
+                                              1, 255, data=ramp(6))
+    s["sinkhorn_bad_max_iter0"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 251,
+                                                1, 1, 255, data=ramp(6))
+    s["sinkhorn_bad_f16"] = sinkhorn_case(0, out_all, 2 << 5, 0, 1, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1, 1,
+                                          255, data=ramp(6))
+    s["sinkhorn_bad_dtype5"] = sinkhorn_case(0, out_all, 3 << 5, 0, 1, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1,
+                                             1, 255, data=ramp(6), dtype_byte=5)
+    s["sinkhorn_bad_batch_neg"] = sinkhorn_case(0, out_all, F64, 0, 250, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1,
+                                                1, 255)
+    s["sinkhorn_bad_n0"] = sinkhorn_case(0, out_all, F64, 0, 1, 255, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1, 1, 255)
+    s["sinkhorn_nonfinite_cost"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 1, 0, P["0.1"], P["1e-6"], P["0.9"], 5, 1,
+                                                 1, 255, data=bytes([137, NAN_B, 140, 141, PINF_B, 137]))
+    s["sinkhorn_tiny_eps"] = sinkhorn_case(0, out_all, F64, 0, 1, 1, 1, 0, P["1e-300"], P["0"], P["0.9"], 24, 1, 1,
+                                           255, data=ramp(4, 0.0, 0.5))
+    s["sinkhorn_huge_eps"] = sinkhorn_case(0, out_all, F64, 0, 1, 2, 1, 0, P["1e300"], P["0"], P["0.9"], 3, 1, 1, 255,
+                                           data=ramp(6))
+
+    def sinkd_case(fl, sdt, tdt, gdt, odt, n, v, group, ld, metric, tau, eps, tol, scale, max_iter, check, data):
+        return bytes([1, fl, sdt, tdt, gdt, odt, n, v - 1, group + 1, ld, metric, tau, eps, tol, scale,
+                      max_iter - 1, check - 1]) + data
+    all_out = 1 | 2 | 4 | 8 | 16 | 32
+    s["sinkd_default_f64"] = sinkd_case(all_out, 3, 3, 3, 3, 4, 6, 2, 0, 1, P["2"], P["0.1"], P["0"], P["1"], 20, 6,
+                                        ramp(48))
+    s["sinkd_one_group_sq_f32"] = sinkd_case(all_out, 0, 0, 0, 0, 3, 5, 0, 0x15, 0, P["1"], P["0.5"], P["1e-6"],
+                                             P["2"], 24, 1, ramp(40))
+    s["sinkd_16bit"] = sinkd_case(all_out, 1, 2, 0, 3, 2, 4, 1, 0, 1, P["0.5"], P["0.1"], P["0"], P["0.25"], 10, 6,
+                                  ramp(16))
+    s["sinkd_invalid_rows"] = sinkd_case(all_out, 3, 3, 3, 3, 4, 3, 2, 0, 1, P["2"], P["0.1"], P["0"], P["1"], 5, 6,
+                                         bytes([137, NAN_B, 140, 141, 142, 143, PINF_B, 137, 138,
+                                                NINF_B, NINF_B, NINF_B]) + ramp(12))
+    s["sinkd_tiny_tau"] = sinkd_case(all_out, 3, 3, 3, 3, 3, 4, 0, 0, 1, P["4.9e-324"], P["0.1"], P["0"], P["1"], 20, 6,
+                                     ramp(24, -3.0, 0.75))
+    s["sinkd_tiny_eps"] = sinkd_case(all_out, 3, 3, 3, 3, 3, 4, 0, 0, 1, P["1"], P["4.9e-324"], P["0"], P["1"], 3, 6,
+                                     ramp(24))
+    s["sinkd_empty"] = sinkd_case(all_out, 3, 3, 3, 3, 0, 4, 0, 0, 1, P["2"], P["0.1"], P["0"], P["1"], 3, 6, b"")
+    s["sinkd_bad_group"] = sinkd_case(all_out, 3, 3, 3, 3, 5, 4, 2, 0, 1, P["2"], P["0.1"], P["0"], P["1"], 3, 6,
+                                      ramp(40))
+    s["sinkd_bad_tau0"] = sinkd_case(all_out, 3, 3, 3, 3, 2, 4, 0, 0, 1, P["0"], P["0.1"], P["0"], P["1"], 3, 6,
+                                     ramp(16))
+    s["sinkd_bad_scale_inf"] = sinkd_case(all_out, 3, 3, 3, 3, 2, 4, 0, 0, 1, P["2"], P["0.1"], P["0"], P["inf"], 3,
+                                          6, ramp(16))
+    s["sinkd_bad_out_f16"] = sinkd_case(all_out, 3, 3, 3, 1, 2, 4, 0, 0, 1, P["2"], P["0.1"], P["0"], P["1"], 3, 6,
+                                        ramp(16))
+    s["sinkd_bad_null_loss"] = sinkd_case(all_out | 64, 3, 3, 3, 3, 2, 4, 0, 0, 1, P["2"], P["0.1"], P["0"], P["1"], 3,
+                                          6, ramp(16))
+    return s
+
+
+def ext_desc(div, red=2, rule=0, tau="1", scale="1", alpha="0.1", beta="0.5", mu="0.5", top_k=2, ign=0):
+    return bytes([div, red | (rule << 2), P[tau], P[scale], {"0.1": 3, "0": 5, "0.5": 1, "0.25": 23}[alpha], P[beta],
+                  P[mu], top_k + 1, ign])
+
+
+def ext_seeds():
+    s = {}
+    # sparse: mode, N, V-1, k byte, sdt, tdt, gdt, odt, ld, flags, [labels], indices, log-probs, student
+    outs = 1 | 4 | 8 | 16
+
+    def sparse(desc, mode, n, v, k, sdt, tdt, gdt, odt, fl, body):
+        return bytes([0]) + desc + bytes([mode, n, v - 1, k, sdt, tdt, gdt, odt, 0, fl]) + body
+    idx = bytes([0, 3, 5, 6, 1, 2, 4, 7, 7, 6, 0, 2])
+    logp = bytes(coded(-x) for x in (0.5, 1.25, 2.0, 3.0, 0.25, 1.5, 2.5, 4.0, 1.0, 1.0, 2.0, 3.0))
+    for div in (0, 4, 5, 6, 7):
+        s["sparse_renorm_div%d" % div] = sparse(ext_desc(div), 0, 3, 8, 4, 3, 3, 3, 3, outs, idx + logp + ramp(24))
+    for div in range(8):
+        s["sparse_tail_div%d" % div] = sparse(ext_desc(div, red=0, rule=2), 1, 3, 8, 4, 0, 0, 0, 3, outs | 2,
+                                              bytes([1, 4, 9]) + idx + logp + ramp(24))
+    for mode in (0, 1):
+        for div in (0, 3, 4):
+            s["sparse_dense_form_mode%d_div%d" % (mode, div)] = sparse(ext_desc(div, red=0, rule=2, top_k=1), mode,
+                                                                       3, 6, 0, 3, 3, 3, 3, outs | 128,
+                                                                       bytes([0, 2, 5]) + ramp(18) + ramp(18, -1.0))
+    s["sparse_bad_indices"] = sparse(ext_desc(0), 1, 2, 5, 3, 3, 3, 3, 3, outs,
+                                     bytes([0, 0, 3, 201, 200, 4]) + logp[:6] + ramp(10))
+    s["sparse_bad_logprobs"] = sparse(ext_desc(0), 1, 2, 5, 3, 3, 3, 3, 3, outs,
+                                      bytes([0, 1, 2, 0, 1, 2, NAN_B, coded(-1), coded(-1), coded(1), coded(-1),
+                                             NINF_B]) + ramp(10))
+    s["sparse_bad_k0"] = sparse(ext_desc(0), 0, 1, 4, 0, 3, 3, 3, 3, outs, ramp(8))
+    s["sparse_bad_rkl_renorm"] = sparse(ext_desc(1), 0, 1, 4, 2, 3, 3, 3, 3, outs, bytes([0, 1]) + ramp(6))
+    s["sparse_bad_mode"] = sparse(ext_desc(0), 2, 1, 4, 2, 3, 3, 3, 3, outs, bytes([0, 1]) + ramp(6))
+    s["sparse_bad_tau_nan"] = sparse(ext_desc(0, tau="nan"), 0, 1, 4, 2, 3, 3, 3, 3, outs, bytes([0, 1]) + ramp(6))
+
+    # shard: K-1, V-K, widths, N, sdt, tdt, gb, ld, flags, mutation, shard, [labels], S, T
+    def shard(desc, k, v, widths, n, sdt, tdt, gb, fl, mut, msh, body):
+        return bytes([1]) + desc + bytes([k - 1, v - k]) + bytes(widths) + bytes([n, sdt, tdt, gb, 0x15, fl, mut, msh]) \
+            + body
+    sh_out = 1 | 4 | 8 | 16 | 32
+    for div in range(8):
+        s["shard_div%d_3shards" % div] = shard(ext_desc(div, red=div % 3, rule=div % 3, top_k=3), 3, 9,
+                                               [0, 1, 1, 2, 2, 2], 3, 3, 3, 0, sh_out, 255, 0, ramp(27) + ramp(27, -1.5))
+    s["shard_akl_ties_f32"] = shard(ext_desc(3, red=0, rule=2, top_k=4), 4, 10, [0, 1, 2, 3, 3, 2], 2, 0, 0, 1,
+                                    sh_out | 2, 255, 0, bytes([1, 4]) + bytes([137, 153, 153, 153, 140] * 4) * 2)
+    s["shard_bf16_f16"] = shard(ext_desc(0, red=1), 2, 6, [0, 1, 0, 1], 2, 2, 1, 2, sh_out, 255, 0, ramp(12) * 2)
+    s["shard_tiny_tau_f64"] = shard(ext_desc(0, red=0, tau="1e-30"), 2, 6, [0, 1, 1, 0], 2, 3, 3, 0, sh_out, 255, 0,
+                                    bytes([15, 5, 137, 16, 6, 21, 5, 15, 137, 22, 20, 6]) * 2)
+    for mut in range(13):
+        s["shard_bad_mutation%d" % mut] = shard(ext_desc(0), 3, 8, [0, 1, 1, 2, 2], 1, 3, 3, 0, sh_out, mut, mut % 3,
+                                                ramp(16))
+    s["shard_bad_tau0"] = shard(ext_desc(0, tau="0"), 2, 4, [0, 1], 1, 3, 3, 0, sh_out, 255, 0, ramp(8))
+    s["shard_bad_divergence"] = shard(ext_desc(8), 2, 4, [0, 1], 1, 3, 3, 0, sh_out, 255, 0, ramp(8))
+
+    # fused: N, d-1, V-1, hdt, wdt, tdt, gdt, ld, flags, [chunk], [labels], H, W, T
+    def fused(desc, n, d, v, hdt, wdt, tdt, gdt, ld, fl, body):
+        return bytes([2]) + desc + bytes([n, d - 1, v - 1, hdt, wdt, tdt, gdt, ld, fl]) + body
+    for div in range(8):
+        s["fused_div%d" % div] = fused(ext_desc(div, red=div % 3, rule=2, top_k=2), 3, 3, 6, 3, 3, 3, 3, 0x3f,
+                                       1 | 2 | 8 | 16 | 64, bytes([2]) + ramp(9) + ramp(18, -1.0) + ramp(18))
+    s["fused_f32_labels"] = fused(ext_desc(4, red=0), 2, 2, 4, 0, 0, 0, 0, 0, 1 | 2 | 4 | 8,
+                                  bytes([0, 5]) + ramp(4) + ramp(8) + ramp(8))
+    s["fused_nonfinite_hidden"] = fused(ext_desc(0), 2, 2, 3, 3, 3, 3, 3, 0, 1 | 2 | 8 | 16,
+                                        bytes([NAN_B, 137, 140, 150]) + ramp(6) + ramp(6))
+    s["fused_bad_dtype"] = fused(ext_desc(0), 1, 2, 3, 4, 3, 3, 3, 0, 3, ramp(12))
+    s["fused_bad_chunk"] = fused(ext_desc(0), 1, 2, 3, 3, 3, 3, 3, 0, 3 | 64, bytes([0]) + ramp(12))
+    return s
+
+
 def write_all():
-    for target, seeds in (("fuzz_npy", npy_seeds()), ("fuzz_cli_args", cli_seeds()), ("fuzz_ref_loss", ref_seeds())):
+    for target, seeds in (("fuzz_npy", npy_seeds()), ("fuzz_cli_args", cli_seeds()), ("fuzz_ref_loss", ref_seeds()),
+                          ("fuzz_ref_ot", ot_seeds()), ("fuzz_ref_ext", ext_seeds())):
         d = os.path.join(ROOT, target)
         os.makedirs(d, exist_ok=True)
         for name, data in sorted(seeds.items()):
