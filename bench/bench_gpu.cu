@@ -18,7 +18,8 @@
  *
  * The code for the sparse, fused_linear, sinkhorn_ragged and sinkd ops was
  * compiled (sm_90a) but has not run on a device: no GPU was lent to the
- * session that wrote it.
+ * sessions that wrote it (nor to the one that added the bf16 / f16
+ * fused_linear rows and their tolerance, fused_tol16).
  *
  * Build: part of the kdl_bench_lib target (bench/CMakeLists.txt), linked into
  * the `kdloss` command.  Without CUDA, bench_gpu_stub.c replaces this file.
@@ -870,25 +871,153 @@ int time_sparse(bench *b, kdlb_row_t *row)
 }
 
 /* ------------------------------------------------ fused linear + loss */
-/* JSD (beta 0.5), reduction mean: H [N, d], W [V, d] and teacher logits
- * [N, V] in the row's dtype, dH and dW float32, default chunk.  Checked on
- * the first 4 rows (loss and dH; dW would need the whole V x d product on
- * the CPU) against kdl_ref_fused_linear_loss. */
-int time_fused(bench *b, kdlb_row_t *row)
+/* n elements of src (dtype t) from element off on, as doubles. */
+void to_doubles(const void *src, kdl_dtype_t t, size_t off, size_t n, double *dst)
+{
+    switch (t) {
+    case KDL_DTYPE_F32:
+        for (size_t i = 0; i < n; i++) dst[i] = (double)((const float *)src)[off + i];
+        break;
+    case KDL_DTYPE_BF16:
+        for (size_t i = 0; i < n; i++) dst[i] = (double)__bfloat162float(((const __nv_bfloat16 *)src)[off + i]);
+        break;
+    case KDL_DTYPE_F16:
+        for (size_t i = 0; i < n; i++) dst[i] = (double)__half2float(((const __half *)src)[off + i]);
+        break;
+    default:
+        for (size_t i = 0; i < n; i++) dst[i] = host_value(src, t, off + i);
+        break;
+    }
+}
+
+/* x rounded once (to nearest even) to the 16-bit dtype t and back. */
+double round16(double x, kdl_dtype_t t)
+{
+    return t == KDL_DTYPE_F16 ? (double)__half2float(__double2half(x))
+                              : (double)__bfloat162float(__double2bfloat16(x));
+}
+
+/*
+ * The check tolerance of a 16-bit fused_linear row (H, W, T in dt, dH in dt,
+ * reduction MEAN), from the host copies of the checked rows (H [R, D], W
+ * [V, D], T [R, V]) and the reference's dH (rd, MEAN).
+ *
+ * Where the 16-bit path differs from the float64 reference on the same 16-bit
+ * H and W (docs/extensions.md "Rounding with 16-bit inputs"): the logits and
+ * the loss kernel are float32 (as the f32 path: 1e-4); dL is rounded once to
+ * dt (at the SUM scale: MEAN's 1/valid comes at the end); dH is rounded to dt
+ * when the chunk's GEMM writes it and again when MEAN scales it.  The tests
+ * (tests/test_gpu_ext.c) bound the first elementwise by
+ * u sum_v |dL_iv| |W_vk|; at V = 151936 that worst case is of the order of
+ * dH itself (dL W cancels, |dL| |W| does not), too loose to catch anything.
+ * So the tolerance takes the rounding's actual effect on this row's data:
+ * E = ||(round(dL) - dL) W|| / ||dL W|| with dL the float64 reference's
+ * (SUM, on logits materialised here) rounded as the kernel rounds; the
+ * kernel rounds the float32 dL, which can land on the other neighbour where
+ * dL is next to a rounding midpoint, hence twice E.  Then
+ *   tol = 1e-4 + 2 (E + 2 (u + s sqrt(R D) / ||dH||))
+ * (u = 2^-8 bf16, 2^-11 f16; s = 2^-25, half the f16 subnormal spacing, 0
+ * for bf16): the two roundings of dH, u relative each elementwise, so at most
+ * u ||dH|| (+ s sqrt(R D)) each in norm, counted twice as the tests do.
+ * Returns the tolerance, or NaN when there is no host memory or the dense
+ * reference fails.
+ */
+double fused_tol16(const kdl_loss_desc_t *d, kdl_dtype_t dt, int64_t R, int64_t D, int64_t V, const void *H,
+                   const void *W, const void *T, const double *rd)
+{
+    const size_t nh = (size_t)R * (size_t)D, nl = (size_t)R * (size_t)V;
+    double *Hd = (double *)malloc(nh * sizeof(double)), *w = (double *)malloc((size_t)D * sizeof(double));
+    double *L = (double *)malloc(nl * sizeof(double)), *dL = (double *)calloc(nl, sizeof(double));
+    double *E = (double *)calloc(nh, sizeof(double)), *G = (double *)calloc(nh, sizeof(double));
+    double tol = NAN, loss = 0.0;
+    if (!Hd || !w || !L || !dL || !E || !G) goto done;
+    to_doubles(H, dt, 0, nh, Hd);
+    for (int64_t v = 0; v < V; v++) { /* logits, one row of W at a time */
+        to_doubles(W, dt, (size_t)v * (size_t)D, (size_t)D, w);
+        for (int64_t i = 0; i < R; i++) {
+            const double *h = Hd + (size_t)i * (size_t)D;
+            double acc = 0.0;
+            for (int64_t k = 0; k < D; k++) acc += h[k] * w[k];
+            L[(size_t)i * (size_t)V + (size_t)v] = acc;
+        }
+    }
+    {
+        kdl_loss_desc_t ds = *d;
+        ds.reduction = KDL_REDUCTION_SUM; /* the scale the kernel rounds dL at */
+        kdl_loss_args_t a;
+        kdl_loss_args_init(&a);
+        a.rows = R;
+        a.vocab = V;
+        a.student = L;
+        a.ld_student = V;
+        a.student_dtype = KDL_DTYPE_F64;
+        a.teacher = T;
+        a.ld_teacher = V;
+        a.teacher_dtype = dt;
+        a.grad = dL;
+        a.ld_grad = V;
+        a.grad_dtype = KDL_DTYPE_F64;
+        a.out_dtype = KDL_DTYPE_F64;
+        a.loss = &loss;
+        if (kdl_ref_loss_forward_backward(&ds, &a) != KDL_STATUS_SUCCESS) goto done;
+    }
+    for (int64_t v = 0; v < V; v++) { /* E = (round(dL) - dL) W, G = dL W (both SUM scale) */
+        to_doubles(W, dt, (size_t)v * (size_t)D, (size_t)D, w);
+        for (int64_t i = 0; i < R; i++) {
+            const double g = dL[(size_t)i * (size_t)V + (size_t)v], e = round16(g, dt) - g;
+            double *er = E + (size_t)i * (size_t)D, *gr = G + (size_t)i * (size_t)D;
+            if (g == 0.0) continue;
+            for (int64_t k = 0; k < D; k++) {
+                er[k] += e * w[k];
+                gr[k] += g * w[k];
+            }
+        }
+    }
+    {
+        double ne = 0.0, ng = 0.0, nr = 0.0;
+        for (size_t j = 0; j < nh; j++) {
+            ne += E[j] * E[j];
+            ng += G[j] * G[j];
+            nr += rd[j] * rd[j];
+        }
+        ne = sqrt(ne), ng = sqrt(ng), nr = sqrt(nr);
+        const double u = dt == KDL_DTYPE_F16 ? 0x1p-11 : 0x1p-8, sub = dt == KDL_DTYPE_F16 ? 0x1p-25 : 0.0;
+        const double e_rel = ng > 0.0 ? ne / ng : 0.0;
+        const double r_rel = u + (nr > 0.0 ? sub * sqrt((double)nh) / nr : 0.0);
+        tol = 1e-4 + 2.0 * (e_rel + 2.0 * r_rel);
+    }
+done:
+    free(Hd);
+    free(w);
+    free(L);
+    free(dL);
+    free(E);
+    free(G);
+    return tol;
+}
+
+/* JSD (beta 0.5), reduction mean, default chunk: H [N, d], W [V, d] and the
+ * teacher logits [N, V] in dt; dH and dW in kdlb_fused_grad_dtype(dt) (f32
+ * for f32, else dt: the gradient autograd gives a 16-bit parameter).
+ * Checked on the first 4 rows (loss and dH; dW would need the whole V x d
+ * product on the CPU) against kdl_ref_fused_linear_loss: f32 tolerance 1e-4
+ * (strict FP32 GEMMs on both sides), 16-bit fused_tol16. */
+int time_fused(bench *b, kdlb_row_t *row, kdl_dtype_t dt)
 {
     const kdlb_options_t *o = b->o;
     const int64_t N = row->rows, D = row->hidden, V = row->vocab;
-    const kdl_dtype_t dt = o->fused_dtype;
-    const size_t es = kdl_dtype_size(dt);
-    row->bytes = kdlb_fused_linear_bytes(N, D, V, dt, dt, KDL_DTYPE_F32);
+    const kdl_dtype_t gdt = kdlb_fused_grad_dtype(dt);
+    const size_t es = kdl_dtype_size(dt), gs = kdl_dtype_size(gdt);
+    row->bytes = kdlb_fused_linear_bytes(N, D, V, dt, dt, gdt);
     row->logits_bytes = kdlb_logits_f32_bytes(N, V);
+    row->logits_dtype_bytes = kdlb_logits_bytes(N, V, dt);
     dev_bufs m;
     void *H, *W, *T, *dH, *dW, *ws = NULL;
     int r = m.alloc(b, &H, (size_t)N * D * es);
     if (!r) r = m.alloc(b, &W, (size_t)V * D * es);
     if (!r) r = m.alloc(b, &T, (size_t)N * V * es);
-    if (!r) r = m.alloc(b, &dH, (size_t)N * D * sizeof(float));
-    if (!r) r = m.alloc(b, &dW, (size_t)V * D * sizeof(float));
+    if (!r) r = m.alloc(b, &dH, (size_t)N * D * gs);
+    if (!r) r = m.alloc(b, &dW, (size_t)V * D * gs);
     if (r < 0) return -1;
     if (r > 0) return oom_row(row, "inputs and gradients", row->bytes);
     /* logits H W^T of standard deviation about 2, as the other ops' logits */
@@ -919,7 +1048,7 @@ int time_fused(bench *b, kdlb_row_t *row)
     a.ld_grad_hidden = D;
     a.grad_weight = dW;
     a.ld_grad_weight = D;
-    a.grad_dtype = KDL_DTYPE_F32;
+    a.grad_dtype = gdt;
     a.out_dtype = KDL_DTYPE_F32;
     a.loss = b->loss;
     row->chunk_rows = kdl_fused_linear_chunk_rows(&a);
@@ -927,6 +1056,7 @@ int time_fused(bench *b, kdlb_row_t *row)
     kdl_status_t st = kdl_fused_linear_workspace_size(b->h, &d, &a, &ws_bytes);
     if ((r = op_workspace(b, row, m, st, ws_bytes, &ws, &free0, ext_status))) return OP_DONE(r);
 
+    double tol = 1e-4; /* strict FP32 GEMMs on both sides: the float32 tolerance */
     if (o->check) {
         kdl_fused_linear_args_t c = a;
         c.rows = N < 4 ? N : 4;
@@ -937,28 +1067,38 @@ int time_fused(bench *b, kdlb_row_t *row)
         if (st == KDL_STATUS_SUCCESS && wc <= ws_bytes) {
             st = kdl_fused_linear_loss(b->h, &d, &c, ws, ws_bytes);
             if (st != KDL_STATUS_SUCCESS) return ext_status(b, row, st);
+            const size_t nh = (size_t)c.rows * D;
             host_bufs hb;
             kdl_fused_linear_args_t h = c;
-            h.hidden_states = hb.copy(b, H, (size_t)c.rows * D * es);
+            h.hidden_states = hb.copy(b, H, nh * es);
             h.weight = hb.copy(b, W, (size_t)V * D * es);
             h.teacher = hb.copy(b, T, (size_t)c.rows * V * es);
-            const void *hd = hb.copy(b, dH, (size_t)c.rows * D * sizeof(float));
-            double *rd = hb.doubles((size_t)c.rows * D), rl = 0.0;
+            const void *hd = hb.copy(b, dH, nh * gs);
+            double *rd = hb.doubles(nh), rl = 0.0;
             h.grad_hidden = rd;
             h.grad_dtype = KDL_DTYPE_F64;
             h.out_dtype = KDL_DTYPE_F64;
             h.loss = &rl;
-            if (finish_check(b, row, hb, [&] { return kdl_ref_fused_linear_loss(&d, &h); }, &rl, hd, KDL_DTYPE_F32,
-                             rd, (size_t)c.rows * D))
+            if (finish_check(b, row, hb, [&] { return kdl_ref_fused_linear_loss(&d, &h); }, &rl, hd, gdt, rd, nh))
                 return -1;
+            if (gdt != KDL_DTYPE_F32 && !isnan(row->check_rel_err)) {
+                tol = fused_tol16(&d, dt, c.rows, D, V, h.hidden_states, h.weight, h.teacher, rd);
+                if (isnan(tol)) {
+                    row->check_rel_err = NAN; /* no tolerance: not checked */
+                    row->note = note("check skipped: host memory for the 16-bit tolerance");
+                } else {
+                    row->note = note("grad_dtype %s; check tolerance %.3g (float32 part 1e-4, twice the effect "
+                                     "of rounding dL to %s on the checked rows' dH, two roundings of dH)",
+                                     kdl_dtype_name(gdt), tol, kdl_dtype_name(dt));
+                }
+            }
         } else if (st != KDL_STATUS_SUCCESS) {
             return ext_status(b, row, st);
         }
     }
-    /* strict FP32 GEMMs on both sides: the float32 tolerance */
     return time_row(
         b, row, [&](int) { return kdl_fused_linear_loss(b->h, &d, &a, ws, ws_bytes); }, 1.0, 0, ext_status,
-        ws_bytes, free0, 1e-4);
+        ws_bytes, free0, tol);
 }
 
 /* ------------------------------------------------- ragged Sinkhorn */
@@ -1172,22 +1312,26 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
             }
     }
     if (kdlb_op_row_count(o, KDLB_OP_FUSED_LINEAR) > 0) {
-        for (int s = 0; s < o->n_fused_shapes; s++) {
-            kdlb_row_t *row = &rows[*n_rows];
-            kdlb_row_init(row);
-            row->impl = "kdloss";
-            row->op = "fused_linear";
-            row->divergence = "jsd";
-            row->dtype = kdl_dtype_name(o->fused_dtype);
-            row->rows = o->fused_shapes[s].rows;
-            row->hidden = o->fused_shapes[s].hidden;
-            row->vocab = o->fused_shapes[s].vocab;
-            row->logits_bytes = kdlb_logits_f32_bytes(row->rows, row->vocab);
-            if (progress) progress(ctx, done, total, row);
-            (*n_rows)++;
-            if (time_fused(b, row)) return -1;
-            done++;
-        }
+        for (int s = 0; s < o->n_fused_shapes; s++)
+            for (int t = 0; t < o->n_dtypes; t++) {
+                const kdl_dtype_t dt = o->dtypes[t];
+                kdlb_row_t *row = &rows[*n_rows];
+                kdlb_row_init(row);
+                row->impl = "kdloss";
+                row->op = "fused_linear";
+                row->divergence = "jsd";
+                row->dtype = kdl_dtype_name(dt);
+                row->grad_dtype = kdl_dtype_name(kdlb_fused_grad_dtype(dt));
+                row->rows = o->fused_shapes[s].rows;
+                row->hidden = o->fused_shapes[s].hidden;
+                row->vocab = o->fused_shapes[s].vocab;
+                row->logits_bytes = kdlb_logits_f32_bytes(row->rows, row->vocab);
+                row->logits_dtype_bytes = kdlb_logits_bytes(row->rows, row->vocab, dt);
+                if (progress) progress(ctx, done, total, row);
+                (*n_rows)++;
+                if (time_fused(b, row, dt)) return -1;
+                done++;
+            }
     }
     if (kdlb_op_row_count(o, KDLB_OP_SINKHORN_RAGGED) > 0) {
         kdlb_row_t *row = &rows[*n_rows];

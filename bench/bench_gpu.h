@@ -41,8 +41,8 @@ typedef void (*kdlb_progress_fn)(void *ctx, int done, int total, const kdlb_row_
  * (meta->copy_gb_per_s, copy_bytes, l2_flush_bytes), every loss
  * configuration in kdlb_case_at order, the uniform Sinkhorn row when
  * o->sinkhorn.batch > 0, then the sparse rows (shape, then k), the fused
- * linear rows, the ragged Sinkhorn row and the two SinKD rows (L1, squared
- * L2).  rows must have room for kdlb_row_capacity(o) rows; *n_rows gets the
+ * linear rows (shape, then dtype of o->dtypes), the ragged Sinkhorn row and
+ * the two SinKD rows (L1, squared L2).  rows must have room for kdlb_row_capacity(o) rows; *n_rows gets the
  * number filled.  A configuration whose entry point returns
  * KDL_STATUS_NOT_IMPLEMENTED (or, for the other ops, NOT_SUPPORTED) gets
  * status "not_implemented"; one that does not fit in device memory "oom";

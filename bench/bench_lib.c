@@ -476,7 +476,6 @@ void kdlb_options_default(kdlb_options_t *o)
     o->fused_shapes[0].hidden = 4096;
     o->fused_shapes[0].vocab = 151936;
     o->n_fused_shapes = 1;
-    o->fused_dtype = KDL_DTYPE_F32;
     memcpy(o->ragged_n, kdlb_ragged_default_n, sizeof kdlb_ragged_default_n);
     memcpy(o->ragged_m, kdlb_ragged_default_m, sizeof kdlb_ragged_default_m);
     o->n_ragged = KDLB_RAGGED_DEFAULT_COUNT;
@@ -514,7 +513,9 @@ void kdlb_usage(FILE *f)
             "  --ops LIST              loss,sinkhorn,sparse,fused_linear,sinkhorn_ragged,sinkd\n"
             "                          or all (default all)\n"
             "  --shapes N:V,...        default 4096:32000,8192:128256,8192:151936\n"
-            "  --dtypes LIST           bf16,f16,f32 or all; default bf16,f32\n"
+            "  --dtypes LIST           bf16,f16,f32 or all; default bf16,f32 (loss rows,\n"
+            "                          and fused linear rows: H, W, T in the dtype, dH, dW\n"
+            "                          in it too for bf16 / f16, f32 for f32)\n"
             "  --divergences LIST      fkl,rkl,fkl_rkl,akl,jsd,tvd,skl,srkl or all; default all\n"
             "  --head-rules LIST       AKL head rules reference,mass,topk or all; default all\n"
             "  --mu X                  AKL head mass, default 0.5\n"
@@ -806,7 +807,7 @@ int kdlb_op_row_count(const kdlb_options_t *o, kdlb_op_t op)
             for (int k = 0; k < o->n_sparse_k; k++)
                 n += o->sparse_k[k] <= o->sparse_shapes[s].vocab;
         return n;
-    case KDLB_OP_FUSED_LINEAR: return o->n_fused_shapes;
+    case KDLB_OP_FUSED_LINEAR: return o->n_fused_shapes * o->n_dtypes;
     case KDLB_OP_SINKHORN_RAGGED: return o->n_ragged > 0 ? 1 : 0;
     case KDLB_OP_SINKD: return o->sinkd.rows > 0 ? 2 : 0;
     default: return 0;
@@ -873,11 +874,28 @@ uint64_t kdlb_fused_linear_bytes(int64_t rows, int64_t hidden, int64_t vocab, kd
     return sum;
 }
 
+kdl_dtype_t kdlb_fused_grad_dtype(kdl_dtype_t hw)
+{
+    return hw == KDL_DTYPE_BF16 || hw == KDL_DTYPE_F16 ? hw : KDL_DTYPE_F32;
+}
+
+uint64_t kdlb_logits_bytes(int64_t rows, int64_t vocab, kdl_dtype_t dtype)
+{
+    size_t es = kdl_dtype_size(dtype);
+    uint64_t b;
+    if (rows < 0 || vocab < 0 || !es || mul3((uint64_t)rows, (uint64_t)vocab, (uint64_t)es, &b)) return 0;
+    return b;
+}
+
 uint64_t kdlb_logits_f32_bytes(int64_t rows, int64_t vocab)
 {
-    uint64_t b;
-    if (rows < 0 || vocab < 0 || mul3((uint64_t)rows, (uint64_t)vocab, sizeof(float), &b)) return 0;
-    return b;
+    return kdlb_logits_bytes(rows, vocab, KDL_DTYPE_F32);
+}
+
+double kdlb_peak_over_logits(int64_t peak_extra_bytes, uint64_t logits_bytes)
+{
+    if (peak_extra_bytes < 0 || logits_bytes == 0) return NAN;
+    return (double)peak_extra_bytes / (double)logits_bytes;
 }
 
 uint64_t kdlb_ragged_iter_bytes(const int64_t *n, const int64_t *m, int count)
@@ -1103,11 +1121,13 @@ int kdlb_json_row(const kdlb_row_t *r, char *buf, size_t len)
     } else if (op_is(r, "fused_linear")) {
         jkey(&j, "divergence", 0), jstr(&j, r->divergence);
         jkey(&j, "dtype", 0), jstr(&j, r->dtype);
+        jkey(&j, "grad_dtype", 0), jstr(&j, r->grad_dtype);
         jint(&j, "rows", r->rows);
         jint(&j, "hidden", r->hidden);
         jint(&j, "vocab", r->vocab);
         jint(&j, "chunk_rows", r->chunk_rows);
         jkey(&j, "logits_bytes", 0), jprintf(&j, "%llu", (unsigned long long)r->logits_bytes);
+        jkey(&j, "logits_dtype_bytes", 0), jprintf(&j, "%llu", (unsigned long long)r->logits_dtype_bytes);
     } else if (op_is(r, "sinkd")) {
         jkey(&j, "metric", 0), jstr(&j, r->metric);
         jkey(&j, "dtype", 0), jstr(&j, r->dtype);
@@ -1186,8 +1206,10 @@ static int write_meta(FILE *f, const kdlb_meta_t *m)
             }
         fprintf(f, "], \"sparse\": {\"mode\": \"renormalised\", \"divergence\": \"fkl\", "
                    "\"dtype\": \"%s\"}, ", kdl_dtype_name(o->sparse_dtype));
-        fprintf(f, "\"fused_linear\": {\"divergence\": \"jsd\", \"beta\": 0.5, \"dtype\": \"%s\"}, ",
-                kdl_dtype_name(o->fused_dtype));
+        fprintf(f, "\"fused_linear\": {\"divergence\": \"jsd\", \"beta\": 0.5, \"dtypes\": [");
+        for (int i = 0; i < o->n_dtypes; i++)
+            fprintf(f, "%s\"%s\"", i ? ", " : "", kdl_dtype_name(o->dtypes[i]));
+        fprintf(f, "], \"grad_dtype\": \"f32 for f32 inputs, else the inputs' dtype\"}, ");
         fprintf(f, "\"sinkd\": {\"temperature\": 2, \"epsilon\": 0.1, \"iterations\": %d, "
                    "\"dtype\": \"%s\"}}\n", o->sinkd_iters, kdl_dtype_name(o->sinkd_dtype));
     } else {
@@ -1290,9 +1312,10 @@ int kdlb_row_label(const kdlb_row_t *r, char *buf, size_t len)
         return snprintf(buf, len, "sparse %s k=%lld %s %lldx%lld", r->divergence ? r->divergence : "-",
                         (long long)r->k, dt, (long long)r->rows, (long long)r->vocab);
     if (op_is(r, "fused_linear"))
-        return snprintf(buf, len, "fused_linear %s %s %lldx%lldx%lld",
-                        r->divergence ? r->divergence : "-", dt, (long long)r->rows,
-                        (long long)r->hidden, (long long)r->vocab);
+        return snprintf(buf, len, "fused_linear %s %s%s%s %lldx%lldx%lld",
+                        r->divergence ? r->divergence : "-", dt, r->grad_dtype ? " grad=" : "",
+                        r->grad_dtype ? r->grad_dtype : "", (long long)r->rows, (long long)r->hidden,
+                        (long long)r->vocab);
     if (op_is(r, "sinkd"))
         return snprintf(buf, len, "sinkd %s %s %lldx%lld/%lld", r->metric ? r->metric : "-", dt,
                         (long long)r->rows, (long long)r->vocab, (long long)r->group_size);
@@ -1307,7 +1330,7 @@ void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double cop
             "shape", "ms", "GB/s", "%copy", "status");
     for (size_t i = 0; i < n_rows; i++) {
         const kdlb_row_t *r = &rows[i];
-        char shape[48], ms[16], gb[16], frac[16], sub[24];
+        char shape[48], ms[16], gb[16], frac[16], sub[24], mem[80] = "";
         const char *op = r->divergence ? r->divergence : "-";
         snprintf(sub, sizeof sub, "%s", r->head_rule ? r->head_rule : "-");
         if (op_is(r, "sinkhorn") || op_is(r, "sinkhorn_ragged")) {
@@ -1322,6 +1345,10 @@ void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double cop
             snprintf(sub, sizeof sub, "%s", r->divergence ? r->divergence : "-");
             snprintf(shape, sizeof shape, "%lldx%lldx%lld", (long long)r->rows, (long long)r->hidden,
                      (long long)r->vocab);
+            double pd = kdlb_peak_over_logits(r->peak_extra_bytes, r->logits_dtype_bytes),
+                   pf = kdlb_peak_over_logits(r->peak_extra_bytes, r->logits_bytes);
+            if (isfinite(pd) && isfinite(pf))
+                snprintf(mem, sizeof mem, " (peak/logits %s %.4f, f32 %.4f)", r->dtype ? r->dtype : "-", pd, pf);
         } else if (op_is(r, "sinkd")) {
             op = "sinkd";
             snprintf(sub, sizeof sub, "%s", r->metric ? r->metric : "-");
@@ -1341,8 +1368,8 @@ void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double cop
         if (isfinite(r->fraction_of_copy_bandwidth))
             snprintf(frac, sizeof frac, "%.1f", 100.0 * r->fraction_of_copy_bandwidth);
         else snprintf(frac, sizeof frac, "-");
-        fprintf(f, "%-12s %-15s %-9s %-5s %-18s %10s %9s %7s  %s%s%s\n", r->impl ? r->impl : "-", op,
-                sub, r->dtype ? r->dtype : "-", shape, ms, gb, frac, r->status ? r->status : "-",
+        fprintf(f, "%-12s %-15s %-9s %-5s %-18s %10s %9s %7s  %s%s%s%s\n", r->impl ? r->impl : "-", op,
+                sub, r->dtype ? r->dtype : "-", shape, ms, gb, frac, r->status ? r->status : "-", mem,
                 r->note ? ": " : "", r->note ? r->note : "");
     }
     if (isfinite(copy_gb_per_s))

@@ -23,9 +23,12 @@
  *   fused_linear, loss + dH + dW:
  *       (rows + vocab) * hidden * (size(hw) + size(grad))
  *       + rows * vocab * size(teacher)         read H, W, T; write dH, dW
- *       (the GEMMs, 6 N V d flops, dominate: GB/s is far below the copy
- *       bandwidth by nature; the row's point is ms and peak_extra_bytes,
- *       compared with the materialised float32 logits rows * vocab * 4)
+ *       (H, W and T in the row's dtype; grad = kdlb_fused_grad_dtype: f32
+ *       for f32 inputs, the inputs' dtype for bf16 / f16.  The GEMMs,
+ *       6 N V d flops, dominate: GB/s is far below the copy bandwidth by
+ *       nature; the row's point is ms and peak_extra_bytes, compared with
+ *       the logits a non-fused call materialises, rows * vocab * size(dtype)
+ *       (logits_dtype_bytes) and in float32, rows * vocab * 4 (logits_bytes))
  *   sinkhorn_ragged, per iteration: sum over problems of 2 * n_b * m_b * 4
  *   sinkd, loss + grad: as the loss, rows * vocab * (size(s) + size(t)
  *       + size(grad)) (the n x n costs and plans per group are not counted)
@@ -108,10 +111,10 @@ typedef struct kdlb_options {
     int64_t sparse_k[KDLB_MAX_SPARSE_K];
     int n_sparse_k;
     kdl_dtype_t sparse_dtype; /* bf16                                     */
-    /* op "fused_linear": JSD (beta 0.5), H, W, T, dH, dW in fused_dtype */
+    /* op "fused_linear": JSD (beta 0.5), one row per shape and dtype of
+     * `dtypes` (H, W, T in it; dH, dW in kdlb_fused_grad_dtype of it) */
     kdlb_fused_shape_t fused_shapes[KDLB_MAX_SHAPES];
     int n_fused_shapes;
-    kdl_dtype_t fused_dtype;  /* f32: the dtype the GPU entry point takes */
     /* op "sinkhorn_ragged": one call over these problems (sinkhorn_iters iterations) */
     int64_t ragged_n[KDLB_MAX_RAGGED], ragged_m[KDLB_MAX_RAGGED];
     int n_ragged;
@@ -126,7 +129,8 @@ typedef struct kdlb_options {
 /* Defaults: every op; shapes 4096:32000,8192:128256,8192:151936; dtypes
  * bf16,f32; all divergences; all head rules; repeats 20; warmup 5; mu 0.5;
  * top_k 64; check on; Sinkhorn 64:1024:1024 for 100 iterations; sparse
- * 8192:151936 with k 8,64,1024 (bf16); fused linear 4096:4096:151936 (f32);
+ * 8192:151936 with k 8,64,1024 (bf16); fused linear 4096:4096:151936 (in
+ * each of `dtypes`: bf16 and f32);
  * ragged Sinkhorn over KDLB_RAGGED_DEFAULT (24 problems, sides 64 to 2048);
  * SinKD 512:32000:64, 20 iterations (bf16); no JSON; commit "unknown".
  * --quick: shapes 4096:32000, dtype bf16, head rule reference, repeats 5,
@@ -194,8 +198,8 @@ int kdlb_case_at(const kdlb_options_t *o, int index, kdlb_case_t *c); /* 0 ok, -
 /* Loss cases: kdlb_case_count when the op "loss" is chosen, else 0. */
 int kdlb_loss_case_count(const kdlb_options_t *o);
 /* Rows of each op the options ask for: loss cases; 1 uniform Sinkhorn;
- * sparse shapes x k values with k <= min(V, 1024); fused shapes; 1 ragged
- * call; 2 SinKD rows (L1, squared L2). */
+ * sparse shapes x k values with k <= min(V, 1024); fused shapes x dtypes
+ * (shape, then dtype); 1 ragged call; 2 SinKD rows (L1, squared L2). */
 int kdlb_op_row_count(const kdlb_options_t *o, kdlb_op_t op);
 /* Sum over the ops: the rows kdlb_gpu_run fills at most. */
 int kdlb_row_capacity(const kdlb_options_t *o);
@@ -214,8 +218,17 @@ uint64_t kdlb_sparse_bytes(int64_t rows, int64_t vocab, int64_t k, kdl_dtype_t s
 /* (rows + vocab) * hidden * (size(hw) + size(g)) + rows * vocab * size(t). */
 uint64_t kdlb_fused_linear_bytes(int64_t rows, int64_t hidden, int64_t vocab, kdl_dtype_t hw,
                                  kdl_dtype_t teacher, kdl_dtype_t grad);
-/* rows * vocab * 4: the float32 logits a non-fused call materialises. */
+/* The gradient dtype of a fused_linear row with H and W in hw: F32 for F32,
+ * hw itself for BF16 and F16 (what autograd gives a 16-bit parameter);
+ * F32 for anything else. */
+kdl_dtype_t kdlb_fused_grad_dtype(kdl_dtype_t hw);
+/* rows * vocab * size(dtype): the logits a non-fused call materialises in
+ * that dtype; 0 on a negative size, an unknown dtype or an overflow. */
+uint64_t kdlb_logits_bytes(int64_t rows, int64_t vocab, kdl_dtype_t dtype);
+/* rows * vocab * 4: the float32 logits (kdlb_logits_bytes at F32). */
 uint64_t kdlb_logits_f32_bytes(int64_t rows, int64_t vocab);
+/* peak / logits, NaN when peak < 0 (unknown) or logits == 0. */
+double kdlb_peak_over_logits(int64_t peak_extra_bytes, uint64_t logits_bytes);
 /* sum_b 2 * n[b] * m[b] * 4; 0 on a negative size or an overflow. */
 uint64_t kdlb_ragged_iter_bytes(const int64_t *n, const int64_t *m, int count);
 
@@ -257,7 +270,9 @@ typedef struct kdlb_row {
     int64_t k;
     /* op "fused_linear" */
     int64_t hidden, chunk_rows;
-    uint64_t logits_bytes;     /* rows * vocab * 4: what materialising costs   */
+    const char *grad_dtype;    /* of dH, dW: "f32", or the inputs' "bf16" / "f16" */
+    uint64_t logits_bytes;     /* rows * vocab * 4: the f32 logits materialised */
+    uint64_t logits_dtype_bytes; /* rows * vocab * size(dtype): in the row's dtype */
     /* op "sinkhorn_ragged": problem b is sizes_n[b] x sizes_m[b] (batch of them) */
     const int64_t *sizes_n, *sizes_m;
     /* op "sinkd" */
@@ -289,8 +304,8 @@ void kdlb_row_set_times(kdlb_row_t *r, const double *ms, size_t n, double copy_g
  *   loss             divergence, dtype, rows, vocab, head_rule
  *   sinkhorn         dtype, batch, n, m, iterations
  *   sparse           divergence, mode, dtype, rows, vocab, k
- *   fused_linear     divergence, dtype, rows, hidden, vocab, chunk_rows,
- *                    logits_bytes
+ *   fused_linear     divergence, dtype, grad_dtype, rows, hidden, vocab,
+ *                    chunk_rows, logits_bytes, logits_dtype_bytes
  *   sinkhorn_ragged  dtype, batch, n, m, iterations, sizes_n, sizes_m
  *                    (arrays of batch integers; n, m their sums)
  *   sinkd            metric, dtype, rows, vocab, group_size, iterations
@@ -337,12 +352,15 @@ int kdlb_result_name(const char *date_ymd, const char *device, const char *commi
 /* ----------------------------------------------------------------- table */
 /* What a row is, in one short string (progress line, table): e.g.
  * "fkl/- bf16 8192x151936", "sparse fkl k=64 bf16 8192x151936",
- * "fused_linear jsd f32 4096x4096x151936", "sinkhorn_ragged f32 24 problems
+ * "fused_linear jsd f32 4096x4096x151936" (with grad_dtype set: "fused_linear
+ * jsd bf16 grad=bf16 4096x4096x151936"), "sinkhorn_ragged f32 24 problems
  * (64..2048)", "sinkd l1 bf16 512x32000/64".  Returns snprintf's length. */
 int kdlb_row_label(const kdlb_row_t *r, char *buf, size_t len);
 
 /* One line per row: impl, divergence/op, head rule, dtype, shape, ms, GB/s,
- * % of copy bandwidth, status. */
+ * % of copy bandwidth, status; fused_linear rows with a known peak add
+ * "peak/logits <dtype> X, f32 Y" (kdlb_peak_over_logits against
+ * logits_dtype_bytes and logits_bytes). */
 void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double copy_gb_per_s);
 
 #ifdef __cplusplus

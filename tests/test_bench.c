@@ -133,6 +133,40 @@ Test(bench_bytes, fused_linear_and_materialised_logits)
     cr_expect_eq(kdlb_fused_linear_bytes(1, -2, 3, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
 }
 
+Test(bench_bytes, fused_linear_16_bit_rows)
+{
+    /* a 16-bit row: H, W, T and dH, dW all 2 bytes, (N + V) d (2 + 2) + N V 2 */
+    cr_expect_eq(kdlb_fused_grad_dtype(KDL_DTYPE_BF16), KDL_DTYPE_BF16);
+    cr_expect_eq(kdlb_fused_grad_dtype(KDL_DTYPE_F16), KDL_DTYPE_F16);
+    cr_expect_eq(kdlb_fused_grad_dtype(KDL_DTYPE_F32), KDL_DTYPE_F32);
+    cr_expect_eq(kdlb_fused_grad_dtype(KDL_DTYPE_F64), KDL_DTYPE_F32);
+    cr_expect_eq(kdlb_fused_linear_bytes(4096, 4096, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16,
+                                         kdlb_fused_grad_dtype(KDL_DTYPE_BF16)),
+                 UINT64_C(3801088000)); /* 156032 * 4096 * 4 + 4096 * 151936 * 2 */
+    cr_expect_eq(kdlb_fused_linear_bytes(1024, 1024, 32000, KDL_DTYPE_F16, KDL_DTYPE_F16, KDL_DTYPE_F16),
+                 UINT64_C(200802304)); /* 33024 * 1024 * 4 + 1024 * 32000 * 2 */
+    /* half the f32 row's bytes: every tensor is half as wide */
+    cr_expect_eq(2 * kdlb_fused_linear_bytes(1024, 1024, 32000, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 kdlb_fused_linear_bytes(1024, 1024, 32000, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32));
+    /* the logits materialised in the row's dtype and in f32 */
+    cr_expect_eq(kdlb_logits_bytes(4096, 151936, KDL_DTYPE_BF16), UINT64_C(1244659712));
+    cr_expect_eq(kdlb_logits_bytes(4096, 151936, KDL_DTYPE_F32), kdlb_logits_f32_bytes(4096, 151936));
+    cr_expect_eq(kdlb_logits_bytes(1024, 32000, KDL_DTYPE_F16), UINT64_C(65536000));
+    cr_expect_eq(kdlb_logits_bytes(1, 1, (kdl_dtype_t)9), 0u);
+    cr_expect_eq(kdlb_logits_bytes(-1, 1, KDL_DTYPE_BF16), 0u);
+    cr_expect_eq(kdlb_logits_bytes(INT64_C(1) << 62, 8, KDL_DTYPE_BF16), 0u); /* overflow */
+    /* the workspace of the library's 16-bit default chunk (docs/extensions.md
+     * "Memory model"), at N = 4096: c = 4096 / 24 = 170, c V 4 + c V 2 +
+     * 256 + align256(c 4) + 256 = 103,316,480 + 51,658,240 + 256 + 768 + 256
+     * = 154,976,000 bytes: 0.1245 of the bf16 logits, half that of f32 */
+    const double pd = kdlb_peak_over_logits(154976000, kdlb_logits_bytes(4096, 151936, KDL_DTYPE_BF16));
+    cr_expect(fabs(pd - 154976000.0 / 1244659712.0) < 1e-15, "%g", pd);
+    cr_expect(pd > 0.1245 && pd <= 0.125, "%g", pd);
+    cr_expect(fabs(kdlb_peak_over_logits(154976000, kdlb_logits_f32_bytes(4096, 151936)) - pd / 2) < 1e-15);
+    cr_expect(isnan(kdlb_peak_over_logits(-1, 100)));
+    cr_expect(isnan(kdlb_peak_over_logits(5, 0)));
+}
+
 Test(bench_bytes, ragged_sums_the_uniform_model_over_problems)
 {
     cr_expect_eq(kdlb_ragged_iter_bytes(kdlb_ragged_default_n, kdlb_ragged_default_m,
@@ -326,17 +360,49 @@ Test(bench_json, other_ops_rows_exact_strings)
     cr_expect(kdl_json_valid(buf));
 
     r = new_row("fused_linear", "jsd", "f32", 4096, 151936);
+    r.grad_dtype = "f32";
     r.hidden = 4096;
     r.chunk_rows = 512;
     r.logits_bytes = kdlb_logits_f32_bytes(4096, 151936);
+    r.logits_dtype_bytes = kdlb_logits_bytes(4096, 151936, KDL_DTYPE_F32);
     r.peak_extra_bytes = 311164928;
     kdlb_json_row(&r, buf, sizeof buf);
     cr_expect(starts_with(buf,
                       "{\"impl\": \"kdloss\", \"op\": \"fused_linear\", \"divergence\": \"jsd\", "
-                      "\"dtype\": \"f32\", \"rows\": 4096, \"hidden\": 4096, \"vocab\": 151936, "
-                      "\"chunk_rows\": 512, \"logits_bytes\": 2489319424, \"status\": \"error\", "),
+                      "\"dtype\": \"f32\", \"grad_dtype\": \"f32\", \"rows\": 4096, \"hidden\": 4096, "
+                      "\"vocab\": 151936, \"chunk_rows\": 512, \"logits_bytes\": 2489319424, "
+                      "\"logits_dtype_bytes\": 2489319424, \"status\": \"error\", "),
               "%s", buf);
     cr_expect(strstr(buf, "\"peak_extra_bytes\": 311164928") != NULL);
+    cr_expect(kdl_json_valid(buf));
+
+    /* a bf16 row that ran: 16-bit gradients, both logits sizes, the whole line */
+    r = new_row("fused_linear", "jsd", "bf16", 4096, 151936);
+    r.grad_dtype = "bf16";
+    r.hidden = 4096;
+    r.chunk_rows = 170;
+    r.logits_bytes = kdlb_logits_f32_bytes(4096, 151936);
+    r.logits_dtype_bytes = kdlb_logits_bytes(4096, 151936, KDL_DTYPE_BF16);
+    set_ok_times(&r, 40.0, 39.5, 40.5,
+                 kdlb_fused_linear_bytes(4096, 4096, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16));
+    r.peak_extra_bytes = 154976000;
+    r.check_rel_err = 0.0042;
+    r.note = "grad_dtype bf16; check tolerance 0.022";
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect_str_eq(buf,
+                     "{\"impl\": \"kdloss\", \"op\": \"fused_linear\", \"divergence\": \"jsd\", "
+                     "\"dtype\": \"bf16\", \"grad_dtype\": \"bf16\", \"rows\": 4096, \"hidden\": 4096, "
+                     "\"vocab\": 151936, \"chunk_rows\": 170, \"logits_bytes\": 2489319424, "
+                     "\"logits_dtype_bytes\": 1244659712, \"status\": \"ok\", \"ms\": 40, \"ms_p20\": 39.5, "
+                     "\"ms_p80\": 40.5, \"repeats\": 20, \"bytes\": 3801088000, \"gb_per_s\": 95.0272, "
+                     "\"fraction_of_copy_bandwidth\": 0.0316757, \"peak_extra_bytes\": 154976000, "
+                     "\"check_rel_err\": 0.0042, \"note\": \"grad_dtype bf16; check tolerance 0.022\"}");
+    cr_expect(kdl_json_valid(buf));
+    /* a peer's row: no chunk, absent grad_dtype is null */
+    r.impl = "torch_eager";
+    r.grad_dtype = NULL;
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect(strstr(buf, "\"grad_dtype\": null, ") != NULL, "%s", buf);
     cr_expect(kdl_json_valid(buf));
 
     kdlb_row_init(&r);
@@ -414,6 +480,12 @@ Test(bench_json, row_labels)
     r.hidden = 4096;
     kdlb_row_label(&r, s, sizeof s);
     cr_expect_str_eq(s, "fused_linear jsd f32 4096x4096x151936");
+    r.dtype = "bf16";
+    r.grad_dtype = "bf16";
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "fused_linear jsd bf16 grad=bf16 4096x4096x151936");
+    r.grad_dtype = NULL;
+    r.dtype = "f32";
     r.op = "sinkhorn_ragged";
     r.batch = KDLB_RAGGED_DEFAULT_COUNT;
     r.sizes_n = kdlb_ragged_default_n;
@@ -701,14 +773,14 @@ Test(bench_parse, ops_and_the_other_ops_options)
     cr_expect_eq(o.sparse_dtype, KDL_DTYPE_BF16);
     cr_expect(o.n_fused_shapes == 1 && o.fused_shapes[0].rows == 4096 &&
               o.fused_shapes[0].hidden == 4096 && o.fused_shapes[0].vocab == 151936);
-    cr_expect_eq(o.fused_dtype, KDL_DTYPE_F32);
     cr_expect_eq(o.n_ragged, KDLB_RAGGED_DEFAULT_COUNT);
     cr_expect(o.sinkd.rows == 512 && o.sinkd.vocab == 32000 && o.sinkd.group == 64);
     cr_expect_eq(o.sinkd_iters, 20);
-    /* rows: 60 loss + 1 Sinkhorn + 3 sparse + 1 fused + 1 ragged + 2 SinKD */
+    /* rows: 60 loss + 1 Sinkhorn + 3 sparse + 2 fused (bf16, f32) + 1 ragged + 2 SinKD */
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SPARSE), 3);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2);
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SINKD), 2);
-    cr_expect_eq(kdlb_row_capacity(&o), 68);
+    cr_expect_eq(kdlb_row_capacity(&o), 69);
 
     /* --quick: one small shape of each op, no uniform Sinkhorn */
     cr_assert_eq(parse(&o, err, sizeof err, 1, "--quick"), 0);
@@ -717,6 +789,7 @@ Test(bench_parse, ops_and_the_other_ops_options)
               o.fused_shapes[0].vocab == 32000);
     cr_expect_eq(o.n_ragged, KDLB_RAGGED_QUICK_COUNT);
     cr_expect(o.sinkd.rows == 256 && o.sinkd.vocab == 8192 && o.sinkd.group == 64);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 1); /* --quick: bf16 only */
     cr_expect_eq(kdlb_row_capacity(&o), 8 + 0 + 3 + 1 + 1 + 2);
 
     /* --ops selects; explicit shapes win over --quick in any order */
@@ -739,11 +812,20 @@ Test(bench_parse, ops_and_the_other_ops_options)
     cr_expect_eq(o.n_fused_shapes, 2);
     cr_expect(o.fused_shapes[1].rows == 7 && o.fused_shapes[1].hidden == 11 &&
               o.fused_shapes[1].vocab == 13);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2 * 2); /* shapes x bf16, f32 */
     cr_expect(o.n_ragged == 2 && o.ragged_n[0] == 64 && o.ragged_m[0] == 128 && o.ragged_n[1] == 100 &&
               o.ragged_m[1] == 100);
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SINKD), 0);
     cr_assert_eq(parse(&o, err, sizeof err, 2, "--sinkd", "128:4096:32"), 0);
     cr_expect(o.sinkd.rows == 128 && o.sinkd.vocab == 4096 && o.sinkd.group == 32);
+    /* --dtypes chooses the fused rows' dtypes too, in any order of the options */
+    cr_assert_eq(parse(&o, err, sizeof err, 4, "--dtypes=all", "--ops", "fused_linear", "--fused-shapes=2:3:5"), 0);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 3);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_LOSS), 0);
+    cr_expect_eq(kdlb_row_capacity(&o), 3);
+    cr_assert_eq(parse(&o, err, sizeof err, 5, "--ops", "fused_linear", "--quick", "--dtypes", "f16,f32"), 0);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2);
+    cr_expect(o.dtypes[0] == KDL_DTYPE_F16 && o.dtypes[1] == KDL_DTYPE_F32);
     cr_expect_str_eq(kdlb_op_name(KDLB_OP_SINKHORN_RAGGED), "sinkhorn_ragged");
     cr_expect_null(kdlb_op_name((kdlb_op_t)3));
 }
@@ -792,6 +874,15 @@ Test(bench_json, meta_lists_the_ops_and_byte_models)
     cr_expect(strstr(s, "\"sparse\": \"rows*vocab*(size(student)+size(grad))+rows*k*(8+size(logprobs))\"") !=
               NULL);
     cr_expect(strstr(s, "\"sinkhorn_ragged\": \"sum_b 2*n_b*m_b*4 per iteration\"") != NULL);
+    /* the fused rows' dtypes are the --dtypes list */
+    cr_expect(strstr(s, "\"fused_linear\": {\"divergence\": \"jsd\", \"beta\": 0.5, \"dtypes\": [\"bf16\", \"f32\"], "
+                        "\"grad_dtype\": \"f32 for f32 inputs, else the inputs' dtype\"}") != NULL,
+              "%s", s);
+    free(s);
+    cr_assert_eq(parse(&o, err, sizeof err, 2, "--dtypes", "f16"), 0);
+    m = test_meta(&o);
+    s = write_document(&m, NULL, 0);
+    cr_expect(strstr(s, "\"dtypes\": [\"f16\"]") != NULL, "%s", s);
     free(s);
 }
 
@@ -810,6 +901,31 @@ Test(bench_names, slug_and_result_name)
     char name[256];
     kdlb_result_name("2026-11-23", "NVIDIA H100 80GB HBM3", "abc1234", name, sizeof name);
     cr_expect_str_eq(name, "2026-11-23-NVIDIA-H100-80GB-HBM3-abc1234.json");
+}
+
+Test(bench_table, fused_rows_show_peak_over_both_logits)
+{
+    kdlb_row_t rows[2] = {new_row("fused_linear", "jsd", "bf16", 4096, 151936),
+                          new_row("fused_linear", "jsd", "f32", 4096, 151936)};
+    for (int i = 0; i < 2; i++) {
+        rows[i].hidden = 4096;
+        rows[i].status = "ok";
+        rows[i].logits_bytes = kdlb_logits_f32_bytes(4096, 151936);
+    }
+    rows[0].logits_dtype_bytes = kdlb_logits_bytes(4096, 151936, KDL_DTYPE_BF16);
+    rows[0].peak_extra_bytes = 154976000;           /* 0.1245 of bf16 logits, 0.0623 of f32 */
+    rows[1].logits_dtype_bytes = rows[1].logits_bytes; /* peak unknown: no ratios */
+    FILE *f = tmpfile();
+    kdlb_print_table(f, rows, 2, NAN);
+    rewind(f);
+    char line[3][256];
+    int n = 0;
+    while (n < 3 && fgets(line[n], sizeof line[n], f)) n++;
+    fclose(f);
+    cr_assert_eq(n, 3);
+    cr_expect(strstr(line[1], "4096x4096x151936") && strstr(line[1], "ok (peak/logits bf16 0.1245, f32 0.0623)"),
+              "%s", line[1]);
+    cr_expect(strstr(line[2], "peak") == NULL, "%s", line[2]);
 }
 
 Test(bench_table, prints_a_line_per_row)
