@@ -389,19 +389,28 @@ def _bind(L, protos):
         fn.argtypes = argtypes
 
 
+def _name_protos(*kinds):
+    """kdl_<kind>_name (code -> name, NULL when out of range) and
+    kdl_<kind>_from_name (name -> code, < 0 when unknown)."""
+    out = {}
+    for k in kinds:
+        out[f"kdl_{k}_name"] = (c_char_p, [c_int])
+        out[f"kdl_{k}_from_name"] = (c_int, [c_char_p])
+    return out
+
+
+def _init_protos(*names):
+    """The struct init functions (they take the struct by pointer)."""
+    return {name: (None, [c_void_p]) for name in names}
+
+
 _PROTOS = {
     "kdl_get_version": (c_int, []),
     "kdl_status_string": (c_char_p, [c_int]),
     "kdl_get_last_error": (c_char_p, []),
-    "kdl_loss_desc_init": (None, [c_void_p]),
-    "kdl_loss_args_init": (None, [c_void_p]),
+    **_init_protos("kdl_loss_desc_init", "kdl_loss_args_init"),
     "kdl_loss_validate": (c_int, [POINTER(LossDesc), POINTER(LossArgs), c_int]),
-    "kdl_divergence_name": (c_char_p, [c_int]),
-    "kdl_divergence_from_name": (c_int, [c_char_p]),
-    "kdl_head_rule_name": (c_char_p, [c_int]),
-    "kdl_head_rule_from_name": (c_int, [c_char_p]),
-    "kdl_reduction_name": (c_char_p, [c_int]),
-    "kdl_reduction_from_name": (c_int, [c_char_p]),
+    **_name_protos("divergence", "head_rule", "reduction"),
     "kdl_dtype_name": (c_char_p, [c_int]),
     "kdl_dtype_size": (c_size_t, [c_int]),
     "kdl_ref_loss_forward_backward": (c_int, [POINTER(LossDesc), POINTER(LossArgs)]),
@@ -430,14 +439,9 @@ def _gpu_protos(**structs):
 
 
 _OT_PROTOS = {
-    "kdl_ot_metric_name": (c_char_p, [c_int]),
-    "kdl_ot_metric_from_name": (c_int, [c_char_p]),
-    "kdl_ot_value_name": (c_char_p, [c_int]),
-    "kdl_ot_value_from_name": (c_int, [c_char_p]),
-    "kdl_sinkhorn_desc_init": (None, [c_void_p]),
-    "kdl_sinkhorn_args_init": (None, [c_void_p]),
-    "kdl_sinkd_desc_init": (None, [c_void_p]),
-    "kdl_sinkd_args_init": (None, [c_void_p]),
+    **_name_protos("ot_metric", "ot_value"),
+    **_init_protos("kdl_sinkhorn_desc_init", "kdl_sinkhorn_args_init", "kdl_sinkd_desc_init",
+                   "kdl_sinkd_args_init"),
     "kdl_ref_sinkhorn": (c_int, [POINTER(SinkhornDesc), POINTER(SinkhornArgs)]),
     "kdl_ref_sinkd": (c_int, [POINTER(SinkdDesc), POINTER(SinkdArgs)]),
 }
@@ -446,19 +450,16 @@ _OT_GPU_PROTOS = _gpu_protos(kdl_sinkhorn=(SinkhornDesc, SinkhornArgs),
                              kdl_sinkd=(SinkdDesc, SinkdArgs))
 
 _EXT_PROTOS = {
-    "kdl_sparse_mode_name": (c_char_p, [c_int]),
-    "kdl_sparse_mode_from_name": (c_int, [c_char_p]),
-    "kdl_sparse_args_init": (None, [c_void_p]),
+    **_name_protos("sparse_mode"),
+    **_init_protos("kdl_sparse_args_init", "kdl_shard_args_init", "kdl_fused_linear_args_init"),
     "kdl_sparse_validate": (c_int, [POINTER(LossDesc), POINTER(SparseArgs), c_int]),
     "kdl_sparse_supports": (c_int, [c_int, c_int]),
     "kdl_sparse_check_indices": (c_int, [c_int64, c_int64, c_int64, c_void_p, c_int64]),
     "kdl_ref_sparse_loss": (c_int, [POINTER(LossDesc), POINTER(SparseArgs)]),
-    "kdl_shard_args_init": (None, [c_void_p]),
     "kdl_shard_sizes": (c_int, [POINTER(LossDesc), POINTER(ShardArgs), POINTER(c_size_t),
                                 POINTER(c_size_t), POINTER(c_int)]),
     "kdl_ref_shard_step": (c_int, [POINTER(LossDesc), POINTER(ShardArgs), c_int, POINTER(c_int),
                                    POINTER(c_int64)]),
-    "kdl_fused_linear_args_init": (None, [c_void_p]),
     "kdl_fused_linear_chunk_rows": (c_int64, [POINTER(FusedLinearArgs)]),
     "kdl_fused_linear_validate": (c_int, [POINTER(LossDesc), POINTER(FusedLinearArgs), c_int]),
     "kdl_ref_fused_linear_loss": (c_int, [POINTER(LossDesc), POINTER(FusedLinearArgs)]),

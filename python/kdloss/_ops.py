@@ -23,13 +23,10 @@ class Backend:
     torch.float32, ...).
 
     Attributes: kind / kinds (what an input must be, for messages), int64
-    (the index dtype's name), F64, F32, I64, U8 (dtypes).  Methods without a
+    (the index dtype's name), F64, F32, I64, U8 (dtypes), ARRAY (the array
+    type), DTYPES (float dtype -> the library's short name).  Methods without a
     default here:
 
-      is_array(x), is_int64(x)
-      shape(x)              the shape as a tuple of ints
-      dtype_code(x)         the kdl_dtype_t of x's dtype, None when the
-                            library has none
       last_contiguous(x)    unit stride in the last dimension
       stride_text(x), contiguous_hint(name)   for the message when not
       rows(x)               [..., C] -> ([N, C] view or copy, N, C, ld in
@@ -40,11 +37,34 @@ class Backend:
       addr(x)               the address of x's first element; None for None
                             or an empty x
       pack(arrays, dtype)   the arrays flattened, concatenated, in dtype
-      zeros(shape, dtype, dev), dtype_of(x), code_of(dtype) (a kdl_dtype_t)
+      zeros(shape, dtype, dev)
     """
 
     kind = kinds = int64 = ""
     F64 = F32 = I64 = U8 = None
+    ARRAY = ()  # the array type
+    DTYPES = {}  # the backend's float dtypes -> "f32", "f16", "bf16", "f64"
+
+    def is_array(self, x):
+        return isinstance(x, self.ARRAY)
+
+    def dtype_code(self, x):
+        """The kdl_dtype_t of x's dtype, None when the library has none."""
+        return self.code_of(x.dtype)
+
+    def code_of(self, dtype):
+        """The kdl_dtype_t of a backend dtype, or None."""
+        t = self.DTYPES.get(dtype)
+        return None if t is None else _lib.DTYPE[t]
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    def is_int64(self, x):
+        return x.dtype == self.I64
+
+    def dtype_of(self, x):
+        return x.dtype
 
     def check_layout(self, x, name):
         """Checks beyond dtype and shape (torch: dense, real)."""

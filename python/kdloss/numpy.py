@@ -37,21 +37,13 @@ class _Numpy(_ops.Backend):
 
     kind, kinds, int64 = "numpy array", "numpy arrays", "int64"
     F64, F32, I64, U8 = np.float64, np.float32, np.int64, np.uint8
+    ARRAY, DTYPES = np.ndarray, _DTYPES
 
-    def is_array(self, x):
-        return isinstance(x, np.ndarray)
-
-    def shape(self, x):
-        return tuple(x.shape)
-
-    def dtype_code(self, x):
-        t = _DTYPES.get(x.dtype)
-        if t is None and x.dtype.name == "bfloat16" and x.dtype.itemsize == 2:
-            t = "bf16"  # e.g. ml_dtypes.bfloat16: passed as its raw 16-bit words
-        return None if t is None else _lib.DTYPE[t]
-
-    def is_int64(self, x):
-        return x.dtype == np.int64
+    def code_of(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype.name == "bfloat16" and dtype.itemsize == 2:
+            return _lib.DTYPE["bf16"]  # e.g. ml_dtypes.bfloat16: passed as its raw 16-bit words
+        return super().code_of(dtype)
 
     def last_contiguous(self, x):
         return x.strides[-1] == x.itemsize
@@ -89,12 +81,6 @@ class _Numpy(_ops.Backend):
 
     def zeros(self, shape, dtype, dev):
         return np.zeros(shape, dtype=dtype)
-
-    def dtype_of(self, x):
-        return x.dtype.type
-
-    def code_of(self, dtype):
-        return _lib.DTYPE[_DTYPES[np.dtype(dtype)]]
 
 
 _NP = _Numpy()

@@ -54,19 +54,7 @@ class _Torch(_ops.Backend):
 
     kind, kinds, int64 = "torch.Tensor", "torch.Tensors", "torch.int64"
     F64, F32, I64, U8 = torch.float64, torch.float32, torch.int64, torch.uint8
-
-    def is_array(self, x):
-        return isinstance(x, torch.Tensor)
-
-    def shape(self, x):
-        return tuple(x.shape)
-
-    def dtype_code(self, x):
-        t = _DTYPES.get(x.dtype)
-        return None if t is None else _lib.DTYPE[t]
-
-    def is_int64(self, x):
-        return x.dtype == torch.int64
+    ARRAY, DTYPES = torch.Tensor, _DTYPES
 
     def check_layout(self, x, name):
         if x.is_complex() or x.layout != torch.strided:
@@ -119,12 +107,6 @@ class _Torch(_ops.Backend):
 
     def empty(self, shape, dtype, dev):
         return torch.empty(shape, dtype=dtype, device=dev)
-
-    def dtype_of(self, x):
-        return x.dtype
-
-    def code_of(self, dtype):
-        return _lib.DTYPE[_DTYPES[dtype]]
 
     def device(self, x):
         return x.device
