@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kdl_ext_fixtures.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
@@ -31,37 +32,11 @@ typedef struct fres {
     kdl_status_t status;
 } fres_t;
 
-static void random_fill(uint64_t seed, double *x, int64_t n, double sigma)
-{
-    kdl_rng_t g = {seed};
-    for (int64_t i = 0; i < n; i++) x[i] = sigma * kdl_rng_normal(&g);
-}
-
 static kdl_fused_linear_args_t fargs(const void *H, const void *W, const double *T, const int64_t *labels,
                                      int64_t N, int64_t D, int64_t V, fres_t *r)
 {
-    kdl_fused_linear_args_t a;
-    kdl_fused_linear_args_init(&a);
-    a.rows = N;
-    a.hidden = D;
-    a.vocab = V;
-    a.hidden_states = H;
-    a.ld_hidden = D;
-    a.hidden_dtype = KDL_DTYPE_F64;
-    a.weight = W;
-    a.ld_weight = D;
-    a.weight_dtype = KDL_DTYPE_F64;
-    a.teacher = T;
-    a.ld_teacher = V;
-    a.teacher_dtype = KDL_DTYPE_F64;
+    kdl_fused_linear_args_t a = kdl_ext_fused_args(N, D, V, H, W, KDL_DTYPE_F64, T, KDL_DTYPE_F64, r->dH, r->dW, r->loss);
     a.labels = labels;
-    a.grad_hidden = r->dH;
-    a.ld_grad_hidden = D;
-    a.grad_weight = r->dW;
-    a.ld_grad_weight = D;
-    a.grad_dtype = KDL_DTYPE_F64;
-    a.out_dtype = KDL_DTYPE_F64;
-    a.loss = r->loss;
     a.info = &r->info;
     a.valid_rows = &r->valid;
     return a;
@@ -75,13 +50,53 @@ static void run_fused(const kdl_loss_desc_t *d, const double *H, const double *W
     r->status = kdl_ref_fused_linear_loss(d, &a);
 }
 
-static double loss_of(const kdl_loss_desc_t *d, const double *H, const double *W, const double *T,
-                      const int64_t *labels, int64_t N, int64_t D, int64_t V)
+/* H [N, D] (sigma 1), W [V, D] (sigma sw), T [N, V] (sigma st): normal
+ * values from seeds seed, seed + 1, seed + 2. */
+static void random_hwt(uint64_t seed, int64_t N, int64_t D, int64_t V, double sw, double st, double *H, double *W,
+                       double *T)
+{
+    kdl_ext_random_normal(seed, H, N * D, 1.0);
+    kdl_ext_random_normal(seed + 1, W, V * D, sw);
+    kdl_ext_random_normal(seed + 2, T, N * V, st);
+}
+
+/* One float64 problem for finite differences: logits H W^T (+ b when b is
+ * not NULL); with g (reduction NONE) the value is sum_i g_i loss_i. */
+typedef struct fprob {
+    const kdl_loss_desc_t *d;
+    const double *H, *W, *b, *T, *g;
+    const int64_t *labels;
+    int64_t N, D, V;
+} fprob_t;
+
+static double loss_value(const fprob_t *p)
 {
     fres_t r;
-    run_fused(d, H, W, T, labels, N, D, V, &r);
-    cr_assert_eq(r.status, KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    return r.loss[0];
+    memset(&r, 0, sizeof r);
+    kdl_fused_linear_args_t a = fargs(p->H, p->W, p->T, p->labels, p->N, p->D, p->V, &r);
+    a.bias = p->b;
+    a.grad_hidden = a.grad_weight = NULL;
+    kdl_ext_ref_fused(p->d, &a, "finite differences");
+    if (!p->g) return r.loss[0];
+    double s = 0;
+    for (int64_t i = 0; i < p->N; i++) s += p->g[i] * r.loss[i];
+    return s;
+}
+
+/* fd[j] = d loss_value(p) / d x[j], j < n, by central differences (x is
+ * one of p's arrays; each entry is restored). */
+static void central_diff(const fprob_t *p, double *x, int64_t n, double *fd)
+{
+    const double h = 1e-5;
+    for (int64_t j = 0; j < n; j++) {
+        double x0 = x[j];
+        x[j] = x0 + h;
+        double up = loss_value(p);
+        x[j] = x0 - h;
+        double dn = loss_value(p);
+        x[j] = x0;
+        fd[j] = (up - dn) / (2 * h);
+    }
 }
 
 /* d(loss)/dH and d(loss)/dW by central differences (SUM or MEAN loss). */
@@ -89,9 +104,7 @@ static void check_fd(kdl_divergence_t div, kdl_reduction_t red, double tau, uint
 {
     enum { N = 3, D = 5, V = 13 };
     double H[N * D], W[V * D], T[N * V];
-    random_fill(seed, H, N * D, 1.0);
-    random_fill(seed + 1, W, V * D, 0.7);
-    random_fill(seed + 2, T, N * V, 2.0);
+    random_hwt(seed, N, D, V, 0.7, 2.0, H, W, T);
     const int64_t labels[N] = {1, -100, 4};
     kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
@@ -100,26 +113,10 @@ static void check_fd(kdl_divergence_t div, kdl_reduction_t red, double tau, uint
     run_fused(&d, H, W, T, labels, N, D, V, &base);
     cr_assert_eq(base.status, KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     cr_expect_eq(base.valid, 2);
-    const double h = 1e-5;
     double fdH[N * D], fdW[V * D];
-    for (int j = 0; j < N * D; j++) {
-        double x = H[j];
-        H[j] = x + h;
-        double up = loss_of(&d, H, W, T, labels, N, D, V);
-        H[j] = x - h;
-        double dn = loss_of(&d, H, W, T, labels, N, D, V);
-        H[j] = x;
-        fdH[j] = (up - dn) / (2 * h);
-    }
-    for (int j = 0; j < V * D; j++) {
-        double x = W[j];
-        W[j] = x + h;
-        double up = loss_of(&d, H, W, T, labels, N, D, V);
-        W[j] = x - h;
-        double dn = loss_of(&d, H, W, T, labels, N, D, V);
-        W[j] = x;
-        fdW[j] = (up - dn) / (2 * h);
-    }
+    const fprob_t p = {&d, H, W, NULL, T, NULL, labels, N, D, V};
+    central_diff(&p, H, N * D, fdH);
+    central_diff(&p, W, V * D, fdW);
     char what[64];
     snprintf(what, sizeof what, "%s red %d tau %g", kdl_divergence_name(div), (int)red, tau);
     kdl_tol_t tol = {1e-6, 1e-8};
@@ -144,43 +141,28 @@ Test(finite_difference, akl_with_frozen_weights)
 {
     enum { N = 1, D = 4, V = 11 };
     double H[N * D], W[V * D], T[N * V];
-    random_fill(300, H, N * D, 1.0);
-    random_fill(301, W, V * D, 0.8);
-    random_fill(302, T, N * V, 2.0);
+    random_hwt(300, N, D, V, 0.8, 2.0, H, W, T);
     double L[V];
-    for (int v = 0; v < V; v++) {
-        L[v] = 0;
-        for (int k = 0; k < D; k++) L[v] += H[k] * W[v * D + k];
-    }
+    kdl_ext_logits(N, D, V, H, W, NULL, L);
     double wh, wt, dl;
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
-    kdl_loss_args_t la;
-    kdl_loss_args_init(&la);
-    la.rows = 1;
-    la.vocab = V;
-    la.student = L;
-    la.teacher = T;
-    la.ld_student = la.ld_teacher = V;
-    la.student_dtype = la.teacher_dtype = la.out_dtype = KDL_DTYPE_F64;
-    la.loss = &dl;
+    kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, &dl);
     la.stat_w_head = &wh;
     la.stat_w_tail = &wt;
-    cr_assert_eq(kdl_ref_loss_forward_backward(&d, &la), KDL_STATUS_SUCCESS);
+    kdl_ext_ref_dense(&d, &la, "akl weights");
     fres_t base;
     run_fused(&d, H, W, T, NULL, N, D, V, &base);
     cr_assert_eq(base.status, KDL_STATUS_SUCCESS);
     kdl_loss_desc_t df = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM), dr = kdl_test_desc(KDL_DIV_RKL, KDL_REDUCTION_SUM);
-    double fdH[D], fdW[V * D];
-    for (int j = 0; j < D + V * D; j++) {
-        double *x = j < D ? &H[j] : &W[j - D];
-        double x0 = *x;
-        *x = x0 + 1e-5;
-        double up = wh * loss_of(&df, H, W, T, NULL, N, D, V) + wt * loss_of(&dr, H, W, T, NULL, N, D, V);
-        *x = x0 - 1e-5;
-        double dn = wh * loss_of(&df, H, W, T, NULL, N, D, V) + wt * loss_of(&dr, H, W, T, NULL, N, D, V);
-        *x = x0;
-        (j < D ? fdH : fdW)[j < D ? j : j - D] = (up - dn) / 2e-5;
+    /* w_h d FKL + w_t d RKL, each by central differences */
+    double fdH[D], fdW[V * D], fH[2][D], fW[2][V * D];
+    for (int t = 0; t < 2; t++) {
+        const fprob_t p = {t ? &dr : &df, H, W, NULL, T, NULL, NULL, N, D, V};
+        central_diff(&p, H, D, fH[t]);
+        central_diff(&p, W, V * D, fW[t]);
     }
+    for (int j = 0; j < D; j++) fdH[j] = wh * fH[0][j] + wt * fH[1][j];
+    for (int j = 0; j < V * D; j++) fdW[j] = wh * fW[0][j] + wt * fW[1][j];
     kdl_tol_t tol = {1e-6, 1e-8};
     KDL_EXPECT_CLOSE("akl dH", base.dH, fdH, D, tol);
     KDL_EXPECT_CLOSE("akl dW", base.dW, fdW, V * D, tol);
@@ -193,29 +175,15 @@ Test(dense, equals_dense_on_materialised_logits)
     enum { N = 5, D = 7, V = 33 };
     double H[N * D], W[V * D], T[N * V], L[N * V], dL[N * V];
     for (size_t k = 0; k < KDL_NDIVS; k++) {
-        random_fill(400 + k, H, N * D, 1.0);
-        random_fill(500 + k, W, V * D, 0.9);
-        random_fill(600 + k, T, N * V, 2.0);
-        for (int i = 0; i < N; i++)
-            for (int v = 0; v < V; v++) {
-                double s = 0;
-                for (int j = 0; j < D; j++) s += H[i * D + j] * W[v * D + j];
-                L[i * V + v] = s;
-            }
+        kdl_ext_random_normal(400 + k, H, N * D, 1.0);
+        kdl_ext_random_normal(500 + k, W, V * D, 0.9);
+        kdl_ext_random_normal(600 + k, T, N * V, 2.0);
+        kdl_ext_logits(N, D, V, H, W, NULL, L);
         kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_NONE);
         d.temperature = 1.5;
         double dloss[N];
-        kdl_loss_args_t la;
-        kdl_loss_args_init(&la);
-        la.rows = N;
-        la.vocab = V;
-        la.student = L;
-        la.teacher = T;
-        la.ld_student = la.ld_teacher = la.ld_grad = V;
-        la.student_dtype = la.teacher_dtype = la.grad_dtype = la.out_dtype = KDL_DTYPE_F64;
-        la.grad = dL;
-        la.loss = dloss;
-        cr_assert_eq(kdl_ref_loss_forward_backward(&d, &la), KDL_STATUS_SUCCESS);
+        kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, T, KDL_DTYPE_F64, dL, dloss);
+        kdl_ext_ref_dense(&d, &la, kdl_divergence_name(kdl_all_divs[k]));
         double wantH[N * D], wantW[V * D];
         for (int i = 0; i < N; i++)
             for (int j = 0; j < D; j++) {
@@ -244,9 +212,7 @@ Test(rows, invalid_teacher_row_contributes_nothing)
 {
     enum { N = 3, D = 4, V = 9 };
     double H[N * D], W[V * D], T[N * V];
-    random_fill(700, H, N * D, 1.0);
-    random_fill(701, W, V * D, 1.0);
-    random_fill(702, T, N * V, 1.0);
+    random_hwt(700, N, D, V, 1.0, 1.0, H, W, T);
     T[1 * V + 3] = NAN;
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
     fres_t all, two;
@@ -271,7 +237,7 @@ Test(rows, empty_batch_zeroes_dW)
 {
     enum { D = 3, V = 4 };
     double W[V * D];
-    random_fill(800, W, V * D, 1.0);
+    kdl_ext_random_normal(800, W, V * D, 1.0);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     fres_t r;
     memset(&r, 0, sizeof r);
@@ -287,9 +253,7 @@ Test(dtypes, f32_inputs_convert_exactly)
     enum { N = 2, D = 6, V = 10 };
     double H[N * D], W[V * D], T[N * V], H2[N * D], W2[V * D];
     float Hf[N * D], Wf[V * D];
-    random_fill(900, H, N * D, 1.0);
-    random_fill(901, W, V * D, 1.0);
-    random_fill(902, T, N * V, 1.0);
+    random_hwt(900, N, D, V, 1.0, 1.0, H, W, T);
     kdl_to_dtype(H, Hf, KDL_DTYPE_F32, N * D);
     kdl_to_dtype(W, Wf, KDL_DTYPE_F32, V * D);
     kdl_from_dtype(Hf, H2, KDL_DTYPE_F32, N * D);
@@ -370,33 +334,17 @@ Test(api, chunk_rows_and_bad_arguments)
 
 /* ------------------------------------------------------------ version 2 */
 
-/* sum_i g_i loss_i (NONE; invalid rows, NaN, excluded by the caller's data)
- * with logits H W^T + b. */
-static double weighted_loss(const kdl_loss_desc_t *d, const double *H, const double *W, const double *b,
-                            const double *T, const int64_t *labels, const double *g, int64_t N, int64_t D, int64_t V)
-{
-    fres_t r;
-    memset(&r, 0, sizeof r);
-    kdl_fused_linear_args_t a = fargs(H, W, T, labels, N, D, V, &r);
-    a.bias = b;
-    a.grad_hidden = a.grad_weight = NULL;
-    cr_assert_eq(kdl_ref_fused_linear_loss(d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    double s = 0;
-    for (int64_t i = 0; i < N; i++) s += g[i] * r.loss[i];
-    return s;
-}
-
 /* grad_output g (NONE) and bias b: dH, dW, db of the reference equal the
  * central differences of sum_i g_i loss_i with respect to H, W and b. */
 static void check_fd_v2(kdl_divergence_t div, uint64_t seed)
 {
     enum { N = 4, D = 4, V = 11 };
     double H[N * D], W[V * D], b[V], T[N * V], g[N], db[V];
-    random_fill(seed, H, N * D, 1.0);
-    random_fill(seed + 1, W, V * D, 0.7);
-    random_fill(seed + 2, b, V, 0.5);
-    random_fill(seed + 3, T, N * V, 2.0);
-    random_fill(seed + 4, g, N, 1.5); /* any sign, as autograd may pass */
+    kdl_ext_random_normal(seed, H, N * D, 1.0);
+    kdl_ext_random_normal(seed + 1, W, V * D, 0.7);
+    kdl_ext_random_normal(seed + 2, b, V, 0.5);
+    kdl_ext_random_normal(seed + 3, T, N * V, 2.0);
+    kdl_ext_random_normal(seed + 4, g, N, 1.5); /* any sign, as autograd may pass */
     const int64_t labels[N] = {1, 2, -100, 0};
     kdl_loss_desc_t d = kdl_test_desc(div, KDL_REDUCTION_NONE);
     d.temperature = 1.5;
@@ -409,22 +357,12 @@ static void check_fd_v2(kdl_divergence_t div, uint64_t seed)
     a.grad_output = g;
     a.grad_output_dtype = KDL_DTYPE_F64;
     cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    const double h = 1e-5;
+    /* sum_i g_i loss_i (invalid rows, NaN, are excluded by the labels) */
     double fdH[N * D], fdW[V * D], fdb[V];
-#define FD_OF(x, n, out)                                                                            \
-    for (int j = 0; j < (n); j++) {                                                                 \
-        double x0 = (x)[j];                                                                         \
-        (x)[j] = x0 + h;                                                                            \
-        double up = weighted_loss(&d, H, W, b, T, labels, g, N, D, V);                              \
-        (x)[j] = x0 - h;                                                                            \
-        double dn = weighted_loss(&d, H, W, b, T, labels, g, N, D, V);                              \
-        (x)[j] = x0;                                                                                \
-        (out)[j] = (up - dn) / (2 * h);                                                             \
-    }
-    FD_OF(H, N * D, fdH)
-    FD_OF(W, V * D, fdW)
-    FD_OF(b, V, fdb)
-#undef FD_OF
+    const fprob_t p = {&d, H, W, b, T, g, labels, N, D, V};
+    central_diff(&p, H, N * D, fdH);
+    central_diff(&p, W, V * D, fdW);
+    central_diff(&p, b, V, fdb);
     char what[64];
     snprintf(what, sizeof what, "grad_output + bias, %s", kdl_divergence_name(div));
     kdl_tol_t tol = {1e-6, 1e-8};
@@ -446,10 +384,10 @@ Test(finite_difference, bias_with_sum)
 {
     enum { N = 3, D = 3, V = 9 };
     double H[N * D], W[V * D], b[V], T[N * V], db[V], fdb[V];
-    random_fill(810, H, N * D, 1.0);
-    random_fill(811, W, V * D, 0.7);
-    random_fill(812, b, V, 1.0);
-    random_fill(813, T, N * V, 2.0);
+    kdl_ext_random_normal(810, H, N * D, 1.0);
+    kdl_ext_random_normal(811, W, V * D, 0.7);
+    kdl_ext_random_normal(812, b, V, 1.0);
+    kdl_ext_random_normal(813, T, N * V, 2.0);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_SUM);
     fres_t r;
     memset(&r, 0, sizeof r);
@@ -457,23 +395,8 @@ Test(finite_difference, bias_with_sum)
     a.bias = b;
     a.grad_bias = db;
     cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    const double h = 1e-5;
-    for (int j = 0; j < V; j++) {
-        fres_t u, w;
-        double x0 = b[j];
-        b[j] = x0 + h;
-        memset(&u, 0, sizeof u);
-        kdl_fused_linear_args_t au = fargs(H, W, T, NULL, N, D, V, &u);
-        au.bias = b;
-        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &au), KDL_STATUS_SUCCESS);
-        b[j] = x0 - h;
-        memset(&w, 0, sizeof w);
-        kdl_fused_linear_args_t aw = fargs(H, W, T, NULL, N, D, V, &w);
-        aw.bias = b;
-        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &aw), KDL_STATUS_SUCCESS);
-        b[j] = x0;
-        fdb[j] = (u.loss[0] - w.loss[0]) / (2 * h);
-    }
+    const fprob_t p = {&d, H, W, b, T, NULL, NULL, N, D, V};
+    central_diff(&p, b, V, fdb);
     kdl_tol_t tol = {1e-6, 1e-8};
     KDL_EXPECT_CLOSE("bias, SUM", db, fdb, V, tol);
     /* and the bias is the logits' shift: dH, dW equal those of H W^T + b formed by the dense reference */
@@ -492,9 +415,9 @@ Test(dtypes, sixteen_bit_inputs_and_gradients)
     for (int t = 0; t < 2; t++) {
         double H[N * D], W[V * D], T[N * V], H2[N * D], W2[V * D];
         uint16_t Hh[N * D], Wh[V * D], gH[N * D], gW[V * D];
-        random_fill(920 + t, H, N * D, 1.0);
-        random_fill(930 + t, W, V * D, 1.0);
-        random_fill(940 + t, T, N * V, 1.0);
+        kdl_ext_random_normal(920 + t, H, N * D, 1.0);
+        kdl_ext_random_normal(930 + t, W, V * D, 1.0);
+        kdl_ext_random_normal(940 + t, T, N * V, 1.0);
         kdl_to_dtype(H, Hh, dts[t], N * D);
         kdl_to_dtype(W, Wh, dts[t], V * D);
         kdl_from_dtype(Hh, H2, dts[t], N * D);
@@ -527,9 +450,7 @@ Test(api, version_1_callers)
 {
     enum { N = 3, D = 4, V = 7 };
     double H[N * D], W[V * D], T[N * V];
-    random_fill(950, H, N * D, 1.0);
-    random_fill(951, W, V * D, 1.0);
-    random_fill(952, T, N * V, 1.0);
+    random_hwt(950, N, D, V, 1.0, 1.0, H, W, T);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_TVD, KDL_REDUCTION_NONE);
     fres_t want, got;
     run_fused(&d, H, W, T, NULL, N, D, V, &want);

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kdl_ext_fixtures.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss.h"
 #include "kdloss/kdloss_ext.h"
@@ -80,102 +81,62 @@ Test(args, checked_before_any_device_use)
 
 #ifdef KDL_HAVE_CUDA
 /* ---------------------------------------------------------- sparse teacher */
-static void sparse_case(kdl_sparse_mode_t mode, kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t V,
-                        int64_t k, uint64_t seed, int bad_rows)
+
+/* One GPU call against kdl_ref_sparse_loss on the same float32-rounded data:
+ * S [N, V], I, P [N, k] (doubles, rounded to float32 here in place); loss,
+ * gradient and counters within rel of the largest reference entry.  strict
+ * also compares bad_index_rows and checks that one byte less than the
+ * queried workspace is refused. */
+static void sparse_compare(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, int64_t N, int64_t V, int64_t k,
+                           double *S, const int64_t *I, double *P, double rel, const char *what, int strict)
 {
     size_t nv = (size_t)(N * V), nk = (size_t)(N * k);
-    double *S = (double *)malloc(nv * sizeof(double)), *P = (double *)malloc(nk * sizeof(double));
     float *Sf = (float *)malloc(nv * 4), *Pf = (float *)malloc(nk * 4);
-    int64_t *I = (int64_t *)malloc(nk * 8);
-    kdl_rng_t g = {seed};
-    kdl_fill_logits(&g, S, (int64_t)nv, 2.0);
-    /* row i: support {(13 i + j) mod V}, log-probs of a random top-k
-     * teacher holding 0.9 of the mass (the tail bucket 0.1) */
-    double *t = (double *)malloc((size_t)k * sizeof(double));
-    for (int64_t i = 0; i < N; i++) {
-        kdl_fill_logits(&g, t, k, 2.0);
-        double mx = -INFINITY, z = 0;
-        for (int64_t j = 0; j < k; j++) mx = fmax(mx, t[j]);
-        for (int64_t j = 0; j < k; j++) z += exp(t[j] - mx);
-        for (int64_t j = 0; j < k; j++) {
-            I[i * k + j] = (i * 13 + j) % V;
-            P[i * k + j] = t[j] - mx - log(z) + log(0.9);
-        }
-    }
-    free(t);
-    if (bad_rows && N > 2) {
-        I[1 * k + 0] = V;             /* out of range */
-        I[2 * k + 1] = I[2 * k + 0];  /* repeated */
-    }
     kdl_to_dtype(S, Sf, KDL_DTYPE_F32, (int64_t)nv);
     kdl_to_dtype(P, Pf, KDL_DTYPE_F32, (int64_t)nk);
     kdl_from_dtype(Sf, S, KDL_DTYPE_F32, (int64_t)nv);
     kdl_from_dtype(Pf, P, KDL_DTYPE_F32, (int64_t)nk);
-
-    kdl_loss_desc_t d = kdl_test_desc(div, red);
-    d.temperature = 1.3;
-    size_t nl = red == KDL_REDUCTION_NONE ? (size_t)N : 1;
-    double *rl = (double *)calloc(nl, sizeof(double)), *rg = (double *)calloc(nv, sizeof(double));
+    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8);
     int64_t rinfo = 0, rvalid = 0, rbad = 0;
-    kdl_sparse_args_t a;
-    kdl_sparse_args_init(&a);
-    a.mode = mode;
-    a.rows = N;
-    a.vocab = V;
-    a.k = k;
-    a.student = S;
-    a.ld_student = V;
-    a.student_dtype = KDL_DTYPE_F64;
-    a.teacher_indices = I;
-    a.ld_indices = k;
-    a.teacher_logprobs = P;
-    a.ld_logprobs = k;
-    a.teacher_dtype = KDL_DTYPE_F64;
-    a.grad = rg;
-    a.ld_grad = V;
-    a.grad_dtype = KDL_DTYPE_F64;
-    a.out_dtype = KDL_DTYPE_F64;
-    a.loss = rl;
+    kdl_sparse_args_t a = kdl_ext_sparse_args(mode, N, V, k, S, I, P, rg, rl);
     a.info = &rinfo;
     a.valid_rows = &rvalid;
-    a.bad_index_rows = &rbad;
-    cr_assert_eq(kdl_ref_sparse_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    a.bad_index_rows = strict ? &rbad : NULL;
+    kdl_ext_ref_sparse(d, &a, what);
 
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
     kdl_sparse_args_t da = a;
     da.student = dup_dev(Sf, nv * 4);
-    da.student_dtype = KDL_DTYPE_F32;
     da.teacher_indices = (const int64_t *)dup_dev(I, nk * 8);
     da.teacher_logprobs = dup_dev(Pf, nk * 4);
-    da.teacher_dtype = KDL_DTYPE_F32;
+    da.student_dtype = da.teacher_dtype = da.grad_dtype = KDL_DTYPE_F32;
     da.grad = dup_dev(NULL, nv * 4);
-    da.grad_dtype = KDL_DTYPE_F32;
     da.loss = dup_dev(NULL, nl * 8);
     da.info = (int64_t *)dup_dev(NULL, 8);
     da.valid_rows = (int64_t *)dup_dev(NULL, 8);
-    da.bad_index_rows = (int64_t *)dup_dev(NULL, 8);
+    da.bad_index_rows = strict ? (int64_t *)dup_dev(NULL, 8) : NULL;
     size_t wsb = 0;
-    cr_assert_eq(kdl_sparse_workspace_size(h, &d, &da, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_assert_eq(kdl_sparse_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
     void *ws = dup_dev(NULL, wsb);
-    if (wsb) cr_expect_eq(kdl_sparse_loss(h, &d, &da, ws, wsb - 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
-    cr_assert_eq(kdl_sparse_loss(h, &d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    if (strict && wsb) cr_expect_eq(kdl_sparse_loss(h, d, &da, ws, wsb - 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    cr_assert_eq(kdl_sparse_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
     CUDA_OK(cudaDeviceSynchronize());
     double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
     float *g32 = (float *)malloc(nv * 4);
-    int64_t ginfo, gvalid, gbad;
+    int64_t ginfo, gvalid, gbad = 0;
     get_dev(gl, da.loss, nl * 8);
     get_dev(g32, da.grad, nv * 4);
     get_dev(&ginfo, da.info, 8);
     get_dev(&gvalid, da.valid_rows, 8);
-    get_dev(&gbad, da.bad_index_rows, 8);
+    if (strict) get_dev(&gbad, da.bad_index_rows, 8);
     for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
-    char what[96];
-    snprintf(what, sizeof what, "sparse %s %s red %d V %lld k %lld", kdl_sparse_mode_name(mode), kdl_divergence_name(div),
-             (int)red, (long long)V, (long long)k);
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, 2e-4));
-    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, 2e-4));
-    cr_expect(ginfo == rinfo && gvalid == rvalid && gbad == rbad, "%s: counters", what);
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
+    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
+    cr_expect(ginfo == rinfo && gvalid == rvalid && gbad == rbad, "%s: counters %lld/%lld/%lld, reference %lld/%lld/%lld",
+              what, (long long)ginfo, (long long)gvalid, (long long)gbad, (long long)rinfo, (long long)rvalid,
+              (long long)rbad);
     cudaFree((void *)da.student);
     cudaFree((void *)da.teacher_indices);
     cudaFree((void *)da.teacher_logprobs);
@@ -186,16 +147,43 @@ static void sparse_case(kdl_sparse_mode_t mode, kdl_divergence_t div, kdl_reduct
     cudaFree(da.bad_index_rows);
     cudaFree(ws);
     kdl_destroy(h);
-    free(S);
-    free(P);
     free(Sf);
     free(Pf);
-    free(I);
     free(rl);
     free(rg);
     free(gl);
     free(gg);
     free(g32);
+}
+
+static void sparse_case(kdl_sparse_mode_t mode, kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t V,
+                        int64_t k, uint64_t seed, int bad_rows)
+{
+    size_t nv = (size_t)(N * V), nk = (size_t)(N * k);
+    double *S = (double *)malloc(nv * sizeof(double)), *P = (double *)malloc(nk * sizeof(double));
+    int64_t *I = (int64_t *)malloc(nk * 8);
+    kdl_rng_t g = {seed};
+    kdl_fill_logits(&g, S, (int64_t)nv, 2.0);
+    /* row i: support {(13 i + j) mod V}, log-probs of a random top-k
+     * teacher holding 0.9 of the mass (the tail bucket 0.1) */
+    kdl_ext_strided_support(N, V, k, 13, I);
+    for (int64_t i = 0; i < N; i++) {
+        kdl_fill_logits(&g, P + i * k, k, 2.0);
+        kdl_ext_topk_logprobs(P + i * k, k, 0.9);
+    }
+    if (bad_rows && N > 2) {
+        I[1 * k + 0] = V;             /* out of range */
+        I[2 * k + 1] = I[2 * k + 0];  /* repeated */
+    }
+    kdl_loss_desc_t d = kdl_test_desc(div, red);
+    d.temperature = 1.3;
+    char what[96];
+    snprintf(what, sizeof what, "sparse %s %s red %d V %lld k %lld", kdl_sparse_mode_name(mode), kdl_divergence_name(div),
+             (int)red, (long long)V, (long long)k);
+    sparse_compare(&d, mode, N, V, k, S, I, P, 2e-4, what, 1);
+    free(S);
+    free(P);
+    free(I);
 }
 
 Test(gpu_sparse, every_divergence_both_modes)
@@ -218,9 +206,95 @@ Test(gpu_sparse, full_k_and_large_vocabulary)
 }
 
 /* ----------------------------------------------------- vocabulary-parallel */
-static void shard_case(kdl_divergence_t div, kdl_head_rule_t rule, int64_t N, int64_t V, uint64_t seed)
+
+/* The vocabulary-parallel steps over 3 shards (widths V/3, V/2, the rest)
+ * on the device, the reduces done on the host, against the dense reference
+ * on the same float32 data Sf, Tf [N, V]: loss and gradient within rel of
+ * the largest reference entry; with head_size, AKL's per-row head size
+ * (rank 0's stat_head_size) equal to the reference's. */
+static void shard_compare(const kdl_loss_desc_t *d, int64_t N, int64_t V, const float *Sf, const float *Tf,
+                          double rel, const char *what, int head_size)
 {
     enum { R = 3 };
+    size_t nv = (size_t)(N * V);
+    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8);
+    int64_t *rhs = (int64_t *)calloc((size_t)N + 1, 8);
+    kdl_loss_args_t la = kdl_ext_dense_args(N, V, Sf, KDL_DTYPE_F32, Tf, KDL_DTYPE_F32, rg, rl);
+    la.stat_head_size = head_size ? rhs : NULL;
+    kdl_ext_ref_dense(d, &la, what);
+
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    float *dS = (float *)dup_dev(Sf, nv * 4), *dT = (float *)dup_dev(Tf, nv * 4), *dG = (float *)dup_dev(NULL, nv * 4);
+    double *dl = (double *)dup_dev(NULL, nl * 8);
+    int64_t *dhs = head_size ? (int64_t *)dup_dev(NULL, (size_t)N * 8) : NULL;
+    const int64_t w[R] = {V / 3, V / 2, V - V / 3 - V / 2};
+    kdl_shard_args_t a[R];
+    double *ex[R];
+    size_t sb = 0, ec = 0;
+    int ns = 0;
+    int64_t off = 0;
+    for (int r = 0; r < R; r++) {
+        a[r] = kdl_ext_shard_args(N, V, R, r, off, w[r], dS, dT, KDL_DTYPE_F32, dG, KDL_DTYPE_F32, dl);
+        a[r].stat_head_size = r == 0 ? dhs : NULL;
+        cr_assert_eq(kdl_shard_sizes(d, &a[r], &sb, &ec, &ns), KDL_STATUS_SUCCESS);
+        a[r].state = dup_dev(NULL, sb);
+        ex[r] = (double *)dup_dev(NULL, ec * 8);
+        a[r].exchange = ex[r];
+        off += w[r];
+    }
+    double *acc = (double *)malloc(ec * 8), *tmp = (double *)malloc(ec * 8);
+    for (int step = 0; step < ns; step++) {
+        kdl_shard_op_t op = KDL_SHARD_OP_DONE;
+        int64_t cnt = 0;
+        for (int r = 0; r < R; r++)
+            cr_assert_eq(kdl_shard_step(h, d, &a[r], step, &op, &cnt), KDL_STATUS_SUCCESS, "%s: %s", what,
+                         kdl_get_last_error());
+        if (op == KDL_SHARD_OP_DONE) break;
+        for (int r = 0; r < R; r++) {
+            get_dev(tmp, ex[r], (size_t)cnt * 8);
+            for (int64_t j = 0; j < cnt; j++)
+                acc[j] = r == 0 ? tmp[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], tmp[j]) : acc[j] + tmp[j];
+        }
+        for (int r = 0; r < R; r++) CUDA_OK(cudaMemcpy(ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+    double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
+    float *g32 = (float *)malloc(nv * 4);
+    int64_t *ghs = (int64_t *)malloc((size_t)N * 8 + 8);
+    get_dev(gl, dl, nl * 8);
+    get_dev(g32, dG, nv * 4);
+    for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
+    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
+    if (head_size && d->divergence == KDL_DIV_AKL) {
+        get_dev(ghs, dhs, (size_t)N * 8);
+        for (int64_t i = 0; i < N; i++) cr_expect_eq(ghs[i], rhs[i], "%s row %lld head size", what, (long long)i);
+    }
+    for (int r = 0; r < R; r++) {
+        cudaFree(a[r].state);
+        cudaFree(ex[r]);
+    }
+    cudaFree(dS);
+    cudaFree(dT);
+    cudaFree(dG);
+    cudaFree(dl);
+    cudaFree(dhs);
+    kdl_destroy(h);
+    free(rl);
+    free(rg);
+    free(rhs);
+    free(acc);
+    free(tmp);
+    free(gl);
+    free(gg);
+    free(g32);
+    free(ghs);
+}
+
+static void shard_case(kdl_divergence_t div, kdl_head_rule_t rule, int64_t N, int64_t V, uint64_t seed)
+{
     size_t nv = (size_t)(N * V);
     double *S = (double *)malloc(nv * 8), *T = (double *)malloc(nv * 8);
     float *Sf = (float *)malloc(nv * 4), *Tf = (float *)malloc(nv * 4);
@@ -233,107 +307,13 @@ static void shard_case(kdl_divergence_t div, kdl_head_rule_t rule, int64_t N, in
     kdl_loss_desc_t d = kdl_test_desc(div, KDL_REDUCTION_MEAN);
     d.head_rule = rule;
     d.top_k = 17;
-    /* reference: the dense loss on the same float32 data */
-    double rl = 0, *rg = (double *)calloc(nv, 8);
-    int64_t *rhs = (int64_t *)calloc((size_t)N, 8);
-    kdl_loss_args_t la;
-    kdl_loss_args_init(&la);
-    la.rows = N;
-    la.vocab = V;
-    la.student = Sf;
-    la.teacher = Tf;
-    la.ld_student = la.ld_teacher = la.ld_grad = V;
-    la.student_dtype = la.teacher_dtype = KDL_DTYPE_F32;
-    la.grad = rg;
-    la.grad_dtype = la.out_dtype = KDL_DTYPE_F64;
-    la.loss = &rl;
-    la.stat_head_size = rhs;
-    cr_assert_eq(kdl_ref_loss_forward_backward(&d, &la), KDL_STATUS_SUCCESS);
-
-    kdl_handle_t h;
-    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    float *dS = (float *)dup_dev(Sf, nv * 4), *dT = (float *)dup_dev(Tf, nv * 4), *dG = (float *)dup_dev(NULL, nv * 4);
-    double *dl = (double *)dup_dev(NULL, 8);
-    int64_t *dhs = (int64_t *)dup_dev(NULL, (size_t)N * 8);
-    const int64_t w[R] = {V / 3, V / 2, V - V / 3 - V / 2};
-    kdl_shard_args_t a[R];
-    void *state[R];
-    double *ex[R];
-    size_t sb = 0, ec = 0;
-    int ns = 0;
-    int64_t off = 0;
-    for (int r = 0; r < R; r++) {
-        kdl_shard_args_init(&a[r]);
-        a[r].rows = N;
-        a[r].vocab = V;
-        a[r].vocab_offset = off;
-        a[r].vocab_local = w[r];
-        a[r].shard_rank = r;
-        a[r].num_shards = R;
-        a[r].student = dS + off;
-        a[r].teacher = dT + off;
-        a[r].ld_student = a[r].ld_teacher = a[r].ld_grad = V;
-        a[r].grad = dG + off;
-        a[r].out_dtype = KDL_DTYPE_F64;
-        a[r].loss = dl;
-        a[r].stat_head_size = r == 0 ? dhs : NULL;
-        cr_assert_eq(kdl_shard_sizes(&d, &a[r], &sb, &ec, &ns), KDL_STATUS_SUCCESS);
-        state[r] = dup_dev(NULL, sb);
-        ex[r] = (double *)dup_dev(NULL, ec * 8);
-        a[r].state = state[r];
-        a[r].exchange = ex[r];
-        off += w[r];
-    }
-    double *acc = (double *)malloc(ec * 8), *tmp = (double *)malloc(ec * 8);
-    for (int step = 0; step < ns; step++) {
-        kdl_shard_op_t op = KDL_SHARD_OP_DONE;
-        int64_t cnt = 0;
-        for (int r = 0; r < R; r++)
-            cr_assert_eq(kdl_shard_step(h, &d, &a[r], step, &op, &cnt), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-        if (op == KDL_SHARD_OP_DONE) break;
-        for (int r = 0; r < R; r++) {
-            get_dev(tmp, ex[r], (size_t)cnt * 8);
-            for (int64_t j = 0; j < cnt; j++)
-                acc[j] = r == 0 ? tmp[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], tmp[j]) : acc[j] + tmp[j];
-        }
-        for (int r = 0; r < R; r++) CUDA_OK(cudaMemcpy(ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
-    }
-    CUDA_OK(cudaDeviceSynchronize());
-    double gl;
-    float *g32 = (float *)malloc(nv * 4);
-    double *gg = (double *)malloc(nv * 8);
-    int64_t *ghs = (int64_t *)malloc((size_t)N * 8);
-    get_dev(&gl, dl, 8);
-    get_dev(g32, dG, nv * 4);
-    get_dev(ghs, dhs, (size_t)N * 8);
-    for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
     char what[64];
     snprintf(what, sizeof what, "shard %s rule %d", kdl_divergence_name(div), (int)rule);
-    KDL_EXPECT_CLOSE(what, &gl, &rl, 1, scaled_tol(&rl, 1, 2e-4));
-    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, 2e-4));
-    if (div == KDL_DIV_AKL)
-        for (int64_t i = 0; i < N; i++) cr_expect_eq(ghs[i], rhs[i], "%s row %lld head size", what, (long long)i);
-    for (int r = 0; r < R; r++) {
-        cudaFree(state[r]);
-        cudaFree(ex[r]);
-    }
-    cudaFree(dS);
-    cudaFree(dT);
-    cudaFree(dG);
-    cudaFree(dl);
-    cudaFree(dhs);
-    kdl_destroy(h);
+    shard_compare(&d, N, V, Sf, Tf, 2e-4, what, 1);
     free(S);
     free(T);
     free(Sf);
     free(Tf);
-    free(rg);
-    free(rhs);
-    free(acc);
-    free(tmp);
-    free(g32);
-    free(gg);
-    free(ghs);
 }
 
 Test(gpu_shard, three_shards_equal_unsharded)
@@ -376,6 +356,61 @@ static size_t fl_compare(const char *what, const double *got, const double *ref,
     return bad;
 }
 
+/* The GPU call on the host data of the reference's arguments a (H, W and
+ * the bias in a's hidden dtype, T and grad_output in theirs, labels when a
+ * has them), with gradients in gdt: the loss [nl] and dH, dW, db (db when a
+ * has grad_bias) back as doubles. */
+static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, kdl_dtype_t gdt, double *gl,
+                   double *gh, double *gw, double *gb)
+{
+    const int64_t N = a->rows, D = a->hidden, V = a->vocab;
+    const size_t nh = (size_t)(N * D), nw = (size_t)(V * D), nt = (size_t)(N * V);
+    const size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    const size_t esz = kdl_dtype_size(a->hidden_dtype), gsz = kdl_dtype_size(gdt);
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    kdl_fused_linear_args_t da = *a;
+    da.hidden_states = dup_dev(a->hidden_states, nh * esz);
+    da.weight = dup_dev(a->weight, nw * esz);
+    da.teacher = dup_dev(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
+    da.labels = a->labels ? (const int64_t *)dup_dev(a->labels, (size_t)N * 8) : NULL;
+    da.grad_hidden = dup_dev(NULL, nh * gsz);
+    da.grad_weight = dup_dev(NULL, nw * gsz);
+    da.grad_dtype = gdt;
+    da.loss = dup_dev(NULL, nl * 8);
+    da.grad_output = a->grad_output ? dup_dev(a->grad_output, (size_t)N * kdl_dtype_size(a->grad_output_dtype)) : NULL;
+    da.bias = a->bias ? dup_dev(a->bias, (size_t)V * esz) : NULL;
+    da.grad_bias = a->grad_bias ? dup_dev(NULL, (size_t)V * gsz) : NULL;
+    size_t wsb = 0;
+    cr_assert_eq(kdl_fused_linear_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    void *ws = dup_dev(NULL, wsb);
+    cr_assert_eq(kdl_fused_linear_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    CUDA_OK(cudaDeviceSynchronize());
+    void *raw = malloc(((nh > nw ? nh : nw) + (size_t)V) * 4);
+    get_dev(gl, da.loss, nl * 8);
+    get_dev(raw, da.grad_hidden, nh * gsz);
+    kdl_from_dtype(raw, gh, gdt, (int64_t)nh);
+    get_dev(raw, da.grad_weight, nw * gsz);
+    kdl_from_dtype(raw, gw, gdt, (int64_t)nw);
+    if (a->grad_bias) {
+        get_dev(raw, da.grad_bias, (size_t)V * gsz);
+        kdl_from_dtype(raw, gb, gdt, V);
+    }
+    cudaFree((void *)da.hidden_states);
+    cudaFree((void *)da.weight);
+    cudaFree((void *)da.teacher);
+    cudaFree((void *)da.labels);
+    cudaFree(da.grad_hidden);
+    cudaFree(da.grad_weight);
+    cudaFree(da.loss);
+    cudaFree((void *)da.grad_output);
+    cudaFree((void *)da.bias);
+    cudaFree(da.grad_bias);
+    cudaFree(ws);
+    kdl_destroy(h);
+    free(raw);
+}
+
 /*
  * One GPU call against the float64 reference on the same (16-bit rounded)
  * H, W, b.  Tolerances:
@@ -397,15 +432,15 @@ static void fl_run(const fl_opts_t *o)
 {
     const int64_t N = o->N, D = o->D, V = o->V;
     const size_t nh = (size_t)(N * D), nw = (size_t)(V * D), nt = (size_t)(N * V);
-    const size_t esz = o->dt == KDL_DTYPE_F32 ? 4 : 2, gsz = o->gdt == KDL_DTYPE_F32 ? 4 : 2;
+    const size_t esz = o->dt == KDL_DTYPE_F32 ? 4 : 2;
     double *H = (double *)malloc(nh * 8), *W = (double *)malloc(nw * 8), *b = (double *)malloc((size_t)V * 8);
     float *T = (float *)malloc(nt * 4), *g = (float *)malloc((size_t)N * 4);
     kdl_rng_t r = {o->seed};
-    for (size_t j = 0; j < nh; j++) H[j] = kdl_rng_normal(&r);
-    for (size_t j = 0; j < nw; j++) W[j] = 0.2 * kdl_rng_normal(&r);
-    for (int64_t v = 0; v < V; v++) b[v] = 0.5 * kdl_rng_normal(&r);
-    for (size_t j = 0; j < nt; j++) T[j] = (float)(2 * kdl_rng_normal(&r));
-    for (int64_t i = 0; i < N; i++) g[i] = (float)(1.5 * kdl_rng_normal(&r));
+    kdl_ext_fill_normal(&r, H, (int64_t)nh, 0.0, 1.0);
+    kdl_ext_fill_normal(&r, W, (int64_t)nw, 0.0, 0.2);
+    kdl_ext_fill_normal(&r, b, V, 0.0, 0.5);
+    kdl_ext_fill_normal_f32(&r, T, (int64_t)nt, 0.0, 2.0);
+    kdl_ext_fill_normal_f32(&r, g, N, 0.0, 1.5);
     int64_t *labels = (int64_t *)malloc((size_t)N * 8);
     for (int64_t i = 0; i < N; i++) labels[i] = i % 5 == 3 ? -100 : 1;
     /* the inputs in their dtype, and exactly back */
@@ -421,59 +456,26 @@ static void fl_run(const fl_opts_t *o)
     const size_t nl = o->red == KDL_REDUCTION_NONE ? (size_t)N : 1;
     double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8),
            *rb = (double *)calloc((size_t)V, 8);
-    kdl_fused_linear_args_t a;
-    kdl_fused_linear_args_init(&a);
-    a.rows = N;
-    a.hidden = D;
-    a.vocab = V;
-    a.hidden_states = Hx;
-    a.ld_hidden = D;
-    a.hidden_dtype = o->dt;
-    a.weight = Wx;
-    a.ld_weight = D;
-    a.weight_dtype = o->dt;
-    a.teacher = T;
-    a.ld_teacher = V;
+    kdl_fused_linear_args_t a = kdl_ext_fused_args(N, D, V, Hx, Wx, o->dt, T, KDL_DTYPE_F32, rh, rw, rl);
     a.labels = labels;
-    a.grad_hidden = rh;
-    a.ld_grad_hidden = D;
-    a.grad_weight = rw;
-    a.ld_grad_weight = D;
-    a.grad_dtype = KDL_DTYPE_F64;
-    a.out_dtype = KDL_DTYPE_F64;
-    a.loss = rl;
     a.chunk_rows = o->chunk;
     if (o->grad_output) a.grad_output = g; /* F32, the default grad_output_dtype */
     if (o->bias) {
         a.bias = bx;
         a.grad_bias = rb;
     }
-    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    char what[128];
+    snprintf(what, sizeof what, "fused %s red %d chunk %lld %s/%s%s%s", kdl_divergence_name(o->div), (int)o->red,
+             (long long)o->chunk, kdl_dtype_name(o->dt), kdl_dtype_name(o->gdt), o->grad_output ? " grad_output" : "",
+             o->bias ? " bias" : "");
+    kdl_ext_ref_fused(&d, &a, what);
 
     /* |dL| of the reference, for the 16-bit bounds */
     double *L = (double *)malloc(nt * 8), *dL = (double *)calloc(nt, 8), *junk = (double *)calloc(nl, 8);
-    for (int64_t i = 0; i < N; i++)
-        for (int64_t v = 0; v < V; v++) {
-            double s = o->bias ? b[v] : 0.0;
-            for (int64_t k = 0; k < D; k++) s += H[i * D + k] * W[v * D + k];
-            L[i * V + v] = s;
-        }
-    kdl_loss_args_t la;
-    kdl_loss_args_init(&la);
-    la.rows = N;
-    la.vocab = V;
-    la.student = L;
-    la.ld_student = V;
-    la.student_dtype = KDL_DTYPE_F64;
-    la.teacher = T;
-    la.ld_teacher = V;
+    kdl_ext_logits(N, D, V, H, W, o->bias ? b : NULL, L);
+    kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, T, KDL_DTYPE_F32, dL, junk);
     la.labels = labels;
-    la.grad = dL;
-    la.ld_grad = V;
-    la.grad_dtype = KDL_DTYPE_F64;
-    la.out_dtype = KDL_DTYPE_F64;
-    la.loss = junk;
-    cr_assert_eq(kdl_ref_loss_forward_backward(&d, &la), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    kdl_ext_ref_dense(&d, &la, what);
     if (o->grad_output)
         for (int64_t i = 0; i < N; i++)
             for (int64_t v = 0; v < V; v++) dL[i * V + v] *= g[i];
@@ -507,37 +509,9 @@ static void fl_run(const fl_opts_t *o)
         bb[v] = k_h * (u * s + sub * (double)N);
     }
 
-    kdl_handle_t h;
-    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    kdl_fused_linear_args_t da = a;
-    da.hidden_states = dup_dev(Hx, nh * esz);
-    da.weight = dup_dev(Wx, nw * esz);
-    da.teacher = dup_dev(T, nt * 4);
-    da.labels = (const int64_t *)dup_dev(labels, (size_t)N * 8);
-    da.grad_hidden = dup_dev(NULL, nh * gsz);
-    da.grad_weight = dup_dev(NULL, nw * gsz);
-    da.grad_dtype = o->gdt;
-    da.loss = dup_dev(NULL, nl * 8);
-    da.grad_output = o->grad_output ? dup_dev(g, (size_t)N * 4) : NULL;
-    da.bias = o->bias ? dup_dev(bx, (size_t)V * esz) : NULL;
-    da.grad_bias = o->bias ? dup_dev(NULL, (size_t)V * gsz) : NULL;
-    size_t wsb = 0;
-    cr_assert_eq(kdl_fused_linear_workspace_size(h, &d, &da, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    void *ws = dup_dev(NULL, wsb);
-    cr_assert_eq(kdl_fused_linear_loss(h, &d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    CUDA_OK(cudaDeviceSynchronize());
     double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8),
            *gb = (double *)malloc((size_t)V * 8);
-    void *raw = malloc((nh > nw ? nh : nw) * 4 + (size_t)V * 4);
-    get_dev(gl, da.loss, nl * 8);
-    get_dev(raw, da.grad_hidden, nh * gsz);
-    kdl_from_dtype(raw, gh, o->gdt, (int64_t)nh);
-    get_dev(raw, da.grad_weight, nw * gsz);
-    kdl_from_dtype(raw, gw, o->gdt, (int64_t)nw);
-    char what[128];
-    snprintf(what, sizeof what, "fused %s red %d chunk %lld %s/%s%s%s", kdl_divergence_name(o->div), (int)o->red,
-             (long long)o->chunk, kdl_dtype_name(o->dt), kdl_dtype_name(o->gdt), o->grad_output ? " grad_output" : "",
-             o->bias ? " bias" : "");
+    fl_gpu(&d, &a, o->gdt, gl, gh, gw, gb);
     KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, 5e-4));
     char w2[160];
     snprintf(w2, sizeof w2, "%s dH", what);
@@ -545,23 +519,9 @@ static void fl_run(const fl_opts_t *o)
     snprintf(w2, sizeof w2, "%s dW", what);
     fl_compare(w2, gw, rw, bw, nw, scaled_tol(rw, nw, 5e-4));
     if (o->bias) {
-        get_dev(raw, da.grad_bias, (size_t)V * gsz);
-        kdl_from_dtype(raw, gb, o->gdt, V);
         snprintf(w2, sizeof w2, "%s db", what);
         fl_compare(w2, gb, rb, bb, (size_t)V, scaled_tol(rb, (size_t)V, 5e-4));
     }
-    cudaFree((void *)da.hidden_states);
-    cudaFree((void *)da.weight);
-    cudaFree((void *)da.teacher);
-    cudaFree((void *)da.labels);
-    cudaFree(da.grad_hidden);
-    cudaFree(da.grad_weight);
-    cudaFree(da.loss);
-    cudaFree((void *)da.grad_output);
-    cudaFree((void *)da.bias);
-    cudaFree(da.grad_bias);
-    cudaFree(ws);
-    kdl_destroy(h);
     free(H);
     free(W);
     free(b);
@@ -585,7 +545,6 @@ static void fl_run(const fl_opts_t *o)
     free(gh);
     free(gw);
     free(gb);
-    free(raw);
 }
 
 static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t D, int64_t V, int64_t chunk,
@@ -690,113 +649,40 @@ Test(gpu_fused_linear, workspace_checked)
     kdl_destroy(h);
 }
 /* ================================================ desk-review regressions
- * (docs/ext-review.md).  Each helper runs one call on the device and on the
- * float64 reference with the same float32-rounded data. */
+ * (docs/ext-review.md).  Each case runs one call on the device and on the
+ * float64 reference with the same float32-rounded data (sparse_compare,
+ * shard_compare, fl_gpu above). */
 
-/* Sparse: S [N, V], I, P [N, k] (doubles, rounded to f32 here); compares
- * loss, gradient and counters with kdl_ref_sparse_loss. */
-static void sparse_compare(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, int64_t N, int64_t V, int64_t k,
-                           double *S, const int64_t *I, double *P, double rel, const char *what)
+/* Regression data: N rows, vocabulary V, support {(7 i + j) mod V}, j < k;
+ * log-probs of a random teacher holding `mass` of the probability on the
+ * support; student logits normal(0, sigma) shifted by `on` on the support
+ * and by `off` elsewhere. */
+typedef struct sparse_data {
+    int64_t N, V, k;
+    double sigma, on, off, mass;
+} sparse_data_t;
+
+/* The data of x from seed, then sparse_compare (rel 2e-4). */
+static void sparse_regression(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, const sparse_data_t *x, uint64_t seed,
+                              const char *what)
 {
-    size_t nv = (size_t)(N * V), nk = (size_t)(N * k);
-    float *Sf = (float *)malloc(nv * 4), *Pf = (float *)malloc(nk * 4);
-    kdl_to_dtype(S, Sf, KDL_DTYPE_F32, (int64_t)nv);
-    kdl_to_dtype(P, Pf, KDL_DTYPE_F32, (int64_t)nk);
-    kdl_from_dtype(Sf, S, KDL_DTYPE_F32, (int64_t)nv);
-    kdl_from_dtype(Pf, P, KDL_DTYPE_F32, (int64_t)nk);
-    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
-    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8);
-    int64_t rinfo = 0, rvalid = 0;
-    kdl_sparse_args_t a;
-    kdl_sparse_args_init(&a);
-    a.mode = mode;
-    a.rows = N;
-    a.vocab = V;
-    a.k = k;
-    a.student = S;
-    a.ld_student = V;
-    a.student_dtype = KDL_DTYPE_F64;
-    a.teacher_indices = I;
-    a.ld_indices = k;
-    a.teacher_logprobs = P;
-    a.ld_logprobs = k;
-    a.teacher_dtype = KDL_DTYPE_F64;
-    a.grad = rg;
-    a.ld_grad = V;
-    a.grad_dtype = KDL_DTYPE_F64;
-    a.out_dtype = KDL_DTYPE_F64;
-    a.loss = rl;
-    a.info = &rinfo;
-    a.valid_rows = &rvalid;
-    cr_assert_eq(kdl_ref_sparse_loss(d, &a), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-
-    kdl_handle_t h;
-    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    kdl_sparse_args_t da = a;
-    da.student = dup_dev(Sf, nv * 4);
-    da.student_dtype = KDL_DTYPE_F32;
-    da.teacher_indices = (const int64_t *)dup_dev(I, nk * 8);
-    da.teacher_logprobs = dup_dev(Pf, nk * 4);
-    da.teacher_dtype = KDL_DTYPE_F32;
-    da.grad = dup_dev(NULL, nv * 4);
-    da.grad_dtype = KDL_DTYPE_F32;
-    da.loss = dup_dev(NULL, nl * 8);
-    da.info = (int64_t *)dup_dev(NULL, 8);
-    da.valid_rows = (int64_t *)dup_dev(NULL, 8);
-    size_t wsb = 0;
-    cr_assert_eq(kdl_sparse_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-    void *ws = dup_dev(NULL, wsb);
-    cr_assert_eq(kdl_sparse_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-    CUDA_OK(cudaDeviceSynchronize());
-    double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
-    float *g32 = (float *)malloc(nv * 4);
-    int64_t ginfo, gvalid;
-    get_dev(gl, da.loss, nl * 8);
-    get_dev(g32, da.grad, nv * 4);
-    get_dev(&ginfo, da.info, 8);
-    get_dev(&gvalid, da.valid_rows, 8);
-    for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
-    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
-    cr_expect(ginfo == rinfo && gvalid == rvalid, "%s: counters %lld/%lld, reference %lld/%lld", what,
-              (long long)ginfo, (long long)gvalid, (long long)rinfo, (long long)rvalid);
-    cudaFree((void *)da.student);
-    cudaFree((void *)da.teacher_indices);
-    cudaFree((void *)da.teacher_logprobs);
-    cudaFree(da.grad);
-    cudaFree(da.loss);
-    cudaFree(da.info);
-    cudaFree(da.valid_rows);
-    cudaFree(ws);
-    kdl_destroy(h);
-    free(Sf);
-    free(Pf);
-    free(rl);
-    free(rg);
-    free(gl);
-    free(gg);
-    free(g32);
-}
-
-/* Support {(7 i + j) mod V}; log-probs of a random teacher holding `mass`
- * of the probability on the support.  S: student logits normal(0, sigma)
- * shifted by `on` on the support and by `off` elsewhere. */
-static void sparse_data(int64_t N, int64_t V, int64_t k, double sigma, double on, double off, double mass,
-                        uint64_t seed, double *S, int64_t *I, double *P)
-{
+    const int64_t N = x->N, V = x->V, k = x->k;
+    double *S = (double *)malloc((size_t)(N * V) * 8), *P = (double *)malloc((size_t)(N * k) * 8);
+    int64_t *I = (int64_t *)malloc((size_t)(N * k) * 8);
     kdl_rng_t g = {seed};
+    kdl_ext_strided_support(N, V, k, 7, I);
     for (int64_t i = 0; i < N; i++) {
-        for (int64_t v = 0; v < V; v++) S[i * V + v] = off + sigma * kdl_rng_normal(&g);
-        double mx = -INFINITY, z = 0;
+        kdl_ext_fill_normal(&g, S + i * V, V, x->off, x->sigma);
         for (int64_t j = 0; j < k; j++) {
-            I[i * k + j] = (7 * i + j) % V;
-            S[i * V + I[i * k + j]] = on + sigma * kdl_rng_normal(&g);
+            S[i * V + I[i * k + j]] = x->on + x->sigma * kdl_rng_normal(&g);
             P[i * k + j] = kdl_rng_normal(&g);
-            mx = fmax(mx, P[i * k + j]);
         }
-        for (int64_t j = 0; j < k; j++) z += exp(P[i * k + j] - mx);
-        for (int64_t j = 0; j < k; j++) P[i * k + j] += -mx - log(z) + log(mass);
+        kdl_ext_topk_logprobs(P + i * k, k, x->mass);
     }
+    sparse_compare(d, mode, N, V, k, S, I, P, 2e-4, what, 0);
+    free(S);
+    free(P);
+    free(I);
 }
 
 Test(gpu_sparse, tail_gradient_when_the_student_bucket_underflows)
@@ -804,38 +690,32 @@ Test(gpu_sparse, tail_gradient_when_the_student_bucket_underflows)
     KDL_SKIP_WITHOUT_GPU();
     /* off-support logits 150 below the support: log q_b ~ -147, q_b = 0 in
      * float, but the off-support gradient share * qg_b is O(p_b / (V - k)) */
-    enum { N = 3, V = 40, K = 8 };
-    double S[N * V], P[N * K];
-    int64_t I[N * K];
+    const sparse_data_t x = {3, 40, 8, 1.0, 0.0, -150.0, 0.9};
     const kdl_divergence_t divs[] = {KDL_DIV_FKL, KDL_DIV_JSD, KDL_DIV_SKL, KDL_DIV_TVD, KDL_DIV_AKL};
     for (size_t t = 0; t < sizeof divs / sizeof divs[0]; t++) {
-        sparse_data(N, V, K, 1.0, 0.0, -150.0, 0.9, 500 + t, S, I, P);
         kdl_loss_desc_t d = kdl_test_desc(divs[t], KDL_REDUCTION_SUM);
         char what[80];
         snprintf(what, sizeof what, "sparse tail, bucket underflow, %s", kdl_divergence_name(divs[t]));
-        sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, K, S, I, P, 2e-4, what);
+        sparse_regression(&d, KDL_SPARSE_TAIL_BUCKET, &x, 500 + t, what);
     }
 }
 
 Test(gpu_sparse, scale_zero_switches_infinite_terms_off)
 {
     KDL_SKIP_WITHOUT_GPU();
-    enum { N = 4, V = 64, K = 5 };
-    double S[N * V], P[N * K];
-    int64_t I[N * K];
     /* RENORMALISED SRKL with alpha = 0: +inf loss (student mass off the support) */
+    const sparse_data_t full = {4, 64, 5, 1.0, 0.0, 0.0, 1.0};
     for (int red = 0; red < 3; red++) {
-        sparse_data(N, V, K, 1.0, 0.0, 0.0, 1.0, 600 + red, S, I, P);
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, (kdl_reduction_t)red);
         d.alpha = 0.0;
         d.scale = 0.0;
-        sparse_compare(&d, KDL_SPARSE_RENORMALISED, N, V, K, S, I, P, 2e-4, "sparse renorm srkl alpha 0 scale 0");
+        sparse_regression(&d, KDL_SPARSE_RENORMALISED, &full, 600 + red, "sparse renorm srkl alpha 0 scale 0");
     }
     /* TAIL_BUCKET FKL, every off-support token masked while p_b = 0.1: +inf */
-    sparse_data(N, V, K, 1.0, 0.0, -INFINITY, 0.9, 610, S, I, P);
+    const sparse_data_t masked = {4, 64, 5, 1.0, 0.0, -INFINITY, 0.9};
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
     d.scale = 0.0;
-    sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, K, S, I, P, 2e-4, "sparse tail fkl masked bucket scale 0");
+    sparse_regression(&d, KDL_SPARSE_TAIL_BUCKET, &masked, 610, "sparse tail fkl masked bucket scale 0");
 }
 
 Test(gpu_sparse, tiny_temperature_large_logits)
@@ -843,35 +723,27 @@ Test(gpu_sparse, tiny_temperature_large_logits)
     KDL_SKIP_WITHOUT_GPU();
     /* logits near 10 at tau = 2e-38: x / tau overflows float, (x - max) / tau
      * does not (gaps < 6.8); scale 1e-30 keeps the gradient in range */
-    enum { N = 3, V = 50, K = 6 };
-    double S[N * V], P[N * K];
-    int64_t I[N * K];
+    const sparse_data_t x = {3, 50, 6, 0.3, 10.0, 10.0, 0.9};
     for (int m = 0; m < 2; m++) {
-        sparse_data(N, V, K, 0.3, 10.0, 10.0, 0.9, 700 + m, S, I, P);
         kdl_loss_desc_t d = kdl_test_desc(m ? KDL_DIV_JSD : KDL_DIV_FKL, KDL_REDUCTION_SUM);
         d.temperature = 2e-38;
         d.scale = 1e-30;
-        sparse_compare(&d, m ? KDL_SPARSE_TAIL_BUCKET : KDL_SPARSE_RENORMALISED, N, V, K, S, I, P, 2e-4,
-                       "sparse tau 2e-38");
+        sparse_regression(&d, m ? KDL_SPARSE_TAIL_BUCKET : KDL_SPARSE_RENORMALISED, &x, 700 + m, "sparse tau 2e-38");
     }
 }
 
 Test(gpu_sparse, k_one_every_head_rule)
 {
     KDL_SKIP_WITHOUT_GPU();
-    enum { N = 3, V = 300, K = 1 };
-    double S[N * V], P[N * K];
-    int64_t I[N * K];
+    const sparse_data_t x = {3, 300, 1, 2.0, 1.0, 0.0, 0.7}, whole = {3, 300, 1, 2.0, 1.0, 0.0, 1.0};
     for (int rule = 0; rule < 3; rule++) {
-        sparse_data(N, V, K, 2.0, 1.0, 0.0, 0.7, 800 + rule, S, I, P);
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
         d.head_rule = (kdl_head_rule_t)rule;
         d.top_k = 1;
-        sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, K, S, I, P, 2e-4, "sparse tail akl k 1");
+        sparse_regression(&d, KDL_SPARSE_TAIL_BUCKET, &x, 800 + rule, "sparse tail akl k 1");
     }
-    sparse_data(N, V, K, 2.0, 1.0, 0.0, 1.0, 810, S, I, P);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
-    sparse_compare(&d, KDL_SPARSE_RENORMALISED, N, V, K, S, I, P, 2e-4, "sparse renorm fkl k 1");
+    sparse_regression(&d, KDL_SPARSE_RENORMALISED, &whole, 810, "sparse renorm fkl k 1");
 }
 
 Test(gpu_sparse, vocabulary_at_the_shared_memory_limit_runs_or_is_refused_up_front)
@@ -929,138 +801,38 @@ Test(gpu_sparse, vocabulary_at_the_shared_memory_limit_runs_or_is_refused_up_fro
     kdl_destroy(h);
 }
 
-/* Vocabulary-parallel over R shards (widths w) against the dense
- * reference on the same f32 data (Sf, Tf [N, V]): loss and gradient. */
-static void shard_compare(const kdl_loss_desc_t *d, int64_t N, int64_t V, const float *Sf, const float *Tf,
-                          double rel, const char *what)
-{
-    enum { R = 3 };
-    size_t nv = (size_t)(N * V);
-    const int none = d->reduction == KDL_REDUCTION_NONE;
-    size_t nl = none ? (size_t)N : 1;
-    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8);
-    kdl_loss_args_t la;
-    kdl_loss_args_init(&la);
-    la.rows = N;
-    la.vocab = V;
-    la.student = Sf;
-    la.teacher = Tf;
-    la.ld_student = la.ld_teacher = la.ld_grad = V;
-    la.student_dtype = la.teacher_dtype = KDL_DTYPE_F32;
-    la.grad = rg;
-    la.grad_dtype = la.out_dtype = KDL_DTYPE_F64;
-    la.loss = rl;
-    cr_assert_eq(kdl_ref_loss_forward_backward(d, &la), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-
-    kdl_handle_t h;
-    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    float *dS = (float *)dup_dev(Sf, nv * 4), *dT = (float *)dup_dev(Tf, nv * 4), *dG = (float *)dup_dev(NULL, nv * 4);
-    double *dl = (double *)dup_dev(NULL, nl * 8);
-    const int64_t w[R] = {V / 3, V / 2, V - V / 3 - V / 2};
-    kdl_shard_args_t a[R];
-    double *ex[R];
-    size_t sb = 0, ec = 0;
-    int ns = 0;
-    int64_t off = 0;
-    for (int r = 0; r < R; r++) {
-        kdl_shard_args_init(&a[r]);
-        a[r].rows = N;
-        a[r].vocab = V;
-        a[r].vocab_offset = off;
-        a[r].vocab_local = w[r];
-        a[r].shard_rank = r;
-        a[r].num_shards = R;
-        a[r].student = dS + off;
-        a[r].teacher = dT + off;
-        a[r].ld_student = a[r].ld_teacher = a[r].ld_grad = V;
-        a[r].grad = dG + off;
-        a[r].out_dtype = KDL_DTYPE_F64;
-        a[r].loss = dl;
-        cr_assert_eq(kdl_shard_sizes(d, &a[r], &sb, &ec, &ns), KDL_STATUS_SUCCESS);
-        a[r].state = dup_dev(NULL, sb);
-        ex[r] = (double *)dup_dev(NULL, ec * 8);
-        a[r].exchange = ex[r];
-        off += w[r];
-    }
-    double *acc = (double *)malloc(ec * 8), *tmp = (double *)malloc(ec * 8);
-    for (int step = 0; step < ns; step++) {
-        kdl_shard_op_t op = KDL_SHARD_OP_DONE;
-        int64_t cnt = 0;
-        for (int r = 0; r < R; r++)
-            cr_assert_eq(kdl_shard_step(h, d, &a[r], step, &op, &cnt), KDL_STATUS_SUCCESS, "%s: %s", what,
-                         kdl_get_last_error());
-        if (op == KDL_SHARD_OP_DONE) break;
-        for (int r = 0; r < R; r++) {
-            get_dev(tmp, ex[r], (size_t)cnt * 8);
-            for (int64_t j = 0; j < cnt; j++)
-                acc[j] = r == 0 ? tmp[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], tmp[j]) : acc[j] + tmp[j];
-        }
-        for (int r = 0; r < R; r++) CUDA_OK(cudaMemcpy(ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
-    }
-    CUDA_OK(cudaDeviceSynchronize());
-    double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
-    float *g32 = (float *)malloc(nv * 4);
-    get_dev(gl, dl, nl * 8);
-    get_dev(g32, dG, nv * 4);
-    for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
-    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
-    for (int r = 0; r < R; r++) {
-        cudaFree(a[r].state);
-        cudaFree(ex[r]);
-    }
-    cudaFree(dS);
-    cudaFree(dT);
-    cudaFree(dG);
-    cudaFree(dl);
-    kdl_destroy(h);
-    free(rl);
-    free(rg);
-    free(acc);
-    free(tmp);
-    free(gl);
-    free(gg);
-    free(g32);
-}
-
-static void normal_f32(float *x, size_t n, double mean, double sigma, uint64_t seed)
-{
-    kdl_rng_t g = {seed};
-    for (size_t j = 0; j < n; j++) x[j] = (float)(mean + sigma * kdl_rng_normal(&g));
-}
-
 Test(gpu_shard, scale_zero_tiny_temperature_and_large_logits)
 {
     KDL_SKIP_WITHOUT_GPU();
     enum { N = 4, V = 601 };
     float *S = (float *)malloc(N * V * 4), *T = (float *)malloc(N * V * 4);
     /* SRKL alpha = 0 against a teacher with masked tokens: +inf terms; scale 0 */
-    normal_f32(S, N * V, 0.0, 2.0, 900);
-    normal_f32(T, N * V, 0.0, 2.0, 901);
+    kdl_ext_random_normal_f32(900, S, N * V, 0.0, 2.0);
+    kdl_ext_random_normal_f32(901, T, N * V, 0.0, 2.0);
     for (int64_t i = 0; i < N; i++) T[i * V + 5 + 100 * i] = -INFINITY;
     for (int red = 0; red < 3; red++) {
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, (kdl_reduction_t)red);
         d.alpha = 0.0;
         d.scale = 0.0;
-        shard_compare(&d, N, V, S, T, 2e-4, "shard srkl alpha 0 scale 0");
+        shard_compare(&d, N, V, S, T, 2e-4, "shard srkl alpha 0 scale 0", 0);
     }
     /* logits near 10 at tau = 2e-38 (x / tau overflows float) */
-    normal_f32(S, N * V, 10.0, 0.3, 902);
-    normal_f32(T, N * V, 10.0, 0.3, 903);
+    kdl_ext_random_normal_f32(902, S, N * V, 10.0, 0.3);
+    kdl_ext_random_normal_f32(903, T, N * V, 10.0, 0.3);
     for (size_t t = 0; t < 3; t++) {
         const kdl_divergence_t div = t == 0 ? KDL_DIV_FKL : t == 1 ? KDL_DIV_JSD : KDL_DIV_AKL;
         kdl_loss_desc_t d = kdl_test_desc(div, KDL_REDUCTION_SUM);
         d.temperature = 2e-38;
         d.scale = 1e-30;
-        shard_compare(&d, N, V, S, T, 2e-4, "shard tau 2e-38");
+        shard_compare(&d, N, V, S, T, 2e-4, "shard tau 2e-38", 0);
     }
     /* large z = x / tau (~ 2000): a float z - LSE keeps only ~1e-4 of log q */
-    normal_f32(S, N * V, 0.0, 30.0, 904);
-    normal_f32(T, N * V, 0.0, 30.0, 905);
+    kdl_ext_random_normal_f32(904, S, N * V, 0.0, 30.0);
+    kdl_ext_random_normal_f32(905, T, N * V, 0.0, 30.0);
     for (size_t t = 0; t < 2; t++) {
         kdl_loss_desc_t d = kdl_test_desc(t ? KDL_DIV_RKL : KDL_DIV_FKL, KDL_REDUCTION_NONE);
         d.temperature = 0.05;
-        shard_compare(&d, N, V, S, T, 5e-5, "shard tau 0.05, logits sigma 30");
+        shard_compare(&d, N, V, S, T, 5e-5, "shard tau 0.05, logits sigma 30", 0);
     }
     free(S);
     free(T);
@@ -1073,8 +845,8 @@ Test(gpu_shard, akl_histograms_are_bitwise_reproducible)
      * one bin): the exchange after step 1 must be the same bits every run */
     enum { N = 4, V = 150001, RUNS = 3 };
     float *S = (float *)malloc((size_t)N * V * 4), *T = (float *)malloc((size_t)N * V * 4);
-    normal_f32(S, (size_t)N * V, 0.0, 1.0, 950);
-    normal_f32(T, (size_t)N * V, 0.0, 0.05, 951);
+    kdl_ext_random_normal_f32(950, S, (size_t)N * V, 0.0, 1.0);
+    kdl_ext_random_normal_f32(951, T, (size_t)N * V, 0.0, 0.05);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_MEAN);
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
@@ -1170,9 +942,9 @@ Test(gpu_fused_linear, scale_zero_with_infinite_terms)
     enum { N = 9, D = 16, V = 200 };
     size_t nh = N * D, nw = V * D, nt = N * V;
     float *H = (float *)malloc(nh * 4), *W = (float *)malloc(nw * 4), *T = (float *)malloc(nt * 4);
-    normal_f32(H, nh, 0.0, 1.0, 960);
-    normal_f32(W, nw, 0.0, 0.2, 961);
-    normal_f32(T, nt, 0.0, 2.0, 962);
+    kdl_ext_random_normal_f32(960, H, nh, 0.0, 1.0);
+    kdl_ext_random_normal_f32(961, W, nw, 0.0, 0.2);
+    kdl_ext_random_normal_f32(962, T, nt, 0.0, 2.0);
     for (int64_t i = 0; i < N; i++) T[i * V + 17] = -INFINITY;
     for (int red = 0; red < 3; red++) {
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SRKL, (kdl_reduction_t)red);
@@ -1180,64 +952,21 @@ Test(gpu_fused_linear, scale_zero_with_infinite_terms)
         d.scale = 0.0;
         size_t nl = red == KDL_REDUCTION_NONE ? N : 1;
         double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8);
-        kdl_fused_linear_args_t a;
-        kdl_fused_linear_args_init(&a);
-        a.rows = N;
-        a.hidden = D;
-        a.vocab = V;
-        a.hidden_states = H;
-        a.weight = W;
-        a.teacher = T;
-        a.ld_hidden = a.ld_weight = a.ld_grad_hidden = a.ld_grad_weight = D;
-        a.ld_teacher = V;
-        a.grad_hidden = rh;
-        a.grad_weight = rw;
-        a.grad_dtype = KDL_DTYPE_F64;
-        a.out_dtype = KDL_DTYPE_F64;
-        a.loss = rl;
+        kdl_fused_linear_args_t a = kdl_ext_fused_args(N, D, V, H, W, KDL_DTYPE_F32, T, KDL_DTYPE_F32, rh, rw, rl);
         a.chunk_rows = 4;
-        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-        kdl_handle_t h;
-        cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-        kdl_fused_linear_args_t da = a;
-        da.hidden_states = dup_dev(H, nh * 4);
-        da.weight = dup_dev(W, nw * 4);
-        da.teacher = dup_dev(T, nt * 4);
-        da.grad_hidden = dup_dev(NULL, nh * 4);
-        da.grad_weight = dup_dev(NULL, nw * 4);
-        da.grad_dtype = KDL_DTYPE_F32;
-        da.loss = dup_dev(NULL, nl * 8);
-        size_t wsb = 0;
-        cr_assert_eq(kdl_fused_linear_workspace_size(h, &d, &da, &wsb), KDL_STATUS_SUCCESS);
-        void *ws = dup_dev(NULL, wsb);
-        cr_assert_eq(kdl_fused_linear_loss(h, &d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-        CUDA_OK(cudaDeviceSynchronize());
+        kdl_ext_ref_fused(&d, &a, "fused srkl alpha 0 scale 0");
         double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8);
-        float *f = (float *)malloc(nw * 4);
-        get_dev(gl, da.loss, nl * 8);
-        get_dev(f, da.grad_hidden, nh * 4);
-        for (size_t j = 0; j < nh; j++) gh[j] = f[j];
-        get_dev(f, da.grad_weight, nw * 4);
-        for (size_t j = 0; j < nw; j++) gw[j] = f[j];
+        fl_gpu(&d, &a, KDL_DTYPE_F32, gl, gh, gw, NULL);
         kdl_tol_t exact = {0, 0};
         KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: loss", gl, rl, nl, exact);
         KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: dH", gh, rh, nh, exact);
         KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: dW", gw, rw, nw, exact);
-        cudaFree((void *)da.hidden_states);
-        cudaFree((void *)da.weight);
-        cudaFree((void *)da.teacher);
-        cudaFree(da.grad_hidden);
-        cudaFree(da.grad_weight);
-        cudaFree(da.loss);
-        cudaFree(ws);
-        kdl_destroy(h);
         free(rl);
         free(rh);
         free(rw);
         free(gl);
         free(gh);
         free(gw);
-        free(f);
     }
     free(H);
     free(W);

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kdl_ext_fixtures.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
@@ -30,26 +31,8 @@ typedef struct srun {
 static kdl_sparse_args_t sargs(kdl_sparse_mode_t mode, const double *S, const int64_t *idx, const double *lt,
                                const int64_t *labels, int64_t N, int64_t V, int64_t k, srun_t *r)
 {
-    kdl_sparse_args_t a;
-    kdl_sparse_args_init(&a);
-    a.mode = mode;
-    a.rows = N;
-    a.vocab = V;
-    a.k = k;
-    a.student = S;
-    a.ld_student = V;
-    a.student_dtype = KDL_DTYPE_F64;
-    a.teacher_indices = idx;
-    a.ld_indices = k;
-    a.teacher_logprobs = lt;
-    a.ld_logprobs = k;
-    a.teacher_dtype = KDL_DTYPE_F64;
+    kdl_sparse_args_t a = kdl_ext_sparse_args(mode, N, V, k, S, idx, lt, r->grad, r->loss);
     a.labels = labels;
-    a.grad = r->grad;
-    a.ld_grad = V;
-    a.grad_dtype = KDL_DTYPE_F64;
-    a.out_dtype = KDL_DTYPE_F64;
-    a.loss = r->loss;
     a.info = &r->info;
     a.valid_rows = &r->valid;
     a.bad_index_rows = &r->bad_index;
@@ -67,37 +50,14 @@ static void run_sparse(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, const d
 static void run_dense(const kdl_loss_desc_t *d, const double *S, const double *T, int64_t N, int64_t V,
                       double *loss, double *grad)
 {
-    kdl_loss_args_t a;
-    kdl_loss_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.student = S;
-    a.teacher = T;
-    a.ld_student = a.ld_teacher = a.ld_grad = V;
-    a.student_dtype = a.teacher_dtype = a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
-    a.grad = grad;
-    a.loss = loss;
-    cr_assert_eq(kdl_ref_loss_forward_backward(d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    kdl_loss_args_t a = kdl_ext_dense_args(N, V, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, grad, loss);
+    kdl_ext_ref_dense(d, &a, "full support");
 }
 
 static void random_rows(uint64_t seed, double *x, int64_t n, double sigma)
 {
     kdl_rng_t g = {seed};
     kdl_fill_logits(&g, x, n, sigma);
-}
-
-/* x/tau - LSE(x/tau), computed as the dense reference does. */
-static void log_softmax(const double *x, int64_t V, double tau, double *out)
-{
-    double mx = -INFINITY;
-    for (int64_t v = 0; v < V; v++) {
-        out[v] = x[v] / tau;
-        if (out[v] > mx) mx = out[v];
-    }
-    double s = 0;
-    for (int64_t v = 0; v < V; v++) s += exp(out[v] - mx);
-    double lse = mx + log(s);
-    for (int64_t v = 0; v < V; v++) out[v] -= lse;
 }
 
 /* A random permutation of [0, V) (Fisher-Yates). */
@@ -120,7 +80,7 @@ static void full_support(const double *T, int64_t N, int64_t V, double tau, uint
 {
     double lp[MAXV];
     for (int64_t i = 0; i < N; i++) {
-        log_softmax(T + i * V, V, tau, lp);
+        kdl_ext_log_softmax(T + i * V, V, tau, lp);
         permutation(seed + (uint64_t)i, idx + i * V, V);
         for (int64_t j = 0; j < V; j++) lt[i * V + j] = lp[idx[i * V + j]];
     }
@@ -200,7 +160,7 @@ Test(full_support, tied_teacher_akl_head_by_vocabulary_index)
     random_rows(5, S, V, 1.0);
     for (int v = 0; v < V; v++) T[v] = 0.25;
     double lp[V];
-    log_softmax(T, V, 1.0, lp);
+    kdl_ext_log_softmax(T, V, 1.0, lp);
     for (int j = 0; j < V; j++) {
         idx[j] = V - 1 - j;
         lt[j] = lp[idx[j]];
@@ -279,7 +239,7 @@ Test(closed_form, teacher_at_student_gives_zero)
     double S[V], lq[V], lt[K];
     int64_t idx[K], perm[V];
     random_rows(9, S, V, 2.0);
-    log_softmax(S, V, 1.0, lq);
+    kdl_ext_log_softmax(S, V, 1.0, lq);
     permutation(10, perm, V);
     for (int j = 0; j < K; j++) {
         idx[j] = perm[j];
@@ -318,12 +278,20 @@ static void random_support(uint64_t seed, int64_t V, int64_t k, double tau, int6
     double T[MAXV], lp[MAXV];
     int64_t perm[MAXV];
     random_rows(seed, T, V, 2.0);
-    log_softmax(T, V, tau, lp);
+    kdl_ext_log_softmax(T, V, tau, lp);
     permutation(seed + 1, perm, V);
     for (int64_t j = 0; j < k; j++) {
         idx[j] = perm[j];
         lt[j] = lp[perm[j]];
     }
+}
+
+/* N random student rows [N, V] (sigma 1) and random supports [N, K]: rows
+ * from seed, row i's support from seed + 10 + i. */
+static void random_batch(uint64_t seed, int64_t N, int64_t V, int64_t K, double *S, int64_t *idx, double *lt)
+{
+    random_rows(seed, S, N * V, 1.0);
+    for (int64_t i = 0; i < N; i++) random_support(seed + 10 + (uint64_t)i, V, K, 1.0, idx + i * K, lt + i * K);
 }
 
 static void check_fd(kdl_sparse_mode_t mode, kdl_divergence_t div, double tau, kdl_reduction_t red, uint64_t seed)
@@ -416,7 +384,7 @@ Test(finite_difference, tail_akl_with_frozen_weights_each_rule)
             }
             if (h < 1) h = 1;
         }
-        log_softmax(s, V, 1.0, lq);
+        kdl_ext_log_softmax(s, V, 1.0, lq);
         double gh = 0, gt = 0, pin = 0, qin = 0;
         for (int r = 0; r < K; r++) {
             double p = exp(lt[ord[r]]), q = exp(lq[idx[ord[r]]]);
@@ -460,8 +428,7 @@ Test(finite_difference, mean_reduction_divides_by_valid_rows)
     double S[N * V], lt[N * K];
     int64_t idx[N * K];
     const int64_t labels[N] = {1, -100, 2};
-    random_rows(700, S, N * V, 1.0);
-    for (int i = 0; i < N; i++) random_support(710 + i, V, K, 1.0, idx + i * K, lt + i * K);
+    random_batch(700, N, V, K, S, idx, lt);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_MEAN);
     srun_t mean, sum;
     run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, labels, N, V, K, &mean);
@@ -481,8 +448,7 @@ Test(bad_data, out_of_range_and_repeated_indices_make_invalid_rows)
     enum { N = 4, V = 10, K = 3 };
     double S[N * V], lt[N * K];
     int64_t idx[N * K];
-    random_rows(800, S, N * V, 1.0);
-    for (int i = 0; i < N; i++) random_support(810 + i, V, K, 1.0, idx + i * K, lt + i * K);
+    random_batch(800, N, V, K, S, idx, lt);
     idx[1 * K + 2] = V;      /* out of range */
     idx[2 * K + 1] = idx[2 * K + 0]; /* repeated */
     idx[3 * K + 0] = -1;     /* negative */
@@ -510,8 +476,7 @@ Test(bad_data, positive_or_nan_logprobs_and_excess_mass)
     enum { N = 5, V = 10, K = 3 };
     double S[N * V], lt[N * K];
     int64_t idx[N * K];
-    random_rows(900, S, N * V, 1.0);
-    for (int i = 0; i < N; i++) random_support(910 + i, V, K, 1.0, idx + i * K, lt + i * K);
+    random_batch(900, N, V, K, S, idx, lt);
     lt[1 * K + 0] = 0.01;           /* > 0 */
     lt[2 * K + 1] = NAN;
     lt[3 * K + 0] = log(0.6);       /* mass 1.2: invalid in TAIL only */
@@ -535,8 +500,7 @@ Test(bad_data, student_nan_inf_and_all_masked)
     enum { N = 3, V = 6, K = 2 };
     double S[N * V], lt[N * K];
     int64_t idx[N * K];
-    random_rows(950, S, N * V, 1.0);
-    for (int i = 0; i < N; i++) random_support(960 + i, V, K, 1.0, idx + i * K, lt + i * K);
+    random_batch(950, N, V, K, S, idx, lt);
     S[0 * V + 3] = NAN;
     S[1 * V + 1] = INFINITY;
     for (int v = 0; v < V; v++) S[2 * V + v] = -INFINITY;
