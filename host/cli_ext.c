@@ -122,10 +122,15 @@ static int subcommand_front(const char *cmd, const char *usage, int argc, char *
     return rc ? rc : -1;
 }
 
-/* 2-D float matrix (or 1-D: one row when one_row_ok) from a loaded array. */
-static int check_float_matrix(const char *cmd, const char *flag, const char *path, const kdl_npy_array_t *a,
-                              int one_row_ok, int64_t *rows, int64_t *cols, kdl_dtype_t *dt)
+/* ----------------------------------------------------- shared pieces */
+
+/* Loads flag's file as a float matrix: 2-D, or 1-D (one row) when
+ * one_row_ok; float16, float32 or float64. */
+static int load_float_matrix(const char *cmd, const char *flag, const char *path, int one_row_ok, kdl_npy_array_t *a,
+                             int64_t *rows, int64_t *cols, kdl_dtype_t *dt)
 {
+    int rc = kdl_cli_load_npy(cmd, flag, path, a);
+    if (rc) return rc;
     if (kdl_npy_to_kdl_dtype(a->dtype, dt) != 0) {
         kdl_cli_error(cmd, "%s %s: must be float16, float32 or float64, got %s", flag, path,
                       kdl_npy_dtype_name(a->dtype));
@@ -149,42 +154,132 @@ static int check_float_matrix(const char *cmd, const char *flag, const char *pat
     return 0;
 }
 
-static int check_labels(const char *cmd, const char *path, const kdl_npy_array_t *l, int64_t rows)
+/* --labels when given (path not NULL): int64 [rows] into l, *labels its
+ * data; *labels NULL without it. */
+static int load_labels(const char *cmd, const char *path, int64_t rows, kdl_npy_array_t *l, const int64_t **labels)
 {
-    if (l->dtype != KDL_NPY_I64 || l->ndim != 1 || l->shape[0] != rows) {
+    *labels = NULL;
+    if (!path) return 0;
+    int rc = kdl_cli_load_npy(cmd, "--labels", path, l);
+    if (!rc && (l->dtype != KDL_NPY_I64 || l->ndim != 1 || l->shape[0] != rows)) {
         kdl_cli_error(cmd, "--labels %s: labels must be int64 [%lld] (one per row)", path, (long long)rows);
-        return 2;
+        rc = 2;
     }
-    return 0;
+    if (!rc) *labels = (const int64_t *)l->data;
+    return rc;
 }
 
-/* Which backend runs: returns 1 for cuda, 0 for cpu, or -(exit code). */
-static int pick_backend(const char *cmd, int backend, int any_f64)
+/* Doubles of the loss output: N (at least 1) for KDL_REDUCTION_NONE, else 1. */
+static size_t loss_count(const kdl_loss_desc_t *d, int64_t N)
 {
-    if (backend == KDL_CLI_BACKEND_CUDA) {
-        if (!kdl_device_available()) {
-            kdl_cli_error(cmd, "no CUDA device (use --backend cpu)");
-            return -2;
-        }
-        if (any_f64) {
-            kdl_cli_error(cmd, "float64 inputs need --backend cpu");
-            return -2;
-        }
-        return 1;
-    }
-    if (backend == KDL_CLI_BACKEND_CPU) return 0;
-    return (!any_f64 && kdl_device_available()) ? 1 : 0;
+    return d->reduction == KDL_REDUCTION_NONE && N > 1 ? (size_t)N : 1;
 }
 
-static void json_loss(kdl_json_t *j, const kdl_loss_desc_t *d, const double *loss, int64_t rows)
+/* A zeroed buffer of n (at least 1) 8-byte elements (double or int64) for
+ * *p, when want. */
+typedef struct buf8 {
+    void **p;
+    size_t n;
+    int want;
+} buf8_t;
+
+/* Allocates every wanted buffer of b[0 .. n): 0, or "out of memory" and 1
+ * (what was allocated is the caller's to free). */
+static int alloc_bufs(const char *cmd, const buf8_t *b, size_t n)
 {
-    if (d->reduction == KDL_REDUCTION_NONE)
-        kdl_json_number_array(j, "loss", loss, rows);
-    else
-        kdl_json_number(j, "loss", loss[0]);
+    int ok = 1;
+    for (size_t k = 0; k < n; k++)
+        if (b[k].want && !(*b[k].p = calloc(b[k].n ? b[k].n : 1, 8))) ok = 0;
+    if (ok) return 0;
+    kdl_cli_error(cmd, "out of memory");
+    return 1;
+}
+
+static void free_list(void *const *p, size_t n)
+{
+    for (size_t k = 0; k < n; k++) free(p[k]);
+}
+
+static void npy_free_list(kdl_npy_array_t *const *a, size_t n)
+{
+    for (size_t k = 0; k < n; k++) kdl_npy_free(a[k]);
+}
+
+#define FREE_ALL(...) free_list((void *const[]){__VA_ARGS__}, sizeof((void *const[]){__VA_ARGS__}) / sizeof(void *))
+#define NPY_FREE_ALL(...)                                                                                     \
+    npy_free_list((kdl_npy_array_t *const[]){__VA_ARGS__},                                                    \
+                  sizeof((kdl_npy_array_t *const[]){__VA_ARGS__}) / sizeof(kdl_npy_array_t *))
+
+/* The gradient [N, V] into path as t; 1-D [V] when the student was (ndim 1). */
+static int save_rows(const char *cmd, const char *path, kdl_npy_dtype_t t, int ndim, int64_t N, int64_t V,
+                     const void *data)
+{
+    const int64_t shape[2] = {N, V};
+    return kdl_cli_save_npy(cmd, path, t, ndim, ndim == 1 ? shape + 1 : shape, data);
+}
+
+/* Opens the JSON object on stdout: mode (when not NULL), divergence,
+ * reduction, backend, rows. */
+static void json_head(kdl_json_t *j, const char *mode, const kdl_loss_desc_t *d, const char *ran, int64_t rows)
+{
+    kdl_json_init(j, stdout);
+    kdl_json_object_begin(j, NULL);
+    if (mode) kdl_json_string(j, "mode", mode);
+    kdl_json_string(j, "divergence", kdl_divergence_name(d->divergence));
+    kdl_json_string(j, "reduction", kdl_reduction_name(d->reduction));
+    kdl_json_string(j, "backend", ran);
+    kdl_json_int(j, "rows", rows);
+}
+
+static void json_loss_counts(kdl_json_t *j, const kdl_loss_desc_t *d, const double *loss, int64_t rows,
+                             int64_t valid, int64_t invalid)
+{
+    kdl_json_loss(j, "loss", d->reduction, loss, rows);
+    kdl_json_int(j, "valid_rows", valid);
+    kdl_json_int(j, "invalid_rows", invalid);
+}
+
+/* The outputs every call here reports, in host memory: the float64 loss
+ * and the counts of invalid and valid rows. */
+#define SET_LOSS_OUTPUTS(a, loss_, invalid_, valid_)                                                        \
+    do {                                                                                                   \
+        (a)->out_dtype = KDL_DTYPE_F64;                                                                    \
+        (a)->loss = (loss_);                                                                               \
+        (a)->info = (invalid_);                                                                            \
+        (a)->valid_rows = (valid_);                                                                        \
+    } while (0)
+
+static const char f64_needs_cpu[] = "float64 inputs need --backend cpu";
+
+/* One run on the chosen backend: on_cuda (a status) when use_cuda, then,
+ * unless it succeeded or --backend cuda was asked for (its failure is the
+ * error), on_cpu (an exit code; it reports its own errors).  *ran names the
+ * backend whose result stands.  Returns the exit code. */
+typedef kdl_status_t (*ext_cuda_fn)(void *ctx);
+typedef int (*ext_cpu_fn)(const char *cmd, void *ctx);
+
+static int run_backend(const char *cmd, int backend, int use_cuda, ext_cuda_fn on_cuda, ext_cpu_fn on_cpu, void *ctx,
+                       const char **ran)
+{
+    if (use_cuda && on_cuda) {
+        kdl_status_t st = on_cuda(ctx);
+        *ran = "cuda";
+        if (st == KDL_STATUS_SUCCESS) return 0;
+        if (backend == KDL_CLI_BACKEND_CUDA) return kdl_cli_status_error(cmd, st);
+    }
+    *ran = "cpu";
+    return on_cpu(cmd, ctx);
+}
+
+/* The reference's status as an exit code. */
+static int cpu_status(const char *cmd, kdl_status_t st)
+{
+    return st == KDL_STATUS_SUCCESS ? 0 : kdl_cli_status_error(cmd, st);
 }
 
 #ifdef KDL_HAVE_CUDA
+#define ON_CUDA(fn) (fn)
+
 static kdl_status_t sync_and_check(kdl_handle_t h)
 {
     kdl_stream_t s = NULL;
@@ -193,6 +288,35 @@ static kdl_status_t sync_and_check(kdl_handle_t h)
     if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaStreamSynchronize: %s", cudaGetErrorString(e));
     return KDL_STATUS_SUCCESS;
 }
+
+/* The start of a call on the device: the argument check's status st, then
+ * a handle (*h, to kdl_destroy when this returns success). */
+static kdl_status_t gpu_begin(kdl_status_t st, kdl_handle_t *h)
+{
+    return st ? st : kdl_create(h);
+}
+
+/* Device buffers for the loss (nl doubles) and the two row counters every
+ * call reports. */
+static kdl_status_t gpu_alloc_counts(kdl_cli_gpu_pool_t *pool, size_t nl, void **loss, void **info, void **valid)
+{
+    kdl_status_t st = kdl_cli_gpu_alloc(pool, nl * 8, loss);
+    if (!st) st = kdl_cli_gpu_alloc(pool, 8, info);
+    if (!st) st = kdl_cli_gpu_alloc(pool, 8, valid);
+    return st;
+}
+
+/* ... and their copies back into host memory. */
+static kdl_status_t gpu_get_counts(void *loss, const void *dloss, size_t nl, int64_t *info, const void *dinfo,
+                                   int64_t *valid, const void *dvalid)
+{
+    kdl_status_t st = kdl_cli_gpu_download(loss, dloss, nl * 8);
+    if (!st) st = kdl_cli_gpu_download(info, dinfo, 8);
+    if (!st) st = kdl_cli_gpu_download(valid, dvalid, 8);
+    return st;
+}
+#else
+#define ON_CUDA(fn) NULL
 #endif
 
 /* ====================================================== sparse-loss */
@@ -221,63 +345,69 @@ static const char sparse_usage[] =
 
 enum { S_STUDENT = L_COUNT, S_INDICES, S_LOGPROBS, S_MODE, S_GRAD_OUT, S_COUNT };
 
+/* One sparse-loss run: the host arguments, and what each backend needs. */
+typedef struct sparse_ctx {
+    const kdl_loss_desc_t *d;
+    kdl_sparse_args_t a;
+    kdl_dtype_t sdt, gdt; /* the student's dtype; the gradient's as written */
+    size_t s_bytes, i_bytes, p_bytes;
+} sparse_ctx_t;
+
 #ifdef KDL_HAVE_CUDA
-static kdl_status_t sparse_cuda(const kdl_loss_desc_t *d, const kdl_sparse_args_t *ha, size_t s_bytes,
-                                size_t i_bytes, size_t p_bytes)
+/* The GPU path with the gradient in the student's dtype. */
+static kdl_status_t sparse_cuda(void *p)
 {
-    kdl_status_t st = kdl_sparse_validate(d, ha, 0);
-    if (st) return st;
+    sparse_ctx_t *c = (sparse_ctx_t *)p;
+    const kdl_sparse_args_t *ha = &c->a;
+    c->a.grad_dtype = c->gdt = c->sdt;
     kdl_handle_t h = NULL;
-    st = kdl_create(&h);
+    kdl_status_t st = gpu_begin(kdl_sparse_validate(c->d, ha, 0), &h);
     if (st) return st;
     kdl_cli_gpu_pool_t pool = {{0}, 0};
     kdl_sparse_args_t da = *ha;
-    size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)ha->rows : 1;
+    size_t nl = c->d->reduction == KDL_REDUCTION_NONE ? (size_t)ha->rows : 1;
     size_t g_bytes = ha->grad ? (size_t)ha->rows * (size_t)ha->vocab * kdl_dtype_size(ha->grad_dtype) : 0;
     void *ws = NULL;
     size_t wsb = 0;
-    st = kdl_cli_gpu_upload(&pool, ha->student, s_bytes, (void **)&da.student);
-    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_indices, i_bytes, (void **)&da.teacher_indices);
-    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_logprobs, p_bytes, (void **)&da.teacher_logprobs);
+    st = kdl_cli_gpu_upload(&pool, ha->student, c->s_bytes, (void **)&da.student);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_indices, c->i_bytes, (void **)&da.teacher_indices);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_logprobs, c->p_bytes, (void **)&da.teacher_logprobs);
     if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
     if (!st && ha->grad) st = kdl_cli_gpu_alloc(&pool, g_bytes, &da.grad);
-    if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &da.loss);
-    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.info);
-    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.valid_rows);
+    if (!st) st = gpu_alloc_counts(&pool, nl, &da.loss, (void **)&da.info, (void **)&da.valid_rows);
     if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.bad_index_rows);
-    if (!st) st = kdl_sparse_workspace_size(h, d, &da, &wsb);
+    if (!st) st = kdl_sparse_workspace_size(h, c->d, &da, &wsb);
     if (!st && wsb) st = kdl_cli_gpu_alloc(&pool, wsb, &ws);
-    if (!st) st = kdl_sparse_loss(h, d, &da, ws, wsb);
+    if (!st) st = kdl_sparse_loss(h, c->d, &da, ws, wsb);
     if (!st) st = sync_and_check(h);
     if (!st && ha->grad) st = kdl_cli_gpu_download(ha->grad, da.grad, g_bytes);
-    if (!st) st = kdl_cli_gpu_download(ha->loss, da.loss, nl * 8);
-    if (!st) st = kdl_cli_gpu_download(ha->info, da.info, 8);
-    if (!st) st = kdl_cli_gpu_download(ha->valid_rows, da.valid_rows, 8);
+    if (!st) st = gpu_get_counts(ha->loss, da.loss, nl, ha->info, da.info, ha->valid_rows, da.valid_rows);
     kdl_cli_gpu_pool_free(&pool);
     kdl_destroy(h);
     return st;
 }
 #endif
 
+/* The float64 reference with a float64 gradient. */
+static int sparse_cpu(const char *cmd, void *p)
+{
+    sparse_ctx_t *c = (sparse_ctx_t *)p;
+    c->a.grad_dtype = c->gdt = KDL_DTYPE_F64;
+    return cpu_status(cmd, kdl_ref_sparse_loss(c->d, &c->a));
+}
+
 int kdl_cli_sparse_loss(int argc, char **argv)
 {
-    kdl_cli_opt_t o[S_COUNT] = {LOSS_OPTS,
-                                {"--student", 1, NULL},
-                                {"--teacher-indices", 1, NULL},
-                                {"--teacher-logprobs", 1, NULL},
-                                {"--mode", 1, NULL},
-                                {"--grad-out", 1, NULL}};
+    kdl_cli_opt_t o[S_COUNT] = {LOSS_OPTS, {"--student", 1, NULL}, {"--teacher-indices", 1, NULL},
+                                {"--teacher-logprobs", 1, NULL}, {"--mode", 1, NULL}, {"--grad-out", 1, NULL}};
     int backend = 0, mode = 0;
-    const int required[] = {S_STUDENT, S_INDICES, S_LOGPROBS, S_MODE};
     kdl_loss_desc_t d;
-    int rc = subcommand_front(SCMD, sparse_usage, argc, argv, o, S_COUNT, required, 4, &d, &backend);
+    int rc = subcommand_front(SCMD, sparse_usage, argc, argv, o, S_COUNT,
+                              (const int[]){S_STUDENT, S_INDICES, S_LOGPROBS, S_MODE}, 4, &d, &backend);
     if (rc >= 0) return rc;
     rc = kdl_cli_parse_choice(SCMD, "--mode", o[S_MODE].value, kdl_sparse_mode_from_name, "renormalised|tail", &mode);
     const char *grad_out = o[S_GRAD_OUT].value;
-    if (!rc && grad_out && !grad_out[0]) {
-        kdl_cli_error(SCMD, "--grad-out needs a file name");
-        rc = 2;
-    }
+    if (!rc) rc = kdl_cli_check_out_path(SCMD, "--grad-out", grad_out);
     if (!rc && !kdl_sparse_supports((kdl_sparse_mode_t)mode, d.divergence)) {
         kdl_cli_error(SCMD, "--divergence %s is not defined in --mode %s (use --mode tail)",
                       kdl_divergence_name(d.divergence), kdl_sparse_mode_name((kdl_sparse_mode_t)mode));
@@ -287,11 +417,12 @@ int kdl_cli_sparse_loss(int argc, char **argv)
 
     kdl_npy_array_t S = {0}, I = {0}, P = {0}, L = {0};
     int64_t N = 0, V = 0, Ni = 0, k = 0, Np = 0, kp = 0;
-    kdl_dtype_t sdt = KDL_DTYPE_F32, pdt = KDL_DTYPE_F32;
+    kdl_dtype_t pdt = KDL_DTYPE_F32;
+    const int64_t *labels = NULL;
     double *loss = NULL;
     void *grad = NULL;
-    rc = kdl_cli_load_npy(SCMD, "--student", o[S_STUDENT].value, &S);
-    if (!rc) rc = check_float_matrix(SCMD, "--student", o[S_STUDENT].value, &S, 1, &N, &V, &sdt);
+    sparse_ctx_t c = {.d = &d, .sdt = KDL_DTYPE_F32, .gdt = KDL_DTYPE_F64};
+    rc = load_float_matrix(SCMD, "--student", o[S_STUDENT].value, 1, &S, &N, &V, &c.sdt);
     if (!rc) rc = kdl_cli_load_npy(SCMD, "--teacher-indices", o[S_INDICES].value, &I);
     if (!rc && (I.dtype != KDL_NPY_I64 || (I.ndim != 2 && I.ndim != 1) || I.shape[I.ndim - 1] < 1)) {
         kdl_cli_error(SCMD, "--teacher-indices %s: must be int64 [N, k] (or [k])", o[S_INDICES].value);
@@ -301,8 +432,7 @@ int kdl_cli_sparse_loss(int argc, char **argv)
         Ni = I.ndim == 1 ? 1 : I.shape[0];
         k = I.shape[I.ndim - 1];
     }
-    if (!rc) rc = kdl_cli_load_npy(SCMD, "--teacher-logprobs", o[S_LOGPROBS].value, &P);
-    if (!rc) rc = check_float_matrix(SCMD, "--teacher-logprobs", o[S_LOGPROBS].value, &P, 1, &Np, &kp, &pdt);
+    if (!rc) rc = load_float_matrix(SCMD, "--teacher-logprobs", o[S_LOGPROBS].value, 1, &P, &Np, &kp, &pdt);
     if (!rc && (Ni != N || Np != N || kp != k)) {
         kdl_cli_error(SCMD, "shapes disagree: student has %lld rows, indices [%lld, %lld], log-probs [%lld, %lld]",
                       (long long)N, (long long)Ni, (long long)k, (long long)Np, (long long)kp);
@@ -316,96 +446,53 @@ int kdl_cli_sparse_loss(int argc, char **argv)
         kdl_cli_error(SCMD, "--teacher-indices %s: %s", o[S_INDICES].value, kdl_get_last_error());
         rc = 2;
     }
-    if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(SCMD, "--labels", o[L_LABELS].value, &L);
-    if (!rc && o[L_LABELS].value) rc = check_labels(SCMD, o[L_LABELS].value, &L, N);
+    if (!rc) rc = load_labels(SCMD, o[L_LABELS].value, N, &L, &labels);
     int use_cuda = 0;
-    if (!rc) {
-        int b = pick_backend(SCMD, backend, sdt == KDL_DTYPE_F64 || pdt == KDL_DTYPE_F64);
-        if (b < 0) rc = -b;
-        use_cuda = b == 1;
-    }
-    size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
-    if (!rc) {
-        loss = (double *)calloc(nl, sizeof(double));
-        grad = grad_out ? calloc((size_t)(N * V > 0 ? N * V : 1), sizeof(double)) : NULL;
-        if (!loss || (grad_out && !grad)) {
-            kdl_cli_error(SCMD, "out of memory");
-            rc = 1;
-        }
-    }
+    if (!rc)
+        rc = kdl_cli_pick_backend(SCMD, backend, c.sdt == KDL_DTYPE_F64 || pdt == KDL_DTYPE_F64, f64_needs_cpu,
+                                  &use_cuda);
+    if (!rc)
+        rc = alloc_bufs(SCMD, (const buf8_t[]){{(void **)&loss, loss_count(&d, N), 1}, {&grad, (size_t)(N * V), !!grad_out}},
+                        2);
     int64_t invalid = 0, valid = 0, bad = 0;
     const char *ran = "cpu";
-    kdl_dtype_t gdt = KDL_DTYPE_F64;
     if (!rc) {
-        kdl_sparse_args_t a;
-        kdl_sparse_args_init(&a);
-        a.mode = (kdl_sparse_mode_t)mode;
-        a.rows = N;
-        a.vocab = V;
-        a.k = k;
-        a.student = S.data;
-        a.ld_student = V;
-        a.student_dtype = sdt;
-        a.teacher_indices = (const int64_t *)I.data;
-        a.ld_indices = k;
-        a.teacher_logprobs = P.data;
-        a.ld_logprobs = k;
-        a.teacher_dtype = pdt;
-        a.labels = o[L_LABELS].value ? (const int64_t *)L.data : NULL;
-        a.grad = grad;
-        a.ld_grad = V;
-        a.out_dtype = KDL_DTYPE_F64;
-        a.loss = loss;
-        a.info = &invalid;
-        a.valid_rows = &valid;
-        a.bad_index_rows = &bad;
-        kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
-#ifdef KDL_HAVE_CUDA
-        if (use_cuda) {
-            a.grad_dtype = gdt = sdt;
-            st = sparse_cuda(&d, &a, (size_t)S.count * kdl_dtype_size(sdt), (size_t)I.count * 8,
-                             (size_t)P.count * kdl_dtype_size(pdt));
-            ran = "cuda";
-            if (st != KDL_STATUS_SUCCESS && backend == KDL_CLI_BACKEND_CUDA) rc = kdl_cli_status_error(SCMD, st);
-        }
-#endif
-        (void)use_cuda;
-        if (!rc && st != KDL_STATUS_SUCCESS) {
-            a.grad_dtype = gdt = KDL_DTYPE_F64;
-            ran = "cpu";
-            st = kdl_ref_sparse_loss(&d, &a);
-            if (st != KDL_STATUS_SUCCESS) rc = kdl_cli_status_error(SCMD, st);
-        }
+        kdl_sparse_args_t *a = &c.a;
+        kdl_sparse_args_init(a);
+        a->mode = (kdl_sparse_mode_t)mode;
+        a->rows = N;
+        a->vocab = V;
+        a->k = k;
+        a->student = S.data;
+        a->student_dtype = c.sdt;
+        a->teacher_indices = (const int64_t *)I.data;
+        a->teacher_logprobs = P.data;
+        a->teacher_dtype = pdt;
+        a->ld_student = a->ld_grad = V;
+        a->ld_indices = a->ld_logprobs = k;
+        a->labels = labels;
+        a->grad = grad;
+        SET_LOSS_OUTPUTS(a, loss, &invalid, &valid);
+        a->bad_index_rows = &bad;
+        c.s_bytes = (size_t)S.count * kdl_dtype_size(c.sdt);
+        c.i_bytes = (size_t)I.count * 8;
+        c.p_bytes = (size_t)P.count * kdl_dtype_size(pdt);
+        rc = run_backend(SCMD, backend, use_cuda, ON_CUDA(sparse_cuda), sparse_cpu, &c, &ran);
     }
     if (!rc && grad_out) {
-        int64_t shape[2] = {N, V};
-        kdl_npy_dtype_t nt = gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : gdt == KDL_DTYPE_F16 ? KDL_NPY_F16 : KDL_NPY_F32;
-        rc = kdl_cli_save_npy(SCMD, grad_out, nt, S.ndim, S.ndim == 1 ? shape + 1 : shape, grad);
+        kdl_npy_dtype_t nt = c.gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : c.gdt == KDL_DTYPE_F16 ? KDL_NPY_F16 : KDL_NPY_F32;
+        rc = save_rows(SCMD, grad_out, nt, S.ndim, N, V, grad);
     }
     if (!rc) {
         kdl_json_t j;
-        kdl_json_init(&j, stdout);
-        kdl_json_object_begin(&j, NULL);
-        kdl_json_string(&j, "mode", kdl_sparse_mode_name((kdl_sparse_mode_t)mode));
-        kdl_json_string(&j, "divergence", kdl_divergence_name(d.divergence));
-        kdl_json_string(&j, "reduction", kdl_reduction_name(d.reduction));
-        kdl_json_string(&j, "backend", ran);
-        kdl_json_int(&j, "rows", N);
+        json_head(&j, kdl_sparse_mode_name((kdl_sparse_mode_t)mode), &d, ran, N);
         kdl_json_int(&j, "vocab", V);
         kdl_json_int(&j, "k", k);
-        json_loss(&j, &d, loss, N);
-        kdl_json_int(&j, "valid_rows", valid);
-        kdl_json_int(&j, "invalid_rows", invalid);
-        kdl_json_object_end(&j);
-        kdl_json_finish(&j);
-        rc = kdl_cli_finish_stdout(SCMD);
+        json_loss_counts(&j, &d, loss, N, valid, invalid);
+        rc = kdl_json_end_stdout(&j, SCMD);
     }
-    free(loss);
-    free(grad);
-    kdl_npy_free(&S);
-    kdl_npy_free(&I);
-    kdl_npy_free(&P);
-    kdl_npy_free(&L);
+    FREE_ALL(loss, grad);
+    NPY_FREE_ALL(&S, &I, &P, &L);
     return rc;
 }
 
@@ -445,6 +532,17 @@ static double *to_f64(const kdl_npy_array_t *a, kdl_dtype_t dt)
     return f;
 }
 
+/* One fused-linear run: the host arguments (H, W, T, bias as loaded), the
+ * loaded arrays for the copies either backend may need, and the copies. */
+typedef struct fused_ctx {
+    const kdl_loss_desc_t *d;
+    kdl_fused_linear_args_t a;
+    const kdl_npy_array_t *H, *W, *B, *T;
+    kdl_dtype_t hdt, wdt, bdt, gdt; /* gdt: the gradients' dtype as written */
+    float *h32, *w32, *b32;
+    double *w64, *b64;
+} fused_ctx_t;
+
 #ifdef KDL_HAVE_CUDA
 /* float32 copy of a float array (the GPU path reads float32 H and W). */
 static float *to_f32(const kdl_npy_array_t *a, kdl_dtype_t dt)
@@ -455,12 +553,10 @@ static float *to_f32(const kdl_npy_array_t *a, kdl_dtype_t dt)
     return f;
 }
 
-static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
+static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
 {
-    kdl_status_t st = kdl_fused_linear_validate(d, ha, 0);
-    if (st) return st;
     kdl_handle_t h = NULL;
-    st = kdl_create(&h);
+    kdl_status_t st = gpu_begin(kdl_fused_linear_validate(d, ha, 0), &h);
     if (st) return st;
     kdl_cli_gpu_pool_t pool = {{0}, 0};
     kdl_fused_linear_args_t da = *ha;
@@ -479,9 +575,7 @@ static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_
     if (!st && ha->grad_output)
         st = kdl_cli_gpu_upload(&pool, ha->grad_output, (size_t)ha->rows * kdl_dtype_size(ha->grad_output_dtype),
                                 (void **)&da.grad_output);
-    if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &da.loss);
-    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.info);
-    if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.valid_rows);
+    if (!st) st = gpu_alloc_counts(&pool, nl, &da.loss, (void **)&da.info, (void **)&da.valid_rows);
     if (!st) st = kdl_fused_linear_workspace_size(h, d, &da, &wsb);
     if (!st && wsb) st = kdl_cli_gpu_alloc(&pool, wsb, &ws);
     if (!st) st = kdl_fused_linear_loss(h, d, &da, ws, wsb);
@@ -489,31 +583,67 @@ static kdl_status_t fused_cuda(const kdl_loss_desc_t *d, const kdl_fused_linear_
     if (!st && ha->grad_hidden) st = kdl_cli_gpu_download(ha->grad_hidden, da.grad_hidden, hb);
     if (!st && ha->grad_weight) st = kdl_cli_gpu_download(ha->grad_weight, da.grad_weight, wb);
     if (!st && ha->grad_bias) st = kdl_cli_gpu_download(ha->grad_bias, da.grad_bias, (size_t)ha->vocab * 4);
-    if (!st) st = kdl_cli_gpu_download(ha->loss, da.loss, nl * 8);
-    if (!st) st = kdl_cli_gpu_download(ha->info, da.info, 8);
-    if (!st) st = kdl_cli_gpu_download(ha->valid_rows, da.valid_rows, 8);
+    if (!st) st = gpu_get_counts(ha->loss, da.loss, nl, ha->info, da.info, ha->valid_rows, da.valid_rows);
     kdl_cli_gpu_pool_free(&pool);
     kdl_destroy(h);
     return st;
 }
+
+/* The GPU path on float32 copies of H, W and the bias, float32 gradients. */
+static kdl_status_t fused_cuda(void *p)
+{
+    fused_ctx_t *c = (fused_ctx_t *)p;
+    kdl_status_t st;
+    c->h32 = to_f32(c->H, c->hdt);
+    c->w32 = to_f32(c->W, c->wdt);
+    c->b32 = c->a.bias ? to_f32(c->B, c->bdt) : NULL;
+    if (!c->h32 || !c->w32 || (c->a.bias && !c->b32)) {
+        st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "float32 copies");
+    } else {
+        kdl_fused_linear_args_t g = c->a;
+        g.hidden_states = c->h32;
+        g.weight = c->w32;
+        g.bias = c->b32;
+        g.hidden_dtype = g.weight_dtype = KDL_DTYPE_F32;
+        g.grad_dtype = KDL_DTYPE_F32;
+        st = fused_on_device(c->d, &g, (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
+    }
+    c->gdt = KDL_DTYPE_F32;
+    return st;
+}
 #endif
+
+/* The float64 reference with float64 gradients. */
+static int fused_cpu(const char *cmd, void *p)
+{
+    fused_ctx_t *c = (fused_ctx_t *)p;
+    if (c->a.bias && c->bdt != c->wdt) {
+        /* the bias is read in weight_dtype: exact float64 copies of both when they differ */
+        c->w64 = to_f64(c->W, c->wdt);
+        c->b64 = to_f64(c->B, c->bdt);
+        if (!c->w64 || !c->b64) {
+            kdl_cli_error(cmd, "out of memory");
+            return 1;
+        }
+        c->a.weight = c->w64;
+        c->a.bias = c->b64;
+        c->a.weight_dtype = KDL_DTYPE_F64;
+    }
+    c->a.grad_dtype = c->gdt = KDL_DTYPE_F64;
+    return cpu_status(cmd, kdl_ref_fused_linear_loss(c->d, &c->a));
+}
 
 int kdl_cli_fused_linear(int argc, char **argv)
 {
-    kdl_cli_opt_t o[F_COUNT] = {LOSS_OPTS,
-                                {"--hidden", 1, NULL},
-                                {"--weight", 1, NULL},
-                                {"--teacher", 1, NULL},
-                                {"--chunk-rows", 1, NULL},
-                                {"--grad-hidden-out", 1, NULL},
-                                {"--grad-weight-out", 1, NULL},
-                                {"--bias", 1, NULL},
-                                {"--grad-bias-out", 1, NULL},
+    kdl_cli_opt_t o[F_COUNT] = {LOSS_OPTS,         {"--hidden", 1, NULL},          {"--weight", 1, NULL},
+                                {"--teacher", 1, NULL},         {"--chunk-rows", 1, NULL},
+                                {"--grad-hidden-out", 1, NULL}, {"--grad-weight-out", 1, NULL},
+                                {"--bias", 1, NULL},            {"--grad-bias-out", 1, NULL},
                                 {"--grad-output", 1, NULL}};
     int backend = 0;
-    const int required[] = {F_HIDDEN, F_WEIGHT, F_TEACHER};
     kdl_loss_desc_t d;
-    int rc = subcommand_front(FCMD, fused_usage, argc, argv, o, F_COUNT, required, 3, &d, &backend);
+    int rc = subcommand_front(FCMD, fused_usage, argc, argv, o, F_COUNT, (const int[]){F_HIDDEN, F_WEIGHT, F_TEACHER},
+                              3, &d, &backend);
     if (rc >= 0) return rc;
     rc = 0;
     int64_t chunk = 0;
@@ -532,28 +662,23 @@ int kdl_cli_fused_linear(int argc, char **argv)
 
     kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0}, B = {0}, G = {0};
     int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0;
-    kdl_dtype_t hdt = KDL_DTYPE_F32, wdt = KDL_DTYPE_F32, tdt = KDL_DTYPE_F32;
+    kdl_dtype_t tdt = KDL_DTYPE_F32, godt = KDL_DTYPE_F32;
+    const int64_t *labels = NULL;
     double *loss = NULL, *gh = NULL, *gw = NULL, *gb = NULL;
-    float *h32 = NULL, *w32 = NULL, *b32 = NULL;
-    double *w64 = NULL, *b64 = NULL;
-    kdl_dtype_t bdt = KDL_DTYPE_F32, godt = KDL_DTYPE_F32;
-    rc = kdl_cli_load_npy(FCMD, "--hidden", o[F_HIDDEN].value, &H);
-    if (!rc) rc = check_float_matrix(FCMD, "--hidden", o[F_HIDDEN].value, &H, 0, &N, &D, &hdt);
-    if (!rc) rc = kdl_cli_load_npy(FCMD, "--weight", o[F_WEIGHT].value, &W);
-    if (!rc) rc = check_float_matrix(FCMD, "--weight", o[F_WEIGHT].value, &W, 0, &V, &Dw, &wdt);
-    if (!rc) rc = kdl_cli_load_npy(FCMD, "--teacher", o[F_TEACHER].value, &T);
-    if (!rc) rc = check_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, &T, 0, &Nt, &Vt, &tdt);
+    fused_ctx_t c = {.d = &d, .H = &H, .W = &W, .B = &B, .T = &T, .hdt = KDL_DTYPE_F32, .wdt = KDL_DTYPE_F32,
+                     .bdt = KDL_DTYPE_F32, .gdt = KDL_DTYPE_F64};
+    rc = load_float_matrix(FCMD, "--hidden", o[F_HIDDEN].value, 0, &H, &N, &D, &c.hdt);
+    if (!rc) rc = load_float_matrix(FCMD, "--weight", o[F_WEIGHT].value, 0, &W, &V, &Dw, &c.wdt);
+    if (!rc) rc = load_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, 0, &T, &Nt, &Vt, &tdt);
     if (!rc && (Dw != D || Nt != N || Vt != V)) {
         kdl_cli_error(FCMD, "shapes disagree: hidden [%lld, %lld], weight [%lld, %lld], teacher [%lld, %lld]",
                       (long long)N, (long long)D, (long long)V, (long long)Dw, (long long)Nt, (long long)Vt);
         rc = 2;
     }
-    if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(FCMD, "--labels", o[L_LABELS].value, &L);
-    if (!rc && o[L_LABELS].value) rc = check_labels(FCMD, o[L_LABELS].value, &L, N);
+    if (!rc) rc = load_labels(FCMD, o[L_LABELS].value, N, &L, &labels);
     if (!rc && o[F_BIAS].value) {
         int64_t one = 0, Vb = 0;
-        rc = kdl_cli_load_npy(FCMD, "--bias", o[F_BIAS].value, &B);
-        if (!rc) rc = check_float_matrix(FCMD, "--bias", o[F_BIAS].value, &B, 1, &one, &Vb, &bdt);
+        rc = load_float_matrix(FCMD, "--bias", o[F_BIAS].value, 1, &B, &one, &Vb, &c.bdt);
         if (!rc && (B.ndim != 1 || Vb != V)) {
             kdl_cli_error(FCMD, "--bias %s: must be 1-D [%lld] (one per vocabulary entry)", o[F_BIAS].value,
                           (long long)V);
@@ -562,8 +687,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     if (!rc && o[F_GOUT].value) {
         int64_t one = 0, Ng = 0;
-        rc = kdl_cli_load_npy(FCMD, "--grad-output", o[F_GOUT].value, &G);
-        if (!rc) rc = check_float_matrix(FCMD, "--grad-output", o[F_GOUT].value, &G, 1, &one, &Ng, &godt);
+        rc = load_float_matrix(FCMD, "--grad-output", o[F_GOUT].value, 1, &G, &one, &Ng, &godt);
         if (!rc && (G.ndim != 1 || Ng != N)) {
             kdl_cli_error(FCMD, "--grad-output %s: must be 1-D [%lld] (one per row)", o[F_GOUT].value, (long long)N);
             rc = 2;
@@ -575,100 +699,47 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     int use_cuda = 0;
     if (!rc) {
-        int any_f64 = hdt == KDL_DTYPE_F64 || wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64 ||
-                      (o[F_BIAS].value && bdt == KDL_DTYPE_F64);
-        int b = pick_backend(FCMD, backend, any_f64);
-        if (b < 0) rc = -b;
-        use_cuda = b == 1;
+        int any_f64 = c.hdt == KDL_DTYPE_F64 || c.wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64 ||
+                      (o[F_BIAS].value && c.bdt == KDL_DTYPE_F64);
+        rc = kdl_cli_pick_backend(FCMD, backend, any_f64, f64_needs_cpu, &use_cuda);
     }
-    size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
-    if (!rc) {
-        loss = (double *)calloc(nl, sizeof(double));
-        gh = gh_out ? (double *)calloc((size_t)(N * D > 0 ? N * D : 1), sizeof(double)) : NULL;
-        gw = gw_out ? (double *)calloc((size_t)(V * D), sizeof(double)) : NULL;
-        gb = gb_out ? (double *)calloc((size_t)V, sizeof(double)) : NULL;
-        if (!loss || (gh_out && !gh) || (gw_out && !gw) || (gb_out && !gb)) {
-            kdl_cli_error(FCMD, "out of memory");
-            rc = 1;
-        }
-    }
+    if (!rc)
+        rc = alloc_bufs(FCMD,
+                        (const buf8_t[]){{(void **)&loss, loss_count(&d, N), 1},
+                                         {(void **)&gh, (size_t)(N * D), !!gh_out},
+                                         {(void **)&gw, (size_t)(V * D), !!gw_out},
+                                         {(void **)&gb, (size_t)V, !!gb_out}},
+                        4);
     int64_t invalid = 0, valid = 0;
     const char *ran = "cpu";
-    kdl_dtype_t gdt = KDL_DTYPE_F64;
-    kdl_fused_linear_args_t a;
-    kdl_fused_linear_args_init(&a);
+    kdl_fused_linear_args_t *a = &c.a;
+    kdl_fused_linear_args_init(a);
     if (!rc) {
-        a.rows = N;
-        a.hidden = D;
-        a.vocab = V;
-        a.hidden_states = H.data;
-        a.ld_hidden = D;
-        a.hidden_dtype = hdt;
-        a.weight = W.data;
-        a.ld_weight = D;
-        a.weight_dtype = wdt;
-        a.teacher = T.data;
-        a.ld_teacher = V;
-        a.teacher_dtype = tdt;
-        a.labels = o[L_LABELS].value ? (const int64_t *)L.data : NULL;
-        a.grad_hidden = gh;
-        a.ld_grad_hidden = D;
-        a.grad_weight = gw;
-        a.ld_grad_weight = D;
-        a.chunk_rows = chunk;
-        a.out_dtype = KDL_DTYPE_F64;
-        a.loss = loss;
-        a.info = &invalid;
-        a.valid_rows = &valid;
-        a.grad_bias = gb;
+        a->rows = N;
+        a->hidden = D;
+        a->vocab = V;
+        a->hidden_states = H.data;
+        a->hidden_dtype = c.hdt;
+        a->weight = W.data;
+        a->weight_dtype = c.wdt;
+        a->teacher = T.data;
+        a->teacher_dtype = tdt;
+        a->ld_hidden = a->ld_weight = a->ld_grad_hidden = a->ld_grad_weight = D;
+        a->ld_teacher = V;
+        a->labels = labels;
+        a->grad_hidden = gh;
+        a->grad_weight = gw;
+        a->grad_bias = gb;
+        a->chunk_rows = chunk;
+        SET_LOSS_OUTPUTS(a, loss, &invalid, &valid);
         if (o[F_GOUT].value) {
-            a.grad_output = G.data;
-            a.grad_output_dtype = godt;
+            a->grad_output = G.data;
+            a->grad_output_dtype = godt;
         }
-        if (o[F_BIAS].value) a.bias = B.data;
-        kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
-#ifdef KDL_HAVE_CUDA
-        if (use_cuda) {
-            h32 = to_f32(&H, hdt);
-            w32 = to_f32(&W, wdt);
-            b32 = o[F_BIAS].value ? to_f32(&B, bdt) : NULL;
-            if (!h32 || !w32 || (o[F_BIAS].value && !b32)) {
-                st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "float32 copies");
-            } else {
-                kdl_fused_linear_args_t g = a;
-                g.hidden_states = h32;
-                g.weight = w32;
-                g.bias = b32;
-                g.hidden_dtype = g.weight_dtype = KDL_DTYPE_F32;
-                g.grad_dtype = KDL_DTYPE_F32;
-                st = fused_cuda(&d, &g, (size_t)T.count * kdl_dtype_size(tdt));
-            }
-            gdt = KDL_DTYPE_F32;
-            ran = "cuda";
-            if (st != KDL_STATUS_SUCCESS && backend == KDL_CLI_BACKEND_CUDA) rc = kdl_cli_status_error(FCMD, st);
-        }
-#endif
-        (void)use_cuda;
-        if (!rc && st != KDL_STATUS_SUCCESS && a.bias && bdt != wdt) {
-            /* the bias is read in weight_dtype: exact float64 copies of both when they differ */
-            w64 = to_f64(&W, wdt);
-            b64 = to_f64(&B, bdt);
-            if (!w64 || !b64) {
-                kdl_cli_error(FCMD, "out of memory");
-                rc = 1;
-            }
-            a.weight = w64;
-            a.bias = b64;
-            a.weight_dtype = KDL_DTYPE_F64;
-        }
-        if (!rc && st != KDL_STATUS_SUCCESS) {
-            a.grad_dtype = gdt = KDL_DTYPE_F64;
-            ran = "cpu";
-            st = kdl_ref_fused_linear_loss(&d, &a);
-            if (st != KDL_STATUS_SUCCESS) rc = kdl_cli_status_error(FCMD, st);
-        }
+        if (o[F_BIAS].value) a->bias = B.data;
+        rc = run_backend(FCMD, backend, use_cuda, ON_CUDA(fused_cuda), fused_cpu, &c, &ran);
     }
-    kdl_npy_dtype_t nt = gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : KDL_NPY_F32;
+    kdl_npy_dtype_t nt = c.gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : KDL_NPY_F32;
     if (!rc && (gh_out || gw_out || gb_out)) { /* every file or none */
         const int64_t gh_shape[2] = {N, D}, gw_shape[2] = {V, D}, gb_shape[1] = {V};
         kdl_cli_npy_out_t outs[3];
@@ -680,41 +751,19 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     if (!rc) {
         kdl_json_t j;
-        kdl_json_init(&j, stdout);
-        kdl_json_object_begin(&j, NULL);
-        kdl_json_string(&j, "divergence", kdl_divergence_name(d.divergence));
-        kdl_json_string(&j, "reduction", kdl_reduction_name(d.reduction));
-        kdl_json_string(&j, "backend", ran);
-        kdl_json_int(&j, "rows", N);
+        json_head(&j, NULL, &d, ran, N);
         kdl_json_int(&j, "hidden", D);
         kdl_json_int(&j, "vocab", V);
-        kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(&a));
-        json_loss(&j, &d, loss, N);
-        kdl_json_int(&j, "valid_rows", valid);
-        kdl_json_int(&j, "invalid_rows", invalid);
-        kdl_fused_linear_args_t wa = a; /* the GPU path's call: float32 H and W */
+        kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(a));
+        json_loss_counts(&j, &d, loss, N, valid, invalid);
+        kdl_fused_linear_args_t wa = *a; /* the GPU path's call: float32 H and W */
         wa.hidden_dtype = wa.weight_dtype = KDL_DTYPE_F32;
         kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(&wa));
         kdl_json_int(&j, "logits_bytes", N * V * 4);
-        kdl_json_object_end(&j);
-        kdl_json_finish(&j);
-        rc = kdl_cli_finish_stdout(FCMD);
+        rc = kdl_json_end_stdout(&j, FCMD);
     }
-    free(loss);
-    free(gh);
-    free(gw);
-    free(gb);
-    free(h32);
-    free(w32);
-    free(b32);
-    free(w64);
-    free(b64);
-    kdl_npy_free(&H);
-    kdl_npy_free(&B);
-    kdl_npy_free(&G);
-    kdl_npy_free(&W);
-    kdl_npy_free(&T);
-    kdl_npy_free(&L);
+    FREE_ALL(loss, gh, gw, gb, c.h32, c.w32, c.b32, c.w64, c.b64);
+    NPY_FREE_ALL(&H, &B, &G, &W, &T, &L);
     return rc;
 }
 
@@ -814,7 +863,7 @@ static kdl_status_t run_shards(shard_run_t *R)
     if (st) return st;
     if (ns > 64) return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "too many steps");
     R->nsteps = ns;
-    size_t nl = R->d->reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
+    size_t nl = loss_count(R->d, N);
     void **state = (void **)calloc((size_t)K, sizeof(void *));
     double **ex = (double **)calloc((size_t)K, sizeof(double *));
     double *acc = (double *)calloc(ec ? ec : 1, sizeof(double));
@@ -827,9 +876,7 @@ static kdl_status_t run_shards(shard_run_t *R)
     void *dloss = NULL, *dinfo = NULL, *dvalid = NULL, *dhs = NULL;
     if (!st && R->cuda) {
         st = kdl_create(&h);
-        if (!st) st = kdl_cli_gpu_alloc(&pool, nl * 8, &dloss);
-        if (!st) st = kdl_cli_gpu_alloc(&pool, 8, &dinfo);
-        if (!st) st = kdl_cli_gpu_alloc(&pool, 8, &dvalid);
+        if (!st) st = gpu_alloc_counts(&pool, nl, &dloss, &dinfo, &dvalid);
         if (!st && R->head_size) st = kdl_cli_gpu_alloc(&pool, (size_t)(N > 0 ? N : 1) * 8, &dhs);
     }
 #endif
@@ -902,9 +949,7 @@ static kdl_status_t run_shards(shard_run_t *R)
     }
 #ifdef KDL_HAVE_CUDA
     if (!st && R->cuda) st = sync_and_check(h);
-    if (!st && R->cuda) st = kdl_cli_gpu_download(R->loss, dloss, nl * 8);
-    if (!st && R->cuda) st = kdl_cli_gpu_download(&R->invalid, dinfo, 8);
-    if (!st && R->cuda) st = kdl_cli_gpu_download(&R->valid, dvalid, 8);
+    if (!st && R->cuda) st = gpu_get_counts(R->loss, dloss, nl, &R->invalid, dinfo, &R->valid, dvalid);
     if (!st && R->cuda && R->head_size) st = kdl_cli_gpu_download(R->head_size, dhs, (size_t)N * 8);
     kdl_cli_gpu_pool_free(&pool);
     kdl_destroy(h);
@@ -914,22 +959,31 @@ static kdl_status_t run_shards(shard_run_t *R)
         free(state[r]);
         free(ex[r]);
     }
-    free(state);
-    free(ex);
-    free(acc);
-    free(tmp);
-    free(lossbuf);
+    FREE_ALL(state, ex, acc, tmp, lossbuf);
     return st;
 }
 
+/* One shard-check run: the protocol's host run, the input sizes for the
+ * device copies, and the dtype the gradient file is written in. */
+typedef struct shard_ctx {
+    shard_run_t R;
+    size_t s_bytes, t_bytes;
+    kdl_npy_dtype_t gnt;
+} shard_ctx_t;
+
 #ifdef KDL_HAVE_CUDA
-static kdl_status_t shard_cuda(shard_run_t *R, size_t s_bytes, size_t t_bytes, double *grad_host)
+/* The GPU steps on device copies of S and T with a float32 gradient,
+ * widened into the host gradient. */
+static kdl_status_t shard_cuda(void *p)
 {
+    shard_ctx_t *c = (shard_ctx_t *)p;
+    shard_run_t *R = &c->R;
     kdl_cli_gpu_pool_t pool = {{0}, 0};
     shard_run_t D = *R;
     size_t gb = (size_t)R->N * (size_t)R->V * 4;
-    kdl_status_t st = kdl_cli_gpu_upload(&pool, R->S, s_bytes, (void **)&D.S);
-    if (!st) st = kdl_cli_gpu_upload(&pool, R->T, t_bytes, (void **)&D.T);
+    c->gnt = KDL_NPY_F32;
+    kdl_status_t st = kdl_cli_gpu_upload(&pool, R->S, c->s_bytes, (void **)&D.S);
+    if (!st) st = kdl_cli_gpu_upload(&pool, R->T, c->t_bytes, (void **)&D.T);
     if (!st && R->labels) st = kdl_cli_gpu_upload(&pool, R->labels, (size_t)R->N * 8, (void **)&D.labels);
     if (!st) st = kdl_cli_gpu_alloc(&pool, gb, &D.grad);
     D.gdt = KDL_DTYPE_F32;
@@ -939,7 +993,7 @@ static kdl_status_t shard_cuda(shard_run_t *R, size_t s_bytes, size_t t_bytes, d
     if (!st && !g32) st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "gradient copy");
     if (!st) st = kdl_cli_gpu_download(g32, D.grad, gb);
     if (!st)
-        for (int64_t j = 0; j < R->N * R->V; j++) grad_host[j] = g32[j];
+        for (int64_t j = 0; j < R->N * R->V; j++) ((double *)R->grad)[j] = g32[j];
     free(g32);
     kdl_cli_gpu_pool_free(&pool);
     if (!st) {
@@ -952,37 +1006,51 @@ static kdl_status_t shard_cuda(shard_run_t *R, size_t s_bytes, size_t t_bytes, d
 }
 #endif
 
+/* The reference steps with a float64 gradient. */
+static int shard_cpu(const char *cmd, void *p)
+{
+    shard_ctx_t *c = (shard_ctx_t *)p;
+    c->gnt = KDL_NPY_F64;
+    c->R.cuda = 0;
+    return cpu_status(cmd, run_shards(&c->R));
+}
+
+/* The largest |got - want| of n pairs (NaN when one is NaN); pairs that are
+ * both NaN are skipped when skip_nan. */
+static double max_abs_diff(const double *got, const double *want, size_t n, int skip_nan)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (skip_nan && isnan(got[i]) && isnan(want[i])) continue;
+        double e = fabs(got[i] - want[i]);
+        m = (e > m || isnan(e)) ? e : m;
+    }
+    return m;
+}
+
 int kdl_cli_shard_check(int argc, char **argv)
 {
-    kdl_cli_opt_t o[K_COUNT] = {LOSS_OPTS,
-                                {"--student", 1, NULL},
-                                {"--teacher", 1, NULL},
-                                {"--shards", 1, NULL},
-                                {"--split", 1, NULL},
-                                {"--grad-out", 1, NULL}};
+    kdl_cli_opt_t o[K_COUNT] = {LOSS_OPTS, {"--student", 1, NULL}, {"--teacher", 1, NULL}, {"--shards", 1, NULL},
+                                {"--split", 1, NULL}, {"--grad-out", 1, NULL}};
     int backend = 0;
-    const int required[] = {K_STUDENT, K_TEACHER, K_SHARDS};
     kdl_loss_desc_t d;
-    int rc = subcommand_front(KCMD, shard_usage, argc, argv, o, K_COUNT, required, 3, &d, &backend);
+    int rc = subcommand_front(KCMD, shard_usage, argc, argv, o, K_COUNT, (const int[]){K_STUDENT, K_TEACHER, K_SHARDS},
+                              3, &d, &backend);
     if (rc >= 0) return rc;
     int64_t K = 0;
     rc = kdl_cli_parse_int64(KCMD, "--shards", o[K_SHARDS].value, 1, MAX_SHARDS, &K);
     const char *grad_out = o[K_GRAD_OUT].value;
-    if (!rc && grad_out && !grad_out[0]) {
-        kdl_cli_error(KCMD, "--grad-out needs a file name");
-        rc = 2;
-    }
+    if (!rc) rc = kdl_cli_check_out_path(KCMD, "--grad-out", grad_out);
     if (rc) return rc;
 
     kdl_npy_array_t S = {0}, T = {0}, L = {0};
     int64_t N = 0, V = 0, Nt = 0, Vt = 0;
     kdl_dtype_t sdt = KDL_DTYPE_F32, tdt = KDL_DTYPE_F32;
+    const int64_t *labels = NULL;
     int64_t *w = NULL, *hs = NULL, *hs_ref = NULL;
     double *loss = NULL, *loss_ref = NULL, *grad = NULL, *grad_ref = NULL;
-    rc = kdl_cli_load_npy(KCMD, "--student", o[K_STUDENT].value, &S);
-    if (!rc) rc = check_float_matrix(KCMD, "--student", o[K_STUDENT].value, &S, 1, &N, &V, &sdt);
-    if (!rc) rc = kdl_cli_load_npy(KCMD, "--teacher", o[K_TEACHER].value, &T);
-    if (!rc) rc = check_float_matrix(KCMD, "--teacher", o[K_TEACHER].value, &T, 1, &Nt, &Vt, &tdt);
+    rc = load_float_matrix(KCMD, "--student", o[K_STUDENT].value, 1, &S, &N, &V, &sdt);
+    if (!rc) rc = load_float_matrix(KCMD, "--teacher", o[K_TEACHER].value, 1, &T, &Nt, &Vt, &tdt);
     if (!rc && (Nt != N || Vt != V || S.ndim != T.ndim)) {
         kdl_cli_error(KCMD, "student and teacher shapes differ");
         rc = 2;
@@ -991,25 +1059,19 @@ int kdl_cli_shard_check(int argc, char **argv)
         kdl_cli_error(KCMD, "--shards %lld exceeds the vocabulary %lld", (long long)K, (long long)V);
         rc = 2;
     }
-    if (!rc && o[L_LABELS].value) rc = kdl_cli_load_npy(KCMD, "--labels", o[L_LABELS].value, &L);
-    if (!rc && o[L_LABELS].value) rc = check_labels(KCMD, o[L_LABELS].value, &L, N);
-    size_t nl = d.reduction == KDL_REDUCTION_NONE ? (size_t)(N > 0 ? N : 1) : 1;
-    size_t nv = (size_t)(N * V > 0 ? N * V : 1);
-    if (!rc) {
-        w = (int64_t *)calloc((size_t)K, sizeof(int64_t));
-        hs = (int64_t *)calloc((size_t)(N > 0 ? N : 1), sizeof(int64_t));
-        hs_ref = (int64_t *)calloc((size_t)(N > 0 ? N : 1), sizeof(int64_t));
-        loss = (double *)calloc(nl, sizeof(double));
-        loss_ref = (double *)calloc(nl, sizeof(double));
-        grad = (double *)calloc(nv, sizeof(double));
-        grad_ref = (double *)calloc(nv, sizeof(double));
-        if (!w || !hs || !hs_ref || !loss || !loss_ref || !grad || !grad_ref) {
-            kdl_cli_error(KCMD, "out of memory");
-            rc = 1;
-        }
-    }
+    if (!rc) rc = load_labels(KCMD, o[L_LABELS].value, N, &L, &labels);
+    const size_t nl = loss_count(&d, N), nv = (size_t)(N * V > 0 ? N * V : 1);
+    if (!rc)
+        rc = alloc_bufs(KCMD,
+                        (const buf8_t[]){{(void **)&w, (size_t)K, 1},
+                                         {(void **)&hs, (size_t)N, 1},
+                                         {(void **)&hs_ref, (size_t)N, 1},
+                                         {(void **)&loss, nl, 1},
+                                         {(void **)&loss_ref, nl, 1},
+                                         {(void **)&grad, nv, 1},
+                                         {(void **)&grad_ref, nv, 1}},
+                        7);
     if (!rc) rc = parse_split(o[K_SPLIT].value, K, V, w);
-    const int64_t *labels = o[L_LABELS].value ? (const int64_t *)L.data : NULL;
     /* the unsharded reference */
     int64_t invalid_ref = 0, valid_ref = 0;
     if (!rc) {
@@ -1018,136 +1080,76 @@ int kdl_cli_shard_check(int argc, char **argv)
         la.rows = N;
         la.vocab = V;
         la.student = S.data;
-        la.ld_student = V;
         la.student_dtype = sdt;
         la.teacher = T.data;
-        la.ld_teacher = V;
         la.teacher_dtype = tdt;
+        la.ld_student = la.ld_teacher = la.ld_grad = V;
         la.labels = labels;
         la.grad = grad_ref;
-        la.ld_grad = V;
         la.grad_dtype = KDL_DTYPE_F64;
-        la.out_dtype = KDL_DTYPE_F64;
-        la.loss = loss_ref;
         la.stat_head_size = hs_ref;
-        la.info = &invalid_ref;
-        la.valid_rows = &valid_ref;
+        SET_LOSS_OUTPUTS(&la, loss_ref, &invalid_ref, &valid_ref);
         kdl_status_t st = kdl_ref_loss_forward_backward(&d, &la);
         if (st) rc = kdl_cli_status_error(KCMD, st);
     }
     int use_cuda = 0;
-    if (!rc) {
-        int b = pick_backend(KCMD, backend, sdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64);
-        if (b < 0) rc = -b;
-        use_cuda = b == 1;
-    }
-    shard_run_t R;
-    memset(&R, 0, sizeof R);
+    if (!rc)
+        rc = kdl_cli_pick_backend(KCMD, backend, sdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64, f64_needs_cpu,
+                                  &use_cuda);
+    shard_ctx_t c = {.gnt = KDL_NPY_F64};
+    const shard_run_t *R = &c.R;
     const char *ran = "cpu";
-    kdl_npy_dtype_t gnt = KDL_NPY_F64;
     if (!rc) {
-        R.d = &d;
-        R.N = N;
-        R.V = V;
-        R.K = K;
-        R.w = w;
-        R.sdt = sdt;
-        R.tdt = tdt;
-        R.gdt = KDL_DTYPE_F64;
-        R.S = S.data;
-        R.T = T.data;
-        R.labels = labels;
-        R.grad = grad;
-        R.loss = loss;
-        R.head_size = d.divergence == KDL_DIV_AKL ? hs : NULL;
-        kdl_status_t st = KDL_STATUS_NOT_SUPPORTED;
-#ifdef KDL_HAVE_CUDA
-        if (use_cuda) {
-            st = shard_cuda(&R, (size_t)S.count * kdl_dtype_size(sdt), (size_t)T.count * kdl_dtype_size(tdt), grad);
-            ran = "cuda";
-            gnt = KDL_NPY_F32;
-            if (st != KDL_STATUS_SUCCESS && backend == KDL_CLI_BACKEND_CUDA) rc = kdl_cli_status_error(KCMD, st);
-        }
-#endif
-        (void)use_cuda;
-        if (!rc && st != KDL_STATUS_SUCCESS) {
-            ran = "cpu";
-            gnt = KDL_NPY_F64;
-            R.cuda = 0;
-            st = run_shards(&R);
-            if (st) rc = kdl_cli_status_error(KCMD, st);
-        }
+        c.R = (shard_run_t){.d = &d, .N = N, .V = V, .K = K, .w = w, .sdt = sdt, .tdt = tdt, .gdt = KDL_DTYPE_F64,
+                            .S = S.data, .T = T.data, .labels = labels, .grad = grad, .loss = loss,
+                            .head_size = d.divergence == KDL_DIV_AKL ? hs : NULL};
+        c.s_bytes = (size_t)S.count * kdl_dtype_size(sdt);
+        c.t_bytes = (size_t)T.count * kdl_dtype_size(tdt);
+        rc = run_backend(KCMD, backend, use_cuda, ON_CUDA(shard_cuda), shard_cpu, &c, &ran);
     }
     if (!rc && grad_out) {
-        int64_t shape[2] = {N, V};
-        if (gnt == KDL_NPY_F32) { /* the cuda gradient was float32: write it so */
+        if (c.gnt == KDL_NPY_F32) { /* the cuda gradient was float32: write it so */
             float *g32 = (float *)malloc(nv * sizeof(float));
             if (!g32) {
                 kdl_cli_error(KCMD, "out of memory");
                 rc = 1;
             } else {
                 for (size_t j = 0; j < (size_t)(N * V); j++) g32[j] = (float)grad[j];
-                rc = kdl_cli_save_npy(KCMD, grad_out, gnt, S.ndim, S.ndim == 1 ? shape + 1 : shape, g32);
+                rc = save_rows(KCMD, grad_out, c.gnt, S.ndim, N, V, g32);
                 free(g32);
             }
         } else {
-            rc = kdl_cli_save_npy(KCMD, grad_out, gnt, S.ndim, S.ndim == 1 ? shape + 1 : shape, grad);
+            rc = save_rows(KCMD, grad_out, c.gnt, S.ndim, N, V, grad);
         }
     }
     if (!rc) {
-        double dl = 0, dg = 0, gmax = 0;
-        for (size_t i = 0; i < nl; i++) {
-            if (isnan(loss[i]) && isnan(loss_ref[i])) continue;
-            double e = fabs(loss[i] - loss_ref[i]);
-            dl = (e > dl || isnan(e)) ? e : dl;
-        }
-        for (int64_t j = 0; j < N * V; j++) {
-            double e = fabs(grad[j] - grad_ref[j]);
-            dg = (e > dg || isnan(e)) ? e : dg;
+        double gmax = 0;
+        for (int64_t j = 0; j < N * V; j++)
             if (fabs(grad_ref[j]) > gmax) gmax = fabs(grad_ref[j]);
-        }
         kdl_json_t j;
-        kdl_json_init(&j, stdout);
-        kdl_json_object_begin(&j, NULL);
-        kdl_json_string(&j, "divergence", kdl_divergence_name(d.divergence));
-        kdl_json_string(&j, "reduction", kdl_reduction_name(d.reduction));
-        kdl_json_string(&j, "backend", ran);
-        kdl_json_int(&j, "rows", N);
+        json_head(&j, NULL, &d, ran, N);
         kdl_json_int(&j, "vocab", V);
         kdl_json_int(&j, "shards", K);
         kdl_json_int_array(&j, "split", w, K);
         kdl_json_array_begin(&j, "steps");
-        for (int s = 0; s < R.nsteps; s++)
-            kdl_json_string(&j, NULL, R.ops[s] == KDL_SHARD_OP_MAX ? "max" : R.ops[s] == KDL_SHARD_OP_SUM ? "sum" : "done");
+        for (int s = 0; s < R->nsteps; s++)
+            kdl_json_string(&j, NULL, R->ops[s] == KDL_SHARD_OP_MAX ? "max" : R->ops[s] == KDL_SHARD_OP_SUM ? "sum" : "done");
         kdl_json_array_end(&j);
-        json_loss(&j, &d, loss, N);
-        if (d.reduction == KDL_REDUCTION_NONE)
-            kdl_json_number_array(&j, "loss_unsharded", loss_ref, N);
-        else
-            kdl_json_number(&j, "loss_unsharded", loss_ref[0]);
-        kdl_json_number(&j, "max_abs_diff_loss", dl);
-        kdl_json_number(&j, "max_abs_diff_grad", dg);
+        kdl_json_loss(&j, "loss", d.reduction, loss, N);
+        kdl_json_loss(&j, "loss_unsharded", d.reduction, loss_ref, N);
+        kdl_json_number(&j, "max_abs_diff_loss", max_abs_diff(loss, loss_ref, nl, 1));
+        kdl_json_number(&j, "max_abs_diff_grad", max_abs_diff(grad, grad_ref, (size_t)(N * V), 0));
         kdl_json_number(&j, "max_grad", gmax);
-        kdl_json_int(&j, "valid_rows", R.valid);
-        kdl_json_int(&j, "invalid_rows", R.invalid);
+        kdl_json_int(&j, "valid_rows", R->valid);
+        kdl_json_int(&j, "invalid_rows", R->invalid);
         if (d.divergence == KDL_DIV_AKL) {
             int64_t mism = 0;
             for (int64_t i = 0; i < N; i++) mism += hs[i] != hs_ref[i];
             kdl_json_int(&j, "head_size_mismatches", mism);
         }
-        kdl_json_object_end(&j);
-        kdl_json_finish(&j);
-        rc = kdl_cli_finish_stdout(KCMD);
+        rc = kdl_json_end_stdout(&j, KCMD);
     }
-    free(w);
-    free(hs);
-    free(hs_ref);
-    free(loss);
-    free(loss_ref);
-    free(grad);
-    free(grad_ref);
-    kdl_npy_free(&S);
-    kdl_npy_free(&T);
-    kdl_npy_free(&L);
+    FREE_ALL(w, hs, hs_ref, loss, loss_ref, grad, grad_ref);
+    NPY_FREE_ALL(&S, &T, &L);
     return rc;
 }

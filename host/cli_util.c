@@ -182,6 +182,13 @@ int kdl_cli_parse_choice(const char *cmd, const char *flag, const char *text, in
     return 0;
 }
 
+int kdl_cli_check_out_path(const char *cmd, const char *flag, const char *path)
+{
+    if (!path || path[0]) return 0;
+    kdl_cli_error(cmd, "%s needs a file name", flag);
+    return 2;
+}
+
 /* -------------------------------------------------------------- .npy files */
 
 int kdl_cli_load_npy(const char *cmd, const char *flag, const char *path, kdl_npy_array_t *out)
@@ -420,6 +427,21 @@ void kdl_json_int_array(kdl_json_t *j, const char *key, const int64_t *v, int64_
 
 void kdl_json_finish(kdl_json_t *j) { fputc('\n', j->f); }
 
+void kdl_json_loss(kdl_json_t *j, const char *key, kdl_reduction_t reduction, const double *loss, int64_t rows)
+{
+    if (reduction == KDL_REDUCTION_NONE)
+        kdl_json_number_array(j, key, loss, rows);
+    else
+        kdl_json_number(j, key, loss[0]);
+}
+
+int kdl_json_end_stdout(kdl_json_t *j, const char *cmd)
+{
+    kdl_json_object_end(j);
+    kdl_json_finish(j);
+    return kdl_cli_finish_stdout(cmd);
+}
+
 /* --------------------------------------------------------------- backends */
 
 int kdl_cli_backend_from_name(const char *name)
@@ -429,6 +451,20 @@ int kdl_cli_backend_from_name(const char *name)
     if (!strcmp(name, "cpu")) return KDL_CLI_BACKEND_CPU;
     if (!strcmp(name, "cuda")) return KDL_CLI_BACKEND_CUDA;
     return -1;
+}
+
+int kdl_cli_pick_backend(const char *cmd, int backend, int any_f64, const char *f64_error, int *cuda)
+{
+    const char *why = NULL;
+    if (backend == KDL_CLI_BACKEND_CUDA)
+        why = !kdl_device_available() ? "no CUDA device (use --backend cpu)" : any_f64 ? f64_error : NULL;
+    *cuda = 0;
+    if (why) {
+        kdl_cli_error(cmd, "%s", why);
+        return 2;
+    }
+    *cuda = backend == KDL_CLI_BACKEND_CUDA || (backend == KDL_CLI_BACKEND_AUTO && !any_f64 && kdl_device_available());
+    return 0;
 }
 
 double kdl_cli_now(void)

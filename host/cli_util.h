@@ -81,6 +81,10 @@ int kdl_cli_parse_int64(const char *cmd, const char *flag, const char *text, int
 int kdl_cli_parse_choice(const char *cmd, const char *flag, const char *text, int (*from_name)(const char *),
                          const char *choices, int *out);
 
+/* An output-file option given as "--flag=" (an empty name): "FLAG needs a
+ * file name", 2.  0 when path is NULL (not given) or a name. */
+int kdl_cli_check_out_path(const char *cmd, const char *flag, const char *path);
+
 /* -------------------------------------------------------------- .npy files */
 
 /* kdl_npy_load with the error reported as "kdloss CMD: FLAG PATH: reason".
@@ -144,6 +148,14 @@ void kdl_json_int_array(kdl_json_t *j, const char *key, const int64_t *v, int64_
 /* Ends the line (after the top-level value). */
 void kdl_json_finish(kdl_json_t *j);
 
+/* A loss under key: the array of rows values for KDL_REDUCTION_NONE, else
+ * the number loss[0]. */
+void kdl_json_loss(kdl_json_t *j, const char *key, kdl_reduction_t reduction, const double *loss, int64_t rows);
+
+/* Closes the top-level object, ends the line and flushes stdout (the
+ * object is on stdout); returns kdl_cli_finish_stdout's exit code. */
+int kdl_json_end_stdout(kdl_json_t *j, const char *cmd);
+
 /* --------------------------------------------------------------- backends */
 
 typedef enum kdl_cli_backend {
@@ -155,6 +167,13 @@ typedef enum kdl_cli_backend {
 /* "auto" | "cpu" | "cuda" -> kdl_cli_backend_t; -1 for other names (a
  * from_name function for kdl_cli_parse_choice). */
 int kdl_cli_backend_from_name(const char *name);
+
+/* Which backend runs for --backend `backend` (kdl_cli_backend_t): *cuda = 1
+ * for cuda (asked for; or auto with a device and no float64 input), 0 for
+ * the cpu reference.  Asking for cuda without a device ("no CUDA device (use
+ * --backend cpu)") or with float64 inputs (f64_error) is a usage error:
+ * returns 2.  Else 0. */
+int kdl_cli_pick_backend(const char *cmd, int backend, int any_f64, const char *f64_error, int *cuda);
 
 /* Seconds on a monotonic clock. */
 double kdl_cli_now(void);
