@@ -458,6 +458,11 @@ class Env:
                 raise SystemExit("peers.py: no CUDA device found")
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+            # 16-bit GEMMs (the bf16 / f16 fused_linear peers) accumulate in
+            # FP32 throughout, as kdloss's cublasGemmEx with CUBLAS_COMPUTE_32F
+            for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
+                if hasattr(torch.backends.cuda.matmul, flag):
+                    setattr(torch.backends.cuda.matmul, flag, False)
             self.dev = torch.device("cuda")
             props = torch.cuda.get_device_properties(self.dev)
             self.props = props
