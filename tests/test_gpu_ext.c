@@ -411,6 +411,22 @@ static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, k
     free(raw);
 }
 
+/* out[x D + k] = c (u sum_y |dL[x sx + y sy] M[y D + k]| + sub sum_y |M[y D + k]|)
+ * for x < nx, k < D, y < ny (in order). */
+static void fl_bound(int64_t nx, int64_t ny, int64_t D, const double *dL, int64_t sx, int64_t sy, const double *M,
+                     double c, double u, double sub, double *out)
+{
+    for (int64_t x = 0; x < nx; x++)
+        for (int64_t k = 0; k < D; k++) {
+            double s = 0, sm = 0;
+            for (int64_t y = 0; y < ny; y++) {
+                s += fabs(dL[x * sx + y * sy] * M[y * D + k]);
+                sm += fabs(M[y * D + k]);
+            }
+            out[x * D + k] = c * (u * s + sub * sm);
+        }
+}
+
 /*
  * One GPU call against the float64 reference on the same (16-bit rounded)
  * H, W, b.  Tolerances:
@@ -485,24 +501,8 @@ static void fl_run(const fl_opts_t *o)
     const int g16 = o->gdt != KDL_DTYPE_F32;
     const double k_h = 2.0 * (1 + (g16 ? 2 : 0)), k_w = 2.0 * (1 + (g16 ? nchunks + 1 : 0));
     double *bh = (double *)calloc(nh, 8), *bw = (double *)calloc(nw, 8), *bb = (double *)calloc((size_t)V, 8);
-    for (int64_t i = 0; i < N; i++)
-        for (int64_t k = 0; k < D; k++) {
-            double s = 0, sw = 0;
-            for (int64_t v = 0; v < V; v++) {
-                s += fabs(dL[i * V + v] * W[v * D + k]);
-                sw += fabs(W[v * D + k]);
-            }
-            bh[i * D + k] = k_h * (u * s + sub * sw);
-        }
-    for (int64_t v = 0; v < V; v++)
-        for (int64_t k = 0; k < D; k++) {
-            double s = 0, sh = 0;
-            for (int64_t i = 0; i < N; i++) {
-                s += fabs(dL[i * V + v] * H[i * D + k]);
-                sh += fabs(H[i * D + k]);
-            }
-            bw[v * D + k] = k_w * (u * s + sub * sh);
-        }
+    fl_bound(N, V, D, dL, V, 1, W, k_h, u, sub, bh); /* over v: dL W */
+    fl_bound(V, N, D, dL, 1, V, H, k_w, u, sub, bw); /* over i: dL^T H */
     for (int64_t v = 0; v < V; v++) {
         double s = 0;
         for (int64_t i = 0; i < N; i++) s += fabs(dL[i * V + v]);

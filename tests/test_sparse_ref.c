@@ -286,6 +286,14 @@ static void random_support(uint64_t seed, int64_t V, int64_t k, double tau, int6
     }
 }
 
+/* One random student row [V] (sigma) from seed and a random support [K]
+ * from seed + 1. */
+static void random_row(uint64_t seed, int64_t V, int64_t K, double sigma, double *S, int64_t *idx, double *lt)
+{
+    random_rows(seed, S, V, sigma);
+    random_support(seed + 1, V, K, 1.0, idx, lt);
+}
+
 /* N random student rows [N, V] (sigma 1) and random supports [N, K]: rows
  * from seed, row i's support from seed + 10 + i. */
 static void random_batch(uint64_t seed, int64_t N, int64_t V, int64_t K, double *S, int64_t *idx, double *lt)
@@ -540,8 +548,7 @@ Test(bad_args, each_returns_its_status_and_writes_nothing)
     enum { V = 8, K = 3 };
     double S[V], lt[K];
     int64_t idx[K];
-    random_rows(1000, S, V, 1.0);
-    random_support(1001, V, K, 1.0, idx, lt);
+    random_row(1000, V, K, 1.0, S, idx, lt);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
     srun_t r;
     memset(&r, 0, sizeof r);
@@ -601,8 +608,7 @@ Test(dtypes, f32_logprobs_and_student_convert_exactly)
     enum { V = 16, K = 5 };
     double S[V], lt[K];
     int64_t idx[K];
-    random_rows(1100, S, V, 2.0);
-    random_support(1101, V, K, 1.0, idx, lt);
+    random_row(1100, V, K, 2.0, S, idx, lt);
     float Sf[V], ltf[K];
     double S2[V], lt2[K];
     kdl_to_dtype(S, Sf, KDL_DTYPE_F32, V);
