@@ -60,18 +60,26 @@ kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_f
 
 static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
 
-/* Default chunk: the workspace stays at most 1/8 of the logits a non-fused
- * call materialises in the inputs' dtype.  F32: c·V·4 <= N·V·4/8, c = N/8.
- * 16-bit H and W: the chunk costs c·V·(4 + 2) bytes (float32 logits and the
- * 16-bit dL) against N·V·2 materialised, so c = N/24. */
+/* Default chunk: the whole workspace stays at most 1/8 of the logits a
+ * non-fused call materialises in the inputs' dtype.  F32: c·V·4 <= N·V·4/8,
+ * c = N/8.  16-bit H and W: the chunk costs c·V·(4 + 2) bytes (float32
+ * logits and the 16-bit dL) against N·V·2 materialised, so c = N/24.  Then
+ * c drops by as many rows as the small per-call buffers need (one row at a
+ * large V) so that the total, not only the chunk, is within the 1/8. */
 int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
 {
     if (!a || a->rows <= 0) return 0;
     int64_t c = a->chunk_rows;
     if (c <= 0) {
-        c = a->rows / (is16(a->hidden_dtype) && is16(a->weight_dtype) ? 24 : 8);
+        const int sixteen = is16(a->hidden_dtype) && is16(a->weight_dtype);
+        c = a->rows / (sixteen ? 24 : 8);
         if (c < 1) c = 1;
         if (c > 4096) c = 4096;
+        if (a->vocab > 0) {
+            const double budget = (double)a->rows * (double)a->vocab * (sixteen ? 2.0 : 4.0) / 8.0;
+            while (c > 1 && (double)kdl_ext_fused_layout(c, a->vocab, sixteen, a->grad_bias != NULL).total > budget)
+                c--;
+        }
     }
     return c < a->rows ? c : a->rows;
 }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ext_internal.h"
 #include "kdl_ext_fixtures.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss_ext.h"
@@ -287,6 +288,17 @@ Test(api, chunk_rows_and_bad_arguments)
     c.weight_dtype = KDL_DTYPE_F32; /* mixed (reference only): the F32 rule */
     cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1024);
     c.hidden_dtype = KDL_DTYPE_F32;
+    /* With V known, the whole workspace (not only the chunk) within 1/8 of
+     * the logits: 1024 rows are exactly 1/8 at F32, so one row less. */
+    c.vocab = 151936;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1023);
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&c), 8192.0 * 151936 * 4 / 8);
+    cr_expect_gt((double)kdl_ext_fused_layout(1024, 151936, 0, 0).total, 8192.0 * 151936 * 4 / 8);
+    c.hidden_dtype = c.weight_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 341);
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&c), 8192.0 * 151936 * 2 / 8);
+    c.hidden_dtype = c.weight_dtype = KDL_DTYPE_F32;
+    c.vocab = 0;
     c.chunk_rows = 64;
     c.rows = 10;
     cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 10);
