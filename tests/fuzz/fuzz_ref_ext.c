@@ -36,7 +36,9 @@
  *
  * Oracle (abort on violation; the problem is printed):
  *   - a known status; on failure a last-error detail and every output byte
- *     untouched (sentinels), shard state and exchange included;
+ *     untouched (sentinels), shard state and exchange included; a
+ *     descriptor status (BAD_TEMPERATURE, BAD_SCALE, BAD_ALPHA, BAD_BETA,
+ *     BAD_MU) names a field that is indeed out of range;
  *   - sparse: SUCCESS implies a descriptor in range, the mode defines the
  *     divergence, k in [1, min(V, 1024)]; info, valid_rows, bad_index_rows
  *     equal an independent row classification (kdloss_ext.h part 1);
@@ -51,9 +53,13 @@
  *     whole rows (AKL: unless two distinct teacher logits of a row have
  *     probabilities within 1e-12, or a cumulative head mass lies within 1e-9
  *     of mu, where the protocol's logit order or rounding may legitimately
- *     pick another head);
+ *     pick another head; TVD gradients unless p and q of a token agree
+ *     within 1e-9, where the sign of q - p is a coin toss of rounding);
  *   - fused: loss, dH = dL W and dW = dL^T H equal the dense reference on
- *     the logits H W^T formed here (NaN where the reference's NaN is).
+ *     the logits H W^T formed here (NaN where the reference's NaN is);
+ *   - every divergence is >= 0: row and reduced losses have the sign of
+ *     scale up to rounding (sparse TAIL_BUCKET only where the given mass is
+ *     <= 1 and k < V: otherwise the cells are not distributions).
  */
 #include <float.h>
 #include <math.h>
@@ -216,8 +222,59 @@ static double grad_noise(const kdl_loss_desc_t *d, const void *S, kdl_dtype_t sd
         double x = kdl_load_as_double(T, tdt, k);
         if (isfinite(x)) lo = fmin(lo, x), hi = fmax(hi, x);
     }
+    if (d->scale == 0) return 0; /* scale 0: exact zeros (kdl_scaled_*) */
     double range = hi > lo ? (hi - lo) / d->temperature : 0;
-    return 1e-13 * fabs(d->scale) / d->temperature * (1 + range);
+    double r = fabs(d->scale) / d->temperature * 1e-13 * (1 + range);
+    return isnan(r) ? INFINITY : r; /* 0 x inf from underflow: no bound known */
+}
+
+/* TVD's gradient is sign(q - p)/2-based: where p_v and q_v agree to
+ * rounding (here within 1e-9), two correct evaluations can take different
+ * signs, and every entry of the row's gradient moves with G.  1 when a row
+ * has such a token, so the TVD gradient is not compared there. */
+static int tvd_kink(const kdl_loss_desc_t *d, int64_t N, int64_t V, const void *S, kdl_dtype_t sdt, int64_t lds,
+                    const void *T, kdl_dtype_t tdt, int64_t ldt)
+{
+    if (d->divergence != KDL_DIV_TVD) return 0;
+    for (int64_t i = 0; i < N; i++) {
+        double p[12], q[12], ms = -INFINITY, mt = -INFINITY, zs = 0, zt = 0;
+        for (int64_t v = 0; v < V; v++) {
+            q[v] = kdl_load_as_double(S, sdt, i * lds + v);
+            p[v] = kdl_load_as_double(T, tdt, i * ldt + v);
+            ms = fmax(ms, q[v]);
+            mt = fmax(mt, p[v]);
+        }
+        if (!isfinite(ms) || !isfinite(mt)) continue;
+        for (int64_t v = 0; v < V; v++) zs += exp((q[v] - ms) / d->temperature), zt += exp((p[v] - mt) / d->temperature);
+        for (int64_t v = 0; v < V; v++) {
+            double a = exp((q[v] - ms) / d->temperature) / zs, b = exp((p[v] - mt) / d->temperature) / zt;
+            if (fabs(a - b) <= 1e-9 * (a + b)) return 1;
+        }
+    }
+    return 0;
+}
+
+/* A descriptor status names a descriptor field that is out of range. */
+static void check_desc_status(kdl_status_t st, const kdl_loss_desc_t *d);
+
+/* Every divergence here is >= 0 (a sum of element terms that is >= 0 in
+ * exact arithmetic), so a loss has the sign of scale up to its rounding
+ * noise.  NaN (invalid rows) is not judged here. */
+static int sign_ok(double loss, double scale, double noise)
+{
+    if (isnan(loss)) return 1;
+    if (isinf(loss) && noise >= FLT_MAX) return 1; /* noise beyond an f32 output's range */
+    return scale >= 0 ? loss >= -noise : loss <= noise;
+}
+
+static void check_desc_status(kdl_status_t st, const kdl_loss_desc_t *d)
+{
+    if (st == KDL_STATUS_BAD_TEMPERATURE)
+        CHECK(!(d->temperature > 0 && isfinite(d->temperature)), "BAD_TEMPERATURE for tau %g", d->temperature);
+    if (st == KDL_STATUS_BAD_SCALE) CHECK(!isfinite(d->scale), "BAD_SCALE for scale %g", d->scale);
+    if (st == KDL_STATUS_BAD_ALPHA) CHECK(!(d->alpha >= 0 && d->alpha < 1), "BAD_ALPHA for alpha %g", d->alpha);
+    if (st == KDL_STATUS_BAD_BETA) CHECK(!(d->beta > 0 && d->beta < 1), "BAD_BETA for beta %g", d->beta);
+    if (st == KDL_STATUS_BAD_MU) CHECK(!(d->mu > 0 && d->mu < 1), "BAD_MU for mu %g", d->mu);
 }
 
 /* ---------------------------------------------------------------- sparse */
@@ -320,6 +377,7 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
     if (st != KDL_STATUS_SUCCESS) {
         CHECK(kdl_get_last_error()[0] != '\0', "%s without detail", kdl_status_string(st));
         for (int q = 0; q < P_COUNT; q++) CHECK(fz_obuf_untouched(&o[q]), "output %d written on %s", q, kdl_status_string(st));
+        check_desc_status(st, d);
         goto done;
     }
     CHECK(desc_in_range(d, V), "descriptor out of range accepted");
@@ -332,8 +390,13 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
           "dtype accepted");
     CHECK(a.loss || (d->reduction == KDL_REDUCTION_NONE && N == 0), "NULL loss accepted");
     {
-        int state[4];
+        int state[4], mass_le1[4];
         int64_t n_valid = 0, n_invalid = 0, n_bad = 0;
+        /* rounding noise of a row loss: the terms are of the size of the
+         * logits' range over tau and of the log-probs */
+        const double noise = tau > 0 && isfinite(tau)
+                                 ? 1e3 * grad_noise(d, S, a.student_dtype, ns, lp, a.teacher_dtype, nl) * tau * V
+                                 : 0;
         for (int64_t i = 0; i < N; i++) {
             if (a.labels && a.labels[i] == d->ignore_index) {
                 state[i] = 1;
@@ -361,6 +424,7 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
                 if (a.mode == KDL_SPARSE_RENORMALISED && lse == -INFINITY) bad = 1;
                 if (a.mode == KDL_SPARSE_TAIL_BUCKET && lse > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
             }
+            mass_le1[i] = !bad && (mx == -INFINITY || mx + log(sum) <= 0);
             state[i] = (bad || badidx) ? 2 : 0;
             n_valid += state[i] == 0;
             n_invalid += state[i] == 2;
@@ -382,6 +446,11 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
                 if (state[i] == 1) CHECK(li == 0, "row %lld ignored, loss %g", (long long)i, li);
                 if (state[i] == 2) CHECK(isnan(li), "row %lld invalid, loss %g", (long long)i, li);
                 if (state[i] == 0) CHECK(!isnan(li), "row %lld valid, loss NaN", (long long)i);
+                /* TAIL_BUCKET cells are distributions only for a given mass <= 1
+                 * and k < V (k = V: the bucket is 0 by definition, so a mass
+                 * below 1 is simply missing and FKL can go negative) */
+                if (state[i] == 0 && (a.mode == KDL_SPARSE_RENORMALISED || (mass_le1[i] && k < V)))
+                    CHECK(sign_ok(li, d->scale, noise), "row %lld: loss %g, scale %g", (long long)i, li, d->scale);
             }
             for (int64_t v = 0; a.grad && v < V; v++) {
                 double g = kdl_load_as_double(grad, a.grad_dtype, i * a.ld_grad + v);
@@ -414,7 +483,8 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
                           (long long)i, x, dl[i]);
                 }
                 double gs = maxabs_d(dg, N * V), gn = grad_noise(d, S, a.student_dtype, ns, T, KDL_DTYPE_F64, N * V);
-                for (int64_t i = 0; a.grad && a.grad_dtype == KDL_DTYPE_F64 && i < N; i++)
+                const int kink = tvd_kink(d, N, V, S, a.student_dtype, a.ld_student, T, KDL_DTYPE_F64, V);
+                for (int64_t i = 0; !kink && a.grad && a.grad_dtype == KDL_DTYPE_F64 && i < N; i++)
                     for (int64_t v = 0; v < V; v++) {
                         double x = ((double *)grad)[i * a.ld_grad + v];
                         CHECK(grad_close(x, dg[i * V + v], gs) || fabs(x - dg[i * V + v]) <= gn, "grad[%lld][%lld] %.17g, dense %.17g", (long long)i,
@@ -685,6 +755,7 @@ static void run_shard(fz_src_t *s, kdl_loss_desc_t *d)
                 CHECK(kdl_get_last_error()[0] != '\0', "%s without detail", kdl_status_string(q));
                 CHECK(!desc_in_range(d, V), "step 0 refused a valid problem: %s (%s)",
                       kdl_status_string(q), kdl_get_last_error());
+                check_desc_status(q, d);
                 CHECK(fz_obuf_untouched(&b[0].loss) && fz_obuf_untouched(&gbuf), "output written on failure");
                 for (size_t q2 = 0; q2 < b[0].state_bytes; q2++)
                     CHECK(((unsigned char *)b[0].state)[q2] == FZ_SENTINEL, "state written on failure");
@@ -731,8 +802,9 @@ static void run_shard(fz_src_t *s, kdl_loss_desc_t *d)
             double x = kdl_load_as_double(b[0].loss.p, odt, (int64_t)i), y = dl[i];
             if (odt == KDL_DTYPE_F32) y = (double)(float)y;
             CHECK(fz_close(x, y, lrt, 1e-12) || fabs(x - dl[i]) <= ln, "loss[%zu] %.17g, dense %.17g", i, x, y);
+            CHECK(sign_ok(x, d->scale, 1e3 * ln), "loss[%zu] %g, scale %g", i, x, d->scale);
         }
-        if (fl & 1) {
+        if ((fl & 1) && !tvd_kink(d, N, V, S, sdt, lds, T, tdt, ldt)) {
             const double gs = maxabs_d(dg, N * V);
             const double grt = gdt == KDL_DTYPE_F64 ? 1e-9 : gdt == KDL_DTYPE_F32 ? 1e-6 : 1e-2;
             for (int64_t i = 0; i < N; i++)
@@ -745,7 +817,10 @@ static void run_shard(fz_src_t *s, kdl_loss_desc_t *d)
                     }
                     /* f16 flushes below its smallest subnormal, 2^-24 */
                     const double floor16 = gdt == KDL_DTYPE_F16 ? 0x1p-24 : 0;
-                    CHECK(fz_close(x, y, grt, grt * gs + floor16 + 1e-300) || fabs(x - y_raw) <= gn,
+                    /* noise beyond the gradient dtype's range rounds to +-inf */
+                    const double dmax = gdt == KDL_DTYPE_F64 ? DBL_MAX : gdt == KDL_DTYPE_F16 ? 65504.0 : FLT_MAX;
+                    CHECK(fz_close(x, y, grt, grt * gs + floor16 + 1e-300) || fabs(x - y_raw) <= gn ||
+                              (isinf(x) && gn >= dmax),
                           "grad[%lld][%lld] %.17g, dense %.17g", (long long)i, (long long)v, x, y);
                 }
         }
@@ -837,6 +912,7 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     if (st != KDL_STATUS_SUCCESS) {
         CHECK(kdl_get_last_error()[0] != '\0', "%s without detail", kdl_status_string(st));
         for (int q = 0; q < F_COUNT; q++) CHECK(fz_obuf_untouched(&o[q]), "output %d written on %s", q, kdl_status_string(st));
+        check_desc_status(st, d);
         goto done;
     }
     CHECK(desc_in_range(d, V), "descriptor out of range accepted");
@@ -853,6 +929,9 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
             double x = kdl_load_as_double(a.loss, a.out_dtype, (int64_t)i), y = dl[i];
             if (a.out_dtype == KDL_DTYPE_F32) y = (double)(float)y;
             CHECK(fz_close(x, y, lrt, 0), "loss[%zu] %.17g, dense %.17g", i, x, y);
+            CHECK(sign_ok(x, d->scale, 1e3 * grad_noise(d, L, KDL_DTYPE_F64, N * V, T, a.teacher_dtype, nt) *
+                                           d->temperature * (double)(N * V + 1)),
+                  "loss[%zu] %g, scale %g", i, x, d->scale);
         }
         if (a.grad_dtype != KDL_DTYPE_F64) goto done; /* rounding of 16-bit and f32 products: not compared */
         /* dH = dL W, dW = dL^T H; a non-finite operand poisons them as a GEMM would */

@@ -38,6 +38,9 @@
  * Oracle (abort on violation; the decoded problem is printed):
  *   - the status is a known value; on failure a last-error detail is set and
  *     every output byte is untouched (sentinels), self_yy included;
+ *   - a parameter status (BAD_EPSILON, BAD_TOLERANCE, BAD_ITERATIONS,
+ *     BAD_SCHEDULE, BAD_TEMPERATURE, BAD_SCALE, BAD_GROUP, BAD_ENUM) names a
+ *     parameter that is indeed out of range;
  *   - SUCCESS implies the parameters were in range (an independent check)
  *     and, for Sinkhorn, finite data (an independent scan); the status
  *     NONFINITE_INPUT implies that the scan finds a non-finite value;
@@ -484,6 +487,18 @@ static void run_sinkhorn(fz_src_t *s)
                 CHECK(fz_obuf_untouched(&o[k]), "output %d written on %s", k, kdl_status_string(st));
         CHECK(memcmp(self_copy, self, (size_t)Bp * e) == 0, "self_yy changed on failure");
         if (st == KDL_STATUS_NONFINITE_INPUT) CHECK(!data_ok, "NONFINITE_INPUT but the data is finite");
+        /* a parameter status names a parameter that is out of range */
+        if (st == KDL_STATUS_BAD_EPSILON) CHECK(!(d.epsilon > 0 && isfinite(d.epsilon)), "BAD_EPSILON for eps %g", d.epsilon);
+        if (st == KDL_STATUS_BAD_TOLERANCE) CHECK(!(d.tol >= 0), "BAD_TOLERANCE for tol %g", d.tol);
+        if (st == KDL_STATUS_BAD_ITERATIONS)
+            CHECK(d.max_iter < 1 || d.check_every < 1 || (d.eps_scaling && d.eps_stage_iter < 1), "BAD_ITERATIONS");
+        if (st == KDL_STATUS_BAD_SCHEDULE)
+            CHECK(d.eps_scaling && !(d.eps_scaling_factor > 0 && d.eps_scaling_factor < 1), "BAD_SCHEDULE for %g",
+                  d.eps_scaling_factor);
+        if (st == KDL_STATUS_BAD_ENUM)
+            CHECK((unsigned)d.value >= KDL_OT_VALUE_COUNT_ || (unsigned)d.metric >= KDL_OT_METRIC_COUNT_ ||
+                      (unsigned)dt > KDL_DTYPE_F64,
+                  "BAD_ENUM with known enums");
         goto done;
     }
 
@@ -694,6 +709,15 @@ static void run_sinkd(fz_src_t *s)
     if (st != KDL_STATUS_SUCCESS) {
         CHECK(kdl_get_last_error()[0] != '\0', "%s without detail", kdl_status_string(st));
         for (int k = 0; k < K_COUNT; k++) CHECK(fz_obuf_untouched(&o[k]), "output %d written on %s", k, kdl_status_string(st));
+        if (st == KDL_STATUS_BAD_TEMPERATURE)
+            CHECK(!(d.temperature > 0 && isfinite(d.temperature)), "BAD_TEMPERATURE for tau %g", d.temperature);
+        if (st == KDL_STATUS_BAD_EPSILON) CHECK(!(d.epsilon > 0 && isfinite(d.epsilon)), "BAD_EPSILON for eps %g", d.epsilon);
+        if (st == KDL_STATUS_BAD_TOLERANCE) CHECK(!(d.tol >= 0), "BAD_TOLERANCE for tol %g", d.tol);
+        if (st == KDL_STATUS_BAD_SCALE) CHECK(!isfinite(d.scale), "BAD_SCALE for scale %g", d.scale);
+        if (st == KDL_STATUS_BAD_ITERATIONS) CHECK(d.max_iter < 1 || d.check_every < 1, "BAD_ITERATIONS");
+        if (st == KDL_STATUS_BAD_GROUP)
+            CHECK(d.group_size < 0 || (d.group_size > 0 && N % d.group_size != 0), "BAD_GROUP for %lld rows, group %lld",
+                  (long long)N, (long long)d.group_size);
         goto done;
     }
     CHECK(d.temperature > 0 && isfinite(d.temperature), "tau %g accepted", d.temperature);
