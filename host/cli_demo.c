@@ -152,38 +152,29 @@ static void demo_args(const demo_ctx_t *c, void *grad, kdl_dtype_t grad_dtype, d
     a->loss = loss;
 }
 
-static double norm2_f64(const double *g, int64_t n)
-{
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += g[i] * g[i];
-    return sqrt(s);
-}
-
-static demo_run_t run_cpu_case(const demo_ctx_t *c, const demo_case_t *dc)
+/* Case dc on the GPU (gpu: c->h, float32 gradient into c->grad32) or on
+ * the float64 reference (c->grad64): loss, time, and the gradient's L2 norm
+ * when it succeeded. */
+static demo_run_t run_case(const demo_ctx_t *c, const demo_case_t *dc, int gpu)
 {
     demo_run_t r = {NAN, NAN, 0, KDL_STATUS_SUCCESS};
     kdl_loss_desc_t d;
     kdl_loss_args_t a;
     demo_desc(dc, &d);
-    demo_args(c, c->grad64, KDL_DTYPE_F64, &r.loss, &a);
-    double t0 = kdl_cli_now();
-    r.status = kdl_ref_loss_forward_backward(&d, &a);
-    r.ms = 1e3 * (kdl_cli_now() - t0);
-    if (r.status == KDL_STATUS_SUCCESS) r.grad_norm = norm2_f64(c->grad64, (int64_t)DEMO_ROWS * DEMO_VOCAB);
-    return r;
-}
-
-static demo_run_t run_gpu_case(const demo_ctx_t *c, const demo_case_t *dc)
-{
-    demo_run_t r = {NAN, NAN, 0, KDL_STATUS_SUCCESS};
-    kdl_loss_desc_t d;
-    kdl_loss_args_t a;
-    demo_desc(dc, &d);
-    demo_args(c, c->grad32, KDL_DTYPE_F32, &r.loss, &a);
-    r.status = kdl_cli_gpu_loss_host(c->h, &d, &a, &r.ms);
+    demo_args(c, gpu ? (void *)c->grad32 : (void *)c->grad64, gpu ? KDL_DTYPE_F32 : KDL_DTYPE_F64, &r.loss, &a);
+    if (gpu) {
+        r.status = kdl_cli_gpu_loss_host(c->h, &d, &a, &r.ms);
+    } else {
+        double t0 = kdl_cli_now();
+        r.status = kdl_ref_loss_forward_backward(&d, &a);
+        r.ms = 1e3 * (kdl_cli_now() - t0);
+    }
     if (r.status != KDL_STATUS_SUCCESS) return r;
     double s = 0;
-    for (int64_t i = 0; i < (int64_t)DEMO_ROWS * DEMO_VOCAB; i++) s += (double)c->grad32[i] * c->grad32[i];
+    for (int64_t i = 0; i < (int64_t)DEMO_ROWS * DEMO_VOCAB; i++) {
+        double g = gpu ? (double)c->grad32[i] : c->grad64[i];
+        s += g * g;
+    }
     r.grad_norm = sqrt(s);
     return r;
 }
@@ -213,7 +204,7 @@ static int print_cpu_table(const demo_ctx_t *c)
 {
     printf("%-24s %22s %14s %10s\n", "divergence", "loss", "|grad|_2", "cpu ms");
     for (size_t k = 0; k < DEMO_NCASES; k++) {
-        demo_run_t r = run_cpu_case(c, &demo_cases[k]);
+        demo_run_t r = run_case(c, &demo_cases[k], 0);
         if (r.status != KDL_STATUS_SUCCESS) return kdl_cli_status_error(CMD, r.status);
         printf("%-24s %22.15g %14.6e %10.2f\n", demo_cases[k].label, r.loss, r.grad_norm, r.ms);
     }
@@ -226,9 +217,9 @@ static int print_gpu_table(const demo_ctx_t *c)
     printf("%-24s %20s %20s %10s %10s %9s %9s\n", "divergence", "loss (cuda)", "loss (cpu f64)", "loss rel",
            "grad rel", "cuda ms", "cpu ms");
     for (size_t k = 0; k < DEMO_NCASES; k++) {
-        demo_run_t g = run_gpu_case(c, &demo_cases[k]);
+        demo_run_t g = run_case(c, &demo_cases[k], 1);
         if (g.status != KDL_STATUS_SUCCESS) return kdl_cli_status_error(CMD, g.status);
-        demo_run_t r = run_cpu_case(c, &demo_cases[k]);
+        demo_run_t r = run_case(c, &demo_cases[k], 0);
         if (r.status != KDL_STATUS_SUCCESS) return kdl_cli_status_error(CMD, r.status);
         double dl = rel_diff(g.loss, r.loss), dg = grad_rel_diff(c);
         if (!(dl <= worst_loss)) worst_loss = dl;
@@ -248,23 +239,19 @@ static int print_gpu_table(const demo_ctx_t *c)
  * --backend cuda cannot be honoured). */
 static int pick_backend(demo_ctx_t *c, int backend, char *name, size_t name_len, char *why, size_t why_len)
 {
+    int cuda = 0;
     c->h = NULL;
-    if (backend == KDL_CLI_BACKEND_CPU) {
-        snprintf(why, why_len, "float64 reference; --backend cpu");
-        return 0;
-    }
-    if (!kdl_device_available()) {
-        if (backend == KDL_CLI_BACKEND_CUDA) {
-            kdl_cli_error(CMD, "no CUDA device (use --backend cpu)");
-            return 2;
-        }
-        snprintf(why, why_len, "float64 reference; no CUDA device found");
+    int rc = kdl_cli_pick_backend(CMD, backend, 0, NULL, &cuda);
+    if (rc) return rc;
+    if (!cuda) {
+        snprintf(why, why_len, "float64 reference; %s",
+                 backend == KDL_CLI_BACKEND_CPU ? "--backend cpu" : "no CUDA device found");
         return 0;
     }
     kdl_cli_gpu_name(name, name_len);
     kdl_status_t st = kdl_create(&c->h);
     if (st == KDL_STATUS_SUCCESS) {
-        st = run_gpu_case(c, &demo_cases[0]).status;
+        st = run_case(c, &demo_cases[0], 1).status;
         if (st != KDL_STATUS_SUCCESS) {
             kdl_destroy(c->h);
             c->h = NULL;

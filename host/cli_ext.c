@@ -32,16 +32,6 @@
 
 /* ------------------------------------------------- shared loss options */
 
-enum {
-    L_DIVERGENCE, L_LABELS, L_IGNORE_INDEX, L_TEMPERATURE, L_ALPHA, L_BETA, L_HEAD_RULE, L_MU, L_TOP_K,
-    L_REDUCTION, L_SCALE, L_BACKEND, L_COUNT
-};
-
-#define LOSS_OPTS                                                                                              \
-    {"--divergence", 1, NULL}, {"--labels", 1, NULL}, {"--ignore-index", 1, NULL}, {"--temperature", 1, NULL}, \
-        {"--alpha", 1, NULL}, {"--beta", 1, NULL}, {"--head-rule", 1, NULL}, {"--mu", 1, NULL},                \
-        {"--top-k", 1, NULL}, {"--reduction", 1, NULL}, {"--scale", 1, NULL}, {"--backend", 1, NULL}
-
 static const char loss_usage[] =
     "loss options (as kdloss loss)\n"
     "  --divergence NAME    fkl (default) rkl fkl_rkl akl jsd tvd skl srkl\n"
@@ -60,42 +50,6 @@ static const char loss_usage[] =
     "Errors: one line on stderr, exit 2 for bad usage or input, 1 for a failure\n"
     "while computing or writing; a failed run writes no file.  JSON numbers have\n"
     "17 significant digits; NaN is null, +-inf the strings \"inf\" / \"-inf\".\n";
-
-static int parse_loss_opts(const char *cmd, const kdl_cli_opt_t *o, kdl_loss_desc_t *d, int *backend)
-{
-    int v = 0, rc = 0;
-    if (o[L_DIVERGENCE].value) {
-        rc = kdl_cli_parse_choice(cmd, "--divergence", o[L_DIVERGENCE].value, kdl_divergence_from_name,
-                                  "fkl|rkl|fkl_rkl|akl|jsd|tvd|skl|srkl", &v);
-        d->divergence = (kdl_divergence_t)v;
-    }
-    if (!rc && o[L_HEAD_RULE].value) {
-        rc = kdl_cli_parse_choice(cmd, "--head-rule", o[L_HEAD_RULE].value, kdl_head_rule_from_name,
-                                  "reference|mass|topk", &v);
-        d->head_rule = (kdl_head_rule_t)v;
-    }
-    if (!rc && o[L_REDUCTION].value) {
-        rc = kdl_cli_parse_choice(cmd, "--reduction", o[L_REDUCTION].value, kdl_reduction_from_name,
-                                  "none|sum|mean", &v);
-        d->reduction = (kdl_reduction_t)v;
-    }
-    *backend = KDL_CLI_BACKEND_AUTO;
-    if (!rc && o[L_BACKEND].value)
-        rc = kdl_cli_parse_choice(cmd, "--backend", o[L_BACKEND].value, kdl_cli_backend_from_name, "auto|cpu|cuda",
-                                  backend);
-    if (!rc && o[L_TEMPERATURE].value)
-        rc = kdl_cli_parse_double(cmd, "--temperature", o[L_TEMPERATURE].value, 0, 0, INFINITY, 0, &d->temperature);
-    if (!rc && o[L_ALPHA].value) rc = kdl_cli_parse_double(cmd, "--alpha", o[L_ALPHA].value, 0, 1, 1, 0, &d->alpha);
-    if (!rc && o[L_BETA].value) rc = kdl_cli_parse_double(cmd, "--beta", o[L_BETA].value, 0, 0, 1, 0, &d->beta);
-    if (!rc && o[L_MU].value) rc = kdl_cli_parse_double(cmd, "--mu", o[L_MU].value, 0, 0, 1, 0, &d->mu);
-    if (!rc && o[L_SCALE].value)
-        rc = kdl_cli_parse_double(cmd, "--scale", o[L_SCALE].value, -INFINITY, 0, INFINITY, 0, &d->scale);
-    if (!rc && o[L_TOP_K].value) rc = kdl_cli_parse_int64(cmd, "--top-k", o[L_TOP_K].value, 1, INT64_MAX, &d->top_k);
-    if (!rc && o[L_IGNORE_INDEX].value)
-        rc = kdl_cli_parse_int64(cmd, "--ignore-index", o[L_IGNORE_INDEX].value, INT64_MIN, INT64_MAX,
-                                 &d->ignore_index);
-    return rc;
-}
 
 /* The front of every subcommand here: options, --help (its usage, then the
  * shared loss options), the required options, the descriptor and backend
@@ -118,7 +72,7 @@ static int subcommand_front(const char *cmd, const char *usage, int argc, char *
             return 2;
         }
     kdl_loss_desc_init(d);
-    rc = parse_loss_opts(cmd, o, d, backend);
+    rc = kdl_cli_parse_loss_opts(cmd, o, d, backend);
     return rc ? rc : -1;
 }
 
@@ -343,7 +297,7 @@ static const char sparse_usage[] =
     "JSON keys: mode, divergence, reduction, backend, rows, vocab, k, loss,\n"
     "valid_rows, invalid_rows.\n\n";
 
-enum { S_STUDENT = L_COUNT, S_INDICES, S_LOGPROBS, S_MODE, S_GRAD_OUT, S_COUNT };
+enum { S_STUDENT = KDL_CLI_LOSS_OPT_COUNT, S_INDICES, S_LOGPROBS, S_MODE, S_GRAD_OUT, S_COUNT };
 
 /* One sparse-loss run: the host arguments, and what each backend needs. */
 typedef struct sparse_ctx {
@@ -398,7 +352,7 @@ static int sparse_cpu(const char *cmd, void *p)
 
 int kdl_cli_sparse_loss(int argc, char **argv)
 {
-    kdl_cli_opt_t o[S_COUNT] = {LOSS_OPTS, {"--student", 1, NULL}, {"--teacher-indices", 1, NULL},
+    kdl_cli_opt_t o[S_COUNT] = {KDL_CLI_LOSS_OPTS, {"--student", 1, NULL}, {"--teacher-indices", 1, NULL},
                                 {"--teacher-logprobs", 1, NULL}, {"--mode", 1, NULL}, {"--grad-out", 1, NULL}};
     int backend = 0, mode = 0;
     kdl_loss_desc_t d;
@@ -446,7 +400,7 @@ int kdl_cli_sparse_loss(int argc, char **argv)
         kdl_cli_error(SCMD, "--teacher-indices %s: %s", o[S_INDICES].value, kdl_get_last_error());
         rc = 2;
     }
-    if (!rc) rc = load_labels(SCMD, o[L_LABELS].value, N, &L, &labels);
+    if (!rc) rc = load_labels(SCMD, o[KDL_CLI_L_LABELS].value, N, &L, &labels);
     int use_cuda = 0;
     if (!rc)
         rc = kdl_cli_pick_backend(SCMD, backend, c.sdt == KDL_DTYPE_F64 || pdt == KDL_DTYPE_F64, f64_needs_cpu,
@@ -480,7 +434,7 @@ int kdl_cli_sparse_loss(int argc, char **argv)
         rc = run_backend(SCMD, backend, use_cuda, ON_CUDA(sparse_cuda), sparse_cpu, &c, &ran);
     }
     if (!rc && grad_out) {
-        kdl_npy_dtype_t nt = c.gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : c.gdt == KDL_DTYPE_F16 ? KDL_NPY_F16 : KDL_NPY_F32;
+        kdl_npy_dtype_t nt = kdl_cli_npy_grad_dtype(c.gdt);
         rc = save_rows(SCMD, grad_out, nt, S.ndim, N, V, grad);
     }
     if (!rc) {
@@ -521,7 +475,9 @@ static const char fused_usage[] =
     "float32 logits a non-fused call would materialise).  The cuda backend takes\n"
     "H and W as float32 copies.\n\n";
 
-enum { F_HIDDEN = L_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT, F_COUNT };
+enum {
+    F_HIDDEN = KDL_CLI_LOSS_OPT_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT, F_COUNT
+};
 
 /* float64 copy of a float array (exact). */
 static double *to_f64(const kdl_npy_array_t *a, kdl_dtype_t dt)
@@ -635,7 +591,8 @@ static int fused_cpu(const char *cmd, void *p)
 
 int kdl_cli_fused_linear(int argc, char **argv)
 {
-    kdl_cli_opt_t o[F_COUNT] = {LOSS_OPTS,         {"--hidden", 1, NULL},          {"--weight", 1, NULL},
+    kdl_cli_opt_t o[F_COUNT] = {KDL_CLI_LOSS_OPTS,
+                                {"--hidden", 1, NULL},          {"--weight", 1, NULL},
                                 {"--teacher", 1, NULL},         {"--chunk-rows", 1, NULL},
                                 {"--grad-hidden-out", 1, NULL}, {"--grad-weight-out", 1, NULL},
                                 {"--bias", 1, NULL},            {"--grad-bias-out", 1, NULL},
@@ -675,7 +632,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
                       (long long)N, (long long)D, (long long)V, (long long)Dw, (long long)Nt, (long long)Vt);
         rc = 2;
     }
-    if (!rc) rc = load_labels(FCMD, o[L_LABELS].value, N, &L, &labels);
+    if (!rc) rc = load_labels(FCMD, o[KDL_CLI_L_LABELS].value, N, &L, &labels);
     if (!rc && o[F_BIAS].value) {
         int64_t one = 0, Vb = 0;
         rc = load_float_matrix(FCMD, "--bias", o[F_BIAS].value, 1, &B, &one, &Vb, &c.bdt);
@@ -791,7 +748,7 @@ static const char shard_usage[] =
     "invalid_rows, and for akl head_size_mismatches (rows whose head size differs\n"
     "from the unsharded reference's).\n\n";
 
-enum { K_STUDENT = L_COUNT, K_TEACHER, K_SHARDS, K_SPLIT, K_GRAD_OUT, K_COUNT };
+enum { K_STUDENT = KDL_CLI_LOSS_OPT_COUNT, K_TEACHER, K_SHARDS, K_SPLIT, K_GRAD_OUT, K_COUNT };
 
 static int parse_split(const char *text, int64_t K, int64_t V, int64_t *w)
 {
@@ -1030,8 +987,8 @@ static double max_abs_diff(const double *got, const double *want, size_t n, int 
 
 int kdl_cli_shard_check(int argc, char **argv)
 {
-    kdl_cli_opt_t o[K_COUNT] = {LOSS_OPTS, {"--student", 1, NULL}, {"--teacher", 1, NULL}, {"--shards", 1, NULL},
-                                {"--split", 1, NULL}, {"--grad-out", 1, NULL}};
+    kdl_cli_opt_t o[K_COUNT] = {KDL_CLI_LOSS_OPTS,   {"--student", 1, NULL}, {"--teacher", 1, NULL},
+                                {"--shards", 1, NULL}, {"--split", 1, NULL},   {"--grad-out", 1, NULL}};
     int backend = 0;
     kdl_loss_desc_t d;
     int rc = subcommand_front(KCMD, shard_usage, argc, argv, o, K_COUNT, (const int[]){K_STUDENT, K_TEACHER, K_SHARDS},
@@ -1059,7 +1016,7 @@ int kdl_cli_shard_check(int argc, char **argv)
         kdl_cli_error(KCMD, "--shards %lld exceeds the vocabulary %lld", (long long)K, (long long)V);
         rc = 2;
     }
-    if (!rc) rc = load_labels(KCMD, o[L_LABELS].value, N, &L, &labels);
+    if (!rc) rc = load_labels(KCMD, o[KDL_CLI_L_LABELS].value, N, &L, &labels);
     const size_t nl = loss_count(&d, N), nv = (size_t)(N * V > 0 ? N * V : 1);
     if (!rc)
         rc = alloc_bufs(KCMD,

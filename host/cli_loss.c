@@ -67,10 +67,7 @@ static const char usage_text[] =
     "library bad-parameter statuses and a --grad-out path that cannot be created;\n"
     "1 a failure while computing or writing (one line on stderr).\n";
 
-enum {
-    O_DIVERGENCE, O_STUDENT, O_TEACHER, O_LABELS, O_IGNORE_INDEX, O_TEMPERATURE, O_ALPHA, O_BETA,
-    O_HEAD_RULE, O_MU, O_TOP_K, O_REDUCTION, O_SCALE, O_STATS, O_GRAD_OUT, O_BACKEND, O_COUNT
-};
+enum { O_STUDENT = KDL_CLI_LOSS_OPT_COUNT, O_TEACHER, O_STATS, O_GRAD_OUT, O_COUNT };
 
 typedef struct loss_cfg {
     kdl_loss_desc_t desc;
@@ -100,75 +97,28 @@ typedef struct loss_outputs {
 
 /* ------------------------------------------------------------------ flags */
 
-static int parse_numbers(const kdl_cli_opt_t *o, kdl_loss_desc_t *d)
-{
-    int rc = 0;
-    if (!rc && o[O_TEMPERATURE].value)
-        rc = kdl_cli_parse_double(CMD, "--temperature", o[O_TEMPERATURE].value, 0, 0, INFINITY, 0, &d->temperature);
-    if (!rc && o[O_ALPHA].value) rc = kdl_cli_parse_double(CMD, "--alpha", o[O_ALPHA].value, 0, 1, 1, 0, &d->alpha);
-    if (!rc && o[O_BETA].value) rc = kdl_cli_parse_double(CMD, "--beta", o[O_BETA].value, 0, 0, 1, 0, &d->beta);
-    if (!rc && o[O_MU].value) rc = kdl_cli_parse_double(CMD, "--mu", o[O_MU].value, 0, 0, 1, 0, &d->mu);
-    if (!rc && o[O_SCALE].value)
-        rc = kdl_cli_parse_double(CMD, "--scale", o[O_SCALE].value, -INFINITY, 0, INFINITY, 0, &d->scale);
-    if (!rc && o[O_TOP_K].value) rc = kdl_cli_parse_int64(CMD, "--top-k", o[O_TOP_K].value, 1, INT64_MAX, &d->top_k);
-    if (!rc && o[O_IGNORE_INDEX].value)
-        rc = kdl_cli_parse_int64(CMD, "--ignore-index", o[O_IGNORE_INDEX].value, INT64_MIN, INT64_MAX,
-                                 &d->ignore_index);
-    return rc;
-}
-
-static int parse_names(const kdl_cli_opt_t *o, loss_cfg_t *c)
-{
-    int v = 0, rc = 0;
-    rc = kdl_cli_parse_choice(CMD, "--divergence", o[O_DIVERGENCE].value, kdl_divergence_from_name,
-                              "fkl|rkl|fkl_rkl|akl|jsd|tvd|skl|srkl", &v);
-    c->desc.divergence = (kdl_divergence_t)v;
-    if (!rc && o[O_HEAD_RULE].value) {
-        rc = kdl_cli_parse_choice(CMD, "--head-rule", o[O_HEAD_RULE].value, kdl_head_rule_from_name,
-                                  "reference|mass|topk", &v);
-        c->desc.head_rule = (kdl_head_rule_t)v;
-    }
-    if (!rc && o[O_REDUCTION].value) {
-        rc = kdl_cli_parse_choice(CMD, "--reduction", o[O_REDUCTION].value, kdl_reduction_from_name,
-                                  "none|sum|mean", &v);
-        c->desc.reduction = (kdl_reduction_t)v;
-    }
-    if (!rc && o[O_BACKEND].value)
-        rc = kdl_cli_parse_choice(CMD, "--backend", o[O_BACKEND].value, kdl_cli_backend_from_name,
-                                  "auto|cpu|cuda", &c->backend);
-    return rc;
-}
-
 /* Fills c from argv; returns an exit code (0: go on, unless *help). */
 static int parse_cfg(int argc, char **argv, loss_cfg_t *c, int *help)
 {
-    kdl_cli_opt_t o[O_COUNT] = {
-        {"--divergence", 1, NULL}, {"--student", 1, NULL},     {"--teacher", 1, NULL},   {"--labels", 1, NULL},
-        {"--ignore-index", 1, NULL}, {"--temperature", 1, NULL}, {"--alpha", 1, NULL},   {"--beta", 1, NULL},
-        {"--head-rule", 1, NULL},  {"--mu", 1, NULL},          {"--top-k", 1, NULL},     {"--reduction", 1, NULL},
-        {"--scale", 1, NULL},      {"--stats", 0, NULL},       {"--grad-out", 1, NULL},  {"--backend", 1, NULL}};
+    kdl_cli_opt_t o[O_COUNT] = {KDL_CLI_LOSS_OPTS, {"--student", 1, NULL}, {"--teacher", 1, NULL},
+                                {"--stats", 0, NULL}, {"--grad-out", 1, NULL}};
     memset(c, 0, sizeof *c);
     kdl_loss_desc_init(&c->desc);
-    c->backend = KDL_CLI_BACKEND_AUTO;
     int rc = kdl_cli_parse_options(CMD, argc, argv, o, O_COUNT, help);
     if (rc || *help) return rc;
-    const int required[] = {O_DIVERGENCE, O_STUDENT, O_TEACHER};
+    const int required[] = {KDL_CLI_L_DIVERGENCE, O_STUDENT, O_TEACHER};
     for (size_t k = 0; k < sizeof required / sizeof required[0]; k++)
         if (!o[required[k]].value) {
             kdl_cli_error(CMD, "%s is required (see kdloss loss --help)", o[required[k]].name);
             return 2;
         }
-    rc = parse_names(o, c);
-    if (!rc) rc = parse_numbers(o, &c->desc);
+    rc = kdl_cli_parse_loss_opts(CMD, o, &c->desc, &c->backend);
     c->student = o[O_STUDENT].value;
     c->teacher = o[O_TEACHER].value;
-    c->labels = o[O_LABELS].value;
+    c->labels = o[KDL_CLI_L_LABELS].value;
     c->grad_out = o[O_GRAD_OUT].value;
     c->stats = o[O_STATS].value != NULL;
-    if (!rc && c->grad_out && !c->grad_out[0]) {
-        kdl_cli_error(CMD, "--grad-out needs a file name");
-        rc = 2;
-    }
+    if (!rc) rc = kdl_cli_check_out_path(CMD, "--grad-out", c->grad_out);
     return rc;
 }
 
@@ -323,18 +273,10 @@ static kdl_status_t run_cpu(const loss_cfg_t *c, const loss_inputs_t *in, loss_o
  * reference on any GPU failure (the reference reports bad parameters itself). */
 static int run_loss(const loss_cfg_t *c, const loss_inputs_t *in, loss_outputs_t *out)
 {
-    int f64 = in->s_dtype == KDL_DTYPE_F64 || in->t_dtype == KDL_DTYPE_F64;
-    if (c->backend == KDL_CLI_BACKEND_CUDA) {
-        if (!kdl_device_available()) {
-            kdl_cli_error(CMD, "no CUDA device (use --backend cpu)");
-            return 2;
-        }
-        if (f64) {
-            kdl_cli_error(CMD, "float64 inputs need --backend cpu (the GPU path reads float16/float32)");
-            return 2;
-        }
-    }
-    if (c->backend == KDL_CLI_BACKEND_CUDA || (c->backend == KDL_CLI_BACKEND_AUTO && !f64 && kdl_device_available())) {
+    int f64 = in->s_dtype == KDL_DTYPE_F64 || in->t_dtype == KDL_DTYPE_F64, cuda = 0;
+    int rc = kdl_cli_pick_backend(CMD, c->backend, f64, KDL_CLI_F64_NEEDS_CPU, &cuda);
+    if (rc) return rc;
+    if (cuda) {
         kdl_status_t st = run_cuda(c, in, out);
         out->backend = "cuda";
         if (st == KDL_STATUS_SUCCESS) return 0;
@@ -349,10 +291,8 @@ static int run_loss(const loss_cfg_t *c, const loss_inputs_t *in, loss_outputs_t
 
 static int write_grad(const loss_cfg_t *c, const loss_inputs_t *in, const loss_outputs_t *out)
 {
-    kdl_npy_dtype_t t = out->grad_dtype == KDL_DTYPE_F64 ? KDL_NPY_F64
-                        : out->grad_dtype == KDL_DTYPE_F16 ? KDL_NPY_F16
-                                                           : KDL_NPY_F32;
-    return kdl_cli_save_npy(CMD, c->grad_out, t, in->s.ndim, in->s.shape, out->grad);
+    return kdl_cli_save_npy(CMD, c->grad_out, kdl_cli_npy_grad_dtype(out->grad_dtype), in->s.ndim, in->s.shape,
+                            out->grad);
 }
 
 static void print_stats(kdl_json_t *j, int64_t n, const loss_outputs_t *out)
@@ -366,7 +306,7 @@ static void print_stats(kdl_json_t *j, int64_t n, const loss_outputs_t *out)
     kdl_json_object_end(j);
 }
 
-static void print_json(const loss_cfg_t *c, const loss_inputs_t *in, const loss_outputs_t *out)
+static int print_json(const loss_cfg_t *c, const loss_inputs_t *in, const loss_outputs_t *out)
 {
     kdl_json_t j;
     kdl_json_init(&j, stdout);
@@ -376,15 +316,11 @@ static void print_json(const loss_cfg_t *c, const loss_inputs_t *in, const loss_
     kdl_json_string(&j, "backend", out->backend);
     kdl_json_int(&j, "rows", in->rows);
     kdl_json_int(&j, "vocab", in->vocab);
-    if (c->desc.reduction == KDL_REDUCTION_NONE)
-        kdl_json_number_array(&j, "loss", out->loss, in->rows);
-    else
-        kdl_json_number(&j, "loss", out->loss[0]);
+    kdl_json_loss(&j, "loss", c->desc.reduction, out->loss, in->rows);
     kdl_json_int(&j, "valid_rows", out->valid);
     kdl_json_int(&j, "invalid_rows", out->invalid);
     if (c->stats) print_stats(&j, in->rows, out);
-    kdl_json_object_end(&j);
-    kdl_json_finish(&j);
+    return kdl_json_end_stdout(&j, CMD);
 }
 
 int kdl_cli_loss(int argc, char **argv)
@@ -405,10 +341,7 @@ int kdl_cli_loss(int argc, char **argv)
     rc = alloc_outputs(&c, &in, &out);
     if (!rc) rc = run_loss(&c, &in, &out);
     if (!rc && c.grad_out) rc = write_grad(&c, &in, &out);
-    if (!rc) {
-        print_json(&c, &in, &out);
-        rc = kdl_cli_finish_stdout(CMD);
-    }
+    if (!rc) rc = print_json(&c, &in, &out);
     free_outputs(&out);
     free_inputs(&in);
     return rc;

@@ -71,26 +71,6 @@ static int shape_error(const char *cmd, const char *flag, const char *path, cons
     return 2;
 }
 
-/* The backend to run: returns 0 and sets *cuda, or an exit code. */
-static int pick_backend(const char *cmd, int backend, int any_f64, int *cuda)
-{
-    *cuda = 0;
-    if (backend == KDL_CLI_BACKEND_CUDA) {
-        if (!kdl_device_available()) {
-            kdl_cli_error(cmd, "no CUDA device (use --backend cpu)");
-            return 2;
-        }
-        if (any_f64) {
-            kdl_cli_error(cmd, "float64 inputs need --backend cpu (the GPU path reads float16/float32)");
-            return 2;
-        }
-        *cuda = 1;
-    } else if (backend == KDL_CLI_BACKEND_AUTO) {
-        *cuda = !any_f64 && kdl_device_available();
-    }
-    return 0;
-}
-
 /* A library failure as an exit code: bad parameters and non-finite input
  * data are bad input (2), the rest a failure while computing (1). */
 static int status_exit(const char *cmd, kdl_status_t st)
@@ -200,12 +180,9 @@ static int sk_parse(int argc, char **argv, kdl_cli_opt_t *o, kdl_sinkhorn_desc_t
         kdl_cli_error(CMD_S, "--epsilon is required");
         return 2;
     }
-    if (o[S_PLAN_OUT].value && !o[S_PLAN_OUT].value[0]) {
-        kdl_cli_error(CMD_S, "--plan-out needs a file name");
-        return 2;
-    }
+    rc = kdl_cli_check_out_path(CMD_S, "--plan-out", o[S_PLAN_OUT].value);
     int v = 0;
-    rc = kdl_cli_parse_double(CMD_S, "--epsilon", o[S_EPSILON].value, 0, 0, INFINITY, 0, &d->epsilon);
+    if (!rc) rc = kdl_cli_parse_double(CMD_S, "--epsilon", o[S_EPSILON].value, 0, 0, INFINITY, 0, &d->epsilon);
     if (!rc && o[S_MAX_ITER].value) rc = kdl_cli_parse_int64(CMD_S, "--max-iter", o[S_MAX_ITER].value, 1, INT64_MAX, &d->max_iter);
     if (!rc && o[S_TOL].value) rc = kdl_cli_parse_double(CMD_S, "--tol", o[S_TOL].value, 0, 1, INFINITY, 0, &d->tol);
     if (!rc && o[S_CHECK_EVERY].value)
@@ -477,7 +454,7 @@ int kdl_cli_sinkhorn(int argc, char **argv)
     if (rc) return rc;
     const int any_f64 = is_f64(&in.cost) || is_f64(&in.x) || is_f64(&in.y) || is_f64(&in.la) || is_f64(&in.lb) ||
                         is_f64(&in.cxx) || is_f64(&in.cyy);
-    rc = pick_backend(CMD_S, backend, any_f64, &cuda);
+    rc = kdl_cli_pick_backend(CMD_S, backend, any_f64, KDL_CLI_F64_NEEDS_CPU, &cuda);
     sk_out_t out;
     memset(&out, 0, sizeof out);
     const size_t nb = (size_t)(in.B > 0 ? in.B : 1);
@@ -522,9 +499,7 @@ int kdl_cli_sinkhorn(int argc, char **argv)
         kdl_json_number_array(&j, "value", out.value, in.B);
         kdl_json_int_array(&j, "iterations", out.iters, in.B);
         kdl_json_number_array(&j, "marginal_error", out.err, in.B);
-        kdl_json_object_end(&j);
-        kdl_json_finish(&j);
-        rc = kdl_cli_finish_stdout(CMD_S);
+        rc = kdl_json_end_stdout(&j, CMD_S);
     }
     sk_out_free(&out);
     sk_in_free(&in);
@@ -586,12 +561,10 @@ static int sd_parse(int argc, char **argv, kdl_cli_opt_t *o, kdl_sinkd_desc_t *d
         kdl_cli_error(CMD_D, "%s is required (see kdloss sinkd --help)", o[D_STUDENT].value ? "--teacher" : "--student");
         return 2;
     }
-    if (o[D_GRAD_OUT].value && !o[D_GRAD_OUT].value[0]) {
-        kdl_cli_error(CMD_D, "--grad-out needs a file name");
-        return 2;
-    }
+    rc = kdl_cli_check_out_path(CMD_D, "--grad-out", o[D_GRAD_OUT].value);
     int v = 0;
-    if (o[D_GROUP].value) rc = kdl_cli_parse_int64(CMD_D, "--group-size", o[D_GROUP].value, 1, INT64_MAX, &d->group_size);
+    if (!rc && o[D_GROUP].value)
+        rc = kdl_cli_parse_int64(CMD_D, "--group-size", o[D_GROUP].value, 1, INT64_MAX, &d->group_size);
     if (!rc && o[D_TEMPERATURE].value)
         rc = kdl_cli_parse_double(CMD_D, "--temperature", o[D_TEMPERATURE].value, 0, 0, INFINITY, 0, &d->temperature);
     if (!rc && o[D_EPSILON].value)
@@ -723,7 +696,9 @@ int kdl_cli_sinkd(int argc, char **argv)
         rc = 2;
     }
     const int64_t G = n > 0 ? N / n : 0;
-    if (!rc) rc = pick_backend(CMD_D, backend, s.dtype == KDL_NPY_F64 || t.dtype == KDL_NPY_F64, &cuda);
+    if (!rc)
+        rc = kdl_cli_pick_backend(CMD_D, backend, s.dtype == KDL_NPY_F64 || t.dtype == KDL_NPY_F64,
+                                  KDL_CLI_F64_NEEDS_CPU, &cuda);
     sd_out_t out;
     memset(&out, 0, sizeof out);
     const size_t ng = (size_t)(G > 0 ? G : 1);
@@ -747,10 +722,8 @@ int kdl_cli_sinkd(int argc, char **argv)
         if (st != KDL_STATUS_SUCCESS) rc = status_exit(CMD_D, st);
     }
     if (!rc && o[D_GRAD_OUT].value) {
-        kdl_npy_dtype_t gt = out.grad_dtype == KDL_DTYPE_F64   ? KDL_NPY_F64
-                             : out.grad_dtype == KDL_DTYPE_F16 ? KDL_NPY_F16
-                                                               : KDL_NPY_F32;
-        rc = kdl_cli_save_npy(CMD_D, o[D_GRAD_OUT].value, gt, 2, s.shape, out.grad);
+        rc = kdl_cli_save_npy(CMD_D, o[D_GRAD_OUT].value, kdl_cli_npy_grad_dtype(out.grad_dtype), 2, s.shape,
+                              out.grad);
     }
     if (!rc) {
         kdl_json_t j;
@@ -766,9 +739,7 @@ int kdl_cli_sinkd(int argc, char **argv)
         kdl_json_number_array(&j, "group_loss", out.gl, G);
         kdl_json_int_array(&j, "iterations", out.iters, G);
         kdl_json_number_array(&j, "marginal_error", out.err, G);
-        kdl_json_object_end(&j);
-        kdl_json_finish(&j);
-        rc = kdl_cli_finish_stdout(CMD_D);
+        rc = kdl_json_end_stdout(&j, CMD_D);
     }
     free(out.gl);
     free(out.err);

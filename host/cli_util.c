@@ -189,7 +189,60 @@ int kdl_cli_check_out_path(const char *cmd, const char *flag, const char *path)
     return 2;
 }
 
+int kdl_cli_parse_loss_opts(const char *cmd, const kdl_cli_opt_t *o, kdl_loss_desc_t *d, int *backend)
+{
+    int v = 0, rc = 0;
+    if (o[KDL_CLI_L_DIVERGENCE].value) {
+        rc = kdl_cli_parse_choice(cmd, "--divergence", o[KDL_CLI_L_DIVERGENCE].value, kdl_divergence_from_name,
+                                  "fkl|rkl|fkl_rkl|akl|jsd|tvd|skl|srkl", &v);
+        d->divergence = (kdl_divergence_t)v;
+    }
+    if (!rc && o[KDL_CLI_L_HEAD_RULE].value) {
+        rc = kdl_cli_parse_choice(cmd, "--head-rule", o[KDL_CLI_L_HEAD_RULE].value, kdl_head_rule_from_name,
+                                  "reference|mass|topk", &v);
+        d->head_rule = (kdl_head_rule_t)v;
+    }
+    if (!rc && o[KDL_CLI_L_REDUCTION].value) {
+        rc = kdl_cli_parse_choice(cmd, "--reduction", o[KDL_CLI_L_REDUCTION].value, kdl_reduction_from_name,
+                                  "none|sum|mean", &v);
+        d->reduction = (kdl_reduction_t)v;
+    }
+    *backend = KDL_CLI_BACKEND_AUTO;
+    if (!rc && o[KDL_CLI_L_BACKEND].value)
+        rc = kdl_cli_parse_choice(cmd, "--backend", o[KDL_CLI_L_BACKEND].value, kdl_cli_backend_from_name,
+                                  "auto|cpu|cuda", backend);
+    const struct {
+        int opt;
+        const char *flag;
+        double lo;
+        int lo_closed;
+        double hi; /* open */
+        double *out;
+    } reals[] = {
+        {KDL_CLI_L_TEMPERATURE, "--temperature", 0, 0, INFINITY, &d->temperature},
+        {KDL_CLI_L_ALPHA, "--alpha", 0, 1, 1, &d->alpha},
+        {KDL_CLI_L_BETA, "--beta", 0, 0, 1, &d->beta},
+        {KDL_CLI_L_MU, "--mu", 0, 0, 1, &d->mu},
+        {KDL_CLI_L_SCALE, "--scale", -INFINITY, 0, INFINITY, &d->scale},
+    };
+    for (size_t k = 0; !rc && k < sizeof reals / sizeof reals[0]; k++)
+        if (o[reals[k].opt].value)
+            rc = kdl_cli_parse_double(cmd, reals[k].flag, o[reals[k].opt].value, reals[k].lo, reals[k].lo_closed,
+                                      reals[k].hi, 0, reals[k].out);
+    if (!rc && o[KDL_CLI_L_TOP_K].value)
+        rc = kdl_cli_parse_int64(cmd, "--top-k", o[KDL_CLI_L_TOP_K].value, 1, INT64_MAX, &d->top_k);
+    if (!rc && o[KDL_CLI_L_IGNORE_INDEX].value)
+        rc = kdl_cli_parse_int64(cmd, "--ignore-index", o[KDL_CLI_L_IGNORE_INDEX].value, INT64_MIN, INT64_MAX,
+                                 &d->ignore_index);
+    return rc;
+}
+
 /* -------------------------------------------------------------- .npy files */
+
+kdl_npy_dtype_t kdl_cli_npy_grad_dtype(kdl_dtype_t t)
+{
+    return t == KDL_DTYPE_F64 ? KDL_NPY_F64 : t == KDL_DTYPE_F16 ? KDL_NPY_F16 : KDL_NPY_F32;
+}
 
 int kdl_cli_load_npy(const char *cmd, const char *flag, const char *path, kdl_npy_array_t *out)
 {

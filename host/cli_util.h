@@ -85,6 +85,29 @@ int kdl_cli_parse_choice(const char *cmd, const char *flag, const char *text, in
  * file name", 2.  0 when path is NULL (not given) or a name. */
 int kdl_cli_check_out_path(const char *cmd, const char *flag, const char *path);
 
+/* The loss options shared by `kdloss loss` and the subcommands of
+ * host/cli_ext.c, in this order at the start of a subcommand's option
+ * array (KDL_CLI_LOSS_OPTS), its own options after them from
+ * KDL_CLI_LOSS_OPT_COUNT on. */
+enum {
+    KDL_CLI_L_DIVERGENCE, KDL_CLI_L_LABELS, KDL_CLI_L_IGNORE_INDEX, KDL_CLI_L_TEMPERATURE, KDL_CLI_L_ALPHA,
+    KDL_CLI_L_BETA, KDL_CLI_L_HEAD_RULE, KDL_CLI_L_MU, KDL_CLI_L_TOP_K, KDL_CLI_L_REDUCTION, KDL_CLI_L_SCALE,
+    KDL_CLI_L_BACKEND, KDL_CLI_LOSS_OPT_COUNT
+};
+
+#define KDL_CLI_LOSS_OPTS                                                                                      \
+    {"--divergence", 1, NULL}, {"--labels", 1, NULL}, {"--ignore-index", 1, NULL}, {"--temperature", 1, NULL}, \
+        {"--alpha", 1, NULL}, {"--beta", 1, NULL}, {"--head-rule", 1, NULL}, {"--mu", 1, NULL},                \
+        {"--top-k", 1, NULL}, {"--reduction", 1, NULL}, {"--scale", 1, NULL}, {"--backend", 1, NULL}
+
+/* Reads the given loss options of o (laid out as KDL_CLI_LOSS_OPTS) into d
+ * (initialised by the caller) and *backend (kdl_cli_backend_t; AUTO when
+ * --backend is absent), in a fixed order: --divergence, --head-rule,
+ * --reduction, --backend, --temperature, --alpha, --beta, --mu, --scale,
+ * --top-k, --ignore-index; the first bad value is the error.  --labels is
+ * the caller's.  Returns 0 or 2. */
+int kdl_cli_parse_loss_opts(const char *cmd, const kdl_cli_opt_t *o, kdl_loss_desc_t *d, int *backend);
+
 /* -------------------------------------------------------------- .npy files */
 
 /* kdl_npy_load with the error reported as "kdloss CMD: FLAG PATH: reason".
@@ -99,6 +122,10 @@ int kdl_cli_load_npy(const char *cmd, const char *flag, const char *path, kdl_np
  * cannot be created or renamed (no such directory, permission); 1 when a
  * write fails. */
 int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx);
+
+/* The .npy dtype of a gradient written in dtype t: float64, float16, else
+ * float32. */
+kdl_npy_dtype_t kdl_cli_npy_grad_dtype(kdl_dtype_t t);
 
 /* kdl_cli_write_atomic of a version-1.0 .npy file (see kdl_npy_write_stream). */
 int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, int ndim, const int64_t *shape,
@@ -174,6 +201,10 @@ int kdl_cli_backend_from_name(const char *name);
  * --backend cpu)") or with float64 inputs (f64_error) is a usage error:
  * returns 2.  Else 0. */
 int kdl_cli_pick_backend(const char *cmd, int backend, int any_f64, const char *f64_error, int *cuda);
+
+/* The f64_error of `kdloss loss`, sinkhorn and sinkd. */
+#define KDL_CLI_F64_NEEDS_CPU "float64 inputs need --backend cpu (the GPU path reads float16/float32)"
+
 
 /* Seconds on a monotonic clock. */
 double kdl_cli_now(void);
