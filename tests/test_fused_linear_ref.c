@@ -270,79 +270,99 @@ Test(dtypes, f32_inputs_convert_exactly)
     for (int j = 0; j < N * D; j++) cr_expect(got.dH[j] == want.dH[j]);
 }
 
+/* One bad-argument case: zero H [2, 3], W [5, 3] and T [2, 5], fkl with
+ * sum; the loss and both gradients hold a sentinel. */
+enum { BAD_N = 2, BAD_D = 3, BAD_V = 5 };
+typedef struct bad_case {
+    double H[BAD_N * BAD_D], W[BAD_V * BAD_D], T[BAD_N * BAD_V];
+    kdl_loss_desc_t d;
+    kdl_fused_linear_args_t a;
+    fres_t r;
+} bad_case_t;
+
+static void bad_setup(bad_case_t *c)
+{
+    memset(c, 0, sizeof *c);
+    c->d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    c->r.loss[0] = 42;
+    for (int k = 0; k < BAD_N * BAD_D; k++) c->r.dH[k] = 42;
+    for (int k = 0; k < BAD_V * BAD_D; k++) c->r.dW[k] = 42;
+    c->a = fargs(c->H, c->W, c->T, NULL, BAD_N, BAD_D, BAD_V, &c->r);
+}
+
+static kdl_status_t bad_call(bad_case_t *c) { return kdl_ref_fused_linear_loss(&c->d, &c->a); }
+
+static int bad_untouched(const bad_case_t *c)
+{
+    int ok = c->r.loss[0] == 42;
+    for (int k = 0; k < BAD_N * BAD_D; k++) ok &= c->r.dH[k] == 42;
+    for (int k = 0; k < BAD_V * BAD_D; k++) ok &= c->r.dW[k] == 42;
+    return ok;
+}
+
+#define BAD(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup, bad_call, bad_untouched, what, expected, mutate)
+
 Test(api, chunk_rows_and_bad_arguments)
 {
-    kdl_fused_linear_args_t c;
-    kdl_fused_linear_args_init(&c);
-    c.rows = 100;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 12);
-    c.rows = 5;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1);
-    c.rows = 1 << 20;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 4096);
+    kdl_fused_linear_args_t ch; /* the chunk-size rule's inputs */
+    kdl_fused_linear_args_init(&ch);
+    ch.rows = 100;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 12);
+    ch.rows = 5;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 1);
+    ch.rows = 1 << 20;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 4096);
     /* 16-bit H and W: c·V·6 bytes <= N·V·2 / 8, so N/24 */
-    c.hidden_dtype = c.weight_dtype = KDL_DTYPE_BF16;
-    c.rows = 8192;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 341);
-    cr_expect_leq(kdl_fused_linear_chunk_rows(&c) * 6, 8192 * 2 / 8);
-    c.weight_dtype = KDL_DTYPE_F32; /* mixed (reference only): the F32 rule */
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1024);
-    c.hidden_dtype = KDL_DTYPE_F32;
+    ch.hidden_dtype = ch.weight_dtype = KDL_DTYPE_BF16;
+    ch.rows = 8192;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 341);
+    cr_expect_leq(kdl_fused_linear_chunk_rows(&ch) * 6, 8192 * 2 / 8);
+    ch.weight_dtype = KDL_DTYPE_F32; /* mixed (reference only): the F32 rule */
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 1024);
+    ch.hidden_dtype = KDL_DTYPE_F32;
     /* With V known, the whole workspace (not only the chunk) within 1/8 of
      * the logits: 1024 rows are exactly 1/8 at F32, so one row less. */
-    c.vocab = 151936;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 1023);
-    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&c), 8192.0 * 151936 * 4 / 8);
+    ch.vocab = 151936;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 1023);
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 4 / 8);
     cr_expect_gt((double)kdl_ext_fused_layout(1024, 151936, 0, 0).total, 8192.0 * 151936 * 4 / 8);
-    c.hidden_dtype = c.weight_dtype = KDL_DTYPE_BF16;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 341);
-    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&c), 8192.0 * 151936 * 2 / 8);
-    c.hidden_dtype = c.weight_dtype = KDL_DTYPE_F32;
-    c.vocab = 0;
-    c.chunk_rows = 64;
-    c.rows = 10;
-    cr_expect_eq(kdl_fused_linear_chunk_rows(&c), 10);
+    ch.hidden_dtype = ch.weight_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 341);
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 2 / 8);
+    ch.hidden_dtype = ch.weight_dtype = KDL_DTYPE_F32;
+    ch.vocab = 0;
+    ch.chunk_rows = 64;
+    ch.rows = 10;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 10);
 
-    enum { N = 2, D = 3, V = 5 };
-    double H[N * D] = {0}, W[V * D] = {0}, T[N * V] = {0};
-    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
-    fres_t r;
-    memset(&r, 0, sizeof r);
-    r.loss[0] = 42;
-#define EXPECT_STATUS(want, mutate)                                                           \
-    do {                                                                                      \
-        kdl_loss_desc_t dd = d;                                                               \
-        kdl_fused_linear_args_t a = fargs(H, W, T, NULL, N, D, V, &r);                        \
-        mutate;                                                                               \
-        kdl_status_t st = kdl_ref_fused_linear_loss(&dd, &a);                                 \
-        cr_expect_eq(st, want, "%s: %s (%s)", #mutate, kdl_status_string(st), kdl_get_last_error()); \
-        cr_expect(r.loss[0] == 42, "%s wrote the loss", #mutate);                             \
-    } while (0)
-    EXPECT_STATUS(KDL_STATUS_BAD_SIZE, a.hidden = 0);
-    EXPECT_STATUS(KDL_STATUS_BAD_SIZE, a.vocab = 0);
-    EXPECT_STATUS(KDL_STATUS_BAD_SIZE, a.rows = -2);
-    EXPECT_STATUS(KDL_STATUS_BAD_SIZE, a.chunk_rows = -1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_hidden = D - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_weight = D - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_teacher = V - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_grad_hidden = 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_grad_weight = 1);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.weight = NULL);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.hidden_states = NULL);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.teacher = NULL);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.loss = NULL);
-    EXPECT_STATUS(KDL_STATUS_NOT_SUPPORTED, a.grad_dtype = KDL_DTYPE_BF16);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRUCT_SIZE, a.struct_size = 0);
-    EXPECT_STATUS(KDL_STATUS_BAD_MU, dd.mu = 1.5);
-#undef EXPECT_STATUS
+    enum { D = BAD_D, V = BAD_V };
+    BAD("hidden = 0", KDL_STATUS_BAD_SIZE, c->a.hidden = 0);
+    BAD("vocab = 0", KDL_STATUS_BAD_SIZE, c->a.vocab = 0);
+    BAD("rows = -2", KDL_STATUS_BAD_SIZE, c->a.rows = -2);
+    BAD("chunk_rows = -1", KDL_STATUS_BAD_SIZE, c->a.chunk_rows = -1);
+    BAD("ld_hidden = D - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_hidden = D - 1);
+    BAD("ld_weight = D - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_weight = D - 1);
+    BAD("ld_teacher = V - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_teacher = V - 1);
+    BAD("ld_grad_hidden = 1", KDL_STATUS_BAD_STRIDE, c->a.ld_grad_hidden = 1);
+    BAD("ld_grad_weight = 1", KDL_STATUS_BAD_STRIDE, c->a.ld_grad_weight = 1);
+    BAD("weight = NULL", KDL_STATUS_NULL_POINTER, c->a.weight = NULL);
+    BAD("hidden_states = NULL", KDL_STATUS_NULL_POINTER, c->a.hidden_states = NULL);
+    BAD("teacher = NULL", KDL_STATUS_NULL_POINTER, c->a.teacher = NULL);
+    BAD("loss = NULL", KDL_STATUS_NULL_POINTER, c->a.loss = NULL);
+    BAD("grad_dtype = KDL_DTYPE_BF16", KDL_STATUS_NOT_SUPPORTED, c->a.grad_dtype = KDL_DTYPE_BF16);
+    BAD("struct_size = 0", KDL_STATUS_BAD_STRUCT_SIZE, c->a.struct_size = 0);
+    BAD("mu = 1.5", KDL_STATUS_BAD_MU, c->d.mu = 1.5);
     /* the GPU path's narrower contract, checked without a device */
-    kdl_fused_linear_args_t a = fargs(H, W, T, NULL, N, D, V, &r);
-    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 hidden on the GPU path");
-    a.hidden_dtype = a.weight_dtype = a.teacher_dtype = a.grad_dtype = KDL_DTYPE_F32;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    d.divergence = KDL_DIV_AKL; /* the GPU path runs the dense kernel, AKL included */
-    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    bad_case_t b;
+    bad_setup(&b);
+    cr_expect_eq(kdl_fused_linear_validate(&b.d, &b.a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 hidden on the GPU path");
+    b.a.hidden_dtype = b.a.weight_dtype = b.a.teacher_dtype = b.a.grad_dtype = KDL_DTYPE_F32;
+    cr_expect_eq(kdl_fused_linear_validate(&b.d, &b.a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    b.d.divergence = KDL_DIV_AKL; /* the GPU path runs the dense kernel, AKL included */
+    cr_expect_eq(kdl_fused_linear_validate(&b.d, &b.a, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
 }
+#undef BAD
 
 /* ------------------------------------------------------------ version 2 */
 

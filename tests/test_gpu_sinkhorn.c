@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kdl_ext_fixtures.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss.h"
 #include "kdloss/kdloss_ref.h"
@@ -52,33 +53,6 @@ Test(gpu_sinkhorn_args, null_handle_and_bad_arguments_before_any_device_use)
 
 #ifdef KDL_HAVE_CUDA
 #include <cuda_runtime_api.h>
-
-#define CUDA_OK(call)                                                                          \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        cr_assert_eq(e_, cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));                \
-    } while (0)
-
-static void *dev_dup(const void *src, size_t bytes)
-{
-    if (!src) return NULL;
-    void *p = NULL;
-    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
-    if (bytes) CUDA_OK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
-    return p;
-}
-static void *dev_alloc(size_t bytes, int want)
-{
-    if (!want) return NULL;
-    void *p = NULL;
-    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
-    CUDA_OK(cudaMemset(p, 0xff, bytes ? bytes : 1)); /* NaN-ish garbage */
-    return p;
-}
-static void dev_get(void *dst, const void *src, size_t bytes)
-{
-    if (dst && src && bytes) CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-}
 
 /* Host-side description of one Sinkhorn call (float arrays). */
 typedef struct hcall {
@@ -114,47 +88,47 @@ static kdl_status_t gpu_sinkhorn(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, h
     a.sizes_n = c->sn;
     a.sizes_m = c->sm;
     a.dim = c->dim;
-    a.cost = dev_dup(c->cost, (size_t)NM * F);
-    a.x = dev_dup(c->x, (size_t)(R * c->dim) * F);
-    a.y = dev_dup(c->y, (size_t)(S * c->dim) * F);
-    a.log_a = dev_dup(c->la, (size_t)R * F);
-    a.log_b = dev_dup(c->lb, (size_t)S * F);
-    a.f_init = dev_dup(c->f_init, (size_t)R * F);
-    a.g_init = dev_dup(c->g_init, (size_t)S * F);
-    a.cost_xx = dev_dup(c->cxx, (size_t)NN * F);
-    a.cost_yy = dev_dup(c->cyy, (size_t)MM * F);
-    a.self_yy = dev_dup(c->self_yy, (size_t)c->B * F);
+    a.cost = kdl_dev_dup(c->cost, (size_t)NM * F);
+    a.x = kdl_dev_dup(c->x, (size_t)(R * c->dim) * F);
+    a.y = kdl_dev_dup(c->y, (size_t)(S * c->dim) * F);
+    a.log_a = kdl_dev_dup(c->la, (size_t)R * F);
+    a.log_b = kdl_dev_dup(c->lb, (size_t)S * F);
+    a.f_init = kdl_dev_dup(c->f_init, (size_t)R * F);
+    a.g_init = kdl_dev_dup(c->g_init, (size_t)S * F);
+    a.cost_xx = kdl_dev_dup(c->cxx, (size_t)NN * F);
+    a.cost_yy = kdl_dev_dup(c->cyy, (size_t)MM * F);
+    a.self_yy = kdl_dev_dup(c->self_yy, (size_t)c->B * F);
     a.self_yy_given = c->self_yy_given;
-    a.value = dev_alloc((size_t)c->B * F, 1);
-    a.marginal_error = dev_alloc((size_t)c->B * F, c->err != NULL);
-    a.iterations = (int64_t *)dev_alloc((size_t)c->B * 8, c->iters != NULL);
-    a.f = dev_alloc((size_t)R * F, c->f != NULL);
-    a.g = dev_alloc((size_t)S * F, c->g != NULL);
-    a.plan = dev_alloc((size_t)NM * F, c->plan != NULL);
-    a.grad_x = dev_alloc((size_t)(R * c->dim) * F, c->grad != NULL);
-    a.info = (int64_t *)dev_alloc(8, 1);
+    a.value = kdl_dev_alloc((size_t)c->B * F, 1);
+    a.marginal_error = kdl_dev_alloc((size_t)c->B * F, c->err != NULL);
+    a.iterations = (int64_t *)kdl_dev_alloc((size_t)c->B * 8, c->iters != NULL);
+    a.f = kdl_dev_alloc((size_t)R * F, c->f != NULL);
+    a.g = kdl_dev_alloc((size_t)S * F, c->g != NULL);
+    a.plan = kdl_dev_alloc((size_t)NM * F, c->plan != NULL);
+    a.grad_x = kdl_dev_alloc((size_t)(R * c->dim) * F, c->grad != NULL);
+    a.info = (int64_t *)kdl_dev_alloc(8, 1);
     size_t ws_bytes = 0;
     kdl_status_t st = kdl_sinkhorn_workspace_size(h, d, &a, &ws_bytes);
     void *ws = NULL;
     if (st == KDL_STATUS_SUCCESS) {
-        ws = dev_alloc(ws_bytes, 1);
+        ws = kdl_dev_alloc(ws_bytes, 1);
         st = kdl_sinkhorn(h, d, &a, ws, ws_bytes - ws_shrink);
-        CUDA_OK(cudaDeviceSynchronize());
+        KDL_CUDA_OK(cudaDeviceSynchronize());
     }
     if (st == KDL_STATUS_SUCCESS) {
-        dev_get(c->value, a.value, (size_t)c->B * F);
-        dev_get(c->err, a.marginal_error, (size_t)c->B * F);
-        dev_get(c->iters, a.iterations, (size_t)c->B * 8);
-        dev_get(c->f, a.f, (size_t)R * F);
-        dev_get(c->g, a.g, (size_t)S * F);
-        dev_get(c->plan, a.plan, (size_t)NM * F);
-        dev_get(c->grad, a.grad_x, (size_t)(R * c->dim) * F);
-        if (c->self_yy && !c->self_yy_given) dev_get(c->self_yy, a.self_yy, (size_t)c->B * F);
-        dev_get(&c->info, a.info, 8);
+        kdl_dev_get(c->value, a.value, (size_t)c->B * F);
+        kdl_dev_get(c->err, a.marginal_error, (size_t)c->B * F);
+        kdl_dev_get(c->iters, a.iterations, (size_t)c->B * 8);
+        kdl_dev_get(c->f, a.f, (size_t)R * F);
+        kdl_dev_get(c->g, a.g, (size_t)S * F);
+        kdl_dev_get(c->plan, a.plan, (size_t)NM * F);
+        kdl_dev_get(c->grad, a.grad_x, (size_t)(R * c->dim) * F);
+        if (c->self_yy && !c->self_yy_given) kdl_dev_get(c->self_yy, a.self_yy, (size_t)c->B * F);
+        kdl_dev_get(&c->info, a.info, 8);
     } else if (ws_shrink) {
         /* nothing written: the value buffer still holds the 0xff bytes */
         float v0;
-        dev_get(&v0, a.value, F);
+        kdl_dev_get(&v0, a.value, F);
         uint32_t bits;
         memcpy(&bits, &v0, 4);
         cr_expect_eq(bits, 0xffffffffu, "value written despite %s", kdl_status_string(st));
@@ -225,15 +199,6 @@ static void to_d(const float *s, double *d, int64_t n)
     for (int64_t k = 0; k < n; k++) d[k] = s[k];
 }
 
-static kdl_tol_t tol_rel_max(const double *ref, int64_t n, double rel)
-{
-    double m = 0;
-    for (int64_t k = 0; k < n; k++)
-        if (isfinite(ref[k])) m = fmax(m, fabs(ref[k]));
-    kdl_tol_t t = {rel, rel * m + 1e-12};
-    return t;
-}
-
 /* Compares every requested output of c with r. */
 static void compare(const char *what, const hcall_t *c, const rcall_t *r, double rel, int exact_iters)
 {
@@ -243,26 +208,26 @@ static void compare(const char *what, const hcall_t *c, const rcall_t *r, double
     double *tmp = malloc(sizeof(double) * (size_t)(NM + R * (c->dim + 1) + S + c->B + 8));
     to_d(c->value, tmp, c->B);
     snprintf(name, sizeof name, "%s: value", what);
-    KDL_EXPECT_CLOSE(name, tmp, r->value, (size_t)c->B, tol_rel_max(r->value, c->B, rel));
+    KDL_EXPECT_CLOSE(name, tmp, r->value, (size_t)c->B, kdl_ext_tol_rel_max(r->value, c->B, rel));
     if (c->plan) {
         to_d(c->plan, tmp, NM);
         snprintf(name, sizeof name, "%s: plan", what);
-        KDL_EXPECT_CLOSE(name, tmp, r->plan, (size_t)NM, tol_rel_max(r->plan, NM, rel));
+        KDL_EXPECT_CLOSE(name, tmp, r->plan, (size_t)NM, kdl_ext_tol_rel_max(r->plan, NM, rel));
     }
     if (c->f) {
         to_d(c->f, tmp, R);
         snprintf(name, sizeof name, "%s: f", what);
-        KDL_EXPECT_CLOSE(name, tmp, r->f, (size_t)R, tol_rel_max(r->f, R, rel));
+        KDL_EXPECT_CLOSE(name, tmp, r->f, (size_t)R, kdl_ext_tol_rel_max(r->f, R, rel));
     }
     if (c->g) {
         to_d(c->g, tmp, S);
         snprintf(name, sizeof name, "%s: g", what);
-        KDL_EXPECT_CLOSE(name, tmp, r->g, (size_t)S, tol_rel_max(r->g, S, rel));
+        KDL_EXPECT_CLOSE(name, tmp, r->g, (size_t)S, kdl_ext_tol_rel_max(r->g, S, rel));
     }
     if (c->grad) {
         to_d(c->grad, tmp, R * c->dim);
         snprintf(name, sizeof name, "%s: grad_x", what);
-        KDL_EXPECT_CLOSE(name, tmp, r->grad, (size_t)(R * c->dim), tol_rel_max(r->grad, R * c->dim, rel));
+        KDL_EXPECT_CLOSE(name, tmp, r->grad, (size_t)(R * c->dim), kdl_ext_tol_rel_max(r->grad, R * c->dim, rel));
     }
     if (c->iters && exact_iters)
         for (int64_t b = 0; b < c->B; b++)
@@ -607,7 +572,7 @@ static void unconverged_small_eps_case(int eps_scaling, kdl_ot_value_t value, in
     to_d(e, gerr, B);
     char name[128];
     snprintf(name, sizeof name, "%s: marginal error", what);
-    KDL_EXPECT_CLOSE(name, gerr, r.err, (size_t)B, tol_rel_max(r.err, B, 2e-3));
+    KDL_EXPECT_CLOSE(name, gerr, r.err, (size_t)B, kdl_ext_tol_rel_max(r.err, B, 2e-3));
     free_r(&r);
     kdl_destroy(h);
 }
@@ -722,30 +687,30 @@ static void sinkd_case(kdl_dtype_t sdt, kdl_dtype_t tdt, kdl_dtype_t gdt, kdl_ot
     cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS);
     /* GPU */
     kdl_sinkd_args_t g = a;
-    g.student = dev_dup(Sd, (size_t)tot * kdl_dtype_size(sdt));
+    g.student = kdl_dev_dup(Sd, (size_t)tot * kdl_dtype_size(sdt));
     g.student_dtype = sdt;
-    g.teacher = dev_dup(Td, (size_t)tot * kdl_dtype_size(tdt));
+    g.teacher = kdl_dev_dup(Td, (size_t)tot * kdl_dtype_size(tdt));
     g.teacher_dtype = tdt;
     g.out_dtype = KDL_DTYPE_F64;
-    g.loss = dev_alloc(8, 1);
-    g.group_loss = dev_alloc((size_t)G * 8, 1);
-    g.plan = dev_alloc((size_t)(G * group * group) * 8, 1);
-    g.grad = dev_alloc((size_t)tot * kdl_dtype_size(gdt), 1);
+    g.loss = kdl_dev_alloc(8, 1);
+    g.group_loss = kdl_dev_alloc((size_t)G * 8, 1);
+    g.plan = kdl_dev_alloc((size_t)(G * group * group) * 8, 1);
+    g.grad = kdl_dev_alloc((size_t)tot * kdl_dtype_size(gdt), 1);
     g.grad_dtype = gdt;
-    g.info = (int64_t *)dev_alloc(8, 1);
+    g.info = (int64_t *)kdl_dev_alloc(8, 1);
     size_t wsb = 0;
     cr_assert_eq(kdl_sinkd_workspace_size(h, &d, &g, &wsb), KDL_STATUS_SUCCESS);
-    void *ws = dev_alloc(wsb, 1);
+    void *ws = kdl_dev_alloc(wsb, 1);
     cr_assert_eq(kdl_sinkd(h, &d, &g, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    CUDA_OK(cudaDeviceSynchronize());
+    KDL_CUDA_OK(cudaDeviceSynchronize());
     double loss, *gl = calloc((size_t)G, 8), *P = calloc((size_t)(G * group * group), 8), *grad = calloc((size_t)tot, 8);
     void *gb = malloc((size_t)tot * 4);
     int64_t info;
-    dev_get(&loss, g.loss, 8);
-    dev_get(gl, g.group_loss, (size_t)G * 8);
-    dev_get(P, g.plan, (size_t)(G * group * group) * 8);
-    dev_get(gb, g.grad, (size_t)tot * kdl_dtype_size(gdt));
-    dev_get(&info, g.info, 8);
+    kdl_dev_get(&loss, g.loss, 8);
+    kdl_dev_get(gl, g.group_loss, (size_t)G * 8);
+    kdl_dev_get(P, g.plan, (size_t)(G * group * group) * 8);
+    kdl_dev_get(gb, g.grad, (size_t)tot * kdl_dtype_size(gdt));
+    kdl_dev_get(&info, g.info, 8);
     kdl_from_dtype(gb, grad, gdt, tot);
     char what[128];
     snprintf(what, sizeof what, "sinkd %s/%s->%s %s N=%lld V=%lld ld=%lld n=%lld", kdl_dtype_name(sdt),
@@ -755,12 +720,12 @@ static void sinkd_case(kdl_dtype_t sdt, kdl_dtype_t tdt, kdl_dtype_t gdt, kdl_ot
     kdl_tol_t tl = {2e-4, 1e-7};
     KDL_EXPECT_CLOSE(what, &loss, &rloss, 1, tl);
     KDL_EXPECT_CLOSE(what, gl, rgl, (size_t)G, tl);
-    KDL_EXPECT_CLOSE(what, P, rP, (size_t)(G * group * group), tol_rel_max(rP, G * group * group, 2e-4));
+    KDL_EXPECT_CLOSE(what, P, rP, (size_t)(G * group * group), kdl_ext_tol_rel_max(rP, G * group * group, 2e-4));
     /* the gradient over the row (padding excluded), in the output dtype */
     double *gv = malloc(sizeof(double) * (size_t)(N * V)), *rv = malloc(sizeof(double) * (size_t)(N * V));
     for (int64_t i = 0; i < N; i++)
         for (int64_t v = 0; v < V; v++) gv[i * V + v] = grad[i * ld + v], rv[i * V + v] = rgrad[i * ld + v];
-    KDL_EXPECT_CLOSE(what, gv, rv, (size_t)(N * V), tol_rel_max(rv, N * V, gdt == KDL_DTYPE_F32 ? 1e-3 : 1e-2));
+    KDL_EXPECT_CLOSE(what, gv, rv, (size_t)(N * V), kdl_ext_tol_rel_max(rv, N * V, gdt == KDL_DTYPE_F32 ? 1e-3 : 1e-2));
     free(gv), free(rv), free(S), free(T), free(Sd), free(Td), free(rgl), free(rP), free(rgrad), free(gl), free(P),
         free(grad), free(gb);
     const void *all[] = {g.student, g.teacher, g.loss, g.group_loss, g.plan, g.grad, g.info, ws};

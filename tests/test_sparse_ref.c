@@ -54,12 +54,6 @@ static void run_dense(const kdl_loss_desc_t *d, const double *S, const double *T
     kdl_ext_ref_dense(d, &a, "full support");
 }
 
-static void random_rows(uint64_t seed, double *x, int64_t n, double sigma)
-{
-    kdl_rng_t g = {seed};
-    kdl_fill_logits(&g, x, n, sigma);
-}
-
 /* A random permutation of [0, V) (Fisher-Yates). */
 static void permutation(uint64_t seed, int64_t *p, int64_t V)
 {
@@ -94,8 +88,8 @@ static void check_full_support(kdl_sparse_mode_t mode, kdl_divergence_t div, kdl
     enum { N = 4, V = 37 };
     double S[N * V], T[N * V], lt[N * V];
     int64_t idx[N * V];
-    random_rows(seed, S, N * V, 2.0);
-    random_rows(seed + 100, T, N * V, 2.0);
+    kdl_random_rows(seed, S, N * V, 2.0);
+    kdl_random_rows(seed + 100, T, N * V, 2.0);
     full_support(T, N, V, tau, seed + 200, idx, lt);
     kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
@@ -157,7 +151,7 @@ Test(full_support, tied_teacher_akl_head_by_vocabulary_index)
     enum { V = 8 };
     double S[V], T[V], lt[V];
     int64_t idx[V];
-    random_rows(5, S, V, 1.0);
+    kdl_random_rows(5, S, V, 1.0);
     for (int v = 0; v < V; v++) T[v] = 0.25;
     double lp[V];
     kdl_ext_log_softmax(T, V, 1.0, lp);
@@ -238,7 +232,7 @@ Test(closed_form, teacher_at_student_gives_zero)
     enum { V = 20, K = 6 };
     double S[V], lq[V], lt[K];
     int64_t idx[K], perm[V];
-    random_rows(9, S, V, 2.0);
+    kdl_random_rows(9, S, V, 2.0);
     kdl_ext_log_softmax(S, V, 1.0, lq);
     permutation(10, perm, V);
     for (int j = 0; j < K; j++) {
@@ -277,7 +271,7 @@ static void random_support(uint64_t seed, int64_t V, int64_t k, double tau, int6
 {
     double T[MAXV], lp[MAXV];
     int64_t perm[MAXV];
-    random_rows(seed, T, V, 2.0);
+    kdl_random_rows(seed, T, V, 2.0);
     kdl_ext_log_softmax(T, V, tau, lp);
     permutation(seed + 1, perm, V);
     for (int64_t j = 0; j < k; j++) {
@@ -290,7 +284,7 @@ static void random_support(uint64_t seed, int64_t V, int64_t k, double tau, int6
  * from seed + 1. */
 static void random_row(uint64_t seed, int64_t V, int64_t K, double sigma, double *S, int64_t *idx, double *lt)
 {
-    random_rows(seed, S, V, sigma);
+    kdl_random_rows(seed, S, V, sigma);
     random_support(seed + 1, V, K, 1.0, idx, lt);
 }
 
@@ -298,7 +292,7 @@ static void random_row(uint64_t seed, int64_t V, int64_t K, double sigma, double
  * from seed, row i's support from seed + 10 + i. */
 static void random_batch(uint64_t seed, int64_t N, int64_t V, int64_t K, double *S, int64_t *idx, double *lt)
 {
-    random_rows(seed, S, N * V, 1.0);
+    kdl_random_rows(seed, S, N * V, 1.0);
     for (int64_t i = 0; i < N; i++) random_support(seed + 10 + (uint64_t)i, V, K, 1.0, idx + i * K, lt + i * K);
 }
 
@@ -307,7 +301,7 @@ static void check_fd(kdl_sparse_mode_t mode, kdl_divergence_t div, double tau, k
     enum { V = 23, K = 7 };
     double s[V], lt[K];
     int64_t idx[K];
-    random_rows(seed, s, V, 1.5);
+    kdl_random_rows(seed, s, V, 1.5);
     random_support(seed + 50, V, K, tau, idx, lt);
     kdl_loss_desc_t d = kdl_test_desc(div, red);
     d.temperature = tau;
@@ -361,7 +355,7 @@ Test(finite_difference, tail_akl_with_frozen_weights_each_rule)
     for (int rule = 0; rule < KDL_HEAD_COUNT_; rule++) {
         double s[V], lt[K], lq[V];
         int64_t idx[K];
-        random_rows(600 + rule, s, V, 1.5);
+        kdl_random_rows(600 + rule, s, V, 1.5);
         random_support(650 + rule, V, K, 1.0, idx, lt);
         kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_SUM);
         d.head_rule = (kdl_head_rule_t)rule;
@@ -543,51 +537,67 @@ Test(bad_data, masked_student_outside_support_is_honest)
 
 /* ------------------------------------------------------------ bad args */
 
+/* One bad-argument case: the single row of seed 1000 (V 8, K 3), tail
+ * bucket mode, fkl with sum; the loss holds a sentinel. */
+enum { BAD_V = 8, BAD_K = 3 };
+typedef struct bad_case {
+    double S[BAD_V], lt[BAD_K];
+    int64_t idx[BAD_K];
+    kdl_loss_desc_t d;
+    kdl_sparse_args_t a;
+    srun_t r;
+} bad_case_t;
+
+static void bad_setup(bad_case_t *c)
+{
+    random_row(1000, BAD_V, BAD_K, 1.0, c->S, c->idx, c->lt);
+    c->d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    memset(&c->r, 0, sizeof c->r);
+    c->r.loss[0] = 42;
+    c->a = sargs(KDL_SPARSE_TAIL_BUCKET, c->S, c->idx, c->lt, NULL, 1, BAD_V, BAD_K, &c->r);
+}
+
+static kdl_status_t bad_call(bad_case_t *c) { return kdl_ref_sparse_loss(&c->d, &c->a); }
+
+static int bad_untouched(const bad_case_t *c) { return c->r.loss[0] == 42; }
+
+#define BAD(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup, bad_call, bad_untouched, what, expected, mutate)
+
 Test(bad_args, each_returns_its_status_and_writes_nothing)
 {
-    enum { V = 8, K = 3 };
-    double S[V], lt[K];
-    int64_t idx[K];
-    random_row(1000, V, K, 1.0, S, idx, lt);
-    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
-    srun_t r;
-    memset(&r, 0, sizeof r);
-    r.loss[0] = 42;
-#define EXPECT_STATUS(want, mutate)                                                               \
-    do {                                                                                          \
-        kdl_loss_desc_t dd = d;                                                                   \
-        kdl_sparse_args_t a = sargs(KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, 1, V, K, &r);      \
-        mutate;                                                                                   \
-        kdl_status_t st = kdl_ref_sparse_loss(&dd, &a);                                           \
-        cr_expect_eq(st, want, "%s: got %s (%s)", #mutate, kdl_status_string(st), kdl_get_last_error()); \
-        cr_expect(r.loss[0] == 42, "%s wrote the loss", #mutate);                                 \
-    } while (0)
-    EXPECT_STATUS(KDL_STATUS_BAD_TOP_K, a.k = 0);
-    EXPECT_STATUS(KDL_STATUS_BAD_TOP_K, a.k = V + 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_TOP_K, (a.k = 1025, a.vocab = 4096, a.ld_student = 4096));
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_indices = K - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_logprobs = K - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_student = V - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRIDE, a.ld_grad = V - 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_SIZE, a.rows = -1);
-    EXPECT_STATUS(KDL_STATUS_BAD_SIZE, a.vocab = 0);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.teacher_indices = NULL);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.teacher_logprobs = NULL);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.student = NULL);
-    EXPECT_STATUS(KDL_STATUS_NULL_POINTER, a.loss = NULL);
-    EXPECT_STATUS(KDL_STATUS_BAD_ENUM, a.mode = (kdl_sparse_mode_t)7);
-    EXPECT_STATUS(KDL_STATUS_BAD_STRUCT_SIZE, a.struct_size = 3);
-    EXPECT_STATUS(KDL_STATUS_BAD_TEMPERATURE, dd.temperature = 0);
-    EXPECT_STATUS(KDL_STATUS_BAD_BETA, dd.beta = 1);
-    EXPECT_STATUS(KDL_STATUS_BAD_ENUM, dd.divergence = (kdl_divergence_t)99);
-    EXPECT_STATUS(KDL_STATUS_NOT_SUPPORTED, (a.mode = KDL_SPARSE_RENORMALISED, dd.divergence = KDL_DIV_RKL));
-    EXPECT_STATUS(KDL_STATUS_NOT_SUPPORTED, (a.mode = KDL_SPARSE_RENORMALISED, dd.divergence = KDL_DIV_AKL));
-    EXPECT_STATUS(KDL_STATUS_NOT_SUPPORTED, (a.mode = KDL_SPARSE_RENORMALISED, dd.divergence = KDL_DIV_FKL_RKL));
-    EXPECT_STATUS(KDL_STATUS_BAD_TOP_K, (dd.divergence = KDL_DIV_AKL, dd.head_rule = KDL_HEAD_TOPK, dd.top_k = K + 1));
-    EXPECT_STATUS(KDL_STATUS_NOT_SUPPORTED, a.grad_dtype = KDL_DTYPE_BF16);
-#undef EXPECT_STATUS
+    enum { V = BAD_V, K = BAD_K };
+    BAD("k = 0", KDL_STATUS_BAD_TOP_K, c->a.k = 0);
+    BAD("k = V + 1", KDL_STATUS_BAD_TOP_K, c->a.k = V + 1);
+    BAD("k = 1025, vocab = 4096, ld_student = 4096", KDL_STATUS_BAD_TOP_K,
+        c->a.k = 1025; c->a.vocab = 4096; c->a.ld_student = 4096);
+    BAD("ld_indices = K - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_indices = K - 1);
+    BAD("ld_logprobs = K - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_logprobs = K - 1);
+    BAD("ld_student = V - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_student = V - 1);
+    BAD("ld_grad = V - 1", KDL_STATUS_BAD_STRIDE, c->a.ld_grad = V - 1);
+    BAD("rows = -1", KDL_STATUS_BAD_SIZE, c->a.rows = -1);
+    BAD("vocab = 0", KDL_STATUS_BAD_SIZE, c->a.vocab = 0);
+    BAD("teacher_indices = NULL", KDL_STATUS_NULL_POINTER, c->a.teacher_indices = NULL);
+    BAD("teacher_logprobs = NULL", KDL_STATUS_NULL_POINTER, c->a.teacher_logprobs = NULL);
+    BAD("student = NULL", KDL_STATUS_NULL_POINTER, c->a.student = NULL);
+    BAD("loss = NULL", KDL_STATUS_NULL_POINTER, c->a.loss = NULL);
+    BAD("mode = (kdl_sparse_mode_t)7", KDL_STATUS_BAD_ENUM, c->a.mode = (kdl_sparse_mode_t)7);
+    BAD("struct_size = 3", KDL_STATUS_BAD_STRUCT_SIZE, c->a.struct_size = 3);
+    BAD("temperature = 0", KDL_STATUS_BAD_TEMPERATURE, c->d.temperature = 0);
+    BAD("beta = 1", KDL_STATUS_BAD_BETA, c->d.beta = 1);
+    BAD("divergence = (kdl_divergence_t)99", KDL_STATUS_BAD_ENUM, c->d.divergence = (kdl_divergence_t)99);
+    BAD("mode = KDL_SPARSE_RENORMALISED, divergence = KDL_DIV_RKL", KDL_STATUS_NOT_SUPPORTED,
+        c->a.mode = KDL_SPARSE_RENORMALISED; c->d.divergence = KDL_DIV_RKL);
+    BAD("mode = KDL_SPARSE_RENORMALISED, divergence = KDL_DIV_AKL", KDL_STATUS_NOT_SUPPORTED,
+        c->a.mode = KDL_SPARSE_RENORMALISED; c->d.divergence = KDL_DIV_AKL);
+    BAD("mode = KDL_SPARSE_RENORMALISED, divergence = KDL_DIV_FKL_RKL", KDL_STATUS_NOT_SUPPORTED,
+        c->a.mode = KDL_SPARSE_RENORMALISED; c->d.divergence = KDL_DIV_FKL_RKL);
+    BAD("divergence = KDL_DIV_AKL, head_rule = KDL_HEAD_TOPK, top_k = K + 1", KDL_STATUS_BAD_TOP_K,
+        c->d.divergence = KDL_DIV_AKL; c->d.head_rule = KDL_HEAD_TOPK; c->d.top_k = K + 1);
+    BAD("grad_dtype = KDL_DTYPE_BF16", KDL_STATUS_NOT_SUPPORTED, c->a.grad_dtype = KDL_DTYPE_BF16);
     cr_expect_eq(kdl_ref_sparse_loss(NULL, NULL), KDL_STATUS_NULL_POINTER);
 }
+#undef BAD
 
 Test(bad_args, empty_batch_and_names)
 {

@@ -178,3 +178,39 @@ void kdl_ext_ref_fused(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *
     cr_assert_eq(st, KDL_STATUS_SUCCESS, "%s: fused linear reference: %s (%s)", what, kdl_status_string(st),
                  kdl_get_last_error());
 }
+
+kdl_tol_t kdl_ext_tol_rel_max(const double *ref, int64_t n, double rel)
+{
+    double m = 0;
+    for (int64_t k = 0; k < n; k++)
+        if (isfinite(ref[k])) m = fmax(m, fabs(ref[k]));
+    kdl_tol_t t = {rel, rel * m + 1e-12};
+    return t;
+}
+
+/* ------------------------------------------------------ device memory */
+
+#ifdef KDL_HAVE_CUDA
+void *kdl_dev_dup(const void *src, size_t bytes)
+{
+    if (!src) return NULL;
+    void *p = NULL;
+    KDL_CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+    if (bytes) KDL_CUDA_OK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
+    return p;
+}
+
+void *kdl_dev_alloc(size_t bytes, int want)
+{
+    if (!want) return NULL;
+    void *p = NULL;
+    KDL_CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+    KDL_CUDA_OK(cudaMemset(p, 0xff, bytes ? bytes : 1));
+    return p;
+}
+
+void kdl_dev_get(void *dst, const void *src, size_t bytes)
+{
+    if (dst && src && bytes) KDL_CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+#endif

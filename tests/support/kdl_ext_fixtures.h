@@ -3,7 +3,8 @@
  * (test_sparse_ref, test_fused_linear_ref, test_gpu_ext, test_ext_cli):
  * seeded normal data, top-k teacher supports, the argument structs of the
  * dense, sparse and fused linear calls over contiguous rows, the float64
- * reference calls that must succeed, and the logits H W^T + b.
+ * reference calls that must succeed, the logits H W^T + b, and (with CUDA)
+ * the device copies of the GPU tests.
  */
 #ifndef KDL_EXT_FIXTURES_H
 #define KDL_EXT_FIXTURES_H
@@ -71,5 +72,34 @@ kdl_shard_args_t kdl_ext_shard_args(int64_t N, int64_t V, int R, int r, int64_t 
 void kdl_ext_ref_dense(const kdl_loss_desc_t *d, const kdl_loss_args_t *a, const char *what);
 void kdl_ext_ref_sparse(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, const char *what);
 void kdl_ext_ref_fused(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, const char *what);
+
+/* The tolerance {rel, rel * max |ref| + 1e-12} over the finite entries of
+ * ref [n]: float32 results against the float64 reference, relative to the
+ * largest reference entry. */
+kdl_tol_t kdl_ext_tol_rel_max(const double *ref, int64_t n, double rel);
+
+/* ------------------------------------------------------ device memory */
+
+#ifdef KDL_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+/* A CUDA runtime call that must succeed: the current test fails (assert)
+ * naming the call and the error.  Needs <criterion/criterion.h>. */
+#define KDL_CUDA_OK(call)                                                                      \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        cr_assert_eq(e_, cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));                \
+    } while (0)
+
+/* Device buffers for the GPU tests (free with cudaFree); a CUDA error
+ * fails the current test.  kdl_dev_dup: a device copy of bytes of host src,
+ * NULL when src is NULL (at least 1 byte is allocated).  kdl_dev_alloc:
+ * bytes (at least 1) filled with 0xff, a NaN pattern that an output left
+ * untouched keeps; NULL unless want.  kdl_dev_get: bytes from device src
+ * into host dst; nothing when either is NULL or bytes is 0. */
+void *kdl_dev_dup(const void *src, size_t bytes);
+void *kdl_dev_alloc(size_t bytes, int want);
+void kdl_dev_get(void *dst, const void *src, size_t bytes);
+#endif
 
 #endif
