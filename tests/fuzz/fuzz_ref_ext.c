@@ -224,7 +224,7 @@ static double grad_noise(const kdl_loss_desc_t *d, const void *S, kdl_dtype_t sd
     }
     if (d->scale == 0) return 0; /* scale 0: exact zeros (kdl_scaled_*) */
     double range = hi > lo ? (hi - lo) / d->temperature : 0;
-    double r = fabs(d->scale) / d->temperature * 1e-13 * (1 + range);
+    double r = fabs(d->scale) / d->temperature * (1e-13 * (1 + range)); /* the small factor last: no underflow */
     return isnan(r) ? INFINITY : r; /* 0 x inf from underflow: no bound known */
 }
 
