@@ -97,9 +97,9 @@ typedef struct kdl_shard_header {
 } kdl_shard_header_t;
 
 typedef struct kdl_shard_row {
-    double m_s, m_t;       /* global max of z = s/tau and x = t/tau (step 0's MAX)   */
-    double z_s, z_t;       /* global sum-exp relative to the maxima (step 1's SUM)    */
-    double lse_s, lse_t;   /* m + log(z)                                              */
+    double m_s, m_t;       /* global max of the raw logits s and t (step 0's MAX)     */
+    double z_s, z_t;       /* global sum of exp((x - m)/tau) (step 1's SUM)           */
+    double lse_s, lse_t;   /* log(z): log q = (s - m_s)/tau - lse_s, log p likewise   */
     double mass_before;    /* AKL: teacher mass (relative to m_t, unnormalised) of the
                             * tokens before the current key prefix                    */
     double w_head, w_tail; /* AKL weights (last step)                                 */

@@ -11,7 +11,9 @@
  *                 as in the dense reference.
  *   TAIL_BUCKET   k + 1 cells: cell j in J has (lt_j, lq_j); the bucket b has
  *                 lp_b = log(1 - sum_J exp(lt)) (computed as log(-expm1(
- *                 LSE_J(lt)))), -inf when k = V, and lq_b = LSE_{v not in J}
+ *                 LSE_J(lt)))), -inf when k = V (where a given mass below
+ *                 1 - KDL_SPARSE_MASS_TOL makes the row invalid: there is no
+ *                 token to hold the rest), and lq_b = LSE_{v not in J}
  *                 lq_v.  Loss sum over cells of elem(lp_c, lq_c), G = sum of
  *                 qg_c; dz_j = qg_j - q_j G on J and, outside J, where q_b
  *                 is the sum of the q_v: dz_v = (q_v/q_b) qg_b - q_v G
@@ -220,6 +222,11 @@ static row_cls_t classify(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, 
     double lse_t = lse_of(sc->lt, k);
     if (a->mode == KDL_SPARSE_RENORMALISED && lse_t == -INFINITY) c.state = KDL_EXT_ROW_INVALID;
     if (a->mode == KDL_SPARSE_TAIL_BUCKET && lse_t > log1p(KDL_SPARSE_MASS_TOL)) c.state = KDL_EXT_ROW_INVALID;
+    /* k = V: no token is off the support, so the bucket has nothing to hold
+     * a residual mass 1 - sum p; beyond the same tolerance the row is not a
+     * distribution (mirror of the rule above); within it the bucket is 0 */
+    if (a->mode == KDL_SPARSE_TAIL_BUCKET && k == V && lse_t < log1p(-KDL_SPARSE_MASS_TOL))
+        c.state = KDL_EXT_ROW_INVALID;
     return c;
 }
 

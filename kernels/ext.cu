@@ -292,6 +292,8 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     if (!bad && !badidx && M != -INFINITY) {
         if (P.mode == KDL_SPARSE_RENORMALISED && Mt == -INFINITY) bad = 1;
         if (P.mode == KDL_SPARSE_TAIL_BUCKET && lse_t > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
+        /* k = V: no off-support token to hold a residual mass (as the reference) */
+        if (P.mode == KDL_SPARSE_TAIL_BUCKET && k == V && lse_t < log1p(-KDL_SPARSE_MASS_TOL)) bad = 1;
     }
     if (bad || badidx || M == -INFINITY) {
         if (P.has_grad) zero_row(P.grad, P.gdt, offG, V);
@@ -494,7 +496,7 @@ size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 /* ========================================================= vocabulary-parallel */
 struct ShardP {
     int div, rule, sdt, tdt, gdt, D, width, akl, has_grad, reduction, out_dt;
-    double tau, inv_tau, mu, scale, coef; /* inv_tau = 1/tau clamped to DBL_MAX */
+    double tau, mu, scale, coef;
     int64_t N, Vl, R, rank, top_k, ld_s, ld_t, ld_g, ignore_index, F;
     const void *S, *T;
     const int64_t *labels;
@@ -512,18 +514,21 @@ __device__ __forceinline__ uint64_t tkey(const ShardP &P, int64_t i, int64_t v)
     return kdl_ext_order_key(ld_bits(P.T, P.tdt, i * P.ld_t + v), P.width);
 }
 
-/* z = x/tau of a raw logit, in double as the reference (a float z loses its
- * low digits once |z| is large: a small tau or large logits). */
-__device__ __forceinline__ double shard_z(const ShardP &P, const void *p, int dt, int64_t off)
+/* (x - m)/tau of a raw logit x against the row's global maximum m of the raw
+ * logits, in double and with the reference's operations (host/ref_shard.c:
+ * the max subtracted before dividing by tau), so the exchange is the
+ * reference's to rounding of the sums and a tiny tau with large logits gives
+ * the tau -> 0 limit, not inf - inf (docs/hardening.md F9). */
+__device__ __forceinline__ double shard_z(const ShardP &P, const void *p, int dt, int64_t off, double m)
 {
-    return (double)ld_f(p, dt, off) * P.inv_tau;
+    return ((double)ld_f(p, dt, off) - m) / P.tau;
 }
 
-/* log q (or log p) = z - LSE, formed in double and rounded once to float
- * for the element maths. */
-__device__ __forceinline__ float shard_logp(const ShardP &P, const void *p, int dt, int64_t off, double lse)
+/* log q (or log p) = (x - m)/tau - log z, formed in double and rounded once
+ * to float for the element maths. */
+__device__ __forceinline__ float shard_logp(const ShardP &P, const void *p, int dt, int64_t off, double m, double lse)
 {
-    return (float)(shard_z(P, p, dt, off) - lse);
+    return (float)(shard_z(P, p, dt, off, m) - lse);
 }
 
 /* Teacher mass of the AKL histograms as an unsigned 128-bit fixed-point
@@ -586,7 +591,7 @@ __device__ void absorb_digit_row(const ShardP &P, kdl_shard_row_t &r, const doub
     if (digit == P.D - 1) {
         r.n_tie = (int64_t)cnt[b];
         double x = bits_to_f(kdl_ext_order_key_bits(r.prefix, P.width), P.tdt);
-        double p = exp(x * P.inv_tau - r.lse_t);
+        double p = exp((x - r.m_t) / P.tau - r.lse_t);
         r.j_take = kdl_shard_tie_take(P.rule, P.mu, P.top_k, r.count_before, r.mass_before / r.z_t, r.n_tie, p);
         r.head_size = r.count_before + r.j_take;
     }
@@ -600,8 +605,8 @@ __global__ void shard_absorb_norm(ShardP P, int64_t F)
     const double *ex = P.ex + i * F;
     r.z_s = ex[0];
     r.z_t = ex[1];
-    r.lse_s = r.m_s + log(r.z_s);
-    r.lse_t = r.m_t + log(r.z_t);
+    r.lse_s = log(r.z_s); /* of the shifted sums: lq = (s - m_s)/tau - lse_s */
+    r.lse_t = log(r.z_t);
     if (P.akl) absorb_digit_row(P, r, ex + 2, 0);
     P.rows[i] = r;
 }
@@ -651,8 +656,8 @@ __global__ void __launch_bounds__(kThreads) shard_write_max(ShardP P)
     __shared__ double dscr[32];
     __shared__ int iscr[33];
     const int64_t i = blockIdx.x;
-    /* the maxima of z and x in double, exactly as shard_z forms them later,
-     * so that exp(z - m) <= 1 and a tiny tau does not overflow a float */
+    /* the maxima of the raw logits s and t (exact in double), as the
+     * reference's step 0 writes them: exp((x - m)/tau) <= 1 for every tau */
     double ms = -INFINITY, mt = -INFINITY;
     int bad = 0;
     if (!(P.labels && P.labels[i] == P.ignore_index))
@@ -662,8 +667,8 @@ __global__ void __launch_bounds__(kThreads) shard_write_max(ShardP P)
                 bad = 1;
                 continue;
             }
-            ms = fmax(ms, (double)s * P.inv_tau);
-            mt = fmax(mt, (double)t * P.inv_tau);
+            ms = fmax(ms, (double)s);
+            mt = fmax(mt, (double)t);
         }
     ms = block_reduce(ms, dscr, MaxD());
     mt = block_reduce(mt, dscr, MaxD());
@@ -692,7 +697,7 @@ __device__ void shard_histogram(const ShardP &P, int64_t i, const kdl_shard_row_
             if (digit > 0 && (key >> shift_hi) != r.prefix) continue;
             int b = (int)((key >> shift) & 0xffu);
             atomicAdd(&hc[b], 1u);
-            mass_fx_add(&hhi[b], &hlo[b], exp(shard_z(P, P.T, P.tdt, i * P.ld_t + v) - r.m_t));
+            mass_fx_add(&hhi[b], &hlo[b], exp(shard_z(P, P.T, P.tdt, i * P.ld_t + v, r.m_t)));
         }
     }
     __syncthreads();
@@ -712,8 +717,8 @@ __global__ void __launch_bounds__(kThreads) shard_write_norm(ShardP P, int64_t F
     double zs = 0, zt = 0;
     if (r.cls == KDL_EXT_ROW_VALID)
         for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
-            zs += exp(shard_z(P, P.S, P.sdt, i * P.ld_s + v) - r.m_s);
-            zt += exp(shard_z(P, P.T, P.tdt, i * P.ld_t + v) - r.m_t);
+            zs += exp(shard_z(P, P.S, P.sdt, i * P.ld_s + v, r.m_s));
+            zt += exp(shard_z(P, P.T, P.tdt, i * P.ld_t + v, r.m_t));
         }
     zs = block_reduce(zs, dscr, SumD());
     zt = block_reduce(zt, dscr, SumD());
@@ -779,8 +784,8 @@ __global__ void __launch_bounds__(kThreads) shard_write_partial(ShardP P)
     if (r.cls == KDL_EXT_ROW_VALID) {
         if (P.akl) {
             walk_with_head(P, i, r, iscr, [&](int64_t v, int head) {
-                float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.lse_s);
-                float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.lse_t);
+                float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.m_s, r.lse_s);
+                float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.m_t, r.lse_t);
                 kdl_elem_f f = kdl_elem_fkl_f(lp, lq), g = kdl_elem_rkl_f(lp, lq);
                 acc[KDL_SHARD_P_FKL] += f.loss;
                 acc[KDL_SHARD_P_RKL] += g.loss;
@@ -796,8 +801,8 @@ __global__ void __launch_bounds__(kThreads) shard_write_partial(ShardP P)
         } else {
             const kdl_elem_params_f pr = make_params(P.div, (float)P.coef, 0.5f, 0.5f);
             for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
-                float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.lse_s);
-                float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.lse_t);
+                float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.m_s, r.lse_s);
+                float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.m_t, r.lse_t);
                 kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
                 acc[KDL_SHARD_P_LOSS] += e.loss;
                 acc[KDL_SHARD_P_G] += e.qg;
@@ -832,12 +837,12 @@ __global__ void __launch_bounds__(kThreads) shard_write_finish(ShardP P)
     const kdl_elem_params_f pr = make_params(P.div, (float)P.coef, (float)r.w_head, (float)r.w_tail);
     if (P.has_grad)
         for (int64_t v = threadIdx.x; v < P.Vl; v += blockDim.x) {
-            float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.lse_s);
-            float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.lse_t);
+            float lq = shard_logp(P, P.S, P.sdt, i * P.ld_s + v, r.m_s, r.lse_s);
+            float lp = shard_logp(P, P.T, P.tdt, i * P.ld_t + v, r.m_t, r.lse_t);
             kdl_elem_f e = kdl_elem_eval_f(&pr, lp, lq);
             const float dz = kdl_elem_dz_f(e.qg, __expf(lq), G);
             st_f(P.grad, P.gdt, i * P.ld_g + v,
-                 (gscale == 0.0 || dz == 0.0f) ? 0.0f : (float)((gscale * (double)dz) * P.inv_tau));
+                 (gscale == 0.0 || dz == 0.0f) ? 0.0f : (float)((gscale * (double)dz) / P.tau));
         }
     if (P.akl && P.head_mask)
         walk_with_head(P, i, r, iscr, [&](int64_t v, int head) { P.head_mask[i * P.Vl + v] = (unsigned char)head; });
@@ -1054,7 +1059,6 @@ extern "C" kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *d, const kdl
     P.reduction = (int)d->reduction;
     P.out_dt = (int)a->out_dtype;
     P.tau = d->temperature;
-    P.inv_tau = fmin(1.0 / d->temperature, DBL_MAX);
     P.mu = d->mu;
     P.scale = d->scale;
     P.coef = d->divergence == KDL_DIV_JSD ? d->beta : d->alpha;

@@ -205,6 +205,43 @@ Test(gpu_sparse, full_k_and_large_vocabulary)
     sparse_case(KDL_SPARSE_TAIL_BUCKET, KDL_DIV_JSD, KDL_REDUCTION_SUM, 2, 151936, 64, 33, 0);
 }
 
+/* TAIL_BUCKET with k = V (docs/extensions.md, "Validation and invalid
+ * rows"; mirrors tests/test_sparse_ref.c tail_bucket_full_support_missing_mass):
+ * no token off the support, so a given mass below 1 - KDL_SPARSE_MASS_TOL
+ * makes the row invalid (0.998 and an all -inf row, and 0.5) and one within
+ * the tolerance (0.9995) is valid with an empty bucket; the device's loss,
+ * gradient and counters against the reference, every divergence, NONE and
+ * MEAN.  Not run on a device here. */
+Test(gpu_sparse, tail_bucket_full_support_missing_mass)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 5, V = 300 };
+    const double mass[N] = {1.0, 0.998, 0.9995, 0.0, 0.5};
+    double *S = (double *)malloc(N * V * 8), *P = (double *)malloc(N * V * 8);
+    int64_t *I = (int64_t *)malloc(N * V * 8);
+    kdl_rng_t g = {1500};
+    kdl_fill_logits(&g, S, N * V, 2.0);
+    kdl_ext_strided_support(N, V, V, 13, I);
+    for (int64_t i = 0; i < N; i++) {
+        kdl_fill_logits(&g, P + i * V, V, 2.0);
+        if (mass[i] > 0)
+            kdl_ext_topk_logprobs(P + i * V, V, mass[i]);
+        else
+            for (int64_t j = 0; j < V; j++) P[i * V + j] = -INFINITY;
+    }
+    for (size_t k = 0; k < KDL_NDIVS; k++)
+        for (int red = 0; red < 2; red++) {
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], red ? KDL_REDUCTION_MEAN : KDL_REDUCTION_NONE);
+            char what[96];
+            snprintf(what, sizeof what, "tail k = V, short mass, %s red %d", kdl_divergence_name(d.divergence),
+                     (int)d.reduction);
+            sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, V, S, I, P, 2e-4, what, 1);
+        }
+    free(S);
+    free(P);
+    free(I);
+}
+
 /* ----------------------------------------------------- vocabulary-parallel */
 
 /* The vocabulary-parallel steps over 3 shards (widths V/3, V/2, the rest)
@@ -322,6 +359,255 @@ Test(gpu_shard, three_shards_equal_unsharded)
     for (size_t k = 0; k < KDL_NDIVS; k++) shard_case(kdl_all_divs[k], KDL_HEAD_REFERENCE, 5, 3001, 100 + k);
     shard_case(KDL_DIV_AKL, KDL_HEAD_MASS, 4, 32000, 200);
     shard_case(KDL_DIV_AKL, KDL_HEAD_TOPK, 4, 32000, 201);
+}
+
+/* One rank of the protocol on one side (the device or the reference). */
+typedef struct shard_side {
+    kdl_shard_args_t a[3];
+    double *ex[3], *loss;
+    float *grad;
+    int64_t *hs, *info, *valid;
+} shard_side_t;
+
+/* The same 3-shard protocol run twice, every rank both on the device and by
+ * the reference (kdl_ref_shard_step) over the same data (dtype dt, labels):
+ * at every step each rank's exchange from the device is compared with the
+ * reference's for the same rank and state (step 0, the raw maxima and the
+ * bad flag: equal; sums: within 2e-4 of the row's largest field, float
+ * element maths on the device), then the reduce takes the exchanges of one
+ * side (alternate = 0: always the device's; 1: the device's at even steps,
+ * the reference's at odd ones) and gives the result to both sides, as mixed
+ * ranks would see it.  Both sides then end with the same loss, gradient and
+ * counters; the device's are returned in loss [N or 1], grad [N V],
+ * head size [N] (rank 0), info, valid.  Widths w[3]. */
+static void shard_both(const kdl_loss_desc_t *d, int64_t N, int64_t V, const void *S, const void *T, kdl_dtype_t dt,
+                       const int64_t *labels, const int64_t w[3], int alternate, const char *what, double *loss,
+                       double *grad, int64_t *hs, int64_t *info, int64_t *valid)
+{
+    enum { R = 3 };
+    const size_t nv = (size_t)(N * V), es = kdl_dtype_size(dt), nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    void *dS = kdl_dev_dup(S, nv * es), *dT = kdl_dev_dup(T, nv * es);
+    int64_t *dlab = labels ? (int64_t *)kdl_dev_dup(labels, (size_t)N * 8) : NULL;
+    shard_side_t sd[2]; /* 0: device, 1: reference */
+    sd[0].grad = (float *)kdl_dev_alloc(nv * 4, 1);
+    sd[0].loss = (double *)kdl_dev_alloc(nl * 8, 1);
+    sd[0].hs = (int64_t *)kdl_dev_alloc((size_t)N * 8 + 8, 1);
+    sd[0].info = (int64_t *)kdl_dev_alloc(8, 1);
+    sd[0].valid = (int64_t *)kdl_dev_alloc(8, 1);
+    sd[1].grad = (float *)calloc(nv + 1, 4);
+    sd[1].loss = (double *)calloc(nl, 8);
+    sd[1].hs = (int64_t *)calloc((size_t)N + 1, 8);
+    sd[1].info = (int64_t *)calloc(1, 8);
+    sd[1].valid = (int64_t *)calloc(1, 8);
+    size_t sb = 0, ec = 0;
+    int ns = 0;
+    for (int side = 0; side < 2; side++) {
+        int64_t off = 0;
+        for (int r = 0; r < R; r++) {
+            kdl_shard_args_t *a = &sd[side].a[r];
+            *a = kdl_ext_shard_args(N, V, R, r, off, w[r], side ? S : dS, side ? T : dT, dt, sd[side].grad,
+                                    KDL_DTYPE_F32, sd[side].loss);
+            a->labels = side ? labels : dlab;
+            a->stat_head_size = r == 0 ? sd[side].hs : NULL;
+            a->info = sd[side].info;
+            a->valid_rows = sd[side].valid;
+            cr_assert_eq(kdl_shard_sizes(d, a, &sb, &ec, &ns), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+            a->state = side ? calloc(sb, 1) : kdl_dev_alloc(sb, 1);
+            sd[side].ex[r] = side ? (double *)calloc(ec, 8) : (double *)kdl_dev_alloc(ec * 8, 1);
+            a->exchange = sd[side].ex[r];
+            off += w[r];
+        }
+    }
+    double *acc = (double *)malloc(ec * 8), *dev = (double *)malloc(ec * 8);
+    for (int step = 0; step < ns; step++) {
+        kdl_shard_op_t op = KDL_SHARD_OP_DONE, op1 = KDL_SHARD_OP_DONE;
+        int64_t cnt = 0, cnt1 = 0;
+        for (int r = 0; r < R; r++) {
+            cr_assert_eq(kdl_shard_step(h, d, &sd[0].a[r], step, &op, &cnt), KDL_STATUS_SUCCESS, "%s: %s", what,
+                         kdl_get_last_error());
+            cr_assert_eq(kdl_ref_shard_step(d, &sd[1].a[r], step, &op1, &cnt1), KDL_STATUS_SUCCESS, "%s: %s", what,
+                         kdl_get_last_error());
+            cr_assert(op == op1 && cnt == cnt1, "%s step %d: op/count %d/%lld vs %d/%lld", what, step, (int)op,
+                      (long long)cnt, (int)op1, (long long)cnt1);
+        }
+        if (op == KDL_SHARD_OP_DONE) break;
+        CUDA_OK(cudaDeviceSynchronize());
+        const int64_t F = cnt / N;
+        const int src = alternate ? step & 1 : 0;
+        for (int r = 0; r < R; r++) {
+            get_dev(dev, sd[0].ex[r], (size_t)cnt * 8);
+            const double *ref = sd[1].ex[r];
+            for (int64_t i = 0; i < N; i++) {
+                double m = 0;
+                for (int64_t f = 0; f < F; f++)
+                    if (isfinite(ref[i * F + f])) m = fmax(m, fabs(ref[i * F + f]));
+                for (int64_t f = 0; f < F; f++) {
+                    const double x = dev[i * F + f], y = ref[i * F + f];
+                    const int same = x == y || (isnan(x) && isnan(y)) ||
+                                     (step > 0 && fabs(x - y) <= 2e-4 * (fabs(y) + m));
+                    cr_expect(same, "%s step %d rank %d row %lld field %lld: device %.17g, reference %.17g", what,
+                              step, r, (long long)i, (long long)f, x, y);
+                }
+            }
+            const double *mine = src ? ref : dev;
+            for (int64_t j = 0; j < cnt; j++)
+                acc[j] = r == 0 ? mine[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], mine[j]) : acc[j] + mine[j];
+        }
+        for (int r = 0; r < R; r++) {
+            CUDA_OK(cudaMemcpy(sd[0].ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
+            memcpy(sd[1].ex[r], acc, (size_t)cnt * 8);
+        }
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+    float *g32 = (float *)malloc(nv * 4 + 4);
+    int64_t dinfo = -1, dvalid = -1;
+    get_dev(loss, sd[0].loss, nl * 8);
+    get_dev(g32, sd[0].grad, nv * 4);
+    get_dev(hs, sd[0].hs, (size_t)N * 8);
+    get_dev(&dinfo, sd[0].info, 8);
+    get_dev(&dvalid, sd[0].valid, 8);
+    for (size_t j = 0; j < nv; j++) grad[j] = g32[j];
+    *info = dinfo;
+    *valid = dvalid;
+    /* the reference side, fed the same reduces, ends the same */
+    cr_expect(*sd[1].info == dinfo && *sd[1].valid == dvalid, "%s: counters device %lld/%lld, reference %lld/%lld",
+              what, (long long)dinfo, (long long)dvalid, (long long)*sd[1].info, (long long)*sd[1].valid);
+    for (size_t i = 0; i < nl; i++) {
+        const double x = loss[i], y = sd[1].loss[i];
+        cr_expect(x == y || (isnan(x) && isnan(y)) || fabs(x - y) <= 2e-4 * fabs(y), "%s: loss[%zu] %.9g vs %.9g",
+                  what, i, x, y);
+    }
+    if (d->divergence == KDL_DIV_AKL)
+        for (int64_t i = 0; i < N; i++) cr_expect_eq(hs[i], sd[1].hs[i], "%s row %lld head size", what, (long long)i);
+    for (int r = 0; r < R; r++) {
+        cudaFree(sd[0].a[r].state);
+        cudaFree(sd[0].ex[r]);
+        free(sd[1].a[r].state);
+        free(sd[1].ex[r]);
+    }
+    cudaFree(sd[0].grad), cudaFree(sd[0].loss), cudaFree(sd[0].hs), cudaFree(sd[0].info), cudaFree(sd[0].valid);
+    free(sd[1].grad), free(sd[1].loss), free(sd[1].hs), free(sd[1].info), free(sd[1].valid);
+    cudaFree(dS), cudaFree(dT), cudaFree(dlab);
+    free(acc), free(dev), free(g32);
+    kdl_destroy(h);
+}
+
+/* The device's loss, gradient, counters and AKL head sizes from shard_both
+ * against the dense reference on the same data: loss and gradient within
+ * rel of the largest finite reference entry, NaN where it is NaN. */
+static void shard_both_vs_dense(const kdl_loss_desc_t *d, int64_t N, int64_t V, const void *S, const void *T,
+                                kdl_dtype_t dt, const int64_t *labels, const int64_t w[3], int alternate, double rel,
+                                const char *what)
+{
+    const size_t nv = (size_t)(N * V), nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)N : 1;
+    double *rl = (double *)calloc(nl, 8), *rg = (double *)calloc(nv, 8), *gl = (double *)calloc(nl, 8),
+           *gg = (double *)calloc(nv, 8);
+    int64_t *rhs = (int64_t *)calloc((size_t)N + 1, 8), *ghs = (int64_t *)calloc((size_t)N + 1, 8);
+    int64_t rinfo = -1, rvalid = -1, ginfo = -1, gvalid = -1;
+    kdl_loss_args_t la = kdl_ext_dense_args(N, V, S, dt, T, dt, rg, rl);
+    la.labels = labels;
+    la.stat_head_size = rhs;
+    la.info = &rinfo;
+    la.valid_rows = &rvalid;
+    kdl_ext_ref_dense(d, &la, what);
+    shard_both(d, N, V, S, T, dt, labels, w, alternate, what, gl, gg, ghs, &ginfo, &gvalid);
+    for (size_t i = 0; i < nl; i++) {
+        const double x = gl[i], y = rl[i];
+        cr_expect(x == y || (isnan(x) && isnan(y)) || fabs(x - y) <= rel * fabs(y), "%s: loss[%zu] %.9g, dense %.9g",
+                  what, i, x, y);
+    }
+    double gmax = 0;
+    for (size_t j = 0; j < nv; j++)
+        if (isfinite(rg[j])) gmax = fmax(gmax, fabs(rg[j]));
+    for (size_t j = 0; j < nv; j++) {
+        const double x = gg[j], y = rg[j];
+        cr_expect(x == y || (isnan(x) && isnan(y)) || fabs(x - y) <= rel * (fabs(y) + gmax),
+                  "%s: grad[%zu] %.9g, dense %.9g", what, j, x, y);
+    }
+    cr_expect(ginfo == rinfo && gvalid == rvalid, "%s: counters %lld/%lld, dense %lld/%lld", what, (long long)ginfo,
+              (long long)gvalid, (long long)rinfo, (long long)rvalid);
+    if (d->divergence == KDL_DIV_AKL)
+        for (int64_t i = 0; i < N; i++)
+            if (!labels || labels[i] != d->ignore_index)
+                cr_expect_eq(ghs[i], rhs[i], "%s: row %lld head size", what, (long long)i);
+    free(rl), free(rg), free(gl), free(gg), free(rhs), free(ghs);
+}
+
+/* Mixed ranks: the exchanges of the device and of the reference are the
+ * same (host/ref_shard.c's layout, docs/extensions.md) at every step, so a
+ * protocol whose reduces take them alternately ends with the unsharded
+ * loss.  Every divergence, AKL with each head rule, a tie across shards,
+ * an ignored row and an invalid one. */
+Test(gpu_shard, device_and_reference_exchanges_mix)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 5, V = 3001 };
+    float *S = (float *)malloc(N * V * 4), *T = (float *)malloc(N * V * 4);
+    kdl_ext_random_normal_f32(950, S, N * V, 0.0, 2.0);
+    kdl_ext_random_normal_f32(951, T, N * V, 0.0, 2.0);
+    T[3] = T[V / 2] = T[V - 2];   /* a tie across shards in row 0 */
+    S[3 * V + 7] = NAN;           /* row 3 invalid */
+    const int64_t labels[N] = {0, -100, 2, 3, 4}, w[3] = {V / 3, V / 2, V - V / 3 - V / 2};
+    for (size_t k = 0; k < KDL_NDIVS; k++)
+        for (int rule = 0; rule < (kdl_all_divs[k] == KDL_DIV_AKL ? 3 : 1); rule++) {
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], KDL_REDUCTION_NONE);
+            d.head_rule = (kdl_head_rule_t)rule;
+            d.top_k = 17;
+            char what[80];
+            snprintf(what, sizeof what, "mixed %s rule %d", kdl_divergence_name(d.divergence), rule);
+            shard_both_vs_dense(&d, N, V, S, T, KDL_DTYPE_F32, labels, w, 1, 2e-4, what);
+        }
+    free(S);
+    free(T);
+}
+
+/* tau = 1e-30 (docs/hardening.md F9, mirrors tests/test_shard_ref.c
+ * tiny_tau): the device shards shift by the raw maxima before dividing by
+ * tau, as the reference; they formed s * (1/tau) and exchanged max(s/tau),
+ * which overflows for large logits (inf - inf = NaN on valid rows).  f32
+ * and bf16 logits up to 3e8 (s/tau up to 3e38, (s - max s)/tau beyond
+ * FLT_MAX: log q is -inf in the float element maths where the reference has
+ * a finite log q of a zero q), every divergence, reduction, two splits,
+ * against the dense reference; the protocol's exchanges compared with the
+ * reference's at every step (shard_both) and taken alternately.  Not run on
+ * a device here. */
+Test(gpu_shard, tiny_tau_agrees_with_the_dense_reference)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 4, V = 9 };
+    const double S64[N * V] = {2e8,  1e8,  0,     -5e7, 3e7,       -1e8, 7,      1.5e8, -INFINITY,
+                               1e8,  1e8,  0.5e8, 0,    0,         4e7,  1e7,    0,     -1e8,
+                               -2e8, 3e8,  1e7,   3e8,  -INFINITY, 0,    2.5e8,  1e8,   0,
+                               4,    3,    2,     1,    0,         -1,   -2,     -3,    -4};
+    const double T64[N * V] = {1e8,  2e8,  0,    2e8,       -1e8, 0,   3e7,  0,   1e7,
+                               3e8,  1e8,  2e8,  0,         -3e8, 1e7, 0,    2e8, 1e8,
+                               1e8,  1e8,  1e8,  -INFINITY, 0,    2e7, 1e8,  -0., 1e7,
+                               -4,   -3,   -2,   -1,        0,    1,   2,    3,   4};
+    float S32[N * V], T32[N * V];
+    uint16_t S16[N * V], T16[N * V];
+    kdl_to_dtype(S64, S32, KDL_DTYPE_F32, N * V);
+    kdl_to_dtype(T64, T32, KDL_DTYPE_F32, N * V);
+    kdl_to_dtype(S64, S16, KDL_DTYPE_BF16, N * V);
+    kdl_to_dtype(T64, T16, KDL_DTYPE_BF16, N * V);
+    const int64_t labels[N] = {0, 1, -100, 3};
+    const int64_t splits[2][3] = {{3, 4, 2}, {1, 5, 3}};
+    for (int di = 0; di < 2; di++)
+        for (size_t k = 0; k < KDL_NDIVS; k++)
+            for (int red = 0; red < KDL_REDUCTION_COUNT_; red++)
+                for (int sp = 0; sp < 2; sp++) {
+                    kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], (kdl_reduction_t)red);
+                    d.temperature = 1e-30;
+                    d.head_rule = KDL_HEAD_TOPK; /* a head of one token, as the CPU test */
+                    d.top_k = 1;
+                    char what[96];
+                    snprintf(what, sizeof what, "tau 1e-30 %s %s %s split %d", di ? "bf16" : "f32",
+                             kdl_divergence_name(d.divergence), kdl_reduction_name(d.reduction), sp);
+                    shard_both_vs_dense(&d, N, V, di ? (const void *)S16 : (const void *)S32,
+                                        di ? (const void *)T16 : (const void *)T32, di ? KDL_DTYPE_BF16 : KDL_DTYPE_F32,
+                                        labels, splits[sp], sp, 1e-5, what);
+                }
 }
 
 /* ------------------------------------------------------------ fused linear */

@@ -638,3 +638,79 @@ Test(dtypes, f32_logprobs_and_student_convert_exactly)
     cr_expect(got.loss[0] == want.loss[0]);
     for (int v = 0; v < V; v++) cr_expect(got.grad[v] == want.grad[v]);
 }
+
+/* TAIL_BUCKET with k = V (docs/extensions.md, "Validation and invalid
+ * rows"): no token is off the support, so a residual teacher mass 1 - sum p
+ * has no cell to go to.  Beyond KDL_SPARSE_MASS_TOL the row is invalid (the
+ * mirror of the mass > 1 + tol rule); within it the bucket is 0 and the loss
+ * is the sum over the k cells.  Before this rule the 0.998 row was valid
+ * with a negative FKL.  RENORMALISED is unaffected (it renormalises), and
+ * with k < V the same masses go to the bucket. */
+Test(bad_data, tail_bucket_full_support_missing_mass)
+{
+    enum { N = 5, V = 12 };
+    double S[N * V], T[N * V], lt[N * V];
+    int64_t idx[N * V];
+    kdl_random_rows(1200, S, N * V, 2.0);
+    kdl_random_rows(1300, T, N * V, 2.0);
+    full_support(T, N, V, 1.0, 1400, idx, lt);
+    const double shift[N] = {0, log1p(-2e-3), log1p(-5e-4), 0, log1p(-0.5)};
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < V; j++) lt[i * V + j] += shift[i];
+    for (int64_t j = 0; j < V; j++) lt[3 * V + j] = -INFINITY; /* no mass at all */
+    const int valid[N] = {1, 0, 1, 0, 0};
+    for (int red = 0; red < KDL_REDUCTION_COUNT_; red++) {
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, (kdl_reduction_t)red);
+        srun_t r;
+        run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx, lt, NULL, N, V, V, &r);
+        cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
+        cr_expect_eq(r.info, 3, "red %d: info %lld", red, (long long)r.info);
+        cr_expect_eq(r.valid, 2);
+        /* the valid rows' FKL over the V cells by hand: sum_j p_j (lt_j - lq_j) */
+        double want[N], total = 0;
+        for (int64_t i = 0; i < N; i++) {
+            double lq[MAXV], l = 0;
+            kdl_ext_log_softmax(S + i * V, V, 1.0, lq);
+            for (int64_t j = 0; j < V; j++) l += exp(lt[i * V + j]) * (lt[i * V + j] - lq[idx[i * V + j]]);
+            want[i] = valid[i] ? l : NAN;
+            if (valid[i]) total += l;
+        }
+        cr_expect(want[2] > 0, "row 2 (mass 0.9995): FKL %g", want[2]);
+        if (red == KDL_REDUCTION_NONE) {
+            for (int64_t i = 0; i < N; i++)
+                if (valid[i])
+                    cr_expect(fabs(r.loss[i] - want[i]) <= 1e-12 * fabs(want[i]), "row %lld: %.17g, by hand %.17g",
+                              (long long)i, r.loss[i], want[i]);
+                else
+                    cr_expect(isnan(r.loss[i]), "row %lld invalid: loss %g", (long long)i, r.loss[i]);
+        } else {
+            double w = red == KDL_REDUCTION_MEAN ? total / 2 : total;
+            cr_expect(fabs(r.loss[0] - w) <= 1e-12 * fabs(w), "red %d: %.17g, by hand %.17g", red, r.loss[0], w);
+        }
+        for (int64_t i = 0; i < N; i++)
+            if (!valid[i])
+                for (int64_t v = 0; v < V; v++) cr_expect(r.grad[i * V + v] == 0.0, "row %lld grad", (long long)i);
+    }
+    /* RENORMALISED: every row but the massless one is valid */
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_NONE);
+    srun_t r;
+    run_sparse(&d, KDL_SPARSE_RENORMALISED, S, idx, lt, NULL, N, V, V, &r);
+    cr_expect_eq(r.info, 1);
+    cr_expect(isnan(r.loss[3]) && isfinite(r.loss[1]) && isfinite(r.loss[4]));
+    /* k = V - 1 (the first V - 1 columns re-packed): the residual masses go
+     * to the bucket, every row valid, FKL >= 0 */
+    {
+        double lt2[N * (V - 1)];
+        int64_t idx2[N * (V - 1)];
+        for (int64_t i = 0; i < N; i++)
+            for (int64_t j = 0; j < V - 1; j++) {
+                lt2[i * (V - 1) + j] = lt[i * V + j];
+                idx2[i * (V - 1) + j] = idx[i * V + j];
+            }
+        run_sparse(&d, KDL_SPARSE_TAIL_BUCKET, S, idx2, lt2, NULL, N, V, V - 1, &r);
+        cr_assert_eq(r.status, KDL_STATUS_SUCCESS);
+        cr_expect_eq(r.info, 0, "k < V: info %lld", (long long)r.info);
+        for (int64_t i = 0; i < N; i++) cr_expect(isfinite(r.loss[i]) && r.loss[i] >= 0, "k < V row %lld: %g",
+                                                  (long long)i, r.loss[i]);
+    }
+}

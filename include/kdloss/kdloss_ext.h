@@ -67,7 +67,9 @@ extern "C" {
 
 /* TAIL_BUCKET: a row whose given teacher mass sum_j exp(lp_j) exceeds
  * 1 + KDL_SPARSE_MASS_TOL is invalid (not a sub-distribution); between 1 and
- * 1 + tol the bucket mass is taken as 0 (log-prob rounding). */
+ * 1 + tol the bucket mass is taken as 0 (log-prob rounding).  With k = V (no
+ * token off the support to hold the rest) a mass below 1 - tol is invalid
+ * too. */
 #define KDL_SPARSE_MASS_TOL 1e-3
 
 typedef enum kdl_sparse_mode {
@@ -150,7 +152,8 @@ kdl_status_t kdl_sparse_check_indices(int64_t rows, int64_t vocab, int64_t k, co
  * *info, out of the reduction) when: a student logit is NaN or +inf, or all
  * are -inf; a teacher log-prob is NaN or > 0; an index is out of [0, V) or
  * repeated (also counted in *bad_index_rows); RENORMALISED: every log-prob
- * is -inf; TAIL_BUCKET: the given mass exceeds 1 + KDL_SPARSE_MASS_TOL. */
+ * is -inf; TAIL_BUCKET: the given mass exceeds 1 + KDL_SPARSE_MASS_TOL, or k = V and
+ * it is below 1 - KDL_SPARSE_MASS_TOL. */
 kdl_status_t kdl_ref_sparse_loss(const kdl_loss_desc_t *desc, const kdl_sparse_args_t *args);
 
 /* GPU.  Workspace: kdl_sparse_workspace_size (N doubles of row losses, N

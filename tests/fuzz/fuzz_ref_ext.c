@@ -423,6 +423,8 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
                 double lse = mx == -INFINITY ? -INFINITY : mx + log(sum);
                 if (a.mode == KDL_SPARSE_RENORMALISED && lse == -INFINITY) bad = 1;
                 if (a.mode == KDL_SPARSE_TAIL_BUCKET && lse > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
+                /* k = V: nothing off the support holds a residual mass */
+                if (a.mode == KDL_SPARSE_TAIL_BUCKET && k == V && lse < log1p(-KDL_SPARSE_MASS_TOL)) bad = 1;
             }
             mass_le1[i] = !bad && (mx == -INFINITY || mx + log(sum) <= 0);
             state[i] = (bad || badidx) ? 2 : 0;
@@ -447,8 +449,9 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
                 if (state[i] == 2) CHECK(isnan(li), "row %lld invalid, loss %g", (long long)i, li);
                 if (state[i] == 0) CHECK(!isnan(li), "row %lld valid, loss NaN", (long long)i);
                 /* TAIL_BUCKET cells are distributions only for a given mass <= 1
-                 * and k < V (k = V: the bucket is 0 by definition, so a mass
-                 * below 1 is simply missing and FKL can go negative) */
+                 * and k < V (k = V: the bucket is 0 by definition; a mass below
+                 * 1 - tol makes the row invalid, but one within the tolerance is
+                 * still missing from the cells and FKL can go negative by ~tol) */
                 if (state[i] == 0 && (a.mode == KDL_SPARSE_RENORMALISED || (mass_le1[i] && k < V)))
                     CHECK(sign_ok(li, d->scale, noise), "row %lld: loss %g, scale %g", (long long)i, li, d->scale);
             }
