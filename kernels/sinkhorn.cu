@@ -137,6 +137,14 @@ __device__ __forceinline__ float logw2(const float *lw, int i, float uniform2)
     return lw ? lw[i] * kLog2e : uniform2;
 }
 
+/* lw2 + x, -inf when the weight is zero (lw2 = -inf) whatever x is: a zero
+ * weight's row or column contributes nothing, and its potential is not
+ * bounded by anything, so at a tiny eps x = (potential - C) log2(e)/eps can
+ * be +inf there and -inf + inf = NaN (docs/hardening.md F11, the reference's
+ * plan_ij; its f and g updates take the sum in cost units, where the term is
+ * -inf as well). */
+__device__ __forceinline__ float wterm(float lw2, float x) { return lw2 == -INFINITY ? -INFINITY : lw2 + x; }
+
 /* dC(u, v)/du for t = u_k - v_k. */
 __device__ __forceinline__ float dcost(int metric, float t)
 {
@@ -322,7 +330,7 @@ __global__ void __launch_bounds__(kBlock) k_f_update(const kdl_otk_prob_t *__res
     const float *__restrict__ c = p.C + (int64_t)i * p.m;
     const float *__restrict__ g = p.g;
     Lse acc = {-INFINITY, 0.0f};
-    for (int j = lane; j < p.m; j += 32) lse_add(acc, logw2(p.lb, j, lb_uni) + (g[j] - c[j]) * k);
+    for (int j = lane; j < p.m; j += 32) lse_add(acc, wterm(logw2(p.lb, j, lb_uni), (g[j] - c[j]) * k));
     acc = warp_lse(acc);
     if (lane != 0) return;
     const float fnew = -eps * kLn2 * (acc.m + log2f(acc.s));
@@ -398,7 +406,7 @@ __global__ void __launch_bounds__(kBlock) k_g_update(const kdl_otk_prob_t *__res
     Lse acc = {-INFINITY, 0.0f};
     if (j < p.m)
         for (int i = w; i < p.n; i += kBlock / 32)
-            lse_add(acc, logw2(p.la, i, la_uni) + (f[i] - p.C[(int64_t)i * p.m + j]) * k);
+            lse_add(acc, wterm(logw2(p.la, i, la_uni), (f[i] - p.C[(int64_t)i * p.m + j]) * k));
     part[w][lane] = acc;
     __syncthreads();
     if (w == 0 && j < p.m) {
@@ -440,9 +448,14 @@ __global__ void __launch_bounds__(kBlock) k_loop_ctrl(const kdl_otk_state_t *__r
  * (eps_stage/eps) log n times eps above 0 at the final eps: exp2f overflowed
  * to inf, the plan had inf (and inf * 0 = NaN in P C) and TRANSPORT was
  * inf or NaN where the reference is finite (docs/sinkhorn-review.md #6).
- * NaN stays NaN (the comparison is false); -inf stays -inf. */
+ * NaN stays NaN (the comparison is false); -inf stays -inf.  A zero weight
+ * (la2 or lb2 = -inf) gives -inf (P_ij = 0) without forming the exponent,
+ * as the reference's plan_ij: at a tiny eps fg_c * k of a zero-weight row
+ * and column can be +inf, and -inf + inf was NaN in the plan, <P, C>, the
+ * marginal error and the x-gradient (docs/hardening.md F11). */
 __device__ __forceinline__ float plan_log2(float la2, float lb2, float fg_c, float k)
 {
+    if (la2 == -INFINITY || lb2 == -INFINITY) return -INFINITY;
     const float e = la2 + lb2 + fg_c * k;
     return e > lb2 ? lb2 : e;
 }

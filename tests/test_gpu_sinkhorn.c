@@ -590,6 +590,54 @@ Test(gpu_sinkhorn, unconverged_small_eps_x_gradient_stays_finite)
     for (int es = 0; es < 2; es++) unconverged_small_eps_case(es, KDL_OT_VALUE_TRANSPORT, 1);
 }
 
+/* docs/hardening.md F11 on the device (mirrors tests/test_ot_findings.c):
+ * a zero weight on both sides (log-weight -inf) and a tiny eps.  The
+ * zero-weight row's and column's potentials are 64 each (nothing bounds
+ * them), so (f_1 + g_1 - C_11) log2(e)/eps = 128 * 3.6e36 overflows FP32 to
+ * +inf and P_11 was exp2(-inf + inf) = NaN: the plan, <P, C> and the
+ * marginal error NaN.  The eps 4e-37 is chosen so that the finite terms
+ * ((g_0 - 64) log2(e)/eps = -2.3e38) do not overflow and f_0 = g_0 = 0
+ * exactly, so the rest of the problem is the reference's.  Now a zero
+ * weight's plan entries are 0 (kernels/sinkhorn.cu plan_log2, wterm), as the
+ * reference's plan_ij.  Given costs, and points with debiasing and the
+ * x-gradient (the finding came from a debiased self problem).  Not run on a
+ * device here. */
+Test(gpu_sinkhorn, f11_zero_weights_on_both_sides_tiny_eps)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    const float C[4] = {0, 64, 64, 0}, lw[2] = {0, -INFINITY}, f0[2] = {0, 0};
+    const float X[2] = {0, 8}; /* sqeuclidean: the same costs */
+    for (int pts = 0; pts < 2; pts++) {
+        kdl_sinkhorn_desc_t d = desc_fixed(4e-37, 10);
+        float v = NAN, e = NAN, P[4], f[2], g[2], gx[2];
+        int64_t it = 0;
+        hcall_t c = {.B = 1, .n = 2, .m = 2, .la = lw, .lb = lw, .value = &v, .err = &e, .f = f, .g = g,
+                     .plan = P, .iters = &it};
+        const char *what = pts ? "F11 points, debiased, grad_x" : "F11 given costs";
+        if (pts) {
+            d.metric = KDL_OT_METRIC_SQEUCLIDEAN;
+            d.debias = 1;
+            c.dim = 1;
+            c.x = X;
+            c.y = X;
+            c.grad = gx;
+        } else {
+            c.cost = C;
+            c.f_init = f0;
+        }
+        cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+        for (int k = 0; k < 4; k++) cr_expect(isfinite(P[k]), "%s: plan[%d] = %g", what, k, P[k]);
+        cr_expect(P[1] == 0 && P[2] == 0 && P[3] == 0, "%s: zero-weight row and column: %g %g %g", what, P[1], P[2],
+                  P[3]);
+        cr_expect(fabsf(P[0] - 1) < 1e-6f, "%s: P_00 = %g", what, P[0]);
+        cr_expect(v == 0 && e < 1e-6f, "%s: value %g, marginal error %g", what, v, e);
+        if (pts) cr_expect(gx[0] == 0 && gx[1] == 0, "%s: grad_x %g %g", what, gx[0], gx[1]);
+        check_ref(&d, &c, what, 1e-5, 1);
+    }
+    kdl_destroy(h);
+}
+
 /* With tol > 0 the iterations run as a device-side loop (a CUDA graph
  * "while" node that stops when the last problem converges);
  * KDL_SINKHORN_GRAPH=0 enqueues them from the host.  Both must give the same
