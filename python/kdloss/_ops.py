@@ -261,7 +261,8 @@ def sinkhorn_problem(be, cost, x, y, want_grad_x):
 def sparse_reason(bad_index_rows):
     return ("a NaN or +inf student logit or every one -inf; a teacher log-prob NaN or > 0; "
             f"an index out of [0, V) or repeated in its row ({int(bad_index_rows)} rows); "
-            "renormalised: every log-prob -inf; tail: given teacher mass > 1 + 1e-3")
+            "renormalised: every log-prob -inf; tail: given teacher mass > 1 + 1e-3, or "
+            "< 1 - 1e-3 with k = V")
 
 
 FUSED_REASON = ("a NaN or +inf logit, or every logit -inf, in the student's hidden @ weight.T "

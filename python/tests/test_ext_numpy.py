@@ -207,6 +207,16 @@ def test_sparse_invalid_rows_and_index_check():
     LP2[3, 0] = 0.5
     _, _, st = kn.sparse_distill_loss(S, I, LP2, mode="tail", raise_on_invalid=False)
     assert st["invalid_rows"] == 1 and st["bad_index_rows"] == 0
+    # tail mode with k = V: no token off the support holds the rest, so a
+    # teacher mass short of 1 (row 2: half of it) is an invalid row
+    S4, T4 = S[:, :4], np.log(np.full((4, 4), 0.25))
+    T4[2] = np.log(0.125)
+    idx = np.tile(np.arange(4), (4, 1))
+    loss, _, st = kn.sparse_distill_loss(S4, idx, T4, mode="tail", reduction="none",
+                                         raise_on_invalid=False)
+    assert st["invalid_rows"] == 1 and np.isnan(loss[2]) and np.isfinite(loss[[0, 1, 3]]).all()
+    with pytest.raises(kdloss.InvalidRowsError, match="with k = V"):
+        kn.sparse_distill_loss(S4, idx, T4, mode="tail")
 
 
 def test_sparse_bad_arguments():
