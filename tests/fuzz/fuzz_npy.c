@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "npy.h"
+#include "fuzz_check.h"
 
 static char dir_path[512], in_path[600], out_path[600];
 
@@ -52,15 +53,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-#define CHECK(cond, ...)                                                                         \
-    do {                                                                                         \
-        if (!(cond)) {                                                                           \
-            fprintf(stderr, "fuzz_npy: check failed: %s: ", #cond);                             \
-            fprintf(stderr, __VA_ARGS__);                                                        \
-            fprintf(stderr, "\n");                                                               \
-            abort();                                                                             \
-        }                                                                                        \
-    } while (0)
+#define CHECK(cond, ...) FZ_CHECK("fuzz_npy", (void)0, cond, __VA_ARGS__)
 
 static void write_input(const uint8_t *data, size_t size)
 {

@@ -73,6 +73,7 @@
 #include "internal.h"
 #include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
+#include "fuzz_check.h"
 
 static const kdl_loss_desc_t *cur_d;
 static const char *cur_what = "";
@@ -98,16 +99,7 @@ static void dump_problem(void)
     }
 }
 
-#define CHECK(cond, ...)                                                      \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "fuzz_ref_ext: check failed: %s: ", #cond);       \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fprintf(stderr, "\n");                                            \
-            dump_problem();                                                   \
-            abort();                                                          \
-        }                                                                     \
-    } while (0)
+#define CHECK(cond, ...) FZ_CHECK("fuzz_ref_ext", dump_problem(), cond, __VA_ARGS__)
 
 /* ------------------------------------------------------------ decoding */
 static void read_desc(fz_src_t *s, kdl_loss_desc_t *d)

@@ -43,6 +43,7 @@
 
 #include "internal.h"
 #include "kdloss/kdloss_ref.h"
+#include "fuzz_check.h"
 
 #define SENTINEL 0xA5
 
@@ -128,16 +129,7 @@ static void dump_problem(void)
     }
 }
 
-#define CHECK(cond, ...)                                                                         \
-    do {                                                                                         \
-        if (!(cond)) {                                                                           \
-            fprintf(stderr, "fuzz_ref_loss: check failed: %s: ", #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                        \
-            fprintf(stderr, "\n");                                                               \
-            dump_problem();                                                                      \
-            abort();                                                                             \
-        }                                                                                        \
-    } while (0)
+#define CHECK(cond, ...) FZ_CHECK("fuzz_ref_loss", dump_problem(), cond, __VA_ARGS__)
 
 /* An output buffer with a sentinel fill and a copy to compare against. */
 typedef struct obuf {

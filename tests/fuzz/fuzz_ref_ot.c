@@ -74,6 +74,7 @@
 #include "fuzz_util.h"
 #include "internal.h"
 #include "kdloss/kdloss_ref.h"
+#include "fuzz_check.h"
 
 /* ------------------------------------------------------------------ report */
 static const kdl_sinkhorn_desc_t *cur_hd;
@@ -145,16 +146,7 @@ static void dump_problem(void)
     }
 }
 
-#define CHECK(cond, ...)                                                      \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "fuzz_ref_ot: check failed: %s: ", #cond);        \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fprintf(stderr, "\n");                                            \
-            dump_problem();                                                   \
-            abort();                                                          \
-        }                                                                     \
-    } while (0)
+#define CHECK(cond, ...) FZ_CHECK("fuzz_ref_ot", dump_problem(), cond, __VA_ARGS__)
 
 /* ------------------------------------------------------------- decoding */
 static int64_t size_byte(uint8_t b)
