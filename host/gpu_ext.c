@@ -157,7 +157,7 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
  *      and MEAN (MEAN's 1/valid is applied at the end: the valid count of
  *      the whole call is known only after the last chunk), NONE for NONE
  *      (per-row losses straight into loss + r0).  Its gradient dL goes
- *        - F32 inputs, or any input with grad_output: over L, in place (safe:
+ *        - F32 inputs, any input with grad_output, 16-bit MEAN: over L, in place (safe:
  *          the dense kernel reads every element of a row in passes 1-3,
  *          which end in a row-wide reduction every thread of the row's CTA
  *          or cluster joins, before pass 4; in pass 4 each thread reads
@@ -167,10 +167,12 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
  *          never given MEAN here: MEAN with a gradient adds a second
  *          ("redo") launch that re-reads the student rows after the first
  *          wrote their gradient, which in place would read dL as logits;
- *        - 16-bit inputs without grad_output: into the separate 16-bit
- *          buffer, rounded once from float32 (what autograd does in bf16);
+ *        - 16-bit inputs without grad_output, SUM or NONE: into the separate
+ *          16-bit buffer, rounded once from float32 (what autograd does);
  *      with grad_output, rows are then scaled by grad_output[r0 + r] (in
- *      place, or rounded once into the 16-bit buffer).
+ *      place, or rounded once into the 16-bit buffer); 16-bit MEAN: float32
+ *      in place, then scaled by 1/counted rows and rounded once into the
+ *      16-bit buffer (the finish kernels scale by counted/valid).
  *   3. The chunk's loss and counts into the accumulators.
  *   4. dH_c = dL W, dW (+)= dL^T H_c, db (+)= colsum(dL).
  * Then the finish kernels (loss, counters, db, MEAN scale).
@@ -205,7 +207,7 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
             KDL_CUDA_CHECK(cudaMemset2DAsync(a->grad_weight, (size_t)a->ld_grad_weight * gsz, 0, (size_t)D * gsz,
                                              (size_t)V, h->stream));
         if (a->grad_bias) KDL_CUDA_CHECK(cudaMemsetAsync(a->grad_bias, 0, (size_t)V * gsz, h->stream));
-        return kdl_ext_fused_finish_launch(d, a, acc, acc_b, h->stream);
+        return kdl_ext_fused_finish_launch(d, a, acc, acc_b, 0, h->stream);
     }
     cublasHandle_t cb = NULL;
     st = kdl_get_cublas(h, &cb);
@@ -217,9 +219,20 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     /* where dL lives for the backward GEMMs, and its dtype */
     void *dL = sixteen ? dl16 : (void *)L;
     const kdl_dtype_t dldt = sixteen ? hdt : KDL_DTYPE_F32;
+    /* 16-bit MEAN: dL is scaled by 1/counted rows (acc[7], counted on the
+     * device) before its rounding, so dL, dH and dW have MEAN's magnitude:
+     * with SUM's (up to N times larger; MEAN's 1/valid waits for the last
+     * chunk) f16 overflowed where the MEAN result fits, and the final
+     * 1/valid was a second rounding even without invalid rows (now
+     * counted/valid = 1 then). */
+    const int pre = sixteen && want_dl && d->reduction == KDL_REDUCTION_MEAN;
+    if (pre) {
+        st = kdl_ext_fused_count(a->labels, N, d->ignore_index, acc, h->stream);
+        if (st) return st;
+    }
     /* the dense kernel's gradient: straight into dL, or float32 in place
-     * first when rows are scaled by grad_output */
-    const int direct = !a->grad_output;
+     * first when rows are scaled by grad_output or by 1/counted */
+    const int direct = !a->grad_output && !pre;
     kdl_loss_desc_t dd = *d;
     if (dd.reduction == KDL_REDUCTION_MEAN) dd.reduction = KDL_REDUCTION_SUM;
     const size_t tsz = kdl_dtype_size(a->teacher_dtype), osz = kdl_dtype_size(a->out_dtype);
@@ -280,7 +293,8 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
         if (st) return st;
         if (!want_dl) continue;
         if (!direct) {
-            st = kdl_ext_fused_rowscale(L, c, V, a->grad_output, (int)a->grad_output_dtype, r0, dL, (int)dldt, h->stream);
+            st = kdl_ext_fused_rowscale(L, c, V, a->grad_output, (int)a->grad_output_dtype, r0, dL, (int)dldt, acc,
+                                        h->stream);
             if (st) return st;
         }
 
@@ -303,5 +317,5 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
             if (st) return st;
         }
     }
-    return kdl_ext_fused_finish_launch(d, a, acc, acc_b, h->stream);
+    return kdl_ext_fused_finish_launch(d, a, acc, acc_b, pre, h->stream);
 }

@@ -892,14 +892,16 @@ __global__ void fused_bias_fill_kernel(float *L, int64_t c, int64_t V, const voi
             L[r * V + v] = ld_f(b, bdt, v);
 }
 
-/* out[r*V + v] = L[r*V + v] * g[row0 + r], stored in odt: in place (out ==
- * L, F32) or rounded once into the 16-bit dL buffer.  Each element is read
- * then written by the same thread, so in place is safe. */
+/* out[r*V + v] = L[r*V + v] * f_r, stored in odt: in place (out == L, F32)
+ * or rounded once into the 16-bit dL buffer.  f_r = g[row0 + r] (g given:
+ * grad_output) or else 1/acc[7] (16-bit MEAN: 1/counted rows, see
+ * fused_count_kernel).  Each element is read then written by the same
+ * thread, so in place is safe. */
 __global__ void fused_rowscale_kernel(float *L, int64_t c, int64_t V, const void *g, int gdt, int64_t row0, void *out,
-                                      int odt)
+                                      int odt, const double *acc)
 {
     for (int64_t r = blockIdx.y; r < c; r += gridDim.y) {
-        const float f = (float)ld_any(g, gdt, row0 + r);
+        const float f = g ? (float)ld_any(g, gdt, row0 + r) : (float)(1.0 / acc[7]);
         for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < V; v += (int64_t)gridDim.x * blockDim.x)
             st_f(out, odt, r * V + v, L[r * V + v] * f);
     }
@@ -927,8 +929,26 @@ __global__ void fused_chunk_acc(int reduction, double *acc)
     acc[2] += (double)*(const int64_t *)(acc + 5);
 }
 
+/* acc[7] = the rows of the call that are not ignored (>= 1; all ignored: 1,
+ * dL is 0 then), in a fixed order: 16-bit MEAN scales dL by 1/acc[7] before
+ * rounding it, so dL, dH and dW carry MEAN's magnitude (as autograd's) and
+ * not SUM's, which is up to N times larger: f16 overflowed (65504) in dL or
+ * in the dW accumulated over the rows where the MEAN result fits. */
+__global__ void __launch_bounds__(kThreads) fused_count_kernel(const int64_t *labels, int64_t N, int64_t ignore,
+                                                               double *acc)
+{
+    __shared__ double dscr[32];
+    double n = 0;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) n += (labels && labels[i] == ignore) ? 0.0 : 1.0;
+    n = block_reduce(n, dscr, SumD());
+    if (threadIdx.x == 0) acc[7] = n > 0 ? n : 1.0;
+}
+
+/* pre: dL was pre-scaled by 1/acc[7] (16-bit MEAN), so the final factor of
+ * dH, dW, db is acc[7]/valid (exactly 1 when no counted row was invalid:
+ * no second rounding); otherwise 1/valid. */
 __global__ void fused_finish_kernel(int reduction, void *loss, int out_dt, int64_t *info, int64_t *valid_rows,
-                                    double *acc)
+                                    double *acc, int pre)
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double nv = acc[1];
@@ -937,7 +957,7 @@ __global__ void fused_finish_kernel(int reduction, void *loss, int out_dt, int64
     if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? acc[0] / nv : 0.0);
     if (info) *info = (int64_t)acc[2];
     if (valid_rows) *valid_rows = (int64_t)nv;
-    acc[3] = nv > 0 ? 1.0 / nv : 0.0;
+    acc[3] = nv > 0 ? (pre ? acc[7] / nv : 1.0 / nv) : 0.0;
 }
 
 /* db[v] = acc_b[v] (MEAN: * acc[3] = 1/valid), in the gradient dtype. */
@@ -1135,10 +1155,17 @@ extern "C" kdl_status_t kdl_ext_fused_bias_fill(float *L, int64_t c, int64_t V, 
 }
 
 extern "C" kdl_status_t kdl_ext_fused_rowscale(float *L, int64_t c, int64_t V, const void *g, int g_dtype, int64_t row0,
-                                               void *out, int out_dtype, cudaStream_t stream)
+                                               void *out, int out_dtype, const double *acc, cudaStream_t stream)
 {
-    fused_rowscale_kernel<<<grid_2d(c, V), kThreads, 0, stream>>>(L, c, V, g, g_dtype, row0, out, out_dtype);
+    fused_rowscale_kernel<<<grid_2d(c, V), kThreads, 0, stream>>>(L, c, V, g, g_dtype, row0, out, out_dtype, acc);
     return launch_status("fused_rowscale_kernel");
+}
+
+extern "C" kdl_status_t kdl_ext_fused_count(const int64_t *labels, int64_t N, int64_t ignore_index, double *acc,
+                                            cudaStream_t stream)
+{
+    fused_count_kernel<<<1, kThreads, 0, stream>>>(labels, N, ignore_index, acc);
+    return launch_status("fused_count_kernel");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64_t V, double *acc_bias,
@@ -1155,10 +1182,11 @@ extern "C" kdl_status_t kdl_ext_fused_chunk_acc(const kdl_loss_desc_t *d, double
 }
 
 extern "C" kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
-                                                    double *acc, const double *acc_bias, cudaStream_t stream)
+                                                    double *acc, const double *acc_bias, int prescaled,
+                                                    cudaStream_t stream)
 {
     fused_finish_kernel<<<1, 32, 0, stream>>>((int)d->reduction, a->loss, (int)a->out_dtype, a->info, a->valid_rows,
-                                              acc);
+                                              acc, prescaled);
     kdl_status_t st = launch_status("fused_finish_kernel");
     if (st) return st;
     const int mean = d->reduction == KDL_REDUCTION_MEAN;

@@ -45,9 +45,13 @@ kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *desc, const kdl_shard_a
 /* L[r, :] = bias (dtype bias_dtype), before the logits GEMM with beta = 1. */
 kdl_status_t kdl_ext_fused_bias_fill(float *L, int64_t c, int64_t V, const void *bias, int bias_dtype,
                                      cudaStream_t stream);
-/* out[r, :] = L[r, :] * g[row0 + r], in out_dtype (out == L: in place, F32). */
+/* out[r, :] = L[r, :] * g[row0 + r] (g NULL: * 1/acc[7]), in out_dtype
+ * (out == L: in place, F32). */
 kdl_status_t kdl_ext_fused_rowscale(float *L, int64_t c, int64_t V, const void *g, int g_dtype, int64_t row0, void *out,
-                                    int out_dtype, cudaStream_t stream);
+                                    int out_dtype, const double *acc, cudaStream_t stream);
+/* acc[7] = rows of the call not ignored (1 if none): 16-bit MEAN's dL scale. */
+kdl_status_t kdl_ext_fused_count(const int64_t *labels, int64_t N, int64_t ignore_index, double *acc,
+                                 cudaStream_t stream);
 /* acc_bias[v] = (first ? 0 : acc_bias[v]) + sum_r dL[r, v] (float64). */
 kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64_t V, double *acc_bias, int first,
                                   cudaStream_t stream);
@@ -56,9 +60,10 @@ kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64
  * acc[0..2]. */
 kdl_status_t kdl_ext_fused_chunk_acc(const kdl_loss_desc_t *desc, double *acc, cudaStream_t stream);
 /* After every chunk: loss output, counters, db from acc_bias, and (MEAN)
- * dH, dW, db scaled by 1/valid. */
+ * dH, dW, db scaled by 1/valid, or by acc[7]/valid when prescaled (dL was
+ * scaled by 1/acc[7]: 16-bit MEAN). */
 kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
-                                         double *acc, const double *acc_bias, cudaStream_t stream);
+                                         double *acc, const double *acc_bias, int prescaled, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -626,6 +626,7 @@ typedef struct fl_opts {
     kdl_dtype_t gdt; /* of dH, dW, db: F32 or dt */
     int grad_output; /* NONE only: random per-row upstream gradient (float32) */
     int bias;        /* bias b and grad_bias */
+    double scale;    /* the desc's scale; 0: kdl_test_desc's */
 } fl_opts_t;
 
 /* Unit roundoff of a 16-bit dtype (bf16: 8 significant bits, f16: 11), 0 for F32. */
@@ -761,6 +762,7 @@ static void fl_run(const fl_opts_t *o)
     kdl_from_dtype(bx, b, o->dt, V);
 
     kdl_loss_desc_t d = kdl_test_desc(o->div, o->red);
+    if (o->scale != 0) d.scale = o->scale;
     const size_t nl = o->red == KDL_REDUCTION_NONE ? (size_t)N : 1;
     double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8),
            *rb = (double *)calloc((size_t)V, 8);
@@ -842,7 +844,7 @@ static void fl_run(const fl_opts_t *o)
 static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t D, int64_t V, int64_t chunk,
                        uint64_t seed)
 {
-    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0};
+    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0, 0};
     fl_run(&o);
 }
 
@@ -865,7 +867,7 @@ Test(gpu_fused_linear, sixteen_bit_inputs_f32_and_16_bit_gradients)
         for (int k = 0; k < 3; k++)
             for (int g16 = 0; g16 < 2; g16++) {
                 fl_opts_t o = {divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 600 + 10 * t + k, dts[t],
-                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0};
+                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0, 0};
                 fl_run(&o);
                 o.red = KDL_REDUCTION_SUM;
                 o.chunk = 0;
@@ -883,7 +885,7 @@ Test(gpu_fused_linear, grad_output_and_bias)
     for (int t = 0; t < 3; t++)
         for (int k = 0; k < 3; k++) {
             /* grad_output (NONE) with and without the bias */
-            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1};
+            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1, 0};
             fl_run(&o);
             o.bias = 0;
             fl_run(&o);
@@ -896,6 +898,21 @@ Test(gpu_fused_linear, grad_output_and_bias)
         }
 }
 
+/* f16 MEAN (ext-review 2026-11-23 #1): dL in the 16-bit buffer must carry
+ * MEAN's 1/counted, not SUM's scale.  At scale 1e6 SUM's dL reaches
+ * |q - p| * 1e6 > 65504 (inf in f16, and dH, dW inf), while MEAN's, over
+ * 51 counted rows, stays below 1e6/51 < 19608. */
+Test(gpu_fused_linear, f16_mean_dl_has_the_mean_scale)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    fl_opts_t o = {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 64, 16, 256, 16, 810, KDL_DTYPE_F16, KDL_DTYPE_F32, 0, 1, 1e6};
+    fl_run(&o);
+    o.gdt = KDL_DTYPE_F16;
+    o.bias = 0;
+    o.scale = 1e5; /* dW, dH in f16 too: MEAN's fit, SUM's dL (up to 1e5) did not */
+    fl_run(&o);
+}
+
 /* A vocabulary too large to stage in a 16-CTA cluster (float32 student and
  * teacher: 8 bytes a column, > 16 x 227 KB): the dense kernel takes its
  * STREAM path, re-reading the row from global memory in passes 3 and 4
@@ -903,7 +920,7 @@ Test(gpu_fused_linear, grad_output_and_bias)
 Test(gpu_fused_linear, stream_path_in_place)
 {
     KDL_SKIP_WITHOUT_GPU();
-    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1};
+    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0};
     fl_run(&o);
     o.div = KDL_DIV_AKL;
     o.dt = o.gdt = KDL_DTYPE_BF16;
