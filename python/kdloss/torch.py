@@ -223,6 +223,100 @@ def _counts(counters):
     return {"valid_rows": counters[1].reshape(()), "invalid_rows": counters[0].reshape(())}
 
 
+def _distill_checks(s, t, labels, opts):
+    """distill_loss's argument checks: (device, LossDesc, labels as [N])."""
+    dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
+    _no_f64_on_cuda(dev, s, t)
+    desc = _loss_desc(**opts)
+    lab = _ops.labels(_T, labels, s.shape, dev)
+    return dev, desc, lab
+
+
+# ------------------------------------------------- torch.compile support
+# With torch.library.custom_op (PyTorch >= 2.4), distill_loss (without
+# return_stats) is the custom operator kdloss::distill_fwd: Dynamo keeps it
+# in the graph as one opaque node (no graph break), its fake implementation
+# gives the output shapes and dtypes, and its autograd formula is plain torch
+# ops.  The operator returns the loss and the gradient to the student from
+# the one fused pass; backward multiplies that gradient by the upstream
+# gradient, as _FusedGradFunction does.  Older PyTorch: _FusedGradFunction.
+_OPT_NAMES = ("divergence", "temperature", "alpha", "beta", "head_rule", "mu", "top_k",
+              "reduction", "scale", "ignore_index")
+_distill_fwd = None
+
+if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
+    def _distill_fwd_impl(student, teacher, labels, divergence, temperature, alpha, beta,
+                          head_rule, mu, top_k, reduction, scale, ignore_index, want_grad,
+                          raise_on_invalid):
+        opts = dict(zip(_OPT_NAMES, (divergence, temperature, alpha, beta, head_rule, mu, top_k,
+                                     reduction, scale, ignore_index)))
+        dev, desc, lab = _distill_checks(student, teacher, labels, opts)
+        none = desc.reduction == _lib.REDUCTION_NONE
+        loss, grad, _, counters = _ops.dense(_T, dev, desc, student, teacher, lab, want_grad,
+                                             False)
+        _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, student))
+        loss = _loss_out(loss, student.dtype, student.shape[:-1], none)
+        if grad is None:
+            grad = student.new_empty((0,), dtype=_T.results(dev, student)[1])
+        return loss, grad
+
+    _distill_fwd = torch.library.custom_op(
+        "kdloss::distill_fwd", _distill_fwd_impl, mutates_args=(),
+        schema="(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
+               "float temperature, float alpha, float beta, str head_rule, float mu, int top_k, "
+               "str reduction, float scale, int ignore_index, bool want_grad, "
+               "bool raise_on_invalid) -> (Tensor, Tensor)")
+
+    @_distill_fwd.register_fake
+    def _distill_fwd_fake(student, teacher, labels, divergence, temperature, alpha, beta,
+                          head_rule, mu, top_k, reduction, scale, ignore_index, want_grad,
+                          raise_on_invalid):
+        """Shapes and dtypes only (the argument checks run too: they read
+        metadata only)."""
+        opts = dict(zip(_OPT_NAMES, (divergence, temperature, alpha, beta, head_rule, mu, top_k,
+                                     reduction, scale, ignore_index)))
+        dev, desc, _ = _distill_checks(student, teacher, labels, opts)
+        lead = student.shape[:-1]
+        out_dt = torch.float64 if student.dtype == torch.float64 else torch.float32
+        loss = student.new_empty(lead if desc.reduction == _lib.REDUCTION_NONE else (),
+                                 dtype=out_dt)
+        grad_shape = (student.numel() // student.shape[-1], student.shape[-1]) if want_grad \
+            else (0,)
+        return loss, student.new_empty(grad_shape, dtype=_T.results(dev, student)[1])
+
+    def _distill_setup(ctx, inputs, output):
+        student, reduction = inputs[0], inputs[10]
+        ctx.per_row = reduction.strip().lower() == "none"
+        ctx.meta = (student.shape, student.dtype)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    def _distill_bwd(ctx, grad_loss, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        g = None
+        if ctx.needs_input_grad[0]:
+            g = _scaled_grad(grad, grad_loss, ctx.per_row, ctx.meta[1], ctx.meta[0])
+        return (g,) + (None,) * 14
+
+    torch.library.register_autograd("kdloss::distill_fwd", _distill_bwd,
+                                    setup_context=_distill_setup)
+
+
+def _distill_op(s, t, labels, opts, raise_on_invalid):
+    """distill_loss through kdloss::distill_fwd.  Eagerly the checks run
+    here first (Dynamo cannot trace their ctypes calls; while compiling the
+    fake implementation runs them), then once more in the operator."""
+    if not torch.compiler.is_compiling():
+        _distill_checks(s, t, labels, opts)
+    want_grad = torch.is_grad_enabled() and s.requires_grad
+    o = opts
+    loss, _ = _distill_fwd(s, t, labels, o["divergence"], float(o["temperature"]),
+                           float(o["alpha"]), float(o["beta"]), o["head_rule"], float(o["mu"]),
+                           int(o["top_k"]), o["reduction"], float(o["scale"]),
+                           int(o["ignore_index"]), want_grad, bool(raise_on_invalid))
+    return loss
+
+
 def distill_loss(
     student_logits,
     teacher_logits,
@@ -267,11 +361,12 @@ def distill_loss(
     Returns the loss (float32; float64 for float64 students), or (loss, stats).
     CUDA: runs on torch.cuda.current_stream(); CPU: the float64 reference.
     """
-    dev = _ops.check_pair(_T, student_logits, teacher_logits, "student_logits", "teacher_logits")
-    _no_f64_on_cuda(dev, student_logits, teacher_logits)
-    desc = _loss_desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                      ignore_index)
-    lab = _ops.labels(_T, labels, student_logits.shape, dev)
+    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
+                ignore_index=ignore_index)
+    if _distill_fwd is not None and not return_stats:
+        return _distill_op(student_logits, teacher_logits, labels, opts, raise_on_invalid)
+    dev, desc, lab = _distill_checks(student_logits, teacher_logits, labels, opts)
     none = desc.reduction == _lib.REDUCTION_NONE
     lead = student_logits.shape[:-1]
     side = {}
