@@ -14,6 +14,7 @@
 
 #include "ext_internal.h"
 #include "internal.h"
+#include "kdl_ext_fixtures.h"
 #include "kdl_test.h"
 #include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
@@ -145,19 +146,8 @@ static void run_dense(const kdl_loss_desc_t *d, const void *S, kdl_dtype_t sdt, 
                       const int64_t *labels, int64_t N, int64_t V, result_t *out)
 {
     memset(out, 0, sizeof *out);
-    kdl_loss_args_t a;
-    kdl_loss_args_init(&a);
-    a.rows = N;
-    a.vocab = V;
-    a.student = S;
-    a.teacher = T;
-    a.ld_student = a.ld_teacher = a.ld_grad = V;
-    a.student_dtype = sdt;
-    a.teacher_dtype = tdt;
-    a.grad_dtype = a.out_dtype = KDL_DTYPE_F64;
+    kdl_loss_args_t a = kdl_ext_dense_args(N, V, S, sdt, T, tdt, out->grad, out->loss);
     a.labels = labels;
-    a.grad = out->grad;
-    a.loss = out->loss;
     a.stat_head_size = out->head_size;
     a.info = &out->info;
     a.valid_rows = &out->valid;
