@@ -1180,6 +1180,23 @@ int time_sinkd(bench *b, kdlb_row_t *row, kdl_ot_metric_t metric, void *S, void 
         dtype_tol(dt));
 }
 
+/* The next output row, initialised as kdloss's row of `op`. */
+kdlb_row_t *next_row(kdlb_row_t *rows, size_t n_rows, const char *op)
+{
+    kdlb_row_t *row = &rows[n_rows];
+    kdlb_row_init(row);
+    row->impl = "kdloss";
+    row->op = op;
+    return row;
+}
+
+/* A row whose keys are set: report it as started and count it. */
+void start_row(kdlb_progress_fn progress, void *ctx, int done, int total, kdlb_row_t *row, size_t *n_rows)
+{
+    if (progress) progress(ctx, done, total, row);
+    (*n_rows)++;
+}
+
 /* The two SinKD rows share one set of inputs. */
 int time_sinkd_rows(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, void *ctx,
                     int *done, int total)
@@ -1201,18 +1218,14 @@ int time_sinkd_rows(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn
         CU(cudaMemsetAsync(G, 0xff, bytes, b->stream));
     }
     for (int k = 0; k < 2; k++) {
-        kdlb_row_t *row = &rows[*n_rows];
-        kdlb_row_init(row);
-        row->impl = "kdloss";
-        row->op = "sinkd";
+        kdlb_row_t *row = next_row(rows, *n_rows, "sinkd");
         row->metric = kdl_ot_metric_name(metrics[k]);
         row->dtype = kdl_dtype_name(dt);
         row->rows = N;
         row->vocab = V;
         row->group_size = o->sinkd.group;
         row->iterations = o->sinkd_iters;
-        if (progress) progress(ctx, *done, total, row);
-        (*n_rows)++;
+        start_row(progress, ctx, *done, total, row, n_rows);
         if (r > 0) {
             row->bytes = kdlb_loss_bytes(N, V, dt, dt, dt);
             row->status = "oom";
@@ -1227,9 +1240,6 @@ int time_sinkd_rows(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn
 
 void fill_row_keys(kdlb_row_t *row, const kdlb_case_t *c)
 {
-    kdlb_row_init(row);
-    row->impl = "kdloss";
-    row->op = "loss";
     row->divergence = kdl_divergence_name(c->divergence);
     row->dtype = kdl_dtype_name(c->dtype);
     row->rows = c->shape.rows;
@@ -1268,26 +1278,21 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
     for (int i = 0; i < kdlb_loss_case_count(o); i++) {
         kdlb_case_t c;
         kdlb_case_at(o, i, &c);
-        kdlb_row_t *row = &rows[*n_rows];
+        kdlb_row_t *row = next_row(rows, *n_rows, "loss");
         fill_row_keys(row, &c);
-        if (progress) progress(ctx, done, total, row);
-        (*n_rows)++;
+        start_row(progress, ctx, done, total, row, n_rows);
         if (time_case(b, &c, row)) return -1;
         done++;
     }
     free_inputs(b);
     if (kdlb_op_row_count(o, KDLB_OP_SINKHORN) > 0) {
-        kdlb_row_t *row = &rows[*n_rows];
-        kdlb_row_init(row);
-        row->impl = "kdloss";
-        row->op = "sinkhorn";
+        kdlb_row_t *row = next_row(rows, *n_rows, "sinkhorn");
         row->dtype = "f32";
         row->batch = o->sinkhorn.batch;
         row->n = o->sinkhorn.n;
         row->m = o->sinkhorn.m;
         row->iterations = o->sinkhorn_iters;
-        if (progress) progress(ctx, done, total, row);
-        (*n_rows)++;
+        start_row(progress, ctx, done, total, row, n_rows);
         if (time_sinkhorn(b, row)) return -1;
         done++;
     }
@@ -1295,18 +1300,14 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
         for (int s = 0; s < o->n_sparse_shapes; s++)
             for (int k = 0; k < o->n_sparse_k; k++) {
                 if (o->sparse_k[k] > o->sparse_shapes[s].vocab) continue;
-                kdlb_row_t *row = &rows[*n_rows];
-                kdlb_row_init(row);
-                row->impl = "kdloss";
-                row->op = "sparse";
+                kdlb_row_t *row = next_row(rows, *n_rows, "sparse");
                 row->divergence = "fkl";
                 row->mode = kdl_sparse_mode_name(KDL_SPARSE_RENORMALISED);
                 row->dtype = kdl_dtype_name(o->sparse_dtype);
                 row->rows = o->sparse_shapes[s].rows;
                 row->vocab = o->sparse_shapes[s].vocab;
                 row->k = o->sparse_k[k];
-                if (progress) progress(ctx, done, total, row);
-                (*n_rows)++;
+                start_row(progress, ctx, done, total, row, n_rows);
                 if (time_sparse(b, row)) return -1;
                 done++;
             }
@@ -1315,10 +1316,7 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
         for (int s = 0; s < o->n_fused_shapes; s++)
             for (int t = 0; t < o->n_dtypes; t++) {
                 const kdl_dtype_t dt = o->dtypes[t];
-                kdlb_row_t *row = &rows[*n_rows];
-                kdlb_row_init(row);
-                row->impl = "kdloss";
-                row->op = "fused_linear";
+                kdlb_row_t *row = next_row(rows, *n_rows, "fused_linear");
                 row->divergence = "jsd";
                 row->dtype = kdl_dtype_name(dt);
                 row->grad_dtype = kdl_dtype_name(kdlb_fused_grad_dtype(dt));
@@ -1327,17 +1325,13 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
                 row->vocab = o->fused_shapes[s].vocab;
                 row->logits_bytes = kdlb_logits_f32_bytes(row->rows, row->vocab);
                 row->logits_dtype_bytes = kdlb_logits_bytes(row->rows, row->vocab, dt);
-                if (progress) progress(ctx, done, total, row);
-                (*n_rows)++;
+                start_row(progress, ctx, done, total, row, n_rows);
                 if (time_fused(b, row, dt)) return -1;
                 done++;
             }
     }
     if (kdlb_op_row_count(o, KDLB_OP_SINKHORN_RAGGED) > 0) {
-        kdlb_row_t *row = &rows[*n_rows];
-        kdlb_row_init(row);
-        row->impl = "kdloss";
-        row->op = "sinkhorn_ragged";
+        kdlb_row_t *row = next_row(rows, *n_rows, "sinkhorn_ragged");
         row->dtype = "f32";
         row->batch = o->n_ragged;
         for (int i = 0; i < o->n_ragged; i++) {
@@ -1347,8 +1341,7 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
         row->sizes_n = o->ragged_n;
         row->sizes_m = o->ragged_m;
         row->iterations = o->sinkhorn_iters;
-        if (progress) progress(ctx, done, total, row);
-        (*n_rows)++;
+        start_row(progress, ctx, done, total, row, n_rows);
         if (time_ragged(b, row)) return -1;
         done++;
     }
