@@ -1,6 +1,14 @@
 /*
  * host/gpu_handle.c - handle life cycle: device properties read once at
- * creation, the stream, the lazily created cuBLAS handle.
+ * creation, the stream, the cuBLAS handle.
+ *
+ * cuBLAS (Sinkhorn, SinKD, fused linear) is created here, in kdl_create, so
+ * that no later call allocates behind the caller's back (cublasCreate
+ * allocates device memory and may synchronise; it is also not allowed
+ * inside a CUDA graph capture).  A failure here does not fail kdl_create:
+ * the loss and the other cuBLAS-free entry points do not need it.  The
+ * handle is then NULL and the first call that needs it tries again, and
+ * returns KDL_STATUS_CUBLAS_ERROR if it still fails (docs/kernels.md).
  */
 #include <stdlib.h>
 
@@ -25,6 +33,22 @@ int kdl_device_available(void)
         return 0;
     }
     return n > 0;
+}
+
+/* Creates h->cublas in strict FP32 (no TF32 tensor-op math unless a caller
+ * asks); h->cublas stays NULL on failure. */
+static kdl_status_t create_cublas(struct kdl_context *h)
+{
+    if (cublasCreate(&h->cublas) != CUBLAS_STATUS_SUCCESS) {
+        h->cublas = NULL;
+        return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasCreate");
+    }
+    if (cublasSetMathMode(h->cublas, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
+        cublasDestroy(h->cublas);
+        h->cublas = NULL;
+        return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasSetMathMode");
+    }
+    return KDL_STATUS_SUCCESS;
 }
 
 kdl_status_t kdl_create(kdl_handle_t *handle)
@@ -56,6 +80,8 @@ kdl_status_t kdl_create(kdl_handle_t *handle)
     }
     h->cluster_launch = cluster;
     h->stream = 0;
+    /* eager, not fatal: a loss-only user works without cuBLAS (see the top) */
+    if (create_cublas(h) != KDL_STATUS_SUCCESS) kdl_clear_error();
     *handle = h;
     return KDL_STATUS_SUCCESS;
 }
@@ -86,13 +112,9 @@ kdl_status_t kdl_get_stream(kdl_handle_t h, kdl_stream_t *stream)
 
 kdl_status_t kdl_get_cublas(kdl_handle_t h, cublasHandle_t *out)
 {
-    if (!h->cublas) {
-        if (cublasCreate(&h->cublas) != CUBLAS_STATUS_SUCCESS) {
-            h->cublas = NULL;
-            return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasCreate");
-        }
-        /* strict FP32: no TF32 tensor-op math unless a caller asks */
-        cublasSetMathMode(h->cublas, CUBLAS_DEFAULT_MATH);
+    if (!h->cublas) { /* kdl_create could not create it: try again */
+        kdl_status_t st = create_cublas(h);
+        if (st != KDL_STATUS_SUCCESS) return st;
     }
     if (cublasSetStream(h->cublas, h->stream) != CUBLAS_STATUS_SUCCESS)
         return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasSetStream");

@@ -15,6 +15,34 @@
 extern "C" {
 #endif
 
+/* The loss launcher's memo of per-kernel CUDA setup (kernels/loss.cu,
+ * review F7): without it every call asked cudaFuncGetAttributes, set the
+ * shared-memory cap and (clusters) the non-portable size permission again,
+ * and ran cudaOccupancyMaxActiveClusters.  One entry per row kernel
+ * (student dtype x teacher dtype, f32/f16/bf16), valid for one device: a
+ * call on another current device clears it.  Lives in the handle, which
+ * one host thread uses at a time (as a cuBLAS handle). */
+#define KDL_LOSS_FIT_MEMO 8
+typedef struct kdl_loss_kmemo {
+    int have_attr;          /* static_smem, code_arch below are read        */
+    size_t static_smem;     /* cudaFuncAttributes.sharedSizeBytes           */
+    int code_arch;          /* ptxVersion, else binaryVersion               */
+    size_t smem_cap;        /* MaxDynamicSharedMemorySize set to this; 0 no */
+    int nonportable;        /* NonPortableClusterSizeAllowed set            */
+    struct {
+        int C;              /* 0: empty slot                                */
+        size_t dyn;
+        int fits;           /* at least one such cluster can be resident    */
+    } fit[KDL_LOSS_FIT_MEMO];
+    int next_fit;           /* slot the next answer replaces                */
+} kdl_loss_kmemo_t;
+
+struct kdl_loss_cache {
+    int ready;              /* device below is set                          */
+    int device;             /* the device the entries hold for              */
+    kdl_loss_kmemo_t k[9];  /* [student dtype * 3 + teacher dtype]          */
+};
+
 struct kdl_context {
     int device;              /* CUDA device id at creation                     */
     int cc_major, cc_minor;  /* compute capability                             */
@@ -23,7 +51,9 @@ struct kdl_context {
     size_t smem_per_block_optin; /* max dynamic shared memory per block        */
     size_t l2_bytes;
     cudaStream_t stream;     /* the handle's stream (0: legacy default)        */
-    cublasHandle_t cublas;   /* created on first use (Sinkhorn, SinKD)         */
+    cublasHandle_t cublas;   /* created by kdl_create; if that failed, retried
+                                on first use (Sinkhorn, SinKD, fused linear) */
+    struct kdl_loss_cache loss_cache; /* the loss launcher's memo          */
 };
 
 /* Maps a CUDA error to KDL_STATUS_CUDA_ERROR with a last-error detail naming
@@ -35,7 +65,8 @@ kdl_status_t kdl_cuda_status(cudaError_t err, const char *what, const char *file
         if (kdl_st_ != KDL_STATUS_SUCCESS) return kdl_st_;                                    \
     } while (0)
 
-/* The handle's cuBLAS handle, bound to its stream, created on first use. */
+/* The handle's cuBLAS handle, bound to its stream (created by kdl_create,
+ * or here if that failed: then a failure is KDL_STATUS_CUBLAS_ERROR). */
 kdl_status_t kdl_get_cublas(kdl_handle_t h, cublasHandle_t *out);
 
 #ifdef __cplusplus

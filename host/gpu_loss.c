@@ -25,7 +25,7 @@ kdl_status_t kdl_loss_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *desc
     if (!h || !bytes) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle or bytes is NULL");
     kdl_status_t st = kdl_loss_validate(desc, args, 0);
     if (st != KDL_STATUS_SUCCESS) return st;
-    *bytes = kdl_loss_ws_bytes(args->rows);
+    *bytes = kdl_loss_ws_bytes_for(args->rows, desc->reduction);
     return KDL_STATUS_SUCCESS;
 }
 
@@ -69,7 +69,7 @@ kdl_status_t kdl_loss_forward_backward(kdl_handle_t h, const kdl_loss_desc_t *de
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab = %lld exceeds the GPU limit %lld",
                         (long long)args->vocab, (long long)KDL_LOSS_MAX_VOCAB);
 
-    size_t need = kdl_loss_ws_bytes(args->rows);
+    size_t need = kdl_loss_ws_bytes_for(args->rows, desc->reduction);
     if (workspace_bytes < need)
         return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace_bytes = %zu < %zu needed", workspace_bytes,
                         need);
@@ -85,6 +85,7 @@ kdl_status_t kdl_loss_forward_backward(kdl_handle_t h, const kdl_loss_desc_t *de
     L.args = args;
     L.workspace = workspace;
     L.stream = h->stream;
+    L.cache = &h->loss_cache;
     L.cc_major = h->cc_major;
     L.sm_count = h->sm_count;
     L.cluster_launch = h->cluster_launch;

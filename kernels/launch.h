@@ -42,11 +42,17 @@ typedef struct kdl_loss_plan {
     int launches;         /* kernel launches enqueued                        */
 } kdl_loss_plan_t;
 
+struct kdl_loss_cache; /* host/gpu_internal.h: the handle's memo of per-kernel setup */
+
 typedef struct kdl_loss_launch {
     const kdl_loss_desc_t *desc;  /* validated                                */
     const kdl_loss_args_t *args;  /* validated, rows > 0                      */
-    void *workspace;              /* >= kdl_loss_ws_bytes(rows), 16-byte aligned */
+    void *workspace;              /* >= kdl_loss_ws_bytes_for(rows, reduction), 16-byte aligned */
     cudaStream_t stream;
+    /* the handle's memo (NULL: none, every call asks CUDA again): kernel
+     * attributes read, shared-memory cap and cluster permission set, and
+     * cluster residency answers, per device (review F7) */
+    struct kdl_loss_cache *cache;
     /* device fields, from the handle */
     int cc_major;
     int sm_count;
@@ -57,8 +63,20 @@ typedef struct kdl_loss_launch {
     int force_cluster;
 } kdl_loss_launch_t;
 
-/* Workspace bytes for `rows` rows (0 when rows == 0). */
+/* Workspace bytes for `rows` rows (0 when rows == 0): enough for every
+ * reduction (header + one float per row). */
 size_t kdl_loss_ws_bytes(int64_t rows);
+
+/* Workspace bytes a call of this reduction needs: NONE keeps no per-row
+ * loss, only the 256-byte header (review F8); SUM and MEAN as above. */
+size_t kdl_loss_ws_bytes_for(int64_t rows, kdl_reduction_t reduction);
+
+/* May a gradient [rows, ldg] of gsz-byte elements share memory with logits
+ * x [rows, ldx] of xsz-byte elements?  1 when the spans do not overlap, or
+ * (not MEAN) when the gradient is x itself: same base, stride and element
+ * size.  Any other overlap is refused with KDL_STATUS_NOT_SUPPORTED. */
+int kdl_loss_grad_alias_ok(const void *g, int64_t ldg, size_t gsz, const void *x, int64_t ldx, size_t xsz,
+                           int64_t rows, int64_t vocab, int mean);
 
 /* Largest vocabulary the kernels index with 32-bit in-row offsets. */
 #define KDL_LOSS_MAX_VOCAB ((int64_t)1 << 30)

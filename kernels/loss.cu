@@ -119,6 +119,14 @@ extern "C" size_t kdl_loss_ws_bytes(int64_t rows)
     return kWsHeader + per_row;
 }
 
+extern "C" size_t kdl_loss_ws_bytes_for(int64_t rows, kdl_reduction_t reduction)
+{
+    if (rows <= 0) return 0;
+    /* NONE: the prep kernel's header only; row_loss is written and read for
+     * SUM and MEAN alone (write_row, loss_finalize_kernel) */
+    return reduction == KDL_REDUCTION_NONE ? kWsHeader : kdl_loss_ws_bytes(rows);
+}
+
 static int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 static bool aligned16(const void *p, int64_t ld, size_t esz)
@@ -136,6 +144,24 @@ static bool ranges_overlap(const void *p, size_t pn, const void *q, size_t qn)
 {
     const uintptr_t a = (uintptr_t)p, b = (uintptr_t)q;
     return pn > 0 && qn > 0 && a < b + qn && b < a + pn;
+}
+
+/* In place.  Every thread reads chunk c of its CTA's slice (student and
+ * teacher, passes 1 to 4) before it writes chunk c of the gradient (pass 4,
+ * half a chunk at a time, each half read before it is written), and no
+ * other thread or CTA reads that chunk.  So a gradient that IS the student
+ * (or the teacher) buffer, element for element (same base, row stride and
+ * element size), is safe for NONE and SUM; the fused linear path relies on
+ * it.  Any other overlap (an offset, another stride, an f32 gradient over
+ * 16-bit logits) lets one thread or CTA overwrite logits that another has
+ * not read yet: silently wrong results, so it is refused.  MEAN refuses any
+ * overlap: its redo launch reads the logits again after the first launch
+ * wrote gradients. */
+extern "C" int kdl_loss_grad_alias_ok(const void *g, int64_t ldg, size_t gsz, const void *x, int64_t ldx, size_t xsz,
+                                      int64_t rows, int64_t vocab, int mean)
+{
+    if (!ranges_overlap(g, span_bytes(rows, ldg, vocab, gsz), x, span_bytes(rows, ldx, vocab, xsz))) return 1;
+    return !mean && g == x && ldg == ldx && gsz == xsz;
 }
 
 /* Launch configuration of the row kernel: `clusters` clusters of C CTAs
@@ -170,12 +196,38 @@ static cudaError_t launch_rows(kdl::RowKernelFn fn, kdl::LossParams &P, int64_t 
     return cudaLaunchKernelEx(&cfg, fn, P);
 }
 
-/* Can a cluster of C CTAs of this kernel and smem be resident at all? */
-static bool cluster_fits(kdl::RowKernelFn fn, int C, size_t dyn, cudaStream_t stream)
+/* The memo entry of row kernel idx for the current device, or NULL (no
+ * memo, or the device cannot be read).  Attributes and residency are per
+ * device: a memo filled on another device is cleared first. */
+static kdl_loss_kmemo_t *memo_entry(kdl_loss_cache *cache, int idx)
 {
-    if (C > 8 && cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    if (!cache || idx < 0 || idx >= 9) return nullptr;
+    int dev = -1;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
         (void)cudaGetLastError();
-        return false;
+        return nullptr;
+    }
+    if (!cache->ready || cache->device != dev) {
+        memset(cache, 0, sizeof *cache);
+        cache->ready = 1;
+        cache->device = dev;
+    }
+    return &cache->k[idx];
+}
+
+/* Can a cluster of C CTAs of this kernel and smem be resident at all?
+ * Answers are memoised in km (when given); a failed query is not. */
+static bool cluster_fits(kdl::RowKernelFn fn, int C, size_t dyn, cudaStream_t stream, kdl_loss_kmemo_t *km)
+{
+    if (km)
+        for (int i = 0; i < KDL_LOSS_FIT_MEMO; ++i)
+            if (km->fit[i].C == C && km->fit[i].dyn == dyn) return km->fit[i].fits != 0;
+    if (C > 8 && !(km && km->nonportable)) {
+        if (cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+            (void)cudaGetLastError();
+            return false;
+        }
+        if (km) km->nonportable = 1;
     }
     cudaLaunchAttribute attr; /* C > 1 here: a cluster launch */
     const cudaLaunchConfig_t cfg = row_config(1, C, dyn, stream, &attr);
@@ -183,6 +235,13 @@ static bool cluster_fits(kdl::RowKernelFn fn, int C, size_t dyn, cudaStream_t st
     if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();
         return false;
+    }
+    if (km) {
+        const int slot = km->next_fit;
+        km->next_fit = (slot + 1) % KDL_LOSS_FIT_MEMO;
+        km->fit[slot].C = C;
+        km->fit[slot].dyn = dyn;
+        km->fit[slot].fits = n >= 1;
     }
     return n >= 1;
 }
@@ -198,31 +257,42 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     const int64_t nch_total = ceil_div64(V, kChunk);
     const size_t per_chunk = (size_t)kChunk * (ssz + tsz);
 
-    /* MEAN with a gradient may launch the row kernel twice (the redo launch
-     * below), and the second launch reads the logits again after the first
-     * wrote gradients: a gradient over the student or teacher logits (in
-     * place) would be read as logits.  NONE and SUM read every logit before
-     * writing the gradient, so they are left to the caller. */
-    if (a->grad && d->reduction == KDL_REDUCTION_MEAN) {
-        const size_t gb = span_bytes(N, a->ld_grad, V, kdl_dtype_size(a->grad_dtype));
-        if (ranges_overlap(a->grad, gb, a->student, span_bytes(N, a->ld_student, V, ssz)) ||
-            ranges_overlap(a->grad, gb, a->teacher, span_bytes(N, a->ld_teacher, V, tsz)))
+    /* A gradient may share memory with the logits only as the student (or
+     * teacher) itself, and not for MEAN (kdl_loss_grad_alias_ok). */
+    if (a->grad) {
+        const size_t gsz = kdl_dtype_size(a->grad_dtype);
+        const int mean = d->reduction == KDL_REDUCTION_MEAN;
+        if (!kdl_loss_grad_alias_ok(a->grad, a->ld_grad, gsz, a->student, a->ld_student, ssz, N, V, mean) ||
+            !kdl_loss_grad_alias_ok(a->grad, a->ld_grad, gsz, a->teacher, a->ld_teacher, tsz, N, V, mean))
             return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
-                            "reduction MEAN: grad overlaps the student or teacher logits (in place is not supported)");
+                            mean ? "reduction MEAN: grad overlaps the student or teacher logits (in place is not "
+                                   "supported)"
+                                 : "grad overlaps the student or teacher logits other than as the same buffer "
+                                   "(same base, row stride and dtype)");
     }
 
     /* ---------------------------------------------------------- plan */
     const RowKernelFn fn = row_kernel_for(sdt, tdt);
-    cudaFuncAttributes fa;
-    KDL_LAUNCH_CHECK(cudaFuncGetAttributes(&fa, fn));
-    const size_t static_smem = fa.sharedSizeBytes;
+    /* kernel attributes: from the memo, else asked (and memoised) */
+    kdl_loss_kmemo_t *km = memo_entry(L->cache, sdt * 3 + tdt);
+    kdl_loss_kmemo_t local;
+    memset(&local, 0, sizeof local);
+    kdl_loss_kmemo_t &ka = km ? *km : local;
+    if (!ka.have_attr) {
+        cudaFuncAttributes fa;
+        KDL_LAUNCH_CHECK(cudaFuncGetAttributes(&fa, fn));
+        ka.static_smem = fa.sharedSizeBytes;
+        ka.code_arch = fa.ptxVersion > 0 ? fa.ptxVersion : fa.binaryVersion;
+        ka.have_attr = 1;
+    }
+    const size_t static_smem = ka.static_smem;
     size_t budget = L->smem_per_block_optin > static_smem ? L->smem_per_block_optin - static_smem : 0;
     budget &= ~(size_t)15;
     const int64_t chunks_fit = (int64_t)(budget / per_chunk); /* chunks one CTA can stage */
     /* Clusters need the device and the kernel's code to be sm_90 or newer:
      * a kernel JIT-compiled from older PTX has the single-CTA fallbacks of
      * row_barrier / peer_ptr (and traps on a cluster launch). */
-    const int code_arch = fa.ptxVersion > 0 ? fa.ptxVersion : fa.binaryVersion;
+    const int code_arch = ka.code_arch;
     const bool cluster_ok = L->cluster_launch && L->cc_major >= 9 && code_arch >= 90;
     const int64_t rows_nz = N > 0 ? N : 1;
 
@@ -267,12 +337,14 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
 
     /* One value for the dynamic-smem cap, whatever this call needs, so that
      * concurrent calls on other threads never lower it under each other. */
-    if (budget > 48 * 1024)
+    if (budget > 48 * 1024 && ka.smem_cap != budget) {
         KDL_LAUNCH_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)budget));
+        ka.smem_cap = budget;
+    }
     if (C > 1) {
         const bool st = path != KDL_LOSS_PATH_STREAM;
         const size_t need = st ? (size_t)ceil_div64(nch_total, C) * per_chunk : 0;
-        if (!cluster_fits(fn, (int)C, need, L->stream)) {
+        if (!cluster_fits(fn, (int)C, need, L->stream, km)) {
             if (L->force_path != KDL_LOSS_PATH_AUTO)
                 return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
                                 "a cluster of %lld CTAs with %zu bytes each cannot be resident", (long long)C, need);
@@ -389,7 +461,7 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
         plan_out->cluster = (int)C;
         plan_out->threads = kBlock;
         plan_out->smem_dynamic = dyn;
-        plan_out->smem_static = fa.sharedSizeBytes;
+        plan_out->smem_static = static_smem;
         plan_out->launches = launches;
     }
     return KDL_STATUS_SUCCESS;

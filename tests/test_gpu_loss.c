@@ -1121,6 +1121,224 @@ Test(gpu_loss, mean_refuses_a_gradient_over_the_logits)
     kdl_destroy(h);
 }
 
+/* ============================================= fourth review (2026-11-23) */
+
+/* Review R4-1, on the CPU: the launcher's rule for a gradient that shares
+ * memory with the logits.  Only the logits buffer itself (same base, row
+ * stride, element size) is safe, and only for NONE and SUM; before the fix
+ * NONE and SUM accepted any overlap (an offset, another stride, an f32
+ * gradient over 16-bit logits), where one thread's gradient store
+ * overwrites logits another thread or CTA has not read yet. */
+Test(gpu_loss_host, gradient_alias_rule)
+{
+    static float buf[4 * 16 * 2];
+    const int64_t N = 4, V = 8;
+    /* disjoint, and adjacent (one span ends where the other starts) */
+    cr_expect(kdl_loss_grad_alias_ok(buf, V, 4, buf + N * V, V, 4, N, V, 0));
+    cr_expect(kdl_loss_grad_alias_ok(buf + N * V, V, 4, buf, V, 4, N, V, 1));
+    /* the logits themselves: NONE and SUM yes, MEAN no (the redo launch) */
+    cr_expect(kdl_loss_grad_alias_ok(buf, V, 4, buf, V, 4, N, V, 0));
+    cr_expect(!kdl_loss_grad_alias_ok(buf, V, 4, buf, V, 4, N, V, 1));
+    cr_expect(kdl_loss_grad_alias_ok(buf, 16, 2, buf, 16, 2, N, V, 0), "16-bit, ld > V: the same buffer");
+    /* any other overlap: refused */
+    cr_expect(!kdl_loss_grad_alias_ok(buf + 1, V, 4, buf, V, 4, N, V, 0), "offset by one element");
+    cr_expect(!kdl_loss_grad_alias_ok(buf + V, V, 4, buf, V, 4, N, V, 0), "offset by one row");
+    cr_expect(!kdl_loss_grad_alias_ok(buf, 16, 4, buf, V, 4, N, V, 0), "another row stride");
+    cr_expect(!kdl_loss_grad_alias_ok(buf, V, 4, buf, V, 2, N, V, 0), "f32 gradient over 16-bit logits");
+    cr_expect(!kdl_loss_grad_alias_ok(buf, V, 2, buf, V, 4, N, V, 0), "16-bit gradient over f32 logits");
+    /* no rows: nothing is touched */
+    cr_expect(kdl_loss_grad_alias_ok(buf + 1, V, 4, buf, V, 4, 0, V, 1));
+}
+
+/* Review F8, on the CPU: NONE needs only the 256-byte header (no per-row
+ * loss); SUM and MEAN the header and one float per row; N = 0 nothing. */
+Test(gpu_loss_host, workspace_by_reduction)
+{
+    const int64_t rows[] = {1, 5, 64, 65, 100000};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        cr_expect_eq(kdl_loss_ws_bytes_for(rows[i], KDL_REDUCTION_NONE), (size_t)256);
+        cr_expect_eq(kdl_loss_ws_bytes_for(rows[i], KDL_REDUCTION_SUM), kdl_loss_ws_bytes(rows[i]));
+        cr_expect_eq(kdl_loss_ws_bytes_for(rows[i], KDL_REDUCTION_MEAN), kdl_loss_ws_bytes(rows[i]));
+        cr_expect(kdl_loss_ws_bytes(rows[i]) >= 256 + (size_t)rows[i] * sizeof(float));
+    }
+    for (int red = 0; red < 3; red++) cr_expect_eq(kdl_loss_ws_bytes_for(0, (kdl_reduction_t)red), (size_t)0);
+}
+
+/* Review R4-1 on the device: an in-place gradient (the student buffer
+ * itself) gives the reference's gradient for NONE and SUM; an overlap that
+ * is not the same buffer, or MEAN in place, is refused before any launch. */
+Test(gpu_loss, in_place_gradient_only_as_the_same_buffer)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = new_handle();
+    for (int red = 0; red < 2; red++) {
+        for (int pi = 0; pi < 3; pi++) {
+            inputs_t in;
+            dev_t_ D;
+            kdl_loss_args_t a;
+            gcase_t c = case_default(4, 1271, pairs[pi][0], pairs[pi][0]);
+            c.d.divergence = KDL_DIV_AKL;
+            c.d.reduction = (kdl_reduction_t)red;
+            c.lds = c.ldg = 1280;
+            c.ldt = 1271;
+            c.stats = 0;
+            c.seed = (uint64_t)(500 + 10 * red + pi);
+            make_inputs(&c, &in);
+            result_t ref, got;
+            run_ref(&c, &in, &ref);
+            dev_alloc(&c, &in, &D, h, &a);
+            const size_t ss = kdl_dtype_size(c.sdt);
+            kdl_loss_args_t bad = a;
+            bad.grad = (char *)a.student + ss; /* one element off */
+            bad.ld_grad = c.lds;
+            bad.grad_dtype = c.sdt;
+            cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED,
+                         "grad one element past the student accepted");
+            if (c.sdt != KDL_DTYPE_F32) {
+                bad.grad = (void *)a.student; /* f32 gradient over 16-bit logits */
+                bad.grad_dtype = KDL_DTYPE_F32;
+                cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED,
+                             "f32 grad over 16-bit student accepted");
+            }
+            bad = a;
+            bad.grad = (void *)a.student;
+            bad.ld_grad = c.lds + 8; /* same base, another stride */
+            bad.grad_dtype = c.sdt;
+            cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_NOT_SUPPORTED,
+                         "grad over the student with another stride accepted");
+            expect_loss_untouched(&D, "refused");
+            kdl_loss_desc_t mean = c.d;
+            mean.reduction = KDL_REDUCTION_MEAN;
+            bad.ld_grad = c.lds;
+            size_t wsm = 0;
+            cr_assert_eq(kdl_loss_workspace_size(h, &mean, &bad, &wsm), KDL_STATUS_SUCCESS);
+            void *wsp = NULL;
+            CUDA_OK(cudaMalloc(&wsp, wsm));
+            cr_expect_eq(kdl_loss_forward_backward(h, &mean, &bad, wsp, wsm), KDL_STATUS_NOT_SUPPORTED,
+                         "MEAN in place accepted");
+
+            /* the student buffer itself: works, and is the reference's gradient */
+            cr_assert_eq(kdl_loss_forward_backward(h, &c.d, &bad, D.ws, D.ws_bytes), KDL_STATUS_SUCCESS, "%s",
+                         kdl_get_last_error());
+            CUDA_OK(cudaDeviceSynchronize());
+            result_alloc(&c, &got);
+            got.st = KDL_STATUS_SUCCESS;
+            unsigned char *gb = malloc((size_t)(c.N * c.lds) * ss);
+            cr_assert(gb);
+            CUDA_OK(cudaMemcpy(gb, a.student, (size_t)(c.N * c.lds) * ss, cudaMemcpyDeviceToHost));
+            for (int64_t i = 0; i < c.N; i++) kdl_from_dtype(gb + (size_t)(i * c.lds) * ss, got.grad + i * c.V, c.sdt, c.V);
+            const int64_t nl = red == KDL_REDUCTION_NONE ? c.N : 1;
+            float lb[8];
+            CUDA_OK(cudaMemcpy(lb, D.loss, (size_t)nl * sizeof(float), cudaMemcpyDeviceToHost));
+            for (int64_t i = 0; i < nl; i++) got.loss[i] = lb[i];
+            char what[96];
+            snprintf(what, sizeof what, "in place %s %s: loss", kdl_reduction_name(c.d.reduction), kdl_dtype_name(c.sdt));
+            KDL_EXPECT_CLOSE(what, got.loss, ref.loss, (size_t)nl, input_tol(&c));
+            compare_grad(&c, &in, &got, &ref);
+            free(gb);
+            cudaFree(wsp);
+            result_free(&ref);
+            result_free(&got);
+            dev_free(&c, &D);
+            free_inputs(&c, &in);
+        }
+    }
+    kdl_destroy(h);
+}
+
+/* Review F8 on the device: NONE runs with exactly the 256-byte header as
+ * its workspace (no per-row loss), and a byte less is refused. */
+Test(gpu_loss, none_runs_on_the_header_alone)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = new_handle();
+    static const enum row_kind kinds[] = {ROW_RANDOM, ROW_NAN, ROW_IGNORED, ROW_TIES16, ROW_RANDOM};
+    gcase_t c = case_default(5, 999, KDL_DTYPE_BF16, KDL_DTYPE_BF16);
+    c.d.divergence = KDL_DIV_AKL;
+    c.d.reduction = KDL_REDUCTION_NONE;
+    c.labels = 1;
+    c.kinds = kinds;
+    inputs_t in;
+    make_inputs(&c, &in);
+    safe_mu(&c, &in);
+    result_t ref, got;
+    run_ref(&c, &in, &ref);
+    run_gpu(h, &c, &in, &got); /* dev_alloc sizes the workspace by the query */
+    compare(&c, &in, &got, &ref, "NONE, header-only workspace");
+    result_free(&got);
+    dev_t_ D;
+    kdl_loss_args_t a;
+    dev_alloc(&c, &in, &D, h, &a);
+    cr_expect_eq(D.ws_bytes, (size_t)256);
+    cr_expect_eq(kdl_loss_forward_backward(h, &c.d, &a, D.ws, D.ws_bytes - 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    expect_loss_untouched(&D, "too small");
+    dev_free(&c, &D);
+    result_free(&ref);
+    free_inputs(&c, &in);
+    kdl_destroy(h);
+}
+
+/* Review F7: the per-handle memo of kernel attributes and cluster
+ * residency gives the same plan and the same bits on every call, also
+ * after a call with another dtype pair and another forced cluster size. */
+Test(gpu_loss, memoised_setup_gives_the_same_plan_and_bits)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = new_handle();
+    const char *paths[] = {NULL, "cluster", "stream"};
+    const int clusters[] = {0, 3, 2};
+    for (int pi = 0; pi < 3; pi++) {
+        set_path(paths[pi], clusters[pi]);
+        gcase_t c = case_default(3, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16);
+        c.d.divergence = KDL_DIV_AKL;
+        c.d.reduction = KDL_REDUCTION_SUM;
+        c.stats = 0;
+        inputs_t in;
+        make_inputs(&c, &in);
+        result_t r1, r2, r3;
+        raw_t a, b, x;
+        memset(&a, 0, sizeof a);
+        memset(&b, 0, sizeof b);
+        memset(&x, 0, sizeof x);
+        run_gpu_raw(h, &c, &in, &r1, &a);
+        const kdl_loss_plan_t p1 = kdl_loss_last_plan();
+        /* another kernel and, forced, another cluster size in between */
+        gcase_t o = case_default(2, 40000, KDL_DTYPE_F32, KDL_DTYPE_F16);
+        o.stats = 0;
+        inputs_t oin;
+        make_inputs(&o, &oin);
+        set_path(paths[pi], clusters[pi] ? clusters[pi] + 1 : 0);
+        run_gpu_raw(h, &o, &oin, &r3, &x);
+        set_path(paths[pi], clusters[pi]);
+        run_gpu_raw(h, &c, &in, &r2, &b);
+        const kdl_loss_plan_t p2 = kdl_loss_last_plan();
+        if (r1.st == KDL_STATUS_SUCCESS) {
+            cr_expect_eq(r2.st, KDL_STATUS_SUCCESS);
+            cr_expect(p1.path == p2.path && p1.cluster == p2.cluster && p1.smem_dynamic == p2.smem_dynamic &&
+                          p1.smem_static == p2.smem_static,
+                      "path %s: plans differ: %d/%d vs %d/%d", paths[pi] ? paths[pi] : "auto", (int)p1.path,
+                      p1.cluster, (int)p2.path, p2.cluster);
+            cr_expect(a.loss_bytes == b.loss_bytes && memcmp(a.loss, b.loss, a.loss_bytes) == 0, "loss differs");
+            cr_expect(a.grad_bytes == b.grad_bytes && memcmp(a.grad, b.grad, a.grad_bytes) == 0, "grad differs");
+        } else {
+            cr_expect_eq(r1.st, r2.st, "path %s: status changed between calls", paths[pi] ? paths[pi] : "auto");
+        }
+        free(a.loss);
+        free(a.grad);
+        free(b.loss);
+        free(b.grad);
+        free(x.loss);
+        free(x.grad);
+        result_free(&r1);
+        result_free(&r2);
+        result_free(&r3);
+        free_inputs(&c, &in);
+        free_inputs(&o, &oin);
+    }
+    set_path(NULL, 0);
+    kdl_destroy(h);
+}
+
 /* Asynchronous on the handle's stream: a stream set on the handle is used. */
 Test(gpu_loss, runs_on_the_handle_stream)
 {
