@@ -9,7 +9,10 @@
  *
  * No allocation on the device, no host synchronisation.  The upload reads
  * a host buffer that is freed on return: cudaMemcpyAsync from pageable
- * memory has consumed its source when it returns.
+ * memory has consumed its source when it returns; while the stream is being
+ * captured into a CUDA graph, kdl_otk_upload carries the bytes in kernel
+ * parameters instead (recorded by value; docs/sinkhorn-review.md, third
+ * review).
  */
 #include <float.h>
 #include <stdint.h>
@@ -275,7 +278,7 @@ static kdl_status_t core_run(kdl_handle_t h, core_t *k, const hprob_t *hp, const
                              const kdl_otk_params_t *prm, int any_warm_f)
 {
     cudaStream_t s = h->stream;
-    KDL_CUDA_CHECK(cudaMemcpyAsync(k->tb_dev, k->tb_host, k->tb_bytes, cudaMemcpyHostToDevice, s));
+    KDL_CUDA_CHECK(kdl_otk_upload(k->tb_dev, k->tb_host, k->tb_bytes, s));
     if (k->build) {
         if (k->metric == KDL_OT_METRIC_SQEUCLIDEAN) {
             cublasHandle_t cb;
@@ -512,8 +515,8 @@ kdl_status_t kdl_sinkhorn(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, const kd
         if (st != KDL_STATUS_SUCCESS) goto done;                                               \
     } while (0)
     if (a->info) SK_TRY(kdl_cuda_status(cudaMemsetAsync(a->info, 0, sizeof(int64_t), s), "cudaMemsetAsync", __FILE__, __LINE__));
-    SK_TRY(kdl_cuda_status(cudaMemcpyAsync(P.g_off, P.g_off_h, (size_t)B * sizeof(int64_t), cudaMemcpyHostToDevice, s),
-                           "cudaMemcpyAsync", __FILE__, __LINE__));
+    SK_TRY(kdl_cuda_status(kdl_otk_upload(P.g_off, P.g_off_h, (size_t)B * sizeof(int64_t), s), "kdl_otk_upload",
+                           __FILE__, __LINE__));
     /* starting potentials: g = 0, or the warm g; f_init into f[1] */
     SK_TRY(kdl_cuda_status(cudaMemsetAsync(k->G, 0, (size_t)k->cols_total * sizeof(float), s), "cudaMemsetAsync",
                            __FILE__, __LINE__));

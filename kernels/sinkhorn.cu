@@ -15,7 +15,8 @@
  *   k_prep         per problem: diameter, log-weight check, eps schedule,
  *                  state reset
  *   k_f_update     f_i = -eps LSE_j(lb_j + (g_j - C_ij)/eps): one warp per
- *                  row, online log2-domain LSE, C read once; fused with the
+ *                  row, online LSE (cost units for eps < 1, log units
+ *                  above, as the reference), C read once; fused with the
  *                  row-marginal error of the previous iterate when a check
  *                  is due: sum_j P_ij = a_i exp((f_old_i - f_new_i)/eps)
  *   k_check        per problem: err = sum_i |.|, converged -> done
@@ -42,6 +43,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -55,18 +57,67 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kBlock = 256;
 
 /* ------------------------------------------------------------ LSE helpers */
-/* An online log2-domain log-sum-exp: value = m + log2(s). */
+/* An online log-sum-exp: the terms t_k, value m + log2(s) / k, with
+ * s = sum exp2((t_k - m) k) (see SoftMin below for the units). */
 struct Lse {
     float m, s;
 };
 
-__device__ __forceinline__ void lse_add(Lse &a, float u)
+/* The f and g updates, f_i = -eps LSE_j(lb_j + (g_j - C_ij)/eps) and its
+ * mirror, in the two forms of the reference's neg_soft_min
+ * (host/ref_sinkhorn.c), chosen by the iteration's eps as there:
+ *   eps <  1: cost units, t_k = r_k + eps lw_k (r = g_j - C_ij or
+ *             f_i - C_ij), T = max t_k, result -(T + eps ln sum exp((t_k - T)/eps));
+ *   eps >= 1: log units, t_k = lw_k + r_k/eps, result -eps (T + ln sum exp(t_k - T)).
+ * The log form alone, (g_j - C_ij) log2(e)/eps in FP32, overflowed to -inf
+ * for every j of a row once min_j (C_ij - g_j)/eps passed about 2.4e38
+ * (eps = 1e-37 with costs near 100): f = +inf, then NaN everywhere with
+ * SUCCESS (docs/sinkhorn-review.md #11, the device side of hardening F7).
+ * In cost units t_k - T <= 0 and k = log2(e)/eps <= 1.3e38 is finite for
+ * every eps >= FLT_MIN (the GPU path refuses smaller eps), so the exponent
+ * is at worst -inf (a zero term) and the sum is >= 1: finite for every
+ * accepted eps.  eps lw_k would overflow for a huge eps, hence the log form
+ * there.  An online sum over the t_k: m = max so far, s = sum of
+ * exp2((t_k - m) k). */
+struct SoftMin {
+    float rs;  /* factor of r_k in t_k: 1 or 1/eps         */
+    float ws;  /* factor of lw_k (natural log): eps or 1    */
+    float k;   /* log2(e)/eps or log2(e): (t - T) k in log2 */
+    float os;  /* the result is -os (T + ws ln s): 1 or eps  */
+};
+
+__device__ __forceinline__ SoftMin soft_min_at(float eps)
 {
-    if (u > a.m) {
-        a.s = a.s * exp2f(a.m - u) + 1.0f; /* a.m = -inf gives s = 1 */
-        a.m = u;
-    } else if (u != -INFINITY) {
-        a.s += exp2f(u - a.m);
+    SoftMin q;
+    if (eps < 1.0f) {
+        q.rs = 1.0f;
+        q.ws = eps;
+        q.k = kLog2e / eps;
+        q.os = 1.0f;
+    } else {
+        q.rs = 1.0f / eps;
+        q.ws = 1.0f;
+        q.k = kLog2e;
+        q.os = eps;
+    }
+    return q;
+}
+
+/* t_k of one term; -inf for a zero weight (lw = -inf) whatever r is: a zero
+ * weight's row or column contributes nothing, and its potential is not
+ * bounded by anything (docs/hardening.md F11). */
+__device__ __forceinline__ float sm_term(const SoftMin &q, float lw, float r)
+{
+    return lw == -INFINITY ? -INFINITY : fmaf(q.ws, lw, r * q.rs);
+}
+
+__device__ __forceinline__ void sm_add(Lse &a, float t, float k)
+{
+    if (t > a.m) {
+        a.s = a.s * exp2f((a.m - t) * k) + 1.0f; /* a.m = -inf: (-inf) k = -inf, s = 1 */
+        a.m = t;
+    } else if (t != -INFINITY) {
+        a.s += exp2f((t - a.m) * k);
     }
 }
 
@@ -75,30 +126,51 @@ __device__ __forceinline__ void lse_add(Lse &a, float u)
  * butterfly the lanes may differ in the last bit; callers read one lane
  * (lane 0 in k_f_update) or merge in a fixed order (k_g_update), so the
  * results stay reproducible run to run. */
-__device__ __forceinline__ Lse lse_merge(Lse a, Lse b)
+__device__ __forceinline__ Lse sm_merge(Lse a, Lse b, float k)
 {
     if (a.m == -INFINITY) return b;
     if (b.m == -INFINITY) return a;
-    float M = fmaxf(a.m, b.m);
+    const float M = fmaxf(a.m, b.m);
     Lse r;
     r.m = M;
-    r.s = a.s * exp2f(a.m - M) + b.s * exp2f(b.m - M);
+    r.s = a.s * exp2f((a.m - M) * k) + b.s * exp2f((b.m - M) * k);
     return r;
 }
 
-__device__ __forceinline__ Lse warp_lse(Lse a)
+__device__ __forceinline__ Lse warp_sm(Lse a, float k)
 {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         Lse b;
         b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
         b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
-        a = lse_merge(a, b);
+        a = sm_merge(a, b, k);
     }
     return a;
 }
 
-__device__ __forceinline__ float warp_sum(float v)
+/* -os (T + ws ln s) */
+__device__ __forceinline__ float sm_result(const SoftMin &q, Lse a)
+{
+    return -q.os * fmaf(q.ws * kLn2, log2f(a.s), a.m);
+}
+
+/* The FP32 eps of iteration it: the schedule's, at most FLT_MAX (an
+ * annealing stage starts at the cost's diameter, which for FP32 costs can
+ * reach 2 FLT_MAX). */
+__device__ __forceinline__ float eps_of(const kdl_ot_schedule_t &sch, int64_t it)
+{
+    const double e = kdl_ot_schedule_eps(&sch, it);
+    return e < (double)FLT_MAX ? (float)e : FLT_MAX;
+}
+
+/* Natural log weight of row i (la given, or uniform). */
+__device__ __forceinline__ float logw(const float *lw, int i, float uniform)
+{
+    return lw ? lw[i] : uniform;
+}
+
+template <class T> __device__ __forceinline__ T warp_sum(T v)
 {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -136,14 +208,6 @@ __device__ __forceinline__ float logw2(const float *lw, int i, float uniform2)
 {
     return lw ? lw[i] * kLog2e : uniform2;
 }
-
-/* lw2 + x, -inf when the weight is zero (lw2 = -inf) whatever x is: a zero
- * weight's row or column contributes nothing, and its potential is not
- * bounded by anything, so at a tiny eps x = (potential - C) log2(e)/eps can
- * be +inf there and -inf + inf = NaN (docs/hardening.md F11, the reference's
- * plan_ij; its f and g updates take the sum in cost units, where the term is
- * -inf as well). */
-__device__ __forceinline__ float wterm(float lw2, float x) { return lw2 == -INFINITY ? -INFINITY : lw2 + x; }
 
 /* dC(u, v)/du for t = u_k - v_k. */
 __device__ __forceinline__ float dcost(int metric, float t)
@@ -324,16 +388,16 @@ __global__ void __launch_bounds__(kBlock) k_f_update(const kdl_otk_prob_t *__res
     const int i = t.r0 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (i >= p.n) return;
     const kdl_ot_schedule_t sch = state[t.prob].sched;
-    const float eps = (float)kdl_ot_schedule_eps(&sch, it);
-    const float k = kLog2e / eps;
-    const float lb_uni = -log2f((float)p.m);
+    const float eps = eps_of(sch, it);
+    const SoftMin q = soft_min_at(eps);
+    const float lb_uni = -logf((float)p.m);
     const float *__restrict__ c = p.C + (int64_t)i * p.m;
     const float *__restrict__ g = p.g;
     Lse acc = {-INFINITY, 0.0f};
-    for (int j = lane; j < p.m; j += 32) lse_add(acc, wterm(logw2(p.lb, j, lb_uni), (g[j] - c[j]) * k));
-    acc = warp_lse(acc);
+    for (int j = lane; j < p.m; j += 32) sm_add(acc, sm_term(q, logw(p.lb, j, lb_uni), g[j] - c[j]), q.k);
+    acc = warp_sm(acc, q.k);
     if (lane != 0) return;
-    const float fnew = -eps * kLn2 * (acc.m + log2f(acc.s));
+    const float fnew = sm_result(q, acc);
     p.f[it & 1][i] = fnew;
     const int64_t prev = it - 1;
     if (final_pass || (prev >= 1 && kdl_ot_check_due(&sch, prev, prm.tol, prm.check_every))) {
@@ -397,23 +461,22 @@ __global__ void __launch_bounds__(kBlock) k_g_update(const kdl_otk_prob_t *__res
     const kdl_otk_prob_t &p = probs[t.prob];
     if (init_only && !p.warm_f) return;
     const kdl_ot_schedule_t sch = state[t.prob].sched;
-    const float eps = (float)kdl_ot_schedule_eps(&sch, it);
-    const float k = kLog2e / eps;
-    const float la_uni = -log2f((float)p.n);
+    const SoftMin q = soft_min_at(eps_of(sch, it));
+    const float la_uni = -logf((float)p.n);
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j = t.c0 + lane;
     const float *__restrict__ f = p.f[fsel];
     Lse acc = {-INFINITY, 0.0f};
     if (j < p.m)
         for (int i = w; i < p.n; i += kBlock / 32)
-            lse_add(acc, wterm(logw2(p.la, i, la_uni), (f[i] - p.C[(int64_t)i * p.m + j]) * k));
+            sm_add(acc, sm_term(q, logw(p.la, i, la_uni), f[i] - p.C[(int64_t)i * p.m + j]), q.k);
     part[w][lane] = acc;
     __syncthreads();
     if (w == 0 && j < p.m) {
         Lse r = part[0][lane];
 #pragma unroll
-        for (int q = 1; q < kBlock / 32; q++) r = lse_merge(r, part[q][lane]);
-        p.g[j] = -eps * kLn2 * (r.m + log2f(r.s));
+        for (int u = 1; u < kBlock / 32; u++) r = sm_merge(r, part[u][lane], q.k);
+        p.g[j] = sm_result(q, r);
     }
 }
 
@@ -485,18 +548,24 @@ __global__ void __launch_bounds__(kBlock, 4) k_finish(const kdl_otk_prob_t *__re
     const float la2 = logw2(p.la, i, -log2f((float)p.n));
     const float lb_uni = -log2f((float)p.m);
     const float *__restrict__ c = p.C + (int64_t)i * p.m;
-    float acc = 0.0f, rsum = 0.0f;
+    /* the row sums of P C and of P in double, as the reference's: a float
+     * sum over m/32 terms per lane had a relative error up to about
+     * (m/32) 2^-24, an absolute floor under the marginal error of a
+     * max_iter stop (docs/sinkhorn-review.md #12) and in TRANSPORT */
+    double acc = 0.0, rsum = 0.0;
     for (int j = lane; j < p.m; j += 32) {
         const float P = exp2f(plan_log2(la2, logw2(p.lb, j, lb_uni), fi + p.g[j] - c[j], k));
         if (plan) plan[j] = P;
-        acc = fmaf(P, c[j], acc);
-        rsum += P;
+        acc = fma((double)P, (double)c[j], acc);
+        rsum += (double)P;
     }
     acc = warp_sum(acc);
     rsum = warp_sum(rsum);
     if (lane == 0) {
-        p.rowval[i] = acc;
-        p.rowerr[i] = fabsf(rsum - exp2f(la2)); /* for k_final_err */
+        p.rowval[i] = (float)acc;
+        /* a_i in double from the caller's log-weight, as the reference's */
+        const double ai = p.la ? exp((double)p.la[i]) : 1.0 / (double)p.n;
+        p.rowerr[i] = (float)fabs(rsum - ai); /* for k_final_err */
         if (p.f_out) p.f_out[i] = fi;
     }
 }
@@ -648,7 +717,7 @@ template <int DT> __device__ __forceinline__ float load_logit(const void *x, int
 }
 
 template <int DT>
-__global__ void __launch_bounds__(kBlock) k_softmax(const void *__restrict__ x, int64_t ld, int64_t V, float k2,
+__global__ void __launch_bounds__(kBlock, 1) k_softmax(const void *__restrict__ x, int64_t ld, int64_t V, float k2,
                                                     float *__restrict__ probs, int32_t *__restrict__ bad)
 {
     __shared__ float sh[kBlock];
@@ -659,7 +728,7 @@ __global__ void __launch_bounds__(kBlock) k_softmax(const void *__restrict__ x, 
         const float z = load_logit<DT>(x, r * ld + v);
         nonfinite |= isnan(z) || z == INFINITY;
         any |= z > -INFINITY;
-        mx = fmaxf(mx, z * k2);
+        mx = fmaxf(mx, z);
     }
     nonfinite = __syncthreads_or(nonfinite);
     any = __syncthreads_or(any);
@@ -669,12 +738,19 @@ __global__ void __launch_bounds__(kBlock) k_softmax(const void *__restrict__ x, 
         if (threadIdx.x == 0) bad[r] = 1;
         return;
     }
+    /* (z - max z) k2, the reference's (x - max)/tau (docs/hardening.md F8).
+     * z k2 - max(z k2) overflowed to inf - inf = NaN once z log2(e)/tau
+     * passed FLT_MAX (a logit above 2.4e38 tau: about 3 at tau = FLT_MIN,
+     * 2.4e9 at tau = 1e-29): a valid group's loss NaN with SUCCESS.  Short
+     * of that it rounded z k2 before the shift (half an ulp of 1e7 is 0.5 in
+     * log2: a factor of 1.4 in a probability).  z - max z <= 0, so the
+     * exponent is at worst -inf (probability 0), and the sum is >= 1. */
     mx = block_max_f(mx, sh);
     float s = 0.0f;
-    for (int64_t v = threadIdx.x; v < V; v += kBlock) s += exp2f(load_logit<DT>(x, r * ld + v) * k2 - mx);
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) s += exp2f((load_logit<DT>(x, r * ld + v) - mx) * k2);
     s = block_sum_f(s, sh);
-    const float lse = mx + log2f(s);
-    for (int64_t v = threadIdx.x; v < V; v += kBlock) out[v] = exp2f(load_logit<DT>(x, r * ld + v) * k2 - lse);
+    const float l2s = log2f(s);
+    for (int64_t v = threadIdx.x; v < V; v += kBlock) out[v] = exp2f((load_logit<DT>(x, r * ld + v) - mx) * k2 - l2s);
     if (threadIdx.x == 0) bad[r] = 0;
 }
 
@@ -878,6 +954,21 @@ __global__ void __launch_bounds__(kBlock) k_sinkd_grad_l1(const float *__restric
     }
 }
 
+/* A host-to-device copy carried in a kernel parameter (16 KiB per
+ * launch): stream capture records a kernel's parameters by value, while a
+ * cudaMemcpyAsync from pageable host memory cannot be captured (and the
+ * staging buffer is freed on return). */
+constexpr int kUploadBytes = 16384;
+struct UploadChunk {
+    unsigned char b[kUploadBytes];
+};
+
+__global__ void __launch_bounds__(kBlock) k_upload(unsigned char *__restrict__ dst, unsigned n,
+                                                   const __grid_constant__ UploadChunk c)
+{
+    for (unsigned k = blockIdx.x * kBlock + threadIdx.x; k < n; k += gridDim.x * kBlock) dst[k] = c.b[k];
+}
+
 int grid_for(int64_t total)
 {
     int64_t b = (total + kBlock - 1) / kBlock;
@@ -888,6 +979,23 @@ int grid_for(int64_t total)
 } // namespace
 
 /* ================================================================ launchers */
+extern "C" cudaError_t kdl_otk_upload(void *dst, const void *src, size_t bytes, cudaStream_t stream)
+{
+    if (bytes == 0) return cudaSuccess;
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    cudaError_t e = cudaStreamIsCapturing(stream, &cap);
+    if (e != cudaSuccess) return e;
+    if (cap == cudaStreamCaptureStatusNone) return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream);
+    static thread_local UploadChunk c; /* 16 KiB: not on the caller's stack */
+    for (size_t off = 0; off < bytes; off += kUploadBytes) {
+        const unsigned n = (unsigned)(bytes - off < (size_t)kUploadBytes ? bytes - off : (size_t)kUploadBytes);
+        memcpy(c.b, (const unsigned char *)src + off, n);
+        k_upload<<<(n + kBlock - 1) / kBlock, kBlock, 0, stream>>>((unsigned char *)dst + off, n, c);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+}
+
 extern "C" cudaError_t kdl_otk_sqnorms(const float *X, int64_t rows, int64_t d, float *out, cudaStream_t stream)
 {
     if (rows <= 0) return cudaSuccess;

@@ -89,6 +89,13 @@ typedef struct kdl_otk_job {
 /* ------------------------------------------------------------- launchers */
 /* All launchers enqueue on `stream` and return the first CUDA error. */
 
+/* Host-to-device copy of the wrapper's tables (host memory the caller may
+ * free on return): cudaMemcpyAsync, or, while `stream` is being captured
+ * into a CUDA graph, kernels that carry the bytes in their parameters (a
+ * copy from pageable memory cannot be captured; parameters are recorded by
+ * value, so the graph can be replayed after the host buffer is gone). */
+cudaError_t kdl_otk_upload(void *dst, const void *src, size_t bytes, cudaStream_t stream);
+
 /* Squared row norms: out[r] = sum_k X[r, k]^2 for rows [0, rows). */
 cudaError_t kdl_otk_sqnorms(const float *X, int64_t rows, int64_t d, float *out, cudaStream_t stream);
 

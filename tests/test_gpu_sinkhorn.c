@@ -15,6 +15,7 @@
  */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include <criterion/criterion.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -638,6 +639,205 @@ Test(gpu_sinkhorn, f11_zero_weights_on_both_sides_tiny_eps)
     kdl_destroy(h);
 }
 
+/* docs/sinkhorn-review.md #11 (third review), the device side of hardening
+ * F7: eps tiny against the cost.  The f and g updates formed
+ * (g_j - C_ij) log2(e)/eps in FP32; in a row whose every cost is >= 100
+ * (problem 0) that is below -FLT_MAX for every j at eps = 1e-37 (and at
+ * every eps below about 4e-37 here): the log-sum-exp of all -inf terms gave
+ * f = +inf, then NaN potentials, plan and value with SUCCESS.  Now the
+ * updates take the reference's cost-unit form for eps < 1, so they are
+ * finite for every eps the GPU path accepts (>= FLT_MIN), and the result is
+ * the reference's: potentials the c-transforms, the plan as rounding of
+ * f + g - C leaves it (here exactly the reference's: entries a_i b_j on the
+ * diagonal of problem 0, the identity plan of problem 1 whose optimal
+ * entries cost 0).  Given costs, TRANSPORT and DUAL, eps down to FLT_MIN;
+ * with eps-scaling (stages of eps >= 1 in the log form, then the cost
+ * form) DUAL and the potentials.  eps below FLT_MIN stays NOT_SUPPORTED.
+ * Not run on a device here. */
+Test(gpu_sinkhorn, tiny_eps_updates_follow_the_reference)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    const float C[8] = {100, 164, 164, 100, 0, 200, 200, 0};
+    const double eps_list[] = {1e-37, 3e-38, (double)FLT_MIN};
+    for (size_t k = 0; k < sizeof eps_list / sizeof eps_list[0]; k++)
+        for (int value = 0; value < 2; value++) {
+            kdl_sinkhorn_desc_t d = desc_fixed(eps_list[k], 12);
+            d.value = (kdl_ot_value_t)value;
+            float v[2] = {NAN, NAN}, e[2] = {NAN, NAN}, P[8], f[4], g[4];
+            int64_t it[2];
+            hcall_t c = {.B = 2, .n = 2, .m = 2, .cost = C, .value = v, .err = e, .f = f, .g = g, .plan = P,
+                         .iters = it};
+            char what[96];
+            snprintf(what, sizeof what, "eps %g %s", eps_list[k], value ? "dual" : "transport");
+            cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+            int nonfinite = 0;
+            for (int q = 0; q < 8; q++) nonfinite += !isfinite(P[q]) + (q < 4 ? !isfinite(f[q]) + !isfinite(g[q]) : 0);
+            nonfinite += !isfinite(v[0]) + !isfinite(v[1]) + !isfinite(e[0]) + !isfinite(e[1]);
+            cr_expect_eq(nonfinite, 0, "%s: %d outputs not finite", what, nonfinite);
+            /* the c-transforms: f_i + g_i = C_ii on the diagonals */
+            for (int b = 0; b < 2; b++)
+                for (int i = 0; i < 2; i++)
+                    cr_expect(fabsf(f[2 * b + i] + g[2 * b + i] - C[4 * b + 3 * i]) <= 1e-5f * (1 + C[4 * b + 3 * i]),
+                              "%s: problem %d f_%d + g_%d = %g", what, b, i, i, f[2 * b + i] + g[2 * b + i]);
+            cr_expect(P[5] == 0 && P[6] == 0 && fabsf(P[4] - 0.5f) < 1e-6f && fabsf(P[7] - 0.5f) < 1e-6f,
+                      "%s: problem 1 plan %g %g %g %g", what, P[4], P[5], P[6], P[7]);
+            rcall_t r;
+            ref_sinkhorn(&d, &c, &r);
+            compare(what, &c, &r, 1e-5, 1);
+            double ge[2] = {e[0], e[1]};
+            KDL_EXPECT_CLOSE(what, ge, r.err, 2, kdl_ext_tol_rel_max(r.err, 2, 1e-5));
+            free_r(&r);
+        }
+    {
+        /* eps-scaling from the diameter 64 (problem 0) down to 1e-37 */
+        kdl_sinkhorn_desc_t d = desc_fixed(1e-37, 200);
+        d.eps_scaling = 1;
+        d.eps_scaling_factor = 0.5;
+        d.value = KDL_OT_VALUE_DUAL;
+        float v[2], f[4], g[4], P[8];
+        hcall_t c = {.B = 2, .n = 2, .m = 2, .cost = C, .value = v, .f = f, .g = g, .plan = P};
+        cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "eps-scaling: %s", kdl_get_last_error());
+        for (int q = 0; q < 8; q++)
+            cr_expect(isfinite(P[q]) && P[q] >= 0 && P[q] <= 0.5f * (1 + 1e-6f), "eps-scaling: plan[%d] = %g", q, P[q]);
+        hcall_t cv = c;
+        cv.plan = NULL; /* the plan at such eps is rounding's (entries 0 or b_j), not compared */
+        check_ref(&d, &cv, "tiny eps, eps-scaling, dual", 1e-4, 1);
+    }
+    {
+        /* below the normal FP32 range: refused, nothing written */
+        kdl_sinkhorn_desc_t d = desc_fixed(1e-39, 12);
+        float v[2] = {0, 0};
+        hcall_t c = {.B = 2, .n = 2, .m = 2, .cost = C, .value = v};
+        cr_expect_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_NOT_SUPPORTED);
+    }
+    kdl_destroy(h);
+}
+
+/* docs/sinkhorn-review.md #12 (third review): the marginal error of a
+ * max_iter stop and TRANSPORT come from k_finish's row sums, which summed
+ * m/32 float terms per lane: at m = 2^20 a rounding of about 1e-6 of a row
+ * sum (random walk; up to 2e-3 at worst), as large as the error measured.
+ * Now the sums are in double with a_i in double: the reference's row_error
+ * and <P, C> applied to the GPU's own iterate.  The oracle is exactly that,
+ * in double on the host from the f, g the call returns (the FP32 iterate
+ * has a real marginal error of its own, from the FP32 log-sum-exp over 2^20
+ * terms, so the float64 reference's iterate is not the comparison here).
+ * What is left is the FP32 rounding of each plan entry, which averages out
+ * over a row.  Uniform weights of powers of two (log2 exact).  Not run on a
+ * device here. */
+Test(gpu_sinkhorn, long_rows_final_error_and_value_in_double)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {121};
+    const int64_t n = 2, m = (int64_t)1 << 20;
+    float *C = malloc(sizeof(float) * (size_t)(n * m)), *g = malloc(sizeof(float) * (size_t)m), v[1], e[1], f[2];
+    int64_t it[1];
+    fill(&rng, C, n * m, 0, 1);
+    const double eps = 0.5;
+    kdl_sinkhorn_desc_t d = desc_fixed(eps, 30);
+    hcall_t c = {.B = 1, .n = n, .m = m, .cost = C, .value = v, .err = e, .f = f, .g = g, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect_eq(it[0], 30);
+    /* row_error and <P, C> of the returned iterate, in double (P capped at b_j) */
+    const double la = -log((double)n), lb = -log((double)m);
+    double err = 0, val = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double rs = 0;
+        for (int64_t j = 0; j < m; j++) {
+            double x = la + lb + ((double)f[i] + (double)g[j] - (double)C[i * m + j]) / eps;
+            double P = exp(x > lb ? lb : x);
+            rs += P;
+            val += P * C[i * m + j];
+        }
+        err += fabs(rs - exp(la));
+    }
+    cr_expect(fabs(e[0] - err) <= 2e-3 * err + 1e-8, "marginal error %.6g, of the returned iterate in double %.6g",
+              e[0], err);
+    cr_expect(fabs(v[0] - val) <= 3e-7 * fabs(val), "value %.9g, of the returned iterate in double %.9g", v[0], val);
+    free(C);
+    free(g);
+    kdl_destroy(h);
+}
+
+/* Stream capture (third review): the call uploads its tables from a host
+ * buffer that is freed on return.  A cudaMemcpyAsync from pageable memory
+ * cannot be captured (the capture failed, and was invalidated for the
+ * caller); now the upload is carried in kernel parameters while the stream
+ * is captured, and the device-side loop falls back to the host loop.  A
+ * captured call, replayed twice after the host buffers are gone, must give
+ * the bits of the same call made directly, and the reference's values.
+ * Sinkhorn with given costs (fixed count, and tol > 0), and SinKD.  Not run
+ * on a device here. */
+static void capture_case(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, const char *what)
+{
+    kdl_rng_t rng = {131};
+    const int64_t B = 3, n = 9, m = 7;
+    float C[189], v[3], e[3], P[189], v2[3], e2[3], P2[189];
+    int64_t it[3], it2[3];
+    fill(&rng, C, B * n * m, 0, 1);
+    /* direct */
+    hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .plan = P, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, d, &c, 0), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    /* captured */
+    cudaStream_t s;
+    KDL_CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cr_assert_eq(kdl_set_stream(h, (kdl_stream_t)s), KDL_STATUS_SUCCESS);
+    kdl_sinkhorn_args_t a;
+    kdl_sinkhorn_args_init(&a);
+    a.batch = B;
+    a.n = n;
+    a.m = m;
+    a.cost = kdl_dev_dup(C, sizeof C);
+    a.value = kdl_dev_alloc(sizeof v2, 1);
+    a.marginal_error = kdl_dev_alloc(sizeof e2, 1);
+    a.plan = kdl_dev_alloc(sizeof P2, 1);
+    a.iterations = (int64_t *)kdl_dev_alloc(sizeof it2, 1);
+    size_t wsb = 0;
+    cr_assert_eq(kdl_sinkhorn_workspace_size(h, d, &a, &wsb), KDL_STATUS_SUCCESS);
+    void *ws = kdl_dev_alloc(wsb, 1);
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    KDL_CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    kdl_status_t st = kdl_sinkhorn(h, d, &a, ws, wsb);
+    cudaError_t ce = cudaStreamEndCapture(s, &graph);
+    cr_assert_eq(st, KDL_STATUS_SUCCESS, "%s: captured call: %s", what, kdl_get_last_error());
+    cr_assert_eq(ce, cudaSuccess, "%s: capture: %s", what, cudaGetErrorString(ce));
+    KDL_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int rep = 0; rep < 2; rep++) {
+        KDL_CUDA_OK(cudaMemsetAsync(a.value, 0xff, sizeof v2, s));
+        KDL_CUDA_OK(cudaGraphLaunch(exec, s));
+        KDL_CUDA_OK(cudaStreamSynchronize(s));
+        kdl_dev_get(v2, a.value, sizeof v2);
+        kdl_dev_get(e2, a.marginal_error, sizeof e2);
+        kdl_dev_get(P2, a.plan, sizeof P2);
+        kdl_dev_get(it2, a.iterations, sizeof it2);
+        cr_expect(!memcmp(v, v2, sizeof v) && !memcmp(e, e2, sizeof e) && !memcmp(P, P2, sizeof P) &&
+                      !memcmp(it, it2, sizeof it),
+                  "%s: replay %d differs from the direct call", what, rep);
+    }
+    check_ref(d, &c, what, 1e-3, d->tol == 0);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cr_assert_eq(kdl_set_stream(h, NULL), KDL_STATUS_SUCCESS);
+    const void *all[] = {a.cost, a.value, a.marginal_error, a.plan, a.iterations, ws};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) cudaFree((void *)all[k]);
+    cudaStreamDestroy(s);
+}
+
+Test(gpu_sinkhorn, stream_capture_replays_the_call)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_sinkhorn_desc_t d = desc_fixed(0.05, 50);
+    capture_case(h, &d, "captured, fixed count");
+    d.tol = 1e-4;
+    d.max_iter = 300;
+    capture_case(h, &d, "captured, tol");
+    kdl_destroy(h);
+}
+
 /* With tol > 0 the iterations run as a device-side loop (a CUDA graph
  * "while" node that stops when the last problem converges);
  * KDL_SINKHORN_GRAPH=0 enqueues them from the host.  Both must give the same
@@ -812,5 +1012,92 @@ Test(gpu_sinkd, f16_grad_l1_groups_of_20_invalid_group)
 {
     KDL_SKIP_WITHOUT_GPU();
     sinkd_case(KDL_DTYPE_BF16, KDL_DTYPE_F32, KDL_DTYPE_F16, KDL_OT_METRIC_L1, 60, 1000, 1000, 20, 1, 0);
+}
+
+/* docs/hardening.md F8 on the device (third review): the SinKD softmax
+ * formed z log2(e)/tau and subtracted its maximum; for tau near FLT_MIN a
+ * logit above about 3 gives z log2(e)/tau > FLT_MAX, so inf - inf = NaN and
+ * a valid group's loss was NaN with SUCCESS (the reference's F8, fixed
+ * there with (x - max)/tau).  Now (z - max z) log2(e)/tau: the arg-max
+ * limit, one-hot rows, and the reference's loss, group losses and plan.
+ * f32 and bf16 logits, both metrics.  (The gradient is not compared: at
+ * such tau it is rounding / tau in both paths.)  Not run on a device
+ * here. */
+Test(gpu_sinkd, tiny_tau_is_the_argmax_limit)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    const int64_t N = 6, V = 40, n = 3, G = 2;
+    const double tau_list[] = {2e-38, (double)FLT_MIN};
+    for (int dt = 0; dt < 2; dt++)
+        for (int metric = 0; metric < 2; metric++)
+            for (size_t k = 0; k < 2; k++) {
+                const kdl_dtype_t sdt = dt ? KDL_DTYPE_BF16 : KDL_DTYPE_F32;
+                kdl_rng_t rng = {(uint64_t)(141 + 4 * dt + 2 * metric + (int)k)};
+                double S[240], T[240];
+                kdl_fill_logits(&rng, S, N * V, 4.0);
+                kdl_fill_logits(&rng, T, N * V, 4.0);
+                unsigned char Sd[960], Td[960];
+                kdl_to_dtype(S, Sd, sdt, N * V);
+                kdl_to_dtype(T, Td, sdt, N * V);
+                kdl_from_dtype(Sd, S, sdt, N * V);
+                kdl_from_dtype(Td, T, sdt, N * V);
+                kdl_sinkd_desc_t d;
+                kdl_sinkd_desc_init(&d);
+                d.group_size = n;
+                d.temperature = tau_list[k];
+                d.metric = metric ? KDL_OT_METRIC_SQEUCLIDEAN : KDL_OT_METRIC_L1;
+                kdl_sinkd_args_t a;
+                kdl_sinkd_args_init(&a);
+                a.rows = N;
+                a.vocab = V;
+                a.student = S;
+                a.ld_student = V;
+                a.student_dtype = KDL_DTYPE_F64;
+                a.teacher = T;
+                a.ld_teacher = V;
+                a.teacher_dtype = KDL_DTYPE_F64;
+                a.out_dtype = KDL_DTYPE_F64;
+                double rloss = NAN, rgl[2], rP[18];
+                int64_t rinfo = -1;
+                a.loss = &rloss;
+                a.group_loss = rgl;
+                a.plan = rP;
+                a.info = &rinfo;
+                cr_assert_eq(kdl_ref_sinkd(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+                kdl_sinkd_args_t g = a;
+                g.student = kdl_dev_dup(Sd, (size_t)(N * V) * kdl_dtype_size(sdt));
+                g.student_dtype = sdt;
+                g.teacher = kdl_dev_dup(Td, (size_t)(N * V) * kdl_dtype_size(sdt));
+                g.teacher_dtype = sdt;
+                g.loss = kdl_dev_alloc(8, 1);
+                g.group_loss = kdl_dev_alloc(sizeof rgl, 1);
+                g.plan = kdl_dev_alloc(sizeof rP, 1);
+                g.info = (int64_t *)kdl_dev_alloc(8, 1);
+                size_t wsb = 0;
+                cr_assert_eq(kdl_sinkd_workspace_size(h, &d, &g, &wsb), KDL_STATUS_SUCCESS);
+                void *ws = kdl_dev_alloc(wsb, 1);
+                cr_assert_eq(kdl_sinkd(h, &d, &g, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+                KDL_CUDA_OK(cudaDeviceSynchronize());
+                double loss, gl[2], P[18];
+                int64_t info;
+                kdl_dev_get(&loss, g.loss, 8);
+                kdl_dev_get(gl, g.group_loss, sizeof gl);
+                kdl_dev_get(P, g.plan, sizeof P);
+                kdl_dev_get(&info, g.info, 8);
+                char what[96];
+                snprintf(what, sizeof what, "sinkd tau %g %s %s", tau_list[k], kdl_dtype_name(sdt),
+                         kdl_ot_metric_name(d.metric));
+                cr_expect(isfinite(loss) && isfinite(gl[0]) && isfinite(gl[1]), "%s: loss %g, groups %g %g", what, loss,
+                          gl[0], gl[1]);
+                cr_expect_eq(info, 0, "%s: info %lld", what, (long long)info);
+                kdl_tol_t tl = {1e-4, 1e-7};
+                KDL_EXPECT_CLOSE(what, &loss, &rloss, 1, tl);
+                KDL_EXPECT_CLOSE(what, gl, rgl, (size_t)G, tl);
+                KDL_EXPECT_CLOSE(what, P, rP, 18, kdl_ext_tol_rel_max(rP, 18, 1e-4));
+                const void *all[] = {g.student, g.teacher, g.loss, g.group_loss, g.plan, g.info, ws};
+                for (size_t q = 0; q < sizeof all / sizeof all[0]; q++) cudaFree((void *)all[q]);
+            }
+    kdl_destroy(h);
 }
 #endif /* KDL_HAVE_CUDA */
