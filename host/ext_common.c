@@ -23,6 +23,20 @@ kdl_status_t kdl_ext_validate_desc(const kdl_loss_desc_t *desc, int64_t vocab, k
     return kdl_loss_validate(desc, &a, 1);
 }
 
+kdl_status_t kdl_ext_check_dtypes(kdl_dtype_t student, kdl_dtype_t teacher, int has_grad,
+                                  kdl_dtype_t grad, int allow_f64)
+{
+    if ((unsigned)student > KDL_DTYPE_F64 || (unsigned)teacher > KDL_DTYPE_F64 ||
+        (has_grad && (unsigned)grad > KDL_DTYPE_F64))
+        return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
+    if (!kdl_dtype_allowed(student, allow_f64) || !kdl_dtype_allowed(teacher, allow_f64) ||
+        (has_grad && !kdl_dtype_allowed(grad, allow_f64)))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 data is supported by the reference only");
+    if (has_grad && grad != student && grad != KDL_DTYPE_F32 && grad != KDL_DTYPE_F64)
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
+    return KDL_STATUS_SUCCESS;
+}
+
 int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem)
 {
     if (rows <= 0) return 1;

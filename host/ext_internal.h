@@ -26,6 +26,10 @@ enum { KDL_EXT_ROW_VALID = 0, KDL_EXT_ROW_IGNORED = 1, KDL_EXT_ROW_INVALID = 2 }
  * does, by running it on an empty dense problem of this vocabulary.
  * Clears the last error first. */
 kdl_status_t kdl_ext_validate_desc(const kdl_loss_desc_t *desc, int64_t vocab, kdl_dtype_t out_dtype);
+/* The sparse and shard paths' dtype rules: known dtypes, f64 only in the
+ * reference, a gradient in the student's dtype or f32 (f64 in the reference). */
+kdl_status_t kdl_ext_check_dtypes(kdl_dtype_t student, kdl_dtype_t teacher, int has_grad,
+                                  kdl_dtype_t grad, int allow_f64);
 
 /* 1 when (rows - 1) * ld + cols elements of elem bytes fit int64 and size_t. */
 int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem);

@@ -102,15 +102,8 @@ kdl_status_t kdl_shard_validate(const kdl_loss_desc_t *d, const kdl_shard_args_t
     if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
     kdl_status_t st = kdl_ext_validate_desc(d, a->vocab, a->out_dtype);
     if (st != KDL_STATUS_SUCCESS) return st;
-    if ((unsigned)a->student_dtype > KDL_DTYPE_F64 || (unsigned)a->teacher_dtype > KDL_DTYPE_F64 ||
-        (a->grad && (unsigned)a->grad_dtype > KDL_DTYPE_F64))
-        return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
-    if (!kdl_dtype_allowed(a->student_dtype, allow_f64) || !kdl_dtype_allowed(a->teacher_dtype, allow_f64) ||
-        (a->grad && !kdl_dtype_allowed(a->grad_dtype, allow_f64)))
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 data is supported by the reference only");
-    if (a->grad && a->grad_dtype != a->student_dtype && a->grad_dtype != KDL_DTYPE_F32 &&
-        a->grad_dtype != KDL_DTYPE_F64)
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "grad_dtype must be the student's dtype or f32");
+    st = kdl_ext_check_dtypes(a->student_dtype, a->teacher_dtype, a->grad != NULL, a->grad_dtype, allow_f64);
+    if (st != KDL_STATUS_SUCCESS) return st;
     if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
     st = check_partition(a);
     if (st != KDL_STATUS_SUCCESS) return st;
