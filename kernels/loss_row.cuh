@@ -517,10 +517,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
                 const bool has = c < rv.nch; /* a thread past the slice still joins the scan */
                 const int m = has ? rv.width(c) : 0;
                 uint32_t ord = 0; /* index rank of the next boundary tie among all ties */
+                Chunk<TT> ct;     /* SPLIT: loaded whole for the tie count, kept (review F6) */
                 if (split) {      /* index order of the chunks: (iteration, thread) */
                     int ties = 0;
                     if (has) {
-                        Chunk<TT> ct;
                         rv.load_t(c, ct);
 #pragma unroll
                         for (int k = 0; k < kChunk; ++k)
@@ -534,11 +534,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) loss_row_kernel(const Loss
                 }
                 if (!has) continue;
                 Chunk<ST> cs;
-                Chunk<TT> ct;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) { /* half a chunk at a time: fewer live registers */
                     rv.load_s_part(c, h, cs);
-                    rv.load_t_part(c, h, ct);
+                    if (!split) rv.load_t_part(c, h, ct);
 #pragma unroll
                     for (int k = 4 * h; k < 4 * h + 4; ++k) {
                         const float tv = chunk_val(ct, k, m);
