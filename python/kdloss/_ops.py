@@ -411,12 +411,9 @@ def sinkhorn(be, dev, desc, sizes, inputs, want, work, ragged=None):
     return out
 
 
-def sinkhorn_ragged(be, desc, costs, want, work_for):
-    """A ragged batch given as a list of costs [n_b, m_b] (one dtype, one
-    device; work_for(dev) the dtype the solver works in there): packs them,
-    runs sinkhorn() and splits the outputs per problem.  Returns (dev, the
-    dtype of the costs, the outputs: value, iterations, marginal_error [B];
-    plan, f, g as lists when wanted; info on a device)."""
+def sinkhorn_ragged_checks(be, costs):
+    """A ragged batch's costs: a non-empty list of non-empty [n_b, m_b] of one
+    float dtype on one device; returns the device."""
     if not isinstance(costs, (list, tuple)) or not costs:
         raise TypeError(f"kdloss: costs must be a non-empty list of {be.kinds} [n_b, m_b]")
     for i, c in enumerate(costs):
@@ -427,22 +424,38 @@ def sinkhorn_ragged(be, desc, costs, want, work_for):
             raise ValueError(f"kdloss: costs[{i}] must be a non-empty [n, m], got {be.shape(c)}")
         if c.dtype != costs[0].dtype:
             raise TypeError(f"kdloss: costs[{i}] has dtype {c.dtype}, costs[0] {costs[0].dtype}")
-    dev = same_device(be, [(f"costs[{i}]", c) for i, c in enumerate(costs)])
+    return same_device(be, [(f"costs[{i}]", c) for i, c in enumerate(costs)])
+
+
+def split_packed(packed, shapes):
+    """The consecutive pieces of a flat array, one per shape."""
+    parts, o = [], 0
+    for shp in shapes:
+        size = _numel(shp)
+        parts.append(packed[o:o + size].reshape(shp))
+        o += size
+    return parts
+
+
+def sinkhorn_ragged(be, desc, costs, want, work_for, split=True):
+    """A ragged batch given as a list of costs [n_b, m_b] (one dtype, one
+    device; work_for(dev) the dtype the solver works in there): packs them,
+    runs sinkhorn() and splits the outputs per problem.  Returns (dev, the
+    dtype of the costs, the outputs: value, iterations, marginal_error [B];
+    plan, f, g as lists when wanted (packed flat arrays when not split);
+    info on a device)."""
+    dev = sinkhorn_ragged_checks(be, costs)
     work = work_for(dev)
     sn = [be.shape(c)[0] for c in costs]
     sm = [be.shape(c)[1] for c in costs]
     packed = be.pack(costs, work)
     out = sinkhorn(be, dev, desc, (len(costs), sn[0], sm[0], 0), {"cost": packed}, want, work,
                    ragged=(sn, sm))
-    for key, sizes in (("plan", list(zip(sn, sm))), ("f", [(k,) for k in sn]),
-                       ("g", [(k,) for k in sm])):
-        if key in out:
-            parts, o = [], 0
-            for shp in sizes:
-                size = _numel(shp)
-                parts.append(out[key][o:o + size].reshape(shp))
-                o += size
-            out[key] = parts
+    if split:
+        for key, sizes in (("plan", list(zip(sn, sm))), ("f", [(k,) for k in sn]),
+                           ("g", [(k,) for k in sm])):
+            if key in out:
+                out[key] = split_packed(out[key], sizes)
     return dev, costs[0].dtype, out
 
 

@@ -139,46 +139,128 @@ class _Torch(_ops.Backend):
 _T = _Torch()
 
 
-# ---------------------------------------------------------------- autograd
-class _Later:
-    """Gradients computed in backward by fn(grad_out, needs, *saved), for
-    when the forward call cannot form them (saved: tensors kept for it)."""
 
-    def __init__(self, fn, *saved):
-        self.fn, self.saved = fn, saved
+# ------------------------------------------------- operators and autograd
+# Every op is a function impl(*args) -> tuple of tensors over the library
+# call: output 0 is the loss (or value), then the gradients the one fused
+# pass formed and the other results (empty tensors where not asked for).
+# With torch.library.custom_op (PyTorch >= 2.4) each is the custom operator
+# kdloss::<name>, so torch.compile keeps it in the graph as one opaque node
+# (no graph break): its fake implementation gives the output shapes and
+# dtypes (and runs the argument checks, which read metadata only), its
+# autograd formula is plain torch ops.  Without custom_op (or with _USE_OPS
+# False) the same impl, setup and backward run in _EagerOp, an
+# autograd.Function.
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
+_USE_OPS = True  # tests set it False to run the eager fallback
+
+_OPT_NAMES = ("divergence", "temperature", "alpha", "beta", "head_rule", "mu", "top_k",
+              "reduction", "scale", "ignore_index")
+# the loss options in an operator schema, in _OPT_NAMES order
+_OPT_SCHEMA = ("str divergence, float temperature, float alpha, float beta, str head_rule, "
+               "float mu, int top_k, str reduction, float scale, int ignore_index")
+_NOPT = len(_OPT_NAMES)
 
 
-class _FusedGradFunction(torch.autograd.Function):
-    """One autograd node for every op: run(needs, *inputs) calls the library
-    once and returns (loss, grads), grads aligned with inputs (None where an
-    input gets no gradient) or a _Later.  Backward multiplies the saved
-    gradients by the upstream gradient, per leading row when per_row
-    (reduction none, a batch of problems); no other pass over the data."""
+def _opt_args(opts):
+    """The loss options as the operators take them (positional, typed)."""
+    kinds = (str, float, float, float, str, float, int, str, float, int)
+    return tuple(k(opts[n]) for k, n in zip(kinds, _OPT_NAMES))
+
+
+def _opts(vals):
+    return dict(zip(_OPT_NAMES, vals))
+
+
+def _compiling():
+    c = getattr(torch, "compiler", None)
+    return c is not None and hasattr(c, "is_compiling") and c.is_compiling()
+
+
+def _needs(x):
+    """Whether the op should form a gradient for input x."""
+    return isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+
+
+def _empty(like, dtype=None):
+    """The placeholder of an output not asked for."""
+    return like.new_empty((0,), dtype=like.dtype if dtype is None else dtype)
+
+
+class _Op:
+    """An operator of this binding.  impl(*args) returns a tuple of tensors,
+    output 0 the loss; fake(*args) the same shapes and dtypes.  grads maps
+    an input position to the output holding its gradient (to be multiplied
+    by the upstream gradient of output 0, per leading row when
+    per_row(args)); later(grad_out, needs, args) -> {position: gradient}
+    replaces that when per_row (the gradient needs the upstream gradient
+    first).  Outputs other than 0 are not differentiable."""
+
+    def __init__(self, name, schema, impl, fake, grads=None, per_row=None, later=None,
+                 register=True):
+        self.name, self.impl, self.fake = name, impl, fake
+        self.grads, self.later = dict(grads or {}), later
+        self.per_row = per_row or (lambda args: False)
+        self.op = None
+        if register and _HAS_CUSTOM_OP:
+            self.op = torch.library.custom_op("kdloss::" + name, impl, mutates_args=(),
+                                              schema=schema)
+            self.op.register_fake(fake)
+            if self.grads or later:
+                torch.library.register_autograd("kdloss::" + name, self.backward,
+                                                setup_context=self.setup)
+
+    def __call__(self, *args):
+        if self.op is not None and _USE_OPS:
+            return self.op(*args)
+        if self.grads or self.later:
+            return _EagerOp.apply(self, *args)
+        return self.impl(*args)
+
+    def setup(self, ctx, inputs, output):
+        ctx.n_in, ctx.per_row = len(inputs), bool(self.per_row(inputs))
+        ctx.mark_non_differentiable(*output[1:])
+        if self.later is not None and ctx.per_row:
+            ctx.args = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+            ctx.tensor_pos = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+            ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_pos))
+            return
+        ctx.meta = {i: (inputs[i].shape, inputs[i].dtype) for i in self.grads
+                    if isinstance(inputs[i], torch.Tensor)}
+        ctx.save_for_backward(*(output[o] for o in self.grads.values()))
+
+    def backward(self, ctx, grad_out, *_):
+        needs = ctx.needs_input_grad[getattr(ctx, "first", 0):]
+        grads = [None] * ctx.n_in
+        if self.later is not None and ctx.per_row:
+            args = list(ctx.args)
+            for i, x in zip(ctx.tensor_pos, ctx.saved_tensors):
+                args[i] = x
+            for i, g in self.later(grad_out, needs, args).items():
+                grads[i] = g
+        else:
+            for (i, _), g in zip(self.grads.items(), ctx.saved_tensors):
+                if needs[i] and i in ctx.meta:
+                    grads[i] = _scaled_grad(g, grad_out, ctx.per_row, ctx.meta[i][1],
+                                            ctx.meta[i][0])
+        return tuple(grads)
+
+
+class _EagerOp(torch.autograd.Function):
+    """An _Op without the custom operator: impl, setup and backward as the
+    operator's autograd would run them."""
 
     @staticmethod
-    def forward(ctx, run, per_row, *inputs):
-        loss, grads = run(ctx.needs_input_grad[2:], *inputs)
-        ctx.per_row = per_row
-        ctx.meta = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in inputs]
-        if isinstance(grads, _Later):
-            ctx.later, ctx.grads = grads.fn, None
-            ctx.save_for_backward(*grads.saved)
-        else:
-            ctx.later, ctx.grads = None, grads
-        return loss
+    def forward(ctx, op, *args):
+        out = op.impl(*args)
+        ctx.first, ctx.op = 1, op
+        op.setup(ctx, args, out)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        needs = ctx.needs_input_grad[2:]
-        if ctx.later is not None:
-            grads = ctx.later(grad_out, needs, *ctx.saved_tensors)
-        else:
-            grads = tuple(
-                None if g is None or not need else
-                _scaled_grad(g, grad_out, ctx.per_row, meta[1], meta[0])
-                for g, need, meta in zip(ctx.grads, needs, ctx.meta))
-        return (None, None) + tuple(grads)
+    def backward(ctx, *grad_outs):
+        return (None,) + ctx.op.backward(ctx, *grad_outs)
 
 
 def _scaled_grad(grad, grad_out, per_row, dtype, shape):
@@ -207,11 +289,19 @@ def _no_f64_on_cuda(dev, *tensors):
         )
 
 
+def _loss_dtype(student_dtype):
+    return torch.float64 if student_dtype == torch.float64 else torch.float32
+
+
 def _loss_out(loss, student_dtype, lead, none):
     """The loss as returned: float32, float64 for a float64 student; the
     leading shape (reduction none) or 0-d."""
-    loss = loss.to(torch.float64 if student_dtype == torch.float64 else torch.float32)
+    loss = loss.to(_loss_dtype(student_dtype))
     return loss.reshape(lead) if none else loss.reshape(())
+
+
+def _fake_loss(x, lead, none):
+    return x.new_empty(tuple(lead) if none else (), dtype=_loss_dtype(x.dtype))
 
 
 def _raise_invalid(raise_on_invalid, counters, rows, **kw):
@@ -223,6 +313,11 @@ def _counts(counters):
     return {"valid_rows": counters[1].reshape(()), "invalid_rows": counters[0].reshape(())}
 
 
+def _is_none(reduction):
+    return isinstance(reduction, str) and reduction.strip().lower() == "none"
+
+
+# ------------------------------------------------------------ distill_loss
 def _distill_checks(s, t, labels, opts):
     """distill_loss's argument checks: (device, LossDesc, labels as [N])."""
     dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
@@ -232,89 +327,42 @@ def _distill_checks(s, t, labels, opts):
     return dev, desc, lab
 
 
-# ------------------------------------------------- torch.compile support
-# With torch.library.custom_op (PyTorch >= 2.4), distill_loss (without
-# return_stats) is the custom operator kdloss::distill_fwd: Dynamo keeps it
-# in the graph as one opaque node (no graph break), its fake implementation
-# gives the output shapes and dtypes, and its autograd formula is plain torch
-# ops.  The operator returns the loss and the gradient to the student from
-# the one fused pass; backward multiplies that gradient by the upstream
-# gradient, as _FusedGradFunction does.  Older PyTorch: _FusedGradFunction.
-_OPT_NAMES = ("divergence", "temperature", "alpha", "beta", "head_rule", "mu", "top_k",
-              "reduction", "scale", "ignore_index")
-_distill_fwd = None
-
-if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
-    def _distill_fwd_impl(student, teacher, labels, divergence, temperature, alpha, beta,
-                          head_rule, mu, top_k, reduction, scale, ignore_index, want_grad,
-                          raise_on_invalid):
-        opts = dict(zip(_OPT_NAMES, (divergence, temperature, alpha, beta, head_rule, mu, top_k,
-                                     reduction, scale, ignore_index)))
-        dev, desc, lab = _distill_checks(student, teacher, labels, opts)
-        none = desc.reduction == _lib.REDUCTION_NONE
-        loss, grad, _, counters = _ops.dense(_T, dev, desc, student, teacher, lab, want_grad,
-                                             False)
-        _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, student))
-        loss = _loss_out(loss, student.dtype, student.shape[:-1], none)
-        if grad is None:
-            grad = student.new_empty((0,), dtype=_T.results(dev, student)[1])
-        return loss, grad
-
-    _distill_fwd = torch.library.custom_op(
-        "kdloss::distill_fwd", _distill_fwd_impl, mutates_args=(),
-        schema="(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
-               "float temperature, float alpha, float beta, str head_rule, float mu, int top_k, "
-               "str reduction, float scale, int ignore_index, bool want_grad, "
-               "bool raise_on_invalid) -> (Tensor, Tensor)")
-
-    @_distill_fwd.register_fake
-    def _distill_fwd_fake(student, teacher, labels, divergence, temperature, alpha, beta,
-                          head_rule, mu, top_k, reduction, scale, ignore_index, want_grad,
-                          raise_on_invalid):
-        """Shapes and dtypes only (the argument checks run too: they read
-        metadata only)."""
-        opts = dict(zip(_OPT_NAMES, (divergence, temperature, alpha, beta, head_rule, mu, top_k,
-                                     reduction, scale, ignore_index)))
-        dev, desc, _ = _distill_checks(student, teacher, labels, opts)
-        lead = student.shape[:-1]
-        out_dt = torch.float64 if student.dtype == torch.float64 else torch.float32
-        loss = student.new_empty(lead if desc.reduction == _lib.REDUCTION_NONE else (),
-                                 dtype=out_dt)
-        grad_shape = (student.numel() // student.shape[-1], student.shape[-1]) if want_grad \
-            else (0,)
-        return loss, student.new_empty(grad_shape, dtype=_T.results(dev, student)[1])
-
-    def _distill_setup(ctx, inputs, output):
-        student, reduction = inputs[0], inputs[10]
-        ctx.per_row = reduction.strip().lower() == "none"
-        ctx.meta = (student.shape, student.dtype)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
-
-    def _distill_bwd(ctx, grad_loss, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        g = None
-        if ctx.needs_input_grad[0]:
-            g = _scaled_grad(grad, grad_loss, ctx.per_row, ctx.meta[1], ctx.meta[0])
-        return (g,) + (None,) * 14
-
-    torch.library.register_autograd("kdloss::distill_fwd", _distill_bwd,
-                                    setup_context=_distill_setup)
+def _distill_impl(student, teacher, labels, *rest):
+    opts, (want_grad, want_stats, raise_on_invalid) = _opts(rest[:_NOPT]), rest[_NOPT:]
+    dev, desc, lab = _distill_checks(student, teacher, labels, opts)
+    none = desc.reduction == _lib.REDUCTION_NONE
+    loss, grad, stats, counters = _ops.dense(_T, dev, desc, student, teacher, lab, want_grad,
+                                             want_stats)
+    _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, student))
+    loss = _loss_out(loss, student.dtype, student.shape[:-1], none)
+    if grad is None:
+        grad = _empty(student, _T.results(dev, student)[1])
+    if stats is None:
+        fstats, head = _empty(loss), _empty(counters)
+    else:
+        fstats = torch.stack([stats[k] for k in _lib.FLOAT_STATS])
+        head = stats["head_size"]
+    return loss, grad, counters, fstats, head
 
 
-def _distill_op(s, t, labels, opts, raise_on_invalid):
-    """distill_loss through kdloss::distill_fwd.  Eagerly the checks run
-    here first (Dynamo cannot trace their ctypes calls; while compiling the
-    fake implementation runs them), then once more in the operator."""
-    if not torch.compiler.is_compiling():
-        _distill_checks(s, t, labels, opts)
-    want_grad = torch.is_grad_enabled() and s.requires_grad
-    o = opts
-    loss, _ = _distill_fwd(s, t, labels, o["divergence"], float(o["temperature"]),
-                           float(o["alpha"]), float(o["beta"]), o["head_rule"], float(o["mu"]),
-                           int(o["top_k"]), o["reduction"], float(o["scale"]),
-                           int(o["ignore_index"]), want_grad, bool(raise_on_invalid))
-    return loss
+def _distill_fake(student, teacher, labels, *rest):
+    opts, (want_grad, want_stats, _) = _opts(rest[:_NOPT]), rest[_NOPT:]
+    dev, desc, _ = _distill_checks(student, teacher, labels, opts)
+    V = student.shape[-1]
+    N = student.numel() // V
+    out_dt, grad_dt = _T.results(dev, student)
+    return (_fake_loss(student, student.shape[:-1], desc.reduction == _lib.REDUCTION_NONE),
+            student.new_empty((N, V) if want_grad else (0,), dtype=grad_dt),
+            student.new_empty((2,), dtype=torch.int64),
+            student.new_empty((len(_lib.FLOAT_STATS), N) if want_stats else (0,), dtype=out_dt),
+            student.new_empty((N,) if want_stats else (0,), dtype=torch.int64))
+
+
+_distill_fwd = _Op(
+    "distill_fwd",
+    "(Tensor student, Tensor teacher, Tensor? labels, " + _OPT_SCHEMA + ", bool want_grad, "
+    "bool want_stats, bool raise_on_invalid) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _distill_impl, _distill_fake, grads={0: 1}, per_row=lambda a: _is_none(a[3 + 7]))
 
 
 def distill_loss(
@@ -364,25 +412,17 @@ def distill_loss(
     opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
                 head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
                 ignore_index=ignore_index)
-    if _distill_fwd is not None and not return_stats:
-        return _distill_op(student_logits, teacher_logits, labels, opts, raise_on_invalid)
-    dev, desc, lab = _distill_checks(student_logits, teacher_logits, labels, opts)
-    none = desc.reduction == _lib.REDUCTION_NONE
-    lead = student_logits.shape[:-1]
-    side = {}
-
-    def run(needs, s, t):
-        loss, grad, stats, counters = _ops.dense(_T, dev, desc, s, t, lab, needs[0],
-                                                 bool(return_stats))
-        _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, s))
-        side.update(stats=stats, counters=counters)
-        return _loss_out(loss, s.dtype, lead, none), (grad, None)
-
-    loss = _FusedGradFunction.apply(run, none, student_logits, teacher_logits)
+    if not _compiling():  # eager: the checks first (while compiling the fake runs them)
+        _distill_checks(student_logits, teacher_logits, labels, opts)
+    loss, _, counters, fstats, head = _distill_fwd(
+        student_logits, teacher_logits, labels, *_opt_args(opts), _needs(student_logits),
+        bool(return_stats), bool(raise_on_invalid))
     if not return_stats:
         return loss
-    stats = {k: v.reshape(lead) for k, v in side["stats"].items()}
-    stats.update(_counts(side["counters"]))
+    lead = student_logits.shape[:-1]
+    stats = {k: fstats[i].reshape(lead) for i, k in enumerate(_lib.FLOAT_STATS)}
+    stats["head_size"] = head.reshape(lead)
+    stats.update(_counts(counters))
     return loss, stats
 
 
@@ -411,7 +451,62 @@ class DistillLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
+def _typed(spec, values):
+    """Options as an operator takes them: spec is ((name, type), ...)."""
+    return tuple(kind(values[name]) for name, kind in spec)
+
+
 # ------------------------------------------------------------- Sinkhorn
+_SINKD_OPTS = (("group_size", int), ("temperature", float), ("epsilon", float),
+               ("max_iter", int), ("tol", float), ("check_every", int), ("metric", str),
+               ("scale", float))
+
+
+def _sinkd_checks(s, t, rest):
+    dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
+    _no_f64_on_cuda(dev, s, t)
+    opts = dict(zip((n for n, _ in _SINKD_OPTS), rest))
+    return dev, _lib.new_sinkd_desc(**opts)
+
+
+def _sinkd_groups(desc, N):
+    n = desc.group_size if desc.group_size > 0 else N
+    return n, (N // n if n > 0 and N % n == 0 else 0)  # the library refuses a ragged split
+
+
+def _sinkd_impl(s, t, *rest):
+    want_grad, want_plan, raise_on_invalid = rest[len(_SINKD_OPTS):]
+    dev, desc = _sinkd_checks(s, t, rest)
+    loss, grad, stats, info, G = _ops.sinkd(_T, dev, desc, s, t, want_grad, want_plan)
+    _raise_invalid(raise_on_invalid, info, G, unit="groups")
+    out_dt, grad_dt = _T.results(dev, s)
+    return (_loss_out(loss, s.dtype, (), False), _empty(s, grad_dt) if grad is None else grad,
+            stats["group_loss"], stats["iterations"], stats["marginal_error"],
+            stats["plan"] if want_plan else _empty(s, out_dt), info.reshape(()))
+
+
+def _sinkd_fake(s, t, *rest):
+    want_grad, want_plan, _ = rest[len(_SINKD_OPTS):]
+    dev, desc = _sinkd_checks(s, t, rest)
+    out_dt, grad_dt = _T.results(dev, s)
+    V = s.shape[-1]
+    N = s.numel() // V
+    n, G = _sinkd_groups(desc, N)
+    e = s.new_empty
+    return (_fake_loss(s, (), False), e((N, V) if want_grad else (0,), dtype=grad_dt),
+            e((G,), dtype=out_dt), e((G,), dtype=torch.int64), e((G,), dtype=out_dt),
+            e((G, n, n) if want_plan else (0,), dtype=out_dt), e((), dtype=torch.int64))
+
+
+_sinkd_fwd = _Op(
+    "sinkd_fwd",
+    "(Tensor student, Tensor teacher, int group_size, float temperature, float epsilon, "
+    "int max_iter, float tol, int check_every, str metric, float scale, bool want_grad, "
+    "bool want_plan, bool raise_on_invalid) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)",
+    _sinkd_impl, _sinkd_fake, grads={0: 1})
+
+
 def sinkd_loss(student_logits, teacher_logits, group_size=0, temperature=2.0, epsilon=0.1,
                max_iter=20, tol=0.0, check_every=10, metric="l1", scale=1.0,
                raise_on_invalid=True, return_stats=False, return_plan=False):
@@ -428,52 +523,38 @@ def sinkd_loss(student_logits, teacher_logits, group_size=0, temperature=2.0, ep
     the teacher gets none.  Shapes, dtypes, devices, layout and errors as
     distill_loss.  Returns the loss (0-d), or (loss, stats) with return_stats:
     group_loss, iterations, marginal_error ([G]), invalid_groups, and plan
-    [G, n, n] with return_plan.
+    [G, n, n] with return_plan.  The custom operator kdloss::sinkd_fwd
+    (torch.compile keeps it in the graph).
     """
-    dev = _ops.check_pair(_T, student_logits, teacher_logits, "student_logits", "teacher_logits")
-    _no_f64_on_cuda(dev, student_logits, teacher_logits)
-    desc = _lib.new_sinkd_desc(group_size=group_size, temperature=temperature, epsilon=epsilon,
-                               max_iter=max_iter, tol=tol, check_every=check_every, metric=metric,
-                               scale=scale)
-    side = {}
-
-    def run(needs, s, t):
-        loss, grad, stats, info, G = _ops.sinkd(_T, dev, desc, s, t, needs[0], bool(return_plan))
-        _raise_invalid(raise_on_invalid, info, G, unit="groups")
-        stats["invalid_groups"] = info.reshape(())
-        side["stats"] = stats
-        return _loss_out(loss, s.dtype, (), False), (grad, None)
-
-    loss = _FusedGradFunction.apply(run, False, student_logits, teacher_logits)
-    if return_stats or return_plan:
-        return loss, side["stats"]
-    return loss
+    opts = (group_size, temperature, epsilon, max_iter, tol, check_every, metric, scale)
+    if not _compiling():
+        _sinkd_checks(student_logits, teacher_logits, opts)
+    out = _sinkd_fwd(student_logits, teacher_logits,
+                     *_typed(_SINKD_OPTS, dict(zip((n for n, _ in _SINKD_OPTS), opts))),
+                     _needs(student_logits), bool(return_plan), bool(raise_on_invalid))
+    if not (return_stats or return_plan):
+        return out[0]
+    stats = dict(zip(("group_loss", "iterations", "marginal_error"), out[2:5]))
+    if return_plan:
+        stats["plan"] = out[5]
+    stats["invalid_groups"] = out[6]
+    return out[0], stats
 
 
-def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, metric="sqeuclidean",
-             value="transport", max_iter=1000, tol=1e-6, check_every=10, eps_scaling=False,
-             eps_scaling_factor=0.8, eps_stage_iter=1, debias=False, cost_xx=None, cost_yy=None,
-             self_yy=None, f_init=None, g_init=None, return_plan=False, return_potentials=False,
-             return_grad_x=False):
-    """Batched log-domain Sinkhorn: cost [n, m] or [B, n, m], or points x
-    [(B,) n, d] and y [(B,) m, d] (metric "sqeuclidean" or "l1"); optional
-    log-weights log_a [(B,) n], log_b [(B,) m] (default uniform).  On CUDA
-    tensors the GPU solver (float32) on the current stream; on CPU the float64
-    reference.  All tensors on one device.
+_SINKHORN_OPTS = (("epsilon", float), ("metric", str), ("value", str), ("max_iter", int),
+                  ("tol", float), ("check_every", int), ("eps_scaling", bool),
+                  ("eps_scaling_factor", float), ("eps_stage_iter", int), ("debias", bool))
+_SINKHORN_TENSORS = ("cost", "x", "y", "log_a", "log_b", "f_init", "g_init", "cost_xx",
+                     "cost_yy", "self_yy")
+# the outputs of kdloss::sinkhorn_fwd after value, in order
+_SINKHORN_OUTS = ("plan", "grad_x", "f", "g", "iterations", "marginal_error", "self_yy",
+                  "invalid_problems")
 
-    Returns a dict: value [B] (0-d for one problem) -- differentiable with
-    respect to cost (d value / d C = P) and x (through the cost, the plan held
-    fixed; y gets no gradient) -- iterations, marginal_error, and plan, f, g,
-    grad_x, self_yy (with debias), invalid_problems (CUDA) when asked for.
-    Options as kdloss.numpy.sinkhorn.
-    """
-    desc = _lib.new_sinkhorn_desc(epsilon=epsilon, max_iter=max_iter, tol=tol,
-                                  check_every=check_every, eps_scaling=eps_scaling,
-                                  eps_scaling_factor=eps_scaling_factor,
-                                  eps_stage_iter=eps_stage_iter, value=value, debias=debias,
-                                  metric=metric)
-    tensors = {"cost": cost, "x": x, "y": y, "log_a": log_a, "log_b": log_b, "f_init": f_init,
-               "g_init": g_init, "cost_xx": cost_xx, "cost_yy": cost_yy, "self_yy": self_yy}
+
+def _sinkhorn_checks(tensors, opts, want_grad_x):
+    """sinkhorn's argument checks.  Returns (desc, device, single, (B, n, m,
+    dim), the optional inputs batched, the work dtype)."""
+    desc = _lib.new_sinkhorn_desc(**opts)
     given = {k: v for k, v in tensors.items() if v is not None}
     for k, v in given.items():
         _ops.check_array(_T, v, k)
@@ -482,7 +563,8 @@ def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, met
     devices = {v.device for v in given.values()}
     if len(devices) > 1:
         raise ValueError(f"kdloss: all tensors must be on one device, got {sorted(map(str, devices))}")
-    single, (B, n, m, dim) = _ops.sinkhorn_problem(_T, cost, x, y, return_grad_x)
+    cost, x = tensors["cost"], tensors["x"]
+    single, (B, n, m, dim) = _ops.sinkhorn_problem(_T, cost, x, tensors["y"], want_grad_x)
     dev = devices.pop()
     cuda = dev.type == "cuda"
     if cuda:
@@ -500,40 +582,162 @@ def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, met
                 raise ValueError(f"kdloss: {k} has shape {tuple(tensors[k].shape)}, expected "
                                  f"{shp if single else (B,) + shp}")
         extras[k] = v
-    extras["self_yy"] = None if self_yy is None else self_yy.reshape(B)
+    syy = tensors["self_yy"]
+    extras["self_yy"] = None if syy is None else syy.reshape(B)
+    return desc, dev, single, (B, n, m, dim), extras, torch.float32 if cuda else torch.float64
+
+
+def _sinkhorn_split(args):
+    tensors = dict(zip(_SINKHORN_TENSORS, args))
+    rest = args[len(_SINKHORN_TENSORS):]
+    opts = dict(zip((n for n, _ in _SINKHORN_OPTS), rest))
+    return tensors, opts, rest[len(_SINKHORN_OPTS):]
+
+
+def _sinkhorn_impl(*args):
+    tensors, opts, (want_plan, want_potentials, want_grad_x) = _sinkhorn_split(args)
+    desc, dev, single, sizes, extras, work = _sinkhorn_checks(tensors, opts, want_grad_x)
+
+    def prep(t):
+        return None if t is None else t.detach().to(work).contiguous()
+
+    inputs = {k: prep(v) for k, v in extras.items()}
+    for k in ("cost", "x"):
+        v = tensors[k]
+        inputs[k] = prep(None if v is None else v[None] if single else v)
+    want = {k for k, on in (("plan", want_plan), ("potentials", want_potentials),
+                            ("grad_x", want_grad_x)) if on}
+    out = _ops.sinkhorn(_T, dev, desc, sizes, inputs, want, work)
+    like = inputs["cost"] if inputs["cost"] is not None else inputs["x"]
+    info = out.pop("info", None)
+    out["invalid_problems"] = (like.new_zeros((), dtype=torch.int64) if info is None
+                               else info.reshape(()))
+    return (out.pop("value"),) + tuple(out[k] if k in out else _empty(like)
+                                       for k in _SINKHORN_OUTS)
+
+
+def _sinkhorn_fake(*args):
+    tensors, opts, (want_plan, want_potentials, want_grad_x) = _sinkhorn_split(args)
+    desc, dev, single, (B, n, m, dim), _, work = _sinkhorn_checks(tensors, opts, want_grad_x)
+    like = tensors["cost"] if tensors["cost"] is not None else tensors["x"]
+    shapes = {"plan": (B, n, m) if want_plan else (0,),
+              "grad_x": (B, n, dim) if want_grad_x else (0,),
+              "f": (B, n) if want_potentials else (0,), "g": (B, m) if want_potentials else (0,),
+              "iterations": (B,), "marginal_error": (B,),
+              "self_yy": (B,) if desc.debias else (0,), "invalid_problems": ()}
+    return (like.new_empty((B,), dtype=work),) + tuple(
+        like.new_empty(shapes[k], dtype=torch.int64 if k in ("iterations", "invalid_problems")
+                       else work) for k in _SINKHORN_OUTS)
+
+
+_sinkhorn_fwd = _Op(
+    "sinkhorn_fwd",
+    "(" + ", ".join(f"Tensor? {k}" for k in _SINKHORN_TENSORS) + ", float epsilon, str metric, "
+    "str value, int max_iter, float tol, int check_every, bool eps_scaling, "
+    "float eps_scaling_factor, int eps_stage_iter, bool debias, bool want_plan, "
+    "bool want_potentials, bool want_grad_x) -> (" + ", ".join(["Tensor"] * 9) + ")",
+    _sinkhorn_impl, _sinkhorn_fake, grads={0: 1, 1: 2}, per_row=lambda a: True)
+
+
+def sinkhorn(cost=None, x=None, y=None, epsilon=0.1, log_a=None, log_b=None, metric="sqeuclidean",
+             value="transport", max_iter=1000, tol=1e-6, check_every=10, eps_scaling=False,
+             eps_scaling_factor=0.8, eps_stage_iter=1, debias=False, cost_xx=None, cost_yy=None,
+             self_yy=None, f_init=None, g_init=None, return_plan=False, return_potentials=False,
+             return_grad_x=False):
+    """Batched log-domain Sinkhorn: cost [n, m] or [B, n, m], or points x
+    [(B,) n, d] and y [(B,) m, d] (metric "sqeuclidean" or "l1"); optional
+    log-weights log_a [(B,) n], log_b [(B,) m] (default uniform).  On CUDA
+    tensors the GPU solver (float32) on the current stream; on CPU the float64
+    reference.  All tensors on one device.
+
+    Returns a dict: value [B] (0-d for one problem) -- differentiable with
+    respect to cost (d value / d C = P) and x (through the cost, the plan held
+    fixed; y gets no gradient) -- iterations, marginal_error, and plan, f, g,
+    grad_x, self_yy (with debias), invalid_problems (CUDA) when asked for.
+    Options as kdloss.numpy.sinkhorn.  The custom operator
+    kdloss::sinkhorn_fwd (torch.compile keeps it in the graph).
+    """
+    tensors = {"cost": cost, "x": x, "y": y, "log_a": log_a, "log_b": log_b, "f_init": f_init,
+               "g_init": g_init, "cost_xx": cost_xx, "cost_yy": cost_yy, "self_yy": self_yy}
+    opts = dict(epsilon=epsilon, metric=metric, value=value, max_iter=max_iter, tol=tol,
+                check_every=check_every, eps_scaling=eps_scaling,
+                eps_scaling_factor=eps_scaling_factor, eps_stage_iter=eps_stage_iter,
+                debias=debias)
+    if not _compiling():
+        _sinkhorn_checks(tensors, opts, return_grad_x)
+    want_plan = bool(return_plan) or (cost is not None and _needs(cost))
+    want_grad_x = bool(return_grad_x) or (x is not None and _needs(x))
+    outs = _sinkhorn_fwd(*(tensors[k] for k in _SINKHORN_TENSORS), *_typed(_SINKHORN_OPTS, opts),
+                         want_plan, bool(return_potentials), want_grad_x)
     dtype = (cost if cost is not None else x).dtype
-    work = torch.float32 if cuda else torch.float64
-    wanted = {"plan": bool(return_plan), "grad_x": bool(return_grad_x)}
-    side = {}
-
-    def run(needs, C, X):
-        def prep(t):
-            return None if t is None else t.detach().to(work).contiguous()
-
-        inputs = {k: prep(v) for k, v in extras.items()}
-        inputs.update(cost=prep(C), x=prep(X))
-        want = {k for k, on in (("plan", wanted["plan"] or (C is not None and needs[0])),
-                                ("potentials", return_potentials),
-                                ("grad_x", wanted["grad_x"] or (X is not None and needs[1]))) if on}
-        out = _ops.sinkhorn(_T, dev, desc, (B, n, m, dim), inputs, want, work)
-        if "info" in out:
-            out["invalid_problems"] = out.pop("info").reshape(())
-        grads = (out.get("plan") if C is not None else None,
-                 out.get("grad_x") if X is not None else None)
-        value = out.pop("value")
-        side["out"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()
-                       if k not in wanted or wanted[k]}
-        return value.to(dtype), grads
-
-    c3 = None if cost is None else (cost[None] if single else cost)
-    x3 = None if x is None else (x[None] if single else x)
-    value_t = _FusedGradFunction.apply(run, True, c3, x3)
-    out = side["out"]
-    if single:
-        out = {k: (v.reshape(()) if k == "invalid_problems" else v[0]) for k, v in out.items()}
-        value_t = value_t[0]
-    out["value"] = value_t
+    single = (cost if cost is not None else x).dim() == 2
+    wanted = {"plan": return_plan, "grad_x": return_grad_x, "f": return_potentials,
+              "g": return_potentials, "self_yy": debias,
+              "invalid_problems": (cost if cost is not None else x).device.type == "cuda"}
+    out = {}
+    for k, v in zip(_SINKHORN_OUTS, outs[1:]):
+        if wanted.get(k, True):
+            v = v.to(dtype) if v.is_floating_point() else v
+            out[k] = v if k == "invalid_problems" or not single else v[0]
+    out["value"] = outs[0].to(dtype)[0] if single else outs[0].to(dtype)
     return out
+
+
+_RAGGED_OPTS = (("epsilon", float), ("max_iter", int), ("tol", float), ("check_every", int),
+                ("value", str), ("eps_scaling", bool), ("eps_scaling_factor", float),
+                ("eps_stage_iter", int))
+
+
+def _ragged_work(costs):
+    def work_for(dev):
+        if dev.type != "cuda":
+            return torch.float64
+        _lib.require_ot_gpu("sinkhorn_ragged")
+        if any(c.dtype != torch.float32 for c in costs):
+            raise TypeError("kdloss: the GPU Sinkhorn takes float32 tensors only")
+        return torch.float32
+    return work_for
+
+
+def _ragged_impl(costs, *rest):
+    opts = dict(zip((n for n, _ in _RAGGED_OPTS), rest))
+    want_plan, want_potentials = rest[len(_RAGGED_OPTS):]
+    desc = _lib.new_sinkhorn_desc(**opts)
+    want = {k for k, on in (("plan", want_plan), ("potentials", want_potentials)) if on}
+    _, _, out = _ops.sinkhorn_ragged(_T, desc, costs, want, _ragged_work(costs), split=False)
+    info = out.pop("info", None)
+    out["invalid_problems"] = (costs[0].new_zeros((), dtype=torch.int64) if info is None
+                               else info.reshape(()))
+    return tuple(out[k] if k in out else _empty(costs[0], torch.float64) for k in _RAGGED_OUTS)
+
+
+_RAGGED_OUTS = ("value", "iterations", "marginal_error", "plan", "f", "g", "invalid_problems")
+
+
+def _ragged_fake(costs, *rest):
+    opts = dict(zip((n for n, _ in _RAGGED_OPTS), rest))
+    want_plan, want_potentials = rest[len(_RAGGED_OPTS):]
+    _lib.new_sinkhorn_desc(**opts)
+    _ops.sinkhorn_ragged_checks(_T, costs)
+    work = _ragged_work(costs)(costs[0].device)
+    B = len(costs)
+    sn = sum(c.shape[0] for c in costs)
+    sm = sum(c.shape[1] for c in costs)
+    cells = sum(c.shape[0] * c.shape[1] for c in costs)
+    e = costs[0].new_empty
+    return (e((B,), dtype=work), e((B,), dtype=torch.int64), e((B,), dtype=work),
+            e((cells,) if want_plan else (0,), dtype=work if want_plan else torch.float64),
+            e((sn,) if want_potentials else (0,), dtype=work if want_potentials else torch.float64),
+            e((sm,) if want_potentials else (0,), dtype=work if want_potentials else torch.float64),
+            e((), dtype=torch.int64))
+
+
+_sinkhorn_ragged = _Op(
+    "sinkhorn_ragged",
+    "(Tensor[] costs, float epsilon, int max_iter, float tol, int check_every, str value, "
+    "bool eps_scaling, float eps_scaling_factor, int eps_stage_iter, bool want_plan, "
+    "bool want_potentials) -> (" + ", ".join(["Tensor"] * 7) + ")",
+    _ragged_impl, _ragged_fake)
 
 
 def sinkhorn_ragged(costs, epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10,
@@ -543,36 +747,82 @@ def sinkhorn_ragged(costs, epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10,
     [n_b, m_b] tensors (one dtype, one device), each problem with uniform
     weights; on CUDA the GPU solver (float32 tensors) on the current stream,
     on CPU the float64 reference.  Values only: no autograd (use sinkhorn
-    per uniform batch for gradients).  Options as sinkhorn.
+    per uniform batch for gradients).  Options as sinkhorn.  The custom
+    operator kdloss::sinkhorn_ragged (torch.compile keeps it in the graph).
 
     Returns a dict: value, iterations, marginal_error ([B], the costs'
     dtype); plan (a list of [n_b, m_b]) with return_plan; f, g (lists) with
     return_potentials; invalid_problems (CUDA).
     """
-    desc = _lib.new_sinkhorn_desc(epsilon=epsilon, max_iter=max_iter, tol=tol,
-                                  check_every=check_every, eps_scaling=eps_scaling,
-                                  eps_scaling_factor=eps_scaling_factor,
-                                  eps_stage_iter=eps_stage_iter, value=value)
-    want = {k for k, on in (("plan", return_plan), ("potentials", return_potentials)) if on}
-
-    def work_for(dev):
-        if dev.type != "cuda":
-            return torch.float64
-        _lib.require_ot_gpu("sinkhorn_ragged")
-        if any(c.dtype != torch.float32 for c in costs):
-            raise TypeError("kdloss: the GPU Sinkhorn takes float32 tensors only")
-        return torch.float32
-
-    with torch.no_grad():
-        _, dtype, out = _ops.sinkhorn_ragged(_T, desc, costs, want, work_for)
-    if "info" in out:
-        out["invalid_problems"] = out.pop("info").reshape(())
-    return {k: (v if k in ("iterations", "invalid_problems") else
-                [p.to(dtype) for p in v] if isinstance(v, list) else v.to(dtype))
-            for k, v in out.items()}
+    opts = dict(epsilon=epsilon, max_iter=max_iter, tol=tol, check_every=check_every,
+                value=value, eps_scaling=eps_scaling, eps_scaling_factor=eps_scaling_factor,
+                eps_stage_iter=eps_stage_iter)
+    if not _compiling():
+        _lib.new_sinkhorn_desc(**opts)
+        _ops.sinkhorn_ragged_checks(_T, costs)
+        _ragged_work(costs)(costs[0].device)
+    outs = _sinkhorn_ragged([c.detach() for c in costs], *_typed(_RAGGED_OPTS, opts),
+                            bool(return_plan), bool(return_potentials))
+    out = dict(zip(_RAGGED_OUTS, outs))
+    dtype = costs[0].dtype
+    sizes = {"plan": [tuple(c.shape) for c in costs], "f": [c.shape[:1] for c in costs],
+             "g": [c.shape[1:] for c in costs]}
+    wanted = {"plan": return_plan, "f": return_potentials, "g": return_potentials,
+              "invalid_problems": costs[0].device.type == "cuda"}
+    result = {}
+    for k, v in out.items():
+        if not wanted.get(k, True):
+            continue
+        if k in ("iterations", "invalid_problems"):
+            result[k] = v
+        elif k in sizes:
+            result[k] = [p.to(dtype) for p in _ops.split_packed(v, sizes[k])]
+        else:
+            result[k] = v.to(dtype)
+    return result
 
 
 # ------------------------------------------------------ extensions (kdloss_ext.h)
+def _sparse_checks(s, idx, lp, labels, mode, opts):
+    dev = _ops.sparse_inputs(_T, s, idx, lp, "student_logits")
+    _no_f64_on_cuda(dev, s, lp)
+    desc = _loss_desc(**opts)
+    mode_code = _lib.parse_sparse_mode(mode)
+    return dev, desc, mode_code, _ops.labels(_T, labels, s.shape, dev)
+
+
+def _sparse_impl(s, idx, lp, labels, mode, *rest):
+    opts, (want_grad, raise_on_invalid, check_indices) = _opts(rest[:_NOPT]), rest[_NOPT:]
+    dev, desc, mode_code, lab = _sparse_checks(s, idx, lp, labels, mode, opts)
+    if check_indices:
+        _ops.check_indices(_T, idx, s.shape[-1])
+    loss, grad, counters = _ops.sparse(_T, dev, desc, mode_code, s, idx, lp, lab, want_grad)
+    if raise_on_invalid:
+        n_invalid, _, n_bad = counters.tolist()  # host sync on CUDA
+        _ops.raise_invalid(n_invalid, _ops.rows_of(_T, s), reason=_ops.sparse_reason(n_bad))
+    none = desc.reduction == _lib.REDUCTION_NONE
+    return (_loss_out(loss, s.dtype, s.shape[:-1], none),
+            _empty(s, _T.results(dev, s)[1]) if grad is None else grad, counters)
+
+
+def _sparse_fake(s, idx, lp, labels, mode, *rest):
+    opts, (want_grad, _, _) = _opts(rest[:_NOPT]), rest[_NOPT:]
+    dev, desc, _, _ = _sparse_checks(s, idx, lp, labels, mode, opts)
+    V = s.shape[-1]
+    return (_fake_loss(s, s.shape[:-1], desc.reduction == _lib.REDUCTION_NONE),
+            s.new_empty((s.numel() // V, V) if want_grad else (0,),
+                        dtype=_T.results(dev, s)[1]),
+            s.new_empty((3,), dtype=torch.int64))
+
+
+_sparse_fwd = _Op(
+    "sparse_fwd",
+    "(Tensor student, Tensor teacher_indices, Tensor teacher_logprobs, Tensor? labels, str mode, "
+    + _OPT_SCHEMA + ", bool want_grad, bool raise_on_invalid, bool check_indices) "
+    "-> (Tensor, Tensor, Tensor)",
+    _sparse_impl, _sparse_fake, grads={0: 1}, per_row=lambda a: _is_none(a[5 + 7]))
+
+
 def sparse_distill_loss(
     student_logits,
     teacher_indices,
@@ -617,37 +867,139 @@ def sparse_distill_loss(
     Other options, devices, dtypes, errors and the fused gradient as
     distill_loss.  The gradient reaches every one of the V student logits
     (through the softmax normaliser and, in tail mode, the bucket); the
-    teacher gets none.
+    teacher gets none.  The custom operator kdloss::sparse_fwd
+    (torch.compile keeps it in the graph).
 
     Returns the loss, or (loss, stats) with return_stats: valid_rows,
     invalid_rows, bad_index_rows (0-d int64 tensors).
     """
-    dev = _ops.sparse_inputs(_T, student_logits, teacher_indices, teacher_logprobs,
-                             "student_logits")
-    _no_f64_on_cuda(dev, student_logits, teacher_logprobs)
-    desc = _loss_desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                      ignore_index)
-    mode_code = _lib.parse_sparse_mode(mode)
-    lab = _ops.labels(_T, labels, student_logits.shape, dev)
-    if check_indices:
-        _ops.check_indices(_T, teacher_indices, student_logits.shape[-1])
-    none = desc.reduction == _lib.REDUCTION_NONE
-    side = {}
-
-    def run(needs, s, idx, lp):
-        loss, grad, counters = _ops.sparse(_T, dev, desc, mode_code, s, idx, lp, lab, needs[0])
-        if raise_on_invalid:
-            n_invalid, _, n_bad = counters.tolist()  # host sync on CUDA
-            _ops.raise_invalid(n_invalid, _ops.rows_of(_T, s), reason=_ops.sparse_reason(n_bad))
-        side["counters"] = counters
-        return _loss_out(loss, s.dtype, s.shape[:-1], none), (grad, None, None)
-
-    loss = _FusedGradFunction.apply(run, none, student_logits, teacher_indices, teacher_logprobs)
+    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
+                ignore_index=ignore_index)
+    if not _compiling():
+        _sparse_checks(student_logits, teacher_indices, teacher_logprobs, labels, mode, opts)
+    loss, _, counters = _sparse_fwd(student_logits, teacher_indices, teacher_logprobs, labels,
+                                    mode, *_opt_args(opts), _needs(student_logits),
+                                    bool(raise_on_invalid), bool(check_indices))
     if not return_stats:
         return loss
-    stats = _counts(side["counters"])
-    stats["bad_index_rows"] = side["counters"][2].reshape(())
+    stats = _counts(counters)
+    stats["bad_index_rows"] = counters[2].reshape(())
     return loss, stats
+
+
+def _fused_grad_dtype(dev, h, w, grad_dtype):
+    """The dtype of dH, dW, db: grad_dtype when given (float32, the common
+    16-bit dtype of hidden and weight, float64 on CPU); else on CUDA the
+    inputs' dtype when both are bfloat16 or both float16 and float32
+    otherwise, on CPU float64 (the reference's own)."""
+    cuda = dev.type == "cuda"
+    same16 = h.dtype in (torch.bfloat16, torch.float16) and w.dtype == h.dtype
+    if grad_dtype is None:
+        return (h.dtype if same16 else torch.float32) if cuda else torch.float64
+    allowed = [torch.float32] + ([h.dtype] if same16 else []) + ([] if cuda else [torch.float64])
+    if grad_dtype not in allowed:
+        raise TypeError(f"kdloss: grad_dtype {grad_dtype} is not supported for hidden "
+                        f"{h.dtype} and weight {w.dtype} on {dev.type}; expected one of "
+                        f"{', '.join(map(str, allowed))} or None")
+    return grad_dtype
+
+
+def _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype):
+    """fused_linear_distill_loss's argument checks: (device, LossDesc,
+    labels as [N], the gradients' dtype)."""
+    dev = _ops.fused_inputs(_T, h, w, t, "teacher_logits", bias)
+    if dev.type == "cuda":
+        same16 = h.dtype in (torch.bfloat16, torch.float16) and w.dtype == h.dtype
+        if not same16 and (h.dtype != torch.float32 or w.dtype != torch.float32):
+            raise TypeError("kdloss: the GPU fused linear + loss takes float32 hidden and weight, "
+                            f"or both bfloat16 or both float16; got {h.dtype} and {w.dtype}")
+        _no_f64_on_cuda(dev, t)
+    _lib.as_int("chunk_rows", chunk_rows)
+    desc = _loss_desc(**opts)
+    lab = _ops.labels(_T, labels, t.shape, dev)
+    return dev, desc, lab, _fused_grad_dtype(dev, h, w, grad_dtype)
+
+
+def _fused_split(rest):
+    return _opts(rest[:_NOPT]), rest[_NOPT:]
+
+
+def _fused_impl(h, w, t, bias, labels, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, raise_on_invalid) = _fused_split(rest)
+    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    none = desc.reduction == _lib.REDUCTION_NONE
+    loss, gh, gw, gb, counters, _ = _ops.fused_linear(
+        _T, dev, desc, h, w, t, lab, chunk_rows, want_h and not none, want_w and not none, gdt,
+        bias=bias, want_b=want_b and not none)
+    _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, t), reason=_ops.FUSED_REASON)
+    return (_loss_out(loss, h.dtype, h.shape[:-1], none),) + tuple(
+        _empty(h, gdt) if g is None else g for g in (gh, gw, gb)) + (counters,)
+
+
+def _fused_grad_shapes(h, w, want_h, want_w, want_b):
+    D, V = h.shape[-1], w.shape[0]
+    return ((h.numel() // D, D) if want_h else (0,), (V, D) if want_w else (0,),
+            (V,) if want_b else (0,))
+
+
+def _fused_fake(h, w, t, bias, labels, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, _) = _fused_split(rest)
+    dev, desc, _, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    none = desc.reduction == _lib.REDUCTION_NONE
+    shapes = _fused_grad_shapes(h, w, want_h and not none, want_w and not none,
+                                want_b and not none)
+    return ((_fake_loss(h, h.shape[:-1], none),) + tuple(h.new_empty(s, dtype=gdt) for s in shapes)
+            + (h.new_empty((2,), dtype=torch.int64),))
+
+
+def _fused_bwd_impl(h, w, t, bias, labels, grad_output, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
+    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    _, gh, gw, gb, _, _ = _ops.fused_linear(_T, dev, desc, h, w, t, lab, chunk_rows, want_h,
+                                            want_w, gdt, bias=bias, want_b=want_b,
+                                            grad_output=grad_output)
+    return tuple(_empty(h, gdt) if g is None else g for g in (gh, gw, gb))
+
+
+def _fused_bwd_fake(h, w, t, bias, labels, grad_output, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
+    _, _, _, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    return tuple(h.new_empty(s, dtype=gdt)
+                 for s in _fused_grad_shapes(h, w, want_h, want_w, want_b))
+
+
+_FUSED_IN = "(Tensor hidden, Tensor weight, Tensor teacher, Tensor? bias, Tensor? labels, "
+_FUSED_OPTS = ", int chunk_rows, bool want_hidden, bool want_weight, bool want_bias, " \
+    "ScalarType? grad_dtype"
+
+_fused_linear_bwd = _Op(
+    "fused_linear_bwd",
+    _FUSED_IN + "Tensor grad_output, " + _OPT_SCHEMA + _FUSED_OPTS
+    + ") -> (Tensor, Tensor, Tensor)", _fused_bwd_impl, _fused_bwd_fake)
+
+
+def _fused_later(grad_out, needs, args):
+    """Reduction none: dH, dW, db from a second library call with the
+    upstream gradient of every row (kdloss::fused_linear_bwd)."""
+    h, w, t, b, lab = (None if x is None else x.detach() for x in args[:5])
+    opts, (chunk_rows, _, _, _, gdt, _) = _fused_split(args[5:])
+    go = grad_out.detach().reshape(-1)
+    go = go.to(torch.float32 if h.device.type == "cuda" else torch.float64).contiguous()
+    want_b = b is not None and needs[3]
+    gh, gw, gb = _fused_linear_bwd(h, w, t, b, lab, go, *opts.values(), chunk_rows, needs[0],
+                                   needs[1], want_b, gdt)
+    return {0: gh.to(h.dtype).view(h.shape) if needs[0] else None,
+            1: gw.to(w.dtype) if needs[1] else None,
+            3: gb.to(b.dtype) if want_b else None}
+
+
+_fused_linear_fwd = _Op(
+    "fused_linear_fwd",
+    _FUSED_IN + _OPT_SCHEMA + _FUSED_OPTS + ", bool raise_on_invalid) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fused_impl, _fused_fake, grads={0: 1, 1: 2, 3: 3}, per_row=lambda a: _is_none(a[5 + 7]),
+    later=_fused_later)
 
 
 def fused_linear_distill_loss(
@@ -669,6 +1021,7 @@ def fused_linear_distill_loss(
     raise_on_invalid=True,
     return_stats=False,
     bias=None,
+    grad_dtype=None,
 ):
     """Distillation loss of the student logits hidden @ weight.T (+ bias; an
     output projection) against the teacher's logits, with gradients to
@@ -694,53 +1047,67 @@ def fused_linear_distill_loss(
     known before dW is formed: forward computes the losses only, and
     backward calls the library again with the upstream gradient as
     grad_output (a second pass over the logits, chunk by chunk as the
-    first).  The gradients are formed in float32 on CUDA (float64 on CPU)
-    and cast to the inputs' dtypes.
+    first; the operator kdloss::fused_linear_bwd).
+    grad_dtype: the dtype the library writes dH, dW, db in.  None: on CUDA
+        the inputs' dtype when hidden and weight are both bfloat16 or both
+        float16 (no float32 [V, d] buffer), float32 otherwise; on CPU
+        float64.  torch.float32 (CUDA or CPU), the inputs' common 16-bit
+        dtype, or torch.float64 (CPU) may be asked for.  Autograd casts the
+        gradients to the inputs' dtypes.
 
     Returns the loss (float32; float64 on CPU for float64 hidden), or (loss,
     stats) with return_stats: valid_rows, invalid_rows (0-d int64 tensors).
     """
-    dev = _ops.fused_inputs(_T, hidden, weight, teacher_logits, "teacher_logits", bias)
-    cuda = dev.type == "cuda"
-    if cuda:
-        same16 = hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
-        if not same16 and (hidden.dtype != torch.float32 or weight.dtype != torch.float32):
-            raise TypeError("kdloss: the GPU fused linear + loss takes float32 hidden and weight, "
-                            f"or both bfloat16 or both float16; got {hidden.dtype} and "
-                            f"{weight.dtype}")
-        _no_f64_on_cuda(dev, teacher_logits)
-    chunk_rows = _lib.as_int("chunk_rows", chunk_rows)
-    desc = _loss_desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                      ignore_index)
-    lab = _ops.labels(_T, labels, teacher_logits.shape, dev)
-    none = desc.reduction == _lib.REDUCTION_NONE
-    work = torch.float32 if cuda else torch.float64  # of the gradients (and grad_output)
-    N = _ops.rows_of(_T, teacher_logits)
-    side = {}
-
-    def call(needs, h, w, t, b, grad_output=None):
-        return _ops.fused_linear(_T, dev, desc, h, w, t, lab, chunk_rows, needs[0], needs[1],
-                                 work, bias=b, want_b=b is not None and needs[3],
-                                 grad_output=grad_output)
-
-    def backward_none(grad_out, needs, h, w, t, b):
-        go = grad_out.detach().reshape(N).to(work).contiguous()
-        _, gh, gw, gb, _, _ = call(needs, h, w, t, b, go)
-        return (None if gh is None else gh.to(h.dtype).view(h.shape),
-                None if gw is None else gw.to(w.dtype), None,
-                None if gb is None else gb.to(b.dtype))
-
-    def run(needs, h, w, t, b):
-        loss, gh, gw, gb, counters, _ = call((False,) * 4 if none else needs, h, w, t, b)
-        _raise_invalid(raise_on_invalid, counters, N, reason=_ops.FUSED_REASON)
-        side["counters"] = counters
-        grads = _Later(backward_none, h, w, t, b) if none else (gh, gw, None, gb)
-        return _loss_out(loss, h.dtype, h.shape[:-1], none), grads
-
-    loss = _FusedGradFunction.apply(run, none, hidden, weight, teacher_logits, bias)
+    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
+                ignore_index=ignore_index)
+    if not _compiling():
+        _fused_checks(hidden, weight, teacher_logits, bias, labels, opts, chunk_rows, grad_dtype)
+    out = _fused_linear_fwd(hidden, weight, teacher_logits, bias, labels, *_opt_args(opts),
+                            int(chunk_rows), _needs(hidden), _needs(weight),
+                            bias is not None and _needs(bias), grad_dtype,
+                            bool(raise_on_invalid))
     if not return_stats:
-        return loss
-    return loss, _counts(side["counters"])
+        return out[0]
+    return out[0], _counts(out[4])
+
+
+
+
+def _vocab_impl(s, t, labels, group, geometry, opts, want_grad, want_head_size,
+                raise_on_invalid):
+    """One rank's shard step loop (eager: the all-reduces are
+    torch.distributed calls between the library's steps)."""
+    import torch.distributed as dist
+
+    dev = s.device
+    cuda = dev.type == "cuda"
+    desc = _loss_desc(**opts)
+    lab = _ops.labels(_T, labels, s.shape, dev)
+    if cuda:
+        _lib.require_gpu("shard", "vocab_parallel_distill_loss")
+    sh = _ops.Shard(_T, dev, desc, s, t, lab, geometry, want_grad, want_head_size)
+    with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+        h = _T.handle(dev) if cuda else None
+        for step in range(sh.num_steps):
+            op, count = sh.step(step, h)
+            if op is None:
+                break
+            if count:  # the same on every shard: every shard skips it or not
+                dist.all_reduce(sh.exchange[:count], op=getattr(dist.ReduceOp, op.upper()),
+                                group=group)
+    # the count is the same on every shard; host sync on CUDA
+    _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
+    none = desc.reduction == _lib.REDUCTION_NONE
+    return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
+            _empty(s) if sh.grad is None else sh.grad, sh.counters,
+            _empty(sh.counters) if sh.head_size is None else sh.head_size)
+
+
+# Not a custom operator (python/README.md, torch.compile): the collectives
+# run inside, between the library's steps, on a process group object.
+_vocab_fwd = _Op("vocab_parallel_fwd", None, _vocab_impl, None, grads={0: 1},
+                 per_row=lambda a: _is_none(a[5]["reduction"]), register=False)
 
 
 def vocab_parallel_distill_loss(
@@ -812,32 +1179,15 @@ def vocab_parallel_distill_loss(
         widths = widths.tolist()
         vocab_offset, vocab = sum(widths[:rank]), sum(widths)
     geometry = (_lib.as_int("vocab_offset", vocab_offset), _lib.as_int("vocab", vocab), rank, world)
-    none = desc.reduction == _lib.REDUCTION_NONE
-    cuda = dev.type == "cuda"
-    side = {}
-
-    def run(needs, s, t):
-        if cuda:
-            _lib.require_gpu("shard", "vocab_parallel_distill_loss")
-        sh = _ops.Shard(_T, dev, desc, s, t, lab, geometry, needs[0], bool(return_stats))
-        with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
-            h = _T.handle(dev) if cuda else None
-            for step in range(sh.num_steps):
-                op, count = sh.step(step, h)
-                if op is None:
-                    break
-                if count:  # the same on every shard: every shard skips it or not
-                    dist.all_reduce(sh.exchange[:count], op=getattr(dist.ReduceOp, op.upper()),
-                                    group=group)
-        # the count is the same on every shard; host sync on CUDA
-        _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
-        side["counters"], side["head_size"] = sh.counters, sh.head_size
-        return _loss_out(sh.loss, s.dtype, s.shape[:-1], none), (sh.grad, None)
-
-    loss = _FusedGradFunction.apply(run, none, student_logits, teacher_logits)
+    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
+                ignore_index=ignore_index)
+    loss, _, counters, head = _vocab_fwd(student_logits, teacher_logits, labels, group, geometry,
+                                         opts, _needs(student_logits), bool(return_stats),
+                                         bool(raise_on_invalid))
     if not return_stats:
         return loss
-    stats = _counts(side["counters"])
-    if side["head_size"] is not None:
-        stats["head_size"] = side["head_size"].reshape(student_logits.shape[:-1])
+    stats = _counts(counters)
+    if head.numel() or desc.divergence == _lib.lib().kdl_divergence_from_name(b"akl"):
+        stats["head_size"] = head.reshape(student_logits.shape[:-1])
     return loss, stats

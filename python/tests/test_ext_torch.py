@@ -359,6 +359,65 @@ def test_fused_linear_float32_cpu_and_stats():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_16bit_grad_dtype_cpu(dtype, reduction):
+    """grad_dtype = the inputs' 16-bit dtype through the reference: dH, dW
+    and db are written in that dtype, one rounding of the float64 gradients
+    (within one 16-bit ulp of them)."""
+    h, w, t = fused_data(n=7, d=6, v=13, seed=31)
+    b = torch.randn(13, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
+    up = torch.rand(7, generator=torch.Generator().manual_seed(33), dtype=torch.float64) + 0.5
+    grads = {}
+    for gd in (None, dtype):
+        x = [v.clone().requires_grad_() for v in (h, w, b)]
+        loss = kt.fused_linear_distill_loss(x[0], x[1], t, bias=x[2], divergence="jsd",
+                                            reduction=reduction, grad_dtype=gd)
+        (loss * up.to(loss.dtype)).sum().backward() if reduction == "none" else loss.backward()
+        grads[gd] = [v.grad for v in x]
+    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for g16, g64 in zip(grads[dtype], grads[None]):
+        assert g16.dtype == dtype
+        ref = g64.double()
+        assert ((g16.double() - ref).abs() <= ulp * ref.abs() + 1e-6).all()
+    # the operator's own outputs are in the 16-bit dtype (opcheck: fake = real)
+    if hasattr(torch.library, "opcheck") and kt._HAS_CUSTOM_OP and reduction == "mean":
+        args = (h, w, t, b, None, *kt._opt_args(dict(
+            divergence="jsd", temperature=1.0, alpha=0.1, beta=0.5, head_rule="reference",
+            mu=0.5, top_k=1, reduction="mean", scale=1.0, ignore_index=-100)),
+            0, True, True, True, dtype, True)
+        out = torch.ops.kdloss.fused_linear_fwd.default(*args)
+        assert [o.dtype for o in out[1:4]] == [dtype] * 3
+        torch.library.opcheck(torch.ops.kdloss.fused_linear_fwd.default, args)
+
+
+def test_fused_linear_grad_dtype_rule():
+    """The gradients' dtype (pure metadata, so the CUDA rule is checked here
+    without a device): on CUDA the inputs' dtype when both are bfloat16 or
+    both float16, float32 otherwise or when asked; on CPU float64 unless
+    asked; anything else a TypeError naming the choices."""
+    rule = kt._fused_grad_dtype
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    e = torch.empty
+    for d in (torch.bfloat16, torch.float16):
+        assert rule(cuda, e(1, dtype=d), e(1, dtype=d), None) == d
+        assert rule(cuda, e(1, dtype=d), e(1, dtype=d), torch.float32) == torch.float32
+        assert rule(cpu, e(1, dtype=d), e(1, dtype=d), None) == torch.float64
+        assert rule(cpu, e(1, dtype=d), e(1, dtype=d), d) == d
+    f32 = e(1, dtype=torch.float32)
+    assert rule(cuda, f32, f32, None) == torch.float32
+    with pytest.raises(TypeError, match="grad_dtype torch.bfloat16 is not supported"):
+        rule(cuda, f32, f32, torch.bfloat16)
+    with pytest.raises(TypeError, match="grad_dtype torch.float64"):
+        rule(cuda, e(1, dtype=torch.bfloat16), e(1, dtype=torch.bfloat16), torch.float64)
+    with pytest.raises(TypeError, match="grad_dtype torch.float16"):
+        rule(cpu, e(1, dtype=torch.bfloat16), e(1, dtype=torch.float16), torch.float16)
+    h, w, t = fused_data()
+    with pytest.raises(TypeError, match="grad_dtype"):
+        kt.fused_linear_distill_loss(h, w, t, grad_dtype=torch.int32)
+
+
 def test_fused_linear_bad_inputs_write_nothing():
     h, w, t = fused_data(seed=5)
     h.requires_grad_()
@@ -551,6 +610,50 @@ def test_cuda_fused_linear_16bit_bias_matches_cpu_reference(dtype, reduction, di
     torch.testing.assert_close(loss.cpu().double(), ref.detach().double(), rtol=2e-3, atol=1e-4)
     for gc, g0 in zip(xc, x0):
         torch.testing.assert_close(gc.grad.cpu().float(), g0.grad.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fused_linear_16bit_grads_follow_inputs(dtype):
+    """16-bit inputs on the GPU: dH, dW, db are formed in the inputs' dtype
+    by default (no float32 [V, d] buffer), and grad_dtype=torch.float32
+    still selects float32 ones; both near the float64 reference."""
+    h, w, t = fused_data(n=64, d=32, v=300, seed=41)
+    b = torch.randn(300, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    ref = [v.to(dtype).double().requires_grad_() for v in (h, w, b)]
+    kt.fused_linear_distill_loss(ref[0], ref[1], t, bias=ref[2]).backward()
+    for gd in (None, torch.float32):
+        with _record_fused_grad_dtypes() as seen:
+            x = [v.to(dtype).cuda().requires_grad_() for v in (h, w, b)]
+            kt.fused_linear_distill_loss(x[0], x[1], t.float().cuda(), bias=x[2],
+                                         grad_dtype=gd).backward()
+        assert seen == [dtype if gd is None else torch.float32] * 3
+        for gc, g0 in zip(x, ref):
+            assert gc.grad.dtype == dtype
+            torch.testing.assert_close(gc.grad.cpu().double(), g0.grad, rtol=2e-2, atol=2e-3)
+
+
+def _record_fused_grad_dtypes():
+    """A context that lists the dtypes of dH, dW, db kdloss::fused_linear_fwd
+    returned."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        seen, orig = [], kt._fused_linear_fwd.impl
+
+        def impl(*args):
+            out = orig(*args)
+            seen.extend(o.dtype for o in out[1:4])
+            return out
+        kt._fused_linear_fwd.impl, op = impl, kt._fused_linear_fwd.op
+        kt._fused_linear_fwd.op = None  # the eager path calls impl
+        try:
+            yield seen
+        finally:
+            kt._fused_linear_fwd.impl, kt._fused_linear_fwd.op = orig, op
+    return ctx()
 
 
 @pytest.mark.cuda
