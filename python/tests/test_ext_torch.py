@@ -486,6 +486,34 @@ def test_vocab_parallel_gradcheck(one_rank, div):
         (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_vocab_parallel_under_compile_breaks_the_graph(one_rank):
+    """Not a custom operator (python/README.md): torch.compile splits the
+    graph around it, keeping its collectives in program order, and gives the
+    eager loss and gradient; fullgraph=True refuses it."""
+    if not kt._HAS_CUSTOM_OP:
+        pytest.skip("this torch has no torch.library.custom_op")
+    s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+
+    def f(s, t):
+        return kt.vocab_parallel_distill_loss(s * 2.0, t, vocab_offset=0, vocab=9,
+                                              divergence="akl") + s.square().mean()
+    torch._dynamo.reset()
+    try:
+        s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        want = f(s1, t)
+        want.backward()
+        got = torch.compile(f, backend="aot_eager")(s2, t)
+        got.backward()
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-12, atol=1e-12)
+        assert torch._dynamo.explain(f)(s.clone().requires_grad_(), t).graph_break_count >= 1
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            torch.compile(f, backend="aot_eager", fullgraph=True)(s, t)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_vocab_parallel_bad_arguments(one_rank, monkeypatch):
     s, t = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
     s.requires_grad_()
