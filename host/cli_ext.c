@@ -472,8 +472,11 @@ static const char fused_usage[] =
     "JSON keys: divergence, reduction, backend, rows, hidden, vocab, chunk_rows,\n"
     "loss, valid_rows, invalid_rows, and the GPU memory model: workspace_bytes\n"
     "(extra device bytes of the chunked call) and logits_bytes (N x V x 4, the\n"
-    "float32 logits a non-fused call would materialise).  The cuda backend takes\n"
-    "H and W as float32 copies.\n\n";
+    "float32 logits a non-fused call would materialise), both of the cuda call\n"
+    "whichever backend ran.  The cuda backend takes float16 H and W as they are\n"
+    "(and a float16 bias; a bias of another dtype makes it use float32 copies of\n"
+    "H, W and bias), H and W of different dtypes as float32 copies; its dH, dW,\n"
+    "db are float32.\n\n";
 
 enum {
     F_HIDDEN = KDL_CLI_LOSS_OPT_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT, F_COUNT
@@ -495,18 +498,37 @@ typedef struct fused_ctx {
     kdl_fused_linear_args_t a;
     const kdl_npy_array_t *H, *W, *B, *T;
     kdl_dtype_t hdt, wdt, bdt, gdt; /* gdt: the gradients' dtype as written */
+    int has_bias;                   /* --bias given */
     float *h32, *w32, *b32;
     double *w64, *b64;
 } fused_ctx_t;
 
-#ifdef KDL_HAVE_CUDA
-/* float32 copy of a float array (the GPU path reads float32 H and W). */
-static float *to_f32(const kdl_npy_array_t *a, kdl_dtype_t dt)
+/* The dtype of H and W (the bias is read in W's) on the GPU path: the
+ * loaded one when H and W share a 16-bit dtype and the bias, when given, has
+ * it too (passed through: no copy, no rounding); else float32 (float32 data
+ * as loaded, float16 data as exact float32 copies).  float64 never reaches
+ * the GPU path (kdl_cli_pick_backend). */
+static kdl_dtype_t fused_gpu_dtype(const fused_ctx_t *c)
 {
+    const int sixteen = (c->hdt == KDL_DTYPE_F16 || c->hdt == KDL_DTYPE_BF16) && c->wdt == c->hdt;
+    return sixteen && (!c->has_bias || c->bdt == c->hdt) ? c->hdt : KDL_DTYPE_F32;
+}
+
+#ifdef KDL_HAVE_CUDA
+/* a's data as float32 into *data: a itself when it is float32, else a
+ * float32 copy into *copy (the caller frees it). */
+static kdl_status_t as_f32(const kdl_npy_array_t *a, kdl_dtype_t dt, float **copy, const void **data)
+{
+    if (dt == KDL_DTYPE_F32) {
+        *data = a->data;
+        return KDL_STATUS_SUCCESS;
+    }
     float *f = (float *)malloc((size_t)(a->count > 0 ? a->count : 1) * sizeof(float));
-    if (f)
-        for (int64_t i = 0; i < a->count; i++) f[i] = (float)kdl_load_as_double(a->data, dt, i);
-    return f;
+    if (!f) return kdl_fail(KDL_STATUS_ALLOC_FAILED, "float32 copies");
+    for (int64_t i = 0; i < a->count; i++) f[i] = (float)kdl_load_as_double(a->data, dt, i);
+    *copy = f;
+    *data = f;
+    return KDL_STATUS_SUCCESS;
 }
 
 static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
@@ -517,17 +539,19 @@ static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_li
     kdl_cli_gpu_pool_t pool = {{0}, 0};
     kdl_fused_linear_args_t da = *ha;
     size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)ha->rows : 1;
-    size_t hb = (size_t)ha->rows * (size_t)ha->hidden * 4, wb = (size_t)ha->vocab * (size_t)ha->hidden * 4;
+    const size_t nh = (size_t)ha->rows * (size_t)ha->hidden, nw = (size_t)ha->vocab * (size_t)ha->hidden;
+    const size_t isz = kdl_dtype_size(ha->hidden_dtype), gsz = kdl_dtype_size(ha->grad_dtype);
+    const size_t bb = (size_t)ha->vocab * isz, gbb = (size_t)ha->vocab * gsz;
     void *ws = NULL;
     size_t wsb = 0;
-    st = kdl_cli_gpu_upload(&pool, ha->hidden_states, hb, (void **)&da.hidden_states);
-    if (!st) st = kdl_cli_gpu_upload(&pool, ha->weight, wb, (void **)&da.weight);
+    st = kdl_cli_gpu_upload(&pool, ha->hidden_states, nh * isz, (void **)&da.hidden_states);
+    if (!st) st = kdl_cli_gpu_upload(&pool, ha->weight, nw * isz, (void **)&da.weight);
     if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher, t_bytes, (void **)&da.teacher);
     if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
-    if (!st && ha->grad_hidden) st = kdl_cli_gpu_alloc(&pool, hb, &da.grad_hidden);
-    if (!st && ha->grad_weight) st = kdl_cli_gpu_alloc(&pool, wb, &da.grad_weight);
-    if (!st && ha->bias) st = kdl_cli_gpu_upload(&pool, ha->bias, (size_t)ha->vocab * 4, (void **)&da.bias);
-    if (!st && ha->grad_bias) st = kdl_cli_gpu_alloc(&pool, (size_t)ha->vocab * 4, &da.grad_bias);
+    if (!st && ha->grad_hidden) st = kdl_cli_gpu_alloc(&pool, nh * gsz, &da.grad_hidden);
+    if (!st && ha->grad_weight) st = kdl_cli_gpu_alloc(&pool, nw * gsz, &da.grad_weight);
+    if (!st && ha->bias) st = kdl_cli_gpu_upload(&pool, ha->bias, bb, (void **)&da.bias);
+    if (!st && ha->grad_bias) st = kdl_cli_gpu_alloc(&pool, gbb, &da.grad_bias);
     if (!st && ha->grad_output)
         st = kdl_cli_gpu_upload(&pool, ha->grad_output, (size_t)ha->rows * kdl_dtype_size(ha->grad_output_dtype),
                                 (void **)&da.grad_output);
@@ -536,35 +560,31 @@ static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_li
     if (!st && wsb) st = kdl_cli_gpu_alloc(&pool, wsb, &ws);
     if (!st) st = kdl_fused_linear_loss(h, d, &da, ws, wsb);
     if (!st) st = sync_and_check(h);
-    if (!st && ha->grad_hidden) st = kdl_cli_gpu_download(ha->grad_hidden, da.grad_hidden, hb);
-    if (!st && ha->grad_weight) st = kdl_cli_gpu_download(ha->grad_weight, da.grad_weight, wb);
-    if (!st && ha->grad_bias) st = kdl_cli_gpu_download(ha->grad_bias, da.grad_bias, (size_t)ha->vocab * 4);
+    if (!st && ha->grad_hidden) st = kdl_cli_gpu_download(ha->grad_hidden, da.grad_hidden, nh * gsz);
+    if (!st && ha->grad_weight) st = kdl_cli_gpu_download(ha->grad_weight, da.grad_weight, nw * gsz);
+    if (!st && ha->grad_bias) st = kdl_cli_gpu_download(ha->grad_bias, da.grad_bias, gbb);
     if (!st) st = gpu_get_counts(ha->loss, da.loss, nl, ha->info, da.info, ha->valid_rows, da.valid_rows);
     kdl_cli_gpu_pool_free(&pool);
     kdl_destroy(h);
     return st;
 }
 
-/* The GPU path on float32 copies of H, W and the bias, float32 gradients. */
+/* The GPU path: H, W and the bias in fused_gpu_dtype (16-bit ones passed
+ * through as loaded), float32 gradients (into the 8-byte buffers: the files
+ * are written as float32). */
 static kdl_status_t fused_cuda(void *p)
 {
     fused_ctx_t *c = (fused_ctx_t *)p;
-    kdl_status_t st;
-    c->h32 = to_f32(c->H, c->hdt);
-    c->w32 = to_f32(c->W, c->wdt);
-    c->b32 = c->a.bias ? to_f32(c->B, c->bdt) : NULL;
-    if (!c->h32 || !c->w32 || (c->a.bias && !c->b32)) {
-        st = kdl_fail(KDL_STATUS_ALLOC_FAILED, "float32 copies");
-    } else {
-        kdl_fused_linear_args_t g = c->a;
-        g.hidden_states = c->h32;
-        g.weight = c->w32;
-        g.bias = c->b32;
-        g.hidden_dtype = g.weight_dtype = KDL_DTYPE_F32;
-        g.grad_dtype = KDL_DTYPE_F32;
-        st = fused_on_device(c->d, &g, (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
+    kdl_status_t st = KDL_STATUS_SUCCESS;
+    kdl_fused_linear_args_t g = c->a;
+    g.hidden_dtype = g.weight_dtype = fused_gpu_dtype(c);
+    g.grad_dtype = c->gdt = KDL_DTYPE_F32;
+    if (g.hidden_dtype == KDL_DTYPE_F32) {
+        st = as_f32(c->H, c->hdt, &c->h32, &g.hidden_states);
+        if (!st) st = as_f32(c->W, c->wdt, &c->w32, &g.weight);
+        if (!st && g.bias) st = as_f32(c->B, c->bdt, &c->b32, &g.bias);
     }
-    c->gdt = KDL_DTYPE_F32;
+    if (!st) st = fused_on_device(c->d, &g, (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
     return st;
 }
 #endif
@@ -694,6 +714,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
             a->grad_output_dtype = godt;
         }
         if (o[F_BIAS].value) a->bias = B.data;
+        c.has_bias = o[F_BIAS].value != NULL;
         rc = run_backend(FCMD, backend, use_cuda, ON_CUDA(fused_cuda), fused_cpu, &c, &ran);
     }
     kdl_npy_dtype_t nt = c.gdt == KDL_DTYPE_F64 ? KDL_NPY_F64 : KDL_NPY_F32;
@@ -711,10 +732,11 @@ int kdl_cli_fused_linear(int argc, char **argv)
         json_head(&j, NULL, &d, ran, N);
         kdl_json_int(&j, "hidden", D);
         kdl_json_int(&j, "vocab", V);
-        kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(a));
+        kdl_fused_linear_args_t wa = *a; /* the GPU path's call (whichever backend ran) */
+        wa.hidden_dtype = wa.weight_dtype = fused_gpu_dtype(&c);
+        wa.grad_dtype = KDL_DTYPE_F32;
+        kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(&wa));
         json_loss_counts(&j, &d, loss, N, valid, invalid);
-        kdl_fused_linear_args_t wa = *a; /* the GPU path's call: float32 H and W */
-        wa.hidden_dtype = wa.weight_dtype = KDL_DTYPE_F32;
         kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(&wa));
         kdl_json_int(&j, "logits_bytes", N * V * 4);
         rc = kdl_json_end_stdout(&j, FCMD);

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -285,6 +286,106 @@ Test(fused_linear, bias_and_grad_output)
         "--grad-bias-out", ghp);
     expect_usage_error(&r, "fused-linear", NULL);
     UNLINK(hp, wp, tp, bp, gp);
+}
+
+/* The dtype of an .npy file's data. */
+static kdl_npy_dtype_t file_dtype(const char *path)
+{
+    kdl_npy_array_t a;
+    char msg[256];
+    cr_assert_eq(kdl_npy_load(path, &a, msg, sizeof msg), KDL_NPY_OK, "%s: %s", path, msg);
+    kdl_npy_dtype_t t = a.dtype;
+    kdl_npy_free(&a);
+    return t;
+}
+
+/* float16 H and W (float32 T): --backend cpu is the float64 reference on
+ * the float16 values (float64 files); the JSON memory model is the cuda
+ * call's, which takes float16 H and W as they are: its workspace is that of
+ * float32 inputs plus the chunk's 16-bit dL buffer, align256(c V 2) bytes
+ * (the same run with float32 H and W files gives the other).  --backend
+ * cuda: without a device one line and exit 2, nothing written; with one,
+ * the float16 inputs against the reference at float16 dL rounding, float32
+ * gradient files. */
+Test(fused_linear, float16_hidden_and_weight)
+{
+    enum { C = 3 };
+    double H[FN * FD], W[FV * FD], T[FN * FV];
+    uint16_t h16[FN * FD], w16[FV * FD];
+    float t32[FN * FV], h32[FN * FD], w32[FV * FD];
+    kdl_rng_t g = {23};
+    char hp[512], wp[512], tp[512], hp16[512], wp16[512], tp32[512], hp32[512], wp32[512], ghp[512], gwp[512];
+    fused_inputs(&g, "x", H, W, T, hp, wp, tp);
+    kdl_to_dtype(H, h16, KDL_DTYPE_F16, FN * FD);
+    kdl_to_dtype(W, w16, KDL_DTYPE_F16, FV * FD);
+    kdl_to_dtype(T, t32, KDL_DTYPE_F32, FN * FV);
+    kdl_from_dtype(h16, H, KDL_DTYPE_F16, FN * FD); /* the float16 values, exactly */
+    kdl_from_dtype(w16, W, KDL_DTYPE_F16, FV * FD);
+    for (int i = 0; i < FN * FD; i++) h32[i] = (float)H[i];
+    for (int i = 0; i < FV * FD; i++) w32[i] = (float)W[i];
+    save(hp16, "xh16.npy", KDL_NPY_F16, 2, FN, FD, h16);
+    save(wp16, "xw16.npy", KDL_NPY_F16, 2, FV, FD, w16);
+    save(tp32, "xt32.npy", KDL_NPY_F32, 2, FN, FV, t32);
+    save(hp32, "xh32.npy", KDL_NPY_F32, 2, FN, FD, h32);
+    save(wp32, "xw32.npy", KDL_NPY_F32, 2, FV, FD, w32);
+    tpath(ghp, sizeof ghp, "xgh.npy");
+    tpath(gwp, sizeof gwp, "xgw.npy");
+
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_SKL, KDL_REDUCTION_MEAN);
+    d.temperature = 2.0;
+    double loss, dH[FN * FD], dW[FV * FD], got[FV * FD];
+    kdl_fused_linear_args_t a =
+        kdl_ext_fused_args(FN, FD, FV, h16, w16, KDL_DTYPE_F16, t32, KDL_DTYPE_F32, dH, dW, &loss);
+    kdl_ext_ref_fused(&d, &a, "fused-linear float16");
+
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "fused-linear", "--hidden", hp16, "--weight", wp16, "--teacher", tp32, "--divergence", "skl",
+        "--temperature", "2", "--chunk-rows", "3", "--grad-hidden-out", ghp, "--grad-weight-out", gwp, "--backend",
+        "cpu");
+    cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+    cr_expect(strstr(r.out, "\"backend\": \"cpu\"") != NULL, "%s", r.out);
+    double l = kdl_json_read_number(r.out, "loss");
+    cr_expect(fabs(l - loss) <= 1e-15 * fabs(loss), "loss %.17g want %.17g", l, loss);
+    cr_expect(kdl_json_read_number(r.out, "chunk_rows") == C, "%s", r.out);
+    double ws16 = kdl_json_read_number(r.out, "workspace_bytes");
+    cr_expect_eq(file_dtype(ghp), KDL_NPY_F64);
+    cr_expect_eq(file_dtype(gwp), KDL_NPY_F64);
+    kdl_tol_t exact = {0, 0};
+    load_f64(ghp, got, FN * FD);
+    KDL_EXPECT_CLOSE("dH", got, dH, FN * FD, exact);
+    load_f64(gwp, got, FV * FD);
+    KDL_EXPECT_CLOSE("dW", got, dW, FV * FD, exact);
+    UNLINK(ghp, gwp);
+    /* the same values as float32 files: the same loss, the float32 call's workspace */
+    KDL_CLI(&r, "fused-linear", "--hidden", hp32, "--weight", wp32, "--teacher", tp32, "--divergence", "skl",
+        "--temperature", "2", "--chunk-rows", "3", "--backend", "cpu");
+    cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+    cr_expect(fabs(kdl_json_read_number(r.out, "loss") - loss) <= 1e-15 * fabs(loss), "%s", r.out);
+    const double dl16 = (double)(((size_t)C * FV * 2 + 255) / 256 * 256);
+    cr_expect(ws16 - kdl_json_read_number(r.out, "workspace_bytes") == dl16, "workspace %.17g (float16) vs %s", ws16,
+              r.out);
+
+    KDL_CLI(&r, "fused-linear", "--hidden", hp16, "--weight", wp16, "--teacher", tp32, "--divergence", "skl",
+        "--temperature", "2", "--chunk-rows", "3", "--grad-hidden-out", ghp, "--grad-weight-out", gwp, "--backend",
+        "cuda");
+    if (!kdl_device_available()) {
+        expect_usage_error(&r, "fused-linear", ghp);
+        cr_expect(strstr(r.err, "no CUDA device") != NULL, "%s", r.err);
+        cr_expect(!exists(gwp), "%s was written", gwp);
+    } else {
+        cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+        cr_expect(strstr(r.out, "\"backend\": \"cuda\"") != NULL, "%s", r.out);
+        l = kdl_json_read_number(r.out, "loss");
+        cr_expect(fabs(l - loss) <= 1e-5 * fabs(loss) + 1e-7, "cuda loss %.17g want %.17g", l, loss);
+        cr_expect_eq(file_dtype(ghp), KDL_NPY_F32);
+        cr_expect_eq(file_dtype(gwp), KDL_NPY_F32);
+        /* dL is rounded to float16 (2^-11 relative) before the two GEMMs */
+        load_f64(ghp, got, FN * FD);
+        KDL_EXPECT_CLOSE("cuda dH", got, dH, FN * FD, kdl_ext_tol_rel_max(dH, FN * FD, 4e-3));
+        load_f64(gwp, got, FV * FD);
+        KDL_EXPECT_CLOSE("cuda dW", got, dW, FV * FD, kdl_ext_tol_rel_max(dW, FV * FD, 4e-3));
+    }
+    UNLINK(ghp, gwp, hp, wp, tp, hp16, wp16, tp32, hp32, wp32);
 }
 
 /* ------------------------------------------------------------ shard-check */
