@@ -17,8 +17,11 @@
  *      AKL (tail mode): bitonic sort of the k support keys in shared memory,
  *             head scan by one thread (k <= 1024).
  *    Then one block sums the row losses in a fixed order (deterministic) and
- *    writes loss and counters; MEAN with a gradient rescales the gradient by
- *    1/valid in a last pass (the valid count is known only after every row).
+ *    writes loss and counters.  MEAN with a gradient: the rows not ignored
+ *    are counted first (fused_count_kernel), the rows write the gradient
+ *    scaled by 1/counted, and a last pass rescales it by counted/valid only
+ *    when some row was invalid (the valid count is known only after every
+ *    row; the pass returns at once for a factor of 1).
  * 2. Vocabulary-parallel, one kernel pair per step: an absorb kernel (one
  *    thread per row: reduced exchange -> state; the AKL boundary-bin search
  *    and the tie resolution of ext_internal.h) then a block-per-row kernel
@@ -100,6 +103,9 @@ struct SumD {
 struct MaxF {
     __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
+struct MaxD {
+    __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
 struct OrI {
     __device__ int operator()(int a, int b) const { return a | b; }
 };
@@ -131,6 +137,20 @@ __device__ __forceinline__ void lse_add(float &m, float &s, float x, float k)
         m = x;
     } else {
         s += __expf((x - m) * k);
+    }
+}
+
+/* lse_add in double with no temperature (the teacher's log-probs):
+ * (m, s) = (running max, sum of exp(x - m)); -inf is skipped, NaN makes s
+ * NaN (such a row is invalid before its LSE is used). */
+__device__ __forceinline__ void lse_add_d(double &m, double &s, double x)
+{
+    if (x == -INFINITY) return;
+    if (x > m) {
+        s = (m == -INFINITY ? 0.0 : s * exp(m - x)) + 1.0;
+        m = x;
+    } else {
+        s += exp(x - m);
     }
 }
 
@@ -198,6 +218,10 @@ struct SparseP {
     int mode, div, sdt, tdt, gdt, rule, has_grad, akl;
     float coef, inv_tau, gscale; /* inv_tau clamped to FLT_MAX; gscale = (float)scale */
     double mu;                   /* double, as the reference compares it */
+    double scale;
+    const double *counted;       /* MEAN with a gradient: the rows not ignored (acc[7], written
+                                  * by fused_count_kernel first); the gradient factor is then
+                                  * scale/counted (NULL otherwise: scale) */
     int64_t N, V, k, top_k, ld_s, ld_i, ld_p, ld_g, ignore_index;
     const void *S;
     const int64_t *idx;
@@ -283,17 +307,20 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     double Ss, So;
     const float M = block_lse(m, s, kt, fscr, dscr, &Ss);
     const float Mo = block_lse(mo, so, kt, fscr, dscr, &So);
-    /* teacher LSE over the support (log-probs: no temperature) */
-    float mt = -INFINITY, st = 0;
-    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) lse_add(mt, st, slt[j], 1.0f);
-    double St;
-    const float Mt = block_lse(mt, st, 1.0f, fscr, dscr, &St);
-    const float lse_t = Mt == -INFINITY ? -INFINITY : Mt + (float)log(St);
+    /* teacher LSE over the support (log-probs: no temperature), in double
+     * as the reference: the TAIL mass thresholds below then classify a row
+     * as the reference does (a float LSE is off by about 1e-7) */
+    double mt = -INFINITY, st = 0;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) lse_add_d(mt, st, slt[j]);
+    const double Mt = block_reduce(mt, dscr, MaxD());
+    const double St = block_reduce((Mt == -INFINITY || mt == -INFINITY) ? 0.0 : st * exp(mt - Mt), dscr, SumD());
+    const double lse_td = Mt == -INFINITY ? -INFINITY : Mt + log(St);
+    const float lse_t = (float)lse_td;
     if (!bad && !badidx && M != -INFINITY) {
         if (P.mode == KDL_SPARSE_RENORMALISED && Mt == -INFINITY) bad = 1;
-        if (P.mode == KDL_SPARSE_TAIL_BUCKET && lse_t > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
+        if (P.mode == KDL_SPARSE_TAIL_BUCKET && lse_td > log1p(KDL_SPARSE_MASS_TOL)) bad = 1;
         /* k = V: no off-support token to hold a residual mass (as the reference) */
-        if (P.mode == KDL_SPARSE_TAIL_BUCKET && k == V && lse_t < log1p(-KDL_SPARSE_MASS_TOL)) bad = 1;
+        if (P.mode == KDL_SPARSE_TAIL_BUCKET && k == V && lse_td < log1p(-KDL_SPARSE_MASS_TOL)) bad = 1;
     }
     if (bad || badidx || M == -INFINITY) {
         if (P.has_grad) zero_row(P.grad, P.gdt, offG, V);
@@ -307,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     const float logS = (float)log(Ss), logSo = Mo == -INFINITY ? 0.0f : (float)log(So);
     const float lq_b =
         Mo == -INFINITY ? -INFINITY : (float)(((double)Mo - (double)M) * (double)kt + log(So) - log(Ss));
-    const float lp_b = (k == V || lse_t >= 0) ? -INFINITY : logf(-expm1f(lse_t));
+    const float lp_b = (k == V || lse_td >= 0) ? -INFINITY : (float)log(-expm1(lse_td));
 
     /* AKL (tail): head among the support cells, in teacher order */
     float wh = 0.5f, wt = 0.5f;
@@ -410,6 +437,10 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     }
     if (!P.has_grad) return;
     const float Gf = (float)G;
+    /* MEAN: 1/counted before the gradient's one rounding (rows_finish_kernel
+     * leaves the factor counted/valid, exactly 1 unless a row is invalid), so
+     * a 16-bit gradient never holds SUM's magnitude (up to N times MEAN's) */
+    const float gscale = P.counted ? (float)(P.scale / *P.counted) : P.gscale;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         if (in_support(bm, v)) continue;
         const float x = ld_f(P.S, P.sdt, offS + v);
@@ -423,18 +454,21 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
             const float share = x == -INFINITY ? 0.0f : __expf(log_prob(x, Mo, kt, logSo));
             qg = share > 0 ? share * e_b.qg : 0.0f;
         }
-        st_f(P.grad, P.gdt, offG + v, scaled_grad(P.gscale, kdl_elem_dz_f(qg, q, Gf), kt));
+        st_f(P.grad, P.gdt, offG + v, scaled_grad(gscale, kdl_elem_dz_f(qg, q, Gf), kt));
     }
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
         float q = __expf(log_prob(ld_f(P.S, P.sdt, offS + sidx[j]), M, kt, logS));
-        st_f(P.grad, P.gdt, offG + sidx[j], scaled_grad(P.gscale, kdl_elem_dz_f(sqg[j], q, Gf), kt));
+        st_f(P.grad, P.gdt, offG + sidx[j], scaled_grad(gscale, kdl_elem_dz_f(sqg[j], q, Gf), kt));
     }
 }
 
-/* Row losses -> outputs; acc[3] = 1/valid for the MEAN rescale. */
+/* Row losses -> outputs; acc[3] = the MEAN rescale of the gradient:
+ * acc[7]/valid when the rows wrote it pre-scaled by 1/acc[7] (pre), else
+ * 1/valid. */
 __global__ void __launch_bounds__(kThreads)
     rows_finish_kernel(int64_t N, const double *row_loss, const unsigned char *cls, int reduction, double scale,
-                       void *loss, int out_dt, int64_t *info, int64_t *valid_rows, int64_t *bad_rows, double *acc)
+                       void *loss, int out_dt, int64_t *info, int64_t *valid_rows, int64_t *bad_rows, double *acc,
+                       int pre)
 {
     __shared__ double dscr[32];
     double sum = 0, nv = 0, ni = 0, nb = 0;
@@ -461,14 +495,16 @@ __global__ void __launch_bounds__(kThreads)
         if (info) *info = (int64_t)ni;
         if (valid_rows) *valid_rows = (int64_t)nv;
         if (bad_rows) *bad_rows = (int64_t)nb;
-        acc[3] = nv > 0 ? 1.0 / nv : 0.0;
+        acc[3] = nv > 0 ? (pre ? acc[7] / nv : 1.0 / nv) : 0.0;
     }
 }
 
-/* x[r * ld + c] *= *factor for r < rows, c < cols (a gradient rescale). */
+/* x[r * ld + c] *= *factor for r < rows, c < cols (a gradient rescale);
+ * nothing to do for a factor of exactly 1 (x * 1 is x). */
 __global__ void scale_rows_kernel(void *x, int dt, int64_t rows, int64_t cols, int64_t ld, const double *factor)
 {
     const float f = (float)*factor;
+    if (f == 1.0f) return;
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
         for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x)
             st_f(x, dt, r * ld + c, ld_f(x, dt, r * ld + c) * f);
@@ -551,10 +587,6 @@ __device__ __forceinline__ double mass_fx_value(unsigned long long hi, unsigned 
 {
     return (double)hi * (1.0 / 65536.0) + (double)lo * (1.0 / 1208925819614629174706176.0); /* 2^-16, 2^-80 */
 }
-
-struct MaxD {
-    __device__ double operator()(double a, double b) const { return fmax(a, b); }
-};
 
 /* ---- absorb kernels: one thread per row */
 __global__ void shard_absorb_max(ShardP P)
@@ -1019,6 +1051,9 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
     P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
     P.inv_tau = (float)fmin(1.0 / d->temperature, (double)FLT_MAX);
     P.gscale = (float)d->scale;
+    P.scale = d->scale;
+    const int pre = d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0;
+    P.counted = pre ? acc + 7 : NULL;
     P.mu = d->mu;
     P.N = N;
     P.V = a->vocab;
@@ -1046,13 +1081,18 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
         cudaError_t e = cudaFuncSetAttribute(sparse_row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaFuncSetAttribute: %s", cudaGetErrorString(e));
     }
+    if (pre) {
+        fused_count_kernel<<<1, kThreads, 0, stream>>>(a->labels, N, d->ignore_index, acc);
+        kdl_status_t st = launch_status("fused_count_kernel");
+        if (st) return st;
+    }
     if (N > 0) {
         sparse_row_kernel<<<(unsigned)N, kThreads, smem, stream>>>(P);
         kdl_status_t st = launch_status("sparse_row_kernel");
         if (st) return st;
     }
     rows_finish_kernel<<<1, kThreads, 0, stream>>>(N, row_loss, cls, (int)d->reduction, d->scale, a->loss,
-                                                   (int)a->out_dtype, a->info, a->valid_rows, a->bad_index_rows, acc);
+                                                   (int)a->out_dtype, a->info, a->valid_rows, a->bad_index_rows, acc, pre);
     kdl_status_t st = launch_status("rows_finish_kernel");
     if (st) return st;
     if (d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0) {

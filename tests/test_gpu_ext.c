@@ -34,29 +34,11 @@
 #ifdef KDL_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
-#define CUDA_OK(call)                                                                          \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        cr_assert_eq(e_, cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));                \
-    } while (0)
-
-static void *dup_dev(const void *src, size_t bytes)
+/* A device copy of src, or for a NULL src a buffer of bytes (at least 1,
+ * filled with kdl_dev_alloc's NaN pattern): for sources that may be NULL. */
+static void *dev_buf(const void *src, size_t bytes)
 {
-    void *p = NULL;
-    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
-    if (src && bytes) CUDA_OK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
-    return p;
-}
-static void get_dev(void *dst, const void *src, size_t bytes) { CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost)); }
-
-/* Float32-appropriate tolerance relative to the largest reference entry. */
-static kdl_tol_t scaled_tol(const double *ref, size_t n, double rel)
-{
-    double m = 0;
-    for (size_t j = 0; j < n; j++)
-        if (isfinite(ref[j])) m = fmax(m, fabs(ref[j]));
-    kdl_tol_t t = {rel, rel * m + 1e-12};
-    return t;
+    return src ? kdl_dev_dup(src, bytes) : kdl_dev_alloc(bytes, 1);
 }
 #endif
 
@@ -82,6 +64,60 @@ Test(args, checked_before_any_device_use)
 #ifdef KDL_HAVE_CUDA
 /* ---------------------------------------------------------- sparse teacher */
 
+/* Counters of a sparse GPU call. */
+typedef struct sparse_counts {
+    int64_t info, valid, bad;
+} sparse_counts_t;
+
+/* kdl_sparse_loss on the device for the host data of a (student and
+ * log-probs in a's dtypes, indices, labels when given), the gradient in gdt:
+ * the loss (a's out_dtype, as many as the reduction writes) into gl, the
+ * raw gradient (N V entries of gdt) into graw, the counters into c (bad
+ * with strict, else 0).  strict also checks that one byte less than the
+ * queried workspace is refused. */
+static void sparse_gpu(const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, kdl_dtype_t gdt, int strict, void *gl,
+                       void *graw, sparse_counts_t *c, const char *what)
+{
+    const size_t nv = (size_t)(a->rows * a->vocab), nk = (size_t)(a->rows * a->k);
+    const size_t nl = d->reduction == KDL_REDUCTION_NONE ? (size_t)a->rows : 1, osz = kdl_dtype_size(a->out_dtype);
+    kdl_handle_t h;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    kdl_sparse_args_t da = *a;
+    da.student = kdl_dev_dup(a->student, nv * kdl_dtype_size(a->student_dtype));
+    da.teacher_indices = (const int64_t *)kdl_dev_dup(a->teacher_indices, nk * 8);
+    da.teacher_logprobs = kdl_dev_dup(a->teacher_logprobs, nk * kdl_dtype_size(a->teacher_dtype));
+    da.labels = a->labels ? (const int64_t *)kdl_dev_dup(a->labels, (size_t)a->rows * 8) : NULL;
+    da.grad_dtype = gdt;
+    da.grad = kdl_dev_alloc(nv * kdl_dtype_size(gdt), 1);
+    da.loss = kdl_dev_alloc(nl * osz, 1);
+    da.info = (int64_t *)kdl_dev_alloc(8, 1);
+    da.valid_rows = (int64_t *)kdl_dev_alloc(8, 1);
+    da.bad_index_rows = strict ? (int64_t *)kdl_dev_alloc(8, 1) : NULL;
+    size_t wsb = 0;
+    cr_assert_eq(kdl_sparse_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    void *ws = kdl_dev_alloc(wsb, 1);
+    if (strict && wsb) cr_expect_eq(kdl_sparse_loss(h, d, &da, ws, wsb - 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    cr_assert_eq(kdl_sparse_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    KDL_CUDA_OK(cudaDeviceSynchronize());
+    c->bad = 0;
+    kdl_dev_get(gl, da.loss, nl * osz);
+    kdl_dev_get(graw, da.grad, nv * kdl_dtype_size(gdt));
+    kdl_dev_get(&c->info, da.info, 8);
+    kdl_dev_get(&c->valid, da.valid_rows, 8);
+    kdl_dev_get(&c->bad, da.bad_index_rows, 8);
+    cudaFree((void *)da.student);
+    cudaFree((void *)da.teacher_indices);
+    cudaFree((void *)da.teacher_logprobs);
+    cudaFree((void *)da.labels);
+    cudaFree(da.grad);
+    cudaFree(da.loss);
+    cudaFree(da.info);
+    cudaFree(da.valid_rows);
+    cudaFree(da.bad_index_rows);
+    cudaFree(ws);
+    kdl_destroy(h);
+}
+
 /* One GPU call against kdl_ref_sparse_loss on the same float32-rounded data:
  * S [N, V], I, P [N, k] (doubles, rounded to float32 here in place); loss,
  * gradient and counters within rel of the largest reference entry.  strict
@@ -105,48 +141,20 @@ static void sparse_compare(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, int
     a.bad_index_rows = strict ? &rbad : NULL;
     kdl_ext_ref_sparse(d, &a, what);
 
-    kdl_handle_t h;
-    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    kdl_sparse_args_t da = a;
-    da.student = dup_dev(Sf, nv * 4);
-    da.teacher_indices = (const int64_t *)dup_dev(I, nk * 8);
-    da.teacher_logprobs = dup_dev(Pf, nk * 4);
-    da.student_dtype = da.teacher_dtype = da.grad_dtype = KDL_DTYPE_F32;
-    da.grad = dup_dev(NULL, nv * 4);
-    da.loss = dup_dev(NULL, nl * 8);
-    da.info = (int64_t *)dup_dev(NULL, 8);
-    da.valid_rows = (int64_t *)dup_dev(NULL, 8);
-    da.bad_index_rows = strict ? (int64_t *)dup_dev(NULL, 8) : NULL;
-    size_t wsb = 0;
-    cr_assert_eq(kdl_sparse_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-    void *ws = dup_dev(NULL, wsb);
-    if (strict && wsb) cr_expect_eq(kdl_sparse_loss(h, d, &da, ws, wsb - 1), KDL_STATUS_WORKSPACE_TOO_SMALL);
-    cr_assert_eq(kdl_sparse_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-    CUDA_OK(cudaDeviceSynchronize());
+    kdl_sparse_args_t fa = a; /* the float32 data the device reads */
+    fa.student = Sf;
+    fa.teacher_logprobs = Pf;
+    fa.student_dtype = fa.teacher_dtype = KDL_DTYPE_F32;
     double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
     float *g32 = (float *)malloc(nv * 4);
-    int64_t ginfo, gvalid, gbad = 0;
-    get_dev(gl, da.loss, nl * 8);
-    get_dev(g32, da.grad, nv * 4);
-    get_dev(&ginfo, da.info, 8);
-    get_dev(&gvalid, da.valid_rows, 8);
-    if (strict) get_dev(&gbad, da.bad_index_rows, 8);
+    sparse_counts_t c;
+    sparse_gpu(d, &fa, KDL_DTYPE_F32, strict, gl, g32, &c, what);
     for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
-    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
-    cr_expect(ginfo == rinfo && gvalid == rvalid && gbad == rbad, "%s: counters %lld/%lld/%lld, reference %lld/%lld/%lld",
-              what, (long long)ginfo, (long long)gvalid, (long long)gbad, (long long)rinfo, (long long)rvalid,
-              (long long)rbad);
-    cudaFree((void *)da.student);
-    cudaFree((void *)da.teacher_indices);
-    cudaFree((void *)da.teacher_logprobs);
-    cudaFree(da.grad);
-    cudaFree(da.loss);
-    cudaFree(da.info);
-    cudaFree(da.valid_rows);
-    cudaFree(da.bad_index_rows);
-    cudaFree(ws);
-    kdl_destroy(h);
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, kdl_ext_tol_rel_max(rl, (int64_t)nl, rel));
+    KDL_EXPECT_CLOSE(what, gg, rg, nv, kdl_ext_tol_rel_max(rg, (int64_t)nv, rel));
+    cr_expect(c.info == rinfo && c.valid == rvalid && c.bad == rbad,
+              "%s: counters %lld/%lld/%lld, reference %lld/%lld/%lld", what, (long long)c.info, (long long)c.valid,
+              (long long)c.bad, (long long)rinfo, (long long)rvalid, (long long)rbad);
     free(Sf);
     free(Pf);
     free(rl);
@@ -205,6 +213,20 @@ Test(gpu_sparse, full_k_and_large_vocabulary)
     sparse_case(KDL_SPARSE_TAIL_BUCKET, KDL_DIV_JSD, KDL_REDUCTION_SUM, 2, 151936, 64, 33, 0);
 }
 
+/* sparse_compare of TAIL_BUCKET with k = V (support I [N, V], log-probs P)
+ * for every divergence, NONE and MEAN, counters strict. */
+static void tail_full_support_every_divergence(int64_t N, int64_t V, double *S, const int64_t *I, double *P,
+                                               const char *label)
+{
+    for (size_t k = 0; k < KDL_NDIVS; k++)
+        for (int red = 0; red < 2; red++) {
+            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], red ? KDL_REDUCTION_MEAN : KDL_REDUCTION_NONE);
+            char what[96];
+            snprintf(what, sizeof what, "%s, %s red %d", label, kdl_divergence_name(d.divergence), (int)d.reduction);
+            sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, V, S, I, P, 2e-4, what, 1);
+        }
+}
+
 /* TAIL_BUCKET with k = V (docs/extensions.md, "Validation and invalid
  * rows"; mirrors tests/test_sparse_ref.c tail_bucket_full_support_missing_mass):
  * no token off the support, so a given mass below 1 - KDL_SPARSE_MASS_TOL
@@ -229,16 +251,165 @@ Test(gpu_sparse, tail_bucket_full_support_missing_mass)
         else
             for (int64_t j = 0; j < V; j++) P[i * V + j] = -INFINITY;
     }
-    for (size_t k = 0; k < KDL_NDIVS; k++)
-        for (int red = 0; red < 2; red++) {
-            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], red ? KDL_REDUCTION_MEAN : KDL_REDUCTION_NONE);
-            char what[96];
-            snprintf(what, sizeof what, "tail k = V, short mass, %s red %d", kdl_divergence_name(d.divergence),
-                     (int)d.reduction);
-            sparse_compare(&d, KDL_SPARSE_TAIL_BUCKET, N, V, V, S, I, P, 2e-4, what, 1);
-        }
+    tail_full_support_every_divergence(N, V, S, I, P, "tail k = V, short mass");
     free(S);
     free(P);
+    free(I);
+}
+
+/* log(sum exp(lp[j])) over j < n in double, as the reference sums it. */
+static double lse_double(const double *lp, int64_t n)
+{
+    double m = -INFINITY, s = 0;
+    for (int64_t j = 0; j < n; j++) m = fmax(m, lp[j]);
+    for (int64_t j = 0; j < n; j++) s += exp(lp[j] - m);
+    return m + log(s);
+}
+
+/* n float32 log-probs lp (as doubles; a softmax of n normal logits, sigma
+ * 0.5) whose LSE in double is target and then the least step past it to
+ * the side sign (+1 above, -1 below): the entry of least probability is
+ * set to the float32 nearest the missing mass, then moved ulp by ulp (one
+ * ulp there moves the LSE by a few 1e-9 at most).  Returns LSE - target. */
+static double near_mass_logprobs(kdl_rng_t *g, int64_t n, double target, int sign, double *lp)
+{
+    kdl_ext_fill_normal(g, lp, n, 0.0, 0.5);
+    kdl_ext_log_softmax(lp, n, 1.0, lp);
+    int64_t jmin = 0;
+    for (int64_t j = 0; j < n; j++) {
+        lp[j] = (double)(float)(lp[j] + target);
+        if (lp[j] < lp[jmin]) jmin = j;
+    }
+    double rest = 0;
+    for (int64_t j = 0; j < n; j++)
+        if (j != jmin) rest += exp(lp[j]);
+    cr_assert(exp(target) > rest, "the least entry cannot carry the missing mass");
+    float x = (float)log(exp(target) - rest);
+    int steps = 0;
+    for (int pass = 0; pass < 2; pass++) /* first to the other side (or stay), then just past target */
+        for (;;) {
+            lp[jmin] = x;
+            double off = lse_double(lp, n) - target;
+            if (pass == 0 ? !(sign * off > 0) : sign * off > 0) break;
+            x = nextafterf(x, (pass == 0 ? -sign : sign) > 0 ? INFINITY : -INFINITY);
+            cr_assert(++steps < 100000, "no float32 log-prob reaches the target");
+        }
+    return lse_double(lp, n) - target;
+}
+
+/* Review 2 #10 (docs/ext-review.md): the TAIL_BUCKET mass thresholds on a
+ * teacher LSE within 1e-9 to 3e-8 of log1p(-1e-3) (k = V: below is
+ * invalid) and of log1p(1e-3) (above is invalid).  The float LSE the
+ * kernel used to compare (Mt + (float)log St, Mt near -4.2 for these flat
+ * teachers) lands on the float grid around the thresholds, 5e-8 to 1e-7
+ * from them, so about half of these rows were classified unlike the
+ * reference (a host emulation of the old sum: 7 of 16); in double they
+ * must all match it (the counters are compared, strict).  The reference's own classification of the rows is
+ * checked first.  Not run on a device here. */
+Test(gpu_sparse, tail_mass_thresholds_classify_as_the_reference)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { V = 64, ND = 8, N = 2 * ND };
+    const double delta[ND] = {-3e-8, -1e-8, -3e-9, -1e-9, 1e-9, 3e-9, 1e-8, 3e-8};
+    const double thr[2] = {log1p(-KDL_SPARSE_MASS_TOL), log1p(KDL_SPARSE_MASS_TOL)};
+    double *S = (double *)malloc(N * V * 8), *P = (double *)malloc(N * V * 8);
+    int64_t *I = (int64_t *)malloc(N * V * 8);
+    kdl_rng_t g = {1510};
+    kdl_fill_logits(&g, S, N * V, 2.0);
+    kdl_ext_strided_support(N, V, V, 7, I);
+    for (int t = 0; t < 2; t++)
+        for (int e = 0; e < ND; e++) {
+            double *lp = P + (int64_t)(t * ND + e) * V;
+            double off = near_mass_logprobs(&g, V, thr[t] + delta[e], delta[e] > 0 ? 1 : -1, lp);
+            double side = lse_double(lp, V) - thr[t];
+            cr_assert(fabs(off) < 1e-8 && side * delta[e] > 0, "row %d: LSE - threshold %.3g, want %.3g", t * ND + e,
+                      side, delta[e]);
+        }
+    /* the reference: rows below the lower or above the upper threshold are invalid */
+    {
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_NONE);
+        double rl[N];
+        int64_t info = -1;
+        kdl_sparse_args_t a = kdl_ext_sparse_args(KDL_SPARSE_TAIL_BUCKET, N, V, V, S, I, P, NULL, rl);
+        a.info = &info;
+        kdl_ext_ref_sparse(&d, &a, "thresholds");
+        cr_assert_eq(info, ND, "reference: %lld invalid rows, want %d", (long long)info, (int)ND);
+        for (int t = 0; t < 2; t++)
+            for (int e = 0; e < ND; e++)
+                cr_assert_eq(!!isnan(rl[t * ND + e]), t == 0 ? delta[e] < 0 : delta[e] > 0, "row %d", t * ND + e);
+    }
+    tail_full_support_every_divergence(N, V, S, I, P, "tail mass thresholds");
+    free(S);
+    free(P);
+    free(I);
+}
+
+/* Third review #1 (docs/ext-review.md): MEAN with a 16-bit gradient.  The
+ * rows used to write scale dz/tau (SUM's magnitude) and a last pass
+ * divided by valid, so with scale 1e5 a confident teacher (|dz| near 0.9 on
+ * the token it favours) gave f16 -inf (beyond 65504) where the MEAN
+ * gradient (1e5/64 |dz|, about 1400) fits, and every entry was rounded
+ * twice.  Now one rounding with no invalid row, two with one (row 5: a NaN
+ * logit, factor 64/63).  f16 student, log-probs and gradient against the
+ * reference on the same f16 values, every entry finite and within
+ * (roundings) 2^-11 |ref| + 1e-5 max |ref| (float element maths).  Not run
+ * on a device here. */
+Test(gpu_sparse, f16_mean_gradient_has_the_mean_scale)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    enum { N = 64, V = 300, K = 8 };
+    const size_t nv = (size_t)N * V, nk = (size_t)N * K;
+    double *S = (double *)malloc(nv * 8), *P = (double *)malloc(nk * 8), *rg = (double *)malloc(nv * 8);
+    double *gg = (double *)malloc(nv * 8);
+    uint16_t *S16 = (uint16_t *)malloc(nv * 2), *P16 = (uint16_t *)malloc(nk * 2), *g16 = (uint16_t *)malloc(nv * 2);
+    int64_t *I = (int64_t *)malloc(nk * 8);
+    kdl_rng_t g = {1520};
+    kdl_fill_logits(&g, S, (int64_t)nv, 2.0);
+    kdl_ext_strided_support(N, V, K, 11, I);
+    for (int64_t i = 0; i < N; i++) {
+        P[i * K] = log(0.9); /* the favoured token, which the student puts near 0 */
+        for (int64_t j = 1; j < K; j++) P[i * K + j] = log(0.09 / (K - 1));
+        S[i * V + I[i * K]] = -6.0;
+    }
+    for (int invalid = 0; invalid < 2; invalid++) {
+        if (invalid) S[5 * V + 3] = NAN;
+        kdl_to_dtype(S, S16, KDL_DTYPE_F16, (int64_t)nv);
+        kdl_to_dtype(P, P16, KDL_DTYPE_F16, (int64_t)nk);
+        kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+        d.scale = 1e5;
+        double rl = 0, gl = 0;
+        int64_t rinfo = -1;
+        kdl_sparse_args_t a = kdl_ext_sparse_args(KDL_SPARSE_TAIL_BUCKET, N, V, K, S16, I, P16, rg, &rl);
+        a.student_dtype = a.teacher_dtype = KDL_DTYPE_F16;
+        a.info = &rinfo;
+        kdl_ext_ref_sparse(&d, &a, "f16 MEAN");
+        cr_assert_eq(rinfo, invalid);
+        double maxref = 0;
+        for (size_t j = 0; j < nv; j++) maxref = fmax(maxref, fabs(rg[j]));
+        cr_assert(maxref * (N - invalid) > 65504, "max |grad| %g: SUM's magnitude would fit f16", maxref);
+
+        sparse_counts_t c;
+        sparse_gpu(&d, &a, KDL_DTYPE_F16, 0, &gl, g16, &c, "f16 MEAN");
+        kdl_from_dtype(g16, gg, KDL_DTYPE_F16, (int64_t)nv);
+        cr_expect_eq(c.info, rinfo);
+        cr_expect(fabs(gl - rl) <= 1e-5 * fabs(rl), "invalid %d: loss %.9g, reference %.9g", invalid, gl, rl);
+        size_t bad = 0;
+        for (size_t j = 0; j < nv; j++) {
+            double e = fabs(gg[j] - rg[j]), t = (1 + invalid) * ldexp(1.0, -11) * fabs(rg[j]) + 1e-5 * maxref;
+            if (!(isfinite(gg[j]) && e <= t)) {
+                if (!bad) cr_log_error("invalid %d: grad[%zu] %.9g, reference %.9g", invalid, j, gg[j], rg[j]);
+                bad++;
+            }
+        }
+        cr_expect_eq(bad, 0, "invalid %d: %zu of %zu gradient entries off", invalid, bad, nv);
+    }
+    free(S);
+    free(P);
+    free(rg);
+    free(gg);
+    free(S16);
+    free(P16);
+    free(g16);
     free(I);
 }
 
@@ -263,9 +434,10 @@ static void shard_compare(const kdl_loss_desc_t *d, int64_t N, int64_t V, const 
 
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
-    float *dS = (float *)dup_dev(Sf, nv * 4), *dT = (float *)dup_dev(Tf, nv * 4), *dG = (float *)dup_dev(NULL, nv * 4);
-    double *dl = (double *)dup_dev(NULL, nl * 8);
-    int64_t *dhs = head_size ? (int64_t *)dup_dev(NULL, (size_t)N * 8) : NULL;
+    float *dS = (float *)kdl_dev_dup(Sf, nv * 4), *dT = (float *)kdl_dev_dup(Tf, nv * 4);
+    float *dG = (float *)kdl_dev_alloc(nv * 4, 1);
+    double *dl = (double *)kdl_dev_alloc(nl * 8, 1);
+    int64_t *dhs = head_size ? (int64_t *)kdl_dev_alloc((size_t)N * 8, 1) : NULL;
     const int64_t w[R] = {V / 3, V / 2, V - V / 3 - V / 2};
     kdl_shard_args_t a[R];
     double *ex[R];
@@ -276,8 +448,8 @@ static void shard_compare(const kdl_loss_desc_t *d, int64_t N, int64_t V, const 
         a[r] = kdl_ext_shard_args(N, V, R, r, off, w[r], dS, dT, KDL_DTYPE_F32, dG, KDL_DTYPE_F32, dl);
         a[r].stat_head_size = r == 0 ? dhs : NULL;
         cr_assert_eq(kdl_shard_sizes(d, &a[r], &sb, &ec, &ns), KDL_STATUS_SUCCESS);
-        a[r].state = dup_dev(NULL, sb);
-        ex[r] = (double *)dup_dev(NULL, ec * 8);
+        a[r].state = kdl_dev_alloc(sb, 1);
+        ex[r] = (double *)kdl_dev_alloc(ec * 8, 1);
         a[r].exchange = ex[r];
         off += w[r];
     }
@@ -290,23 +462,23 @@ static void shard_compare(const kdl_loss_desc_t *d, int64_t N, int64_t V, const 
                          kdl_get_last_error());
         if (op == KDL_SHARD_OP_DONE) break;
         for (int r = 0; r < R; r++) {
-            get_dev(tmp, ex[r], (size_t)cnt * 8);
+            kdl_dev_get(tmp, ex[r], (size_t)cnt * 8);
             for (int64_t j = 0; j < cnt; j++)
                 acc[j] = r == 0 ? tmp[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], tmp[j]) : acc[j] + tmp[j];
         }
-        for (int r = 0; r < R; r++) CUDA_OK(cudaMemcpy(ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
+        for (int r = 0; r < R; r++) KDL_CUDA_OK(cudaMemcpy(ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
     }
-    CUDA_OK(cudaDeviceSynchronize());
+    KDL_CUDA_OK(cudaDeviceSynchronize());
     double *gl = (double *)malloc(nl * 8), *gg = (double *)malloc(nv * 8);
     float *g32 = (float *)malloc(nv * 4);
     int64_t *ghs = (int64_t *)malloc((size_t)N * 8 + 8);
-    get_dev(gl, dl, nl * 8);
-    get_dev(g32, dG, nv * 4);
+    kdl_dev_get(gl, dl, nl * 8);
+    kdl_dev_get(g32, dG, nv * 4);
     for (size_t j = 0; j < nv; j++) gg[j] = g32[j];
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, rel));
-    KDL_EXPECT_CLOSE(what, gg, rg, nv, scaled_tol(rg, nv, rel));
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, kdl_ext_tol_rel_max(rl, (int64_t)nl, rel));
+    KDL_EXPECT_CLOSE(what, gg, rg, nv, kdl_ext_tol_rel_max(rg, (int64_t)nv, rel));
     if (head_size && d->divergence == KDL_DIV_AKL) {
-        get_dev(ghs, dhs, (size_t)N * 8);
+        kdl_dev_get(ghs, dhs, (size_t)N * 8);
         for (int64_t i = 0; i < N; i++) cr_expect_eq(ghs[i], rhs[i], "%s row %lld head size", what, (long long)i);
     }
     for (int r = 0; r < R; r++) {
@@ -433,11 +605,11 @@ static void shard_both(const kdl_loss_desc_t *d, int64_t N, int64_t V, const voi
                       (long long)cnt, (int)op1, (long long)cnt1);
         }
         if (op == KDL_SHARD_OP_DONE) break;
-        CUDA_OK(cudaDeviceSynchronize());
+        KDL_CUDA_OK(cudaDeviceSynchronize());
         const int64_t F = cnt / N;
         const int src = alternate ? step & 1 : 0;
         for (int r = 0; r < R; r++) {
-            get_dev(dev, sd[0].ex[r], (size_t)cnt * 8);
+            kdl_dev_get(dev, sd[0].ex[r], (size_t)cnt * 8);
             const double *ref = sd[1].ex[r];
             for (int64_t i = 0; i < N; i++) {
                 double m = 0;
@@ -456,18 +628,18 @@ static void shard_both(const kdl_loss_desc_t *d, int64_t N, int64_t V, const voi
                 acc[j] = r == 0 ? mine[j] : op == KDL_SHARD_OP_MAX ? fmax(acc[j], mine[j]) : acc[j] + mine[j];
         }
         for (int r = 0; r < R; r++) {
-            CUDA_OK(cudaMemcpy(sd[0].ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
+            KDL_CUDA_OK(cudaMemcpy(sd[0].ex[r], acc, (size_t)cnt * 8, cudaMemcpyHostToDevice));
             memcpy(sd[1].ex[r], acc, (size_t)cnt * 8);
         }
     }
-    CUDA_OK(cudaDeviceSynchronize());
+    KDL_CUDA_OK(cudaDeviceSynchronize());
     float *g32 = (float *)malloc(nv * 4 + 4);
     int64_t dinfo = -1, dvalid = -1;
-    get_dev(loss, sd[0].loss, nl * 8);
-    get_dev(g32, sd[0].grad, nv * 4);
-    get_dev(hs, sd[0].hs, (size_t)N * 8);
-    get_dev(&dinfo, sd[0].info, 8);
-    get_dev(&dvalid, sd[0].valid, 8);
+    kdl_dev_get(loss, sd[0].loss, nl * 8);
+    kdl_dev_get(g32, sd[0].grad, nv * 4);
+    kdl_dev_get(hs, sd[0].hs, (size_t)N * 8);
+    kdl_dev_get(&dinfo, sd[0].info, 8);
+    kdl_dev_get(&dvalid, sd[0].valid, 8);
     for (size_t j = 0; j < nv; j++) grad[j] = g32[j];
     *info = dinfo;
     *valid = dvalid;
@@ -663,30 +835,30 @@ static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, k
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
     kdl_fused_linear_args_t da = *a;
-    da.hidden_states = dup_dev(a->hidden_states, nh * esz);
-    da.weight = dup_dev(a->weight, nw * esz);
-    da.teacher = dup_dev(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
-    da.labels = a->labels ? (const int64_t *)dup_dev(a->labels, (size_t)N * 8) : NULL;
-    da.grad_hidden = dup_dev(NULL, nh * gsz);
-    da.grad_weight = dup_dev(NULL, nw * gsz);
+    da.hidden_states = dev_buf(a->hidden_states, nh * esz);
+    da.weight = dev_buf(a->weight, nw * esz);
+    da.teacher = dev_buf(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
+    da.labels = a->labels ? (const int64_t *)kdl_dev_dup(a->labels, (size_t)N * 8) : NULL;
+    da.grad_hidden = kdl_dev_alloc(nh * gsz, 1);
+    da.grad_weight = kdl_dev_alloc(nw * gsz, 1);
     da.grad_dtype = gdt;
-    da.loss = dup_dev(NULL, nl * 8);
-    da.grad_output = a->grad_output ? dup_dev(a->grad_output, (size_t)N * kdl_dtype_size(a->grad_output_dtype)) : NULL;
-    da.bias = a->bias ? dup_dev(a->bias, (size_t)V * esz) : NULL;
-    da.grad_bias = a->grad_bias ? dup_dev(NULL, (size_t)V * gsz) : NULL;
+    da.loss = kdl_dev_alloc(nl * 8, 1);
+    da.grad_output = a->grad_output ? kdl_dev_dup(a->grad_output, (size_t)N * kdl_dtype_size(a->grad_output_dtype)) : NULL;
+    da.bias = a->bias ? kdl_dev_dup(a->bias, (size_t)V * esz) : NULL;
+    da.grad_bias = a->grad_bias ? kdl_dev_alloc((size_t)V * gsz, 1) : NULL;
     size_t wsb = 0;
     cr_assert_eq(kdl_fused_linear_workspace_size(h, d, &da, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    void *ws = dup_dev(NULL, wsb);
+    void *ws = kdl_dev_alloc(wsb, 1);
     cr_assert_eq(kdl_fused_linear_loss(h, d, &da, ws, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    CUDA_OK(cudaDeviceSynchronize());
+    KDL_CUDA_OK(cudaDeviceSynchronize());
     void *raw = malloc(((nh > nw ? nh : nw) + (size_t)V) * 4);
-    get_dev(gl, da.loss, nl * 8);
-    get_dev(raw, da.grad_hidden, nh * gsz);
+    kdl_dev_get(gl, da.loss, nl * 8);
+    kdl_dev_get(raw, da.grad_hidden, nh * gsz);
     kdl_from_dtype(raw, gh, gdt, (int64_t)nh);
-    get_dev(raw, da.grad_weight, nw * gsz);
+    kdl_dev_get(raw, da.grad_weight, nw * gsz);
     kdl_from_dtype(raw, gw, gdt, (int64_t)nw);
     if (a->grad_bias) {
-        get_dev(raw, da.grad_bias, (size_t)V * gsz);
+        kdl_dev_get(raw, da.grad_bias, (size_t)V * gsz);
         kdl_from_dtype(raw, gb, gdt, V);
     }
     cudaFree((void *)da.hidden_states);
@@ -806,15 +978,15 @@ static void fl_run(const fl_opts_t *o)
     double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8),
            *gb = (double *)malloc((size_t)V * 8);
     fl_gpu(&d, &a, o->gdt, gl, gh, gw, gb);
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, scaled_tol(rl, nl, 5e-4));
+    KDL_EXPECT_CLOSE(what, gl, rl, nl, kdl_ext_tol_rel_max(rl, (int64_t)nl, 5e-4));
     char w2[160];
     snprintf(w2, sizeof w2, "%s dH", what);
-    fl_compare(w2, gh, rh, bh, nh, scaled_tol(rh, nh, 5e-4));
+    fl_compare(w2, gh, rh, bh, nh, kdl_ext_tol_rel_max(rh, (int64_t)nh, 5e-4));
     snprintf(w2, sizeof w2, "%s dW", what);
-    fl_compare(w2, gw, rw, bw, nw, scaled_tol(rw, nw, 5e-4));
+    fl_compare(w2, gw, rw, bw, nw, kdl_ext_tol_rel_max(rw, (int64_t)nw, 5e-4));
     if (o->bias) {
         snprintf(w2, sizeof w2, "%s db", what);
-        fl_compare(w2, gb, rb, bb, (size_t)V, scaled_tol(rb, (size_t)V, 5e-4));
+        fl_compare(w2, gb, rb, bb, (size_t)V, kdl_ext_tol_rel_max(rb, V, 5e-4));
     }
     free(H);
     free(W);
@@ -1059,9 +1231,9 @@ Test(gpu_sparse, vocabulary_at_the_shared_memory_limit_runs_or_is_refused_up_fro
 {
     KDL_SKIP_WITHOUT_GPU();
     int dev = 0;
-    CUDA_OK(cudaGetDevice(&dev));
+    KDL_CUDA_OK(cudaGetDevice(&dev));
     int optin = 0;
-    CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    KDL_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     kdl_handle_t h;
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
     /* non-AKL, k = 1: dynamic shared memory = 4 ceil(V/32) + 12 bytes; try
@@ -1079,24 +1251,24 @@ Test(gpu_sparse, vocabulary_at_the_shared_memory_limit_runs_or_is_refused_up_fro
         a.rows = 1;
         a.vocab = V;
         a.k = 1;
-        a.student = dup_dev(S, (size_t)V * 4);
+        a.student = kdl_dev_dup(S, (size_t)V * 4);
         a.ld_student = V;
-        a.teacher_indices = (const int64_t *)dup_dev(&idx, 8);
+        a.teacher_indices = (const int64_t *)kdl_dev_dup(&idx, 8);
         a.ld_indices = 1;
-        a.teacher_logprobs = dup_dev(&lp, 4);
+        a.teacher_logprobs = kdl_dev_dup(&lp, 4);
         a.ld_logprobs = 1;
-        a.loss = dup_dev(NULL, 4);
+        a.loss = kdl_dev_alloc(4, 1);
         size_t wsb = 0;
         kdl_status_t st = kdl_sparse_workspace_size(h, &d, &a, &wsb);
         if (t == 0)
             cr_expect_eq(st, KDL_STATUS_NOT_SUPPORTED, "V %lld: the static shared memory does not fit", (long long)V);
         if (st == KDL_STATUS_SUCCESS) {
-            void *ws = dup_dev(NULL, wsb);
+            void *ws = kdl_dev_alloc(wsb, 1);
             cr_expect_eq(kdl_sparse_loss(h, &d, &a, ws, wsb), KDL_STATUS_SUCCESS, "V %lld: %s", (long long)V,
                          kdl_get_last_error());
-            CUDA_OK(cudaDeviceSynchronize());
+            KDL_CUDA_OK(cudaDeviceSynchronize());
             float loss = -1;
-            get_dev(&loss, a.loss, 4);
+            kdl_dev_get(&loss, a.loss, 4);
             /* uniform student, one-token teacher: FKL = log V */
             cr_expect(fabs(loss - log((double)V)) < 1e-4 * log((double)V), "V %lld: loss %g", (long long)V, loss);
             cudaFree(ws);
@@ -1164,16 +1336,16 @@ Test(gpu_shard, akl_histograms_are_bitwise_reproducible)
     a.rows = N;
     a.vocab = V;
     a.vocab_local = V;
-    a.student = dup_dev(S, (size_t)N * V * 4);
-    a.teacher = dup_dev(T, (size_t)N * V * 4);
+    a.student = kdl_dev_dup(S, (size_t)N * V * 4);
+    a.teacher = kdl_dev_dup(T, (size_t)N * V * 4);
     a.ld_student = a.ld_teacher = V;
     a.out_dtype = KDL_DTYPE_F64;
-    a.loss = dup_dev(NULL, 8);
+    a.loss = kdl_dev_alloc(8, 1);
     size_t sb = 0, ec = 0;
     int ns = 0;
     cr_assert_eq(kdl_shard_sizes(&d, &a, &sb, &ec, &ns), KDL_STATUS_SUCCESS);
-    a.state = dup_dev(NULL, sb);
-    a.exchange = (double *)dup_dev(NULL, ec * 8);
+    a.state = kdl_dev_alloc(sb, 1);
+    a.exchange = (double *)kdl_dev_alloc(ec * 8, 1);
     double *first = (double *)malloc(ec * 8), *now = (double *)malloc(ec * 8);
     int64_t cnt1 = 0;
     for (int run = 0; run < RUNS; run++) {
@@ -1181,8 +1353,8 @@ Test(gpu_shard, akl_histograms_are_bitwise_reproducible)
         int64_t cnt;
         cr_assert_eq(kdl_shard_step(h, &d, &a, 0, &op, &cnt), KDL_STATUS_SUCCESS); /* one shard: MAX is a no-op */
         cr_assert_eq(kdl_shard_step(h, &d, &a, 1, &op, &cnt1), KDL_STATUS_SUCCESS);
-        CUDA_OK(cudaDeviceSynchronize());
-        get_dev(run ? now : first, a.exchange, (size_t)cnt1 * 8);
+        KDL_CUDA_OK(cudaDeviceSynchronize());
+        kdl_dev_get(run ? now : first, a.exchange, (size_t)cnt1 * 8);
         if (run) cr_expect(memcmp(first, now, (size_t)cnt1 * 8) == 0, "run %d: step-1 exchange differs in its bits", run);
     }
     cudaFree((void *)a.student);
@@ -1211,26 +1383,26 @@ Test(gpu_fused_linear, empty_batch_stays_inside_the_queried_workspace)
     a.rows = 0;
     a.hidden = D;
     a.vocab = V;
-    a.weight = dup_dev(W, sizeof W);
+    a.weight = kdl_dev_dup(W, sizeof W);
     a.ld_hidden = a.ld_weight = a.ld_grad_weight = D;
     a.ld_teacher = V;
-    a.grad_weight = dup_dev(W, sizeof W); /* must come back all zeros */
-    a.loss = dup_dev(NULL, 4);
+    a.grad_weight = kdl_dev_dup(W, sizeof W); /* must come back all zeros */
+    a.loss = kdl_dev_alloc(4, 1);
     size_t wsb = 0;
     cr_assert_eq(kdl_fused_linear_workspace_size(h, &d, &a, &wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     /* the workspace followed by guard bytes that must stay untouched */
-    unsigned char *buf = (unsigned char *)dup_dev(NULL, wsb + GUARD);
-    CUDA_OK(cudaMemset(buf, 0xA5, wsb + GUARD));
+    unsigned char *buf = (unsigned char *)kdl_dev_alloc(wsb + GUARD, 1);
+    KDL_CUDA_OK(cudaMemset(buf, 0xA5, wsb + GUARD));
     cr_assert_eq(kdl_fused_linear_loss(h, &d, &a, buf, wsb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    CUDA_OK(cudaDeviceSynchronize());
+    KDL_CUDA_OK(cudaDeviceSynchronize());
     unsigned char *guard = (unsigned char *)malloc(GUARD);
-    get_dev(guard, buf + wsb, GUARD);
+    kdl_dev_get(guard, buf + wsb, GUARD);
     size_t touched = 0;
     for (size_t j = 0; j < GUARD; j++) touched += guard[j] != 0xA5;
     cr_expect_eq(touched, 0, "%zu guard bytes after the %zu-byte workspace were written", touched, wsb);
     float loss = -1, gw[V * D];
-    get_dev(&loss, a.loss, 4);
-    get_dev(gw, a.grad_weight, sizeof gw);
+    kdl_dev_get(&loss, a.loss, 4);
+    kdl_dev_get(gw, a.grad_weight, sizeof gw);
     cr_expect_eq(loss, 0.0f);
     size_t nz = 0;
     for (int j = 0; j < V * D; j++) nz += gw[j] != 0.0f;
