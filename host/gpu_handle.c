@@ -41,11 +41,15 @@ static kdl_status_t create_cublas(struct kdl_context *h)
 {
     if (cublasCreate(&h->cublas) != CUBLAS_STATUS_SUCCESS) {
         h->cublas = NULL;
+        /* an allocation failure inside must not surface as the "last
+         * error" of a later, unrelated launch check */
+        (void)cudaGetLastError();
         return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasCreate");
     }
     if (cublasSetMathMode(h->cublas, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
         cublasDestroy(h->cublas);
         h->cublas = NULL;
+        (void)cudaGetLastError();
         return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasSetMathMode");
     }
     return KDL_STATUS_SUCCESS;
