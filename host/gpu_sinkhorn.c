@@ -476,7 +476,11 @@ static kdl_otk_params_t params_of(double eps, double tol, int64_t max_iter, int6
     memset(&p, 0, sizeof p);
     p.eps = eps;
     p.tol = tol;
-    p.max_iter = max_iter;
+    /* INT64_MAX (an "until convergence" with tol > 0) would overflow the
+     * final pass's iteration max_iter + 1 (kdl_otk_run_solver) and the
+     * device loop's counter: one iteration less changes nothing the
+     * schedule or the caller can see (docs/sinkhorn-review.md R7) */
+    p.max_iter = max_iter < INT64_MAX ? max_iter : INT64_MAX - 1;
     p.check_every = check_every;
     p.eps_scaling = scaling != 0;
     p.factor = factor;

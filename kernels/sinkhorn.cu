@@ -962,8 +962,8 @@ __global__ void __launch_bounds__(kBlock) k_sinkd_grad_l1(const float *__restric
 
 /* A host-to-device copy carried in a kernel parameter (16 KiB per
  * launch): stream capture records a kernel's parameters by value, while a
- * cudaMemcpyAsync from pageable host memory cannot be captured (and the
- * staging buffer is freed on return). */
+ * captured cudaMemcpyAsync from host memory reads the host address when
+ * the graph is launched, and the staging buffer is freed on return. */
 constexpr int kUploadBytes = 16384;
 struct UploadChunk {
     unsigned char b[kUploadBytes];

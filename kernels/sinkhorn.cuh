@@ -92,8 +92,8 @@ typedef struct kdl_otk_job {
 /* Host-to-device copy of the wrapper's tables (host memory the caller may
  * free on return): cudaMemcpyAsync, or, while `stream` is being captured
  * into a CUDA graph, kernels that carry the bytes in their parameters (a
- * copy from pageable memory cannot be captured; parameters are recorded by
- * value, so the graph can be replayed after the host buffer is gone). */
+ * captured copy reads the host address at each replay, after the buffer is
+ * freed; parameters are recorded by value). */
 cudaError_t kdl_otk_upload(void *dst, const void *src, size_t bytes, cudaStream_t stream);
 
 /* Squared row norms: out[r] = sum_k X[r, k]^2 for rows [0, rows). */

@@ -784,10 +784,11 @@ Test(gpu_sinkhorn, long_rows_final_error_and_value_in_double)
 }
 
 /* Stream capture (third review): the call uploads its tables from a host
- * buffer that is freed on return.  A cudaMemcpyAsync from pageable memory
- * cannot be captured (the capture failed, and was invalidated for the
- * caller); now the upload is carried in kernel parameters while the stream
- * is captured, and the device-side loop falls back to the host loop.  A
+ * buffer that is freed on return.  A captured cudaMemcpyAsync reads the
+ * host address when the graph is launched: every replay read freed memory
+ * (garbage tables: wild pointers in the kernels).  Now the upload is
+ * carried in kernel parameters while the stream is captured, and the
+ * device-side loop falls back to the host loop.  A
  * captured call, replayed twice after the host buffers are gone, must give
  * the bits of the same call made directly, and the reference's values.
  * Given costs, a fixed count and tol > 0 (SinKD goes through the same
@@ -895,6 +896,40 @@ static void graph_vs_host_case(int eps_scaling)
 }
 Test(gpu_sinkhorn, device_loop_matches_host_loop) { KDL_SKIP_WITHOUT_GPU(); graph_vs_host_case(0); }
 Test(gpu_sinkhorn, device_loop_matches_host_loop_eps_scaling) { KDL_SKIP_WITHOUT_GPU(); graph_vs_host_case(1); }
+
+/* max_iter = INT64_MAX with a tolerance, "until convergence" (third review
+ * R7): the final pass's iteration max_iter + 1 overflowed int64 (undefined
+ * behaviour; the GPU path now runs at most INT64_MAX - 1 iterations, which
+ * nothing can tell apart).  The device-side loop (the host loop would
+ * enqueue max_iter iterations) against the reference.  Not run on a device
+ * here. */
+Test(gpu_sinkhorn, max_iter_int64_max_runs_until_convergence)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    kdl_handle_t h = handle();
+    kdl_rng_t rng = {151};
+    const int64_t B = 2, n = 10, m = 12;
+    float C[240], v[2], e[2];
+    int64_t it[2];
+    fill(&rng, C, B * n * m, 0, 1);
+    kdl_sinkhorn_desc_t d;
+    kdl_sinkhorn_desc_init(&d);
+    d.epsilon = 0.1;
+    d.tol = 1e-4;
+    d.max_iter = INT64_MAX;
+    hcall_t c = {.B = B, .n = n, .m = m, .cost = C, .value = v, .err = e, .iters = it};
+    cr_assert_eq(gpu_sinkhorn(h, &d, &c, 0), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    rcall_t r;
+    ref_sinkhorn(&d, &c, &r);
+    compare("max_iter INT64_MAX", &c, &r, 1e-4, 0);
+    for (int64_t b = 0; b < B; b++) {
+        cr_expect(e[b] <= 1e-4 * (1 + 1e-3), "problem %lld error %g", (long long)b, e[b]);
+        cr_expect(llabs(it[b] - r.iters[b]) <= d.check_every, "iterations %lld vs %lld", (long long)it[b],
+                  (long long)r.iters[b]);
+    }
+    free_r(&r);
+    kdl_destroy(h);
+}
 
 Test(gpu_sinkhorn, short_workspace_writes_nothing)
 {
