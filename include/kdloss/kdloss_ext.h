@@ -161,7 +161,10 @@ kdl_status_t kdl_ref_sparse_loss(const kdl_loss_desc_t *desc, const kdl_sparse_a
  * kernel also needs shared memory: ceil(V/32)*4 bytes for the support bitmap,
  * 12 bytes per support entry (AKL: 8 more per entry, rounded up to a power
  * of two, for the sort keys); V beyond what the device's opt-in shared memory
- * holds is KDL_STATUS_NOT_SUPPORTED. */
+ * holds is KDL_STATUS_NOT_SUPPORTED.  MEAN with a gradient writes it already
+ * scaled by scale/counted (counted: the rows not ignored), rounded once to
+ * the gradient's dtype; a rescale by counted/valid runs only when some row
+ * was invalid. */
 kdl_status_t kdl_sparse_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
                                        const kdl_sparse_args_t *args, size_t *bytes);
 kdl_status_t kdl_sparse_loss(kdl_handle_t handle, const kdl_loss_desc_t *desc,
@@ -361,8 +364,11 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fu
  *                            or chunk_rows = N, where that matters);
  *   db  += column sums of dL a small kernel, float64 accumulator [V] in the
  *                            workspace, converted to grad_dtype once.
- * Then the loss and counters; MEAN scales dH, dW, db by 1/valid at the end
- * (a 16-bit dH/dW is rounded a second time there).
+ * Then the loss and counters.  MEAN: F32 inputs scale dH, dW, db by
+ * 1/valid at the end; 16-bit inputs carry 1/counted (the rows not ignored)
+ * in dL before its one 16-bit rounding, and the end factor counted/valid is
+ * exactly 1 unless some row was invalid (only then is a 16-bit dH/dW
+ * rounded a second time).
  * Workspace (kdl_fused_linear_workspace_size): c*V*4 bytes (+ c*V*2 for
  * 16-bit inputs) + the dense loss workspace of c rows + V*8 bytes with
  * grad_bias + 256; it depends on chunk_rows, the dtypes and grad_bias.
