@@ -49,6 +49,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "launch_ex.cuh"
 #include "sinkhorn.cuh"
 
 namespace {
@@ -996,8 +997,11 @@ extern "C" cudaError_t kdl_otk_upload(void *dst, const void *src, size_t bytes, 
     for (size_t off = 0; off < bytes; off += kUploadBytes) {
         const unsigned n = (unsigned)(bytes - off < (size_t)kUploadBytes ? bytes - off : (size_t)kUploadBytes);
         memcpy(c.b, (const unsigned char *)src + off, n);
-        k_upload<<<(n + kBlock - 1) / kBlock, kBlock, 0, stream>>>((unsigned char *)dst + off, n, c);
-        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+        unsigned char *to = (unsigned char *)dst + off;
+        unsigned count = n;
+        void *args[] = {&to, &count, &c}; /* c by address: no 16 KiB copy on the stack */
+        e = kdl::launch_ex_args((const void *)k_upload, (n + kBlock - 1) / kBlock, kBlock, 0, stream, args);
+        if (e != cudaSuccess) return e;
     }
     return cudaSuccess;
 }
@@ -1006,16 +1010,14 @@ extern "C" cudaError_t kdl_otk_sqnorms(const float *X, int64_t rows, int64_t d, 
 {
     if (rows <= 0) return cudaSuccess;
     const int64_t blocks = (rows + kBlock / 32 - 1) / (kBlock / 32);
-    k_sqnorms<<<(unsigned)blocks, kBlock, 0, stream>>>(X, rows, d, out);
-    return cudaGetLastError();
+    return kdl::launch_ex(k_sqnorms, (unsigned)blocks, kBlock, 0, stream, X, rows, d, out);
 }
 
 extern "C" cudaError_t kdl_otk_sq_fixup(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *tiles, int64_t ntiles,
                                         cudaStream_t stream)
 {
     if (ntiles <= 0) return cudaSuccess;
-    k_sq_fixup<<<(unsigned)ntiles, kBlock, 0, stream>>>(jobs, tiles);
-    return cudaGetLastError();
+    return kdl::launch_ex(k_sq_fixup, (unsigned)ntiles, kBlock, 0, stream, jobs, tiles);
 }
 
 extern "C" cudaError_t kdl_otk_l1(const kdl_otk_job_t *jobs, const kdl_otk_tile_t *tiles, int64_t ntiles, int64_t d,
@@ -1023,19 +1025,15 @@ extern "C" cudaError_t kdl_otk_l1(const kdl_otk_job_t *jobs, const kdl_otk_tile_
 {
     if (ntiles <= 0) return cudaSuccess;
     const dim3 grid((unsigned)ntiles, (unsigned)dsplit);
-    if (dot_out)
-        k_l1<true><<<grid, kBlock, 0, stream>>>(jobs, tiles, d, dsplit, partial, total, dot_out);
-    else
-        k_l1<false><<<grid, kBlock, 0, stream>>>(jobs, tiles, d, dsplit, partial, total, nullptr);
-    return cudaGetLastError();
+    if (dot_out) return kdl::launch_ex(k_l1<true>, grid, kBlock, 0, stream, jobs, tiles, d, dsplit, partial, total, dot_out);
+    return kdl::launch_ex(k_l1<false>, grid, kBlock, 0, stream, jobs, tiles, d, dsplit, partial, total, nullptr);
 }
 
 extern "C" cudaError_t kdl_otk_l1_reduce(const float *partial, int dsplit, int64_t total, float *packed,
                                          cudaStream_t stream)
 {
     if (total <= 0) return cudaSuccess;
-    k_l1_reduce<<<grid_for(total), kBlock, 0, stream>>>(partial, dsplit, total, packed);
-    return cudaGetLastError();
+    return kdl::launch_ex(k_l1_reduce, grid_for(total), kBlock, 0, stream, partial, dsplit, total, packed);
 }
 
 #ifdef KDL_OTK_GRAPH_LOOP
@@ -1110,8 +1108,7 @@ static cudaError_t graph_loop(const kdl_otk_solve_t *S)
             exec = nullptr;
             break;
         }
-        k_loop_init<<<1, 1, 0, S->stream>>>(itp);
-        e = cudaGetLastError();
+        e = kdl::launch_ex(k_loop_init, 1, 1, 0, S->stream, itp);
         if (e == cudaSuccess) e = cudaGraphLaunch(exec, S->stream);
         if (e != cudaSuccess) {
             /* the launch itself failed: a real error, reported as such */
@@ -1136,9 +1133,15 @@ extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
     cudaStream_t st = S->stream;
     const unsigned nr = (unsigned)S->nrtiles, nc = (unsigned)S->nctiles, np = (unsigned)S->nprob;
     const kdl_otk_params_t prm = S->prm;
-    k_scan<<<nr, kBlock, 0, st>>>(S->probs, S->rtiles);
-    k_prep<<<np, kBlock, 0, st>>>(S->probs, S->state, prm);
-    if (S->any_warm_f) k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, 1, nullptr, 1, 1);
+    cudaError_t e;
+#define KDL_OTK_TRY(call)                                                                                    \
+    do {                                                                                                     \
+        if ((e = (call)) != cudaSuccess) return e;                                                           \
+    } while (0)
+    KDL_OTK_TRY(kdl::launch_ex(k_scan, nr, kBlock, 0, st, S->probs, S->rtiles));
+    KDL_OTK_TRY(kdl::launch_ex(k_prep, np, kBlock, 0, st, S->probs, S->state, prm));
+    if (S->any_warm_f)
+        KDL_OTK_TRY(kdl::launch_ex(k_g_update, nc, kBlock, 0, st, S->probs, S->state, S->ctiles, 1, nullptr, 1, 1));
     /* With eps-scaling the first checked iteration depends on each problem's
      * diameter: test after every iteration (k_check returns at once when
      * nothing is due).  Without it, only every check_every iterations. */
@@ -1148,7 +1151,7 @@ extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
     /* With a tolerance, the loop runs on the device so that it ends when
      * the last problem converges: no max_iter launches queued behind it. */
     if (prm.tol > 0 && prm.max_iter >= 1 && S->iter_dev && S->use_graph) {
-        cudaError_t e = graph_loop(S);
+        e = graph_loop(S);
         if (e == cudaSuccess)
             looped = true;
         else if (e != cudaErrorNotSupported)
@@ -1156,20 +1159,20 @@ extern "C" cudaError_t kdl_otk_run_solver(const kdl_otk_solve_t *S)
     }
 #endif
     for (int64_t it = 1; !looped && it <= prm.max_iter; it++) {
-        k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, it, nullptr, 0, prm);
+        KDL_OTK_TRY(kdl::launch_ex(k_f_update, nr, kBlock, 0, st, S->probs, S->state, S->rtiles, it, nullptr, 0, prm));
         const int64_t prev = it - 1;
         if (prm.tol > 0 && prev >= 1 && (check_each || prev % prm.check_every == 0))
-            k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, it, nullptr, 0, prm);
-        k_g_update<<<nc, kBlock, 0, st>>>(S->probs, S->state, S->ctiles, it, nullptr, (int)(it & 1), 0);
-        cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess) return e;
+            KDL_OTK_TRY(kdl::launch_ex(k_check, np, kBlock, 0, st, S->probs, S->state, it, nullptr, 0, prm));
+        KDL_OTK_TRY(
+            kdl::launch_ex(k_g_update, nc, kBlock, 0, st, S->probs, S->state, S->ctiles, it, nullptr, (int)(it & 1), 0));
     }
     /* the final iterate's marginal error (and done for everyone left) */
-    k_f_update<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, prm.max_iter + 1, nullptr, 1, prm);
-    k_check<<<np, kBlock, 0, st>>>(S->probs, S->state, prm.max_iter + 1, nullptr, 1, prm);
-    k_finish<<<nr, kBlock, 0, st>>>(S->probs, S->state, S->rtiles, (float)prm.eps);
-    k_final_err<<<np, kBlock, 0, st>>>(S->probs, S->state);
-    return cudaGetLastError();
+    KDL_OTK_TRY(
+        kdl::launch_ex(k_f_update, nr, kBlock, 0, st, S->probs, S->state, S->rtiles, prm.max_iter + 1, nullptr, 1, prm));
+    KDL_OTK_TRY(kdl::launch_ex(k_check, np, kBlock, 0, st, S->probs, S->state, prm.max_iter + 1, nullptr, 1, prm));
+    KDL_OTK_TRY(kdl::launch_ex(k_finish, nr, kBlock, 0, st, S->probs, S->state, S->rtiles, (float)prm.eps));
+    return kdl::launch_ex(k_final_err, np, kBlock, 0, st, S->probs, S->state);
+#undef KDL_OTK_TRY
 }
 
 extern "C" cudaError_t kdl_otk_grad_x(const kdl_otk_prob_t *probs, const kdl_otk_state_t *state,
@@ -1178,15 +1181,14 @@ extern "C" cudaError_t kdl_otk_grad_x(const kdl_otk_prob_t *probs, const kdl_otk
 {
     if (nt <= 0) return cudaSuccess;
     const unsigned gy = (unsigned)((d + 127) / 128);
-    k_grad_x<<<dim3((unsigned)nt, gy), 128, 0, stream>>>(probs, state, rtiles, t0, d, metric, (float)eps);
-    return cudaGetLastError();
+    return kdl::launch_ex(k_grad_x, dim3((unsigned)nt, gy), 128, 0, stream, probs, state, rtiles, t0, d, metric,
+                          (float)eps);
 }
 
 extern "C" cudaError_t kdl_otk_sinkhorn_combine(const kdl_otk_combine_t *L)
 {
     if (L->batch <= 0) return cudaSuccess;
-    k_combine<<<(unsigned)L->batch, kBlock, 0, L->stream>>>(*L);
-    return cudaGetLastError();
+    return kdl::launch_ex(k_combine, (unsigned)L->batch, kBlock, 0, L->stream, *L);
 }
 
 extern "C" cudaError_t kdl_otk_softmax_rows(const void *x, int dtype, int64_t ld, int64_t N, int64_t V, double tau,
@@ -1195,29 +1197,30 @@ extern "C" cudaError_t kdl_otk_softmax_rows(const void *x, int dtype, int64_t ld
     if (N <= 0) return cudaSuccess;
     const float k2 = (float)(1.4426950408889634 / tau);
     switch (dtype) {
-    case 0: k_softmax<0><<<(unsigned)N, kBlock, 0, stream>>>(x, ld, V, k2, probs, bad); break;
-    case 1: k_softmax<1><<<(unsigned)N, kBlock, 0, stream>>>(x, ld, V, k2, probs, bad); break;
-    default: k_softmax<2><<<(unsigned)N, kBlock, 0, stream>>>(x, ld, V, k2, probs, bad); break;
+    case 0: return kdl::launch_ex(k_softmax<0>, (unsigned)N, kBlock, 0, stream, x, ld, V, k2, probs, bad);
+    case 1: return kdl::launch_ex(k_softmax<1>, (unsigned)N, kBlock, 0, stream, x, ld, V, k2, probs, bad);
+    default: return kdl::launch_ex(k_softmax<2>, (unsigned)N, kBlock, 0, stream, x, ld, V, k2, probs, bad);
     }
-    return cudaGetLastError();
 }
 
 extern "C" cudaError_t kdl_otk_sinkd_epilogue(const kdl_otk_sinkd_epi_t *L)
 {
     int32_t *gvalid = L->gvalid;
-    k_sinkd_groups<<<1, kBlock, 0, L->stream>>>(*L, gvalid);
+    const cudaError_t e = kdl::launch_ex(k_sinkd_groups, 1, kBlock, 0, L->stream, *L, gvalid);
+    if (e != cudaSuccess) return e;
     const int64_t nn = L->n * L->n, total = L->groups * nn;
-    if (L->plan && L->P) k_sinkd_plan<<<grid_for(total), kBlock, 0, L->stream>>>(L->P, gvalid, nn, total, L->plan, L->out_f64);
-    return cudaGetLastError();
+    if (L->plan && L->P)
+        return kdl::launch_ex(k_sinkd_plan, grid_for(total), kBlock, 0, L->stream, L->P, gvalid, nn, total, L->plan,
+                              L->out_f64);
+    return cudaSuccess;
 }
 
 extern "C" cudaError_t kdl_otk_sinkd_rowprep(const kdl_otk_sinkd_grad_t *L)
 {
     if (L->N <= 0) return cudaSuccess;
     const int64_t blocks = (L->N + kBlock / 32 - 1) / (kBlock / 32);
-    k_sinkd_rowprep<<<(unsigned)blocks, kBlock, 0, L->stream>>>(L->P, L->CD, L->nx, L->ny, L->gvalid, L->N, L->n,
-                                                                L->metric, L->rsum, L->dot);
-    return cudaGetLastError();
+    return kdl::launch_ex(k_sinkd_rowprep, (unsigned)blocks, kBlock, 0, L->stream, L->P, L->CD, L->nx, L->ny, L->gvalid,
+                          L->N, L->n, L->metric, L->rsum, L->dot);
 }
 
 extern "C" cudaError_t kdl_otk_sinkd_grad_sq(const kdl_otk_sinkd_grad_t *L, const float *H, int64_t v0, int64_t vc,
@@ -1229,13 +1232,14 @@ extern "C" cudaError_t kdl_otk_sinkd_grad_sq(const kdl_otk_sinkd_grad_t *L, cons
 #define KDL_SQ_ARGS                                                                                  \
     L->ps, H, L->rsum, L->dot, L->gvalid, L->coef, L->N, L->n, L->V, v0, vc, ldh, inv_tau, L->grad, \
         L->ld_grad
+    cudaError_t e;
     switch (L->grad_dtype) {
-    case 0: k_sinkd_grad_sq<0><<<grid, kBlock, 0, L->stream>>>(KDL_SQ_ARGS); break;
-    case 1: k_sinkd_grad_sq<1><<<grid, kBlock, 0, L->stream>>>(KDL_SQ_ARGS); break;
-    default: k_sinkd_grad_sq<2><<<grid, kBlock, 0, L->stream>>>(KDL_SQ_ARGS); break;
+    case 0: e = kdl::launch_ex(k_sinkd_grad_sq<0>, grid, kBlock, 0, L->stream, KDL_SQ_ARGS); break;
+    case 1: e = kdl::launch_ex(k_sinkd_grad_sq<1>, grid, kBlock, 0, L->stream, KDL_SQ_ARGS); break;
+    default: e = kdl::launch_ex(k_sinkd_grad_sq<2>, grid, kBlock, 0, L->stream, KDL_SQ_ARGS); break;
     }
 #undef KDL_SQ_ARGS
-    return cudaGetLastError();
+    return e;
 }
 
 extern "C" cudaError_t kdl_otk_sinkd_grad_l1(const kdl_otk_sinkd_grad_t *L)
@@ -1247,11 +1251,12 @@ extern "C" cudaError_t kdl_otk_sinkd_grad_l1(const kdl_otk_sinkd_grad_t *L)
     const float inv_tau = (float)(1.0 / L->tau);
 #define KDL_L1_ARGS                                                                                      \
     L->ps, L->pt, L->P, L->dot, L->gvalid, L->coef, L->n, L->V, rt, vt, total, inv_tau, L->grad, L->ld_grad
+    cudaError_t e;
     switch (L->grad_dtype) {
-    case 0: k_sinkd_grad_l1<0><<<blocks, kBlock, 0, L->stream>>>(KDL_L1_ARGS); break;
-    case 1: k_sinkd_grad_l1<1><<<blocks, kBlock, 0, L->stream>>>(KDL_L1_ARGS); break;
-    default: k_sinkd_grad_l1<2><<<blocks, kBlock, 0, L->stream>>>(KDL_L1_ARGS); break;
+    case 0: e = kdl::launch_ex(k_sinkd_grad_l1<0>, blocks, kBlock, 0, L->stream, KDL_L1_ARGS); break;
+    case 1: e = kdl::launch_ex(k_sinkd_grad_l1<1>, blocks, kBlock, 0, L->stream, KDL_L1_ARGS); break;
+    default: e = kdl::launch_ex(k_sinkd_grad_l1<2>, blocks, kBlock, 0, L->stream, KDL_L1_ARGS); break;
     }
 #undef KDL_L1_ARGS
-    return cudaGetLastError();
+    return e;
 }
