@@ -228,6 +228,17 @@ static void compare(const char *what, const kdl_loss_desc_t *d, const result_t *
               (long long)sh->info, (long long)sh->valid, (long long)de->info, (long long)de->valid);
 }
 
+/* Runs the protocol over R shards of widths w and the dense reference on the
+ * same rows, and compares them (compare above). */
+static void shard_vs_dense(const char *what, const kdl_loss_desc_t *d, const void *S, kdl_dtype_t sdt, const void *T,
+                           kdl_dtype_t tdt, const int64_t *labels, int64_t N, int64_t V, int R, const int64_t *w,
+                           result_t *sh, result_t *de)
+{
+    run_sharded(d, S, sdt, T, tdt, labels, N, V, R, w, sh);
+    run_dense(d, S, sdt, T, tdt, labels, N, V, de);
+    compare(what, d, sh, de, N, V);
+}
+
 Test(equality, every_divergence_every_split)
 {
     enum { N = 4, V = 61 };
@@ -242,12 +253,10 @@ Test(equality, every_divergence_every_split)
             d.scale = 1.5;
             int64_t w[MAXR];
             int R = splits(sp, V, w);
-            result_t sh, de;
-            run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh);
-            run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, &de);
             char what[64];
             snprintf(what, sizeof what, "%s over %d shards", kdl_divergence_name(kdl_all_divs[k]), R);
-            compare(what, &d, &sh, &de, N, V);
+            result_t sh, de;
+            shard_vs_dense(what, &d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh, &de);
         }
 }
 
@@ -265,12 +274,10 @@ Test(akl_head, each_rule_same_tokens_every_split)
             d.top_k = 9;
             int64_t w[MAXR];
             int R = splits(sp, V, w);
-            result_t sh, de;
-            run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh);
-            run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, &de);
             char what[64];
             snprintf(what, sizeof what, "akl %s over %d shards", kdl_head_rule_name(d.head_rule), R);
-            compare(what, &d, &sh, &de, N, V);
+            result_t sh, de;
+            shard_vs_dense(what, &d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh, &de);
             cr_expect_eq(sh.steps, 12, "f64 teacher: 8 digit rounds + 4");
             for (int64_t i = 0; i < N; i++) {
                 unsigned char want[MAXV];
@@ -313,13 +320,11 @@ Test(akl_head, ties_across_shard_boundaries)
             d.mu = mus[c];
             int64_t w[MAXR];
             int R = splits(sp, V, w);
-            result_t sh, de;
-            run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh);
-            run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, &de);
             char what[80];
             snprintf(what, sizeof what, "ties: %s K %lld mu %g, %d shards", kdl_head_rule_name(d.head_rule),
                      (long long)d.top_k, d.mu, R);
-            compare(what, &d, &sh, &de, N, V);
+            result_t sh, de;
+            shard_vs_dense(what, &d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh, &de);
             for (int64_t i = 0; i < N; i++) {
                 unsigned char want[MAXV];
                 expected_head(&d, T + i * V, V, want);
@@ -369,12 +374,10 @@ Test(dtypes, f32_bf16_and_f16_teachers)
             d.mu = 0.55;
             int64_t w[MAXR];
             int R = splits(2, V, w);
-            result_t sh, de;
-            run_sharded(&d, sv, dts[k], tv, dts[k], NULL, N, V, R, w, &sh);
-            run_dense(&d, sv, dts[k], tv, dts[k], NULL, N, V, &de);
             char what[64];
             snprintf(what, sizeof what, "%s teacher, rule %d", kdl_dtype_name(dts[k]), rule);
-            compare(what, &d, &sh, &de, N, V);
+            result_t sh, de;
+            shard_vs_dense(what, &d, sv, dts[k], tv, dts[k], NULL, N, V, R, w, &sh, &de);
             cr_expect_eq(sh.steps, steps[k], "%s", what);
             double Tr[N * V];
             kdl_from_dtype(tv, Tr, dts[k], N * V);
@@ -404,12 +407,10 @@ Test(rows, invalid_in_one_shard_ignored_and_masked)
             kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], (kdl_reduction_t)red);
             int64_t w[MAXR];
             int R = splits(2, V, w);
-            result_t sh, de;
-            run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, labels, N, V, R, w, &sh);
-            run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, labels, N, V, &de);
             char what[64];
             snprintf(what, sizeof what, "%s red %d", kdl_divergence_name(kdl_all_divs[k]), red);
-            compare(what, &d, &sh, &de, N, V);
+            result_t sh, de;
+            shard_vs_dense(what, &d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, labels, N, V, R, w, &sh, &de);
             cr_expect_eq(sh.info, 2);
             cr_expect_eq(sh.valid, 2);
         }
@@ -431,12 +432,10 @@ Test(rows, scale_zero_with_infinite_terms)
             d.scale = 0.0;
             int64_t w[MAXR];
             int R = splits(3, V, w);
-            result_t sh, de;
-            run_sharded(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh);
-            run_dense(&d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, &de);
             char what[64];
             snprintf(what, sizeof what, "%s red %d scale 0", kdl_divergence_name(kdl_all_divs[k]), red);
-            compare(what, &d, &sh, &de, N, V);
+            result_t sh, de;
+            shard_vs_dense(what, &d, S, KDL_DTYPE_F64, T, KDL_DTYPE_F64, NULL, N, V, R, w, &sh, &de);
             for (int64_t j = 0; j < N * V; j++)
                 if (sh.grad[j] != 0.0) {
                     cr_expect(0, "%s: grad[%lld] = %g, not 0", what, (long long)j, sh.grad[j]);
