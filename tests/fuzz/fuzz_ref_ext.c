@@ -102,6 +102,27 @@ static void dump_problem(void)
 #define CHECK(cond, ...) FZ_CHECK("fuzz_ref_ext", dump_problem(), cond, __VA_ARGS__)
 
 /* ------------------------------------------------------------ decoding */
+
+/* out[r][k] (row stride ld_out, r < rows, k < D) against
+ * sum_j g[r*g_r + j*g_j] * X[j*ld_x + k] over j < J, in float64, to 1e-12
+ * of the sum of the terms' magnitudes. */
+static void check_product(const char *what, const double *out, int64_t ld_out, int64_t rows, int64_t D, int64_t J,
+                          const double *g, int64_t g_r, int64_t g_j, const void *X, kdl_dtype_t xdt, int64_t ld_x)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < D; k++) {
+            double acc = 0, sc = 0;
+            for (int64_t j = 0; j < J; j++) {
+                double t = g[r * g_r + j * g_j] * kdl_load_as_double(X, xdt, j * ld_x + k);
+                acc += t;
+                sc += fabs(t);
+            }
+            double x = out[r * ld_out + k];
+            CHECK(fz_close(x, acc, 1e-12, 1e-12 * sc + 1e-300), "%s [%lld][%lld]: %.17g, expected %.17g", what,
+                  (long long)r, (long long)k, x, acc);
+        }
+}
+
 static void read_desc(fz_src_t *s, kdl_loss_desc_t *d)
 {
     kdl_loss_desc_init(d);
@@ -930,30 +951,12 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
         }
         if (a.grad_dtype != KDL_DTYPE_F64) goto done; /* rounding of 16-bit and f32 products: not compared */
         /* dH = dL W, dW = dL^T H; a non-finite operand poisons them as a GEMM would */
-        for (int64_t i = 0; a.grad_hidden && i < N; i++)
-            for (int64_t k = 0; k < D; k++) {
-                double acc = 0, sc = 0;
-                for (int64_t v = 0; v < V; v++) {
-                    double t = dg[i * V + v] * kdl_load_as_double(W, a.weight_dtype, v * a.ld_weight + k);
-                    acc += t;
-                    sc += fabs(t);
-                }
-                double x = ((double *)dH)[i * a.ld_grad_hidden + k];
-                CHECK(fz_close(x, acc, 1e-12, 1e-12 * sc + 1e-300), "dH[%lld][%lld] %.17g, dL W %.17g", (long long)i,
-                      (long long)k, x, acc);
-            }
-        for (int64_t v = 0; a.grad_weight && v < V; v++)
-            for (int64_t k = 0; k < D; k++) {
-                double acc = 0, sc = 0;
-                for (int64_t i = 0; i < N; i++) {
-                    double t = dg[i * V + v] * kdl_load_as_double(H, a.hidden_dtype, i * a.ld_hidden + k);
-                    acc += t;
-                    sc += fabs(t);
-                }
-                double x = ((double *)dW)[v * a.ld_grad_weight + k];
-                CHECK(fz_close(x, acc, 1e-12, 1e-12 * sc + 1e-300), "dW[%lld][%lld] %.17g, dL^T H %.17g", (long long)v,
-                      (long long)k, x, acc);
-            }
+        if (a.grad_hidden) /* dH[i][k] = sum_v dL[i][v] W[v][k] */
+            check_product("dH = dL W", (const double *)dH, a.ld_grad_hidden, N, D, V, dg, V, 1, W, a.weight_dtype,
+                          a.ld_weight);
+        if (a.grad_weight) /* dW[v][k] = sum_i dL[i][v] H[i][k] */
+            check_product("dW = dL^T H", (const double *)dW, a.ld_grad_weight, V, D, N, dg, 1, V, H, a.hidden_dtype,
+                          a.ld_hidden);
     }
 done:
     for (int q = 0; q < F_COUNT; q++) fz_obuf_free(&o[q]);

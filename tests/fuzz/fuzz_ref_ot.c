@@ -207,6 +207,28 @@ static void *alloc_in(int64_t count, kdl_dtype_t t)
     return p;
 }
 
+/* A log-weight vector of `total` entries: per problem a normalised one
+ * (sizes[b], or `uniform` for every problem when sizes is NULL; a size
+ * below 1 counts as 1) when `normalised`, else `total` raw or decoded values.
+ * The order in which it reads the input is the corpus's encoding: keep it. */
+static void *log_weights(fz_src_t *s, kdl_dtype_t dt, int64_t total, int normalised, int64_t B, const int64_t *sizes,
+                         int64_t uniform, int raw)
+{
+    void *w = alloc_in(total, dt);
+    if (!normalised) {
+        fill(s, w, dt, 0, total, raw);
+        return w;
+    }
+    int64_t off = 0;
+    for (int64_t b = 0; b < (B > 0 ? B : 0); b++) {
+        int64_t n = sizes ? sizes[b] : uniform;
+        n = n > 0 ? n : 1;
+        fill_logw(s, w, dt, off, n);
+        off += n;
+    }
+    return w;
+}
+
 /* --------------------------------------------------------------- Sinkhorn */
 enum { H_VALUE, H_ITERS, H_ERR, H_F, H_G, H_PLAN, H_GRAD, H_INFO, H_SELF, H_COUNT };
 
@@ -327,32 +349,8 @@ static void run_sinkhorn(fz_src_t *s)
         fill(s, cost, dt, 0, nm, raw);
     }
     const int known_dt = kdl_dtype_size(dt) != 0;
-    if (f1 & 4) {
-        la = alloc_in(rows, dt);
-        if ((f4 & 1) && known_dt) {
-            int64_t r0 = 0;
-            for (int64_t b = 0; b < (B > 0 ? B : 0); b++) {
-                int64_t n = ragged ? (sn[b] > 0 ? sn[b] : 1) : (a.n > 0 ? a.n : 1);
-                fill_logw(s, la, dt, r0, n);
-                r0 += n;
-            }
-        } else {
-            fill(s, la, dt, 0, rows, raw);
-        }
-    }
-    if (f1 & 8) {
-        lb = alloc_in(cols, dt);
-        if ((f4 & 2) && known_dt) {
-            int64_t c0 = 0;
-            for (int64_t b = 0; b < (B > 0 ? B : 0); b++) {
-                int64_t m = ragged ? (sm[b] > 0 ? sm[b] : 1) : (a.m > 0 ? a.m : 1);
-                fill_logw(s, lb, dt, c0, m);
-                c0 += m;
-            }
-        } else {
-            fill(s, lb, dt, 0, cols, raw);
-        }
-    }
+    if (f1 & 4) la = log_weights(s, dt, rows, (f4 & 1) && known_dt, B, ragged ? sn : NULL, a.n, raw);
+    if (f1 & 8) lb = log_weights(s, dt, cols, (f4 & 2) && known_dt, B, ragged ? sm : NULL, a.m, raw);
     if (f1 & 16) {
         fi = alloc_in(rows, dt);
         fill(s, fi, dt, 0, rows, raw);
