@@ -23,6 +23,7 @@ calls are kdloss._ops's, shared with kdloss.numpy.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -1104,10 +1105,205 @@ def _vocab_impl(s, t, labels, group, geometry, opts, want_grad, want_head_size,
             _empty(sh.counters) if sh.head_size is None else sh.head_size)
 
 
-# Not a custom operator (python/README.md, torch.compile): the collectives
-# run inside, between the library's steps, on a process group object.
+# Eager: not a custom operator (python/README.md, torch.compile): the
+# collectives run inside, between the library's steps, on a process group
+# object.
 _vocab_fwd = _Op("vocab_parallel_fwd", None, _vocab_impl, None, grads={0: 1},
                  per_row=lambda a: _is_none(a[5]["reduction"]), register=False)
+
+
+# Compiled: one operator per step (kdloss::vocab_parallel_step for every step
+# but the last, kdloss::vocab_parallel_finish for the last), each a pure
+# function of the logits, the shard state and the reduced exchange of the
+# step before, returning the new state and the exchange to reduce; the
+# reductions between them are functional collectives, which the compiler
+# traces, keeps in program order and never drops.  The step sequence comes
+# from the library at trace time (_vp_plan).
+try:
+    import torch.distributed._functional_collectives as _funcol
+except ImportError:  # torch without distributed
+    _funcol = None
+_VP_TRACEABLE = _HAS_CUSTOM_OP and _funcol is not None
+_VP_GEOM_SCHEMA = "int vocab_offset, int vocab, int rank, int world"
+
+
+def _vp_plan_impl(opt_args, world, teacher_key):
+    """The protocol's shape for these options, num_shards and teacher key
+    width, from the library (the reference run on a one-row, one-column
+    dummy shard; the sequence of (op, count) depends only on the descriptor,
+    the rows, num_shards and the teacher dtype): (state words of the header,
+    state words per row, exchange doubles per row, ((op, doubles per row) of
+    each step but the last, ...))."""
+    import numpy as np
+
+    from .numpy import _NP
+
+    desc = _loss_desc(*opt_args)
+    dt = {"f64": np.float64, "f32": np.float32, "f16": np.float16}[teacher_key]
+    geometry = (0, world, 0, world)
+
+    def shard(n):
+        return _ops.Shard(_NP, None, desc, np.zeros((n, 1)), np.zeros((n, 1), dt), None, geometry,
+                          False, False)
+
+    one, two = shard(1), shard(2)
+    row_words = two.state.size - one.state.size
+    steps = []
+    for s in range(one.num_steps):
+        op, count = one.step(s)
+        if op is None:
+            break
+        steps.append((op, count))
+    return one.state.size - row_words, row_words, one.exchange.size, tuple(steps)
+
+
+_vp_plan_cached = functools.lru_cache(maxsize=256)(_vp_plan_impl)
+
+
+def _vp_plan(opt_args, world, teacher_key):
+    return _vp_plan_cached(tuple(opt_args), int(world), teacher_key)
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    # run at trace time, its result a constant of the graph
+    _vp_plan_traced = torch.compiler.assume_constant_result(_vp_plan)
+else:
+    _vp_plan_traced = _vp_plan
+
+
+def _teacher_key(t):
+    return {torch.float64: "f64", torch.float32: "f32"}.get(t.dtype, "f16")
+
+
+def _vp_checks(s, t, labels, opts):
+    dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
+    _no_f64_on_cuda(dev, s, t)
+    desc = _loss_desc(**opts)
+    lab = _ops.labels(_T, labels, s.shape, dev)
+    return dev, desc, lab
+
+
+def _vp_split(rest):
+    """opts, geometry, then the remaining arguments of a step operator."""
+    return _opts(rest[:_NOPT]), tuple(rest[_NOPT:_NOPT + 4]), rest[_NOPT + 4:]
+
+
+def _vp_run(s, t, labels, opts, geometry, step, state, exchange, want_grad, want_head_size):
+    """A shard with the given state and reduced exchange (copied: the
+    operators do not mutate their inputs), step `step` run on it."""
+    dev, desc, lab = _vp_checks(s, t, labels, opts)
+    cuda = dev.type == "cuda"
+    if cuda:
+        _lib.require_gpu("shard", "vocab_parallel_distill_loss")
+    sh = _ops.Shard(_T, dev, desc, s, t, lab, geometry, want_grad, want_head_size)
+    if state is not None:
+        if state.shape != sh.state.shape:
+            raise ValueError(f"kdloss: shard state of {state.numel()} words, the step expects "
+                             f"{sh.state.numel()}")
+        sh.state.copy_(state)
+    if exchange is not None:
+        if exchange.numel() > sh.exchange.numel():
+            raise ValueError("kdloss: reduced exchange longer than the shard's exchange")
+        sh.exchange[:exchange.numel()].copy_(exchange)
+    with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+        op, count = sh.step(step, _T.handle(dev) if cuda else None)
+    return sh, desc, op, count
+
+
+def _vp_step_impl(s, t, labels, *rest):
+    opts, geometry, (step, state, exchange) = _vp_split(rest)
+    sh, _, op, count = _vp_run(s, t, labels, opts, geometry, step, state, exchange, False, False)
+    plan = _vp_plan(_opt_args(opts), geometry[3], _teacher_key(t))[3]
+    if step >= len(plan) or (op, count) != (plan[step][0], plan[step][1] * sh.rows):
+        raise RuntimeError(f"kdloss: shard step {step} returned ({op}, {count}), not the "
+                           f"planned {plan[step] if step < len(plan) else 'last step'}")
+    return sh.state, sh.exchange[:count].clone()
+
+
+def _vp_step_fake(s, t, labels, *rest):
+    opts, geometry, (step, _, _) = _vp_split(rest)
+    _vp_checks(s, t, labels, opts)
+    hdr, row, _, plan = _vp_plan(_opt_args(opts), geometry[3], _teacher_key(t))
+    N = s.numel() // s.shape[-1]
+    return (s.new_empty((hdr + row * N,), dtype=torch.float64),
+            s.new_empty((plan[step][1] * N,), dtype=torch.float64))
+
+
+def _vp_finish_impl(s, t, labels, *rest):
+    opts, geometry, (step, state, exchange, want_grad, want_head_size,
+                     raise_on_invalid) = _vp_split(rest)
+    sh, desc, op, _ = _vp_run(s, t, labels, opts, geometry, step, state, exchange, want_grad,
+                              want_head_size)
+    if op is not None:
+        raise RuntimeError(f"kdloss: shard step {step} is not the last step")
+    _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
+    none = desc.reduction == _lib.REDUCTION_NONE
+    return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
+            _empty(s) if sh.grad is None else sh.grad, sh.counters,
+            _empty(sh.counters) if sh.head_size is None else sh.head_size)
+
+
+def _vp_finish_fake(s, t, labels, *rest):
+    opts, geometry, (_, _, _, want_grad, want_head_size, _) = _vp_split(rest)
+    dev, desc, _ = _vp_checks(s, t, labels, opts)
+    V = s.shape[-1]
+    N = s.numel() // V
+    akl = desc.divergence == _lib.lib().kdl_divergence_from_name(b"akl")
+    return (_fake_loss(s, s.shape[:-1], desc.reduction == _lib.REDUCTION_NONE),
+            s.new_empty((N, V) if want_grad else (0,), dtype=_T.results(dev, s)[1]),
+            s.new_empty((2,), dtype=torch.int64),
+            s.new_empty((N,) if akl and want_head_size else (0,), dtype=torch.int64))
+
+
+_vp_step = _Op(
+    "vocab_parallel_step",
+    "(Tensor student, Tensor teacher, Tensor? labels, " + _OPT_SCHEMA + ", " + _VP_GEOM_SCHEMA +
+    ", int step, Tensor? state, Tensor? exchange) -> (Tensor, Tensor)",
+    _vp_step_impl, _vp_step_fake, register=_VP_TRACEABLE)
+_vp_finish = _Op(
+    "vocab_parallel_finish",
+    "(Tensor student, Tensor teacher, Tensor? labels, " + _OPT_SCHEMA + ", " + _VP_GEOM_SCHEMA +
+    ", int step, Tensor state, Tensor exchange, bool want_grad, bool want_head_size, "
+    "bool raise_on_invalid) -> (Tensor, Tensor, Tensor, Tensor)",
+    _vp_finish_impl, _vp_finish_fake, grads={0: 1}, per_row=lambda a: _is_none(a[3 + 7]),
+    register=_VP_TRACEABLE)
+
+
+def _vp_traced(s, t, labels, group, geometry, opt_args, want_grad, want_head_size,
+               raise_on_invalid):
+    """The step loop as the compiler traces it: operators and functional
+    all-reduces (also runs eagerly)."""
+    import torch.distributed as dist
+
+    _, _, _, plan = _vp_plan_traced(opt_args, geometry[3], _teacher_key(t))
+    if group is None:
+        group = dist.group.WORLD
+    # the steps read the logits only; the gradient comes from the last one
+    sd, td = s.detach(), t.detach()
+    state = exchange = None
+    for step, (op, _) in enumerate(plan):
+        state, exchange = _vp_step(sd, td, labels, *opt_args, *geometry, step, state, exchange)
+        exchange = _funcol.all_reduce(exchange, op, group)
+    return _vp_finish(s, t, labels, *opt_args, *geometry, len(plan), state, exchange, want_grad,
+                      want_head_size, raise_on_invalid)
+
+
+def _no_trace(f):
+    c = getattr(torch, "compiler", None)
+    return c.disable(f) if c is not None and hasattr(c, "disable") else f
+
+
+@_no_trace
+def _vp_widths(W, dev, rank, world, group):
+    """(vocab_offset, vocab) from the slice widths of the ranks: one
+    all-reduce and a host read (a graph break when compiled)."""
+    import torch.distributed as dist
+
+    widths = torch.zeros(world, dtype=torch.int64, device=dev)
+    widths[rank] = W
+    dist.all_reduce(widths, group=group)
+    widths = widths.tolist()
+    return sum(widths[:rank]), sum(widths)
 
 
 def vocab_parallel_distill_loss(
@@ -1157,37 +1353,38 @@ def vocab_parallel_distill_loss(
     """
     import torch.distributed as dist
 
-    dev = _ops.check_pair(_T, student_logits, teacher_logits, "student_logits", "teacher_logits")
-    _no_f64_on_cuda(dev, student_logits, teacher_logits)
-    desc = _loss_desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                      ignore_index)
-    _lib.require_ext("vocab_parallel_distill_loss")
-    lab = _ops.labels(_T, labels, student_logits.shape, dev)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("kdloss: vocab_parallel_distill_loss needs torch.distributed "
-                           "initialised (dist.init_process_group)")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError("kdloss: this process is not a member of the given process group")
-    W = student_logits.shape[-1]
-    if (vocab_offset is None) != (vocab is None):
-        raise ValueError("kdloss: give both vocab_offset and vocab, or neither")
-    if vocab_offset is None:
-        widths = torch.zeros(world, dtype=torch.int64, device=dev)
-        widths[rank] = W
-        dist.all_reduce(widths, group=group)
-        widths = widths.tolist()
-        vocab_offset, vocab = sum(widths[:rank]), sum(widths)
-    geometry = (_lib.as_int("vocab_offset", vocab_offset), _lib.as_int("vocab", vocab), rank, world)
     opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
                 head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
                 ignore_index=ignore_index)
-    loss, _, counters, head = _vocab_fwd(student_logits, teacher_logits, labels, group, geometry,
-                                         opts, _needs(student_logits), bool(return_stats),
-                                         bool(raise_on_invalid))
+    traced = _compiling() and _VP_TRACEABLE and _USE_OPS
+    if not traced:  # eager: the checks first (while compiling the fakes run them)
+        _vp_checks(student_logits, teacher_logits, labels, opts)
+        _lib.require_ext("vocab_parallel_distill_loss")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("kdloss: vocab_parallel_distill_loss needs torch.distributed "
+                               "initialised (dist.init_process_group)")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("kdloss: this process is not a member of the given process group")
+    if (vocab_offset is None) != (vocab is None):
+        raise ValueError("kdloss: give both vocab_offset and vocab, or neither")
+    if vocab_offset is None:
+        vocab_offset, vocab = _vp_widths(student_logits.shape[-1], student_logits.device, rank,
+                                         world, group)
+    geometry = (_lib.as_int("vocab_offset", vocab_offset), _lib.as_int("vocab", vocab), rank, world)
+    if traced:
+        loss, _, counters, head = _vp_traced(student_logits, teacher_logits, labels, group,
+                                             geometry, _opt_args(opts), _needs(student_logits),
+                                             bool(return_stats), bool(raise_on_invalid))
+        akl = str(divergence).strip().lower() == "akl"
+    else:
+        loss, _, counters, head = _vocab_fwd(student_logits, teacher_logits, labels, group,
+                                             geometry, opts, _needs(student_logits),
+                                             bool(return_stats), bool(raise_on_invalid))
+        akl = _loss_desc(**opts).divergence == _lib.lib().kdl_divergence_from_name(b"akl")
     if not return_stats:
         return loss
     stats = _counts(counters)
-    if head.numel() or desc.divergence == _lib.lib().kdl_divergence_from_name(b"akl"):
+    if head.numel() or akl:
         stats["head_size"] = head.reshape(student_logits.shape[:-1])
     return loss, stats

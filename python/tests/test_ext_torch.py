@@ -7,6 +7,7 @@ torch.autograd.gradcheck in float64; bad arguments.  Skipped without torch;
 the CUDA tests are marked `cuda` and skipped, with the reason, without a
 device and a CUDA build."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -486,19 +487,35 @@ def test_vocab_parallel_gradcheck(one_rank, div):
         (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_vocab_parallel_under_compile_breaks_the_graph(one_rank):
-    """Not a custom operator (python/README.md): torch.compile splits the
-    graph around it, keeping its collectives in program order, and gives the
-    eager loss and gradient; fullgraph=True refuses it."""
+@contextlib.contextmanager
+def _vp_fallback():
+    """The path of a torch without torch.library.custom_op."""
+    old, kt._USE_OPS = kt._USE_OPS, False
+    try:
+        yield
+    finally:
+        kt._USE_OPS = old
+
+
+@pytest.mark.parametrize("geometry", ["explicit", "exchanged"])
+def test_vocab_parallel_under_compile(one_rank, geometry):
+    """Compiled, the loss is one operator per shard step with functional
+    all-reduces between them (python/README.md): with the slice given,
+    fullgraph=True traces it with no graph break; with the widths exchanged
+    (a host read) and in the autograd.Function fallback of a torch without
+    custom_op, the graph breaks around it, fullgraph=True refuses it, and
+    the compiled step gives the eager loss and gradient in every case."""
     if not kt._HAS_CUSTOM_OP:
         pytest.skip("this torch has no torch.library.custom_op")
     s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    extra = dict(vocab_offset=0, vocab=9) if geometry == "explicit" else {}
 
     def f(s, t):
-        return kt.vocab_parallel_distill_loss(s * 2.0, t, vocab_offset=0, vocab=9,
-                                              divergence="akl") + s.square().mean()
-    torch._dynamo.reset()
-    try:
+        return kt.vocab_parallel_distill_loss(s * 2.0, t, divergence="akl", **extra) \
+            + s.square().mean()
+
+    def check(traceable):
+        torch._dynamo.reset()
         s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
         want = f(s1, t)
         want.backward()
@@ -506,10 +523,21 @@ def test_vocab_parallel_under_compile_breaks_the_graph(one_rank):
         got.backward()
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-12, atol=1e-12)
-        assert torch._dynamo.explain(f)(s.clone().requires_grad_(), t).graph_break_count >= 1
+        breaks = torch._dynamo.explain(f)(s.clone().requires_grad_(), t).graph_break_count
         torch._dynamo.reset()
-        with pytest.raises(torch._dynamo.exc.Unsupported):
-            torch.compile(f, backend="aot_eager", fullgraph=True)(s, t)
+        if traceable:
+            assert breaks == 0
+            got = torch.compile(f, backend="aot_eager", fullgraph=True)(s, t)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+        else:
+            assert breaks >= 1
+            with pytest.raises(torch._dynamo.exc.Unsupported):
+                torch.compile(f, backend="aot_eager", fullgraph=True)(s, t)
+
+    try:
+        check(kt._VP_TRACEABLE and geometry == "explicit")
+        with _vp_fallback():
+            check(False)
     finally:
         torch._dynamo.reset()
 
