@@ -48,6 +48,7 @@
 #include "ext_internal.h"
 #include "ext_launch.h"
 #include "internal.h"
+#include "launch_ex.cuh"
 
 namespace {
 
@@ -510,22 +511,31 @@ __global__ void scale_rows_kernel(void *x, int dt, int64_t rows, int64_t cols, i
             st_f(x, dt, r * ld + c, ld_f(x, dt, r * ld + c) * f);
 }
 
-kdl_status_t launch_status(const char *what)
+/* The status of one launch, from its own error (kdl::launch_ex): never a
+ * cudaGetLastError(), which would also report an unrelated error left
+ * pending on the thread by the caller (docs/kernels-review.md R4-8). */
+kdl_status_t launch_status(cudaError_t e, const char *what)
 {
-    cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess) return KDL_STATUS_SUCCESS;
     if (e == cudaErrorNoKernelImageForDevice)
         return kdl_fail(KDL_STATUS_ARCH_MISMATCH, "%s: %s", what, cudaGetErrorString(e));
     return kdl_fail(KDL_STATUS_CUDA_ERROR, "%s: %s", what, cudaGetErrorString(e));
 }
 
-void scale_launch(void *x, int dt, int64_t rows, int64_t cols, int64_t ld, const double *factor, cudaStream_t s)
+cudaError_t scale_launch(void *x, int dt, int64_t rows, int64_t cols, int64_t ld, const double *factor, cudaStream_t s)
 {
-    if (rows <= 0 || cols <= 0) return;
+    if (rows <= 0 || cols <= 0) return cudaSuccess;
     dim3 grid((unsigned)((cols + kThreads - 1) / kThreads < 64 ? (cols + kThreads - 1) / kThreads : 64),
               (unsigned)(rows < 65535 ? rows : 65535));
-    scale_rows_kernel<<<grid, kThreads, 0, s>>>(x, dt, rows, cols, ld, factor);
+    return kdl::launch_ex(scale_rows_kernel, grid, kThreads, 0, s, x, dt, rows, cols, ld, factor);
 }
+
+/* One launch, its status returned from the enclosing function on failure. */
+#define KDL_EXT_LAUNCH(what, call)                                                                               \
+    do {                                                                                                         \
+        const kdl_status_t kdl_st_ = launch_status((call), what);                                                \
+        if (kdl_st_ != KDL_STATUS_SUCCESS) return kdl_st_;                                                       \
+    } while (0)
 
 size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
@@ -1081,25 +1091,17 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
         cudaError_t e = cudaFuncSetAttribute(sparse_row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaFuncSetAttribute: %s", cudaGetErrorString(e));
     }
-    if (pre) {
-        fused_count_kernel<<<1, kThreads, 0, stream>>>(a->labels, N, d->ignore_index, acc);
-        kdl_status_t st = launch_status("fused_count_kernel");
-        if (st) return st;
-    }
-    if (N > 0) {
-        sparse_row_kernel<<<(unsigned)N, kThreads, smem, stream>>>(P);
-        kdl_status_t st = launch_status("sparse_row_kernel");
-        if (st) return st;
-    }
-    rows_finish_kernel<<<1, kThreads, 0, stream>>>(N, row_loss, cls, (int)d->reduction, d->scale, a->loss,
-                                                   (int)a->out_dtype, a->info, a->valid_rows, a->bad_index_rows, acc, pre);
-    kdl_status_t st = launch_status("rows_finish_kernel");
-    if (st) return st;
-    if (d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0) {
-        scale_launch(a->grad, (int)a->grad_dtype, N, a->vocab, a->ld_grad, acc + 3, stream);
-        st = launch_status("scale_rows_kernel");
-    }
-    return st;
+    if (pre)
+        KDL_EXT_LAUNCH("fused_count_kernel",
+                       kdl::launch_ex(fused_count_kernel, 1, kThreads, 0, stream, a->labels, N, d->ignore_index, acc));
+    if (N > 0) KDL_EXT_LAUNCH("sparse_row_kernel", kdl::launch_ex(sparse_row_kernel, (unsigned)N, kThreads, smem, stream, P));
+    KDL_EXT_LAUNCH("rows_finish_kernel",
+                   kdl::launch_ex(rows_finish_kernel, 1, kThreads, 0, stream, N, row_loss, cls, (int)d->reduction, d->scale,
+                                  a->loss, (int)a->out_dtype, a->info, a->valid_rows, a->bad_index_rows, acc, pre));
+    if (d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0)
+        KDL_EXT_LAUNCH("scale_rows_kernel",
+                       scale_launch(a->grad, (int)a->grad_dtype, N, a->vocab, a->ld_grad, acc + 3, stream));
+    return KDL_STATUS_SUCCESS;
 }
 
 extern "C" kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *d, const kdl_shard_args_t *a, int phase, int digit,
@@ -1147,98 +1149,101 @@ extern "C" kdl_status_t kdl_ext_shard_launch(const kdl_loss_desc_t *d, const kdl
     const unsigned rows_blocks = (unsigned)((N + kThreads - 1) / kThreads);
     const int64_t norm_fields = P.akl ? 2 + 2 * KDL_SHARD_BINS : 2;
     if (N == 0 && phase != KDL_SHARD_PH_FINISH && phase != KDL_SHARD_PH_NORM) return KDL_STATUS_SUCCESS;
+    const unsigned nb = (unsigned)N; /* one block per row */
     switch (phase) {
-    case KDL_SHARD_PH_MAX: shard_write_max<<<(unsigned)N, kThreads, 0, stream>>>(P); break;
+    case KDL_SHARD_PH_MAX: KDL_EXT_LAUNCH("shard_write_max", kdl::launch_ex(shard_write_max, nb, kThreads, 0, stream, P)); break;
     case KDL_SHARD_PH_NORM: {
         cudaError_t e = cudaMemsetAsync(a->state, 0, sizeof(kdl_shard_header_t), stream);
         if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaMemsetAsync: %s", cudaGetErrorString(e));
         if (N == 0) break;
-        shard_absorb_max<<<rows_blocks, kThreads, 0, stream>>>(P);
-        shard_write_norm<<<(unsigned)N, kThreads, 0, stream>>>(P, norm_fields);
+        KDL_EXT_LAUNCH("shard_absorb_max", kdl::launch_ex(shard_absorb_max, rows_blocks, kThreads, 0, stream, P));
+        KDL_EXT_LAUNCH("shard_write_norm", kdl::launch_ex(shard_write_norm, nb, kThreads, 0, stream, P, norm_fields));
         break;
     }
     case KDL_SHARD_PH_DIGIT:
         if (digit == 1)
-            shard_absorb_norm<<<rows_blocks, kThreads, 0, stream>>>(P, norm_fields);
+            KDL_EXT_LAUNCH("shard_absorb_norm",
+                           kdl::launch_ex(shard_absorb_norm, rows_blocks, kThreads, 0, stream, P, norm_fields));
         else
-            shard_absorb_digit<<<rows_blocks, kThreads, 0, stream>>>(P, digit - 1);
-        shard_write_digit<<<(unsigned)N, kThreads, 0, stream>>>(P, digit);
+            KDL_EXT_LAUNCH("shard_absorb_digit",
+                           kdl::launch_ex(shard_absorb_digit, rows_blocks, kThreads, 0, stream, P, digit - 1));
+        KDL_EXT_LAUNCH("shard_write_digit", kdl::launch_ex(shard_write_digit, nb, kThreads, 0, stream, P, digit));
         break;
     case KDL_SHARD_PH_TIE:
-        shard_absorb_digit<<<rows_blocks, kThreads, 0, stream>>>(P, P.D - 1);
-        shard_write_tie<<<(unsigned)N, kThreads, 0, stream>>>(P);
+        KDL_EXT_LAUNCH("shard_absorb_digit", kdl::launch_ex(shard_absorb_digit, rows_blocks, kThreads, 0, stream, P, P.D - 1));
+        KDL_EXT_LAUNCH("shard_write_tie", kdl::launch_ex(shard_write_tie, nb, kThreads, 0, stream, P));
         break;
     case KDL_SHARD_PH_PARTIAL:
         if (P.akl)
-            shard_absorb_tie<<<rows_blocks, kThreads, 0, stream>>>(P);
+            KDL_EXT_LAUNCH("shard_absorb_tie", kdl::launch_ex(shard_absorb_tie, rows_blocks, kThreads, 0, stream, P));
         else
-            shard_absorb_norm<<<rows_blocks, kThreads, 0, stream>>>(P, norm_fields);
-        shard_write_partial<<<(unsigned)N, kThreads, 0, stream>>>(P);
+            KDL_EXT_LAUNCH("shard_absorb_norm",
+                           kdl::launch_ex(shard_absorb_norm, rows_blocks, kThreads, 0, stream, P, norm_fields));
+        KDL_EXT_LAUNCH("shard_write_partial", kdl::launch_ex(shard_write_partial, nb, kThreads, 0, stream, P));
         break;
     case KDL_SHARD_PH_FINISH:
         if (N > 0) {
-            shard_absorb_partial<<<rows_blocks, kThreads, 0, stream>>>(P);
-            shard_write_finish<<<(unsigned)N, kThreads, 0, stream>>>(P);
+            KDL_EXT_LAUNCH("shard_absorb_partial", kdl::launch_ex(shard_absorb_partial, rows_blocks, kThreads, 0, stream, P));
+            KDL_EXT_LAUNCH("shard_write_finish", kdl::launch_ex(shard_write_finish, nb, kThreads, 0, stream, P));
         }
-        shard_finish_out<<<1, kThreads, 0, stream>>>(P);
+        KDL_EXT_LAUNCH("shard_finish_out", kdl::launch_ex(shard_finish_out, 1, kThreads, 0, stream, P));
         break;
     default: return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "shard phase %d", phase);
     }
-    return launch_status("shard step kernels");
+    return KDL_STATUS_SUCCESS;
 }
 
 extern "C" kdl_status_t kdl_ext_fused_bias_fill(float *L, int64_t c, int64_t V, const void *bias, int bias_dtype,
                                                  cudaStream_t stream)
 {
-    fused_bias_fill_kernel<<<grid_2d(c, V), kThreads, 0, stream>>>(L, c, V, bias, bias_dtype);
-    return launch_status("fused_bias_fill_kernel");
+    return launch_status(kdl::launch_ex(fused_bias_fill_kernel, grid_2d(c, V), kThreads, 0, stream, L, c, V, bias, bias_dtype),
+                         "fused_bias_fill_kernel");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_rowscale(float *L, int64_t c, int64_t V, const void *g, int g_dtype, int64_t row0,
                                                void *out, int out_dtype, const double *acc, cudaStream_t stream)
 {
-    fused_rowscale_kernel<<<grid_2d(c, V), kThreads, 0, stream>>>(L, c, V, g, g_dtype, row0, out, out_dtype, acc);
-    return launch_status("fused_rowscale_kernel");
+    return launch_status(
+        kdl::launch_ex(fused_rowscale_kernel, grid_2d(c, V), kThreads, 0, stream, L, c, V, g, g_dtype, row0, out, out_dtype, acc),
+        "fused_rowscale_kernel");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_count(const int64_t *labels, int64_t N, int64_t ignore_index, double *acc,
                                             cudaStream_t stream)
 {
-    fused_count_kernel<<<1, kThreads, 0, stream>>>(labels, N, ignore_index, acc);
-    return launch_status("fused_count_kernel");
+    return launch_status(kdl::launch_ex(fused_count_kernel, 1, kThreads, 0, stream, labels, N, ignore_index, acc),
+                         "fused_count_kernel");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64_t V, double *acc_bias,
                                              int first, cudaStream_t stream)
 {
-    fused_colsum_kernel<<<grid_1d(V), kThreads, 0, stream>>>(dL, dL_dtype, c, V, acc_bias, first);
-    return launch_status("fused_colsum_kernel");
+    return launch_status(kdl::launch_ex(fused_colsum_kernel, grid_1d(V), kThreads, 0, stream, dL, dL_dtype, c, V, acc_bias, first),
+                         "fused_colsum_kernel");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_chunk_acc(const kdl_loss_desc_t *d, double *acc, cudaStream_t stream)
 {
-    fused_chunk_acc<<<1, 32, 0, stream>>>((int)d->reduction, acc);
-    return launch_status("fused_chunk_acc");
+    return launch_status(kdl::launch_ex(fused_chunk_acc, 1, 32, 0, stream, (int)d->reduction, acc), "fused_chunk_acc");
 }
 
 extern "C" kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a,
                                                     double *acc, const double *acc_bias, int prescaled,
                                                     cudaStream_t stream)
 {
-    fused_finish_kernel<<<1, 32, 0, stream>>>((int)d->reduction, a->loss, (int)a->out_dtype, a->info, a->valid_rows,
-                                              acc, prescaled);
-    kdl_status_t st = launch_status("fused_finish_kernel");
-    if (st) return st;
+    KDL_EXT_LAUNCH("fused_finish_kernel", kdl::launch_ex(fused_finish_kernel, 1, 32, 0, stream, (int)d->reduction, a->loss,
+                                                         (int)a->out_dtype, a->info, a->valid_rows, acc, prescaled));
     const int mean = d->reduction == KDL_REDUCTION_MEAN;
-    if (a->grad_bias && a->rows > 0) {
-        fused_bias_out_kernel<<<grid_1d(a->vocab), kThreads, 0, stream>>>(acc_bias, a->vocab, mean, acc, a->grad_bias,
-                                                                          (int)a->grad_dtype);
-        st = launch_status("fused_bias_out_kernel");
-        if (st) return st;
-    }
+    if (a->grad_bias && a->rows > 0)
+        KDL_EXT_LAUNCH("fused_bias_out_kernel", kdl::launch_ex(fused_bias_out_kernel, grid_1d(a->vocab), kThreads, 0, stream,
+                                                               acc_bias, a->vocab, mean, acc, a->grad_bias, (int)a->grad_dtype));
     if (!mean) return KDL_STATUS_SUCCESS;
     const int gdt = (int)a->grad_dtype;
-    if (a->grad_hidden) scale_launch(a->grad_hidden, gdt, a->rows, a->hidden, a->ld_grad_hidden, acc + 3, stream);
-    if (a->grad_weight) scale_launch(a->grad_weight, gdt, a->vocab, a->hidden, a->ld_grad_weight, acc + 3, stream);
-    return launch_status("scale_rows_kernel");
+    if (a->grad_hidden)
+        KDL_EXT_LAUNCH("scale_rows_kernel",
+                       scale_launch(a->grad_hidden, gdt, a->rows, a->hidden, a->ld_grad_hidden, acc + 3, stream));
+    if (a->grad_weight)
+        KDL_EXT_LAUNCH("scale_rows_kernel",
+                       scale_launch(a->grad_weight, gdt, a->vocab, a->hidden, a->ld_grad_weight, acc + 3, stream));
+    return KDL_STATUS_SUCCESS;
 }

@@ -34,6 +34,7 @@
 
 #include "gpu_internal.h"
 #include "launch.h"
+#include "launch_ex.cuh"
 #include "loss_row.cuh"
 
 namespace kdl {
@@ -183,19 +184,6 @@ static cudaLaunchConfig_t row_config(int64_t clusters, int64_t C, size_t dyn, cu
     return cfg;
 }
 
-/* One CTA of kBlock threads (prep and finalize kernels). */
-static cudaLaunchConfig_t single_cta(cudaStream_t stream)
-{
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(1);
-    cfg.blockDim = dim3(kdl::kBlock);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cfg.attrs = nullptr;
-    cfg.numAttrs = 0;
-    return cfg;
-}
-
 /* Row-kernel launch: nr clusters of C CTAs; cluster k takes rows r0 + k,
  * r0 + k + nr, ... below end. */
 static cudaError_t launch_rows(kdl::RowKernelFn fn, kdl::LossParams &P, int64_t r0, int64_t end, int64_t nr,
@@ -206,7 +194,9 @@ static cudaError_t launch_rows(kdl::RowKernelFn fn, kdl::LossParams &P, int64_t 
     P.row_step = nr;
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = row_config(nr, C, dyn, stream, &attr);
-    return cudaLaunchKernelEx(&cfg, fn, P);
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, fn, P);
+    if (e != cudaSuccess) (void)cudaGetLastError(); /* reported by the status, as kdl::launch_ex */
+    return e;
 }
 
 /* The memo entry of row kernel idx for the current device, or NULL (no
@@ -430,15 +420,14 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
 
     /* --------------------------------------------------------- launch */
     int launches = 0;
-    /* Launched with cudaLaunchKernelEx, which returns this launch's own
-     * status: cudaGetLastError() after a <<<>>> launch would also report an
-     * unrelated earlier error left on the thread (a caller's failed
-     * cudaMalloc, say) and fail the call after the prep kernel was already
-     * enqueued (review R4-8). */
-    const cudaLaunchConfig_t one = single_cta(L->stream);
+    /* Launched with cudaLaunchKernelEx (kdl::launch_ex, one CTA), which
+     * returns this launch's own status: cudaGetLastError() after a <<<>>>
+     * launch would also report an unrelated earlier error left on the
+     * thread (a caller's failed cudaMalloc, say) and fail the call after the
+     * prep kernel was already enqueued (review R4-8). */
     const int64_t *labels = a->labels;
     const int64_t ignore = d->ignore_index;
-    KDL_LAUNCH_CHECK(cudaLaunchKernelEx(&one, loss_prep_kernel, labels, ignore, N, hdr));
+    KDL_LAUNCH_CHECK(kdl::launch_ex(loss_prep_kernel, 1, kBlock, 0, L->stream, labels, ignore, N, hdr));
     launches++;
 
     const int64_t max_rows = (int64_t)0x7fffffff / C; /* gridDim.x limit */
@@ -472,7 +461,7 @@ extern "C" kdl_status_t kdl_loss_launch(const kdl_loss_launch_t *L, kdl_loss_pla
     F.loss = a->loss;
     F.info = a->info;
     F.valid_rows = a->valid_rows;
-    KDL_LAUNCH_CHECK(cudaLaunchKernelEx(&one, loss_finalize_kernel, F));
+    KDL_LAUNCH_CHECK(kdl::launch_ex(loss_finalize_kernel, 1, kBlock, 0, L->stream, F));
     launches++;
 
     if (plan_out) {
