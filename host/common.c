@@ -61,6 +61,8 @@ const char *kdl_status_string(kdl_status_t s)
     case KDL_STATUS_CUBLAS_ERROR: return "KDL_STATUS_CUBLAS_ERROR: cuBLAS error";
     case KDL_STATUS_ALLOC_FAILED: return "KDL_STATUS_ALLOC_FAILED: allocation failed";
     case KDL_STATUS_INTERNAL_ERROR: return "KDL_STATUS_INTERNAL_ERROR: internal error";
+    case KDL_STATUS_WRONG_DEVICE:
+        return "KDL_STATUS_WRONG_DEVICE: the calling thread's current CUDA device is not the handle's";
     case KDL_STATUS_NONFINITE_INPUT: return "KDL_STATUS_NONFINITE_INPUT: non-finite input";
     case KDL_STATUS_COUNT_: break;
     }

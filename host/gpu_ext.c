@@ -48,8 +48,10 @@ kdl_status_t kdl_sparse_workspace_size(kdl_handle_t h, const kdl_loss_desc_t *d,
 kdl_status_t kdl_sparse_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, void *ws,
                              size_t ws_bytes)
 {
+    kdl_status_t st = kdl_handle_check(h); /* NULL handle, another current device */
+    if (st) return st;
     size_t need = 0;
-    kdl_status_t st = sparse_check(h, d, a, &need);
+    st = sparse_check(h, d, a, &need);
     if (st) return st;
     if (ws_bytes < need)
         return kdl_fail(KDL_STATUS_WORKSPACE_TOO_SMALL, "workspace %zu bytes, need %zu", ws_bytes, need);
@@ -62,8 +64,9 @@ kdl_status_t kdl_sparse_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl
 kdl_status_t kdl_shard_step(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_shard_args_t *a, int step,
                             kdl_shard_op_t *op, int64_t *count)
 {
-    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
-    kdl_status_t st = kdl_shard_validate(d, a, 0);
+    kdl_status_t st = kdl_handle_check(h); /* NULL handle, another current device */
+    if (st) return st;
+    st = kdl_shard_validate(d, a, 0);
     if (st) return st;
     if (!op || !count) return kdl_fail(KDL_STATUS_NULL_POINTER, "op or count is NULL");
     int akl = d->divergence == KDL_DIV_AKL;
@@ -180,9 +183,10 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
 kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *args,
                                    void *ws, size_t ws_bytes)
 {
-    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    kdl_status_t st = kdl_handle_check(h); /* NULL handle, another current device */
+    if (st) return st;
     kdl_fused_linear_args_t x;
-    kdl_status_t st = kdl_fused_linear_args_load(args, &x);
+    st = kdl_fused_linear_args_load(args, &x);
     if (st) return st;
     const kdl_fused_linear_args_t *a = &x;
     kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0};
@@ -283,6 +287,7 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
         LL.args = &la;
         LL.workspace = dense_ws;
         LL.stream = h->stream;
+        LL.cache = &h->loss_cache; /* the handle's memo (kernels-review R4-6) */
         LL.cc_major = h->cc_major;
         LL.sm_count = h->sm_count;
         LL.cluster_launch = h->cluster_launch;

@@ -9,6 +9,12 @@
  * the loss and the other cuBLAS-free entry points do not need it.  The
  * handle is then NULL and the first call that needs it tries again, and
  * returns KDL_STATUS_CUBLAS_ERROR if it still fails (docs/kernels.md).
+ *
+ * A handle belongs to the device current at kdl_create.  Every entry point
+ * that enqueues work starts with kdl_handle_check, which refuses a call
+ * from a thread whose current device is another one
+ * (KDL_STATUS_WRONG_DEVICE): the library does not switch devices for the
+ * caller (review R4-2; the Python binding makes the tensors' device current).
  */
 #include <stdlib.h>
 
@@ -52,6 +58,23 @@ static kdl_status_t create_cublas(struct kdl_context *h)
         (void)cudaGetLastError();
         return kdl_fail(KDL_STATUS_CUBLAS_ERROR, "cublasSetMathMode");
     }
+    return KDL_STATUS_SUCCESS;
+}
+
+kdl_status_t kdl_handle_check(kdl_handle_t h)
+{
+    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
+    int current = -1;
+    const cudaError_t e = cudaGetDevice(&current);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); /* reported here */
+        return kdl_cuda_status(e, "cudaGetDevice", __FILE__, __LINE__);
+    }
+    if (current != h->device)
+        return kdl_fail(KDL_STATUS_WRONG_DEVICE,
+                        "the calling thread's current CUDA device is %d, the handle's is %d (cudaSetDevice(%d) "
+                        "before the call)",
+                        current, h->device, h->device);
     return KDL_STATUS_SUCCESS;
 }
 

@@ -65,6 +65,16 @@ kdl_status_t kdl_cuda_status(cudaError_t err, const char *what, const char *file
         if (kdl_st_ != KDL_STATUS_SUCCESS) return kdl_st_;                                    \
     } while (0)
 
+/* The prologue of every GPU entry point that enqueues work (loss, Sinkhorn,
+ * SinKD, sparse, shard step, fused linear), before anything else:
+ * KDL_STATUS_NULL_POINTER for a NULL handle; KDL_STATUS_WRONG_DEVICE when
+ * the calling thread's current CUDA device is not the handle's (the plan
+ * uses the handle's device, the launches would go to the current one:
+ * docs/kernels-review.md R4-2).  Nothing is launched or written on failure.
+ * Workspace queries do not call it: they read only the handle's recorded
+ * properties and touch no device. */
+kdl_status_t kdl_handle_check(kdl_handle_t h);
+
 /* The handle's cuBLAS handle, bound to its stream (created by kdl_create,
  * or here if that failed: then a failure is KDL_STATUS_CUBLAS_ERROR). */
 kdl_status_t kdl_get_cublas(kdl_handle_t h, cublasHandle_t *out);

@@ -62,8 +62,9 @@ kdl_status_t kdl_loss_forward_backward(kdl_handle_t h, const kdl_loss_desc_t *de
                                        const kdl_loss_args_t *args, void *workspace,
                                        size_t workspace_bytes)
 {
-    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
-    kdl_status_t st = kdl_loss_validate(desc, args, 0);
+    kdl_status_t st = kdl_handle_check(h); /* NULL handle, another current device */
+    if (st != KDL_STATUS_SUCCESS) return st;
+    st = kdl_loss_validate(desc, args, 0);
     if (st != KDL_STATUS_SUCCESS) return st;
     if (args->vocab > KDL_LOSS_MAX_VOCAB)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab = %lld exceeds the GPU limit %lld",

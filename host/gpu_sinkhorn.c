@@ -491,8 +491,9 @@ static kdl_otk_params_t params_of(double eps, double tol, int64_t max_iter, int6
 kdl_status_t kdl_sinkhorn(kdl_handle_t h, const kdl_sinkhorn_desc_t *d, const kdl_sinkhorn_args_t *a,
                           void *workspace, size_t workspace_bytes)
 {
-    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
-    kdl_status_t st = kdl_sinkhorn_validate(d, a, 0);
+    kdl_status_t st = kdl_handle_check(h); /* NULL handle, another current device */
+    if (st != KDL_STATUS_SUCCESS) return st;
+    st = kdl_sinkhorn_validate(d, a, 0);
     if (st != KDL_STATUS_SUCCESS) return st;
     cudaStream_t s = h->stream;
     if (a->batch == 0) {
@@ -757,8 +758,9 @@ kdl_status_t kdl_sinkd_workspace_size(kdl_handle_t h, const kdl_sinkd_desc_t *d,
 kdl_status_t kdl_sinkd(kdl_handle_t h, const kdl_sinkd_desc_t *d, const kdl_sinkd_args_t *a, void *workspace,
                        size_t workspace_bytes)
 {
-    if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
-    kdl_status_t st = kdl_sinkd_validate(d, a, 0);
+    kdl_status_t st = kdl_handle_check(h); /* NULL handle, another current device */
+    if (st != KDL_STATUS_SUCCESS) return st;
+    st = kdl_sinkd_validate(d, a, 0);
     if (st != KDL_STATUS_SUCCESS) return st;
     cudaStream_t s = h->stream;
     const size_t osz = a->out_dtype == KDL_DTYPE_F64 ? 8 : 4;

@@ -13,7 +13,12 @@
  *   workspace       one byte too small: KDL_STATUS_WORKSPACE_TOO_SMALL;
  *   memory full     with the device's memory taken, kdl_create and the loss
  *                   return a status (or succeed: the loss allocates nothing),
- *                   never crash, and work again afterwards.
+ *                   never crash, and work again afterwards;
+ *   wrong device    a call from a thread whose current device is not the
+ *                   handle's: KDL_STATUS_WRONG_DEVICE before anything else,
+ *                   nothing written, and the same call succeeds once the
+ *                   handle's device is current again (with two devices; the
+ *                   handle's recorded device moved instead on one device).
  *
  * Inputs are built on the host in chunks of rows from a small pool of
  * random rows, each row made unique by a row-dependent outlier position, so
@@ -28,10 +33,13 @@
 
 #include "kdl_test.h"
 #include "kdloss/kdloss.h"
+#include "kdloss/kdloss_ext.h"
 #include "kdloss/kdloss_ref.h"
 
 #ifdef KDL_HAVE_CUDA
 #include <cuda_runtime_api.h>
+
+#include "gpu_internal.h" /* struct kdl_context: the one-device mismatch test */
 
 static void cuda_ok(cudaError_t e, const char *what, int line)
 {
@@ -417,5 +425,126 @@ Test(gpu_hardening, device_memory_exhausted_gives_a_status)
     cr_expect_eq(cudaDeviceSynchronize(), cudaSuccess);
     problem_free(&p);
     kdl_destroy(h);
+#endif
+}
+
+/* ========================================================== wrong device */
+Test(gpu_hardening_host, wrong_device_status_has_its_own_string)
+{
+    const char *s = kdl_status_string(KDL_STATUS_WRONG_DEVICE);
+    cr_assert_not_null(s);
+    cr_expect(strncmp(s, "KDL_STATUS_WRONG_DEVICE:", 24) == 0, "%s", s);
+    cr_expect_eq((int)KDL_STATUS_WRONG_DEVICE, 3005); /* runtime group; never renumbered */
+    for (int v = 0; v < KDL_STATUS_COUNT_; v++) {
+        if (v == (int)KDL_STATUS_WRONG_DEVICE) continue;
+        const char *o = kdl_status_string((kdl_status_t)v);
+        cr_expect(strcmp(s, o) != 0, "status %d has the same string", v);
+    }
+}
+
+#ifdef KDL_HAVE_CUDA
+/* A valid loss call (AKL, SUM, f32, with gradient) refused while device
+ * `other` is current: the loss and gradient sentinels stay as written, the
+ * other entry points give the same status before they look at their
+ * arguments, and the call runs once the handle's device is current again.
+ * `other` < 0: the handle's recorded device is moved instead (one GPU). */
+static void wrong_device_case(int other)
+{
+    int dev = -1;
+    CUDA_OK(cudaGetDevice(&dev));
+    kdl_handle_t h = NULL;
+    cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
+    gpu_problem_t p;
+    problem_alloc(&p, 4, 1000, KDL_DTYPE_F32, KDL_DTYPE_F32);
+    synth_t sy;
+    synth_init(&sy, p.V, 11);
+    synth_upload(&sy, p.N, 1, p.in_dtype, p.s);
+    synth_upload(&sy, p.N, 2, p.in_dtype, p.t);
+    synth_free(&sy);
+    kdl_loss_desc_t d;
+    kdl_loss_desc_init(&d);
+    d.divergence = KDL_DIV_AKL;
+    d.reduction = KDL_REDUCTION_SUM;
+    problem_workspace(h, &p, &d);
+    kdl_loss_args_t a;
+    problem_args(&p, &a);
+    const size_t gbytes = (size_t)p.N * (size_t)p.V * sizeof(float);
+    CUDA_OK(cudaMemset(p.grad, 0xA5, gbytes));
+    CUDA_OK(cudaMemset(p.loss, 0xA5, sizeof(float)));
+    CUDA_OK(cudaMemset(p.info, 0xA5, sizeof(int64_t)));
+    CUDA_OK(cudaDeviceSynchronize());
+
+    if (other >= 0)
+        CUDA_OK(cudaSetDevice(other));
+    else
+        h->device = dev + 1; /* as if created on another device */
+    kdl_status_t st = kdl_loss_forward_backward(h, &d, &a, p.ws, p.ws_bytes);
+    cr_expect_eq(st, KDL_STATUS_WRONG_DEVICE, "loss: %s (%s)", kdl_status_string(st), kdl_get_last_error());
+    cr_expect(strstr(kdl_get_last_error(), "current CUDA device") != NULL, "detail: %s", kdl_get_last_error());
+    /* the prologue comes first: NULL arguments are not even looked at */
+    cr_expect_eq(kdl_loss_forward_backward(h, NULL, NULL, NULL, 0), KDL_STATUS_WRONG_DEVICE);
+    cr_expect_eq(kdl_sinkhorn(h, NULL, NULL, NULL, 0), KDL_STATUS_WRONG_DEVICE);
+    cr_expect_eq(kdl_sinkd(h, NULL, NULL, NULL, 0), KDL_STATUS_WRONG_DEVICE);
+    cr_expect_eq(kdl_sparse_loss(h, NULL, NULL, NULL, 0), KDL_STATUS_WRONG_DEVICE);
+    kdl_shard_op_t op;
+    int64_t count = 0;
+    cr_expect_eq(kdl_shard_step(h, NULL, NULL, 0, &op, &count), KDL_STATUS_WRONG_DEVICE);
+    cr_expect_eq(kdl_fused_linear_loss(h, NULL, NULL, NULL, 0), KDL_STATUS_WRONG_DEVICE);
+    /* a workspace query reads only the handle: answered on any device */
+    size_t need = 0;
+    cr_expect_eq(kdl_loss_workspace_size(h, &d, &a, &need), KDL_STATUS_SUCCESS);
+    cr_expect_eq(need, p.ws_bytes);
+
+    if (other >= 0)
+        CUDA_OK(cudaSetDevice(dev));
+    else
+        h->device = dev;
+    CUDA_OK(cudaDeviceSynchronize());
+    unsigned char *g = (unsigned char *)malloc(gbytes);
+    cr_assert_not_null(g);
+    unsigned char l[sizeof(float)], inf[sizeof(int64_t)];
+    CUDA_OK(cudaMemcpy(g, p.grad, gbytes, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(l, p.loss, sizeof l, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(inf, p.info, sizeof inf, cudaMemcpyDeviceToHost));
+    size_t touched = 0;
+    for (size_t k = 0; k < gbytes; k++) touched += g[k] != 0xA5;
+    for (size_t k = 0; k < sizeof l; k++) touched += l[k] != 0xA5;
+    for (size_t k = 0; k < sizeof inf; k++) touched += inf[k] != 0xA5;
+    cr_expect_eq(touched, 0, "%zu bytes written by a refused call", touched);
+
+    /* the same call on the handle's device runs, and writes */
+    GPU_CALL(kdl_loss_forward_backward(h, &d, &a, p.ws, p.ws_bytes), "loss on the handle's device");
+    CUDA_OK(cudaDeviceSynchronize());
+    float loss = 0.0f;
+    CUDA_OK(cudaMemcpy(&loss, p.loss, sizeof loss, cudaMemcpyDeviceToHost));
+    cr_expect(isfinite(loss) && loss >= 0.0f, "loss %g", (double)loss);
+    free(g);
+    problem_free(&p);
+    kdl_destroy(h);
+}
+#endif
+
+Test(gpu_hardening, wrong_device_is_refused_before_any_write)
+{
+    KDL_SKIP_WITHOUT_GPU();
+#ifdef KDL_HAVE_CUDA
+    int n = 0;
+    CUDA_OK(cudaGetDeviceCount(&n));
+    if (n < 2) {
+        fprintf(stderr, "[SKIP] gpu_hardening::wrong_device_is_refused_before_any_write: %d CUDA device(s), "
+                        "needs 2 (one_device_mismatch_is_refused covers the check on one)\n", n);
+        cr_skip_test("needs 2 CUDA devices, found %d", n);
+    }
+    int dev = -1;
+    CUDA_OK(cudaGetDevice(&dev));
+    wrong_device_case(dev == 0 ? 1 : 0);
+#endif
+}
+
+Test(gpu_hardening, one_device_mismatch_is_refused)
+{
+    KDL_SKIP_WITHOUT_GPU();
+#ifdef KDL_HAVE_CUDA
+    wrong_device_case(-1);
 #endif
 }

@@ -62,6 +62,7 @@ typedef enum kdl_status {
     KDL_STATUS_CUBLAS_ERROR = 3002,
     KDL_STATUS_ALLOC_FAILED = 3003,       /* host allocation (reference)      */
     KDL_STATUS_INTERNAL_ERROR = 3004,
+    KDL_STATUS_WRONG_DEVICE = 3005,       /* current device is not the handle's */
 
     KDL_STATUS_NONFINITE_INPUT = 4000,    /* e.g. NaN in a Sinkhorn cost      */
 
