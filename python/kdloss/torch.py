@@ -1127,20 +1127,23 @@ _VP_TRACEABLE = _HAS_CUSTOM_OP and _funcol is not None
 _VP_GEOM_SCHEMA = "int vocab_offset, int vocab, int rank, int world"
 
 
-def _vp_plan_impl(opt_args, world, teacher_key):
-    """The protocol's shape for these options, num_shards and teacher key
-    width, from the library (the reference run on a one-row, one-column
-    dummy shard; the sequence of (op, count) depends only on the descriptor,
-    the rows, num_shards and the teacher dtype): (state words of the header,
-    state words per row, exchange doubles per row, ((op, doubles per row) of
-    each step but the last, ...))."""
+def _vp_plan_impl(divergence, world, teacher_key):
+    """The protocol's shape for this divergence, num_shards and teacher key
+    width, from the library: (state words of the header, state words per
+    row, exchange doubles per row, ((op, doubles per row) of each step but
+    the last, ...)).  The sequence of (op, count) depends only on whether
+    the divergence is AKL, the rows, num_shards and the teacher dtype
+    (kdloss_ext.h), so the reference runs it on a dummy shard of one and two
+    rows with default options (while compiling, the float options may be
+    symbolic); each step operator checks its (op, count) against it."""
     import numpy as np
 
     from .numpy import _NP
 
-    desc = _loss_desc(*opt_args)
+    desc = _loss_desc(divergence, 1.0, 0.1, 0.5, "reference", 0.5, 1, "mean", 1.0, -100)
     dt = {"f64": np.float64, "f32": np.float32, "f16": np.float16}[teacher_key]
-    geometry = (0, world, 0, world)
+    # the last rank's one-column slice of a vocabulary of num_shards tokens
+    geometry = (world - 1, world, world - 1, world)
 
     def shard(n):
         return _ops.Shard(_NP, None, desc, np.zeros((n, 1)), np.zeros((n, 1), dt), None, geometry,
@@ -1157,11 +1160,11 @@ def _vp_plan_impl(opt_args, world, teacher_key):
     return one.state.size - row_words, row_words, one.exchange.size, tuple(steps)
 
 
-_vp_plan_cached = functools.lru_cache(maxsize=256)(_vp_plan_impl)
+_vp_plan_cached = functools.lru_cache(maxsize=64)(_vp_plan_impl)
 
 
-def _vp_plan(opt_args, world, teacher_key):
-    return _vp_plan_cached(tuple(opt_args), int(world), teacher_key)
+def _vp_plan(divergence, world, teacher_key):
+    return _vp_plan_cached(str(divergence), int(world), teacher_key)
 
 
 if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
@@ -1213,7 +1216,7 @@ def _vp_run(s, t, labels, opts, geometry, step, state, exchange, want_grad, want
 def _vp_step_impl(s, t, labels, *rest):
     opts, geometry, (step, state, exchange) = _vp_split(rest)
     sh, _, op, count = _vp_run(s, t, labels, opts, geometry, step, state, exchange, False, False)
-    plan = _vp_plan(_opt_args(opts), geometry[3], _teacher_key(t))[3]
+    plan = _vp_plan(opts["divergence"], geometry[3], _teacher_key(t))[3]
     if step >= len(plan) or (op, count) != (plan[step][0], plan[step][1] * sh.rows):
         raise RuntimeError(f"kdloss: shard step {step} returned ({op}, {count}), not the "
                            f"planned {plan[step] if step < len(plan) else 'last step'}")
@@ -1223,7 +1226,7 @@ def _vp_step_impl(s, t, labels, *rest):
 def _vp_step_fake(s, t, labels, *rest):
     opts, geometry, (step, _, _) = _vp_split(rest)
     _vp_checks(s, t, labels, opts)
-    hdr, row, _, plan = _vp_plan(_opt_args(opts), geometry[3], _teacher_key(t))
+    hdr, row, _, plan = _vp_plan(opts["divergence"], geometry[3], _teacher_key(t))
     N = s.numel() // s.shape[-1]
     return (s.new_empty((hdr + row * N,), dtype=torch.float64),
             s.new_empty((plan[step][1] * N,), dtype=torch.float64))
@@ -1275,7 +1278,7 @@ def _vp_traced(s, t, labels, group, geometry, opt_args, want_grad, want_head_siz
     all-reduces (also runs eagerly)."""
     import torch.distributed as dist
 
-    _, _, _, plan = _vp_plan_traced(opt_args, geometry[3], _teacher_key(t))
+    _, _, _, plan = _vp_plan_traced(opt_args[0], geometry[3], _teacher_key(t))
     if group is None:
         group = dist.group.WORLD
     # the steps read the logits only; the gradient comes from the last one

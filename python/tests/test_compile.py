@@ -402,3 +402,131 @@ def test_cuda_fullgraph_matches_eager(case):
         pytest.skip(str(e))
     got = _run(torch.compile(f, fullgraph=True), inputs, grad_pos)
     _close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------ vocabulary-parallel
+# Compiled, vocab_parallel_distill_loss is kdloss::vocab_parallel_step per
+# step but the last, kdloss::vocab_parallel_finish for the last, and
+# functional all-reduces between them (here over one gloo rank; several
+# ranks: vocab_parallel_ranks.py, run by test_ext_torch.py).
+needs_vp = pytest.mark.skipif(not kt._VP_TRACEABLE, reason="no functional collectives")
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        yield
+        return
+    store = tmp_path_factory.mktemp("dist") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+VP_CASES = {
+    "fkl_mean_labels": dict(divergence="fkl", temperature=2.0, scale=4.0),
+    "akl_none_stats": dict(divergence="akl", reduction="none", return_stats=True),
+    "akl_topk_sum_f32": dict(divergence="akl", head_rule="topk", top_k=3, reduction="sum"),
+    "jsd_none": dict(divergence="jsd", beta=0.3, reduction="none"),
+}
+
+
+def _vp_case(name):
+    kw = dict(VP_CASES[name])
+    dtype = torch.float32 if name.endswith("f32") else torch.float64
+    s, t, labels = _inputs((3, 4, 11), seed=5, dtype=dtype)
+    t[..., 1::4] = t[..., :1]  # ties at the AKL boundary
+    stats = kw.pop("return_stats", False)
+
+    def f(s, t, labels, fn=kt.vocab_parallel_distill_loss, **geom):
+        out = fn(s * 1.5, t, labels=labels, return_stats=stats, **geom, **kw)
+        loss = out[0] if stats else out
+        if kw.get("reduction") == "none":
+            loss = (loss * _weights(loss)).sum()
+        if stats:
+            st = out[1]
+            loss = loss + st["valid_rows"] - st["invalid_rows"] + 0.01 * st["head_size"].sum()
+        return loss + 0.25 * s.square().mean()
+    return (s, t, labels), (0,), f
+
+
+VP_PARAMS = [pytest.param(k, marks=needs_ext) for k in VP_CASES]
+
+
+@needs_vp
+@pytest.mark.parametrize("case", VP_PARAMS)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_vocab_parallel_fullgraph_matches_eager(one_rank, case, backend):
+    """Compiled with fullgraph=True (the slice given): the eager loss and
+    gradient (the autograd.Function with dist.all_reduce), the fallback's, and
+    the unsharded loss's."""
+    inputs, grad_pos, f = _vp_case(case)
+    g = lambda s, t, labels: f(s, t, labels, vocab_offset=0, vocab=11)  # noqa: E731
+    want = _run(g, inputs, grad_pos)
+    got = _run(torch.compile(g, fullgraph=True, backend=backend), inputs, grad_pos)
+    _close(got, want, rtol=1e-12, atol=1e-12)
+    with _eager_fallback():
+        _close(_run(g, inputs, grad_pos), want, rtol=0, atol=0)
+    dense = _run(lambda s, t, labels: f(s, t, labels, fn=kt.distill_loss), inputs, grad_pos)
+    _close(got, dense, rtol=1e-12, atol=1e-12)
+
+
+@needs_vp
+@needs_ext
+def test_vocab_parallel_no_graph_breaks_and_opcheck(one_rank):
+    """One graph; the step operators and the functional all-reduces in it,
+    in protocol order; opcheck on the arguments the loss gives each
+    operator."""
+    inputs, grad_pos, f = _vp_case("akl_none_stats")
+    g = lambda s, t, labels: f(s, t, labels, vocab_offset=0, vocab=11)  # noqa: E731
+    args = [x.clone().requires_grad_() if i in grad_pos else x for i, x in enumerate(inputs)]
+    ex = torch._dynamo.explain(g)(*args)
+    assert ex.graph_break_count == 0, ex.break_reasons
+    assert ex.graph_count == 1
+    code = "\n".join(gm.code for gm in ex.graphs)
+    plan = kt._vp_plan("akl", 1, "f64")[3]
+    # docs/extensions.md: max (3 fields), sum-exps and digit 0 (2 + 512), digits 1..7 of
+    # the 8-byte key (512), ties (R = 1), partial sums (8); the finish step after them
+    assert plan == (("max", 3), ("sum", 514)) + (("sum", 512),) * 7 + (("sum", 1), ("sum", 8))
+    assert code.count("kdloss.vocab_parallel_step") == len(plan)
+    assert code.count("kdloss.vocab_parallel_finish") == 1
+    assert code.count("all_reduce") >= len(plan)
+    # the operators as the compiled path calls them (run eagerly)
+    with _record_calls() as calls:
+        _run(lambda s, t, labels: kt._vp_traced(s, t, labels, None, (0, 11, 0, 1), kt._opt_args(
+            dict(divergence="akl", temperature=1.0, alpha=0.1, beta=0.5, head_rule="reference",
+                 mu=0.5, top_k=1, reduction="none", scale=1.0, ignore_index=-100)),
+            True, True, True)[0].sum(), inputs, grad_pos)
+    names = [n for n, _ in calls]
+    assert names == ["vocab_parallel_step"] * len(plan) + ["vocab_parallel_finish"]
+    for name, a in calls:
+        torch.library.opcheck(getattr(torch.ops.kdloss, name).default, a)
+
+
+@needs_vp
+@needs_ext
+def test_vocab_parallel_dynamic_shapes_and_errors(one_rank):
+    """Row counts as symbolic sizes; an argument error raised while tracing
+    (the fake runs the checks); invalid rows raise at run time as eagerly."""
+    def loss(s, t, **kw):
+        return kt.vocab_parallel_distill_loss(s, t, vocab_offset=0, vocab=s.shape[-1],
+                                              divergence="akl", **kw)
+    f = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (3, 7):
+        s, t, _ = _inputs((n, 6), seed=n)
+        _close(_run(f, (s, t), (0,)), _run(loss, (s, t), (0,)), rtol=1e-12, atol=1e-12)
+    s, t, _ = _inputs((3, 6))
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError), match="shape"):
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t[:, :5])
+    bad = s.clone()
+    bad[1, 2] = float("nan")
+    torch._dynamo.reset()
+    g = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with pytest.raises(kdloss.InvalidRowsError):
+        g(bad, t)
+    out = g(bad, t, reduction="none", raise_on_invalid=False)
+    assert torch.isnan(out[1]) and torch.isfinite(out[0]) and torch.isfinite(out[2])

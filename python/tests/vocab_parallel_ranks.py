@@ -4,8 +4,9 @@ torch.distributed (gloo, CPU), each holding an uneven vocabulary slice, and
 checks kdloss.torch.vocab_parallel_distill_loss on every rank against
 kdloss.torch.distill_loss on the whole logits (loss, and the gradient of the
 slice through autograd) for several divergences, reductions, labels, dtypes,
-the explicit and the exchanged slice geometry, and a process group that is
-not the default one.  Exit status 0 when every case matches on every rank."""
+the explicit and the exchanged slice geometry, a process group that is
+not the default one, and compiled steps (torch.compile fullgraph=True,
+aot_eager and Inductor: the step operators with functional all-reduces).  Exit status 0 when every case matches on every rank."""
 
 import argparse
 import os
@@ -21,10 +22,16 @@ def split(V, world):
     return w
 
 
-def check_case(kt, torch, S, T, off, w, kw, up, group=None, explicit=False):
+def check_case(kt, torch, S, T, off, w, kw, up, group=None, explicit=False, backend=None):
     local = S[:, off:off + w].clone().requires_grad_()
-    extra = dict(vocab_offset=off, vocab=S.shape[1]) if explicit else {}
-    loss = kt.vocab_parallel_distill_loss(local, T[:, off:off + w], group=group, **extra, **kw)
+    extra = dict(vocab_offset=off, vocab=S.shape[1]) if explicit or backend else {}
+
+    def f(s, t):
+        return kt.vocab_parallel_distill_loss(s, t, group=group, **extra, **kw)
+    if backend:  # one graph: step operators and functional all-reduces
+        torch._dynamo.reset()
+        f = torch.compile(f, backend=backend, fullgraph=True)
+    loss = f(local, T[:, off:off + w])
     (loss * up.reshape(loss.shape).to(loss.dtype)).sum().backward()
     s0 = S.clone().requires_grad_()
     ref = kt.distill_loss(s0, T, **kw)
@@ -73,20 +80,35 @@ def worker(rank, world, port):
                             torch.tensor(1.0))
     if not ok:
         failures.append(f"float32: |dloss| {dl:.3g}, |dgrad| {dg:.3g}")
+    # compiled with fullgraph=True (functional collectives over gloo)
+    compiled = 0
+    if kt._VP_TRACEABLE:
+        for kw, backend in [(dict(divergence="akl", temperature=1.5, reduction="none",
+                                  labels=labels), "aot_eager"),
+                            (dict(divergence="jsd", beta=0.3), "aot_eager"),
+                            (dict(divergence="akl", head_rule="topk", top_k=4, reduction="sum"),
+                             "inductor")]:
+            up = up_rows if kw.get("reduction") == "none" else torch.tensor(1.3, dtype=S.dtype)
+            ok, dl, dg = check_case(kt, torch, S, T, off, w, kw, up, backend=backend)
+            compiled += 1
+            if not ok:
+                failures.append(f"compiled {backend} {kw}: |dloss| {dl:.3g}, |dgrad| {dg:.3g}")
     # a group of the ranks 1.. (group rank = rank - 1): its own split of the vocabulary
     if world >= 3:
         sub = dist.new_group(list(range(1, world)))
         if rank >= 1:
             ws = split(V, world - 1)
             r = rank - 1
-            ok, dl, dg = check_case(kt, torch, S, T, sum(ws[:r]), ws[r],
-                                    dict(divergence="akl", reduction="none"), up_rows, group=sub)
-            if not ok:
-                failures.append(f"sub-group: |dloss| {dl:.3g}, |dgrad| {dg:.3g}")
+            for backend in [None] + (["aot_eager"] if kt._VP_TRACEABLE else []):
+                ok, dl, dg = check_case(kt, torch, S, T, sum(ws[:r]), ws[r],
+                                        dict(divergence="akl", reduction="none"), up_rows,
+                                        group=sub, backend=backend)
+                if not ok:
+                    failures.append(f"sub-group {backend}: |dloss| {dl:.3g}, |dgrad| {dg:.3g}")
     dist.barrier()
     dist.destroy_process_group()
     print(f"rank {rank}/{world} slice [{off}, {off + w}): {len(cases) + 2} cases, "
-          f"{len(failures)} mismatches", flush=True)
+          f"{compiled} compiled, {len(failures)} mismatches", flush=True)
     for f in failures:
         print(f"  rank {rank}: {f}", flush=True)
     if failures:
