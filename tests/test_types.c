@@ -27,6 +27,7 @@ Test(types, every_status_has_its_own_string)
                                 KDL_STATUS_ARCH_MISMATCH,    KDL_STATUS_NO_DEVICE,
                                 KDL_STATUS_CUDA_ERROR,       KDL_STATUS_CUBLAS_ERROR,
                                 KDL_STATUS_ALLOC_FAILED,     KDL_STATUS_INTERNAL_ERROR,
+                                KDL_STATUS_WRONG_DEVICE,
                                 KDL_STATUS_NONFINITE_INPUT};
     size_t n = sizeof all / sizeof all[0];
     for (size_t i = 0; i < n; i++) {

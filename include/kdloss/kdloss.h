@@ -23,7 +23,10 @@ typedef struct CUstream_st *kdl_stream_t;
 typedef struct kdl_context *kdl_handle_t;
 
 /* Creates a handle on the current CUDA device.  KDL_STATUS_NO_DEVICE when no
- * device is present; *handle is then NULL. */
+ * device is present; *handle is then NULL.  The handle belongs to that
+ * device: the library never switches devices, and a call made while another
+ * device is current returns KDL_STATUS_WRONG_DEVICE before anything is
+ * launched or written. */
 kdl_status_t kdl_create(kdl_handle_t *handle);
 kdl_status_t kdl_destroy(kdl_handle_t handle); /* NULL is accepted */
 kdl_status_t kdl_set_stream(kdl_handle_t handle, kdl_stream_t stream);

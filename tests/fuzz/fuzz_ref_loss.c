@@ -96,7 +96,7 @@ static double coded_logit(uint8_t b)
 static int known_status(kdl_status_t st)
 {
     return st == KDL_STATUS_SUCCESS || (st >= 1000 && st <= 1018) || (st >= 2000 && st <= 2002) ||
-           (st >= 3000 && st <= 3004) || st == 4000;
+           (st >= 3000 && st <= 3005) || st == 4000;
 }
 
 /* The problem being checked, printed when a check fails. */

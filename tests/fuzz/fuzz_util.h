@@ -72,7 +72,7 @@ static double fz_coded(uint8_t b)
 static int fz_known_status(kdl_status_t st)
 {
     return st == KDL_STATUS_SUCCESS || (st >= 1000 && st <= 1019) || (st >= 2000 && st <= 2002) ||
-           (st >= 3000 && st <= 3004) || st == 4000;
+           (st >= 3000 && st <= 3005) || st == 4000;
 }
 
 /* A sentinel-filled output buffer. */
