@@ -1121,9 +1121,10 @@ _vocab_fwd = _Op("vocab_parallel_fwd", None, _vocab_impl, None, grads={0: 1},
 # from the library at trace time (_vp_plan).
 try:
     import torch.distributed._functional_collectives as _funcol
-except ImportError:  # torch without distributed
+except Exception:  # torch without distributed
     _funcol = None
-_VP_TRACEABLE = _HAS_CUSTOM_OP and _funcol is not None
+_VP_TRACEABLE = (_HAS_CUSTOM_OP and _funcol is not None
+                 and hasattr(getattr(torch, "compiler", None), "assume_constant_result"))
 _VP_GEOM_SCHEMA = "int vocab_offset, int vocab, int rank, int world"
 
 
@@ -1167,11 +1168,8 @@ def _vp_plan(divergence, world, teacher_key):
     return _vp_plan_cached(str(divergence), int(world), teacher_key)
 
 
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
-    # run at trace time, its result a constant of the graph
-    _vp_plan_traced = torch.compiler.assume_constant_result(_vp_plan)
-else:
-    _vp_plan_traced = _vp_plan
+# run at trace time, its result a constant of the graph
+_vp_plan_traced = torch.compiler.assume_constant_result(_vp_plan) if _VP_TRACEABLE else _vp_plan
 
 
 def _teacher_key(t):
@@ -1349,6 +1347,11 @@ def vocab_parallel_distill_loss(
     labels: as distill_loss, the same on every rank.
     Other options as distill_loss.  Every rank must call this with the same
     options (the collective calls follow from them).
+
+    torch.compile: traced as the operators kdloss::vocab_parallel_step (one
+    per step but the last) and kdloss::vocab_parallel_finish with functional
+    all-reduces between them, no graph break when vocab_offset and vocab are
+    given (the width exchange reads the widths back: a graph break).
 
     Returns the loss, or (loss, stats) with return_stats: valid_rows,
     invalid_rows (0-d int64 tensors) and, for AKL, head_size (per row, the

@@ -1,13 +1,15 @@
-"""kdloss.torch under torch.compile: every entry point except the
-vocabulary-parallel loss is a custom operator (kdloss::distill_fwd,
-sinkd_fwd, sinkhorn_fwd, sinkhorn_ragged, sparse_fwd, fused_linear_fwd and
-fused_linear_bwd), so torch.compile(fullgraph=True) keeps it in the graph
-with no graph break; compiled results and gradients (aot_eager and Inductor)
-equal eager ones; the eager fallback for a torch without custom_op gives the
-same numbers; each operator passes torch.library.opcheck (schema, fake
-implementation, autograd registration) with the arguments the public
-functions give it; errors surface as in eager mode.  CPU tensors (the
-float64 reference); skipped without torch or torch.library.custom_op."""
+"""kdloss.torch under torch.compile: every entry point is one or more
+custom operators (kdloss::distill_fwd, sinkd_fwd, sinkhorn_fwd,
+sinkhorn_ragged, sparse_fwd, fused_linear_fwd and fused_linear_bwd; the
+vocabulary-parallel loss vocab_parallel_step and vocab_parallel_finish with
+functional all-reduces between them), so torch.compile(fullgraph=True)
+keeps it in the graph with no graph break; compiled results and gradients
+(aot_eager and Inductor) equal eager ones; the eager fallback for a torch
+without custom_op gives the same numbers; each operator passes
+torch.library.opcheck (schema, fake implementation, autograd registration)
+with the arguments the public functions give it; errors surface as in
+eager mode.  CPU tensors (the float64 reference); skipped without torch or
+torch.library.custom_op."""
 
 import contextlib
 

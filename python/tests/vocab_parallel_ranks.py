@@ -6,7 +6,8 @@ kdloss.torch.distill_loss on the whole logits (loss, and the gradient of the
 slice through autograd) for several divergences, reductions, labels, dtypes,
 the explicit and the exchanged slice geometry, a process group that is
 not the default one, and compiled steps (torch.compile fullgraph=True,
-aot_eager and Inductor: the step operators with functional all-reduces).  Exit status 0 when every case matches on every rank."""
+aot_eager and Inductor: the step operators with functional all-reduces).
+Exit status 0 when every case matches on every rank."""
 
 import argparse
 import os
