@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -150,11 +151,16 @@ def test_gpu_api_without_device():
 
 
 def _lookup(env, code):
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    # `python -c` puts the working directory first on sys.path: run it in an
+    # empty one, so a kdloss/ beside the caller (python/ itself) is not found
+    # before the package under test
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=cwd)
 
 
 def test_lookup_env_path_missing_is_an_error():
-    env = dict(os.environ, KDLOSS_LIBRARY="/nonexistent/libkdloss.so")
+    env = dict(os.environ, KDLOSS_LIBRARY="/nonexistent/libkdloss.so",
+               PYTHONPATH=os.path.dirname(os.path.dirname(kdloss.__file__)))
     r = _lookup(env, "import kdloss; kdloss.library_path()")
     assert r.returncode != 0 and "KDLOSS_LIBRARY='/nonexistent/libkdloss.so' does not exist" in r.stderr
 
