@@ -873,20 +873,29 @@ def call_ref(op, desc, args):
     check(getattr(lib(), name)(ctypes.byref(desc), ctypes.byref(args)), name)
 
 
+# The library needs a 16-byte aligned workspace and lays its pieces out at
+# 256-byte offsets from the start; the binding hands it a 256-byte aligned one
+# whatever the allocator gives.
+WORKSPACE_ALIGN = 256
+
+
 def call_gpu(op, handle, stream, desc, args, alloc):
-    """The GPU entry point of op on `stream`: asks for the workspace size,
-    gets the workspace from alloc(nbytes) (an object with data_ptr(); kept
-    alive until the call has been enqueued) and runs."""
+    """The GPU entry point of op on `stream` (set on the handle first): asks
+    for the workspace size, gets the workspace from alloc(nbytes) (an object
+    with data_ptr(); kept alive until the call has been enqueued; nbytes
+    includes the slack for the alignment) and runs."""
     _, size_name, name = ENTRY_POINTS[op]
     L = lib()
     check(L.kdl_set_stream(handle, c_void_p(stream)), "kdl_set_stream")
     nbytes = c_size_t(0)
     check(getattr(L, size_name)(handle, ctypes.byref(desc), ctypes.byref(args),
                                 ctypes.byref(nbytes)), size_name)
-    ws = alloc(nbytes.value) if nbytes.value else None
-    check(getattr(L, name)(handle, ctypes.byref(desc), ctypes.byref(args),
-                           c_void_p(ws.data_ptr()) if ws is not None else None, nbytes.value),
-          name)
+    ws = ptr = None
+    if nbytes.value:
+        ws = alloc(nbytes.value + WORKSPACE_ALIGN - 1)
+        ptr = -(-ws.data_ptr() // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+    check(getattr(L, name)(handle, ctypes.byref(desc), ctypes.byref(args), c_void_p(ptr),
+                           nbytes.value), name)
 
 
 def shard_step(handle, desc, args, step):

@@ -15,6 +15,22 @@ from . import _lib
 
 FLOAT_DTYPES = "float32, float64, float16 or bfloat16"
 
+# The options of the dense loss (kdl_loss_desc_t, _lib.new_desc's keywords),
+# which every loss of both front ends takes under these names.
+LOSS_OPTIONS = ("divergence", "temperature", "alpha", "beta", "head_rule", "mu", "top_k",
+                "reduction", "scale", "ignore_index")
+
+
+def loss_options(values):
+    """The loss options among a public function's arguments (its locals()),
+    as a dict in LOSS_OPTIONS order."""
+    return {k: values[k] for k in LOSS_OPTIONS}
+
+
+def loss_desc(values):
+    """The LossDesc of the loss options among values (names checked)."""
+    return _lib.new_desc(**loss_options(values))
+
 
 class Backend:
     """The array operations the shared code needs, given by each front end

@@ -86,13 +86,6 @@ class _Numpy(_ops.Backend):
 _NP = _Numpy()
 
 
-def _desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-          ignore_index):
-    return _lib.new_desc(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-                         head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction,
-                         scale=scale, ignore_index=ignore_index)
-
-
 def _loss(loss, lead, desc):
     """The loss array as returned: the leading shape (reduction none) or a
     float64 scalar."""
@@ -150,8 +143,7 @@ def distill_loss(
     ValueError and RuntimeError, for values the library refuses), and
     InvalidRowsError when a row is invalid unless raise_on_invalid=False.
     """
-    desc = _desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                 ignore_index)
+    desc = _ops.loss_desc(locals())
     _ops.check_pair(_NP, student, teacher, "student", "teacher")
     lab = _ops.labels(_NP, labels, student.shape)
     loss, grad, stats, counters = _ops.dense(_NP, None, desc, student, teacher, lab,
@@ -318,8 +310,7 @@ def sparse_distill_loss(
     the leading shape (none); grad d loss / d student, float64 of the
     student's shape, or None; stats valid_rows, invalid_rows, bad_index_rows.
     """
-    desc = _desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                 ignore_index)
+    desc = _ops.loss_desc(locals())
     m = _lib.parse_sparse_mode(mode)
     _ops.sparse_inputs(_NP, student, teacher_indices, teacher_logprobs, "student")
     lab = _ops.labels(_NP, labels, student.shape)
@@ -375,8 +366,7 @@ def fused_linear_distill_loss(
     per-token losses); stats valid_rows, invalid_rows, and grad_bias [V]
     (float64) when a bias is given and compute_grad is True.
     """
-    desc = _desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-                 ignore_index)
+    desc = _ops.loss_desc(locals())
     _ops.fused_inputs(_NP, hidden, weight, teacher, "teacher", bias)
     lab = _ops.labels(_NP, labels, teacher.shape)
     N = _ops.rows_of(_NP, teacher)
@@ -423,8 +413,7 @@ class VocabShard:
                  temperature=1.0, labels=None, ignore_index=-100, reduction="mean", alpha=0.1,
                  beta=0.5, head_rule="reference", mu=0.5, top_k=1, scale=1.0, compute_grad=True,
                  head_mask=False):
-        self.desc = _desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction,
-                          scale, ignore_index)
+        self.desc = _ops.loss_desc(locals())
         _ops.check_pair(_NP, student, teacher, "student", "teacher")
         lab = _ops.labels(_NP, labels, student.shape)
         self._shard = _ops.Shard(_NP, None, self.desc, student, teacher, lab,

@@ -155,8 +155,7 @@ _T = _Torch()
 _HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
 _USE_OPS = True  # tests set it False to run the eager fallback
 
-_OPT_NAMES = ("divergence", "temperature", "alpha", "beta", "head_rule", "mu", "top_k",
-              "reduction", "scale", "ignore_index")
+_OPT_NAMES = _ops.LOSS_OPTIONS
 # the loss options in an operator schema, in _OPT_NAMES order
 _OPT_SCHEMA = ("str divergence, float temperature, float alpha, float beta, str head_rule, "
                "float mu, int top_k, str reduction, float scale, int ignore_index")
@@ -275,13 +274,6 @@ def _scaled_grad(grad, grad_out, per_row, dtype, shape):
 
 
 # ---------------------------------------------------------------- helpers
-def _loss_desc(divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
-               ignore_index):
-    return _lib.new_desc(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-                         head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction,
-                         scale=scale, ignore_index=ignore_index)
-
-
 def _no_f64_on_cuda(dev, *tensors):
     if dev.type == "cuda" and any(t.dtype == torch.float64 for t in tensors):
         raise TypeError(
@@ -305,6 +297,25 @@ def _fake_loss(x, lead, none):
     return x.new_empty(tuple(lead) if none else (), dtype=_loss_dtype(x.dtype))
 
 
+def _capturing(dev):
+    """Whether dev's current stream is capturing a CUDA graph."""
+    with torch.cuda.device(dev):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _no_host_read(dev, **flags):
+    """The options that read a device result back to the host (a stream
+    synchronisation), refused while the current stream captures a CUDA graph
+    (torch.cuda.graph, torch.compile's cudagraphs): an error that says which,
+    raised before anything is enqueued."""
+    on = [k for k, v in flags.items() if v]
+    if on and dev.type == "cuda" and _capturing(dev):
+        raise RuntimeError(f"kdloss: {' and '.join(f'{k}=True' for k in on)} reads device "
+                           "results back to the host, which is not allowed while the stream "
+                           "captures a CUDA graph; pass False and check the returned counts "
+                           "(return_stats) after the replay")
+
+
 def _raise_invalid(raise_on_invalid, counters, rows, **kw):
     if raise_on_invalid:
         _ops.raise_invalid(int(counters[0].item()), rows, **kw)  # host sync on CUDA
@@ -323,7 +334,7 @@ def _distill_checks(s, t, labels, opts):
     """distill_loss's argument checks: (device, LossDesc, labels as [N])."""
     dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
     _no_f64_on_cuda(dev, s, t)
-    desc = _loss_desc(**opts)
+    desc = _lib.new_desc(**opts)
     lab = _ops.labels(_T, labels, s.shape, dev)
     return dev, desc, lab
 
@@ -331,15 +342,17 @@ def _distill_checks(s, t, labels, opts):
 def _distill_impl(student, teacher, labels, *rest):
     opts, (want_grad, want_stats, raise_on_invalid) = _opts(rest[:_NOPT]), rest[_NOPT:]
     dev, desc, lab = _distill_checks(student, teacher, labels, opts)
+    _no_host_read(dev, raise_on_invalid=raise_on_invalid)
     none = desc.reduction == _lib.REDUCTION_NONE
     loss, grad, stats, counters = _ops.dense(_T, dev, desc, student, teacher, lab, want_grad,
                                              want_stats)
     _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, student))
     loss = _loss_out(loss, student.dtype, student.shape[:-1], none)
+    out_dt, grad_dt = _T.results(dev, student)
     if grad is None:
-        grad = _empty(student, _T.results(dev, student)[1])
-    if stats is None:
-        fstats, head = _empty(loss), _empty(counters)
+        grad = _empty(student, grad_dt)
+    if stats is None:  # the fake's dtypes: the library's, not the returned loss's
+        fstats, head = _empty(student, out_dt), _empty(counters)
     else:
         fstats = torch.stack([stats[k] for k in _lib.FLOAT_STATS])
         head = stats["head_size"]
@@ -410,9 +423,8 @@ def distill_loss(
     Returns the loss (float32; float64 for float64 students), or (loss, stats).
     CUDA: runs on torch.cuda.current_stream(); CPU: the float64 reference.
     """
-    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
-                ignore_index=ignore_index)
+    opts = _opts((divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
+                  ignore_index))  # not locals(): torch.compile traces these functions
     if not _compiling():  # eager: the checks first (while compiling the fake runs them)
         _distill_checks(student_logits, teacher_logits, labels, opts)
     loss, _, counters, fstats, head = _distill_fwd(
@@ -478,6 +490,7 @@ def _sinkd_groups(desc, N):
 def _sinkd_impl(s, t, *rest):
     want_grad, want_plan, raise_on_invalid = rest[len(_SINKD_OPTS):]
     dev, desc = _sinkd_checks(s, t, rest)
+    _no_host_read(dev, raise_on_invalid=raise_on_invalid)
     loss, grad, stats, info, G = _ops.sinkd(_T, dev, desc, s, t, want_grad, want_plan)
     _raise_invalid(raise_on_invalid, info, G, unit="groups")
     out_dt, grad_dt = _T.results(dev, s)
@@ -787,7 +800,7 @@ def sinkhorn_ragged(costs, epsilon=0.1, max_iter=1000, tol=1e-6, check_every=10,
 def _sparse_checks(s, idx, lp, labels, mode, opts):
     dev = _ops.sparse_inputs(_T, s, idx, lp, "student_logits")
     _no_f64_on_cuda(dev, s, lp)
-    desc = _loss_desc(**opts)
+    desc = _lib.new_desc(**opts)
     mode_code = _lib.parse_sparse_mode(mode)
     return dev, desc, mode_code, _ops.labels(_T, labels, s.shape, dev)
 
@@ -795,6 +808,7 @@ def _sparse_checks(s, idx, lp, labels, mode, opts):
 def _sparse_impl(s, idx, lp, labels, mode, *rest):
     opts, (want_grad, raise_on_invalid, check_indices) = _opts(rest[:_NOPT]), rest[_NOPT:]
     dev, desc, mode_code, lab = _sparse_checks(s, idx, lp, labels, mode, opts)
+    _no_host_read(dev, raise_on_invalid=raise_on_invalid, check_indices=check_indices)
     if check_indices:
         _ops.check_indices(_T, idx, s.shape[-1])
     loss, grad, counters = _ops.sparse(_T, dev, desc, mode_code, s, idx, lp, lab, want_grad)
@@ -874,9 +888,8 @@ def sparse_distill_loss(
     Returns the loss, or (loss, stats) with return_stats: valid_rows,
     invalid_rows, bad_index_rows (0-d int64 tensors).
     """
-    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
-                ignore_index=ignore_index)
+    opts = _opts((divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
+                  ignore_index))  # not locals(): torch.compile traces these functions
     if not _compiling():
         _sparse_checks(student_logits, teacher_indices, teacher_logprobs, labels, mode, opts)
     loss, _, counters = _sparse_fwd(student_logits, teacher_indices, teacher_logprobs, labels,
@@ -917,7 +930,7 @@ def _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype):
                             f"or both bfloat16 or both float16; got {h.dtype} and {w.dtype}")
         _no_f64_on_cuda(dev, t)
     _lib.as_int("chunk_rows", chunk_rows)
-    desc = _loss_desc(**opts)
+    desc = _lib.new_desc(**opts)
     lab = _ops.labels(_T, labels, t.shape, dev)
     return dev, desc, lab, _fused_grad_dtype(dev, h, w, grad_dtype)
 
@@ -929,6 +942,7 @@ def _fused_split(rest):
 def _fused_impl(h, w, t, bias, labels, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, raise_on_invalid) = _fused_split(rest)
     dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    _no_host_read(dev, raise_on_invalid=raise_on_invalid)
     none = desc.reduction == _lib.REDUCTION_NONE
     loss, gh, gw, gb, counters, _ = _ops.fused_linear(
         _T, dev, desc, h, w, t, lab, chunk_rows, want_h and not none, want_w and not none, gdt,
@@ -954,18 +968,33 @@ def _fused_fake(h, w, t, bias, labels, *rest):
             + (h.new_empty((2,), dtype=torch.int64),))
 
 
+def _grad_output_checks(h, go):
+    """kdloss::fused_linear_bwd's upstream gradient: [N] on hidden's device
+    in a float dtype the library reads (its pointer goes to the library as
+    it is: a host tensor for CUDA hidden would be read as device memory)."""
+    N = h.numel() // h.shape[-1]
+    _ops.check_array(_T, go, "grad_output")
+    if _T.dtype_code(go) is None or tuple(go.shape) != (N,):
+        raise ValueError(f"kdloss: grad_output must be a float tensor of shape ({N},), got "
+                         f"{go.dtype} {tuple(go.shape)}")
+    _ops.same_device(_T, [("hidden", h), ("grad_output", go)])
+
+
 def _fused_bwd_impl(h, w, t, bias, labels, grad_output, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
     dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    _grad_output_checks(h, grad_output)
+    go = _T.flat(grad_output, grad_output.numel())
     _, gh, gw, gb, _, _ = _ops.fused_linear(_T, dev, desc, h, w, t, lab, chunk_rows, want_h,
                                             want_w, gdt, bias=bias, want_b=want_b,
-                                            grad_output=grad_output)
+                                            grad_output=go)
     return tuple(_empty(h, gdt) if g is None else g for g in (gh, gw, gb))
 
 
 def _fused_bwd_fake(h, w, t, bias, labels, grad_output, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
     _, _, _, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    _grad_output_checks(h, grad_output)
     return tuple(h.new_empty(s, dtype=gdt)
                  for s in _fused_grad_shapes(h, w, want_h, want_w, want_b))
 
@@ -1059,9 +1088,8 @@ def fused_linear_distill_loss(
     Returns the loss (float32; float64 on CPU for float64 hidden), or (loss,
     stats) with return_stats: valid_rows, invalid_rows (0-d int64 tensors).
     """
-    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
-                ignore_index=ignore_index)
+    opts = _opts((divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
+                  ignore_index))  # not locals(): torch.compile traces these functions
     if not _compiling():
         _fused_checks(hidden, weight, teacher_logits, bias, labels, opts, chunk_rows, grad_dtype)
     out = _fused_linear_fwd(hidden, weight, teacher_logits, bias, labels, *_opt_args(opts),
@@ -1083,10 +1111,11 @@ def _vocab_impl(s, t, labels, group, geometry, opts, want_grad, want_head_size,
 
     dev = s.device
     cuda = dev.type == "cuda"
-    desc = _loss_desc(**opts)
+    desc = _lib.new_desc(**opts)
     lab = _ops.labels(_T, labels, s.shape, dev)
     if cuda:
         _lib.require_gpu("shard", "vocab_parallel_distill_loss")
+    _no_host_read(dev, raise_on_invalid=raise_on_invalid)
     sh = _ops.Shard(_T, dev, desc, s, t, lab, geometry, want_grad, want_head_size)
     with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
         h = _T.handle(dev) if cuda else None
@@ -1101,7 +1130,7 @@ def _vocab_impl(s, t, labels, group, geometry, opts, want_grad, want_head_size,
     _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
     none = desc.reduction == _lib.REDUCTION_NONE
     return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
-            _empty(s) if sh.grad is None else sh.grad, sh.counters,
+            _empty(s, _T.results(dev, s)[1]) if sh.grad is None else sh.grad, sh.counters,
             _empty(sh.counters) if sh.head_size is None else sh.head_size)
 
 
@@ -1141,7 +1170,7 @@ def _vp_plan_impl(divergence, world, teacher_key):
 
     from .numpy import _NP
 
-    desc = _loss_desc(divergence, 1.0, 0.1, 0.5, "reference", 0.5, 1, "mean", 1.0, -100)
+    desc = _lib.new_desc(divergence)  # the other options at their defaults
     dt = {"f64": np.float64, "f32": np.float32, "f16": np.float16}[teacher_key]
     # the last rank's one-column slice of a vocabulary of num_shards tokens
     geometry = (world - 1, world, world - 1, world)
@@ -1179,7 +1208,7 @@ def _teacher_key(t):
 def _vp_checks(s, t, labels, opts):
     dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
     _no_f64_on_cuda(dev, s, t)
-    desc = _loss_desc(**opts)
+    desc = _lib.new_desc(**opts)
     lab = _ops.labels(_T, labels, s.shape, dev)
     return dev, desc, lab
 
@@ -1233,6 +1262,7 @@ def _vp_step_fake(s, t, labels, *rest):
 def _vp_finish_impl(s, t, labels, *rest):
     opts, geometry, (step, state, exchange, want_grad, want_head_size,
                      raise_on_invalid) = _vp_split(rest)
+    _no_host_read(s.device, raise_on_invalid=raise_on_invalid)
     sh, desc, op, _ = _vp_run(s, t, labels, opts, geometry, step, state, exchange, want_grad,
                               want_head_size)
     if op is not None:
@@ -1240,7 +1270,7 @@ def _vp_finish_impl(s, t, labels, *rest):
     _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
     none = desc.reduction == _lib.REDUCTION_NONE
     return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
-            _empty(s) if sh.grad is None else sh.grad, sh.counters,
+            _empty(s, _T.results(s.device, s)[1]) if sh.grad is None else sh.grad, sh.counters,
             _empty(sh.counters) if sh.head_size is None else sh.head_size)
 
 
@@ -1359,9 +1389,8 @@ def vocab_parallel_distill_loss(
     """
     import torch.distributed as dist
 
-    opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-                head_rule=head_rule, mu=mu, top_k=top_k, reduction=reduction, scale=scale,
-                ignore_index=ignore_index)
+    opts = _opts((divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
+                  ignore_index))  # not locals(): torch.compile traces these functions
     traced = _compiling() and _VP_TRACEABLE and _USE_OPS
     if not traced:  # eager: the checks first (while compiling the fakes run them)
         _vp_checks(student_logits, teacher_logits, labels, opts)
@@ -1387,7 +1416,7 @@ def vocab_parallel_distill_loss(
         loss, _, counters, head = _vocab_fwd(student_logits, teacher_logits, labels, group,
                                              geometry, opts, _needs(student_logits),
                                              bool(return_stats), bool(raise_on_invalid))
-        akl = _loss_desc(**opts).divergence == _lib.lib().kdl_divergence_from_name(b"akl")
+        akl = _lib.new_desc(**opts).divergence == _lib.lib().kdl_divergence_from_name(b"akl")
     if not return_stats:
         return loss
     stats = _counts(counters)

@@ -1,0 +1,312 @@
+"""The binding's CUDA code paths: what the binding hands the library and the
+stream it runs on, checked on any machine by standing in for the library's
+GPU entry points and torch.cuda's device and stream calls (the tests marked
+`cuda` run the real thing and are skipped without a device)."""
+
+import contextlib
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import kdloss  # noqa: E402
+import kdloss.numpy as kn  # noqa: E402
+import kdloss.torch as kt  # noqa: E402
+from kdloss import _lib, _ops  # noqa: E402
+
+
+class _FakeGpuLib:
+    """The three GPU calls call_gpu makes, recorded; the workspace query
+    answers `need` bytes."""
+
+    def __init__(self, need):
+        self.need, self.calls = need, []
+
+    def kdl_set_stream(self, handle, stream):
+        self.calls.append(("set_stream", handle, stream.value))
+        return 0
+
+    def kdl_loss_workspace_size(self, handle, desc, args, nbytes):
+        self.calls.append(("size", handle))
+        nbytes._obj.value = self.need
+        return 0
+
+    def kdl_loss_forward_backward(self, handle, desc, args, ws, nbytes):
+        self.calls.append(("call", handle, ws.value, nbytes))
+        return 0
+
+
+class _Block:
+    def __init__(self, addr, n):
+        self.addr, self.n = addr, n
+
+    def data_ptr(self):
+        return self.addr
+
+
+@pytest.mark.parametrize("base", [0x10000, 0x10000 + 16, 0x10000 + 48, 0x10000 + 256])
+def test_call_gpu_sets_the_stream_first_and_aligns_the_workspace(monkeypatch, base):
+    fake = _FakeGpuLib(1000)
+    monkeypatch.setattr(_lib, "lib", lambda: fake)
+    blocks = []
+
+    def alloc(n):
+        blocks.append(_Block(base, n))
+        return blocks[-1]
+
+    _lib.call_gpu("loss", 7, 0xBEEF00, _lib.LossDesc(), _lib.LossArgs(), alloc)
+    assert [c[0] for c in fake.calls] == ["set_stream", "size", "call"]
+    assert fake.calls[0] == ("set_stream", 7, 0xBEEF00)
+    (_, _, ptr, nbytes), (blk,) = fake.calls[2], blocks
+    assert nbytes == 1000
+    assert ptr % _lib.WORKSPACE_ALIGN == 0
+    assert blk.addr <= ptr and ptr + nbytes <= blk.addr + blk.n  # inside the allocation
+
+
+def test_call_gpu_without_workspace_passes_null(monkeypatch):
+    fake = _FakeGpuLib(0)
+    monkeypatch.setattr(_lib, "lib", lambda: fake)
+
+    def alloc(n):
+        raise AssertionError("no workspace wanted")
+
+    _lib.call_gpu("loss", 1, 0, _lib.LossDesc(), _lib.LossArgs(), alloc)
+    assert fake.calls[-1] == ("call", 1, None, 0)
+
+
+class _FakeCuda:
+    """torch.cuda's device context and per-device current streams, recorded."""
+
+    def __init__(self):
+        self.current, self.log = None, []
+
+    @contextlib.contextmanager
+    def device(self, dev):
+        prev, self.current = self.current, torch.device(dev)
+        try:
+            yield
+        finally:
+            self.current = prev
+
+    def current_stream(self, dev=None):
+        dev = self.current if dev is None else torch.device(dev)
+        return types.SimpleNamespace(cuda_stream=0x5000 + 0x100 * dev.index)
+
+
+def test_torch_call_runs_on_the_tensors_device_and_its_current_stream(monkeypatch):
+    cuda = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "device", cuda.device)
+    monkeypatch.setattr(torch.cuda, "current_stream", cuda.current_stream)
+    monkeypatch.setattr(_lib, "require_gpu", lambda op, what: None)
+
+    def handle(index):
+        cuda.log.append(("handle", index, cuda.current))
+        return 40 + index
+
+    def call_gpu(op, h, stream, desc, args, alloc):
+        cuda.log.append(("call", op, h, stream, cuda.current))
+
+    monkeypatch.setattr(_lib, "handle_for_current_device", handle)
+    monkeypatch.setattr(_lib, "call_gpu", call_gpu)
+    dev = torch.device("cuda", 1)
+    kt._T.call("loss", dev, None, None, "distill_loss")
+    assert cuda.log == [("handle", 1, dev), ("call", "loss", 41, 0x5100, dev)]
+    assert cuda.current is None  # the device context is left
+
+
+def test_torch_handle_sets_the_current_stream(monkeypatch):
+    cuda = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "current_stream", cuda.current_stream)
+    monkeypatch.setattr(_lib, "handle_for_current_device", lambda index: 40 + index)
+    fake = _FakeGpuLib(0)
+    monkeypatch.setattr(_lib, "lib", lambda: fake)
+    monkeypatch.setattr(fake, "kdl_set_stream",
+                        lambda h, s: fake.calls.append(("set_stream", h, s)) or 0)
+    assert kt._T.handle(torch.device("cuda", 2)) == 42
+    assert fake.calls == [("set_stream", 42, 0x5200)]
+
+
+def test_host_reads_are_refused_during_graph_capture(monkeypatch):
+    monkeypatch.setattr(kt, "_capturing", lambda dev: True)
+    dev = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="raise_on_invalid=True.*CUDA graph"):
+        kt._no_host_read(dev, raise_on_invalid=True)
+    with pytest.raises(RuntimeError, match="raise_on_invalid=True and check_indices=True"):
+        kt._no_host_read(dev, raise_on_invalid=True, check_indices=True)
+    kt._no_host_read(dev, raise_on_invalid=False, check_indices=False)  # nothing read back
+    kt._no_host_read(torch.device("cpu"), raise_on_invalid=True)  # the host: no capture
+
+
+def test_rows_are_passed_with_their_stride(monkeypatch):
+    """The row stride (ld) and first element the library gets for strided,
+    sliced and non-viewable inputs: the same code serves CUDA tensors."""
+    seen = []
+
+    def call(op, dev, desc, args, what):
+        seen.append((args.student, args.ld_student, args.teacher, args.ld_teacher))
+        _lib.call_ref(op, desc, args)
+
+    monkeypatch.setattr(kt._T, "call", call)
+    wide = torch.randn(5, 12)
+    s = wide[:, 2:9]  # rows 12 apart, starting at column 2
+    t = torch.randn(5, 7)
+    kt.distill_loss(s, t, divergence="fkl")
+    assert seen[-1] == (s.data_ptr(), 12, t.data_ptr(), 7)
+    s3 = torch.randn(2, 6, 7).transpose(0, 1)  # [6, 2, 7]: no [12, 7] view, copied to plain rows
+    kt.distill_loss(s3, torch.randn(6, 2, 7), divergence="fkl")
+    assert seen[-1][1] == 7 and seen[-1][0] != s3.data_ptr()
+
+
+def _meta(outs):
+    return [(tuple(o.shape), o.dtype) for o in outs]
+
+
+@pytest.mark.parametrize("want_grad", [False, True])
+@pytest.mark.parametrize("want_stats", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distill_fake_matches_impl(want_grad, want_stats, dtype):
+    s, t = torch.randn(3, 2, 5, dtype=dtype), torch.randn(3, 2, 5, dtype=dtype)
+    args = (s, t, None, *kt._opt_args(dict(zip(kt._OPT_NAMES, (
+        "akl", 1.0, 0.1, 0.5, "reference", 0.5, 1, "none", 1.0, -100)))), want_grad, want_stats,
+        True)
+    assert _meta(kt._distill_fake(*args)) == _meta(kt._distill_impl(*args))
+
+
+def _fused_args(h, w, t, want, reduction="mean", raise_on_invalid=True):
+    opts = kt._opt_args(dict(zip(kt._OPT_NAMES, (
+        "fkl", 1.0, 0.1, 0.5, "reference", 0.5, 1, reduction, 1.0, -100))))
+    return (h, w, t, None, None, *opts, 0, want, want, False, None, raise_on_invalid)
+
+
+@pytest.mark.parametrize("want", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_fake_matches_impl(want, reduction):
+    h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.randn(4, 6)
+    args = _fused_args(h, w, t, want, reduction)
+    assert _meta(kt._fused_fake(*args)) == _meta(kt._fused_impl(*args))
+
+
+def test_fused_bwd_checks_grad_output():
+    h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.randn(4, 6)
+    rest = _fused_args(h, w, t, True, "none")[5:-1]
+    go = torch.rand(4, dtype=torch.float64)
+    gh, gw, _ = kt._fused_bwd_impl(h, w, t, None, None, go, *rest)
+    ref = kn.fused_linear_distill_loss(h.double().numpy(), w.double().numpy(), t.double().numpy(),
+                                       divergence="fkl", reduction="none", grad_output=go.numpy())
+    assert torch.allclose(gh, torch.from_numpy(ref[1])) and torch.allclose(
+        gw, torch.from_numpy(ref[2]))
+    gs = torch.rand(8, dtype=torch.float64)[::2]  # strided: read as its own 4 values
+    assert torch.allclose(kt._fused_bwd_impl(h, w, t, None, None, gs, *rest)[0],
+                          kt._fused_bwd_impl(h, w, t, None, None, gs.contiguous(), *rest)[0])
+    for bad, err in ((go[:3], ValueError), (go.long(), ValueError),
+                     (torch.empty(4, device="meta"), ValueError)):
+        with pytest.raises(err):
+            kt._fused_bwd_impl(h, w, t, None, None, bad, *rest)
+        with pytest.raises(err):
+            kt._fused_bwd_fake(h, w, t, None, None, bad, *rest)
+
+
+# ------------------------------------------------------------------ CUDA
+def _cuda_ready():
+    return torch.cuda.is_available() and kdloss.device_available()
+
+
+cuda = pytest.mark.skipif(not _cuda_ready(), reason="needs torch.cuda and a CUDA build of kdloss")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fake_matches_impl(dtype):
+    s, t = (torch.randn(3, 2, 5, device="cuda").to(dtype) for _ in range(2))
+    for want_grad in (False, True):
+        for want_stats in (False, True):
+            args = (s, t, None, *kt._opt_args(dict(zip(kt._OPT_NAMES, (
+                "akl", 1.0, 0.1, 0.5, "reference", 0.5, 1, "none", 1.0, -100)))), want_grad,
+                want_stats, True)
+            assert _meta(kt._distill_fake(*args)) == _meta(kt._distill_impl(*args))
+    if dtype != torch.float32:  # fused linear with 16-bit gradients
+        h, w = (torch.randn(n, 4, device="cuda").to(dtype) for n in (8, 6))
+        tt = torch.randn(8, 6, device="cuda")
+        for reduction in ("mean", "none"):
+            args = _fused_args(h, w, tt, True, reduction)
+            out = kt._fused_impl(*args)
+            assert _meta(kt._fused_fake(*args)) == _meta(out)
+            if reduction == "mean":
+                assert out[1].dtype == dtype and out[2].dtype == dtype
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_side_stream_matches_default_stream():
+    torch.manual_seed(3)
+    s = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randn(64, 1000, device="cuda")
+    ref = kt.distill_loss(s, t, divergence="akl")
+    (g_ref,) = torch.autograd.grad(ref, s)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loss = kt.distill_loss(s, t, divergence="akl", raise_on_invalid=False)
+        (g,) = torch.autograd.grad(loss, s)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(loss, ref) and torch.equal(g, g_ref)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_capture_and_replay():
+    torch.manual_seed(4)
+    s = torch.randn(32, 512, device="cuda")
+    t = torch.randn(32, 512, device="cuda")
+    eager = kt.distill_loss(s, t, divergence="jsd", raise_on_invalid=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (handle, allocator) outside the capture
+        kt.distill_loss(s, t, divergence="jsd", raise_on_invalid=False)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = kt.distill_loss(s, t, divergence="jsd", raise_on_invalid=False)
+    s.copy_(torch.randn_like(s))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(captured, kt.distill_loss(s, t, divergence="jsd"), rtol=1e-5)
+    assert not torch.equal(captured, eager)
+    g2 = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="raise_on_invalid=True.*CUDA graph"):
+        with torch.cuda.graph(g2):
+            kt.distill_loss(s, t, divergence="jsd")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_strided_and_mixed_dtypes_match_the_reference():
+    torch.manual_seed(5)
+    wide = torch.randn(16, 300, device="cuda")
+    s = wide.to(torch.bfloat16)[:, 7:263]  # rows 300 apart, first element at an odd offset
+    t = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    loss = kt.distill_loss(s, t, divergence="fkl")
+    ref = kt.distill_loss(s.double().cpu(), t.double().cpu(), divergence="fkl")
+    assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-3
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_tensors_on_different_devices_are_refused():
+    s = torch.randn(4, 8, device="cuda")
+    with pytest.raises(ValueError, match="on cuda:0"):
+        kt.distill_loss(s, s.cpu())
+    with pytest.raises(ValueError, match="labels are on"):
+        kt.distill_loss(s, s, labels=torch.zeros(4, dtype=torch.int64))
+    h, w = torch.randn(4, 3, device="cuda"), torch.randn(8, 3, device="cuda")
+    rest = _fused_args(h, w, s, True, "none")[5:-1]
+    with pytest.raises(ValueError, match="grad_output on cpu"):
+        kt._fused_bwd_impl(h, w, s, None, None, torch.ones(4), *rest)
+
+
+def test_loss_options_picks_the_loss_options_in_order():
+    values = {"x": 0, **{k: i for i, k in enumerate(reversed(_ops.LOSS_OPTIONS))}}
+    picked = _ops.loss_options(values)
+    assert tuple(picked) == _ops.LOSS_OPTIONS and all(picked[k] == values[k] for k in picked)
