@@ -61,7 +61,11 @@ Usage (bench/run_all.sh runs it):
 Options --shapes, --dtypes, --divergences, --head-rules, --repeats, --warmup,
 --quick, --sinkhorn, --sinkhorn-iters as `kdloss bench`; --impls to choose
 peers; --budget-s to stop starting new configurations after that many
-seconds (the rest are recorded as "skipped").
+seconds (the rest are recorded as "skipped").  KDL_PEERS_STOP_AT (epoch
+seconds, set by bench/run_all.sh from its own budget) caps that deadline; a
+torch_compile row is not started with under COMPILE_RESERVE_S left (its
+first call compiles).  The output is written after every op, and an op that
+raises is logged and left out: the other ops still run.
 """
 
 from __future__ import annotations
@@ -96,6 +100,11 @@ SINKHORN_DIM = 64
 LIGER_DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 TOL = {"f32": 1e-4, "bf16": 1e-2, "f16": 1e-2}
 SCHEMA = "kdloss-bench/1"
+# A torch_compile row's first call compiles forward and backward (Inductor,
+# dynamic=False: a new shape or dtype compiles again); at 8192 x 151936 that
+# can take a minute or more, which the deadline check before a row cannot
+# see.  So such a row is skipped when less than this is left.
+COMPILE_RESERVE_S = 90.0
 
 
 # ------------------------------------------------------------ byte model
@@ -891,6 +900,9 @@ def run_loss(env, cfg, copy_gbps, deadline, log):
                     if deadline and time.monotonic() > deadline:
                         row["status"], row["note"] = "skipped", "time budget (--budget-s) spent"
                         continue
+                    if impl == "torch_compile" and not compile_fits(deadline):
+                        row["status"], row["note"] = "skipped", COMPILE_SKIP_NOTE
+                        continue
                     log(f"peers {impl} {d}{'/' + r if r else ''} {dtype} {n}x{v}")
                     if impl == "torch_eager":
                         fn = eager[d]
@@ -1028,6 +1040,9 @@ def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
         rows.append(row)
         if deadline and time.monotonic() > deadline:
             row["status"], row["note"] = "skipped", "time budget (--budget-s) spent"
+            continue
+        if impl == "torch_compile" and not compile_fits(deadline):
+            row["status"], row["note"] = "skipped", COMPILE_SKIP_NOTE
             continue
         log(f"peers {impl} sinkhorn f32 {B}x{n}x{m}")
         try:
@@ -1189,6 +1204,61 @@ def env_is_cpu(torch):
     return not torch.cuda.is_available()
 
 
+def peers_deadline(budget_s, environ=None, now=None, wall=None):
+    """The monotonic deadline: now + --budget-s, capped by KDL_PEERS_STOP_AT
+    (epoch seconds, wall clock); None when neither is given.  A malformed
+    KDL_PEERS_STOP_AT is ignored with a message."""
+    environ = os.environ if environ is None else environ
+    now = time.monotonic() if now is None else now
+    wall = time.time() if wall is None else wall
+    ends = [now + budget_s] if budget_s else []
+    stop = environ.get("KDL_PEERS_STOP_AT")
+    if stop:
+        try:
+            ends.append(now + (float(stop) - wall))
+        except ValueError:
+            print(f"peers.py: KDL_PEERS_STOP_AT={stop!r} is not a number; ignored", file=sys.stderr)
+    return min(ends) if ends else None
+
+
+def compile_fits(deadline, now=None):
+    """Whether a torch_compile row may start: no deadline, or at least
+    COMPILE_RESERVE_S left."""
+    now = time.monotonic() if now is None else now
+    return deadline is None or deadline - now >= COMPILE_RESERVE_S
+
+
+COMPILE_SKIP_NOTE = f"under {COMPILE_RESERVE_S:.0f} s of the time budget left for a torch.compile"
+
+
+def run_ops(ops, doc, out, log, after=None):
+    """Runs each (name, fn) of ops in order (fn() returns rows), merging
+    the rows into doc and writing it to out after each one, so a run killed
+    at the call's time limit leaves what was done.  An op that raises is
+    logged and left out; the others still run.  after() (if given) runs
+    after each op, e.g. to free cached device memory.  Returns the names of
+    the ops that raised."""
+    failed = []
+    for name, fn in ops:
+        try:
+            rows = fn()
+        except Exception as e:  # noqa: BLE001
+            failed.append(name)
+            log(f"peers.py: op {name} stopped ({type(e).__name__}: {str(e)[:200]}); "
+                "no peer rows for it, the other ops go on")
+            rows = []
+        finally:
+            if after is not None:
+                try:
+                    after()
+                except Exception:  # noqa: BLE001
+                    pass
+        merge_rows(doc, rows)
+        doc["summary"] = summarize_targets(doc["rows"])
+        write_doc(out, doc)
+    return failed
+
+
 def _skip(rows, deadline):
     if deadline and time.monotonic() > deadline:
         for r in rows:
@@ -1249,6 +1319,9 @@ def run_sparse(env, cfg, copy_gbps, deadline, log):
                         log(f"  kdloss sparse not usable for the check ({str(e)[:120]})")
             for row in todo:
                 fn = forms["sparse_fkl"] if row["impl"] == "torch_eager" else compiled
+                if row["impl"] == "torch_compile" and not compile_fits(deadline):
+                    row["status"], row["note"] = "skipped", COMPILE_SKIP_NOTE
+                    continue
                 log(f"peers {row['impl']} sparse k={k} {dtype} {n}x{v}")
 
                 def step(i, fn=fn):
@@ -1629,6 +1702,53 @@ def new_doc(args):
 
 
 # ------------------------------------------------------------ self-test
+def self_test_driver(expect):
+    """The run's driver without a GPU: deadlines, the torch.compile reserve,
+    and run_ops (an op that raises is left out, the others' rows are
+    written after each op)."""
+    import tempfile
+
+    d = peers_deadline(100.0, environ={}, now=1000.0, wall=5e9)
+    expect(d == 1100.0, f"peers_deadline(--budget-s 100) = {d}")
+    d = peers_deadline(100.0, environ={"KDL_PEERS_STOP_AT": str(5e9 + 40)}, now=1000.0, wall=5e9)
+    expect(d == 1040.0, f"KDL_PEERS_STOP_AT 40 s ahead caps --budget-s 100: {d}")
+    d = peers_deadline(None, environ={"KDL_PEERS_STOP_AT": str(5e9 + 300)}, now=1000.0, wall=5e9)
+    expect(d == 1300.0, f"KDL_PEERS_STOP_AT alone: {d}")
+    expect(peers_deadline(None, environ={}) is None, "no budget: no deadline")
+    expect(peers_deadline(None, environ={"KDL_PEERS_STOP_AT": "soon"}) is None, "a malformed stop is ignored")
+    expect(compile_fits(None) and compile_fits(1000.0 + COMPILE_RESERVE_S, now=1000.0)
+           and not compile_fits(1000.0 + COMPILE_RESERVE_S - 1, now=1000.0), "compile_fits at the reserve")
+
+    def row(impl):
+        return {"impl": impl, "op": "loss", "divergence": "fkl", "dtype": "bf16", "rows": 8, "vocab": 32,
+                "status": "ok", "ms": 1.0}
+
+    def boom():
+        raise RuntimeError("peer import or kernel failed")
+
+    seen, logs, freed = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.json")
+        doc = {"schema": SCHEMA, "meta": {}, "rows": [row("kdloss")]}
+
+        def first():
+            return [row("torch_eager")]
+
+        def last():
+            seen.append(json.load(open(out))["rows"])  # written after the op before
+            return [row("liger")]
+
+        failed_ops = run_ops([("loss", first), ("sinkhorn", boom), ("sparse", last)], doc, out, logs.append,
+                             after=lambda: freed.append(1))
+        got = [r["impl"] for r in json.load(open(out))["rows"]]
+    expect(failed_ops == ["sinkhorn"], f"run_ops reports the op that raised: {failed_ops}")
+    expect(got == ["kdloss", "torch_eager", "liger"], f"run_ops keeps the other ops' rows: {got}")
+    expect(len(seen) == 1 and [r["impl"] for r in seen[0]] == ["kdloss", "torch_eager"],
+           "run_ops writes the output after each op")
+    expect(any("sinkhorn" in m and "RuntimeError" in m for m in logs), f"run_ops logs the failure: {logs}")
+    expect(len(freed) == 3, "run_ops calls after() after every op, the failed one too")
+
+
 def self_test():
     """CPU check of the maths this script relies on: every textbook form
     against the float64 reference (small odd shapes, f32 and bf16), the
@@ -1700,6 +1820,7 @@ def self_test():
     e = float(((vals[0] - vals[1]).abs() / vals[1].abs()).max())
     expect(e < 1e-4, f"sinkhorn f32 vs f64 value: rel. error {e:.3g}")
     self_test_ext(torch, F, expect, gen, kd)
+    self_test_driver(expect)
     print(f"peers self-test: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
@@ -1755,7 +1876,7 @@ def main(argv=None):
         except Exception:  # noqa: BLE001
             doc["meta"]["peers"][mod] = None
 
-    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    deadline = peers_deadline(args.budget_s)
     env.ext = None
     if set(cfg.ops) - {"loss", "sinkhorn"}:
         env.ext = ext_binding(env, log)
@@ -1764,20 +1885,21 @@ def main(argv=None):
         cfg.fused_shapes = [(4, 8, 300)]
         cfg.ragged = ([5, 9, 3], [7, 4, 3])
         cfg.sinkd = (8, 37, 4) if cfg.sinkd else ()
-    rows = run_loss(env, cfg, copy, deadline, log) if "loss" in cfg.ops else []
+    ops = []
+    if "loss" in cfg.ops:
+        ops.append(("loss", lambda: run_loss(env, cfg, copy, deadline, log)))
     if cfg.sinkhorn:
-        rows += run_sinkhorn(env, cfg, copy, deadline, log)
+        ops.append(("sinkhorn", lambda: run_sinkhorn(env, cfg, copy, deadline, log)))
     if "sparse" in cfg.ops:
-        rows += run_sparse(env, cfg, copy, deadline, log)
+        ops.append(("sparse", lambda: run_sparse(env, cfg, copy, deadline, log)))
     if "fused_linear" in cfg.ops:
-        rows += run_fused(env, cfg, copy, deadline, log)
+        ops.append(("fused_linear", lambda: run_fused(env, cfg, copy, deadline, log)))
     if "sinkhorn_ragged" in cfg.ops and cfg.ragged[0]:
-        rows += run_ragged(env, cfg, copy, deadline, log)
+        ops.append(("sinkhorn_ragged", lambda: run_ragged(env, cfg, copy, deadline, log)))
     if "sinkd" in cfg.ops:
-        rows += run_sinkd(env, cfg, copy, deadline, log)
-    merge_rows(doc, rows)
-    doc["summary"] = summarize_targets(doc["rows"])
-    write_doc(args.out, doc)
+        ops.append(("sinkd", lambda: run_sinkd(env, cfg, copy, deadline, log)))
+    free = None if env.cpu else env.torch.cuda.empty_cache
+    run_ops(ops, doc, args.out, log, after=free)
     # table
     print(f"{'impl':<15} {'op':<15} {'head/k':<9} {'dtype':<5} {'shape':<18} {'ms':>10} {'GB/s':>9} "
           f"{'%copy':>7}  status")

@@ -21,7 +21,16 @@
 # loss, sinkhorn, sparse, fused_linear, sinkhorn_ragged, sinkd.  Environment:
 # KDL_BENCH_ARCH (CMAKE_CUDA_ARCHITECTURES, default 90a-real),
 # KDL_BENCH_BUILD_DIR (default build-bench-sm90a), PYTHON (default python3),
-# PEERS_ARGS (extra peers.py options), KDL_COMMIT (the commit to record).
+# PEERS_ARGS (extra peers.py options), KDL_COMMIT (the commit to record),
+# KDL_BENCH_BUDGET_S (default 560: the whole script's wall-clock budget,
+# under the device tool's 600 s a call; see below).
+#
+# Time: the kdloss rows are merged into the results file and copied to $OUT
+# as soon as `kdloss bench` returns; peers.py then runs under `timeout` with
+# what is left of KDL_BENCH_BUDGET_S (less 20 s for the copies), stops
+# starting rows 30 s before that (KDL_PEERS_STOP_AT, on top of any
+# --budget-s in PEERS_ARGS), and writes the results file after every op, so
+# a run cut short still brings back what it measured.
 # Wheels in .whl/ (made by scripts/fetch-bench-wheels.sh, carried to the
 # machine) are installed into /tmp/kdl-bench-site first: the device machine
 # has no network.
@@ -30,6 +39,9 @@
 # otherwise the code of the step that failed.  If peers.py fails, the kdloss
 # rows are still written.
 set -euo pipefail
+t_start=$(date +%s)
+budget=${KDL_BENCH_BUDGET_S:-560}
+t_end=$((t_start + budget))
 cd "$(dirname "$0")/.."
 root=$(pwd)
 build=${KDL_BENCH_BUILD_DIR:-build-bench-sm90a}
@@ -58,9 +70,13 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 rc=0
-"$build/kdloss" bench --commit "$commit" --json-out "$tmp/" "$@" || rc=$?
+# the table on stdout is kept: `kdloss bench` writes no JSON when a CUDA
+# failure stops it, but the table holds the rows done before it
+"$build/kdloss" bench --commit "$commit" --json-out "$tmp/" "$@" >"$tmp/kdloss-bench.txt" || rc=$?
+cat "$tmp/kdloss-bench.txt"
 if [ "$rc" -ne 0 ]; then
   echo "run_all.sh: kdloss bench exited $rc" >&2
+  if [ -n "${OUT:-}" ]; then cp "$tmp/kdloss-bench.txt" "$OUT/kdloss-bench-failed.txt"; fi
   exit "$rc"
 fi
 src=$(ls "$tmp"/*.json 2>/dev/null | head -1 || true)
@@ -71,12 +87,23 @@ mkdir -p bench/results
 out=bench/results/$(basename "$src")
 png=${out%.json}.png
 
+# the kdloss rows first (merged into an earlier call's file of the same
+# name), in $OUT at once: whatever happens to the peers, these come back
+"$py" bench/peers.py --merge-only --json "$src" --out "$out" || cp "$src" "$out"
+if [ -n "${OUT:-}" ]; then cp "$out" "$OUT/"; fi
+
 export KDLOSS_LIBRARY="$root/$build/libkdloss.so"
-# shellcheck disable=SC2086  # PEERS_ARGS is a list of words
-if ! PYTHONUNBUFFERED=1 "$py" bench/peers.py --json "$src" --out "$out" --png "$png" \
-    --commit "$commit" ${PEERS_ARGS:-} "$@"; then
-  echo "run_all.sh: peers.py failed; writing the kdloss rows alone" >&2
-  "$py" bench/peers.py --merge-only --json "$src" --out "$out" || cp "$src" "$out"
+left=$((t_end - $(date +%s) - 20))
+if [ "$left" -lt 60 ]; then
+  echo "run_all.sh: ${left}s left of KDL_BENCH_BUDGET_S=$budget: peers not run (kdloss rows only)" >&2
+else
+  export KDL_PEERS_STOP_AT=$((t_end - 50))
+  # shellcheck disable=SC2086  # PEERS_ARGS is a list of words
+  if ! PYTHONUNBUFFERED=1 timeout --kill-after=5 "$left" "$py" bench/peers.py --json "$src" --out "$out" \
+      --png "$png" --commit "$commit" ${PEERS_ARGS:-} "$@"; then
+    echo "run_all.sh: peers.py failed or ran past ${left}s; keeping the rows written so far" >&2
+    "$py" bench/peers.py --merge-only --json "$src" --out "$out" || cp "$src" "$out"
+  fi
 fi
 echo "run_all.sh: wrote $out" >&2
 
