@@ -105,6 +105,22 @@ SCHEMA = "kdloss-bench/1"
 # can take a minute or more, which the deadline check before a row cannot
 # see.  So such a row is skipped when less than this is left.
 COMPILE_RESERVE_S = 90.0
+# POT picks a backend by trying its registered ones in order, and JAX comes
+# before PyTorch: ot.batch.solve_batch on torch tensors instantiates POT's
+# JaxBackend, which (jax-cuda installed, as on the device image) puts arrays
+# on the GPU, and JAX then takes 75% of the device memory for itself; every
+# later peer in the process would run in what is left.  So POT is told to
+# skip JAX, TensorFlow and CuPy before it is imported, and JAX (if anything
+# imports it anyway) not to preallocate.
+POT_QUIET_ENV = {"POT_BACKEND_DISABLE_JAX": "1", "POT_BACKEND_DISABLE_TENSORFLOW": "1",
+                 "POT_BACKEND_DISABLE_CUPY": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def quiet_other_frameworks(environ=None):
+    """Sets POT_QUIET_ENV where unset (before POT is imported)."""
+    environ = os.environ if environ is None else environ
+    for k, v in POT_QUIET_ENV.items():
+        environ.setdefault(k, v)
 
 
 # ------------------------------------------------------------ byte model
@@ -1708,6 +1724,22 @@ def self_test_driver(expect):
     written after each op)."""
     import tempfile
 
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+    quiet_other_frameworks(env)
+    expect(env["POT_BACKEND_DISABLE_JAX"] == "1" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true",
+           f"quiet_other_frameworks sets what is unset, keeps what is set: {env}")
+    if "ot" not in sys.modules:  # POT only where it is installed (the device's carried wheel)
+        try:
+            import ot.backend as otbk
+        except Exception:  # noqa: BLE001
+            otbk = None
+        if otbk is not None:
+            import torch
+
+            kind = type(otbk.get_backend(torch.zeros(2))).__name__
+            expect(otbk.jax is False and kind == "TorchBackend",
+                   f"POT with JAX disabled picks {kind} for torch tensors (jax: {bool(otbk.jax)})")
+
     d = peers_deadline(100.0, environ={}, now=1000.0, wall=5e9)
     expect(d == 1100.0, f"peers_deadline(--budget-s 100) = {d}")
     d = peers_deadline(100.0, environ={"KDL_PEERS_STOP_AT": str(5e9 + 40)}, now=1000.0, wall=5e9)
@@ -1750,6 +1782,11 @@ def self_test_driver(expect):
 
 
 def self_test():
+    quiet_other_frameworks()
+    return _self_test()
+
+
+def _self_test():
     """CPU check of the maths this script relies on: every textbook form
     against the float64 reference (small odd shapes, f32 and bf16), the
     reference against kdloss's own float64 reference when python/kdloss and
@@ -1826,6 +1863,7 @@ def self_test():
 
 
 def main(argv=None):
+    quiet_other_frameworks()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.self_test:
         return self_test()
