@@ -266,10 +266,17 @@ class _EagerOp(torch.autograd.Function):
 def _scaled_grad(grad, grad_out, per_row, dtype, shape):
     """grad [N, ...] times the upstream gradient (per row for reduction
     none), cast to dtype and viewed as shape."""
+    # The product is formed in torch's opmath (float32 for a 16-bit grad) and
+    # rounded once to grad's dtype: casting grad_out to a 16-bit dtype first
+    # would round the upstream factor itself (2^-9 relative in bf16).  A 0-d
+    # factor does not promote; a per-row one writes into a grad-dtype output,
+    # so no float32 temporary of grad's size is made.
+    go = grad_out.to(grad.device)
     if per_row:
-        g = grad * grad_out.reshape((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype)
+        go = go.reshape((-1,) + (1,) * (grad.dim() - 1))
+        g = torch.mul(grad, go, out=torch.empty_like(grad))
     else:
-        g = grad * grad_out.to(grad.dtype)
+        g = grad * go.reshape(())
     return g.to(dtype).view(shape)
 
 

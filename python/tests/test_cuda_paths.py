@@ -310,3 +310,20 @@ def test_loss_options_picks_the_loss_options_in_order():
     values = {"x": 0, **{k: i for i, k in enumerate(reversed(_ops.LOSS_OPTIONS))}}
     picked = _ops.loss_options(values)
     assert tuple(picked) == _ops.LOSS_OPTIONS and all(picked[k] == values[k] for k in picked)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upstream_factor_is_not_rounded_before_the_product(per_row, dtype):
+    """A 16-bit gradient (what the GPU writes) times a float32 upstream
+    gradient is one rounding of the float32 product, not the product with
+    the upstream factor rounded to 16 bits first."""
+    from kdloss.torch import _scaled_grad
+    g = torch.Generator().manual_seed(7)
+    grad = (torch.randn(5, 64, generator=g) * 3).to(dtype)
+    go = torch.tensor([1.0 + 2.0 ** -12, 0.3, -1.7, 1e-3, 5.5]) if per_row else torch.tensor(1.0 + 2.0 ** -12)
+    got = _scaled_grad(grad, go, per_row, dtype, grad.shape)
+    factor = go.reshape(-1, 1) if per_row else go
+    want = (grad.double() * factor.double()).to(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
