@@ -29,11 +29,8 @@
 
 namespace kdl {
 
-/* The same launch from an array of pointers to the arguments (one per
- * kernel parameter, already of its type): for a large by-value parameter
- * that must not be copied onto the stack first. */
-static inline cudaError_t launch_ex_args(const void *kernel, dim3 grid, dim3 block, size_t dynamic_smem,
-                                         cudaStream_t stream, void **args)
+/* A plain launch: no cluster, no other attributes. */
+static inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -42,6 +39,16 @@ static inline cudaError_t launch_ex_args(const void *kernel, dim3 grid, dim3 blo
     cfg.stream = stream;
     cfg.attrs = nullptr;
     cfg.numAttrs = 0;
+    return cfg;
+}
+
+/* The same launch from an array of pointers to the arguments (one per
+ * kernel parameter, already of its type): for a large by-value parameter
+ * that must not be copied onto the stack first. */
+static inline cudaError_t launch_ex_args(const void *kernel, dim3 grid, dim3 block, size_t dynamic_smem,
+                                         cudaStream_t stream, void **args)
+{
+    const cudaLaunchConfig_t cfg = launch_config(grid, block, dynamic_smem, stream);
     const cudaError_t e = cudaLaunchKernelExC(&cfg, kernel, args);
     if (e != cudaSuccess) (void)cudaGetLastError(); /* reported here, not again later */
     return e;
@@ -51,13 +58,7 @@ template <class... Params, class... Args>
 static inline cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_smem,
                                     cudaStream_t stream, Args &&...args)
 {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = dynamic_smem;
-    cfg.stream = stream;
-    cfg.attrs = nullptr;
-    cfg.numAttrs = 0;
+    const cudaLaunchConfig_t cfg = launch_config(grid, block, dynamic_smem, stream);
     const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
     if (e != cudaSuccess) (void)cudaGetLastError(); /* reported here, not again later */
     return e;

@@ -126,6 +126,16 @@ static void problem_alloc(gpu_problem_t *p, int64_t N, int64_t V, kdl_dtype_t in
     CUDA_OK(cudaMalloc((void **)&p->info, sizeof(int64_t)));
 }
 
+/* Student and teacher logits of problem p from generator seed `seed`. */
+static void problem_fill(gpu_problem_t *p, uint64_t seed)
+{
+    synth_t sy;
+    synth_init(&sy, p->V, seed);
+    synth_upload(&sy, p->N, 1, p->in_dtype, p->s);
+    synth_upload(&sy, p->N, 2, p->in_dtype, p->t);
+    synth_free(&sy);
+}
+
 static void problem_free(gpu_problem_t *p)
 {
     cudaFree(p->s);
@@ -202,11 +212,7 @@ Test(gpu_hardening, bitwise_deterministic_runs_and_streams)
     for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
         gpu_problem_t p;
         problem_alloc(&p, shapes[sh].N, shapes[sh].V, shapes[sh].in, shapes[sh].gd);
-        synth_t sy;
-        synth_init(&sy, p.V, 1000 + sh);
-        synth_upload(&sy, p.N, 1, p.in_dtype, p.s);
-        synth_upload(&sy, p.N, 2, p.in_dtype, p.t);
-        synth_free(&sy);
+        problem_fill(&p, 1000 + sh);
         const size_t grad_bytes = (size_t)p.N * (size_t)p.V * kdl_dtype_size(p.grad_dtype);
         const size_t loss_bytes = (size_t)p.N * sizeof(float);
         unsigned char *l0 = malloc(loss_bytes), *g0 = malloc(grad_bytes), *l1 = malloc(loss_bytes),
@@ -370,11 +376,7 @@ Test(gpu_hardening, device_memory_exhausted_gives_a_status)
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
     gpu_problem_t p;
     problem_alloc(&p, 8, 32000, KDL_DTYPE_F32, KDL_DTYPE_F32);
-    synth_t sy;
-    synth_init(&sy, p.V, 7);
-    synth_upload(&sy, p.N, 1, p.in_dtype, p.s);
-    synth_upload(&sy, p.N, 2, p.in_dtype, p.t);
-    synth_free(&sy);
+    problem_fill(&p, 7);
     kdl_loss_desc_t d;
     kdl_loss_desc_init(&d);
     d.divergence = KDL_DIV_AKL;
@@ -456,11 +458,7 @@ static void wrong_device_case(int other)
     cr_assert_eq(kdl_create(&h), KDL_STATUS_SUCCESS);
     gpu_problem_t p;
     problem_alloc(&p, 4, 1000, KDL_DTYPE_F32, KDL_DTYPE_F32);
-    synth_t sy;
-    synth_init(&sy, p.V, 11);
-    synth_upload(&sy, p.N, 1, p.in_dtype, p.s);
-    synth_upload(&sy, p.N, 2, p.in_dtype, p.t);
-    synth_free(&sy);
+    problem_fill(&p, 11);
     kdl_loss_desc_t d;
     kdl_loss_desc_init(&d);
     d.divergence = KDL_DIV_AKL;
