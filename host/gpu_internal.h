@@ -19,9 +19,10 @@ extern "C" {
  * review F7): without it every call asked cudaFuncGetAttributes, set the
  * shared-memory cap and (clusters) the non-portable size permission again,
  * and ran cudaOccupancyMaxActiveClusters.  One entry per row kernel
- * (student dtype x teacher dtype, f32/f16/bf16), valid for one device: a
- * call on another current device clears it.  Lives in the handle, which
- * one host thread uses at a time (as a cuBLAS handle). */
+ * (student dtype x teacher dtype, f32/f16/bf16).  Lives in the handle,
+ * which one host thread uses at a time (as a cuBLAS handle), and holds for
+ * the handle's device: every call that launches has passed
+ * kdl_handle_check, so that device is current. */
 #define KDL_LOSS_FIT_MEMO 8
 typedef struct kdl_loss_kmemo {
     int have_attr;          /* static_smem, code_arch below are read        */
@@ -38,8 +39,6 @@ typedef struct kdl_loss_kmemo {
 } kdl_loss_kmemo_t;
 
 struct kdl_loss_cache {
-    int ready;              /* device below is set                          */
-    int device;             /* the device the entries hold for              */
     kdl_loss_kmemo_t k[9];  /* [student dtype * 3 + teacher dtype]          */
 };
 

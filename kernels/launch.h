@@ -51,7 +51,7 @@ typedef struct kdl_loss_launch {
     cudaStream_t stream;
     /* the handle's memo (NULL: none, every call asks CUDA again): kernel
      * attributes read, shared-memory cap and cluster permission set, and
-     * cluster residency answers, per device (review F7) */
+     * cluster residency answers, for the handle's device (review F7) */
     struct kdl_loss_cache *cache;
     /* device fields, from the handle */
     int cc_major;

@@ -199,23 +199,12 @@ static cudaError_t launch_rows(kdl::RowKernelFn fn, kdl::LossParams &P, int64_t 
     return e;
 }
 
-/* The memo entry of row kernel idx for the current device, or NULL (no
- * memo, or the device cannot be read).  Attributes and residency are per
- * device: a memo filled on another device is cleared first. */
+/* The memo entry of row kernel idx, or NULL (no memo).  The memo is the
+ * handle's and holds for its device, which kdl_handle_check made sure is
+ * current before this call. */
 static kdl_loss_kmemo_t *memo_entry(kdl_loss_cache *cache, int idx)
 {
-    if (!cache || idx < 0 || idx >= 9) return nullptr;
-    int dev = -1;
-    if (cudaGetDevice(&dev) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return nullptr;
-    }
-    if (!cache->ready || cache->device != dev) {
-        memset(cache, 0, sizeof *cache);
-        cache->ready = 1;
-        cache->device = dev;
-    }
-    return &cache->k[idx];
+    return cache && idx >= 0 && idx < 9 ? &cache->k[idx] : nullptr;
 }
 
 /* Can a cluster of C CTAs of this kernel and smem be resident at all?
