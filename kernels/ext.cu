@@ -217,12 +217,11 @@ constexpr unsigned char kRowBadIndex = 3;
 
 struct SparseP {
     int mode, div, sdt, tdt, gdt, rule, has_grad, akl;
-    float coef, inv_tau, gscale; /* inv_tau clamped to FLT_MAX; gscale = (float)scale */
+    float coef, inv_tau;         /* inv_tau clamped to FLT_MAX */
     double mu;                   /* double, as the reference compares it */
-    double scale;
+    double scale;                /* the gradient factor is (float)scale, or (float)(scale/counted) */
     const double *counted;       /* MEAN with a gradient: the rows not ignored (acc[7], written
-                                  * by fused_count_kernel first); the gradient factor is then
-                                  * scale/counted (NULL otherwise: scale) */
+                                  * by fused_count_kernel first); NULL otherwise */
     int64_t N, V, k, top_k, ld_s, ld_i, ld_p, ld_g, ignore_index;
     const void *S;
     const int64_t *idx;
@@ -441,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(SparseP P)
     /* MEAN: 1/counted before the gradient's one rounding (rows_finish_kernel
      * leaves the factor counted/valid, exactly 1 unless a row is invalid), so
      * a 16-bit gradient never holds SUM's magnitude (up to N times MEAN's) */
-    const float gscale = P.counted ? (float)(P.scale / *P.counted) : P.gscale;
+    const float gscale = (float)(P.counted ? P.scale / *P.counted : P.scale);
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         if (in_support(bm, v)) continue;
         const float x = ld_f(P.S, P.sdt, offS + v);
@@ -1060,7 +1059,6 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
     P.akl = d->divergence == KDL_DIV_AKL;
     P.coef = (float)(d->divergence == KDL_DIV_JSD ? d->beta : d->alpha);
     P.inv_tau = (float)fmin(1.0 / d->temperature, (double)FLT_MAX);
-    P.gscale = (float)d->scale;
     P.scale = d->scale;
     const int pre = d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0;
     P.counted = pre ? acc + 7 : NULL;
@@ -1091,14 +1089,15 @@ extern "C" kdl_status_t kdl_ext_sparse_launch(const kdl_loss_desc_t *d, const kd
         cudaError_t e = cudaFuncSetAttribute(sparse_row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return kdl_fail(KDL_STATUS_CUDA_ERROR, "cudaFuncSetAttribute: %s", cudaGetErrorString(e));
     }
-    if (pre)
-        KDL_EXT_LAUNCH("fused_count_kernel",
-                       kdl::launch_ex(fused_count_kernel, 1, kThreads, 0, stream, a->labels, N, d->ignore_index, acc));
+    if (pre) {
+        const kdl_status_t st = kdl_ext_fused_count(a->labels, N, d->ignore_index, acc, stream);
+        if (st) return st;
+    }
     if (N > 0) KDL_EXT_LAUNCH("sparse_row_kernel", kdl::launch_ex(sparse_row_kernel, (unsigned)N, kThreads, smem, stream, P));
     KDL_EXT_LAUNCH("rows_finish_kernel",
                    kdl::launch_ex(rows_finish_kernel, 1, kThreads, 0, stream, N, row_loss, cls, (int)d->reduction, d->scale,
                                   a->loss, (int)a->out_dtype, a->info, a->valid_rows, a->bad_index_rows, acc, pre));
-    if (d->reduction == KDL_REDUCTION_MEAN && a->grad && N > 0)
+    if (pre)
         KDL_EXT_LAUNCH("scale_rows_kernel",
                        scale_launch(a->grad, (int)a->grad_dtype, N, a->vocab, a->ld_grad, acc + 3, stream));
     return KDL_STATUS_SUCCESS;
