@@ -338,7 +338,8 @@ def _is_none(reduction):
 
 # ------------------------------------------------------------ distill_loss
 def _distill_checks(s, t, labels, opts):
-    """distill_loss's argument checks: (device, LossDesc, labels as [N])."""
+    """distill_loss's (and the vocabulary-parallel loss's) argument checks:
+    (device, LossDesc, labels as [N])."""
     dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
     _no_f64_on_cuda(dev, s, t)
     desc = _lib.new_desc(**opts)
@@ -1110,6 +1111,17 @@ def fused_linear_distill_loss(
 
 
 
+def _vp_outputs(s, desc, sh, raise_on_invalid):
+    """A finished shard's results as the operators return them (loss,
+    gradient or an empty placeholder, counters, head sizes or an empty
+    placeholder), after the invalid-row check."""
+    _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
+    none = desc.reduction == _lib.REDUCTION_NONE
+    return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
+            _empty(s, _T.results(s.device, s)[1]) if sh.grad is None else sh.grad, sh.counters,
+            _empty(sh.counters) if sh.head_size is None else sh.head_size)
+
+
 def _vocab_impl(s, t, labels, group, geometry, opts, want_grad, want_head_size,
                 raise_on_invalid):
     """One rank's shard step loop (eager: the all-reduces are
@@ -1134,11 +1146,7 @@ def _vocab_impl(s, t, labels, group, geometry, opts, want_grad, want_head_size,
                 dist.all_reduce(sh.exchange[:count], op=getattr(dist.ReduceOp, op.upper()),
                                 group=group)
     # the count is the same on every shard; host sync on CUDA
-    _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
-    none = desc.reduction == _lib.REDUCTION_NONE
-    return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
-            _empty(s, _T.results(dev, s)[1]) if sh.grad is None else sh.grad, sh.counters,
-            _empty(sh.counters) if sh.head_size is None else sh.head_size)
+    return _vp_outputs(s, desc, sh, raise_on_invalid)
 
 
 # Eager: not a custom operator (python/README.md, torch.compile): the
@@ -1212,14 +1220,6 @@ def _teacher_key(t):
     return {torch.float64: "f64", torch.float32: "f32"}.get(t.dtype, "f16")
 
 
-def _vp_checks(s, t, labels, opts):
-    dev = _ops.check_pair(_T, s, t, "student_logits", "teacher_logits")
-    _no_f64_on_cuda(dev, s, t)
-    desc = _lib.new_desc(**opts)
-    lab = _ops.labels(_T, labels, s.shape, dev)
-    return dev, desc, lab
-
-
 def _vp_split(rest):
     """opts, geometry, then the remaining arguments of a step operator."""
     return _opts(rest[:_NOPT]), tuple(rest[_NOPT:_NOPT + 4]), rest[_NOPT + 4:]
@@ -1228,7 +1228,7 @@ def _vp_split(rest):
 def _vp_run(s, t, labels, opts, geometry, step, state, exchange, want_grad, want_head_size):
     """A shard with the given state and reduced exchange (copied: the
     operators do not mutate their inputs), step `step` run on it."""
-    dev, desc, lab = _vp_checks(s, t, labels, opts)
+    dev, desc, lab = _distill_checks(s, t, labels, opts)
     cuda = dev.type == "cuda"
     if cuda:
         _lib.require_gpu("shard", "vocab_parallel_distill_loss")
@@ -1259,7 +1259,7 @@ def _vp_step_impl(s, t, labels, *rest):
 
 def _vp_step_fake(s, t, labels, *rest):
     opts, geometry, (step, _, _) = _vp_split(rest)
-    _vp_checks(s, t, labels, opts)
+    _distill_checks(s, t, labels, opts)
     hdr, row, _, plan = _vp_plan(opts["divergence"], geometry[3], _teacher_key(t))
     N = s.numel() // s.shape[-1]
     return (s.new_empty((hdr + row * N,), dtype=torch.float64),
@@ -1274,16 +1274,12 @@ def _vp_finish_impl(s, t, labels, *rest):
                               want_head_size)
     if op is not None:
         raise RuntimeError(f"kdloss: shard step {step} is not the last step")
-    _raise_invalid(raise_on_invalid, sh.counters, sh.rows)
-    none = desc.reduction == _lib.REDUCTION_NONE
-    return (_loss_out(sh.loss, s.dtype, s.shape[:-1], none),
-            _empty(s, _T.results(s.device, s)[1]) if sh.grad is None else sh.grad, sh.counters,
-            _empty(sh.counters) if sh.head_size is None else sh.head_size)
+    return _vp_outputs(s, desc, sh, raise_on_invalid)
 
 
 def _vp_finish_fake(s, t, labels, *rest):
     opts, geometry, (_, _, _, want_grad, want_head_size, _) = _vp_split(rest)
-    dev, desc, _ = _vp_checks(s, t, labels, opts)
+    dev, desc, _ = _distill_checks(s, t, labels, opts)
     V = s.shape[-1]
     N = s.numel() // V
     akl = desc.divergence == _lib.lib().kdl_divergence_from_name(b"akl")
@@ -1400,7 +1396,7 @@ def vocab_parallel_distill_loss(
                   ignore_index))  # not locals(): torch.compile traces these functions
     traced = _compiling() and _VP_TRACEABLE and _USE_OPS
     if not traced:  # eager: the checks first (while compiling the fakes run them)
-        _vp_checks(student_logits, teacher_logits, labels, opts)
+        _distill_checks(student_logits, teacher_logits, labels, opts)
         _lib.require_ext("vocab_parallel_distill_loss")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("kdloss: vocab_parallel_distill_loss needs torch.distributed "

@@ -26,3 +26,20 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=f"libkdloss.so not found (set KDLOSS_LIBRARY): {e}")
         for item in items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """torch.distributed with one rank in this process (gloo), for the
+    vocabulary-parallel tests; torch is imported only by the tests that ask."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        yield
+        return
+    store = tmp_path_factory.mktemp("dist") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

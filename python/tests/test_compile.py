@@ -414,21 +414,6 @@ def test_cuda_fullgraph_matches_eager(case):
 needs_vp = pytest.mark.skipif(not kt._VP_TRACEABLE, reason="no functional collectives")
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        yield
-        return
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 VP_CASES = {
     "fkl_mean_labels": dict(divergence="fkl", temperature=2.0, scale=4.0),
     "akl_none_stats": dict(divergence="akl", reduction="none", return_stats=True),

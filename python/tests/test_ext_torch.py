@@ -443,22 +443,6 @@ def test_fused_linear_bad_inputs_write_nothing():
 
 
 # -------------------------------------------------------- vocabulary-parallel
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """torch.distributed with one rank in this process (gloo)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        yield
-        return
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("div", DIVS)
 def test_vocab_parallel_one_rank_is_the_dense_loss(one_rank, div):
     s, t = torch.randn(5, 17, dtype=torch.float64), torch.randn(5, 17, dtype=torch.float64)
