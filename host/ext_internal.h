@@ -35,7 +35,8 @@ kdl_status_t kdl_ext_check_dtypes(kdl_dtype_t student, kdl_dtype_t teacher, int 
 int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem);
 
 /* Copies a caller's fused-linear args into *out as a whole current struct:
- * a version-1 caller (struct_size KDL_FUSED_LINEAR_ARGS_V1_SIZE) gets the
+ * a version-1 or version-2 caller (struct_size KDL_FUSED_LINEAR_ARGS_V1_SIZE
+ * or KDL_FUSED_LINEAR_ARGS_V2_SIZE) gets the
  * later fields at their kdl_fused_linear_args_init() defaults.  NULL args:
  * KDL_STATUS_NULL_POINTER; another struct_size: KDL_STATUS_BAD_STRUCT_SIZE.
  * Every fused-linear entry point reads its args only through this. */

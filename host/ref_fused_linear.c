@@ -35,10 +35,13 @@ void kdl_fused_linear_args_init(kdl_fused_linear_args_t *a)
     a->grad_dtype = KDL_DTYPE_F32;
     a->out_dtype = KDL_DTYPE_F32;
     a->grad_output_dtype = KDL_DTYPE_F32;
+    a->teacher_linear_dtype = KDL_DTYPE_F32;
 }
 
 _Static_assert(KDL_FUSED_LINEAR_ARGS_V1_SIZE == offsetof(kdl_fused_linear_args_t, valid_rows) + sizeof(int64_t *),
                "version 1 of kdl_fused_linear_args_t ended at valid_rows");
+_Static_assert(KDL_FUSED_LINEAR_ARGS_V2_SIZE == offsetof(kdl_fused_linear_args_t, grad_bias) + sizeof(void *),
+               "version 2 of kdl_fused_linear_args_t ended at grad_bias");
 
 kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_fused_linear_args_t *out)
 {
@@ -48,12 +51,13 @@ kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_f
     kdl_fused_linear_args_init(out);
     if (sz == sizeof *out) {
         memcpy(out, in, sizeof *out);
-    } else if (sz == KDL_FUSED_LINEAR_ARGS_V1_SIZE) {
-        memcpy(out, in, KDL_FUSED_LINEAR_ARGS_V1_SIZE); /* the rest keeps init's defaults */
+    } else if (sz == KDL_FUSED_LINEAR_ARGS_V1_SIZE || sz == KDL_FUSED_LINEAR_ARGS_V2_SIZE) {
+        memcpy(out, in, sz); /* the rest keeps init's defaults */
         out->struct_size = sizeof *out;
     } else {
-        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE, "args->struct_size is %zu, expected %zu (or %zu, version 1)", sz,
-                        sizeof *out, (size_t)KDL_FUSED_LINEAR_ARGS_V1_SIZE);
+        return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE,
+                        "args->struct_size is %zu, expected %zu (or %zu, version 2; %zu, version 1)", sz, sizeof *out,
+                        (size_t)KDL_FUSED_LINEAR_ARGS_V2_SIZE, (size_t)KDL_FUSED_LINEAR_ARGS_V1_SIZE);
     }
     return KDL_STATUS_SUCCESS;
 }

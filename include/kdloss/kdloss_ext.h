@@ -268,9 +268,11 @@ kdl_status_t kdl_shard_step(kdl_handle_t handle, const kdl_loss_desc_t *desc,
 /* Always start from kdl_fused_linear_args_init().
  *
  * Versions: struct_size tells which fields the caller knows.  Version 1 ended
- * at valid_rows (KDL_FUSED_LINEAR_ARGS_V1_SIZE bytes); a caller built against
- * it still works, with the version-2 fields taken as their init defaults (no
- * upstream gradient, no bias).  New fields are only ever appended. */
+ * at valid_rows (KDL_FUSED_LINEAR_ARGS_V1_SIZE bytes), version 2 at grad_bias
+ * (KDL_FUSED_LINEAR_ARGS_V2_SIZE); a caller built against either still
+ * works, with the later fields taken as their init defaults (no upstream
+ * gradient, no bias, teacher logits from `teacher`).  New fields are only
+ * ever appended. */
 typedef struct kdl_fused_linear_args {
     size_t struct_size;          /* = sizeof(kdl_fused_linear_args_t), set by init */
     int64_t rows;                /* N >= 0                                   */
@@ -315,10 +317,26 @@ typedef struct kdl_fused_linear_args {
     void *grad_bias;             /* optional db [V] in grad_dtype (overwritten): column sums of
                                   * d loss / d logits over the rows; allowed without bias (the
                                   * gradient with respect to a zero bias) */
+
+    /* ---- version 3: the teacher as a linear layer too ----
+     * With teacher_hidden set, the teacher logits are H_t W_t^T (+ b_t),
+     * formed chunk by chunk as the student's are and never stored whole;
+     * `teacher` must then be NULL (one source of teacher logits, else
+     * KDL_STATUS_BAD_PARAM).  The teacher is frozen: no gradient flows to
+     * H_t, W_t or b_t.  teacher_dtype and ld_teacher are unused then. */
+    const void *teacher_hidden;  /* optional H_t [N, ld_teacher_hidden]      */
+    int64_t teacher_hidden_size; /* d_t >= 1 (may differ from hidden)        */
+    int64_t ld_teacher_hidden;   /* >= d_t                                   */
+    const void *teacher_weight;  /* W_t [V, ld_teacher_weight], required with teacher_hidden */
+    int64_t ld_teacher_weight;   /* >= d_t                                   */
+    const void *teacher_bias;    /* optional b_t [V]                         */
+    kdl_dtype_t teacher_linear_dtype; /* of H_t, W_t, b_t; GPU: F32, BF16 or F16; reference: any */
 } kdl_fused_linear_args_t;
 
 /* struct_size of a version-1 caller (the struct up to and including valid_rows). */
 #define KDL_FUSED_LINEAR_ARGS_V1_SIZE (offsetof(kdl_fused_linear_args_t, grad_output))
+/* struct_size of a version-2 caller (up to and including grad_bias). */
+#define KDL_FUSED_LINEAR_ARGS_V2_SIZE (offsetof(kdl_fused_linear_args_t, teacher_hidden))
 
 void kdl_fused_linear_args_init(kdl_fused_linear_args_t *args);
 

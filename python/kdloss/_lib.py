@@ -312,6 +312,14 @@ class FusedLinearArgs(Structure):
         ("grad_output_dtype", c_int),
         ("bias", c_void_p),  # [V] in weight_dtype
         ("grad_bias", c_void_p),  # [V] in grad_dtype
+        # version 3: teacher logits = H_t W_t^T (+ b_t), chunk by chunk
+        ("teacher_hidden", c_void_p),  # [N, ld_teacher_hidden]
+        ("teacher_hidden_size", c_int64),
+        ("ld_teacher_hidden", c_int64),
+        ("teacher_weight", c_void_p),  # [V, ld_teacher_weight]
+        ("ld_teacher_weight", c_int64),
+        ("teacher_bias", c_void_p),  # [V]
+        ("teacher_linear_dtype", c_int),
     ]
 
 
@@ -541,7 +549,9 @@ def _prototype_ext(L):
         teacher_dtype=DTYPE["f32"], grad_dtype=DTYPE["f32"], out_dtype=DTYPE["f32"],
         chunk_rows=0, hidden_states=None, weight=None, teacher=None, grad_hidden=None,
         grad_weight=None, loss=None, info=None, valid_rows=None, grad_output=None,
-        grad_output_dtype=DTYPE["f32"], bias=None, grad_bias=None))
+        grad_output_dtype=DTYPE["f32"], bias=None, grad_bias=None, teacher_hidden=None,
+        teacher_hidden_size=0, ld_teacher_hidden=0, teacher_weight=None, ld_teacher_weight=0,
+        teacher_bias=None, teacher_linear_dtype=DTYPE["f32"]))
     return None
 
 
