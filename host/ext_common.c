@@ -53,7 +53,8 @@ size_t kdl_ext_dense_ws_bytes(int64_t rows)
     return 256 + align256((size_t)rows * sizeof(float));
 }
 
-kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias)
+kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias,
+                                            int teacher_linear)
 {
     kdl_ext_fused_layout_t L;
     memset(&L, 0, sizeof L);
@@ -61,11 +62,13 @@ kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int si
         L.total = 256;
         return L;
     }
-    /* c * V * 8 + V * 8 + c * 4 + 2048 must fit size_t */
+    /* c * V * 10 + V * 8 + c * 4 + 2048 must fit size_t: c * V <= SIZE_MAX / 16 */
     if ((uint64_t)chunk > (SIZE_MAX / 16 - 4096) / (uint64_t)vocab || (uint64_t)vocab > SIZE_MAX / 64) return L;
     size_t cv = (size_t)chunk * (size_t)vocab, off = 0;
     L.logits = off;
     off += align256(cv * 4);
+    L.teacher = off;
+    if (teacher_linear) off += align256(cv * 4);
     L.dl16 = off;
     if (sixteen) off += align256(cv * 2);
     L.dense = off;
@@ -80,7 +83,9 @@ kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int si
 size_t kdl_ext_fused_workspace_bytes(const kdl_fused_linear_args_t *a)
 {
     int sixteen = a->hidden_dtype == KDL_DTYPE_F16 || a->hidden_dtype == KDL_DTYPE_BF16;
-    return kdl_ext_fused_layout(kdl_fused_linear_chunk_rows(a), a->vocab, sixteen, a->grad_bias != NULL).total;
+    return kdl_ext_fused_layout(kdl_fused_linear_chunk_rows(a), a->vocab, sixteen, a->grad_bias != NULL,
+                                a->teacher_hidden != NULL)
+        .total;
 }
 
 static const char *const mode_names[KDL_SPARSE_MODE_COUNT_] = {"renormalised", "tail"};

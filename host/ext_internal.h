@@ -46,6 +46,8 @@ kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_f
  * rows, each piece 256-byte aligned, in this order:
  *   logits  float32 chunk [c, V]: the logits, then (F32 inputs, or with
  *           grad_output) d loss / d logits written over them in place;
+ *   teacher teacher_linear only: the float32 teacher logits of the chunk
+ *           [c, V], H_t,c W_t^T (+ b_t) (only read by the loss kernel);
  *   dl16    16-bit inputs only: dL of the chunk in the inputs' dtype [c, V];
  *   dense   the dense loss kernel's workspace for c rows (kdl_loss_ws_bytes:
  *           256-byte header + one float per row);
@@ -55,13 +57,15 @@ kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_f
  *           valid counts (int64) as the dense call writes them).
  * c = 0 (N = 0): only acc, at offset 0.  total = 0 on size_t overflow. */
 typedef struct kdl_ext_fused_layout {
-    size_t logits, dl16, dense, bias, acc, total;
+    size_t logits, teacher, dl16, dense, bias, acc, total;
 } kdl_ext_fused_layout_t;
-kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias);
+kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias,
+                                            int teacher_linear);
 /* The dense part above: the formula of kernels/loss.cu kdl_loss_ws_bytes
  * (the GPU wrapper checks that they agree). */
 size_t kdl_ext_dense_ws_bytes(int64_t rows);
-/* The layout's total for (normalised) args: chunk, dtypes and grad_bias. */
+/* The layout's total for (loaded) args: chunk, dtypes, grad_bias and
+ * teacher_hidden. */
 size_t kdl_ext_fused_workspace_bytes(const kdl_fused_linear_args_t *args);
 #endif
 

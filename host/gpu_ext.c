@@ -94,12 +94,13 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
     int64_t c = kdl_fused_linear_chunk_rows(a);
     if (a->vocab > INT_MAX || a->hidden > INT_MAX || c > INT_MAX || a->ld_hidden > INT_MAX ||
         a->ld_weight > INT_MAX || a->ld_grad_hidden > INT_MAX || a->ld_grad_weight > INT_MAX ||
-        a->rows > INT32_MAX)
+        a->rows > INT32_MAX || a->teacher_hidden_size > INT_MAX || a->ld_teacher_hidden > INT_MAX ||
+        a->ld_teacher_weight > INT_MAX)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "fused linear GPU path: a dimension exceeds cuBLAS's int");
     if (a->vocab > KDL_LOSS_MAX_VOCAB)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab = %lld exceeds the GPU limit %lld", (long long)a->vocab,
                         (long long)KDL_LOSS_MAX_VOCAB);
-    *lay = kdl_ext_fused_layout(c, a->vocab, is16(a->hidden_dtype), a->grad_bias != NULL);
+    *lay = kdl_ext_fused_layout(c, a->vocab, is16(a->hidden_dtype), a->grad_bias != NULL, a->teacher_hidden != NULL);
     if (!lay->total)
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "workspace of chunk %lld x vocab %lld", (long long)c,
                         (long long)a->vocab);
@@ -116,7 +117,7 @@ kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t h, const kdl_loss_desc
     kdl_fused_linear_args_t a;
     kdl_status_t st = kdl_fused_linear_args_load(args, &a);
     if (st) return st;
-    kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0};
+    kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0, 0};
     st = fused_check(h, d, &a, &lay);
     if (st) return st;
     *bytes = lay.total;
@@ -189,7 +190,7 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     st = kdl_fused_linear_args_load(args, &x);
     if (st) return st;
     const kdl_fused_linear_args_t *a = &x;
-    kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0};
+    kdl_ext_fused_layout_t lay = {0, 0, 0, 0, 0, 0, 0};
     st = fused_check(h, d, a, &lay);
     if (st) return st;
     if (ws_bytes < lay.total)

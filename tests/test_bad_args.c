@@ -1193,7 +1193,37 @@ enum { FN = 3, FD = 4, FV = 5 };
     X(mis_valid, "valid_rows misaligned", MISALIGNED, BOTH, a->valid_rows = MIS(a->valid_rows, 4)) \
     X(mis_gout, "grad_output misaligned", MISALIGNED, BOTH, a->grad_output = MIS(a->hidden_states, 1)) \
     X(mis_bias, "bias misaligned", MISALIGNED, BOTH, a->bias = MIS(a->weight, 1)) \
-    X(mis_gb, "grad_bias misaligned", MISALIGNED, BOTH, a->grad_bias = MIS(a->grad_weight, 2))
+    X(mis_gb, "grad_bias misaligned", MISALIGNED, BOTH, a->grad_bias = MIS(a->grad_weight, 2)) \
+    /* version 3: the teacher as a linear layer (H_t = H, W_t = W of the data dtype, d_t = d) */ \
+    X(tl_both, "teacher and teacher_hidden", BAD_PARAM, BOTH, FL_TLIN(a)) \
+    X(tl_w_only, "teacher_weight without teacher_hidden", BAD_PARAM, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->teacher_hidden = NULL) \
+    X(tl_w_logits, "teacher_weight with teacher logits", BAD_PARAM, BOTH, a->teacher_weight = a->weight) \
+    X(tl_b_logits, "teacher_bias with teacher logits", BAD_PARAM, BOTH, a->teacher_bias = a->weight) \
+    X(tl_null_w, "teacher_weight NULL", NULL_POINTER, BOTH, FL_TLIN(a); a->teacher = NULL; a->teacher_weight = NULL) \
+    X(tl_dt, "teacher_hidden_size 0", BAD_SIZE, BOTH, FL_TLIN(a); a->teacher = NULL; a->teacher_hidden_size = 0) \
+    X(tl_ld_h, "ld_teacher_hidden < d_t", BAD_STRIDE, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->ld_teacher_hidden = FD - 1) \
+    X(tl_ld_w, "ld_teacher_weight < d_t", BAD_STRIDE, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->ld_teacher_weight = 0) \
+    X(tl_dtype, "teacher_linear_dtype 5", BAD_ENUM, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->teacher_linear_dtype = (kdl_dtype_t)5) \
+    X(tl_f64, "teacher layer f64 on the GPU", NOT_SUPPORTED, GPU, \
+      FL_TLIN(a); a->teacher = NULL; a->teacher_linear_dtype = KDL_DTYPE_F64) \
+    X(tl_mis_h, "teacher_hidden misaligned", MISALIGNED, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->teacher_hidden = MIS(a->hidden_states, 1)) \
+    X(tl_mis_w, "teacher_weight misaligned", MISALIGNED, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->teacher_weight = MIS(a->weight, 2)) \
+    X(tl_mis_b, "teacher_bias misaligned", MISALIGNED, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->teacher_bias = MIS(a->weight, 3)) \
+    X(tl_ovf, "ld_teacher_weight INT64_MAX", SIZE_OVERFLOW, BOTH, \
+      FL_TLIN(a); a->teacher = NULL; a->ld_teacher_weight = INT64_MAX)
+/* The teacher as a linear layer beside the teacher logits (rows clear
+ * `teacher` where they test something else): H_t, W_t are H, W. */
+#define FL_TLIN(a)                                                                                      \
+    ((a)->teacher_hidden = (a)->hidden_states, (a)->teacher_weight = (a)->weight,                      \
+     (a)->teacher_hidden_size = (a)->ld_teacher_hidden = (a)->ld_teacher_weight = FD,                   \
+     (a)->teacher_linear_dtype = (a)->hidden_dtype)
 FL_CASES(CASE_FN)
 static const bad_case_t fl_cases[] = {FL_CASES(CASE_ROW)};
 #undef CASE_DESC_T

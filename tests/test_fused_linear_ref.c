@@ -6,7 +6,10 @@
  * products for the logits and for dH, dW).  Version 2 of the args: the
  * upstream per-row gradient (reduction NONE) and the bias against finite
  * differences of sum_i g_i loss_i, 16-bit inputs and gradients, version-1
- * callers, and the statuses of the new arguments.
+ * callers, and the statuses of the new arguments.  Version 3 (the teacher
+ * as a linear layer): against the same reference given teacher logits the
+ * test forms itself, version-2 callers, rows = 0, the chunk rule and the
+ * new statuses.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -326,7 +329,7 @@ Test(api, chunk_rows_and_bad_arguments)
     ch.vocab = 151936;
     cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 1023);
     cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 4 / 8);
-    cr_expect_gt((double)kdl_ext_fused_layout(1024, 151936, 0, 0).total, 8192.0 * 151936 * 4 / 8);
+    cr_expect_gt((double)kdl_ext_fused_layout(1024, 151936, 0, 0, 0).total, 8192.0 * 151936 * 4 / 8);
     ch.hidden_dtype = ch.weight_dtype = KDL_DTYPE_BF16;
     cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 341);
     cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 2 / 8);
@@ -562,3 +565,320 @@ Test(api, version_2_bad_arguments)
     a.grad_dtype = KDL_DTYPE_F64;
     cr_expect_eq(kdl_fused_linear_validate(&sum, &a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 grads on the GPU");
 }
+
+/* ------------------------------------------------------------ version 3 */
+/* The teacher as a linear layer: the reference given H_t, W_t (+ b_t) must
+ * equal the reference given the teacher logits H_t W_t^T (+ b_t) that the
+ * test forms itself in float64 (its own loop over the stored values) as an
+ * F64 teacher.  Strided everywhere: ld_hidden > d, d_t != d, ld_teacher_hidden
+ * and ld_teacher_weight > d_t. */
+enum { TL_N = 5, TL_D = 4, TL_LDH = 6, TL_V = 17, TL_DT = 7, TL_LDTH = 9, TL_LDTW = 8 };
+
+typedef struct tl_prob {
+    kdl_dtype_t sdt, tdt;                  /* student H, W, b; teacher H_t, W_t, b_t */
+    double H[TL_N * TL_LDH], W[TL_V * TL_D], b[TL_V];     /* stored in sdt (byte buffers) */
+    double Ht[TL_N * TL_LDTH], Wt[TL_V * TL_LDTW], bt[TL_V]; /* stored in tdt */
+    double T[TL_N * TL_V];                 /* the test's teacher logits */
+    int64_t labels[TL_N];
+} tl_prob_t;
+
+typedef struct tl_out {
+    double loss[TL_N], dH[TL_N * TL_LDH], dW[TL_V * TL_D], db[TL_V];
+    int64_t info, valid;
+    kdl_status_t status;
+} tl_out_t;
+
+/* n normal values (sigma) from seed, stored in dt at dst, and read back
+ * into back (float64, the stored values exactly). */
+static void tl_fill(uint64_t seed, int64_t n, double sigma, kdl_dtype_t dt, void *dst, double *back)
+{
+    double x[TL_V * TL_LDTW];
+    kdl_ext_random_normal(seed, x, n, sigma);
+    kdl_to_dtype(x, dst, dt, n);
+    kdl_from_dtype(dst, back, dt, n);
+}
+
+static void tl_make(tl_prob_t *p, kdl_dtype_t sdt, kdl_dtype_t tdt, int teacher_bias, uint64_t seed)
+{
+    memset(p, 0, sizeof *p);
+    p->sdt = sdt;
+    p->tdt = tdt;
+    double Ht[TL_N * TL_LDTH], Wt[TL_V * TL_LDTW], bt[TL_V], scratch[TL_V * TL_LDTW];
+    tl_fill(seed, TL_N * TL_LDH, 1.0, sdt, p->H, scratch);
+    tl_fill(seed + 1, TL_V * TL_D, 0.7, sdt, p->W, scratch);
+    tl_fill(seed + 2, TL_V, 0.5, sdt, p->b, scratch);
+    tl_fill(seed + 3, TL_N * TL_LDTH, 1.0, tdt, p->Ht, Ht);
+    tl_fill(seed + 4, TL_V * TL_LDTW, 0.6, tdt, p->Wt, Wt);
+    tl_fill(seed + 5, TL_V, 0.8, tdt, p->bt, bt);
+    /* the teacher logits in float64 from the stored values; the padding
+     * columns of the strided H_t and W_t are never read */
+    for (int i = 0; i < TL_N; i++)
+        for (int v = 0; v < TL_V; v++) {
+            double s = 0;
+            for (int k = 0; k < TL_DT; k++) s += Ht[i * TL_LDTH + k] * Wt[v * TL_LDTW + k];
+            p->T[i * TL_V + v] = teacher_bias ? s + bt[v] : s;
+        }
+    const int64_t labels[TL_N] = {2, -100, 0, 16, -100};
+    memcpy(p->labels, labels, sizeof labels);
+}
+
+/* The call on p: the teacher as a linear layer (tlin, with or without b_t)
+ * or as the test's float64 logits; student bias and every gradient. */
+static kdl_fused_linear_args_t tl_args(const tl_prob_t *p, int tlin, int teacher_bias, tl_out_t *o)
+{
+    kdl_fused_linear_args_t a = kdl_ext_fused_args(TL_N, TL_D, TL_V, p->H, p->W, p->sdt, p->T, KDL_DTYPE_F64,
+                                                   o->dH, o->dW, o->loss);
+    a.ld_hidden = a.ld_grad_hidden = TL_LDH;
+    a.bias = p->b;
+    a.grad_bias = o->db;
+    a.labels = p->labels;
+    a.info = &o->info;
+    a.valid_rows = &o->valid;
+    if (tlin) {
+        a.teacher = NULL;
+        a.teacher_dtype = (kdl_dtype_t)99; /* unused with the teacher as a linear layer, */
+        a.ld_teacher = 0;                  /* and so not checked */
+        a.teacher_hidden = p->Ht;
+        a.teacher_hidden_size = TL_DT;
+        a.ld_teacher_hidden = TL_LDTH;
+        a.teacher_weight = p->Wt;
+        a.ld_teacher_weight = TL_LDTW;
+        a.teacher_bias = teacher_bias ? p->bt : NULL;
+        a.teacher_linear_dtype = p->tdt;
+    }
+    return a;
+}
+
+static void tl_run(const kdl_loss_desc_t *d, const tl_prob_t *p, int tlin, int teacher_bias, tl_out_t *o)
+{
+    memset(o, 0, sizeof *o);
+    kdl_fused_linear_args_t a = tl_args(p, tlin, teacher_bias, o);
+    o->status = kdl_ref_fused_linear_loss(d, &a);
+}
+
+static void tl_expect_same(const char *what, const tl_out_t *got, const tl_out_t *want, int nloss)
+{
+    cr_expect_eq(got->status, KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    cr_expect_eq(want->status, KDL_STATUS_SUCCESS, "%s (teacher logits): %s", what, kdl_get_last_error());
+    const kdl_tol_t tol = {1e-13, 1e-15};
+    KDL_EXPECT_CLOSE(what, got->loss, want->loss, nloss, tol);
+    KDL_EXPECT_CLOSE(what, got->dH, want->dH, TL_N * TL_LDH, tol);
+    KDL_EXPECT_CLOSE(what, got->dW, want->dW, TL_V * TL_D, tol);
+    KDL_EXPECT_CLOSE(what, got->db, want->db, TL_V, tol);
+    cr_expect(got->info == want->info && got->valid == want->valid, "%s: counters", what);
+}
+
+Test(teacher_linear, equals_teacher_logits_every_divergence)
+{
+    const kdl_dtype_t dts[3][2] = {{KDL_DTYPE_F32, KDL_DTYPE_F32},
+                                   {KDL_DTYPE_BF16, KDL_DTYPE_BF16},
+                                   {KDL_DTYPE_F32, KDL_DTYPE_BF16}};
+    const kdl_reduction_t reds[3] = {KDL_REDUCTION_NONE, KDL_REDUCTION_SUM, KDL_REDUCTION_MEAN};
+    int runs = 0;
+    for (size_t k = 0; k < KDL_NDIVS; k++)
+        for (int t = 0; t < 3; t++)
+            for (int bias = 0; bias < 2; bias++) {
+                tl_prob_t p;
+                tl_make(&p, dts[t][0], dts[t][1], bias, 1000 + 10 * k + 3 * t + bias);
+                for (int r = 0; r < 3; r++) {
+                    kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], reds[r]);
+                    d.temperature = 1.5;
+                    tl_out_t got, want;
+                    tl_run(&d, &p, 1, bias, &got);
+                    tl_run(&d, &p, 0, bias, &want);
+                    char what[96];
+                    snprintf(what, sizeof what, "%s, %s/%s, %s, teacher bias %d", kdl_divergence_name(kdl_all_divs[k]),
+                             kdl_dtype_name(dts[t][0]), kdl_dtype_name(dts[t][1]), kdl_reduction_name(reds[r]), bias);
+                    tl_expect_same(what, &got, &want, reds[r] == KDL_REDUCTION_NONE ? TL_N : 1);
+                    cr_expect_eq(want.valid, 3, "%s", what);
+                    runs++;
+                }
+            }
+    cr_expect_eq(runs, (int)KDL_NDIVS * 18);
+}
+
+/* The teacher's bias is used (the runs above would agree if neither side
+ * added it): with b_t the loss differs from the call without it. */
+Test(teacher_linear, teacher_bias_matters)
+{
+    tl_prob_t p;
+    tl_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 1, 1200);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_SUM);
+    tl_out_t with, without;
+    tl_run(&d, &p, 1, 1, &with);
+    tl_run(&d, &p, 1, 0, &without);
+    cr_assert_eq(with.status, KDL_STATUS_SUCCESS);
+    cr_assert_eq(without.status, KDL_STATUS_SUCCESS);
+    cr_expect(fabs(with.loss[0] - without.loss[0]) > 1e-3, "%g vs %g", with.loss[0], without.loss[0]);
+}
+
+/* rows = 0: H_t may be NULL (an empty tensor's data pointer) beside W_t, as
+ * H and T may; the loss is 0 and dW, db are zeroed, as without the teacher
+ * layer.  Both teacher sources at once is still BAD_PARAM. */
+Test(teacher_linear, empty_batch)
+{
+    tl_prob_t p;
+    tl_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 1, 1300);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    for (int c = 0; c < 3; c++) {
+        tl_out_t o;
+        memset(&o, 0, sizeof o);
+        o.loss[0] = 42;
+        for (int j = 0; j < TL_V * TL_D; j++) o.dW[j] = 9;
+        for (int j = 0; j < TL_V; j++) o.db[j] = 9;
+        kdl_fused_linear_args_t a = tl_args(&p, 1, 1, &o);
+        a.rows = 0;
+        a.hidden_states = NULL;
+        if (c == 0) a.teacher_hidden = NULL;      /* W_t and b_t alone */
+        if (c == 1) a.teacher_weight = NULL;      /* H_t alone */
+        if (c == 2) a.teacher_hidden = a.teacher_weight = NULL; /* b_t alone */
+        cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "case %d: %s", c, kdl_get_last_error());
+        cr_expect(o.loss[0] == 0.0, "case %d", c);
+        for (int j = 0; j < TL_V * TL_D; j++) cr_expect(o.dW[j] == 0.0, "case %d dW[%d]", c, j);
+        for (int j = 0; j < TL_V; j++) cr_expect(o.db[j] == 0.0, "case %d db[%d]", c, j);
+        /* the sizes are still checked, and one source only */
+        a.teacher_hidden_size = 0;
+        cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_SIZE, "case %d", c);
+        a.teacher_hidden_size = TL_DT;
+        a.teacher = p.T;
+        cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_PARAM, "case %d", c);
+    }
+}
+
+/* A caller built against version 2 (struct_size at grad_bias), with garbage
+ * where version 3 has its fields, behaves as before: its teacher logits. */
+Test(teacher_linear, version_2_callers)
+{
+    tl_prob_t p;
+    tl_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1400);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+    tl_out_t want, got;
+    tl_run(&d, &p, 0, 0, &want);
+    cr_assert_eq(want.status, KDL_STATUS_SUCCESS);
+    union {
+        kdl_fused_linear_args_t a;
+        unsigned char bytes[sizeof(kdl_fused_linear_args_t)];
+    } u;
+    memset(&got, 0, sizeof got);
+    u.a = tl_args(&p, 0, 0, &got);
+    memset(u.bytes + KDL_FUSED_LINEAR_ARGS_V2_SIZE, 0x5A, sizeof u.bytes - KDL_FUSED_LINEAR_ARGS_V2_SIZE);
+    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V2_SIZE;
+    cr_assert_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_assert_eq(kdl_fused_linear_validate(&d, &u.a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 teacher on the GPU");
+    got.status = kdl_ref_fused_linear_loss(&d, &u.a);
+    tl_expect_same("version 2", &got, &want, TL_N);
+    for (int i = 0; i < TL_N; i++) cr_expect(got.loss[i] == want.loss[i] || (isnan(got.loss[i]) && isnan(want.loss[i])));
+    /* the full struct with the same garbage is a teacher-linear call with
+     * both sources: refused */
+    u.a.struct_size = sizeof u.a;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_ENUM); /* teacher_linear_dtype 0x5A5A5A5A */
+    u.a.teacher_linear_dtype = KDL_DTYPE_F32;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_PARAM);
+    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V2_SIZE + 8;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_STRUCT_SIZE);
+    kdl_fused_linear_args_t init;
+    kdl_fused_linear_args_init(&init);
+    cr_expect(init.teacher_hidden == NULL && init.teacher_weight == NULL && init.teacher_bias == NULL);
+    cr_expect_eq(init.teacher_linear_dtype, KDL_DTYPE_F32);
+}
+
+/* The chunk rule with the teacher's float32 chunk in the workspace. */
+Test(teacher_linear, chunk_rows)
+{
+    kdl_fused_linear_args_t ch;
+    kdl_fused_linear_args_init(&ch);
+    double one = 0;
+    ch.teacher_hidden = &one;
+    ch.rows = 100;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 6); /* N/16 */
+    ch.rows = 8192;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 512);
+    ch.hidden_dtype = ch.weight_dtype = KDL_DTYPE_BF16;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 204); /* N/40 */
+    /* with V: the whole workspace within 1/8 of one [N, V] logits tensor */
+    ch.vocab = 151936;
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 204);
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 2 / 8);
+    cr_expect_gt((double)kdl_ext_fused_layout(205, 151936, 1, 0, 1).total, 8192.0 * 151936 * 2 / 8);
+    ch.grad_bias = &one;
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 2 / 8);
+    ch.grad_bias = NULL;
+    ch.hidden_dtype = ch.weight_dtype = KDL_DTYPE_F32;
+    /* 512 rows are exactly 1/8 at F32: one row less */
+    cr_expect_eq(kdl_fused_linear_chunk_rows(&ch), 511);
+    cr_expect_leq((double)kdl_ext_fused_workspace_bytes(&ch), 8192.0 * 151936 * 4 / 8);
+    cr_expect_gt((double)kdl_ext_fused_layout(512, 151936, 0, 0, 1).total, 8192.0 * 151936 * 4 / 8);
+    /* the teacher region: c·V·4 bytes more, after the student logits */
+    kdl_ext_fused_layout_t with = kdl_ext_fused_layout(3, 100, 1, 1, 1), without = kdl_ext_fused_layout(3, 100, 1, 1, 0);
+    cr_expect_eq(with.total - without.total, 3 * 100 * 4 + 256 - (3 * 100 * 4) % 256);
+    cr_expect_eq(with.teacher, with.logits + 3 * 100 * 4 + 256 - (3 * 100 * 4) % 256);
+    cr_expect(with.dl16 >= with.teacher + 3 * 100 * 4);
+}
+
+/* Each new argument's status; nothing is written on failure. */
+static void bad_setup_tl(bad_case_t *c)
+{
+    bad_setup(c);
+    c->a.teacher = NULL;
+    c->a.teacher_hidden = c->H; /* H_t [2, 3] and W_t [5, 3]: zeros */
+    c->a.teacher_hidden_size = BAD_D;
+    c->a.ld_teacher_hidden = BAD_D;
+    c->a.teacher_weight = c->W;
+    c->a.ld_teacher_weight = BAD_D;
+    c->a.teacher_bias = c->T;
+    c->a.teacher_linear_dtype = KDL_DTYPE_F64;
+}
+
+static kdl_status_t bad_call_gpu_rule(bad_case_t *c) { return kdl_fused_linear_validate(&c->d, &c->a, 0); }
+
+#define BAD(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup_tl, bad_call, bad_untouched, what, expected, mutate)
+#define BAD_PLAIN(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup, bad_call, bad_untouched, what, expected, mutate)
+#define BAD_GPU(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup_tl, bad_call_gpu_rule, bad_untouched, what, expected, mutate)
+
+Test(teacher_linear, bad_arguments)
+{
+    { /* the valid teacher-linear problem itself succeeds */
+        bad_case_t c;
+        bad_setup_tl(&c);
+        cr_assert_eq(bad_call(&c), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    }
+    BAD("teacher and teacher_hidden", KDL_STATUS_BAD_PARAM, c->a.teacher = c->T);
+    BAD("teacher and W_t without H_t", KDL_STATUS_BAD_PARAM, c->a.teacher = c->T; c->a.teacher_hidden = NULL);
+    BAD("W_t without H_t", KDL_STATUS_BAD_PARAM, c->a.teacher_hidden = NULL);
+    BAD("b_t alone", KDL_STATUS_BAD_PARAM, c->a.teacher_hidden = NULL; c->a.teacher_weight = NULL);
+    BAD_PLAIN("teacher_weight with teacher logits", KDL_STATUS_BAD_PARAM, c->a.teacher_weight = c->W);
+    BAD_PLAIN("teacher_bias with teacher logits", KDL_STATUS_BAD_PARAM, c->a.teacher_bias = c->W);
+    BAD("teacher_weight NULL", KDL_STATUS_NULL_POINTER, c->a.teacher_weight = NULL);
+    BAD("teacher_hidden_size 0", KDL_STATUS_BAD_SIZE, c->a.teacher_hidden_size = 0);
+    BAD("teacher_hidden_size -3", KDL_STATUS_BAD_SIZE, c->a.teacher_hidden_size = -3);
+    BAD("ld_teacher_hidden < d_t", KDL_STATUS_BAD_STRIDE, c->a.ld_teacher_hidden = BAD_D - 1);
+    BAD("ld_teacher_weight < d_t", KDL_STATUS_BAD_STRIDE, c->a.ld_teacher_weight = BAD_D - 1);
+    BAD("teacher_linear_dtype 7", KDL_STATUS_BAD_ENUM, c->a.teacher_linear_dtype = (kdl_dtype_t)7);
+    BAD("teacher_linear_dtype -1", KDL_STATUS_BAD_ENUM, c->a.teacher_linear_dtype = (kdl_dtype_t)-1);
+    BAD("teacher_hidden misaligned", KDL_STATUS_MISALIGNED, c->a.teacher_hidden = (const char *)c->H + 4);
+    BAD("teacher_weight misaligned", KDL_STATUS_MISALIGNED, c->a.teacher_weight = (const char *)c->W + 2);
+    BAD("teacher_bias misaligned", KDL_STATUS_MISALIGNED, c->a.teacher_bias = (const char *)c->T + 1);
+    BAD("ld_teacher_weight INT64_MAX", KDL_STATUS_SIZE_OVERFLOW, c->a.ld_teacher_weight = INT64_MAX);
+    BAD("ld_teacher_hidden INT64_MAX", KDL_STATUS_SIZE_OVERFLOW, c->a.ld_teacher_hidden = INT64_MAX);
+    /* the GPU path: F32, BF16, F16 teacher layers only */
+    BAD_GPU("teacher layer f64 on the GPU", KDL_STATUS_NOT_SUPPORTED,
+            c->a.hidden_dtype = c->a.weight_dtype = c->a.grad_dtype = KDL_DTYPE_F32);
+    BAD_GPU("teacher_linear_dtype 4 on the GPU", KDL_STATUS_BAD_ENUM,
+            c->a.hidden_dtype = c->a.weight_dtype = c->a.grad_dtype = KDL_DTYPE_F32;
+            c->a.teacher_linear_dtype = (kdl_dtype_t)4);
+    const kdl_dtype_t ok16[3] = {KDL_DTYPE_F32, KDL_DTYPE_BF16, KDL_DTYPE_F16};
+    for (int t = 0; t < 3; t++) {
+        bad_case_t c;
+        bad_setup_tl(&c);
+        c.a.hidden_dtype = c.a.weight_dtype = c.a.grad_dtype = KDL_DTYPE_F32;
+        c.a.teacher_linear_dtype = ok16[t];
+        cr_expect_eq(kdl_fused_linear_validate(&c.d, &c.a, 0), KDL_STATUS_SUCCESS, "%s: %s",
+                     kdl_dtype_name(ok16[t]), kdl_get_last_error());
+    }
+}
+#undef BAD
+#undef BAD_PLAIN
+#undef BAD_GPU

@@ -298,8 +298,10 @@ typedef struct kdl_fused_linear_args {
                                   * both BF16 or both F16; reference also F64 */
 
     int64_t chunk_rows;          /* rows per chunk; 0 = default: max(1, N/8) for F32 H and W,
-                                  * max(1, N/24) for 16-bit ones (the workspace stays <= 1/8
-                                  * of the logits materialised in that dtype), at most 4096 */
+                                  * max(1, N/24) for 16-bit ones; with teacher_hidden (a float32
+                                  * teacher chunk too) N/16 and N/40; at most 4096, then lowered
+                                  * until the whole workspace is <= 1/8 of one [N, V] logits
+                                  * tensor in H and W's dtype */
 
     kdl_dtype_t out_dtype;       /* F32 (default) or F64                      */
     void *loss;                  /* required: [1] or [N] (NONE)               */
@@ -323,7 +325,13 @@ typedef struct kdl_fused_linear_args {
      * formed chunk by chunk as the student's are and never stored whole;
      * `teacher` must then be NULL (one source of teacher logits, else
      * KDL_STATUS_BAD_PARAM).  The teacher is frozen: no gradient flows to
-     * H_t, W_t or b_t.  teacher_dtype and ld_teacher are unused then. */
+     * H_t, W_t or b_t.  teacher_dtype and ld_teacher are unused (and not
+     * checked) then.  teacher_weight or teacher_bias without teacher_hidden
+     * is KDL_STATUS_BAD_PARAM, except with rows = 0: like every row array,
+     * H_t and W_t are required only when N > 0 (NULL_POINTER), so an empty
+     * call may pass a NULL H_t (an empty tensor's data) beside W_t; the
+     * sizes, strides and dtype below are checked whenever any of the three
+     * pointers is set. */
     const void *teacher_hidden;  /* optional H_t [N, ld_teacher_hidden]      */
     int64_t teacher_hidden_size; /* d_t >= 1 (may differ from hidden)        */
     int64_t ld_teacher_hidden;   /* >= d_t                                   */
@@ -345,14 +353,20 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *args);
 
 /* Argument check shared by both paths (allow_f64: 1 for the reference).
  * Beyond the sizes, strides, pointers and alignment: grad_output with SUM
- * or MEAN is KDL_STATUS_BAD_PARAM; a dtype outside the enum is
- * KDL_STATUS_BAD_ENUM; a grad_dtype that is neither F32, the inputs' common
- * 16-bit dtype nor (reference) F64, H and W of different dtypes on the GPU,
- * and F64 data on the GPU are KDL_STATUS_NOT_SUPPORTED. */
+ * or MEAN, and two sources of teacher logits (teacher with teacher_hidden,
+ * or teacher_weight / teacher_bias without teacher_hidden when N > 0), are
+ * KDL_STATUS_BAD_PARAM; a dtype outside the enum (teacher_linear_dtype
+ * included) is KDL_STATUS_BAD_ENUM; a grad_dtype that is neither F32, the
+ * inputs' common 16-bit dtype nor (reference) F64, H and W of different
+ * dtypes on the GPU, and F64 data on the GPU (the teacher layer's included)
+ * are KDL_STATUS_NOT_SUPPORTED.  teacher_hidden_size < 1 is BAD_SIZE,
+ * ld_teacher_hidden or ld_teacher_weight < teacher_hidden_size BAD_STRIDE. */
 kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
                                        int allow_f64);
 
-/* Reference: materialises the [N,V] float64 logits (it is a reference), runs
+/* Reference: materialises the [N,V] float64 logits (it is a reference), and
+ * with teacher_hidden the [N,V] float64 teacher logits H_t W_t^T (+ b_t)
+ * (plain loops, given to the dense reference as an F64 teacher), runs
  * kdl_ref_loss_forward_backward on them, multiplies row i of dL by
  * grad_output[i] when given, then dH = dL W, dW = dL^T H and db = column sums
  * of dL as plain sums (so a non-finite hidden row poisons dW, as a GEMM
