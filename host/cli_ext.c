@@ -456,10 +456,17 @@ int kdl_cli_sparse_loss(int argc, char **argv)
 
 static const char fused_usage[] =
     "usage: kdloss fused-linear --hidden H.npy --weight W.npy --teacher T.npy [options]\n"
+    "       kdloss fused-linear --hidden H.npy --weight W.npy --teacher-hidden Ht.npy\n"
+    "                           --teacher-weight Wt.npy [--teacher-bias Bt.npy] [options]\n"
     "\n"
     "Distillation loss of the student logits H W^T (never materialised on the GPU\n"
-    "path: chunks of rows) against the teacher logits T, and its gradients with\n"
-    "respect to H and W.  H float [N, d], W float [V, d], T float [N, V].\n"
+    "path: chunks of rows) against the teacher logits, and its gradients with\n"
+    "respect to H and W.  H float [N, d], W float [V, d].  One teacher source:\n"
+    "  --teacher T.npy         the teacher logits, float [N, V]\n"
+    "  --teacher-hidden Ht.npy the teacher as a linear layer: logits Ht Wt^T (+ Bt),\n"
+    "  --teacher-weight Wt.npy formed chunk by chunk as the student's (frozen: no\n"
+    "  --teacher-bias Bt.npy   gradient); Ht float [N, d_t], Wt float [V, d_t],\n"
+    "                          Bt float [V] (optional); d_t may differ from d\n"
     "\n"
     "  --chunk-rows C          rows per chunk (GPU); default max(1, N/8), <= 4096\n"
     "  --grad-hidden-out FILE  dH [N, d] (.npy; float64 with cpu, float32 with cuda)\n"
@@ -470,16 +477,21 @@ static const char fused_usage[] =
     "                          gradient of each row's loss (scales dL's rows)\n"
     "\n"
     "JSON keys: divergence, reduction, backend, rows, hidden, vocab, chunk_rows,\n"
-    "loss, valid_rows, invalid_rows, and the GPU memory model: workspace_bytes\n"
-    "(extra device bytes of the chunked call) and logits_bytes (N x V x 4, the\n"
-    "float32 logits a non-fused call would materialise), both of the cuda call\n"
-    "whichever backend ran.  The cuda backend takes float16 H and W as they are\n"
-    "(and a float16 bias; a bias of another dtype makes it use float32 copies of\n"
-    "H, W and bias), H and W of different dtypes as float32 copies; its dH, dW,\n"
-    "db are float32.\n\n";
+    "loss, valid_rows, invalid_rows, teacher (\"logits\" or \"linear\"; with\n"
+    "\"linear\" also teacher_hidden, d_t), and the GPU memory model:\n"
+    "workspace_bytes (extra device bytes of the chunked call) and logits_bytes\n"
+    "(N x V x 4, the float32 logits a non-fused call would materialise; twice\n"
+    "that with the teacher as a linear layer: its logits too), both of the cuda\n"
+    "call whichever backend ran.  The cuda backend takes float16 H and W as they\n"
+    "are (and a float16 bias; a bias of another dtype makes it use float32 copies\n"
+    "of H, W and bias), H and W of different dtypes as float32 copies; likewise\n"
+    "float16 Ht, Wt (and Bt) as they are, else float32 copies of the three; its\n"
+    "dH, dW, db are float32.  With --backend cpu, Ht, Wt, Bt of different dtypes\n"
+    "are read as exact float64 copies.\n\n";
 
 enum {
-    F_HIDDEN = KDL_CLI_LOSS_OPT_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT, F_COUNT
+    F_HIDDEN = KDL_CLI_LOSS_OPT_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT,
+    F_THIDDEN, F_TWEIGHT, F_TBIAS, F_COUNT
 };
 
 /* float64 copy of a float array (exact). */
@@ -491,16 +503,18 @@ static double *to_f64(const kdl_npy_array_t *a, kdl_dtype_t dt)
     return f;
 }
 
-/* One fused-linear run: the host arguments (H, W, T, bias as loaded), the
- * loaded arrays for the copies either backend may need, and the copies. */
+/* One fused-linear run: the host arguments (H, W, T, bias as loaded; or
+ * the teacher's Ht, Wt, Bt), the loaded arrays for the copies either backend
+ * may need, and the copies. */
 typedef struct fused_ctx {
     const kdl_loss_desc_t *d;
     kdl_fused_linear_args_t a;
-    const kdl_npy_array_t *H, *W, *B, *T;
+    const kdl_npy_array_t *H, *W, *B, *T, *TH, *TW, *TB;
     kdl_dtype_t hdt, wdt, bdt, gdt; /* gdt: the gradients' dtype as written */
-    int has_bias;                   /* --bias given */
-    float *h32, *w32, *b32;
-    double *w64, *b64;
+    kdl_dtype_t thdt, twdt, tbdt;   /* of Ht, Wt, Bt as loaded */
+    int has_bias, tlin, has_tbias;  /* --bias, --teacher-hidden, --teacher-bias given */
+    float *h32, *w32, *b32, *th32, *tw32, *tb32;
+    double *w64, *b64, *th64, *tw64, *tb64;
 } fused_ctx_t;
 
 /* The dtype of H and W (the bias is read in W's) on the GPU path: the
@@ -512,6 +526,14 @@ static kdl_dtype_t fused_gpu_dtype(const fused_ctx_t *c)
 {
     const int sixteen = (c->hdt == KDL_DTYPE_F16 || c->hdt == KDL_DTYPE_BF16) && c->wdt == c->hdt;
     return sixteen && (!c->has_bias || c->bdt == c->hdt) ? c->hdt : KDL_DTYPE_F32;
+}
+
+/* Likewise the teacher's Ht, Wt (and Bt) on the GPU path: their common
+ * 16-bit dtype as loaded, else float32. */
+static kdl_dtype_t fused_gpu_tdtype(const fused_ctx_t *c)
+{
+    const int sixteen = (c->thdt == KDL_DTYPE_F16 || c->thdt == KDL_DTYPE_BF16) && c->twdt == c->thdt;
+    return sixteen && (!c->has_tbias || c->tbdt == c->thdt) ? c->thdt : KDL_DTYPE_F32;
 }
 
 #ifdef KDL_HAVE_CUDA
@@ -531,6 +553,7 @@ static kdl_status_t as_f32(const kdl_npy_array_t *a, kdl_dtype_t dt, float **cop
     return KDL_STATUS_SUCCESS;
 }
 
+/* t_bytes: of the teacher logits (unused with the teacher as a linear layer). */
 static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
 {
     kdl_handle_t h = NULL;
@@ -546,7 +569,18 @@ static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_li
     size_t wsb = 0;
     st = kdl_cli_gpu_upload(&pool, ha->hidden_states, nh * isz, (void **)&da.hidden_states);
     if (!st) st = kdl_cli_gpu_upload(&pool, ha->weight, nw * isz, (void **)&da.weight);
-    if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher, t_bytes, (void **)&da.teacher);
+    if (!st && ha->teacher) st = kdl_cli_gpu_upload(&pool, ha->teacher, t_bytes, (void **)&da.teacher);
+    if (ha->teacher_hidden) {
+        const size_t tsz = kdl_dtype_size(ha->teacher_linear_dtype), dt = (size_t)ha->teacher_hidden_size;
+        if (!st)
+            st = kdl_cli_gpu_upload(&pool, ha->teacher_hidden, (size_t)ha->rows * dt * tsz,
+                                    (void **)&da.teacher_hidden);
+        if (!st)
+            st = kdl_cli_gpu_upload(&pool, ha->teacher_weight, (size_t)ha->vocab * dt * tsz,
+                                    (void **)&da.teacher_weight);
+        if (!st && ha->teacher_bias)
+            st = kdl_cli_gpu_upload(&pool, ha->teacher_bias, (size_t)ha->vocab * tsz, (void **)&da.teacher_bias);
+    }
     if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
     if (!st && ha->grad_hidden) st = kdl_cli_gpu_alloc(&pool, nh * gsz, &da.grad_hidden);
     if (!st && ha->grad_weight) st = kdl_cli_gpu_alloc(&pool, nw * gsz, &da.grad_weight);
@@ -569,9 +603,9 @@ static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_li
     return st;
 }
 
-/* The GPU path: H, W and the bias in fused_gpu_dtype (16-bit ones passed
- * through as loaded), float32 gradients (into the 8-byte buffers: the files
- * are written as float32). */
+/* The GPU path: H, W and the bias in fused_gpu_dtype, Ht, Wt, Bt in
+ * fused_gpu_tdtype (16-bit ones passed through as loaded), float32 gradients
+ * (into the 8-byte buffers: the files are written as float32). */
 static kdl_status_t fused_cuda(void *p)
 {
     fused_ctx_t *c = (fused_ctx_t *)p;
@@ -584,7 +618,15 @@ static kdl_status_t fused_cuda(void *p)
         if (!st) st = as_f32(c->W, c->wdt, &c->w32, &g.weight);
         if (!st && g.bias) st = as_f32(c->B, c->bdt, &c->b32, &g.bias);
     }
-    if (!st) st = fused_on_device(c->d, &g, (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
+    if (c->tlin) {
+        g.teacher_linear_dtype = fused_gpu_tdtype(c);
+        if (g.teacher_linear_dtype == KDL_DTYPE_F32) {
+            if (!st) st = as_f32(c->TH, c->thdt, &c->th32, &g.teacher_hidden);
+            if (!st) st = as_f32(c->TW, c->twdt, &c->tw32, &g.teacher_weight);
+            if (!st && g.teacher_bias) st = as_f32(c->TB, c->tbdt, &c->tb32, &g.teacher_bias);
+        }
+    }
+    if (!st) st = fused_on_device(c->d, &g, c->tlin ? 0 : (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
     return st;
 }
 #endif
@@ -605,6 +647,20 @@ static int fused_cpu(const char *cmd, void *p)
         c->a.bias = c->b64;
         c->a.weight_dtype = KDL_DTYPE_F64;
     }
+    if (c->tlin && (c->twdt != c->thdt || (c->has_tbias && c->tbdt != c->thdt))) {
+        /* Ht, Wt, Bt are read in one dtype: exact float64 copies of the three when they differ */
+        c->th64 = to_f64(c->TH, c->thdt);
+        c->tw64 = to_f64(c->TW, c->twdt);
+        if (c->has_tbias) c->tb64 = to_f64(c->TB, c->tbdt);
+        if (!c->th64 || !c->tw64 || (c->has_tbias && !c->tb64)) {
+            kdl_cli_error(cmd, "out of memory");
+            return 1;
+        }
+        c->a.teacher_hidden = c->th64;
+        c->a.teacher_weight = c->tw64;
+        if (c->has_tbias) c->a.teacher_bias = c->tb64;
+        c->a.teacher_linear_dtype = KDL_DTYPE_F64;
+    }
     c->a.grad_dtype = c->gdt = KDL_DTYPE_F64;
     return cpu_status(cmd, kdl_ref_fused_linear_loss(c->d, &c->a));
 }
@@ -616,13 +672,29 @@ int kdl_cli_fused_linear(int argc, char **argv)
                                 {"--teacher", 1, NULL},         {"--chunk-rows", 1, NULL},
                                 {"--grad-hidden-out", 1, NULL}, {"--grad-weight-out", 1, NULL},
                                 {"--bias", 1, NULL},            {"--grad-bias-out", 1, NULL},
-                                {"--grad-output", 1, NULL}};
+                                {"--grad-output", 1, NULL},     {"--teacher-hidden", 1, NULL},
+                                {"--teacher-weight", 1, NULL},  {"--teacher-bias", 1, NULL}};
     int backend = 0;
     kdl_loss_desc_t d;
-    int rc = subcommand_front(FCMD, fused_usage, argc, argv, o, F_COUNT, (const int[]){F_HIDDEN, F_WEIGHT, F_TEACHER},
-                              3, &d, &backend);
+    int rc = subcommand_front(FCMD, fused_usage, argc, argv, o, F_COUNT, (const int[]){F_HIDDEN, F_WEIGHT}, 2, &d,
+                              &backend);
     if (rc >= 0) return rc;
+    /* one teacher source: --teacher, or --teacher-hidden with --teacher-weight (and --teacher-bias) */
+    const int tlin = o[F_THIDDEN].value || o[F_TWEIGHT].value || o[F_TBIAS].value;
     rc = 0;
+    if (o[F_TEACHER].value && tlin) {
+        kdl_cli_error(FCMD, "give one teacher: --teacher, or --teacher-hidden with --teacher-weight (not both)");
+        rc = 2;
+    } else if (!o[F_TEACHER].value && !tlin) {
+        kdl_cli_error(FCMD, "a teacher is required: --teacher T.npy, or --teacher-hidden Ht.npy with "
+                            "--teacher-weight Wt.npy (see kdloss %s --help)", FCMD);
+        rc = 2;
+    } else if (tlin && (!o[F_THIDDEN].value || !o[F_TWEIGHT].value)) {
+        const int th = o[F_THIDDEN].value != NULL, tw = o[F_TWEIGHT].value != NULL;
+        kdl_cli_error(FCMD, "%s needs %s", th ? "--teacher-hidden" : tw ? "--teacher-weight" : "--teacher-bias",
+                      th ? "--teacher-weight" : tw ? "--teacher-hidden" : "--teacher-hidden and --teacher-weight");
+        rc = 2;
+    }
     int64_t chunk = 0;
     if (!rc && o[F_CHUNK].value) rc = kdl_cli_parse_int64(FCMD, "--chunk-rows", o[F_CHUNK].value, 1, INT64_MAX, &chunk);
     const char *gh_out = o[F_GH_OUT].value, *gw_out = o[F_GW_OUT].value, *gb_out = o[F_GB_OUT].value;
@@ -637,20 +709,42 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     if (rc) return rc;
 
-    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0}, B = {0}, G = {0};
-    int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0;
+    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0}, B = {0}, G = {0}, TH = {0}, TW = {0}, TB = {0};
+    int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0, Dt = 0, Dtw = 0;
     kdl_dtype_t tdt = KDL_DTYPE_F32, godt = KDL_DTYPE_F32;
     const int64_t *labels = NULL;
     double *loss = NULL, *gh = NULL, *gw = NULL, *gb = NULL;
-    fused_ctx_t c = {.d = &d, .H = &H, .W = &W, .B = &B, .T = &T, .hdt = KDL_DTYPE_F32, .wdt = KDL_DTYPE_F32,
-                     .bdt = KDL_DTYPE_F32, .gdt = KDL_DTYPE_F64};
+    fused_ctx_t c = {.d = &d, .H = &H, .W = &W, .B = &B, .T = &T, .TH = &TH, .TW = &TW, .TB = &TB,
+                     .hdt = KDL_DTYPE_F32, .wdt = KDL_DTYPE_F32, .bdt = KDL_DTYPE_F32, .gdt = KDL_DTYPE_F64,
+                     .thdt = KDL_DTYPE_F32, .twdt = KDL_DTYPE_F32, .tbdt = KDL_DTYPE_F32, .tlin = tlin,
+                     .has_tbias = o[F_TBIAS].value != NULL};
     rc = load_float_matrix(FCMD, "--hidden", o[F_HIDDEN].value, 0, &H, &N, &D, &c.hdt);
     if (!rc) rc = load_float_matrix(FCMD, "--weight", o[F_WEIGHT].value, 0, &W, &V, &Dw, &c.wdt);
-    if (!rc) rc = load_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, 0, &T, &Nt, &Vt, &tdt);
-    if (!rc && (Dw != D || Nt != N || Vt != V)) {
+    if (!rc && !tlin) rc = load_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, 0, &T, &Nt, &Vt, &tdt);
+    if (!rc && !tlin && (Dw != D || Nt != N || Vt != V)) {
         kdl_cli_error(FCMD, "shapes disagree: hidden [%lld, %lld], weight [%lld, %lld], teacher [%lld, %lld]",
                       (long long)N, (long long)D, (long long)V, (long long)Dw, (long long)Nt, (long long)Vt);
         rc = 2;
+    }
+    if (!rc && tlin) rc = load_float_matrix(FCMD, "--teacher-hidden", o[F_THIDDEN].value, 0, &TH, &Nt, &Dt, &c.thdt);
+    if (!rc && tlin)
+        rc = load_float_matrix(FCMD, "--teacher-weight", o[F_TWEIGHT].value, 0, &TW, &Vt, &Dtw, &c.twdt);
+    if (!rc && tlin && (Dw != D || Nt != N || Vt != V || Dtw != Dt)) {
+        kdl_cli_error(FCMD,
+                      "shapes disagree: hidden [%lld, %lld], weight [%lld, %lld], teacher-hidden [%lld, %lld], "
+                      "teacher-weight [%lld, %lld]",
+                      (long long)N, (long long)D, (long long)V, (long long)Dw, (long long)Nt, (long long)Dt,
+                      (long long)Vt, (long long)Dtw);
+        rc = 2;
+    }
+    if (!rc && c.has_tbias) {
+        int64_t one = 0, Vb = 0;
+        rc = load_float_matrix(FCMD, "--teacher-bias", o[F_TBIAS].value, 1, &TB, &one, &Vb, &c.tbdt);
+        if (!rc && (TB.ndim != 1 || Vb != V)) {
+            kdl_cli_error(FCMD, "--teacher-bias %s: must be 1-D [%lld] (one per vocabulary entry)", o[F_TBIAS].value,
+                          (long long)V);
+            rc = 2;
+        }
     }
     if (!rc) rc = load_labels(FCMD, o[KDL_CLI_L_LABELS].value, N, &L, &labels);
     if (!rc && o[F_BIAS].value) {
@@ -676,8 +770,10 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     int use_cuda = 0;
     if (!rc) {
-        int any_f64 = c.hdt == KDL_DTYPE_F64 || c.wdt == KDL_DTYPE_F64 || tdt == KDL_DTYPE_F64 ||
-                      (o[F_BIAS].value && c.bdt == KDL_DTYPE_F64);
+        int any_f64 = c.hdt == KDL_DTYPE_F64 || c.wdt == KDL_DTYPE_F64 || (!tlin && tdt == KDL_DTYPE_F64) ||
+                      (o[F_BIAS].value && c.bdt == KDL_DTYPE_F64) ||
+                      (tlin && (c.thdt == KDL_DTYPE_F64 || c.twdt == KDL_DTYPE_F64 ||
+                                (c.has_tbias && c.tbdt == KDL_DTYPE_F64)));
         rc = kdl_cli_pick_backend(FCMD, backend, any_f64, f64_needs_cpu, &use_cuda);
     }
     if (!rc)
@@ -699,10 +795,18 @@ int kdl_cli_fused_linear(int argc, char **argv)
         a->hidden_dtype = c.hdt;
         a->weight = W.data;
         a->weight_dtype = c.wdt;
-        a->teacher = T.data;
-        a->teacher_dtype = tdt;
+        if (tlin) {
+            a->teacher_hidden = TH.data;
+            a->teacher_hidden_size = a->ld_teacher_hidden = a->ld_teacher_weight = Dt;
+            a->teacher_weight = TW.data;
+            a->teacher_bias = c.has_tbias ? TB.data : NULL;
+            a->teacher_linear_dtype = c.thdt;
+        } else {
+            a->teacher = T.data;
+            a->teacher_dtype = tdt;
+            a->ld_teacher = V;
+        }
         a->ld_hidden = a->ld_weight = a->ld_grad_hidden = a->ld_grad_weight = D;
-        a->ld_teacher = V;
         a->labels = labels;
         a->grad_hidden = gh;
         a->grad_weight = gw;
@@ -735,14 +839,17 @@ int kdl_cli_fused_linear(int argc, char **argv)
         kdl_fused_linear_args_t wa = *a; /* the GPU path's call (whichever backend ran) */
         wa.hidden_dtype = wa.weight_dtype = fused_gpu_dtype(&c);
         wa.grad_dtype = KDL_DTYPE_F32;
+        if (tlin) wa.teacher_linear_dtype = fused_gpu_tdtype(&c);
         kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(&wa));
         json_loss_counts(&j, &d, loss, N, valid, invalid);
+        kdl_json_string(&j, "teacher", tlin ? "linear" : "logits");
+        if (tlin) kdl_json_int(&j, "teacher_hidden", Dt);
         kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(&wa));
-        kdl_json_int(&j, "logits_bytes", N * V * 4);
+        kdl_json_int(&j, "logits_bytes", N * V * 4 * (tlin ? 2 : 1));
         rc = kdl_json_end_stdout(&j, FCMD);
     }
-    FREE_ALL(loss, gh, gw, gb, c.h32, c.w32, c.b32, c.w64, c.b64);
-    NPY_FREE_ALL(&H, &B, &G, &W, &T, &L);
+    FREE_ALL(loss, gh, gw, gb, c.h32, c.w32, c.b32, c.w64, c.b64, c.th32, c.tw32, c.tb32, c.th64, c.tw64, c.tb64);
+    NPY_FREE_ALL(&H, &B, &G, &W, &T, &L, &TH, &TW, &TB);
     return rc;
 }
 

@@ -403,6 +403,191 @@ Test(fused_linear, float16_hidden_and_weight)
     UNLINK(ghp, gwp, hp, wp, tp, hp16, wp16, tp32, hp32, wp32);
 }
 
+/* ------------------------------- fused-linear, the teacher as a linear layer */
+enum { FDT = 3 }; /* the teacher's hidden size d_t, != FD */
+
+/* One fused-linear run on `backend`: JSD (beta 0.3, temperature 1.5),
+ * reduction sum, chunks of 3 rows, H and W from hp and wp, the teacher
+ * from the arguments in teacher (NULL-terminated); dH and dW into the
+ * files ghp and gwp.  Exit code and output in *r. */
+static void tl_run(kdl_cli_result_t *r, const char *backend, const char *hp, const char *wp,
+                   const char *const *teacher, const char *ghp, const char *gwp)
+{
+    const char *args[KDL_CLI_MAX_ARGS + 1] = {
+        "fused-linear", "--hidden",    hp,    "--weight",     wp,  "--divergence", "jsd",   "--beta",
+        "0.3",          "--temperature", "1.5", "--reduction", "sum", "--chunk-rows", "3",     "--backend",
+        backend,        "--grad-hidden-out", ghp, "--grad-weight-out", gwp};
+    int n = 21;
+    while (*teacher) args[n++] = *teacher++;
+    args[n] = NULL;
+    kdl_run_cli(r, args);
+}
+
+/* The loss, dH and dW of a successful tl_run (files removed). */
+static void tl_read(const kdl_cli_result_t *r, const char *ghp, const char *gwp, double *loss, double *dH, double *dW)
+{
+    cr_assert_eq(r->code, 0, "exit %d: %s", r->code, r->err);
+    *loss = kdl_json_read_number(r->out, "loss");
+    load_f64(ghp, dH, FN * FD);
+    load_f64(gwp, dW, FV * FD);
+    UNLINK(ghp, gwp);
+}
+
+/* The two runs agree: the teacher given as Ht, Wt (, Bt) files and as the
+ * logits this test formed from them in float64. */
+static void tl_expect_same(const char *what, double la, const double *ha, const double *wa, double lb,
+                           const double *hb, const double *wb)
+{
+    cr_expect(fabs(la - lb) <= 1e-12 * fabs(lb), "%s: loss %.17g, with the logits given %.17g", what, la, lb);
+    KDL_EXPECT_CLOSE(what, ha, hb, FN * FD, kdl_ext_tol_rel_max(hb, FN * FD, 1e-12));
+    KDL_EXPECT_CLOSE(what, wa, wb, FV * FD, kdl_ext_tol_rel_max(wb, FV * FD, 1e-12));
+}
+
+/* --teacher-hidden / --teacher-weight / --teacher-bias (float64, d_t != d)
+ * against --teacher with Ht Wt^T + Bt formed here in float64; the JSON's
+ * teacher keys and memory model (the teacher's float32 logits chunk in the
+ * workspace, both logits in logits_bytes); every bad combination. */
+Test(fused_linear, teacher_as_a_linear_layer)
+{
+    double H[FN * FD], W[FV * FD], T[FN * FV], Ht[FN * FDT], Wt[FV * FDT], bt[FV], Tl[FN * FV];
+    double Wt4[FV * (FDT + 1)] = {0};
+    kdl_rng_t g = {31};
+    char hp[512], wp[512], tp[512], thp[512], twp[512], tbp[512], tlp[512], ghp[512], gwp[512];
+    char bad_d[512], bad_v[512], bad_n[512], bad_b[512];
+    fused_inputs(&g, "l", H, W, T, hp, wp, tp);
+    kdl_ext_fill_normal(&g, Ht, FN * FDT, 0.0, 1.0);
+    kdl_ext_fill_normal(&g, Wt, FV * FDT, 0.0, 1.2);
+    kdl_ext_fill_normal(&g, bt, FV, 0.0, 1.0);
+    save(thp, "lth.npy", KDL_NPY_F64, 2, FN, FDT, Ht);
+    save(twp, "ltw.npy", KDL_NPY_F64, 2, FV, FDT, Wt);
+    save(tbp, "ltb.npy", KDL_NPY_F64, 1, FV, 0, bt);
+    save(bad_d, "ltw4.npy", KDL_NPY_F64, 2, FV, FDT + 1, Wt4);
+    save(bad_v, "ltwv.npy", KDL_NPY_F64, 2, FV - 1, FDT, Wt);
+    save(bad_n, "lthn.npy", KDL_NPY_F64, 2, FN - 1, FDT, Ht);
+    save(bad_b, "ltbv.npy", KDL_NPY_F64, 1, FV - 1, 0, bt);
+    tpath(ghp, sizeof ghp, "lgh.npy");
+    tpath(gwp, sizeof gwp, "lgw.npy");
+    tpath(tlp, sizeof tlp, "ltl.npy");
+
+    double la, lb, ha[FN * FD], hb[FN * FD], wa[FV * FD], wb[FV * FD];
+    kdl_cli_result_t r;
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+        kdl_ext_logits(FN, FDT, FV, Ht, Wt, with_bias ? bt : NULL, Tl);
+        save(tlp, "ltl.npy", KDL_NPY_F64, 2, FN, FV, Tl);
+        tl_run(&r, "cpu", hp, wp,
+               (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, with_bias ? "--teacher-bias" : NULL,
+                                     tbp, NULL},
+               ghp, gwp);
+        cr_expect(strncmp(kdl_json_find(r.out, "teacher"), "\"linear\"", 8) == 0, "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "teacher_hidden") == FDT, "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "logits_bytes") == 2 * FN * FV * 4, "%s", r.out);
+        const double ws_lin = kdl_json_read_number(r.out, "workspace_bytes");
+        tl_read(&r, ghp, gwp, &la, ha, wa);
+        tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher", tlp, NULL}, ghp, gwp);
+        cr_expect(strncmp(kdl_json_find(r.out, "teacher"), "\"logits\"", 8) == 0, "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "logits_bytes") == FN * FV * 4, "%s", r.out);
+        cr_expect(ws_lin - kdl_json_read_number(r.out, "workspace_bytes") == (double)((3 * FV * 4 + 255) / 256 * 256),
+                  "workspace %.17g (teacher linear) vs %s", ws_lin, r.out);
+        tl_read(&r, ghp, gwp, &lb, hb, wb);
+        tl_expect_same(with_bias ? "teacher Ht Wt^T + Bt" : "teacher Ht Wt^T", la, ha, wa, lb, hb, wb);
+    }
+    /* the teacher matters: other logits, another loss */
+    tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher", tp, NULL}, ghp, gwp);
+    tl_read(&r, ghp, gwp, &lb, hb, wb);
+    cr_expect(fabs(la - lb) > 1e-3 * fabs(lb), "another teacher, another loss: %.17g %.17g", la, lb);
+
+    /* bad combinations and shapes: exit 2, one line naming the flags, no output file */
+    const struct {
+        const char *const t[7];
+        const char *says;
+    } bad[] = {
+        {{"--teacher", tp, "--teacher-hidden", thp, "--teacher-weight", twp, NULL}, "--teacher-hidden"},
+        {{NULL}, "--teacher-weight"},
+        {{"--teacher-weight", twp, NULL}, "--teacher-hidden"},
+        {{"--teacher-hidden", thp, NULL}, "--teacher-weight"},
+        {{"--teacher-bias", tbp, NULL}, "--teacher-hidden"},
+        {{"--teacher-weight", twp, "--teacher-bias", tbp, NULL}, "--teacher-hidden"},
+        {{"--teacher", tp, "--teacher-bias", tbp, NULL}, "--teacher"},
+        {{"--teacher-hidden", thp, "--teacher-weight", bad_d, NULL}, "teacher-weight [9, 4]"},
+        {{"--teacher-hidden", thp, "--teacher-weight", bad_v, NULL}, "teacher-weight [8, 3]"},
+        {{"--teacher-hidden", bad_n, "--teacher-weight", twp, NULL}, "teacher-hidden [3, 3]"},
+        {{"--teacher-hidden", thp, "--teacher-weight", twp, "--teacher-bias", bad_b, NULL}, "--teacher-bias"},
+        {{"--teacher-hidden", thp, "--teacher-weight", twp, "--teacher-bias", thp, NULL}, "--teacher-bias"},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        tl_run(&r, "cpu", hp, wp, bad[k].t, ghp, gwp);
+        expect_usage_error(&r, "fused-linear", ghp);
+        cr_expect(!exists(gwp), "case %zu: %s was written", k, gwp);
+        cr_expect(strstr(r.err, bad[k].says) != NULL, "case %zu: stderr %s", k, r.err);
+    }
+    UNLINK(hp, wp, tp, thp, twp, tbp, tlp, bad_d, bad_v, bad_n, bad_b);
+}
+
+/* float16 Ht and Wt: as they are (no bias), and with a float32 Bt (the
+ * cpu backend's float64 copies of the three), against the logits formed
+ * here from the float16 values; --backend cuda on float32 H, W: without a
+ * device one line and exit 2, nothing written; with one, within float32
+ * GEMM error of the reference. */
+Test(fused_linear, teacher_linear_float16)
+{
+    double H[FN * FD], W[FV * FD], T[FN * FV], Ht[FN * FDT], Wt[FV * FDT], bt[FV], Tl[FN * FV];
+    uint16_t ht16[FN * FDT], wt16[FV * FDT];
+    float bt32[FV], h32[FN * FD], w32[FV * FD];
+    kdl_rng_t g = {37};
+    char hp[512], wp[512], tp[512], thp[512], twp[512], tbp[512], tlp[512], ghp[512], gwp[512], hp32[512], wp32[512];
+    fused_inputs(&g, "m", H, W, T, hp, wp, tp);
+    kdl_ext_fill_normal(&g, Ht, FN * FDT, 0.0, 1.0);
+    kdl_ext_fill_normal(&g, Wt, FV * FDT, 0.0, 1.2);
+    kdl_to_dtype(Ht, ht16, KDL_DTYPE_F16, FN * FDT);
+    kdl_to_dtype(Wt, wt16, KDL_DTYPE_F16, FV * FDT);
+    kdl_from_dtype(ht16, Ht, KDL_DTYPE_F16, FN * FDT); /* the float16 values, exactly */
+    kdl_from_dtype(wt16, Wt, KDL_DTYPE_F16, FV * FDT);
+    for (int j = 0; j < FV; j++) bt[j] = bt32[j] = (float)kdl_rng_normal(&g);
+    save(thp, "mth16.npy", KDL_NPY_F16, 2, FN, FDT, ht16);
+    save(twp, "mtw16.npy", KDL_NPY_F16, 2, FV, FDT, wt16);
+    save(tbp, "mtb32.npy", KDL_NPY_F32, 1, FV, 0, bt32);
+    tpath(ghp, sizeof ghp, "mgh.npy");
+    tpath(gwp, sizeof gwp, "mgw.npy");
+    tpath(tlp, sizeof tlp, "mtl.npy");
+    double la, lb, ha[FN * FD], hb[FN * FD], wa[FV * FD], wb[FV * FD];
+    kdl_cli_result_t r;
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+        kdl_ext_logits(FN, FDT, FV, Ht, Wt, with_bias ? bt : NULL, Tl);
+        save(tlp, "mtl.npy", KDL_NPY_F64, 2, FN, FV, Tl);
+        tl_run(&r, "cpu", hp, wp,
+               (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, with_bias ? "--teacher-bias" : NULL,
+                                     tbp, NULL},
+               ghp, gwp);
+        tl_read(&r, ghp, gwp, &la, ha, wa);
+        tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher", tlp, NULL}, ghp, gwp);
+        tl_read(&r, ghp, gwp, &lb, hb, wb);
+        tl_expect_same(with_bias ? "float16 Ht, Wt, float32 Bt" : "float16 Ht, Wt", la, ha, wa, lb, hb, wb);
+    }
+    /* the cuda backend (float32 H and W: float64 files need cpu) */
+    for (int i = 0; i < FN * FD; i++) h32[i] = (float)H[i];
+    for (int i = 0; i < FV * FD; i++) w32[i] = (float)W[i];
+    save(hp32, "mh32.npy", KDL_NPY_F32, 2, FN, FD, h32);
+    save(wp32, "mw32.npy", KDL_NPY_F32, 2, FV, FD, w32);
+    tl_run(&r, "cpu", hp32, wp32, (const char *const[]){"--teacher", tlp, NULL}, ghp, gwp);
+    tl_read(&r, ghp, gwp, &lb, hb, wb);
+    tl_run(&r, "cuda", hp32, wp32,
+           (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, "--teacher-bias", tbp, NULL}, ghp,
+           gwp);
+    if (!kdl_device_available()) {
+        expect_usage_error(&r, "fused-linear", ghp);
+        cr_expect(strstr(r.err, "no CUDA device") != NULL, "%s", r.err);
+        cr_expect(!exists(gwp), "%s was written", gwp);
+    } else {
+        cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
+        cr_expect(strstr(r.out, "\"backend\": \"cuda\"") != NULL, "%s", r.out);
+        tl_read(&r, ghp, gwp, &la, ha, wa);
+        cr_expect(fabs(la - lb) <= 1e-5 * fabs(lb), "cuda loss %.17g want %.17g", la, lb);
+        KDL_EXPECT_CLOSE("cuda dH", ha, hb, FN * FD, kdl_ext_tol_rel_max(hb, FN * FD, 1e-5));
+        KDL_EXPECT_CLOSE("cuda dW", wa, wb, FV * FD, kdl_ext_tol_rel_max(wb, FV * FD, 1e-5));
+    }
+    UNLINK(ghp, gwp, hp, wp, tp, thp, twp, tbp, tlp, hp32, wp32);
+}
+
 /* ------------------------------------------------------------ shard-check */
 Test(shard_check, sharded_equals_unsharded)
 {
