@@ -289,10 +289,13 @@ static int run_loss(const loss_cfg_t *c, const loss_inputs_t *in, loss_outputs_t
 
 /* ----------------------------------------------------------------- output */
 
-static int write_grad(const loss_cfg_t *c, const loss_inputs_t *in, const loss_outputs_t *out)
+/* The gradient file, staged: renamed into place only once the JSON is out. */
+static int stage_grad(const loss_cfg_t *c, const loss_inputs_t *in, const loss_outputs_t *out,
+                      kdl_cli_pending_t *p)
 {
-    return kdl_cli_save_npy(CMD, c->grad_out, kdl_cli_npy_grad_dtype(out->grad_dtype), in->s.ndim, in->s.shape,
-                            out->grad);
+    const kdl_cli_npy_out_t g = {c->grad_out, kdl_cli_npy_grad_dtype(out->grad_dtype), in->s.ndim, in->s.shape,
+                                 out->grad};
+    return kdl_cli_stage_npy_all(CMD, &g, 1, p);
 }
 
 static void print_stats(kdl_json_t *j, int64_t n, const loss_outputs_t *out)
@@ -336,12 +339,14 @@ int kdl_cli_loss(int argc, char **argv)
     }
     loss_inputs_t in;
     loss_outputs_t out;
+    kdl_cli_pending_t grad_file = {0};
     rc = load_inputs(&c, &in);
     if (rc) return rc;
     rc = alloc_outputs(&c, &in, &out);
     if (!rc) rc = run_loss(&c, &in, &out);
-    if (!rc && c.grad_out) rc = write_grad(&c, &in, &out);
+    if (!rc && c.grad_out) rc = stage_grad(&c, &in, &out, &grad_file);
     if (!rc) rc = print_json(&c, &in, &out);
+    rc = kdl_cli_commit(CMD, &grad_file, rc);
     free_outputs(&out);
     free_inputs(&in);
     return rc;

@@ -224,7 +224,11 @@ static int sk_load(const kdl_cli_opt_t *o, sk_in_t *in)
         rc = load_float(CMD_S, "--cost", o[S_COST].value, &in->cost);
         if (rc) return rc;
         const kdl_npy_array_t *c = &in->cost;
-        if (c->ndim != 2 && c->ndim != 3) return sk_in_free(in), shape_error(CMD_S, "--cost", o[S_COST].value, c, "[n, m] or [B, n, m]");
+        if (c->ndim != 2 && c->ndim != 3) { /* the message reads the shape: free after it */
+            rc = shape_error(CMD_S, "--cost", o[S_COST].value, c, "[n, m] or [B, n, m]");
+            sk_in_free(in);
+            return rc;
+        }
         in->batched = c->ndim == 3;
         in->B = in->batched ? c->shape[0] : 1;
         in->n = c->shape[c->ndim - 2];
@@ -234,8 +238,11 @@ static int sk_load(const kdl_cli_opt_t *o, sk_in_t *in)
         if (!rc) rc = load_float(CMD_S, "--y", o[S_Y].value, &in->y);
         if (rc) return sk_in_free(in), rc;
         const kdl_npy_array_t *x = &in->x, *y = &in->y;
-        if (x->ndim != 2 && x->ndim != 3)
-            return sk_in_free(in), shape_error(CMD_S, "--x", o[S_X].value, x, "[n, d] or [B, n, d]");
+        if (x->ndim != 2 && x->ndim != 3) {
+            rc = shape_error(CMD_S, "--x", o[S_X].value, x, "[n, d] or [B, n, d]");
+            sk_in_free(in);
+            return rc;
+        }
         in->batched = x->ndim == 3;
         in->B = in->batched ? x->shape[0] : 1;
         in->n = x->shape[x->ndim - 2];
@@ -424,12 +431,14 @@ static kdl_status_t sk_run_cuda(const kdl_sinkhorn_desc_t *d, const sk_in_t *in,
     return st;
 }
 
-static int sk_write_plan(const char *path, const sk_in_t *in, const sk_out_t *out)
+/* The plan file, staged: renamed into place only once the JSON is out. */
+static int sk_stage_plan(const char *path, const sk_in_t *in, const sk_out_t *out, kdl_cli_pending_t *p)
 {
     int64_t shape[3] = {in->B, in->n, in->m};
-    const int64_t *s = in->batched ? shape : shape + 1;
-    if (out->plan32) return kdl_cli_save_npy(CMD_S, path, KDL_NPY_F32, in->batched ? 3 : 2, s, out->plan32);
-    return kdl_cli_save_npy(CMD_S, path, KDL_NPY_F64, in->batched ? 3 : 2, s, out->plan);
+    const kdl_cli_npy_out_t o = {path, out->plan32 ? KDL_NPY_F32 : KDL_NPY_F64, in->batched ? 3 : 2,
+                                 in->batched ? shape : shape + 1,
+                                 out->plan32 ? (const void *)out->plan32 : (const void *)out->plan};
+    return kdl_cli_stage_npy_all(CMD_S, &o, 1, p);
 }
 
 int kdl_cli_sinkhorn(int argc, char **argv)
@@ -484,7 +493,8 @@ int kdl_cli_sinkhorn(int argc, char **argv)
         kdl_status_t st = sk_run_cpu(&d, &in, want_plan, &out);
         if (st != KDL_STATUS_SUCCESS) rc = status_exit(CMD_S, st);
     }
-    if (!rc && want_plan) rc = sk_write_plan(o[S_PLAN_OUT].value, &in, &out);
+    kdl_cli_pending_t plan_file = {0};
+    if (!rc && want_plan) rc = sk_stage_plan(o[S_PLAN_OUT].value, &in, &out, &plan_file);
     if (!rc) {
         kdl_json_t j;
         kdl_json_init(&j, stdout);
@@ -501,6 +511,7 @@ int kdl_cli_sinkhorn(int argc, char **argv)
         kdl_json_number_array(&j, "marginal_error", out.err, in.B);
         rc = kdl_json_end_stdout(&j, CMD_S);
     }
+    rc = kdl_cli_commit(CMD_S, &plan_file, rc);
     sk_out_free(&out);
     sk_in_free(&in);
     return rc;
@@ -721,9 +732,11 @@ int kdl_cli_sinkd(int argc, char **argv)
         kdl_status_t st = sd_run_cpu(&d, &s, &t, &out);
         if (st != KDL_STATUS_SUCCESS) rc = status_exit(CMD_D, st);
     }
+    kdl_cli_pending_t grad_file = {0}; /* renamed into place only once the JSON is out */
     if (!rc && o[D_GRAD_OUT].value) {
-        rc = kdl_cli_save_npy(CMD_D, o[D_GRAD_OUT].value, kdl_cli_npy_grad_dtype(out.grad_dtype), 2, s.shape,
-                              out.grad);
+        const kdl_cli_npy_out_t g = {o[D_GRAD_OUT].value, kdl_cli_npy_grad_dtype(out.grad_dtype), 2, s.shape,
+                                     out.grad};
+        rc = kdl_cli_stage_npy_all(CMD_D, &g, 1, &grad_file);
     }
     if (!rc) {
         kdl_json_t j;
@@ -741,6 +754,7 @@ int kdl_cli_sinkd(int argc, char **argv)
         kdl_json_number_array(&j, "marginal_error", out.err, G);
         rc = kdl_json_end_stdout(&j, CMD_D);
     }
+    rc = kdl_cli_commit(CMD_D, &grad_file, rc);
     free(out.gl);
     free(out.err);
     free(out.iters);

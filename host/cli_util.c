@@ -308,15 +308,6 @@ static int atomic_prepare(const char *cmd, const char *path, int (*write)(FILE *
     return rc;
 }
 
-int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx)
-{
-    char *tmp = NULL;
-    int rc = atomic_prepare(cmd, path, write, ctx, &tmp);
-    if (!rc && rename(tmp, path) != 0) rc = atomic_fail(cmd, path, tmp, "rename", errno, 2);
-    free(tmp);
-    return rc;
-}
-
 typedef struct npy_write_ctx {
     const char *cmd, *path;
     kdl_npy_dtype_t dtype;
@@ -337,21 +328,20 @@ static int write_npy_cb(FILE *f, void *p)
 int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, int ndim, const int64_t *shape,
                      const void *data)
 {
-    npy_write_ctx_t c = {cmd, path, dtype, ndim, shape, data};
-    return kdl_cli_write_atomic(cmd, path, write_npy_cb, &c);
+    const kdl_cli_npy_out_t o = {path, dtype, ndim, shape, data};
+    return kdl_cli_save_npy_all(cmd, &o, 1);
 }
 
-int kdl_cli_save_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n)
+int kdl_cli_stage_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n, kdl_cli_pending_t *p)
 {
-    char *tmp[KDL_CLI_MAX_OUTPUTS] = {NULL};
-    int rc = 0, k = 0, renamed = 0;
+    int rc = 0, k;
+    memset(p, 0, sizeof *p);
     if (n < 0 || n > KDL_CLI_MAX_OUTPUTS) {
         kdl_cli_error(cmd, "internal error: %d output files", n);
         return 1;
     }
-    /* Every file is written before any is renamed into place, and no target
-     * may be a directory (the one way a rename into the temporary's own
-     * folder fails), so a failure leaves every path as it was. */
+    /* No target may be a directory (the one way a rename into the
+     * temporary's own folder fails): checked before anything is written. */
     for (k = 0; !rc && k < n; k++) {
         struct stat sb;
         if (stat(outs[k].path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
@@ -361,21 +351,37 @@ int kdl_cli_save_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n)
     }
     for (k = 0; !rc && k < n; k++) {
         npy_write_ctx_t c = {cmd, outs[k].path, outs[k].dtype, outs[k].ndim, outs[k].shape, outs[k].data};
-        rc = atomic_prepare(cmd, outs[k].path, write_npy_cb, &c, &tmp[k]);
+        p->path[k] = outs[k].path;
+        rc = atomic_prepare(cmd, outs[k].path, write_npy_cb, &c, &p->tmp[k]);
+        p->n = k + 1;
     }
-    for (k = 0; !rc && k < n; k++) {
-        if (rename(tmp[k], outs[k].path) != 0)
-            rc = atomic_fail(cmd, outs[k].path, tmp[k], "rename", errno, 2);
+    return rc ? kdl_cli_commit(cmd, p, rc) : 0;
+}
+
+int kdl_cli_commit(const char *cmd, kdl_cli_pending_t *p, int rc)
+{
+    int k, renamed = 0;
+    for (k = 0; !rc && k < p->n; k++) {
+        if (rename(p->tmp[k], p->path[k]) != 0)
+            rc = atomic_fail(cmd, p->path[k], p->tmp[k], "rename", errno, 2);
         else
             renamed++;
     }
-    if (rc) { /* a rename failed after others (a race): remove what this run put in place */
-        for (k = 0; k < renamed; k++) unlink(outs[k].path);
-        for (k = renamed; k < n; k++)
-            if (tmp[k]) unlink(tmp[k]);
+    if (rc) { /* remove the temporaries, and what a failed rename (a race) left in place */
+        for (k = 0; k < renamed; k++) unlink(p->path[k]);
+        for (k = renamed; k < p->n; k++)
+            if (p->tmp[k]) unlink(p->tmp[k]);
     }
-    for (k = 0; k < n; k++) free(tmp[k]);
+    for (k = 0; k < p->n; k++) free(p->tmp[k]);
+    memset(p, 0, sizeof *p);
     return rc;
+}
+
+int kdl_cli_save_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n)
+{
+    kdl_cli_pending_t p;
+    int rc = kdl_cli_stage_npy_all(cmd, outs, n, &p);
+    return rc ? rc : kdl_cli_commit(cmd, &p, 0);
 }
 
 /* -------------------------------------------------------------------- JSON */

@@ -114,20 +114,17 @@ int kdl_cli_parse_loss_opts(const char *cmd, const kdl_cli_opt_t *o, kdl_loss_de
  * Returns 0 or 2.  On failure *out holds nothing to free. */
 int kdl_cli_load_npy(const char *cmd, const char *flag, const char *path, kdl_npy_array_t *out);
 
-/* Writes path atomically: creates a temporary "PATH.tmp.XXXXXX" in the same
- * directory, calls write(f, ctx) (returns 0, or prints its own error and
- * returns an exit code), flushes, syncs and closes it, then renames it over
- * path (permissions as a plain fopen would give).  On any failure the
- * temporary is removed and path is untouched.  Returns 0; 2 when the file
- * cannot be created or renamed (no such directory, permission); 1 when a
- * write fails. */
-int kdl_cli_write_atomic(const char *cmd, const char *path, int (*write)(FILE *f, void *ctx), void *ctx);
-
 /* The .npy dtype of a gradient written in dtype t: float64, float16, else
  * float32. */
 kdl_npy_dtype_t kdl_cli_npy_grad_dtype(kdl_dtype_t t);
 
-/* kdl_cli_write_atomic of a version-1.0 .npy file (see kdl_npy_write_stream). */
+/* Writes a version-1.0 .npy file (see kdl_npy_write_stream) atomically:
+ * a temporary "PATH.tmp.XXXXXX" in the same directory is written, flushed,
+ * synced and closed, then renamed over path (permissions as a plain fopen
+ * would give).  On any failure the temporary is removed and path is
+ * untouched.  Returns 0; 2 when the file cannot be created or renamed (no
+ * such directory, a directory as the path, a name too long, permission); 1
+ * when a write fails (disk full, file size limit). */
 int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, int ndim, const int64_t *shape,
                      const void *data);
 
@@ -136,7 +133,7 @@ int kdl_cli_save_npy(const char *cmd, const char *path, kdl_npy_dtype_t dtype, i
  * an error before anything is written; if a rename still fails (a race),
  * the files this run already renamed into place are removed.  So a failed
  * run leaves no output file (while writing the first output of two, as
- * with one).  The paths must differ.  Returns as kdl_cli_write_atomic. */
+ * with one).  The paths must differ.  Returns as kdl_cli_save_npy. */
 #define KDL_CLI_MAX_OUTPUTS 4
 typedef struct kdl_cli_npy_out {
     const char *path;
@@ -146,6 +143,22 @@ typedef struct kdl_cli_npy_out {
     const void *data;
 } kdl_cli_npy_out_t;
 int kdl_cli_save_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n);
+
+/* kdl_cli_save_npy_all in two steps, so that a run whose JSON cannot be
+ * written to stdout leaves no output file either (and an existing file at
+ * an output path as it was): kdl_cli_stage_npy_all writes every temporary
+ * (on failure: nothing left, *p empty, the exit code); then, after the
+ * JSON, kdl_cli_commit(cmd, p, rc) renames them into place when rc is 0
+ * and removes them otherwise, and returns rc or a rename's exit code (a
+ * rename fails only in a race, as above).  A kdl_cli_pending_t that was
+ * zeroed or staged may always be committed; commit empties it. */
+typedef struct kdl_cli_pending {
+    int n;
+    const char *path[KDL_CLI_MAX_OUTPUTS];
+    char *tmp[KDL_CLI_MAX_OUTPUTS];
+} kdl_cli_pending_t;
+int kdl_cli_stage_npy_all(const char *cmd, const kdl_cli_npy_out_t *outs, int n, kdl_cli_pending_t *p);
+int kdl_cli_commit(const char *cmd, kdl_cli_pending_t *p, int rc);
 
 /* -------------------------------------------------------------------- JSON */
 

@@ -115,7 +115,7 @@ kdl_npy_status_t kdl_npy_write_stream(FILE *f, kdl_npy_dtype_t dtype, int ndim, 
 
 /* kdl_npy_write_stream to a new file at path (version 0), closed and checked.
  * Not atomic: on failure a partial file may remain (the CLI uses
- * kdl_cli_write_atomic instead). */
+ * kdl_cli_save_npy instead). */
 kdl_npy_status_t kdl_npy_save(const char *path, kdl_npy_dtype_t dtype, int ndim, const int64_t *shape,
                               const void *data, char *msg, size_t msg_len);
 

@@ -10,7 +10,6 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
-#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,9 +32,7 @@ static void tpath(char *buf, size_t len, const char *name)
 static void save(const char *name, kdl_npy_dtype_t t, int ndim, const int64_t *shape, const void *data, char *path,
                  size_t len)
 {
-    tpath(path, len, name);
-    char msg[256];
-    cr_assert_eq(kdl_npy_save(path, t, ndim, shape, data, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
+    kdl_tmp_npy(path, len, "skcli", name, t, ndim, shape, data);
 }
 
 /* A path for an output file, with no file there. */
@@ -51,36 +48,9 @@ static void load_npy(const char *path, kdl_npy_array_t *arr)
     cr_assert_eq(kdl_npy_load(path, arr, msg, sizeof msg), KDL_NPY_OK, "%s", msg);
 }
 
-static int file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-/* No "<prefix>.tmp.*" left in the temporary directory. */
-static int no_temporaries(const char *path)
-{
-    const char *base = strrchr(path, '/') + 1;
-    DIR *d = opendir(KDL_TEST_TMPDIR);
-    if (!d) return 1;
-    struct dirent *e;
-    int ok = 1;
-    size_t bl = strlen(base);
-    while ((e = readdir(d)))
-        if (!strncmp(e->d_name, base, bl) && strstr(e->d_name + bl, ".tmp")) ok = 0;
-    closedir(d);
-    return ok;
-}
-
 static void expect_usage_error(const kdl_cli_result_t *r, const char *what, const char *cmd)
 {
-    char prefix[32];
-    snprintf(prefix, sizeof prefix, "kdloss %s: ", cmd);
-    cr_expect_eq(r->code, 2, "%s: exit %d (stderr %s)", what, r->code, r->err);
-    cr_expect(!strncmp(r->err, prefix, strlen(prefix)), "%s: stderr '%s'", what, r->err);
-    const char *nl = strchr(r->err, '\n');
-    cr_expect(nl && nl[1] == '\0', "%s: stderr is not one line: '%s'", what, r->err);
-    cr_expect_eq(r->out[0], '\0', "%s: stdout '%s'", what, r->out);
+    kdl_expect_cli_error(r, 2, cmd, NULL, what);
 }
 
 /* A command line that must be refused. */
@@ -97,8 +67,8 @@ static void expect_refusals(const cli_case_t *cases, size_t n, const char *cmd, 
         kdl_cli_result_t r;
         kdl_run_cli(&r, cases[c].args);
         expect_usage_error(&r, cases[c].what, cmd);
-        cr_expect(!file_exists(out), "%s: the output file was written", cases[c].what);
-        cr_expect(no_temporaries(out), "%s: a temporary was left", cases[c].what);
+        cr_expect(!kdl_file_exists(out), "%s: the output file was written", cases[c].what);
+        cr_expect(kdl_no_temporaries(out), "%s: a temporary was left", cases[c].what);
     }
 }
 
@@ -290,7 +260,7 @@ Test(sinkhorn_cli, bad_usage_and_bad_files)
         kdl_cli_result_t r;
         KDL_CLI(&r, "sinkhorn", "--cost", cp, "--epsilon", "0.1", "--backend", "cuda", "--plan-out", pp);
         expect_usage_error(&r, "cuda without a device", "sinkhorn");
-        cr_expect(!file_exists(pp));
+        cr_expect(!kdl_file_exists(pp));
     }
     /* a plan path in a directory that does not exist: exit 2, nothing printed */
     char bad_dir[600];

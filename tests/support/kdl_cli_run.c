@@ -4,11 +4,13 @@
 
 #include <criterion/criterion.h>
 #include <ctype.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -17,6 +19,14 @@
 void kdl_tmp_path(char *buf, size_t len, const char *prefix, const char *name)
 {
     snprintf(buf, len, "%s/%s_%ld_%s", KDL_TEST_TMPDIR, prefix, (long)getpid(), name);
+}
+
+void kdl_tmp_npy(char *path, size_t len, const char *prefix, const char *name, kdl_npy_dtype_t t, int ndim,
+                 const int64_t *shape, const void *data)
+{
+    char msg[256];
+    kdl_tmp_path(path, len, prefix, name);
+    cr_assert_eq(kdl_npy_save(path, t, ndim, shape, data, msg, sizeof msg), KDL_NPY_OK, "%s: %s", path, msg);
 }
 
 void kdl_slurp(const char *path, char *buf, size_t cap)
@@ -29,7 +39,9 @@ void kdl_slurp(const char *path, char *buf, size_t cap)
     fclose(f);
 }
 
-void kdl_run_cli(kdl_cli_result_t *r, const char *const *args)
+/* kdl_run_cli; closed_stdout: stdout is the writing end of a pipe whose
+ * reading end is closed. */
+static void run_cli(kdl_cli_result_t *r, const char *const *args, int closed_stdout)
 {
     char outp[512], errp[512];
     kdl_tmp_path(outp, sizeof outp, "kdlcli", "stdout.txt");
@@ -42,15 +54,22 @@ void kdl_run_cli(kdl_cli_result_t *r, const char *const *args)
         n++;
     }
     argv[n] = NULL;
+    int pipefd[2] = {-1, -1};
+    if (closed_stdout) {
+        cr_assert(pipe(pipefd) == 0, "pipe failed");
+        close(pipefd[0]);
+    }
     fflush(NULL);
     pid_t pid = fork();
     cr_assert(pid >= 0, "fork failed");
     if (pid == 0) {
-        int fo = open(outp, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fo = closed_stdout ? pipefd[1] : open(outp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fe = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(126);
         execv(KDL_CLI_PATH, (char *const *)argv);
         _exit(127);
     }
+    if (closed_stdout) close(pipefd[1]);
     int status = 0;
     cr_assert(waitpid(pid, &status, 0) == pid);
     r->code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
@@ -58,6 +77,46 @@ void kdl_run_cli(kdl_cli_result_t *r, const char *const *args)
     kdl_slurp(errp, r->err, sizeof r->err);
     unlink(outp);
     unlink(errp);
+}
+
+void kdl_run_cli(kdl_cli_result_t *r, const char *const *args) { run_cli(r, args, 0); }
+
+void kdl_run_cli_closed_stdout(kdl_cli_result_t *r, const char *const *args) { run_cli(r, args, 1); }
+
+void kdl_expect_cli_error(const kdl_cli_result_t *r, int code, const char *cmd, const char *needle, const char *what)
+{
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, cmd ? "kdloss %s: " : "kdloss: ", cmd);
+    cr_expect_eq(r->code, code, "%s: exit %d, expected %d (stderr '%s')", what, r->code, code, r->err);
+    cr_expect(!strncmp(r->err, prefix, strlen(prefix)), "%s: stderr '%s' does not start with '%s'", what, r->err,
+              prefix);
+    const char *nl = strchr(r->err, '\n');
+    cr_expect(nl && nl[1] == '\0', "%s: stderr is not one line: '%s'", what, r->err);
+    cr_expect(!needle || strstr(r->err, needle), "%s: stderr '%s' does not say '%s'", what, r->err, needle);
+    cr_expect_eq(r->out[0], '\0', "%s: stdout '%s'", what, r->out);
+}
+
+int kdl_file_exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+int kdl_no_temporaries(const char *path)
+{
+    char dir[1024];
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    DIR *d = opendir(dir);
+    if (!d) return 1;
+    struct dirent *e;
+    int ok = 1;
+    size_t bl = strlen(base);
+    while ((e = readdir(d)))
+        if (!strncmp(e->d_name, base, bl) && !strncmp(e->d_name + bl, ".tmp", 4)) ok = 0;
+    closedir(d);
+    return ok;
 }
 
 /* ------------------------------------------------------ JSON validation */

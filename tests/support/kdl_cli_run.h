@@ -4,6 +4,10 @@
  *
  *   - kdl_run_cli() / KDL_CLI(): fork/exec KDL_CLI_PATH with stdout and
  *     stderr captured through files in KDL_TEST_TMPDIR, and the exit status;
+ *   - kdl_run_cli_closed_stdout(): the same with stdout a closed pipe;
+ *   - kdl_expect_cli_error(): a failed run's contract (status, one line on
+ *     stderr, nothing on stdout); kdl_file_exists(), kdl_no_temporaries()
+ *     for "a failed run leaves no output file and no temporary";
  *   - kdl_tmp_path(): a per-process file name in KDL_TEST_TMPDIR, and
  *     kdl_slurp() to read a small file back;
  *   - kdl_json_valid() / kdl_json_valid_object(): a strict RFC 8259
@@ -25,6 +29,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "npy.h"
+
 /* ------------------------------------------------------- running the CLI */
 
 /* What one run of the command left: sizes fit the largest output of any
@@ -43,6 +49,11 @@ typedef struct kdl_cli_result {
  * distinct per test process, since Criterion runs each test in its own. */
 void kdl_tmp_path(char *buf, size_t len, const char *prefix, const char *name);
 
+/* kdl_tmp_path(path, len, prefix, name), then kdl_npy_save of the array
+ * there (fails the test when it cannot be written). */
+void kdl_tmp_npy(char *path, size_t len, const char *prefix, const char *name, kdl_npy_dtype_t t, int ndim,
+                 const int64_t *shape, const void *data);
+
 /* Reads the file at path into buf (cap bytes, at most cap - 1 of the file,
  * NUL-terminated); "" when it cannot be opened. */
 void kdl_slurp(const char *path, char *buf, size_t cap);
@@ -56,6 +67,25 @@ void kdl_run_cli(kdl_cli_result_t *r, const char *const *args);
 /* KDL_CLI(&r, "loss", "--student", path, ...): kdl_run_cli with the
  * arguments listed inline. */
 #define KDL_CLI(r, ...) kdl_run_cli((r), (const char *const[]){__VA_ARGS__, NULL})
+
+/* kdl_run_cli with the command's stdout a pipe whose reading end is closed
+ * before the command starts: every write to stdout fails (EPIPE; the
+ * command ignores SIGPIPE).  r->out is empty. */
+void kdl_run_cli_closed_stdout(kdl_cli_result_t *r, const char *const *args);
+
+/* The error contract of a failed run (cr_expect, `what` in the messages):
+ * exit status `code`, exactly one line on stderr starting "kdloss CMD: "
+ * ("kdloss: " for cmd NULL) and holding `needle` (unless NULL), nothing on
+ * stdout. */
+void kdl_expect_cli_error(const kdl_cli_result_t *r, int code, const char *cmd, const char *needle,
+                          const char *what);
+
+/* 1 when something exists at path (stat succeeds). */
+int kdl_file_exists(const char *path);
+
+/* 1 when path's directory holds no "<basename of path>.tmp*" (what an
+ * atomic write leaves while it runs). */
+int kdl_no_temporaries(const char *path);
 
 /* ----------------------------------------------------------------- JSON */
 
