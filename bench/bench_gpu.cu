@@ -900,7 +900,8 @@ double round16(double x, kdl_dtype_t t)
 /*
  * The check tolerance of a 16-bit fused_linear row (H, W, T in dt, dH in dt,
  * reduction MEAN), from the host copies of the checked rows (H [R, D], W
- * [V, D], T [R, V]) and the reference's dH (rd, MEAN).
+ * [V, D], T [R, V] in tdt: dt, or F64 with the teacher as a linear layer,
+ * its logits formed on the host) and the reference's dH (rd, MEAN).
  *
  * Where the 16-bit path differs from the float64 reference on the same 16-bit
  * H and W (docs/extensions.md "Rounding with 16-bit inputs"): the logits and
@@ -923,7 +924,7 @@ double round16(double x, kdl_dtype_t t)
  * reference fails.
  */
 double fused_tol16(const kdl_loss_desc_t *d, kdl_dtype_t dt, int64_t R, int64_t D, int64_t V, const void *H,
-                   const void *W, const void *T, const double *rd)
+                   const void *W, const void *T, kdl_dtype_t tdt, const double *rd)
 {
     const size_t nh = (size_t)R * (size_t)D, nl = (size_t)R * (size_t)V;
     double *Hd = (double *)malloc(nh * sizeof(double)), *w = (double *)malloc((size_t)D * sizeof(double));
@@ -953,7 +954,7 @@ double fused_tol16(const kdl_loss_desc_t *d, kdl_dtype_t dt, int64_t R, int64_t 
         a.student_dtype = KDL_DTYPE_F64;
         a.teacher = T;
         a.ld_teacher = V;
-        a.teacher_dtype = dt;
+        a.teacher_dtype = tdt;
         a.grad = dL;
         a.ld_grad = V;
         a.grad_dtype = KDL_DTYPE_F64;
@@ -997,25 +998,31 @@ done:
 }
 
 /* JSD (beta 0.5), reduction mean, default chunk: H [N, d], W [V, d] and the
- * teacher logits [N, V] in dt; dH and dW in kdlb_fused_grad_dtype(dt) (f32
- * for f32, else dt: the gradient autograd gives a 16-bit parameter).
+ * teacher logits [N, V] in dt, or with row->teacher_hidden = d_t > 0 the
+ * teacher as a linear layer, H_t [N, d_t] and W_t [V, d_t] in dt (its
+ * logits formed chunk by chunk by the call, the teacher's GEMM timed with
+ * the rest); dH and dW in kdlb_fused_grad_dtype(dt) (f32 for f32, else dt:
+ * the gradient autograd gives a 16-bit parameter).
  * Checked on the first 4 rows (loss and dH; dW would need the whole V x d
  * product on the CPU) against kdl_ref_fused_linear_loss: f32 tolerance 1e-4
  * (strict FP32 GEMMs on both sides), 16-bit fused_tol16. */
 int time_fused(bench *b, kdlb_row_t *row, kdl_dtype_t dt)
 {
     const kdlb_options_t *o = b->o;
-    const int64_t N = row->rows, D = row->hidden, V = row->vocab;
+    const int64_t N = row->rows, D = row->hidden, V = row->vocab, Dt = row->teacher_hidden;
+    const int tlin = Dt > 0;
     const kdl_dtype_t gdt = kdlb_fused_grad_dtype(dt);
     const size_t es = kdl_dtype_size(dt), gs = kdl_dtype_size(gdt);
-    row->bytes = kdlb_fused_linear_bytes(N, D, V, dt, dt, gdt);
-    row->logits_bytes = kdlb_logits_f32_bytes(N, V);
-    row->logits_dtype_bytes = kdlb_logits_bytes(N, V, dt);
+    row->bytes = tlin ? kdlb_fused_linear_tl_bytes(N, D, Dt, V, dt, dt, gdt) : kdlb_fused_linear_bytes(N, D, V, dt, dt, gdt);
+    row->logits_bytes = kdlb_fused_logits_bytes(N, V, KDL_DTYPE_F32, tlin);
+    row->logits_dtype_bytes = kdlb_fused_logits_bytes(N, V, dt, tlin);
     dev_bufs m;
-    void *H, *W, *T, *dH, *dW, *ws = NULL;
+    void *H, *W, *T = NULL, *Ht = NULL, *Wt = NULL, *dH, *dW, *ws = NULL;
     int r = m.alloc(b, &H, (size_t)N * D * es);
     if (!r) r = m.alloc(b, &W, (size_t)V * D * es);
-    if (!r) r = m.alloc(b, &T, (size_t)N * V * es);
+    if (!r && !tlin) r = m.alloc(b, &T, (size_t)N * V * es);
+    if (!r && tlin) r = m.alloc(b, &Ht, (size_t)N * Dt * es);
+    if (!r && tlin) r = m.alloc(b, &Wt, (size_t)V * Dt * es);
     if (!r) r = m.alloc(b, &dH, (size_t)N * D * gs);
     if (!r) r = m.alloc(b, &dW, (size_t)V * D * gs);
     if (r < 0) return -1;
@@ -1023,7 +1030,10 @@ int time_fused(bench *b, kdlb_row_t *row, kdl_dtype_t dt)
     /* logits H W^T of standard deviation about 2, as the other ops' logits */
     if (launch_fill_sigma(b, H, dt, (size_t)N * D, 0xf0f0a1ull, 1.0f)) return -1;
     if (launch_fill_sigma(b, W, dt, (size_t)V * D, 0xf0f0a2ull, 2.0f / sqrtf((float)D))) return -1;
-    if (launch_fill_sigma(b, T, dt, (size_t)N * V, 0xf0f0a3ull, 2.0f)) return -1;
+    if (!tlin && launch_fill_sigma(b, T, dt, (size_t)N * V, 0xf0f0a3ull, 2.0f)) return -1;
+    /* the teacher's logits H_t W_t^T of standard deviation about 2 too */
+    if (tlin && launch_fill_sigma(b, Ht, dt, (size_t)N * Dt, 0xf0f0a4ull, 1.0f)) return -1;
+    if (tlin && launch_fill_sigma(b, Wt, dt, (size_t)V * Dt, 0xf0f0a5ull, 2.0f / sqrtf((float)Dt))) return -1;
 
     kdl_loss_desc_t d;
     kdl_loss_desc_init(&d);
@@ -1041,9 +1051,16 @@ int time_fused(bench *b, kdlb_row_t *row, kdl_dtype_t dt)
     a.weight = W;
     a.ld_weight = D;
     a.weight_dtype = dt;
-    a.teacher = T;
-    a.ld_teacher = V;
-    a.teacher_dtype = dt;
+    if (tlin) {
+        a.teacher_hidden = Ht;
+        a.teacher_hidden_size = a.ld_teacher_hidden = a.ld_teacher_weight = Dt;
+        a.teacher_weight = Wt;
+        a.teacher_linear_dtype = dt;
+    } else {
+        a.teacher = T;
+        a.ld_teacher = V;
+        a.teacher_dtype = dt;
+    }
     a.grad_hidden = dH;
     a.ld_grad_hidden = D;
     a.grad_weight = dW;
@@ -1072,7 +1089,12 @@ int time_fused(bench *b, kdlb_row_t *row, kdl_dtype_t dt)
             kdl_fused_linear_args_t h = c;
             h.hidden_states = hb.copy(b, H, nh * es);
             h.weight = hb.copy(b, W, (size_t)V * D * es);
-            h.teacher = hb.copy(b, T, (size_t)c.rows * V * es);
+            if (tlin) {
+                h.teacher_hidden = hb.copy(b, Ht, (size_t)c.rows * Dt * es);
+                h.teacher_weight = hb.copy(b, Wt, (size_t)V * Dt * es);
+            } else {
+                h.teacher = hb.copy(b, T, (size_t)c.rows * V * es);
+            }
             const void *hd = hb.copy(b, dH, nh * gs);
             double *rd = hb.doubles(nh), rl = 0.0;
             h.grad_hidden = rd;
@@ -1082,7 +1104,27 @@ int time_fused(bench *b, kdlb_row_t *row, kdl_dtype_t dt)
             if (finish_check(b, row, hb, [&] { return kdl_ref_fused_linear_loss(&d, &h); }, &rl, hd, gdt, rd, nh))
                 return -1;
             if (gdt != KDL_DTYPE_F32 && !isnan(row->check_rel_err)) {
-                tol = fused_tol16(&d, dt, c.rows, D, V, h.hidden_states, h.weight, h.teacher, rd);
+                /* the teacher's logits of the checked rows in float64 (as the reference forms them) */
+                double *tl = tlin ? hb.doubles((size_t)c.rows * V) : NULL, *wt = tlin ? hb.doubles(Dt) : NULL;
+                if (tlin && tl && wt) {
+                    double *ht = (double *)malloc((size_t)c.rows * Dt * sizeof(double));
+                    if (ht) {
+                        to_doubles(h.teacher_hidden, dt, 0, (size_t)c.rows * Dt, ht);
+                        for (int64_t v = 0; v < V; v++) {
+                            to_doubles(h.teacher_weight, dt, (size_t)v * Dt, (size_t)Dt, wt);
+                            for (int64_t i = 0; i < c.rows; i++) {
+                                double acc = 0.0;
+                                for (int64_t k = 0; k < Dt; k++) acc += ht[i * Dt + k] * wt[k];
+                                tl[i * V + v] = acc;
+                            }
+                        }
+                    }
+                    if (!ht) tl = NULL;
+                    free(ht);
+                }
+                tol = tlin && !tl ? NAN
+                                  : fused_tol16(&d, dt, c.rows, D, V, h.hidden_states, h.weight, tlin ? tl : h.teacher,
+                                                tlin ? KDL_DTYPE_F64 : dt, rd);
                 if (isnan(tol)) {
                     row->check_rel_err = NAN; /* no tolerance: not checked */
                     row->note = note("check skipped: host memory for the 16-bit tolerance");
@@ -1314,8 +1356,9 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
     }
     if (kdlb_op_row_count(o, KDLB_OP_FUSED_LINEAR) > 0) {
         for (int s = 0; s < o->n_fused_shapes; s++)
-            for (int t = 0; t < o->n_dtypes; t++) {
-                const kdl_dtype_t dt = o->dtypes[t];
+            for (int t = 0; t < o->n_dtypes * 2; t++) { /* each dtype: the teacher's logits, then H_t, W_t */
+                const kdl_dtype_t dt = o->dtypes[t / 2];
+                const int tlin = t % 2;
                 kdlb_row_t *row = next_row(rows, *n_rows, "fused_linear");
                 row->divergence = "jsd";
                 row->dtype = kdl_dtype_name(dt);
@@ -1323,8 +1366,9 @@ int run(bench *b, kdlb_row_t *rows, size_t *n_rows, kdlb_progress_fn progress, v
                 row->rows = o->fused_shapes[s].rows;
                 row->hidden = o->fused_shapes[s].hidden;
                 row->vocab = o->fused_shapes[s].vocab;
-                row->logits_bytes = kdlb_logits_f32_bytes(row->rows, row->vocab);
-                row->logits_dtype_bytes = kdlb_logits_bytes(row->rows, row->vocab, dt);
+                row->teacher_hidden = tlin ? row->hidden : 0; /* d_t = d */
+                row->logits_bytes = kdlb_fused_logits_bytes(row->rows, row->vocab, KDL_DTYPE_F32, tlin);
+                row->logits_dtype_bytes = kdlb_fused_logits_bytes(row->rows, row->vocab, dt, tlin);
                 start_row(progress, ctx, done, total, row, n_rows);
                 if (time_fused(b, row, dt)) return -1;
                 done++;

@@ -527,7 +527,10 @@ void kdlb_usage(FILE *f)
             "                          ragged), default 100\n"
             "  --sparse-shapes N:V,... top-k teacher rows, default 8192:151936\n"
             "  --sparse-k K,...        support sizes (<= 1024), default 8,64,1024\n"
-            "  --fused-shapes N:d:V,.. fused linear + loss, default 4096:4096:151936\n"
+            "  --fused-shapes N:d:V,.. fused linear + loss, default 4096:4096:151936; two\n"
+            "                          rows per shape and dtype: the teacher's logits T\n"
+            "                          [N,V], then the teacher as a linear layer H_t [N,d],\n"
+            "                          W_t [V,d] (its logits formed in the call too)\n"
             "  --ragged-sizes n:m,...  problems of the ragged Sinkhorn call, default 24\n"
             "                          fixed problems with sides 64 to 2048\n"
             "  --sinkd N:V:G|none      SinKD rows (L1, squared L2), default 512:32000:64\n"
@@ -807,7 +810,7 @@ int kdlb_op_row_count(const kdlb_options_t *o, kdlb_op_t op)
             for (int k = 0; k < o->n_sparse_k; k++)
                 n += o->sparse_k[k] <= o->sparse_shapes[s].vocab;
         return n;
-    case KDLB_OP_FUSED_LINEAR: return o->n_fused_shapes * o->n_dtypes;
+    case KDLB_OP_FUSED_LINEAR: return o->n_fused_shapes * o->n_dtypes * 2;
     case KDLB_OP_SINKHORN_RAGGED: return o->n_ragged > 0 ? 1 : 0;
     case KDLB_OP_SINKD: return o->sinkd.rows > 0 ? 2 : 0;
     default: return 0;
@@ -874,6 +877,19 @@ uint64_t kdlb_fused_linear_bytes(int64_t rows, int64_t hidden, int64_t vocab, kd
     return sum;
 }
 
+uint64_t kdlb_fused_linear_tl_bytes(int64_t rows, int64_t hidden, int64_t teacher_hidden, int64_t vocab,
+                                    kdl_dtype_t hw, kdl_dtype_t teacher, kdl_dtype_t grad)
+{
+    size_t sh = kdl_dtype_size(hw), st = kdl_dtype_size(teacher), sg = kdl_dtype_size(grad);
+    uint64_t rv, mats, t, sum;
+    if (rows < 0 || hidden < 0 || teacher_hidden < 0 || vocab < 0 || !sh || !st || !sg) return 0;
+    if (__builtin_add_overflow((uint64_t)rows, (uint64_t)vocab, &rv)) return 0;
+    if (mul3(rv, (uint64_t)hidden, (uint64_t)(sh + sg), &mats)) return 0;
+    if (mul3(rv, (uint64_t)teacher_hidden, (uint64_t)st, &t)) return 0;
+    if (__builtin_add_overflow(mats, t, &sum)) return 0;
+    return sum;
+}
+
 kdl_dtype_t kdlb_fused_grad_dtype(kdl_dtype_t hw)
 {
     return hw == KDL_DTYPE_BF16 || hw == KDL_DTYPE_F16 ? hw : KDL_DTYPE_F32;
@@ -884,6 +900,13 @@ uint64_t kdlb_logits_bytes(int64_t rows, int64_t vocab, kdl_dtype_t dtype)
     size_t es = kdl_dtype_size(dtype);
     uint64_t b;
     if (rows < 0 || vocab < 0 || !es || mul3((uint64_t)rows, (uint64_t)vocab, (uint64_t)es, &b)) return 0;
+    return b;
+}
+
+uint64_t kdlb_fused_logits_bytes(int64_t rows, int64_t vocab, kdl_dtype_t dtype, int teacher_linear)
+{
+    uint64_t b = kdlb_logits_bytes(rows, vocab, dtype);
+    if (teacher_linear && __builtin_mul_overflow(b, 2u, &b)) return 0;
     return b;
 }
 
@@ -1128,6 +1151,12 @@ int kdlb_json_row(const kdlb_row_t *r, char *buf, size_t len)
         jint(&j, "chunk_rows", r->chunk_rows);
         jkey(&j, "logits_bytes", 0), jprintf(&j, "%llu", (unsigned long long)r->logits_bytes);
         jkey(&j, "logits_dtype_bytes", 0), jprintf(&j, "%llu", (unsigned long long)r->logits_dtype_bytes);
+        jkey(&j, "teacher", 0), jstr(&j, r->teacher_hidden > 0 ? "linear" : "logits");
+        jkey(&j, "teacher_hidden", 0);
+        if (r->teacher_hidden > 0)
+            jprintf(&j, "%lld", (long long)r->teacher_hidden);
+        else
+            jputs(&j, "null");
     } else if (op_is(r, "sinkd")) {
         jkey(&j, "metric", 0), jstr(&j, r->metric);
         jkey(&j, "dtype", 0), jstr(&j, r->dtype);
@@ -1188,6 +1217,8 @@ static int write_meta(FILE *f, const kdlb_meta_t *m)
                "\"sinkhorn\": \"2*batch*n*m*4 per iteration (cost read twice)\", "
                "\"sparse\": \"rows*vocab*(size(student)+size(grad))+rows*k*(8+size(logprobs))\", "
                "\"fused_linear\": \"(rows+vocab)*hidden*(size(hw)+size(grad))+rows*vocab*size(teacher)\", "
+               "\"fused_linear_teacher_linear\": "
+               "\"(rows+vocab)*hidden*(size(hw)+size(grad))+(rows+vocab)*teacher_hidden*size(hw)\", "
                "\"sinkhorn_ragged\": \"sum_b 2*n_b*m_b*4 per iteration\", "
                "\"sinkd\": \"rows*vocab*(size(student)+size(teacher)+size(grad))\"},\n");
     if (o) {
@@ -1209,7 +1240,8 @@ static int write_meta(FILE *f, const kdlb_meta_t *m)
         fprintf(f, "\"fused_linear\": {\"divergence\": \"jsd\", \"beta\": 0.5, \"dtypes\": [");
         for (int i = 0; i < o->n_dtypes; i++)
             fprintf(f, "%s\"%s\"", i ? ", " : "", kdl_dtype_name(o->dtypes[i]));
-        fprintf(f, "], \"grad_dtype\": \"f32 for f32 inputs, else the inputs' dtype\"}, ");
+        fprintf(f, "], \"grad_dtype\": \"f32 for f32 inputs, else the inputs' dtype\", "
+                   "\"teachers\": [\"logits\", \"linear\"], \"teacher_hidden\": \"hidden\"}, ");
         fprintf(f, "\"sinkd\": {\"temperature\": 2, \"epsilon\": 0.1, \"iterations\": %d, "
                    "\"dtype\": \"%s\"}}\n", o->sinkd_iters, kdl_dtype_name(o->sinkd_dtype));
     } else {
@@ -1312,10 +1344,11 @@ int kdlb_row_label(const kdlb_row_t *r, char *buf, size_t len)
         return snprintf(buf, len, "sparse %s k=%lld %s %lldx%lld", r->divergence ? r->divergence : "-",
                         (long long)r->k, dt, (long long)r->rows, (long long)r->vocab);
     if (op_is(r, "fused_linear"))
-        return snprintf(buf, len, "fused_linear %s %s%s%s %lldx%lldx%lld",
+        return snprintf(buf, len, "fused_linear %s %s%s%s %lldx%lldx%lld%s%.0lld",
                         r->divergence ? r->divergence : "-", dt, r->grad_dtype ? " grad=" : "",
                         r->grad_dtype ? r->grad_dtype : "", (long long)r->rows, (long long)r->hidden,
-                        (long long)r->vocab);
+                        (long long)r->vocab, r->teacher_hidden > 0 ? " teacher=linear:" : "",
+                        (long long)(r->teacher_hidden > 0 ? r->teacher_hidden : 0));
     if (op_is(r, "sinkd"))
         return snprintf(buf, len, "sinkd %s %s %lldx%lld/%lld", r->metric ? r->metric : "-", dt,
                         (long long)r->rows, (long long)r->vocab, (long long)r->group_size);
@@ -1342,7 +1375,7 @@ void kdlb_print_table(FILE *f, const kdlb_row_t *rows, size_t n_rows, double cop
                 snprintf(shape, sizeof shape, "%lld problems", (long long)r->batch);
         } else if (op_is(r, "fused_linear")) {
             op = "fused_linear";
-            snprintf(sub, sizeof sub, "%s", r->divergence ? r->divergence : "-");
+            snprintf(sub, sizeof sub, "%s%s", r->divergence ? r->divergence : "-", r->teacher_hidden > 0 ? "+HtWt" : "");
             snprintf(shape, sizeof shape, "%lldx%lldx%lld", (long long)r->rows, (long long)r->hidden,
                      (long long)r->vocab);
             double pd = kdlb_peak_over_logits(r->peak_extra_bytes, r->logits_dtype_bytes),

@@ -29,6 +29,13 @@
  *       nature; the row's point is ms and peak_extra_bytes, compared with
  *       the logits a non-fused call materialises, rows * vocab * size(dtype)
  *       (logits_dtype_bytes) and in float32, rows * vocab * 4 (logits_bytes))
+ *   fused_linear with the teacher as a linear layer (H_t [rows, d_t],
+ *   W_t [vocab, d_t], d_t = hidden; no teacher logits read):
+ *       (rows + vocab) * hidden * (size(hw) + size(grad))
+ *       + (rows + vocab) * d_t * size(hw)      read H, W, H_t, W_t; write dH, dW
+ *       (the GEMMs, 6 N V d + 2 N V d_t flops; the logits a non-fused call
+ *       materialises are both the student's and the teacher's:
+ *       2 * rows * vocab * size(dtype) and 2 * rows * vocab * 4)
  *   sinkhorn_ragged, per iteration: sum over problems of 2 * n_b * m_b * 4
  *   sinkd, loss + grad: as the loss, rows * vocab * (size(s) + size(t)
  *       + size(grad)) (the n x n costs and plans per group are not counted)
@@ -111,8 +118,10 @@ typedef struct kdlb_options {
     int64_t sparse_k[KDLB_MAX_SPARSE_K];
     int n_sparse_k;
     kdl_dtype_t sparse_dtype; /* bf16                                     */
-    /* op "fused_linear": JSD (beta 0.5), one row per shape and dtype of
-     * `dtypes` (H, W, T in it; dH, dW in kdlb_fused_grad_dtype of it) */
+    /* op "fused_linear": JSD (beta 0.5), two rows per shape and dtype of
+     * `dtypes` (H, W in it; dH, dW in kdlb_fused_grad_dtype of it): the
+     * teacher's logits T [N, V] in it, then the teacher as a linear layer
+     * (H_t [N, d], W_t [V, d] in it, d_t = d) */
     kdlb_fused_shape_t fused_shapes[KDLB_MAX_SHAPES];
     int n_fused_shapes;
     /* op "sinkhorn_ragged": one call over these problems (sinkhorn_iters iterations) */
@@ -198,8 +207,9 @@ int kdlb_case_at(const kdlb_options_t *o, int index, kdlb_case_t *c); /* 0 ok, -
 /* Loss cases: kdlb_case_count when the op "loss" is chosen, else 0. */
 int kdlb_loss_case_count(const kdlb_options_t *o);
 /* Rows of each op the options ask for: loss cases; 1 uniform Sinkhorn;
- * sparse shapes x k values with k <= min(V, 1024); fused shapes x dtypes
- * (shape, then dtype); 1 ragged call; 2 SinKD rows (L1, squared L2). */
+ * sparse shapes x k values with k <= min(V, 1024); fused shapes x dtypes x
+ * 2 teachers (shape, then dtype, then the teacher's logits before the
+ * teacher as a linear layer); 1 ragged call; 2 SinKD rows (L1, squared L2). */
 int kdlb_op_row_count(const kdlb_options_t *o, kdlb_op_t op);
 /* Sum over the ops: the rows kdlb_gpu_run fills at most. */
 int kdlb_row_capacity(const kdlb_options_t *o);
@@ -218,6 +228,11 @@ uint64_t kdlb_sparse_bytes(int64_t rows, int64_t vocab, int64_t k, kdl_dtype_t s
 /* (rows + vocab) * hidden * (size(hw) + size(g)) + rows * vocab * size(t). */
 uint64_t kdlb_fused_linear_bytes(int64_t rows, int64_t hidden, int64_t vocab, kdl_dtype_t hw,
                                  kdl_dtype_t teacher, kdl_dtype_t grad);
+/* The teacher as a linear layer: (rows + vocab) * hidden * (size(hw) +
+ * size(g)) + (rows + vocab) * teacher_hidden * size(t) (t: H_t's and W_t's
+ * dtype); 0 on a negative size, an unknown dtype or an overflow. */
+uint64_t kdlb_fused_linear_tl_bytes(int64_t rows, int64_t hidden, int64_t teacher_hidden, int64_t vocab,
+                                    kdl_dtype_t hw, kdl_dtype_t teacher, kdl_dtype_t grad);
 /* The gradient dtype of a fused_linear row with H and W in hw: F32 for F32,
  * hw itself for BF16 and F16 (what autograd gives a 16-bit parameter);
  * F32 for anything else. */
@@ -225,6 +240,10 @@ kdl_dtype_t kdlb_fused_grad_dtype(kdl_dtype_t hw);
 /* rows * vocab * size(dtype): the logits a non-fused call materialises in
  * that dtype; 0 on a negative size, an unknown dtype or an overflow. */
 uint64_t kdlb_logits_bytes(int64_t rows, int64_t vocab, kdl_dtype_t dtype);
+/* The logits a non-fused fused_linear row materialises in dtype: the
+ * student's, rows * vocab * size(dtype), and with teacher_linear the
+ * teacher's too (twice that); 0 as kdlb_logits_bytes. */
+uint64_t kdlb_fused_logits_bytes(int64_t rows, int64_t vocab, kdl_dtype_t dtype, int teacher_linear);
 /* rows * vocab * 4: the float32 logits (kdlb_logits_bytes at F32). */
 uint64_t kdlb_logits_f32_bytes(int64_t rows, int64_t vocab);
 /* peak / logits, NaN when peak < 0 (unknown) or logits == 0. */
@@ -271,8 +290,10 @@ typedef struct kdlb_row {
     /* op "fused_linear" */
     int64_t hidden, chunk_rows;
     const char *grad_dtype;    /* of dH, dW: "f32", or the inputs' "bf16" / "f16" */
-    uint64_t logits_bytes;     /* rows * vocab * 4: the f32 logits materialised */
+    uint64_t logits_bytes;     /* rows * vocab * 4: the f32 logits materialised (kdlb_fused_logits_bytes) */
     uint64_t logits_dtype_bytes; /* rows * vocab * size(dtype): in the row's dtype */
+    int64_t teacher_hidden;    /* 0: the teacher's logits given; > 0: the teacher as a linear
+                                * layer H_t [rows, teacher_hidden] W_t^T (both logits_* doubled) */
     /* op "sinkhorn_ragged": problem b is sizes_n[b] x sizes_m[b] (batch of them) */
     const int64_t *sizes_n, *sizes_m;
     /* op "sinkd" */
@@ -305,7 +326,9 @@ void kdlb_row_set_times(kdlb_row_t *r, const double *ms, size_t n, double copy_g
  *   sinkhorn         dtype, batch, n, m, iterations
  *   sparse           divergence, mode, dtype, rows, vocab, k
  *   fused_linear     divergence, dtype, grad_dtype, rows, hidden, vocab,
- *                    chunk_rows, logits_bytes, logits_dtype_bytes
+ *                    chunk_rows, logits_bytes, logits_dtype_bytes, teacher
+ *                    ("logits" or "linear"), teacher_hidden (null for
+ *                    "logits")
  *   sinkhorn_ragged  dtype, batch, n, m, iterations, sizes_n, sizes_m
  *                    (arrays of batch integers; n, m their sums)
  *   sinkd            metric, dtype, rows, vocab, group_size, iterations
@@ -353,7 +376,8 @@ int kdlb_result_name(const char *date_ymd, const char *device, const char *commi
 /* What a row is, in one short string (progress line, table): e.g.
  * "fkl/- bf16 8192x151936", "sparse fkl k=64 bf16 8192x151936",
  * "fused_linear jsd f32 4096x4096x151936" (with grad_dtype set: "fused_linear
- * jsd bf16 grad=bf16 4096x4096x151936"), "sinkhorn_ragged f32 24 problems
+ * jsd bf16 grad=bf16 4096x4096x151936"; the teacher as a linear layer adds
+ * " teacher=linear:4096", its d_t), "sinkhorn_ragged f32 24 problems
  * (64..2048)", "sinkd l1 bf16 512x32000/64".  Returns snprintf's length. */
 int kdlb_row_label(const kdlb_row_t *r, char *buf, size_t len);
 

@@ -167,6 +167,40 @@ Test(bench_bytes, fused_linear_16_bit_rows)
     cr_expect(isnan(kdlb_peak_over_logits(5, 0)));
 }
 
+/* The teacher as a linear layer (H_t [N, d_t], W_t [V, d_t] read instead
+ * of T [N, V]), and the logits a non-fused call materialises: both. */
+Test(bench_bytes, fused_linear_teacher_as_a_linear_layer)
+{
+    /* (N + V) d (2 + 2) + (N + V) d_t 2 = 156032 * 4096 * 4 + 156032 * 4096 * 2 */
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(4096, 4096, 4096, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16),
+                 UINT64_C(3834642432));
+    /* f32: 156032 * 4096 * 8 + 156032 * 4096 * 4 */
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(4096, 4096, 4096, 151936, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 UINT64_C(7669284864));
+    /* d_t != d and mixed sizes: (1 + 5) 2 (2 + 4) + (1 + 5) 3 2 = 72 + 36 */
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(1, 2, 3, 5, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_F32), UINT64_C(108));
+    /* f16 teacher with an f32 student: (1 + 5) 2 8 + (1 + 5) 3 2 = 96 + 36 */
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(1, 2, 3, 5, KDL_DTYPE_F32, KDL_DTYPE_F16, KDL_DTYPE_F32), UINT64_C(132));
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(1, 2, -3, 5, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32), 0u);
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(1, 2, 3, 5, KDL_DTYPE_F32, (kdl_dtype_t)9, KDL_DTYPE_F32), 0u);
+    cr_expect_eq(kdlb_fused_linear_tl_bytes(1, 2, INT64_C(1) << 62, 5, KDL_DTYPE_F32, KDL_DTYPE_F32, KDL_DTYPE_F32),
+                 0u); /* overflow */
+    /* the logits avoided: the student's, and with the teacher as a linear layer the teacher's too */
+    cr_expect_eq(kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_BF16, 0), UINT64_C(1244659712));
+    cr_expect_eq(kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_BF16, 1), UINT64_C(2489319424));
+    cr_expect_eq(kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_F32, 1), UINT64_C(4978638848));
+    cr_expect_eq(kdlb_fused_logits_bytes(1024, 32000, KDL_DTYPE_F16, 1), UINT64_C(131072000));
+    cr_expect_eq(kdlb_fused_logits_bytes(-1, 3, KDL_DTYPE_F32, 1), 0u);
+    cr_expect_eq(kdlb_fused_logits_bytes(INT64_C(1) << 60, 4, KDL_DTYPE_BF16, 0), UINT64_C(1) << 63);
+    cr_expect_eq(kdlb_fused_logits_bytes(INT64_C(1) << 60, 4, KDL_DTYPE_BF16, 1), 0u); /* 2^64: overflow */
+    /* the library's bf16 workspace with the teacher's f32 logits chunk too (docs/extensions.md
+     * "Memory model"): default chunk c = N / 40 = 102 rows, c V 4 (logits) + c V 4 (the teacher's)
+     * + c V 2 (dL) + 256 + align256(c 4) + 256 = 61,989,888 * 2 + 30,994,944 + 256 + 512 + 256
+     * = 154,975,744 bytes: 0.0623 of the two bf16 logits */
+    const double pd = kdlb_peak_over_logits(154975744, kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_BF16, 1));
+    cr_expect(fabs(pd - 154975744.0 / 2489319424.0) < 1e-15 && pd > 0.0622 && pd < 0.0623, "%g", pd);
+}
+
 Test(bench_bytes, ragged_sums_the_uniform_model_over_problems)
 {
     cr_expect_eq(kdlb_ragged_iter_bytes(kdlb_ragged_default_n, kdlb_ragged_default_m,
@@ -371,7 +405,8 @@ Test(bench_json, other_ops_rows_exact_strings)
                       "{\"impl\": \"kdloss\", \"op\": \"fused_linear\", \"divergence\": \"jsd\", "
                       "\"dtype\": \"f32\", \"grad_dtype\": \"f32\", \"rows\": 4096, \"hidden\": 4096, "
                       "\"vocab\": 151936, \"chunk_rows\": 512, \"logits_bytes\": 2489319424, "
-                      "\"logits_dtype_bytes\": 2489319424, \"status\": \"error\", "),
+                      "\"logits_dtype_bytes\": 2489319424, \"teacher\": \"logits\", \"teacher_hidden\": null, "
+                      "\"status\": \"error\", "),
               "%s", buf);
     cr_expect(strstr(buf, "\"peak_extra_bytes\": 311164928") != NULL);
     cr_expect(kdl_json_valid(buf));
@@ -393,10 +428,29 @@ Test(bench_json, other_ops_rows_exact_strings)
                      "{\"impl\": \"kdloss\", \"op\": \"fused_linear\", \"divergence\": \"jsd\", "
                      "\"dtype\": \"bf16\", \"grad_dtype\": \"bf16\", \"rows\": 4096, \"hidden\": 4096, "
                      "\"vocab\": 151936, \"chunk_rows\": 170, \"logits_bytes\": 2489319424, "
-                     "\"logits_dtype_bytes\": 1244659712, \"status\": \"ok\", \"ms\": 40, \"ms_p20\": 39.5, "
+                     "\"logits_dtype_bytes\": 1244659712, \"teacher\": \"logits\", \"teacher_hidden\": null, "
+                     "\"status\": \"ok\", \"ms\": 40, \"ms_p20\": 39.5, "
                      "\"ms_p80\": 40.5, \"repeats\": 20, \"bytes\": 3801088000, \"gb_per_s\": 95.0272, "
                      "\"fraction_of_copy_bandwidth\": 0.0316757, \"peak_extra_bytes\": 154976000, "
                      "\"check_rel_err\": 0.0042, \"note\": \"grad_dtype bf16; check tolerance 0.022\"}");
+    cr_expect(kdl_json_valid(buf));
+    /* the same row with the teacher as a linear layer: both logits avoided, the teacher's H_t, W_t read */
+    r.teacher_hidden = 4096;
+    r.logits_bytes = kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_F32, 1);
+    r.logits_dtype_bytes = kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_BF16, 1);
+    set_ok_times(&r, 50.0, 49.5, 50.5,
+                 kdlb_fused_linear_tl_bytes(4096, 4096, 4096, 151936, KDL_DTYPE_BF16, KDL_DTYPE_BF16, KDL_DTYPE_BF16));
+    r.note = NULL;
+    kdlb_json_row(&r, buf, sizeof buf);
+    cr_expect_str_eq(buf,
+                     "{\"impl\": \"kdloss\", \"op\": \"fused_linear\", \"divergence\": \"jsd\", "
+                     "\"dtype\": \"bf16\", \"grad_dtype\": \"bf16\", \"rows\": 4096, \"hidden\": 4096, "
+                     "\"vocab\": 151936, \"chunk_rows\": 170, \"logits_bytes\": 4978638848, "
+                     "\"logits_dtype_bytes\": 2489319424, \"teacher\": \"linear\", \"teacher_hidden\": 4096, "
+                     "\"status\": \"ok\", \"ms\": 50, \"ms_p20\": 49.5, "
+                     "\"ms_p80\": 50.5, \"repeats\": 20, \"bytes\": 3834642432, \"gb_per_s\": 76.6928, "
+                     "\"fraction_of_copy_bandwidth\": 0.0255643, \"peak_extra_bytes\": 154976000, "
+                     "\"check_rel_err\": 0.0042, \"note\": null}");
     cr_expect(kdl_json_valid(buf));
     /* a peer's row: no chunk, absent grad_dtype is null */
     r.impl = "torch_eager";
@@ -484,6 +538,10 @@ Test(bench_json, row_labels)
     r.grad_dtype = "bf16";
     kdlb_row_label(&r, s, sizeof s);
     cr_expect_str_eq(s, "fused_linear jsd bf16 grad=bf16 4096x4096x151936");
+    r.teacher_hidden = 2048;
+    kdlb_row_label(&r, s, sizeof s);
+    cr_expect_str_eq(s, "fused_linear jsd bf16 grad=bf16 4096x4096x151936 teacher=linear:2048");
+    r.teacher_hidden = 0;
     r.grad_dtype = NULL;
     r.dtype = "f32";
     r.op = "sinkhorn_ragged";
@@ -776,11 +834,12 @@ Test(bench_parse, ops_and_the_other_ops_options)
     cr_expect_eq(o.n_ragged, KDLB_RAGGED_DEFAULT_COUNT);
     cr_expect(o.sinkd.rows == 512 && o.sinkd.vocab == 32000 && o.sinkd.group == 64);
     cr_expect_eq(o.sinkd_iters, 20);
-    /* rows: 60 loss + 1 Sinkhorn + 3 sparse + 2 fused (bf16, f32) + 1 ragged + 2 SinKD */
+    /* rows: 60 loss + 1 Sinkhorn + 3 sparse + 4 fused ((bf16, f32) x (teacher logits, linear))
+     * + 1 ragged + 2 SinKD */
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SPARSE), 3);
-    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 4);
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SINKD), 2);
-    cr_expect_eq(kdlb_row_capacity(&o), 69);
+    cr_expect_eq(kdlb_row_capacity(&o), 71);
 
     /* --quick: one small shape of each op, no uniform Sinkhorn */
     cr_assert_eq(parse(&o, err, sizeof err, 1, "--quick"), 0);
@@ -789,8 +848,8 @@ Test(bench_parse, ops_and_the_other_ops_options)
               o.fused_shapes[0].vocab == 32000);
     cr_expect_eq(o.n_ragged, KDLB_RAGGED_QUICK_COUNT);
     cr_expect(o.sinkd.rows == 256 && o.sinkd.vocab == 8192 && o.sinkd.group == 64);
-    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 1); /* --quick: bf16 only */
-    cr_expect_eq(kdlb_row_capacity(&o), 8 + 0 + 3 + 1 + 1 + 2);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2); /* --quick: bf16 only, two teachers */
+    cr_expect_eq(kdlb_row_capacity(&o), 8 + 0 + 3 + 2 + 1 + 2);
 
     /* --ops selects; explicit shapes win over --quick in any order */
     cr_assert_eq(parse(&o, err, sizeof err, 6, "--ops", "sparse,sinkd", "--sparse-shapes=16:100",
@@ -812,7 +871,7 @@ Test(bench_parse, ops_and_the_other_ops_options)
     cr_expect_eq(o.n_fused_shapes, 2);
     cr_expect(o.fused_shapes[1].rows == 7 && o.fused_shapes[1].hidden == 11 &&
               o.fused_shapes[1].vocab == 13);
-    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2 * 2); /* shapes x bf16, f32 */
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2 * 2 * 2); /* shapes x bf16, f32 x teachers */
     cr_expect(o.n_ragged == 2 && o.ragged_n[0] == 64 && o.ragged_m[0] == 128 && o.ragged_n[1] == 100 &&
               o.ragged_m[1] == 100);
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_SINKD), 0);
@@ -820,11 +879,11 @@ Test(bench_parse, ops_and_the_other_ops_options)
     cr_expect(o.sinkd.rows == 128 && o.sinkd.vocab == 4096 && o.sinkd.group == 32);
     /* --dtypes chooses the fused rows' dtypes too, in any order of the options */
     cr_assert_eq(parse(&o, err, sizeof err, 4, "--dtypes=all", "--ops", "fused_linear", "--fused-shapes=2:3:5"), 0);
-    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 3);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 6);
     cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_LOSS), 0);
-    cr_expect_eq(kdlb_row_capacity(&o), 3);
+    cr_expect_eq(kdlb_row_capacity(&o), 6);
     cr_assert_eq(parse(&o, err, sizeof err, 5, "--ops", "fused_linear", "--quick", "--dtypes", "f16,f32"), 0);
-    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 2);
+    cr_expect_eq(kdlb_op_row_count(&o, KDLB_OP_FUSED_LINEAR), 4);
     cr_expect(o.dtypes[0] == KDL_DTYPE_F16 && o.dtypes[1] == KDL_DTYPE_F32);
     cr_expect_str_eq(kdlb_op_name(KDLB_OP_SINKHORN_RAGGED), "sinkhorn_ragged");
     cr_expect_null(kdlb_op_name((kdlb_op_t)3));
@@ -876,7 +935,11 @@ Test(bench_json, meta_lists_the_ops_and_byte_models)
     cr_expect(strstr(s, "\"sinkhorn_ragged\": \"sum_b 2*n_b*m_b*4 per iteration\"") != NULL);
     /* the fused rows' dtypes are the --dtypes list */
     cr_expect(strstr(s, "\"fused_linear\": {\"divergence\": \"jsd\", \"beta\": 0.5, \"dtypes\": [\"bf16\", \"f32\"], "
-                        "\"grad_dtype\": \"f32 for f32 inputs, else the inputs' dtype\"}") != NULL,
+                        "\"grad_dtype\": \"f32 for f32 inputs, else the inputs' dtype\", "
+                        "\"teachers\": [\"logits\", \"linear\"], \"teacher_hidden\": \"hidden\"}") != NULL,
+              "%s", s);
+    cr_expect(strstr(s, "\"fused_linear_teacher_linear\": "
+                        "\"(rows+vocab)*hidden*(size(hw)+size(grad))+(rows+vocab)*teacher_hidden*size(hw)\"") != NULL,
               "%s", s);
     free(s);
     cr_assert_eq(parse(&o, err, sizeof err, 2, "--dtypes", "f16"), 0);
@@ -917,15 +980,24 @@ Test(bench_table, fused_rows_show_peak_over_both_logits)
     rows[1].logits_dtype_bytes = rows[1].logits_bytes; /* peak unknown: no ratios */
     FILE *f = tmpfile();
     kdlb_print_table(f, rows, 2, NAN);
+    /* the teacher as a linear layer: against both logits (twice the bf16 and f32 ones) */
+    rows[0].teacher_hidden = 4096;
+    rows[0].logits_bytes = kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_F32, 1);
+    rows[0].logits_dtype_bytes = kdlb_fused_logits_bytes(4096, 151936, KDL_DTYPE_BF16, 1);
+    rows[0].peak_extra_bytes = 154975744;
+    kdlb_print_table(f, rows, 1, NAN);
     rewind(f);
-    char line[3][256];
+    char line[5][256];
     int n = 0;
-    while (n < 3 && fgets(line[n], sizeof line[n], f)) n++;
+    while (n < 5 && fgets(line[n], sizeof line[n], f)) n++;
     fclose(f);
-    cr_assert_eq(n, 3);
+    cr_assert_eq(n, 5);
     cr_expect(strstr(line[1], "4096x4096x151936") && strstr(line[1], "ok (peak/logits bf16 0.1245, f32 0.0623)"),
               "%s", line[1]);
+    cr_expect(strstr(line[1], "jsd+HtWt") == NULL, "%s", line[1]);
     cr_expect(strstr(line[2], "peak") == NULL, "%s", line[2]);
+    cr_expect(strstr(line[4], "jsd+HtWt") && strstr(line[4], "ok (peak/logits bf16 0.0623, f32 0.0311)"), "%s",
+              line[4]);
 }
 
 Test(bench_table, prints_a_line_per_row)
