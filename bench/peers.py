@@ -25,9 +25,11 @@ kdloss rows of --json, or of the options):
                  log_softmax / softmax a user runs first.
 Other ops (bench/README.md): sparse top-k teacher (torch_eager, torch_compile
 of the textbook gather-after-log_softmax renormalised KL), fused linear +
-JSD (torch_eager materialising H W^T; liger = liger_fused_linear_jsd; in the
-dtype of each kdloss fused_linear row, or of --dtypes: H, W, T and the
-autograd gradients in bf16 / f16 / f32), ragged
+JSD (in the dtype of each kdloss fused_linear row, or of --dtypes: H, W, T,
+H_t, W_t and the autograd gradients in bf16 / f16 / f32; teacher "logits":
+torch_eager materialising H W^T against the given T; teacher "linear", the
+teacher as (H_t, W_t): torch_eager materialising H W^T and H_t W_t^T, liger =
+liger_fused_linear_jsd(H, W, H_t, W_t)), ragged
 Sinkhorn (torch_eager and pot: Python loops over the problems), SinKD
 (torch_eager).  kdloss's side through the Python package.  Written without a
 GPU: only --self-test and --cpu-dry-run ran.
@@ -142,6 +144,12 @@ def fused_linear_bytes(rows, hidden, vocab, dtype):
     """read H, W, T, write dH, dW, all in dtype (kdloss's gradient dtype for
     16-bit inputs is theirs, f32 for f32; autograd's is the parameter's)."""
     return (rows + vocab) * hidden * 2 * DTYPE_BYTES[dtype] + rows * vocab * DTYPE_BYTES[dtype]
+
+
+def fused_linear_tl_bytes(rows, hidden, teacher_hidden, vocab, dtype):
+    """The teacher as a linear layer: read H, W, H_t, W_t, write dH, dW, all
+    in dtype (no teacher logits read)."""
+    return ((rows + vocab) * hidden * 2 + (rows + vocab) * teacher_hidden) * DTYPE_BYTES[dtype]
 
 
 def gb_per_s(nbytes, ms):
@@ -287,9 +295,9 @@ def row_key(r):
     if op == "sparse":
         return (r.get("impl"), op, r.get("divergence"), r.get("mode"), r.get("dtype"), r.get("rows"),
                 r.get("vocab"), r.get("k"))
-    if op == "fused_linear":
+    if op == "fused_linear":  # rows written before the teacher key had the teacher's logits
         return (r.get("impl"), op, r.get("divergence"), r.get("dtype"), r.get("rows"), r.get("hidden"),
-                r.get("vocab"))
+                r.get("vocab"), r.get("teacher") or "logits", r.get("teacher_hidden"))
     if op == "sinkhorn_ragged":
         return (r.get("impl"), op, r.get("dtype"), tuple(r.get("sizes_n") or ()), tuple(r.get("sizes_m") or ()))
     if op == "sinkd":
@@ -422,7 +430,8 @@ def plot(doc, png):
             x = f"k={r['k']}"
         elif r["op"] == "fused_linear":
             g = "fused linear + JSD (GEMM-bound: GB/s of the byte model)"
-            x = f"{r['dtype']} {r['rows']}x{r['hidden']}x{r['vocab']}"
+            x = f"{r['dtype']} {r['rows']}x{r['hidden']}x{r['vocab']}" + (
+                " HtWt" if r.get("teacher") == "linear" else "")
         elif r["op"] == "sinkhorn_ragged":
             g = "sinkhorn ragged f32 (per iteration)"
             x = f"{r['batch']} problems"
@@ -573,6 +582,14 @@ def jsd_mean(F, torch, s, t, beta=BETA):
     kl_t = F.kl_div(mix, tlp, reduction="none", log_target=True)
     kl_s = F.kl_div(mix, slp, reduction="none", log_target=True)
     return (beta * kl_t + (1 - beta) * kl_s).sum() / s.shape[0]
+
+
+def fused_tl_textbook(F, torch, H, W, Ht, Wt):
+    """The teacher as a linear layer, as a user writes it: both logits
+    materialised (the frozen teacher's without autograd), then TRL's JSD."""
+    with torch.no_grad():
+        T = Ht @ Wt.t()
+    return jsd_mean(F, torch, H @ W.t(), T)
 
 
 def textbook(env):
@@ -1368,14 +1385,21 @@ def run_fused(env, cfg, copy_gbps, deadline, log):
             log(f"peers.py: Liger-Kernel's fused linear JSD not importable ({type(e).__name__}: {e}); "
                 "no liger fused_linear rows")
             impls.remove("liger")
+    # (impl, teacher): torch_eager for both teachers; liger, whose API takes the
+    # teacher's hidden states and weights, beside kdloss's teacher-linear row
+    pairs = [(i, t) for t in ("logits", "linear") for i in impls if not (i == "liger" and t == "logits")]
     for (n, d, v), dtype in ((shape, dt) for shape in cfg.fused_shapes for dt in cfg.fused_dtypes):
-        # in the kdloss row's dtype: H, W, the teacher's H_t, W_t and T; the
-        # gradients autograd returns are in it too (kdloss's grad_dtype)
-        todo = [ext_row(i, "fused_linear", dtype, divergence="jsd", grad_dtype=dtype, rows=n, hidden=d,
-                        vocab=v, chunk_rows=None, logits_bytes=n * v * 4,
-                        logits_dtype_bytes=n * v * DTYPE_BYTES[dtype]) for i in impls]
-        for r in todo:
-            r["bytes"] = fused_linear_bytes(n, d, v, dtype)
+        # in the kdloss row's dtype: H, W, the teacher's H_t, W_t (d_t = d) and T;
+        # the gradients autograd returns are in it too (kdloss's grad_dtype)
+        todo = []
+        for impl, teacher in pairs:
+            tl = teacher == "linear"
+            r = ext_row(impl, "fused_linear", dtype, divergence="jsd", grad_dtype=dtype, rows=n, hidden=d,
+                        vocab=v, chunk_rows=None, logits_bytes=n * v * 4 * (1 + tl),
+                        logits_dtype_bytes=n * v * DTYPE_BYTES[dtype] * (1 + tl), teacher=teacher,
+                        teacher_hidden=d if tl else None)
+            r["bytes"] = fused_linear_tl_bytes(n, d, d, v, dtype) if tl else fused_linear_bytes(n, d, v, dtype)
+            todo.append(r)
         rows += todo
         if not todo or _skip(todo, deadline):
             continue
@@ -1387,7 +1411,7 @@ def run_fused(env, cfg, copy_gbps, deadline, log):
             W = (torch.randn(v, d, device=env.dev, generator=g, dtype=dt) * (2.0 / math.sqrt(d))).requires_grad_()
             Ht = torch.randn(n, d, device=env.dev, generator=g, dtype=dt)
             Wt = torch.randn(v, d, device=env.dev, generator=g, dtype=dt) * (2.0 / math.sqrt(d))
-            T = Ht @ Wt.t()  # teacher logits, given to kdloss and the materialising peer
+            T = Ht @ Wt.t()  # the teacher's logits: given to the "logits" rows, and kdloss's check
         except torch.cuda.OutOfMemoryError:
             for r in todo:
                 r["status"], r["note"] = "oom", "inputs do not fit"
@@ -1400,18 +1424,22 @@ def run_fused(env, cfg, copy_gbps, deadline, log):
                 log(f"  kdloss fused_linear not usable for the check ({str(e)[:120]})")
         out_bytes = (n + v) * d * H.element_size()
         for row in todo:
-            log(f"peers {row['impl']} fused_linear jsd {dtype} {n}x{d}x{v}")
-            if row["impl"] == "torch_eager":
+            log(f"peers {row['impl']} fused_linear jsd {dtype} {n}x{d}x{v} teacher={row['teacher']}")
+            if row["impl"] == "liger":
+                row["note"] = "liger_fused_linear_jsd(H, W, H_t, W_t): the teacher's logits formed in its chunks"
+
+                def loss_fn():
+                    return liger(H, W, Ht, Wt, None, jsd_beta=BETA, ignore_index=-100, temperature=1.0)
+            elif row["teacher"] == "linear":
+                row["note"] = "materialises both logits, H W^T and H_t W_t^T (and autograd keeps what JSD needs)"
+
+                def loss_fn():
+                    return fused_tl_textbook(F, torch, H, W, Ht, Wt)
+            else:
                 row["note"] = "materialises the logits H W^T (and autograd keeps what JSD needs)"
 
                 def loss_fn():
                     return jsd_mean(F, torch, H @ W.t(), T)
-            else:
-                row["note"] = ("Liger's API takes the teacher's hidden states and weights: its step "
-                               "includes the teacher GEMM")
-
-                def loss_fn():
-                    return liger(H, W, Ht, Wt, None, jsd_beta=BETA, ignore_index=-100, temperature=1.0)
 
             def step(i, loss_fn=loss_fn):
                 H.grad = W.grad = None
@@ -1419,8 +1447,8 @@ def run_fused(env, cfg, copy_gbps, deadline, log):
 
             def go(row=row, loss_fn=loss_fn, step=step):
                 H.grad = W.grad = None
-                # Liger forms the teacher logits itself (H_t W_t^T in its own chunks):
-                # at least 1e-3 from kdloss's on the given T
+                # Liger's chunks round differently from the T given to kdloss's check:
+                # at least 1e-3 (the textbook forms form T as it was formed)
                 _check_and_time(env, cfg, row, float(loss_fn().detach()), None, kd, step, out_bytes,
                                 copy_gbps, TOL[dtype] if row["impl"] == "torch_eager" else max(TOL[dtype], 1e-3))
 
@@ -1629,6 +1657,43 @@ def self_test_ext(torch, F, expect, gen, kd):
             e = max(abs(kl - float(loss.detach())) / abs(float(loss.detach())), float((dH - H.grad).norm() / H.grad.norm()),
                     float((dW - W.grad).norm() / W.grad.norm()))
             expect(e <= 1e-10, f"fused_linear kdl_ref vs torch f64 {n}x{d}x{v}: rel. error {e:.3g}")
+    # fused linear with the teacher as a linear layer (d_t != d here): the timed
+    # textbook form (both logits materialised) in f32 / bf16 against float64 on
+    # the same values; no gradient reaches the teacher; kdloss's reference on
+    # the teacher's float64 logits; the byte model (bench_lib.c's hand values)
+    for n, d, dt_, v in ((4, 6, 9, 50), (3, 16, 5, 301)):
+        H = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+        W = (torch.randn(v, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).requires_grad_()
+        Ht = torch.randn(n, dt_, generator=gen, dtype=torch.float64)
+        Wt = torch.randn(v, dt_, generator=gen, dtype=torch.float64) * (2 / math.sqrt(dt_))
+        loss = fused_tl_textbook(F, torch, H, W, Ht, Wt)
+        loss.backward()
+        ref = jsd_mean(F, torch, H.detach() @ W.detach().t(), torch.einsum("ik,vk->iv", Ht, Wt))
+        expect(abs(float(loss.detach()) - float(ref)) <= 1e-13 * abs(float(ref)),
+               f"fused_linear teacher-linear torch f64 {n}x{d}x{v}: {float(loss.detach())} vs {float(ref)}")
+        for dt, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+            Hx, Wx = H.detach().to(dt).requires_grad_(), W.detach().to(dt).requires_grad_()
+            Htx, Wtx = Ht.to(dt).requires_grad_(), Wt.to(dt).requires_grad_()
+            lx = fused_tl_textbook(F, torch, Hx, Wx, Htx, Wtx)
+            lx.backward()
+            H64, W64 = Hx.detach().double().requires_grad_(), Wx.detach().double().requires_grad_()
+            l64 = jsd_mean(F, torch, H64 @ W64.t(), (Htx.detach() @ Wtx.detach().t()).double())
+            l64.backward()
+            expect(Htx.grad is None and Wtx.grad is None, f"fused_linear teacher-linear torch {name}: no teacher grad")
+            e = max(abs(float(lx.detach()) - float(l64.detach())) / abs(float(l64.detach())),
+                    float((Hx.grad.double() - H64.grad).norm() / H64.grad.norm()),
+                    float((Wx.grad.double() - W64.grad).norm() / W64.grad.norm()))
+            expect(e <= TOL[name], f"fused_linear teacher-linear torch {name} {n}x{d}x{v}: rel. error {e:.3g}")
+        if ext is not None:
+            kl, dH, dW = ext.fused_linear(H, W, Ht @ Wt.t())
+            e = max(abs(kl - float(loss.detach())) / abs(float(loss.detach())), float((dH - H.grad).norm() / H.grad.norm()),
+                    float((dW - W.grad).norm() / W.grad.norm()))
+            expect(e <= 1e-10, f"fused_linear teacher-linear kdl_ref vs torch f64 {n}x{d}x{v}: rel. error {e:.3g}")
+    for args, want in (((4096, 4096, 4096, 151936, "bf16"), 3834642432), ((4096, 4096, 4096, 151936, "f32"), 7669284864),
+                       ((1, 2, 3, 5, "f16"), 6 * 2 * 4 + 6 * 3 * 2)):
+        expect(fused_linear_tl_bytes(*args) == want, f"fused_linear_tl_bytes{args} = {fused_linear_tl_bytes(*args)}")
+    keys = {row_key({"impl": "kdloss", "op": "fused_linear", "teacher": t}) for t in (None, "logits", "linear")}
+    expect(len(keys) == 2, "row_key: the teacher-linear row is its own; an older row had the teacher's logits")
     # ragged Sinkhorn: the per-problem loop against kdl_ref_sinkhorn
     sn, sm = [5, 9, 3], [7, 4, 3]
     costs = [torch.rand(1, a, b, generator=gen, dtype=torch.float64) for a, b in zip(sn, sm)]
@@ -1948,7 +2013,8 @@ def main(argv=None):
         elif r["op"] == "sinkhorn_ragged":
             shape, op = f"{r['batch']} problems", "sinkhorn_ragged"
         elif r["op"] == "fused_linear":
-            shape, op, sub = f"{r['rows']}x{r['hidden']}x{r['vocab']}", "fused_linear", r.get("divergence")
+            shape, op = f"{r['rows']}x{r['hidden']}x{r['vocab']}", "fused_linear"
+            sub = r.get("divergence") + ("+HtWt" if r.get("teacher") == "linear" else "")
         elif r["op"] == "sinkd":
             shape, op, sub = f"{r['rows']}x{r['vocab']}/{r['group_size']}", "sinkd", r.get("metric")
         else:
