@@ -94,8 +94,9 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
     int64_t c = kdl_fused_linear_chunk_rows(a);
     if (a->vocab > INT_MAX || a->hidden > INT_MAX || c > INT_MAX || a->ld_hidden > INT_MAX ||
         a->ld_weight > INT_MAX || a->ld_grad_hidden > INT_MAX || a->ld_grad_weight > INT_MAX ||
-        a->rows > INT32_MAX || a->teacher_hidden_size > INT_MAX || a->ld_teacher_hidden > INT_MAX ||
-        a->ld_teacher_weight > INT_MAX)
+        a->rows > INT32_MAX ||
+        (a->teacher_hidden && (a->teacher_hidden_size > INT_MAX || a->ld_teacher_hidden > INT_MAX ||
+                               a->ld_teacher_weight > INT_MAX)))
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "fused linear GPU path: a dimension exceeds cuBLAS's int");
     if (a->vocab > KDL_LOSS_MAX_VOCAB)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab = %lld exceeds the GPU limit %lld", (long long)a->vocab,
@@ -155,7 +156,12 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
 /*
  * Per chunk of c rows (rows r0 .. r0 + c - 1):
  *   1. L = H_c W^T (+ b): the bias broadcast into L first, then the GEMM
- *      with beta = 1.
+ *      with beta = 1.  With the teacher as a linear layer (teacher_hidden),
+ *      T_c = H_t,c W_t^T (+ b_t) the same way into the workspace's float32
+ *      teacher chunk (H_t, W_t of teacher_linear_dtype; the same GEMM
+ *      helper: strict FP32 for F32, FP32 accumulation for 16-bit); the loss
+ *      kernel then reads T_c (ld V, F32) instead of the caller's rows.  The
+ *      teacher is frozen: nothing is written back to H_t, W_t or b_t.
  *   2. The dense loss kernel (kdl_loss_launch, as kdl_loss_forward_backward
  *      runs it) on the float32 chunk L against T_c, reduction SUM for SUM
  *      and MEAN (MEAN's 1/valid is applied at the end: the valid count of
@@ -201,6 +207,7 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     const kdl_dtype_t hdt = a->hidden_dtype, gdt = a->grad_dtype;
     const int sixteen = is16(hdt);
     float *L = (float *)((char *)ws + lay.logits);
+    float *Tw = (float *)((char *)ws + lay.teacher); /* teacher_hidden only */
     void *dl16 = (char *)ws + lay.dl16;
     void *dense_ws = (char *)ws + lay.dense;
     double *acc_b = (double *)((char *)ws + lay.bias);
@@ -255,6 +262,22 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
         st = gemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)D, a->weight, hdt, (int)a->ld_weight, Hc, hdt,
                   (int)a->ld_hidden, beta, L, KDL_DTYPE_F32, (int)V, "logits GEMM");
         if (st) return st;
+        if (a->teacher_hidden) {
+            /* T_c^T (V x c, ld V) = W_t (as d_t x V, ld ld_tw)^T . H_t,c (as d_t x c) (+ b_t) */
+            const kdl_dtype_t tdt = a->teacher_linear_dtype;
+            const void *Htc = (const char *)a->teacher_hidden +
+                              (size_t)r0 * (size_t)a->ld_teacher_hidden * kdl_dtype_size(tdt);
+            float tbeta = 0.0f;
+            if (a->teacher_bias) {
+                st = kdl_ext_fused_bias_fill(Tw, c, V, a->teacher_bias, (int)tdt, h->stream);
+                if (st) return st;
+                tbeta = 1.0f;
+            }
+            st = gemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)a->teacher_hidden_size, a->teacher_weight, tdt,
+                      (int)a->ld_teacher_weight, Htc, tdt, (int)a->ld_teacher_hidden, tbeta, Tw, KDL_DTYPE_F32, (int)V,
+                      "teacher logits GEMM");
+            if (st) return st;
+        }
 
         /* 2. loss and dL of the chunk: the dense loss kernel */
         kdl_loss_args_t la;
@@ -264,9 +287,15 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
         la.student = L;
         la.ld_student = V;
         la.student_dtype = KDL_DTYPE_F32;
-        la.teacher = (const char *)a->teacher + (size_t)r0 * (size_t)a->ld_teacher * tsz;
-        la.ld_teacher = a->ld_teacher;
-        la.teacher_dtype = a->teacher_dtype;
+        if (a->teacher_hidden) {
+            la.teacher = Tw;
+            la.ld_teacher = V;
+            la.teacher_dtype = KDL_DTYPE_F32;
+        } else {
+            la.teacher = (const char *)a->teacher + (size_t)r0 * (size_t)a->ld_teacher * tsz;
+            la.ld_teacher = a->ld_teacher;
+            la.teacher_dtype = a->teacher_dtype;
+        }
         la.labels = a->labels ? a->labels + r0 : NULL;
         if (want_dl) {
             la.grad = direct ? dL : (void *)L;

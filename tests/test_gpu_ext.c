@@ -7,7 +7,9 @@
  * loss (loss, dH, dW, db; chunks that do not divide N; every divergence,
  * AKL included; bf16/f16 inputs with f32 or 16-bit gradients under bounds
  * derived from the 16-bit rounding of dL; grad_output; bias; the dense
- * kernel's STREAM path in place).  The desk-review
+ * kernel's STREAM path in place; the teacher as a linear layer, whose
+ * float32 teacher logits are exact by construction (AKL) or within a
+ * bound checked without a device, fl_teacher).  The desk-review
  * regressions at the end (docs/ext-review.md): scale 0 against infinite
  * terms, a tiny temperature with large logits, the TAIL_BUCKET gradient when
  * the student's bucket mass underflows, k = 1, the shared-memory limit,
@@ -799,7 +801,11 @@ typedef struct fl_opts {
     int grad_output; /* NONE only: random per-row upstream gradient (float32) */
     int bias;        /* bias b and grad_bias */
     double scale;    /* the desc's scale; 0: kdl_test_desc's */
+    int tlin;        /* the teacher as a linear layer in dt, with b_t: 0 no (teacher logits),
+                      * FL_TLIN_REAL normal values, FL_TLIN_GRID values on a grid (see fl_teacher) */
 } fl_opts_t;
+
+enum { FL_TLIN_REAL = 1, FL_TLIN_GRID = 2 };
 
 /* Unit roundoff of a 16-bit dtype (bf16: 8 significant bits, f16: 11), 0 for F32. */
 static double unit16(kdl_dtype_t t) { return t == KDL_DTYPE_BF16 ? 0x1p-8 : t == KDL_DTYPE_F16 ? 0x1p-11 : 0.0; }
@@ -837,7 +843,14 @@ static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, k
     kdl_fused_linear_args_t da = *a;
     da.hidden_states = dev_buf(a->hidden_states, nh * esz);
     da.weight = dev_buf(a->weight, nw * esz);
-    da.teacher = dev_buf(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
+    const int tlin = a->teacher_hidden != NULL;
+    const size_t tlsz = kdl_dtype_size(a->teacher_linear_dtype);
+    da.teacher = tlin ? NULL : dev_buf(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
+    if (tlin) {
+        da.teacher_hidden = kdl_dev_dup(a->teacher_hidden, (size_t)(N * a->ld_teacher_hidden) * tlsz);
+        da.teacher_weight = kdl_dev_dup(a->teacher_weight, (size_t)(V * a->ld_teacher_weight) * tlsz);
+        da.teacher_bias = a->teacher_bias ? kdl_dev_dup(a->teacher_bias, (size_t)V * tlsz) : NULL;
+    }
     da.labels = a->labels ? (const int64_t *)kdl_dev_dup(a->labels, (size_t)N * 8) : NULL;
     da.grad_hidden = kdl_dev_alloc(nh * gsz, 1);
     da.grad_weight = kdl_dev_alloc(nw * gsz, 1);
@@ -864,6 +877,9 @@ static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, k
     cudaFree((void *)da.hidden_states);
     cudaFree((void *)da.weight);
     cudaFree((void *)da.teacher);
+    cudaFree((void *)da.teacher_hidden);
+    cudaFree((void *)da.teacher_weight);
+    cudaFree((void *)da.teacher_bias);
     cudaFree((void *)da.labels);
     cudaFree(da.grad_hidden);
     cudaFree(da.grad_weight);
@@ -892,9 +908,189 @@ static void fl_bound(int64_t nx, int64_t ny, int64_t D, const double *dL, int64_
         }
 }
 
+
+/*
+ * The teacher as a linear layer in the GPU tests: H_t [N, d_t] (ld d_t + 3),
+ * W_t [V, d_t] (ld d_t + 1) and b_t [V] in the student's dtype, d_t = 24
+ * (not D).  On the GPU the teacher logits are float32 GEMM results; the
+ * reference forms them in float64 from the same stored values.  Two kinds
+ * of data:
+ *   FL_TLIN_GRID  H_t, b_t on the grid 2^-6 in [-2, 2], W_t on 2^-8 in
+ *                 [-1/2, 1/2]: at most 8 significant bits (exact in bf16),
+ *                 every product a multiple of 2^-14 of magnitude <= 1, and
+ *                 every partial sum of the d_t + 1 terms a multiple of 2^-14
+ *                 below 2^5: 19 significant bits, exact in float32 in any
+ *                 order.  The GPU's teacher logits are the reference's bit
+ *                 for bit, so AKL's head (taken in teacher order, where a
+ *                 rounding could move a token across the boundary) is the
+ *                 reference's and fl_run's float32 tolerance stands as is.
+ *   FL_TLIN_REAL  normal values (H_t sigma 1, W_t 0.1, b_t 0.3; FKL): a
+ *                 float32 GEMM of n = d_t + 1 terms (b_t is C, beta = 1)
+ *                 errs by at most e_T = gamma_n max_iv (sum_k |h_ik w_vk| +
+ *                 |b_v|), gamma_n = n 2^-24 / (1 - n 2^-24), in any order.
+ *                 A teacher-logit change |delta| <= e_T moves row i's FKL
+ *                 loss c_i KL(p || q) by at most c_i (2 / tau) max_v |log p_v -
+ *                 log q_v| e_T (first order: dKL/dt_v = p_v (log p_v - log q_v
+ *                 - KL) / tau) and its dL = c'_i (q - p) by at most
+ *                 |c'_i| p_v (exp(2 e_T / tau) - 1), hence dH, dW through W,
+ *                 H.  fl_teacher_premise checks, without a device, that these
+ *                 stay below a fifth of fl_run's float32 tolerances (5e-4 of
+ *                 the largest |loss|, dH, dW) on the data of the GPU test.
+ */
+enum { FL_DT = 24, FL_LDTH = FL_DT + 3, FL_LDTW = FL_DT + 1 };
+typedef struct fl_teacher {
+    void *Ht, *Wt, *bt; /* stored in the student's dtype */
+    double *T;          /* [N, V] float64 H_t W_t^T + b_t of the stored values */
+    double eT;          /* the float32 GEMM's error bound (0 on the grid: exact) */
+} fl_teacher_t;
+
+static void fl_grid(double *x, int64_t n, double step, double lim)
+{
+    for (int64_t j = 0; j < n; j++) {
+        double y = nearbyint(x[j] / step) * step;
+        x[j] = y > lim ? lim : y < -lim ? -lim : y;
+    }
+}
+
+/* x [n] stored in dt at *dst, then x replaced by the stored values; on the
+ * grid the storing must be exact. */
+static void fl_store(double *x, int64_t n, kdl_dtype_t dt, void **dst, int exact)
+{
+    *dst = malloc((size_t)n * kdl_dtype_size(dt));
+    double *back = (double *)malloc((size_t)n * 8);
+    kdl_to_dtype(x, *dst, dt, n);
+    kdl_from_dtype(*dst, back, dt, n);
+    for (int64_t j = 0; j < n; j++) {
+        if (exact) cr_assert(back[j] == x[j], "grid value %.17g not exact in %s", x[j], kdl_dtype_name(dt));
+        x[j] = back[j];
+    }
+    free(back);
+}
+
+static void fl_teacher_make(const fl_opts_t *o, fl_teacher_t *t)
+{
+    const int64_t N = o->N, V = o->V, nh = N * FL_LDTH, nw = V * FL_LDTW;
+    const int grid = o->tlin == FL_TLIN_GRID;
+    double *H = (double *)malloc((size_t)nh * 8), *W = (double *)malloc((size_t)nw * 8),
+           *b = (double *)malloc((size_t)V * 8);
+    kdl_rng_t r = {o->seed + 9001};
+    kdl_ext_fill_normal(&r, H, nh, 0.0, 1.0);
+    kdl_ext_fill_normal(&r, W, nw, 0.0, 0.1);
+    kdl_ext_fill_normal(&r, b, V, 0.0, 0.3);
+    if (grid) {
+        fl_grid(H, nh, 0x1p-6, 2.0);
+        fl_grid(W, nw, 0x1p-8, 0.5);
+        fl_grid(b, V, 0x1p-6, 2.0);
+    }
+    fl_store(H, nh, o->dt, &t->Ht, grid);
+    fl_store(W, nw, o->dt, &t->Wt, grid);
+    fl_store(b, V, o->dt, &t->bt, grid);
+    t->T = (double *)malloc((size_t)(N * V) * 8);
+    double worst = 0;
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t v = 0; v < V; v++) {
+            double s = 0, m = 0;
+            for (int64_t k = 0; k < FL_DT; k++) {
+                s += H[i * FL_LDTH + k] * W[v * FL_LDTW + k];
+                m += fabs(H[i * FL_LDTH + k] * W[v * FL_LDTW + k]);
+            }
+            t->T[i * V + v] = s + b[v];
+            if (m + fabs(b[v]) > worst) worst = m + fabs(b[v]);
+            if (grid) cr_assert((double)(float)t->T[i * V + v] == t->T[i * V + v], "grid logit not exact in float32");
+        }
+    const double n = FL_DT + 1, u = 0x1p-24;
+    t->eT = grid ? 0.0 : n * u / (1 - n * u) * worst;
+    free(H);
+    free(W);
+    free(b);
+}
+
+static void fl_teacher_free(fl_teacher_t *t)
+{
+    free(t->Ht);
+    free(t->Wt);
+    free(t->bt);
+    free(t->T);
+}
+
+/* FL_TLIN_REAL's premise (see fl_teacher): the effect of the GPU's teacher
+ * logit error e_T on the FKL loss, dH and dW is below a fifth of fl_run's
+ * tolerances.  L, T: float64 student and teacher logits [N, V]; H [N, D],
+ * W [V, D] the student's stored values.  Per-row quantities from the dense
+ * reference with reduction NONE (scale-free: SUM and MEAN scale the effect
+ * and the tolerance alike). */
+static void fl_teacher_premise(const kdl_loss_desc_t *d, int64_t N, int64_t D, int64_t V, const double *L,
+                               const double *T, const int64_t *labels, const double *H, const double *W, double eT,
+                               const char *what)
+{
+    cr_assert_eq(d->divergence, KDL_DIV_FKL, "the premise is derived for FKL");
+    kdl_loss_desc_t dn = *d;
+    dn.reduction = KDL_REDUCTION_NONE;
+    const double tau = d->temperature, grow = expm1(2 * eT / tau);
+    double *loss = (double *)calloc((size_t)N, 8), *dL = (double *)calloc((size_t)(N * V), 8);
+    double *lp = (double *)malloc((size_t)V * 8), *lq = (double *)malloc((size_t)V * 8);
+    double *eL = (double *)calloc((size_t)(N * V), 8); /* bound of |delta dL| */
+    kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, T, KDL_DTYPE_F64, dL, loss);
+    la.labels = labels;
+    kdl_ext_ref_dense(&dn, &la, what);
+    double max_dloss = 0, sum_loss = 0;
+    int64_t valid = 0;
+    for (int64_t i = 0; i < N; i++) {
+        if (labels && labels[i] == -100) continue;
+        kdl_ext_log_softmax(T + i * V, V, tau, lp);
+        kdl_ext_log_softmax(L + i * V, V, tau, lq);
+        double kl = 0, m = 0, big = 0, cg = 0;
+        for (int64_t v = 0; v < V; v++) {
+            const double p = exp(lp[v]), q = exp(lq[v]);
+            kl += p * (lp[v] - lq[v]);
+            if (fabs(lp[v] - lq[v]) > m) m = fabs(lp[v] - lq[v]);
+            if (fabs(q - p) > big) big = fabs(q - p), cg = dL[i * V + v] / (q - p); /* c'_i */
+        }
+        const double dloss = loss[i] / kl * (2 / tau) * m * eT;
+        if (dloss > max_dloss) max_dloss = dloss;
+        sum_loss += loss[i];
+        valid++;
+        for (int64_t v = 0; v < V; v++) eL[i * V + v] = fabs(cg) * exp(lp[v]) * grow;
+    }
+    cr_assert(valid > 0);
+    cr_expect(max_dloss <= 0.2 * 5e-4 * sum_loss / (double)valid, "%s: teacher error %.3g moves a loss by %.3g, mean loss %.3g",
+              what, eT, max_dloss, sum_loss / (double)valid);
+    /* dH = dL W and dW = dL^T H, and the bounds of their change */
+    double mh = 0, mhe = 0, mw = 0, mwe = 0;
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t k = 0; k < D; k++) {
+            double s = 0, e = 0;
+            for (int64_t v = 0; v < V; v++) {
+                s += dL[i * V + v] * W[v * D + k];
+                e += eL[i * V + v] * fabs(W[v * D + k]);
+            }
+            mh = fmax(mh, fabs(s));
+            mhe = fmax(mhe, e);
+        }
+    for (int64_t v = 0; v < V; v++)
+        for (int64_t k = 0; k < D; k++) {
+            double s = 0, e = 0;
+            for (int64_t i = 0; i < N; i++) {
+                s += dL[i * V + v] * H[i * D + k];
+                e += eL[i * V + v] * fabs(H[i * D + k]);
+            }
+            mw = fmax(mw, fabs(s));
+            mwe = fmax(mwe, e);
+        }
+    cr_expect(mhe <= 0.2 * 5e-4 * mh, "%s: dH change bound %.3g, largest |dH| %.3g", what, mhe, mh);
+    cr_expect(mwe <= 0.2 * 5e-4 * mw, "%s: dW change bound %.3g, largest |dW| %.3g", what, mwe, mw);
+    cr_log_info("%s: e_T %.3g; loss %.2g, dH %.2g, dW %.2g of their tolerances", what, eT,
+                max_dloss / (5e-4 * sum_loss / (double)valid), mhe / (5e-4 * mh), mwe / (5e-4 * mw));
+    free(loss);
+    free(dL);
+    free(lp);
+    free(lq);
+    free(eL);
+}
+
 /*
  * One GPU call against the float64 reference on the same (16-bit rounded)
- * H, W, b.  Tolerances:
+ * H, W, b (and H_t, W_t, b_t with o->tlin: see fl_teacher).  Tolerances:
  *   loss      5e-4 of the largest |loss|: the logits are float32 in both
  *             GEMM forms (16-bit products are exact in FP32, the sums FP32),
  *             the loss kernel works in float32 (as the dense GPU tests).
@@ -909,7 +1105,7 @@ static void fl_bound(int64_t nx, int64_t ny, int64_t D, const double *dL, int64_
  *             the same sum).  The bound uses twice the count of roundings.
  * |dL| comes from the dense float64 reference on logits materialised here.
  */
-static void fl_run(const fl_opts_t *o)
+static void fl_run_on(const fl_opts_t *o, int gpu)
 {
     const int64_t N = o->N, D = o->D, V = o->V;
     const size_t nh = (size_t)(N * D), nw = (size_t)(V * D), nt = (size_t)(N * V);
@@ -932,6 +1128,8 @@ static void fl_run(const fl_opts_t *o)
     kdl_from_dtype(Hx, H, o->dt, (int64_t)nh);
     kdl_from_dtype(Wx, W, o->dt, (int64_t)nw);
     kdl_from_dtype(bx, b, o->dt, V);
+    fl_teacher_t tt = {NULL, NULL, NULL, NULL, 0.0};
+    if (o->tlin) fl_teacher_make(o, &tt);
 
     kdl_loss_desc_t d = kdl_test_desc(o->div, o->red);
     if (o->scale != 0) d.scale = o->scale;
@@ -946,18 +1144,31 @@ static void fl_run(const fl_opts_t *o)
         a.bias = bx;
         a.grad_bias = rb;
     }
-    char what[128];
-    snprintf(what, sizeof what, "fused %s red %d chunk %lld %s/%s%s%s", kdl_divergence_name(o->div), (int)o->red,
+    if (o->tlin) {
+        a.teacher = NULL;
+        a.teacher_hidden = tt.Ht;
+        a.teacher_hidden_size = FL_DT;
+        a.ld_teacher_hidden = FL_LDTH;
+        a.teacher_weight = tt.Wt;
+        a.ld_teacher_weight = FL_LDTW;
+        a.teacher_bias = tt.bt;
+        a.teacher_linear_dtype = o->dt;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "fused %s red %d chunk %lld %s/%s%s%s%s", kdl_divergence_name(o->div), (int)o->red,
              (long long)o->chunk, kdl_dtype_name(o->dt), kdl_dtype_name(o->gdt), o->grad_output ? " grad_output" : "",
-             o->bias ? " bias" : "");
+             o->bias ? " bias" : "",
+             o->tlin == FL_TLIN_REAL ? " teacher layer" : o->tlin == FL_TLIN_GRID ? " teacher layer (grid)" : "");
     kdl_ext_ref_fused(&d, &a, what);
 
     /* |dL| of the reference, for the 16-bit bounds */
     double *L = (double *)malloc(nt * 8), *dL = (double *)calloc(nt, 8), *junk = (double *)calloc(nl, 8);
     kdl_ext_logits(N, D, V, H, W, o->bias ? b : NULL, L);
-    kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, T, KDL_DTYPE_F32, dL, junk);
+    kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, o->tlin ? (const void *)tt.T : (const void *)T,
+                                            o->tlin ? KDL_DTYPE_F64 : KDL_DTYPE_F32, dL, junk);
     la.labels = labels;
     kdl_ext_ref_dense(&d, &la, what);
+    if (o->tlin == FL_TLIN_REAL) fl_teacher_premise(&d, N, D, V, L, tt.T, labels, H, W, tt.eT, what);
     if (o->grad_output)
         for (int64_t i = 0; i < N; i++)
             for (int64_t v = 0; v < V; v++) dL[i * V + v] *= g[i];
@@ -977,17 +1188,20 @@ static void fl_run(const fl_opts_t *o)
 
     double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8),
            *gb = (double *)malloc((size_t)V * 8);
-    fl_gpu(&d, &a, o->gdt, gl, gh, gw, gb);
-    KDL_EXPECT_CLOSE(what, gl, rl, nl, kdl_ext_tol_rel_max(rl, (int64_t)nl, 5e-4));
-    char w2[160];
-    snprintf(w2, sizeof w2, "%s dH", what);
-    fl_compare(w2, gh, rh, bh, nh, kdl_ext_tol_rel_max(rh, (int64_t)nh, 5e-4));
-    snprintf(w2, sizeof w2, "%s dW", what);
-    fl_compare(w2, gw, rw, bw, nw, kdl_ext_tol_rel_max(rw, (int64_t)nw, 5e-4));
-    if (o->bias) {
-        snprintf(w2, sizeof w2, "%s db", what);
-        fl_compare(w2, gb, rb, bb, (size_t)V, kdl_ext_tol_rel_max(rb, V, 5e-4));
+    if (gpu) { /* else only the reference and the premises ran */
+        fl_gpu(&d, &a, o->gdt, gl, gh, gw, gb);
+        KDL_EXPECT_CLOSE(what, gl, rl, nl, kdl_ext_tol_rel_max(rl, (int64_t)nl, 5e-4));
+        char w2[192];
+        snprintf(w2, sizeof w2, "%s dH", what);
+        fl_compare(w2, gh, rh, bh, nh, kdl_ext_tol_rel_max(rh, (int64_t)nh, 5e-4));
+        snprintf(w2, sizeof w2, "%s dW", what);
+        fl_compare(w2, gw, rw, bw, nw, kdl_ext_tol_rel_max(rw, (int64_t)nw, 5e-4));
+        if (o->bias) {
+            snprintf(w2, sizeof w2, "%s db", what);
+            fl_compare(w2, gb, rb, bb, (size_t)V, kdl_ext_tol_rel_max(rb, V, 5e-4));
+        }
     }
+    fl_teacher_free(&tt);
     free(H);
     free(W);
     free(b);
@@ -1013,10 +1227,12 @@ static void fl_run(const fl_opts_t *o)
     free(gb);
 }
 
+static void fl_run(const fl_opts_t *o) { fl_run_on(o, 1); }
+
 static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t D, int64_t V, int64_t chunk,
                        uint64_t seed)
 {
-    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0, 0};
+    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0, 0, 0};
     fl_run(&o);
 }
 
@@ -1039,7 +1255,7 @@ Test(gpu_fused_linear, sixteen_bit_inputs_f32_and_16_bit_gradients)
         for (int k = 0; k < 3; k++)
             for (int g16 = 0; g16 < 2; g16++) {
                 fl_opts_t o = {divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 600 + 10 * t + k, dts[t],
-                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0, 0};
+                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0, 0, 0};
                 fl_run(&o);
                 o.red = KDL_REDUCTION_SUM;
                 o.chunk = 0;
@@ -1057,7 +1273,7 @@ Test(gpu_fused_linear, grad_output_and_bias)
     for (int t = 0; t < 3; t++)
         for (int k = 0; k < 3; k++) {
             /* grad_output (NONE) with and without the bias */
-            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1, 0};
+            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1, 0, 0};
             fl_run(&o);
             o.bias = 0;
             fl_run(&o);
@@ -1070,6 +1286,34 @@ Test(gpu_fused_linear, grad_output_and_bias)
         }
 }
 
+/* The teacher as a linear layer (fl_teacher): FKL on normal data, AKL on
+ * grid data (exact teacher logits), f32 and bf16 (f32 and bf16 gradients),
+ * with both biases, N = 37 in chunks of 8, 5 or the default (several
+ * chunks, the last one short), d_t = 24 != D = 48, strided H_t and W_t. */
+static const fl_opts_t fl_tlin_cases[] = {
+    {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1100, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_REAL},
+    {KDL_DIV_FKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1101, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_REAL},
+    {KDL_DIV_FKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1102, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, FL_TLIN_REAL},
+    {KDL_DIV_AKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1103, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_GRID},
+    {KDL_DIV_AKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1104, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_GRID},
+    {KDL_DIV_AKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1105, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, FL_TLIN_GRID},
+};
+
+Test(gpu_fused_linear, teacher_as_a_linear_layer)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    for (size_t j = 0; j < sizeof fl_tlin_cases / sizeof fl_tlin_cases[0]; j++) fl_run(&fl_tlin_cases[j]);
+}
+
+/* No device needed: the premises of the test above hold for its data (grid
+ * values exact in the dtype and the teacher logits exact in float32; the
+ * normal data's float32 teacher error within a fifth of the tolerances),
+ * and the float64 reference accepts every case. */
+Test(args, teacher_layer_test_data_premises)
+{
+    for (size_t j = 0; j < sizeof fl_tlin_cases / sizeof fl_tlin_cases[0]; j++) fl_run_on(&fl_tlin_cases[j], 0);
+}
+
 /* f16 MEAN (ext-review 2026-11-23 #1): dL in the 16-bit buffer must carry
  * MEAN's 1/counted, not SUM's scale.  At scale 1e6 SUM's dL reaches
  * |q - p| * 1e6 > 65504 (inf in f16, and dH, dW inf), while MEAN's, over
@@ -1077,7 +1321,7 @@ Test(gpu_fused_linear, grad_output_and_bias)
 Test(gpu_fused_linear, f16_mean_dl_has_the_mean_scale)
 {
     KDL_SKIP_WITHOUT_GPU();
-    fl_opts_t o = {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 64, 16, 256, 16, 810, KDL_DTYPE_F16, KDL_DTYPE_F32, 0, 1, 1e6};
+    fl_opts_t o = {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 64, 16, 256, 16, 810, KDL_DTYPE_F16, KDL_DTYPE_F32, 0, 1, 1e6, 0};
     fl_run(&o);
     o.gdt = KDL_DTYPE_F16;
     o.bias = 0;
@@ -1092,7 +1336,7 @@ Test(gpu_fused_linear, f16_mean_dl_has_the_mean_scale)
 Test(gpu_fused_linear, stream_path_in_place)
 {
     KDL_SKIP_WITHOUT_GPU();
-    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0};
+    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, 0};
     fl_run(&o);
     o.div = KDL_DIV_AKL;
     o.dt = o.gdt = KDL_DTYPE_BF16;
@@ -1127,6 +1371,17 @@ Test(gpu_fused_linear, workspace_checked)
     cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &bb), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     cr_expect_eq(bb, b16 + 256);
     cr_expect_eq(kdl_fused_linear_loss(h, &d, &a, dummy, b16), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    /* the teacher as a linear layer adds its float32 chunk (one 256-byte block at this size) */
+    a.teacher = NULL;
+    a.teacher_hidden = a.teacher_weight = dummy;
+    a.teacher_hidden_size = a.ld_teacher_hidden = a.ld_teacher_weight = 4;
+    size_t bt;
+    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &bt), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect_eq(bt, bb + 256);
+    cr_expect_eq(kdl_fused_linear_loss(h, &d, &a, dummy, bb), KDL_STATUS_WORKSPACE_TOO_SMALL);
+    /* cuBLAS takes int strides: refused up front */
+    a.ld_teacher_hidden = (int64_t)1 << 31;
+    cr_expect_eq(kdl_fused_linear_workspace_size(h, &d, &a, &bt), KDL_STATUS_NOT_SUPPORTED, "%s", kdl_get_last_error());
     kdl_destroy(h);
 }
 /* ================================================ desk-review regressions

@@ -378,6 +378,10 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fu
  *   logits = H_c W^T (+ b)   cuBLAS: F32 inputs cublasSgemm in strict FP32
  *                            (no TF32); 16-bit inputs cublasGemmEx with
  *                            CUBLAS_COMPUTE_32F, a float32 logits chunk;
+ *   T_c = H_t,c W_t^T (+ b_t) with teacher_hidden: the same GEMM forms in
+ *                            teacher_linear_dtype, into a float32 teacher
+ *                            chunk the loss kernel reads as its teacher
+ *                            (the teacher gets no gradient);
  *   loss and dL              the dense loss kernel (kdl_loss_forward_backward's,
  *                            every divergence, AKL included) on the float32
  *                            chunk: F32 inputs write dL over the logits in
@@ -401,9 +405,11 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fu
  * in dL before its one 16-bit rounding, and the end factor counted/valid is
  * exactly 1 unless some row was invalid (only then is a 16-bit dH/dW
  * rounded a second time).
- * Workspace (kdl_fused_linear_workspace_size): c*V*4 bytes (+ c*V*2 for
- * 16-bit inputs) + the dense loss workspace of c rows + V*8 bytes with
- * grad_bias + 256; it depends on chunk_rows, the dtypes and grad_bias.
+ * Workspace (kdl_fused_linear_workspace_size): c*V*4 bytes (+ c*V*4 for
+ * the teacher chunk with teacher_hidden, + c*V*2 for 16-bit inputs) + the
+ * dense loss workspace of c rows + V*8 bytes with grad_bias + 256, each
+ * piece rounded up to 256 bytes; it depends on chunk_rows, the dtypes,
+ * grad_bias and teacher_hidden.
  * Compiled for sm_90a; not yet run on a device (docs/extensions.md). */
 kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
                                              const kdl_fused_linear_args_t *args, size_t *bytes);
