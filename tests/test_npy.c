@@ -7,10 +7,13 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -528,4 +531,75 @@ Test(npy, writer_rejects_bad_arguments)
     char path[512];
     tpath(path, sizeof path, "no_such_dir/x.npy");
     cr_expect_eq(kdl_npy_save(path, KDL_NPY_F64, 1, ok, d, msg, sizeof msg), KDL_NPY_ERR_OPEN);
+}
+
+Test(npy, malformed_header_tokens)
+{
+    expect_header_error("{'descr': '<f8", KDL_NPY_ERR_HEADER);                                      /* unterminated */
+    expect_header_error("{'descr' '<f8', 'fortran_order': False, 'shape': (4,), }", KDL_NPY_ERR_HEADER); /* no ':' */
+    expect_header_error("{'descr': '<f8', 'fortran_order': False, 'shape': (a,), }", KDL_NPY_ERR_HEADER);
+    expect_header_error("{'descr': '<f8', 'fortran_order': False, 'shape': (-,), }", KDL_NPY_ERR_HEADER);
+}
+
+Test(npy, get_double_of_int64_and_unknown_dtypes)
+{
+    int64_t v[3] = {-7, 0, (int64_t)1 << 53};
+    kdl_npy_array_t a = {0};
+    a.dtype = KDL_NPY_I64;
+    a.ndim = 1;
+    a.shape[0] = 3;
+    a.count = 3;
+    a.data = v;
+    cr_expect_eq(kdl_npy_get_double(&a, 0), -7.0);
+    cr_expect_eq(kdl_npy_get_double(&a, 2), 9007199254740992.0);
+    cr_expect(isnan(kdl_npy_get_double(&a, 3)) && isnan(kdl_npy_get_double(&a, -1)));
+    a.dtype = KDL_NPY_DTYPE_COUNT_;
+    cr_expect(isnan(kdl_npy_get_double(&a, 0)), "an unknown dtype reads as NaN");
+    cr_expect_eq(kdl_npy_dtype_size(KDL_NPY_DTYPE_COUNT_), 0);
+    cr_expect(isnan(kdl_npy_get_double(NULL, 0)));
+}
+
+/* A stream that cannot be written: the error is KDL_NPY_ERR_IO with a
+ * one-line "write error" message, from the header or from the data. */
+static void expect_write_error(kdl_npy_status_t st, const char *msg, const char *what)
+{
+    cr_expect_eq(st, KDL_NPY_ERR_IO, "%s: %s (%s)", what, kdl_npy_status_name(st), msg);
+    cr_expect(!strncmp(msg, "write error: ", 13) && !strchr(msg, '\n'), "%s: '%s'", what, msg);
+}
+
+Test(npy, writer_reports_write_errors)
+{
+    char msg[256], path[512];
+    double d[100] = {0};
+    int64_t shape[1] = {100};
+    /* a read-only stream: the preamble fails */
+    tpath(path, sizeof path, "ro.npy");
+    write_bytes(path, "x", 1);
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f);
+    expect_write_error(kdl_npy_write_stream(f, KDL_NPY_F64, 1, shape, d, 0, msg, sizeof msg), msg, "read-only");
+    fclose(f);
+    unlink(path);
+    /* room for the 128-byte header but not the 800 data bytes, unbuffered */
+    char mem[200];
+    f = fmemopen(mem, sizeof mem, "w");
+    cr_assert_not_null(f);
+    setvbuf(f, NULL, _IONBF, 0);
+    expect_write_error(kdl_npy_write_stream(f, KDL_NPY_F64, 1, shape, d, 0, msg, sizeof msg), msg, "full");
+    fclose(f);
+    /* kdl_npy_save whose buffered bytes fail when the file is closed: a
+     * 928-byte file under a 512-byte file size limit (SIGXFSZ ignored) */
+    struct rlimit old, lim;
+    cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    lim = old;
+    lim.rlim_cur = 512;
+    void (*prev)(int) = signal(SIGXFSZ, SIG_IGN);
+    tpath(path, sizeof path, "limited.npy");
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    kdl_npy_status_t st = kdl_npy_save(path, KDL_NPY_F64, 1, shape, d, msg, sizeof msg);
+    setrlimit(RLIMIT_FSIZE, &old);
+    signal(SIGXFSZ, prev);
+    expect_write_error(st, msg, "file size limit");
+    cr_expect(strstr(msg, strerror(EFBIG)), "%s", msg);
+    unlink(path);
 }
