@@ -449,6 +449,14 @@ def ext_seeds():
                                         bytes([NAN_B, 137, 140, 150]) + ramp(6) + ramp(6))
     s["fused_bad_dtype"] = fused(ext_desc(0), 1, 2, 3, 4, 3, 3, 3, 0, 3, ramp(12))
     s["fused_bad_chunk"] = fused(ext_desc(0), 1, 2, 3, 3, 3, 3, 3, 0, 3 | 64, bytes([0]) + ramp(12))
+    # the teacher as a linear layer (flag 128): d_t - 1, its dtype, strides/bias byte, H_t, W_t, b_t
+    for div in range(8):
+        layer = bytes([1, 3, 7 if div % 2 else 3]) + ramp(8, -1.5) + ramp(17) + ramp(6, 0.5)
+        s["fused_layer_div%d" % div] = fused(ext_desc(div, red=div % 3, rule=div % 3, top_k=2), 3, 3, 6, 3, 3, 3, 3,
+                                             0x3f, 1 | 2 | 8 | 16 | 64 | 128, bytes([2]) + ramp(11) + ramp(23, -1.0) + layer)
+    s["fused_layer_bf16"] = fused(ext_desc(0, red=2), 2, 2, 4, 3, 3, 3, 3, 0, 1 | 2 | 128,
+                                  ramp(4) + ramp(8) + bytes([2, 2, 4]) + ramp(6) + ramp(12) + ramp(4))
+    s["fused_layer_bad_dtype"] = fused(ext_desc(0), 1, 2, 3, 3, 3, 3, 3, 0, 3 | 128, ramp(2) + ramp(6) + bytes([0, 4, 0]))
     return s
 
 

@@ -32,7 +32,10 @@
  * fused: N (byte % 4), d (1 + byte % 4), V (1 + byte % 8), hidden / weight /
  *   teacher / grad dtype (byte % 5), out dtype, strides, flags (1 dH, 2 dW,
  *   4 labels, 8 info, 16 valid_rows, 32 raw data, 64 chunk_rows from the next
- *   byte - 1), labels, H, W, teacher logits.
+ *   byte - 1, 128 the teacher as a linear layer), labels, H, W, then the
+ *   teacher logits, or (flag 128) d_t (1 + byte % 4), the teacher layer's
+ *   dtype (byte % 5), its strides and bias flag (one byte: 1, 2 ld extras,
+ *   4 a bias b_t), H_t, W_t, b_t.
  *
  * Oracle (abort on violation; the problem is printed):
  *   - a known status; on failure a last-error detail and every output byte
@@ -883,17 +886,60 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     if (fl & 64) a.chunk_rows = (int64_t)fz_u8(s) - 1;
     int64_t *labels = read_labels(s, fl & 4, N, d);
     a.labels = labels;
-    const int raw = (fl & 32) != 0;
-    const int64_t nh = N ? (N - 1) * a.ld_hidden + D : 0, nw = (V - 1) * a.ld_weight + D,
-                  nt = N ? (N - 1) * a.ld_teacher + V : 0;
-    void *H = zalloc((size_t)nh * fz_esize(a.hidden_dtype)), *W = zalloc((size_t)nw * fz_esize(a.weight_dtype)),
-         *T = zalloc((size_t)nt * fz_esize(a.teacher_dtype));
+    const int raw = (fl & 32) != 0, layer = (fl & 128) != 0;
+    const int64_t nh = N ? (N - 1) * a.ld_hidden + D : 0, nw = (V - 1) * a.ld_weight + D;
+    int64_t nt = N ? (N - 1) * a.ld_teacher + V : 0;
+    void *H = zalloc((size_t)nh * fz_esize(a.hidden_dtype)), *W = zalloc((size_t)nw * fz_esize(a.weight_dtype));
     fill(s, H, a.hidden_dtype, nh, raw);
     fill(s, W, a.weight_dtype, nw, raw);
-    fill(s, T, a.teacher_dtype, nt, raw);
     a.hidden_states = H;
     a.weight = W;
-    a.teacher = T;
+    /* the teacher: logits as given, or (layer) H_t W_t^T (+ b_t) formed here
+     * in float64 as the oracle's teacher logits Tm [N, V] */
+    void *T = NULL, *Ht = NULL, *Wt = NULL, *bt = NULL;
+    double Tm[4 * 8] = {0};
+    int tknown = 1;
+    if (layer) {
+        const int64_t Dt = 1 + fz_u8(s) % 4;
+        a.teacher_hidden_size = Dt;
+        a.teacher_linear_dtype = fz_dtype(fz_u8(s));
+        const uint8_t tl = fz_u8(s);
+        a.ld_teacher_hidden = Dt + (tl & 1);
+        a.ld_teacher_weight = Dt + ((tl >> 1) & 1);
+        const kdl_dtype_t ldt = a.teacher_linear_dtype;
+        const int64_t nht = N ? (N - 1) * a.ld_teacher_hidden + Dt : 0, nwt = (V - 1) * a.ld_teacher_weight + Dt;
+        Ht = zalloc((size_t)nht * fz_esize(ldt)), Wt = zalloc((size_t)nwt * fz_esize(ldt));
+        fill(s, Ht, ldt, nht, raw);
+        fill(s, Wt, ldt, nwt, raw);
+        if (tl & 4) {
+            bt = zalloc((size_t)V * fz_esize(ldt));
+            fill(s, bt, ldt, V, raw);
+        }
+        a.teacher = NULL;
+        a.teacher_hidden = Ht;
+        a.teacher_weight = Wt;
+        a.teacher_bias = bt;
+        tknown = kdl_dtype_size(ldt) != 0;
+        for (int64_t i = 0; tknown && i < N; i++)
+            for (int64_t v = 0; v < V; v++) {
+                double acc = 0;
+                for (int64_t k = 0; k < Dt; k++)
+                    acc += kdl_load_as_double(Ht, ldt, i * a.ld_teacher_hidden + k) *
+                           kdl_load_as_double(Wt, ldt, v * a.ld_teacher_weight + k);
+                if (bt) acc += kdl_load_as_double(bt, ldt, v);
+                Tm[i * V + v] = acc;
+            }
+        nt = N * V;
+    } else {
+        T = zalloc((size_t)nt * fz_esize(a.teacher_dtype));
+        fill(s, T, a.teacher_dtype, nt, raw);
+        a.teacher = T;
+        tknown = kdl_dtype_size(a.teacher_dtype) != 0;
+    }
+    /* the teacher the oracle compares with */
+    const void *To = layer ? (const void *)Tm : T;
+    const kdl_dtype_t tdo = layer ? KDL_DTYPE_F64 : a.teacher_dtype;
+    const int64_t ldto = layer ? V : a.ld_teacher;
     fz_obuf_t o[F_COUNT];
     memset(o, 0, sizeof o);
     const size_t eg = fz_esize(a.grad_dtype), eo = fz_esize(a.out_dtype);
@@ -921,7 +967,7 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     cur_d = d;
     cur_what = "fused";
     cur_N = N, cur_V = V, cur_S = L, cur_sdt = KDL_DTYPE_F64, cur_lds = V;
-    cur_T = T, cur_tdt = a.teacher_dtype, cur_ldt = a.ld_teacher;
+    cur_T = To, cur_tdt = tdo, cur_ldt = ldto;
     const kdl_status_t st = kdl_ref_fused_linear_loss(d, &a);
     fz_show("fused", st);
     CHECK(fz_known_status(st), "status %d", (int)st);
@@ -932,11 +978,10 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
         goto done;
     }
     CHECK(desc_in_range(d, V), "descriptor out of range accepted");
-    CHECK(known && kdl_dtype_size(a.teacher_dtype), "dtype accepted");
+    CHECK(known && tknown, "dtype accepted");
     {
         int64_t dinfo = -1, dvalid = -1;
-        kdl_status_t ds = dense(d, N, V, L, KDL_DTYPE_F64, V, T, a.teacher_dtype, a.ld_teacher, labels, dl, dg, &dinfo,
-                                &dvalid, NULL);
+        kdl_status_t ds = dense(d, N, V, L, KDL_DTYPE_F64, V, To, tdo, ldto, labels, dl, dg, &dinfo, &dvalid, NULL);
         CHECK(ds == KDL_STATUS_SUCCESS, "dense reference refused: %s", kdl_status_string(ds));
         if (a.info) CHECK(*info == dinfo, "info %lld, dense %lld", (long long)*info, (long long)dinfo);
         if (a.valid_rows) CHECK(*valid == dvalid, "valid %lld, dense %lld", (long long)*valid, (long long)dvalid);
@@ -945,7 +990,7 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
             double x = kdl_load_as_double(a.loss, a.out_dtype, (int64_t)i), y = dl[i];
             if (a.out_dtype == KDL_DTYPE_F32) y = (double)(float)y;
             CHECK(fz_close(x, y, lrt, 0), "loss[%zu] %.17g, dense %.17g", i, x, y);
-            CHECK(sign_ok(x, d->scale, 1e3 * grad_noise(d, L, KDL_DTYPE_F64, N * V, T, a.teacher_dtype, nt) *
+            CHECK(sign_ok(x, d->scale, 1e3 * grad_noise(d, L, KDL_DTYPE_F64, N * V, To, tdo, nt) *
                                            d->temperature * (double)(N * V + 1)),
                   "loss[%zu] %g, scale %g", i, x, d->scale);
         }
@@ -960,7 +1005,7 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     }
 done:
     for (int q = 0; q < F_COUNT; q++) fz_obuf_free(&o[q]);
-    free(H), free(W), free(T), free(labels);
+    free(H), free(W), free(T), free(Ht), free(Wt), free(bt), free(labels);
     cur_d = NULL;
 }
 
