@@ -181,6 +181,40 @@ Test(cli_errors, empty_output_file_names)
     inputs_remove(&in);
 }
 
+/* Option values the parser refuses, each naming its flag; -h is --help. */
+Test(cli_errors, option_values)
+{
+    inputs_t in;
+    inputs_make(&in, 2, 3);
+#define L(...) {"loss", "--divergence", "fkl", "--student", in.s, "--teacher", in.t, __VA_ARGS__}
+    const err_case_t cases[] = {
+        {"empty number", "--temperature: '' is not a number", 2, L("--temperature", "")},
+        {"leading space", "--temperature: ' 1' is not a number", 2, L("--temperature", " 1")},
+        {"trailing text", "--mu: '0.5x' is not a number", 2, L("--mu", "0.5x")},
+        {"empty integer", "--top-k: '' is not an integer", 2, L("--top-k", "")},
+        {"integer overflow", "--top-k must be an integer in [1, 9223372036854775807]", 2,
+         L("--top-k", "99999999999999999999")},
+        {"value that is an option", "--grad-out needs a value", 2, L("--grad-out", "--stats")},
+        {"positional argument", "unexpected argument 'extra'", 2, L("extra")},
+        {"single dash", "unexpected argument '-x'", 2, L("-x")},
+        {"unknown option with =", "unknown option '--blur'", 2, L("--blur=1")},
+    };
+#undef L
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        kdl_cli_result_t r;
+        kdl_run_cli(&r, cases[k].args);
+        kdl_expect_cli_error(&r, cases[k].code, "loss", cases[k].needle, cases[k].what);
+    }
+    kdl_cli_result_t r;
+    KDL_CLI(&r, "loss", "--ignore-index", "-99999999999999999999", "--divergence", "fkl", "--student", in.s,
+            "--teacher", in.t);
+    kdl_expect_cli_error(&r, 2, "loss", "--ignore-index must be an integer in [-9223372036854775808, ", "ERANGE low");
+    KDL_CLI(&r, "loss", "--student", "nowhere.npy", "-h");
+    cr_expect_eq(r.code, 0, "-h: exit %d", r.code);
+    cr_expect(!strncmp(r.out, "usage: kdloss loss", 18), "-h: '%.80s'", r.out);
+    inputs_remove(&in);
+}
+
 /* -------------------------------------------------------------- shapes */
 
 Test(cli_errors, loss_empty_vocabulary)
