@@ -208,29 +208,80 @@ def sparse_inputs(be, s, idx, lp, sname):
     return same_device(be, [(sname, s), ("teacher_indices", idx), ("teacher_logprobs", lp)])
 
 
-def fused_inputs(be, h, w, t, tname, bias=None):
-    """hidden [..., d], weight [V, d], teacher [..., V], the optional bias
-    [V] in weight's dtype; returns the device."""
+def fused_teacher(be, t, th, tw, tb, tname):
+    """Which teacher a fused linear call is given: its logits t (named
+    tname), or the teacher as a linear layer th @ tw.T (+ tb).  Returns
+    True for the linear layer; ValueError naming the arguments unless
+    exactly one source is given whole."""
+    lin = th is not None or tw is not None or tb is not None
+    if t is not None and lin:
+        raise ValueError(f"kdloss: give one teacher: {tname}, or teacher_hidden and "
+                         "teacher_weight (and teacher_bias), not both")
+    if t is None and not lin:
+        raise ValueError(f"kdloss: no teacher: give {tname}, or teacher_hidden and "
+                         "teacher_weight")
+    if lin and (th is None or tw is None):
+        given = [k for k, x in (("teacher_hidden", th), ("teacher_weight", tw),
+                                ("teacher_bias", tb)) if x is not None]
+        raise ValueError(f"kdloss: the teacher as a linear layer needs teacher_hidden and "
+                         f"teacher_weight; got {' and '.join(given)} only")
+    return lin
+
+
+def _check_bias(be, b, name, owner, dtype, V):
+    """An optional bias [V] read in `owner`'s dtype."""
+    if b is None:
+        return
+    check_array(be, b, name)
+    if b.dtype != dtype:
+        raise TypeError(f"kdloss: {name} has dtype {b.dtype}; it is read in {owner}'s dtype "
+                        f"{dtype}")
+    if be.shape(b) != (V,):
+        raise ValueError(f"kdloss: {name} must have shape ({V},) ({owner}'s V), got "
+                         f"{be.shape(b)}")
+
+
+def fused_inputs(be, h, w, t, tname, bias=None, th=None, tw=None, tb=None):
+    """hidden [..., d], weight [V, d], the optional bias [V] in weight's
+    dtype, and one teacher (fused_teacher): its logits t [..., V], or the
+    teacher as a linear layer, teacher_hidden th [..., d_t] with hidden's
+    leading shape, teacher_weight tw [V, d_t] and the optional
+    teacher_bias tb [V], all three of one float dtype.  Returns the device."""
+    lin = fused_teacher(be, t, th, tw, tb, tname)
     check_matrix(be, h, "hidden", "hidden", "d")
     check_matrix(be, w, "weight", "hidden", "d")
-    check_matrix(be, t, tname)
-    hs, ws, ts = be.shape(h), be.shape(w), be.shape(t)
+    hs, ws = be.shape(h), be.shape(w)
     if len(ws) != 2:
         raise ValueError(f"kdloss: weight must be [V, d], got shape {ws}")
     if hs[-1] != ws[1]:
         raise ValueError(f"kdloss: hidden {hs} and weight {ws} differ in the hidden size d")
-    if ts != hs[:-1] + (ws[0],):
-        raise ValueError(f"kdloss: {tname} has shape {ts}, expected {hs[:-1] + (ws[0],)} "
-                         "(hidden's rows, weight's V)")
-    if bias is not None:
-        check_array(be, bias, "bias")
-        if bias.dtype != w.dtype:
-            raise TypeError(f"kdloss: bias has dtype {bias.dtype}; it is read in weight's dtype "
-                            f"{w.dtype}")
-        if be.shape(bias) != ws[:1]:
-            raise ValueError(f"kdloss: bias must have shape ({ws[0]},) (weight's V), got "
-                             f"{be.shape(bias)}")
-    return same_device(be, [("hidden", h), ("weight", w), (tname, t), ("bias", bias)])
+    if lin:
+        check_matrix(be, th, "teacher_hidden", "hidden", "d_t")
+        check_matrix(be, tw, "teacher_weight", "hidden", "d_t")
+        ths, tws = be.shape(th), be.shape(tw)
+        if len(tws) != 2 or tws[0] != ws[0]:
+            raise ValueError(f"kdloss: teacher_weight must be [V, d_t] with weight's V = "
+                             f"{ws[0]}, got shape {tws}")
+        if ths[:-1] != hs[:-1]:
+            raise ValueError(f"kdloss: teacher_hidden {ths} and hidden {hs} differ in their "
+                             "leading (row) shape")
+        if ths[-1] != tws[1]:
+            raise ValueError(f"kdloss: teacher_hidden {ths} and teacher_weight {tws} differ "
+                             "in the teacher's hidden size d_t")
+        if tw.dtype != th.dtype:
+            raise TypeError(f"kdloss: teacher_weight has dtype {tw.dtype}; the teacher layer "
+                            f"is read in teacher_hidden's dtype {th.dtype}")
+        _check_bias(be, tb, "teacher_bias", "teacher_hidden", th.dtype, ws[0])
+    else:
+        check_matrix(be, t, tname)
+        ts = be.shape(t)
+        if ts != hs[:-1] + (ws[0],):
+            raise ValueError(f"kdloss: {tname} has shape {ts}, expected {hs[:-1] + (ws[0],)} "
+                             "(hidden's rows, weight's V)")
+    _check_bias(be, bias, "bias", "weight", w.dtype, ws[0])
+    return same_device(be, [("hidden", h), ("weight", w), (tname, t), ("bias", bias),
+                            ("teacher_hidden", th), ("teacher_weight", tw),
+                            ("teacher_bias", tb)])
 
 
 def check_indices(be, idx, vocab):
@@ -491,16 +542,26 @@ def sparse(be, dev, desc, mode, s, idx, lp, lab, want_grad):
 
 
 def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_dt, bias=None,
-                 want_b=False, grad_output=None):
-    """kdl_(ref_)fused_linear_loss: logits = h W^T (+ bias).  grad_output:
-    the upstream gradient of each row's loss (reduction none; [N] in a
-    float dtype of the library), or None.  Returns (loss [N] or [1], dH
-    [N, d], dW [V, d], db [V] (each None when not wanted), counters int64
-    [2]: invalid, valid, the chunk the call used)."""
+                 want_b=False, grad_output=None, teacher_linear=None):
+    """kdl_(ref_)fused_linear_loss: logits = h W^T (+ bias).  The teacher:
+    its logits t, or (t None) teacher_linear = (H_t, W_t, b_t or None), the
+    teacher logits H_t W_t^T (+ b_t) formed by the library (no gradient to
+    them).  grad_output: the upstream gradient of each row's loss (reduction
+    none; [N] in a float dtype of the library), or None.  Returns (loss [N]
+    or [1], dH [N, d], dW [V, d], db [V] (each None when not wanted),
+    counters int64 [2]: invalid, valid, the chunk the call used)."""
     a = _lib.new_fused_linear_args()
     h2, N, D = put_rows(be, a, h, "hidden_states", "ld_hidden", "hidden_dtype")
     w2, V, _ = put_rows(be, a, w, "weight")
-    t2, _, _ = put_rows(be, a, t, "teacher")
+    if teacher_linear is None:
+        kept = put_rows(be, a, t, "teacher")
+    else:
+        th, tw, tb = teacher_linear
+        kept = put_rows(be, a, th, "teacher_hidden", "ld_teacher_hidden", "teacher_linear_dtype")
+        kept += put_rows(be, a, tw, "teacher_weight", "ld_teacher_weight", "")
+        a.teacher_hidden_size = kept[2]
+        kept += (None if tb is None else be.flat(tb, V),)
+        put(be, a, kept[-1], "teacher_bias")
     a.rows, a.hidden, a.vocab = N, D, V
     loss = be.zeros(N if _none(desc) else 1, be.results(dev, h)[0], dev)
     gh = be.empty((N, D), grad_dt, dev) if want_h else None

@@ -329,7 +329,7 @@ def sparse_distill_loss(
 def fused_linear_distill_loss(
     hidden,
     weight,
-    teacher,
+    teacher=None,
     divergence="fkl",
     temperature=1.0,
     labels=None,
@@ -346,19 +346,28 @@ def fused_linear_distill_loss(
     compute_grad=True,
     bias=None,
     grad_output=None,
+    teacher_hidden=None,
+    teacher_weight=None,
+    teacher_bias=None,
 ):
     """Distillation loss of the student logits hidden @ weight.T (+ bias)
     against the teacher's logits, with the gradients to hidden, weight (and
     bias), by the float64 CPU reference (kdl_ref_fused_linear_loss; it
     materialises the float64 logits in C, as a reference does).
 
-    hidden: [N, d] or [..., d]; weight: [V, d]; teacher: [..., V] logits of
-    the same leading shape as hidden; bias: optional [V] of weight's dtype.
-    Any of float32, float64, float16, bfloat16.  chunk_rows is the GPU
-    path's chunk (ignored here).  grad_output (reduction "none" only): the
-    upstream gradient of each row's loss ([...] or [N]); the gradients are
-    then those of sum_i grad_output[i] loss_i.  Other options as
-    distill_loss.
+    hidden: [N, d] or [..., d]; weight: [V, d]; bias: optional [V] of
+    weight's dtype.  The teacher, exactly one of: teacher, its logits [..., V]
+    of hidden's leading shape; or the teacher as a linear layer, its logits
+    teacher_hidden @ teacher_weight.T (+ teacher_bias) with teacher_hidden
+    [..., d_t] (hidden's leading shape, d_t may differ from d),
+    teacher_weight [V, d_t] and the optional teacher_bias [V], the three of
+    one dtype (ValueError for both sources, neither, or teacher_weight /
+    teacher_bias without teacher_hidden).  The teacher is frozen: no
+    gradient is formed for it.  Any of float32, float64, float16, bfloat16.
+    chunk_rows is the GPU path's chunk (ignored here).  grad_output
+    (reduction "none" only): the upstream gradient of each row's loss
+    ([...] or [N]); the gradients are then those of sum_i grad_output[i]
+    loss_i.  Other options as distill_loss.
 
     Returns (loss, grad_hidden, grad_weight, stats): grad_hidden of hidden's
     shape and grad_weight [V, d], float64 (None when compute_grad is False;
@@ -367,9 +376,10 @@ def fused_linear_distill_loss(
     (float64) when a bias is given and compute_grad is True.
     """
     desc = _ops.loss_desc(locals())
-    _ops.fused_inputs(_NP, hidden, weight, teacher, "teacher", bias)
-    lab = _ops.labels(_NP, labels, teacher.shape)
-    N = _ops.rows_of(_NP, teacher)
+    _ops.fused_inputs(_NP, hidden, weight, teacher, "teacher", bias, teacher_hidden,
+                      teacher_weight, teacher_bias)
+    lab = _ops.labels(_NP, labels, hidden.shape)
+    N = _ops.rows_of(_NP, hidden)
     go = None
     if grad_output is not None:
         go = _f64(grad_output, "grad_output")
@@ -377,9 +387,11 @@ def fused_linear_distill_loss(
             raise ValueError(f"kdloss: grad_output has shape {go.shape}, expected "
                              f"{hidden.shape[:-1]} or ({N},)")
         go = go.reshape(N)
+    lin = None if teacher is not None else (teacher_hidden, teacher_weight, teacher_bias)
     loss, gh, gw, gb, counters, _ = _ops.fused_linear(
         _NP, None, desc, hidden, weight, teacher, lab, chunk_rows, compute_grad, compute_grad,
-        np.float64, bias=bias, want_b=compute_grad and bias is not None, grad_output=go)
+        np.float64, bias=bias, want_b=compute_grad and bias is not None, grad_output=go,
+        teacher_linear=lin)
     if raise_on_invalid:
         _ops.raise_invalid(int(counters[0]), N, reason=_ops.FUSED_REASON)
     stats = _counts(counters)

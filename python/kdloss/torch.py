@@ -927,35 +927,49 @@ def _fused_grad_dtype(dev, h, w, grad_dtype):
     return grad_dtype
 
 
-def _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype):
-    """fused_linear_distill_loss's argument checks: (device, LossDesc,
-    labels as [N], the gradients' dtype)."""
-    dev = _ops.fused_inputs(_T, h, w, t, "teacher_logits", bias)
+def _fused_checks(h, w, t, bias, labels, tl, opts, chunk_rows, grad_dtype):
+    """fused_linear_distill_loss's argument checks, tl the teacher as a
+    linear layer (teacher_hidden, teacher_weight, teacher_bias; Nones with
+    teacher_logits): (device, LossDesc, labels as [N], the gradients'
+    dtype)."""
+    dev = _ops.fused_inputs(_T, h, w, t, "teacher_logits", bias, *tl)
     if dev.type == "cuda":
         same16 = h.dtype in (torch.bfloat16, torch.float16) and w.dtype == h.dtype
         if not same16 and (h.dtype != torch.float32 or w.dtype != torch.float32):
             raise TypeError("kdloss: the GPU fused linear + loss takes float32 hidden and weight, "
                             f"or both bfloat16 or both float16; got {h.dtype} and {w.dtype}")
-        _no_f64_on_cuda(dev, t)
+        _no_f64_on_cuda(dev, t if t is not None else tl[0])
     _lib.as_int("chunk_rows", chunk_rows)
     desc = _lib.new_desc(**opts)
-    lab = _ops.labels(_T, labels, t.shape, dev)
+    lab = _ops.labels(_T, labels, h.shape, dev)
     return dev, desc, lab, _fused_grad_dtype(dev, h, w, grad_dtype)
+
+
+# The operators' tensor inputs: hidden, weight, teacher (logits), bias, labels,
+# teacher_hidden, teacher_weight, teacher_bias; then (bwd: grad_output) the
+# loss options and the rest.
+_FUSED_NT = 8
 
 
 def _fused_split(rest):
     return _opts(rest[:_NOPT]), rest[_NOPT:]
 
 
-def _fused_impl(h, w, t, bias, labels, *rest):
+def _fused_linear_teacher(t, tl):
+    """_ops.fused_linear's teacher_linear: None with teacher logits."""
+    return None if t is not None else tl
+
+
+def _fused_impl(h, w, t, bias, labels, th, tw, tb, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, raise_on_invalid) = _fused_split(rest)
-    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    tl = (th, tw, tb)
+    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, tl, opts, chunk_rows, grad_dtype)
     _no_host_read(dev, raise_on_invalid=raise_on_invalid)
     none = desc.reduction == _lib.REDUCTION_NONE
     loss, gh, gw, gb, counters, _ = _ops.fused_linear(
         _T, dev, desc, h, w, t, lab, chunk_rows, want_h and not none, want_w and not none, gdt,
-        bias=bias, want_b=want_b and not none)
-    _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, t), reason=_ops.FUSED_REASON)
+        bias=bias, want_b=want_b and not none, teacher_linear=_fused_linear_teacher(t, tl))
+    _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, h), reason=_ops.FUSED_REASON)
     return (_loss_out(loss, h.dtype, h.shape[:-1], none),) + tuple(
         _empty(h, gdt) if g is None else g for g in (gh, gw, gb)) + (counters,)
 
@@ -966,9 +980,10 @@ def _fused_grad_shapes(h, w, want_h, want_w, want_b):
             (V,) if want_b else (0,))
 
 
-def _fused_fake(h, w, t, bias, labels, *rest):
+def _fused_fake(h, w, t, bias, labels, th, tw, tb, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, _) = _fused_split(rest)
-    dev, desc, _, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    dev, desc, _, gdt = _fused_checks(h, w, t, bias, labels, (th, tw, tb), opts, chunk_rows,
+                                      grad_dtype)
     none = desc.reduction == _lib.REDUCTION_NONE
     shapes = _fused_grad_shapes(h, w, want_h and not none, want_w and not none,
                                 want_b and not none)
@@ -988,26 +1003,30 @@ def _grad_output_checks(h, go):
     _ops.same_device(_T, [("hidden", h), ("grad_output", go)])
 
 
-def _fused_bwd_impl(h, w, t, bias, labels, grad_output, *rest):
+def _fused_bwd_impl(h, w, t, bias, labels, th, tw, tb, grad_output, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
-    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    tl = (th, tw, tb)
+    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, tl, opts, chunk_rows, grad_dtype)
     _grad_output_checks(h, grad_output)
     go = _T.flat(grad_output, grad_output.numel())
     _, gh, gw, gb, _, _ = _ops.fused_linear(_T, dev, desc, h, w, t, lab, chunk_rows, want_h,
                                             want_w, gdt, bias=bias, want_b=want_b,
-                                            grad_output=go)
+                                            grad_output=go,
+                                            teacher_linear=_fused_linear_teacher(t, tl))
     return tuple(_empty(h, gdt) if g is None else g for g in (gh, gw, gb))
 
 
-def _fused_bwd_fake(h, w, t, bias, labels, grad_output, *rest):
+def _fused_bwd_fake(h, w, t, bias, labels, th, tw, tb, grad_output, *rest):
     opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
-    _, _, _, gdt = _fused_checks(h, w, t, bias, labels, opts, chunk_rows, grad_dtype)
+    _, _, _, gdt = _fused_checks(h, w, t, bias, labels, (th, tw, tb), opts, chunk_rows,
+                                 grad_dtype)
     _grad_output_checks(h, grad_output)
     return tuple(h.new_empty(s, dtype=gdt)
                  for s in _fused_grad_shapes(h, w, want_h, want_w, want_b))
 
 
-_FUSED_IN = "(Tensor hidden, Tensor weight, Tensor teacher, Tensor? bias, Tensor? labels, "
+_FUSED_IN = ("(Tensor hidden, Tensor weight, Tensor? teacher, Tensor? bias, Tensor? labels, "
+             "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, ")
 _FUSED_OPTS = ", int chunk_rows, bool want_hidden, bool want_weight, bool want_bias, " \
     "ScalarType? grad_dtype"
 
@@ -1020,30 +1039,33 @@ _fused_linear_bwd = _Op(
 def _fused_later(grad_out, needs, args):
     """Reduction none: dH, dW, db from a second library call with the
     upstream gradient of every row (kdloss::fused_linear_bwd)."""
-    h, w, t, b, lab = (None if x is None else x.detach() for x in args[:5])
-    opts, (chunk_rows, _, _, _, gdt, _) = _fused_split(args[5:])
+    h, w, t, b, lab, th, tw, tb = (None if x is None else x.detach()
+                                   for x in args[:_FUSED_NT])
+    opts, (chunk_rows, _, _, _, gdt, _) = _fused_split(args[_FUSED_NT:])
     go = grad_out.detach().reshape(-1)
     go = go.to(torch.float32 if h.device.type == "cuda" else torch.float64).contiguous()
     want_b = b is not None and needs[3]
-    gh, gw, gb = _fused_linear_bwd(h, w, t, b, lab, go, *opts.values(), chunk_rows, needs[0],
-                                   needs[1], want_b, gdt)
+    gh, gw, gb = _fused_linear_bwd(h, w, t, b, lab, th, tw, tb, go, *opts.values(), chunk_rows,
+                                   needs[0], needs[1], want_b, gdt)
     return {0: gh.to(h.dtype).view(h.shape) if needs[0] else None,
             1: gw.to(w.dtype) if needs[1] else None,
             3: gb.to(b.dtype) if want_b else None}
 
 
+# Gradients to hidden (0), weight (1) and bias (3) only: the teacher, as
+# logits (2) or as a linear layer (5, 6, 7), is frozen and gets None.
 _fused_linear_fwd = _Op(
     "fused_linear_fwd",
     _FUSED_IN + _OPT_SCHEMA + _FUSED_OPTS + ", bool raise_on_invalid) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _fused_impl, _fused_fake, grads={0: 1, 1: 2, 3: 3}, per_row=lambda a: _is_none(a[5 + 7]),
-    later=_fused_later)
+    _fused_impl, _fused_fake, grads={0: 1, 1: 2, 3: 3},
+    per_row=lambda a: _is_none(a[_FUSED_NT + 7]), later=_fused_later)
 
 
 def fused_linear_distill_loss(
     hidden,
     weight,
-    teacher_logits,
+    teacher_logits=None,
     divergence="fkl",
     temperature=1.0,
     labels=None,
@@ -1060,6 +1082,9 @@ def fused_linear_distill_loss(
     return_stats=False,
     bias=None,
     grad_dtype=None,
+    teacher_hidden=None,
+    teacher_weight=None,
+    teacher_bias=None,
 ):
     """Distillation loss of the student logits hidden @ weight.T (+ bias; an
     output projection) against the teacher's logits, with gradients to
@@ -1070,14 +1095,28 @@ def fused_linear_distill_loss(
     kdl_ref_fused_linear_loss.
 
     hidden: [N, d] or [..., d]; weight: [V, d] (its rows may be strided, e.g.
-        tied embeddings); teacher_logits: [..., V] with hidden's leading shape;
-        bias: optional [V], weight's dtype.  CUDA: hidden and weight both
-        float32, both bfloat16 or both float16, the teacher float32, float16
-        or bfloat16; every divergence (AKL included).  CPU: any of float32,
-        float64, float16, bfloat16.
+        tied embeddings); bias: optional [V], weight's dtype.  CUDA: hidden
+        and weight both float32, both bfloat16 or both float16; every
+        divergence (AKL included).  CPU: any of float32, float64, float16,
+        bfloat16.
+    The teacher, exactly one of (else ValueError naming the arguments):
+      teacher_logits: [..., V] with hidden's leading shape (CUDA: float32,
+        float16 or bfloat16); or
+      the teacher as a linear layer, logits teacher_hidden @ teacher_weight.T
+        (+ teacher_bias), formed chunk by chunk like the student's and never
+        held whole on CUDA: teacher_hidden [..., d_t] with hidden's leading
+        shape (d_t may differ from d), teacher_weight [V, d_t] (rows may be
+        strided), teacher_bias optional [V]; the three of one dtype, which
+        may differ from the student's (CUDA: float32, bfloat16 or float16;
+        CPU: also float64).
+    The teacher is frozen: no gradient flows to teacher_logits,
+        teacher_hidden, teacher_weight or teacher_bias.  A teacher tensor
+        that requires grad is accepted and read as it is; its .grad stays
+        None (detach it, or compute it under torch.no_grad, to say so).
     chunk_rows: rows per chunk on CUDA (0: max(1, N/8) for float32 inputs,
-        max(1, N/24) for 16-bit ones, at most 4096).
-    Other options as distill_loss; the teacher gets no gradient.
+        max(1, N/24) for 16-bit ones; with the teacher as a linear layer
+        N/16 and N/40; at most 4096).
+    Other options as distill_loss.
 
     Gradients: with reduction "mean" or "sum" dH, dW and db are computed in
     the forward call and scaled by the upstream gradient in backward.  With
@@ -1085,7 +1124,8 @@ def fused_linear_distill_loss(
     known before dW is formed: forward computes the losses only, and
     backward calls the library again with the upstream gradient as
     grad_output (a second pass over the logits, chunk by chunk as the
-    first; the operator kdloss::fused_linear_bwd).
+    first, the teacher's linear layer included; the operator
+    kdloss::fused_linear_bwd).
     grad_dtype: the dtype the library writes dH, dW, db in.  None: on CUDA
         the inputs' dtype when hidden and weight are both bfloat16 or both
         float16 (no float32 [V, d] buffer), float32 otherwise; on CPU
@@ -1098,10 +1138,12 @@ def fused_linear_distill_loss(
     """
     opts = _opts((divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
                   ignore_index))  # not locals(): torch.compile traces these functions
+    tl = (teacher_hidden, teacher_weight, teacher_bias)
     if not _compiling():
-        _fused_checks(hidden, weight, teacher_logits, bias, labels, opts, chunk_rows, grad_dtype)
-    out = _fused_linear_fwd(hidden, weight, teacher_logits, bias, labels, *_opt_args(opts),
-                            int(chunk_rows), _needs(hidden), _needs(weight),
+        _fused_checks(hidden, weight, teacher_logits, bias, labels, tl, opts, chunk_rows,
+                      grad_dtype)
+    out = _fused_linear_fwd(hidden, weight, teacher_logits, bias, labels, *tl,
+                            *_opt_args(opts), int(chunk_rows), _needs(hidden), _needs(weight),
                             bias is not None and _needs(bias), grad_dtype,
                             bool(raise_on_invalid))
     if not return_stats:

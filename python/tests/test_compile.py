@@ -1,6 +1,7 @@
 """kdloss.torch under torch.compile: every entry point is one or more
 custom operators (kdloss::distill_fwd, sinkd_fwd, sinkhorn_fwd,
-sinkhorn_ragged, sparse_fwd, fused_linear_fwd and fused_linear_bwd; the
+sinkhorn_ragged, sparse_fwd, fused_linear_fwd and fused_linear_bwd, the
+latter two also with the teacher as a linear layer; the
 vocabulary-parallel loss vocab_parallel_step and vocab_parallel_finish with
 functional all-reduces between them), so torch.compile(fullgraph=True)
 keeps it in the graph with no graph break; compiled results and gradients
@@ -163,6 +164,29 @@ def _fused_case(reduction="mean", bias=True, div="akl"):
     return args, (0, 1, 4) if bias else (0, 1), f
 
 
+def _fused_teacher_linear_case(reduction="mean", tbias=True, div="akl"):
+    """The teacher as a linear layer, its hidden states formed in the graph
+    (a stand-in for a frozen teacher's last layer); d_t != d."""
+    g = _gen(12)
+    h = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 6, generator=g, dtype=torch.float64) * 0.5
+    ht = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    wt = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    bt = torch.randn(9, generator=g, dtype=torch.float64) if tbias else None
+    labels = torch.tensor([[1, -100, 2], [0, 3, 4]])
+
+    def f(h, w, ht, wt, labels, bt=None):
+        loss = kt.fused_linear_distill_loss(h * 1.5, w, divergence=div, temperature=2.0,
+                                            labels=labels, reduction=reduction,
+                                            teacher_hidden=torch.tanh(ht), teacher_weight=wt,
+                                            teacher_bias=bt)
+        if reduction == "none":
+            loss = (loss * _weights(loss)).sum()
+        return loss + h.square().mean() + w.abs().sum() * 0.1
+    args = (h, w, ht, wt, labels) + ((bt,) if tbias else ())
+    return args, (0, 1), f
+
+
 CASES = {
     "distill_mean": lambda: _distill_case("akl", "mean"),
     "distill_none_stats": lambda: _distill_case("jsd", "none", stats=True),
@@ -178,6 +202,8 @@ CASES = {
     "fused_mean_bias": lambda: _fused_case("mean", True),
     "fused_sum": lambda: _fused_case("sum", False, "fkl"),
     "fused_none_bias": lambda: _fused_case("none", True, "jsd"),
+    "fused_tl_mean": lambda: _fused_teacher_linear_case("mean", True),
+    "fused_tl_none": lambda: _fused_teacher_linear_case("none", False, "jsd"),
 }
 MARKS = {k: (needs_ot if k.startswith("sink") else needs_ext if k.startswith(("sparse", "fused"))
              else ()) for k in CASES}
@@ -257,7 +283,7 @@ def test_opcheck(case):
     for name, args in calls:
         names.add(name)
         torch.library.opcheck(getattr(torch.ops.kdloss, name).default, args)
-    if case == "fused_none_bias":  # reduction none: backward is the second operator
+    if case in ("fused_none_bias", "fused_tl_none"):  # backward is the second operator
         assert names == {"fused_linear_fwd", "fused_linear_bwd"}
 
 
@@ -319,6 +345,31 @@ def test_fused_dynamic_shapes():
         _close(_run(f, (h, w, t), (0, 1)), want, rtol=1e-12, atol=1e-12)
 
 
+@needs_ext
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fused_teacher_linear_is_frozen_compiled(reduction):
+    """A teacher tensor that requires grad: compiled (fullgraph) as eager,
+    the student's gradients those of the teacher-logits path given
+    H_t @ W_t.T computed here, the teacher's gradient None."""
+    (h, w, ht, wt, labels), _, _ = _fused_teacher_linear_case(reduction, False)
+
+    def f(h, w, ht, wt):
+        return kt.fused_linear_distill_loss(h, w, teacher_hidden=ht, teacher_weight=wt,
+                                            labels=labels, reduction=reduction).sum()
+    runs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        x = [v.clone().requires_grad_() for v in (h, w, ht, wt)]
+        fn(*x).backward()
+        runs.append(x)
+        assert x[2].grad is None and x[3].grad is None
+    x = [v.clone().requires_grad_() for v in (h, w)]
+    kt.fused_linear_distill_loss(*x, ht @ wt.T, labels=labels, reduction=reduction).sum() \
+        .backward()
+    for run in runs:
+        for a, b in zip(run, x):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_no_grad_and_frozen_student():
     """Without a gradient wanted the operator returns an empty gradient and
     the loss is unchanged."""
@@ -370,6 +421,15 @@ def test_sparse_and_fused_errors_as_eager():
     with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
                        match="differ in the hidden size"):
         g(h, torch.randn(9, 5, dtype=torch.float64), t)
+    k = torch.compile(lambda *a, **kw: kt.fused_linear_distill_loss(*a, **kw), fullgraph=True,
+                      backend="aot_eager")
+    w = torch.randn(9, 4, dtype=torch.float64)
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
+                       match="give one teacher: teacher_logits, or teacher_hidden"):
+        k(h, w, t, teacher_hidden=h, teacher_weight=w)
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
+                       match="got teacher_weight only"):
+        k(h, w, teacher_weight=w)
 
 
 def test_stats_match_plain_loss():

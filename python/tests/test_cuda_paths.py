@@ -4,6 +4,7 @@ GPU entry points and torch.cuda's device and stream calls (the tests marked
 `cuda` run the real thing and are skipped without a device)."""
 
 import contextlib
+import ctypes
 import types
 
 import pytest
@@ -173,38 +174,83 @@ def test_distill_fake_matches_impl(want_grad, want_stats, dtype):
     assert _meta(kt._distill_fake(*args)) == _meta(kt._distill_impl(*args))
 
 
-def _fused_args(h, w, t, want, reduction="mean", raise_on_invalid=True):
+def _fused_args(h, w, t, want, reduction="mean", raise_on_invalid=True, tl=(None,) * 3):
+    """kdloss::fused_linear_fwd's arguments; tl: the teacher as a linear
+    layer (teacher_hidden, teacher_weight, teacher_bias), with t None."""
     opts = kt._opt_args(dict(zip(kt._OPT_NAMES, (
         "fkl", 1.0, 0.1, 0.5, "reference", 0.5, 1, reduction, 1.0, -100))))
-    return (h, w, t, None, None, *opts, 0, want, want, False, None, raise_on_invalid)
+    return (h, w, t, None, None, *tl, *opts, 0, want, want, False, None, raise_on_invalid)
 
 
+def _bwd_rest(args):
+    """fused_linear_bwd's arguments after grad_output, from _fused_args'."""
+    return args[kt._FUSED_NT:-1]
+
+
+@pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("want", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_fake_matches_impl(want, reduction):
+def test_fused_fake_matches_impl(want, reduction, linear):
     h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.randn(4, 6)
-    args = _fused_args(h, w, t, want, reduction)
+    tl = (torch.randn(4, 2, dtype=torch.bfloat16), torch.randn(6, 2, dtype=torch.bfloat16),
+          None) if linear else (None,) * 3
+    args = _fused_args(h, w, None if linear else t, want, reduction, tl=tl)
     assert _meta(kt._fused_fake(*args)) == _meta(kt._fused_impl(*args))
 
 
-def test_fused_bwd_checks_grad_output():
+@pytest.mark.parametrize("linear", [False, True])
+def test_fused_bwd_checks_grad_output(linear):
     h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.randn(4, 6)
-    rest = _fused_args(h, w, t, True, "none")[5:-1]
+    ht, wt = torch.randn(4, 2), torch.randn(6, 2)
+    if linear:  # the teacher as a linear layer: the logits it stands for, for the reference
+        t, tl = None, (ht, wt, None)
+        tk = (ht.double() @ wt.double().T).numpy()
+    else:
+        tl, tk = (None,) * 3, t.double().numpy()
+    rest = _bwd_rest(_fused_args(h, w, t, True, "none", tl=tl))
     go = torch.rand(4, dtype=torch.float64)
-    gh, gw, _ = kt._fused_bwd_impl(h, w, t, None, None, go, *rest)
-    ref = kn.fused_linear_distill_loss(h.double().numpy(), w.double().numpy(), t.double().numpy(),
+    gh, gw, _ = kt._fused_bwd_impl(h, w, t, None, None, *tl, go, *rest)
+    ref = kn.fused_linear_distill_loss(h.double().numpy(), w.double().numpy(), tk,
                                        divergence="fkl", reduction="none", grad_output=go.numpy())
     assert torch.allclose(gh, torch.from_numpy(ref[1])) and torch.allclose(
         gw, torch.from_numpy(ref[2]))
     gs = torch.rand(8, dtype=torch.float64)[::2]  # strided: read as its own 4 values
-    assert torch.allclose(kt._fused_bwd_impl(h, w, t, None, None, gs, *rest)[0],
-                          kt._fused_bwd_impl(h, w, t, None, None, gs.contiguous(), *rest)[0])
+    assert torch.allclose(kt._fused_bwd_impl(h, w, t, None, None, *tl, gs, *rest)[0],
+                          kt._fused_bwd_impl(h, w, t, None, None, *tl, gs.contiguous(), *rest)[0])
     for bad, err in ((go[:3], ValueError), (go.long(), ValueError),
                      (torch.empty(4, device="meta"), ValueError)):
         with pytest.raises(err):
-            kt._fused_bwd_impl(h, w, t, None, None, bad, *rest)
+            kt._fused_bwd_impl(h, w, t, None, None, *tl, bad, *rest)
         with pytest.raises(err):
-            kt._fused_bwd_fake(h, w, t, None, None, bad, *rest)
+            kt._fused_bwd_fake(h, w, t, None, None, *tl, bad, *rest)
+
+
+def test_teacher_linear_fields_are_passed(monkeypatch):
+    """What the library gets for the teacher as a linear layer (the same
+    code serves CUDA tensors): teacher NULL, H_t and W_t with their row
+    strides and d_t, b_t, their common dtype; version 3 of the struct."""
+    seen = []
+
+    def call(op, dev, desc, args, what):
+        seen.append({k: getattr(args, k) for k in (
+            "teacher", "teacher_hidden", "ld_teacher_hidden", "teacher_hidden_size",
+            "teacher_weight", "ld_teacher_weight", "teacher_bias", "teacher_linear_dtype")})
+        seen[-1]["size"] = args.struct_size
+        _lib.call_ref(op, desc, args)
+
+    monkeypatch.setattr(kt._T, "call", call)
+    h, w = torch.randn(5, 4), torch.randn(7, 4)
+    hw = torch.randn(5, 9, dtype=torch.bfloat16)
+    ww = torch.randn(7, 6, dtype=torch.bfloat16)
+    ht, wt, bt = hw[:, 1:4], ww[:, 2:5], torch.randn(7, dtype=torch.bfloat16)
+    kt.fused_linear_distill_loss(h, w, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt)
+    assert seen[-1] == dict(teacher=None, teacher_hidden=ht.data_ptr(), ld_teacher_hidden=9,
+                            teacher_hidden_size=3, teacher_weight=wt.data_ptr(),
+                            ld_teacher_weight=6, teacher_bias=bt.data_ptr(),
+                            teacher_linear_dtype=_lib.DTYPE["bf16"],
+                            size=ctypes.sizeof(_lib.FusedLinearArgs))
+    kt.fused_linear_distill_loss(h, w, torch.randn(5, 7))
+    assert seen[-1]["teacher"] and not seen[-1]["teacher_hidden"] and not seen[-1]["teacher_bias"]
 
 
 # ------------------------------------------------------------------ CUDA
@@ -235,6 +281,52 @@ def test_cuda_fake_matches_impl(dtype):
             assert _meta(kt._fused_fake(*args)) == _meta(out)
             if reduction == "mean":
                 assert out[1].dtype == dtype and out[2].dtype == dtype
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("sdt,tdt", [(torch.float32, torch.float32),
+                                     (torch.bfloat16, torch.bfloat16),
+                                     (torch.float32, torch.bfloat16),
+                                     (torch.float16, torch.float32)])
+@pytest.mark.parametrize("reduction,div", [("mean", "akl"), ("none", "jsd")])
+def test_cuda_fused_teacher_linear_matches_cpu_reference(sdt, tdt, reduction, div):
+    """The teacher as a linear layer on the GPU (its chunk H_t,c W_t^T + b_t
+    a cuBLAS GEMM into float32, the teacher's dtype independent of the
+    student's): loss and dH, dW, db against the float64 reference on the
+    same rounded values, an upstream gradient per row for reduction none
+    (the grad_output call, which forms the teacher chunk again); the teacher
+    tensors require grad and get none; fake = impl on the device."""
+    g = torch.Generator().manual_seed(51)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(500, 32, generator=g) * 0.3
+    b = torch.randn(500, generator=g) * 0.5
+    ht, wt = torch.randn(64, 24, generator=g), torch.randn(500, 24, generator=g) * 0.4
+    bt = torch.randn(500, generator=g) * 0.5
+    x, tl = [v.to(sdt) for v in (h, w, b)], [v.to(tdt) for v in (ht, wt, bt)]
+    labels = torch.arange(64) % 500
+    labels[5] = -100
+    kw = dict(divergence=div, reduction=reduction, temperature=1.5)
+    xc = [v.cuda().requires_grad_() for v in x]
+    tc = [v.cuda().requires_grad_() for v in tl]
+    loss = kt.fused_linear_distill_loss(xc[0], xc[1], bias=xc[2], teacher_hidden=tc[0],
+                                        teacher_weight=tc[1], teacher_bias=tc[2], chunk_rows=16,
+                                        labels=labels.cuda(), **kw)
+    up = torch.rand(loss.shape, generator=g) + 0.5
+    (loss * up.cuda()).sum().backward()
+    x0 = [v.double().requires_grad_() for v in x]
+    ref = kt.fused_linear_distill_loss(x0[0], x0[1], bias=x0[2], teacher_hidden=tl[0].double(),
+                                       teacher_weight=tl[1].double(),
+                                       teacher_bias=tl[2].double(), labels=labels, **kw)
+    (ref * up.double()).sum().backward()
+    assert all(v.grad is None for v in tc)
+    tol = dict(rtol=1e-4, atol=1e-5) if sdt == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=2e-3, atol=1e-4)
+    for gc, g0 in zip(xc, x0):
+        assert gc.grad.dtype == sdt
+        torch.testing.assert_close(gc.grad.cpu().double(), g0.grad, **tol)
+    args = _fused_args(xc[0].detach(), xc[1].detach(), None, True, reduction,
+                       tl=tuple(v.detach() for v in tc))
+    assert _meta(kt._fused_fake(*args)) == _meta(kt._fused_impl(*args))
 
 
 @pytest.mark.cuda
@@ -301,9 +393,17 @@ def test_cuda_tensors_on_different_devices_are_refused():
     with pytest.raises(ValueError, match="labels are on"):
         kt.distill_loss(s, s, labels=torch.zeros(4, dtype=torch.int64))
     h, w = torch.randn(4, 3, device="cuda"), torch.randn(8, 3, device="cuda")
-    rest = _fused_args(h, w, s, True, "none")[5:-1]
+    rest = _bwd_rest(_fused_args(h, w, s, True, "none"))
     with pytest.raises(ValueError, match="grad_output on cpu"):
-        kt._fused_bwd_impl(h, w, s, None, None, torch.ones(4), *rest)
+        kt._fused_bwd_impl(h, w, s, None, None, None, None, None, torch.ones(4), *rest)
+    ht, wt = torch.randn(4, 2, device="cuda"), torch.randn(8, 2, device="cuda")
+    with pytest.raises(ValueError, match="teacher_hidden on cpu"):
+        kt.fused_linear_distill_loss(h, w, teacher_hidden=ht.cpu(), teacher_weight=wt)
+    with pytest.raises(ValueError, match="teacher_bias on cpu"):
+        kt.fused_linear_distill_loss(h, w, teacher_hidden=ht, teacher_weight=wt,
+                                     teacher_bias=torch.zeros(8))
+    with pytest.raises(TypeError, match="float64 CUDA tensors"):
+        kt.fused_linear_distill_loss(h, w, teacher_hidden=ht.double(), teacher_weight=wt.double())
 
 
 def test_loss_options_picks_the_loss_options_in_order():

@@ -318,6 +318,112 @@ def test_fused_linear_shapes_and_errors():
         kn.fused_linear_distill_loss(H, W, T2)
 
 
+# ------------------------------------------- the teacher as a linear layer
+def teacher_layer(seed=0, n=5, dt=3, v=9):
+    """H_t [n, d_t], W_t [v, d_t], b_t [v] (d_t != fused_data's d = 4)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dt)) * 1.5, rng.normal(size=(v, dt)), rng.normal(size=v)
+
+
+@pytest.mark.parametrize("tbias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("div", DIVS)
+def test_fused_teacher_linear_is_the_logits_path(div, reduction, tbias):
+    """teacher_hidden @ teacher_weight.T (+ teacher_bias) formed by the
+    library: the same loss and gradients as the teacher-logits path given
+    those logits computed here in float64, and the loss of the NumPy
+    textbook (test_numpy's) on both logits materialised here."""
+    from test_numpy import textbook
+
+    H, W, _ = fused_data(seed=21)
+    Ht, Wt, bt = teacher_layer(seed=22)
+    bt = bt if tbias else None
+    b = np.random.default_rng(23).normal(size=9)
+    T = Ht @ Wt.T + (bt if tbias else 0.0)
+    labels = np.array([1, -100, 0, 3, 2])
+    kw = dict(divergence=div, temperature=1.4, labels=labels, reduction=reduction, scale=3.0,
+              **OPTS)
+    loss, gh, gw, st = kn.fused_linear_distill_loss(H, W, bias=b, teacher_hidden=Ht,
+                                                    teacher_weight=Wt, teacher_bias=bt, **kw)
+    ref, rh, rw, rst = kn.fused_linear_distill_loss(H, W, T, bias=b, **kw)
+    np.testing.assert_allclose(loss, ref, rtol=1e-12, atol=1e-14)
+    for g, r in ((gh, rh), (gw, rw), (st.pop("grad_bias"), rst.pop("grad_bias"))):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-12 * max(1, np.abs(r).max()))
+    assert st == rst == {"valid_rows": 4, "invalid_rows": 0}
+    book = textbook(H @ W.T + b, T, div, reduction=reduction, labels=labels, scale=3.0, T=1.4,
+                    **OPTS)
+    np.testing.assert_allclose(loss, book, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_teacher_linear_dtypes_layouts_and_upstream_rows():
+    """float16 / float32 teacher layers (converted exactly by the
+    reference: the logits of their float64 values), leading dims, a
+    strided teacher_weight, reduction none with grad_output, no rows."""
+    H, W, _ = fused_data(seed=24, n=6)
+    Ht, Wt, bt = teacher_layer(seed=25, n=6)
+    for dt in (np.float16, np.float32):
+        h16, w16, b16 = Ht.astype(dt), Wt.astype(dt), bt.astype(dt)
+        T = h16.astype(np.float64) @ w16.astype(np.float64).T + b16
+        a = kn.fused_linear_distill_loss(H, W, teacher_hidden=h16, teacher_weight=w16,
+                                         teacher_bias=b16, divergence="jsd")
+        r = kn.fused_linear_distill_loss(H, W, T, divergence="jsd")
+        assert a[0] == pytest.approx(r[0], rel=1e-12)
+        np.testing.assert_allclose(a[2], r[2], rtol=0, atol=1e-12)
+    wide = np.zeros((9, 7))
+    wide[:, 2:5] = Wt  # rows 7 apart
+    g = np.array([0.5, -1.0, 2.0, 0.0, 1.5, 0.25])
+    a = kn.fused_linear_distill_loss(H.reshape(2, 3, 4), W, reduction="none",
+                                     teacher_hidden=Ht.reshape(2, 3, 3),
+                                     teacher_weight=wide[:, 2:5], grad_output=g.reshape(2, 3))
+    r = kn.fused_linear_distill_loss(H, W, Ht @ Wt.T, reduction="none", grad_output=g)
+    assert a[0].shape == (2, 3) and a[1].shape == (2, 3, 4)
+    np.testing.assert_allclose(a[0].reshape(6), r[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a[1].reshape(6, 4), r[1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a[2], r[2], rtol=0, atol=1e-12)
+    e = kn.fused_linear_distill_loss(H[:0], W, teacher_hidden=Ht[:0], teacher_weight=Wt,
+                                     reduction="sum")
+    assert e[0] == 0.0 and e[1].shape == (0, 4) and not e[2].any()
+
+
+def test_fused_teacher_linear_bad_arguments():
+    H, W, T = fused_data(seed=26)
+    Ht, Wt, bt = teacher_layer(seed=27)
+    f = kn.fused_linear_distill_loss
+    with pytest.raises(ValueError, match="one teacher: teacher, or teacher_hidden"):
+        f(H, W, T, teacher_hidden=Ht, teacher_weight=Wt)
+    with pytest.raises(ValueError, match="one teacher"):
+        f(H, W, T, teacher_bias=bt)
+    with pytest.raises(ValueError, match="no teacher: give teacher, or teacher_hidden"):
+        f(H, W)
+    with pytest.raises(ValueError, match="needs teacher_hidden and teacher_weight; got "
+                                         "teacher_weight and teacher_bias only"):
+        f(H, W, teacher_weight=Wt, teacher_bias=bt)
+    with pytest.raises(ValueError, match="got teacher_hidden only"):
+        f(H, W, teacher_hidden=Ht)
+    with pytest.raises(ValueError, match="teacher_weight must be .V, d_t. with weight's V = 9"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt[:8])
+    with pytest.raises(ValueError, match="teacher_weight must be"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt[None])
+    with pytest.raises(ValueError, match="differ in their leading"):
+        f(H, W, teacher_hidden=Ht[:4], teacher_weight=Wt)
+    with pytest.raises(ValueError, match="differ in the teacher's hidden size d_t"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt[:, :2])
+    with pytest.raises(ValueError, match=r"teacher_bias must have shape \(9,\)"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt, teacher_bias=bt[:8])
+    with pytest.raises(TypeError, match="teacher_weight has dtype float32"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt.astype(np.float32))
+    with pytest.raises(TypeError, match="teacher_bias has dtype float32"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt, teacher_bias=bt.astype(np.float32))
+    with pytest.raises(TypeError, match="teacher_hidden has dtype int64"):
+        f(H, W, teacher_hidden=Ht.astype(np.int64), teacher_weight=Wt.astype(np.int64))
+    with pytest.raises(ValueError, match="contiguous in its last"):
+        f(H, W, teacher_hidden=np.asfortranarray(Ht), teacher_weight=Wt)
+    Ht2 = Ht.copy()
+    Ht2[3, 1] = np.inf  # an inf teacher logit row: invalid
+    with pytest.raises(kdloss.InvalidRowsError, match="1 of 5 rows"):
+        f(H, W, teacher_hidden=Ht2, teacher_weight=Wt)
+
+
 # -------------------------------------------------------- vocabulary-parallel
 def run_shards(S, T, widths, raise_on_invalid=True, **kw):
     """Every shard in this process, in lockstep; the all-reduces by numpy."""

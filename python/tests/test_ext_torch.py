@@ -384,7 +384,7 @@ def test_fused_linear_16bit_grad_dtype_cpu(dtype, reduction):
         assert ((g16.double() - ref).abs() <= ulp * ref.abs() + 1e-6).all()
     # the operator's own outputs are in the 16-bit dtype (opcheck: fake = real)
     if hasattr(torch.library, "opcheck") and kt._HAS_CUSTOM_OP and reduction == "mean":
-        args = (h, w, t, b, None, *kt._opt_args(dict(
+        args = (h, w, t, b, None, None, None, None, *kt._opt_args(dict(
             divergence="jsd", temperature=1.0, alpha=0.1, beta=0.5, head_rule="reference",
             mu=0.5, top_k=1, reduction="mean", scale=1.0, ignore_index=-100)),
             0, True, True, True, dtype, True)
@@ -439,6 +439,144 @@ def test_fused_linear_bad_inputs_write_nothing():
     t2[1, 1] = float("inf")
     with pytest.raises(kdloss.InvalidRowsError, match="1 of 6 rows"):
         kt.fused_linear_distill_loss(h, w, t2)
+    assert h.grad is None and w.grad is None
+
+
+# ------------------------------------------- the teacher as a linear layer
+def teacher_layer(n=6, dt=3, v=11, seed=0, dtype=torch.float64):
+    """H_t [n, d_t], W_t [v, d_t], b_t [v]: d_t != fused_data's d = 5."""
+    g = torch.Generator().manual_seed(seed)
+    ht = torch.randn(n, dt, generator=g, dtype=torch.float64) * 1.5
+    wt = torch.randn(v, dt, generator=g, dtype=torch.float64)
+    bt = torch.randn(v, generator=g, dtype=torch.float64)
+    return ht.to(dtype), wt.to(dtype), bt.to(dtype)
+
+
+@pytest.mark.parametrize("tbias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("div", DIVS)
+def test_fused_teacher_linear_against_logits_path_and_textbook(div, reduction, tbias):
+    """The teacher given as H_t, W_t (+ b_t): the loss and the gradients to
+    h, W, b (non-uniform upstream gradient; reduction none: the second
+    library call) equal the teacher-logits path given H_t @ W_t.T (+ b_t)
+    computed here, and the textbook (test_torch's formulas, autograd) on
+    both logits materialised here; the teacher tensors, though they require
+    grad, get none."""
+    from test_torch import textbook
+
+    h, w, _ = fused_data(seed=11)
+    ht, wt, bt = teacher_layer(seed=12)
+    b = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    labels = torch.tensor([3, -100, 0, 1, 2, 9])
+    kw = dict(temperature=1.4, labels=labels, reduction=reduction, scale=2.0, **OPTS)
+    tl = [ht.clone().requires_grad_(), wt.clone().requires_grad_(),
+          bt.clone().requires_grad_() if tbias else None]
+    t = ht @ wt.T + (bt if tbias else 0.0)
+    x = [[v.clone().requires_grad_() for v in (h, w, b)] for _ in range(3)]
+    a = kt.fused_linear_distill_loss(x[0][0], x[0][1], bias=x[0][2], chunk_rows=4,
+                                     teacher_hidden=tl[0], teacher_weight=tl[1],
+                                     teacher_bias=tl[2], divergence=div, **kw)
+    r = kt.fused_linear_distill_loss(x[1][0], x[1][1], t, bias=x[1][2], chunk_rows=4,
+                                     divergence=div, **kw)
+    book = textbook(x[2][0] @ x[2][1].T + x[2][2], t, div, **kw)
+    up = torch.rand(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14)) \
+        + 0.5
+    for y in (a, r, book):
+        (y * up).sum().backward()
+    torch.testing.assert_close(a, r.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a, book.detach(), rtol=1e-12, atol=1e-14)
+    for g1, g2, g3 in zip(*x):
+        torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(g1.grad, g3.grad, rtol=1e-10, atol=1e-13)
+    assert all(v is None or v.grad is None for v in tl)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("div", ["fkl", "jsd", "srkl"])
+def test_fused_teacher_linear_gradcheck(div, reduction):
+    h, w, _ = fused_data(n=3, d=3, v=5, seed=15)
+    ht, wt, bt = teacher_layer(n=3, dt=2, v=5, seed=16)
+    b = torch.randn(5, dtype=torch.float64)
+    args = [v.clone().requires_grad_() for v in (h, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, y, z: kt.fused_linear_distill_loss(
+            x, y, bias=z, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt, divergence=div,
+            reduction=reduction, temperature=1.3, chunk_rows=2, **OPTS),
+        args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_teacher_linear_dtypes_layouts_and_empty():
+    """16-bit and float32 teacher layers beside a float32 student (the
+    reference converts every element exactly: the logits of their float64
+    values), a student of another dtype than the teacher's, [B, T, d]
+    inputs, a strided teacher_weight, stats, no rows."""
+    h, w, _ = fused_data(seed=17, dtype=torch.float32)
+    ht, wt, bt = teacher_layer(seed=18)
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        l16 = [v.to(dt) for v in (ht, wt, bt)]
+        t = l16[0].double() @ l16[1].double().T + l16[2].double()
+        x = [v.clone().requires_grad_() for v in (h, w)]
+        y = [v.clone().requires_grad_() for v in (h, w)]
+        a, st = kt.fused_linear_distill_loss(*x, teacher_hidden=l16[0], teacher_weight=l16[1],
+                                             teacher_bias=l16[2], divergence="akl",
+                                             return_stats=True)
+        r = kt.fused_linear_distill_loss(*y, t, divergence="akl")
+        a.backward()
+        r.backward()
+        assert a.dtype == torch.float32 and int(st["valid_rows"]) == 6
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)  # the float32 loss
+        for p, q in zip(x, y):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    h, w = h.double(), w.double()
+    wide = torch.zeros(11, 8, dtype=torch.float64)
+    wide[:, 4:7] = wt  # rows 8 apart
+    a = kt.fused_linear_distill_loss(h.reshape(2, 3, 5), w, reduction="none",
+                                     teacher_hidden=ht.reshape(2, 3, 3),
+                                     teacher_weight=wide[:, 4:7])
+    r = kt.fused_linear_distill_loss(h, w, ht @ wt.T, reduction="none")
+    assert a.shape == (2, 3)
+    torch.testing.assert_close(a.reshape(6), r, rtol=1e-12, atol=1e-14)
+    e = torch.empty(0, 5, dtype=torch.float64, requires_grad=True)
+    for red in ("mean", "none"):
+        out = kt.fused_linear_distill_loss(e, w, teacher_hidden=ht[:0], teacher_weight=wt,
+                                           reduction=red)
+        assert out.shape == ((0,) if red == "none" else ()) and not out.any()
+
+
+def test_fused_teacher_linear_bad_arguments():
+    h, w, t = fused_data(seed=19)
+    ht, wt, bt = teacher_layer(seed=20)
+    h.requires_grad_()
+    w.requires_grad_()
+    f = kt.fused_linear_distill_loss
+    with pytest.raises(ValueError, match="one teacher: teacher_logits, or teacher_hidden"):
+        f(h, w, t, teacher_hidden=ht, teacher_weight=wt)
+    with pytest.raises(ValueError, match="no teacher: give teacher_logits, or teacher_hidden"):
+        f(h, w)
+    with pytest.raises(ValueError, match="got teacher_weight only"):
+        f(h, w, teacher_weight=wt)
+    with pytest.raises(ValueError, match="got teacher_bias only"):
+        f(h, w, teacher_bias=bt)
+    with pytest.raises(ValueError, match="teacher_weight must be .V, d_t. with weight's V = 11"):
+        f(h, w, teacher_hidden=ht, teacher_weight=wt[:10])
+    with pytest.raises(ValueError, match="differ in their leading"):
+        f(h, w, teacher_hidden=ht[:5], teacher_weight=wt)
+    with pytest.raises(ValueError, match="differ in the teacher's hidden size d_t"):
+        f(h, w, teacher_hidden=ht, teacher_weight=wt[:, :2])
+    with pytest.raises(ValueError, match="teacher_bias must have shape"):
+        f(h, w, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt[:3])
+    with pytest.raises(TypeError, match="teacher_weight has dtype torch.float32"):
+        f(h, w, teacher_hidden=ht, teacher_weight=wt.float())
+    with pytest.raises(TypeError, match="teacher_bias has dtype torch.bfloat16"):
+        f(h, w, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt.bfloat16())
+    with pytest.raises(TypeError, match="teacher_hidden has dtype torch.int64"):
+        f(h, w, teacher_hidden=ht.long(), teacher_weight=wt.long())
+    with pytest.raises(ValueError, match="teacher_hidden on meta"):
+        f(h, w, teacher_hidden=ht.to("meta"), teacher_weight=wt)
+    ht2 = ht.clone()
+    ht2[2, 0] = float("nan")
+    with pytest.raises(kdloss.InvalidRowsError, match="1 of 6 rows"):
+        f(h, w, teacher_hidden=ht2, teacher_weight=wt)
     assert h.grad is None and w.grad is None
 
 
