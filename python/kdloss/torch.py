@@ -15,7 +15,7 @@ Also: sinkd_loss (SinKD, Sinkhorn distance between student and teacher rows)
 and sinkhorn (batched log-domain Sinkhorn, differentiable in cost and x); and
 the extensions of kdloss_ext.h: sparse_distill_loss (a top-k teacher),
 fused_linear_distill_loss (hidden @ weight.T and the loss, never holding the
-[N, V] logits) and vocab_parallel_distill_loss (a vocabulary slice per rank
+[N, V] logits; the teacher as logits or as a frozen linear layer) and vocab_parallel_distill_loss (a vocabulary slice per rank
 of a torch.distributed process group).  The argument checks and the library
 calls are kdloss._ops's, shared with kdloss.numpy.
 """
