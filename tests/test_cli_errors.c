@@ -305,6 +305,96 @@ Test(cli_errors, sinkd_shapes)
     unlink(pe), unlink(ps), unlink(p3);
 }
 
+/* The loss inputs' other shape errors: ranks that differ, labels of the
+ * wrong dtype, rank or length. */
+Test(cli_errors, loss_shapes_and_labels)
+{
+    double d[6] = {0, 1, 2, 3, 4, 5};
+    int64_t l2[2] = {0, 1}, l3[3] = {0, 1, 2};
+    const int64_t s23[2] = {2, 3}, s6[1] = {6}, n2[1] = {2}, n3[1] = {3}, m21[2] = {2, 1};
+    char ps[512], p6[512], pl2[512], pl3[512], plf[512], pl21[512], out[512];
+    npy("s23.npy", KDL_NPY_F64, 2, s23, d, ps, 512);
+    npy("s6.npy", KDL_NPY_F64, 1, s6, d, p6, 512);
+    npy("l2.npy", KDL_NPY_I64, 1, n2, l2, pl2, 512);
+    npy("l3.npy", KDL_NPY_I64, 1, n3, l3, pl3, 512);
+    npy("lf.npy", KDL_NPY_F64, 1, n2, d, plf, 512);
+    npy("l21.npy", KDL_NPY_I64, 2, m21, l2, pl21, 512);
+    tpath(out, sizeof out, "never_loss.npy");
+    unlink(out);
+#define L(...) {"loss", "--divergence", "jsd", "--grad-out", out, __VA_ARGS__}
+    const err_case_t cases[] = {
+        {"ranks differ", "student shape [2, 3] and teacher shape [6] differ", 2, L("--student", ps, "--teacher", p6)},
+        {"labels float64", "--labels", 2, L("--student", ps, "--teacher", ps, "--labels", plf)},
+        {"labels 2-D", "labels must be int64 [2] (one per row), got int64 [2, 1]", 2,
+         L("--student", ps, "--teacher", ps, "--labels", pl21)},
+        {"labels too long", "got int64 [3]", 2, L("--student", ps, "--teacher", ps, "--labels", pl3)},
+    };
+#undef L
+    expect_cases(cases, sizeof cases / sizeof cases[0], "loss", out);
+    kdl_cli_result_t r; /* the same inputs with labels of the right length run */
+    KDL_CLI(&r, "loss", "--divergence", "jsd", "--student", ps, "--teacher", ps, "--labels", pl2, "--backend", "cpu");
+    cr_expect_eq(r.code, 0, "%s", r.err);
+    const char *all[] = {ps, p6, pl2, pl3, plf, pl21};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) unlink(all[k]);
+}
+
+/* sinkhorn's side inputs and option combinations, one case per condition
+ * of each check. */
+Test(cli_errors, sinkhorn_side_inputs)
+{
+    double z[64] = {0};
+    const int64_t c23[2] = {2, 3}, b23[3] = {2, 2, 3}, v2[1] = {2}, v3[1] = {3}, m22[2] = {2, 2}, m33[2] = {3, 3},
+                  m32[2] = {3, 2}, b22[3] = {2, 2, 2}, b33[3] = {2, 3, 3}, b32[3] = {2, 3, 2}, m12[2] = {1, 2},
+                  b122[3] = {1, 2, 2};
+    char pc[512], pb[512], pv2[512], pv3[512], p22[512], p33[512], p32[512], pb22[512], pb33[512], pb32[512],
+        p12[512], pb122[512], missing[512], out[512];
+    npy("c23.npy", KDL_NPY_F64, 2, c23, z, pc, 512);
+    npy("b23.npy", KDL_NPY_F64, 3, b23, z, pb, 512);
+    npy("v2.npy", KDL_NPY_F64, 1, v2, z, pv2, 512);
+    npy("v3.npy", KDL_NPY_F64, 1, v3, z, pv3, 512);
+    npy("m22.npy", KDL_NPY_F64, 2, m22, z, p22, 512);
+    npy("m33.npy", KDL_NPY_F64, 2, m33, z, p33, 512);
+    npy("m32.npy", KDL_NPY_F64, 2, m32, z, p32, 512);
+    npy("b22.npy", KDL_NPY_F64, 3, b22, z, pb22, 512);
+    npy("b33.npy", KDL_NPY_F64, 3, b33, z, pb33, 512);
+    npy("b32.npy", KDL_NPY_F64, 3, b32, z, pb32, 512);
+    npy("m12.npy", KDL_NPY_F64, 2, m12, z, p12, 512);
+    npy("b122.npy", KDL_NPY_F64, 3, b122, z, pb122, 512);
+    tpath(missing, sizeof missing, "no_such.npy");
+    unlink(missing);
+    tpath(out, sizeof out, "never_side.npy");
+    unlink(out);
+#define SK(...) {"sinkhorn", "--epsilon", "0.5", "--plan-out", out, __VA_ARGS__}
+#define DB(xx, yy) SK("--cost", pb, "--debias", "--cost-xx", xx, "--cost-yy", yy)
+    const err_case_t cases[] = {
+        {"--y alone", "--x and --y go together", 2, SK("--y", pc)},
+        {"--debias with --cost-xx only", "--debias with --cost needs --cost-xx and --cost-yy", 2,
+         SK("--cost", pc, "--debias", "--cost-xx", p22)},
+        {"--y missing", "--y", 2, SK("--x", pc, "--y", missing)},
+        {"--log-b missing", "--log-b", 2, SK("--cost", pc, "--log-b", missing)},
+        {"--log-b 2-D", "--log-b", 2, SK("--cost", pc, "--log-b", p22)},
+        {"--log-b of length n", "expected [3]", 2, SK("--cost", pc, "--log-b", pv2)},
+        {"batched --log-b 1-D", "expected [2, 3]", 2, SK("--cost", pb, "--log-b", pv3)},
+        {"batched --log-b of another B", "expected [2, 3]", 2, SK("--cost", pb, "--log-b", p12)},
+        {"batched --log-b [2, 2]", "expected [2, 3]", 2, SK("--cost", pb, "--log-b", p22)},
+        {"--cost-xx [2, 3]", "--cost-xx", 2, SK("--cost", pc, "--debias", "--cost-xx", pc, "--cost-yy", p33)},
+        {"--cost-yy [3, 2]", "--cost-yy", 2, SK("--cost", pc, "--debias", "--cost-xx", p22, "--cost-yy", p32)},
+        {"--cost-xx 1-D", "--cost-xx", 2, SK("--cost", pc, "--debias", "--cost-xx", pv2, "--cost-yy", p33)},
+        {"batched --cost-xx of another B", "expected [2, 2, 2]", 2, DB(pb122, pb33)},
+        {"batched --cost-yy [2, 3, 2]", "expected [2, 3, 3]", 2, DB(pb22, pb32)},
+        {"batched --cost-yy [2, 2, 2]", "expected [2, 3, 3]", 2, DB(pb22, pb22)},
+    };
+#undef DB
+#undef SK
+    expect_cases(cases, sizeof cases / sizeof cases[0], "sinkhorn", out);
+    kdl_cli_result_t r; /* the batched debiased problem with the right self costs runs */
+    KDL_CLI(&r, "sinkhorn", "--epsilon", "0.5", "--cost", pb, "--debias", "--cost-xx", pb22, "--cost-yy", pb33,
+            "--backend", "cpu");
+    cr_expect_eq(r.code, 0, "%s", r.err);
+    const char *all[] = {pc, pb, pv2, pv3, p22, p33, p32, pb22, pb33, pb32, p12, pb122};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) unlink(all[k]);
+}
+
 /* ------------------------------------------------------- output files */
 
 /* Each command with its output path in a "directory" that is a regular
