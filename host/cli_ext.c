@@ -165,11 +165,15 @@ static void npy_free_list(kdl_npy_array_t *const *a, size_t n)
                   sizeof((kdl_npy_array_t *const[]){__VA_ARGS__}) / sizeof(kdl_npy_array_t *))
 
 /* The gradient [N, V] into path as t; 1-D [V] when the student was (ndim 1). */
-static int save_rows(const char *cmd, const char *path, kdl_npy_dtype_t t, int ndim, int64_t N, int64_t V,
-                     const void *data)
+/* A gradient file [N, V] (or [V]), staged: renamed into place by
+ * kdl_cli_commit only once the JSON is out, so a run that cannot write its
+ * JSON leaves no output file. */
+static int stage_rows(const char *cmd, const char *path, kdl_npy_dtype_t t, int ndim, int64_t N, int64_t V,
+                      const void *data, kdl_cli_pending_t *p)
 {
     const int64_t shape[2] = {N, V};
-    return kdl_cli_save_npy(cmd, path, t, ndim, ndim == 1 ? shape + 1 : shape, data);
+    const kdl_cli_npy_out_t g = {path, t, ndim, ndim == 1 ? shape + 1 : shape, data};
+    return kdl_cli_stage_npy_all(cmd, &g, 1, p);
 }
 
 /* Opens the JSON object on stdout: mode (when not NULL), divergence,
@@ -352,6 +356,8 @@ static int sparse_cpu(const char *cmd, void *p)
 
 int kdl_cli_sparse_loss(int argc, char **argv)
 {
+    kdl_cli_pending_t pending = {0}; /* output files, renamed into place after the JSON */
+    kdl_cli_ignore_sigpipe();
     kdl_cli_opt_t o[S_COUNT] = {KDL_CLI_LOSS_OPTS, {"--student", 1, NULL}, {"--teacher-indices", 1, NULL},
                                 {"--teacher-logprobs", 1, NULL}, {"--mode", 1, NULL}, {"--grad-out", 1, NULL}};
     int backend = 0, mode = 0;
@@ -435,7 +441,7 @@ int kdl_cli_sparse_loss(int argc, char **argv)
     }
     if (!rc && grad_out) {
         kdl_npy_dtype_t nt = kdl_cli_npy_grad_dtype(c.gdt);
-        rc = save_rows(SCMD, grad_out, nt, S.ndim, N, V, grad);
+        rc = stage_rows(SCMD, grad_out, nt, S.ndim, N, V, grad, &pending);
     }
     if (!rc) {
         kdl_json_t j;
@@ -445,6 +451,7 @@ int kdl_cli_sparse_loss(int argc, char **argv)
         json_loss_counts(&j, &d, loss, N, valid, invalid);
         rc = kdl_json_end_stdout(&j, SCMD);
     }
+    rc = kdl_cli_commit(SCMD, &pending, rc);
     FREE_ALL(loss, grad);
     NPY_FREE_ALL(&S, &I, &P, &L);
     return rc;
@@ -669,6 +676,8 @@ static int fused_cpu(const char *cmd, void *p)
 
 int kdl_cli_fused_linear(int argc, char **argv)
 {
+    kdl_cli_pending_t pending = {0}; /* output files, renamed into place after the JSON */
+    kdl_cli_ignore_sigpipe();
     kdl_cli_opt_t o[F_COUNT] = {KDL_CLI_LOSS_OPTS,
                                 {"--hidden", 1, NULL},          {"--weight", 1, NULL},
                                 {"--teacher", 1, NULL},         {"--chunk-rows", 1, NULL},
@@ -700,10 +709,9 @@ int kdl_cli_fused_linear(int argc, char **argv)
     int64_t chunk = 0;
     if (!rc && o[F_CHUNK].value) rc = kdl_cli_parse_int64(FCMD, "--chunk-rows", o[F_CHUNK].value, 1, INT64_MAX, &chunk);
     const char *gh_out = o[F_GH_OUT].value, *gw_out = o[F_GW_OUT].value, *gb_out = o[F_GB_OUT].value;
-    if (!rc && ((gh_out && !gh_out[0]) || (gw_out && !gw_out[0]) || (gb_out && !gb_out[0]))) {
-        kdl_cli_error(FCMD, "an output flag needs a file name");
-        rc = 2;
-    }
+    if (!rc) rc = kdl_cli_check_out_path(FCMD, "--grad-hidden-out", gh_out);
+    if (!rc) rc = kdl_cli_check_out_path(FCMD, "--grad-weight-out", gw_out);
+    if (!rc) rc = kdl_cli_check_out_path(FCMD, "--grad-bias-out", gb_out);
     if (!rc && ((gh_out && gw_out && !strcmp(gh_out, gw_out)) || (gh_out && gb_out && !strcmp(gh_out, gb_out)) ||
                 (gw_out && gb_out && !strcmp(gw_out, gb_out)))) {
         kdl_cli_error(FCMD, "two of --grad-hidden-out, --grad-weight-out, --grad-bias-out name the same file");
@@ -831,7 +839,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
         if (gh_out) outs[n_outs++] = (kdl_cli_npy_out_t){gh_out, nt, 2, gh_shape, gh};
         if (gw_out) outs[n_outs++] = (kdl_cli_npy_out_t){gw_out, nt, 2, gw_shape, gw};
         if (gb_out) outs[n_outs++] = (kdl_cli_npy_out_t){gb_out, nt, 1, gb_shape, gb};
-        rc = kdl_cli_save_npy_all(FCMD, outs, n_outs);
+        rc = kdl_cli_stage_npy_all(FCMD, outs, n_outs, &pending);
     }
     if (!rc) {
         kdl_json_t j;
@@ -850,6 +858,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
         kdl_json_int(&j, "logits_bytes", N * V * 4 * (tlin ? 2 : 1));
         rc = kdl_json_end_stdout(&j, FCMD);
     }
+    rc = kdl_cli_commit(FCMD, &pending, rc);
     FREE_ALL(loss, gh, gw, gb, c.h32, c.w32, c.b32, c.w64, c.b64, c.th32, c.tw32, c.tb32, c.th64, c.tw64, c.tb64);
     NPY_FREE_ALL(&H, &B, &G, &W, &T, &L, &TH, &TW, &TB);
     return rc;
@@ -1118,6 +1127,8 @@ static double max_abs_diff(const double *got, const double *want, size_t n, int 
 
 int kdl_cli_shard_check(int argc, char **argv)
 {
+    kdl_cli_pending_t pending = {0}; /* output files, renamed into place after the JSON */
+    kdl_cli_ignore_sigpipe();
     kdl_cli_opt_t o[K_COUNT] = {KDL_CLI_LOSS_OPTS,   {"--student", 1, NULL}, {"--teacher", 1, NULL},
                                 {"--shards", 1, NULL}, {"--split", 1, NULL},   {"--grad-out", 1, NULL}};
     int backend = 0;
@@ -1203,11 +1214,11 @@ int kdl_cli_shard_check(int argc, char **argv)
                 rc = 1;
             } else {
                 for (size_t j = 0; j < (size_t)(N * V); j++) g32[j] = (float)grad[j];
-                rc = save_rows(KCMD, grad_out, c.gnt, S.ndim, N, V, g32);
+                rc = stage_rows(KCMD, grad_out, c.gnt, S.ndim, N, V, g32, &pending);
                 free(g32);
             }
         } else {
-            rc = save_rows(KCMD, grad_out, c.gnt, S.ndim, N, V, grad);
+            rc = stage_rows(KCMD, grad_out, c.gnt, S.ndim, N, V, grad, &pending);
         }
     }
     if (!rc) {
@@ -1237,6 +1248,7 @@ int kdl_cli_shard_check(int argc, char **argv)
         }
         rc = kdl_json_end_stdout(&j, KCMD);
     }
+    rc = kdl_cli_commit(KCMD, &pending, rc);
     FREE_ALL(w, hs, hs_ref, loss, loss_ref, grad, grad_ref);
     NPY_FREE_ALL(&S, &T, &L);
     return rc;

@@ -9,7 +9,9 @@
  *   - top level: no subcommand, an unknown one, --version, --help;
  *   - shapes: empty vocabularies, --x/--y shapes, points with d = 0, empty
  *     problems, batched side inputs, --cost-xx with points;
- *   - output files that cannot be written, made to fail without privileges
+ *   - output files that cannot be written (loss, sinkhorn, sinkd,
+ *     shard-check and fused-linear with the teacher as a linear layer),
+ *     made to fail without privileges
  *     (so also when CI runs as root, where permissions do not deny): a
  *     parent that is a regular file (ENOTDIR), a directory as the path
  *     (EISDIR), a name whose temporary is too long (ENAMETOOLONG), a file
@@ -85,8 +87,8 @@ static void inputs_make(inputs_t *in, int64_t rows, int64_t vocab)
 
 static void inputs_remove(const inputs_t *in) { unlink(in->s), unlink(in->t); }
 
-enum { CMD_LOSS, CMD_SINKHORN, CMD_SINKD, CMD_COUNT };
-static const char *const cmd_names[CMD_COUNT] = {"loss", "sinkhorn", "sinkd"};
+enum { CMD_LOSS, CMD_SINKHORN, CMD_SINKD, CMD_SHARD, CMD_FUSED, CMD_COUNT };
+static const char *const cmd_names[CMD_COUNT] = {"loss", "sinkhorn", "sinkd", "shard-check", "fused-linear"};
 
 /* The argv (NULL-terminated) of command c writing its file to out. */
 static void command(const inputs_t *in, int c, const char *out, const char **argv)
@@ -97,7 +99,17 @@ static void command(const inputs_t *in, int c, const char *out, const char **arg
                               "--plan-out", out, NULL};
     const char *sinkd[] = {"sinkd", "--student", in->s, "--teacher", in->t, "--max-iter", "3", "--backend", "cpu",
                            "--grad-out", out, NULL};
-    const char *const *src = c == CMD_LOSS ? loss : c == CMD_SINKHORN ? sinkhorn : sinkd;
+    const char *shard[] = {"shard-check", "--student", in->s, "--teacher", in->t, "--shards", "2", "--backend", "cpu",
+                           "--grad-out", out, NULL};
+    /* the teacher as a linear layer: H = H_t = s [N, V], W = W_t = t [N, V]
+     * (so the logits are [N, N]); the output dH has the inputs' shape */
+    const char *fused[] = {"fused-linear", "--hidden", in->s, "--weight", in->t, "--teacher-hidden", in->s,
+                           "--teacher-weight", in->t, "--backend", "cpu", "--grad-hidden-out", out, NULL};
+    const char *const *src = c == CMD_LOSS       ? loss
+                             : c == CMD_SINKHORN ? sinkhorn
+                             : c == CMD_SINKD    ? sinkd
+                             : c == CMD_SHARD    ? shard
+                                                 : fused;
     size_t k = 0;
     for (; src[k]; k++) argv[k] = src[k];
     argv[k] = NULL;
@@ -157,7 +169,7 @@ Test(cli_errors, empty_output_file_names)
 {
     inputs_t in;
     inputs_make(&in, 2, 3);
-    const char *flags[CMD_COUNT] = {"--grad-out", "--plan-out", "--grad-out"};
+    const char *flags[CMD_COUNT] = {"--grad-out", "--plan-out", "--grad-out", "--grad-out", "--grad-hidden-out"};
     for (int c = 0; c < CMD_COUNT; c++) {
         const char *argv[32];
         command(&in, c, "", argv);
