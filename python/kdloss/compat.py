@@ -4,12 +4,14 @@ computed by kdloss.torch (the fused gradient of kdloss, no other maths).
 A team that calls one of the peer functions below switches to kdloss by
 changing the import; arguments, defaults, argument order, reductions and
 divisors are the peer's.  The peer versions these follow were read from
-their source: TRL at commit a9fa292c (trl/trainer/gkd_trainer.py, 2025) and
-Liger-Kernel 0.8.2 (commit ead96b61).
+their source: TRL 1.10.0.dev0 (commit f2cd5771,
+trl/experimental/gkd/gkd_trainer.py; legacy=True: the older
+trl/trainer/gkd_trainer.py at commit a9fa292c) and Liger-Kernel 0.8.2
+(commit ead96b61).
 
 | kdloss.compat | peer (version read) | kdloss call |
 |---|---|---|
-| trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0, reduction="batchmean") | GKDTrainer.generalized_jsd_loss, TRL a9fa292c | distill_loss(divergence=fkl/jsd/rkl, temperature, labels, reduction="sum") / divisor |
+| trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None, *, legacy=False) | trl.experimental.gkd.GKDTrainer.generalized_jsd_loss, TRL 1.10.0.dev0 (f2cd5771); legacy: trl.trainer.GKDTrainer's at a9fa292c | distill_loss(divergence=fkl/jsd/rkl, temperature, labels, reduction="sum") / divisor |
 | jsd(input, target, shift_labels=None, beta=0.5, ignore_index=-100), JSD(beta, ignore_index) | liger_kernel.transformers.functional.liger_jsd, LigerJSD, Liger 0.8.2 | distill_loss(input, target, fkl/jsd/rkl, reduction="sum") / rows kept |
 | kl_div(input, target, size_average=True, reduce=True, reduction="mean", log_target=False, eps=1e-10), KLDivLoss(eps, ..., reduction="mean", log_target=False) | liger_kl_div, LigerKLDIVLoss, Liger 0.8.2 | distill_loss(input, log target, "fkl", reduction="sum") / divisor |
 | tvd(input, target, shift_labels=None, reduction="mean", ignore_index=-100), TVDLoss(reduction="batchmean", ignore_index) | liger_tvd, LigerTVDLoss, Liger 0.8.2 | distill_loss(log input, log target, "tvd", reduction="sum") / divisor |
@@ -27,16 +29,21 @@ The conventions (p the teacher's distribution, q the student's):
 - Liger's JSD and KL take LOG-PROBABILITIES; kdloss takes them as logits
   (softmax of log p is p, so the value is the same when they are
   normalised).  Liger's TVD takes PROBABILITIES; kdloss is given their log.
-- Divisors: TRL "batchmean" divides by the number of labels != -100, or,
-  without labels, by student_logits.shape[0] * shape[1] (the B*T tokens of
-  [B, T, V], but N*V for a 2-D [N, V] input: TRL's rule, kept); "mean"
-  divides by the number of kept elements, tokens times V; "sum" does not
-  divide.  Liger's JSD and fused JSD divide by the rows whose label is not
-  ignore_index (all rows without labels); its TVD "batchmean" likewise,
-  "mean" by those rows times V; its KLDivLoss "batchmean" by the rows
-  (shape[0], no labels), "mean" by rows times V.  With no row kept the
-  peers divide 0 by 0 and so does this module (NaN), where kdloss's own
-  "mean" gives 0.
+- Divisors: TRL (1.10.0.dev0, trl.experimental.gkd) "batchmean" divides by
+  the number of labels != -100 clamped to at least 1, or, without labels,
+  by student_logits.shape[0] (the BATCH, B of [B, T, V], not the tokens);
+  with num_items_in_batch given, the sum is divided by it whatever the
+  reduction.  The older trl/trainer/gkd_trainer.py (a9fa292c; legacy=True
+  here) divides by the kept tokens unclamped (0/0 = NaN), or without labels
+  by shape[0] * shape[1] (B*T for [B, T, V], but N*V for a 2-D [N, V]).
+  "mean" (both) divides by the number of kept elements, tokens times V;
+  "sum" does not divide.  Liger's JSD and fused JSD divide by the rows
+  whose label is not ignore_index (all rows without labels); its TVD
+  "batchmean" likewise, "mean" by those rows times V; its KLDivLoss
+  "batchmean" by the rows (shape[0], no labels), "mean" by rows times V.
+  With no row kept these peers (and TRL's "mean" and legacy "batchmean")
+  divide 0 by 0 and so does this module (NaN), where kdloss's own "mean"
+  gives 0.
 - Returned dtype: TRL's and Liger's JSD return the loss in the student's
   dtype and so do these; KLDiv, TVD and the fused JSD return kdloss's
   float32 (float64 for float64 inputs), as the peers return float32.
@@ -61,6 +68,10 @@ here, never silently:
   are accepted and ignored, as by Liger.
 - FusedLinearJSD: accum_dtype is passed to kdloss as grad_dtype (the dtype
   of dH and dW); kdloss accumulates in float64 on CPU and float32 on CUDA.
+- Not mapped: Liger's chunked LigerFusedLinearJSDLoss (liger_kernel.
+  chunked_loss: a hard cross-entropy term weighted with the soft JSD, true
+  labels, biases); use kdloss.torch.fused_linear_distill_loss for its soft
+  part (divergence "jsd", reduction "mean") and add the cross-entropy.
 - kdloss checks its inputs (NaN/+inf rows raise kdloss.InvalidRowsError by
   default) where the peers compute NaN silently.
 """
@@ -134,30 +145,43 @@ def _shift_labels(labels, rows, peer):
 
 # ----------------------------------------------------------------------- TRL
 def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
-                             temperature=1.0, reduction="batchmean"):
-    """TRL GKDTrainer.generalized_jsd_loss (commit a9fa292c): the
-    generalised JSD of softmax(student/T) and softmax(teacher/T), beta the
-    teacher's weight (0: KL(teacher||student), 1: KL(student||teacher)),
-    tokens with labels == -100 left out; reduction "batchmean", "sum" or
-    "mean" with TRL's divisors (module docstring).  "none" raises."""
+                             temperature=1.0, reduction="batchmean", num_items_in_batch=None, *,
+                             legacy=False):
+    """TRL GKDTrainer.generalized_jsd_loss: the generalised JSD of
+    softmax(student/T) and softmax(teacher/T), beta the teacher's weight (0:
+    KL(teacher||student), 1: KL(student||teacher)), tokens with labels ==
+    -100 left out; reduction "batchmean", "sum" or "mean", or the sum over
+    num_items_in_batch when that is given, with the divisors of
+    trl.experimental.gkd at TRL 1.10.0.dev0 (commit f2cd5771); legacy=True
+    (keyword-only, kdloss's) those of trl/trainer/gkd_trainer.py at commit
+    a9fa292c (module docstring).  "none" raises."""
     _reduction(reduction, ("batchmean", "sum", "mean"), "TRL generalized_jsd_loss")
+    if legacy and num_items_in_batch is not None:
+        raise ValueError("kdloss.compat: num_items_in_batch is not an argument of the legacy "
+                         "TRL generalized_jsd_loss")
     div, b = _divergence(beta)
     labels = _labels(labels)
     total = _kt.distill_loss(student_logits, teacher_logits, divergence=div,
                              temperature=temperature, labels=labels, ignore_index=-100,
                              reduction="sum", beta=b)
     V = student_logits.shape[-1]
-    if reduction == "sum":
+    kept = None if labels is None else _rows_kept(labels, -100, None)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        loss = total / num_items_in_batch
+    elif reduction == "sum":
         loss = total
-    elif labels is not None:
-        kept = _rows_kept(labels, -100, None)
-        loss = total / (kept if reduction == "batchmean" else kept * V)
-    elif reduction == "batchmean":
+    elif reduction == "mean":
+        loss = total / (student_logits.numel() if kept is None else kept * V)
+    elif kept is not None:
+        loss = total / (kept if legacy else kept.clamp_min(1))
+    elif legacy:
         if student_logits.dim() < 2:
-            raise ValueError("kdloss.compat: TRL's batchmean needs at least 2 dimensions")
+            raise ValueError("kdloss.compat: TRL's legacy batchmean needs at least 2 dimensions")
         loss = total / (student_logits.shape[0] * student_logits.shape[1])
     else:
-        loss = total / student_logits.numel()
+        loss = total / max(student_logits.shape[0], 1)
     return loss.to(student_logits.dtype)
 
 

@@ -81,16 +81,21 @@ def _elem_terms(ls, lt, beta):
     return beta * lt.exp() * (lt - lm) + (1 - beta) * ls.exp() * (ls - lm)
 
 
-def trl_textbook(s, t, labels, beta, temperature, reduction):
+def trl_textbook(s, t, labels, beta, temperature, reduction, legacy=False, num_items=None):
+    """TRL's reductions: the current (trl.experimental.gkd) rule, or the
+    older trl/trainer rule with legacy."""
     ls = F.log_softmax(s / temperature, dim=-1)
     lt = F.log_softmax(t / temperature, dim=-1)
     terms = _elem_terms(ls, lt, beta)
     if labels is not None:
         terms = terms[labels != -100]  # [kept, V]
-        if reduction == "batchmean":
-            return terms.sum() / (labels != -100).sum()
+    if num_items is not None:
+        return terms.sum() / num_items
     if reduction == "batchmean":
-        return terms.sum() / (terms.shape[0] * terms.shape[1])
+        if labels is not None:
+            kept = (labels != -100).sum()
+            return terms.sum() / (kept if legacy else kept.clamp_min(1))
+        return terms.sum() / (terms.shape[0] * terms.shape[1] if legacy else terms.shape[0])
     return terms.sum() if reduction == "sum" else terms.mean()
 
 
@@ -124,15 +129,16 @@ def tvd_textbook(p, q, labels, reduction, ignore_index=-100):
 @pytest.mark.parametrize("temperature", TEMPS)
 @pytest.mark.parametrize("reduction", REDS)
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_trl_value_and_grad(dtype, beta, temperature, reduction, with_labels):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_trl_value_and_grad(dtype, beta, temperature, reduction, with_labels, legacy):
     s, t, lab = _data(1, dtype, labels=with_labels)
     a = _leaf(s)
     got = kc.trl_generalized_jsd_loss(a, t, lab, beta=beta, temperature=temperature,
-                                      reduction=reduction)
+                                      reduction=reduction, legacy=legacy)
     assert got.dtype == dtype and got.shape == ()
     got.backward()
     b = _leaf(s.to(torch.float64))
-    want = trl_textbook(b, t.to(torch.float64), lab, beta, temperature, reduction)
+    want = trl_textbook(b, t.to(torch.float64), lab, beta, temperature, reduction, legacy)
     want.backward()
     _close(got, want, dtype, "loss")
     _close(a.grad, b.grad, dtype, "grad")
@@ -140,19 +146,32 @@ def test_trl_value_and_grad(dtype, beta, temperature, reduction, with_labels):
 
 
 @pytest.mark.parametrize("reduction", REDS)
-def test_trl_two_d_divisors(reduction):
-    """A 2-D [N, V] input without labels: TRL's batchmean divides by
-    shape[0] * shape[1] = N * V (its rule, kept); with labels by the kept
-    tokens."""
-    s, t, lab = _data(2, torch.float64, lead=(7,))
-    for labels in (None, lab):
-        got = kc.trl_generalized_jsd_loss(s, t, labels, beta=0.3, reduction=reduction)
-        want = trl_textbook(s, t, labels, 0.3, 1.0, reduction)
-        _close(got, want, torch.float64, f"labels {labels is not None}")
-    total = kc.trl_generalized_jsd_loss(s, t, None, beta=0.3, reduction="sum")
+def test_trl_divisors(reduction):
+    """The divisors themselves, as numbers: without labels the current
+    batchmean divides by B (shape[0]) and the legacy one by shape[0] *
+    shape[1] (B*T, or N*V for a 2-D [N, V] input); num_items_in_batch
+    replaces the divisor."""
+    total = {}
+    for lead in ((B, T), (7,)):
+        s, t, lab = _data(2, torch.float64, lead=lead)
+        for labels in (None, lab):
+            for legacy in (False, True):
+                got = kc.trl_generalized_jsd_loss(s, t, labels, beta=0.3, reduction=reduction,
+                                                  legacy=legacy)
+                want = trl_textbook(s, t, labels, 0.3, 1.0, reduction, legacy)
+                _close(got, want, torch.float64, f"{lead} labels {labels is not None} {legacy}")
+        total[lead] = float(kc.trl_generalized_jsd_loss(s, t, None, beta=0.3, reduction="sum"))
+        got = kc.trl_generalized_jsd_loss(s, t, None, beta=0.3, num_items_in_batch=torch.tensor(3))
+        assert math.isclose(float(got), total[lead] / 3, rel_tol=1e-12)
     if reduction == "batchmean":
-        nolab = kc.trl_generalized_jsd_loss(s, t, None, beta=0.3, reduction=reduction)
-        assert math.isclose(float(nolab), float(total) / (7 * V), rel_tol=1e-12)
+        s, t, _ = _data(2, torch.float64)
+        cur = float(kc.trl_generalized_jsd_loss(s, t, None, beta=0.3))
+        old = float(kc.trl_generalized_jsd_loss(s, t, None, beta=0.3, legacy=True))
+        assert math.isclose(cur, total[(B, T)] / B, rel_tol=1e-12)
+        assert math.isclose(old, total[(B, T)] / (B * T), rel_tol=1e-12)
+        s, t, _ = _data(2, torch.float64, lead=(7,))
+        old = float(kc.trl_generalized_jsd_loss(s, t, None, beta=0.3, legacy=True))
+        assert math.isclose(old, total[(7,)] / (7 * V), rel_tol=1e-12)
 
 
 def test_trl_rejects_and_edge_cases():
@@ -161,14 +180,20 @@ def test_trl_rejects_and_edge_cases():
         kc.trl_generalized_jsd_loss(s, t, lab, reduction="none")
     with pytest.raises(ValueError, match="reduction"):
         kc.trl_generalized_jsd_loss(s, t, lab, reduction="avg")
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        kc.trl_generalized_jsd_loss(s, t, lab, num_items_in_batch=4, legacy=True)
     for beta in (-0.1, 1.5):
         with pytest.raises(ValueError, match="beta"):
             kc.trl_generalized_jsd_loss(s, t, lab, beta=beta)
-    # every token masked: TRL divides 0 by 0, and so does compat
+    # every token masked: the current batchmean clamps the divisor to 1 (0);
+    # "mean" and the legacy batchmean divide 0 by 0 (NaN), as TRL
     none_kept = torch.full_like(lab, -100)
-    for reduction in ("batchmean", "mean"):
-        assert torch.isnan(kc.trl_generalized_jsd_loss(s, t, none_kept, reduction=reduction))
-        assert torch.isnan(trl_textbook(s, t, none_kept, 0.5, 1.0, reduction))
+    assert float(kc.trl_generalized_jsd_loss(s, t, none_kept)) == 0.0
+    assert float(trl_textbook(s, t, none_kept, 0.5, 1.0, "batchmean")) == 0.0
+    for reduction, legacy in (("mean", False), ("mean", True), ("batchmean", True)):
+        assert torch.isnan(kc.trl_generalized_jsd_loss(s, t, none_kept, reduction=reduction,
+                                                       legacy=legacy))
+        assert torch.isnan(trl_textbook(s, t, none_kept, 0.5, 1.0, reduction, legacy))
     assert float(kc.trl_generalized_jsd_loss(s, t, none_kept, reduction="sum")) == 0.0
     # labels of another integer dtype are accepted (TRL compares them with -100)
     _close(kc.trl_generalized_jsd_loss(s, t, lab.to(torch.int32)),
@@ -180,8 +205,8 @@ def test_trl_beta_ends_are_the_kls():
     checked against torch's own kl_div (an independent formula)."""
     s, t, _ = _data(4, torch.float64)
     ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    fkl = F.kl_div(ls, lt, reduction="sum", log_target=True) / (B * T)
-    rkl = F.kl_div(lt, ls, reduction="sum", log_target=True) / (B * T)
+    fkl = F.kl_div(ls, lt, reduction="sum", log_target=True) / B
+    rkl = F.kl_div(lt, ls, reduction="sum", log_target=True) / B
     _close(kc.trl_generalized_jsd_loss(s, t, beta=0.0), fkl, torch.float64, "beta 0")
     _close(kc.trl_generalized_jsd_loss(s, t, beta=1.0), rkl, torch.float64, "beta 1")
 
@@ -379,7 +404,12 @@ def test_liger_fused_linear_jsd_rejects():
 # ------------------------------------------------- the peers themselves
 def test_against_trl_itself():
     trl = pytest.importorskip("trl", reason="trl is not installed: compared with the textbook only")
-    from trl.trainer.gkd_trainer import GKDTrainer
+    try:
+        from trl.experimental.gkd import GKDTrainer
+        legacy = False
+    except ImportError:
+        from trl.trainer.gkd_trainer import GKDTrainer
+        legacy = True
 
     s, t, lab = _data(14, torch.float64)
     for beta in BETAS:
@@ -389,7 +419,7 @@ def test_against_trl_itself():
                                                        temperature=temperature,
                                                        reduction=reduction)
                 got = kc.trl_generalized_jsd_loss(s, t, lab, beta=beta, temperature=temperature,
-                                                  reduction=reduction)
+                                                  reduction=reduction, legacy=legacy)
                 _close(got, want, torch.float64, f"trl {trl.__version__} {beta} {reduction}")
 
 
