@@ -60,7 +60,8 @@ here, never silently:
   differ, per row, by a multiple of exp(input) (of a constant for TVD),
   which the backward of log_softmax (softmax) removes exactly: gradients to
   everything upstream of a log_softmax / softmax (the logits, the model)
-  are the same.  Zero probabilities given to TVD get a zero gradient.
+  are the same.  Zero probabilities given to TVD get a zero gradient; where
+  input == target exactly Liger's TVD subgradient is -1/2, kdloss's 0.
 - KLDivLoss with log_target=False: Liger clamps the target to eps inside the
   log; kdloss uses log(target) exactly (the two differ by at most
   V * eps / e in the loss, 0 for targets of 0 or >= eps).  Inputs must be
