@@ -11,11 +11,14 @@ trl/trainer/gkd_trainer.py at commit a9fa292c) and Liger-Kernel 0.8.2
 
 | kdloss.compat | peer (version read) | kdloss call |
 |---|---|---|
-| trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None, *, legacy=False) | trl.experimental.gkd.GKDTrainer.generalized_jsd_loss, TRL 1.10.0.dev0 (f2cd5771); legacy: trl.trainer.GKDTrainer's at a9fa292c | distill_loss(divergence=fkl/jsd/rkl, temperature, labels, reduction="sum") / divisor |
-| jsd(input, target, shift_labels=None, beta=0.5, ignore_index=-100), JSD(beta, ignore_index) | liger_kernel.transformers.functional.liger_jsd, LigerJSD, Liger 0.8.2 | distill_loss(input, target, fkl/jsd/rkl, reduction="sum") / rows kept |
-| kl_div(input, target, size_average=True, reduce=True, reduction="mean", log_target=False, eps=1e-10), KLDivLoss(eps, ..., reduction="mean", log_target=False) | liger_kl_div, LigerKLDIVLoss, Liger 0.8.2 | distill_loss(input, log target, "fkl", reduction="sum") / divisor |
-| tvd(input, target, shift_labels=None, reduction="mean", ignore_index=-100), TVDLoss(reduction="batchmean", ignore_index) | liger_tvd, LigerTVDLoss, Liger 0.8.2 | distill_loss(log input, log target, "tvd", reduction="sum") / divisor |
-| fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weight, shift_labels=None, jsd_beta=0.5, ignore_index=-100, temperature=1.0, accum_dtype=None), FusedLinearJSD(jsd_beta, ignore_index, temperature, accum_dtype) | liger_fused_linear_jsd, LigerFusedLinearJSD, Liger 0.8.2 | fused_linear_distill_loss(teacher_hidden=teacher_input, teacher_weight=teacher_weight, reduction="sum") / rows kept |
+| trl_generalized_jsd_loss | GKDTrainer.generalized_jsd_loss, TRL 1.10.0.dev0 | distill_loss(fkl/jsd/rkl, "sum") / divisor |
+| jsd, JSD | liger_jsd, LigerJSD, Liger 0.8.2 | distill_loss(fkl/jsd/rkl, "sum") / rows kept |
+| kl_div, KLDivLoss | liger_kl_div, LigerKLDIVLoss, Liger 0.8.2 | distill_loss("fkl", "sum") / divisor |
+| tvd, TVDLoss | liger_tvd, LigerTVDLoss, Liger 0.8.2 | distill_loss(log p, log q, "tvd", "sum") / divisor |
+| fused_linear_jsd, FusedLinearJSD | liger_fused_linear_jsd, LigerFusedLinearJSD, 0.8.2 | fused_linear_distill_loss(teacher_hidden, teacher_weight, "sum") / rows kept |
+
+Signatures and defaults are the peers' (each function's docstring); TRL's
+legacy=True (keyword-only) follows trl/trainer/gkd_trainer.py at a9fa292c.
 
 The conventions (p the teacher's distribution, q the student's):
 
