@@ -505,6 +505,30 @@ static void run_with_fsize_limit(kdl_cli_result_t *r, const char *const *argv, r
     signal(SIGXFSZ, prev);
 }
 
+/* The output path before a failing run: absent, or (existing) a file
+ * holding "old". */
+static void out_before(const char *out, int existing)
+{
+    unlink(out);
+    if (!existing) return;
+    FILE *f = fopen(out, "wb");
+    cr_assert_not_null(f);
+    fputs("old", f);
+    fclose(f);
+}
+
+/* After a failing run: no temporary, and the output path as it was. */
+static void expect_out_as_before(const char *out, int existing, const char *what)
+{
+    cr_expect(kdl_no_temporaries(out), "%s: a temporary was left", what);
+    char back[16];
+    kdl_slurp(out, back, sizeof back);
+    if (existing)
+        cr_expect_str_eq(back, "old", "%s: the existing file changed", what);
+    else
+        cr_expect(!kdl_file_exists(out), "%s: an output file was left", what);
+}
+
 /* A write that fails (EFBIG under a file size limit, which the captured
  * stdout/stderr and a coverage build's .gcda files stay below): exit 1,
  * the temporary removed, no output file, an existing file unchanged.  Each
@@ -523,13 +547,7 @@ Test(cli_errors, write_failure_leaves_nothing)
     for (int l = 0; l < 2; l++)
         for (int existing = 0; existing < 2; existing++)
             for (int c = 0; c < CMD_COUNT; c++) {
-                unlink(out);
-                if (existing) {
-                    FILE *f = fopen(out, "wb");
-                    cr_assert_not_null(f);
-                    fputs("old", f);
-                    fclose(f);
-                }
+                out_before(out, existing);
                 const char *argv[32];
                 command(&in, c, out, argv);
                 kdl_cli_result_t r;
@@ -539,13 +557,7 @@ Test(cli_errors, write_failure_leaves_nothing)
                 snprintf(what, sizeof what, "%s, limit %lu", cmd_names[c], (unsigned long)limits[l]);
                 kdl_expect_cli_error(&r, 1, cmd_names[c], needle, what);
                 cr_expect(strstr(r.err, strerror(EFBIG)), "%s: '%s'", what, r.err);
-                cr_expect(kdl_no_temporaries(out), "%s: a temporary was left", what);
-                char back[16];
-                kdl_slurp(out, back, sizeof back);
-                if (existing)
-                    cr_expect_str_eq(back, "old", "%s: the existing file changed", what);
-                else
-                    cr_expect(!kdl_file_exists(out), "%s: an output file was left", what);
+                expect_out_as_before(out, existing, what);
             }
     unlink(out);
     inputs_remove(&in);
@@ -562,25 +574,13 @@ Test(cli_errors, stdout_failure_leaves_no_output_file)
     tpath(out, sizeof out, "stdout_fail.npy");
     for (int existing = 0; existing < 2; existing++)
         for (int c = 0; c < CMD_COUNT; c++) {
-            unlink(out);
-            if (existing) {
-                FILE *f = fopen(out, "wb");
-                cr_assert_not_null(f);
-                fputs("old", f);
-                fclose(f);
-            }
+            out_before(out, existing);
             const char *argv[32];
             command(&in, c, out, argv);
             kdl_cli_result_t r;
             kdl_run_cli_closed_stdout(&r, argv);
             kdl_expect_cli_error(&r, 1, cmd_names[c], "cannot write the output", cmd_names[c]);
-            cr_expect(kdl_no_temporaries(out), "%s: a temporary was left", cmd_names[c]);
-            char back[16];
-            kdl_slurp(out, back, sizeof back);
-            if (existing)
-                cr_expect_str_eq(back, "old", "%s: the existing file changed", cmd_names[c]);
-            else
-                cr_expect(!kdl_file_exists(out), "%s: the output file was put in place", cmd_names[c]);
+            expect_out_as_before(out, existing, cmd_names[c]);
             /* the same run with a working stdout writes the file */
             kdl_run_cli(&r, argv);
             cr_expect_eq(r.code, 0, "%s: %s", cmd_names[c], r.err);
