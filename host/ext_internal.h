@@ -35,12 +35,19 @@ kdl_status_t kdl_ext_check_dtypes(kdl_dtype_t student, kdl_dtype_t teacher, int 
 int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem);
 
 /* Copies a caller's fused-linear args into *out as a whole current struct:
- * a version-1 or version-2 caller (struct_size KDL_FUSED_LINEAR_ARGS_V1_SIZE
- * or KDL_FUSED_LINEAR_ARGS_V2_SIZE) gets the
- * later fields at their kdl_fused_linear_args_init() defaults.  NULL args:
+ * a version-1, -2 or -3 caller (struct_size KDL_FUSED_LINEAR_ARGS_V1_SIZE,
+ * _V2_SIZE or _V3_SIZE) gets the later fields at their kdl_fused_linear_args_init() defaults.  NULL args:
  * KDL_STATUS_NULL_POINTER; another struct_size: KDL_STATUS_BAD_STRUCT_SIZE.
  * Every fused-linear entry point reads its args only through this. */
 kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_fused_linear_args_t *out);
+/* 1 when (loaded) args ask for the sparse teacher (version 4): teacher_indices,
+ * teacher_logprobs or k set. */
+int kdl_fused_linear_sparse(const kdl_fused_linear_args_t *args);
+/* The kdl_sparse_args_t of the sparse teacher: mode, k, indices, log-probs,
+ * labels, loss and counters from args; student = hidden_states in its dtype
+ * with ld V (a stand-in for the checks: callers set the logits they form),
+ * no gradient. */
+void kdl_fused_linear_sparse_view(const kdl_fused_linear_args_t *args, kdl_sparse_args_t *s);
 
 /* Device workspace of the fused linear + loss GPU path for a chunk of c
  * rows, each piece 256-byte aligned, in this order:

@@ -91,6 +91,8 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
     kdl_status_t st = kdl_fused_linear_validate(d, a, 0);
     if (st) return st;
+    if (kdl_fused_linear_sparse(a))
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "fused linear GPU path: sparse teacher not yet implemented");
     int64_t c = kdl_fused_linear_chunk_rows(a);
     if (a->vocab > INT_MAX || a->hidden > INT_MAX || c > INT_MAX || a->ld_hidden > INT_MAX ||
         a->ld_weight > INT_MAX || a->ld_grad_hidden > INT_MAX || a->ld_grad_weight > INT_MAX ||

@@ -15,7 +15,7 @@
  *
  * Versions of kdl_fused_linear_args_t: every entry point reads the caller's
  * struct through kdl_fused_linear_args_load, which accepts the version-1
- * and version-2 sizes and fills the later fields with their defaults.
+ * to version-3 sizes and fills the later fields with their defaults.
  */
 #include <math.h>
 #include <stddef.h>
@@ -38,12 +38,19 @@ void kdl_fused_linear_args_init(kdl_fused_linear_args_t *a)
     a->out_dtype = KDL_DTYPE_F32;
     a->grad_output_dtype = KDL_DTYPE_F32;
     a->teacher_linear_dtype = KDL_DTYPE_F32;
+    a->teacher_logprobs_dtype = KDL_DTYPE_F32;
+    a->sparse_mode = KDL_SPARSE_RENORMALISED;
 }
 
 _Static_assert(KDL_FUSED_LINEAR_ARGS_V1_SIZE == offsetof(kdl_fused_linear_args_t, valid_rows) + sizeof(int64_t *),
                "version 1 of kdl_fused_linear_args_t ended at valid_rows");
 _Static_assert(KDL_FUSED_LINEAR_ARGS_V2_SIZE == offsetof(kdl_fused_linear_args_t, grad_bias) + sizeof(void *),
                "version 2 of kdl_fused_linear_args_t ended at grad_bias");
+_Static_assert(KDL_FUSED_LINEAR_ARGS_V3_SIZE ==
+                   (offsetof(kdl_fused_linear_args_t, teacher_linear_dtype) + sizeof(kdl_dtype_t) +
+                    _Alignof(kdl_fused_linear_args_t) - 1) / _Alignof(kdl_fused_linear_args_t) *
+                       _Alignof(kdl_fused_linear_args_t),
+               "version 3 of kdl_fused_linear_args_t ended at teacher_linear_dtype (its sizeof padded it)");
 
 kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_fused_linear_args_t *out)
 {
@@ -53,15 +60,48 @@ kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_f
     kdl_fused_linear_args_init(out);
     if (sz == sizeof *out) {
         memcpy(out, in, sizeof *out);
-    } else if (sz == KDL_FUSED_LINEAR_ARGS_V1_SIZE || sz == KDL_FUSED_LINEAR_ARGS_V2_SIZE) {
+    } else if (sz == KDL_FUSED_LINEAR_ARGS_V1_SIZE || sz == KDL_FUSED_LINEAR_ARGS_V2_SIZE ||
+               sz == KDL_FUSED_LINEAR_ARGS_V3_SIZE) {
         memcpy(out, in, sz); /* the rest keeps init's defaults */
         out->struct_size = sizeof *out;
     } else {
         return kdl_fail(KDL_STATUS_BAD_STRUCT_SIZE,
-                        "args->struct_size is %zu, expected %zu (or %zu, version 2; %zu, version 1)", sz, sizeof *out,
-                        (size_t)KDL_FUSED_LINEAR_ARGS_V2_SIZE, (size_t)KDL_FUSED_LINEAR_ARGS_V1_SIZE);
+                        "args->struct_size is %zu, expected %zu (or %zu, version 3; %zu, version 2; %zu, version 1)",
+                        sz, sizeof *out, (size_t)KDL_FUSED_LINEAR_ARGS_V3_SIZE, (size_t)KDL_FUSED_LINEAR_ARGS_V2_SIZE,
+                        (size_t)KDL_FUSED_LINEAR_ARGS_V1_SIZE);
     }
     return KDL_STATUS_SUCCESS;
+}
+
+int kdl_fused_linear_sparse(const kdl_fused_linear_args_t *a)
+{
+    return a->teacher_indices || a->teacher_logprobs || a->k != 0;
+}
+
+void kdl_fused_linear_sparse_view(const kdl_fused_linear_args_t *a, kdl_sparse_args_t *s)
+{
+    kdl_sparse_args_init(s);
+    s->mode = a->sparse_mode;
+    s->rows = a->rows;
+    s->vocab = a->vocab;
+    s->k = a->k;
+    /* the student logits are formed inside the call: H stands in for them in
+     * the pointer checks (its own were made already; its dtype keeps the
+     * alignment check true) until a caller sets the real ones */
+    s->student = a->hidden_states;
+    s->ld_student = a->vocab;
+    s->student_dtype = a->hidden_dtype;
+    s->teacher_indices = a->teacher_indices;
+    s->ld_indices = a->ld_teacher_indices;
+    s->teacher_logprobs = a->teacher_logprobs;
+    s->ld_logprobs = a->ld_teacher_logprobs;
+    s->teacher_dtype = a->teacher_logprobs_dtype;
+    s->labels = a->labels;
+    s->out_dtype = a->out_dtype;
+    s->loss = a->loss;
+    s->info = a->info;
+    s->valid_rows = a->valid_rows;
+    s->bad_index_rows = a->bad_index_rows;
 }
 
 static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
@@ -110,11 +150,12 @@ static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_li
 {
     KDL_CHECK_STRUCT_PAIR(d, a);
     const int tlin = a->teacher_hidden || a->teacher_weight || a->teacher_bias;
+    const int sparse = kdl_fused_linear_sparse(a);
     if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
     kdl_status_t st = kdl_ext_validate_desc(d, a->vocab, a->out_dtype);
     if (st != KDL_STATUS_SUCCESS) return st;
     if ((unsigned)a->hidden_dtype > KDL_DTYPE_F64 || (unsigned)a->weight_dtype > KDL_DTYPE_F64 ||
-        (!tlin && (unsigned)a->teacher_dtype > KDL_DTYPE_F64) || (unsigned)a->grad_dtype > KDL_DTYPE_F64 ||
+        (!tlin && !sparse && (unsigned)a->teacher_dtype > KDL_DTYPE_F64) || (unsigned)a->grad_dtype > KDL_DTYPE_F64 ||
         (unsigned)a->grad_output_dtype > KDL_DTYPE_F64)
         return kdl_fail(KDL_STATUS_BAD_ENUM, "unknown dtype");
     if (tlin && (unsigned)a->teacher_linear_dtype > KDL_DTYPE_F64)
@@ -128,16 +169,17 @@ static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_li
                                   : "grad_dtype must be f32, or the 16-bit dtype of both hidden_states and weight");
     if (!allow_f64) {
         if (a->hidden_dtype == KDL_DTYPE_F64 || a->weight_dtype == KDL_DTYPE_F64 ||
-            (!tlin && a->teacher_dtype == KDL_DTYPE_F64) || (tlin && a->teacher_linear_dtype == KDL_DTYPE_F64))
+            (!tlin && !sparse && a->teacher_dtype == KDL_DTYPE_F64) || (tlin && a->teacher_linear_dtype == KDL_DTYPE_F64))
             return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 data is supported by the reference only");
         if (a->hidden_dtype != a->weight_dtype)
             return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "the GPU path takes hidden_states and weight of one dtype (f32, bf16 or f16)");
     }
     if (a->grad_output && d->reduction != KDL_REDUCTION_NONE)
         return kdl_fail(KDL_STATUS_BAD_PARAM, "grad_output is for reduction NONE only (per-row losses)");
-    if (tlin && a->teacher)
+    if ((a->teacher != NULL) + tlin + sparse > 1)
         return kdl_fail(KDL_STATUS_BAD_PARAM,
-                        "teacher and teacher_hidden / teacher_weight / teacher_bias: one source of teacher logits");
+                        "more than one teacher source among teacher, teacher_hidden (/ teacher_weight / teacher_bias) "
+                        "and teacher_indices (/ teacher_logprobs / k)");
     if (tlin && !a->teacher_hidden && a->rows > 0)
         return kdl_fail(KDL_STATUS_BAD_PARAM, "teacher_weight or teacher_bias without teacher_hidden");
     if (a->rows < 0) return kdl_fail(KDL_STATUS_BAD_SIZE, "rows = %lld < 0", (long long)a->rows);
@@ -157,7 +199,7 @@ static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_li
     if (tlin && a->ld_teacher_weight < dt)
         return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_teacher_weight = %lld < teacher_hidden_size = %lld",
                         (long long)a->ld_teacher_weight, (long long)dt);
-    if (!tlin && a->ld_teacher < a->vocab)
+    if (!tlin && !sparse && a->ld_teacher < a->vocab)
         return kdl_fail(KDL_STATUS_BAD_STRIDE, "ld_teacher = %lld < vocab = %lld", (long long)a->ld_teacher,
                         (long long)a->vocab);
     if (a->grad_hidden && a->ld_grad_hidden < a->hidden)
@@ -168,7 +210,7 @@ static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_li
                         (long long)a->ld_grad_weight, (long long)a->hidden);
     if (a->rows > 0 && !a->hidden_states) return kdl_fail(KDL_STATUS_NULL_POINTER, "hidden_states is NULL");
     if (a->rows > 0 && !a->weight) return kdl_fail(KDL_STATUS_NULL_POINTER, "weight is NULL");
-    if (a->rows > 0 && !tlin && !a->teacher) return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher is NULL");
+    if (a->rows > 0 && !tlin && !sparse && !a->teacher) return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher is NULL");
     if (a->rows > 0 && tlin && !a->teacher_weight) return kdl_fail(KDL_STATUS_NULL_POINTER, "teacher_weight is NULL");
     if (!a->loss && !(d->reduction == KDL_REDUCTION_NONE && a->rows == 0))
         return kdl_fail(KDL_STATUS_NULL_POINTER, "loss is NULL");
@@ -192,13 +234,18 @@ static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_li
     if (st != KDL_STATUS_SUCCESS) return st;
     if (!kdl_ext_span_ok(a->rows, a->hidden, a->ld_hidden, kdl_dtype_size(a->hidden_dtype)) ||
         !kdl_ext_span_ok(a->vocab, a->hidden, a->ld_weight, kdl_dtype_size(a->weight_dtype)) ||
-        (!tlin && !kdl_ext_span_ok(a->rows, a->vocab, a->ld_teacher, kdl_dtype_size(a->teacher_dtype))) ||
+        (!tlin && !sparse && !kdl_ext_span_ok(a->rows, a->vocab, a->ld_teacher, kdl_dtype_size(a->teacher_dtype))) ||
         (tlin && !kdl_ext_span_ok(a->rows, dt, a->ld_teacher_hidden, tsz)) ||
         (tlin && !kdl_ext_span_ok(a->vocab, dt, a->ld_teacher_weight, tsz)) ||
         (a->grad_hidden && !kdl_ext_span_ok(a->rows, a->hidden, a->ld_grad_hidden, gsz)) ||
         (a->grad_weight && !kdl_ext_span_ok(a->vocab, a->hidden, a->ld_grad_weight, gsz)) ||
         !kdl_ext_span_ok(a->rows, a->vocab, a->vocab, sizeof(double)) || (uint64_t)a->rows > (uint64_t)SIZE_MAX / 8)
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "sizes overflow");
+    if (sparse) { /* the sparse teacher's rules, by the sparse check itself */
+        kdl_sparse_args_t s;
+        kdl_fused_linear_sparse_view(a, &s);
+        return kdl_sparse_validate(d, &s, allow_f64);
+    }
     return KDL_STATUS_SUCCESS;
 }
 
@@ -239,6 +286,7 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused
     /* the teacher as a linear layer (as validate_loaded tells it; at N = 0
      * H_t may be NULL and nothing is formed) */
     const int tlin = a->teacher_hidden || a->teacher_weight || a->teacher_bias;
+    const int sparse = kdl_fused_linear_sparse(a);
     const int64_t Dt = tlin ? a->teacher_hidden_size : 0;
     size_t nl = (size_t)(N > 0 ? N : 1) * (size_t)V;
     double *L = (double *)malloc(nl * sizeof(double));
@@ -275,7 +323,18 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused
     la.loss = a->loss;
     la.info = a->info;
     la.valid_rows = a->valid_rows;
-    st = kdl_ref_loss_forward_backward(d, &la);
+    if (sparse) {
+        kdl_sparse_args_t sa;
+        kdl_fused_linear_sparse_view(a, &sa);
+        sa.student = L;
+        sa.student_dtype = KDL_DTYPE_F64;
+        sa.grad = dL;
+        sa.ld_grad = V;
+        sa.grad_dtype = KDL_DTYPE_F64;
+        st = kdl_ref_sparse_loss(d, &sa);
+    } else {
+        st = kdl_ref_loss_forward_backward(d, &la);
+    }
     if (st == KDL_STATUS_SUCCESS && a->grad_output)
         for (int64_t i = 0; i < N; i++) {
             const double g = kdl_load_as_double(a->grad_output, a->grad_output_dtype, i);

@@ -1217,13 +1217,50 @@ enum { FN = 3, FD = 4, FV = 5 };
     X(tl_mis_b, "teacher_bias misaligned", MISALIGNED, BOTH, \
       FL_TLIN(a); a->teacher = NULL; a->teacher_bias = MIS(a->weight, 3)) \
     X(tl_ovf, "ld_teacher_weight INT64_MAX", SIZE_OVERFLOW, BOTH, \
-      FL_TLIN(a); a->teacher = NULL; a->ld_teacher_weight = INT64_MAX)
+      FL_TLIN(a); a->teacher = NULL; a->ld_teacher_weight = INT64_MAX) \
+    /* version 4: the sparse teacher (FL_SPARSE; rows clear `teacher`) */ \
+    X(sp_both, "teacher and teacher_indices", BAD_PARAM, BOTH, FL_SPARSE(a)) \
+    X(sp_k_logits, "k with teacher logits", BAD_PARAM, BOTH, a->k = 1) \
+    X(sp_tlin, "teacher_hidden and teacher_indices", BAD_PARAM, BOTH, FL_SPARSE(a); a->teacher = NULL; FL_TLIN(a)) \
+    X(sp_null_i, "teacher_indices NULL", NULL_POINTER, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->teacher_indices = NULL) \
+    X(sp_null_p, "teacher_logprobs NULL", NULL_POINTER, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->teacher_logprobs = NULL) \
+    X(sp_k0, "k 0", BAD_TOP_K, BOTH, FL_SPARSE(a); a->teacher = NULL; a->k = 0) \
+    X(sp_k_v, "k > V", BAD_TOP_K, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->k = FV + 1; a->ld_teacher_indices = a->ld_teacher_logprobs = FV + 1) \
+    X(sp_ld_i, "ld_teacher_indices < k", BAD_STRIDE, BOTH, FL_SPARSE(a); a->teacher = NULL; a->ld_teacher_indices = 0) \
+    X(sp_ld_p, "ld_teacher_logprobs < k", BAD_STRIDE, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->ld_teacher_logprobs = 0) \
+    X(sp_mode, "sparse_mode 2", BAD_ENUM, BOTH, FL_SPARSE(a); a->teacher = NULL; a->sparse_mode = (kdl_sparse_mode_t)2) \
+    X(sp_pdt, "teacher_logprobs_dtype 6", BAD_ENUM, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->teacher_logprobs_dtype = (kdl_dtype_t)6) \
+    X(sp_div, "rkl in renormalised mode", NOT_SUPPORTED, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; d->divergence = KDL_DIV_RKL) \
+    X(sp_akl, "akl head top_k > k", BAD_TOP_K, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->sparse_mode = KDL_SPARSE_TAIL_BUCKET; d->divergence = KDL_DIV_AKL; \
+      d->head_rule = KDL_HEAD_TOPK; d->top_k = 2) \
+    X(sp_p64, "log-probs f64 on the GPU", NOT_SUPPORTED, GPU, \
+      FL_SPARSE(a); a->teacher = NULL; a->teacher_logprobs_dtype = KDL_DTYPE_F64) \
+    X(sp_mis_i, "teacher_indices misaligned", MISALIGNED, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->teacher_indices = (const int64_t *)MIS(a->teacher_indices, 4)) \
+    X(sp_mis_p, "teacher_logprobs misaligned", MISALIGNED, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->teacher_logprobs = MIS(a->teacher_logprobs, 2)) \
+    X(sp_mis_b, "bad_index_rows misaligned", MISALIGNED, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->bad_index_rows = (int64_t *)MIS(a->info, 4)) \
+    X(sp_ovf, "ld_teacher_indices INT64_MAX", SIZE_OVERFLOW, BOTH, \
+      FL_SPARSE(a); a->teacher = NULL; a->ld_teacher_indices = INT64_MAX)
 /* The teacher as a linear layer beside the teacher logits (rows clear
  * `teacher` where they test something else): H_t, W_t are H, W. */
 #define FL_TLIN(a)                                                                                      \
     ((a)->teacher_hidden = (a)->hidden_states, (a)->teacher_weight = (a)->weight,                      \
      (a)->teacher_hidden_size = (a)->ld_teacher_hidden = (a)->ld_teacher_weight = FD,                   \
      (a)->teacher_linear_dtype = (a)->hidden_dtype)
+/* The sparse teacher beside the teacher logits: k = 1, the labels as
+ * [N, 1] indices, the teacher logits as [N, 1] log-probs (ld V). */
+#define FL_SPARSE(a)                                                                                    \
+    ((a)->teacher_indices = (a)->labels, (a)->ld_teacher_indices = 1, (a)->teacher_logprobs = (a)->teacher, \
+     (a)->ld_teacher_logprobs = FV, (a)->teacher_logprobs_dtype = (a)->teacher_dtype, (a)->k = 1)
 FL_CASES(CASE_FN)
 static const bad_case_t fl_cases[] = {FL_CASES(CASE_ROW)};
 #undef CASE_DESC_T

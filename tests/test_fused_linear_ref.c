@@ -882,3 +882,344 @@ Test(teacher_linear, bad_arguments)
 #undef BAD
 #undef BAD_PLAIN
 #undef BAD_GPU
+
+/* ================================================ version 4: sparse teacher
+ * The fused reference with the teacher as top-k indices and log-probs
+ * against kdl_ref_sparse_loss on logits H W^T (+ b) that the test forms in
+ * float64 from the stored values, and dH = dL W, dW = dL^T H, db = colsum
+ * dL that the test forms from that call's dL (scaled by grad_output with
+ * NONE when given). */
+enum { SP_N = 6, SP_D = 4, SP_LDH = 6, SP_V = 17, SP_K = 5, SP_LDI = 7, SP_LDP = 6 };
+
+typedef struct sp_prob {
+    kdl_dtype_t sdt, pdt;                             /* H, W, b; log-probs */
+    double H[SP_N * SP_LDH], W[SP_V * SP_D], b[SP_V]; /* stored in sdt */
+    double Hd[SP_N * SP_LDH], Wd[SP_V * SP_D], bd[SP_V]; /* the stored values in float64 */
+    double P[SP_N * SP_LDP];                          /* stored in pdt */
+    int64_t I[SP_N * SP_LDI], labels[SP_N];
+    double g[SP_N];                                   /* grad_output, float64 */
+} sp_prob_t;
+
+typedef struct sp_out {
+    double loss[SP_N], dH[SP_N * SP_LDH], dW[SP_V * SP_D], db[SP_V];
+    int64_t info, valid, bad;
+    kdl_status_t status;
+} sp_out_t;
+
+/* Rows: 1 ignored; with bad_rows, 3 repeats an index and 4 holds V. */
+static void sp_make(sp_prob_t *p, kdl_dtype_t sdt, kdl_dtype_t pdt, int bad_rows, uint64_t seed)
+{
+    memset(p, 0, sizeof *p);
+    p->sdt = sdt;
+    p->pdt = pdt;
+    double x[SP_N * SP_LDH + SP_V * SP_D];
+    kdl_ext_random_normal(seed, x, SP_N * SP_LDH, 1.0);
+    kdl_to_dtype(x, p->H, sdt, SP_N * SP_LDH);
+    kdl_from_dtype(p->H, p->Hd, sdt, SP_N * SP_LDH);
+    kdl_ext_random_normal(seed + 1, x, SP_V * SP_D, 0.8);
+    kdl_to_dtype(x, p->W, sdt, SP_V * SP_D);
+    kdl_from_dtype(p->W, p->Wd, sdt, SP_V * SP_D);
+    kdl_ext_random_normal(seed + 2, x, SP_V, 0.5);
+    kdl_to_dtype(x, p->b, sdt, SP_V);
+    kdl_from_dtype(p->b, p->bd, sdt, SP_V);
+    double lp[SP_N * SP_LDP];
+    kdl_ext_random_normal(seed + 3, lp, SP_N * SP_LDP, 2.0);
+    for (int i = 0; i < SP_N; i++) {
+        kdl_ext_topk_logprobs(lp + i * SP_LDP, SP_K, 0.85);
+        for (int j = 0; j < SP_K; j++) p->I[i * SP_LDI + j] = (3 * i + 5 * j + 1) % SP_V;
+        for (int j = SP_K; j < SP_LDI; j++) p->I[i * SP_LDI + j] = -7; /* padding, never read */
+    }
+    kdl_to_dtype(lp, p->P, pdt, SP_N * SP_LDP);
+    if (bad_rows) {
+        p->I[3 * SP_LDI + 2] = p->I[3 * SP_LDI + 0];
+        p->I[4 * SP_LDI + 1] = SP_V;
+    }
+    const int64_t labels[SP_N] = {2, -100, 0, 16, 5, 9};
+    memcpy(p->labels, labels, sizeof labels);
+    kdl_ext_random_normal(seed + 4, p->g, SP_N, 1.0);
+}
+
+static kdl_fused_linear_args_t sp_args(const kdl_sparse_mode_t mode, const sp_prob_t *p, int bias, int gout,
+                                       sp_out_t *o)
+{
+    kdl_fused_linear_args_t a = kdl_ext_fused_args(SP_N, SP_D, SP_V, p->H, p->W, p->sdt, NULL, KDL_DTYPE_F64, o->dH,
+                                                   o->dW, o->loss);
+    a.ld_hidden = a.ld_grad_hidden = SP_LDH;
+    a.bias = bias ? p->b : NULL;
+    a.grad_bias = o->db;
+    a.labels = p->labels;
+    a.info = &o->info;
+    a.valid_rows = &o->valid;
+    a.grad_output = gout ? p->g : NULL;
+    a.grad_output_dtype = KDL_DTYPE_F64;
+    a.teacher_dtype = (kdl_dtype_t)99; /* unused with a sparse teacher, and so not checked */
+    a.ld_teacher = 0;
+    a.teacher_indices = p->I;
+    a.ld_teacher_indices = SP_LDI;
+    a.teacher_logprobs = p->P;
+    a.ld_teacher_logprobs = SP_LDP;
+    a.teacher_logprobs_dtype = p->pdt;
+    a.sparse_mode = mode;
+    a.k = SP_K;
+    a.bad_index_rows = &o->bad;
+    return a;
+}
+
+/* The independent answer: the sparse reference on the test's logits. */
+static void sp_expected(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, const sp_prob_t *p, int bias, int gout,
+                        sp_out_t *o)
+{
+    memset(o, 0, sizeof *o);
+    double L[SP_N * SP_V], dL[SP_N * SP_V];
+    for (int i = 0; i < SP_N; i++)
+        for (int v = 0; v < SP_V; v++) {
+            double s = bias ? p->bd[v] : 0.0;
+            for (int k = 0; k < SP_D; k++) s += p->Hd[i * SP_LDH + k] * p->Wd[v * SP_D + k];
+            L[i * SP_V + v] = s;
+        }
+    kdl_sparse_args_t s = kdl_ext_sparse_args(mode, SP_N, SP_V, SP_K, L, p->I, p->P, dL, o->loss);
+    s.ld_indices = SP_LDI;
+    s.ld_logprobs = SP_LDP;
+    s.teacher_dtype = p->pdt;
+    s.labels = p->labels;
+    s.info = &o->info;
+    s.valid_rows = &o->valid;
+    s.bad_index_rows = &o->bad;
+    o->status = kdl_ref_sparse_loss(d, &s);
+    if (o->status != KDL_STATUS_SUCCESS) return;
+    if (gout)
+        for (int i = 0; i < SP_N; i++)
+            for (int v = 0; v < SP_V; v++) dL[i * SP_V + v] *= p->g[i];
+    for (int i = 0; i < SP_N; i++)
+        for (int k = 0; k < SP_D; k++) {
+            double t = 0;
+            for (int v = 0; v < SP_V; v++) t += dL[i * SP_V + v] * p->Wd[v * SP_D + k];
+            o->dH[i * SP_LDH + k] = t;
+        }
+    for (int v = 0; v < SP_V; v++) {
+        for (int k = 0; k < SP_D; k++) {
+            double t = 0;
+            for (int i = 0; i < SP_N; i++) t += dL[i * SP_V + v] * p->Hd[i * SP_LDH + k];
+            o->dW[v * SP_D + k] = t;
+        }
+        double t = 0;
+        for (int i = 0; i < SP_N; i++) t += dL[i * SP_V + v];
+        o->db[v] = t;
+    }
+}
+
+static void sp_expect_same(const char *what, const sp_out_t *got, const sp_out_t *want, int nloss)
+{
+    cr_expect_eq(want->status, KDL_STATUS_SUCCESS, "%s (sparse reference): %s", what, kdl_get_last_error());
+    cr_expect_eq(got->status, KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    const kdl_tol_t tol = {1e-13, 1e-15};
+    KDL_EXPECT_CLOSE(what, got->loss, want->loss, nloss, tol);
+    KDL_EXPECT_CLOSE(what, got->dH, want->dH, SP_N * SP_LDH, tol);
+    KDL_EXPECT_CLOSE(what, got->dW, want->dW, SP_V * SP_D, tol);
+    KDL_EXPECT_CLOSE(what, got->db, want->db, SP_V, tol);
+    cr_expect(got->info == want->info && got->valid == want->valid && got->bad == want->bad,
+              "%s: counters %lld/%lld/%lld, expected %lld/%lld/%lld", what, (long long)got->info,
+              (long long)got->valid, (long long)got->bad, (long long)want->info, (long long)want->valid,
+              (long long)want->bad);
+}
+
+static void sp_check(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, const sp_prob_t *p, int bias, int gout,
+                     const char *what, int bad_rows)
+{
+    sp_out_t got, want;
+    sp_expected(d, mode, p, bias, gout, &want);
+    memset(&got, 0, sizeof got);
+    kdl_fused_linear_args_t a = sp_args(mode, p, bias, gout, &got);
+    got.status = kdl_ref_fused_linear_loss(d, &a);
+    sp_expect_same(what, &got, &want, d->reduction == KDL_REDUCTION_NONE ? SP_N : 1);
+    /* the answer is not vacuous: rows 3 and 4 are bad exactly when asked */
+    cr_expect_eq(got.bad, bad_rows ? 2 : 0, "%s", what);
+    cr_expect_eq(got.valid, bad_rows ? 3 : 5, "%s", what);
+    if (bad_rows)
+        for (int r = 3; r <= 4; r++)
+            for (int k = 0; k < SP_D; k++) cr_expect(got.dH[r * SP_LDH + k] == 0.0, "%s: bad row %d dH", what, r);
+    for (int k = 0; k < SP_D; k++) cr_expect(got.dH[1 * SP_LDH + k] == 0.0, "%s: ignored row dH", what);
+}
+
+Test(sparse_teacher, equals_sparse_reference_every_divergence)
+{
+    const kdl_dtype_t dts[3][2] = {{KDL_DTYPE_F32, KDL_DTYPE_F32},
+                                   {KDL_DTYPE_BF16, KDL_DTYPE_F64},
+                                   {KDL_DTYPE_F64, KDL_DTYPE_BF16}};
+    const kdl_reduction_t reds[3] = {KDL_REDUCTION_NONE, KDL_REDUCTION_SUM, KDL_REDUCTION_MEAN};
+    int runs = 0;
+    for (int m = 0; m < KDL_SPARSE_MODE_COUNT_; m++)
+        for (size_t k = 0; k < KDL_NDIVS; k++) {
+            if (!kdl_sparse_supports((kdl_sparse_mode_t)m, kdl_all_divs[k])) continue;
+            for (int t = 0; t < 3; t++)
+                for (int bias = 0; bias < 2; bias++) {
+                    sp_prob_t p;
+                    const int bad_rows = (t + bias) % 2;
+                    sp_make(&p, dts[t][0], dts[t][1], bad_rows, 2000 + 10 * k + 3 * t + bias + 500 * m);
+                    for (int r = 0; r < 3; r++)
+                        for (int gout = 0; gout < (reds[r] == KDL_REDUCTION_NONE ? 2 : 1); gout++) {
+                            kdl_loss_desc_t d = kdl_test_desc(kdl_all_divs[k], reds[r]);
+                            d.temperature = 1.5;
+                            d.scale = 0.75;
+                            char what[128];
+                            snprintf(what, sizeof what, "%s, %s, %s/%s, %s, bias %d, grad_output %d, bad rows %d",
+                                     kdl_sparse_mode_name((kdl_sparse_mode_t)m),
+                                     kdl_divergence_name(kdl_all_divs[k]), kdl_dtype_name(dts[t][0]),
+                                     kdl_dtype_name(dts[t][1]), kdl_reduction_name(reds[r]), bias, gout, bad_rows);
+                            sp_check(&d, (kdl_sparse_mode_t)m, &p, bias, gout, what, bad_rows);
+                            runs++;
+                        }
+                }
+        }
+    /* renormalised: 5 divergences, tail: all; 6 problems x 4 runs each */
+    cr_expect_eq(runs, (5 + (int)KDL_NDIVS) * 6 * 4);
+}
+
+/* AKL's head rules (the head within the support; TAIL_BUCKET only). */
+Test(sparse_teacher, akl_head_rules)
+{
+    const kdl_head_rule_t rules[3] = {KDL_HEAD_REFERENCE, KDL_HEAD_MASS, KDL_HEAD_TOPK};
+    for (int r = 0; r < 3; r++)
+        for (int topk = 1; topk <= SP_K; topk += 2) {
+            if (rules[r] != KDL_HEAD_TOPK && topk > 1) continue;
+            sp_prob_t p;
+            sp_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 1, 3000 + 7 * r + topk);
+            kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
+            d.head_rule = rules[r];
+            d.mu = 0.4;
+            d.top_k = topk;
+            char what[64];
+            snprintf(what, sizeof what, "akl head rule %d top_k %d", (int)rules[r], topk);
+            sp_check(&d, KDL_SPARSE_TAIL_BUCKET, &p, 1, 1, what, 1);
+        }
+}
+
+/* A caller built against version 3 (struct_size at the padded end of
+ * teacher_linear_dtype), with garbage where version 4 has its fields,
+ * behaves as before: its teacher logits.  Version 4 with the same garbage
+ * is refused, and init's defaults ask for no sparse teacher. */
+Test(sparse_teacher, version_3_callers)
+{
+    tl_prob_t p;
+    tl_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1500);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_NONE);
+    tl_out_t want, got;
+    tl_run(&d, &p, 0, 0, &want);
+    cr_assert_eq(want.status, KDL_STATUS_SUCCESS);
+    union {
+        kdl_fused_linear_args_t a;
+        unsigned char bytes[sizeof(kdl_fused_linear_args_t)];
+    } u;
+    memset(&got, 0, sizeof got);
+    u.a = tl_args(&p, 0, 0, &got);
+    memset(u.bytes + KDL_FUSED_LINEAR_ARGS_V3_SIZE, 0x5A, sizeof u.bytes - KDL_FUSED_LINEAR_ARGS_V3_SIZE);
+    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V3_SIZE;
+    got.status = kdl_ref_fused_linear_loss(&d, &u.a);
+    tl_expect_same("version 3", &got, &want, TL_N);
+    u.a.struct_size = sizeof u.a;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_PARAM); /* teacher and teacher_indices */
+    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V3_SIZE + 8;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_STRUCT_SIZE);
+    cr_expect_eq(KDL_FUSED_LINEAR_ARGS_V3_SIZE % 8, 0);
+    kdl_fused_linear_args_t init;
+    kdl_fused_linear_args_init(&init);
+    cr_expect(init.teacher_indices == NULL && init.teacher_logprobs == NULL && init.bad_index_rows == NULL);
+    cr_expect(init.k == 0 && init.ld_teacher_indices == 0 && init.ld_teacher_logprobs == 0);
+    cr_expect(init.sparse_mode == KDL_SPARSE_RENORMALISED && init.teacher_logprobs_dtype == KDL_DTYPE_F32);
+}
+
+/* rows = 0: the loss is 0, dW and db zeroed, nothing read; the sparse rules
+ * still apply (a divergence the mode does not define). */
+Test(sparse_teacher, empty_batch)
+{
+    sp_prob_t p;
+    sp_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1600);
+    kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_FKL, KDL_REDUCTION_MEAN);
+    sp_out_t o;
+    memset(&o, 0, sizeof o);
+    o.loss[0] = 42;
+    for (int j = 0; j < SP_V * SP_D; j++) o.dW[j] = 9;
+    kdl_fused_linear_args_t a = sp_args(KDL_SPARSE_RENORMALISED, &p, 1, 0, &o);
+    a.rows = 0;
+    a.hidden_states = NULL;
+    a.teacher_indices = NULL;
+    a.teacher_logprobs = NULL;
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_expect(o.loss[0] == 0.0);
+    for (int j = 0; j < SP_V * SP_D; j++) cr_expect(o.dW[j] == 0.0);
+    d.divergence = KDL_DIV_RKL;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_NOT_SUPPORTED);
+}
+
+/* Each sparse argument's status (kdl_sparse_validate's rules, reached
+ * through the fused call); nothing is written on failure. */
+static void bad_setup_sp(bad_case_t *c)
+{
+    static const int64_t idx[BAD_N * 2] = {0, 3, 4, 1};
+    bad_setup(c);
+    c->a.teacher = NULL;
+    c->a.teacher_indices = idx;
+    c->a.ld_teacher_indices = 2;
+    c->a.teacher_logprobs = c->T; /* [2, 5] zeros, read as [2, 2] of ld 5: log-prob 0 (mass 1 each) */
+    c->a.ld_teacher_logprobs = BAD_V;
+    c->a.teacher_logprobs_dtype = KDL_DTYPE_F64;
+    c->a.sparse_mode = KDL_SPARSE_RENORMALISED;
+    c->a.k = 2;
+}
+
+#define BAD(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup_sp, bad_call, bad_untouched, what, expected, mutate)
+#define BAD_GPU(what, expected, mutate) \
+    KDL_EXPECT_BAD(bad_case_t, bad_setup_sp, bad_call_gpu_rule, bad_untouched, what, expected, mutate)
+
+Test(sparse_teacher, bad_arguments)
+{
+    { /* the valid sparse problem itself succeeds */
+        bad_case_t c;
+        bad_setup_sp(&c);
+        cr_assert_eq(bad_call(&c), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+        c.a.hidden_dtype = c.a.weight_dtype = c.a.grad_dtype = KDL_DTYPE_F32;
+        c.a.teacher_logprobs_dtype = KDL_DTYPE_BF16;
+        cr_expect_eq(bad_call_gpu_rule(&c), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    }
+    BAD("teacher and teacher_indices", KDL_STATUS_BAD_PARAM, c->a.teacher = c->T);
+    BAD("k with teacher logits", KDL_STATUS_BAD_PARAM,
+        c->a.teacher = c->T; c->a.teacher_indices = NULL; c->a.teacher_logprobs = NULL);
+    BAD("teacher_hidden and teacher_indices", KDL_STATUS_BAD_PARAM,
+        c->a.teacher_hidden = c->H; c->a.teacher_weight = c->W; c->a.teacher_hidden_size = BAD_D;
+        c->a.ld_teacher_hidden = c->a.ld_teacher_weight = BAD_D; c->a.teacher_linear_dtype = KDL_DTYPE_F64);
+    BAD("teacher_bias and teacher_logprobs", KDL_STATUS_BAD_PARAM, c->a.teacher_bias = c->W);
+    BAD("teacher_indices NULL", KDL_STATUS_NULL_POINTER, c->a.teacher_indices = NULL);
+    BAD("teacher_logprobs NULL", KDL_STATUS_NULL_POINTER, c->a.teacher_logprobs = NULL);
+    BAD("k 0", KDL_STATUS_BAD_TOP_K, c->a.k = 0);
+    BAD("k > V", KDL_STATUS_BAD_TOP_K, c->a.k = BAD_V + 1; c->a.ld_teacher_indices = c->a.ld_teacher_logprobs = 8);
+    BAD("k > 1024", KDL_STATUS_BAD_TOP_K, c->a.k = 1025);
+    BAD("ld_indices < k", KDL_STATUS_BAD_STRIDE, c->a.ld_teacher_indices = 1);
+    BAD("ld_logprobs < k", KDL_STATUS_BAD_STRIDE, c->a.ld_teacher_logprobs = 1);
+    BAD("sparse_mode 2", KDL_STATUS_BAD_ENUM, c->a.sparse_mode = (kdl_sparse_mode_t)2);
+    BAD("teacher_logprobs_dtype 7", KDL_STATUS_BAD_ENUM, c->a.teacher_logprobs_dtype = (kdl_dtype_t)7);
+    BAD("rkl renormalised", KDL_STATUS_NOT_SUPPORTED, c->d.divergence = KDL_DIV_RKL);
+    BAD("akl renormalised", KDL_STATUS_NOT_SUPPORTED, c->d.divergence = KDL_DIV_AKL);
+    BAD("akl head top_k > k", KDL_STATUS_BAD_TOP_K,
+        c->a.sparse_mode = KDL_SPARSE_TAIL_BUCKET; c->d.divergence = KDL_DIV_AKL; c->d.head_rule = KDL_HEAD_TOPK;
+        c->d.top_k = 3);
+    BAD("teacher_indices misaligned", KDL_STATUS_MISALIGNED,
+        c->a.teacher_indices = (const int64_t *)(const void *)((const char *)c->a.teacher_indices + 4));
+    BAD("teacher_logprobs misaligned", KDL_STATUS_MISALIGNED, c->a.teacher_logprobs = (const char *)c->T + 2);
+    BAD("bad_index_rows misaligned", KDL_STATUS_MISALIGNED,
+        c->a.bad_index_rows = (int64_t *)(void *)((char *)&c->r.info + 1));
+    BAD("ld_indices INT64_MAX", KDL_STATUS_SIZE_OVERFLOW, c->a.ld_teacher_indices = INT64_MAX);
+    BAD_GPU("f64 log-probs on the GPU", KDL_STATUS_NOT_SUPPORTED,
+            c->a.hidden_dtype = c->a.weight_dtype = c->a.grad_dtype = KDL_DTYPE_F32);
+    { /* tail mode with the same AKL head within the support succeeds */
+        bad_case_t c;
+        bad_setup_sp(&c);
+        c.a.sparse_mode = KDL_SPARSE_TAIL_BUCKET;
+        c.d.divergence = KDL_DIV_AKL;
+        c.d.head_rule = KDL_HEAD_TOPK;
+        c.d.top_k = 2;
+        cr_expect_eq(kdl_fused_linear_validate(&c.d, &c.a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    }
+}
+#undef BAD
+#undef BAD_GPU

@@ -269,10 +269,11 @@ kdl_status_t kdl_shard_step(kdl_handle_t handle, const kdl_loss_desc_t *desc,
  *
  * Versions: struct_size tells which fields the caller knows.  Version 1 ended
  * at valid_rows (KDL_FUSED_LINEAR_ARGS_V1_SIZE bytes), version 2 at grad_bias
- * (KDL_FUSED_LINEAR_ARGS_V2_SIZE); a caller built against either still
+ * (KDL_FUSED_LINEAR_ARGS_V2_SIZE), version 3 at teacher_linear_dtype
+ * (KDL_FUSED_LINEAR_ARGS_V3_SIZE); a caller built against any of them still
  * works, with the later fields taken as their init defaults (no upstream
- * gradient, no bias, teacher logits from `teacher`).  New fields are only
- * ever appended. */
+ * gradient, no bias, teacher logits from `teacher`, no sparse teacher).  New
+ * fields are only ever appended. */
 typedef struct kdl_fused_linear_args {
     size_t struct_size;          /* = sizeof(kdl_fused_linear_args_t), set by init */
     int64_t rows;                /* N >= 0                                   */
@@ -339,12 +340,41 @@ typedef struct kdl_fused_linear_args {
     int64_t ld_teacher_weight;   /* >= d_t                                   */
     const void *teacher_bias;    /* optional b_t [V]                         */
     kdl_dtype_t teacher_linear_dtype; /* of H_t, W_t, b_t; GPU: F32, BF16 or F16; reference: any */
+
+    /* ---- version 4: a sparse (top-k) teacher ----
+     * The teacher as top-k indices and log-probabilities per row, exactly as
+     * kdl_sparse_args_t has them (part 1: modes, the divergences each mode
+     * defines, the AKL head within the support, invalid rows): offline
+     * distillation from a teacher served as top-k log-probs, with the
+     * student's [N, V] logits never stored.  Asked for by teacher_indices,
+     * teacher_logprobs or k != 0; `teacher` and the teacher layer must
+     * then be unset (one teacher source among teacher, teacher_hidden and
+     * teacher_indices, else KDL_STATUS_BAD_PARAM); teacher_dtype and
+     * ld_teacher are unused.  The checks are kdl_sparse_validate's: k
+     * outside [1, min(V, 1024)] KDL_STATUS_BAD_TOP_K, ld_teacher_indices or
+     * ld_teacher_logprobs < k KDL_STATUS_BAD_STRIDE, a divergence the mode does
+     * not define KDL_STATUS_NOT_SUPPORTED, AKL HEAD_TOPK with top_k >
+     * k KDL_STATUS_BAD_TOP_K; the data is never inspected (a bad index
+     * makes its row invalid, counted in info and bad_index_rows). */
+    const int64_t *teacher_indices; /* [N, ld_teacher_indices], required (N > 0) with a sparse teacher */
+    int64_t ld_teacher_indices;  /* >= k                                     */
+    const void *teacher_logprobs; /* [N, ld_teacher_logprobs], the teacher's log-probs at the temperature */
+    int64_t ld_teacher_logprobs; /* >= k                                     */
+    kdl_dtype_t teacher_logprobs_dtype; /* F32 (default), F16, BF16; reference also F64 */
+    kdl_sparse_mode_t sparse_mode; /* default KDL_SPARSE_RENORMALISED         */
+    int64_t k;                   /* support size per row, [1, min(V, 1024)];
+                                  * 0 (default): no sparse teacher            */
+    int64_t *bad_index_rows;     /* optional [1]: rows invalid because an index is out of
+                                  * [0, V) or repeated; written with a sparse teacher only */
 } kdl_fused_linear_args_t;
 
 /* struct_size of a version-1 caller (the struct up to and including valid_rows). */
 #define KDL_FUSED_LINEAR_ARGS_V1_SIZE (offsetof(kdl_fused_linear_args_t, grad_output))
 /* struct_size of a version-2 caller (up to and including grad_bias). */
 #define KDL_FUSED_LINEAR_ARGS_V2_SIZE (offsetof(kdl_fused_linear_args_t, teacher_hidden))
+/* struct_size of a version-3 caller (up to and including teacher_linear_dtype,
+ * padded to the struct's alignment as its sizeof was). */
+#define KDL_FUSED_LINEAR_ARGS_V3_SIZE (offsetof(kdl_fused_linear_args_t, teacher_indices))
 
 void kdl_fused_linear_args_init(kdl_fused_linear_args_t *args);
 

@@ -320,6 +320,15 @@ class FusedLinearArgs(Structure):
         ("ld_teacher_weight", c_int64),
         ("teacher_bias", c_void_p),  # [V]
         ("teacher_linear_dtype", c_int),
+        # version 4: a sparse (top-k) teacher, as SparseArgs has it
+        ("teacher_indices", c_void_p),  # const int64_t * [N, ld_teacher_indices]
+        ("ld_teacher_indices", c_int64),
+        ("teacher_logprobs", c_void_p),  # [N, ld_teacher_logprobs]
+        ("ld_teacher_logprobs", c_int64),
+        ("teacher_logprobs_dtype", c_int),
+        ("sparse_mode", c_int),  # kdl_sparse_mode_t
+        ("k", c_int64),  # 0: no sparse teacher
+        ("bad_index_rows", c_void_p),  # int64_t *
     ]
 
 
@@ -551,7 +560,9 @@ def _prototype_ext(L):
         grad_weight=None, loss=None, info=None, valid_rows=None, grad_output=None,
         grad_output_dtype=DTYPE["f32"], bias=None, grad_bias=None, teacher_hidden=None,
         teacher_hidden_size=0, ld_teacher_hidden=0, teacher_weight=None, ld_teacher_weight=0,
-        teacher_bias=None, teacher_linear_dtype=DTYPE["f32"]))
+        teacher_bias=None, teacher_linear_dtype=DTYPE["f32"], teacher_indices=None, ld_teacher_indices=0,
+        teacher_logprobs=None, ld_teacher_logprobs=0, teacher_logprobs_dtype=DTYPE["f32"], sparse_mode=0,
+        k=0, bad_index_rows=None))
     return None
 
 
