@@ -197,35 +197,68 @@ def sparse_inputs(be, s, idx, lp, sname):
     """The student and the teacher's support (indices, log-probs); returns
     the device."""
     check_matrix(be, s, sname)
+    _check_support(be, idx, lp, s, "the student")
+    return same_device(be, [(sname, s), ("teacher_indices", idx), ("teacher_logprobs", lp)])
+
+
+def _check_support(be, idx, lp, x, xname):
+    """The teacher's support: int64 teacher_indices and float
+    teacher_logprobs [..., k] of one shape, x's leading (row) shape."""
     check_matrix(be, idx, "teacher_indices", "support", "k", index=True)
     check_matrix(be, lp, "teacher_logprobs", "support", "k")
     if be.shape(idx) != be.shape(lp):
         raise ValueError(f"kdloss: teacher_indices shape {be.shape(idx)} != "
                          f"teacher_logprobs shape {be.shape(lp)}")
-    if be.shape(idx)[:-1] != be.shape(s)[:-1]:
-        raise ValueError(f"kdloss: the teacher's support {be.shape(idx)} and the student "
-                         f"{be.shape(s)} differ in their leading (row) shape")
-    return same_device(be, [(sname, s), ("teacher_indices", idx), ("teacher_logprobs", lp)])
+    if be.shape(idx)[:-1] != be.shape(x)[:-1]:
+        raise ValueError(f"kdloss: the teacher's support {be.shape(idx)} and {xname} "
+                         f"{be.shape(x)} differ in their leading (row) shape")
 
 
-def fused_teacher(be, t, th, tw, tb, tname):
-    """Which teacher a fused linear call is given: its logits t (named
-    tname), or the teacher as a linear layer th @ tw.T (+ tb).  Returns
-    True for the linear layer; ValueError naming the arguments unless
-    exactly one source is given whole."""
-    lin = th is not None or tw is not None or tb is not None
-    if t is not None and lin:
-        raise ValueError(f"kdloss: give one teacher: {tname}, or teacher_hidden and "
-                         "teacher_weight (and teacher_bias), not both")
-    if t is None and not lin:
-        raise ValueError(f"kdloss: no teacher: give {tname}, or teacher_hidden and "
-                         "teacher_weight")
-    if lin and (th is None or tw is None):
-        given = [k for k, x in (("teacher_hidden", th), ("teacher_weight", tw),
-                                ("teacher_bias", tb)) if x is not None]
+_FUSED_SOURCES = ("{t}", "teacher_hidden and teacher_weight (and teacher_bias)",
+                  "teacher_indices and teacher_logprobs")
+
+
+def fused_teacher(be, t, th, tw, tb, tname, ti=None, tlp=None):
+    """Which teacher a fused linear call is given: "logits" (t, named
+    tname), "linear" (the teacher as a linear layer th @ tw.T (+ tb)) or
+    "sparse" (its top-k, indices ti and log-probs tlp).  ValueError naming
+    the arguments unless exactly one source is given whole."""
+    given = {"logits": t is not None, "linear": any(x is not None for x in (th, tw, tb)),
+             "sparse": ti is not None or tlp is not None}
+    srcs = [k for k, v in given.items() if v]
+    names = ", or ".join(x.format(t=tname) for x in _FUSED_SOURCES)
+    if len(srcs) > 1:
+        got = [k for k, x in ((tname, t), ("teacher_hidden", th), ("teacher_weight", tw),
+                              ("teacher_bias", tb), ("teacher_indices", ti),
+                              ("teacher_logprobs", tlp)) if x is not None]
+        raise ValueError(f"kdloss: give one teacher: {names}; got {', '.join(got)}")
+    if not srcs:
+        raise ValueError(f"kdloss: no teacher: give {names}")
+    kind = srcs[0]
+    if kind == "linear" and (th is None or tw is None):
+        got = [k for k, x in (("teacher_hidden", th), ("teacher_weight", tw),
+                              ("teacher_bias", tb)) if x is not None]
         raise ValueError(f"kdloss: the teacher as a linear layer needs teacher_hidden and "
-                         f"teacher_weight; got {' and '.join(given)} only")
-    return lin
+                         f"teacher_weight; got {' and '.join(got)} only")
+    if kind == "sparse" and (ti is None or tlp is None):
+        one = "teacher_indices" if tlp is None else "teacher_logprobs"
+        raise ValueError("kdloss: the sparse teacher needs teacher_indices and teacher_logprobs; "
+                         f"got {one} only")
+    return kind
+
+
+def fused_sparse_mode(ti, mode, check_indices):
+    """The sparse mode code of a fused linear call whose teacher has been
+    checked (fused_inputs): None without the sparse teacher, where mode and
+    check_indices are ValueErrors; mode None is "renormalised"."""
+    if ti is None:
+        extra = [k for k, v in (("mode", mode is not None), ("check_indices", check_indices))
+                 if v]
+        if extra:
+            raise ValueError(f"kdloss: {' and '.join(extra)} belong to the sparse teacher "
+                             "(teacher_indices, teacher_logprobs), which is not given")
+        return None
+    return _lib.parse_sparse_mode("renormalised" if mode is None else mode)
 
 
 def _check_bias(be, b, name, owner, dtype, V):
@@ -241,13 +274,16 @@ def _check_bias(be, b, name, owner, dtype, V):
                          f"{be.shape(b)}")
 
 
-def fused_inputs(be, h, w, t, tname, bias=None, th=None, tw=None, tb=None):
+def fused_inputs(be, h, w, t, tname, bias=None, th=None, tw=None, tb=None, ti=None, tlp=None):
     """hidden [..., d], weight [V, d], the optional bias [V] in weight's
-    dtype, and one teacher (fused_teacher): its logits t [..., V], or the
+    dtype, and one teacher (fused_teacher): its logits t [..., V]; or the
     teacher as a linear layer, teacher_hidden th [..., d_t] with hidden's
     leading shape, teacher_weight tw [V, d_t] and the optional
-    teacher_bias tb [V], all three of one float dtype.  Returns the device."""
-    lin = fused_teacher(be, t, th, tw, tb, tname)
+    teacher_bias tb [V], all three of one float dtype; or the sparse
+    teacher, teacher_indices ti (int64) and teacher_logprobs tlp [..., k]
+    with hidden's leading shape.  Returns the device."""
+    kind = fused_teacher(be, t, th, tw, tb, tname, ti, tlp)
+    lin = kind == "linear"
     check_matrix(be, h, "hidden", "hidden", "d")
     check_matrix(be, w, "weight", "hidden", "d")
     hs, ws = be.shape(h), be.shape(w)
@@ -272,6 +308,8 @@ def fused_inputs(be, h, w, t, tname, bias=None, th=None, tw=None, tb=None):
             raise TypeError(f"kdloss: teacher_weight has dtype {tw.dtype}; the teacher layer "
                             f"is read in teacher_hidden's dtype {th.dtype}")
         _check_bias(be, tb, "teacher_bias", "teacher_hidden", th.dtype, ws[0])
+    elif kind == "sparse":
+        _check_support(be, ti, tlp, h, "hidden")
     else:
         check_matrix(be, t, tname)
         ts = be.shape(t)
@@ -281,7 +319,8 @@ def fused_inputs(be, h, w, t, tname, bias=None, th=None, tw=None, tb=None):
     _check_bias(be, bias, "bias", "weight", w.dtype, ws[0])
     return same_device(be, [("hidden", h), ("weight", w), (tname, t), ("bias", bias),
                             ("teacher_hidden", th), ("teacher_weight", tw),
-                            ("teacher_bias", tb)])
+                            ("teacher_bias", tb), ("teacher_indices", ti),
+                            ("teacher_logprobs", tlp)])
 
 
 def check_indices(be, idx, vocab):
@@ -336,6 +375,13 @@ FUSED_REASON = ("a NaN or +inf logit, or every logit -inf, in the student's hidd
                 "or the teacher")
 
 
+def fused_sparse_reason(bad_index_rows):
+    """The invalid-row reasons of the fused linear loss with the sparse
+    teacher."""
+    return ("a NaN or +inf logit, or every logit -inf, in the student's hidden @ weight.T; "
+            + sparse_reason(bad_index_rows).split("; ", 1)[1])
+
+
 # --------------------------------------------------------- struct filling
 def put(be, args, x, ptr, ld=None, ld_value=None, dtype=None, code=None):
     """Points args.<ptr> at x (None: NULL), sets args.<ld> to ld_value and
@@ -361,11 +407,12 @@ def put_rows(be, args, x, ptr, ld=None, dtype=None):
 
 def put_counters(be, dev, args, fields):
     """A new int64 array of len(fields) zeros on dev, args' counter fields
-    pointed at its elements in order."""
+    pointed at its elements in order (a None field: an element left 0)."""
     counters = be.zeros(len(fields), be.I64, dev)
     base = be.addr(counters)
     for i, f in enumerate(fields):
-        setattr(args, f, base + 8 * i)
+        if f is not None:
+            setattr(args, f, base + 8 * i)
     return counters
 
 
@@ -542,26 +589,35 @@ def sparse(be, dev, desc, mode, s, idx, lp, lab, want_grad):
 
 
 def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_dt, bias=None,
-                 want_b=False, grad_output=None, teacher_linear=None):
+                 want_b=False, grad_output=None, teacher_linear=None, teacher_sparse=None):
     """kdl_(ref_)fused_linear_loss: logits = h W^T (+ bias).  The teacher:
-    its logits t, or (t None) teacher_linear = (H_t, W_t, b_t or None), the
-    teacher logits H_t W_t^T (+ b_t) formed by the library (no gradient to
-    them).  grad_output: the upstream gradient of each row's loss (reduction
-    none; [N] in a float dtype of the library), or None.  Returns (loss [N]
-    or [1], dH [N, d], dW [V, d], db [V] (each None when not wanted),
-    counters int64 [2]: invalid, valid, the chunk the call used)."""
+    its logits t; or (t None) teacher_linear = (H_t, W_t, b_t or None), the
+    teacher logits H_t W_t^T (+ b_t) formed by the library; or (t None)
+    teacher_sparse = (mode code, indices, log-probs), its top-k as
+    sparse() takes it.  No gradient to the teacher.  grad_output: the
+    upstream gradient of each row's loss (reduction none; [N] in a float
+    dtype of the library), or None.  Returns (loss [N] or [1], dH [N, d],
+    dW [V, d], db [V] (each None when not wanted), counters int64 [3]:
+    invalid, valid, bad index rows (0 without the sparse teacher), the
+    chunk the call used)."""
     a = _lib.new_fused_linear_args()
     h2, N, D = put_rows(be, a, h, "hidden_states", "ld_hidden", "hidden_dtype")
     w2, V, _ = put_rows(be, a, w, "weight")
-    if teacher_linear is None:
-        kept = put_rows(be, a, t, "teacher")
-    else:
+    if teacher_linear is not None:
         th, tw, tb = teacher_linear
         kept = put_rows(be, a, th, "teacher_hidden", "ld_teacher_hidden", "teacher_linear_dtype")
         kept += put_rows(be, a, tw, "teacher_weight", "ld_teacher_weight", "")
         a.teacher_hidden_size = kept[2]
         kept += (None if tb is None else be.flat(tb, V),)
         put(be, a, kept[-1], "teacher_bias")
+    elif teacher_sparse is not None:
+        mode, ti, tlp = teacher_sparse
+        kept = put_rows(be, a, ti, *_SPARSE_FIELDS["indices"])
+        kept += put_rows(be, a, tlp, *_SPARSE_FIELDS["logprobs"])
+        setattr(a, _SPARSE_FIELDS["mode"], mode)
+        setattr(a, _SPARSE_FIELDS["k"], be.shape(ti)[-1])
+    else:
+        kept = put_rows(be, a, t, "teacher")
     a.rows, a.hidden, a.vocab = N, D, V
     loss = be.zeros(N if _none(desc) else 1, be.results(dev, h)[0], dev)
     gh = be.empty((N, D), grad_dt, dev) if want_h else None
@@ -579,10 +635,17 @@ def fused_linear(be, dev, desc, h, w, t, lab, chunk_rows, want_h, want_w, grad_d
     a.chunk_rows = _lib.as_int("chunk_rows", chunk_rows)
     a.out_dtype = be.code_of(be.dtype_of(loss))
     put(be, a, loss, "loss")
-    counters = put_counters(be, dev, a, ("info", "valid_rows"))
+    counters = put_counters(be, dev, a, ("info", "valid_rows", None if teacher_sparse is None
+                                         else _SPARSE_FIELDS["bad"]))
     be.call("fused_linear", dev, desc, a, "fused_linear_distill_loss")
     chunk = _lib.lib().kdl_fused_linear_chunk_rows(a)
     return loss, gh, gw, gb, counters, chunk
+
+
+# kdl_fused_linear_args_t's fields of the sparse teacher (version 4)
+_SPARSE_FIELDS = {"indices": ("teacher_indices", "ld_teacher_indices", ""),
+                  "logprobs": ("teacher_logprobs", "ld_teacher_logprobs", "teacher_logprobs_dtype"),
+                  "mode": "sparse_mode", "k": "k", "bad": "bad_index_rows"}
 
 
 class Shard:

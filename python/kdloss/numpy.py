@@ -349,10 +349,14 @@ def fused_linear_distill_loss(
     teacher_hidden=None,
     teacher_weight=None,
     teacher_bias=None,
+    teacher_indices=None,
+    teacher_logprobs=None,
+    mode=None,
+    check_indices=False,
 ):
     """Distillation loss of the student logits hidden @ weight.T (+ bias)
-    against the teacher's logits, with the gradients to hidden, weight (and
-    bias), by the float64 CPU reference (kdl_ref_fused_linear_loss; it
+    against the teacher, with the gradients to hidden, weight (and bias),
+    by the float64 CPU reference (kdl_ref_fused_linear_loss; it
     materialises the float64 logits in C, as a reference does).
 
     hidden: [N, d] or [..., d]; weight: [V, d]; bias: optional [V] of
@@ -361,9 +365,15 @@ def fused_linear_distill_loss(
     teacher_hidden @ teacher_weight.T (+ teacher_bias) with teacher_hidden
     [..., d_t] (hidden's leading shape, d_t may differ from d),
     teacher_weight [V, d_t] and the optional teacher_bias [V], the three of
-    one dtype (ValueError for both sources, neither, or teacher_weight /
-    teacher_bias without teacher_hidden).  The teacher is frozen: no
-    gradient is formed for it.  Any of float32, float64, float16, bfloat16.
+    one dtype; or the sparse teacher, its top-k per row as
+    sparse_distill_loss takes it: teacher_indices int64 and
+    teacher_logprobs [..., k] of hidden's leading shape, mode
+    "renormalised" (None: the default) or "tail" / "tail_bucket", and
+    check_indices (ValueError for two sources, none, teacher_weight /
+    teacher_bias without teacher_hidden, one of teacher_indices /
+    teacher_logprobs without the other, or mode / check_indices without
+    the sparse teacher).  The teacher is frozen: no gradient is formed for
+    it.  Any of float32, float64, float16, bfloat16.
     chunk_rows is the GPU path's chunk (ignored here).  grad_output
     (reduction "none" only): the upstream gradient of each row's loss
     ([...] or [N]); the gradients are then those of sum_i grad_output[i]
@@ -372,12 +382,14 @@ def fused_linear_distill_loss(
     Returns (loss, grad_hidden, grad_weight, stats): grad_hidden of hidden's
     shape and grad_weight [V, d], float64 (None when compute_grad is False;
     for reduction none without grad_output the gradients of the sum of the
-    per-token losses); stats valid_rows, invalid_rows, and grad_bias [V]
-    (float64) when a bias is given and compute_grad is True.
+    per-token losses); stats valid_rows, invalid_rows, bad_index_rows (with
+    the sparse teacher), and grad_bias [V] (float64) when a bias is given
+    and compute_grad is True.
     """
     desc = _ops.loss_desc(locals())
     _ops.fused_inputs(_NP, hidden, weight, teacher, "teacher", bias, teacher_hidden,
-                      teacher_weight, teacher_bias)
+                      teacher_weight, teacher_bias, teacher_indices, teacher_logprobs)
+    sparse = _ops.fused_sparse_mode(teacher_indices, mode, check_indices)
     lab = _ops.labels(_NP, labels, hidden.shape)
     N = _ops.rows_of(_NP, hidden)
     go = None
@@ -387,14 +399,21 @@ def fused_linear_distill_loss(
             raise ValueError(f"kdloss: grad_output has shape {go.shape}, expected "
                              f"{hidden.shape[:-1]} or ({N},)")
         go = go.reshape(N)
-    lin = None if teacher is not None else (teacher_hidden, teacher_weight, teacher_bias)
+    lin = None if teacher_hidden is None else (teacher_hidden, teacher_weight, teacher_bias)
+    if check_indices:
+        _ops.check_indices(_NP, teacher_indices, weight.shape[0])
     loss, gh, gw, gb, counters, _ = _ops.fused_linear(
         _NP, None, desc, hidden, weight, teacher, lab, chunk_rows, compute_grad, compute_grad,
         np.float64, bias=bias, want_b=compute_grad and bias is not None, grad_output=go,
-        teacher_linear=lin)
+        teacher_linear=lin,
+        teacher_sparse=None if sparse is None else (sparse, teacher_indices, teacher_logprobs))
+    n_bad = int(counters[2])
     if raise_on_invalid:
-        _ops.raise_invalid(int(counters[0]), N, reason=_ops.FUSED_REASON)
+        _ops.raise_invalid(int(counters[0]), N, reason=_ops.FUSED_REASON if sparse is None
+                           else _ops.fused_sparse_reason(n_bad))
     stats = _counts(counters)
+    if sparse is not None:
+        stats["bad_index_rows"] = n_bad
     if gb is not None:
         stats["grad_bias"] = gb
     return (_loss(loss, hidden.shape[:-1], desc),

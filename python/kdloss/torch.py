@@ -15,7 +15,8 @@ Also: sinkd_loss (SinKD, Sinkhorn distance between student and teacher rows)
 and sinkhorn (batched log-domain Sinkhorn, differentiable in cost and x); and
 the extensions of kdloss_ext.h: sparse_distill_loss (a top-k teacher),
 fused_linear_distill_loss (hidden @ weight.T and the loss, never holding the
-[N, V] logits; the teacher as logits or as a frozen linear layer) and vocab_parallel_distill_loss (a vocabulary slice per rank
+[N, V] logits; the teacher as logits, as a frozen linear layer or as its
+top-k) and vocab_parallel_distill_loss (a vocabulary slice per rank
 of a torch.distributed process group).  The argument checks and the library
 calls are kdloss._ops's, shared with kdloss.numpy.
 """
@@ -927,49 +928,62 @@ def _fused_grad_dtype(dev, h, w, grad_dtype):
     return grad_dtype
 
 
-def _fused_checks(h, w, t, bias, labels, tl, opts, chunk_rows, grad_dtype):
+def _fused_checks(h, w, t, bias, labels, tl, ts, mode, check_indices, opts, chunk_rows,
+                  grad_dtype):
     """fused_linear_distill_loss's argument checks, tl the teacher as a
-    linear layer (teacher_hidden, teacher_weight, teacher_bias; Nones with
-    teacher_logits): (device, LossDesc, labels as [N], the gradients'
-    dtype)."""
-    dev = _ops.fused_inputs(_T, h, w, t, "teacher_logits", bias, *tl)
+    linear layer (teacher_hidden, teacher_weight, teacher_bias), ts the
+    sparse teacher (teacher_indices, teacher_logprobs), Nones for a source
+    not given: (device, LossDesc, labels as [N], the gradients' dtype, the
+    sparse mode code or None)."""
+    dev = _ops.fused_inputs(_T, h, w, t, "teacher_logits", bias, *tl, *ts)
+    sparse = _ops.fused_sparse_mode(ts[0], mode, check_indices)
     if dev.type == "cuda":
         same16 = h.dtype in (torch.bfloat16, torch.float16) and w.dtype == h.dtype
         if not same16 and (h.dtype != torch.float32 or w.dtype != torch.float32):
             raise TypeError("kdloss: the GPU fused linear + loss takes float32 hidden and weight, "
                             f"or both bfloat16 or both float16; got {h.dtype} and {w.dtype}")
-        _no_f64_on_cuda(dev, t if t is not None else tl[0])
+        _no_f64_on_cuda(dev, t if t is not None else tl[0] if tl[0] is not None else ts[1])
     _lib.as_int("chunk_rows", chunk_rows)
     desc = _lib.new_desc(**opts)
     lab = _ops.labels(_T, labels, h.shape, dev)
-    return dev, desc, lab, _fused_grad_dtype(dev, h, w, grad_dtype)
+    return dev, desc, lab, _fused_grad_dtype(dev, h, w, grad_dtype), sparse
 
 
-# The operators' tensor inputs: hidden, weight, teacher (logits), bias, labels,
-# teacher_hidden, teacher_weight, teacher_bias; then (bwd: grad_output) the
-# loss options and the rest.
-_FUSED_NT = 8
+# The operators' tensor inputs: hidden (0), weight (1), teacher (logits, 2),
+# bias (3), labels (4), teacher_hidden (5), teacher_weight (6), teacher_bias
+# (7), teacher_indices (8), teacher_logprobs (9); then (bwd: grad_output) the
+# loss options and the rest (chunk_rows, want_hidden, want_weight, want_bias,
+# grad_dtype, mode; fwd: raise_on_invalid, check_indices).
+_FUSED_NT = 10
 
 
 def _fused_split(rest):
     return _opts(rest[:_NOPT]), rest[_NOPT:]
 
 
-def _fused_linear_teacher(t, tl):
-    """_ops.fused_linear's teacher_linear: None with teacher logits."""
-    return None if t is not None else tl
+def _fused_teachers(tl, ts, sparse):
+    """_ops.fused_linear's teacher_linear and teacher_sparse keywords."""
+    return dict(teacher_linear=tl if tl[0] is not None else None,
+                teacher_sparse=None if sparse is None else (sparse,) + tuple(ts))
 
 
-def _fused_impl(h, w, t, bias, labels, th, tw, tb, *rest):
-    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, raise_on_invalid) = _fused_split(rest)
-    tl = (th, tw, tb)
-    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, tl, opts, chunk_rows, grad_dtype)
-    _no_host_read(dev, raise_on_invalid=raise_on_invalid)
+def _fused_impl(h, w, t, bias, labels, th, tw, tb, ti, tlp, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, mode, raise_on_invalid,
+           check_indices) = _fused_split(rest)
+    tl, ts = (th, tw, tb), (ti, tlp)
+    dev, desc, lab, gdt, sparse = _fused_checks(h, w, t, bias, labels, tl, ts, mode,
+                                                check_indices, opts, chunk_rows, grad_dtype)
+    _no_host_read(dev, raise_on_invalid=raise_on_invalid, check_indices=check_indices)
+    if check_indices:
+        _ops.check_indices(_T, ti, w.shape[0])
     none = desc.reduction == _lib.REDUCTION_NONE
     loss, gh, gw, gb, counters, _ = _ops.fused_linear(
         _T, dev, desc, h, w, t, lab, chunk_rows, want_h and not none, want_w and not none, gdt,
-        bias=bias, want_b=want_b and not none, teacher_linear=_fused_linear_teacher(t, tl))
-    _raise_invalid(raise_on_invalid, counters, _ops.rows_of(_T, h), reason=_ops.FUSED_REASON)
+        bias=bias, want_b=want_b and not none, **_fused_teachers(tl, ts, sparse))
+    if raise_on_invalid:
+        n_invalid, _, n_bad = counters.tolist()  # host sync on CUDA
+        _ops.raise_invalid(n_invalid, _ops.rows_of(_T, h), reason=_ops.FUSED_REASON
+                           if sparse is None else _ops.fused_sparse_reason(n_bad))
     return (_loss_out(loss, h.dtype, h.shape[:-1], none),) + tuple(
         _empty(h, gdt) if g is None else g for g in (gh, gw, gb)) + (counters,)
 
@@ -980,15 +994,16 @@ def _fused_grad_shapes(h, w, want_h, want_w, want_b):
             (V,) if want_b else (0,))
 
 
-def _fused_fake(h, w, t, bias, labels, th, tw, tb, *rest):
-    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, _) = _fused_split(rest)
-    dev, desc, _, gdt = _fused_checks(h, w, t, bias, labels, (th, tw, tb), opts, chunk_rows,
-                                      grad_dtype)
+def _fused_fake(h, w, t, bias, labels, th, tw, tb, ti, tlp, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, mode, _,
+           check_indices) = _fused_split(rest)
+    dev, desc, _, gdt, _ = _fused_checks(h, w, t, bias, labels, (th, tw, tb), (ti, tlp), mode,
+                                         check_indices, opts, chunk_rows, grad_dtype)
     none = desc.reduction == _lib.REDUCTION_NONE
     shapes = _fused_grad_shapes(h, w, want_h and not none, want_w and not none,
                                 want_b and not none)
     return ((_fake_loss(h, h.shape[:-1], none),) + tuple(h.new_empty(s, dtype=gdt) for s in shapes)
-            + (h.new_empty((2,), dtype=torch.int64),))
+            + (h.new_empty((3,), dtype=torch.int64),))
 
 
 def _grad_output_checks(h, go):
@@ -1003,32 +1018,34 @@ def _grad_output_checks(h, go):
     _ops.same_device(_T, [("hidden", h), ("grad_output", go)])
 
 
-def _fused_bwd_impl(h, w, t, bias, labels, th, tw, tb, grad_output, *rest):
-    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
-    tl = (th, tw, tb)
-    dev, desc, lab, gdt = _fused_checks(h, w, t, bias, labels, tl, opts, chunk_rows, grad_dtype)
+def _fused_bwd_impl(h, w, t, bias, labels, th, tw, tb, ti, tlp, grad_output, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, mode) = _fused_split(rest)
+    tl, ts = (th, tw, tb), (ti, tlp)
+    dev, desc, lab, gdt, sparse = _fused_checks(h, w, t, bias, labels, tl, ts, mode, False,
+                                                opts, chunk_rows, grad_dtype)
     _grad_output_checks(h, grad_output)
     go = _T.flat(grad_output, grad_output.numel())
     _, gh, gw, gb, _, _ = _ops.fused_linear(_T, dev, desc, h, w, t, lab, chunk_rows, want_h,
                                             want_w, gdt, bias=bias, want_b=want_b,
                                             grad_output=go,
-                                            teacher_linear=_fused_linear_teacher(t, tl))
+                                            **_fused_teachers(tl, ts, sparse))
     return tuple(_empty(h, gdt) if g is None else g for g in (gh, gw, gb))
 
 
-def _fused_bwd_fake(h, w, t, bias, labels, th, tw, tb, grad_output, *rest):
-    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype) = _fused_split(rest)
-    _, _, _, gdt = _fused_checks(h, w, t, bias, labels, (th, tw, tb), opts, chunk_rows,
-                                 grad_dtype)
+def _fused_bwd_fake(h, w, t, bias, labels, th, tw, tb, ti, tlp, grad_output, *rest):
+    opts, (chunk_rows, want_h, want_w, want_b, grad_dtype, mode) = _fused_split(rest)
+    gdt = _fused_checks(h, w, t, bias, labels, (th, tw, tb), (ti, tlp), mode, False, opts,
+                        chunk_rows, grad_dtype)[3]
     _grad_output_checks(h, grad_output)
     return tuple(h.new_empty(s, dtype=gdt)
                  for s in _fused_grad_shapes(h, w, want_h, want_w, want_b))
 
 
 _FUSED_IN = ("(Tensor hidden, Tensor weight, Tensor? teacher, Tensor? bias, Tensor? labels, "
-             "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, ")
+             "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, "
+             "Tensor? teacher_indices, Tensor? teacher_logprobs, ")
 _FUSED_OPTS = ", int chunk_rows, bool want_hidden, bool want_weight, bool want_bias, " \
-    "ScalarType? grad_dtype"
+    "ScalarType? grad_dtype, str? mode"
 
 _fused_linear_bwd = _Op(
     "fused_linear_bwd",
@@ -1039,24 +1056,25 @@ _fused_linear_bwd = _Op(
 def _fused_later(grad_out, needs, args):
     """Reduction none: dH, dW, db from a second library call with the
     upstream gradient of every row (kdloss::fused_linear_bwd)."""
-    h, w, t, b, lab, th, tw, tb = (None if x is None else x.detach()
-                                   for x in args[:_FUSED_NT])
-    opts, (chunk_rows, _, _, _, gdt, _) = _fused_split(args[_FUSED_NT:])
+    tensors = [None if x is None else x.detach() for x in args[:_FUSED_NT]]
+    h, w, b = tensors[0], tensors[1], tensors[3]
+    opts, (chunk_rows, _, _, _, gdt, mode, _, _) = _fused_split(args[_FUSED_NT:])
     go = grad_out.detach().reshape(-1)
     go = go.to(torch.float32 if h.device.type == "cuda" else torch.float64).contiguous()
     want_b = b is not None and needs[3]
-    gh, gw, gb = _fused_linear_bwd(h, w, t, b, lab, th, tw, tb, go, *opts.values(), chunk_rows,
-                                   needs[0], needs[1], want_b, gdt)
+    gh, gw, gb = _fused_linear_bwd(*tensors, go, *opts.values(), chunk_rows, needs[0], needs[1],
+                                   want_b, gdt, mode)
     return {0: gh.to(h.dtype).view(h.shape) if needs[0] else None,
             1: gw.to(w.dtype) if needs[1] else None,
             3: gb.to(b.dtype) if want_b else None}
 
 
 # Gradients to hidden (0), weight (1) and bias (3) only: the teacher, as
-# logits (2) or as a linear layer (5, 6, 7), is frozen and gets None.
+# logits (2), a linear layer (5, 6, 7) or its top-k (8, 9), is frozen and
+# gets None.
 _fused_linear_fwd = _Op(
     "fused_linear_fwd",
-    _FUSED_IN + _OPT_SCHEMA + _FUSED_OPTS + ", bool raise_on_invalid) "
+    _FUSED_IN + _OPT_SCHEMA + _FUSED_OPTS + ", bool raise_on_invalid, bool check_indices) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fused_impl, _fused_fake, grads={0: 1, 1: 2, 3: 3},
     per_row=lambda a: _is_none(a[_FUSED_NT + 7]), later=_fused_later)
@@ -1085,9 +1103,13 @@ def fused_linear_distill_loss(
     teacher_hidden=None,
     teacher_weight=None,
     teacher_bias=None,
+    teacher_indices=None,
+    teacher_logprobs=None,
+    mode=None,
+    check_indices=False,
 ):
     """Distillation loss of the student logits hidden @ weight.T (+ bias; an
-    output projection) against the teacher's logits, with gradients to
+    output projection) against the teacher, with gradients to
     hidden, weight and bias through autograd, never holding the [N, V]
     student logits: on CUDA kdl_fused_linear_loss goes chunk by chunk over
     the rows (cuBLAS with FP32 accumulation: strict FP32 for float32 inputs,
@@ -1108,9 +1130,16 @@ def fused_linear_distill_loss(
         shape (d_t may differ from d), teacher_weight [V, d_t] (rows may be
         strided), teacher_bias optional [V]; the three of one dtype, which
         may differ from the student's (CUDA: float32, bfloat16 or float16;
-        CPU: also float64).
+        CPU: also float64); or
+      the sparse teacher, its top-k per row with the names and meaning of
+        sparse_distill_loss: teacher_indices int64 [..., k] and
+        teacher_logprobs [..., k] with hidden's leading shape, mode
+        "renormalised" (None: the default) or "tail" / "tail_bucket", and
+        check_indices; mode or check_indices without the sparse teacher is
+        a ValueError.
     The teacher is frozen: no gradient flows to teacher_logits,
-        teacher_hidden, teacher_weight or teacher_bias.  A teacher tensor
+        teacher_hidden, teacher_weight, teacher_bias or teacher_logprobs.
+        A teacher tensor
         that requires grad is accepted and read as it is; its .grad stays
         None (detach it, or compute it under torch.no_grad, to say so).
     chunk_rows: rows per chunk on CUDA (0: max(1, N/8) for float32 inputs,
@@ -1134,21 +1163,27 @@ def fused_linear_distill_loss(
         gradients to the inputs' dtypes.
 
     Returns the loss (float32; float64 on CPU for float64 hidden), or (loss,
-    stats) with return_stats: valid_rows, invalid_rows (0-d int64 tensors).
+    stats) with return_stats: valid_rows, invalid_rows, and with the sparse
+    teacher bad_index_rows (0-d int64 tensors).
     """
     opts = _opts((divergence, temperature, alpha, beta, head_rule, mu, top_k, reduction, scale,
                   ignore_index))  # not locals(): torch.compile traces these functions
     tl = (teacher_hidden, teacher_weight, teacher_bias)
+    ts = (teacher_indices, teacher_logprobs)
     if not _compiling():
-        _fused_checks(hidden, weight, teacher_logits, bias, labels, tl, opts, chunk_rows,
-                      grad_dtype)
-    out = _fused_linear_fwd(hidden, weight, teacher_logits, bias, labels, *tl,
+        _fused_checks(hidden, weight, teacher_logits, bias, labels, tl, ts, mode,
+                      check_indices, opts, chunk_rows, grad_dtype)
+    out = _fused_linear_fwd(hidden, weight, teacher_logits, bias, labels, *tl, *ts,
                             *_opt_args(opts), int(chunk_rows), _needs(hidden), _needs(weight),
                             bias is not None and _needs(bias), grad_dtype,
-                            bool(raise_on_invalid))
+                            None if mode is None else str(mode), bool(raise_on_invalid),
+                            bool(check_indices))
     if not return_stats:
         return out[0]
-    return out[0], _counts(out[4])
+    stats = _counts(out[4])
+    if teacher_indices is not None:
+        stats["bad_index_rows"] = out[4][2].reshape(())
+    return out[0], stats
 
 
 

@@ -1,7 +1,7 @@
 """kdloss.torch under torch.compile: every entry point is one or more
 custom operators (kdloss::distill_fwd, sinkd_fwd, sinkhorn_fwd,
 sinkhorn_ragged, sparse_fwd, fused_linear_fwd and fused_linear_bwd, the
-latter two also with the teacher as a linear layer; the
+latter two also with the teacher as a linear layer and as its top-k; the
 vocabulary-parallel loss vocab_parallel_step and vocab_parallel_finish with
 functional all-reduces between them), so torch.compile(fullgraph=True)
 keeps it in the graph with no graph break; compiled results and gradients
@@ -187,6 +187,27 @@ def _fused_teacher_linear_case(reduction="mean", tbias=True, div="akl"):
     return args, (0, 1), f
 
 
+def _fused_sparse_case(mode="tail", reduction="mean", div="jsd"):
+    """The sparse teacher: its top-k of log-probs formed in the graph."""
+    g = _gen(13)
+    h = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 6, generator=g, dtype=torch.float64) * 0.5
+    t = torch.randn(2, 3, 9, generator=g, dtype=torch.float64) * 2
+    labels = torch.tensor([[1, -100, 2], [0, 3, 4]])
+
+    def f(h, w, t, labels):
+        lp, idx = torch.log_softmax(t / 2.0, -1).topk(4, dim=-1)
+        loss, st = kt.fused_linear_distill_loss(h * 1.5, w, divergence=div, temperature=2.0,
+                                                labels=labels, reduction=reduction,
+                                                teacher_indices=idx, teacher_logprobs=lp,
+                                                mode=mode, return_stats=True)
+        if reduction == "none":
+            loss = (loss * _weights(loss)).sum()
+        return loss + st["valid_rows"] + st["bad_index_rows"] + h.square().mean() \
+            + w.abs().sum() * 0.1
+    return (h, w, t, labels), (0, 1), f
+
+
 CASES = {
     "distill_mean": lambda: _distill_case("akl", "mean"),
     "distill_none_stats": lambda: _distill_case("jsd", "none", stats=True),
@@ -204,6 +225,8 @@ CASES = {
     "fused_none_bias": lambda: _fused_case("none", True, "jsd"),
     "fused_tl_mean": lambda: _fused_teacher_linear_case("mean", True),
     "fused_tl_none": lambda: _fused_teacher_linear_case("none", False, "jsd"),
+    "fused_sparse_tail_mean": lambda: _fused_sparse_case("tail", "mean", "akl"),
+    "fused_sparse_renorm_none": lambda: _fused_sparse_case("renormalised", "none"),
 }
 MARKS = {k: (needs_ot if k.startswith("sink") else needs_ext if k.startswith(("sparse", "fused"))
              else ()) for k in CASES}
@@ -283,7 +306,8 @@ def test_opcheck(case):
     for name, args in calls:
         names.add(name)
         torch.library.opcheck(getattr(torch.ops.kdloss, name).default, args)
-    if case in ("fused_none_bias", "fused_tl_none"):  # backward is the second operator
+    if case in ("fused_none_bias", "fused_tl_none", "fused_sparse_renorm_none"):
+        # backward is the second operator
         assert names == {"fused_linear_fwd", "fused_linear_bwd"}
 
 
@@ -370,6 +394,31 @@ def test_fused_teacher_linear_is_frozen_compiled(reduction):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
 
 
+@needs_ext
+def test_fused_sparse_is_frozen_compiled():
+    """Log-probs that require grad: compiled (fullgraph) as eager, the
+    student's gradients those of sparse_distill_loss on hidden @ weight.T
+    materialised here, the log-probs' gradient None."""
+    (h, w, t, labels), _, _ = _fused_sparse_case()
+    lp, idx = torch.log_softmax(t, -1).topk(4, dim=-1)
+
+    def f(h, w, lp):
+        return kt.fused_linear_distill_loss(h, w, teacher_indices=idx, teacher_logprobs=lp,
+                                            labels=labels, mode="tail", reduction="none").sum()
+    runs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        x = [v.clone().requires_grad_() for v in (h, w, lp)]
+        fn(*x).backward()
+        runs.append(x)
+        assert x[2].grad is None
+    x = [v.clone().requires_grad_() for v in (h, w)]
+    kt.sparse_distill_loss(x[0] @ x[1].T, idx, lp, labels=labels, mode="tail",
+                           reduction="none").sum().backward()
+    for run in runs:
+        for a, b in zip(run, x):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_no_grad_and_frozen_student():
     """Without a gradient wanted the operator returns an empty gradient and
     the loss is unchanged."""
@@ -430,6 +479,21 @@ def test_sparse_and_fused_errors_as_eager():
     with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
                        match="got teacher_weight only"):
         k(h, w, teacher_weight=w)
+    # the sparse teacher: two sources, a half, a bad index (invalid row, or
+    # KdlossValueError with check_indices), as in eager mode
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
+                       match="got teacher_logits, teacher_indices, teacher_logprobs"):
+        k(h, w, t, teacher_indices=idx, teacher_logprobs=lp)
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
+                       match="got teacher_indices only"):
+        k(h, w, teacher_indices=idx)
+    with pytest.raises(kdloss.InvalidRowsError, match=r"\(1 rows\)"):
+        k(h, w, teacher_indices=idx, teacher_logprobs=lp)
+    with pytest.raises(kdloss.KdlossValueError, match="KDL_STATUS_BAD_PARAM"):
+        k(h, w, teacher_indices=idx, teacher_logprobs=lp, check_indices=True)
+    loss, st = k(h, w, teacher_indices=idx, teacher_logprobs=lp, reduction="none",
+                 raise_on_invalid=False, return_stats=True)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and int(st["bad_index_rows"]) == 1
 
 
 def test_stats_match_plain_loss():

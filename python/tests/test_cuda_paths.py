@@ -174,55 +174,78 @@ def test_distill_fake_matches_impl(want_grad, want_stats, dtype):
     assert _meta(kt._distill_fake(*args)) == _meta(kt._distill_impl(*args))
 
 
-def _fused_args(h, w, t, want, reduction="mean", raise_on_invalid=True, tl=(None,) * 3):
+def _fused_args(h, w, t, want, reduction="mean", raise_on_invalid=True, tl=(None,) * 3,
+                ts=(None,) * 2, mode=None, check_indices=False):
     """kdloss::fused_linear_fwd's arguments; tl: the teacher as a linear
-    layer (teacher_hidden, teacher_weight, teacher_bias), with t None."""
+    layer (teacher_hidden, teacher_weight, teacher_bias), ts the sparse
+    teacher (teacher_indices, teacher_logprobs; mode), with t None."""
     opts = kt._opt_args(dict(zip(kt._OPT_NAMES, (
         "fkl", 1.0, 0.1, 0.5, "reference", 0.5, 1, reduction, 1.0, -100))))
-    return (h, w, t, None, None, *tl, *opts, 0, want, want, False, None, raise_on_invalid)
+    return (h, w, t, None, None, *tl, *ts, *opts, 0, want, want, False, None, mode,
+            raise_on_invalid, check_indices)
 
 
 def _bwd_rest(args):
     """fused_linear_bwd's arguments after grad_output, from _fused_args'."""
-    return args[kt._FUSED_NT:-1]
+    return args[kt._FUSED_NT:-2]
 
 
-@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("kind", ["logits", "linear", "sparse"])
 @pytest.mark.parametrize("want", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_fake_matches_impl(want, reduction, linear):
+def test_fused_fake_matches_impl(want, reduction, kind):
     h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.randn(4, 6)
     tl = (torch.randn(4, 2, dtype=torch.bfloat16), torch.randn(6, 2, dtype=torch.bfloat16),
-          None) if linear else (None,) * 3
-    args = _fused_args(h, w, None if linear else t, want, reduction, tl=tl)
+          None) if kind == "linear" else (None,) * 3
+    ts = _sparse_teacher(4, 6, 3) if kind == "sparse" else (None,) * 2
+    args = _fused_args(h, w, t if kind == "logits" else None, want, reduction, tl=tl, ts=ts,
+                       mode="tail" if kind == "sparse" else None)
     assert _meta(kt._fused_fake(*args)) == _meta(kt._fused_impl(*args))
 
 
-@pytest.mark.parametrize("linear", [False, True])
-def test_fused_bwd_checks_grad_output(linear):
+def _sparse_teacher(n, v, k, seed=0):
+    """A top-k teacher (teacher_indices, teacher_logprobs) of n rows over v
+    tokens, in no particular order within each row."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1)
+    idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    return idx, lp.gather(-1, idx)
+
+
+@pytest.mark.parametrize("kind", ["logits", "linear", "sparse"])
+def test_fused_bwd_checks_grad_output(kind):
     h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.randn(4, 6)
     ht, wt = torch.randn(4, 2), torch.randn(6, 2)
-    if linear:  # the teacher as a linear layer: the logits it stands for, for the reference
-        t, tl = None, (ht, wt, None)
-        tk = (ht.double() @ wt.double().T).numpy()
-    else:
-        tl, tk = (None,) * 3, t.double().numpy()
-    rest = _bwd_rest(_fused_args(h, w, t, True, "none", tl=tl))
+    tl, ts, mode = (None,) * 3, (None,) * 2, None
     go = torch.rand(4, dtype=torch.float64)
-    gh, gw, _ = kt._fused_bwd_impl(h, w, t, None, None, *tl, go, *rest)
-    ref = kn.fused_linear_distill_loss(h.double().numpy(), w.double().numpy(), tk,
-                                       divergence="fkl", reduction="none", grad_output=go.numpy())
-    assert torch.allclose(gh, torch.from_numpy(ref[1])) and torch.allclose(
-        gw, torch.from_numpy(ref[2]))
+    h64, w64 = h.double().numpy(), w.double().numpy()
+    if kind == "sparse":  # the reference: the sparse loss's dL on h @ w.T, chained
+        t, ts, mode = None, _sparse_teacher(4, 6, 3), "tail"
+        _, dl, _ = kn.sparse_distill_loss(h64 @ w64.T, ts[0].numpy(), ts[1].numpy(), mode="tail",
+                                          reduction="none")
+        want = (dl * go.numpy()[:, None]) @ w64, (dl * go.numpy()[:, None]).T @ h64
+    else:
+        if kind == "linear":  # the logits the layer stands for, for the reference
+            t, tl = None, (ht, wt, None)
+            tk = (ht.double() @ wt.double().T).numpy()
+        else:
+            tk = t.double().numpy()
+        want = kn.fused_linear_distill_loss(h64, w64, tk, divergence="fkl", reduction="none",
+                                            grad_output=go.numpy())[1:3]
+    rest = _bwd_rest(_fused_args(h, w, t, True, "none", tl=tl, ts=ts, mode=mode))
+    head = (h, w, t, None, None, *tl, *ts)
+    gh, gw, _ = kt._fused_bwd_impl(*head, go, *rest)
+    assert torch.allclose(gh, torch.from_numpy(want[0])) and torch.allclose(
+        gw, torch.from_numpy(want[1]))
     gs = torch.rand(8, dtype=torch.float64)[::2]  # strided: read as its own 4 values
-    assert torch.allclose(kt._fused_bwd_impl(h, w, t, None, None, *tl, gs, *rest)[0],
-                          kt._fused_bwd_impl(h, w, t, None, None, *tl, gs.contiguous(), *rest)[0])
+    assert torch.allclose(kt._fused_bwd_impl(*head, gs, *rest)[0],
+                          kt._fused_bwd_impl(*head, gs.contiguous(), *rest)[0])
     for bad, err in ((go[:3], ValueError), (go.long(), ValueError),
                      (torch.empty(4, device="meta"), ValueError)):
         with pytest.raises(err):
-            kt._fused_bwd_impl(h, w, t, None, None, *tl, bad, *rest)
+            kt._fused_bwd_impl(*head, bad, *rest)
         with pytest.raises(err):
-            kt._fused_bwd_fake(h, w, t, None, None, *tl, bad, *rest)
+            kt._fused_bwd_fake(*head, bad, *rest)
 
 
 def test_teacher_linear_fields_are_passed(monkeypatch):
@@ -251,6 +274,43 @@ def test_teacher_linear_fields_are_passed(monkeypatch):
                             size=ctypes.sizeof(_lib.FusedLinearArgs))
     kt.fused_linear_distill_loss(h, w, torch.randn(5, 7))
     assert seen[-1]["teacher"] and not seen[-1]["teacher_hidden"] and not seen[-1]["teacher_bias"]
+
+
+def test_sparse_teacher_fields_are_passed(monkeypatch):
+    """What the library gets for the sparse teacher (the same code serves
+    CUDA tensors): teacher and teacher_hidden NULL, the indices and
+    log-probs with their row strides, k, the mode, the log-probs' dtype and
+    the bad-index counter; none of these without the sparse teacher.  The
+    fields are the ctypes mirror's own (a misspelt one would be a Python
+    attribute the library never sees)."""
+    f = _ops._SPARSE_FIELDS
+    names = ([f["indices"][0], f["indices"][1], f["logprobs"][0], f["logprobs"][1],
+              f["logprobs"][2], f["mode"], f["k"], f["bad"]])
+    assert set(names) <= {n for n, _ in _lib.FusedLinearArgs._fields_}
+    seen = []
+
+    def call(op, dev, desc, args, what):
+        seen.append({k: getattr(args, k) for k in ["teacher", "teacher_hidden"] + names})
+        _lib.call_ref(op, desc, args)
+
+    monkeypatch.setattr(kt._T, "call", call)
+    h, w = torch.randn(5, 4), torch.randn(7, 4)
+    iw = torch.stack([torch.randperm(7)[:3] for _ in range(5)])
+    iw = torch.cat([iw, torch.zeros(5, 2, dtype=torch.int64)], 1)  # rows 5 apart
+    lw = torch.log_softmax(torch.randn(5, 9), -1).to(torch.bfloat16)
+    ti, tlp = iw[:, :3], lw[:, 1:4]
+    loss, st = kt.fused_linear_distill_loss(h, w, teacher_indices=ti, teacher_logprobs=tlp,
+                                            mode="tail", raise_on_invalid=False,
+                                            return_stats=True)
+    got = seen[-1]
+    assert got["teacher"] is None and got["teacher_hidden"] is None
+    assert got[f["bad"]] == st["bad_index_rows"].data_ptr()  # the third counter
+    assert [got[n] for n in names[:7]] == [ti.data_ptr(), 5, tlp.data_ptr(), 9,
+                                           _lib.DTYPE["bf16"], _lib.parse_sparse_mode("tail"), 3]
+    kt.fused_linear_distill_loss(h, w, teacher_indices=ti, teacher_logprobs=tlp)
+    assert seen[-1][f["mode"]] == _lib.parse_sparse_mode("renormalised")
+    kt.fused_linear_distill_loss(h, w, torch.randn(5, 7))
+    assert seen[-1]["teacher"] and not seen[-1][f["indices"][0]] and not seen[-1][f["bad"]]
 
 
 # ------------------------------------------------------------------ CUDA
@@ -331,6 +391,55 @@ def test_cuda_fused_teacher_linear_matches_cpu_reference(sdt, tdt, reduction, di
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("sdt,ldt", [(torch.float32, torch.float32),
+                                     (torch.bfloat16, torch.bfloat16),
+                                     (torch.float16, torch.float32)])
+@pytest.mark.parametrize("mode,div,reduction", [("renormalised", "fkl", "mean"),
+                                                ("renormalised", "jsd", "none"),
+                                                ("tail", "akl", "mean"), ("tail", "rkl", "none")])
+def test_cuda_fused_sparse_matches_cpu_reference(sdt, ldt, mode, div, reduction):
+    """The sparse teacher on the GPU (per chunk the sparse row kernel on the
+    chunk's logits): loss and dH, dW, db against the float64 reference on
+    the same rounded values, an upstream gradient per row for reduction
+    none, a row with a repeated index (invalid, counted in bad_index_rows);
+    the log-probs require grad and get none; fake = impl on the device."""
+    g = torch.Generator().manual_seed(52)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(500, 32, generator=g) * 0.3
+    b = torch.randn(500, generator=g) * 0.5
+    idx, lp = _sparse_teacher(64, 500, 32, seed=53)
+    idx[9, 3] = idx[9, 0]
+    x, lp = [v.to(sdt) for v in (h, w, b)], lp.to(ldt)
+    labels = torch.arange(64) % 500
+    labels[5] = -100
+    kw = dict(divergence=div, reduction=reduction, temperature=1.5, mode=mode,
+              raise_on_invalid=False, return_stats=True)
+    xc = [v.cuda().requires_grad_() for v in x]
+    lc = lp.cuda().requires_grad_()
+    loss, st = kt.fused_linear_distill_loss(xc[0], xc[1], bias=xc[2], teacher_indices=idx.cuda(),
+                                            teacher_logprobs=lc, chunk_rows=16,
+                                            labels=labels.cuda(), **kw)
+    up = torch.rand(loss.shape, generator=g) + 0.5
+    (loss.nan_to_num() * up.cuda()).sum().backward()
+    x0 = [v.double().requires_grad_() for v in x]
+    ref, rst = kt.fused_linear_distill_loss(x0[0], x0[1], bias=x0[2], teacher_indices=idx,
+                                            teacher_logprobs=lp.double(), labels=labels, **kw)
+    (ref.nan_to_num() * up.double()).sum().backward()
+    assert lc.grad is None
+    assert {k: int(v) for k, v in st.items()} == {k: int(v) for k, v in rst.items()}
+    assert int(st["bad_index_rows"]) == 1
+    tol = dict(rtol=1e-4, atol=1e-5) if sdt == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=2e-3, atol=1e-4,
+                               equal_nan=True)
+    for gc, g0 in zip(xc, x0):
+        assert gc.grad.dtype == sdt
+        torch.testing.assert_close(gc.grad.cpu().double(), g0.grad, **tol)
+    args = _fused_args(xc[0].detach(), xc[1].detach(), None, True, reduction, False,
+                       ts=(idx.cuda(), lc.detach()), mode=mode)
+    assert _meta(kt._fused_fake(*args)) == _meta(kt._fused_impl(*args))
+
+
+@pytest.mark.cuda
+@cuda
 def test_cuda_side_stream_matches_default_stream():
     torch.manual_seed(3)
     s = torch.randn(64, 1000, device="cuda", requires_grad=True)
@@ -395,7 +504,8 @@ def test_cuda_tensors_on_different_devices_are_refused():
     h, w = torch.randn(4, 3, device="cuda"), torch.randn(8, 3, device="cuda")
     rest = _bwd_rest(_fused_args(h, w, s, True, "none"))
     with pytest.raises(ValueError, match="grad_output on cpu"):
-        kt._fused_bwd_impl(h, w, s, None, None, None, None, None, torch.ones(4), *rest)
+        kt._fused_bwd_impl(h, w, s, None, None, None, None, None, None, None, torch.ones(4),
+                             *rest)
     ht, wt = torch.randn(4, 2, device="cuda"), torch.randn(8, 2, device="cuda")
     with pytest.raises(ValueError, match="teacher_hidden on cpu"):
         kt.fused_linear_distill_loss(h, w, teacher_hidden=ht.cpu(), teacher_weight=wt)

@@ -424,6 +424,182 @@ def test_fused_teacher_linear_bad_arguments():
         f(H, W, teacher_hidden=Ht2, teacher_weight=Wt)
 
 
+# ------------------------------------------------ the sparse (top-k) teacher
+def fused_sparse_teacher(seed=0, n=5, v=9, k=4):
+    """teacher_indices, teacher_logprobs [n, k]: the top-k of random
+    teacher log-probs, in no particular order within a row."""
+    _, _, I, LP = sparse_data(seed=seed, n=n, v=v, k=k)
+    return I, LP
+
+
+FUSED_SPARSE = [("renormalised", d) for d in SMOOTH_RENORM + ["tvd"]] + [("tail", d) for d in DIVS]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode,div", FUSED_SPARSE)
+def test_fused_sparse_is_the_sparse_loss_of_h_wt(mode, div, reduction):
+    """The sparse teacher beside hidden @ weight.T + bias: the loss of
+    sparse_distill_loss on those logits materialised here (and of the
+    closed form above), and its gradient dL chained by hand: dH = dL W,
+    dW = dL^T H, db = column sums of dL."""
+    H, W, _ = fused_data(seed=31)
+    b = np.random.default_rng(32).normal(size=9)
+    I, LP = fused_sparse_teacher(seed=33)
+    labels = np.array([1, -100, 0, 3, 2])
+    kw = dict(divergence=div, temperature=1.4, labels=labels, reduction=reduction, scale=3.0,
+              **OPTS)
+    loss, gh, gw, st = kn.fused_linear_distill_loss(H, W, bias=b, teacher_indices=I,
+                                                    teacher_logprobs=LP, mode=mode, **kw)
+    Z = H @ W.T + b
+    ref, dl, rst = kn.sparse_distill_loss(Z, I, LP, mode=mode, **kw)
+    np.testing.assert_allclose(loss, ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gh, dl @ W, rtol=0, atol=1e-12 * max(1, np.abs(gh).max()))
+    np.testing.assert_allclose(gw, dl.T @ H, rtol=0, atol=1e-12 * max(1, np.abs(gw).max()))
+    np.testing.assert_allclose(st.pop("grad_bias"), dl.sum(0), rtol=0, atol=1e-12)
+    assert st == rst == {"valid_rows": 4, "invalid_rows": 0, "bad_index_rows": 0}
+    assert not gh[1].any()  # the ignored row
+    book = sparse_textbook(Z, I, LP, mode, div, tau=1.4, reduction=reduction, labels=labels,
+                           scale=3.0)
+    np.testing.assert_allclose(loss, book, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_sparse_upstream_rows_layouts_and_dtypes():
+    """grad_output per row (reduction none), [B, T, d] hidden with
+    [B, T, k] supports, a strided (padded) support, float32 and float16
+    log-probs (read exactly), the mode aliases and None, k = V (the dense
+    loss of the teacher those log-probs came from), no rows."""
+    H, W, _ = fused_data(seed=34, n=6)
+    I, LP = fused_sparse_teacher(seed=35, n=6)
+    g = np.array([0.5, -1.0, 2.0, 0.0, 1.5, 0.25])
+    a = kn.fused_linear_distill_loss(H.reshape(2, 3, 4), W, reduction="none", mode="tail_bucket",
+                                     divergence="akl", teacher_indices=I.reshape(2, 3, 4),
+                                     teacher_logprobs=LP.reshape(2, 3, 4),
+                                     grad_output=g.reshape(2, 3))
+    ref, dl, _ = kn.sparse_distill_loss(H @ W.T, I, LP, mode="tail", divergence="akl",
+                                        reduction="none")
+    dl = dl * g[:, None]
+    assert a[0].shape == (2, 3) and a[1].shape == (2, 3, 4)
+    np.testing.assert_allclose(a[0].reshape(6), ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a[1].reshape(6, 4), dl @ W, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a[2], dl.T @ H, rtol=0, atol=1e-12)
+    iw = np.full((6, 7), -1, dtype=np.int64)
+    iw[:, 1:5] = I
+    lw = np.full((6, 7), np.nan)
+    lw[:, 1:5] = LP
+    b = kn.fused_linear_distill_loss(H, W, teacher_indices=iw[:, 1:5], teacher_logprobs=lw[:, 1:5],
+                                     divergence="jsd")
+    r = kn.fused_linear_distill_loss(H, W, teacher_indices=I, teacher_logprobs=LP, mode=None,
+                                     divergence="jsd")
+    r2 = kn.sparse_distill_loss(H @ W.T, I, LP, mode="renormalized", divergence="jsd")
+    assert b[0] == r[0] and np.array_equal(b[2], r[2])
+    assert r[0] == pytest.approx(r2[0], rel=1e-12)
+    for dt in (np.float32, np.float16):
+        lp = LP.astype(dt)
+        c = kn.fused_linear_distill_loss(H, W, teacher_indices=I, teacher_logprobs=lp,
+                                         mode="tail", divergence="tvd")
+        e = kn.sparse_distill_loss(H @ W.T, I, lp.astype(np.float64), mode="tail",
+                                   divergence="tvd")
+        assert c[0] == pytest.approx(e[0], rel=1e-12)
+        np.testing.assert_allclose(c[1], e[1] @ W, rtol=0, atol=1e-12)
+    # k = V: the full log-softmax of T, renormalised and tail, is the dense loss of T
+    T = np.random.default_rng(36).normal(size=(6, 9)) * 2
+    full = np.tile(np.arange(9)[::-1], (6, 1))
+    lpt = np.take_along_axis(np_log_softmax(T / 1.5), full, axis=1)
+    d = kn.fused_linear_distill_loss(H, W, T, divergence="fkl", temperature=1.5)
+    for mode in ("renormalised", "tail"):
+        f = kn.fused_linear_distill_loss(H, W, teacher_indices=full, teacher_logprobs=lpt,
+                                         mode=mode, divergence="fkl", temperature=1.5)
+        assert f[0] == pytest.approx(d[0], rel=1e-10)
+        np.testing.assert_allclose(f[1], d[1], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(f[2], d[2], rtol=0, atol=1e-10)
+    e = kn.fused_linear_distill_loss(H[:0], W, teacher_indices=I[:0], teacher_logprobs=LP[:0],
+                                     reduction="sum")
+    assert e[0] == 0.0 and e[1].shape == (0, 4) and not e[2].any()
+
+
+def test_fused_sparse_bad_index_rows():
+    """A repeated index (row 1) and one out of [0, V) (row 3): invalid rows
+    counted in bad_index_rows, NaN losses, no gradient from them; the other
+    rows as sparse_distill_loss's; check_indices raises instead."""
+    H, W, _ = fused_data(seed=37)
+    I, LP = fused_sparse_teacher(seed=38)
+    I[1, 2] = I[1, 0]
+    with pytest.raises(kdloss.InvalidRowsError, match=r"1 of 5 rows.*repeated in its row \(1 rows"):
+        kn.fused_linear_distill_loss(H, W, teacher_indices=I, teacher_logprobs=LP)
+    I[3, 1] = 9
+    for mode in ("renormalised", "tail"):
+        kw = dict(mode=mode, divergence="jsd", reduction="none", raise_on_invalid=False)
+        loss, gh, gw, st = kn.fused_linear_distill_loss(H, W, teacher_indices=I,
+                                                        teacher_logprobs=LP, **kw)
+        ref, dl, rst = kn.sparse_distill_loss(H @ W.T, I, LP, **kw)
+        assert st == rst == {"valid_rows": 3, "invalid_rows": 2, "bad_index_rows": 2}
+        assert np.isnan(loss[[1, 3]]).all() and not gh[[1, 3]].any()
+        np.testing.assert_allclose(loss[[0, 2, 4]], ref[[0, 2, 4]], rtol=1e-12)
+        np.testing.assert_allclose(gh, dl @ W, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(gw, dl.T @ H, rtol=0, atol=1e-12)
+        m = kn.fused_linear_distill_loss(H, W, teacher_indices=I, teacher_logprobs=LP,
+                                         **{**kw, "reduction": "mean"})
+        assert m[0] == pytest.approx(np.nanmean(loss), rel=1e-12)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM") as e:
+        kn.fused_linear_distill_loss(H, W, teacher_indices=I, teacher_logprobs=LP,
+                                     check_indices=True)
+    assert "row" in e.value.detail
+    LP2 = LP.copy()
+    LP2[2, 0] = 0.5  # a log-prob > 0: invalid, not a bad index
+    _, _, _, st = kn.fused_linear_distill_loss(H, W, teacher_indices=fused_sparse_teacher(38)[0],
+                                               teacher_logprobs=LP2, raise_on_invalid=False)
+    assert st == {"valid_rows": 4, "invalid_rows": 1, "bad_index_rows": 0}
+
+
+def test_fused_sparse_bad_arguments():
+    H, W, T = fused_data(seed=39)
+    Ht, Wt, _ = teacher_layer(seed=40)
+    I, LP = fused_sparse_teacher(seed=41)
+    f = kn.fused_linear_distill_loss
+    sp = dict(teacher_indices=I, teacher_logprobs=LP)
+    with pytest.raises(ValueError, match="one teacher: teacher, or teacher_hidden and "
+                                         r"teacher_weight \(and teacher_bias\), or "
+                                         "teacher_indices and teacher_logprobs; got teacher, "
+                                         "teacher_indices, teacher_logprobs"):
+        f(H, W, T, **sp)
+    with pytest.raises(ValueError, match="got teacher_hidden, teacher_weight, teacher_indices$"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt, teacher_indices=I)
+    with pytest.raises(ValueError, match="no teacher: give teacher, .* or teacher_indices and "
+                                         "teacher_logprobs"):
+        f(H, W)
+    with pytest.raises(ValueError, match="needs teacher_indices and teacher_logprobs; got "
+                                         "teacher_indices only"):
+        f(H, W, teacher_indices=I)
+    with pytest.raises(ValueError, match="got teacher_logprobs only"):
+        f(H, W, teacher_logprobs=LP)
+    with pytest.raises(ValueError, match="mode belong to the sparse teacher"):
+        f(H, W, T, mode="tail")
+    with pytest.raises(ValueError, match="check_indices belong to the sparse teacher"):
+        f(H, W, teacher_hidden=Ht, teacher_weight=Wt, check_indices=True)
+    with pytest.raises(ValueError, match="unknown mode 'topk'"):
+        f(H, W, mode="topk", **sp)
+    with pytest.raises(TypeError, match="teacher_indices must have dtype int64"):
+        f(H, W, teacher_indices=I.astype(np.int32), teacher_logprobs=LP)
+    with pytest.raises(TypeError, match="teacher_logprobs has dtype int64"):
+        f(H, W, teacher_indices=I, teacher_logprobs=I)
+    with pytest.raises(ValueError, match="teacher_indices shape .5, 4. != teacher_logprobs shape"):
+        f(H, W, teacher_indices=I, teacher_logprobs=LP[:, :3])
+    with pytest.raises(ValueError, match=r"support \(4, 4\) and hidden \(5, 4\) differ in their "
+                                         "leading"):
+        f(H, W, teacher_indices=I[:4], teacher_logprobs=LP[:4])
+    with pytest.raises(ValueError, match="contiguous in its last"):
+        f(H, W, teacher_indices=np.asfortranarray(I), teacher_logprobs=LP)
+    with pytest.raises(kdloss.KdlossError, match="NOT_SUPPORTED") as e:
+        f(H, W, divergence="rkl", **sp)  # infinite in the renormalised mode
+    assert not isinstance(e.value, ValueError)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):  # k > V
+        f(H, W[:3], teacher_indices=I, teacher_logprobs=LP)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):  # AKL head larger than k
+        f(H, W, mode="tail", divergence="akl", head_rule="topk", top_k=5, **sp)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TEMPERATURE"):
+        f(H, W, temperature=0.0, **sp)
+
+
 # -------------------------------------------------------- vocabulary-parallel
 def run_shards(S, T, widths, raise_on_invalid=True, **kw):
     """Every shard in this process, in lockstep; the all-reduces by numpy."""

@@ -384,10 +384,10 @@ def test_fused_linear_16bit_grad_dtype_cpu(dtype, reduction):
         assert ((g16.double() - ref).abs() <= ulp * ref.abs() + 1e-6).all()
     # the operator's own outputs are in the 16-bit dtype (opcheck: fake = real)
     if hasattr(torch.library, "opcheck") and kt._HAS_CUSTOM_OP and reduction == "mean":
-        args = (h, w, t, b, None, None, None, None, *kt._opt_args(dict(
+        args = (h, w, t, b, None, None, None, None, None, None, *kt._opt_args(dict(
             divergence="jsd", temperature=1.0, alpha=0.1, beta=0.5, head_rule="reference",
             mu=0.5, top_k=1, reduction="mean", scale=1.0, ignore_index=-100)),
-            0, True, True, True, dtype, True)
+            0, True, True, True, dtype, None, True, False)
         out = torch.ops.kdloss.fused_linear_fwd.default(*args)
         assert [o.dtype for o in out[1:4]] == [dtype] * 3
         torch.library.opcheck(torch.ops.kdloss.fused_linear_fwd.default, args)
@@ -577,6 +577,172 @@ def test_fused_teacher_linear_bad_arguments():
     ht2[2, 0] = float("nan")
     with pytest.raises(kdloss.InvalidRowsError, match="1 of 6 rows"):
         f(h, w, teacher_hidden=ht2, teacher_weight=wt)
+    assert h.grad is None and w.grad is None
+
+
+# ------------------------------------------------ the sparse (top-k) teacher
+def fused_sparse_teacher(n=6, v=11, k=4, seed=0):
+    """teacher_indices, teacher_logprobs [n, k]: the top-k of random
+    teacher log-probs, in no particular order within a row."""
+    _, _, idx, lp = sparse_data(n=n, v=v, k=k, seed=seed)
+    return idx, lp
+
+
+FUSED_SPARSE = [("renormalised", d) for d in RENORM] + [("tail", d) for d in DIVS]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode,div", FUSED_SPARSE)
+def test_fused_sparse_against_sparse_loss_autograd(mode, div, reduction):
+    """The sparse teacher beside hidden @ weight.T + bias: loss and the
+    gradients to h, W, b (non-uniform upstream gradient; reduction none:
+    the second library call) equal autograd through sparse_distill_loss on
+    the logits materialised here, through the textbook above on them, and
+    (by hand) dH = dL W, dW = dL^T H, db = column sums of dL with dL the
+    sparse loss's gradient; the teacher's log-probs, though they require
+    grad, get none."""
+    h, w, _ = fused_data(seed=61)
+    b = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(62))
+    idx, lp = fused_sparse_teacher(seed=63)
+    lp.requires_grad_()
+    labels = torch.tensor([3, -100, 0, 1, 2, 9])
+    kw = dict(divergence=div, temperature=1.4, labels=labels, reduction=reduction, scale=2.0,
+              **OPTS)
+    x = [[v.clone().requires_grad_() for v in (h, w, b)] for _ in range(3)]
+    a = kt.fused_linear_distill_loss(x[0][0], x[0][1], bias=x[0][2], teacher_indices=idx,
+                                     teacher_logprobs=lp, mode=mode, chunk_rows=4, **kw)
+    r = kt.sparse_distill_loss(x[1][0] @ x[1][1].T + x[1][2], idx, lp, mode=mode, **kw)
+    book = sparse_textbook(x[2][0] @ x[2][1].T + x[2][2], idx, lp.detach(), mode, div,
+                           **{k: v for k, v in kw.items() if k != "divergence"})
+    up = torch.rand(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(64)) \
+        + 0.5
+    for y in (a, r, book):
+        (y * up).sum().backward()
+    torch.testing.assert_close(a, r.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a, book.detach(), rtol=1e-12, atol=1e-14)
+    for g1, g2, g3 in zip(*x):
+        torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(g1.grad, g3.grad, rtol=1e-10, atol=1e-13)
+    assert lp.grad is None and not x[0][0].grad[1].any()
+    z = (h @ w.T + b).requires_grad_()
+    (kt.sparse_distill_loss(z, idx, lp.detach(), mode=mode, **kw) * up).sum().backward()
+    for g, want in zip(x[0], (z.grad @ w, z.grad.T @ h, z.grad.sum(0))):
+        torch.testing.assert_close(g.grad, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode,div", [("renormalised", "fkl"), ("renormalised", "srkl"),
+                                      ("tail", "jsd"), ("tail", "rkl")])
+def test_fused_sparse_gradcheck(mode, div, reduction):
+    h, w, _ = fused_data(n=3, d=3, v=7, seed=65)
+    idx, lp = fused_sparse_teacher(n=3, v=7, k=3, seed=66)
+    b = torch.randn(7, dtype=torch.float64)
+    args = [v.clone().requires_grad_() for v in (h, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, y, z: kt.fused_linear_distill_loss(
+            x, y, bias=z, teacher_indices=idx, teacher_logprobs=lp, mode=mode, divergence=div,
+            reduction=reduction, temperature=1.3, chunk_rows=2, **OPTS),
+        args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_sparse_dtypes_layouts_stats_and_bad_index():
+    """A float32 student with bfloat16 log-probs (read exactly), [B, T, d]
+    hidden with [B, T, k] supports, a padded support, stats, a row with an
+    index out of [0, V) (invalid, counted in bad_index_rows; check_indices
+    raises instead), no rows."""
+    h, w, _ = fused_data(seed=67, dtype=torch.float32)
+    idx, lp = fused_sparse_teacher(seed=68)
+    lpb = lp.to(torch.bfloat16)
+    x = [h.reshape(2, 3, 5).clone().requires_grad_(), w.clone().requires_grad_()]
+    loss, st = kt.fused_linear_distill_loss(x[0], x[1], teacher_indices=idx.reshape(2, 3, 4),
+                                            teacher_logprobs=lpb.reshape(2, 3, 4), mode="tail",
+                                            divergence="akl", reduction="none",
+                                            return_stats=True)
+    assert loss.shape == (2, 3) and loss.dtype == torch.float32
+    assert {k: int(v) for k, v in st.items()} == {"valid_rows": 6, "invalid_rows": 0,
+                                                  "bad_index_rows": 0}
+    loss.sum().backward()
+    y = [v.double().requires_grad_() for v in (h, w)]
+    ref = kt.sparse_distill_loss(y[0] @ y[1].T, idx, lpb.double(), mode="tail", divergence="akl",
+                                 reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss.reshape(6).double(), ref.detach(), rtol=1e-6, atol=1e-7)
+    assert x[0].grad.dtype == torch.float32 and x[0].grad.shape == (2, 3, 5)
+    torch.testing.assert_close(x[0].grad.reshape(6, 5).double(), y[0].grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x[1].grad.double(), y[1].grad, rtol=1e-6, atol=1e-7)
+    h, w = h.double(), w.double()
+    iw = torch.full((6, 9), -1, dtype=torch.int64)
+    iw[:, 2:6] = idx
+    lw = torch.full((6, 9), float("nan"), dtype=torch.float64)
+    lw[:, 2:6] = lp
+    a = kt.fused_linear_distill_loss(h, w, teacher_indices=iw[:, 2:6], teacher_logprobs=lw[:, 2:6])
+    assert a.item() == kt.fused_linear_distill_loss(h, w, teacher_indices=idx,
+                                                    teacher_logprobs=lp).item()
+    bad = idx.clone()
+    bad[4, 0] = 11  # out of [0, V)
+    with pytest.raises(kdloss.InvalidRowsError, match=r"1 of 6 rows.*\(1 rows\)"):
+        kt.fused_linear_distill_loss(h, w, teacher_indices=bad, teacher_logprobs=lp)
+    hl = h.clone().requires_grad_()
+    loss, st = kt.fused_linear_distill_loss(hl, w, teacher_indices=bad, teacher_logprobs=lp,
+                                            reduction="none", raise_on_invalid=False,
+                                            return_stats=True)
+    assert torch.isnan(loss[4]) and torch.isfinite(loss[[0, 1, 2, 3, 5]]).all()
+    assert int(st["bad_index_rows"]) == 1 and int(st["invalid_rows"]) == 1
+    loss[[0, 1, 2, 3, 5]].sum().backward()
+    assert not hl.grad[4].any() and hl.grad[0].any()
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_PARAM"):
+        kt.fused_linear_distill_loss(h, w, teacher_indices=bad, teacher_logprobs=lp,
+                                     check_indices=True)
+    e = torch.empty(0, 5, dtype=torch.float64, requires_grad=True)
+    for red in ("mean", "none"):
+        out = kt.fused_linear_distill_loss(e, w, teacher_indices=idx[:0], teacher_logprobs=lp[:0],
+                                           reduction=red)
+        assert out.shape == ((0,) if red == "none" else ()) and not out.any()
+
+
+def test_fused_sparse_bad_arguments():
+    h, w, t = fused_data(seed=69)
+    ht, wt, _ = teacher_layer(seed=70)
+    idx, lp = fused_sparse_teacher(seed=71)
+    h.requires_grad_()
+    w.requires_grad_()
+    f = kt.fused_linear_distill_loss
+    sp = dict(teacher_indices=idx, teacher_logprobs=lp)
+    with pytest.raises(ValueError, match="one teacher: teacher_logits, or teacher_hidden and "
+                                         r"teacher_weight \(and teacher_bias\), or "
+                                         "teacher_indices and teacher_logprobs; got "
+                                         "teacher_logits, teacher_indices, teacher_logprobs"):
+        f(h, w, t, **sp)
+    with pytest.raises(ValueError, match="got teacher_hidden, teacher_weight, teacher_logprobs$"):
+        f(h, w, teacher_hidden=ht, teacher_weight=wt, teacher_logprobs=lp)
+    with pytest.raises(ValueError, match="no teacher: give teacher_logits, .* or teacher_indices"):
+        f(h, w)
+    with pytest.raises(ValueError, match="needs teacher_indices and teacher_logprobs; got "
+                                         "teacher_logprobs only"):
+        f(h, w, teacher_logprobs=lp)
+    with pytest.raises(ValueError, match="mode belong to the sparse teacher"):
+        f(h, w, t, mode="renormalised")
+    with pytest.raises(ValueError, match="mode and check_indices belong to the sparse teacher"):
+        f(h, w, t, mode="tail", check_indices=True)
+    with pytest.raises(ValueError, match="unknown mode"):
+        f(h, w, mode="bucket", **sp)
+    with pytest.raises(TypeError, match="teacher_indices must have dtype torch.int64"):
+        f(h, w, teacher_indices=idx.int(), teacher_logprobs=lp)
+    with pytest.raises(TypeError, match="teacher_indices must be a torch.Tensor"):
+        f(h, w, teacher_indices=idx.numpy(), teacher_logprobs=lp)
+    with pytest.raises(ValueError, match="teacher_indices shape"):
+        f(h, w, teacher_indices=idx, teacher_logprobs=lp[:, :2])
+    with pytest.raises(ValueError, match="and hidden .* differ in their leading"):
+        f(h, w, teacher_indices=idx[:5], teacher_logprobs=lp[:5])
+    with pytest.raises(ValueError, match="teacher_logprobs on meta"):
+        f(h, w, teacher_indices=idx, teacher_logprobs=lp.to("meta"))
+    with pytest.raises(kdloss.KdlossError, match="NOT_SUPPORTED") as e:
+        f(h, w, mode="renormalised", divergence="akl", **sp)
+    assert not isinstance(e.value, ValueError)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TOP_K"):
+        f(h, w[:3], **sp)
+    with pytest.raises(kdloss.KdlossValueError, match="BAD_TEMPERATURE"):
+        f(h, w, temperature=float("nan"), **sp)
     assert h.grad is None and w.grad is None
 
 
