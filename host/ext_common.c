@@ -53,8 +53,20 @@ size_t kdl_ext_dense_ws_bytes(int64_t rows)
     return 256 + align256((size_t)rows * sizeof(float));
 }
 
+size_t kdl_ext_sparse_rows_ws_bytes(int64_t rows)
+{
+    size_t n = rows > 0 ? (size_t)rows : 1;
+    return align256(n * sizeof(double)) + align256(n) + 256;
+}
+
+int kdl_ext_fused_teacher(const kdl_fused_linear_args_t *a)
+{
+    if (kdl_fused_linear_sparse(a)) return KDL_EXT_FUSED_TEACHER_SPARSE;
+    return a->teacher_hidden ? KDL_EXT_FUSED_TEACHER_LINEAR : KDL_EXT_FUSED_TEACHER_LOGITS;
+}
+
 kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias,
-                                            int teacher_linear)
+                                            int teacher)
 {
     kdl_ext_fused_layout_t L;
     memset(&L, 0, sizeof L);
@@ -62,17 +74,18 @@ kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int si
         L.total = 256;
         return L;
     }
-    /* c * V * 10 + V * 8 + c * 4 + 2048 must fit size_t: c * V <= SIZE_MAX / 16 */
+    /* c * V * 10 + V * 8 + c * 4 + 2048 (sparse teacher: c * V * 6 + c * 9 + ...)
+     * must fit size_t: c * V <= SIZE_MAX / 16 */
     if ((uint64_t)chunk > (SIZE_MAX / 16 - 4096) / (uint64_t)vocab || (uint64_t)vocab > SIZE_MAX / 64) return L;
     size_t cv = (size_t)chunk * (size_t)vocab, off = 0;
     L.logits = off;
     off += align256(cv * 4);
     L.teacher = off;
-    if (teacher_linear) off += align256(cv * 4);
+    if (teacher == KDL_EXT_FUSED_TEACHER_LINEAR) off += align256(cv * 4);
     L.dl16 = off;
     if (sixteen) off += align256(cv * 2);
     L.dense = off;
-    off += kdl_ext_dense_ws_bytes(chunk);
+    off += teacher == KDL_EXT_FUSED_TEACHER_SPARSE ? kdl_ext_sparse_rows_ws_bytes(chunk) : kdl_ext_dense_ws_bytes(chunk);
     L.bias = off;
     if (grad_bias) off += align256((size_t)vocab * sizeof(double));
     L.acc = off;
@@ -84,7 +97,7 @@ size_t kdl_ext_fused_workspace_bytes(const kdl_fused_linear_args_t *a)
 {
     int sixteen = a->hidden_dtype == KDL_DTYPE_F16 || a->hidden_dtype == KDL_DTYPE_BF16;
     return kdl_ext_fused_layout(kdl_fused_linear_chunk_rows(a), a->vocab, sixteen, a->grad_bias != NULL,
-                                a->teacher_hidden != NULL)
+                                kdl_ext_fused_teacher(a))
         .total;
 }
 

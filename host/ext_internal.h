@@ -40,9 +40,6 @@ int kdl_ext_span_ok(int64_t rows, int64_t cols, int64_t ld, size_t elem);
  * KDL_STATUS_NULL_POINTER; another struct_size: KDL_STATUS_BAD_STRUCT_SIZE.
  * Every fused-linear entry point reads its args only through this. */
 kdl_status_t kdl_fused_linear_args_load(const kdl_fused_linear_args_t *in, kdl_fused_linear_args_t *out);
-/* 1 when (loaded) args ask for the sparse teacher (version 4): teacher_indices,
- * teacher_logprobs or k set. */
-int kdl_fused_linear_sparse(const kdl_fused_linear_args_t *args);
 /* The kdl_sparse_args_t of the sparse teacher: mode, k, indices, log-probs,
  * labels, loss and counters from args; student = hidden_states in its dtype
  * with ld V (a stand-in for the checks: callers set the logits they form),
@@ -56,25 +53,41 @@ void kdl_fused_linear_sparse_view(const kdl_fused_linear_args_t *args, kdl_spars
  *   teacher teacher_linear only: the float32 teacher logits of the chunk
  *           [c, V], H_t,c W_t^T (+ b_t) (only read by the loss kernel);
  *   dl16    16-bit inputs only: dL of the chunk in the inputs' dtype [c, V];
- *   dense   the dense loss kernel's workspace for c rows (kdl_loss_ws_bytes:
- *           256-byte header + one float per row);
+ *   dense   the loss kernel's workspace for c rows: the dense kernel's
+ *           (kdl_loss_ws_bytes: 256-byte header + one float per row), or
+ *           with the sparse teacher the sparse launcher's
+ *           (kdl_ext_sparse_ws_bytes: c doubles, c bytes, 256 bytes);
  *   bias    grad_bias only: float64 column sums of dL [V];
  *   acc     256 bytes of per-call accumulators (double[4]: loss sum, valid,
  *           invalid, 1/valid; then the chunk's loss (double), invalid and
- *           valid counts (int64) as the dense call writes them).
- * c = 0 (N = 0): only acc, at offset 0.  total = 0 on size_t overflow. */
+ *           valid counts (int64) as the dense call writes them; [7] the
+ *           16-bit MEAN row count; [8] the chunk's bad-index rows (int64,
+ *           sparse teacher), [9] their sum over the chunks (double)).
+ * c = 0 (N = 0): only acc, at offset 0.  total = 0 on size_t overflow.
+ * teacher: how the chunk's teacher is given (KDL_EXT_FUSED_TEACHER_*). */
+enum { KDL_EXT_FUSED_TEACHER_LOGITS = 0, KDL_EXT_FUSED_TEACHER_LINEAR = 1, KDL_EXT_FUSED_TEACHER_SPARSE = 2 };
 typedef struct kdl_ext_fused_layout {
     size_t logits, teacher, dl16, dense, bias, acc, total;
 } kdl_ext_fused_layout_t;
 kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int sixteen, int grad_bias,
-                                            int teacher_linear);
+                                            int teacher);
 /* The dense part above: the formula of kernels/loss.cu kdl_loss_ws_bytes
  * (the GPU wrapper checks that they agree). */
 size_t kdl_ext_dense_ws_bytes(int64_t rows);
+/* Its sparse counterpart: kernels/ext.cu kdl_ext_sparse_ws_bytes (checked
+ * likewise). */
+size_t kdl_ext_sparse_rows_ws_bytes(int64_t rows);
+/* The teacher kind of (loaded) args: KDL_EXT_FUSED_TEACHER_*. */
+int kdl_ext_fused_teacher(const kdl_fused_linear_args_t *args);
 /* The layout's total for (loaded) args: chunk, dtypes, grad_bias and
- * teacher_hidden. */
+ * the teacher kind. */
 size_t kdl_ext_fused_workspace_bytes(const kdl_fused_linear_args_t *args);
 #endif
+
+/* 1 when (loaded) fused-linear args ask for the sparse teacher (version 4):
+ * teacher_indices, teacher_logprobs or k set (host code, kernels/ext.cu's
+ * launchers included). */
+int kdl_fused_linear_sparse(const kdl_fused_linear_args_t *args);
 
 /* Teacher-order key of a logit of the given byte width (2, 4 or 8) from its
  * raw bits: larger logit -> smaller key, so ascending (key, index) is the

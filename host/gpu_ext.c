@@ -91,9 +91,19 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
     kdl_status_t st = kdl_fused_linear_validate(d, a, 0);
     if (st) return st;
-    if (kdl_fused_linear_sparse(a))
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "fused linear GPU path: sparse teacher not yet implemented");
     int64_t c = kdl_fused_linear_chunk_rows(a);
+    const int teacher = kdl_ext_fused_teacher(a);
+    if (teacher == KDL_EXT_FUSED_TEACHER_SPARSE) {
+        /* the sparse row kernel's shared memory (support bitmap of V bits,
+         * the k entries, AKL's sort keys), as sparse_check has it */
+        const size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k, d->divergence == KDL_DIV_AKL) +
+                            KDL_EXT_SPARSE_STATIC_SMEM;
+        if (smem > h->smem_per_block_optin)
+            return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
+                            "fused linear GPU path, sparse teacher: vocab %lld, k %lld need %zu bytes of shared memory "
+                            "(device: %zu)",
+                            (long long)a->vocab, (long long)a->k, smem, h->smem_per_block_optin);
+    }
     if (a->vocab > INT_MAX || a->hidden > INT_MAX || c > INT_MAX || a->ld_hidden > INT_MAX ||
         a->ld_weight > INT_MAX || a->ld_grad_hidden > INT_MAX || a->ld_grad_weight > INT_MAX ||
         a->rows > INT32_MAX ||
@@ -103,12 +113,14 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
     if (a->vocab > KDL_LOSS_MAX_VOCAB)
         return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "vocab = %lld exceeds the GPU limit %lld", (long long)a->vocab,
                         (long long)KDL_LOSS_MAX_VOCAB);
-    *lay = kdl_ext_fused_layout(c, a->vocab, is16(a->hidden_dtype), a->grad_bias != NULL, a->teacher_hidden != NULL);
+    *lay = kdl_ext_fused_layout(c, a->vocab, is16(a->hidden_dtype), a->grad_bias != NULL, teacher);
     if (!lay->total)
         return kdl_fail(KDL_STATUS_SIZE_OVERFLOW, "workspace of chunk %lld x vocab %lld", (long long)c,
                         (long long)a->vocab);
     if (c > 0 && kdl_ext_dense_ws_bytes(c) != kdl_loss_ws_bytes(c))
         return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "dense workspace formula out of date");
+    if (c > 0 && kdl_ext_sparse_rows_ws_bytes(c) != kdl_ext_sparse_ws_bytes(c))
+        return kdl_fail(KDL_STATUS_INTERNAL_ERROR, "sparse workspace formula out of date");
     return KDL_STATUS_SUCCESS;
 }
 
@@ -155,6 +167,41 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
                 what);
 }
 
+/* The sparse teacher's loss and dL of the chunk of c rows at r0 (loss and
+ * counters as the dense call below has them: rows r0.. of the per-row loss
+ * for NONE, else the scaled sum as double into acc[4]; invalid, valid and
+ * bad-index rows as int64 at acc + 5, 6, 8).  dd: SUM for MEAN.  grad: dL
+ * (NULL: none) over L in place when it is L; ws: the sparse workspace of c
+ * rows. */
+static kdl_status_t sparse_chunk(kdl_handle_t h, const kdl_loss_desc_t *dd, const kdl_fused_linear_args_t *a,
+                                 int64_t r0, int c, float *L, void *grad, kdl_dtype_t grad_dtype, double *acc,
+                                 void *ws)
+{
+    kdl_sparse_args_t sa;
+    kdl_fused_linear_sparse_view(a, &sa);
+    sa.rows = c;
+    sa.student = L;
+    sa.ld_student = a->vocab;
+    sa.student_dtype = KDL_DTYPE_F32;
+    sa.teacher_indices = a->teacher_indices + (size_t)r0 * (size_t)a->ld_teacher_indices;
+    sa.teacher_logprobs = (const char *)a->teacher_logprobs +
+                          (size_t)r0 * (size_t)a->ld_teacher_logprobs * kdl_dtype_size(a->teacher_logprobs_dtype);
+    sa.labels = a->labels ? a->labels + r0 : NULL;
+    sa.grad = grad;
+    sa.ld_grad = a->vocab;
+    sa.grad_dtype = grad_dtype;
+    if (dd->reduction == KDL_REDUCTION_NONE) {
+        sa.loss = (char *)a->loss + (size_t)r0 * kdl_dtype_size(a->out_dtype);
+    } else {
+        sa.out_dtype = KDL_DTYPE_F64;
+        sa.loss = acc + 4;
+    }
+    sa.info = (int64_t *)(acc + 5);
+    sa.valid_rows = (int64_t *)(acc + 6);
+    sa.bad_index_rows = (int64_t *)(acc + 8);
+    return kdl_ext_sparse_launch(dd, &sa, ws, h->smem_per_block_optin, h->stream);
+}
+
 /*
  * Per chunk of c rows (rows r0 .. r0 + c - 1):
  *   1. L = H_c W^T (+ b): the bias broadcast into L first, then the GEMM
@@ -185,6 +232,21 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
  *      place, or rounded once into the 16-bit buffer); 16-bit MEAN: float32
  *      in place, then scaled by 1/counted rows and rounded once into the
  *      16-bit buffer (the finish kernels scale by counted/valid).
+ *      With the sparse teacher (version 4) the chunk's loss and dL come
+ *      from the sparse launcher instead (kdl_ext_sparse_launch: one block
+ *      per row, then its row-sum kernel) on the float32 chunk L with the
+ *      chunk's index and log-prob rows, the same reductions (SUM for SUM
+ *      and MEAN, never its own MEAN: that path counts rows and rescales the
+ *      gradient after the rows wrote it), its workspace of c rows in place
+ *      of the dense one, and dL where the dense call puts it.  In place is
+ *      safe: sparse_row_kernel reads the row's other logits (the LSE
+ *      passes, the support gathers for AKL and the loss) only before its
+ *      last block-wide reduction (G); after it each thread reads the logit
+ *      it then overwrites, the off-support pass and the support pass touch
+ *      disjoint elements (the shared-memory bitmap; rows with a repeated
+ *      index have left with a zero row), and nothing is read from shared
+ *      memory that a gradient write changes.  Its bad-index count goes to
+ *      acc + 8, summed over the chunks into acc[9].
  *   3. The chunk's loss and counts into the accumulators.
  *   4. dH_c = dL W, dW (+)= dL^T H_c, db (+)= colsum(dL).
  * Then the finish kernels (loss, counters, db, MEAN scale).
@@ -214,7 +276,9 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     void *dense_ws = (char *)ws + lay.dense;
     double *acc_b = (double *)((char *)ws + lay.bias);
     double *acc = (double *)((char *)ws + lay.acc);
-    KDL_CUDA_CHECK(cudaMemsetAsync(acc, 0, 4 * sizeof(double), h->stream));
+    /* acc[0..3] and the bad-index slots acc[8], acc[9] (acc[4..6] are
+     * written by each chunk's loss call, acc[7] by kdl_ext_fused_count) */
+    KDL_CUDA_CHECK(cudaMemsetAsync(acc, 0, 10 * sizeof(double), h->stream));
     if (N == 0) {
         const size_t gsz = kdl_dtype_size(gdt);
         if (a->grad_weight)
@@ -250,6 +314,7 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     kdl_loss_desc_t dd = *d;
     if (dd.reduction == KDL_REDUCTION_MEAN) dd.reduction = KDL_REDUCTION_SUM;
     const size_t tsz = kdl_dtype_size(a->teacher_dtype), osz = kdl_dtype_size(a->out_dtype);
+    const int sparse = kdl_fused_linear_sparse(a);
 
     for (int64_t r0 = 0; r0 < N; r0 += C) {
         const int c = (int)(N - r0 < C ? N - r0 : C);
@@ -281,51 +346,57 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
             if (st) return st;
         }
 
-        /* 2. loss and dL of the chunk: the dense loss kernel */
-        kdl_loss_args_t la;
-        kdl_loss_args_init(&la);
-        la.rows = c;
-        la.vocab = V;
-        la.student = L;
-        la.ld_student = V;
-        la.student_dtype = KDL_DTYPE_F32;
-        if (a->teacher_hidden) {
-            la.teacher = Tw;
-            la.ld_teacher = V;
-            la.teacher_dtype = KDL_DTYPE_F32;
+        /* 2. loss and dL of the chunk: the sparse launcher or the dense loss kernel */
+        if (sparse) {
+            st = sparse_chunk(h, &dd, a, r0, c, L, want_dl ? (direct ? dL : (void *)L) : NULL,
+                              direct ? dldt : KDL_DTYPE_F32, acc, dense_ws);
+            if (st) return st;
         } else {
-            la.teacher = (const char *)a->teacher + (size_t)r0 * (size_t)a->ld_teacher * tsz;
-            la.ld_teacher = a->ld_teacher;
-            la.teacher_dtype = a->teacher_dtype;
+            kdl_loss_args_t la;
+            kdl_loss_args_init(&la);
+            la.rows = c;
+            la.vocab = V;
+            la.student = L;
+            la.ld_student = V;
+            la.student_dtype = KDL_DTYPE_F32;
+            if (a->teacher_hidden) {
+                la.teacher = Tw;
+                la.ld_teacher = V;
+                la.teacher_dtype = KDL_DTYPE_F32;
+            } else {
+                la.teacher = (const char *)a->teacher + (size_t)r0 * (size_t)a->ld_teacher * tsz;
+                la.ld_teacher = a->ld_teacher;
+                la.teacher_dtype = a->teacher_dtype;
+            }
+            la.labels = a->labels ? a->labels + r0 : NULL;
+            if (want_dl) {
+                la.grad = direct ? dL : (void *)L;
+                la.grad_dtype = direct ? dldt : KDL_DTYPE_F32;
+                la.ld_grad = V;
+            }
+            if (d->reduction == KDL_REDUCTION_NONE) {
+                la.out_dtype = a->out_dtype;
+                la.loss = (char *)a->loss + (size_t)r0 * osz;
+            } else {
+                la.out_dtype = KDL_DTYPE_F64;
+                la.loss = acc + 4;
+            }
+            la.info = (int64_t *)(acc + 5);
+            la.valid_rows = (int64_t *)(acc + 6);
+            kdl_loss_launch_t LL;
+            memset(&LL, 0, sizeof LL);
+            LL.desc = &dd;
+            LL.args = &la;
+            LL.workspace = dense_ws;
+            LL.stream = h->stream;
+            LL.cache = &h->loss_cache; /* the handle's memo (kernels-review R4-6) */
+            LL.cc_major = h->cc_major;
+            LL.sm_count = h->sm_count;
+            LL.cluster_launch = h->cluster_launch;
+            LL.smem_per_block_optin = h->smem_per_block_optin;
+            st = kdl_loss_launch(&LL, NULL);
+            if (st) return st;
         }
-        la.labels = a->labels ? a->labels + r0 : NULL;
-        if (want_dl) {
-            la.grad = direct ? dL : (void *)L;
-            la.grad_dtype = direct ? dldt : KDL_DTYPE_F32;
-            la.ld_grad = V;
-        }
-        if (d->reduction == KDL_REDUCTION_NONE) {
-            la.out_dtype = a->out_dtype;
-            la.loss = (char *)a->loss + (size_t)r0 * osz;
-        } else {
-            la.out_dtype = KDL_DTYPE_F64;
-            la.loss = acc + 4;
-        }
-        la.info = (int64_t *)(acc + 5);
-        la.valid_rows = (int64_t *)(acc + 6);
-        kdl_loss_launch_t LL;
-        memset(&LL, 0, sizeof LL);
-        LL.desc = &dd;
-        LL.args = &la;
-        LL.workspace = dense_ws;
-        LL.stream = h->stream;
-        LL.cache = &h->loss_cache; /* the handle's memo (kernels-review R4-6) */
-        LL.cc_major = h->cc_major;
-        LL.sm_count = h->sm_count;
-        LL.cluster_launch = h->cluster_launch;
-        LL.smem_per_block_optin = h->smem_per_block_optin;
-        st = kdl_loss_launch(&LL, NULL);
-        if (st) return st;
         st = kdl_ext_fused_chunk_acc(d, acc, h->stream);
         if (st) return st;
         if (!want_dl) continue;

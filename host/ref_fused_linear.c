@@ -130,7 +130,8 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
         if (a->vocab > 0) {
             const double budget = (double)a->rows * (double)a->vocab * (sixteen ? 2.0 : 4.0) / 8.0;
             while (c > 1 &&
-                   (double)kdl_ext_fused_layout(c, a->vocab, sixteen, a->grad_bias != NULL, tlin).total > budget)
+                   (double)kdl_ext_fused_layout(c, a->vocab, sixteen, a->grad_bias != NULL, kdl_ext_fused_teacher(a))
+                           .total > budget)
                 c--;
         }
     }

@@ -30,7 +30,11 @@
  *    step, the gradient of the slice.  Two launches because a row's new
  *    exchange overlaps other rows' reduced input.
  * 3. Fused linear: the loss and dL of each chunk come from the dense loss
- *    kernel (kernels/loss.cu, launched by host/gpu_ext.c); here only the
+ *    kernel (kernels/loss.cu, launched by host/gpu_ext.c), or with the
+ *    sparse teacher from sparse_row_kernel above (kdl_ext_sparse_launch,
+ *    its gradient written over the float32 logits in place: every read of
+ *    a row's other elements ends before the G reduction, and each gradient
+ *    element is written by the thread that has just read its logit); here only the
  *    small kernels around it: the bias broadcast before the logits GEMM,
  *    the grad_output row scaling (and rounding to 16 bits), the bias column
  *    sums, a one-thread accumulator per chunk, and a finish kernel (outputs;
@@ -959,15 +963,18 @@ __global__ void fused_colsum_kernel(const void *dL, int dt, int64_t c, int64_t V
     }
 }
 
-/* After a chunk's dense call: acc[0] += the chunk's loss (SUM: the dense
- * call wrote its scaled sum, as double, into acc[4]), acc[1] += valid,
- * acc[2] += invalid (int64 at acc + 6 and acc + 5). */
+/* After a chunk's loss call (dense or sparse): acc[0] += the chunk's loss
+ * (SUM: the call wrote its scaled sum, as double, into acc[4]), acc[1] +=
+ * valid, acc[2] += invalid, acc[9] += bad-index rows (int64 at acc + 6,
+ * acc + 5, acc + 8; the last is written by the sparse call only and stays
+ * 0 from the call's start otherwise). */
 __global__ void fused_chunk_acc(int reduction, double *acc)
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     if (reduction != KDL_REDUCTION_NONE) acc[0] += acc[4];
     acc[1] += (double)*(const int64_t *)(acc + 6);
     acc[2] += (double)*(const int64_t *)(acc + 5);
+    acc[9] += (double)*(const int64_t *)(acc + 8);
 }
 
 /* acc[7] = the rows of the call that are not ignored (>= 1; all ignored: 1,
@@ -989,7 +996,7 @@ __global__ void __launch_bounds__(kThreads) fused_count_kernel(const int64_t *la
  * dH, dW, db is acc[7]/valid (exactly 1 when no counted row was invalid:
  * no second rounding); otherwise 1/valid. */
 __global__ void fused_finish_kernel(int reduction, void *loss, int out_dt, int64_t *info, int64_t *valid_rows,
-                                    double *acc, int pre)
+                                    int64_t *bad_rows, double *acc, int pre)
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double nv = acc[1];
@@ -998,6 +1005,7 @@ __global__ void fused_finish_kernel(int reduction, void *loss, int out_dt, int64
     if (reduction == KDL_REDUCTION_MEAN) st_out(loss, out_dt, 0, nv > 0 ? acc[0] / nv : 0.0);
     if (info) *info = (int64_t)acc[2];
     if (valid_rows) *valid_rows = (int64_t)nv;
+    if (bad_rows) *bad_rows = (int64_t)acc[9];
     acc[3] = nv > 0 ? (pre ? acc[7] / nv : 1.0 / nv) : 0.0;
 }
 
@@ -1230,8 +1238,10 @@ extern "C" kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *d, co
                                                     double *acc, const double *acc_bias, int prescaled,
                                                     cudaStream_t stream)
 {
+    int64_t *bad_rows = kdl_fused_linear_sparse(a) ? a->bad_index_rows : NULL;
     KDL_EXT_LAUNCH("fused_finish_kernel", kdl::launch_ex(fused_finish_kernel, 1, 32, 0, stream, (int)d->reduction, a->loss,
-                                                         (int)a->out_dtype, a->info, a->valid_rows, acc, prescaled));
+                                                         (int)a->out_dtype, a->info, a->valid_rows, bad_rows, acc,
+                                                         prescaled));
     const int mean = d->reduction == KDL_REDUCTION_MEAN;
     if (a->grad_bias && a->rows > 0)
         KDL_EXT_LAUNCH("fused_bias_out_kernel", kdl::launch_ex(fused_bias_out_kernel, grid_1d(a->vocab), kThreads, 0, stream,

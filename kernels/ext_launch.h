@@ -56,10 +56,11 @@ kdl_status_t kdl_ext_fused_count(const int64_t *labels, int64_t N, int64_t ignor
 kdl_status_t kdl_ext_fused_colsum(const void *dL, int dL_dtype, int64_t c, int64_t V, double *acc_bias, int first,
                                   cudaStream_t stream);
 /* acc (double[32], host/ext_internal.h's layout): adds the chunk's loss
- * (acc[4]) and counts (int64 at acc + 5: invalid, acc + 6: valid) into
- * acc[0..2]. */
+ * (acc[4]) and counts (int64 at acc + 5: invalid, acc + 6: valid, acc + 8:
+ * bad-index rows) into acc[0..2] and acc[9]. */
 kdl_status_t kdl_ext_fused_chunk_acc(const kdl_loss_desc_t *desc, double *acc, cudaStream_t stream);
-/* After every chunk: loss output, counters, db from acc_bias, and (MEAN)
+/* After every chunk: loss output, counters (bad_index_rows with a sparse
+ * teacher), db from acc_bias, and (MEAN)
  * dH, dW, db scaled by 1/valid, or by acc[7]/valid when prescaled (dL was
  * scaled by 1/acc[7]: 16-bit MEAN). */
 kdl_status_t kdl_ext_fused_finish_launch(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,

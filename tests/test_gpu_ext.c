@@ -803,7 +803,12 @@ typedef struct fl_opts {
     double scale;    /* the desc's scale; 0: kdl_test_desc's */
     int tlin;        /* the teacher as a linear layer in dt, with b_t: 0 no (teacher logits),
                       * FL_TLIN_REAL normal values, FL_TLIN_GRID values on a grid (see fl_teacher) */
+    int sparse;      /* the sparse teacher (version 4): 0 no, else 1 + kdl_sparse_mode_t, k = FL_K
+                      * float32 log-probs (see fl_run_on) */
+    int rule;        /* AKL: 1 + kdl_head_rule_t (TOPK: top_k 4), 0 the desc's default */
 } fl_opts_t;
+
+enum { FL_K = 16 };
 
 enum { FL_TLIN_REAL = 1, FL_TLIN_GRID = 2 };
 
@@ -832,7 +837,7 @@ static size_t fl_compare(const char *what, const double *got, const double *ref,
  * has them), with gradients in gdt: the loss [nl] and dH, dW, db (db when a
  * has grad_bias) back as doubles. */
 static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, kdl_dtype_t gdt, double *gl,
-                   double *gh, double *gw, double *gb)
+                   double *gh, double *gw, double *gb, int64_t *gbad)
 {
     const int64_t N = a->rows, D = a->hidden, V = a->vocab;
     const size_t nh = (size_t)(N * D), nw = (size_t)(V * D), nt = (size_t)(N * V);
@@ -845,7 +850,14 @@ static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, k
     da.weight = dev_buf(a->weight, nw * esz);
     const int tlin = a->teacher_hidden != NULL;
     const size_t tlsz = kdl_dtype_size(a->teacher_linear_dtype);
-    da.teacher = tlin ? NULL : dev_buf(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
+    const int sparse = a->teacher_indices != NULL;
+    da.teacher = tlin || sparse ? NULL : dev_buf(a->teacher, nt * kdl_dtype_size(a->teacher_dtype));
+    if (sparse) {
+        da.teacher_indices = (const int64_t *)kdl_dev_dup(a->teacher_indices, (size_t)(N * a->ld_teacher_indices) * 8);
+        da.teacher_logprobs = kdl_dev_dup(a->teacher_logprobs, (size_t)(N * a->ld_teacher_logprobs) *
+                                                                   kdl_dtype_size(a->teacher_logprobs_dtype));
+        da.bad_index_rows = (int64_t *)kdl_dev_alloc(8, 1);
+    }
     if (tlin) {
         da.teacher_hidden = kdl_dev_dup(a->teacher_hidden, (size_t)(N * a->ld_teacher_hidden) * tlsz);
         da.teacher_weight = kdl_dev_dup(a->teacher_weight, (size_t)(V * a->ld_teacher_weight) * tlsz);
@@ -874,6 +886,10 @@ static void fl_gpu(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, k
         kdl_dev_get(raw, da.grad_bias, (size_t)V * gsz);
         kdl_from_dtype(raw, gb, gdt, V);
     }
+    if (sparse && gbad) kdl_dev_get(gbad, da.bad_index_rows, 8);
+    cudaFree((void *)da.teacher_indices);
+    cudaFree((void *)da.teacher_logprobs);
+    cudaFree(da.bad_index_rows);
     cudaFree((void *)da.hidden_states);
     cudaFree((void *)da.weight);
     cudaFree((void *)da.teacher);
@@ -1104,6 +1120,15 @@ static void fl_teacher_premise(const kdl_loss_desc_t *d, int64_t N, int64_t D, i
  *             chunk (each chunk's partial sum is rounded, and is bounded by
  *             the same sum).  The bound uses twice the count of roundings.
  * |dL| comes from the dense float64 reference on logits materialised here.
+ * The sparse teacher (o->sparse): the same tolerances.  The loss and dL now
+ * come from the sparse row kernel, which works in float32 on the same
+ * float32 logits as the dense kernel (its own GPU tests hold it to 2e-4 of
+ * the largest entry against the reference on float32-rounded logits); the
+ * logits' float32 GEMM error is the dense case's; the teacher's log-probs
+ * are stored in float32 and read as such by both sides, so the support and
+ * AKL's head (teacher order) are the reference's; the 16-bit bound above
+ * uses |dL| of kdl_ref_sparse_loss on logits formed here.  Row 2 holds an
+ * out-of-range index: invalid on both sides, counted in bad_index_rows.
  */
 static void fl_run_on(const fl_opts_t *o, int gpu)
 {
@@ -1133,12 +1158,41 @@ static void fl_run_on(const fl_opts_t *o, int gpu)
 
     kdl_loss_desc_t d = kdl_test_desc(o->div, o->red);
     if (o->scale != 0) d.scale = o->scale;
+    if (o->rule) {
+        d.head_rule = (kdl_head_rule_t)(o->rule - 1);
+        d.top_k = 4;
+    }
     const size_t nl = o->red == KDL_REDUCTION_NONE ? (size_t)N : 1;
     double *rl = (double *)calloc(nl, 8), *rh = (double *)calloc(nh, 8), *rw = (double *)calloc(nw, 8),
            *rb = (double *)calloc((size_t)V, 8);
     kdl_fused_linear_args_t a = kdl_ext_fused_args(N, D, V, Hx, Wx, o->dt, T, KDL_DTYPE_F32, rh, rw, rl);
     a.labels = labels;
     a.chunk_rows = o->chunk;
+    /* the sparse teacher: row i's support {(13 i + j) mod V}, the float32
+     * log-probs of a top-k teacher holding 0.9 of the mass */
+    const int64_t nk = o->sparse ? N * FL_K : 1;
+    int64_t *I = (int64_t *)malloc((size_t)nk * 8), rbad = -1, gbad = -2;
+    double *Pd = (double *)malloc((size_t)nk * 8);
+    float *Pf = (float *)malloc((size_t)nk * 4);
+    if (o->sparse) {
+        kdl_ext_strided_support(N, V, FL_K, 13, I);
+        for (int64_t i = 0; i < N; i++) {
+            kdl_ext_fill_normal(&r, Pd + i * FL_K, FL_K, 0.0, 2.0);
+            kdl_ext_topk_logprobs(Pd + i * FL_K, FL_K, 0.9);
+        }
+        kdl_to_dtype(Pd, Pf, KDL_DTYPE_F32, nk);
+        kdl_from_dtype(Pf, Pd, KDL_DTYPE_F32, nk);
+        if (N > 2) I[2 * FL_K + 3] = V; /* out of range: an invalid row */
+        a.teacher = NULL;
+        a.teacher_indices = I;
+        a.ld_teacher_indices = FL_K;
+        a.teacher_logprobs = Pf;
+        a.ld_teacher_logprobs = FL_K;
+        a.teacher_logprobs_dtype = KDL_DTYPE_F32;
+        a.sparse_mode = (kdl_sparse_mode_t)(o->sparse - 1);
+        a.k = FL_K;
+        a.bad_index_rows = &rbad;
+    }
     if (o->grad_output) a.grad_output = g; /* F32, the default grad_output_dtype */
     if (o->bias) {
         a.bias = bx;
@@ -1155,19 +1209,28 @@ static void fl_run_on(const fl_opts_t *o, int gpu)
         a.teacher_linear_dtype = o->dt;
     }
     char what[160];
-    snprintf(what, sizeof what, "fused %s red %d chunk %lld %s/%s%s%s%s", kdl_divergence_name(o->div), (int)o->red,
+    snprintf(what, sizeof what, "fused %s red %d rule %d chunk %lld %s/%s%s%s%s%s%s", kdl_divergence_name(o->div),
+             (int)o->red, o->rule,
              (long long)o->chunk, kdl_dtype_name(o->dt), kdl_dtype_name(o->gdt), o->grad_output ? " grad_output" : "",
              o->bias ? " bias" : "",
-             o->tlin == FL_TLIN_REAL ? " teacher layer" : o->tlin == FL_TLIN_GRID ? " teacher layer (grid)" : "");
+             o->tlin == FL_TLIN_REAL ? " teacher layer" : o->tlin == FL_TLIN_GRID ? " teacher layer (grid)" : "",
+             o->sparse ? " sparse " : "", o->sparse ? kdl_sparse_mode_name((kdl_sparse_mode_t)(o->sparse - 1)) : "");
     kdl_ext_ref_fused(&d, &a, what);
 
     /* |dL| of the reference, for the 16-bit bounds */
     double *L = (double *)malloc(nt * 8), *dL = (double *)calloc(nt, 8), *junk = (double *)calloc(nl, 8);
     kdl_ext_logits(N, D, V, H, W, o->bias ? b : NULL, L);
-    kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, o->tlin ? (const void *)tt.T : (const void *)T,
-                                            o->tlin ? KDL_DTYPE_F64 : KDL_DTYPE_F32, dL, junk);
-    la.labels = labels;
-    kdl_ext_ref_dense(&d, &la, what);
+    if (o->sparse) {
+        kdl_sparse_args_t sa = kdl_ext_sparse_args((kdl_sparse_mode_t)(o->sparse - 1), N, V, FL_K, L, I, Pd, dL, junk);
+        sa.labels = labels;
+        kdl_ext_ref_sparse(&d, &sa, what);
+        cr_expect_eq(rbad, N > 2 ? 1 : 0, "%s: bad_index_rows of the reference", what);
+    } else {
+        kdl_loss_args_t la = kdl_ext_dense_args(N, V, L, KDL_DTYPE_F64, o->tlin ? (const void *)tt.T : (const void *)T,
+                                                o->tlin ? KDL_DTYPE_F64 : KDL_DTYPE_F32, dL, junk);
+        la.labels = labels;
+        kdl_ext_ref_dense(&d, &la, what);
+    }
     if (o->tlin == FL_TLIN_REAL) fl_teacher_premise(&d, N, D, V, L, tt.T, labels, H, W, tt.eT, what);
     if (o->grad_output)
         for (int64_t i = 0; i < N; i++)
@@ -1189,7 +1252,8 @@ static void fl_run_on(const fl_opts_t *o, int gpu)
     double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8),
            *gb = (double *)malloc((size_t)V * 8);
     if (gpu) { /* else only the reference and the premises ran */
-        fl_gpu(&d, &a, o->gdt, gl, gh, gw, gb);
+        fl_gpu(&d, &a, o->gdt, gl, gh, gw, gb, &gbad);
+        if (o->sparse) cr_expect_eq(gbad, rbad, "%s: bad_index_rows", what);
         KDL_EXPECT_CLOSE(what, gl, rl, nl, kdl_ext_tol_rel_max(rl, (int64_t)nl, 5e-4));
         char w2[192];
         snprintf(w2, sizeof w2, "%s dH", what);
@@ -1202,6 +1266,9 @@ static void fl_run_on(const fl_opts_t *o, int gpu)
         }
     }
     fl_teacher_free(&tt);
+    free(I);
+    free(Pd);
+    free(Pf);
     free(H);
     free(W);
     free(b);
@@ -1232,7 +1299,7 @@ static void fl_run(const fl_opts_t *o) { fl_run_on(o, 1); }
 static void fused_case(kdl_divergence_t div, kdl_reduction_t red, int64_t N, int64_t D, int64_t V, int64_t chunk,
                        uint64_t seed)
 {
-    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0, 0, 0};
+    fl_opts_t o = {div, red, N, D, V, chunk, seed, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 0, 0, 0, 0, 0};
     fl_run(&o);
 }
 
@@ -1255,7 +1322,7 @@ Test(gpu_fused_linear, sixteen_bit_inputs_f32_and_16_bit_gradients)
         for (int k = 0; k < 3; k++)
             for (int g16 = 0; g16 < 2; g16++) {
                 fl_opts_t o = {divs[k], KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 600 + 10 * t + k, dts[t],
-                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0, 0, 0};
+                               g16 ? dts[t] : KDL_DTYPE_F32, 0, 0, 0, 0, 0, 0};
                 fl_run(&o);
                 o.red = KDL_REDUCTION_SUM;
                 o.chunk = 0;
@@ -1273,7 +1340,7 @@ Test(gpu_fused_linear, grad_output_and_bias)
     for (int t = 0; t < 3; t++)
         for (int k = 0; k < 3; k++) {
             /* grad_output (NONE) with and without the bias */
-            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1, 0, 0};
+            fl_opts_t o = {divs[k], KDL_REDUCTION_NONE, 23, 40, 777, 5, 700 + 10 * t + k, dts[t], KDL_DTYPE_F32, 1, 1, 0, 0, 0, 0};
             fl_run(&o);
             o.bias = 0;
             fl_run(&o);
@@ -1291,12 +1358,12 @@ Test(gpu_fused_linear, grad_output_and_bias)
  * with both biases, N = 37 in chunks of 8, 5 or the default (several
  * chunks, the last one short), d_t = 24 != D = 48, strided H_t and W_t. */
 static const fl_opts_t fl_tlin_cases[] = {
-    {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1100, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_REAL},
-    {KDL_DIV_FKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1101, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_REAL},
-    {KDL_DIV_FKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1102, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, FL_TLIN_REAL},
-    {KDL_DIV_AKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1103, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_GRID},
-    {KDL_DIV_AKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1104, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_GRID},
-    {KDL_DIV_AKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1105, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, FL_TLIN_GRID},
+    {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1100, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_REAL, 0, 0},
+    {KDL_DIV_FKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1101, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_REAL, 0, 0},
+    {KDL_DIV_FKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1102, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, FL_TLIN_REAL, 0, 0},
+    {KDL_DIV_AKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1103, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_GRID, 0, 0},
+    {KDL_DIV_AKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1104, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, FL_TLIN_GRID, 0, 0},
+    {KDL_DIV_AKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1105, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, FL_TLIN_GRID, 0, 0},
 };
 
 Test(gpu_fused_linear, teacher_as_a_linear_layer)
@@ -1314,6 +1381,45 @@ Test(args, teacher_layer_test_data_premises)
     for (size_t j = 0; j < sizeof fl_tlin_cases / sizeof fl_tlin_cases[0]; j++) fl_run_on(&fl_tlin_cases[j], 0);
 }
 
+/* The sparse teacher (version 4), in both modes, on the divergences each
+ * defines (AKL under every head rule in tail mode): f32 and bf16 inputs,
+ * f32 and bf16 gradients, several chunks (the last one short), grad_output
+ * with NONE, the bias; fl_run_on's tolerances (see there). */
+static const fl_opts_t fl_sparse_cases[] = {
+    {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1200, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, 0, 1, 0},
+    {KDL_DIV_JSD, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1201, KDL_DTYPE_BF16, KDL_DTYPE_F32, 1, 1, 0, 0, 1, 0},
+    {KDL_DIV_SKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1202, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 0, 0, 0, 1, 0},
+    {KDL_DIV_TVD, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1203, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 0, 1, 0, 0, 1, 0},
+    {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 37, 48, 1001, 8, 1210, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, 0, 2, 0},
+    {KDL_DIV_RKL, KDL_REDUCTION_NONE, 37, 48, 1001, 0, 1211, KDL_DTYPE_F32, KDL_DTYPE_F32, 1, 0, 0, 0, 2, 0},
+    {KDL_DIV_AKL, KDL_REDUCTION_SUM, 37, 48, 517, 5, 1212, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, 0, 2, 0},
+    {KDL_DIV_AKL, KDL_REDUCTION_MEAN, 37, 48, 3000, 7, 1213, KDL_DTYPE_F16, KDL_DTYPE_F16, 0, 1, 0, 0, 2, 0},
+    {KDL_DIV_SRKL, KDL_REDUCTION_NONE, 13, 32, 517, 0, 1214, KDL_DTYPE_BF16, KDL_DTYPE_BF16, 1, 1, 0, 0, 2, 0},
+    /* a vocabulary of 151936 (a bitmap of 18992 bytes), two-row chunks */
+    {KDL_DIV_AKL, KDL_REDUCTION_MEAN, 5, 8, 151936, 2, 1215, KDL_DTYPE_BF16, KDL_DTYPE_F32, 0, 1, 0, 0, 2, 0},
+};
+
+Test(gpu_fused_linear, sparse_teacher)
+{
+    KDL_SKIP_WITHOUT_GPU();
+    for (size_t j = 0; j < sizeof fl_sparse_cases / sizeof fl_sparse_cases[0]; j++) fl_run(&fl_sparse_cases[j]);
+    /* AKL under every head rule in tail mode, with a scale */
+    fl_opts_t o = fl_sparse_cases[6];
+    for (int rule = 0; rule < 3; rule++) {
+        o.seed += 10;
+        o.scale = rule == 0 ? 1.5 : 0.5;
+        o.rule = 1 + rule;
+        fl_run(&o);
+    }
+}
+
+/* No device needed: the reference accepts every case above and counts the
+ * bad-index row (fl_run_on checks it), and the data are what the test says. */
+Test(args, sparse_teacher_test_data_premises)
+{
+    for (size_t j = 0; j < sizeof fl_sparse_cases / sizeof fl_sparse_cases[0]; j++) fl_run_on(&fl_sparse_cases[j], 0);
+}
+
 /* f16 MEAN (ext-review 2026-11-23 #1): dL in the 16-bit buffer must carry
  * MEAN's 1/counted, not SUM's scale.  At scale 1e6 SUM's dL reaches
  * |q - p| * 1e6 > 65504 (inf in f16, and dH, dW inf), while MEAN's, over
@@ -1321,7 +1427,7 @@ Test(args, teacher_layer_test_data_premises)
 Test(gpu_fused_linear, f16_mean_dl_has_the_mean_scale)
 {
     KDL_SKIP_WITHOUT_GPU();
-    fl_opts_t o = {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 64, 16, 256, 16, 810, KDL_DTYPE_F16, KDL_DTYPE_F32, 0, 1, 1e6, 0};
+    fl_opts_t o = {KDL_DIV_FKL, KDL_REDUCTION_MEAN, 64, 16, 256, 16, 810, KDL_DTYPE_F16, KDL_DTYPE_F32, 0, 1, 1e6, 0, 0, 0};
     fl_run(&o);
     o.gdt = KDL_DTYPE_F16;
     o.bias = 0;
@@ -1336,7 +1442,7 @@ Test(gpu_fused_linear, f16_mean_dl_has_the_mean_scale)
 Test(gpu_fused_linear, stream_path_in_place)
 {
     KDL_SKIP_WITHOUT_GPU();
-    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, 0};
+    fl_opts_t o = {KDL_DIV_SKL, KDL_REDUCTION_MEAN, 5, 8, 600001, 2, 800, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1, 0, 0, 0, 0};
     fl_run(&o);
     o.div = KDL_DIV_AKL;
     o.dt = o.gdt = KDL_DTYPE_BF16;
@@ -1692,7 +1798,7 @@ Test(gpu_fused_linear, scale_zero_with_infinite_terms)
         a.chunk_rows = 4;
         kdl_ext_ref_fused(&d, &a, "fused srkl alpha 0 scale 0");
         double *gl = (double *)malloc(nl * 8), *gh = (double *)malloc(nh * 8), *gw = (double *)malloc(nw * 8);
-        fl_gpu(&d, &a, KDL_DTYPE_F32, gl, gh, gw, NULL);
+        fl_gpu(&d, &a, KDL_DTYPE_F32, gl, gh, gw, NULL, NULL);
         kdl_tol_t exact = {0, 0};
         KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: loss", gl, rl, nl, exact);
         KDL_EXPECT_CLOSE("fused srkl alpha 0 scale 0: dH", gh, rh, nh, exact);
