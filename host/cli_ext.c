@@ -354,6 +354,54 @@ static int sparse_cpu(const char *cmd, void *p)
     return cpu_status(cmd, kdl_ref_sparse_loss(c->d, &c->a));
 }
 
+/* --mode: one of the sparse modes, defining the desc's divergence (exit 2
+ * otherwise, with the one-line error). */
+static int parse_sparse_mode(const char *cmd, const char *value, const kdl_loss_desc_t *d, int *mode)
+{
+    int rc = kdl_cli_parse_choice(cmd, "--mode", value, kdl_sparse_mode_from_name, "renormalised|tail", mode);
+    if (!rc && !kdl_sparse_supports((kdl_sparse_mode_t)*mode, d->divergence)) {
+        kdl_cli_error(cmd, "--divergence %s is not defined in --mode %s (use --mode tail)",
+                      kdl_divergence_name(d->divergence), kdl_sparse_mode_name((kdl_sparse_mode_t)*mode));
+        rc = 2;
+    }
+    return rc;
+}
+
+/* The sparse teacher of N rows over V tokens: --teacher-indices (int64 [N, k],
+ * or [k] for one row) into I, --teacher-logprobs (float, the same shape)
+ * into P of dtype *pdt; k <= min(V, 1024) and every index in [0, V) and
+ * distinct within its row, else a usage error (exit 2).  rows_of: what
+ * gives N in the messages ("student", "hidden"). */
+static int load_sparse_teacher(const char *cmd, const char *ipath, const char *ppath, const char *rows_of, int64_t N,
+                               int64_t V, kdl_npy_array_t *I, kdl_npy_array_t *P, int64_t *k, kdl_dtype_t *pdt)
+{
+    int64_t Ni = 0, Np = 0, kp = 0;
+    int rc = kdl_cli_load_npy(cmd, "--teacher-indices", ipath, I);
+    if (!rc && (I->dtype != KDL_NPY_I64 || (I->ndim != 2 && I->ndim != 1) || I->shape[I->ndim - 1] < 1)) {
+        kdl_cli_error(cmd, "--teacher-indices %s: must be int64 [N, k] (or [k])", ipath);
+        rc = 2;
+    }
+    if (!rc) {
+        Ni = I->ndim == 1 ? 1 : I->shape[0];
+        *k = I->shape[I->ndim - 1];
+    }
+    if (!rc) rc = load_float_matrix(cmd, "--teacher-logprobs", ppath, 1, P, &Np, &kp, pdt);
+    if (!rc && (Ni != N || Np != N || kp != *k)) {
+        kdl_cli_error(cmd, "shapes disagree: %s has %lld rows, indices [%lld, %lld], log-probs [%lld, %lld]", rows_of,
+                      (long long)N, (long long)Ni, (long long)*k, (long long)Np, (long long)kp);
+        rc = 2;
+    }
+    if (!rc && (*k > V || *k > KDL_SPARSE_MAX_K)) {
+        kdl_cli_error(cmd, "k = %lld must be at most min(V = %lld, %d)", (long long)*k, (long long)V, KDL_SPARSE_MAX_K);
+        rc = 2;
+    }
+    if (!rc && kdl_sparse_check_indices(N, V, *k, (const int64_t *)I->data, *k) != KDL_STATUS_SUCCESS) {
+        kdl_cli_error(cmd, "--teacher-indices %s: %s", ipath, kdl_get_last_error());
+        rc = 2;
+    }
+    return rc;
+}
+
 int kdl_cli_sparse_loss(int argc, char **argv)
 {
     kdl_cli_pending_t pending = {0}; /* output files, renamed into place after the JSON */
@@ -365,47 +413,21 @@ int kdl_cli_sparse_loss(int argc, char **argv)
     int rc = subcommand_front(SCMD, sparse_usage, argc, argv, o, S_COUNT,
                               (const int[]){S_STUDENT, S_INDICES, S_LOGPROBS, S_MODE}, 4, &d, &backend);
     if (rc >= 0) return rc;
-    rc = kdl_cli_parse_choice(SCMD, "--mode", o[S_MODE].value, kdl_sparse_mode_from_name, "renormalised|tail", &mode);
+    rc = parse_sparse_mode(SCMD, o[S_MODE].value, &d, &mode);
     const char *grad_out = o[S_GRAD_OUT].value;
     if (!rc) rc = kdl_cli_check_out_path(SCMD, "--grad-out", grad_out);
-    if (!rc && !kdl_sparse_supports((kdl_sparse_mode_t)mode, d.divergence)) {
-        kdl_cli_error(SCMD, "--divergence %s is not defined in --mode %s (use --mode tail)",
-                      kdl_divergence_name(d.divergence), kdl_sparse_mode_name((kdl_sparse_mode_t)mode));
-        rc = 2;
-    }
     if (rc) return rc;
 
     kdl_npy_array_t S = {0}, I = {0}, P = {0}, L = {0};
-    int64_t N = 0, V = 0, Ni = 0, k = 0, Np = 0, kp = 0;
+    int64_t N = 0, V = 0, k = 0;
     kdl_dtype_t pdt = KDL_DTYPE_F32;
     const int64_t *labels = NULL;
     double *loss = NULL;
     void *grad = NULL;
     sparse_ctx_t c = {.d = &d, .sdt = KDL_DTYPE_F32, .gdt = KDL_DTYPE_F64};
     rc = load_float_matrix(SCMD, "--student", o[S_STUDENT].value, 1, &S, &N, &V, &c.sdt);
-    if (!rc) rc = kdl_cli_load_npy(SCMD, "--teacher-indices", o[S_INDICES].value, &I);
-    if (!rc && (I.dtype != KDL_NPY_I64 || (I.ndim != 2 && I.ndim != 1) || I.shape[I.ndim - 1] < 1)) {
-        kdl_cli_error(SCMD, "--teacher-indices %s: must be int64 [N, k] (or [k])", o[S_INDICES].value);
-        rc = 2;
-    }
-    if (!rc) {
-        Ni = I.ndim == 1 ? 1 : I.shape[0];
-        k = I.shape[I.ndim - 1];
-    }
-    if (!rc) rc = load_float_matrix(SCMD, "--teacher-logprobs", o[S_LOGPROBS].value, 1, &P, &Np, &kp, &pdt);
-    if (!rc && (Ni != N || Np != N || kp != k)) {
-        kdl_cli_error(SCMD, "shapes disagree: student has %lld rows, indices [%lld, %lld], log-probs [%lld, %lld]",
-                      (long long)N, (long long)Ni, (long long)k, (long long)Np, (long long)kp);
-        rc = 2;
-    }
-    if (!rc && (k > V || k > KDL_SPARSE_MAX_K)) {
-        kdl_cli_error(SCMD, "k = %lld must be at most min(V = %lld, %d)", (long long)k, (long long)V, KDL_SPARSE_MAX_K);
-        rc = 2;
-    }
-    if (!rc && kdl_sparse_check_indices(N, V, k, (const int64_t *)I.data, k) != KDL_STATUS_SUCCESS) {
-        kdl_cli_error(SCMD, "--teacher-indices %s: %s", o[S_INDICES].value, kdl_get_last_error());
-        rc = 2;
-    }
+    if (!rc)
+        rc = load_sparse_teacher(SCMD, o[S_INDICES].value, o[S_LOGPROBS].value, "student", N, V, &I, &P, &k, &pdt);
     if (!rc) rc = load_labels(SCMD, o[KDL_CLI_L_LABELS].value, N, &L, &labels);
     int use_cuda = 0;
     if (!rc)
@@ -465,6 +487,8 @@ static const char fused_usage[] =
     "usage: kdloss fused-linear --hidden H.npy --weight W.npy --teacher T.npy [options]\n"
     "       kdloss fused-linear --hidden H.npy --weight W.npy --teacher-hidden Ht.npy\n"
     "                           --teacher-weight Wt.npy [--teacher-bias Bt.npy] [options]\n"
+    "       kdloss fused-linear --hidden H.npy --weight W.npy --teacher-indices I.npy\n"
+    "                           --teacher-logprobs P.npy --mode renormalised|tail [options]\n"
     "\n"
     "Distillation loss of the student logits H W^T (never materialised on the GPU\n"
     "path: chunks of rows) against the teacher logits, and its gradients with\n"
@@ -474,6 +498,10 @@ static const char fused_usage[] =
     "  --teacher-weight Wt.npy formed chunk by chunk as the student's (frozen: no\n"
     "  --teacher-bias Bt.npy   gradient); Ht float [N, d_t], Wt float [V, d_t],\n"
     "                          Bt float [V] (optional); d_t may differ from d\n"
+    "  --teacher-indices I.npy a sparse (top-k) teacher, as sparse-loss takes it:\n"
+    "  --teacher-logprobs P.npy indices int64 [N, k], log-probabilities float\n"
+    "  --mode renormalised|tail [N, k] at the temperature; a bad index is a usage\n"
+    "                          error (exit 2)\n"
     "\n"
     "  --chunk-rows C          rows per chunk (GPU); default max(1, N/8), N/24 for\n"
     "                          16-bit H and W, N/16 and N/40 with --teacher-hidden;\n"
@@ -486,8 +514,9 @@ static const char fused_usage[] =
     "                          gradient of each row's loss (scales dL's rows)\n"
     "\n"
     "JSON keys: divergence, reduction, backend, rows, hidden, vocab, chunk_rows,\n"
-    "loss, valid_rows, invalid_rows, teacher (\"logits\" or \"linear\"; with\n"
-    "\"linear\" also teacher_hidden, d_t), and the GPU memory model:\n"
+    "loss, valid_rows, invalid_rows, teacher (\"logits\", \"linear\" or \"sparse\";\n"
+    "with \"linear\" also teacher_hidden, d_t; with \"sparse\" also mode, k and\n"
+    "bad_index_rows), and the GPU memory model:\n"
     "workspace_bytes (extra device bytes of the chunked call) and logits_bytes\n"
     "(N x V x 4, the float32 logits a non-fused call would materialise; twice\n"
     "that with the teacher as a linear layer: its logits too), both of the cuda\n"
@@ -496,11 +525,12 @@ static const char fused_usage[] =
     "of H, W and bias), H and W of different dtypes as float32 copies; likewise\n"
     "float16 Ht, Wt (and Bt) as they are, else float32 copies of the three; its\n"
     "dH, dW, db are float32.  With --backend cpu, Ht, Wt, Bt of different dtypes\n"
-    "are read as exact float64 copies.\n\n";
+    "are read as exact float64 copies.  The cuda backend takes log-probabilities\n"
+    "of float32, float16 or bfloat16 as they are.\n\n";
 
 enum {
     F_HIDDEN = KDL_CLI_LOSS_OPT_COUNT, F_WEIGHT, F_TEACHER, F_CHUNK, F_GH_OUT, F_GW_OUT, F_BIAS, F_GB_OUT, F_GOUT,
-    F_THIDDEN, F_TWEIGHT, F_TBIAS, F_COUNT
+    F_THIDDEN, F_TWEIGHT, F_TBIAS, F_TINDICES, F_TLOGPROBS, F_MODE, F_COUNT
 };
 
 /* float64 copy of a float array (exact). */
@@ -518,10 +548,11 @@ static double *to_f64(const kdl_npy_array_t *a, kdl_dtype_t dt)
 typedef struct fused_ctx {
     const kdl_loss_desc_t *d;
     kdl_fused_linear_args_t a;
-    const kdl_npy_array_t *H, *W, *B, *T, *TH, *TW, *TB;
+    const kdl_npy_array_t *H, *W, *B, *T, *TH, *TW, *TB, *I, *P;
     kdl_dtype_t hdt, wdt, bdt, gdt; /* gdt: the gradients' dtype as written */
     kdl_dtype_t thdt, twdt, tbdt;   /* of Ht, Wt, Bt as loaded */
     int has_bias, tlin, has_tbias;  /* --bias, --teacher-hidden, --teacher-bias given */
+    int sparse;                     /* --teacher-indices given */
     float *h32, *w32, *b32, *th32, *tw32, *tb32;
     double *w64, *b64, *th64, *tw64, *tb64;
 } fused_ctx_t;
@@ -562,7 +593,8 @@ static kdl_status_t as_f32(const kdl_npy_array_t *a, kdl_dtype_t dt, float **cop
     return KDL_STATUS_SUCCESS;
 }
 
-/* t_bytes: of the teacher logits (unused with the teacher as a linear layer). */
+/* t_bytes: of the teacher logits (unused with the teacher as a linear layer
+ * or sparse). */
 static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *ha, size_t t_bytes)
 {
     kdl_handle_t h = NULL;
@@ -590,6 +622,14 @@ static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_li
         if (!st && ha->teacher_bias)
             st = kdl_cli_gpu_upload(&pool, ha->teacher_bias, (size_t)ha->vocab * tsz, (void **)&da.teacher_bias);
     }
+    if (ha->teacher_indices) {
+        const size_t nk = (size_t)ha->rows * (size_t)ha->k;
+        if (!st) st = kdl_cli_gpu_upload(&pool, ha->teacher_indices, nk * 8, (void **)&da.teacher_indices);
+        if (!st)
+            st = kdl_cli_gpu_upload(&pool, ha->teacher_logprobs, nk * kdl_dtype_size(ha->teacher_logprobs_dtype),
+                                    (void **)&da.teacher_logprobs);
+        if (!st) st = kdl_cli_gpu_alloc(&pool, 8, (void **)&da.bad_index_rows);
+    }
     if (!st && ha->labels) st = kdl_cli_gpu_upload(&pool, ha->labels, (size_t)ha->rows * 8, (void **)&da.labels);
     if (!st && ha->grad_hidden) st = kdl_cli_gpu_alloc(&pool, nh * gsz, &da.grad_hidden);
     if (!st && ha->grad_weight) st = kdl_cli_gpu_alloc(&pool, nw * gsz, &da.grad_weight);
@@ -607,6 +647,7 @@ static kdl_status_t fused_on_device(const kdl_loss_desc_t *d, const kdl_fused_li
     if (!st && ha->grad_weight) st = kdl_cli_gpu_download(ha->grad_weight, da.grad_weight, nw * gsz);
     if (!st && ha->grad_bias) st = kdl_cli_gpu_download(ha->grad_bias, da.grad_bias, gbb);
     if (!st) st = gpu_get_counts(ha->loss, da.loss, nl, ha->info, da.info, ha->valid_rows, da.valid_rows);
+    if (!st && ha->bad_index_rows) st = kdl_cli_gpu_download(ha->bad_index_rows, da.bad_index_rows, 8);
     kdl_cli_gpu_pool_free(&pool);
     kdl_destroy(h);
     return st;
@@ -635,7 +676,9 @@ static kdl_status_t fused_cuda(void *p)
             if (!st && g.teacher_bias) st = as_f32(c->TB, c->tbdt, &c->tb32, &g.teacher_bias);
         }
     }
-    if (!st) st = fused_on_device(c->d, &g, c->tlin ? 0 : (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
+    if (!st)
+        st = fused_on_device(c->d, &g,
+                             c->tlin || c->sparse ? 0 : (size_t)c->T->count * kdl_dtype_size(c->a.teacher_dtype));
     return st;
 }
 #endif
@@ -684,22 +727,35 @@ int kdl_cli_fused_linear(int argc, char **argv)
                                 {"--grad-hidden-out", 1, NULL}, {"--grad-weight-out", 1, NULL},
                                 {"--bias", 1, NULL},            {"--grad-bias-out", 1, NULL},
                                 {"--grad-output", 1, NULL},     {"--teacher-hidden", 1, NULL},
-                                {"--teacher-weight", 1, NULL},  {"--teacher-bias", 1, NULL}};
+                                {"--teacher-weight", 1, NULL},  {"--teacher-bias", 1, NULL},
+                                {"--teacher-indices", 1, NULL}, {"--teacher-logprobs", 1, NULL},
+                                {"--mode", 1, NULL}};
     int backend = 0;
     kdl_loss_desc_t d;
     int rc = subcommand_front(FCMD, fused_usage, argc, argv, o, F_COUNT, (const int[]){F_HIDDEN, F_WEIGHT}, 2, &d,
                               &backend);
     if (rc >= 0) return rc;
-    /* one teacher source: --teacher, or --teacher-hidden with --teacher-weight (and --teacher-bias) */
+    /* one teacher source: --teacher, or --teacher-hidden with --teacher-weight (and --teacher-bias), or
+     * --teacher-indices with --teacher-logprobs and --mode */
     const int tlin = o[F_THIDDEN].value || o[F_TWEIGHT].value || o[F_TBIAS].value;
+    const int sparse = o[F_TINDICES].value || o[F_TLOGPROBS].value || o[F_MODE].value;
+    int mode = 0;
     rc = 0;
-    if (o[F_TEACHER].value && tlin) {
-        kdl_cli_error(FCMD, "give one teacher: --teacher, or --teacher-hidden with --teacher-weight (not both)");
+    if ((o[F_TEACHER].value != NULL) + tlin + sparse > 1) {
+        kdl_cli_error(FCMD, "give one teacher: --teacher, --teacher-hidden with --teacher-weight, or "
+                            "--teacher-indices with --teacher-logprobs and --mode (not two)");
         rc = 2;
-    } else if (!o[F_TEACHER].value && !tlin) {
-        kdl_cli_error(FCMD, "a teacher is required: --teacher T.npy, or --teacher-hidden Ht.npy with "
-                            "--teacher-weight Wt.npy (see kdloss %s --help)", FCMD);
+    } else if (!o[F_TEACHER].value && !tlin && !sparse) {
+        kdl_cli_error(FCMD, "a teacher is required: --teacher T.npy, --teacher-hidden Ht.npy with "
+                            "--teacher-weight Wt.npy, or --teacher-indices I.npy with --teacher-logprobs P.npy "
+                            "and --mode (see kdloss %s --help)", FCMD);
         rc = 2;
+    } else if (sparse && (!o[F_TINDICES].value || !o[F_TLOGPROBS].value || !o[F_MODE].value)) {
+        kdl_cli_error(FCMD, "the sparse teacher needs --teacher-indices, --teacher-logprobs and --mode (missing %s)",
+                      !o[F_TINDICES].value ? "--teacher-indices" : !o[F_TLOGPROBS].value ? "--teacher-logprobs" : "--mode");
+        rc = 2;
+    } else if (sparse) {
+        rc = parse_sparse_mode(FCMD, o[F_MODE].value, &d, &mode);
     } else if (tlin && (!o[F_THIDDEN].value || !o[F_TWEIGHT].value)) {
         const int th = o[F_THIDDEN].value != NULL, tw = o[F_TWEIGHT].value != NULL;
         kdl_cli_error(FCMD, "%s needs %s", th ? "--teacher-hidden" : tw ? "--teacher-weight" : "--teacher-bias",
@@ -719,19 +775,28 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     if (rc) return rc;
 
-    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0}, B = {0}, G = {0}, TH = {0}, TW = {0}, TB = {0};
-    int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0, Dt = 0, Dtw = 0;
-    kdl_dtype_t tdt = KDL_DTYPE_F32, godt = KDL_DTYPE_F32;
+    kdl_npy_array_t H = {0}, W = {0}, T = {0}, L = {0}, B = {0}, G = {0}, TH = {0}, TW = {0}, TB = {0}, I = {0},
+                    P = {0};
+    int64_t N = 0, D = 0, V = 0, Dw = 0, Nt = 0, Vt = 0, Dt = 0, Dtw = 0, k = 0;
+    kdl_dtype_t tdt = KDL_DTYPE_F32, godt = KDL_DTYPE_F32, pdt = KDL_DTYPE_F32;
     const int64_t *labels = NULL;
     double *loss = NULL, *gh = NULL, *gw = NULL, *gb = NULL;
-    fused_ctx_t c = {.d = &d, .H = &H, .W = &W, .B = &B, .T = &T, .TH = &TH, .TW = &TW, .TB = &TB,
+    fused_ctx_t c = {.d = &d, .H = &H, .W = &W, .B = &B, .T = &T, .TH = &TH, .TW = &TW, .TB = &TB, .I = &I, .P = &P,
+                     .sparse = sparse,
                      .hdt = KDL_DTYPE_F32, .wdt = KDL_DTYPE_F32, .bdt = KDL_DTYPE_F32, .gdt = KDL_DTYPE_F64,
                      .thdt = KDL_DTYPE_F32, .twdt = KDL_DTYPE_F32, .tbdt = KDL_DTYPE_F32, .tlin = tlin,
                      .has_tbias = o[F_TBIAS].value != NULL};
     rc = load_float_matrix(FCMD, "--hidden", o[F_HIDDEN].value, 0, &H, &N, &D, &c.hdt);
     if (!rc) rc = load_float_matrix(FCMD, "--weight", o[F_WEIGHT].value, 0, &W, &V, &Dw, &c.wdt);
-    if (!rc && !tlin) rc = load_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, 0, &T, &Nt, &Vt, &tdt);
-    if (!rc && !tlin && (Dw != D || Nt != N || Vt != V)) {
+    if (!rc && sparse && Dw != D) {
+        kdl_cli_error(FCMD, "shapes disagree: hidden [%lld, %lld], weight [%lld, %lld]", (long long)N, (long long)D,
+                      (long long)V, (long long)Dw);
+        rc = 2;
+    }
+    if (!rc && sparse)
+        rc = load_sparse_teacher(FCMD, o[F_TINDICES].value, o[F_TLOGPROBS].value, "hidden", N, V, &I, &P, &k, &pdt);
+    if (!rc && !tlin && !sparse) rc = load_float_matrix(FCMD, "--teacher", o[F_TEACHER].value, 0, &T, &Nt, &Vt, &tdt);
+    if (!rc && !tlin && !sparse && (Dw != D || Nt != N || Vt != V)) {
         kdl_cli_error(FCMD, "shapes disagree: hidden [%lld, %lld], weight [%lld, %lld], teacher [%lld, %lld]",
                       (long long)N, (long long)D, (long long)V, (long long)Dw, (long long)Nt, (long long)Vt);
         rc = 2;
@@ -780,7 +845,8 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     int use_cuda = 0;
     if (!rc) {
-        int any_f64 = c.hdt == KDL_DTYPE_F64 || c.wdt == KDL_DTYPE_F64 || (!tlin && tdt == KDL_DTYPE_F64) ||
+        int any_f64 = c.hdt == KDL_DTYPE_F64 || c.wdt == KDL_DTYPE_F64 || (!tlin && !sparse && tdt == KDL_DTYPE_F64) ||
+                      (sparse && pdt == KDL_DTYPE_F64) ||
                       (o[F_BIAS].value && c.bdt == KDL_DTYPE_F64) ||
                       (tlin && (c.thdt == KDL_DTYPE_F64 || c.twdt == KDL_DTYPE_F64 ||
                                 (c.has_tbias && c.tbdt == KDL_DTYPE_F64)));
@@ -793,7 +859,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
                                          {(void **)&gw, (size_t)(V * D), !!gw_out},
                                          {(void **)&gb, (size_t)V, !!gb_out}},
                         4);
-    int64_t invalid = 0, valid = 0;
+    int64_t invalid = 0, valid = 0, bad = 0;
     const char *ran = "cpu";
     kdl_fused_linear_args_t *a = &c.a;
     kdl_fused_linear_args_init(a);
@@ -811,6 +877,13 @@ int kdl_cli_fused_linear(int argc, char **argv)
             a->teacher_weight = TW.data;
             a->teacher_bias = c.has_tbias ? TB.data : NULL;
             a->teacher_linear_dtype = c.thdt;
+        } else if (sparse) {
+            a->teacher_indices = (const int64_t *)I.data;
+            a->teacher_logprobs = P.data;
+            a->ld_teacher_indices = a->ld_teacher_logprobs = a->k = k;
+            a->teacher_logprobs_dtype = pdt;
+            a->sparse_mode = (kdl_sparse_mode_t)mode;
+            a->bad_index_rows = &bad;
         } else {
             a->teacher = T.data;
             a->teacher_dtype = tdt;
@@ -843,7 +916,7 @@ int kdl_cli_fused_linear(int argc, char **argv)
     }
     if (!rc) {
         kdl_json_t j;
-        json_head(&j, NULL, &d, ran, N);
+        json_head(&j, sparse ? kdl_sparse_mode_name((kdl_sparse_mode_t)mode) : NULL, &d, ran, N);
         kdl_json_int(&j, "hidden", D);
         kdl_json_int(&j, "vocab", V);
         kdl_fused_linear_args_t wa = *a; /* the GPU path's call (whichever backend ran) */
@@ -852,15 +925,19 @@ int kdl_cli_fused_linear(int argc, char **argv)
         if (tlin) wa.teacher_linear_dtype = fused_gpu_tdtype(&c);
         kdl_json_int(&j, "chunk_rows", kdl_fused_linear_chunk_rows(&wa));
         json_loss_counts(&j, &d, loss, N, valid, invalid);
-        kdl_json_string(&j, "teacher", tlin ? "linear" : "logits");
+        kdl_json_string(&j, "teacher", tlin ? "linear" : sparse ? "sparse" : "logits");
         if (tlin) kdl_json_int(&j, "teacher_hidden", Dt);
+        if (sparse) {
+            kdl_json_int(&j, "k", k);
+            kdl_json_int(&j, "bad_index_rows", bad);
+        }
         kdl_json_int(&j, "workspace_bytes", (int64_t)kdl_ext_fused_workspace_bytes(&wa));
         kdl_json_int(&j, "logits_bytes", N * V * 4 * (tlin ? 2 : 1));
         rc = kdl_json_end_stdout(&j, FCMD);
     }
     rc = kdl_cli_commit(FCMD, &pending, rc);
     FREE_ALL(loss, gh, gw, gb, c.h32, c.w32, c.b32, c.w64, c.b64, c.th32, c.tw32, c.tb32, c.th64, c.tw64, c.tb64);
-    NPY_FREE_ALL(&H, &B, &G, &W, &T, &L, &TH, &TW, &TB);
+    NPY_FREE_ALL(&H, &B, &G, &W, &T, &L, &TH, &TW, &TB, &I, &P);
     return rc;
 }
 

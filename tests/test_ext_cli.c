@@ -588,6 +588,105 @@ Test(fused_linear, teacher_linear_float16)
     UNLINK(ghp, gwp, hp, wp, tp, thp, twp, tbp, tlp, hp32, wp32);
 }
 
+/* ------------------------------------- fused-linear, a sparse (top-k) teacher */
+enum { FK = 3 }; /* support size */
+
+/* --teacher-indices / --teacher-logprobs / --mode against a sparse-loss run
+ * on the logits H W^T this test forms in float64 (same flags: jsd, beta 0.3,
+ * temperature 1.5, sum): the loss, and dH = dL W, dW = dL^T H formed here
+ * from sparse-loss's dL, within 1e-12; the JSON's teacher keys; every bad
+ * combination exits 2 with one line and no output file. */
+Test(fused_linear, sparse_teacher)
+{
+    double H[FN * FD], W[FV * FD], T[FN * FV], L[FN * FV], P[FN * FK], dL[FN * FV];
+    int64_t I[FN * FK], Ib[FN * FK];
+    kdl_rng_t g = {43};
+    char hp[512], wp[512], tp[512], lp[512], ip[512], pp[512], gp[512], ghp[512], gwp[512], badi[512], shorti[512];
+    fused_inputs(&g, "s", H, W, T, hp, wp, tp);
+    for (int i = 0; i < FN; i++)
+        for (int j = 0; j < FK; j++) {
+            I[i * FK + j] = (2 * j + 3 * i) % FV;
+            P[i * FK + j] = log(0.5 / (j + 1)) - 0.01 * i;
+        }
+    memcpy(Ib, I, sizeof Ib);
+    Ib[2 * FK + 1] = FV; /* out of range in row 2 */
+    kdl_ext_logits(FN, FD, FV, H, W, NULL, L);
+    save(lp, "sl.npy", KDL_NPY_F64, 2, FN, FV, L);
+    save(ip, "si.npy", KDL_NPY_I64, 2, FN, FK, I);
+    save(pp, "sp.npy", KDL_NPY_F64, 2, FN, FK, P);
+    save(badi, "sib.npy", KDL_NPY_I64, 2, FN, FK, Ib);
+    save(shorti, "sis.npy", KDL_NPY_I64, 2, FN - 1, FK, I);
+    tpath(gp, sizeof gp, "sg.npy");
+    tpath(ghp, sizeof ghp, "sgh.npy");
+    tpath(gwp, sizeof gwp, "sgw.npy");
+    const char *modes[2] = {"renormalised", "tail"};
+    kdl_cli_result_t r;
+    for (int m = 0; m < 2; m++) {
+        KDL_CLI(&r, "sparse-loss", "--student", lp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", modes[m],
+            "--divergence", "jsd", "--beta", "0.3", "--temperature", "1.5", "--reduction", "sum", "--grad-out", gp,
+            "--backend", "cpu");
+        cr_assert_eq(r.code, 0, "sparse-loss exit %d: %s", r.code, r.err);
+        const double want = kdl_json_read_number(r.out, "loss");
+        load_f64(gp, dL, FN * FV);
+        unlink(gp);
+        double wantH[FN * FD] = {0}, wantW[FV * FD] = {0}, loss, gotH[FN * FD], gotW[FV * FD];
+        for (int i = 0; i < FN; i++)
+            for (int v = 0; v < FV; v++)
+                for (int k = 0; k < FD; k++) {
+                    wantH[i * FD + k] += dL[i * FV + v] * W[v * FD + k];
+                    wantW[v * FD + k] += dL[i * FV + v] * H[i * FD + k];
+                }
+        tl_run(&r, "cpu", hp, wp,
+               (const char *const[]){"--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", modes[m], NULL}, ghp,
+               gwp);
+        cr_expect(strncmp(kdl_json_find(r.out, "teacher"), "\"sparse\"", 8) == 0, "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "k") == FK && kdl_json_read_number(r.out, "bad_index_rows") == 0, "%s",
+                  r.out);
+        cr_expect(strstr(r.out, modes[m]) != NULL, "%s", r.out);
+        cr_expect(kdl_json_read_number(r.out, "logits_bytes") == FN * FV * 4, "%s", r.out);
+        tl_read(&r, ghp, gwp, &loss, gotH, gotW);
+        tl_expect_same(modes[m], loss, gotH, gotW, want, wantH, wantW);
+    }
+    /* the teacher matters: the dense teacher gives another loss */
+    double other, oh[FN * FD], ow[FV * FD], loss, gh[FN * FD], gw[FV * FD];
+    tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher", tp, NULL}, ghp, gwp);
+    tl_read(&r, ghp, gwp, &other, oh, ow);
+    tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "tail", NULL},
+           ghp, gwp);
+    tl_read(&r, ghp, gwp, &loss, gh, gw);
+    cr_expect(fabs(loss - other) > 1e-3 * fabs(other), "sparse %.17g vs dense %.17g", loss, other);
+
+    const struct {
+        const char *const t[9];
+        const char *says;
+    } bad[] = {
+        {{"--teacher", tp, "--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "tail", NULL}, "not two"},
+        {{"--teacher-hidden", hp, "--teacher-weight", wp, "--teacher-indices", ip, "--teacher-logprobs", pp, NULL},
+         "not two"},
+        {{"--teacher-indices", ip, "--teacher-logprobs", pp, NULL}, "missing --mode"},
+        {{"--teacher-indices", ip, "--mode", "tail", NULL}, "missing --teacher-logprobs"},
+        {{"--teacher-logprobs", pp, "--mode", "tail", NULL}, "missing --teacher-indices"},
+        {{"--mode", "tail", NULL}, "missing --teacher-indices"},
+        {{"--teacher-indices", ip, "--teacher-logprobs", pp, "--mode", "bogus", NULL}, "--mode"},
+        {{"--teacher-indices", badi, "--teacher-logprobs", pp, "--mode", "tail", NULL}, "row 2"},
+        {{"--teacher-indices", shorti, "--teacher-logprobs", pp, "--mode", "tail", NULL}, "shapes disagree"},
+        {{"--teacher-indices", pp, "--teacher-logprobs", pp, "--mode", "tail", NULL}, "int64"},
+        {{"--teacher-indices", ip, "--teacher-logprobs", ip, "--mode", "tail", NULL}, "--teacher-logprobs"},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        tl_run(&r, "cpu", hp, wp, bad[k].t, ghp, gwp);
+        expect_usage_error(&r, "fused-linear", ghp);
+        cr_expect(!exists(gwp), "case %zu: %s was written", k, gwp);
+        cr_expect(strstr(r.err, bad[k].says) != NULL, "case %zu: stderr %s", k, r.err);
+    }
+    /* a divergence the mode does not define */
+    KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher-indices", ip, "--teacher-logprobs", pp,
+        "--mode", "renormalised", "--divergence", "rkl", "--grad-hidden-out", ghp);
+    expect_usage_error(&r, "fused-linear", ghp);
+    cr_expect(strstr(r.err, "not defined") != NULL, "%s", r.err);
+    UNLINK(hp, wp, tp, lp, ip, pp, badi, shorti);
+}
+
 /* ------------------------------------------------------------ shard-check */
 Test(shard_check, sharded_equals_unsharded)
 {
