@@ -9,7 +9,9 @@
  * callers, and the statuses of the new arguments.  Version 3 (the teacher
  * as a linear layer): against the same reference given teacher logits the
  * test forms itself, version-2 callers, rows = 0, the chunk rule and the
- * new statuses.
+ * new statuses.  Version 4 (the sparse teacher): against kdl_ref_sparse_loss
+ * on logits the test forms itself, with dH, dW, db formed from its dL;
+ * version-3 callers, rows = 0 and the new statuses.
  */
 #include <criterion/criterion.h>
 #include <math.h>

@@ -9,7 +9,8 @@
  * derived from the 16-bit rounding of dL; grad_output; bias; the dense
  * kernel's STREAM path in place; the teacher as a linear layer, whose
  * float32 teacher logits are exact by construction (AKL) or within a
- * bound checked without a device, fl_teacher).  The desk-review
+ * bound checked without a device, fl_teacher; the sparse teacher of
+ * version 4, both modes, with a bad-index row).  The desk-review
  * regressions at the end (docs/ext-review.md): scale 0 against infinite
  * terms, a tiny temperature with large logits, the TAIL_BUCKET gradient when
  * the student's bucket mass underflows, k = 1, the shared-memory limit,

@@ -390,14 +390,18 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *args);
  * inputs' common 16-bit dtype nor (reference) F64, H and W of different
  * dtypes on the GPU, and F64 data on the GPU (the teacher layer's included)
  * are KDL_STATUS_NOT_SUPPORTED.  teacher_hidden_size < 1 is BAD_SIZE,
- * ld_teacher_hidden or ld_teacher_weight < teacher_hidden_size BAD_STRIDE. */
+ * ld_teacher_hidden or ld_teacher_weight < teacher_hidden_size BAD_STRIDE.
+ * With the sparse teacher (version 4) two teacher sources are BAD_PARAM, and
+ * the sparse fields go through kdl_sparse_validate itself (on a
+ * kdl_sparse_args_t view of these args: its statuses, see above). */
 kdl_status_t kdl_fused_linear_validate(const kdl_loss_desc_t *desc, const kdl_fused_linear_args_t *args,
                                        int allow_f64);
 
 /* Reference: materialises the [N,V] float64 logits (it is a reference), and
  * with teacher_hidden the [N,V] float64 teacher logits H_t W_t^T (+ b_t)
  * (plain loops, given to the dense reference as an F64 teacher), runs
- * kdl_ref_loss_forward_backward on them, multiplies row i of dL by
+ * kdl_ref_loss_forward_backward on them (with the sparse teacher
+ * kdl_ref_sparse_loss instead, F64 logits and dL), multiplies row i of dL by
  * grad_output[i] when given, then dH = dL W, dW = dL^T H and db = column sums
  * of dL as plain sums (so a non-finite hidden row poisons dW, as a GEMM
  * would).  Every element is converted to float64 exactly; nothing is rounded
@@ -413,8 +417,11 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fu
  *                            chunk the loss kernel reads as its teacher
  *                            (the teacher gets no gradient);
  *   loss and dL              the dense loss kernel (kdl_loss_forward_backward's,
- *                            every divergence, AKL included) on the float32
- *                            chunk: F32 inputs write dL over the logits in
+ *                            every divergence, AKL included), or with the
+ *                            sparse teacher the sparse row kernel
+ *                            (kdl_sparse_loss's, reduction SUM for MEAN as
+ *                            here) on the chunk's index and log-prob rows, on
+ *                            the float32 chunk: F32 inputs write dL over the logits in
  *                            place; 16-bit inputs write dL rounded to the
  *                            inputs' dtype into a separate c*V*2-byte buffer
  *                            (as autograd in bf16/f16 rounds it); with
@@ -437,9 +444,13 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *desc, const kdl_fu
  * rounded a second time).
  * Workspace (kdl_fused_linear_workspace_size): c*V*4 bytes (+ c*V*4 for
  * the teacher chunk with teacher_hidden, + c*V*2 for 16-bit inputs) + the
- * dense loss workspace of c rows + V*8 bytes with grad_bias + 256, each
- * piece rounded up to 256 bytes; it depends on chunk_rows, the dtypes,
- * grad_bias and teacher_hidden.
+ * dense loss workspace of c rows (sparse teacher: the sparse one, c*8 + c +
+ * 256 bytes) + V*8 bytes with grad_bias + 256, each piece rounded up to 256
+ * bytes; it depends on chunk_rows, the dtypes, grad_bias and the teacher
+ * source.  Sparse teacher: the row kernel's shared memory (as
+ * kdl_sparse_loss's: V bits, 12 bytes per support entry, AKL's sort keys)
+ * beyond the device's opt-in limit is KDL_STATUS_NOT_SUPPORTED; bad indices
+ * are counted per chunk and summed into *bad_index_rows.
  * Compiled for sm_90a; not yet run on a device (docs/extensions.md). */
 kdl_status_t kdl_fused_linear_workspace_size(kdl_handle_t handle, const kdl_loss_desc_t *desc,
                                              const kdl_fused_linear_args_t *args, size_t *bytes);
