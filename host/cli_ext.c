@@ -752,7 +752,9 @@ int kdl_cli_fused_linear(int argc, char **argv)
         rc = 2;
     } else if (sparse && (!o[F_TINDICES].value || !o[F_TLOGPROBS].value || !o[F_MODE].value)) {
         kdl_cli_error(FCMD, "the sparse teacher needs --teacher-indices, --teacher-logprobs and --mode (missing %s)",
-                      !o[F_TINDICES].value ? "--teacher-indices" : !o[F_TLOGPROBS].value ? "--teacher-logprobs" : "--mode");
+                      !o[F_TINDICES].value    ? "--teacher-indices"
+                      : !o[F_TLOGPROBS].value ? "--teacher-logprobs"
+                                              : "--mode");
         rc = 2;
     } else if (sparse) {
         rc = parse_sparse_mode(FCMD, o[F_MODE].value, &d, &mode);

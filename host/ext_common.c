@@ -85,7 +85,8 @@ kdl_ext_fused_layout_t kdl_ext_fused_layout(int64_t chunk, int64_t vocab, int si
     L.dl16 = off;
     if (sixteen) off += align256(cv * 2);
     L.dense = off;
-    off += teacher == KDL_EXT_FUSED_TEACHER_SPARSE ? kdl_ext_sparse_rows_ws_bytes(chunk) : kdl_ext_dense_ws_bytes(chunk);
+    off += teacher == KDL_EXT_FUSED_TEACHER_SPARSE ? kdl_ext_sparse_rows_ws_bytes(chunk)
+                                                   : kdl_ext_dense_ws_bytes(chunk);
     L.bias = off;
     if (grad_bias) off += align256((size_t)vocab * sizeof(double));
     L.acc = off;

@@ -170,7 +170,8 @@ static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_li
                                   : "grad_dtype must be f32, or the 16-bit dtype of both hidden_states and weight");
     if (!allow_f64) {
         if (a->hidden_dtype == KDL_DTYPE_F64 || a->weight_dtype == KDL_DTYPE_F64 ||
-            (!tlin && !sparse && a->teacher_dtype == KDL_DTYPE_F64) || (tlin && a->teacher_linear_dtype == KDL_DTYPE_F64))
+            (!tlin && !sparse && a->teacher_dtype == KDL_DTYPE_F64) ||
+            (tlin && a->teacher_linear_dtype == KDL_DTYPE_F64))
             return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "f64 data is supported by the reference only");
         if (a->hidden_dtype != a->weight_dtype)
             return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "the GPU path takes hidden_states and weight of one dtype (f32, bf16 or f16)");
