@@ -456,6 +456,14 @@ def ext_seeds():
                                              0x3f, 1 | 2 | 8 | 16 | 64 | 128, bytes([2]) + ramp(11) + ramp(23, -1.0) + layer)
     s["fused_layer_bf16"] = fused(ext_desc(0, red=2), 2, 2, 4, 3, 3, 3, 3, 0, 1 | 2 | 128,
                                   ramp(4) + ramp(8) + bytes([2, 2, 4]) + ramp(6) + ramp(12) + ramp(4))
+    # the sparse teacher (flag 128, then the flags byte with 8): d_t (unused), the log-probs' dtype,
+    # flags (8 sparse, 16 bad_index_rows, 1/2 ld extras), k, mode, indices [N, k], log-probs [N, k]
+    for div in range(8):
+        mode = 1 if div in (0, 2) and div % 2 == 0 else 0  # tail bucket for FKL and FKL+RKL
+        sp = bytes([0, 3, 8 | 16 | (div % 4)]) + bytes([3, mode]) + bytes([0, 2, 5, 1, 4, 200 + 1, 3, 3, 0])
+        sp += ramp(12, -2.5, 0.25)
+        s["fused_sparse_div%d" % div] = fused(ext_desc(div, red=div % 3, rule=div % 3, top_k=2), 3, 3, 6, 3, 3, 3, 3,
+                                              0x3f, 1 | 2 | 8 | 16 | 64 | 128, bytes([2]) + ramp(11) + ramp(23, -1.0) + sp)
     s["fused_layer_bad_dtype"] = fused(ext_desc(0), 1, 2, 3, 3, 3, 3, 3, 0, 3 | 128, ramp(2) + ramp(6) + bytes([0, 4, 0]))
     return s
 

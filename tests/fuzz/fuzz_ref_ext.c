@@ -34,8 +34,11 @@
  *   4 labels, 8 info, 16 valid_rows, 32 raw data, 64 chunk_rows from the next
  *   byte - 1, 128 the teacher as a linear layer), labels, H, W, then the
  *   teacher logits, or (flag 128) d_t (1 + byte % 4), the teacher layer's
- *   dtype (byte % 5), its strides and bias flag (one byte: 1, 2 ld extras,
- *   4 a bias b_t), H_t, W_t, b_t.
+ *   dtype (byte % 5), its strides and flags (one byte: 1, 2 ld extras,
+ *   4 a bias b_t, 8 a sparse teacher instead, 16 bad_index_rows), H_t, W_t,
+ *   b_t; or (flags 128 and 8) the sparse teacher: that dtype for the
+ *   log-probs, the ld extras for indices and log-probs, k (byte % (V + 2)),
+ *   mode (byte % 3), indices (as the sparse call's), log-probs.
  *
  * Oracle (abort on violation; the problem is printed):
  *   - a known status; on failure a last-error detail and every output byte
@@ -177,6 +180,20 @@ static int64_t *read_labels(fz_src_t *s, int on, int64_t N, const kdl_loss_desc_
         l[i] = (b % 4 == 0) ? d->ignore_index : (int64_t)b - 128;
     }
     return l;
+}
+
+/* Top-k indices [N, ld] (k per row): a byte < 200 gives an index in
+ * [0, V), else one of -1, V, 0, INT64_MIN, INT64_MAX (bad or repeated). */
+static void read_indices(fz_src_t *s, int64_t *idx, int64_t N, int64_t k, int64_t ld, int64_t V)
+{
+    static const int64_t bad[] = {-1, 0, INT64_MIN, INT64_MAX};
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < k; j++) {
+            const uint8_t b = fz_u8(s);
+            int64_t v = b < 200 ? b % V : bad[b % 4];
+            if (b >= 200 && b % 4 == 1) v = V;
+            idx[i * ld + j] = v;
+        }
 }
 
 /* The dense reference in float64: loss [N] (NONE) or [1], gradient [N, V]. */
@@ -339,14 +356,7 @@ static void run_sparse(fz_src_t *s, kdl_loss_desc_t *d)
         }
         for (int64_t x = 0; x < N * V; x++) T[x] = fz_coded(fz_u8(s));
     } else {
-        for (int64_t i = 0; i < N; i++)
-            for (int64_t j = 0; j < k; j++) {
-                uint8_t b = fz_u8(s);
-                static const int64_t bad[] = {-1, 0, INT64_MIN, INT64_MAX};
-                int64_t v = b < 200 ? b % V : bad[b % 4];
-                if (b >= 200 && b % 4 == 1) v = V;
-                idx[i * a.ld_indices + j] = v;
-            }
+        read_indices(s, idx, N, k, a.ld_indices, V);
         fill(s, lp, a.teacher_dtype, nl, raw);
     }
     fill(s, S, a.student_dtype, ns, raw);
@@ -862,7 +872,7 @@ done:
 }
 
 /* ----------------------------------------------------------- fused linear */
-enum { F_LOSS, F_DH, F_DW, F_INFO, F_VALID, F_COUNT };
+enum { F_LOSS, F_DH, F_DW, F_INFO, F_VALID, F_BAD, F_COUNT };
 
 static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
 {
@@ -894,52 +904,75 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     fill(s, W, a.weight_dtype, nw, raw);
     a.hidden_states = H;
     a.weight = W;
-    /* the teacher: logits as given, or (layer) H_t W_t^T (+ b_t) formed here
-     * in float64 as the oracle's teacher logits Tm [N, V] */
-    void *T = NULL, *Ht = NULL, *Wt = NULL, *bt = NULL;
+    /* the teacher: logits as given; or (layer) H_t W_t^T (+ b_t), formed here
+     * in float64 as the oracle's teacher logits Tm [N, V]; or (sparse) top-k
+     * log-probs, the oracle then the sparse reference on the same logits */
+    void *T = NULL, *Ht = NULL, *Wt = NULL, *bt = NULL, *lp = NULL;
+    int64_t *idx = NULL, nl = 0;
     double Tm[4 * 8] = {0};
-    int tknown = 1;
+    int tknown = 1, sparse = 0, want_bad = 0;
     if (layer) {
         const int64_t Dt = 1 + fz_u8(s) % 4;
-        a.teacher_hidden_size = Dt;
-        a.teacher_linear_dtype = fz_dtype(fz_u8(s));
+        const kdl_dtype_t ldt = fz_dtype(fz_u8(s));
         const uint8_t tl = fz_u8(s);
-        a.ld_teacher_hidden = Dt + (tl & 1);
-        a.ld_teacher_weight = Dt + ((tl >> 1) & 1);
-        const kdl_dtype_t ldt = a.teacher_linear_dtype;
-        const int64_t nht = N ? (N - 1) * a.ld_teacher_hidden + Dt : 0, nwt = (V - 1) * a.ld_teacher_weight + Dt;
-        Ht = zalloc((size_t)nht * fz_esize(ldt)), Wt = zalloc((size_t)nwt * fz_esize(ldt));
-        fill(s, Ht, ldt, nht, raw);
-        fill(s, Wt, ldt, nwt, raw);
-        if (tl & 4) {
-            bt = zalloc((size_t)V * fz_esize(ldt));
-            fill(s, bt, ldt, V, raw);
-        }
-        a.teacher = NULL;
-        a.teacher_hidden = Ht;
-        a.teacher_weight = Wt;
-        a.teacher_bias = bt;
+        sparse = (tl & 8) != 0;
+        want_bad = (tl & 16) != 0;
         tknown = kdl_dtype_size(ldt) != 0;
-        for (int64_t i = 0; tknown && i < N; i++)
-            for (int64_t v = 0; v < V; v++) {
-                double acc = 0;
-                for (int64_t k = 0; k < Dt; k++)
-                    acc += kdl_load_as_double(Ht, ldt, i * a.ld_teacher_hidden + k) *
-                           kdl_load_as_double(Wt, ldt, v * a.ld_teacher_weight + k);
-                if (bt) acc += kdl_load_as_double(bt, ldt, v);
-                Tm[i * V + v] = acc;
+        a.teacher = NULL;
+        if (sparse) {
+            a.k = fz_u8(s) % (V + 2);
+            a.sparse_mode = (kdl_sparse_mode_t)(fz_u8(s) % 3);
+            a.teacher_logprobs_dtype = ldt;
+            const int64_t kk = a.k > 0 ? a.k : 1;
+            a.ld_teacher_indices = kk + (tl & 1);
+            a.ld_teacher_logprobs = kk + ((tl >> 1) & 1);
+            const int64_t ni = N ? (N - 1) * a.ld_teacher_indices + kk : 0;
+            nl = N ? (N - 1) * a.ld_teacher_logprobs + kk : 0;
+            idx = (int64_t *)zalloc((size_t)ni * 8);
+            lp = zalloc((size_t)nl * fz_esize(ldt));
+            read_indices(s, idx, N, a.k, a.ld_teacher_indices, V);
+            fill(s, lp, ldt, nl, raw);
+            a.teacher_indices = idx;
+            a.teacher_logprobs = lp;
+        } else {
+            a.teacher_hidden_size = Dt;
+            a.teacher_linear_dtype = ldt;
+            a.ld_teacher_hidden = Dt + (tl & 1);
+            a.ld_teacher_weight = Dt + ((tl >> 1) & 1);
+            const int64_t nht = N ? (N - 1) * a.ld_teacher_hidden + Dt : 0, nwt = (V - 1) * a.ld_teacher_weight + Dt;
+            Ht = zalloc((size_t)nht * fz_esize(ldt)), Wt = zalloc((size_t)nwt * fz_esize(ldt));
+            fill(s, Ht, ldt, nht, raw);
+            fill(s, Wt, ldt, nwt, raw);
+            if (tl & 4) {
+                bt = zalloc((size_t)V * fz_esize(ldt));
+                fill(s, bt, ldt, V, raw);
             }
-        nt = N * V;
+            a.teacher_hidden = Ht;
+            a.teacher_weight = Wt;
+            a.teacher_bias = bt;
+            for (int64_t i = 0; tknown && i < N; i++)
+                for (int64_t v = 0; v < V; v++) {
+                    double acc = 0;
+                    for (int64_t k = 0; k < Dt; k++)
+                        acc += kdl_load_as_double(Ht, ldt, i * a.ld_teacher_hidden + k) *
+                               kdl_load_as_double(Wt, ldt, v * a.ld_teacher_weight + k);
+                    if (bt) acc += kdl_load_as_double(bt, ldt, v);
+                    Tm[i * V + v] = acc;
+                }
+            nt = N * V;
+        }
     } else {
         T = zalloc((size_t)nt * fz_esize(a.teacher_dtype));
         fill(s, T, a.teacher_dtype, nt, raw);
         a.teacher = T;
         tknown = kdl_dtype_size(a.teacher_dtype) != 0;
     }
-    /* the teacher the oracle compares with */
-    const void *To = layer ? (const void *)Tm : T;
-    const kdl_dtype_t tdo = layer ? KDL_DTYPE_F64 : a.teacher_dtype;
+    /* the teacher the oracle compares with (sparse: the log-probs, for the
+     * noise bound only) */
+    const void *To = sparse ? lp : layer ? (const void *)Tm : T;
+    const kdl_dtype_t tdo = sparse ? a.teacher_logprobs_dtype : layer ? KDL_DTYPE_F64 : a.teacher_dtype;
     const int64_t ldto = layer ? V : a.ld_teacher;
+    if (sparse) nt = nl;
     fz_obuf_t o[F_COUNT];
     memset(o, 0, sizeof o);
     const size_t eg = fz_esize(a.grad_dtype), eo = fz_esize(a.out_dtype);
@@ -952,6 +985,8 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     int64_t *info = (int64_t *)fz_obuf_make(&o[F_INFO], 8), *valid = (int64_t *)fz_obuf_make(&o[F_VALID], 8);
     if (fl & 8) a.info = info;
     if (fl & 16) a.valid_rows = valid;
+    int64_t *badr = (int64_t *)fz_obuf_make(&o[F_BAD], 8);
+    if (want_bad) a.bad_index_rows = badr;
 
     /* the logits H W^T, in float64, for the dense reference */
     double L[4 * 8], dl[4], dg[4 * 8];
@@ -967,7 +1002,7 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     cur_d = d;
     cur_what = "fused";
     cur_N = N, cur_V = V, cur_S = L, cur_sdt = KDL_DTYPE_F64, cur_lds = V;
-    cur_T = To, cur_tdt = tdo, cur_ldt = ldto;
+    cur_T = sparse ? NULL : To, cur_tdt = tdo, cur_ldt = ldto;
     const kdl_status_t st = kdl_ref_fused_linear_loss(d, &a);
     fz_show("fused", st);
     CHECK(fz_known_status(st), "status %d", (int)st);
@@ -980,9 +1015,27 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     CHECK(desc_in_range(d, V), "descriptor out of range accepted");
     CHECK(known && tknown, "dtype accepted");
     {
-        int64_t dinfo = -1, dvalid = -1;
-        kdl_status_t ds = dense(d, N, V, L, KDL_DTYPE_F64, V, To, tdo, ldto, labels, dl, dg, &dinfo, &dvalid, NULL);
-        CHECK(ds == KDL_STATUS_SUCCESS, "dense reference refused: %s", kdl_status_string(ds));
+        int64_t dinfo = -1, dvalid = -1, dbad = -1;
+        kdl_status_t ds;
+        if (sparse) { /* the sparse reference on the fuzzer's logits H W^T */
+            kdl_sparse_args_t sa;
+            kdl_sparse_args_init(&sa);
+            sa.mode = a.sparse_mode;
+            sa.rows = N, sa.vocab = V, sa.k = a.k;
+            sa.student = L, sa.ld_student = V, sa.student_dtype = KDL_DTYPE_F64;
+            sa.teacher_indices = idx, sa.ld_indices = a.ld_teacher_indices;
+            sa.teacher_logprobs = lp, sa.ld_logprobs = a.ld_teacher_logprobs, sa.teacher_dtype = tdo;
+            sa.labels = labels;
+            sa.grad = dg, sa.ld_grad = V, sa.grad_dtype = KDL_DTYPE_F64;
+            sa.out_dtype = KDL_DTYPE_F64, sa.loss = dl;
+            sa.info = &dinfo, sa.valid_rows = &dvalid, sa.bad_index_rows = &dbad;
+            ds = kdl_ref_sparse_loss(d, &sa);
+            if (a.bad_index_rows) CHECK(*badr == dbad, "bad_index_rows %lld, sparse %lld", (long long)*badr, (long long)dbad);
+        } else {
+            ds = dense(d, N, V, L, KDL_DTYPE_F64, V, To, tdo, ldto, labels, dl, dg, &dinfo, &dvalid, NULL);
+            CHECK(fz_obuf_untouched(&o[F_BAD]), "bad_index_rows written without a sparse teacher");
+        }
+        CHECK(ds == KDL_STATUS_SUCCESS, "%s reference refused: %s", sparse ? "sparse" : "dense", kdl_status_string(ds));
         if (a.info) CHECK(*info == dinfo, "info %lld, dense %lld", (long long)*info, (long long)dinfo);
         if (a.valid_rows) CHECK(*valid == dvalid, "valid %lld, dense %lld", (long long)*valid, (long long)dvalid);
         const double lrt = a.out_dtype == KDL_DTYPE_F32 ? 1e-6 : 1e-12;
@@ -990,7 +1043,10 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
             double x = kdl_load_as_double(a.loss, a.out_dtype, (int64_t)i), y = dl[i];
             if (a.out_dtype == KDL_DTYPE_F32) y = (double)(float)y;
             CHECK(fz_close(x, y, lrt, 0), "loss[%zu] %.17g, dense %.17g", i, x, y);
-            CHECK(sign_ok(x, d->scale, 1e3 * grad_noise(d, L, KDL_DTYPE_F64, N * V, To, tdo, nt) *
+            /* sparse: the sparse call's own sign rules are fuzzed in run_sparse;
+             * here the loss equals the sparse reference */
+            if (!sparse)
+                CHECK(sign_ok(x, d->scale, 1e3 * grad_noise(d, L, KDL_DTYPE_F64, N * V, To, tdo, nt) *
                                            d->temperature * (double)(N * V + 1)),
                   "loss[%zu] %g, scale %g", i, x, d->scale);
         }
@@ -1005,7 +1061,7 @@ static void run_fused(fz_src_t *s, kdl_loss_desc_t *d)
     }
 done:
     for (int q = 0; q < F_COUNT; q++) fz_obuf_free(&o[q]);
-    free(H), free(W), free(T), free(Ht), free(Wt), free(bt), free(labels);
+    free(H), free(W), free(T), free(Ht), free(Wt), free(bt), free(idx), free(lp), free(labels);
     cur_d = NULL;
 }
 
