@@ -18,7 +18,6 @@ printed as it falls.
     ... --steps 50 --divergence akl --temperature 2
 """
 
-import argparse
 import os
 import sys
 
@@ -31,7 +30,7 @@ except ImportError:  # run from a source checkout without installing
     import kdloss.torch as kt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distill_tiny import VOCAB, TinyLM, make_teacher  # noqa: E402
+from distill_tiny import VOCAB, TinyLM, arg_parser, make_teacher  # noqa: E402
 
 
 def body(model, tokens):
@@ -77,14 +76,8 @@ def peak_bytes(fn, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap = arg_parser(__doc__)
     ap.add_argument("--divergence", default="jsd")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     teacher = make_teacher(device)

@@ -75,15 +75,21 @@ def distil(divergence, teacher, args, device):
     return losses, dt
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arg_parser(doc):
+    """The options of the examples' training loops."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--divergences", default=",".join(ALL))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def main():
+    ap = arg_parser(__doc__)
+    ap.add_argument("--divergences", default=",".join(ALL))
     args = ap.parse_args()
     device = torch.device(args.device)
     teacher = make_teacher(device)

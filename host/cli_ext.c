@@ -717,6 +717,19 @@ static int fused_cpu(const char *cmd, void *p)
     return cpu_status(cmd, kdl_ref_fused_linear_loss(c->d, &c->a));
 }
 
+/* A bias file: float, 1-D [V] (one per vocabulary entry). */
+static int load_bias(const char *cmd, const char *flag, const char *path, int64_t V, kdl_npy_array_t *B,
+                     kdl_dtype_t *dt)
+{
+    int64_t one = 0, Vb = 0;
+    int rc = load_float_matrix(cmd, flag, path, 1, B, &one, &Vb, dt);
+    if (!rc && (B->ndim != 1 || Vb != V)) {
+        kdl_cli_error(cmd, "%s %s: must be 1-D [%lld] (one per vocabulary entry)", flag, path, (long long)V);
+        rc = 2;
+    }
+    return rc;
+}
+
 int kdl_cli_fused_linear(int argc, char **argv)
 {
     kdl_cli_pending_t pending = {0}; /* output files, renamed into place after the JSON */
@@ -814,25 +827,9 @@ int kdl_cli_fused_linear(int argc, char **argv)
                       (long long)Vt, (long long)Dtw);
         rc = 2;
     }
-    if (!rc && c.has_tbias) {
-        int64_t one = 0, Vb = 0;
-        rc = load_float_matrix(FCMD, "--teacher-bias", o[F_TBIAS].value, 1, &TB, &one, &Vb, &c.tbdt);
-        if (!rc && (TB.ndim != 1 || Vb != V)) {
-            kdl_cli_error(FCMD, "--teacher-bias %s: must be 1-D [%lld] (one per vocabulary entry)", o[F_TBIAS].value,
-                          (long long)V);
-            rc = 2;
-        }
-    }
+    if (!rc && c.has_tbias) rc = load_bias(FCMD, "--teacher-bias", o[F_TBIAS].value, V, &TB, &c.tbdt);
     if (!rc) rc = load_labels(FCMD, o[KDL_CLI_L_LABELS].value, N, &L, &labels);
-    if (!rc && o[F_BIAS].value) {
-        int64_t one = 0, Vb = 0;
-        rc = load_float_matrix(FCMD, "--bias", o[F_BIAS].value, 1, &B, &one, &Vb, &c.bdt);
-        if (!rc && (B.ndim != 1 || Vb != V)) {
-            kdl_cli_error(FCMD, "--bias %s: must be 1-D [%lld] (one per vocabulary entry)", o[F_BIAS].value,
-                          (long long)V);
-            rc = 2;
-        }
-    }
+    if (!rc && o[F_BIAS].value) rc = load_bias(FCMD, "--bias", o[F_BIAS].value, V, &B, &c.bdt);
     if (!rc && o[F_GOUT].value) {
         int64_t one = 0, Ng = 0;
         rc = load_float_matrix(FCMD, "--grad-output", o[F_GOUT].value, 1, &G, &one, &Ng, &godt);
