@@ -481,6 +481,15 @@ Test(dtypes, sixteen_bit_inputs_and_gradients)
     }
 }
 
+/* Makes *a what a caller built against an older version passes: struct_size
+ * old_size, and garbage (0x5A) in every byte past it, where the newer
+ * versions have their fields. */
+static void as_older_caller(kdl_fused_linear_args_t *a, size_t old_size)
+{
+    memset((unsigned char *)a + old_size, 0x5A, sizeof *a - old_size);
+    a->struct_size = old_size;
+}
+
 /* A caller built against version 1 (struct_size at valid_rows) still works,
  * and the fields it does not know do not matter. */
 Test(api, version_1_callers)
@@ -493,20 +502,15 @@ Test(api, version_1_callers)
     run_fused(&d, H, W, T, NULL, N, D, V, &want);
     cr_assert_eq(want.status, KDL_STATUS_SUCCESS);
     /* a version-1 struct followed by garbage where version 2 has its fields */
-    union {
-        kdl_fused_linear_args_t a;
-        unsigned char bytes[sizeof(kdl_fused_linear_args_t)];
-    } u;
     memset(&got, 0, sizeof got);
-    u.a = fargs(H, W, T, NULL, N, D, V, &got);
-    memset(u.bytes + KDL_FUSED_LINEAR_ARGS_V1_SIZE, 0x5A, sizeof u.bytes - KDL_FUSED_LINEAR_ARGS_V1_SIZE);
-    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V1_SIZE;
-    cr_assert_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &u.a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    kdl_fused_linear_args_t a = fargs(H, W, T, NULL, N, D, V, &got);
+    as_older_caller(&a, KDL_FUSED_LINEAR_ARGS_V1_SIZE);
+    cr_assert_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_assert_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
     for (int i = 0; i < N; i++) cr_expect(got.loss[i] == want.loss[i]);
     for (int j = 0; j < V * D; j++) cr_expect(got.dW[j] == want.dW[j]);
-    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V1_SIZE + 8;
-    cr_expect_eq(kdl_ref_fused_linear_loss(&d, &u.a), KDL_STATUS_BAD_STRUCT_SIZE);
+    a.struct_size = KDL_FUSED_LINEAR_ARGS_V1_SIZE + 8;
+    cr_expect_eq(kdl_ref_fused_linear_loss(&d, &a), KDL_STATUS_BAD_STRUCT_SIZE);
     cr_expect_eq(kdl_fused_linear_validate(&d, NULL, 1), KDL_STATUS_NULL_POINTER);
     kdl_fused_linear_args_t init;
     kdl_fused_linear_args_init(&init);
@@ -670,6 +674,19 @@ static void tl_expect_same(const char *what, const tl_out_t *got, const tl_out_t
     cr_expect(got->info == want->info && got->valid == want->valid, "%s: counters", what);
 }
 
+/* want: p (logit teacher) through d with the current struct; *a: the args
+ * for got as a caller built against old_size passes them (filled in place,
+ * so the garbage bytes stay as written). */
+static void tl_older_caller(const kdl_loss_desc_t *d, const tl_prob_t *p, size_t old_size, tl_out_t *want,
+                            tl_out_t *got, kdl_fused_linear_args_t *a)
+{
+    tl_run(d, p, 0, 0, want);
+    cr_assert_eq(want->status, KDL_STATUS_SUCCESS);
+    memset(got, 0, sizeof *got);
+    *a = tl_args(p, 0, 0, got);
+    as_older_caller(a, old_size);
+}
+
 Test(teacher_linear, equals_teacher_logits_every_divergence)
 {
     const kdl_dtype_t dts[3][2] = {{KDL_DTYPE_F32, KDL_DTYPE_F32},
@@ -755,29 +772,21 @@ Test(teacher_linear, version_2_callers)
     tl_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1400);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_AKL, KDL_REDUCTION_NONE);
     tl_out_t want, got;
-    tl_run(&d, &p, 0, 0, &want);
-    cr_assert_eq(want.status, KDL_STATUS_SUCCESS);
-    union {
-        kdl_fused_linear_args_t a;
-        unsigned char bytes[sizeof(kdl_fused_linear_args_t)];
-    } u;
-    memset(&got, 0, sizeof got);
-    u.a = tl_args(&p, 0, 0, &got);
-    memset(u.bytes + KDL_FUSED_LINEAR_ARGS_V2_SIZE, 0x5A, sizeof u.bytes - KDL_FUSED_LINEAR_ARGS_V2_SIZE);
-    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V2_SIZE;
-    cr_assert_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
-    cr_assert_eq(kdl_fused_linear_validate(&d, &u.a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 teacher on the GPU");
-    got.status = kdl_ref_fused_linear_loss(&d, &u.a);
+    kdl_fused_linear_args_t a;
+    tl_older_caller(&d, &p, KDL_FUSED_LINEAR_ARGS_V2_SIZE, &want, &got, &a);
+    cr_assert_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_SUCCESS, "%s", kdl_get_last_error());
+    cr_assert_eq(kdl_fused_linear_validate(&d, &a, 0), KDL_STATUS_NOT_SUPPORTED, "f64 teacher on the GPU");
+    got.status = kdl_ref_fused_linear_loss(&d, &a);
     tl_expect_same("version 2", &got, &want, TL_N);
     for (int i = 0; i < TL_N; i++) cr_expect(got.loss[i] == want.loss[i] || (isnan(got.loss[i]) && isnan(want.loss[i])));
     /* the full struct with the same garbage is a teacher-linear call with
      * both sources: refused */
-    u.a.struct_size = sizeof u.a;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_ENUM); /* teacher_linear_dtype 0x5A5A5A5A */
-    u.a.teacher_linear_dtype = KDL_DTYPE_F32;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_PARAM);
-    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V2_SIZE + 8;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_STRUCT_SIZE);
+    a.struct_size = sizeof a;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_ENUM); /* teacher_linear_dtype 0x5A5A5A5A */
+    a.teacher_linear_dtype = KDL_DTYPE_F32;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_PARAM);
+    a.struct_size = KDL_FUSED_LINEAR_ARGS_V2_SIZE + 8;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_STRUCT_SIZE);
     kdl_fused_linear_args_t init;
     kdl_fused_linear_args_init(&init);
     cr_expect(init.teacher_hidden == NULL && init.teacher_weight == NULL && init.teacher_bias == NULL);
@@ -1106,22 +1115,14 @@ Test(sparse_teacher, version_3_callers)
     tl_make(&p, KDL_DTYPE_F32, KDL_DTYPE_F32, 0, 1500);
     kdl_loss_desc_t d = kdl_test_desc(KDL_DIV_JSD, KDL_REDUCTION_NONE);
     tl_out_t want, got;
-    tl_run(&d, &p, 0, 0, &want);
-    cr_assert_eq(want.status, KDL_STATUS_SUCCESS);
-    union {
-        kdl_fused_linear_args_t a;
-        unsigned char bytes[sizeof(kdl_fused_linear_args_t)];
-    } u;
-    memset(&got, 0, sizeof got);
-    u.a = tl_args(&p, 0, 0, &got);
-    memset(u.bytes + KDL_FUSED_LINEAR_ARGS_V3_SIZE, 0x5A, sizeof u.bytes - KDL_FUSED_LINEAR_ARGS_V3_SIZE);
-    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V3_SIZE;
-    got.status = kdl_ref_fused_linear_loss(&d, &u.a);
+    kdl_fused_linear_args_t a;
+    tl_older_caller(&d, &p, KDL_FUSED_LINEAR_ARGS_V3_SIZE, &want, &got, &a);
+    got.status = kdl_ref_fused_linear_loss(&d, &a);
     tl_expect_same("version 3", &got, &want, TL_N);
-    u.a.struct_size = sizeof u.a;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_PARAM); /* teacher and teacher_indices */
-    u.a.struct_size = KDL_FUSED_LINEAR_ARGS_V3_SIZE + 8;
-    cr_expect_eq(kdl_fused_linear_validate(&d, &u.a, 1), KDL_STATUS_BAD_STRUCT_SIZE);
+    a.struct_size = sizeof a;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_PARAM); /* teacher and teacher_indices */
+    a.struct_size = KDL_FUSED_LINEAR_ARGS_V3_SIZE + 8;
+    cr_expect_eq(kdl_fused_linear_validate(&d, &a, 1), KDL_STATUS_BAD_STRUCT_SIZE);
     cr_expect_eq(KDL_FUSED_LINEAR_ARGS_V3_SIZE % 8, 0);
     kdl_fused_linear_args_t init;
     kdl_fused_linear_args_init(&init);
