@@ -73,6 +73,22 @@ static void expect_usage_error(const kdl_cli_result_t *r, const char *cmd, const
     if (no_file) cr_expect(!exists(no_file), "%s was written", no_file);
 }
 
+/* A fused-linear --backend cuda run in *r: without a device, exit 2 with
+ * one line saying so and neither gradient file written (returns 0); with
+ * one, exit 0 on the cuda backend (returns 1). */
+static int fused_ran_on_cuda(const kdl_cli_result_t *r, const char *ghp, const char *gwp)
+{
+    if (!kdl_device_available()) {
+        expect_usage_error(r, "fused-linear", ghp);
+        cr_expect(strstr(r->err, "no CUDA device") != NULL, "%s", r->err);
+        cr_expect(!exists(gwp), "%s was written", gwp);
+        return 0;
+    }
+    cr_assert_eq(r->code, 0, "exit %d: %s", r->code, r->err);
+    cr_expect(strstr(r->out, "\"backend\": \"cuda\"") != NULL, "%s", r->out);
+    return 1;
+}
+
 /* ------------------------------------------------------------ sparse-loss */
 enum { SN = 3, SV = 12, SK = 4 };
 
@@ -368,13 +384,7 @@ Test(fused_linear, float16_hidden_and_weight)
     KDL_CLI(&r, "fused-linear", "--hidden", hp16, "--weight", wp16, "--teacher", tp32, "--divergence", "skl",
         "--temperature", "2", "--chunk-rows", "3", "--grad-hidden-out", ghp, "--grad-weight-out", gwp, "--backend",
         "cuda");
-    if (!kdl_device_available()) {
-        expect_usage_error(&r, "fused-linear", ghp);
-        cr_expect(strstr(r.err, "no CUDA device") != NULL, "%s", r.err);
-        cr_expect(!exists(gwp), "%s was written", gwp);
-    } else {
-        cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
-        cr_expect(strstr(r.out, "\"backend\": \"cuda\"") != NULL, "%s", r.out);
+    if (fused_ran_on_cuda(&r, ghp, gwp)) {
         l = kdl_json_read_number(r.out, "loss");
         cr_expect(fabs(l - loss) <= 1e-5 * fabs(loss) + 1e-7, "cuda loss %.17g want %.17g", l, loss);
         cr_expect_eq(file_dtype(ghp), KDL_NPY_F32);
@@ -433,6 +443,29 @@ static void tl_read(const kdl_cli_result_t *r, const char *ghp, const char *gwp,
     UNLINK(ghp, gwp);
 }
 
+/* Bad case k, the teacher flags in teacher: exit 2 with one line naming
+ * `says`, and neither gradient file written. */
+static void tl_expect_refused(size_t k, const char *hp, const char *wp, const char *const *teacher, const char *says,
+                              const char *ghp, const char *gwp)
+{
+    kdl_cli_result_t r;
+    tl_run(&r, "cpu", hp, wp, teacher, ghp, gwp);
+    expect_usage_error(&r, "fused-linear", ghp);
+    cr_expect(!exists(gwp), "case %zu: %s was written", k, gwp);
+    cr_expect(strstr(r.err, says) != NULL, "case %zu: stderr %s", k, r.err);
+}
+
+/* A cpu (or cuda) run with the teacher as Ht, Wt and, when tbp is not
+ * NULL, Bt. */
+static void tl_run_linear(kdl_cli_result_t *r, const char *backend, const char *hp, const char *wp, const char *thp,
+                          const char *twp, const char *tbp, const char *ghp, const char *gwp)
+{
+    tl_run(r, backend, hp, wp,
+           (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, tbp ? "--teacher-bias" : NULL, tbp,
+                                 NULL},
+           ghp, gwp);
+}
+
 /* The two runs agree: the teacher given as Ht, Wt (, Bt) files and as the
  * logits this test formed from them in float64. */
 static void tl_expect_same(const char *what, double la, const double *ha, const double *wa, double lb,
@@ -474,10 +507,7 @@ Test(fused_linear, teacher_as_a_linear_layer)
     for (int with_bias = 0; with_bias < 2; with_bias++) {
         kdl_ext_logits(FN, FDT, FV, Ht, Wt, with_bias ? bt : NULL, Tl);
         save(tlp, "ltl.npy", KDL_NPY_F64, 2, FN, FV, Tl);
-        tl_run(&r, "cpu", hp, wp,
-               (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, with_bias ? "--teacher-bias" : NULL,
-                                     tbp, NULL},
-               ghp, gwp);
+        tl_run_linear(&r, "cpu", hp, wp, thp, twp, with_bias ? tbp : NULL, ghp, gwp);
         cr_expect(strncmp(kdl_json_find(r.out, "teacher"), "\"linear\"", 8) == 0, "%s", r.out);
         cr_expect(kdl_json_read_number(r.out, "teacher_hidden") == FDT, "%s", r.out);
         cr_expect(kdl_json_read_number(r.out, "logits_bytes") == 2 * FN * FV * 4, "%s", r.out);
@@ -514,12 +544,8 @@ Test(fused_linear, teacher_as_a_linear_layer)
         {{"--teacher-hidden", thp, "--teacher-weight", twp, "--teacher-bias", bad_b, NULL}, "--teacher-bias"},
         {{"--teacher-hidden", thp, "--teacher-weight", twp, "--teacher-bias", thp, NULL}, "--teacher-bias"},
     };
-    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
-        tl_run(&r, "cpu", hp, wp, bad[k].t, ghp, gwp);
-        expect_usage_error(&r, "fused-linear", ghp);
-        cr_expect(!exists(gwp), "case %zu: %s was written", k, gwp);
-        cr_expect(strstr(r.err, bad[k].says) != NULL, "case %zu: stderr %s", k, r.err);
-    }
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++)
+        tl_expect_refused(k, hp, wp, bad[k].t, bad[k].says, ghp, gwp);
     UNLINK(hp, wp, tp, thp, twp, tbp, tlp, bad_d, bad_v, bad_n, bad_b);
 }
 
@@ -554,10 +580,7 @@ Test(fused_linear, teacher_linear_float16)
     for (int with_bias = 0; with_bias < 2; with_bias++) {
         kdl_ext_logits(FN, FDT, FV, Ht, Wt, with_bias ? bt : NULL, Tl);
         save(tlp, "mtl.npy", KDL_NPY_F64, 2, FN, FV, Tl);
-        tl_run(&r, "cpu", hp, wp,
-               (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, with_bias ? "--teacher-bias" : NULL,
-                                     tbp, NULL},
-               ghp, gwp);
+        tl_run_linear(&r, "cpu", hp, wp, thp, twp, with_bias ? tbp : NULL, ghp, gwp);
         tl_read(&r, ghp, gwp, &la, ha, wa);
         tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher", tlp, NULL}, ghp, gwp);
         tl_read(&r, ghp, gwp, &lb, hb, wb);
@@ -570,16 +593,8 @@ Test(fused_linear, teacher_linear_float16)
     save(wp32, "mw32.npy", KDL_NPY_F32, 2, FV, FD, w32);
     tl_run(&r, "cpu", hp32, wp32, (const char *const[]){"--teacher", tlp, NULL}, ghp, gwp);
     tl_read(&r, ghp, gwp, &lb, hb, wb);
-    tl_run(&r, "cuda", hp32, wp32,
-           (const char *const[]){"--teacher-hidden", thp, "--teacher-weight", twp, "--teacher-bias", tbp, NULL}, ghp,
-           gwp);
-    if (!kdl_device_available()) {
-        expect_usage_error(&r, "fused-linear", ghp);
-        cr_expect(strstr(r.err, "no CUDA device") != NULL, "%s", r.err);
-        cr_expect(!exists(gwp), "%s was written", gwp);
-    } else {
-        cr_assert_eq(r.code, 0, "exit %d: %s", r.code, r.err);
-        cr_expect(strstr(r.out, "\"backend\": \"cuda\"") != NULL, "%s", r.out);
+    tl_run_linear(&r, "cuda", hp32, wp32, thp, twp, tbp, ghp, gwp);
+    if (fused_ran_on_cuda(&r, ghp, gwp)) {
         tl_read(&r, ghp, gwp, &la, ha, wa);
         cr_expect(fabs(la - lb) <= 1e-5 * fabs(lb), "cuda loss %.17g want %.17g", la, lb);
         KDL_EXPECT_CLOSE("cuda dH", ha, hb, FN * FD, kdl_ext_tol_rel_max(hb, FN * FD, 1e-5));
@@ -673,12 +688,8 @@ Test(fused_linear, sparse_teacher)
         {{"--teacher-indices", pp, "--teacher-logprobs", pp, "--mode", "tail", NULL}, "int64"},
         {{"--teacher-indices", ip, "--teacher-logprobs", ip, "--mode", "tail", NULL}, "--teacher-logprobs"},
     };
-    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
-        tl_run(&r, "cpu", hp, wp, bad[k].t, ghp, gwp);
-        expect_usage_error(&r, "fused-linear", ghp);
-        cr_expect(!exists(gwp), "case %zu: %s was written", k, gwp);
-        cr_expect(strstr(r.err, bad[k].says) != NULL, "case %zu: stderr %s", k, r.err);
-    }
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++)
+        tl_expect_refused(k, hp, wp, bad[k].t, bad[k].says, ghp, gwp);
     /* a divergence the mode does not define */
     KDL_CLI(&r, "fused-linear", "--hidden", hp, "--weight", wp, "--teacher-indices", ip, "--teacher-logprobs", pp,
         "--mode", "renormalised", "--divergence", "rkl", "--grad-hidden-out", ghp);
