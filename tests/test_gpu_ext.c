@@ -1030,6 +1030,26 @@ static void fl_teacher_free(fl_teacher_t *t)
     free(t->T);
 }
 
+/* *m: the largest |sum_b A[r, b] X[b, k]| and *me: the largest
+ * sum_b E[r, b] |X[b, k]| over r < R, k < D, where A and E hold [r, b] at
+ * r * rs + b * bs and X is [B, D] (dH = dL W and dW = dL^T H, with the
+ * bound of their change from E). */
+static void max_product_and_bound(const double *A, const double *E, int64_t rs, int64_t bs, const double *X,
+                                  int64_t R, int64_t B, int64_t D, double *m, double *me)
+{
+    *m = *me = 0;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t k = 0; k < D; k++) {
+            double s = 0, e = 0;
+            for (int64_t b = 0; b < B; b++) {
+                s += A[r * rs + b * bs] * X[b * D + k];
+                e += E[r * rs + b * bs] * fabs(X[b * D + k]);
+            }
+            *m = fmax(*m, fabs(s));
+            *me = fmax(*me, e);
+        }
+}
+
 /* FL_TLIN_REAL's premise (see fl_teacher): the effect of the GPU's teacher
  * logit error e_T on the FKL loss, dH and dW is below a fifth of fl_run's
  * tolerances.  L, T: float64 student and teacher logits [N, V]; H [N, D],
@@ -1073,27 +1093,9 @@ static void fl_teacher_premise(const kdl_loss_desc_t *d, int64_t N, int64_t D, i
     cr_expect(max_dloss <= 0.2 * 5e-4 * sum_loss / (double)valid, "%s: teacher error %.3g moves a loss by %.3g, mean loss %.3g",
               what, eT, max_dloss, sum_loss / (double)valid);
     /* dH = dL W and dW = dL^T H, and the bounds of their change */
-    double mh = 0, mhe = 0, mw = 0, mwe = 0;
-    for (int64_t i = 0; i < N; i++)
-        for (int64_t k = 0; k < D; k++) {
-            double s = 0, e = 0;
-            for (int64_t v = 0; v < V; v++) {
-                s += dL[i * V + v] * W[v * D + k];
-                e += eL[i * V + v] * fabs(W[v * D + k]);
-            }
-            mh = fmax(mh, fabs(s));
-            mhe = fmax(mhe, e);
-        }
-    for (int64_t v = 0; v < V; v++)
-        for (int64_t k = 0; k < D; k++) {
-            double s = 0, e = 0;
-            for (int64_t i = 0; i < N; i++) {
-                s += dL[i * V + v] * H[i * D + k];
-                e += eL[i * V + v] * fabs(H[i * D + k]);
-            }
-            mw = fmax(mw, fabs(s));
-            mwe = fmax(mwe, e);
-        }
+    double mh, mhe, mw, mwe;
+    max_product_and_bound(dL, eL, V, 1, W, N, V, D, &mh, &mhe);
+    max_product_and_bound(dL, eL, 1, V, H, V, N, D, &mw, &mwe);
     cr_expect(mhe <= 0.2 * 5e-4 * mh, "%s: dH change bound %.3g, largest |dH| %.3g", what, mhe, mh);
     cr_expect(mwe <= 0.2 * 5e-4 * mw, "%s: dW change bound %.3g, largest |dW| %.3g", what, mwe, mw);
     cr_log_info("%s: e_T %.3g; loss %.2g, dH %.2g, dW %.2g of their tolerances", what, eT,
