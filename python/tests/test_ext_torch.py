@@ -443,6 +443,34 @@ def test_fused_linear_bad_inputs_write_nothing():
 
 
 # ------------------------------------------- the teacher as a linear layer
+def assert_three_agree(a, r, book, x, seed):
+    """The fused call a, r and book agree on the loss (1e-12) and, after
+    backward of sum(y * up) with up in [0.5, 1.5) from seed, on the
+    gradients of their inputs x[0], x[1], x[2] (1e-10); returns up."""
+    up = torch.rand(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) \
+        + 0.5
+    for y in (a, r, book):
+        (y * up).sum().backward()
+    torch.testing.assert_close(a, r.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a, book.detach(), rtol=1e-12, atol=1e-14)
+    for g1, g2, g3 in zip(*x):
+        torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(g1.grad, g3.grad, rtol=1e-10, atol=1e-13)
+    return up
+
+
+def assert_fused_gradcheck(h, w, div, reduction, **teacher):
+    """gradcheck of the fused loss in H, W and a random bias (temperature
+    1.3, chunks of 2 rows) with the teacher given by the keywords."""
+    b = torch.randn(w.shape[0], dtype=torch.float64)
+    args = [v.clone().requires_grad_() for v in (h, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, y, z: kt.fused_linear_distill_loss(
+            x, y, bias=z, divergence=div, reduction=reduction, temperature=1.3, chunk_rows=2,
+            **teacher, **OPTS),
+        args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def teacher_layer(n=6, dt=3, v=11, seed=0, dtype=torch.float64):
     """H_t [n, d_t], W_t [v, d_t], b_t [v]: d_t != fused_data's d = 5."""
     g = torch.Generator().manual_seed(seed)
@@ -479,15 +507,7 @@ def test_fused_teacher_linear_against_logits_path_and_textbook(div, reduction, t
     r = kt.fused_linear_distill_loss(x[1][0], x[1][1], t, bias=x[1][2], chunk_rows=4,
                                      divergence=div, **kw)
     book = textbook(x[2][0] @ x[2][1].T + x[2][2], t, div, **kw)
-    up = torch.rand(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14)) \
-        + 0.5
-    for y in (a, r, book):
-        (y * up).sum().backward()
-    torch.testing.assert_close(a, r.detach(), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(a, book.detach(), rtol=1e-12, atol=1e-14)
-    for g1, g2, g3 in zip(*x):
-        torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(g1.grad, g3.grad, rtol=1e-10, atol=1e-13)
+    assert_three_agree(a, r, book, x, seed=14)
     assert all(v is None or v.grad is None for v in tl)
 
 
@@ -496,13 +516,7 @@ def test_fused_teacher_linear_against_logits_path_and_textbook(div, reduction, t
 def test_fused_teacher_linear_gradcheck(div, reduction):
     h, w, _ = fused_data(n=3, d=3, v=5, seed=15)
     ht, wt, bt = teacher_layer(n=3, dt=2, v=5, seed=16)
-    b = torch.randn(5, dtype=torch.float64)
-    args = [v.clone().requires_grad_() for v in (h, w, b)]
-    assert torch.autograd.gradcheck(
-        lambda x, y, z: kt.fused_linear_distill_loss(
-            x, y, bias=z, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt, divergence=div,
-            reduction=reduction, temperature=1.3, chunk_rows=2, **OPTS),
-        args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert_fused_gradcheck(h, w, div, reduction, teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt)
 
 
 def test_fused_teacher_linear_dtypes_layouts_and_empty():
@@ -614,15 +628,7 @@ def test_fused_sparse_against_sparse_loss_autograd(mode, div, reduction):
     r = kt.sparse_distill_loss(x[1][0] @ x[1][1].T + x[1][2], idx, lp, mode=mode, **kw)
     book = sparse_textbook(x[2][0] @ x[2][1].T + x[2][2], idx, lp.detach(), mode, div,
                            **{k: v for k, v in kw.items() if k != "divergence"})
-    up = torch.rand(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(64)) \
-        + 0.5
-    for y in (a, r, book):
-        (y * up).sum().backward()
-    torch.testing.assert_close(a, r.detach(), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(a, book.detach(), rtol=1e-12, atol=1e-14)
-    for g1, g2, g3 in zip(*x):
-        torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(g1.grad, g3.grad, rtol=1e-10, atol=1e-13)
+    up = assert_three_agree(a, r, book, x, seed=64)
     assert lp.grad is None and not x[0][0].grad[1].any()
     z = (h @ w.T + b).requires_grad_()
     (kt.sparse_distill_loss(z, idx, lp.detach(), mode=mode, **kw) * up).sum().backward()
@@ -636,13 +642,7 @@ def test_fused_sparse_against_sparse_loss_autograd(mode, div, reduction):
 def test_fused_sparse_gradcheck(mode, div, reduction):
     h, w, _ = fused_data(n=3, d=3, v=7, seed=65)
     idx, lp = fused_sparse_teacher(n=3, v=7, k=3, seed=66)
-    b = torch.randn(7, dtype=torch.float64)
-    args = [v.clone().requires_grad_() for v in (h, w, b)]
-    assert torch.autograd.gradcheck(
-        lambda x, y, z: kt.fused_linear_distill_loss(
-            x, y, bias=z, teacher_indices=idx, teacher_logprobs=lp, mode=mode, divergence=div,
-            reduction=reduction, temperature=1.3, chunk_rows=2, **OPTS),
-        args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert_fused_gradcheck(h, w, div, reduction, teacher_indices=idx, teacher_logprobs=lp, mode=mode)
 
 
 def test_fused_sparse_dtypes_layouts_stats_and_bad_index():
