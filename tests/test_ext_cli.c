@@ -455,6 +455,15 @@ static void tl_expect_refused(size_t k, const char *hp, const char *wp, const ch
     cr_expect(strstr(r.err, says) != NULL, "case %zu: stderr %s", k, r.err);
 }
 
+/* The teacher's logits Ht Wt^T (+ bt when not NULL), formed here in
+ * float64, saved as `name` (its path in tlp) for the --teacher run. */
+static void tl_save_logits(char *tlp, const char *name, const double *Ht, const double *Wt, const double *bt)
+{
+    double Tl[FN * FV];
+    kdl_ext_logits(FN, FDT, FV, Ht, Wt, bt, Tl);
+    save(tlp, name, KDL_NPY_F64, 2, FN, FV, Tl);
+}
+
 /* A cpu (or cuda) run with the teacher as Ht, Wt and, when tbp is not
  * NULL, Bt. */
 static void tl_run_linear(kdl_cli_result_t *r, const char *backend, const char *hp, const char *wp, const char *thp,
@@ -482,7 +491,7 @@ static void tl_expect_same(const char *what, double la, const double *ha, const 
  * workspace, both logits in logits_bytes); every bad combination. */
 Test(fused_linear, teacher_as_a_linear_layer)
 {
-    double H[FN * FD], W[FV * FD], T[FN * FV], Ht[FN * FDT], Wt[FV * FDT], bt[FV], Tl[FN * FV];
+    double H[FN * FD], W[FV * FD], T[FN * FV], Ht[FN * FDT], Wt[FV * FDT], bt[FV];
     double Wt4[FV * (FDT + 1)] = {0};
     kdl_rng_t g = {31};
     char hp[512], wp[512], tp[512], thp[512], twp[512], tbp[512], tlp[512], ghp[512], gwp[512];
@@ -505,8 +514,7 @@ Test(fused_linear, teacher_as_a_linear_layer)
     double la, lb, ha[FN * FD], hb[FN * FD], wa[FV * FD], wb[FV * FD];
     kdl_cli_result_t r;
     for (int with_bias = 0; with_bias < 2; with_bias++) {
-        kdl_ext_logits(FN, FDT, FV, Ht, Wt, with_bias ? bt : NULL, Tl);
-        save(tlp, "ltl.npy", KDL_NPY_F64, 2, FN, FV, Tl);
+        tl_save_logits(tlp, "ltl.npy", Ht, Wt, with_bias ? bt : NULL);
         tl_run_linear(&r, "cpu", hp, wp, thp, twp, with_bias ? tbp : NULL, ghp, gwp);
         cr_expect(strncmp(kdl_json_find(r.out, "teacher"), "\"linear\"", 8) == 0, "%s", r.out);
         cr_expect(kdl_json_read_number(r.out, "teacher_hidden") == FDT, "%s", r.out);
@@ -556,7 +564,7 @@ Test(fused_linear, teacher_as_a_linear_layer)
  * GEMM error of the reference. */
 Test(fused_linear, teacher_linear_float16)
 {
-    double H[FN * FD], W[FV * FD], T[FN * FV], Ht[FN * FDT], Wt[FV * FDT], bt[FV], Tl[FN * FV];
+    double H[FN * FD], W[FV * FD], T[FN * FV], Ht[FN * FDT], Wt[FV * FDT], bt[FV];
     uint16_t ht16[FN * FDT], wt16[FV * FDT];
     float bt32[FV], h32[FN * FD], w32[FV * FD];
     kdl_rng_t g = {37};
@@ -578,8 +586,7 @@ Test(fused_linear, teacher_linear_float16)
     double la, lb, ha[FN * FD], hb[FN * FD], wa[FV * FD], wb[FV * FD];
     kdl_cli_result_t r;
     for (int with_bias = 0; with_bias < 2; with_bias++) {
-        kdl_ext_logits(FN, FDT, FV, Ht, Wt, with_bias ? bt : NULL, Tl);
-        save(tlp, "mtl.npy", KDL_NPY_F64, 2, FN, FV, Tl);
+        tl_save_logits(tlp, "mtl.npy", Ht, Wt, with_bias ? bt : NULL);
         tl_run_linear(&r, "cpu", hp, wp, thp, twp, with_bias ? tbp : NULL, ghp, gwp);
         tl_read(&r, ghp, gwp, &la, ha, wa);
         tl_run(&r, "cpu", hp, wp, (const char *const[]){"--teacher", tlp, NULL}, ghp, gwp);
