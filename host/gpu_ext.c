@@ -18,6 +18,20 @@
 #include "launch.h"
 
 /* ------------------------------------------------------------ sparse */
+/* The sparse row kernel's shared memory (dynamic: the support bitmap of V
+ * bits, the k entries, AKL's sort keys; plus its static part) against the
+ * device's opt-in limit; `path` names the caller in the message. */
+static kdl_status_t sparse_smem_check(kdl_handle_t h, const kdl_loss_desc_t *d, int64_t vocab, int64_t k,
+                                      const char *path)
+{
+    const size_t smem = kdl_ext_sparse_smem_bytes(vocab, k, d->divergence == KDL_DIV_AKL) + KDL_EXT_SPARSE_STATIC_SMEM;
+    if (smem > h->smem_per_block_optin)
+        return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
+                        "%s: vocab %lld, k %lld need %zu bytes of shared memory (device: %zu)", path,
+                        (long long)vocab, (long long)k, smem, h->smem_per_block_optin);
+    return KDL_STATUS_SUCCESS;
+}
+
 static kdl_status_t sparse_check(kdl_handle_t h, const kdl_loss_desc_t *d, const kdl_sparse_args_t *a, size_t *need)
 {
     if (!h) return kdl_fail(KDL_STATUS_NULL_POINTER, "handle is NULL");
@@ -25,11 +39,8 @@ static kdl_status_t sparse_check(kdl_handle_t h, const kdl_loss_desc_t *d, const
     if (st) return st;
     if (a->vocab > INT32_MAX) return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: vocab > 2^31 - 1");
     if (a->rows > INT32_MAX) return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: rows > 2^31 - 1 (one block per row)");
-    /* dynamic + static shared memory of the row kernel */
-    size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k, d->divergence == KDL_DIV_AKL) + KDL_EXT_SPARSE_STATIC_SMEM;
-    if (smem > h->smem_per_block_optin)
-        return kdl_fail(KDL_STATUS_NOT_SUPPORTED, "sparse GPU path: vocab %lld needs %zu bytes of shared memory (device: %zu)",
-                        (long long)a->vocab, smem, h->smem_per_block_optin);
+    st = sparse_smem_check(h, d, a->vocab, a->k, "sparse GPU path");
+    if (st) return st;
     *need = kdl_ext_sparse_ws_bytes(a->rows);
     return KDL_STATUS_SUCCESS;
 }
@@ -94,15 +105,8 @@ static kdl_status_t fused_check(kdl_handle_t h, const kdl_loss_desc_t *d, const 
     int64_t c = kdl_fused_linear_chunk_rows(a);
     const int teacher = kdl_ext_fused_teacher(a);
     if (teacher == KDL_EXT_FUSED_TEACHER_SPARSE) {
-        /* the sparse row kernel's shared memory (support bitmap of V bits,
-         * the k entries, AKL's sort keys), as sparse_check has it */
-        const size_t smem = kdl_ext_sparse_smem_bytes(a->vocab, a->k, d->divergence == KDL_DIV_AKL) +
-                            KDL_EXT_SPARSE_STATIC_SMEM;
-        if (smem > h->smem_per_block_optin)
-            return kdl_fail(KDL_STATUS_NOT_SUPPORTED,
-                            "fused linear GPU path, sparse teacher: vocab %lld, k %lld need %zu bytes of shared memory "
-                            "(device: %zu)",
-                            (long long)a->vocab, (long long)a->k, smem, h->smem_per_block_optin);
+        st = sparse_smem_check(h, d, a->vocab, a->k, "fused linear GPU path, sparse teacher");
+        if (st) return st;
     }
     if (a->vocab > INT_MAX || a->hidden > INT_MAX || c > INT_MAX || a->ld_hidden > INT_MAX ||
         a->ld_weight > INT_MAX || a->ld_grad_hidden > INT_MAX || a->ld_grad_weight > INT_MAX ||
@@ -165,6 +169,24 @@ static kdl_status_t gemm(cublasHandle_t cb, cublasOperation_t ta, cublasOperatio
     return blas(cublasGemmEx(cb, ta, tb, m, n, k, &one, A, cuda_type(tA), lda, B, cuda_type(tB), ldb, &beta, C,
                              cuda_type(tC), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                 what);
+}
+
+/* A linear layer's logits for a chunk of c rows into the float32 chunk out
+ * (c x V, row stride V): out^T (V x c, column-major) = W (as Dk x V, ld
+ * ldw)^T . X (as Dk x c, ld ldx), X and W of dtype dt; with a bias (dtype
+ * dt) broadcast into out first and the GEMM adding to it (beta = 1). */
+static kdl_status_t chunk_logits(kdl_handle_t h, cublasHandle_t cb, int c, int64_t V, int64_t Dk, const void *X,
+                                 int64_t ldx, const void *W, int64_t ldw, const void *bias, kdl_dtype_t dt, float *out,
+                                 const char *what)
+{
+    float beta = 0.0f;
+    if (bias) {
+        kdl_status_t st = kdl_ext_fused_bias_fill(out, c, V, bias, (int)dt, h->stream);
+        if (st) return st;
+        beta = 1.0f;
+    }
+    return gemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)Dk, W, dt, (int)ldw, X, dt, (int)ldx, beta, out,
+                KDL_DTYPE_F32, (int)V, what);
 }
 
 /* The sparse teacher's loss and dL of the chunk of c rows at r0 (loss and
@@ -319,30 +341,15 @@ kdl_status_t kdl_fused_linear_loss(kdl_handle_t h, const kdl_loss_desc_t *d, con
     for (int64_t r0 = 0; r0 < N; r0 += C) {
         const int c = (int)(N - r0 < C ? N - r0 : C);
         const void *Hc = (const char *)a->hidden_states + (size_t)r0 * (size_t)a->ld_hidden * kdl_dtype_size(hdt);
-        /* 1. L^T (V x c, column-major, ld V) = W (as d x V, ld ld_w)^T . H_c (as d x c) (+ b) */
-        float beta = 0.0f;
-        if (a->bias) {
-            st = kdl_ext_fused_bias_fill(L, c, V, a->bias, (int)a->weight_dtype, h->stream);
-            if (st) return st;
-            beta = 1.0f;
-        }
-        st = gemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)D, a->weight, hdt, (int)a->ld_weight, Hc, hdt,
-                  (int)a->ld_hidden, beta, L, KDL_DTYPE_F32, (int)V, "logits GEMM");
+        /* 1. L = H_c W^T (+ b); with the teacher as a linear layer, T_c = H_t,c W_t^T (+ b_t) */
+        st = chunk_logits(h, cb, c, V, D, Hc, a->ld_hidden, a->weight, a->ld_weight, a->bias, hdt, L, "logits GEMM");
         if (st) return st;
         if (a->teacher_hidden) {
-            /* T_c^T (V x c, ld V) = W_t (as d_t x V, ld ld_tw)^T . H_t,c (as d_t x c) (+ b_t) */
             const kdl_dtype_t tdt = a->teacher_linear_dtype;
             const void *Htc = (const char *)a->teacher_hidden +
                               (size_t)r0 * (size_t)a->ld_teacher_hidden * kdl_dtype_size(tdt);
-            float tbeta = 0.0f;
-            if (a->teacher_bias) {
-                st = kdl_ext_fused_bias_fill(Tw, c, V, a->teacher_bias, (int)tdt, h->stream);
-                if (st) return st;
-                tbeta = 1.0f;
-            }
-            st = gemm(cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, c, (int)a->teacher_hidden_size, a->teacher_weight, tdt,
-                      (int)a->ld_teacher_weight, Htc, tdt, (int)a->ld_teacher_hidden, tbeta, Tw, KDL_DTYPE_F32, (int)V,
-                      "teacher logits GEMM");
+            st = chunk_logits(h, cb, c, V, a->teacher_hidden_size, Htc, a->ld_teacher_hidden, a->teacher_weight,
+                              a->ld_teacher_weight, a->teacher_bias, tdt, Tw, "teacher logits GEMM");
             if (st) return st;
         }
 

@@ -106,6 +106,13 @@ void kdl_fused_linear_sparse_view(const kdl_fused_linear_args_t *a, kdl_sparse_a
 
 static int is16(kdl_dtype_t t) { return t == KDL_DTYPE_F16 || t == KDL_DTYPE_BF16; }
 
+/* The teacher as a linear layer is asked for (version 3): by teacher_hidden,
+ * or at rows = 0 by teacher_weight or teacher_bias alone (validate_loaded). */
+static int layer_asked(const kdl_fused_linear_args_t *a)
+{
+    return a->teacher_hidden || a->teacher_weight || a->teacher_bias;
+}
+
 /* Default chunk: the whole workspace stays at most 1/8 of one [N, V] logits
  * tensor in the inputs' dtype (H and W), what a non-fused call would
  * materialise for the student alone.  Per chunk row the workspace holds
@@ -123,15 +130,15 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
     if (!a || a->rows <= 0) return 0;
     int64_t c = a->chunk_rows;
     if (c <= 0) {
-        const int sixteen = is16(a->hidden_dtype) && is16(a->weight_dtype), tlin = a->teacher_hidden != NULL;
+        const int sixteen = is16(a->hidden_dtype) && is16(a->weight_dtype), teacher = kdl_ext_fused_teacher(a);
+        const int tlin = teacher == KDL_EXT_FUSED_TEACHER_LINEAR;
         c = a->rows / (sixteen ? (tlin ? 40 : 24) : (tlin ? 16 : 8));
         if (c < 1) c = 1;
         if (c > 4096) c = 4096;
         if (a->vocab > 0) {
             const double budget = (double)a->rows * (double)a->vocab * (sixteen ? 2.0 : 4.0) / 8.0;
             while (c > 1 &&
-                   (double)kdl_ext_fused_layout(c, a->vocab, sixteen, a->grad_bias != NULL, kdl_ext_fused_teacher(a))
-                           .total > budget)
+                   (double)kdl_ext_fused_layout(c, a->vocab, sixteen, a->grad_bias != NULL, teacher).total > budget)
                 c--;
         }
     }
@@ -150,7 +157,7 @@ int64_t kdl_fused_linear_chunk_rows(const kdl_fused_linear_args_t *a)
 static kdl_status_t validate_loaded(const kdl_loss_desc_t *d, const kdl_fused_linear_args_t *a, int allow_f64)
 {
     KDL_CHECK_STRUCT_PAIR(d, a);
-    const int tlin = a->teacher_hidden || a->teacher_weight || a->teacher_bias;
+    const int tlin = layer_asked(a);
     const int sparse = kdl_fused_linear_sparse(a);
     if (a->vocab < 1) return kdl_fail(KDL_STATUS_BAD_SIZE, "vocab = %lld < 1", (long long)a->vocab);
     kdl_status_t st = kdl_ext_validate_desc(d, a->vocab, a->out_dtype);
@@ -287,7 +294,7 @@ kdl_status_t kdl_ref_fused_linear_loss(const kdl_loss_desc_t *d, const kdl_fused
     const int64_t N = a->rows, V = a->vocab, D = a->hidden;
     /* the teacher as a linear layer (as validate_loaded tells it; at N = 0
      * H_t may be NULL and nothing is formed) */
-    const int tlin = a->teacher_hidden || a->teacher_weight || a->teacher_bias;
+    const int tlin = layer_asked(a);
     const int sparse = kdl_fused_linear_sparse(a);
     const int64_t Dt = tlin ? a->teacher_hidden_size : 0;
     size_t nl = (size_t)(N > 0 ? N : 1) * (size_t)V;
