@@ -557,23 +557,25 @@ typedef struct fused_ctx {
     double *w64, *b64, *th64, *tw64, *tb64;
 } fused_ctx_t;
 
-/* The dtype of H and W (the bias is read in W's) on the GPU path: the
- * loaded one when H and W share a 16-bit dtype and the bias, when given, has
- * it too (passed through: no copy, no rounding); else float32 (float32 data
- * as loaded, float16 data as exact float32 copies).  float64 never reaches
- * the GPU path (kdl_cli_pick_backend). */
-static kdl_dtype_t fused_gpu_dtype(const fused_ctx_t *c)
+/* The dtype a linear layer's X, W (and bias b, read in W's dtype) take on
+ * the GPU path: the loaded one when X and W share a 16-bit dtype and b, when
+ * given, has it too (passed through: no copy, no rounding); else float32
+ * (float32 data as loaded, 16-bit data as exact float32 copies).  float64
+ * never reaches the GPU path (kdl_cli_pick_backend). */
+static kdl_dtype_t gpu_layer_dtype(kdl_dtype_t xdt, kdl_dtype_t wdt, int has_b, kdl_dtype_t bdt)
 {
-    const int sixteen = (c->hdt == KDL_DTYPE_F16 || c->hdt == KDL_DTYPE_BF16) && c->wdt == c->hdt;
-    return sixteen && (!c->has_bias || c->bdt == c->hdt) ? c->hdt : KDL_DTYPE_F32;
+    const int sixteen = (xdt == KDL_DTYPE_F16 || xdt == KDL_DTYPE_BF16) && wdt == xdt;
+    return sixteen && (!has_b || bdt == xdt) ? xdt : KDL_DTYPE_F32;
 }
 
-/* Likewise the teacher's Ht, Wt (and Bt) on the GPU path: their common
- * 16-bit dtype as loaded, else float32. */
+/* The student's H, W, b and the teacher layer's Ht, Wt, Bt on the GPU path. */
+static kdl_dtype_t fused_gpu_dtype(const fused_ctx_t *c)
+{
+    return gpu_layer_dtype(c->hdt, c->wdt, c->has_bias, c->bdt);
+}
 static kdl_dtype_t fused_gpu_tdtype(const fused_ctx_t *c)
 {
-    const int sixteen = (c->thdt == KDL_DTYPE_F16 || c->thdt == KDL_DTYPE_BF16) && c->twdt == c->thdt;
-    return sixteen && (!c->has_tbias || c->tbdt == c->thdt) ? c->thdt : KDL_DTYPE_F32;
+    return gpu_layer_dtype(c->thdt, c->twdt, c->has_tbias, c->tbdt);
 }
 
 #ifdef KDL_HAVE_CUDA
