@@ -47,4 +47,21 @@ if command -v python3 >/dev/null 2>&1; then
       echo "setup: WARNING: torch could not be installed; the torch tests will skip" >&2
     fi
   fi
+  # The peers themselves, for python/tests/test_peers_*.py (kdloss against
+  # their own code on CPU; each skips with the reason when its peer is
+  # missing): TRL (with transformers, accelerate, datasets), Liger-Kernel
+  # (its Triton kernels run by Triton's interpreter; Triton comes with
+  # torch), POT (with scipy), flash-sinkhorn.  KDL_WITH_PEERS=1 (test.sh
+  # asks for it); pinned to the versions the tests were written against.
+  if [ "${KDL_WITH_PEERS:-0}" = 1 ] && python3 -c "import torch" >/dev/null 2>&1; then
+    peers_ok() { python3 -c "import trl, liger_kernel, ot, flash_sinkhorn" >/dev/null 2>&1; }
+    if ! peers_ok; then
+      echo "setup: pip install trl liger-kernel pot flash-sinkhorn (peers for test_peers_*)"
+      t0=$(date +%s)
+      { python3 -m pip install -q trl==1.16.0 pot==0.9.7.post1 &&
+        python3 -m pip install -q --no-deps liger-kernel==0.8.5 flash-sinkhorn==0.4.1; } ||
+        echo "setup: WARNING: a peer could not be installed; its tests will skip" >&2
+      echo "setup: peers installed in $(( $(date +%s) - t0 )) s"
+    fi
+  fi
 fi

@@ -7,7 +7,7 @@
 # available.  KDL_TEST_FAST=1 skips the sanitizer pass and the fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KDL_WITH_TORCH=${KDL_WITH_TORCH:-1} bash scripts/setup.sh
+KDL_WITH_TORCH=${KDL_WITH_TORCH:-1} KDL_WITH_PEERS=${KDL_WITH_PEERS:-1} bash scripts/setup.sh
 bash scripts/build.sh
 ctest --test-dir build --output-on-failure -j "$(nproc)"
 # ctest shows only pass/fail per suite: list the skipped tests (GPU tests on

@@ -7,7 +7,9 @@ divisors are the peer's.  The peer versions these follow were read from
 their source: TRL 1.10.0.dev0 (commit f2cd5771,
 trl/experimental/gkd/gkd_trainer.py; legacy=True: the older
 trl/trainer/gkd_trainer.py at commit a9fa292c) and Liger-Kernel 0.8.2
-(commit ead96b61).
+(commit ead96b61).  python/tests/test_peers_kd.py runs them against the
+peers' own code, TRL 1.16.0 and Liger-Kernel 0.8.5 (its Triton kernels by
+Triton's interpreter, on CPU): the same conventions.
 
 | kdloss.compat | peer (version read) | kdloss call |
 |---|---|---|
@@ -75,7 +77,7 @@ here, never silently:
 - Not mapped: Liger's chunked LigerFusedLinearJSDLoss (liger_kernel.
   chunked_loss: a hard cross-entropy term weighted with the soft JSD, true
   labels, biases); use kdloss.torch.fused_linear_distill_loss for its soft
-  part (divergence "jsd", reduction "mean") and add the cross-entropy.
+  part (divergence "jsd", reduction "mean") and add the cross-entropy (beta 0 / 1: "fkl" / "rkl"; biases as bias= and teacher_bias=).
 - kdloss checks its inputs (NaN/+inf rows raise kdloss.InvalidRowsError by
   default) where the peers compute NaN silently.
 """

@@ -3,9 +3,9 @@ here from the semantics read in TRL's and Liger-Kernel's source, see the
 module docstring of kdloss.compat): log_softmax, elementwise KL terms,
 logsumexp mixtures, each peer's divisors; values and autograd gradients on
 random [B, T, V] inputs with -100 labels, every reduction, beta in {0, 0.3,
-0.5, 1}, temperatures 1 and 2.  When trl or liger_kernel is importable the
-peer itself is compared too (skipped, with the reason, otherwise; Liger
-needs a GPU: those cases are marked `cuda`).
+0.5, 1}, temperatures 1 and 2.  The peers' own code (TRL's function, and
+Liger's Triton kernels run by Triton's interpreter) is compared in
+test_peers_kd.py.
 
 Tolerances.  float64: kdloss's CPU reference and the textbook are both
 float64 on the same inputs; they differ by rounding in sums of about V

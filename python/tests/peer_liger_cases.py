@@ -1,0 +1,145 @@
+"""Cases that test_peers_kd.py runs through Liger-Kernel itself and through
+kdloss.compat, and the worker that runs the Liger side.
+
+Liger's losses are Triton kernels.  On a machine without a GPU, Triton's
+interpreter (TRITON_INTERPRET=1, read when Triton's modules are imported
+and again when its kernels run) executes them on CPU tensors: the same
+kernel source, each program instance run with NumPy.  The variable cannot
+be set and unset inside the pytest process (Triton's lazy imports assert
+on it, and it would turn any later Triton kernel into an interpreted one),
+so the worker below runs in a subprocess of its own:
+
+    TRITON_INTERPRET=1 python peer_liger_cases.py OUT.pt
+
+It builds every case, runs it through Liger, and saves {case id: (loss,
+{name: gradient}) or an error string}.  The test builds the same cases
+(same seeds) and runs them through kdloss.compat with `run`: one function
+for both sides, so the two differ only in the table of functions.
+
+Inputs are float32 (Liger computes in float32; the interpreter has no
+bfloat16 arithmetic of its own).  Every gradient is taken with respect to
+LOGITS upstream of the log_softmax / softmax that makes Liger's inputs: the
+quantity training uses, and the one both must agree on (kdloss.compat's
+docstring says why the gradient to a log-probability leaf differs).
+"""
+
+import sys
+
+import torch
+
+ROWS, VOCAB, HIDDEN, T_HIDDEN = 7, 301, 24, 20  # VOCAB odd: no vector width divides it
+IGNORE = -100
+
+
+def _labels(g, rows, ignore_index=IGNORE):
+    lab = torch.randint(0, VOCAB, (rows,), generator=g)
+    lab[1] = ignore_index
+    lab[4] = ignore_index
+    return lab
+
+
+def cases():
+    """[(case id, kind, options)]: every reduction, beta end and interior,
+    labels or not, the options that change a divisor or a convention."""
+    out = []
+    for beta in (0.0, 0.3, 0.5, 1.0):
+        for lab in (False, True):
+            out.append((f"jsd-b{beta}-lab{int(lab)}", "jsd", dict(beta=beta, labels=lab)))
+    for red in ("batchmean", "sum", "mean"):
+        for log_target in (False, True):
+            out.append((f"kl_div-{red}-log{int(log_target)}", "kl_div",
+                        dict(reduction=red, log_target=log_target)))
+    for red in ("batchmean", "sum", "mean"):
+        for lab in (False, True):
+            out.append((f"tvd-{red}-lab{int(lab)}", "tvd", dict(reduction=red, labels=lab)))
+    for beta in (0.0, 0.5, 0.7, 1.0):
+        for temp in (1.0, 2.5):
+            for lab in (False, True):
+                out.append((f"fused-b{beta}-T{temp}-lab{int(lab)}", "fused_linear_jsd",
+                            dict(beta=beta, temperature=temp, labels=lab)))
+    return out
+
+
+def inputs(case_id):
+    """The tensors of one case, from a seed of its own (the same on both
+    sides).  Logits of scale ~3 give peaked and flat rows alike."""
+    g = torch.Generator().manual_seed(sum(map(ord, case_id)) * 7919)
+    return dict(
+        zs=3 * torch.randn(ROWS, VOCAB, generator=g),
+        zt=3 * torch.randn(ROWS, VOCAB, generator=g),
+        H=torch.randn(ROWS, HIDDEN, generator=g),
+        W=0.3 * torch.randn(VOCAB, HIDDEN, generator=g),
+        Ht=torch.randn(ROWS, T_HIDDEN, generator=g),
+        Wt=0.3 * torch.randn(VOCAB, T_HIDDEN, generator=g),
+        labels=_labels(g, ROWS),
+    )
+
+
+def run(fns, case_id, kind, opt):
+    """Loss and gradients of one case through fns (Liger's functions or
+    kdloss.compat's, by the peer's names): (loss as float64, {leaf name:
+    gradient as float64})."""
+    x = inputs(case_id)
+    lab = x["labels"] if opt.get("labels") else None
+    if kind == "fused_linear_jsd":
+        H = x["H"].requires_grad_()
+        W = x["W"].requires_grad_()
+        loss = fns[kind](H, W, x["Ht"], x["Wt"], lab, jsd_beta=opt["beta"],
+                         temperature=opt["temperature"])
+        leaves = dict(H=H, W=W)
+    else:
+        zs = x["zs"].requires_grad_()
+        leaves = dict(zs=zs)
+        if kind == "jsd":
+            loss = fns[kind](torch.log_softmax(zs, -1), torch.log_softmax(x["zt"], -1), lab,
+                             beta=opt["beta"])
+        elif kind == "kl_div":
+            target = (torch.log_softmax if opt["log_target"] else torch.softmax)(x["zt"], -1)
+            loss = fns[kind](torch.log_softmax(zs, -1), target, reduction=opt["reduction"],
+                             log_target=opt["log_target"])
+        else:
+            loss = fns[kind](torch.softmax(zs, -1), torch.softmax(x["zt"], -1), lab,
+                             reduction=opt["reduction"])
+    loss.backward()
+    return (loss.detach().to(torch.float64),
+            {k: v.grad.detach().to(torch.float64) for k, v in leaves.items()})
+
+
+def _interpreter_floats():
+    """Triton's interpreter (3.9) passes a Python float argument to a
+    kernel as a bare float where compiled Triton passes a float32 scalar;
+    Liger's kernels call .to() on theirs (kl_div's eps, tvd's scale).  This
+    gives the interpreter the compiled convention, leaving the kernels as
+    they are."""
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as ti
+
+    cvt = ti._implicit_cvt
+
+    def cvt_float(arg):
+        if isinstance(arg, float):
+            return tl.tensor(ti.TensorHandle(np.array([arg], dtype=np.float32), tl.float32),
+                             tl.float32)
+        return cvt(arg)
+
+    ti._implicit_cvt = cvt_float
+
+
+def main(out_path):
+    _interpreter_floats()
+    import liger_kernel.transformers.functional as lf
+
+    fns = dict(jsd=lf.liger_jsd, kl_div=lf.liger_kl_div, tvd=lf.liger_tvd,
+               fused_linear_jsd=lf.liger_fused_linear_jsd)
+    results = {}
+    for case_id, kind, opt in cases():
+        try:
+            results[case_id] = run(fns, case_id, kind, opt)
+        except Exception as e:  # recorded: the test reports it as that case's failure
+            results[case_id] = f"{type(e).__name__}: {e}"
+    torch.save(results, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,194 @@
+"""kdloss.compat against the peers THEMSELVES, on CPU: the loss and the
+gradient that TRL's and Liger-Kernel's own code compute on the same inputs
+(test_compat.py checks the same calls against textbook torch written from
+the peers' source; this module needs no reading of that source to be right).
+
+- TRL's GKDTrainer.generalized_jsd_loss (plain torch) in this process.
+- Liger-Kernel's liger_jsd, liger_kl_div, liger_tvd and
+  liger_fused_linear_jsd: Triton kernels, run by Triton's interpreter on CPU
+  tensors in a subprocess (peer_liger_cases.py says why and how).
+- Liger-Kernel's chunked LigerFusedLinearJSDLoss (plain torch): its soft
+  part is kdloss's fused linear JSD with reduction "mean", which
+  kdloss.compat's docstring says; this checks it, biases included.
+
+The versions pinned here are the ones scripts/setup.sh installs (CI), and
+those the results in the docs were read with.  Without a peer (or with
+KDL_WITH_PEERS=0 at setup) its tests skip with the reason.
+
+Tolerances.  TRL in float64 runs the same maths in float64 as kdloss's CPU
+reference: both within rounding of sums of about V terms, rtol 1e-10.  In
+float32 TRL rounds every intermediate (log_softmax, logsumexp of the
+mixture, V products) to float32 while kdloss rounds its float64 result
+once: the difference is TRL's own rounding, at most ~V·eps32 relative to the
+sum of |terms| (V = 301: 2e-5; observed well below), so rtol 2e-5 against
+that scale.  Liger computes in float32 in the same way: the same bound.
+Gradients: float32 rounding of per-element values of size max|g|, so atol
+1e-5·max|g| (and rtol 1e-4).  A wrong divisor, beta, temperature or sign
+changes the result by O(1) relative: far outside these.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+try:
+    import torch
+except ImportError as e:
+    pytest.skip(f"torch is not importable: {e}", allow_module_level=True)
+
+import kdloss.compat as kc  # noqa: E402
+import kdloss.torch as kt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import peer_liger_cases as cases  # noqa: E402
+
+TRL_PIN = "trl==1.16.0"
+LIGER_PIN = "liger-kernel==0.8.5"
+
+
+def _close(got, want, what, rtol, atol_frac):
+    got = torch.as_tensor(got, dtype=torch.float64).detach()
+    want = torch.as_tensor(want, dtype=torch.float64).detach()
+    atol = atol_frac * max(float(want.detach().abs().max()), 1e-30)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------- TRL
+@pytest.fixture(scope="module")
+def trl_loss():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    except Exception as e:  # not installed, or a version without this path
+        pytest.skip(f"TRL's GKDTrainer not importable ({type(e).__name__}: {e}); "
+                    f"pip install {TRL_PIN}")
+    return GKDTrainer.generalized_jsd_loss
+
+
+def _trl_inputs(dtype, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    s = 3 * torch.randn(3, 5, 97, generator=g, dtype=torch.float64)
+    t = 3 * torch.randn(3, 5, 97, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 97, (3, 5), generator=g)
+    lab[0, :2] = -100
+    lab[2, 4] = -100
+    return s.to(dtype), t.to(dtype), lab
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "items"])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_trl_generalized_jsd_loss(trl_loss, dtype, beta, temperature, reduction, with_labels):
+    s, t, lab = _trl_inputs(dtype)
+    lab = lab if with_labels else None
+    kw = dict(beta=beta, temperature=temperature)
+    if reduction == "items":  # the trainer's num_items_in_batch (a tensor or an int)
+        kw["num_items_in_batch"] = torch.tensor(9) if with_labels else 15
+    else:
+        kw["reduction"] = reduction
+    sp, sk = s.clone().requires_grad_(), s.clone().requires_grad_()
+    want = trl_loss(sp, t, lab, **kw)
+    got = kc.trl_generalized_jsd_loss(sk, t, lab, **kw)
+    assert got.dtype == want.dtype
+    want.backward()
+    got.backward()
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    _close(got, want, "loss", rtol, rtol)
+    _close(sk.grad, sp.grad, "grad", 1e4 * rtol, 0.5 * rtol)
+
+
+def test_trl_no_token_kept(trl_loss):
+    """Every label -100: TRL's batchmean gives 0 (its count is clamped to 1)
+    and its sum 0; the same from kdloss.compat."""
+    s, t, lab = _trl_inputs(torch.float64)
+    lab[:] = -100
+    for reduction in ("batchmean", "sum"):
+        want = trl_loss(s, t, lab, reduction=reduction)
+        got = kc.trl_generalized_jsd_loss(s, t, lab, reduction=reduction)
+        assert float(want) == 0.0 and float(got) == 0.0, reduction
+
+
+# ------------------------------------------------- Liger (Triton kernels)
+@pytest.fixture(scope="module")
+def liger_results(tmp_path_factory):
+    import importlib.util
+
+    for mod, pin in (("liger_kernel", LIGER_PIN), ("triton", "triton (comes with torch)")):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not installed: pip install {pin}")
+    out = tmp_path_factory.mktemp("liger") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, cases.__file__, str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"the Liger worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return torch.load(out)
+
+
+def _compat_fns():
+    return dict(jsd=kc.jsd, kl_div=kc.kl_div, tvd=kc.tvd, fused_linear_jsd=kc.fused_linear_jsd)
+
+
+@pytest.mark.parametrize("case_id,kind,opt", cases.cases(), ids=[c[0] for c in cases.cases()])
+def test_liger(liger_results, case_id, kind, opt):
+    peer = liger_results[case_id]
+    if isinstance(peer, str):
+        pytest.fail(f"Liger raised on {case_id}: {peer}")
+    want_loss, want_grads = peer
+    got_loss, got_grads = cases.run(_compat_fns(), case_id, kind, opt)
+    _close(got_loss, want_loss, f"{case_id} loss", 2e-5, 2e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        _close(got_grads[name], want, f"{case_id} d{name}", 1e-4, 1e-5)
+
+
+def test_liger_covers_every_compat_kind(liger_results):
+    """The worker ran every case it was given, and the cases reach each
+    Liger function kdloss.compat mirrors (a case list that lost a kind
+    would otherwise pass)."""
+    kinds = {kind for _, kind, _ in cases.cases()}
+    assert kinds == set(_compat_fns())
+    assert set(liger_results) == {c[0] for c in cases.cases()}
+
+
+# ------------------------------------- Liger's chunked fused linear JSD
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_liger_chunked_fused_linear_jsd_soft_part(beta, temperature, with_bias):
+    """LigerFusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1):
+    kdloss.torch.fused_linear_distill_loss, divergence jsd (fkl at beta 0,
+    rkl at 1: the peer's special cases), reduction "mean" over the tokens
+    whose label is not ignore_index.  Inputs float64: the peer's gradients
+    are float64 (rtol 1e-9), but it adds the chunks' losses into a float32
+    scalar (torch's default dtype), so the loss is float32-rounded: rtol
+    1e-6 (a few ulps of float32 over a handful of chunk sums)."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except Exception as e:
+        pytest.skip(f"liger_kernel.chunked_loss not importable ({e}): pip install {LIGER_PIN}")
+    x = cases.inputs(f"chunked-{beta}-{temperature}-{with_bias}")
+    d = torch.float64
+    H, W = x["H"].to(d).requires_grad_(), x["W"].to(d).requires_grad_()
+    Ht, Wt, lab = x["Ht"].to(d), x["Wt"].to(d), x["labels"]
+    g = torch.Generator().manual_seed(5)
+    b = (0.5 * torch.randn(cases.VOCAB, generator=g, dtype=d)).requires_grad_() if with_bias else None
+    bt = 0.5 * torch.randn(cases.VOCAB, generator=g, dtype=d) if with_bias else None
+    peer = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                   temperature=temperature, compiled=False, chunk_size=3)
+    want = peer(H, W, Ht, Wt, lab, b, bt)
+    grads_want = torch.autograd.grad(want, [H, W] + ([b] if with_bias else []))
+    div, kb = ("fkl", 0.5) if beta == 0 else ("rkl", 0.5) if beta == 1 else ("jsd", beta)
+    got = kt.fused_linear_distill_loss(H, W, divergence=div, beta=kb, temperature=temperature,
+                                       labels=lab, reduction="mean", bias=b,
+                                       teacher_hidden=Ht, teacher_weight=Wt, teacher_bias=bt)
+    grads_got = torch.autograd.grad(got, [H, W] + ([b] if with_bias else []))
+    _close(got, want, "loss", 1e-6, 1e-6)
+    for name, gg, gw in zip(("dH", "dW", "db"), grads_got, grads_want):
+        _close(gg, gw, name, 1e-9, 1e-11)
