@@ -77,7 +77,8 @@ here, never silently:
 - Not mapped: Liger's chunked LigerFusedLinearJSDLoss (liger_kernel.
   chunked_loss: a hard cross-entropy term weighted with the soft JSD, true
   labels, biases); use kdloss.torch.fused_linear_distill_loss for its soft
-  part (divergence "jsd", reduction "mean") and add the cross-entropy (beta 0 / 1: "fkl" / "rkl"; biases as bias= and teacher_bias=).
+  part (divergence "jsd", reduction "mean"; beta 0 / 1: "fkl" / "rkl";
+  biases as bias= and teacher_bias=) and add the cross-entropy.
 - kdloss checks its inputs (NaN/+inf rows raise kdloss.InvalidRowsError by
   default) where the peers compute NaN silently.
 """
