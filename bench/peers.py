@@ -32,7 +32,8 @@ teacher as (H_t, W_t): torch_eager materialising H W^T and H_t W_t^T, liger =
 liger_fused_linear_jsd(H, W, H_t, W_t)), ragged
 Sinkhorn (torch_eager and pot: Python loops over the problems), SinKD
 (torch_eager).  kdloss's side through the Python package.  Written without a
-GPU: only --self-test and --cpu-dry-run ran.
+GPU: only --self-test and --cpu-dry-run ran (the latter with Liger-Kernel's
+kernels in Triton's interpreter, TRITON_INTERPRET=1).
 Sinkhorn peers (B problems of n x m, f32, eps 0.1, a fixed number of
 iterations, ms per iteration; cost from points x, y [B, n, 64] as squared
 Euclidean distances, built outside the timing):
@@ -271,6 +272,8 @@ def parse_args(argv):
     p.add_argument("--commit")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="run the code paths on the CPU (tiny shapes; timings meaningless, no JSON meta device)")
+    p.add_argument("--fail-on-error", action="store_true",
+                   help="exit 1 when a row ends in error or mismatch (the CPU dry run in CI)")
     p.add_argument("--self-test", action="store_true",
                    help="check the textbook forms and the float64 reference on the CPU, then exit")
     a = p.parse_args(argv)
@@ -671,6 +674,32 @@ def textbook(env):
             "skl": skl, "srkl": srkl}
 
 
+def triton_interpreter_floats():
+    """Under TRITON_INTERPRET=1 (Triton's interpreter: Triton kernels run on
+    CPU tensors with NumPy), give a Python float kernel argument the type
+    compiled Triton gives it, a float32 scalar: Triton 3.9's interpreter
+    passes a bare float, on which Liger's kl_div and tvd kernels call .to().
+    The kernels are left as they are; without the variable this does
+    nothing.  Used by --cpu-dry-run and by python/tests/peer_liger_cases.py."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as ti
+
+    cvt = ti._implicit_cvt
+    if getattr(cvt, "kdloss_floats", False):
+        return
+
+    def cvt_float(arg):
+        if isinstance(arg, float):
+            return tl.tensor(ti.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return cvt(arg)
+
+    cvt_float.kdloss_floats = True
+    ti._implicit_cvt = cvt_float
+
+
 def liger_forms(env):
     try:
         from liger_kernel.transformers.functional import liger_jsd, liger_kl_div, liger_tvd
@@ -1059,6 +1088,8 @@ def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
             fs = SamplesLoss(loss="sinkhorn", backend="alternating", use_epsilon_scaling=False, eps=eps,
                              n_iters=K, potentials=True, debias=False, allow_tf32=False, half_cost=False)
             impls["flash_sinkhorn"] = lambda: fs(x, y)
+            if env.cpu:
+                impls["flash_sinkhorn"] = None
         except Exception as e:  # noqa: BLE001
             log(f"peers.py: flash-sinkhorn not importable ({type(e).__name__}: {e}); no flash_sinkhorn row")
 
@@ -1071,6 +1102,9 @@ def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
         if impl == "flash_sinkhorn":
             row["note"] = "cost from points, never materialised: GB/s is against the byte model"
         rows.append(row)
+        if run is None:
+            row["status"], row["note"] = "skipped", "flash-sinkhorn takes CUDA tensors only (CPU dry run)"
+            continue
         if deadline and time.monotonic() > deadline:
             row["status"], row["note"] = "skipped", "time budget (--budget-s) spent"
             continue
@@ -1950,6 +1984,8 @@ def main(argv=None):
     cfg = config_from(args, src)
     env = Env(args)
     if env.cpu:
+        triton_interpreter_floats()
+    if env.cpu:
         cfg.shapes = [(n, v) for n, v in cfg.shapes if n * v <= 2**16] or [(7, 1271)]
     if env.cpu:
         pass
@@ -2034,6 +2070,10 @@ def main(argv=None):
     plot(doc, args.png)
     print(f"peers.py: wrote {args.out}" + (f" and {args.png}" if os.path.exists(args.png) else ""),
           file=sys.stderr)
+    bad = [r for r in doc["rows"] if r["status"] in ("error", "mismatch")]
+    if args.fail_on_error and bad:
+        print(f"peers.py: {len(bad)} rows in error or mismatch (--fail-on-error)", file=sys.stderr)
+        return 1
     return 0
 
 

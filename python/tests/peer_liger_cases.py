@@ -23,6 +23,7 @@ quantity training uses, and the one both must agree on (kdloss.compat's
 docstring says why the gradient to a log-probability leaf differs).
 """
 
+import os
 import sys
 
 import torch
@@ -105,29 +106,14 @@ def run(fns, case_id, kind, opt):
             {k: v.grad.detach().to(torch.float64) for k, v in leaves.items()})
 
 
-def _interpreter_floats():
-    """Triton's interpreter (3.9) passes a Python float argument to a
-    kernel as a bare float where compiled Triton passes a float32 scalar;
-    Liger's kernels call .to() on theirs (kl_div's eps, tvd's scale).  This
-    gives the interpreter the compiled convention, leaving the kernels as
-    they are."""
-    import numpy as np
-    import triton.language as tl
-    import triton.runtime.interpreter as ti
-
-    cvt = ti._implicit_cvt
-
-    def cvt_float(arg):
-        if isinstance(arg, float):
-            return tl.tensor(ti.TensorHandle(np.array([arg], dtype=np.float32), tl.float32),
-                             tl.float32)
-        return cvt(arg)
-
-    ti._implicit_cvt = cvt_float
-
-
 def main(out_path):
-    _interpreter_floats()
+    # Triton's interpreter passes float arguments as bare floats; Liger's
+    # kl_div and tvd kernels need compiled Triton's float32 scalars
+    # (bench/peers.py's triton_interpreter_floats, shared with its dry run)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+    from peers import triton_interpreter_floats
+
+    triton_interpreter_floats()
     import liger_kernel.transformers.functional as lf
 
     fns = dict(jsd=lf.liger_jsd, kl_div=lf.liger_kl_div, tvd=lf.liger_tvd,
