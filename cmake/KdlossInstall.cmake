@@ -40,6 +40,14 @@ install(TARGETS kdloss kdloss_static
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(TARGETS kdloss_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT Runtime)
 
+# The Python wheel (pyproject.toml, scikit-build-core sets SKBUILD): the
+# shared library inside the package, where kdloss/_lib.py looks first after
+# KDLOSS_LIBRARY, and the command as a script; component "python" only.
+if(SKBUILD)
+  install(TARGETS kdloss LIBRARY DESTINATION kdloss/lib COMPONENT python)
+  install(TARGETS kdloss_cli RUNTIME DESTINATION ${SKBUILD_SCRIPTS_DIR} COMPONENT python)
+endif()
+
 # ------------------------------------------------------------------ headers
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/kdloss
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} COMPONENT Development

@@ -29,14 +29,15 @@ if [ "${KDL_WITH_FUZZ:-1}" = 1 ] && ! bash "$(dirname "$0")/fuzz.sh" --check; th
     echo "setup: clang/libFuzzer not installed; scripts/test.sh will skip fuzzing"
 fi
 
-# Python side (binding tests): numpy, pytest, ml_dtypes (bfloat16 arrays);
+# Python side (binding tests): numpy, pytest, ml_dtypes (bfloat16 arrays),
+# scikit-build-core (the wheel, scripts/check-wheel.sh);
 # torch when KDL_WITH_TORCH=1 (scripts/test.sh asks for it): PyPI's wheel
 # brings the CUDA libraries, measured at ~75 s and 5.3 GB on a 2-core
 # machine.  A failed torch install is reported and the torch tests skip.
 if command -v python3 >/dev/null 2>&1; then
-  if ! python3 -c "import numpy, pytest, ml_dtypes" >/dev/null 2>&1; then
-    echo "setup: pip install numpy pytest ml_dtypes"
-    python3 -m pip install -q numpy pytest ml_dtypes
+  if ! python3 -c "import numpy, pytest, ml_dtypes, scikit_build_core" >/dev/null 2>&1; then
+    echo "setup: pip install numpy pytest ml_dtypes scikit-build-core"
+    python3 -m pip install -q numpy pytest ml_dtypes scikit-build-core
   fi
   if [ "${KDL_WITH_TORCH:-0}" = 1 ] && ! python3 -c "import torch" >/dev/null 2>&1; then
     echo "setup: pip install torch"
