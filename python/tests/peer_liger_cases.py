@@ -106,6 +106,47 @@ def run(fns, case_id, kind, opt):
             {k: v.grad.detach().to(torch.float64) for k, v in leaves.items()})
 
 
+# kdloss.compat's name -> Liger's (functions, and modules' __init__ and forward)
+LIGER_NAMES = dict(jsd="liger_jsd", kl_div="liger_kl_div", tvd="liger_tvd",
+                   fused_linear_jsd="liger_fused_linear_jsd", JSD="LigerJSD",
+                   KLDivLoss="LigerKLDIVLoss", TVDLoss="LigerTVDLoss",
+                   FusedLinearJSD="LigerFusedLinearJSD")
+
+
+def parameters(fn, parent_init=None):
+    """[(name, kind, repr(default) or None)] of fn, self left out; *args and
+    **kwargs that a module's __init__ hands to its parent class are replaced
+    by the parent's parameters (LigerKLDIVLoss passes them to nn.KLDivLoss)."""
+    import inspect
+
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name == "self":
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and parent_init is not None:
+            if p.kind == p.VAR_POSITIONAL:
+                out += parameters(parent_init)
+            continue
+        out.append((p.name, p.kind.name, None if p.default is p.empty else repr(p.default)))
+    return out
+
+
+def liger_signatures():
+    import liger_kernel.transformers as lt
+    import liger_kernel.transformers.functional as lf
+
+    sigs = {}
+    for ours, theirs in LIGER_NAMES.items():
+        obj = getattr(lf, theirs, None) or getattr(lt, theirs)
+        if isinstance(obj, type):
+            parent = obj.__mro__[1].__init__
+            sigs[ours + ".__init__"] = parameters(obj.__init__, parent)
+            sigs[ours + ".forward"] = parameters(obj.forward)
+        else:
+            sigs[ours] = parameters(obj)
+    return sigs
+
+
 def main(out_path):
     # Triton's interpreter passes float arguments as bare floats; Liger's
     # kl_div and tvd kernels need compiled Triton's float32 scalars
@@ -124,6 +165,7 @@ def main(out_path):
             results[case_id] = run(fns, case_id, kind, opt)
         except Exception as e:  # recorded: the test reports it as that case's failure
             results[case_id] = f"{type(e).__name__}: {e}"
+    results["__signatures__"] = liger_signatures()
     torch.save(results, out_path)
 
 

@@ -7,6 +7,8 @@ the peers' source; this module needs no reading of that source to be right).
 - Liger-Kernel's liger_jsd, liger_kl_div, liger_tvd and
   liger_fused_linear_jsd: Triton kernels, run by Triton's interpreter on CPU
   tensors in a subprocess (peer_liger_cases.py says why and how).
+- The signatures: a call written for the peer (positional order, names,
+  defaults) is a call of kdloss.compat's, so a switch is a change of import.
 - Liger-Kernel's chunked LigerFusedLinearJSDLoss (plain torch): its soft
   part is kdloss's fused linear JSD with reduction "mean", which
   kdloss.compat's docstring says; this checks it, biases included.
@@ -154,7 +156,33 @@ def test_liger_covers_every_compat_kind(liger_results):
     would otherwise pass)."""
     kinds = {kind for _, kind, _ in cases.cases()}
     assert kinds == set(_compat_fns())
-    assert set(liger_results) == {c[0] for c in cases.cases()}
+    assert set(liger_results) - {"__signatures__"} == {c[0] for c in cases.cases()}
+
+
+def _same_call(ours, theirs, what):
+    """A call written for the peer is a call of ours: the peer's parameters
+    come first, in its order, with its kinds and defaults (ours may give a
+    default where the peer has none); what we add after them is keyword-only
+    and has a default."""
+    assert [p[:2] for p in ours[:len(theirs)]] == [p[:2] for p in theirs], (what, ours, theirs)
+    for (name, _, mine), (_, _, peer) in zip(ours, theirs):
+        assert peer is None or mine == peer, (what, name, mine, peer)
+    for name, kind, default in ours[len(theirs):]:
+        assert kind == "KEYWORD_ONLY" and default is not None, (what, name)
+
+
+def test_liger_signatures(liger_results):
+    sigs = liger_results["__signatures__"]
+    assert len(sigs) == 4 + 2 * 4
+    for key, theirs in sigs.items():
+        name, _, method = key.partition(".")
+        obj = getattr(kc, name)
+        _same_call(cases.parameters(getattr(obj, method) if method else obj), theirs, key)
+
+
+def test_trl_signature(trl_loss):
+    _same_call(cases.parameters(kc.trl_generalized_jsd_loss), cases.parameters(trl_loss),
+               "trl_generalized_jsd_loss")
 
 
 # ------------------------------------- Liger's chunked fused linear JSD
