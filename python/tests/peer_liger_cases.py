@@ -58,12 +58,34 @@ def cases():
             for lab in (False, True):
                 out.append((f"fused-b{beta}-T{temp}-lab{int(lab)}", "fused_linear_jsd",
                             dict(beta=beta, temperature=temp, labels=lab)))
+    # a masked vocabulary: the last MASKED tokens at -inf in both models'
+    # logits ("inf"), and the same rows without those columns ("drop")
+    for base, kind, opt in (("jsd-b0.0", "jsd", dict(beta=0.0)), ("jsd-b0.5", "jsd", dict(beta=0.5)),
+                            ("jsd-b1.0", "jsd", dict(beta=1.0)),
+                            ("kl_div-log1", "kl_div", dict(reduction="batchmean", log_target=True)),
+                            ("tvd", "tvd", dict(reduction="batchmean"))):
+        for mask in ("inf", "drop"):
+            out.append((f"masked-{base}-{mask}", kind, dict(opt, mask=mask)))
     return out
+
+
+MASKED = 40
+
+
+def _masked(x, mask):
+    """Mask the last MASKED vocabulary entries of the [rows, VOCAB] logits."""
+    if mask == "drop":
+        return x[:, :-MASKED].contiguous()
+    x = x.clone()
+    x[:, -MASKED:] = float("-inf")
+    return x
 
 
 def inputs(case_id):
     """The tensors of one case, from a seed of its own (the same on both
-    sides).  Logits of scale ~3 give peaked and flat rows alike."""
+    sides, and for the two halves of a masked pair).  Logits of scale ~3
+    give peaked and flat rows alike."""
+    case_id = case_id.removesuffix("-inf").removesuffix("-drop")
     g = torch.Generator().manual_seed(sum(map(ord, case_id)) * 7919)
     return dict(
         zs=3 * torch.randn(ROWS, VOCAB, generator=g),
@@ -89,6 +111,8 @@ def run(fns, case_id, kind, opt):
                          temperature=opt["temperature"])
         leaves = dict(H=H, W=W)
     else:
+        if opt.get("mask"):
+            x["zs"], x["zt"] = _masked(x["zs"], opt["mask"]), _masked(x["zt"], opt["mask"])
         zs = x["zs"].requires_grad_()
         leaves = dict(zs=zs)
         if kind == "jsd":
@@ -101,6 +125,8 @@ def run(fns, case_id, kind, opt):
         else:
             loss = fns[kind](torch.softmax(zs, -1), torch.softmax(x["zt"], -1), lab,
                              reduction=opt["reduction"])
+    if not torch.isfinite(loss):  # a NaN loss: record it (its backward may raise)
+        return loss.detach().to(torch.float64), {}
     loss.backward()
     return (loss.detach().to(torch.float64),
             {k: v.grad.detach().to(torch.float64) for k, v in leaves.items()})

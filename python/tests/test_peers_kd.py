@@ -137,7 +137,11 @@ def _compat_fns():
     return dict(jsd=kc.jsd, kl_div=kc.kl_div, tvd=kc.tvd, fused_linear_jsd=kc.fused_linear_jsd)
 
 
-@pytest.mark.parametrize("case_id,kind,opt", cases.cases(), ids=[c[0] for c in cases.cases()])
+UNMASKED = [c for c in cases.cases() if "mask" not in c[2]]
+MASKED = [c for c in cases.cases() if c[2].get("mask") == "inf"]
+
+
+@pytest.mark.parametrize("case_id,kind,opt", UNMASKED, ids=[c[0] for c in UNMASKED])
 def test_liger(liger_results, case_id, kind, opt):
     peer = liger_results[case_id]
     if isinstance(peer, str):
@@ -148,6 +152,46 @@ def test_liger(liger_results, case_id, kind, opt):
     assert got_grads.keys() == want_grads.keys()
     for name, want in want_grads.items():
         _close(got_grads[name], want, f"{case_id} d{name}", 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("case_id,kind,opt", MASKED, ids=[c[0] for c in MASKED])
+def test_liger_masked_vocabulary(liger_results, case_id, kind, opt):
+    """Both models' logits at -inf on the same vocabulary entries (a padded
+    or masked vocabulary): kdloss.compat's loss and gradient are the peer's
+    on the rows WITHOUT those entries, and the masked entries get a zero
+    gradient.  Liger-Kernel 0.8.5 itself gives NaN there for JSD (every
+    beta) and KL, finite TVD (the -inf - -inf of its log-space terms):
+    asserted, since python/README.md says so; a new peer version that
+    changes it fails here and the README is to be updated."""
+    drop = liger_results[case_id.replace("-inf", "-drop")]
+    got_loss, got_grads = cases.run(_compat_fns(), case_id, kind, opt)
+    _close(got_loss, drop[0], f"{case_id} loss vs the peer without the masked columns", 2e-5, 2e-5)
+    g = got_grads["zs"]
+    _close(g[:, :-cases.MASKED], drop[1]["zs"], f"{case_id} dzs", 1e-4, 1e-5)
+    assert torch.all(g[:, -cases.MASKED:] == 0)
+    peer_masked = float(liger_results[case_id][0])
+    assert (peer_masked != peer_masked) == (kind != "tvd"), (case_id, peer_masked)
+
+
+def test_trl_masked_vocabulary(trl_loss):
+    """The same for TRL's function: on [B, T, V] logits with the last 40
+    entries at -inf in both models, kdloss.compat gives TRL's loss and
+    gradient of the rows without them; TRL itself gives NaN (0 * (-inf - -inf)
+    in its elementwise KL), asserted for the README's sake as above."""
+    s, t, lab = _trl_inputs(torch.float64)
+    s[..., -40:] = float("-inf")
+    t[..., -40:] = float("-inf")
+    for beta in (0.0, 0.5, 1.0):
+        sk = s.clone().requires_grad_()
+        sd = s[..., :-40].clone().requires_grad_()
+        got = kc.trl_generalized_jsd_loss(sk, t, lab, beta=beta)
+        want = trl_loss(sd, t[..., :-40].contiguous(), lab, beta=beta)
+        got.backward()
+        want.backward()
+        _close(got, want, f"beta {beta} loss", 1e-10, 1e-10)
+        _close(sk.grad[..., :-40], sd.grad, f"beta {beta} grad", 1e-6, 1e-10)
+        assert torch.all(sk.grad[..., -40:] == 0)
+        assert torch.isnan(trl_loss(s, t, lab, beta=beta)), beta
 
 
 def test_liger_covers_every_compat_kind(liger_results):
