@@ -3,7 +3,9 @@ gradient that TRL's and Liger-Kernel's own code compute on the same inputs
 (test_compat.py checks the same calls against textbook torch written from
 the peers' source; this module needs no reading of that source to be right).
 
-- TRL's GKDTrainer.generalized_jsd_loss (plain torch) in this process.
+- TRL's GKDTrainer.generalized_jsd_loss (plain torch) in this process, and
+  TRL's own GKDTrainer.compute_loss on tiny GPT-2 models with kdloss's loss
+  put in its place (python/README.md's one-attribute subclass).
 - Liger-Kernel's liger_jsd, liger_kl_div, liger_tvd and
   liger_fused_linear_jsd: Triton kernels, run by Triton's interpreter on CPU
   tensors in a subprocess (peer_liger_cases.py says why and how).
@@ -264,3 +266,40 @@ def test_liger_chunked_fused_linear_jsd_soft_part(beta, temperature, with_bias):
     _close(got, want, "loss", 1e-6, 1e-6)
     for name, gg, gw in zip(("dH", "dW", "db"), grads_got, grads_want):
         _close(gg, gw, name, 1e-9, 1e-11)
+
+
+def test_trl_gkd_compute_loss_with_kdloss(trl_loss):
+    """TRL's own GKDTrainer.compute_loss (the training step's loss: student
+    and teacher forward, causal shift, -100 labels) with kdloss's loss as
+    the trainer's generalized_jsd_loss attribute, as python/README.md shows,
+    against the same step with TRL's: loss and the gradient of every student
+    parameter.  Tiny GPT-2 models built from a config (no download), float64."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    except Exception as e:
+        pytest.skip(f"transformers' GPT-2 not importable ({e})")
+    import types
+
+    torch.manual_seed(3)
+    cfg = dict(vocab_size=97, n_positions=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: two equal steps
+    student = GPT2LMHeadModel(GPT2Config(n_embd=16, **cfg)).double()
+    teacher = GPT2LMHeadModel(GPT2Config(n_embd=24, **cfg)).double()
+    ids = torch.randint(0, 97, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[2, 7:] = -100  # padding
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    results = []
+    for loss_fn in (trl_loss, kc.trl_generalized_jsd_loss):
+        trainer = types.SimpleNamespace(teacher_model=teacher, beta=0.3,
+                                        generalized_jsd_loss=loss_fn)
+        student.zero_grad()
+        loss = GKDTrainer.compute_loss(trainer, student, inputs)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (want, gw), (got, gg) = results
+    _close(got, want, "compute_loss", 1e-10, 1e-12)
+    for name in gw:
+        _close(gg[name], gw[name], f"d{name}", 1e-7, 1e-10)
