@@ -209,6 +209,24 @@ def subcommand_seeds():
     s["sparse_no_rows"] = argv("sparse-loss", "--student", "z.npy", "--teacher-indices", "i.npy",
                                "--teacher-logprobs", "g.npy", "--mode", "tail")
     s["fused_bad_shapes"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "s.npy", "--teacher", "t.npy")
+    # fused-linear, the teacher as a linear layer (H_t, W_t, b_t) and as top-k
+    s["fused_teacher_layer"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy",
+                                    "--teacher-hidden", "hs.npy", "--teacher-weight", "wt.npy",
+                                    "--teacher-bias", "bv.npy", "--bias", "bv.npy", "--divergence", "jsd",
+                                    "--grad-hidden-out", "gh.npy", "--grad-weight-out", "gw.npy",
+                                    "--grad-bias-out", "gb.npy")
+    s["fused_teacher_layer_bad_bias"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy",
+                                             "--teacher-hidden", "hs.npy", "--teacher-weight", "wt.npy",
+                                             "--teacher-bias", "h.npy")
+    s["fused_sparse_teacher"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy",
+                                     "--teacher-indices", "i.npy", "--teacher-logprobs", "g.npy", "--mode",
+                                     "tail", "--divergence", "akl",
+                                     "--reduction", "none", "--chunk-rows", "1", "--grad-hidden-out", "gh.npy")
+    s["fused_sparse_bad_indices"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy",
+                                         "--teacher-indices", "j.npy", "--teacher-logprobs", "g.npy", "--mode",
+                                         "renormalised")
+    s["fused_two_teachers"] = argv("fused-linear", "--hidden", "hs.npy", "--weight", "wt.npy", "--teacher",
+                                   "t.npy", "--teacher-hidden", "hs.npy", "--teacher-weight", "wt.npy")
     # bench and demo (options only: no device here)
     s["bench_options"] = argv("bench", "--quick", "--shapes", "8:32,16:64", "--dtypes", "bf16,f32",
                               "--divergences", "fkl,akl", "--head-rules", "mass,topk", "--repeats", "2",
@@ -232,7 +250,8 @@ def cli_dict():
              "--cost-yy", "--epsilon", "--max-iter", "--tol", "--check-every", "--eps-scaling", "--eps-factor",
              "--value", "--debias", "--plan-out", "--group-size", "--teacher-indices", "--teacher-logprobs",
              "--mode", "--shards", "--split", "--hidden", "--weight", "--chunk-rows", "--grad-hidden-out",
-             "--grad-weight-out", "--quick", "--no-check", "--shapes", "--dtypes", "--divergences",
+             "--grad-weight-out", "--grad-bias-out", "--bias", "--grad-output", "--teacher-hidden",
+             "--teacher-weight", "--teacher-bias", "bv.npy", "gh.npy", "gw.npy", "gb.npy", "--quick", "--no-check", "--shapes", "--dtypes", "--divergences",
              "--head-rules", "--repeats", "--warmup", "--sinkhorn", "--sinkhorn-iters", "--json-out", "--commit",
              "s.npy", "t.npy", "h.npy", "d.npy", "n.npy", "l.npy", "x.npy", "c.npy", "cb.npy", "cxx.npy",
              "cyy.npy", "px.npy", "py.npy", "pbx.npy", "pby.npy", "la.npy", "lb.npy", "i.npy", "j.npy", "g.npy",

@@ -21,7 +21,7 @@
  * [2,4,2]); log-weights la.npy (f64 [3], one -inf), lb.npy (f32 [4]);
  * sparse teacher i.npy (i64 [2,3]), j.npy (i64 [2,3], a repeated and an
  * out-of-range index), g.npy (f32 [2,3] log-probs); hidden states hs.npy
- * (f32 [2,3]) and weights wt.npy (f32 [5,3]); empty z.npy (f32 [0,5]) and
+ * (f32 [2,3]) and weights wt.npy (f32 [5,3]), a bias bv.npy (f32 [5]); empty z.npy (f32 [0,5]) and
  * zc.npy (f32 [0,3,4]), a scalar sc.npy (f64 []); e.npy (0 bytes), b.npy
  * (not .npy), dir (a directory).
  * The number parsers (kdl_cli_parse_double, kdl_cli_parse_int64) are also
@@ -86,7 +86,7 @@ static const subcommand_t subcommands[] = {
     {"sinkd", kdl_cli_sinkd, {"--grad-out"}, 1},
     {"sparse-loss", kdl_cli_sparse_loss, {"--grad-out"}, 1},
     {"shard-check", kdl_cli_shard_check, {"--grad-out"}, 1},
-    {"fused-linear", kdl_cli_fused_linear, {"--grad-hidden-out", "--grad-weight-out"}, 1},
+    {"fused-linear", kdl_cli_fused_linear, {"--grad-hidden-out", "--grad-weight-out", "--grad-bias-out"}, 1},
     {"bench", kdl_cli_bench, {"--json-out"}, 0},
     {"demo", kdl_cli_demo, {NULL}, 0},
 };
@@ -205,6 +205,7 @@ static void make_fixtures(void)
     float gt[6] = {-0.5f, -1.5f, -2.5f, -0.2f, -2, -3};
     float hst[6] = {1, -0.5f, 0.25f, 0, 2, -1};
     float wtt[15] = {0.1f, 0.2f, 0.3f, -0.1f, 0, 0.5f, 1, 1, 1, -1, 0.5f, 0, 0.3f, -0.2f, 0.1f};
+    float bvt[5] = {0.5f, -1, 0, 2, -0.25f};
     const int64_t s25[2] = {2, 5}, s35[2] = {3, 5}, s5[1] = {5}, s2[1] = {2}, s34[2] = {3, 4}, s234[3] = {2, 3, 4},
                   s33[2] = {3, 3}, s44[2] = {4, 4}, s32[2] = {3, 2}, s42[2] = {4, 2}, s232[3] = {2, 3, 2},
                   s242[3] = {2, 4, 2}, s3[1] = {3}, s4[1] = {4}, s23[2] = {2, 3}, s53[2] = {5, 3};
@@ -230,6 +231,7 @@ static void make_fixtures(void)
     add_fixture("g.npy", KDL_NPY_F32, 2, s23, gt);
     add_fixture("hs.npy", KDL_NPY_F32, 2, s23, hst);
     add_fixture("wt.npy", KDL_NPY_F32, 2, s53, wtt);
+    add_fixture("bv.npy", KDL_NPY_F32, 1, s5, bvt);
     const int64_t s05[2] = {0, 5}, s034[3] = {0, 3, 4};
     const double one = 1.0;
     add_fixture("z.npy", KDL_NPY_F32, 2, s05, xt);
