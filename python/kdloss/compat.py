@@ -14,6 +14,7 @@ Triton's interpreter, on CPU): the same conventions.
 | kdloss.compat | peer (version read) | kdloss call |
 |---|---|---|
 | trl_generalized_jsd_loss | GKDTrainer.generalized_jsd_loss, TRL 1.10.0.dev0 | distill_loss(fkl/jsd/rkl, "sum") / divisor |
+| trl_gold_generalized_jsd_loss | GOLDTrainer.generalized_jsd_loss, TRL 1.16.0 | the same; logits_are_probs: of log(p) |
 | jsd, JSD | liger_jsd, LigerJSD, Liger 0.8.2 | distill_loss(fkl/jsd/rkl, "sum") / rows kept |
 | kl_div, KLDivLoss | liger_kl_div, LigerKLDIVLoss, Liger 0.8.2 | distill_loss("fkl", "sum") / divisor |
 | tvd, TVDLoss | liger_tvd, LigerTVDLoss, Liger 0.8.2 | distill_loss(log p, log q, "tvd", "sum") / divisor |
@@ -91,6 +92,7 @@ from . import torch as _kt
 
 __all__ = [
     "trl_generalized_jsd_loss",
+    "trl_gold_generalized_jsd_loss",
     "jsd",
     "JSD",
     "kl_div",
@@ -190,6 +192,27 @@ def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0
     else:
         loss = total / max(student_logits.shape[0], 1)
     return loss.to(student_logits.dtype)
+
+
+def trl_gold_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
+                                  temperature=1.0, reduction="batchmean", logits_are_probs=False,
+                                  num_items_in_batch=None):
+    """TRL GOLDTrainer.generalized_jsd_loss (TRL 1.16.0, trl.experimental.gold):
+    GKD's loss (trl_generalized_jsd_loss, the same divisors), or, with
+    logits_are_probs, inputs that are PROBABILITIES (as GOLD's cross-tokenizer
+    alignment gives them): log(max(p, 1e-8)) are the log-probabilities and
+    temperature is not used.  kdloss normalises those rows (softmax of the
+    log), TRL does not: the two agree where each row sums to 1 and has no
+    entry below 1e-8 (otherwise by the renormalisation).  The gradient to a
+    probability tensor that is itself a leaf differs from TRL's as the module
+    docstring says for Liger's log-probabilities; gradients upstream of the
+    softmax that made the probabilities are the same."""
+    if logits_are_probs:
+        student_logits = torch.log(student_logits.clamp_min(1e-8))
+        teacher_logits = torch.log(teacher_logits.detach().clamp_min(1e-8))
+        temperature = 1.0
+    return trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+                                    reduction, num_items_in_batch)
 
 
 # ---------------------------------------------------------------- Liger JSD

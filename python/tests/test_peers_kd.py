@@ -107,6 +107,50 @@ def test_trl_generalized_jsd_loss(trl_loss, dtype, beta, temperature, reduction,
     _close(sk.grad, sp.grad, "grad", 1e4 * rtol, 0.5 * rtol)
 
 
+@pytest.fixture(scope="module")
+def gold_loss():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.gold.gold_trainer import GOLDTrainer
+    except Exception as e:
+        pytest.skip(f"TRL's GOLDTrainer not importable ({type(e).__name__}: {e}); "
+                    f"pip install {TRL_PIN}")
+    return GOLDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "items"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_trl_gold_generalized_jsd_loss(gold_loss, beta, reduction, probs):
+    """GOLD's loss on logits (temperature 2) and on probabilities
+    (logits_are_probs: softmax of logits of scale 1, so every row sums to 1
+    and no entry is near the 1e-8 clamp); gradients to the logits upstream,
+    float64."""
+    s, t, lab = _trl_inputs(torch.float64)
+    if probs:
+        s, t = s / 3, t / 3
+    kw = dict(beta=beta, logits_are_probs=probs)
+    kw.update(num_items_in_batch=7) if reduction == "items" else kw.update(reduction=reduction)
+    if not probs:
+        kw["temperature"] = 2.0
+    grads, losses = [], []
+    for fn in (gold_loss, kc.trl_gold_generalized_jsd_loss):
+        z = s.clone().requires_grad_()
+        x, y = (torch.softmax(z, -1), torch.softmax(t, -1)) if probs else (z, t)
+        loss = fn(x, y, lab, **kw)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(z.grad)
+    _close(losses[1], losses[0], "loss", 1e-10, 1e-10)
+    _close(grads[1], grads[0], "grad", 1e-6, 1e-10)
+
+
+def test_trl_gold_signature(gold_loss):
+    _same_call(cases.parameters(kc.trl_gold_generalized_jsd_loss), cases.parameters(gold_loss),
+               "trl_gold_generalized_jsd_loss")
+
+
 def test_trl_no_token_kept(trl_loss):
     """Every label -100: TRL's batchmean gives 0 (its count is clamped to 1)
     and its sum 0; the same from kdloss.compat."""
