@@ -15,6 +15,7 @@ Triton's interpreter, on CPU): the same conventions.
 |---|---|---|
 | trl_generalized_jsd_loss | GKDTrainer.generalized_jsd_loss, TRL 1.10.0.dev0 | distill_loss(fkl/jsd/rkl, "sum") / divisor |
 | trl_gold_generalized_jsd_loss | GOLDTrainer.generalized_jsd_loss, TRL 1.16.0 | the same; logits_are_probs: of log(p) |
+| trl_iw_opd_generalized_jsd_loss | IWOPDTrainer.generalized_jsd_loss, TRL 1.16.0 | top_k: sparse_distill_loss(tail) or distill_loss on the support |
 | jsd, JSD | liger_jsd, LigerJSD, Liger 0.8.2 | distill_loss(fkl/jsd/rkl, "sum") / rows kept |
 | kl_div, KLDivLoss | liger_kl_div, LigerKLDIVLoss, Liger 0.8.2 | distill_loss("fkl", "sum") / divisor |
 | tvd, TVDLoss | liger_tvd, LigerTVDLoss, Liger 0.8.2 | distill_loss(log p, log q, "tvd", "sum") / divisor |
@@ -93,6 +94,7 @@ from . import torch as _kt
 __all__ = [
     "trl_generalized_jsd_loss",
     "trl_gold_generalized_jsd_loss",
+    "trl_iw_opd_generalized_jsd_loss",
     "jsd",
     "JSD",
     "kl_div",
@@ -173,7 +175,13 @@ def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0
     total = _kt.distill_loss(student_logits, teacher_logits, divergence=div,
                              temperature=temperature, labels=labels, ignore_index=-100,
                              reduction="sum", beta=b)
-    V = student_logits.shape[-1]
+    return _trl_divide(total, student_logits, labels, reduction, num_items_in_batch,
+                       student_logits.shape[-1], legacy)
+
+
+def _trl_divide(total, student_logits, labels, reduction, num_items_in_batch, cells, legacy=False):
+    """TRL's divisors of the summed loss (module docstring): cells is the
+    number of elements per token its "mean" counts (V, or a support's)."""
     kept = None if labels is None else _rows_kept(labels, -100, None)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -182,7 +190,7 @@ def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0
     elif reduction == "sum":
         loss = total
     elif reduction == "mean":
-        loss = total / (student_logits.numel() if kept is None else kept * V)
+        loss = total / ((student_logits[..., 0].numel() if kept is None else kept) * cells)
     elif kept is not None:
         loss = total / (kept if legacy else kept.clamp_min(1))
     elif legacy:
@@ -213,6 +221,65 @@ def trl_gold_generalized_jsd_loss(student_logits, teacher_logits, labels=None, b
         temperature = 1.0
     return trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                     reduction, num_items_in_batch)
+
+
+def trl_iw_opd_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
+                                    temperature=1.0, reduction="batchmean", top_k=0, add_tail=True,
+                                    num_items_in_batch=None):
+    """TRL IWOPDTrainer.generalized_jsd_loss (TRL 1.16.0, trl.experimental.
+    iw_opd): GKD's loss over the whole vocabulary when top_k is 0 or >= V;
+    otherwise over a top-k support: the teacher's top-k (beta 0, forward
+    KL), the student's (beta 1, reverse KL) or their union (0 < beta < 1).
+
+    add_tail=True: the support's tokens plus one bucket of the remaining
+    mass, the log-probabilities those of the full softmax: kdloss's sparse
+    teacher in TAIL_BUCKET mode (sparse_distill_loss, reading the student's
+    logits once, never forming log_softmax).  TRL clamps each side's support
+    mass to at most 1 - 1e-7; kdloss takes it exactly: the two agree unless a
+    top-k holds more than 1 - 1e-7 of a model's mass.  With the union
+    support (0 < beta < 1) the support has a different size per row, which
+    kdloss's sparse teacher does not take: ValueError.
+    add_tail=False: both models renormalised on the support: kdloss's dense
+    loss on the gathered logits (a token in both top-k sets is counted once,
+    its repeat at -inf in both, which kdloss counts as 0).
+    Divisors as TRL's (batchmean, sum, num_items_in_batch as GKD's; "mean"
+    divides by the kept tokens times the support's cells: top_k, top_k + 1
+    with the bucket, 2 top_k for the union)."""
+    peer = "TRL IWOPDTrainer.generalized_jsd_loss"
+    V = student_logits.shape[-1]
+    if top_k <= 0 or V <= top_k:
+        return trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+                                        reduction, num_items_in_batch)
+    _reduction(reduction, ("batchmean", "sum", "mean"), peer)
+    div, b = _divergence(beta)
+    labels = _labels(labels)
+    t = teacher_logits.detach()
+    s_sel = student_logits.detach()
+    if div == "jsd" and add_tail:
+        raise ValueError(f"kdloss.compat: {peer} with 0 < beta < 1, top_k and add_tail uses the "
+                         "union of both top-k sets, a support of a different size per row, which "
+                         "kdloss's sparse teacher does not take; use add_tail=False, or beta 0 / 1")
+    if div == "jsd":
+        idx = torch.cat([t.topk(top_k, dim=-1).indices, s_sel.topk(top_k, dim=-1).indices], dim=-1)
+        earlier = torch.ones(2 * top_k, 2 * top_k, dtype=torch.bool, device=idx.device).tril(-1)
+        repeat = ((idx.unsqueeze(-1) == idx.unsqueeze(-2)) & earlier).any(-1)  # seen before in the row
+    else:
+        idx = (t if div == "fkl" else s_sel).topk(top_k, dim=-1).indices
+        repeat = None
+    if add_tail:
+        lp = torch.log_softmax(t / temperature, dim=-1).gather(-1, idx)
+        total = _kt.sparse_distill_loss(student_logits, idx, lp, mode="tail", divergence=div,
+                                        temperature=temperature, labels=labels, reduction="sum")
+        cells = top_k + 1
+    else:
+        sg, tg = student_logits.gather(-1, idx), t.gather(-1, idx)
+        if repeat is not None:
+            sg = sg.masked_fill(repeat, float("-inf"))
+            tg = tg.masked_fill(repeat, float("-inf"))
+        total = _kt.distill_loss(sg, tg, divergence=div, temperature=temperature, labels=labels,
+                                 reduction="sum", beta=b)
+        cells = idx.shape[-1]
+    return _trl_divide(total, student_logits, labels, reduction, num_items_in_batch, cells)
 
 
 # ---------------------------------------------------------------- Liger JSD

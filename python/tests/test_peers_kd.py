@@ -3,7 +3,8 @@ gradient that TRL's and Liger-Kernel's own code compute on the same inputs
 (test_compat.py checks the same calls against textbook torch written from
 the peers' source; this module needs no reading of that source to be right).
 
-- TRL's GKDTrainer.generalized_jsd_loss (plain torch) in this process, and
+- TRL's GKDTrainer.generalized_jsd_loss (plain torch) in this process, its
+  GOLDTrainer's (probabilities too) and IWOPDTrainer's (top-k supports), and
   TRL's own GKDTrainer.compute_loss on tiny GPT-2 models with kdloss's loss
   put in its place (python/README.md's one-attribute subclass).
 - Liger-Kernel's liger_jsd, liger_kl_div, liger_tvd and
@@ -61,16 +62,23 @@ def _close(got, want, what, rtol, atol_frac):
 
 
 # --------------------------------------------------------------------- TRL
-@pytest.fixture(scope="module")
-def trl_loss():
+def _trl_trainer_loss(module, trainer):
+    """trainer.generalized_jsd_loss of trl.experimental.<module>, or a skip
+    with the reason (not installed, or a version without this path)."""
+    import importlib
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from trl.experimental.gkd.gkd_trainer import GKDTrainer
-    except Exception as e:  # not installed, or a version without this path
-        pytest.skip(f"TRL's GKDTrainer not importable ({type(e).__name__}: {e}); "
-                    f"pip install {TRL_PIN}")
-    return GKDTrainer.generalized_jsd_loss
+            cls = getattr(importlib.import_module(f"trl.experimental.{module}"), trainer)
+    except Exception as e:
+        pytest.skip(f"TRL's {trainer} not importable ({type(e).__name__}: {e}); pip install {TRL_PIN}")
+    return cls.generalized_jsd_loss
+
+
+@pytest.fixture(scope="module")
+def trl_loss():
+    return _trl_trainer_loss("gkd.gkd_trainer", "GKDTrainer")
 
 
 def _trl_inputs(dtype, seed=11):
@@ -109,14 +117,7 @@ def test_trl_generalized_jsd_loss(trl_loss, dtype, beta, temperature, reduction,
 
 @pytest.fixture(scope="module")
 def gold_loss():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from trl.experimental.gold.gold_trainer import GOLDTrainer
-    except Exception as e:
-        pytest.skip(f"TRL's GOLDTrainer not importable ({type(e).__name__}: {e}); "
-                    f"pip install {TRL_PIN}")
-    return GOLDTrainer.generalized_jsd_loss
+    return _trl_trainer_loss("gold.gold_trainer", "GOLDTrainer")
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
@@ -144,6 +145,49 @@ def test_trl_gold_generalized_jsd_loss(gold_loss, beta, reduction, probs):
         grads.append(z.grad)
     _close(losses[1], losses[0], "loss", 1e-10, 1e-10)
     _close(grads[1], grads[0], "grad", 1e-6, 1e-10)
+
+
+@pytest.fixture(scope="module")
+def iw_opd_loss():
+    return _trl_trainer_loss("iw_opd.iw_opd_trainer", "IWOPDTrainer")
+
+
+IW_CASES = [(0.0, True), (1.0, True), (0.0, False), (1.0, False), (0.4, False)]
+
+
+@pytest.mark.parametrize("beta,add_tail", IW_CASES)
+@pytest.mark.parametrize("top_k", [1, 5, 0, 97])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "items"])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_trl_iw_opd_top_k(iw_opd_loss, beta, add_tail, top_k, reduction, with_labels):
+    """IW-OPD's top-k loss (teacher's, student's or the union support; with
+    the tail bucket: kdloss's sparse teacher; without: kdloss's dense loss on
+    the gathered logits), and its full-vocabulary path (top_k 0, and top_k =
+    V), against TRL's own function: float64, temperature 2, loss and
+    gradient.  Logits of scale 3 over 97 tokens keep every top-k's mass well
+    below TRL's 1 - 1e-7 clamp."""
+    s, t, lab = _trl_inputs(torch.float64)
+    lab = lab if with_labels else None
+    kw = dict(beta=beta, temperature=2.0, top_k=top_k, add_tail=add_tail)
+    kw.update(num_items_in_batch=7) if reduction == "items" else kw.update(reduction=reduction)
+    sp, sk = s.clone().requires_grad_(), s.clone().requires_grad_()
+    want = iw_opd_loss(sp, t, lab, **kw)
+    got = kc.trl_iw_opd_generalized_jsd_loss(sk, t, lab, **kw)
+    want.backward()
+    got.backward()
+    _close(got, want, "loss", 1e-10, 1e-12)
+    _close(sk.grad, sp.grad, "grad", 1e-6, 1e-10)
+
+
+def test_trl_iw_opd_union_with_tail_is_refused(iw_opd_loss):
+    s, t, lab = _trl_inputs(torch.float64)
+    with pytest.raises(ValueError, match="union"):
+        kc.trl_iw_opd_generalized_jsd_loss(s, t, lab, beta=0.5, top_k=3, add_tail=True)
+
+
+def test_trl_iw_opd_signature(iw_opd_loss):
+    _same_call(cases.parameters(kc.trl_iw_opd_generalized_jsd_loss), cases.parameters(iw_opd_loss),
+               "trl_iw_opd_generalized_jsd_loss")
 
 
 def test_trl_gold_signature(gold_loss):
