@@ -1087,9 +1087,7 @@ def run_sinkhorn(env, cfg, copy_gbps, deadline, log):
 
             fs = SamplesLoss(loss="sinkhorn", backend="alternating", use_epsilon_scaling=False, eps=eps,
                              n_iters=K, potentials=True, debias=False, allow_tf32=False, half_cost=False)
-            impls["flash_sinkhorn"] = lambda: fs(x, y)
-            if env.cpu:
-                impls["flash_sinkhorn"] = None
+            impls["flash_sinkhorn"] = None if env.cpu else (lambda: fs(x, y))
         except Exception as e:  # noqa: BLE001
             log(f"peers.py: flash-sinkhorn not importable ({type(e).__name__}: {e}); no flash_sinkhorn row")
 
@@ -1985,7 +1983,6 @@ def main(argv=None):
     env = Env(args)
     if env.cpu:
         triton_interpreter_floats()
-    if env.cpu:
         cfg.shapes = [(n, v) for n, v in cfg.shapes if n * v <= 2**16] or [(7, 1271)]
     if env.cpu:
         pass

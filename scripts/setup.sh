@@ -55,8 +55,7 @@ if command -v python3 >/dev/null 2>&1; then
   # torch), POT (with scipy), flash-sinkhorn.  KDL_WITH_PEERS=1 (test.sh
   # asks for it); pinned to the versions the tests were written against.
   if [ "${KDL_WITH_PEERS:-0}" = 1 ] && python3 -c "import torch" >/dev/null 2>&1; then
-    peers_ok() { python3 -c "import trl, liger_kernel, ot, flash_sinkhorn" >/dev/null 2>&1; }
-    if ! peers_ok; then
+    if ! python3 -c "import trl, liger_kernel, ot, flash_sinkhorn" >/dev/null 2>&1; then
       echo "setup: pip install trl liger-kernel pot flash-sinkhorn (peers for test_peers_*)"
       t0=$(date +%s)
       { python3 -m pip install -q trl==1.16.0 pot==0.9.7.post1 &&

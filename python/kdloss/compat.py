@@ -234,7 +234,7 @@ def trl_iw_opd_generalized_jsd_loss(student_logits, teacher_logits, labels=None,
     add_tail=True: the support's tokens plus one bucket of the remaining
     mass, the log-probabilities those of the full softmax: kdloss's sparse
     teacher in TAIL_BUCKET mode (sparse_distill_loss, reading the student's
-    logits once, never forming log_softmax).  TRL clamps each side's support
+    logits once, never forming the student's log_softmax).  TRL clamps each side's support
     mass to at most 1 - 1e-7; kdloss takes it exactly: the two agree unless a
     top-k holds more than 1 - 1e-7 of a model's mass.  With the union
     support (0 < beta < 1) the support has a different size per row, which

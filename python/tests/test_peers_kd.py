@@ -185,16 +185,6 @@ def test_trl_iw_opd_union_with_tail_is_refused(iw_opd_loss):
         kc.trl_iw_opd_generalized_jsd_loss(s, t, lab, beta=0.5, top_k=3, add_tail=True)
 
 
-def test_trl_iw_opd_signature(iw_opd_loss):
-    _same_call(cases.parameters(kc.trl_iw_opd_generalized_jsd_loss), cases.parameters(iw_opd_loss),
-               "trl_iw_opd_generalized_jsd_loss")
-
-
-def test_trl_gold_signature(gold_loss):
-    _same_call(cases.parameters(kc.trl_gold_generalized_jsd_loss), cases.parameters(gold_loss),
-               "trl_gold_generalized_jsd_loss")
-
-
 def test_trl_no_token_kept(trl_loss):
     """Every label -100: TRL's batchmean gives 0 (its count is clamped to 1)
     and its sum 0; the same from kdloss.compat."""
@@ -224,7 +214,7 @@ def liger_results(tmp_path_factory):
 
 
 def _compat_fns():
-    return dict(jsd=kc.jsd, kl_div=kc.kl_div, tvd=kc.tvd, fused_linear_jsd=kc.fused_linear_jsd)
+    return {kind: getattr(kc, kind) for kind in cases.KINDS}
 
 
 UNMASKED = [c for c in cases.cases() if "mask" not in c[2]]
@@ -289,7 +279,7 @@ def test_liger_covers_every_compat_kind(liger_results):
     Liger function kdloss.compat mirrors (a case list that lost a kind
     would otherwise pass)."""
     kinds = {kind for _, kind, _ in cases.cases()}
-    assert kinds == set(_compat_fns())
+    assert kinds == set(cases.KINDS)
     assert set(liger_results) - {"__signatures__"} == {c[0] for c in cases.cases()}
 
 
@@ -314,9 +304,13 @@ def test_liger_signatures(liger_results):
         _same_call(cases.parameters(getattr(obj, method) if method else obj), theirs, key)
 
 
-def test_trl_signature(trl_loss):
-    _same_call(cases.parameters(kc.trl_generalized_jsd_loss), cases.parameters(trl_loss),
-               "trl_generalized_jsd_loss")
+@pytest.mark.parametrize("ours,module,trainer", [
+    ("trl_generalized_jsd_loss", "gkd.gkd_trainer", "GKDTrainer"),
+    ("trl_gold_generalized_jsd_loss", "gold.gold_trainer", "GOLDTrainer"),
+    ("trl_iw_opd_generalized_jsd_loss", "iw_opd.iw_opd_trainer", "IWOPDTrainer")])
+def test_trl_signatures(ours, module, trainer):
+    _same_call(cases.parameters(getattr(kc, ours)),
+               cases.parameters(_trl_trainer_loss(module, trainer)), ours)
 
 
 # ------------------------------------- Liger's chunked fused linear JSD
