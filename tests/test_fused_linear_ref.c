@@ -578,7 +578,36 @@ Test(api, version_2_bad_arguments)
  * test forms itself in float64 (its own loop over the stored values) as an
  * F64 teacher.  Strided everywhere: ld_hidden > d, d_t != d, ld_teacher_hidden
  * and ld_teacher_weight > d_t. */
-enum { TL_N = 5, TL_D = 4, TL_LDH = 6, TL_V = 17, TL_DT = 7, TL_LDTH = 9, TL_LDTW = 8 };
+/* The outputs of one run, for the version 3 and version 4 tests: their
+ * problems share V, d and ld_hidden, and have at most FL_NMAX rows. */
+enum { FL_NMAX = 6, FL_V = 17, FL_D = 4, FL_LDH = 6 };
+
+typedef struct fl_out {
+    double loss[FL_NMAX], dH[FL_NMAX * FL_LDH], dW[FL_V * FL_D], db[FL_V];
+    int64_t info, valid, bad;
+    kdl_status_t status;
+} fl_out_t;
+
+/* Two runs agree: status, loss (nloss values), dH of the first rows rows,
+ * dW, db within 1e-13 relative, and the counters exactly; ref names the
+ * second run in the message. */
+static void fl_expect_same(const char *what, const char *ref, const fl_out_t *got, const fl_out_t *want,
+                           int nloss, int rows)
+{
+    cr_expect_eq(got->status, KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
+    cr_expect_eq(want->status, KDL_STATUS_SUCCESS, "%s (%s): %s", what, ref, kdl_get_last_error());
+    const kdl_tol_t tol = {1e-13, 1e-15};
+    KDL_EXPECT_CLOSE(what, got->loss, want->loss, nloss, tol);
+    KDL_EXPECT_CLOSE(what, got->dH, want->dH, rows * FL_LDH, tol);
+    KDL_EXPECT_CLOSE(what, got->dW, want->dW, FL_V * FL_D, tol);
+    KDL_EXPECT_CLOSE(what, got->db, want->db, FL_V, tol);
+    cr_expect(got->info == want->info && got->valid == want->valid && got->bad == want->bad,
+              "%s: counters %lld/%lld/%lld, expected %lld/%lld/%lld", what, (long long)got->info,
+              (long long)got->valid, (long long)got->bad, (long long)want->info, (long long)want->valid,
+              (long long)want->bad);
+}
+
+enum { TL_N = 5, TL_D = FL_D, TL_LDH = FL_LDH, TL_V = FL_V, TL_DT = 7, TL_LDTH = 9, TL_LDTW = 8 };
 
 typedef struct tl_prob {
     kdl_dtype_t sdt, tdt;                  /* student H, W, b; teacher H_t, W_t, b_t */
@@ -588,11 +617,7 @@ typedef struct tl_prob {
     int64_t labels[TL_N];
 } tl_prob_t;
 
-typedef struct tl_out {
-    double loss[TL_N], dH[TL_N * TL_LDH], dW[TL_V * TL_D], db[TL_V];
-    int64_t info, valid;
-    kdl_status_t status;
-} tl_out_t;
+typedef fl_out_t tl_out_t;
 
 /* n normal values (sigma) from seed, stored in dt at dst, and read back
  * into back (float64, the stored values exactly). */
@@ -664,14 +689,7 @@ static void tl_run(const kdl_loss_desc_t *d, const tl_prob_t *p, int tlin, int t
 
 static void tl_expect_same(const char *what, const tl_out_t *got, const tl_out_t *want, int nloss)
 {
-    cr_expect_eq(got->status, KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-    cr_expect_eq(want->status, KDL_STATUS_SUCCESS, "%s (teacher logits): %s", what, kdl_get_last_error());
-    const kdl_tol_t tol = {1e-13, 1e-15};
-    KDL_EXPECT_CLOSE(what, got->loss, want->loss, nloss, tol);
-    KDL_EXPECT_CLOSE(what, got->dH, want->dH, TL_N * TL_LDH, tol);
-    KDL_EXPECT_CLOSE(what, got->dW, want->dW, TL_V * TL_D, tol);
-    KDL_EXPECT_CLOSE(what, got->db, want->db, TL_V, tol);
-    cr_expect(got->info == want->info && got->valid == want->valid, "%s: counters", what);
+    fl_expect_same(what, "teacher logits", got, want, nloss, TL_N);
 }
 
 /* want: p (logit teacher) through d with the current struct; *a: the args
@@ -900,7 +918,7 @@ Test(teacher_linear, bad_arguments)
  * float64 from the stored values, and dH = dL W, dW = dL^T H, db = colsum
  * dL that the test forms from that call's dL (scaled by grad_output with
  * NONE when given). */
-enum { SP_N = 6, SP_D = 4, SP_LDH = 6, SP_V = 17, SP_K = 5, SP_LDI = 7, SP_LDP = 6 };
+enum { SP_N = FL_NMAX, SP_D = FL_D, SP_LDH = FL_LDH, SP_V = FL_V, SP_K = 5, SP_LDI = 7, SP_LDP = 6 };
 
 typedef struct sp_prob {
     kdl_dtype_t sdt, pdt;                             /* H, W, b; log-probs */
@@ -911,11 +929,7 @@ typedef struct sp_prob {
     double g[SP_N];                                   /* grad_output, float64 */
 } sp_prob_t;
 
-typedef struct sp_out {
-    double loss[SP_N], dH[SP_N * SP_LDH], dW[SP_V * SP_D], db[SP_V];
-    int64_t info, valid, bad;
-    kdl_status_t status;
-} sp_out_t;
+typedef fl_out_t sp_out_t;
 
 /* Rows: 1 ignored; with bad_rows, 3 repeats an index and 4 holds V. */
 static void sp_make(sp_prob_t *p, kdl_dtype_t sdt, kdl_dtype_t pdt, int bad_rows, uint64_t seed)
@@ -1021,17 +1035,7 @@ static void sp_expected(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, const 
 
 static void sp_expect_same(const char *what, const sp_out_t *got, const sp_out_t *want, int nloss)
 {
-    cr_expect_eq(want->status, KDL_STATUS_SUCCESS, "%s (sparse reference): %s", what, kdl_get_last_error());
-    cr_expect_eq(got->status, KDL_STATUS_SUCCESS, "%s: %s", what, kdl_get_last_error());
-    const kdl_tol_t tol = {1e-13, 1e-15};
-    KDL_EXPECT_CLOSE(what, got->loss, want->loss, nloss, tol);
-    KDL_EXPECT_CLOSE(what, got->dH, want->dH, SP_N * SP_LDH, tol);
-    KDL_EXPECT_CLOSE(what, got->dW, want->dW, SP_V * SP_D, tol);
-    KDL_EXPECT_CLOSE(what, got->db, want->db, SP_V, tol);
-    cr_expect(got->info == want->info && got->valid == want->valid && got->bad == want->bad,
-              "%s: counters %lld/%lld/%lld, expected %lld/%lld/%lld", what, (long long)got->info,
-              (long long)got->valid, (long long)got->bad, (long long)want->info, (long long)want->valid,
-              (long long)want->bad);
+    fl_expect_same(what, "sparse reference", got, want, nloss, SP_N);
 }
 
 static void sp_check(const kdl_loss_desc_t *d, kdl_sparse_mode_t mode, const sp_prob_t *p, int bias, int gout,
