@@ -42,6 +42,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _compiled_raises(match):
+    """A ValueError raised inside a compiled function: dynamo may wrap it
+    in its TorchRuntimeError (the message kept)."""
+    return pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError), match=match)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -437,8 +443,7 @@ def test_errors_as_eager():
                       backend="aot_eager")
     # Argument errors found while tracing (the fake implementation runs the
     # checks) come wrapped by Dynamo, with kdloss's message.
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match=r"kdloss: student_logits shape \(3, 4, 11\) != teacher_logits"):
+    with _compiled_raises(r"kdloss: student_logits shape \(3, 4, 11\) != teacher_logits"):
         f(s, t[:, :, :5])
     bad = s.clone()
     bad[1, 2, 3] = float("nan")
@@ -467,25 +472,20 @@ def test_sparse_and_fused_errors_as_eager():
     h = torch.randn(2, 4, dtype=torch.float64)
     g = torch.compile(lambda *a: kt.fused_linear_distill_loss(*a), fullgraph=True,
                       backend="aot_eager")
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match="differ in the hidden size"):
+    with _compiled_raises("differ in the hidden size"):
         g(h, torch.randn(9, 5, dtype=torch.float64), t)
     k = torch.compile(lambda *a, **kw: kt.fused_linear_distill_loss(*a, **kw), fullgraph=True,
                       backend="aot_eager")
     w = torch.randn(9, 4, dtype=torch.float64)
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match="give one teacher: teacher_logits, or teacher_hidden"):
+    with _compiled_raises("give one teacher: teacher_logits, or teacher_hidden"):
         k(h, w, t, teacher_hidden=h, teacher_weight=w)
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match="got teacher_weight only"):
+    with _compiled_raises("got teacher_weight only"):
         k(h, w, teacher_weight=w)
     # the sparse teacher: two sources, a half, a bad index (invalid row, or
     # KdlossValueError with check_indices), as in eager mode
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match="got teacher_logits, teacher_indices, teacher_logprobs"):
+    with _compiled_raises("got teacher_logits, teacher_indices, teacher_logprobs"):
         k(h, w, t, teacher_indices=idx, teacher_logprobs=lp)
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match="got teacher_indices only"):
+    with _compiled_raises("got teacher_indices only"):
         k(h, w, teacher_indices=idx)
     with pytest.raises(kdloss.InvalidRowsError, match=r"\(1 rows\)"):
         k(h, w, teacher_indices=idx, teacher_logprobs=lp)
@@ -631,7 +631,7 @@ def test_vocab_parallel_dynamic_shapes_and_errors(one_rank):
         s, t, _ = _inputs((n, 6), seed=n)
         _close(_run(f, (s, t), (0,)), _run(loss, (s, t), (0,)), rtol=1e-12, atol=1e-12)
     s, t, _ = _inputs((3, 6))
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError), match="shape"):
+    with _compiled_raises("shape"):
         torch.compile(loss, fullgraph=True, backend="aot_eager")(s, t[:, :5])
     bad = s.clone()
     bad[1, 2] = float("nan")
